@@ -1,0 +1,8 @@
+//! Larder's shared library.
+//!
+//! Everything more than one Larder process needs lives here, so that the
+//! server, the workers and the client cannot drift apart: Nix's formats
+//! ([`nix`]), and, as they are built, the API and queue wire types, auth,
+//! storage, database and queue layers.
+
+pub mod nix;

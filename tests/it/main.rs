@@ -1,0 +1,1 @@
+//! Larder's integration tests: one binary, one module per area.
