@@ -1,1 +1,8 @@
 //! Larder's integration tests: one binary, one module per area.
+//!
+//! Every test here runs against real parts (RabbitMQ, PostgreSQL, Garage and
+//! the real Nix client) started by `ops/test.sh`; a missing service is a
+//! failure with a clear message, never a skip.
+
+mod nix_formats;
+mod services;

@@ -1,0 +1,1 @@
+//! Nix formats checked against the real Nix client.

@@ -1,0 +1,1 @@
+//! The harness's real services: RabbitMQ, PostgreSQL and Garage (S3).
