@@ -5,4 +5,5 @@
 //! ([`nix`]), and, as they are built, the API and queue wire types, auth,
 //! storage, database and queue layers.
 
+pub mod cache_name;
 pub mod nix;
