@@ -5,5 +5,10 @@
 //! ([`nix`]), and, as they are built, the API and queue wire types, auth,
 //! storage, database and queue layers.
 
+#[cfg(feature = "auth")]
+pub mod auth;
 pub mod cache_name;
+pub mod duration;
 pub mod nix;
+#[cfg(feature = "storage")]
+pub mod storage;

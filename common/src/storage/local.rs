@@ -1,0 +1,203 @@
+//! The local-directory storage backend, for a single machine.
+//!
+//! Writes go to a temporary file beside the target and are renamed into
+//! place once complete and flushed, so a crash mid-write never leaves a
+//! truncated object under a real key.
+
+use std::io::{self, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::fs;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+use super::{ObjectKey, ObjectReader, Storage, StorageError};
+
+/// Objects as files under one root directory.
+#[derive(Debug, Clone)]
+pub struct LocalStorage {
+    root: PathBuf,
+}
+
+impl LocalStorage {
+    /// Opens (creating if needed) the storage directory.
+    pub async fn open(root: impl Into<PathBuf>) -> Result<Self, StorageError> {
+        let root = root.into();
+        fs::create_dir_all(&root)
+            .await
+            .map_err(|source| StorageError::Io {
+                key: root.display().to_string(),
+                source,
+            })?;
+        Ok(Self { root })
+    }
+
+    fn path_of(&self, key: &ObjectKey) -> PathBuf {
+        // ObjectKey guarantees relative, `..`-free segments.
+        self.root.join(key.as_str())
+    }
+
+    /// Writes through a unique temporary file and renames it into place.
+    async fn write_atomically(
+        &self,
+        key: &ObjectKey,
+        reader: &mut (dyn AsyncRead + Send + Unpin),
+    ) -> Result<u64, StorageError> {
+        let io_error = |source| StorageError::Io {
+            key: key.to_string(),
+            source,
+        };
+        let path = self.path_of(key);
+        let parent = path.parent().unwrap_or(&self.root);
+        fs::create_dir_all(parent).await.map_err(io_error)?;
+        let temporary = temporary_sibling(&path);
+        let result = async {
+            let mut file = fs::File::create(&temporary).await?;
+            let written = tokio::io::copy(reader, &mut file).await?;
+            file.flush().await?;
+            file.sync_data().await?;
+            fs::rename(&temporary, &path).await?;
+            Ok::<_, io::Error>(written)
+        }
+        .await;
+        if result.is_err() {
+            // Best effort: the reaper would not find a file with this name.
+            let _ = fs::remove_file(&temporary).await;
+        }
+        result.map_err(io_error)
+    }
+}
+
+fn temporary_sibling(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp-{:016x}", rand::random::<u64>()));
+    path.with_file_name(name)
+}
+
+#[async_trait]
+impl Storage for LocalStorage {
+    async fn put(&self, key: &ObjectKey, data: Bytes) -> Result<(), StorageError> {
+        self.write_atomically(key, &mut data.as_ref()).await?;
+        Ok(())
+    }
+
+    async fn put_reader(
+        &self,
+        key: &ObjectKey,
+        reader: &mut (dyn AsyncRead + Send + Unpin),
+    ) -> Result<u64, StorageError> {
+        self.write_atomically(key, reader).await
+    }
+
+    async fn get_range(
+        &self,
+        key: &ObjectKey,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<ObjectReader, StorageError> {
+        let mut file = match fs::File::open(self.path_of(key)).await {
+            Ok(file) => file,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {
+                return Err(StorageError::NotFound(key.clone()))
+            }
+            Err(source) => {
+                return Err(StorageError::Io {
+                    key: key.to_string(),
+                    source,
+                })
+            }
+        };
+        file.seek(SeekFrom::Start(offset))
+            .await
+            .map_err(|source| StorageError::Io {
+                key: key.to_string(),
+                source,
+            })?;
+        Ok(match length {
+            Some(length) => Box::pin(file.take(length)),
+            None => Box::pin(file),
+        })
+    }
+
+    async fn size(&self, key: &ObjectKey) -> Result<Option<u64>, StorageError> {
+        match fs::metadata(self.path_of(key)).await {
+            Ok(metadata) => Ok(Some(metadata.len())),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StorageError::Io {
+                key: key.to_string(),
+                source,
+            }),
+        }
+    }
+
+    async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError> {
+        match fs::remove_file(self.path_of(key)).await {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StorageError::Io {
+                key: key.to_string(),
+                source,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn read_all(mut reader: ObjectReader) -> Vec<u8> {
+        let mut out = Vec::new();
+        reader.read_to_end(&mut out).await.expect("read object");
+        out
+    }
+
+    #[tokio::test]
+    async fn put_get_range_size_delete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = LocalStorage::open(dir.path()).await.expect("open");
+        let key = ObjectKey::new("chunks/ab/abc.zst").expect("key");
+
+        assert_eq!(storage.size(&key).await.expect("size"), None);
+        assert!(matches!(
+            storage.get_range(&key, 0, None).await,
+            Err(StorageError::NotFound(_))
+        ));
+
+        storage
+            .put(&key, Bytes::from_static(b"0123456789"))
+            .await
+            .expect("put");
+        assert_eq!(storage.size(&key).await.expect("size"), Some(10));
+        let whole = storage.get_range(&key, 0, None).await.expect("get");
+        assert_eq!(read_all(whole).await, b"0123456789");
+        let middle = storage.get_range(&key, 3, Some(4)).await.expect("get");
+        assert_eq!(read_all(middle).await, b"3456");
+
+        storage.delete(&key).await.expect("delete");
+        storage.delete(&key).await.expect("deleting twice is fine");
+        assert_eq!(storage.size(&key).await.expect("size"), None);
+    }
+
+    #[tokio::test]
+    async fn streamed_put_replaces_whole_and_leaves_no_temporaries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = LocalStorage::open(dir.path()).await.expect("open");
+        let key = ObjectKey::new("staging/u1.nar").expect("key");
+        storage
+            .put(&key, Bytes::from_static(b"old contents"))
+            .await
+            .expect("put");
+        let mut body: &[u8] = b"new";
+        let written = storage.put_reader(&key, &mut body).await.expect("put");
+        assert_eq!(written, 3);
+        let read = storage.get_range(&key, 0, None).await.expect("get");
+        assert_eq!(read_all(read).await, b"new");
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("staging"))
+            .expect("list")
+            .map(|entry| entry.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, vec!["u1.nar"]);
+    }
+}

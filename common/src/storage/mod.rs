@@ -1,0 +1,136 @@
+//! Object storage for chunks and staged uploads: one small trait, a local
+//! directory backend for a single machine, and (later) S3 for the
+//! distributed topology.
+//!
+//! Keys are validated relative paths (`chunks/ab/abcd….zst`,
+//! `staging/<upload id>.nar`), so no backend ever has to defend itself
+//! against `..` or absolute paths. Deleting a missing object succeeds: every
+//! caller (GC, reaper, retrying worker) must be idempotent.
+
+mod local;
+
+use std::fmt;
+use std::io;
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::io::AsyncRead;
+
+pub use local::LocalStorage;
+
+/// A byte stream read from storage.
+pub type ObjectReader = Pin<Box<dyn AsyncRead + Send>>;
+
+/// Longest key accepted; well under every backend's limit.
+const MAX_KEY_LEN: usize = 512;
+
+/// Failures of a storage backend.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("object {0} not found in storage")]
+    NotFound(ObjectKey),
+    #[error("invalid object key {key:?}: {reason}")]
+    InvalidKey { key: String, reason: &'static str },
+    #[error("storage i/o on {key}: {source}")]
+    Io {
+        key: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A validated storage key: `/`-separated segments of `[A-Za-z0-9._-]`,
+/// none empty, `.` or `..`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey(String);
+
+impl ObjectKey {
+    pub fn new(key: impl Into<String>) -> Result<Self, StorageError> {
+        let key = key.into();
+        let invalid = |reason| {
+            Err(StorageError::InvalidKey {
+                key: key.clone(),
+                reason,
+            })
+        };
+        if key.is_empty() || key.len() > MAX_KEY_LEN {
+            return invalid("must be 1 to 512 bytes long");
+        }
+        for segment in key.split('/') {
+            if segment.is_empty() || segment == "." || segment == ".." {
+                return invalid("has an empty, '.' or '..' segment");
+            }
+            if !segment
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            {
+                return invalid("may only contain letters, digits, '.', '_', '-' and '/'");
+            }
+        }
+        Ok(Self(key))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A place that keeps immutable objects by key.
+///
+/// Objects are written whole and never modified; a `put` over an existing
+/// key replaces it atomically (readers see the old or the new object, never
+/// a mixture), which makes retried writes of content-addressed objects
+/// harmless.
+#[async_trait]
+pub trait Storage: Send + Sync + fmt::Debug {
+    /// Stores `data` under `key`.
+    async fn put(&self, key: &ObjectKey, data: Bytes) -> Result<(), StorageError>;
+
+    /// Stores everything `reader` yields under `key`, streaming, and returns
+    /// the number of bytes written.
+    async fn put_reader(
+        &self,
+        key: &ObjectKey,
+        reader: &mut (dyn AsyncRead + Send + Unpin),
+    ) -> Result<u64, StorageError>;
+
+    /// Reads `length` bytes from `offset` (the whole object from `offset`
+    /// when `length` is `None`).
+    async fn get_range(
+        &self,
+        key: &ObjectKey,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<ObjectReader, StorageError>;
+
+    /// Whether the object exists, and its size.
+    async fn size(&self, key: &ObjectKey) -> Result<Option<u64>, StorageError>;
+
+    /// Deletes the object; a missing object counts as deleted.
+    async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_plain_relative_paths() {
+        for ok in ["chunks/ab/abcdef.zst", "staging/x.nar", "a"] {
+            assert_eq!(ObjectKey::new(ok).expect(ok).as_str(), ok);
+        }
+        for bad in [
+            "", "/abs", "a//b", "a/../b", "..", "./a", "a/", "a b", "a\\b", "ü",
+        ] {
+            assert!(ObjectKey::new(bad).is_err(), "{bad:?} must be rejected");
+        }
+        assert!(ObjectKey::new("a".repeat(MAX_KEY_LEN + 1)).is_err());
+    }
+}
