@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Installs what Larder's test suite needs on a fresh Debian 12 machine, as root:
+#   - Debian packages: nix-bin (the real Nix client), rabbitmq-server,
+#     PostgreSQL (the `postgresql` package, 15 on Debian 12) and zstd;
+#   - Garage 2.5.0 (S3), built from crates.io with `cargo install`;
+#   - cargo-nextest, the test runner.
+#
+# Idempotent and quiet: what is already there is skipped, `apt-get update`
+# runs only when a package is missing, and nothing is printed on success
+# except what gets installed. On failure the tail of the failing step's log
+# is printed and the script exits non-zero.
+#
+# The first run on a new machine spends most of its time building Garage
+# (about 15 minutes on 2 cores). Its build directory is kept in
+# $LARDER_CACHE_DIR (default ~/.cache/larder), outside any clone, so an
+# interrupted build resumes instead of starting over.
+set -euo pipefail
+
+readonly GARAGE_VERSION=2.5.0
+readonly CACHE_DIR=${LARDER_CACHE_DIR:-$HOME/.cache/larder}
+export PATH="$HOME/.cargo/bin:$PATH"
+
+log_dir=$(mktemp -d "${TMPDIR:-/tmp}/larder-install.XXXXXX")
+trap 'rm -rf "$log_dir"' EXIT
+
+say() { printf 'install: %s\n' "$*" >&2; }
+
+die() {
+    say "error: $*"
+    exit 1
+}
+
+# Runs a command with its output in a log file; prints the log's tail and
+# fails if the command fails.
+run_logged() {
+    local name=$1
+    shift
+    local log="$log_dir/$name.log"
+    if ! "$@" >"$log" 2>&1; then
+        say "error: '$*' failed; last lines of its output:"
+        tail -n 40 "$log" | sed 's/^/    /' >&2
+        exit 1
+    fi
+}
+
+package_installed() {
+    [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == "install ok installed" ]]
+}
+
+# Any PostgreSQL server version will do; Debian 12's `postgresql` is 15.
+postgres_installed() {
+    compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null
+}
+
+install_debian_packages() {
+    local missing=()
+    local package
+    for package in nix-bin rabbitmq-server zstd; do
+        package_installed "$package" || missing+=("$package")
+    done
+    postgres_installed || missing+=(postgresql)
+    ((${#missing[@]} > 0)) || return 0
+
+    [[ $EUID -eq 0 ]] || die "missing packages (${missing[*]}); run as root to install them"
+    say "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    # Wait for another apt/dpkg run to finish instead of failing on its lock.
+    local apt=(apt-get -q -y -o DPkg::Lock::Timeout=600)
+    run_logged apt-update "${apt[@]}" update
+    # Recommends stay on: nix-bin's recommended nix-setup-systemd creates the
+    # nixbld build users Nix expects. The packages' postinst scripts try to
+    # start system services; without an init system that is refused, which
+    # is harmless: ops/services.sh runs its own instances.
+    run_logged apt-install "${apt[@]}" install "${missing[@]}"
+}
+
+install_garage() {
+    if command -v garage >/dev/null && [[ $(garage --version 2>/dev/null) == *" v$GARAGE_VERSION"* ]]; then
+        return 0
+    fi
+    command -v cargo >/dev/null || die "cargo is needed to build Garage"
+    say "building Garage $GARAGE_VERSION from crates.io (about 15 minutes on 2 cores, once per machine)"
+    local started=$SECONDS
+    mkdir -p "$CACHE_DIR"
+    run_logged garage cargo install garage --locked --version "$GARAGE_VERSION" \
+        --target-dir "$CACHE_DIR/garage-build"
+    say "Garage $GARAGE_VERSION installed in $((SECONDS - started)) s"
+}
+
+install_nextest() {
+    command -v cargo-nextest >/dev/null && return 0
+    command -v cargo >/dev/null || die "cargo is needed to install cargo-nextest"
+    say "installing cargo-nextest from crates.io"
+    run_logged nextest cargo install cargo-nextest --locked
+}
+
+install_debian_packages
+install_garage
+install_nextest
