@@ -11,3 +11,4 @@ pub use hash::{HashError, NarHash, Sha256Hash, Sha256Hasher};
 pub use store_path::{
     StoreDir, StorePath, StorePathError, StorePathHash, StorePathName, DEFAULT_STORE_DIR,
 };
+pub mod nar;
