@@ -1,0 +1,338 @@
+//! The server-side configuration shared by `ingest-api`, the workers and
+//! `gc-scheduler`: a TOML file, then `LARDER_…` environment variables.
+//!
+//! Environment variables name a key path with `__` between sections and
+//! `_` for `-` inside a key: `LARDER_DATABASE__URL` sets `[database] url`,
+//! `LARDER_API_ENDPOINT` sets `api-endpoint`. Only variables whose first
+//! segment is a known top-level key are read, so unrelated `LARDER_…`
+//! variables (the client's `LARDER_TOKEN`, test settings) are left alone.
+//!
+//! Secrets (database URLs with passwords, token-signing keys) are wrapped in
+//! [`Secret`], whose `Debug` never shows them, so a config can be logged.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of every configuration environment variable.
+pub const ENV_PREFIX: &str = "LARDER_";
+
+/// Top-level keys that environment variables may set.
+const TOP_LEVEL_KEYS: &[&str] = &["listen", "api-endpoint", "database", "storage", "auth", "log"];
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {source}")]
+    Syntax {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("environment variable {name} is not valid UTF-8")]
+    EnvNotUnicode { name: String },
+    #[error("environment variable {name} sets {key}, but {section} is not a table")]
+    EnvConflict {
+        name: String,
+        key: String,
+        section: String,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// A secret string: serialised as itself (the config file must hold it),
+/// but never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// The whole server configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address the HTTP server binds.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The public base URL clients reach this server at, when it sits behind
+    /// a reverse proxy; used in the login line and in cache-config answers.
+    /// Without it, URLs are derived from each request's `Host` header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_endpoint: Option<String>,
+    pub database: DatabaseConfig,
+    pub storage: StorageConfig,
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0u16; 8], 8080))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `sqlite://PATH?mode=rwc` or `postgres://USER:PASSWORD@HOST/DB`.
+    pub url: Secret,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "type", deny_unknown_fields)]
+pub enum StorageConfig {
+    /// A directory on this machine.
+    Local { path: PathBuf },
+}
+
+/// How API tokens are signed. Exactly one of the two keys is set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256: the shared secret, base64-encoded (at least 32 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hs256_secret_base64: Option<Secret>,
+    /// RS256: the PEM-encoded RSA private key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rs256_private_key_pem: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Human-readable lines, for a terminal.
+    #[default]
+    Pretty,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+impl ServerConfig {
+    /// Loads `path` and applies the process's `LARDER_…` variables.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml_and_env(&text, path, std::env::vars_os())
+    }
+
+    /// Parses TOML text, then overlays the given environment. `path` is only
+    /// used in error messages.
+    pub fn from_toml_and_env(
+        text: &str,
+        path: &Path,
+        env: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|source| ConfigError::Syntax {
+            path: path.to_owned(),
+            source,
+        })?;
+        overlay_env(&mut table, env)?;
+        let config: Self = toml::Value::Table(table)
+            .try_into()
+            .map_err(|error: toml::de::Error| ConfigError::Invalid(error.message().to_owned()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: one signing key, a usable endpoint URL.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match (&self.auth.hs256_secret_base64, &self.auth.rs256_private_key_pem) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "set only one of auth.hs256-secret-base64 and auth.rs256-private-key-pem"
+                        .into(),
+                ))
+            }
+            (None, None) => {
+                return Err(ConfigError::Invalid(
+                    "set auth.hs256-secret-base64 or auth.rs256-private-key-pem".into(),
+                ))
+            }
+            _ => {}
+        }
+        if let Some(endpoint) = &self.api_endpoint {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "api-endpoint {endpoint:?} must start with http:// or https://"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The config as TOML, secrets included: for writing the file.
+    pub fn to_toml(&self) -> String {
+        // Serialising plain structs of strings, paths and numbers to TOML
+        // cannot fail.
+        toml::to_string_pretty(self).expect("server config serialises to TOML")
+    }
+}
+
+/// Sets `table` keys from `LARDER_…` variables (see the module docs).
+fn overlay_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Result<(), ConfigError> {
+    for (name, value) in env {
+        let Some(name) = name.to_str() else { continue };
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let path: Vec<String> = rest
+            .split("__")
+            .map(|segment| segment.to_ascii_lowercase().replace('_', "-"))
+            .collect();
+        if !TOP_LEVEL_KEYS.contains(&path[0].as_str()) {
+            continue;
+        }
+        let value = value
+            .into_string()
+            .map_err(|_| ConfigError::EnvNotUnicode { name: name.to_owned() })?;
+        let (leaf, sections) = path.split_last().expect("split yields at least one segment");
+        let mut current = &mut *table;
+        for section in sections {
+            let entry = current
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            current = entry.as_table_mut().ok_or_else(|| ConfigError::EnvConflict {
+                name: name.to_owned(),
+                key: path.join("."),
+                section: section.clone(),
+            })?;
+        }
+        current.insert(leaf.clone(), env_value(&value));
+    }
+    Ok(())
+}
+
+/// Environment values are strings; whole numbers and booleans become TOML
+/// numbers and booleans so that numeric and boolean keys can be set too.
+fn env_value(value: &str) -> toml::Value {
+    if let Ok(number) = value.parse::<i64>() {
+        toml::Value::Integer(number)
+    } else if let Ok(boolean) = value.parse::<bool>() {
+        toml::Value::Boolean(boolean)
+    } else {
+        toml::Value::String(value.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    const MINIMAL: &str = r#"
+        [database]
+        url = "sqlite:///var/lib/larder/server.db?mode=rwc"
+        [storage]
+        type = "local"
+        path = "/var/lib/larder/storage"
+        [auth]
+        hs256-secret-base64 = "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI="
+    "#;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<ServerConfig, ConfigError> {
+        let env = env
+            .iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        ServerConfig::from_toml_and_env(text, Path::new("test.toml"), env)
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let config = load(MINIMAL, &[]).expect("valid config");
+        assert_eq!(config.listen, "[::]:8080".parse().expect("addr"));
+        assert_eq!(config.log.format, LogFormat::Pretty);
+        assert!(config.api_endpoint.is_none());
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_ignores_unrelated_variables() {
+        let config = load(
+            MINIMAL,
+            &[
+                ("LARDER_DATABASE__URL", "postgres://larder@db/larder"),
+                ("LARDER_API_ENDPOINT", "https://cache.example.org/"),
+                ("LARDER_LISTEN", "127.0.0.1:9000"),
+                ("LARDER_LOG__FORMAT", "json"),
+                ("LARDER_TOKEN", "a client setting"),
+                ("LARDER_TEST_POSTGRES_URL", "a test setting"),
+            ],
+        )
+        .expect("valid config");
+        assert_eq!(config.database.url.expose(), "postgres://larder@db/larder");
+        assert_eq!(config.api_endpoint.as_deref(), Some("https://cache.example.org/"));
+        assert_eq!(config.listen, "127.0.0.1:9000".parse().expect("addr"));
+        assert_eq!(config.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug() {
+        let config = load(MINIMAL, &[]).expect("valid config");
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("c2VjcmV0"), "{shown}");
+        assert!(!shown.contains("server.db"), "{shown}");
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let config = load(MINIMAL, &[]).expect("valid config");
+        let again = load(&config.to_toml(), &[]).expect("re-read");
+        assert_eq!(again.to_toml(), config.to_toml());
+    }
+
+    #[test]
+    fn mistakes_are_reported_clearly() {
+        let typo = MINIMAL.replace("[storage]", "[storage]\npaht = \"x\"");
+        let error = load(&typo, &[]).expect_err("unknown key");
+        assert!(error.to_string().contains("paht"), "{error}");
+
+        let no_key = MINIMAL.replace("hs256-secret-base64", "# no key");
+        let error = load(&no_key, &[]).expect_err("no signing key");
+        assert!(error.to_string().contains("hs256-secret-base64"), "{error}");
+
+        let bad_endpoint = load(MINIMAL, &[("LARDER_API_ENDPOINT", "cache.example.org")]);
+        assert!(bad_endpoint.is_err());
+
+        let syntax = load("[database", &[]).expect_err("bad TOML");
+        assert!(matches!(syntax, ConfigError::Syntax { .. }));
+
+        let with_listen = format!("listen = \"127.0.0.1:1\"\n{MINIMAL}");
+        let conflict =
+            load(&with_listen, &[("LARDER_LISTEN__PORT", "1")]).expect_err("listen is not a table");
+        assert!(matches!(conflict, ConfigError::EnvConflict { .. }));
+    }
+}
