@@ -8,6 +8,8 @@
 #[cfg(feature = "auth")]
 pub mod auth;
 pub mod cache_name;
+#[cfg(feature = "db")]
+pub mod db;
 pub mod duration;
 pub mod nix;
 #[cfg(feature = "storage")]

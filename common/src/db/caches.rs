@@ -1,0 +1,226 @@
+//! The `caches` table: each tenant's cache, its configuration and its
+//! signing key.
+//!
+//! Destroying a cache deletes its objects and uploads with it (foreign keys
+//! with `ON DELETE CASCADE`); the global NARs and chunks stay until GC finds
+//! nothing pointing at them.
+
+use std::time::Duration;
+
+use sqlx::any::AnyRow;
+
+use super::error::{constraint_error, query_error, DbError, Result};
+use super::row::{bool_col, i32_col, i64_col, json_col, opt_u64_col, parsed_col, string_col, time_col, to_i64, to_json};
+use super::types::{CacheId, CacheKeypair, Timestamp};
+use super::{affected, Database};
+use crate::cache_name::CacheName;
+use crate::nix::StoreDir;
+
+/// The priority a new cache advertises in `nix-cache-info`: just below
+/// cache.nixos.org (40), so Nix asks the official cache first.
+pub const DEFAULT_PRIORITY: i32 = 41;
+
+/// The upstream keys a new cache trusts by default: paths signed by these
+/// are assumed to be in the upstream cache, so clients need not push them.
+pub const DEFAULT_UPSTREAM_CACHE_KEY_NAMES: &[&str] = &["cache.nixos.org-1"];
+
+/// A cache row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cache {
+    pub id: CacheId,
+    pub name: CacheName,
+    pub is_public: bool,
+    pub store_dir: StoreDir,
+    pub priority: i32,
+    pub upstream_cache_key_names: Vec<String>,
+    /// `None`: the global default retention applies.
+    pub retention_period: Option<Duration>,
+    pub keypair: CacheKeypair,
+    pub created_at: Timestamp,
+}
+
+/// The fields of a cache to create; [`NewCache::new`] fills in defaults.
+#[derive(Debug, Clone)]
+pub struct NewCache {
+    pub name: CacheName,
+    pub is_public: bool,
+    pub store_dir: StoreDir,
+    pub priority: i32,
+    pub upstream_cache_key_names: Vec<String>,
+    pub retention_period: Option<Duration>,
+    pub keypair: CacheKeypair,
+}
+
+impl NewCache {
+    /// A private cache with the default store directory, priority, upstream
+    /// keys and retention.
+    pub fn new(name: CacheName, keypair: CacheKeypair) -> Self {
+        Self {
+            name,
+            is_public: false,
+            store_dir: StoreDir::default(),
+            priority: DEFAULT_PRIORITY,
+            upstream_cache_key_names: DEFAULT_UPSTREAM_CACHE_KEY_NAMES
+                .iter()
+                .map(|&name| name.to_owned())
+                .collect(),
+            retention_period: None,
+            keypair,
+        }
+    }
+}
+
+/// A change to a cache's configuration: `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct CacheUpdate {
+    pub is_public: Option<bool>,
+    pub store_dir: Option<StoreDir>,
+    pub priority: Option<i32>,
+    pub upstream_cache_key_names: Option<Vec<String>>,
+    /// `Some(None)` resets the retention period to the global default.
+    pub retention_period: Option<Option<Duration>>,
+    /// A regenerated key pair.
+    pub keypair: Option<CacheKeypair>,
+}
+
+const CACHE_COLUMNS: &str = "id, name, is_public, store_dir, priority, \
+    upstream_cache_key_names, retention_period_secs, keypair, created_at";
+
+fn cache_from_row(row: &AnyRow) -> Result<Cache> {
+    Ok(Cache {
+        id: CacheId(i64_col(row, "id")?),
+        name: parsed_col(row, "name")?,
+        is_public: bool_col(row, "is_public")?,
+        store_dir: parsed_col(row, "store_dir")?,
+        priority: i32_col(row, "priority")?,
+        upstream_cache_key_names: json_col(row, "upstream_cache_key_names")?,
+        retention_period: opt_u64_col(row, "retention_period_secs")?.map(Duration::from_secs),
+        keypair: CacheKeypair::new(string_col(row, "keypair")?),
+        created_at: time_col(row, "created_at")?,
+    })
+}
+
+fn retention_secs(retention: Option<Duration>) -> Result<Option<i64>> {
+    retention
+        .map(|period| to_i64("retention period", period.as_secs()))
+        .transpose()
+}
+
+impl Database {
+    /// Creates a cache; [`DbError::Conflict`] when the name is taken.
+    pub async fn create_cache(&self, new: &NewCache, at: Timestamp) -> Result<Cache> {
+        let sql = format!(
+            "INSERT INTO caches (name, is_public, store_dir, priority, upstream_cache_key_names, \
+             retention_period_secs, keypair, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {CACHE_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(new.name.as_str())
+            .bind(new.is_public)
+            .bind(new.store_dir.as_str())
+            .bind(i64::from(new.priority))
+            .bind(to_json("upstream cache key names", &new.upstream_cache_key_names)?)
+            .bind(retention_secs(new.retention_period)?)
+            .bind(new.keypair.expose_secret())
+            .bind(at.unix_millis())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(constraint_error(
+                "creating a cache",
+                || format!("cache {:?}", new.name.as_str()),
+                || "referenced row".to_owned(),
+            ))?;
+        cache_from_row(&row)
+    }
+
+    pub async fn cache_by_name(&self, name: &CacheName) -> Result<Option<Cache>> {
+        let sql = format!("SELECT {CACHE_COLUMNS} FROM caches WHERE name = $1");
+        let row = sqlx::query(&sql)
+            .bind(name.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("looking up a cache by name"))?;
+        row.as_ref().map(cache_from_row).transpose()
+    }
+
+    pub async fn cache_by_id(&self, id: CacheId) -> Result<Option<Cache>> {
+        let sql = format!("SELECT {CACHE_COLUMNS} FROM caches WHERE id = $1");
+        let row = sqlx::query(&sql)
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("looking up a cache by id"))?;
+        row.as_ref().map(cache_from_row).transpose()
+    }
+
+    /// Applies `update` in one statement and returns the updated cache;
+    /// [`DbError::NotFound`] when there is no such cache.
+    pub async fn update_cache(&self, name: &CacheName, update: &CacheUpdate) -> Result<Cache> {
+        // COALESCE keeps a column when its parameter is NULL; the retention
+        // period needs a separate flag because NULL is also a value it can
+        // be set to.
+        let sql = format!(
+            "UPDATE caches SET \
+             is_public = COALESCE($2, is_public), \
+             store_dir = COALESCE($3, store_dir), \
+             priority = COALESCE($4, priority), \
+             upstream_cache_key_names = COALESCE($5, upstream_cache_key_names), \
+             retention_period_secs = CASE WHEN $6 = 1 THEN $7 ELSE retention_period_secs END, \
+             keypair = COALESCE($8, keypair) \
+             WHERE name = $1 RETURNING {CACHE_COLUMNS}"
+        );
+        let upstream = update
+            .upstream_cache_key_names
+            .as_ref()
+            .map(|names| to_json("upstream cache key names", names))
+            .transpose()?;
+        let (set_retention, retention) = match update.retention_period {
+            Some(period) => (1_i64, retention_secs(period)?),
+            None => (0, None),
+        };
+        let row = sqlx::query(&sql)
+            .bind(name.as_str())
+            .bind(update.is_public)
+            .bind(update.store_dir.as_ref().map(StoreDir::as_str))
+            .bind(update.priority.map(i64::from))
+            .bind(upstream)
+            .bind(set_retention)
+            .bind(retention)
+            .bind(update.keypair.as_ref().map(CacheKeypair::expose_secret))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("updating a cache"))?;
+        match row {
+            Some(row) => cache_from_row(&row),
+            None => Err(DbError::NotFound {
+                what: format!("cache {:?}", name.as_str()),
+            }),
+        }
+    }
+
+    /// Destroys a cache with its objects and uploads; whether it existed.
+    pub async fn delete_cache(&self, name: &CacheName) -> Result<bool> {
+        let result = sqlx::query("DELETE FROM caches WHERE name = $1")
+            .bind(name.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("deleting a cache"))?;
+        Ok(affected(&result))
+    }
+
+    /// Every cache's name, sorted bytewise.
+    pub async fn list_cache_names(&self) -> Result<Vec<CacheName>> {
+        let rows = sqlx::query("SELECT name FROM caches")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("listing caches"))?;
+        let mut names = rows
+            .iter()
+            .map(|row| parsed_col(row, "name"))
+            .collect::<Result<Vec<CacheName>>>()?;
+        // Sorted here, not by ORDER BY: PostgreSQL would sort by the
+        // server's collation, SQLite bytewise.
+        names.sort();
+        Ok(names)
+    }
+}

@@ -1,0 +1,77 @@
+//! The schema migrations, embedded in the binary, one list per backend.
+//!
+//! The SQL lives in `common/migrations/{sqlite,postgres}/NNNN_*.sql` (see
+//! the README there). It is embedded with `include_str!` and handed to
+//! sqlx's [`Migrator`] through a [`MigrationSource`], rather than with
+//! `sqlx::migrate!`, so that common needs no sqlx macros and a server binary
+//! needs no migrations directory at run time.
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
+
+use sqlx::error::BoxDynError;
+use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
+
+use super::Backend;
+
+/// One migration in both dialects.
+struct Embedded {
+    version: i64,
+    description: &'static str,
+    sqlite: &'static str,
+    postgres: &'static str,
+}
+
+/// Every migration, oldest first. A new migration is a new entry here and a
+/// new file in each directory; merged files are never edited, since sqlx
+/// checks their checksums.
+const MIGRATIONS: &[Embedded] = &[Embedded {
+    version: 1,
+    description: "initial",
+    sqlite: include_str!("../../migrations/sqlite/0001_initial.sql"),
+    postgres: include_str!("../../migrations/postgres/0001_initial.sql"),
+}];
+
+/// The file names the embedded list stands for, per backend directory, so
+/// that a test can check the list against the directories.
+pub fn embedded_file_names() -> Vec<String> {
+    MIGRATIONS
+        .iter()
+        .map(|m| format!("{:04}_{}.sql", m.version, m.description))
+        .collect()
+}
+
+/// The embedded migrations of one backend.
+#[derive(Debug, Clone, Copy)]
+struct EmbeddedSource(Backend);
+
+impl MigrationSource<'static> for EmbeddedSource {
+    fn resolve(
+        self,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<Migration>, BoxDynError>> + Send + 'static>> {
+        Box::pin(async move {
+            Ok(MIGRATIONS
+                .iter()
+                .map(|m| {
+                    let sql = match self.0 {
+                        Backend::Sqlite => m.sqlite,
+                        Backend::Postgres => m.postgres,
+                    };
+                    Migration::new(
+                        m.version,
+                        Cow::Borrowed(m.description),
+                        MigrationType::Simple,
+                        Cow::Borrowed(sql),
+                        false,
+                    )
+                })
+                .collect())
+        })
+    }
+}
+
+/// The migrator for `backend`.
+pub(crate) async fn migrator(backend: Backend) -> Result<Migrator, sqlx::migrate::MigrateError> {
+    Migrator::new(EmbeddedSource(backend)).await
+}

@@ -1,0 +1,594 @@
+//! The global store: `nars` by NAR hash, `chunks` by the SHA-256 of their
+//! uncompressed bytes, and `nar_chunks`, the ordered chunk list of each NAR.
+//!
+//! The pipeline's protocol over these tables, each step idempotent under
+//! at-least-once delivery:
+//!
+//! 1. ingest: [`Database::insert_nar_pending`] (one row per hash however
+//!    many uploads race).
+//! 2. chunker: [`Database::upsert_chunks`] for the NAR's chunks (new ones
+//!    `pending`), then [`Database::set_nar_chunks`] with their ids in order.
+//! 3. compressor: [`Database::set_chunk_stored`] per new chunk, then
+//!    [`Database::mark_nar_valid_if_complete`] for each NAR of
+//!    [`Database::pending_nars_of_chunk`]: whichever compressor stores the
+//!    last chunk finalises the NAR.
+//!
+//! A chunk's location is a byte range of a storage object (key, offset,
+//! length), so that packing many chunks into one object can come later
+//! without a schema change.
+
+use sqlx::any::AnyRow;
+
+use super::error::{constraint_error, query_error, DbError, Result};
+use super::row::{chunk_hash_col, i64_col, nar_hash_col, opt_string_col, opt_u64_col, state_col, time_col, to_i64, u32_col, u64_col};
+use super::types::{ChunkId, NarId, StoreState, Timestamp};
+use super::{placeholders, Database, MAX_IN_LIST};
+use crate::nix::{NarHash, Sha256Hash};
+
+/// A NAR row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nar {
+    pub id: NarId,
+    pub nar_hash: NarHash,
+    pub nar_size: u64,
+    pub state: StoreState,
+    /// 0 until the chunker has recorded the chunk list.
+    pub n_chunks: u32,
+    pub created_at: Timestamp,
+}
+
+/// Where a chunk's compressed bytes live.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ChunkLocation {
+    pub object_key: String,
+    pub offset: u64,
+    /// Compressed length in bytes.
+    pub length: u64,
+}
+
+/// A chunk row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    pub id: ChunkId,
+    /// SHA-256 of the uncompressed bytes.
+    pub chunk_hash: Sha256Hash,
+    /// Uncompressed size in bytes.
+    pub chunk_size: u64,
+    pub state: StoreState,
+    /// Set once the chunk is stored (always when `valid`).
+    pub location: Option<ChunkLocation>,
+    pub created_at: Timestamp,
+}
+
+/// One entry of a NAR's chunk list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NarChunk {
+    pub seq: u32,
+    pub chunk: Chunk,
+}
+
+/// A chunk the chunker found, to look up or create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewChunk {
+    pub chunk_hash: Sha256Hash,
+    pub chunk_size: u64,
+}
+
+/// A chunk already in storage, for [`Database::store_complete_nar`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredChunk {
+    pub chunk_hash: Sha256Hash,
+    pub chunk_size: u64,
+    pub location: ChunkLocation,
+}
+
+/// Column names of a NAR in a result row: plain, or aliased in a join.
+pub(crate) struct NarColumns {
+    id: &'static str,
+    nar_hash: &'static str,
+    nar_size: &'static str,
+    state: &'static str,
+    n_chunks: &'static str,
+    created_at: &'static str,
+}
+
+const NAR: NarColumns = NarColumns {
+    id: "id",
+    nar_hash: "nar_hash",
+    nar_size: "nar_size",
+    state: "state",
+    n_chunks: "n_chunks",
+    created_at: "created_at",
+};
+
+const NAR_COLUMNS: &str = "id, nar_hash, nar_size, state, n_chunks, created_at";
+
+/// The names [`JOINED_NAR_SELECT`] gives the columns of `nars n`.
+pub(crate) const JOINED_NAR: NarColumns = NarColumns {
+    id: "n_id",
+    nar_hash: "n_nar_hash",
+    nar_size: "n_nar_size",
+    state: "n_state",
+    n_chunks: "n_n_chunks",
+    created_at: "n_created_at",
+};
+
+pub(crate) const JOINED_NAR_SELECT: &str = "n.id AS n_id, n.nar_hash AS n_nar_hash, \
+    n.nar_size AS n_nar_size, n.state AS n_state, n.n_chunks AS n_n_chunks, \
+    n.created_at AS n_created_at";
+
+pub(crate) fn nar_from_row(row: &AnyRow, columns: &NarColumns) -> Result<Nar> {
+    Ok(Nar {
+        id: NarId(i64_col(row, columns.id)?),
+        nar_hash: nar_hash_col(row, columns.nar_hash)?,
+        nar_size: u64_col(row, columns.nar_size)?,
+        state: state_col(row, columns.state)?,
+        n_chunks: u32_col(row, columns.n_chunks)?,
+        created_at: time_col(row, columns.created_at)?,
+    })
+}
+
+const CHUNK_COLUMNS: &str =
+    "id, chunk_hash, chunk_size, state, object_key, object_offset, object_length, created_at";
+
+/// [`CHUNK_COLUMNS`] qualified with the alias `c`, for joins.
+const CHUNK_COLUMNS_C: &str = "c.id, c.chunk_hash, c.chunk_size, c.state, c.object_key, \
+    c.object_offset, c.object_length, c.created_at";
+
+fn chunk_from_row(row: &AnyRow) -> Result<Chunk> {
+    let location = match (
+        opt_string_col(row, "object_key")?,
+        opt_u64_col(row, "object_offset")?,
+        opt_u64_col(row, "object_length")?,
+    ) {
+        (Some(object_key), Some(offset), Some(length)) => Some(ChunkLocation {
+            object_key,
+            offset,
+            length,
+        }),
+        _ => None,
+    };
+    Ok(Chunk {
+        id: ChunkId(i64_col(row, "id")?),
+        chunk_hash: chunk_hash_col(row, "chunk_hash")?,
+        chunk_size: u64_col(row, "chunk_size")?,
+        state: state_col(row, "state")?,
+        location,
+        created_at: time_col(row, "created_at")?,
+    })
+}
+
+type Tx = sqlx::AnyConnection;
+
+async fn nar_by_hash_on(connection: &mut Tx, nar_hash: &NarHash) -> Result<Option<Nar>> {
+    let sql = format!("SELECT {NAR_COLUMNS} FROM nars WHERE nar_hash = $1");
+    let row = sqlx::query(&sql)
+        .bind(nar_hash.to_string())
+        .fetch_optional(&mut *connection)
+        .await
+        .map_err(query_error("looking up a NAR"))?;
+    row.map(|row| nar_from_row(&row, &NAR)).transpose()
+}
+
+/// Inserts the NAR as `pending` unless its hash exists, then reads the row:
+/// a single-statement insert, so racing callers end with one row.
+async fn insert_nar_pending_on(
+    connection: &mut Tx,
+    nar_hash: &NarHash,
+    nar_size: u64,
+    at: Timestamp,
+) -> Result<(Nar, bool)> {
+    let inserted = sqlx::query(
+        "INSERT INTO nars (nar_hash, nar_size, state, n_chunks, created_at) \
+         VALUES ($1, $2, 'pending', 0, $3) ON CONFLICT (nar_hash) DO NOTHING",
+    )
+    .bind(nar_hash.to_string())
+    .bind(to_i64("NAR size", nar_size)?)
+    .bind(at.unix_millis())
+    .execute(&mut *connection)
+    .await
+    .map_err(query_error("inserting a NAR"))?
+    .rows_affected()
+        > 0;
+    let nar = nar_by_hash_on(connection, nar_hash)
+        .await?
+        .ok_or_else(|| DbError::NotFound {
+            // Only GC deletes NARs, and only unreferenced ones: a NAR
+            // deleted between the two statements is that race.
+            what: format!("NAR {nar_hash} (deleted while being inserted)"),
+        })?;
+    if nar.nar_size != nar_size {
+        return Err(DbError::Conflict {
+            what: format!(
+                "NAR {nar_hash} with size {} (not {nar_size})",
+                nar.nar_size
+            ),
+        });
+    }
+    Ok((nar, inserted))
+}
+
+/// Looks up or creates chunks, reviving `deleting` ones; see
+/// [`Database::upsert_chunks`].
+async fn upsert_chunks_on(connection: &mut Tx, chunks: &[NewChunk], at: Timestamp) -> Result<Vec<Chunk>> {
+    let mut out = Vec::with_capacity(chunks.len());
+    for new in chunks {
+        let hash = new.chunk_hash.to_hex();
+        sqlx::query(
+            "INSERT INTO chunks (chunk_hash, chunk_size, state, created_at) \
+             VALUES ($1, $2, 'pending', $3) ON CONFLICT (chunk_hash) DO NOTHING",
+        )
+        .bind(hash.as_str())
+        .bind(to_i64("chunk size", new.chunk_size)?)
+        .bind(at.unix_millis())
+        .execute(&mut *connection)
+        .await
+        .map_err(query_error("inserting a chunk"))?;
+        // A chunk GC has claimed may already be gone from storage: make it
+        // pending again so that the pipeline stores it anew.
+        sqlx::query(
+            "UPDATE chunks SET state = 'pending', object_key = NULL, object_offset = NULL, \
+             object_length = NULL WHERE chunk_hash = $1 AND state = 'deleting'",
+        )
+        .bind(hash.as_str())
+        .execute(&mut *connection)
+        .await
+        .map_err(query_error("reviving a chunk"))?;
+        let sql = format!("SELECT {CHUNK_COLUMNS} FROM chunks WHERE chunk_hash = $1");
+        let row = sqlx::query(&sql)
+            .bind(hash.as_str())
+            .fetch_one(&mut *connection)
+            .await
+            .map_err(query_error("reading a chunk"))?;
+        let chunk = chunk_from_row(&row)?;
+        if chunk.chunk_size != new.chunk_size {
+            return Err(DbError::Conflict {
+                what: format!(
+                    "chunk {hash} with size {} (not {})",
+                    chunk.chunk_size, new.chunk_size
+                ),
+            });
+        }
+        out.push(chunk);
+    }
+    Ok(out)
+}
+
+async fn set_nar_chunks_on(connection: &mut Tx, nar_id: NarId, chunk_ids: &[ChunkId]) -> Result<()> {
+    let n_chunks = u32::try_from(chunk_ids.len()).map_err(|_| DbError::InvalidInput {
+        what: "chunk list",
+        reason: format!("{} chunks", chunk_ids.len()),
+    })?;
+    // Only a pending NAR's list may change: a valid NAR's bytes are
+    // being served, and a redelivered job must not touch them.
+    let updated = sqlx::query("UPDATE nars SET n_chunks = $2 WHERE id = $1 AND state = 'pending'")
+        .bind(nar_id.0)
+        .bind(i64::from(n_chunks))
+        .execute(&mut *connection)
+        .await
+        .map_err(query_error("recording a NAR's chunk count"))?
+        .rows_affected();
+    if updated == 0 {
+        let sql = format!("SELECT {NAR_COLUMNS} FROM nars WHERE id = $1");
+        let row = sqlx::query(&sql)
+            .bind(nar_id.0)
+            .fetch_optional(&mut *connection)
+            .await
+            .map_err(query_error("looking up a NAR"))?;
+        return match row {
+            None => Err(DbError::NotFound {
+                what: format!("NAR {nar_id}"),
+            }),
+            Some(row) => {
+                let nar = nar_from_row(&row, &NAR)?;
+                Err(DbError::Conflict {
+                    what: format!("NAR {} in state {}", nar.nar_hash, nar.state),
+                })
+            }
+        };
+    }
+    sqlx::query("DELETE FROM nar_chunks WHERE nar_id = $1")
+        .bind(nar_id.0)
+        .execute(&mut *connection)
+        .await
+        .map_err(query_error("clearing a NAR's chunk list"))?;
+    for (seq, chunk_id) in chunk_ids.iter().enumerate() {
+        sqlx::query("INSERT INTO nar_chunks (nar_id, seq, chunk_id) VALUES ($1, $2, $3)")
+            .bind(nar_id.0)
+            .bind(to_i64("chunk sequence number", seq as u64)?)
+            .bind(chunk_id.0)
+            .execute(&mut *connection)
+            .await
+            .map_err(constraint_error(
+                "recording a NAR's chunk list",
+                || format!("chunk {seq} of NAR {nar_id}"),
+                || format!("chunk {chunk_id}"),
+            ))?;
+    }
+    Ok(())
+}
+
+async fn mark_nar_valid_if_complete_on(connection: &mut Tx, nar_id: NarId) -> Result<bool> {
+    // One statement, so two compressors finishing at once cannot both miss
+    // the moment the last chunk became valid: each sees the other's commit
+    // or waits for it.
+    sqlx::query(
+        "UPDATE nars SET state = 'valid' \
+         WHERE id = $1 AND state = 'pending' AND n_chunks > 0 \
+         AND n_chunks = (SELECT COUNT(*) FROM nar_chunks nc JOIN chunks c ON c.id = nc.chunk_id \
+                         WHERE nc.nar_id = $1 AND c.state = 'valid')",
+    )
+    .bind(nar_id.0)
+    .execute(&mut *connection)
+    .await
+    .map_err(query_error("finalising a NAR"))?;
+    let state = sqlx::query("SELECT state FROM nars WHERE id = $1")
+        .bind(nar_id.0)
+        .fetch_optional(&mut *connection)
+        .await
+        .map_err(query_error("reading a NAR's state"))?;
+    match state {
+        None => Err(DbError::NotFound {
+            what: format!("NAR {nar_id}"),
+        }),
+        Some(row) => Ok(state_col(&row, "state")? == StoreState::Valid),
+    }
+}
+
+impl Database {
+    pub async fn nar_by_hash(&self, nar_hash: &NarHash) -> Result<Option<Nar>> {
+        let mut connection = self.acquire().await?;
+        nar_by_hash_on(&mut connection, nar_hash).await
+    }
+
+    pub async fn nar_by_id(&self, nar_id: NarId) -> Result<Option<Nar>> {
+        let sql = format!("SELECT {NAR_COLUMNS} FROM nars WHERE id = $1");
+        let row = sqlx::query(&sql)
+            .bind(nar_id.0)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("looking up a NAR"))?;
+        row.map(|row| nar_from_row(&row, &NAR)).transpose()
+    }
+
+    /// The NAR with this hash, created as `pending` if there is none; the
+    /// flag says whether this call created it. Concurrent calls for one
+    /// hash yield one row. An existing row is returned in whatever state it
+    /// is: a `deleting` NAR is GC's and the caller must not link to it.
+    /// [`DbError::Conflict`] when the hash exists with another size.
+    pub async fn insert_nar_pending(
+        &self,
+        nar_hash: &NarHash,
+        nar_size: u64,
+        at: Timestamp,
+    ) -> Result<(Nar, bool)> {
+        let mut connection = self.acquire().await?;
+        insert_nar_pending_on(&mut connection, nar_hash, nar_size, at).await
+    }
+
+    /// The chunks of a NAR in `seq` order, with their state and location.
+    pub async fn chunks_of_nar(&self, nar_id: NarId) -> Result<Vec<NarChunk>> {
+        let sql = format!(
+            "SELECT nc.seq, {CHUNK_COLUMNS_C} FROM nar_chunks nc \
+             JOIN chunks c ON c.id = nc.chunk_id WHERE nc.nar_id = $1 ORDER BY nc.seq"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(nar_id.0)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("listing a NAR's chunks"))?;
+        rows.iter()
+            .map(|row| {
+                Ok(NarChunk {
+                    seq: u32_col(row, "seq")?,
+                    chunk: chunk_from_row(row)?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn chunk_by_hash(&self, chunk_hash: &Sha256Hash) -> Result<Option<Chunk>> {
+        let sql = format!("SELECT {CHUNK_COLUMNS} FROM chunks WHERE chunk_hash = $1");
+        let row = sqlx::query(&sql)
+            .bind(chunk_hash.to_hex())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("looking up a chunk"))?;
+        row.as_ref().map(chunk_from_row).transpose()
+    }
+
+    /// The chunk rows for `chunks`, in input order: existing ones as they
+    /// are (the global dedup), new ones created `pending`. A chunk GC had
+    /// claimed (`deleting`) is made `pending` again without a location, so
+    /// the caller stores it anew. [`DbError::Conflict`] when a hash exists
+    /// with another size.
+    pub async fn upsert_chunks(&self, chunks: &[NewChunk], at: Timestamp) -> Result<Vec<Chunk>> {
+        let mut tx = self.begin_write().await?;
+        let out = upsert_chunks_on(&mut tx, chunks, at).await?;
+        tx.commit()
+            .await
+            .map_err(query_error("committing chunks"))?;
+        Ok(out)
+    }
+
+    /// Records a pending NAR's chunk list, replacing any earlier one (a
+    /// redelivered chunk job), and its chunk count. [`DbError::Conflict`]
+    /// when the NAR is no longer pending.
+    pub async fn set_nar_chunks(&self, nar_id: NarId, chunk_ids: &[ChunkId]) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        set_nar_chunks_on(&mut tx, nar_id, chunk_ids).await?;
+        tx.commit()
+            .await
+            .map_err(query_error("committing a NAR's chunk list"))
+    }
+
+    /// Marks a chunk stored at `location`. Idempotent: a chunk that is
+    /// already valid keeps its first location (the caller's copy is then
+    /// redundant). [`DbError::Conflict`] when GC has claimed it meanwhile.
+    pub async fn set_chunk_stored(&self, chunk_id: ChunkId, location: &ChunkLocation) -> Result<Chunk> {
+        let sql = format!(
+            "UPDATE chunks SET state = 'valid', object_key = $2, object_offset = $3, \
+             object_length = $4 WHERE id = $1 AND state = 'pending' RETURNING {CHUNK_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(chunk_id.0)
+            .bind(location.object_key.as_str())
+            .bind(to_i64("object offset", location.offset)?)
+            .bind(to_i64("object length", location.length)?)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("marking a chunk stored"))?;
+        if let Some(row) = row {
+            return chunk_from_row(&row);
+        }
+        let sql = format!("SELECT {CHUNK_COLUMNS} FROM chunks WHERE id = $1");
+        let row = sqlx::query(&sql)
+            .bind(chunk_id.0)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("looking up a chunk"))?;
+        let chunk = match row {
+            Some(row) => chunk_from_row(&row)?,
+            None => {
+                return Err(DbError::NotFound {
+                    what: format!("chunk {chunk_id}"),
+                })
+            }
+        };
+        match chunk.state {
+            StoreState::Valid => Ok(chunk),
+            StoreState::Deleting | StoreState::Pending => Err(DbError::Conflict {
+                what: format!("chunk {} in state {}", chunk.chunk_hash.to_hex(), chunk.state),
+            }),
+        }
+    }
+
+    /// The pending NARs that list this chunk: the ones a compressor should
+    /// try to finalise after storing it.
+    pub async fn pending_nars_of_chunk(&self, chunk_id: ChunkId) -> Result<Vec<NarId>> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT n.id FROM nar_chunks nc JOIN nars n ON n.id = nc.nar_id \
+             WHERE nc.chunk_id = $1 AND n.state = 'pending' ORDER BY n.id",
+        )
+        .bind(chunk_id.0)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("finding the NARs of a chunk"))?;
+        rows.iter().map(|row| Ok(NarId(i64_col(row, "id")?))).collect()
+    }
+
+    /// Marks a pending NAR valid if its chunk list is recorded and every
+    /// chunk on it is valid. Returns whether the NAR is valid now (also
+    /// when it already was).
+    pub async fn mark_nar_valid_if_complete(&self, nar_id: NarId) -> Result<bool> {
+        let mut connection = self.acquire().await?;
+        mark_nar_valid_if_complete_on(&mut connection, nar_id).await
+    }
+
+    /// Writes one complete NAR in one transaction: the NAR row, its chunks
+    /// (valid, at the given locations; chunks that are already valid keep
+    /// theirs), its chunk list, and the NAR made valid. For tests and for
+    /// the single-machine server's direct path. An existing valid NAR of
+    /// the same hash is returned unchanged.
+    pub async fn store_complete_nar(
+        &self,
+        nar_hash: &NarHash,
+        nar_size: u64,
+        chunks: &[StoredChunk],
+        at: Timestamp,
+    ) -> Result<Nar> {
+        if chunks.is_empty() {
+            return Err(DbError::InvalidInput {
+                what: "chunk list",
+                reason: "a NAR has at least one chunk".to_owned(),
+            });
+        }
+        let mut tx = self.begin_write().await?;
+        let (nar, _) = insert_nar_pending_on(&mut tx, nar_hash, nar_size, at).await?;
+        match nar.state {
+            StoreState::Valid => return Ok(nar),
+            StoreState::Deleting => {
+                return Err(DbError::Conflict {
+                    what: format!("NAR {nar_hash} being deleted"),
+                })
+            }
+            StoreState::Pending => {}
+        }
+        let new_chunks: Vec<NewChunk> = chunks
+            .iter()
+            .map(|chunk| NewChunk {
+                chunk_hash: chunk.chunk_hash,
+                chunk_size: chunk.chunk_size,
+            })
+            .collect();
+        let rows = upsert_chunks_on(&mut tx, &new_chunks, at).await?;
+        for (row, stored) in rows.iter().zip(chunks) {
+            sqlx::query(
+                "UPDATE chunks SET state = 'valid', object_key = $2, object_offset = $3, \
+                 object_length = $4 WHERE id = $1 AND state = 'pending'",
+            )
+            .bind(row.id.0)
+            .bind(stored.location.object_key.as_str())
+            .bind(to_i64("object offset", stored.location.offset)?)
+            .bind(to_i64("object length", stored.location.length)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_error("marking a chunk stored"))?;
+        }
+        let ids: Vec<ChunkId> = rows.iter().map(|row| row.id).collect();
+        set_nar_chunks_on(&mut tx, nar.id, &ids).await?;
+        if !mark_nar_valid_if_complete_on(&mut tx, nar.id).await? {
+            // Every chunk was just made valid inside this transaction.
+            return Err(DbError::Conflict {
+                what: format!("NAR {nar_hash} left incomplete"),
+            });
+        }
+        let nar = nar_by_hash_on(&mut tx, nar_hash)
+            .await?
+            .ok_or_else(|| DbError::NotFound {
+                what: format!("NAR {nar_hash}"),
+            })?;
+        tx.commit()
+            .await
+            .map_err(query_error("committing a complete NAR"))?;
+        Ok(nar)
+    }
+
+    /// Chunk rows by id, for callers holding ids from a queue message.
+    pub async fn chunks_by_id(&self, ids: &[ChunkId]) -> Result<Vec<Chunk>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for batch in ids.chunks(MAX_IN_LIST) {
+            let sql = format!(
+                "SELECT {CHUNK_COLUMNS} FROM chunks WHERE id IN ({}) ORDER BY id",
+                placeholders(1, batch.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for id in batch {
+                query = query.bind(id.0);
+            }
+            let rows = query
+                .fetch_all(&self.pool)
+                .await
+                .map_err(query_error("looking up chunks"))?;
+            for row in &rows {
+                out.push(chunk_from_row(row)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qualified_columns_match_the_plain_list() {
+        let plain: Vec<&str> = CHUNK_COLUMNS.split(", ").collect();
+        let qualified: Vec<&str> = CHUNK_COLUMNS_C
+            .split(", ")
+            .map(|column| column.strip_prefix("c.").expect("every column is qualified"))
+            .collect();
+        assert_eq!(plain, qualified);
+    }
+}
