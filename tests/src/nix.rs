@@ -1,0 +1,597 @@
+//! Driving the real Nix client (Debian's `nix-bin` 2.8) from tests, fully
+//! isolated from the machine's Nix configuration and from `/nix`.
+//!
+//! Every command runs with its own `HOME`, XDG directories, an empty
+//! `NIX_CONF_DIR`, no `NIX_REMOTE`, and a `NIX_CONFIG` that names a default
+//! store inside the environment: as root, any Nix command that opens the
+//! default store would otherwise create `/nix/store`. Stores are chroot
+//! stores (`--store DIR`): paths are logically `/nix/store/…` and physically
+//! `DIR/nix/store/…`, so caches made from them are usable by any client.
+//!
+//! A machine without `nix` makes every helper fail with a clear message;
+//! tests never skip.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The logical store directory of every chroot store made here.
+pub const STORE_DIR: &str = "/nix/store";
+
+/// How long one Nix command may take before it is killed.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A failed Nix command or test-support step, with what it said.
+#[derive(Debug)]
+pub struct NixError(String);
+
+impl fmt::Display for NixError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NixError {}
+
+pub type Result<T, E = NixError> = std::result::Result<T, E>;
+
+fn error(message: impl Into<String>) -> NixError {
+    NixError(message.into())
+}
+
+fn io_error(what: impl fmt::Display) -> impl FnOnce(std::io::Error) -> NixError {
+    move |source| error(format!("{what}: {source}"))
+}
+
+/// An isolated Nix environment in its own temporary directory, deleted on
+/// drop (set `LARDER_KEEP_NIX_ENV=1` to keep it for debugging).
+#[derive(Debug)]
+pub struct NixEnv {
+    dir: tempfile::TempDir,
+    nix_config: String,
+    keep: bool,
+}
+
+impl Drop for NixEnv {
+    /// Store paths are read-only; make them writable so the temporary
+    /// directory can be removed also when the tests do not run as root.
+    fn drop(&mut self) {
+        fn make_writable(path: &Path) {
+            use std::os::unix::fs::PermissionsExt;
+            let Ok(metadata) = std::fs::symlink_metadata(path) else {
+                return;
+            };
+            if metadata.is_dir() {
+                let mode = metadata.permissions().mode();
+                let _ =
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | 0o700));
+                if let Ok(entries) = std::fs::read_dir(path) {
+                    for entry in entries.flatten() {
+                        make_writable(&entry.path());
+                    }
+                }
+            }
+        }
+        if !self.keep {
+            make_writable(self.dir.path());
+        }
+    }
+}
+
+/// A key pair made by `nix key generate-secret`.
+#[derive(Debug, Clone)]
+pub struct NixKeyPair {
+    pub secret_key_file: PathBuf,
+    /// `name:base64(seed || public)`.
+    pub secret_key: String,
+    /// `name:base64(public)`, as in `trusted-public-keys`.
+    pub public_key: String,
+}
+
+/// A chroot store filled by [`NixEnv::make_store`].
+#[derive(Debug, Clone)]
+pub struct TestStore {
+    /// The chroot directory, for `--store`.
+    pub root: PathBuf,
+    /// The generated paths, in creation order (full logical paths).
+    pub paths: Vec<String>,
+    /// The subset of `paths` built by a derivation (input-addressed, with a
+    /// deriver: the ones that need signatures).
+    pub built: Vec<String>,
+    /// Source directories added with `builtins.path` (content-addressed).
+    pub sources: Vec<String>,
+    /// `builtins.toFile` texts (content-addressed, with references).
+    pub texts: Vec<String>,
+}
+
+impl TestStore {
+    /// Where a logical `/nix/store/…` path lives on disk.
+    pub fn physical_path(&self, store_path: &str) -> PathBuf {
+        physical_path(&self.root, store_path)
+    }
+
+    /// The `--store` argument for this store.
+    pub fn store_arg(&self) -> &str {
+        self.root
+            .to_str()
+            .expect("test store directories are UTF-8 temporary paths")
+    }
+}
+
+/// Where a logical `/nix/store/…` path of the chroot store `root` lives.
+pub fn physical_path(root: &Path, store_path: &str) -> PathBuf {
+    root.join(store_path.trim_start_matches('/'))
+}
+
+impl NixEnv {
+    /// Makes the environment and checks that a Nix 2.x client is on `PATH`.
+    pub fn new() -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("larder-nix-")
+            .tempdir()
+            .map_err(io_error("creating a temporary directory for Nix"))?;
+        let root = dir.path();
+        for sub in ["home", "conf", "cache", "config", "data", "state"] {
+            std::fs::create_dir_all(root.join(sub))
+                .map_err(io_error(format!("creating {}", root.join(sub).display())))?;
+        }
+        std::fs::write(root.join("conf/nix.conf"), "")
+            .map_err(io_error("writing an empty nix.conf"))?;
+        // - store: without it a command that opens the default store creates
+        //   /nix/store (as root).
+        // - substituters empty: otherwise every build first spends seconds
+        //   trying to reach cache.nixos.org.
+        // - build-users-group empty: build as the calling user.
+        // - A chroot store forces the sandbox, which has no /bin/sh: bring
+        //   the host's in.
+        // - narinfo-cache-negative-ttl 0: a 404 is otherwise remembered for
+        //   an hour, across tests that share nothing else.
+        let nix_config = format!(
+            "experimental-features = nix-command\n\
+             store = {}\n\
+             substituters =\n\
+             build-users-group =\n\
+             sandbox = true\n\
+             extra-sandbox-paths = /bin=/usr/bin /lib=/usr/lib /lib64=/usr/lib64 /usr\n\
+             narinfo-cache-negative-ttl = 0\n\
+             connect-timeout = 5\n\
+             fsync-metadata = false\n\
+             warn-dirty = false",
+            root.join("default-store").display()
+        );
+        let mut dir = dir;
+        let keep = std::env::var_os("LARDER_KEEP_NIX_ENV").is_some();
+        if keep {
+            dir.disable_cleanup(true);
+            eprintln!("keeping Nix environment {}", dir.path().display());
+        }
+        let env = Self {
+            dir,
+            nix_config,
+            keep,
+        };
+        env.check_nix()?;
+        Ok(env)
+    }
+
+    /// The environment's directory; put stores and caches under it.
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A fresh path under [`root`](Self::root) (not created).
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root().join(name)
+    }
+
+    fn check_nix(&self) -> Result<()> {
+        let output = self
+            .command("nix")
+            .arg("--version")
+            .output()
+            .map_err(|source| {
+                error(format!(
+                    "the real Nix client is required but `nix --version` could not run ({source}); \
+                     install it with `apt-get install nix-bin` (ops/install.sh does)"
+                ))
+            })?;
+        let version = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() || !version.contains("(Nix) 2.") {
+            return Err(error(format!(
+                "`nix --version` did not report Nix 2.x: {} {}",
+                version.trim(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// A command for a Nix program with the isolated environment set.
+    pub fn command(&self, program: &str) -> Command {
+        let root = self.root();
+        let mut command = Command::new(program);
+        command
+            .env("HOME", root.join("home"))
+            .env("XDG_CACHE_HOME", root.join("cache"))
+            .env("XDG_CONFIG_HOME", root.join("config"))
+            .env("XDG_DATA_HOME", root.join("data"))
+            .env("XDG_STATE_HOME", root.join("state"))
+            .env("NIX_CONF_DIR", root.join("conf"))
+            .env("NIX_USER_CONF_FILES", root.join("conf/nix.conf"))
+            .env("NIX_CONFIG", &self.nix_config)
+            .env_remove("NIX_REMOTE")
+            .env_remove("NIX_PATH")
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs a Nix command to completion (killing it after a generous
+    /// timeout) and fails with its stderr unless it succeeds.
+    pub fn run(&self, program: &str, args: &[&str]) -> Result<Vec<u8>> {
+        let output = self.output(program, args)?;
+        if !output.status.success() {
+            return Err(error(format!(
+                "`{program} {}` failed ({}): {}",
+                args.join(" "),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        Ok(output.stdout)
+    }
+
+    /// Like [`run`](Self::run), returning stdout as trimmed text.
+    pub fn run_text(&self, program: &str, args: &[&str]) -> Result<String> {
+        let stdout = self.run(program, args)?;
+        String::from_utf8(stdout)
+            .map(|text| text.trim().to_owned())
+            .map_err(|_| error(format!("`{program} {}` printed non-UTF-8", args.join(" "))))
+    }
+
+    /// Runs a Nix command and returns its output whatever its status, for
+    /// tests that expect a failure.
+    pub fn output(&self, program: &str, args: &[&str]) -> Result<Output> {
+        let mut child = self
+            .command(program)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(io_error(format!("starting `{program}`")))?;
+        // Read both pipes on threads so a chatty command cannot block.
+        let mut stdout = child.stdout.take().expect("stdout was piped");
+        let mut stderr = child.stderr.take().expect("stderr was piped");
+        let out_thread = std::thread::spawn(move || {
+            let mut buffer = Vec::new();
+            std::io::Read::read_to_end(&mut stdout, &mut buffer).map(|_| buffer)
+        });
+        let err_thread = std::thread::spawn(move || {
+            let mut buffer = Vec::new();
+            std::io::Read::read_to_end(&mut stderr, &mut buffer).map(|_| buffer)
+        });
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        let status = loop {
+            match child
+                .try_wait()
+                .map_err(io_error(format!("waiting for `{program}`")))?
+            {
+                Some(status) => break status,
+                None if Instant::now() > deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(error(format!(
+                        "`{program} {}` did not finish within {COMMAND_TIMEOUT:?}",
+                        args.join(" ")
+                    )));
+                }
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let join = |thread: std::thread::JoinHandle<std::io::Result<Vec<u8>>>| {
+            thread
+                .join()
+                .map_err(|_| error("output reader thread panicked"))?
+                .map_err(io_error(format!("reading the output of `{program}`")))
+        };
+        Ok(Output {
+            status,
+            stdout: join(out_thread)?,
+            stderr: join(err_thread)?,
+        })
+    }
+
+    /// Makes a key pair with `nix key generate-secret`; the secret key file
+    /// is written under the environment.
+    pub fn keygen(&self, key_name: &str) -> Result<NixKeyPair> {
+        let secret_key =
+            self.run_text("nix", &["key", "generate-secret", "--key-name", key_name])?;
+        let secret_key_file = self.path(&format!("{key_name}.secret"));
+        std::fs::write(&secret_key_file, &secret_key)
+            .map_err(io_error(format!("writing {}", secret_key_file.display())))?;
+        let public_key = {
+            let file = std::fs::File::open(&secret_key_file)
+                .map_err(io_error(format!("opening {}", secret_key_file.display())))?;
+            let output = self
+                .command("nix")
+                .args(["key", "convert-secret-to-public"])
+                .stdin(file)
+                .output()
+                .map_err(io_error("running `nix key convert-secret-to-public`"))?;
+            if !output.status.success() {
+                return Err(error(format!(
+                    "`nix key convert-secret-to-public` failed: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                )));
+            }
+            String::from_utf8_lossy(&output.stdout).trim().to_owned()
+        };
+        Ok(NixKeyPair {
+            secret_key_file,
+            secret_key,
+            public_key,
+        })
+    }
+
+    /// `nix-store --dump` of a filesystem path (for a store path, pass its
+    /// physical path: `--store` does not apply to `--dump`).
+    pub fn dump(&self, path: &Path) -> Result<Vec<u8>> {
+        let path = path
+            .to_str()
+            .ok_or_else(|| error(format!("{} is not UTF-8", path.display())))?;
+        self.run("nix-store", &["--dump", path])
+    }
+
+    /// Adds a file or directory tree to the chroot store at `store` and
+    /// returns its store path.
+    pub fn add_path(&self, store: &Path, path: &Path) -> Result<String> {
+        self.run_text(
+            "nix-store",
+            &["--store", utf8(store)?, "--add", utf8(path)?],
+        )
+    }
+
+    /// `nix copy` of `paths` (and their closure) from the chroot store at
+    /// `store` to a binary cache URL such as `file:///dir?compression=zstd`.
+    pub fn copy_to(&self, store: &Path, url: &str, paths: &[String]) -> Result<()> {
+        let mut args = vec!["copy", "--store", utf8(store)?, "--to", url];
+        args.extend(paths.iter().map(String::as_str));
+        self.run("nix", &args).map(|_| ())
+    }
+
+    /// The full closure of `paths` in `store`, sorted.
+    pub fn closure(&self, store: &Path, paths: &[String]) -> Result<Vec<String>> {
+        let mut args = vec!["--store", utf8(store)?, "--query", "--requisites"];
+        args.extend(paths.iter().map(String::as_str));
+        let mut closure: Vec<String> = self
+            .run_text("nix-store", &args)?
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        closure.sort();
+        Ok(closure)
+    }
+
+    /// The direct references of `path` in `store` (full paths, sorted).
+    pub fn references(&self, store: &Path, path: &str) -> Result<Vec<String>> {
+        let text = self.run_text(
+            "nix-store",
+            &["--store", utf8(store)?, "--query", "--references", path],
+        )?;
+        let mut references: Vec<String> = text.lines().map(str::to_owned).collect();
+        references.sort();
+        Ok(references)
+    }
+
+    /// The NAR hash Nix recorded for `path` (`sha256:<base32>`).
+    pub fn nar_hash(&self, store: &Path, path: &str) -> Result<String> {
+        self.run_text(
+            "nix-store",
+            &["--store", utf8(store)?, "--query", "--hash", path],
+        )
+    }
+
+    /// The NAR size Nix recorded for `path`.
+    pub fn nar_size(&self, store: &Path, path: &str) -> Result<u64> {
+        let text = self.run_text(
+            "nix-store",
+            &["--store", utf8(store)?, "--query", "--size", path],
+        )?;
+        text.parse()
+            .map_err(|_| error(format!("`nix-store --query --size` printed {text:?}")))
+    }
+
+    /// Fills a chroot store at `store` with `n` paths that reference each
+    /// other, like a small real-world closure:
+    ///
+    /// - sources (`builtins.path` of a directory with a text file, an
+    ///   executable and a relative symlink; `fixed:r:sha256`, no references),
+    /// - `builtins.toFile` texts naming two earlier paths (`text:sha256`),
+    /// - outputs of real `/bin/sh` derivations that reference earlier paths
+    ///   by content and by symlink (input-addressed, with a deriver).
+    ///
+    /// `salt` goes into every path's contents, so different salts give
+    /// disjoint paths (use a unique salt per test when sharing a cache).
+    /// The first path is a source, the second (if `n >= 2`) a text, the
+    /// third (if `n >= 3`) a built output.
+    pub fn make_store(&self, store: &Path, n: usize, salt: &str) -> Result<TestStore> {
+        if salt.contains(['"', '\\', '$', '\'', '\n']) {
+            return Err(error(format!("salt {salt:?} must not need quoting in Nix")));
+        }
+        let generated = store.with_extension("gen");
+        std::fs::create_dir_all(&generated)
+            .map_err(io_error("creating the generator directory"))?;
+        let mut nix = String::from(
+            "let\n  mk = name: script: derivation {\n    inherit name;\n    \
+             system = builtins.currentSystem;\n    builder = \"/bin/sh\";\n    \
+             PATH = \"/usr/bin:/bin\";\n    args = [ \"-c\" script ];\n  };\n",
+        );
+        let (mut sources, mut texts, mut built) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..n {
+            let previous = i.saturating_sub(1);
+            let other = if i > 1 { (i * 7 + 3) % (i - 1) } else { 0 };
+            match i % 3 {
+                0 => {
+                    let leaf = generated.join(format!("leaf-{i}"));
+                    std::fs::create_dir_all(leaf.join("bin"))
+                        .and_then(|()| std::fs::create_dir_all(leaf.join("share")))
+                        .map_err(io_error("creating a source directory"))?;
+                    let data: String = (0..50)
+                        .map(|line| format!("salt={salt} leaf={i} line={line} lorem ipsum\n"))
+                        .collect();
+                    write_file(&leaf.join("share/data.txt"), data.as_bytes(), false)?;
+                    write_file(
+                        &leaf.join(format!("bin/tool-{i}")),
+                        format!("#!/bin/sh\necho leaf {i} {salt}\n").as_bytes(),
+                        true,
+                    )?;
+                    symlink("../share/data.txt", &leaf.join("bin/data-link"))?;
+                    nix.push_str(&format!(
+                        "  p{i} = builtins.path {{ path = {}; name = \"leaf-{i}\"; }};\n",
+                        leaf.display()
+                    ));
+                    sources.push(i);
+                }
+                1 => {
+                    nix.push_str(&format!(
+                        "  p{i} = builtins.toFile \"text-{i}\" \"salt={salt} node={i} uses ${{p{previous}}} and ${{p{other}}}\\n\";\n"
+                    ));
+                    texts.push(i);
+                }
+                _ => {
+                    nix.push_str(&format!(
+                        "  p{i} = mk \"built-{i}\" ''mkdir -p $out/bin; echo salt={salt} node={i} > $out/id; \
+                         echo ${{p{previous}}} > $out/dep1; ln -s ${{p{other}}} $out/dep2; \
+                         printf '#!/bin/sh\\necho {i}\\n' > $out/bin/b{i}; chmod +x $out/bin/b{i}'';\n"
+                    ));
+                    built.push(i);
+                }
+            }
+        }
+        let names: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
+        let built_names: Vec<String> = built.iter().map(|i| format!("p{i}")).collect();
+        nix.push_str(&format!(
+            "in {{\n  all = map toString [ {} ];\n  drvs = [ {} ];\n}}\n",
+            names.join(" "),
+            built_names.join(" ")
+        ));
+        let nix_file = generated.join("default.nix");
+        write_file(&nix_file, nix.as_bytes(), false)?;
+
+        // Building realises every derivation; evaluating `all` with
+        // --read-write-mode adds the sources and texts and prints all paths.
+        let store_arg = utf8(store)?;
+        let nix_file_arg = utf8(&nix_file)?;
+        if !built.is_empty() {
+            self.run(
+                "nix-build",
+                &[
+                    "--store",
+                    store_arg,
+                    nix_file_arg,
+                    "-A",
+                    "drvs",
+                    "--no-out-link",
+                ],
+            )?;
+        }
+        let json = self.run_text(
+            "nix-instantiate",
+            &[
+                "--store",
+                store_arg,
+                "--eval",
+                "--strict",
+                "--json",
+                "--read-write-mode",
+                nix_file_arg,
+                "-A",
+                "all",
+            ],
+        )?;
+        let paths = parse_json_string_list(&json)?;
+        if paths.len() != n {
+            return Err(error(format!(
+                "expected {n} store paths, Nix printed {json}"
+            )));
+        }
+        let pick = |indices: &[usize]| indices.iter().map(|&i| paths[i].clone()).collect();
+        Ok(TestStore {
+            root: store.to_owned(),
+            sources: pick(&sources),
+            texts: pick(&texts),
+            built: pick(&built),
+            paths,
+        })
+    }
+}
+
+fn utf8(path: &Path) -> Result<&str> {
+    path.to_str()
+        .ok_or_else(|| error(format!("{} is not UTF-8", path.display())))
+}
+
+/// Writes a file, optionally executable (mode 0755).
+pub fn write_file(path: &Path, contents: &[u8], executable: bool) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, contents).map_err(io_error(format!("writing {}", path.display())))?;
+    let mode = if executable { 0o755 } else { 0o644 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(io_error(format!("setting the mode of {}", path.display())))
+}
+
+/// Makes a symlink at `link` pointing to `target`.
+pub fn symlink(target: &str, link: &Path) -> Result<()> {
+    std::os::unix::fs::symlink(target, link)
+        .map_err(io_error(format!("creating the symlink {}", link.display())))
+}
+
+/// Parses `["a","b"]` as printed by `nix-instantiate --json` for a list of
+/// store paths (which never need escapes).
+fn parse_json_string_list(json: &str) -> Result<Vec<String>> {
+    let bad = || error(format!("not a JSON list of plain strings: {json}"));
+    let inner = json
+        .trim()
+        .strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+        .ok_or_else(bad)?;
+    if inner.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    inner
+        .split(',')
+        .map(|item| {
+            let item = item.trim();
+            item.strip_prefix('"')
+                .and_then(|rest| rest.strip_suffix('"'))
+                .filter(|text| !text.contains(['"', '\\']))
+                .map(str::to_owned)
+                .ok_or_else(bad)
+        })
+        .collect()
+}
+
+/// The files of a `file://` binary cache directory with the given suffix
+/// (e.g. `.narinfo`, `.ls`), sorted by name.
+pub fn cache_files(cache_dir: &Path, suffix: &str) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(cache_dir)
+        .map_err(io_error(format!("listing {}", cache_dir.display())))?
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.ends_with(suffix))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// A `file://` URL for a cache directory, with query parameters.
+pub fn file_cache_url(cache_dir: &Path, query: &str) -> String {
+    if query.is_empty() {
+        format!("file://{}", cache_dir.display())
+    } else {
+        format!("file://{}?{query}", cache_dir.display())
+    }
+}
