@@ -10,7 +10,10 @@ use std::time::Duration;
 use sqlx::any::AnyRow;
 
 use super::error::{constraint_error, query_error, DbError, Result};
-use super::row::{bool_col, i32_col, i64_col, json_col, opt_u64_col, parsed_col, string_col, time_col, to_i64, to_json};
+use super::row::{
+    bool_col, i32_col, i64_col, json_col, opt_u64_col, parsed_col, string_col, time_col, to_i64,
+    to_json,
+};
 use super::types::{CacheId, CacheKeypair, Timestamp};
 use super::{affected, Database};
 use crate::cache_name::CacheName;
@@ -119,7 +122,10 @@ impl Database {
             .bind(new.is_public)
             .bind(new.store_dir.as_str())
             .bind(i64::from(new.priority))
-            .bind(to_json("upstream cache key names", &new.upstream_cache_key_names)?)
+            .bind(to_json(
+                "upstream cache key names",
+                &new.upstream_cache_key_names,
+            )?)
             .bind(retention_secs(new.retention_period)?)
             .bind(new.keypair.expose_secret())
             .bind(at.unix_millis())

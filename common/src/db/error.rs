@@ -25,7 +25,10 @@ pub enum DbError {
     /// A column holds a value this version cannot read: the schema and the
     /// code disagree, or someone edited the rows by hand.
     #[error("column {column} holds an invalid value: {reason}")]
-    Corrupt { column: &'static str, reason: String },
+    Corrupt {
+        column: &'static str,
+        reason: String,
+    },
     #[error("running database migrations")]
     Migrate(#[source] sqlx::migrate::MigrateError),
     #[error("database error while {context}")]
@@ -50,7 +53,10 @@ impl DbError {
             sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
             sqlx::Error::Database(error) => {
                 let code = error.code();
-                if error.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                if error
+                    .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+                    .is_some()
+                {
                     // SQLite reports extended result codes; the low byte is
                     // the primary code: SQLITE_BUSY (5) or SQLITE_LOCKED (6).
                     code.and_then(|code| code.parse::<i32>().ok())

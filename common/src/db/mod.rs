@@ -66,9 +66,11 @@ use std::time::Duration;
 use sqlx::any::{AnyPoolOptions, AnyQueryResult};
 use sqlx::{Any, AnyPool, Transaction};
 
-pub use caches::{Cache, CacheUpdate, NewCache, DEFAULT_PRIORITY, DEFAULT_UPSTREAM_CACHE_KEY_NAMES};
+pub use caches::{
+    Cache, CacheUpdate, NewCache, DEFAULT_PRIORITY, DEFAULT_UPSTREAM_CACHE_KEY_NAMES,
+};
 pub use error::{DbError, Result};
-pub use nars::{Chunk, ChunkLocation, NarChunk, Nar, NewChunk, StoredChunk};
+pub use nars::{Chunk, ChunkLocation, Nar, NarChunk, NewChunk, StoredChunk};
 pub use objects::{NewObject, Object, ObjectMetadata, ObjectWithNar};
 pub use stats::CacheStats;
 pub use tokens::TokenRecord;
@@ -268,8 +270,14 @@ mod tests {
 
     #[test]
     fn backend_comes_from_the_scheme_and_hides_the_rest() {
-        assert_eq!(Backend::from_url("sqlite:/tmp/x.db").ok(), Some(Backend::Sqlite));
-        assert_eq!(Backend::from_url("sqlite::memory:").ok(), Some(Backend::Sqlite));
+        assert_eq!(
+            Backend::from_url("sqlite:/tmp/x.db").ok(),
+            Some(Backend::Sqlite)
+        );
+        assert_eq!(
+            Backend::from_url("sqlite::memory:").ok(),
+            Some(Backend::Sqlite)
+        );
         assert_eq!(
             Backend::from_url("postgres://u:p@h/db").ok(),
             Some(Backend::Postgres)
@@ -284,13 +292,22 @@ mod tests {
 
     #[test]
     fn sqlite_urls_get_create_mode_once() {
-        assert_eq!(with_sqlite_create_mode("sqlite:/a.db"), "sqlite:/a.db?mode=rwc");
+        assert_eq!(
+            with_sqlite_create_mode("sqlite:/a.db"),
+            "sqlite:/a.db?mode=rwc"
+        );
         assert_eq!(
             with_sqlite_create_mode("sqlite:/a.db?cache=shared"),
             "sqlite:/a.db?cache=shared&mode=rwc"
         );
-        assert_eq!(with_sqlite_create_mode("sqlite:/a.db?mode=ro"), "sqlite:/a.db?mode=ro");
-        assert_eq!(with_sqlite_create_mode("sqlite::memory:"), "sqlite::memory:");
+        assert_eq!(
+            with_sqlite_create_mode("sqlite:/a.db?mode=ro"),
+            "sqlite:/a.db?mode=ro"
+        );
+        assert_eq!(
+            with_sqlite_create_mode("sqlite::memory:"),
+            "sqlite::memory:"
+        );
     }
 
     #[test]

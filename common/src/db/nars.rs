@@ -20,7 +20,10 @@
 use sqlx::any::AnyRow;
 
 use super::error::{constraint_error, query_error, DbError, Result};
-use super::row::{chunk_hash_col, i64_col, nar_hash_col, opt_string_col, opt_u64_col, state_col, time_col, to_i64, u32_col, u64_col};
+use super::row::{
+    chunk_hash_col, i64_col, nar_hash_col, opt_string_col, opt_u64_col, state_col, time_col,
+    to_i64, u32_col, u64_col,
+};
 use super::types::{ChunkId, NarId, StoreState, Timestamp};
 use super::{placeholders, Database, MAX_IN_LIST};
 use crate::nix::{NarHash, Sha256Hash};
@@ -199,10 +202,7 @@ async fn insert_nar_pending_on(
         })?;
     if nar.nar_size != nar_size {
         return Err(DbError::Conflict {
-            what: format!(
-                "NAR {nar_hash} with size {} (not {nar_size})",
-                nar.nar_size
-            ),
+            what: format!("NAR {nar_hash} with size {} (not {nar_size})", nar.nar_size),
         });
     }
     Ok((nar, inserted))
@@ -210,7 +210,11 @@ async fn insert_nar_pending_on(
 
 /// Looks up or creates chunks, reviving `deleting` ones; see
 /// [`Database::upsert_chunks`].
-async fn upsert_chunks_on(connection: &mut Tx, chunks: &[NewChunk], at: Timestamp) -> Result<Vec<Chunk>> {
+async fn upsert_chunks_on(
+    connection: &mut Tx,
+    chunks: &[NewChunk],
+    at: Timestamp,
+) -> Result<Vec<Chunk>> {
     let mut out = Vec::with_capacity(chunks.len());
     for new in chunks {
         let hash = new.chunk_hash.to_hex();
@@ -254,7 +258,11 @@ async fn upsert_chunks_on(connection: &mut Tx, chunks: &[NewChunk], at: Timestam
     Ok(out)
 }
 
-async fn set_nar_chunks_on(connection: &mut Tx, nar_id: NarId, chunk_ids: &[ChunkId]) -> Result<()> {
+async fn set_nar_chunks_on(
+    connection: &mut Tx,
+    nar_id: NarId,
+    chunk_ids: &[ChunkId],
+) -> Result<()> {
     let n_chunks = u32::try_from(chunk_ids.len()).map_err(|_| DbError::InvalidInput {
         what: "chunk list",
         reason: format!("{} chunks", chunk_ids.len()),
@@ -425,7 +433,11 @@ impl Database {
     /// Marks a chunk stored at `location`. Idempotent: a chunk that is
     /// already valid keeps its first location (the caller's copy is then
     /// redundant). [`DbError::Conflict`] when GC has claimed it meanwhile.
-    pub async fn set_chunk_stored(&self, chunk_id: ChunkId, location: &ChunkLocation) -> Result<Chunk> {
+    pub async fn set_chunk_stored(
+        &self,
+        chunk_id: ChunkId,
+        location: &ChunkLocation,
+    ) -> Result<Chunk> {
         let sql = format!(
             "UPDATE chunks SET state = 'valid', object_key = $2, object_offset = $3, \
              object_length = $4 WHERE id = $1 AND state = 'pending' RETURNING {CHUNK_COLUMNS}"
@@ -458,7 +470,11 @@ impl Database {
         match chunk.state {
             StoreState::Valid => Ok(chunk),
             StoreState::Deleting | StoreState::Pending => Err(DbError::Conflict {
-                what: format!("chunk {} in state {}", chunk.chunk_hash.to_hex(), chunk.state),
+                what: format!(
+                    "chunk {} in state {}",
+                    chunk.chunk_hash.to_hex(),
+                    chunk.state
+                ),
             }),
         }
     }
@@ -474,7 +490,9 @@ impl Database {
         .fetch_all(&self.pool)
         .await
         .map_err(query_error("finding the NARs of a chunk"))?;
-        rows.iter().map(|row| Ok(NarId(i64_col(row, "id")?))).collect()
+        rows.iter()
+            .map(|row| Ok(NarId(i64_col(row, "id")?)))
+            .collect()
     }
 
     /// Marks a pending NAR valid if its chunk list is recorded and every
@@ -587,7 +605,11 @@ mod tests {
         let plain: Vec<&str> = CHUNK_COLUMNS.split(", ").collect();
         let qualified: Vec<&str> = CHUNK_COLUMNS_C
             .split(", ")
-            .map(|column| column.strip_prefix("c.").expect("every column is qualified"))
+            .map(|column| {
+                column
+                    .strip_prefix("c.")
+                    .expect("every column is qualified")
+            })
             .collect();
         assert_eq!(plain, qualified);
     }

@@ -11,7 +11,9 @@ use sqlx::any::AnyRow;
 
 use super::error::{constraint_error, query_error, Result};
 use super::nars::{nar_from_row, JOINED_NAR, JOINED_NAR_SELECT};
-use super::row::{i64_col, json_col, opt_string_col, store_path_hash_col, string_col, time_col, to_json};
+use super::row::{
+    i64_col, json_col, opt_string_col, store_path_hash_col, string_col, time_col, to_json,
+};
 use super::types::{CacheId, NarId, ObjectId, Timestamp};
 use super::uploads::IN_FLIGHT_PHASES_SQL;
 use super::{affected, placeholders, Database, Nar, MAX_IN_LIST};
@@ -184,12 +186,13 @@ impl Database {
         cache_id: CacheId,
         store_path_hash: &StorePathHash,
     ) -> Result<bool> {
-        let result = sqlx::query("DELETE FROM objects WHERE cache_id = $1 AND store_path_hash = $2")
-            .bind(cache_id.0)
-            .bind(store_path_hash.as_str())
-            .execute(&self.pool)
-            .await
-            .map_err(query_error("deleting an object"))?;
+        let result =
+            sqlx::query("DELETE FROM objects WHERE cache_id = $1 AND store_path_hash = $2")
+                .bind(cache_id.0)
+                .bind(store_path_hash.as_str())
+                .execute(&self.pool)
+                .await
+                .map_err(query_error("deleting an object"))?;
         Ok(affected(&result))
     }
 
@@ -281,7 +284,11 @@ mod tests {
         let plain: Vec<&str> = OBJECT_COLUMNS.split(", ").collect();
         let qualified: Vec<&str> = OBJECT_COLUMNS_O
             .split(", ")
-            .map(|column| column.strip_prefix("o.").expect("every column is qualified"))
+            .map(|column| {
+                column
+                    .strip_prefix("o.")
+                    .expect("every column is qualified")
+            })
             .collect();
         assert_eq!(plain, qualified);
     }

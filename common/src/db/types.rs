@@ -183,8 +183,14 @@ mod tests {
             assert_eq!(Timestamp::from(SystemTime::from(time)), time);
         }
         let t = Timestamp::from_unix_millis(10_000);
-        assert_eq!(t.saturating_sub(Duration::from_secs(3)).unix_millis(), 7_000);
-        assert_eq!(t.saturating_add(Duration::from_millis(5)).unix_millis(), 10_005);
+        assert_eq!(
+            t.saturating_sub(Duration::from_secs(3)).unix_millis(),
+            7_000
+        );
+        assert_eq!(
+            t.saturating_add(Duration::from_millis(5)).unix_millis(),
+            10_005
+        );
         assert_eq!(
             Timestamp::from_unix_millis(i64::MIN).saturating_sub(Duration::from_secs(1)),
             Timestamp::from_unix_millis(i64::MIN)

@@ -15,7 +15,10 @@ use sqlx::any::AnyRow;
 
 use super::error::{constraint_error, query_error, DbError, Result};
 use super::objects::{upsert_object_on, NewObject, Object, ObjectMetadata};
-use super::row::{i64_col, json_col, nar_hash_col, opt_i64_col, opt_string_col, parsed_col, store_path_hash_col, string_col, time_col, to_i64, to_json, u32_col, u64_col};
+use super::row::{
+    i64_col, json_col, nar_hash_col, opt_i64_col, opt_string_col, parsed_col, store_path_hash_col,
+    string_col, time_col, to_i64, to_json, u32_col, u64_col,
+};
 use super::types::{CacheId, NarId, StoreState, Timestamp};
 use super::{affected, Database};
 use crate::nix::{NarHash, StorePathHash};
@@ -438,9 +441,7 @@ impl Database {
             .fetch_optional(&mut *tx)
             .await
             .map_err(query_error("reading a NAR's state"))?;
-        let state: Option<StoreState> = state
-            .map(|row| parsed_col(&row, "state"))
-            .transpose()?;
+        let state: Option<StoreState> = state.map(|row| parsed_col(&row, "state")).transpose()?;
         if state != Some(StoreState::Valid) {
             return Err(conflict("whose NAR is not valid"));
         }
@@ -451,12 +452,14 @@ impl Database {
             created_by: upload.created_by.clone(),
         };
         let object = upsert_object_on(&mut tx, upload.cache_id, &new, at).await?;
-        sqlx::query("UPDATE uploads SET phase = 'done', updated_at = $2 WHERE id = $1 AND phase <> 'done'")
-            .bind(id.as_str())
-            .bind(at.unix_millis())
-            .execute(&mut *tx)
-            .await
-            .map_err(query_error("marking an upload done"))?;
+        sqlx::query(
+            "UPDATE uploads SET phase = 'done', updated_at = $2 WHERE id = $1 AND phase <> 'done'",
+        )
+        .bind(id.as_str())
+        .bind(at.unix_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(query_error("marking an upload done"))?;
         tx.commit()
             .await
             .map_err(query_error("committing a finalised upload"))?;
