@@ -388,7 +388,7 @@ fn nix_narinfo_signed_by_us_passes_nix_store_verify() -> Result<()> {
     ensure!(!accepted, "Nix accepted an unsigned path: {said}");
 
     info.sign(&secret, &store_dir());
-    assert!(info.verify(&[public.clone()], &store_dir()));
+    assert!(info.verify(std::slice::from_ref(&public), &store_dir()));
     std::fs::write(narinfo_file(&cache, &built)?, info.render(&store_dir()))?;
     let (accepted, said) = nix_verify(&env, &cache, &keys.public_key, &built)?;
     ensure!(accepted, "Nix rejected our signature: {said}");
@@ -424,7 +424,10 @@ fn nix_signature_made_by_nix_verifies_with_our_code() -> Result<()> {
     for path in env.closure(&store.root, &store.paths)? {
         let (text, info) = read_narinfo(&cache, &path)?;
         assert_eq!(info.signatures.len(), 1, "{path}");
-        assert!(info.verify(&[public.clone()], &store_dir()), "{path}");
+        assert!(
+            info.verify(std::slice::from_ref(&public), &store_dir()),
+            "{path}"
+        );
         // ed25519 is deterministic: we sign exactly as Nix did.
         let mut ours = info.clone();
         ours.signatures.clear();
@@ -434,14 +437,14 @@ fn nix_signature_made_by_nix_verifies_with_our_code() -> Result<()> {
         // Tampered fields the fingerprint covers fail.
         let mut tampered = info.clone();
         tampered.nar_size += 1;
-        assert!(!tampered.verify(&[public.clone()], &store_dir()));
+        assert!(!tampered.verify(std::slice::from_ref(&public), &store_dir()));
         let mut tampered = info.clone();
         tampered.nar_hash = NarHash::new(Sha256Hash::digest(b"something else"));
-        assert!(!tampered.verify(&[public.clone()], &store_dir()));
+        assert!(!tampered.verify(std::slice::from_ref(&public), &store_dir()));
         let mut tampered = info.clone();
         tampered.store_path = parse_store_path(&store.paths[0])?;
         if tampered.store_path != info.store_path {
-            assert!(!tampered.verify(&[public.clone()], &store_dir()));
+            assert!(!tampered.verify(std::slice::from_ref(&public), &store_dir()));
         }
     }
 

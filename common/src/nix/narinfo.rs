@@ -242,8 +242,10 @@ impl NarInfo {
                 }
                 "Compression" => {
                     non_empty("Compression")?;
-                    // Parsing a compression name cannot fail.
-                    let parsed = value.parse().unwrap_or(Compression::None);
+                    let parsed = match value.parse::<Compression>() {
+                        Ok(compression) => compression,
+                        Err(never) => match never {},
+                    };
                     set(&mut compression, "Compression", line, parsed)?;
                 }
                 "FileHash" => {
