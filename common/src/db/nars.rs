@@ -17,6 +17,8 @@
 //! length), so that packing many chunks into one object can come later
 //! without a schema change.
 
+use std::collections::{BTreeMap, HashMap};
+
 use sqlx::any::AnyRow;
 
 use super::error::{constraint_error, query_error, DbError, Result};
@@ -215,47 +217,98 @@ async fn upsert_chunks_on(
     chunks: &[NewChunk],
     at: Timestamp,
 ) -> Result<Vec<Chunk>> {
-    let mut out = Vec::with_capacity(chunks.len());
+    // Distinct hashes in sorted order: every transaction then takes the
+    // unique-index locks of shared chunks in the same order, so two
+    // chunkers on NARs that share chunks cannot deadlock on PostgreSQL.
+    let mut sizes: BTreeMap<String, u64> = BTreeMap::new();
     for new in chunks {
         let hash = new.chunk_hash.to_hex();
-        sqlx::query(
-            "INSERT INTO chunks (chunk_hash, chunk_size, state, created_at) \
-             VALUES ($1, $2, 'pending', $3) ON CONFLICT (chunk_hash) DO NOTHING",
-        )
-        .bind(hash.as_str())
-        .bind(to_i64("chunk size", new.chunk_size)?)
-        .bind(at.unix_millis())
-        .execute(&mut *connection)
-        .await
-        .map_err(query_error("inserting a chunk"))?;
+        if let Some(&size) = sizes.get(&hash) {
+            if size != new.chunk_size {
+                return Err(DbError::InvalidInput {
+                    what: "chunk list",
+                    reason: format!(
+                        "chunk {hash} given with sizes {size} and {}",
+                        new.chunk_size
+                    ),
+                });
+            }
+        }
+        sizes.insert(hash, new.chunk_size);
+    }
+    let sizes: Vec<(String, u64)> = sizes.into_iter().collect();
+    let mut rows: HashMap<String, Chunk> = HashMap::with_capacity(sizes.len());
+    // Three bind parameters per row in the INSERT.
+    for batch in sizes.chunks(MAX_IN_LIST / 3) {
+        let values = (0..batch.len())
+            .map(|i| format!("(${}, ${}, 'pending', $1)", 2 * i + 2, 2 * i + 3))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "INSERT INTO chunks (chunk_hash, chunk_size, state, created_at) VALUES {values} \
+             ON CONFLICT (chunk_hash) DO NOTHING"
+        );
+        let mut insert = sqlx::query(&sql).bind(at.unix_millis());
+        for (hash, size) in batch {
+            insert = insert
+                .bind(hash.as_str())
+                .bind(to_i64("chunk size", *size)?);
+        }
+        insert
+            .execute(&mut *connection)
+            .await
+            .map_err(query_error("inserting chunks"))?;
+
+        let list = placeholders(1, batch.len());
         // A chunk GC has claimed may already be gone from storage: make it
         // pending again so that the pipeline stores it anew.
-        sqlx::query(
+        let sql = format!(
             "UPDATE chunks SET state = 'pending', object_key = NULL, object_offset = NULL, \
-             object_length = NULL WHERE chunk_hash = $1 AND state = 'deleting'",
-        )
-        .bind(hash.as_str())
-        .execute(&mut *connection)
-        .await
-        .map_err(query_error("reviving a chunk"))?;
-        let sql = format!("SELECT {CHUNK_COLUMNS} FROM chunks WHERE chunk_hash = $1");
-        let row = sqlx::query(&sql)
-            .bind(hash.as_str())
-            .fetch_one(&mut *connection)
-            .await
-            .map_err(query_error("reading a chunk"))?;
-        let chunk = chunk_from_row(&row)?;
-        if chunk.chunk_size != new.chunk_size {
-            return Err(DbError::Conflict {
-                what: format!(
-                    "chunk {hash} with size {} (not {})",
-                    chunk.chunk_size, new.chunk_size
-                ),
-            });
+             object_length = NULL WHERE state = 'deleting' AND chunk_hash IN ({list})"
+        );
+        let mut revive = sqlx::query(&sql);
+        for (hash, _) in batch {
+            revive = revive.bind(hash.as_str());
         }
-        out.push(chunk);
+        revive
+            .execute(&mut *connection)
+            .await
+            .map_err(query_error("reviving chunks"))?;
+
+        let sql = format!("SELECT {CHUNK_COLUMNS} FROM chunks WHERE chunk_hash IN ({list})");
+        let mut select = sqlx::query(&sql);
+        for (hash, _) in batch {
+            select = select.bind(hash.as_str());
+        }
+        let found = select
+            .fetch_all(&mut *connection)
+            .await
+            .map_err(query_error("reading chunks"))?;
+        for row in &found {
+            let chunk = chunk_from_row(row)?;
+            rows.insert(chunk.chunk_hash.to_hex(), chunk);
+        }
     }
-    Ok(out)
+    chunks
+        .iter()
+        .map(|new| {
+            let hash = new.chunk_hash.to_hex();
+            let chunk = rows.get(&hash).ok_or_else(|| DbError::NotFound {
+                // Only GC deletes chunks, and only `deleting` ones, which
+                // the UPDATE above just revived: this is that race.
+                what: format!("chunk {hash} (deleted while being inserted)"),
+            })?;
+            if chunk.chunk_size != new.chunk_size {
+                return Err(DbError::Conflict {
+                    what: format!(
+                        "chunk {hash} with size {} (not {})",
+                        chunk.chunk_size, new.chunk_size
+                    ),
+                });
+            }
+            Ok(chunk.clone())
+        })
+        .collect()
 }
 
 async fn set_nar_chunks_on(
@@ -300,17 +353,26 @@ async fn set_nar_chunks_on(
         .execute(&mut *connection)
         .await
         .map_err(query_error("clearing a NAR's chunk list"))?;
-    for (seq, chunk_id) in chunk_ids.iter().enumerate() {
-        sqlx::query("INSERT INTO nar_chunks (nar_id, seq, chunk_id) VALUES ($1, $2, $3)")
-            .bind(nar_id.0)
-            .bind(to_i64("chunk sequence number", seq as u64)?)
-            .bind(chunk_id.0)
+    // Two bind parameters per row, plus the NAR id.
+    let entries: Vec<(usize, &ChunkId)> = chunk_ids.iter().enumerate().collect();
+    for batch in entries.chunks(MAX_IN_LIST / 2) {
+        let values = (0..batch.len())
+            .map(|i| format!("($1, ${}, ${})", 2 * i + 2, 2 * i + 3))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!("INSERT INTO nar_chunks (nar_id, seq, chunk_id) VALUES {values}");
+        let mut insert = sqlx::query(&sql).bind(nar_id.0);
+        for (seq, chunk_id) in batch {
+            // `seq` < `n_chunks`, which fits a u32 (checked above).
+            insert = insert.bind(*seq as i64).bind(chunk_id.0);
+        }
+        insert
             .execute(&mut *connection)
             .await
             .map_err(constraint_error(
                 "recording a NAR's chunk list",
-                || format!("chunk {seq} of NAR {nar_id}"),
-                || format!("chunk {chunk_id}"),
+                || format!("chunk list of NAR {nar_id}"),
+                || format!("a chunk of NAR {nar_id}"),
             ))?;
     }
     Ok(())
