@@ -30,8 +30,14 @@
 //! booleans, so the schema keeps to those: times are `i64` unix
 //! milliseconds ([`Timestamp`]), lists are JSON text, hashes are their
 //! canonical text. The few dialect differences (booleans, identity columns)
-//! live in the two migration directories, not in the queries. What `Any`
-//! cannot express is confined to [`Database::begin_write`].
+//! live in the two migration directories, not in the queries; the only
+//! backend-specific code paths are how a write transaction begins and the
+//! SQLite connection settings (both in this module). Reading a boolean is
+//! the one column conversion that differs (SQLite returns 0/1).
+//!
+//! `Any` was kept over an enum of concrete pools: one query text per
+//! operation, one code path to test, and nothing in the schema needs a type
+//! `Any` lacks.
 //!
 //! # Time
 //!
