@@ -14,7 +14,9 @@ use common::nix::nar::{self, NarReader};
 use common::nix::{
     Compression, NarHash, NarInfo, PublicKey, SecretKey, Sha256Hash, StoreDir, StorePath,
 };
-use tests::nix::{cache_files, file_cache_url, symlink, write_file, NixEnv, TestStore};
+use tests::nix::{
+    cache_files, file_cache_url, physical_path, symlink, write_file, NixEnv, TestStore,
+};
 
 /// Just over 16 MiB, so the NAR holds a file larger than any buffer.
 const BIG_FILE_LEN: usize = 16 * 1024 * 1024 + 5;
@@ -327,22 +329,7 @@ fn nix_narinfos_written_by_nix_copy_parse_and_render_identically() -> Result<()>
 /// trusting only `public_key`; returns whether Nix accepted it and what it
 /// said.
 fn nix_verify(env: &NixEnv, cache: &Path, public_key: &str, path: &str) -> Result<(bool, String)> {
-    let url = file_cache_url(cache, "");
-    let output = env.output(
-        "nix",
-        &[
-            "store",
-            "verify",
-            "--store",
-            &url,
-            "--sigs-needed",
-            "1",
-            "--option",
-            "trusted-public-keys",
-            public_key,
-            path,
-        ],
-    )?;
+    let output = env.store_verify(&file_cache_url(cache, ""), public_key, &[path.to_owned()])?;
     Ok((
         output.status.success(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
@@ -392,6 +379,17 @@ fn nix_narinfo_signed_by_us_passes_nix_store_verify() -> Result<()> {
     std::fs::write(narinfo_file(&cache, &built)?, info.render(&store_dir()))?;
     let (accepted, said) = nix_verify(&env, &cache, &keys.public_key, &built)?;
     ensure!(accepted, "Nix rejected our signature: {said}");
+    // And a client that trusts only our key substitutes the whole closure.
+    env.copy_from(
+        &file_cache_url(&cache, ""),
+        &env.path("pulled"),
+        &keys.public_key,
+        std::slice::from_ref(&built),
+    )?;
+    ensure!(
+        physical_path(&env.path("pulled"), &built).exists(),
+        "{built} was pulled"
+    );
 
     // Tampered: the signed references no longer match.
     let mut tampered = info.clone();
@@ -478,7 +476,7 @@ fn nix_signature_made_by_nix_verifies_with_our_code() -> Result<()> {
 /// and a real `/bin/sh` build, exported with `nix copy --to file://`.
 #[test]
 fn nix_chroot_store_with_references_exports_with_nix_copy() -> Result<()> {
-    let env = NixEnv::new()?;
+    let mut env = NixEnv::new()?;
     let store = env.make_store(&env.path("store"), 6, "first")?;
     assert_eq!(store.paths.len(), 6);
     assert_eq!(
@@ -549,5 +547,35 @@ fn nix_chroot_store_with_references_exports_with_nix_copy() -> Result<()> {
                 .is_some_and(|ca| ca.starts_with("fixed:r:sha256:")));
         }
     }
+
+    // Signing in the local store carries the signatures into the next copy.
+    let keys = env.keygen("local-sign-1")?;
+    env.sign(&store.root, &keys.secret_key_file, &store.built)?;
+    let signed_cache = env.path("signed-cache");
+    env.copy_to(
+        &store.root,
+        &file_cache_url(&signed_cache, "compression=none"),
+        &store.built,
+    )?;
+    let public = PublicKey::parse(&keys.public_key)?;
+    for built in &store.built {
+        let (_, info) = read_narinfo(&signed_cache, built)?;
+        ensure!(
+            info.verify(std::slice::from_ref(&public), &store_dir()),
+            "{built} is signed"
+        );
+    }
+
+    // Settings added later reach every command (server tests use netrc).
+    let netrc = env.use_netrc("127.0.0.1", "TOKEN")?;
+    let config = env.run_text("nix", &["show-config"])?;
+    ensure!(
+        config.contains(&format!("netrc-file = {}", netrc.display())),
+        "netrc-file is set"
+    );
+    ensure!(
+        config.contains("substituters = \n")
+            || config.lines().any(|l| l.trim_end() == "substituters =")
+    );
     Ok(())
 }

@@ -112,10 +112,8 @@ impl TestStore {
     }
 
     /// The `--store` argument for this store.
-    pub fn store_arg(&self) -> &str {
-        self.root
-            .to_str()
-            .expect("test store directories are UTF-8 temporary paths")
+    pub fn store_arg(&self) -> Result<&str> {
+        utf8(&self.root)
     }
 }
 
@@ -259,7 +257,8 @@ impl NixEnv {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(io_error(format!("starting `{program}`")))?;
-        // Read both pipes on threads so a chatty command cannot block.
+        // Read both pipes on threads so a chatty command cannot block. Both
+        // were set to `Stdio::piped()` above, so `take` returns them.
         let mut stdout = child.stdout.take().expect("stdout was piped");
         let mut stderr = child.stderr.take().expect("stderr was piped");
         let out_thread = std::thread::spawn(move || {
@@ -357,6 +356,82 @@ impl NixEnv {
         let mut args = vec!["copy", "--store", utf8(store)?, "--to", url];
         args.extend(paths.iter().map(String::as_str));
         self.run("nix", &args).map(|_| ())
+    }
+
+    /// `nix copy` of `paths` (and their closure) from a binary cache URL
+    /// into the chroot store at `destination`, trusting only
+    /// `trusted_public_key` (signatures are required, as for any client).
+    pub fn copy_from(
+        &self,
+        url: &str,
+        destination: &Path,
+        trusted_public_key: &str,
+        paths: &[String],
+    ) -> Result<()> {
+        let mut args = vec![
+            "copy",
+            "--from",
+            url,
+            "--to",
+            utf8(destination)?,
+            "--option",
+            "trusted-public-keys",
+            trusted_public_key,
+        ];
+        args.extend(paths.iter().map(String::as_str));
+        self.run("nix", &args).map(|_| ())
+    }
+
+    /// Signs `paths` and their closures in the chroot store at `store`
+    /// (`nix store sign -r`), so later copies carry the signatures.
+    pub fn sign(&self, store: &Path, secret_key_file: &Path, paths: &[String]) -> Result<()> {
+        let mut args = vec![
+            "store",
+            "sign",
+            "--store",
+            utf8(store)?,
+            "--key-file",
+            utf8(secret_key_file)?,
+            "--recursive",
+        ];
+        args.extend(paths.iter().map(String::as_str));
+        self.run("nix", &args).map(|_| ())
+    }
+
+    /// `nix store verify --sigs-needed 1` of `paths` in the store at `url`
+    /// (a binary cache or a chroot store), trusting only `public_key`.
+    /// Returns the raw output: tests assert on success and on failure.
+    pub fn store_verify(&self, url: &str, public_key: &str, paths: &[String]) -> Result<Output> {
+        let mut args = vec![
+            "store",
+            "verify",
+            "--store",
+            url,
+            "--sigs-needed",
+            "1",
+            "--option",
+            "trusted-public-keys",
+            public_key,
+        ];
+        args.extend(paths.iter().map(String::as_str));
+        self.output("nix", &args)
+    }
+
+    /// Writes a netrc file that sends `password` (an API token) as HTTP
+    /// Basic credentials to `machine` (a host name, no port) and makes every
+    /// later command use it. Nix 2.8 has no bearer tokens; this is how it
+    /// authenticates to a binary cache.
+    pub fn use_netrc(&mut self, machine: &str, password: &str) -> Result<PathBuf> {
+        let netrc = self.path("netrc");
+        std::fs::write(&netrc, format!("machine {machine} password {password}\n"))
+            .map_err(io_error(format!("writing {}", netrc.display())))?;
+        self.add_config("netrc-file", utf8(&netrc)?);
+        Ok(netrc)
+    }
+
+    /// Adds `key = value` to the configuration of every later command.
+    pub fn add_config(&mut self, key: &str, value: &str) {
+        self.nix_config.push_str(&format!("\n{key} = {value}"));
     }
 
     /// The full closure of `paths` in `store`, sorted.

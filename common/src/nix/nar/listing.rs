@@ -52,7 +52,7 @@ fn write_node(out: &mut Vec<u8>, node: &ListingNode) {
             executable,
             nar_offset,
         } => {
-            // Writing to a Vec cannot fail.
+            // Writing to a Vec cannot fail (here and below).
             write!(out, "{{\"type\":\"regular\",\"size\":{size}").expect("writing to a Vec");
             if *executable {
                 out.extend_from_slice(b",\"executable\":true");
