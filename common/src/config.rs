@@ -76,7 +76,7 @@ impl fmt::Debug for Secret {
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ServerConfig {
     /// Address the HTTP server binds.
-    #[serde(default = "default_listen")]
+    #[serde(default = "ServerConfig::default_listen")]
     pub listen: SocketAddr,
     /// The public base URL clients reach this server at, when it sits behind
     /// a reverse proxy; used in the login line and in cache-config answers.
@@ -88,10 +88,6 @@ pub struct ServerConfig {
     pub auth: AuthConfig,
     #[serde(default)]
     pub log: LogConfig,
-}
-
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([0u16; 8], 8080))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -138,6 +134,11 @@ pub enum LogFormat {
 }
 
 impl ServerConfig {
+    /// `[::]:8080`: every address, the port binary caches usually take.
+    pub fn default_listen() -> SocketAddr {
+        SocketAddr::from(([0u16; 8], 8080))
+    }
+
     /// Loads `path` and applies the process's `LARDER_…` variables.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

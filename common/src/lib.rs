@@ -5,12 +5,15 @@
 //! ([`nix`]), and, as they are built, the API and queue wire types, auth,
 //! storage, database and queue layers.
 
+pub mod api;
 #[cfg(feature = "auth")]
 pub mod auth;
 pub mod cache_name;
+pub mod config;
 #[cfg(feature = "db")]
 pub mod db;
 pub mod duration;
 pub mod nix;
 #[cfg(feature = "storage")]
 pub mod storage;
+pub mod time;

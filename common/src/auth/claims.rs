@@ -52,7 +52,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use super::permissions::{Permission, Permissions};
-use super::time::system_time;
+use crate::time::system_time;
 use crate::cache_name::{CacheName, CacheNamePattern};
 
 /// The payload of a Larder token. Obtained by minting

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use super::claims::Claims;
 use super::keys::TokenSigningKey;
 use super::permissions::Permissions;
-use super::time::{format_unix_seconds, unix_seconds, MAX_UNIX_SECONDS};
+use crate::time::{format_unix_seconds, unix_seconds, MAX_UNIX_SECONDS};
 use crate::cache_name::CacheNamePattern;
 
 /// Why a token cannot be minted as asked.

@@ -31,7 +31,6 @@ mod keys;
 mod mint;
 mod permissions;
 mod revocation;
-mod time;
 mod verify;
 
 pub use claims::{Claims, PermissionDenied};

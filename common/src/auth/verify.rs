@@ -20,7 +20,7 @@ use super::claims::Claims;
 use super::credentials::{parse_authorization, CredentialsError};
 use super::keys::{TokenAlgorithm, TokenVerifyingKey};
 use super::revocation::RevocationList;
-use super::time::{format_unix_seconds, unix_seconds};
+use crate::time::{format_unix_seconds, unix_seconds};
 
 /// How far clocks may disagree before `exp` and `nbf` bite.
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(60);

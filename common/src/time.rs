@@ -1,27 +1,33 @@
-//! JWT NumericDate helpers: Unix seconds to and from `SystemTime`, and an
-//! RFC 3339 rendering for error messages, without a date-time dependency.
+//! Time helpers without a date-time dependency: Unix seconds to and from
+//! `SystemTime` (JWT NumericDates), and an RFC 3339 rendering for error
+//! messages and listings.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Whole seconds since the Unix epoch; a time before the epoch counts as 0,
 /// which only makes a token look older (so more likely to be refused).
-pub(crate) fn unix_seconds(time: SystemTime) -> u64 {
+pub fn unix_seconds(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH)
         .map_or(0, |since_epoch| since_epoch.as_secs())
 }
 
 /// The last second of the year 9999: tokens are never minted to expire
 /// later, and every platform's `SystemTime` can represent it.
-pub(crate) const MAX_UNIX_SECONDS: u64 = 253_402_300_799;
+pub const MAX_UNIX_SECONDS: u64 = 253_402_300_799;
 
 /// The `SystemTime` of a NumericDate; values past [`MAX_UNIX_SECONDS`]
 /// (which only a hand-made token can carry) saturate there.
-pub(crate) fn system_time(unix_seconds: u64) -> SystemTime {
+pub fn system_time(unix_seconds: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(unix_seconds.min(MAX_UNIX_SECONDS))
 }
 
+/// Renders a time as RFC 3339 in UTC, to the second.
+pub fn format_rfc3339(time: SystemTime) -> String {
+    format_unix_seconds(unix_seconds(time))
+}
+
 /// Renders a NumericDate as RFC 3339 in UTC, e.g. `2025-01-31T12:00:00Z`.
-pub(crate) fn format_unix_seconds(unix_seconds: u64) -> String {
+pub fn format_unix_seconds(unix_seconds: u64) -> String {
     let days = unix_seconds / 86_400;
     let second_of_day = unix_seconds % 86_400;
     let (year, month, day) = civil_from_days(days);
