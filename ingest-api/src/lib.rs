@@ -1,3 +1,194 @@
-//! The HTTP server: Nix's binary-cache protocol, the push API and cache management; spools uploads and publishes ingest jobs.
+//! The HTTP server: Nix's binary-cache protocol, the Larder (and Attic)
+//! API, and cache management.
 //!
-//! Not built yet: issue #3 gives this crate its `run(config, shutdown)`.
+//! [`Server::build`] connects the database and storage and prepares the
+//! router; [`Server::run_until`] serves until the shutdown future resolves,
+//! then lets in-flight requests finish. Tests build the same server on a
+//! port-0 listener.
+
+mod access;
+mod endpoint;
+pub mod error;
+mod extract;
+pub mod first_start;
+pub mod logging;
+mod routes;
+mod state;
+pub mod tokens;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use common::auth::{
+    KeyError, MintError, Permission, RevocationList, TokenBuilder, TokenSigningKey, TokenVerifier,
+};
+use common::cache_name::{CacheNameError, CacheNamePattern};
+use common::config::{ServerConfig, StorageConfig};
+use common::db::{Database, DbError};
+use common::storage::{LocalStorage, Storage, StorageError};
+
+pub use routes::router;
+pub use state::{AppState, Shared};
+
+/// How often the revocation list is reloaded: a revoked token stops
+/// working within this long on every server.
+pub const REVOCATION_REFRESH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How long the root token printed on first start stays valid.
+const ROOT_TOKEN_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Why the server could not start or an admin command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("database: {0}")]
+    Database(#[from] DbError),
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error("token signing key: {0}")]
+    Key(#[from] KeyError),
+    #[error("minting a token: {0}")]
+    Mint(#[from] MintError),
+    #[error("serving: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// The token-signing key the config names.
+pub fn signing_key(config: &ServerConfig) -> Result<TokenSigningKey, ServerError> {
+    let auth = &config.auth;
+    Ok(match (&auth.hs256_secret_base64, &auth.rs256_private_key_pem) {
+        (Some(secret), _) => TokenSigningKey::hs256_from_base64(secret.expose())?,
+        (None, Some(pem)) => TokenSigningKey::rs256_from_pem(pem.expose())?,
+        // `ServerConfig::validate` guarantees one of the two.
+        (None, None) => return Err(ServerError::Internal("no token signing key configured".into())),
+    })
+}
+
+/// Applies database migrations (`--mode migrate`).
+pub async fn migrate(config: &ServerConfig) -> Result<(), ServerError> {
+    Database::connect(config.database.url.expose()).await?.migrate().await?;
+    Ok(())
+}
+
+async fn open_storage(config: &StorageConfig) -> Result<Arc<dyn Storage>, ServerError> {
+    Ok(match config {
+        StorageConfig::Local { path } => Arc::new(LocalStorage::open(path).await?),
+    })
+}
+
+/// A server ready to serve on its listener.
+pub struct Server {
+    state: AppState,
+    listener: TcpListener,
+    signing_key: TokenSigningKey,
+    revocations: Arc<RevocationList>,
+}
+
+impl Server {
+    /// Connects and migrates the database, opens storage, loads the
+    /// revocation list and prepares the router.
+    pub async fn build(config: ServerConfig, listener: TcpListener) -> Result<Self, ServerError> {
+        let database = Database::connect(config.database.url.expose()).await?;
+        database.migrate().await?;
+        let storage = open_storage(&config.storage).await?;
+        let signing_key = signing_key(&config)?;
+        let revocations = Arc::new(RevocationList::new());
+        // Loaded before the first request, so a revoked token is never
+        // accepted in the moments after a restart.
+        revocations.replace(database.revoked_jtis().await?);
+        let verifier = TokenVerifier::new(signing_key.verifying_key().clone(), revocations.clone());
+        let state = AppState::new(Shared {
+            database,
+            storage,
+            verifier,
+            api_endpoint: config
+                .api_endpoint
+                .as_deref()
+                .map(endpoint::with_trailing_slash),
+        });
+        Ok(Self {
+            state,
+            listener,
+            signing_key,
+            revocations,
+        })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr, ServerError> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    /// The URL clients use: the configured `api-endpoint`, or one made
+    /// from the listening address (`localhost` for a wildcard address).
+    pub fn public_endpoint(&self) -> String {
+        if let Some(endpoint) = &self.state.api_endpoint {
+            return endpoint.clone();
+        }
+        match self.listener.local_addr() {
+            Ok(address) if address.ip().is_unspecified() => {
+                format!("http://localhost:{}/", address.port())
+            }
+            Ok(address) => format!("http://{address}/"),
+            Err(_) => "http://localhost:8080/".to_owned(),
+        }
+    }
+
+    /// Mints and records a token with every permission on every cache.
+    pub async fn mint_root_token(&self) -> Result<String, ServerError> {
+        let everything: CacheNamePattern = "*"
+            .parse()
+            .map_err(|error: CacheNameError| ServerError::Internal(error.to_string()))?;
+        let minted = TokenBuilder::new("root", ROOT_TOKEN_VALIDITY)
+            .grant(everything, Permission::ALL)
+            .mint(&self.signing_key)?;
+        tokens::record(&self.state.database, &minted).await?;
+        Ok(minted.token)
+    }
+
+    /// Serves until `shutdown` resolves, then waits for in-flight requests.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+        let stop = CancellationToken::new();
+        let refresher = tokio::spawn(refresh_revocations(
+            self.state.database.clone(),
+            self.revocations.clone(),
+            stop.clone(),
+        ));
+        if let Ok(address) = self.listener.local_addr() {
+            tracing::info!(%address, "serving");
+        }
+        let app = router(self.state);
+        let served = axum::serve(self.listener, app)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                tracing::info!("shutting down: finishing in-flight requests");
+            })
+            .await;
+        stop.cancel();
+        // The refresher only reads; stopping it mid-query loses nothing.
+        let _ = refresher.await;
+        Ok(served?)
+    }
+}
+
+/// Reloads revoked token ids until `stop`; a failed reload keeps the
+/// previous list (revocations only ever grow) and is retried next tick.
+async fn refresh_revocations(database: Database, revocations: Arc<RevocationList>, stop: CancellationToken) {
+    let mut interval = tokio::time::interval(REVOCATION_REFRESH_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        match database.revoked_jtis().await {
+            Ok(revoked) => revocations.replace(revoked),
+            Err(error) => tracing::warn!(%error, "could not reload revoked tokens; keeping the last list"),
+        }
+    }
+}

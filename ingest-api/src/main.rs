@@ -1,6 +1,230 @@
-//! The `ingest-api` binary: a thin shell around the `ingest_api` library.
+//! The `ingest-api` binary: parses flags, sets up logging, and hands over to
+//! the `ingest_api` library.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("ingest-api: not built yet (issue #3)");
-    std::process::ExitCode::from(2)
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use common::auth::Permission;
+use common::cache_name::CacheNamePattern;
+use common::duration::HumanDuration;
+use ingest_api::first_start;
+use ingest_api::tokens::{self, TokenRequest};
+
+#[derive(Debug, Parser)]
+#[command(name = "ingest-api", version, about = "Larder's HTTP server: a multi-tenant Nix binary cache")]
+struct Cli {
+    /// The server's config file; created with working defaults on first start.
+    /// [default: $XDG_CONFIG_HOME/larder/server.toml]
+    #[arg(long, global = true, env = "LARDER_CONFIG")]
+    config: Option<PathBuf>,
+
+    /// Address to listen on, overriding the config file's `listen`.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+
+    /// What to run.
+    #[arg(long, value_enum, default_value_t = Mode::Monolithic)]
+    mode: Mode,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// The whole server on one machine.
+    Monolithic,
+    /// Load and validate the configuration, then exit.
+    CheckConfig,
+    /// Apply database migrations, then exit.
+    Migrate,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Mint a scoped API token (printed alone on the last line).
+    MakeToken(MakeTokenArgs),
+    /// List the tokens minted on this server.
+    ListTokens,
+    /// Revoke a token by its `jti`; a running server refuses it within seconds.
+    RevokeToken {
+        /// The token's id, as `list-tokens` shows it.
+        jti: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct MakeTokenArgs {
+    /// Who the token is for (free text, shown in listings).
+    #[arg(long)]
+    sub: String,
+    /// How long the token is valid, e.g. '3 months', '30d', '1y'.
+    #[arg(long)]
+    validity: HumanDuration,
+    /// Caches (patterns with '*') the token may pull from.
+    #[arg(long, value_name = "PATTERN")]
+    pull: Vec<CacheNamePattern>,
+    /// Caches the token may push to.
+    #[arg(long, value_name = "PATTERN")]
+    push: Vec<CacheNamePattern>,
+    /// Caches the token may delete paths from.
+    #[arg(long, value_name = "PATTERN")]
+    delete: Vec<CacheNamePattern>,
+    /// Cache names the token may create.
+    #[arg(long, value_name = "PATTERN")]
+    create_cache: Vec<CacheNamePattern>,
+    /// Caches the token may reconfigure (visibility, priority, keys…).
+    #[arg(long, value_name = "PATTERN")]
+    configure_cache: Vec<CacheNamePattern>,
+    /// Caches whose retention period the token may change.
+    #[arg(long, value_name = "PATTERN")]
+    configure_cache_retention: Vec<CacheNamePattern>,
+    /// Caches the token may destroy.
+    #[arg(long, value_name = "PATTERN")]
+    destroy_cache: Vec<CacheNamePattern>,
+    /// Print the claims the token would carry, unsigned, instead of minting it.
+    #[arg(long)]
+    dump_claims: bool,
+}
+
+impl MakeTokenArgs {
+    fn into_request(self) -> TokenRequest {
+        let grants = [
+            (Permission::Pull, self.pull),
+            (Permission::Push, self.push),
+            (Permission::Delete, self.delete),
+            (Permission::CreateCache, self.create_cache),
+            (Permission::ConfigureCache, self.configure_cache),
+            (Permission::ConfigureCacheRetention, self.configure_cache_retention),
+            (Permission::DestroyCache, self.destroy_cache),
+        ];
+        TokenRequest {
+            subject: self.sub,
+            validity: self.validity.into(),
+            grants: grants
+                .into_iter()
+                .flat_map(|(permission, patterns)| {
+                    patterns.into_iter().map(move |pattern| (pattern, permission))
+                })
+                .collect(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("ingest-api: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ingest-api: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config_path = match cli.config {
+        Some(path) => path,
+        None => first_start::default_config_path()?,
+    };
+    match cli.command {
+        Some(Command::MakeToken(args)) => {
+            let config = first_start::load_existing(&config_path)?;
+            let dump_claims = args.dump_claims;
+            let request = args.into_request();
+            if dump_claims {
+                println!("{}", tokens::claims_preview(&request)?.to_json_pretty());
+                return Ok(());
+            }
+            let minted = tokens::mint_and_record(&config, &request).await?;
+            println!("{}", minted.token);
+            Ok(())
+        }
+        Some(Command::ListTokens) => {
+            let config = first_start::load_existing(&config_path)?;
+            print!("{}", tokens::list(&config).await?);
+            Ok(())
+        }
+        Some(Command::RevokeToken { jti }) => {
+            let config = first_start::load_existing(&config_path)?;
+            tokens::revoke(&config, &jti).await?;
+            println!("revoked token {jti}");
+            Ok(())
+        }
+        None => serve(cli.mode, &config_path, cli.listen).await,
+    }
+}
+
+async fn serve(
+    mode: Mode,
+    config_path: &std::path::Path,
+    listen: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
+    let prepared = first_start::prepare(config_path)?;
+    let mut config = prepared.config;
+    if let Some(listen) = listen {
+        config.listen = listen;
+    }
+    match mode {
+        Mode::CheckConfig => {
+            println!("configuration {} is valid", config_path.display());
+            Ok(())
+        }
+        Mode::Migrate => {
+            ingest_api::migrate(&config).await?;
+            println!("database migrations applied");
+            Ok(())
+        }
+        Mode::Monolithic => {
+            ingest_api::logging::init(config.log.format);
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("binding {}", config.listen))?;
+            let server = ingest_api::Server::build(config, listener).await?;
+            if prepared.created {
+                let token = server.mint_root_token().await?;
+                println!("Larder is set up: the config is {}", config_path.display());
+                println!("A root token with every permission on every cache (keep it secret):");
+                println!();
+                println!("    larder login local {} {}", server.public_endpoint(), token);
+                println!();
+            }
+            server.run_until(shutdown_signal()).await?;
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM, the signals an operator or an init
+/// system stops the server with.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        // If the handler cannot be installed, Ctrl-C still kills the process.
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
 }

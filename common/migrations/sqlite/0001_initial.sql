@@ -30,6 +30,8 @@ CREATE TABLE nars (
     state TEXT NOT NULL CHECK (state IN ('pending', 'valid', 'deleting')),
     -- 0 until the chunker has recorded the chunk list.
     n_chunks INTEGER NOT NULL DEFAULT 0 CHECK (n_chunks >= 0),
+    -- The size of the NAR as served (its compressed chunks); set when valid.
+    file_size INTEGER CHECK (file_size >= 0),
     created_at INTEGER NOT NULL
 );
 

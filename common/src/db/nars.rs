@@ -26,7 +26,7 @@ use super::row::{
     chunk_hash_col, i64_col, nar_hash_col, opt_string_col, opt_u64_col, state_col, time_col,
     to_i64, u32_col, u64_col,
 };
-use super::types::{ChunkId, NarId, StoreState, Timestamp};
+use super::types::{CacheId, ChunkId, NarId, StoreState, Timestamp};
 use super::{placeholders, Database, MAX_IN_LIST};
 use crate::nix::{NarHash, Sha256Hash};
 
@@ -39,6 +39,9 @@ pub struct Nar {
     pub state: StoreState,
     /// 0 until the chunker has recorded the chunk list.
     pub n_chunks: u32,
+    /// The size of the NAR as served: the sum of its compressed chunks.
+    /// Set when the NAR becomes valid.
+    pub file_size: Option<u64>,
     pub created_at: Timestamp,
 }
 
@@ -94,6 +97,7 @@ pub(crate) struct NarColumns {
     nar_size: &'static str,
     state: &'static str,
     n_chunks: &'static str,
+    file_size: &'static str,
     created_at: &'static str,
 }
 
@@ -103,10 +107,11 @@ const NAR: NarColumns = NarColumns {
     nar_size: "nar_size",
     state: "state",
     n_chunks: "n_chunks",
+    file_size: "file_size",
     created_at: "created_at",
 };
 
-const NAR_COLUMNS: &str = "id, nar_hash, nar_size, state, n_chunks, created_at";
+const NAR_COLUMNS: &str = "id, nar_hash, nar_size, state, n_chunks, file_size, created_at";
 
 /// The names [`JOINED_NAR_SELECT`] gives the columns of `nars n`.
 pub(crate) const JOINED_NAR: NarColumns = NarColumns {
@@ -115,12 +120,13 @@ pub(crate) const JOINED_NAR: NarColumns = NarColumns {
     nar_size: "n_nar_size",
     state: "n_state",
     n_chunks: "n_n_chunks",
+    file_size: "n_file_size",
     created_at: "n_created_at",
 };
 
 pub(crate) const JOINED_NAR_SELECT: &str = "n.id AS n_id, n.nar_hash AS n_nar_hash, \
     n.nar_size AS n_nar_size, n.state AS n_state, n.n_chunks AS n_n_chunks, \
-    n.created_at AS n_created_at";
+    n.file_size AS n_file_size, n.created_at AS n_created_at";
 
 pub(crate) fn nar_from_row(row: &AnyRow, columns: &NarColumns) -> Result<Nar> {
     Ok(Nar {
@@ -129,6 +135,7 @@ pub(crate) fn nar_from_row(row: &AnyRow, columns: &NarColumns) -> Result<Nar> {
         nar_size: u64_col(row, columns.nar_size)?,
         state: state_col(row, columns.state)?,
         n_chunks: u32_col(row, columns.n_chunks)?,
+        file_size: opt_u64_col(row, columns.file_size)?,
         created_at: time_col(row, columns.created_at)?,
     })
 }
@@ -383,7 +390,9 @@ async fn mark_nar_valid_if_complete_on(connection: &mut Tx, nar_id: NarId) -> Re
     // the moment the last chunk became valid: each sees the other's commit
     // or waits for it.
     sqlx::query(
-        "UPDATE nars SET state = 'valid' \
+        "UPDATE nars SET state = 'valid', \
+         file_size = (SELECT CAST(SUM(c.object_length) AS BIGINT) FROM nar_chunks nc \
+                      JOIN chunks c ON c.id = nc.chunk_id WHERE nc.nar_id = $1) \
          WHERE id = $1 AND state = 'pending' AND n_chunks > 0 \
          AND n_chunks = (SELECT COUNT(*) FROM nar_chunks nc JOIN chunks c ON c.id = nc.chunk_id \
                          WHERE nc.nar_id = $1 AND c.state = 'valid')",
@@ -406,6 +415,23 @@ async fn mark_nar_valid_if_complete_on(connection: &mut Tx, nar_id: NarId) -> Re
 }
 
 impl Database {
+    /// The NAR with this hash, if it is `valid` and an object of the cache
+    /// points at it: the only way a NAR is reachable for serving, so that
+    /// knowing a hash never grants access to another tenant's data.
+    pub async fn valid_nar_in_cache(&self, cache_id: CacheId, nar_hash: &NarHash) -> Result<Option<Nar>> {
+        let sql = format!(
+            "SELECT {NAR_COLUMNS} FROM nars n WHERE n.nar_hash = $1 AND n.state = 'valid' \
+             AND EXISTS (SELECT 1 FROM objects o WHERE o.nar_id = n.id AND o.cache_id = $2)"
+        );
+        let row = sqlx::query(&sql)
+            .bind(nar_hash.to_string())
+            .bind(cache_id.0)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("looking up a NAR of a cache"))?;
+        row.map(|row| nar_from_row(&row, &NAR)).transpose()
+    }
+
     pub async fn nar_by_hash(&self, nar_hash: &NarHash) -> Result<Option<Nar>> {
         let mut connection = self.acquire().await?;
         nar_by_hash_on(&mut connection, nar_hash).await

@@ -1,0 +1,129 @@
+//! Who is asking, and which caches they may see and change.
+//!
+//! The rule that keeps tenants apart without an existence oracle: a caller
+//! who may not see a cache gets the same answer whether it exists or not.
+//! Anonymous callers get a 401 (so clients know a token could help, and
+//! Nix treats it as "not here"); callers with a token get `NoSuchCache`.
+
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+
+use common::auth::{Claims, Permission};
+use common::cache_name::CacheName;
+use common::db::Cache;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The authenticated caller, or an anonymous one. Credentials that are
+/// present but invalid, expired or revoked reject the request with a 401:
+/// they never fall back to anonymous access.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    claims: Option<Claims>,
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = parts.headers.get(AUTHORIZATION).map(|value| value.as_bytes());
+        let claims = state
+            .verifier
+            .authenticate(header)
+            .map_err(|error| ApiError::Unauthorized(error.to_string()))?;
+        Ok(Self { claims })
+    }
+}
+
+impl Caller {
+    /// The token's subject, recorded as who pushed or changed something.
+    pub fn subject(&self) -> Option<&str> {
+        self.claims.as_ref().map(|claims| claims.sub.as_str())
+    }
+
+    pub fn claims(&self) -> Option<&Claims> {
+        self.claims.as_ref()
+    }
+
+    pub fn can(&self, cache: &CacheName, permission: Permission) -> bool {
+        self.claims
+            .as_ref()
+            .is_some_and(|claims| claims.can(cache, permission))
+    }
+
+    /// Whether the token says anything about this cache, so that telling
+    /// the caller the cache exists reveals nothing new.
+    fn knows_of(&self, cache: &CacheName) -> bool {
+        self.claims
+            .as_ref()
+            .is_some_and(|claims| claims.grants_anything_on(cache))
+    }
+
+    /// The answer for a cache this caller may not see, existing or not.
+    fn hidden_cache(&self) -> ApiError {
+        match self.claims {
+            None => ApiError::Unauthorized(
+                "this cache does not exist or needs a token: send one as a Bearer token \
+                 or as the password of Basic auth (netrc)"
+                    .to_owned(),
+            ),
+            Some(_) => ApiError::NoSuchCache,
+        }
+    }
+}
+
+impl AppState {
+    /// The cache, if the caller may read it (public, or pull permission).
+    pub async fn readable_cache(&self, caller: &Caller, name: &CacheName) -> Result<Cache, ApiError> {
+        match self.database.cache_by_name(name).await.map_err(ApiError::internal)? {
+            Some(cache) if cache.is_public || caller.can(name, Permission::Pull) => Ok(cache),
+            _ => Err(caller.hidden_cache()),
+        }
+    }
+
+    /// The cache, if the caller may see it at all: public, or any
+    /// permission on it (a push-only token needs the cache's public key and
+    /// upstream key names, too).
+    pub async fn visible_cache(&self, caller: &Caller, name: &CacheName) -> Result<Cache, ApiError> {
+        match self.database.cache_by_name(name).await.map_err(ApiError::internal)? {
+            Some(cache) if cache.is_public || caller.knows_of(name) => Ok(cache),
+            _ => Err(caller.hidden_cache()),
+        }
+    }
+
+    /// The cache, if the caller holds `permission` on it. A caller who may
+    /// see the cache but lacks the permission gets a 403 that says so; one
+    /// who may not see it gets the same answer as for a missing cache.
+    pub async fn cache_with_permission(
+        &self,
+        caller: &Caller,
+        name: &CacheName,
+        permission: Permission,
+    ) -> Result<Cache, ApiError> {
+        let cache = self.database.cache_by_name(name).await.map_err(ApiError::internal)?;
+        let permitted = caller.can(name, permission);
+        match cache {
+            Some(cache) if permitted => Ok(cache),
+            Some(cache) if cache.is_public || caller.knows_of(name) => Err(ApiError::Forbidden(
+                format!("your token does not allow {} on cache {name}", permission.name()),
+            )),
+            None if permitted => Err(ApiError::NoSuchCache),
+            _ => Err(caller.hidden_cache()),
+        }
+    }
+
+    /// Checks that the caller may create a cache with this name.
+    pub fn check_may_create(&self, caller: &Caller, name: &CacheName) -> Result<(), ApiError> {
+        if caller.can(name, Permission::CreateCache) {
+            Ok(())
+        } else if caller.claims.is_none() {
+            Err(ApiError::Unauthorized("creating a cache needs a token".to_owned()))
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "your token does not allow creating a cache named {name}"
+            )))
+        }
+    }
+}

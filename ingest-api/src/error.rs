@@ -1,0 +1,125 @@
+//! The one error type of the HTTP layer, and its JSON shape.
+//!
+//! Every failure a client can see is a variant here with a stable machine
+//! name (`error`), an HTTP status and a readable message:
+//! `{"code": 404, "error": "NoSuchCache", "message": "…"}`. Internal
+//! failures are logged in full and reach the client only as a generic
+//! `InternalServerError`, so nothing about the server's innards leaks.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// A request that could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No credentials where some are needed, or credentials that are
+    /// invalid, expired or revoked: never treated as anonymous.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The caller may see the cache but not do this to it.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The cache does not exist, or the caller may not know that it does:
+    /// the two answers are the same on purpose.
+    #[error("no such cache, or you are not allowed to see it")]
+    NoSuchCache,
+    /// The path is not in the cache (or its upload is not complete yet).
+    #[error("no such path in this cache")]
+    NoSuchPath,
+    #[error("a cache with this name already exists")]
+    CacheAlreadyExists,
+    /// Malformed input of any kind: a bad hash, name, URL or body.
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("no such endpoint")]
+    NoSuchEndpoint,
+    #[error("method not allowed here")]
+    MethodNotAllowed,
+    /// Stored data needed for the answer is missing from storage; nothing
+    /// was sent, so the client can retry or fall back to another cache.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or an infrastructure failure; the details are logged, not sent.
+    #[error("internal error: {0:#}")]
+    Internal(anyhow::Error),
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl std::fmt::Display) -> Self {
+        Self::BadRequest(message.to_string())
+    }
+
+    pub fn internal(error: impl Into<anyhow::Error>) -> Self {
+        Self::Internal(error.into())
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::NoSuchCache | Self::NoSuchPath | Self::NoSuchEndpoint => StatusCode::NOT_FOUND,
+            Self::CacheAlreadyExists => StatusCode::CONFLICT,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable machine-readable name clients may match on.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Unauthorized(_) => "Unauthorized",
+            Self::Forbidden(_) => "Forbidden",
+            Self::NoSuchCache => "NoSuchCache",
+            Self::NoSuchPath => "NoSuchPath",
+            Self::CacheAlreadyExists => "CacheAlreadyExists",
+            Self::BadRequest(_) => "BadRequest",
+            Self::PayloadTooLarge(_) => "PayloadTooLarge",
+            Self::NoSuchEndpoint => "NoSuchEndpoint",
+            Self::MethodNotAllowed => "MethodNotAllowed",
+            Self::Unavailable(_) => "Unavailable",
+            Self::Internal(_) => "InternalServerError",
+        }
+    }
+}
+
+/// The JSON body of every error answer.
+#[derive(Debug, Serialize)]
+struct ErrorBody<'a> {
+    code: u16,
+    error: &'a str,
+    message: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let message = match &self {
+            Self::Internal(error) => {
+                tracing::error!(error = format!("{error:#}"), "internal error while serving a request");
+                "internal server error; the details are in the server's log".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let body = ErrorBody {
+            code: status.as_u16(),
+            error: self.name(),
+            message,
+        };
+        let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            // Lets curl and browsers know Basic auth (what Nix sends from
+            // netrc) is an option; Bearer works too.
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"larder\""),
+            );
+        }
+        response
+    }
+}

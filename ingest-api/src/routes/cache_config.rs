@@ -1,0 +1,218 @@
+//! `/_api/v1/cache-config/{cache}`: create, read, change and destroy
+//! caches, wire-compatible with Attic's API.
+//!
+//! Each change is checked against the permission bit it needs: visibility,
+//! priority, store directory, upstream keys and the key pair need
+//! `configure_cache`; the retention period needs
+//! `configure_cache_retention`; creating and destroying need their own.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use common::api::{CacheConfig, CreateCacheRequest, KeypairConfig, RetentionPeriodConfig};
+use common::auth::Permission;
+use common::cache_name::CacheName;
+use common::db::{Cache, CacheKeypair, CacheUpdate, DbError, NewCache};
+use common::nix::signing::SecretKey;
+use common::nix::StoreDir;
+
+use crate::access::Caller;
+use crate::endpoint::public_endpoint;
+use crate::error::ApiError;
+use crate::extract::{ApiJson, ApiPath};
+use crate::state::AppState;
+
+fn parse_cache_name(name: &str) -> Result<CacheName, ApiError> {
+    name.parse().map_err(ApiError::bad_request)
+}
+
+/// `GET`: for anyone who may see the cache (public, or any permission on it).
+pub async fn get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    caller: Caller,
+    ApiPath(cache): ApiPath<String>,
+) -> Result<Json<CacheConfig>, ApiError> {
+    let name = parse_cache_name(&cache)?;
+    let cache = state.visible_cache(&caller, &name).await?;
+    Ok(Json(describe(&state, &headers, &cache)?))
+}
+
+/// `POST`: creates the cache.
+pub async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    caller: Caller,
+    ApiPath(cache): ApiPath<String>,
+    ApiJson(request): ApiJson<CreateCacheRequest>,
+) -> Result<Json<CacheConfig>, ApiError> {
+    let name = parse_cache_name(&cache)?;
+    state.check_may_create(&caller, &name)?;
+    let keypair = keypair_from(&request.keypair, &name, None)?;
+    let mut new = NewCache::new(name, keypair);
+    new.is_public = request.is_public;
+    if let Some(store_dir) = &request.store_dir {
+        new.store_dir = parse_store_dir(store_dir)?;
+    }
+    if let Some(priority) = request.priority {
+        new.priority = priority;
+    }
+    if let Some(names) = request.upstream_cache_key_names {
+        new.upstream_cache_key_names = validate_key_names(names)?;
+    }
+    let cache = match state.database.create_cache(&new, std::time::SystemTime::now().into()).await {
+        Ok(cache) => cache,
+        Err(DbError::Conflict { .. }) => return Err(ApiError::CacheAlreadyExists),
+        Err(error) => return Err(ApiError::internal(error)),
+    };
+    tracing::info!(cache = %cache.name, by = caller.subject(), "cache created");
+    Ok(Json(describe(&state, &headers, &cache)?))
+}
+
+/// `PATCH`: changes the fields present, each under its own permission.
+pub async fn configure(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    caller: Caller,
+    ApiPath(cache): ApiPath<String>,
+    ApiJson(patch): ApiJson<CacheConfig>,
+) -> Result<Json<CacheConfig>, ApiError> {
+    let name = parse_cache_name(&cache)?;
+    let changes_configuration = patch.is_public.is_some()
+        || patch.store_dir.is_some()
+        || patch.priority.is_some()
+        || patch.upstream_cache_key_names.is_some()
+        || patch.keypair.is_some();
+    let changes_retention = patch.retention_period.is_some();
+    // A patch that changes nothing still needs one of the two, so that it
+    // cannot be used to probe for caches.
+    let mut needed = Vec::new();
+    if changes_configuration || !changes_retention {
+        needed.push(Permission::ConfigureCache);
+    }
+    if changes_retention {
+        needed.push(Permission::ConfigureCacheRetention);
+    }
+    let mut cache = None;
+    for permission in needed {
+        cache = Some(state.cache_with_permission(&caller, &name, permission).await?);
+    }
+    // `needed` is never empty, so the loop ran at least once.
+    let cache = cache.ok_or_else(|| ApiError::internal(anyhow::anyhow!("no permission checked")))?;
+
+    let update = CacheUpdate {
+        is_public: patch.is_public,
+        store_dir: patch.store_dir.as_deref().map(parse_store_dir).transpose()?,
+        priority: patch.priority,
+        upstream_cache_key_names: patch
+            .upstream_cache_key_names
+            .map(validate_key_names)
+            .transpose()?,
+        retention_period: patch.retention_period.map(|retention| match retention {
+            RetentionPeriodConfig::Global => None,
+            RetentionPeriodConfig::Period(seconds) => Some(Duration::from_secs(seconds)),
+        }),
+        keypair: patch
+            .keypair
+            .as_ref()
+            .map(|keypair| keypair_from(keypair, &name, Some(&cache)))
+            .transpose()?,
+    };
+    let cache = state
+        .database
+        .update_cache(&name, &update)
+        .await
+        .map_err(|error| match error {
+            // Destroyed between the check and the update.
+            DbError::NotFound { .. } => ApiError::NoSuchCache,
+            other => ApiError::internal(other),
+        })?;
+    tracing::info!(cache = %cache.name, by = caller.subject(), "cache reconfigured");
+    Ok(Json(describe(&state, &headers, &cache)?))
+}
+
+/// `DELETE`: destroys the cache and its objects; the global NARs and
+/// chunks are left for GC.
+pub async fn destroy(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(cache): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    let name = parse_cache_name(&cache)?;
+    state
+        .cache_with_permission(&caller, &name, Permission::DestroyCache)
+        .await?;
+    if !state.database.delete_cache(&name).await.map_err(ApiError::internal)? {
+        return Err(ApiError::NoSuchCache);
+    }
+    tracing::info!(cache = %name, by = caller.subject(), "cache destroyed");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The cache as the API shows it.
+fn describe(state: &AppState, headers: &HeaderMap, cache: &Cache) -> Result<CacheConfig, ApiError> {
+    let endpoint = public_endpoint(state, headers);
+    let key = SecretKey::parse(cache.keypair.expose_secret()).map_err(|error| {
+        ApiError::internal(anyhow::anyhow!("cache {} has an invalid key: {error}", cache.name))
+    })?;
+    Ok(CacheConfig {
+        substituter_endpoint: Some(format!("{endpoint}{}", cache.name)),
+        api_endpoint: Some(endpoint),
+        public_key: Some(key.to_public().to_string()),
+        is_public: Some(cache.is_public),
+        store_dir: Some(cache.store_dir.to_string()),
+        priority: Some(cache.priority),
+        upstream_cache_key_names: Some(cache.upstream_cache_key_names.clone()),
+        retention_period: Some(match cache.retention_period {
+            None => RetentionPeriodConfig::Global,
+            Some(period) => RetentionPeriodConfig::Period(period.as_secs()),
+        }),
+        keypair: None,
+    })
+}
+
+fn parse_store_dir(store_dir: &str) -> Result<StoreDir, ApiError> {
+    StoreDir::new(store_dir).map_err(ApiError::bad_request)
+}
+
+/// Key names as Nix writes them in `trusted-public-keys`: no spaces or
+/// colons, which would break that list.
+fn validate_key_names(names: Vec<String>) -> Result<Vec<String>, ApiError> {
+    for name in &names {
+        if name.is_empty() || name.len() > 256 || name.contains(|c: char| c.is_whitespace() || c == ':' || c.is_control()) {
+            return Err(ApiError::bad_request(format!("invalid upstream cache key name {name:?}")));
+        }
+    }
+    Ok(names)
+}
+
+/// A generated or imported key pair. Generated keys are named
+/// `<cache>-<n>`, with `n` one more than the key being replaced, so that
+/// clients holding the old public key see a different key name rather than
+/// a signature that suddenly fails.
+fn keypair_from(
+    config: &KeypairConfig,
+    cache: &CacheName,
+    current: Option<&Cache>,
+) -> Result<CacheKeypair, ApiError> {
+    let key = match config {
+        KeypairConfig::Keypair(secret) => SecretKey::parse(secret)
+            .map_err(|error| ApiError::bad_request(format!("invalid secret key: {error}")))?,
+        KeypairConfig::Generate => {
+            let generation = current
+                .and_then(|cache| SecretKey::parse(cache.keypair.expose_secret()).ok())
+                .and_then(|key| {
+                    key.name()
+                        .strip_prefix(&format!("{cache}-"))
+                        .and_then(|n| n.parse::<u64>().ok())
+                })
+                .map_or(1, |n| n + 1);
+            SecretKey::generate(&format!("{cache}-{generation}")).map_err(ApiError::internal)?
+        }
+    };
+    Ok(CacheKeypair::new(key.to_nix_secret_string()))
+}
