@@ -4,5 +4,6 @@
 //! the real Nix client) started by `ops/test.sh`; a missing service is a
 //! failure with a clear message, never a skip.
 
+mod db;
 mod nix_formats;
 mod services;
