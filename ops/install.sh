@@ -75,7 +75,9 @@ install_debian_packages() {
 }
 
 install_garage() {
-    if command -v garage >/dev/null && [[ $(garage --version 2>/dev/null) == *" v$GARAGE_VERSION"* ]]; then
+    # `garage --version` prints e.g. "garage cargo:2.5.0 [features: ...]".
+    local version_pattern="(^|[^0-9.])${GARAGE_VERSION//./\\.}([^0-9.]|$)"
+    if command -v garage >/dev/null && [[ $(garage --version 2>/dev/null) =~ $version_pattern ]]; then
         return 0
     fi
     command -v cargo >/dev/null || die "cargo is needed to build Garage"

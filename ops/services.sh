@@ -177,9 +177,12 @@ configure_rabbitmq() {
     local dir=$DIR/rabbitmq
     mkdir -p "$dir/home" "$dir/mnesia" "$dir/log"
     echo '[].' >"$dir/enabled_plugins"
+    # One log, the node's standard output, so that a failure shows all of it.
     cat >"$dir/rabbitmq.conf" <<EOF
-log.console = false
-log.file.level = info
+log.console = true
+log.console.level = info
+log.console.use_colors = off
+log.file = false
 EOF
     : >"$dir/rabbitmq-env.conf"
     # Started as root, the broker runs as `rabbitmq`, which must own its data
@@ -194,7 +197,7 @@ EOF
     record LARDER_TEST_RABBITMQ_EPMD_PORT $((PORT_BASE + 2))
     record LARDER_TEST_RABBITMQ_CTL_PORTS "$((PORT_BASE + 10))-$((PORT_BASE + 19))"
     record LARDER_TEST_RABBITMQ_PID_FILE "$dir/rabbitmq.pid"
-    record LARDER_TEST_RABBITMQ_LOG "$dir/log/larder-$port@localhost.log"
+    record LARDER_TEST_RABBITMQ_LOG "$dir/rabbitmq.log"
 }
 
 # Sets RABBITMQ_PREFIX to the prefix of every RabbitMQ command: as the
@@ -237,13 +240,13 @@ launch_rabbitmq() {
     # setsid: the broker is no child of a test's process group, so a test that
     # restarts it and is then killed by nextest does not take it along.
     (cd "$dir" && exec setsid "${RABBITMQ_PREFIX[@]}" "$RABBITMQ_BIN/rabbitmq-server") \
-        >>"$dir/stdout.log" 2>&1 </dev/null &
+        >>"$LARDER_TEST_RABBITMQ_LOG" 2>&1 </dev/null &
     RABBITMQ_LAUNCHER=$!
 }
 
 await_rabbitmq() {
     # The listener opens at the end of boot, so an AMQP answer means ready.
-    wait_until "RabbitMQ on port $LARDER_TEST_RABBITMQ_PORT" "$DIR/rabbitmq/stdout.log" \
+    wait_until "RabbitMQ on port $LARDER_TEST_RABBITMQ_PORT" "$LARDER_TEST_RABBITMQ_LOG" \
         "$RABBITMQ_LAUNCHER" amqp_answers "$LARDER_TEST_RABBITMQ_PORT"
     # `stop` needs the VM's pid, which the broker writes early in its boot.
     [[ -s $LARDER_TEST_RABBITMQ_PID_FILE ]] || die "RabbitMQ: no pid in $LARDER_TEST_RABBITMQ_PID_FILE"
@@ -484,14 +487,13 @@ wait_for_exit() {
 # Pids of the processes started for DIR that are still running.
 marked_pids() {
     local environ pid
-    for environ in /proc/[0-9]*/environ; do
-        pid=${environ#/proc/}
-        pid=${pid%/environ}
-        [[ $pid != "$$" && $pid != "$BASHPID" ]] || continue
-        if grep -qzxF "LARDER_SERVICES_MARK=$DIR" "$environ" 2>/dev/null; then
-            echo "$pid"
-        fi
-    done
+    # One grep over every process's environment (unreadable ones are skipped).
+    grep -lzxF "LARDER_SERVICES_MARK=$DIR" /proc/[0-9]*/environ 2>/dev/null |
+        while IFS= read -r environ; do
+            pid=${environ#/proc/}
+            pid=${pid%/environ}
+            [[ $pid == "$$" ]] || echo "$pid"
+        done
 }
 
 kill_stragglers() {
@@ -509,12 +511,20 @@ kill_stragglers() {
     [[ -z $pids ]] || kill -KILL $pids 2>/dev/null || true
 }
 
-# Each step runs even when an earlier one failed: stopping is best effort, and
-# the straggler sweep at the end catches what the clean stops missed.
+# The three stop in parallel (each takes a second or two). Each runs even when
+# another failed: stopping is best effort, and the straggler sweep at the end
+# catches what the clean stops missed.
 stop_all() {
-    stop_garage || say "stopping Garage failed"
-    stop_postgres || say "stopping PostgreSQL failed"
-    stop_rabbitmq || say "stopping RabbitMQ failed"
+    local stoppers=()
+    stop_garage || say "stopping Garage failed" &
+    stoppers+=($!)
+    stop_postgres || say "stopping PostgreSQL failed" &
+    stoppers+=($!)
+    stop_rabbitmq || say "stopping RabbitMQ failed" &
+    stoppers+=($!)
+    # Not a bare `wait`: after a failed start, the launched services are
+    # children of this shell too.
+    wait "${stoppers[@]}"
     # epmd, and anything else an abnormal exit left behind.
     kill_stragglers || say "killing stragglers failed"
 }

@@ -2,3 +2,4 @@
 //! `ops/` harness started, and driving the real Nix client.
 
 pub mod nix;
+pub mod services;
