@@ -6,4 +6,5 @@
 
 mod db;
 mod nix_formats;
+mod server;
 mod services;

@@ -1,5 +1,7 @@
 //! Support for Larder's integration tests: finding the real services the
-//! `ops/` harness started, and driving the real Nix client.
+//! `ops/` harness started, driving the real Nix client, and running
+//! `ingest-api` in process.
 
 pub mod nix;
+pub mod server;
 pub mod services;

@@ -1,0 +1,234 @@
+//! `ingest-api` end to end: the server built as the binary builds it
+//! (`tests::server::TestServer`), spoken to over real sockets by an HTTP
+//! client, by the real Nix client and through the real `ingest-api`
+//! binary's commands.
+//!
+//! Each submodule is one area of issue #3's acceptance list. Data is
+//! written through the store layer (`TestServer::seed_path`) until the push
+//! pipeline exists.
+
+mod bad_input;
+mod cache_config;
+mod cli;
+mod isolation;
+mod nix_client;
+mod serving;
+mod tokens;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::api::ErrorResponse;
+use common::db::ObjectMetadata;
+use common::nix::nar::NarEncoder;
+use common::nix::{NarHash, StorePathHash};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
+use reqwest::{Method, Response, StatusCode};
+use tests::nix::NixEnv;
+use tests::server::{RawResponse, TestServer};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// Sends `method path` with an optional bearer token and JSON body.
+async fn send(
+    server: &TestServer,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    json: Option<serde_json::Value>,
+) -> Response {
+    let mut request = server.http().request(method.clone(), server.url_of(path));
+    if let Some(token) = token {
+        request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+    }
+    if let Some(json) = json {
+        request = request.json(&json);
+    }
+    request
+        .send()
+        .await
+        .unwrap_or_else(|error| panic!("{method} {path}: {error}"))
+}
+
+async fn get(server: &TestServer, path: &str, token: Option<&str>) -> Response {
+    send(server, Method::GET, path, token, None).await
+}
+
+/// Asserts a successful answer and returns its body.
+async fn ok_bytes(response: Response) -> Vec<u8> {
+    let status = response.status();
+    let url = response.url().clone();
+    let body = response.bytes().await.expect("reading the body").to_vec();
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{url}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    body
+}
+
+async fn ok_json<T: serde::de::DeserializeOwned>(response: Response) -> T {
+    let body = ok_bytes(response).await;
+    serde_json::from_slice(&body)
+        .unwrap_or_else(|error| panic!("{error}: {}", String::from_utf8_lossy(&body)))
+}
+
+/// Asserts an API error: the status, a JSON content type, and a body of
+/// the documented shape whose `code` repeats the status. Returns the body
+/// with the raw bytes, for comparisons between answers.
+async fn api_error(response: Response, status: StatusCode) -> (ErrorResponse, Vec<u8>) {
+    let url = response.url().clone();
+    let actual = response.status();
+    let content_type = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body = response.bytes().await.expect("reading the body").to_vec();
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(actual, status, "{url}: {text}");
+    assert!(
+        content_type.starts_with("application/json"),
+        "{url}: content type {content_type:?} for {text}"
+    );
+    let error: ErrorResponse = serde_json::from_slice(&body)
+        .unwrap_or_else(|error| panic!("{url}: not an error body ({error}): {text}"));
+    assert_eq!(error.code, status.as_u16(), "{url}: {text}");
+    assert!(
+        !error.error.is_empty() && !error.message.is_empty(),
+        "{text}"
+    );
+    (error, body)
+}
+
+/// [`api_error`] for a response read off a raw connection.
+fn raw_api_error(response: &RawResponse, status: u16) -> ErrorResponse {
+    let text = response.text();
+    assert_eq!(response.status, status, "{text}");
+    let content_type = response.header("content-type").unwrap_or("");
+    assert!(
+        content_type.starts_with("application/json"),
+        "content type {content_type:?} for {text}"
+    );
+    let error: ErrorResponse = serde_json::from_slice(&response.body)
+        .unwrap_or_else(|error| panic!("not an error body ({error}): {text}"));
+    assert_eq!(error.code, status, "{text}");
+    error
+}
+
+/// A made-up store path, `/nix/store/<random hash>-<name>`.
+fn fake_store_path(name: &str) -> String {
+    let hash = StorePathHash::from_bytes(&rand::random());
+    format!("/nix/store/{hash}-{name}")
+}
+
+/// A NAR of one regular file with `contents`.
+fn file_nar(contents: &[u8]) -> Vec<u8> {
+    let mut encoder = NarEncoder::new(Vec::new()).expect("writing to a Vec");
+    encoder.regular(false, contents).expect("a regular file");
+    encoder.finish().expect("a complete NAR")
+}
+
+/// Deterministic bytes that zstd cannot shrink much (xorshift), so that
+/// a NAR of them spans several compressed chunks.
+fn noise(len: usize, mut state: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Metadata for a made-up path with no references, deriver or CA.
+fn plain_metadata(store_path: &str) -> ObjectMetadata {
+    ObjectMetadata {
+        store_path: store_path.to_owned(),
+        references: Vec::new(),
+        deriver: None,
+        system: None,
+        sigs: Vec::new(),
+        ca: None,
+    }
+}
+
+/// A store path of a real Nix store: its metadata as `nix path-info`
+/// reports it, converted to what the store layer keeps, and its NAR.
+struct SourcePath {
+    path: String,
+    metadata: ObjectMetadata,
+    /// `sha256:<base32>` as the source store recorded it.
+    nar_hash: String,
+    nar: Vec<u8>,
+}
+
+/// Reads `paths` of the chroot store at `root`: `nix path-info --json`
+/// for the metadata and `nix-store --dump` for each NAR, checking that the
+/// dump matches the recorded hash and size.
+fn source_paths(env: &NixEnv, root: &Path, paths: &[String]) -> Vec<SourcePath> {
+    let root_arg = root.to_str().expect("a UTF-8 store root");
+    let mut args = vec!["path-info", "--json", "--store", root_arg];
+    args.extend(paths.iter().map(String::as_str));
+    let json = env.run_text("nix", &args).expect("nix path-info --json");
+    let mut infos: Vec<serde_json::Value> = serde_json::from_str(&json).expect("path-info JSON");
+    assert_eq!(infos.len(), paths.len(), "{json}");
+    // Nix lists them sorted; callers get them in the order they asked.
+    let position =
+        |info: &serde_json::Value| paths.iter().position(|path| info["path"] == path.as_str());
+    infos.sort_by_key(|info| position(info).unwrap_or(usize::MAX));
+    let base_name = |full: &str| {
+        full.strip_prefix("/nix/store/")
+            .unwrap_or_else(|| panic!("{full} is not in /nix/store"))
+            .to_owned()
+    };
+    infos
+        .iter()
+        .map(|info| {
+            let path = info["path"].as_str().expect("path").to_owned();
+            let nar = env
+                .dump(&tests::nix::physical_path(root, &path))
+                .expect("nix-store --dump");
+            let nar_hash = env.nar_hash(root, &path).expect("nix-store --query --hash");
+            let recorded = NarHash::parse(info["narHash"].as_str().expect("narHash"))
+                .expect("an SRI NAR hash");
+            assert_eq!(
+                NarHash::from(common::nix::Sha256Hash::digest(&nar)),
+                recorded,
+                "the dump of {path} has the recorded NAR hash"
+            );
+            assert_eq!(Some(nar.len() as u64), info["narSize"].as_u64(), "{path}");
+            let strings = |key: &str| -> Vec<String> {
+                info[key]
+                    .as_array()
+                    .map(|list| {
+                        list.iter()
+                            .map(|item| item.as_str().expect("a string").to_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            let metadata = ObjectMetadata {
+                store_path: path.clone(),
+                references: strings("references")
+                    .iter()
+                    .map(|reference| base_name(reference))
+                    .collect(),
+                deriver: info["deriver"].as_str().map(base_name),
+                system: None,
+                sigs: strings("signatures"),
+                ca: info["ca"].as_str().map(str::to_owned),
+            };
+            SourcePath {
+                path,
+                metadata,
+                nar_hash,
+                nar,
+            }
+        })
+        .collect()
+}
