@@ -29,6 +29,9 @@ pub enum ApiError {
     NoSuchPath,
     #[error("a cache with this name already exists")]
     CacheAlreadyExists,
+    /// The change is well-formed but the cache's current state forbids it.
+    #[error("{0}")]
+    Conflict(String),
     /// Malformed input of any kind: a bad hash, name, URL or body.
     #[error("{0}")]
     BadRequest(String),
@@ -61,7 +64,7 @@ impl ApiError {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NoSuchCache | Self::NoSuchPath | Self::NoSuchEndpoint => StatusCode::NOT_FOUND,
-            Self::CacheAlreadyExists => StatusCode::CONFLICT,
+            Self::CacheAlreadyExists | Self::Conflict(_) => StatusCode::CONFLICT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -78,6 +81,7 @@ impl ApiError {
             Self::NoSuchCache => "NoSuchCache",
             Self::NoSuchPath => "NoSuchPath",
             Self::CacheAlreadyExists => "CacheAlreadyExists",
+            Self::Conflict(_) => "Conflict",
             Self::BadRequest(_) => "BadRequest",
             Self::PayloadTooLarge(_) => "PayloadTooLarge",
             Self::NoSuchEndpoint => "NoSuchEndpoint",

@@ -59,7 +59,7 @@ pub async fn create(
         new.store_dir = parse_store_dir(store_dir)?;
     }
     if let Some(priority) = request.priority {
-        new.priority = priority;
+        new.priority = validate_priority(priority)?;
     }
     if let Some(names) = request.upstream_cache_key_names {
         new.upstream_cache_key_names = validate_key_names(names)?;
@@ -104,10 +104,14 @@ pub async fn configure(
     // `needed` is never empty, so the loop ran at least once.
     let cache = cache.ok_or_else(|| ApiError::internal(anyhow::anyhow!("no permission checked")))?;
 
+    let store_dir = patch.store_dir.as_deref().map(parse_store_dir).transpose()?;
+    if let Some(store_dir) = &store_dir {
+        check_store_dir_change(&state, &cache, store_dir).await?;
+    }
     let update = CacheUpdate {
         is_public: patch.is_public,
-        store_dir: patch.store_dir.as_deref().map(parse_store_dir).transpose()?,
-        priority: patch.priority,
+        store_dir,
+        priority: patch.priority.map(validate_priority).transpose()?,
         upstream_cache_key_names: patch
             .upstream_cache_key_names
             .map(validate_key_names)
@@ -177,6 +181,47 @@ fn describe(state: &AppState, headers: &HeaderMap, cache: &Cache) -> Result<Cach
 
 fn parse_store_dir(store_dir: &str) -> Result<StoreDir, ApiError> {
     StoreDir::new(store_dir).map_err(ApiError::bad_request)
+}
+
+/// A cache's paths and the fingerprints its narinfos are signed over live
+/// in its store directory: moving a cache that holds paths would leave
+/// every one of them unservable, so only an empty cache may move.
+/// (Uploads still in flight are the push pipeline's to check when they
+/// finish.)
+async fn check_store_dir_change(
+    state: &AppState,
+    cache: &Cache,
+    store_dir: &StoreDir,
+) -> Result<(), ApiError> {
+    if *store_dir == cache.store_dir {
+        return Ok(());
+    }
+    let stats = state
+        .database
+        .per_cache_stats(cache.id)
+        .await
+        .map_err(ApiError::internal)?;
+    if stats.object_count > 0 {
+        return Err(ApiError::Conflict(format!(
+            "cache {} holds {} paths in {}; its store directory cannot change to {}",
+            cache.name,
+            stats.object_count,
+            cache.store_dir.as_str(),
+            store_dir.as_str()
+        )));
+    }
+    Ok(())
+}
+
+/// `nix-cache-info` advertises the priority as a non-negative number
+/// (lower wins), so a negative one could not be served as set.
+fn validate_priority(priority: i32) -> Result<i32, ApiError> {
+    if priority < 0 {
+        return Err(ApiError::bad_request(format!(
+            "invalid priority {priority}: it must be 0 or more (lower is preferred)"
+        )));
+    }
+    Ok(priority)
 }
 
 /// Key names as Nix writes them in `trusted-public-keys`: no spaces or

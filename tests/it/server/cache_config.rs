@@ -380,3 +380,130 @@ async fn the_configured_api_endpoint_is_what_clients_are_told() {
         Some("https://cache.example.org/larder/proxied")
     );
 }
+
+/// A cache's store directory is part of every narinfo it serves (the
+/// paths and the signed fingerprints are in it): it can change while the
+/// cache is empty, but not under paths pushed for another directory.
+#[tokio::test]
+async fn the_store_directory_cannot_change_under_existing_paths() {
+    let server = TestServer::sqlite().await;
+    let token = server.root_token().await;
+    server.create_cache("team-cfg", true).await;
+    let seeded = server
+        .seed_path(
+            "team-cfg",
+            plain_metadata(&fake_store_path("kept")),
+            &file_nar(b"kept"),
+        )
+        .await;
+    let narinfo = format!("/team-cfg/{}.narinfo", seeded.store_path_hash);
+
+    let (error, _) = api_error(
+        patch(
+            &server,
+            &token,
+            serde_json::json!({"store_dir": "/gnu/store"}),
+        )
+        .await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    assert_eq!(error.error, "Conflict");
+    assert!(error.message.contains("/gnu/store"), "{}", error.message);
+    // Nothing changed, and the paths are still served.
+    let read: CacheConfig = ok_json(get(&server, CONFIG, Some(&token)).await).await;
+    assert_eq!(read.store_dir.as_deref(), Some("/nix/store"));
+    let text = String::from_utf8(ok_bytes(get(&server, &narinfo, None).await).await).expect("text");
+    assert!(text.starts_with("StorePath: /nix/store/"), "{text}");
+    // Naming the current directory is no change.
+    ok_json::<CacheConfig>(
+        patch(
+            &server,
+            &token,
+            serde_json::json!({"store_dir": "/nix/store"}),
+        )
+        .await,
+    )
+    .await;
+
+    // An empty cache may move.
+    let created: CacheConfig = ok_json(
+        send(
+            &server,
+            Method::POST,
+            "/_api/v1/cache-config/empty",
+            Some(&token),
+            Some(serde_json::json!({})),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(created.store_dir.as_deref(), Some("/nix/store"));
+    let moved: CacheConfig = ok_json(
+        send(
+            &server,
+            Method::PATCH,
+            "/_api/v1/cache-config/empty",
+            Some(&token),
+            Some(serde_json::json!({"store_dir": "/gnu/store"})),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(moved.store_dir.as_deref(), Some("/gnu/store"));
+    let info = String::from_utf8(
+        ok_bytes(get(&server, "/empty/nix-cache-info", Some(&token)).await).await,
+    )
+    .expect("text");
+    assert!(info.starts_with("StoreDir: /gnu/store\n"), "{info}");
+}
+
+/// `nix-cache-info` carries the priority as Nix reads it (lower wins);
+/// what the API accepts is exactly what the cache then advertises.
+#[tokio::test]
+async fn priorities_are_served_as_set_and_negative_ones_refused() {
+    let server = TestServer::sqlite().await;
+    let token = server.root_token().await;
+    for priority in [-1, -40, i32::MIN] {
+        let (error, _) = api_error(
+            send(
+                &server,
+                Method::POST,
+                CONFIG,
+                Some(&token),
+                Some(serde_json::json!({"priority": priority})),
+            )
+            .await,
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
+        assert!(error.message.contains("priority"), "{}", error.message);
+    }
+    ok_json::<CacheConfig>(
+        send(
+            &server,
+            Method::POST,
+            CONFIG,
+            Some(&token),
+            Some(serde_json::json!({"priority": 0})),
+        )
+        .await,
+    )
+    .await;
+    let (error, _) = api_error(
+        patch(&server, &token, serde_json::json!({"priority": -5})).await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    assert!(error.message.contains("priority"), "{}", error.message);
+    for priority in [0, 10, 100] {
+        let changed: CacheConfig =
+            ok_json(patch(&server, &token, serde_json::json!({"priority": priority})).await).await;
+        assert_eq!(changed.priority, Some(priority));
+        let info = String::from_utf8(
+            ok_bytes(get(&server, "/team-cfg/nix-cache-info", Some(&token)).await).await,
+        )
+        .expect("text");
+        assert!(info.contains(&format!("Priority: {priority}\n")), "{info}");
+    }
+}

@@ -54,17 +54,18 @@ async fn get(server: &TestServer, path: &str, token: Option<&str>) -> Response {
     send(server, Method::GET, path, token, None).await
 }
 
+/// The start of a body, for failure messages (a NAR served where an
+/// error was expected is mostly binary).
+fn excerpt(body: &[u8]) -> String {
+    String::from_utf8_lossy(&body[..body.len().min(400)]).into_owned()
+}
+
 /// Asserts a successful answer and returns its body.
 async fn ok_bytes(response: Response) -> Vec<u8> {
     let status = response.status();
     let url = response.url().clone();
     let body = response.bytes().await.expect("reading the body").to_vec();
-    assert_eq!(
-        status,
-        StatusCode::OK,
-        "{url}: {}",
-        String::from_utf8_lossy(&body)
-    );
+    assert_eq!(status, StatusCode::OK, "{url}: {}", excerpt(&body));
     body
 }
 
@@ -87,7 +88,7 @@ async fn api_error(response: Response, status: StatusCode) -> (ErrorResponse, Ve
         .unwrap_or("")
         .to_owned();
     let body = response.bytes().await.expect("reading the body").to_vec();
-    let text = String::from_utf8_lossy(&body);
+    let text = excerpt(&body);
     assert_eq!(actual, status, "{url}: {text}");
     assert!(
         content_type.starts_with("application/json"),
@@ -105,7 +106,7 @@ async fn api_error(response: Response, status: StatusCode) -> (ErrorResponse, Ve
 
 /// [`api_error`] for a response read off a raw connection.
 fn raw_api_error(response: &RawResponse, status: u16) -> ErrorResponse {
-    let text = response.text();
+    let text = excerpt(&response.body);
     assert_eq!(response.status, status, "{text}");
     let content_type = response.header("content-type").unwrap_or("");
     assert!(
