@@ -13,10 +13,11 @@
 # picked at random (so two runs on one machine do not collide), waits until
 # each service really answers, and writes DIR/env: `export` lines with the
 # LARDER_TEST_* variables the tests read (see tests/src/services.rs; DIR/vars
-# holds the same as plain NAME=VALUE lines). `stop`
-# stops what `start` started, by pid, then kills any straggler: every process
-# started here carries LARDER_SERVICES_MARK=DIR in its environment, which is
-# how the Erlang VM's epmd and helpers are found without matching on names.
+# holds the same as plain NAME=VALUE lines). `stop` stops what `start`
+# started, by pid, then kills any straggler: every process started here
+# carries LARDER_SERVICES_MARK=DIR in its environment, which is how the Erlang
+# VM's epmd and helpers are found without matching on names. It also stops
+# the sets in DIR/private/*/ (a killed fault test's own services).
 #
 # The single-service subcommands are for fault tests: a service comes back on
 # the same port with the same data. Run `ops/install.sh` first.
@@ -515,6 +516,13 @@ kill_stragglers() {
 # another failed: stopping is best effort, and the straggler sweep at the end
 # catches what the clean stops missed.
 stop_all() {
+    # First the private sets fault tests started inside DIR
+    # (tests::services::PrivateServices) and could not stop, being killed.
+    local private
+    for private in "$DIR"/private/*/; do
+        [[ -f $private/env ]] || continue
+        bash "${BASH_SOURCE[0]}" stop "$private" || say "stopping $private failed"
+    done
     local stoppers=()
     stop_garage || say "stopping Garage failed" &
     stoppers+=($!)

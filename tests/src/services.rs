@@ -274,10 +274,19 @@ impl PrivateServices {
     /// Starts the named services (`"rabbitmq"`, `"postgres"`, `"garage"`)
     /// and returns once each one answers.
     pub async fn start(services: &[&str]) -> Self {
+        // Inside the shared set's directory when there is one: stopping the
+        // shared set (as ops/test.sh does on any exit) then also stops a
+        // private set whose test was killed before it could stop it.
+        let parent = match std::env::var_os(SERVICES_DIR) {
+            Some(shared) => PathBuf::from(shared).join("private"),
+            None => std::env::temp_dir(),
+        };
+        std::fs::create_dir_all(&parent)
+            .unwrap_or_else(|error| panic!("creating {}: {error}", parent.display()));
         let dir = tempfile::Builder::new()
             .prefix("larder-private-services.")
-            .tempdir()
-            .expect("creating a temporary directory for private services");
+            .tempdir_in(&parent)
+            .unwrap_or_else(|error| panic!("creating a directory in {}: {error}", parent.display()));
         let mut args = vec!["start"];
         args.extend_from_slice(services);
         services_ctl_in(dir.path(), &args).await;
