@@ -119,10 +119,9 @@ async fn postgres_gives_each_test_a_fresh_database() -> anyhow::Result<()> {
             .execute(&pool)
             .await?;
     }
-    let rows: Vec<(i64, String)> =
-        sqlx::query_as("SELECT id, name FROM harness_check ORDER BY id")
-            .fetch_all(&pool)
-            .await?;
+    let rows: Vec<(i64, String)> = sqlx::query_as("SELECT id, name FROM harness_check ORDER BY id")
+        .fetch_all(&pool)
+        .await?;
     assert_eq!(rows, [(1, "one".to_owned()), (2, "two".to_owned())]);
 
     let database: String = sqlx::query_scalar("SELECT current_database()")

@@ -286,7 +286,9 @@ impl PrivateServices {
         let dir = tempfile::Builder::new()
             .prefix("larder-private-services.")
             .tempdir_in(&parent)
-            .unwrap_or_else(|error| panic!("creating a directory in {}: {error}", parent.display()));
+            .unwrap_or_else(|error| {
+                panic!("creating a directory in {}: {error}", parent.display())
+            });
         let mut args = vec!["start"];
         args.extend_from_slice(services);
         services_ctl_in(dir.path(), &args).await;
