@@ -73,6 +73,13 @@ bash "$repo/ops/services.sh" start "$services_dir"
 source "$services_dir/env"
 phase_done services
 
+# CLI and crash tests run the real binaries (ingest-api, the workers,
+# larder): build them first and tell the tests where they are.
+say "building the binaries (cargo build --workspace --bins)"
+cargo build --workspace --bins
+export LARDER_TEST_BIN_DIR="$CARGO_TARGET_DIR/debug"
+phase_done build
+
 say "running the test suite (cargo nextest run --workspace $*)"
 suite_status=0
 cargo nextest run --workspace "$@" || suite_status=$?
