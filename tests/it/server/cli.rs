@@ -50,11 +50,17 @@ impl Running {
     /// Starts `ingest-api --config CONFIG --listen 127.0.0.1:0` with JSON
     /// logs, so that the "serving" line names the address.
     fn start(config: &Path) -> Self {
+        Self::start_with(config, &[])
+    }
+
+    /// [`start`](Self::start) with extra environment variables.
+    fn start_with(config: &Path, env: &[(&str, &str)]) -> Self {
         let mut child = ingest_api()
             .arg("--config")
             .arg(config)
             .args(["--listen", "127.0.0.1:0"])
             .env("LARDER_LOG__FORMAT", "json")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -211,6 +217,40 @@ async fn first_start_writes_a_config_and_prints_a_working_root_token_once() {
         std::fs::read_to_string(&config).expect("reading the config"),
         before
     );
+}
+
+/// Behind a reverse proxy, `api-endpoint` (here from the environment) is
+/// what the login line and the cache answers name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_start_names_the_configured_api_endpoint() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let config = dir.path().join("server.toml");
+    let mut server = Running::start_with(
+        &config,
+        &[("LARDER_API_ENDPOINT", "https://cache.example.org/larder")],
+    );
+    let (endpoint, token) = server.wait_for(|line| {
+        let rest = line.trim().strip_prefix("larder login local ")?;
+        let (endpoint, token) = rest.split_once(' ')?;
+        Some((endpoint.to_owned(), token.trim().to_owned()))
+    });
+    assert_eq!(endpoint, "https://cache.example.org/larder/");
+    let address = server.serving_address();
+    let created: CacheConfig = ok_json(
+        reqwest::Client::new()
+            .post(format!("http://{address}/_api/v1/cache-config/proxied"))
+            .bearer_auth(&token)
+            .json(&serde_json::json!({}))
+            .send()
+            .await
+            .expect("creating a cache"),
+    )
+    .await;
+    assert_eq!(
+        created.substituter_endpoint.as_deref(),
+        Some("https://cache.example.org/larder/proxied")
+    );
+    server.stop();
 }
 
 #[test]

@@ -54,6 +54,11 @@ async fn nix_substitutes_a_private_closure_with_signatures_required(backend: Bac
             .expect("adding the big tree");
         let mut paths = store.paths.clone();
         paths.push(big);
+        // The pusher's own signatures travel with the paths; the cache's
+        // is added beside them when serving.
+        let pusher = env.keygen("pusher-1").expect("a pusher key");
+        env.sign(&store.root, &pusher.secret_key_file, &paths)
+            .expect("signing the source paths");
         (env, store, paths)
     })
     .await;
@@ -92,10 +97,14 @@ async fn nix_substitutes_a_private_closure_with_signatures_required(backend: Bac
     );
 
     // Private: without a token the cache looks empty to Nix.
-    let top = &sources[sources.len() - 2];
-    let hash = &top.path["/nix/store/".len().."/nix/store/".len() + 32];
+    let built = sources
+        .iter()
+        .find(|source| store.built.contains(&source.path))
+        .expect("a built path");
+    let hash = &built.path["/nix/store/".len().."/nix/store/".len() + 32];
+    let narinfo_path = format!("/closure/{hash}.narinfo");
     api_error(
-        get(&server, &format!("/closure/{hash}.narinfo"), None).await,
+        get(&server, &narinfo_path, None).await,
         StatusCode::UNAUTHORIZED,
     )
     .await;
@@ -103,6 +112,15 @@ async fn nix_substitutes_a_private_closure_with_signatures_required(backend: Bac
     let token = server
         .mint("nix-client", HOUR, &[("closure", &[Permission::Pull])])
         .await;
+    let narinfo =
+        String::from_utf8(ok_bytes(get(&server, &narinfo_path, Some(&token)).await).await)
+            .expect("a text narinfo");
+    let signers: Vec<&str> = narinfo
+        .lines()
+        .filter_map(|line| line.strip_prefix("Sig: "))
+        .filter_map(|signature| signature.split_once(':').map(|(name, _)| name))
+        .collect();
+    assert_eq!(signers, ["closure-1", "pusher-1"], "{narinfo}");
     let cache_url = server.cache_url("closure");
     let (pull_paths, pulled) = {
         let token = token.clone();

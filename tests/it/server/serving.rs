@@ -212,3 +212,20 @@ async fn a_missing_chunk_is_a_503_before_any_byte() {
         nar
     );
 }
+
+/// `GET /` tells a person who opens the URL what this is and how to use it.
+#[tokio::test]
+async fn the_landing_page_says_what_this_server_is() {
+    let server = TestServer::sqlite().await;
+    let response = get(&server, "/", None).await;
+    assert_eq!(
+        header(&response, CONTENT_TYPE),
+        Some("text/html; charset=utf-8")
+    );
+    let page = String::from_utf8(ok_bytes(response).await).expect("HTML text");
+    assert!(page.contains("Nix</a> binary cache"), "{page}");
+    assert!(
+        page.contains(&format!("larder login myserver {}/", server.url())),
+        "{page}"
+    );
+}
