@@ -43,17 +43,21 @@ pub const REVOCATION_REFRESH_INTERVAL: Duration = Duration::from_secs(2);
 const ROOT_TOKEN_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Why the server could not start or an admin command failed.
+///
+/// Each variant names the step and leaves the cause to `source()`, so that
+/// a report of the whole chain (`{:#}` through anyhow, as `main` prints)
+/// shows every cause once.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("database: {0}")]
+    #[error("database")]
     Database(#[from] DbError),
-    #[error("storage: {0}")]
+    #[error("storage")]
     Storage(#[from] StorageError),
-    #[error("token signing key: {0}")]
+    #[error("token signing key")]
     Key(#[from] KeyError),
-    #[error("minting a token: {0}")]
+    #[error("minting a token")]
     Mint(#[from] MintError),
-    #[error("serving: {0}")]
+    #[error("serving")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Internal(String),
@@ -68,6 +72,15 @@ pub fn signing_key(config: &ServerConfig) -> Result<TokenSigningKey, ServerError
         // `ServerConfig::validate` guarantees one of the two.
         (None, None) => return Err(ServerError::Internal("no token signing key configured".into())),
     })
+}
+
+/// Checks what can be checked without connecting anywhere
+/// (`--mode check-config`): the token-signing key is usable and the
+/// database URL names a supported database.
+pub fn check_config(config: &ServerConfig) -> Result<(), ServerError> {
+    signing_key(config)?;
+    common::db::Backend::from_url(config.database.url.expose())?;
+    Ok(())
 }
 
 /// Applies database migrations (`--mode migrate`).

@@ -170,39 +170,41 @@ async fn serve(
     config_path: &std::path::Path,
     listen: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<()> {
-    let prepared = first_start::prepare(config_path)?;
+    // A check reads the config and never writes one; the other modes
+    // create it on first start.
+    let prepared = match mode {
+        Mode::CheckConfig => {
+            let config = first_start::load_existing(config_path)?;
+            ingest_api::check_config(&config)?;
+            println!("configuration {} is valid", config_path.display());
+            return Ok(());
+        }
+        Mode::Migrate | Mode::Monolithic => first_start::prepare(config_path)?,
+    };
     let mut config = prepared.config;
     if let Some(listen) = listen {
         config.listen = listen;
     }
-    match mode {
-        Mode::CheckConfig => {
-            println!("configuration {} is valid", config_path.display());
-            Ok(())
-        }
-        Mode::Migrate => {
-            ingest_api::migrate(&config).await?;
-            println!("database migrations applied");
-            Ok(())
-        }
-        Mode::Monolithic => {
-            ingest_api::logging::init(config.log.format);
-            let listener = tokio::net::TcpListener::bind(config.listen)
-                .await
-                .with_context(|| format!("binding {}", config.listen))?;
-            let server = ingest_api::Server::build(config, listener).await?;
-            if prepared.created {
-                let token = server.mint_root_token().await?;
-                println!("Larder is set up: the config is {}", config_path.display());
-                println!("A root token with every permission on every cache (keep it secret):");
-                println!();
-                println!("    larder login local {} {}", server.public_endpoint(), token);
-                println!();
-            }
-            server.run_until(shutdown_signal()).await?;
-            Ok(())
-        }
+    if mode == Mode::Migrate {
+        ingest_api::migrate(&config).await?;
+        println!("database migrations applied");
+        return Ok(());
     }
+    ingest_api::logging::init(config.log.format);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let server = ingest_api::Server::build(config, listener).await?;
+    if prepared.created {
+        let token = server.mint_root_token().await?;
+        println!("Larder is set up: the config is {}", config_path.display());
+        println!("A root token with every permission on every cache (keep it secret):");
+        println!();
+        println!("    larder login local {} {}", server.public_endpoint(), token);
+        println!();
+    }
+    server.run_until(shutdown_signal()).await?;
+    Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM, the signals an operator or an init

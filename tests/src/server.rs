@@ -186,7 +186,7 @@ impl TestServer {
         let address = listener.local_addr().expect("the listener's address");
         let server = ingest_api::Server::build(config.clone(), listener)
             .await
-            .unwrap_or_else(|error| panic!("building the server: {error}"));
+            .unwrap_or_else(|error| panic!("building the server: {}", error_chain(&error)));
         let (shutdown, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run_until(async move {
             // A dropped sender stops the server as well.
@@ -445,6 +445,17 @@ impl Drop for TestServer {
             let _ = shutdown.send(());
         }
     }
+}
+
+/// An error and its causes, `: `-separated.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }
 
 /// A [`TokenBuilder`] with the given grants.

@@ -294,6 +294,26 @@ fn check_config_accepts_a_good_config_and_explains_a_broken_one() {
             good.replace("type = \"local\"", "type = \"floppy\""),
             "floppy",
         ),
+        // Well-formed TOML naming things the server cannot use: caught by
+        // the check, not at the first start.
+        (
+            good.replace(
+                "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI=",
+                "c2hvcnQ=",
+            ),
+            "HS256 token secret is 5 bytes long",
+        ),
+        (
+            good.replace(
+                "hs256-secret-base64 = \"c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI=\"",
+                "rs256-private-key-pem = \"-----BEGIN PRIVATE KEY-----\\nnonsense\\n-----END PRIVATE KEY-----\\n\"",
+            ),
+            "not an RSA private key in PEM format",
+        ),
+        (
+            good.replace("sqlite://", "mysql://"),
+            "unsupported database url scheme \"mysql\"",
+        ),
     ];
     for (config, expected) in broken {
         std::fs::write(&path, &config).expect("writing the config");
@@ -305,11 +325,31 @@ fn check_config_accepts_a_good_config_and_explains_a_broken_one() {
         assert!(!output.status.success(), "accepted:\n{config}");
         assert!(stderr.contains(expected), "{expected:?} not in {stderr:?}");
         assert!(stderr.starts_with("ingest-api: "), "{stderr}");
+        // Each cause once: a message that repeats its cause hides it.
+        assert_eq!(
+            stderr.matches(expected).count(),
+            1,
+            "{expected:?} repeated in {stderr:?}"
+        );
         assert!(
             !stderr.contains("c2VjcmV0"),
             "no secret in errors: {stderr}"
         );
     }
+
+    // Checking a config that does not exist is an error, and writes none.
+    let missing = dir.path().join("missing").join("server.toml");
+    let output = run(ingest_api()
+        .arg("--config")
+        .arg(&missing)
+        .args(["--mode", "check-config"]));
+    assert!(!output.status.success(), "{}", text(&output.stdout));
+    assert!(
+        text(&output.stderr).contains("no config file at"),
+        "{}",
+        text(&output.stderr)
+    );
+    assert!(!missing.exists(), "check-config created a config");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
