@@ -299,6 +299,30 @@ async fn hs256_and_rs256_servers_each_accept_only_their_own_tokens() {
         error.message
     );
 
+    // `make-token` mints with whichever key the config holds.
+    let output = tokio::process::Command::new(tests::server::binary("ingest-api"))
+        .arg("make-token")
+        .arg("--config")
+        .arg(rs.config_path())
+        .args(["--sub", "cli", "--validity", "1h", "--pull", "private"])
+        .env_remove("LARDER_CONFIG")
+        .output()
+        .await
+        .expect("running ingest-api make-token");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let cli_token = String::from_utf8(output.stdout).expect("UTF-8");
+    let cli_token = cli_token.lines().last().expect("the token line");
+    ok_bytes(get(&rs, &rs_narinfo, Some(cli_token)).await).await;
+    api_error(
+        get(&hs, &hs_narinfo, Some(cli_token)).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+
     // Right algorithm, wrong key: the signature fails.
     let other_rsa = TokenSigningKey::rs256_from_pem(OTHER_RS256_PEM).expect("the second RSA key");
     let forged = token_builder("r", HOUR, grants)
