@@ -25,13 +25,13 @@ const TOP_LEVEL_KEYS: &[&str] = &["listen", "api-endpoint", "database", "storage
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading config file {path}: {source}")]
+    #[error("reading config file {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("config file {path} is not valid TOML: {source}")]
+    #[error("config file {path} is not valid TOML")]
     Syntax {
         path: PathBuf,
         #[source]

@@ -23,7 +23,7 @@ pub enum FirstStartError {
     NoConfigHome,
     #[error("no config file at {0}: start the server once to create it, or pass --config")]
     Missing(PathBuf),
-    #[error("creating {path}: {source}")]
+    #[error("creating {path}")]
     Create {
         path: PathBuf,
         #[source]

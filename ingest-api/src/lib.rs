@@ -201,7 +201,10 @@ async fn refresh_revocations(database: Database, revocations: Arc<RevocationList
         }
         match database.revoked_jtis().await {
             Ok(revoked) => revocations.replace(revoked),
-            Err(error) => tracing::warn!(%error, "could not reload revoked tokens; keeping the last list"),
+            Err(error) => tracing::warn!(
+                error = format!("{:#}", anyhow::Error::new(error)),
+                "could not reload revoked tokens; keeping the last list"
+            ),
         }
     }
 }

@@ -39,10 +39,12 @@ pub enum HashError {
     UnknownAlgorithm { text: String },
     #[error("hash {text:?} has a digest of {len} characters, expected 52 (base-32), 64 (hex) or 44 (base64)")]
     WrongLength { text: String, len: usize },
-    #[error("invalid base-32 in hash {text:?}: {source}")]
+    // `cause` rather than `source`: the message already says it, and a
+    // source would print it twice in an error chain.
+    #[error("invalid base-32 in hash {text:?}: {cause}")]
     Base32 {
         text: String,
-        source: base32::Base32Error,
+        cause: base32::Base32Error,
     },
     #[error("invalid hex in hash {text:?}")]
     Hex { text: String },
@@ -74,9 +76,9 @@ impl Sha256Hash {
         if let Some(digest) = text.strip_prefix("sha256:") {
             match digest.len() {
                 SHA256_BASE32_LEN => {
-                    Self::from_base32(digest).map_err(|source| HashError::Base32 {
+                    Self::from_base32(digest).map_err(|cause| HashError::Base32 {
                         text: text.to_owned(),
-                        source,
+                        cause,
                     })
                 }
                 SHA256_HEX_LEN => Self::from_hex(digest).ok_or_else(|| HashError::Hex {

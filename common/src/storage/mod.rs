@@ -32,7 +32,7 @@ pub enum StorageError {
     NotFound(ObjectKey),
     #[error("invalid object key {key:?}: {reason}")]
     InvalidKey { key: String, reason: &'static str },
-    #[error("storage i/o on {key}: {source}")]
+    #[error("storage i/o on {key}")]
     Io {
         key: String,
         #[source]

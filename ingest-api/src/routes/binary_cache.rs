@@ -158,7 +158,7 @@ fn signed_narinfo(cache: &Cache, found: &ObjectWithNar) -> Result<NarInfo, ApiEr
         compression: Compression::Zstd,
         file_hash: None,
         file_size: found.nar.file_size,
-        nar_hash: found.nar.nar_hash.clone(),
+        nar_hash: found.nar.nar_hash,
         nar_size: found.nar.nar_size,
         references,
         deriver,
