@@ -1,0 +1,453 @@
+#!/usr/bin/env bash
+# The serving benchmark (issue 3): Larder's `ingest-api` (release build)
+# against nginx from Debian serving the same bytes, in one run on this
+# machine. Not a test: it reports figures and ratios, it asserts no timing.
+#
+#   ops/bench-serve.sh [--duration SECONDS] [--wrk-reps N] [--nar-reps N]
+#                      [--nar-mib N] [--narinfo-source DIR] [--nar-source DIR]
+#                      [--out FILE] [--no-build] [--keep]
+#
+# What it measures:
+#   1. narinfo requests/s with wrk at 1 and 16 connections, the same
+#      narinfo of a private cache (token sent as `Authorization: Bearer`):
+#      Larder renders and signs it per request; nginx serves the text Larder
+#      rendered, saved as a static file. Target: Larder >= 0.5x nginx.
+#   2. NAR download MiB/s on one stream (curl, median of --nar-reps) of a
+#      large multi-chunk NAR: Larder streams it from its chunk objects;
+#      nginx serves the identical compressed bytes saved from Larder's
+#      response. Target: Larder >= 0.2x nginx.
+#   3. Each server's CPU time per request (from /proc/PID/stat) and its
+#      peak resident memory (VmHWM, summed over nginx's processes).
+#
+# How: a fresh directory under /tmp holds everything. `ingest-api --mode
+# migrate` creates a first-start config there (SQLite, storage directory);
+# `bench_serve` (tests/src/bin/bench_serve.rs) seeds a private cache through
+# the store layer with two paths: the NAR of --narinfo-source (default
+# /usr/lib/python3.11) for the narinfo, and a flat NAR of the first
+# --nar-mib MiB (default 320) of regular files under --nar-source (default
+# /usr/lib/x86_64-linux-gnu), cut into 64 KiB chunks, for the download.
+# `ingest-api make-token` mints a pull token; then the server and nginx start
+# on 127.0.0.1, each on a free port picked at random. Every process started
+# here is stopped on the way out, by pid, also on failure or Ctrl-C.
+#
+# Installs wrk, nginx, curl and zstd from Debian when missing (idempotent;
+# nginx's package is kept from starting its own service), and builds the two
+# binaries in release mode unless --no-build. The result table goes to
+# stdout and to --out (default ops/bench-results/serve-<UTC date>.txt).
+# Defaults: --duration 10 (seconds per wrk run), --wrk-reps 3 (median),
+# --nar-reps 5 (median). --keep keeps the work directory.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+repo=$(pwd)
+
+export PATH="$HOME/.cargo/bin:$PATH"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/larder/target}
+
+readonly HOST=127.0.0.1
+
+duration=10
+wrk_reps=3
+nar_reps=5
+nar_mib=320
+narinfo_source=/usr/lib/python3.11
+nar_source=/usr/lib/x86_64-linux-gnu
+out=
+build=1
+keep=0
+
+say() { printf 'bench-serve: %s\n' "$*" >&2; }
+die() {
+    say "error: $*"
+    exit 1
+}
+usage() {
+    sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0" >&2
+    exit 2
+}
+
+while (($#)); do
+    case $1 in
+        --duration) duration=${2:?}; shift 2 ;;
+        --wrk-reps) wrk_reps=${2:?}; shift 2 ;;
+        --nar-reps) nar_reps=${2:?}; shift 2 ;;
+        --nar-mib) nar_mib=${2:?}; shift 2 ;;
+        --narinfo-source) narinfo_source=${2:?}; shift 2 ;;
+        --nar-source) nar_source=${2:?}; shift 2 ;;
+        --out) out=${2:?}; shift 2 ;;
+        --no-build) build=0; shift ;;
+        --keep) keep=1; shift ;;
+        -h | --help) usage ;;
+        *) usage ;;
+    esac
+done
+for number in "$duration" "$wrk_reps" "$nar_reps" "$nar_mib"; do
+    [[ $number =~ ^[1-9][0-9]*$ ]] || die "expected a positive whole number, got '$number'"
+done
+[[ -d $narinfo_source ]] || die "--narinfo-source $narinfo_source is not a directory"
+[[ -d $nar_source ]] || die "--nar-source $nar_source is not a directory"
+started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+if [[ -z $out ]]; then
+    out=$repo/ops/bench-results/serve-$(date -u +%Y%m%d-%H%M%S).txt
+fi
+
+# --- tools -------------------------------------------------------------------
+
+install_tools() {
+    local missing=() tool package
+    for tool in wrk:wrk nginx:nginx curl:curl zstd:zstd; do
+        package=${tool#*:}
+        command -v "${tool%%:*}" >/dev/null || missing+=("$package")
+    done
+    ((${#missing[@]})) || return 0
+    [[ $EUID -eq 0 ]] || die "missing ${missing[*]}: install them (apt-get install ${missing[*]}) or run as root"
+    say "installing ${missing[*]}"
+    # Debian's nginx package starts a system-wide nginx on port 80 when
+    # installed; a policy-rc.d that refuses every service start prevents
+    # that. It is created only if there is none, and removed right after.
+    local policy=/usr/sbin/policy-rc.d made_policy=0
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        made_policy=1
+    fi
+    local status=0
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; } || status=$?
+    ((made_policy)) && rm -f "$policy"
+    ((status == 0)) || die "apt-get install ${missing[*]} failed"
+}
+install_tools
+
+if ((build)); then
+    say "building ingest-api and bench_serve (release)"
+    cargo build --release --quiet -p ingest-api -p tests --bin ingest-api --bin bench_serve
+fi
+bin=$CARGO_TARGET_DIR/release
+for binary in ingest-api bench_serve; do
+    [[ -x $bin/$binary ]] || die "$bin/$binary is missing: run without --no-build"
+done
+
+# --- processes and cleanup ---------------------------------------------------
+
+work=$(mktemp -d /tmp/larder-bench-serve.XXXXXX)
+server_pid=
+nginx_pid=
+larder_port=
+nginx_port=
+
+# Stops one process started here: TERM, up to 10 s, then KILL.
+stop_pid() {
+    local pid=$1 waited=0
+    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    while kill -0 "$pid" 2>/dev/null && ((waited < 100)); do
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    stop_pid "$server_pid"
+    stop_pid "$nginx_pid"
+    if ((status == 0 && keep == 0)); then
+        rm -rf "$work"
+    else
+        say "work directory kept: $work"
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+port_in_use() {
+    local port=$1
+    if (exec 3<>"/dev/tcp/$HOST/$port") 2>/dev/null; then
+        return 0
+    fi
+    command -v ss >/dev/null && [[ -n $(ss -Htan "sport = :$port" 2>/dev/null) ]]
+}
+
+# Sets the variable named $1 to a free port in 20000-32000 (below the
+# kernel's ephemeral range), picked at random, other than those taken here.
+taken_ports=" "
+pick_port() {
+    local port tries
+    for tries in {1..100}; do
+        port=$((20000 + RANDOM % 12000))
+        if [[ $taken_ports != *" $port "* ]] && ! port_in_use "$port"; then
+            taken_ports+="$port "
+            printf -v "$1" '%s' "$port"
+            return 0
+        fi
+    done
+    die "found no free port in 20000-32000 after $tries tries"
+}
+
+# Waits until `curl URL` gets any HTTP answer, while process PID lives.
+wait_http() {
+    local url=$1 pid=$2 log=$3 waited=0
+    until curl -s -o /dev/null "$url"; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            tail -n 20 "$log" >&2 || true
+            die "the process serving $url exited"
+        fi
+        ((waited < 300)) || die "$url did not answer within 30 s"
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+}
+
+# utime + stime, in clock ticks, of the given pids together.
+cpu_ticks() {
+    local pid total=0 fields
+    for pid in "$@"; do
+        # Field 2 (the command) is in parentheses and may hold spaces:
+        # take what follows the last ')'. utime and stime are then the
+        # 12th and 13th fields.
+        fields=$(sed 's/.*) //' "/proc/$pid/stat") || continue
+        read -r -a parts <<<"$fields"
+        total=$((total + parts[11] + parts[12]))
+    done
+    echo "$total"
+}
+
+# VmHWM in KiB, summed over the given pids.
+peak_rss_kib() {
+    local pid total=0 value
+    for pid in "$@"; do
+        value=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+        total=$((total + ${value:-0}))
+    done
+    echo "$total"
+}
+
+nginx_pids() {
+    local workers
+    workers=$(pgrep -P "$nginx_pid" | tr '\n' ' ' || true)
+    echo "$nginx_pid $workers"
+}
+
+median() {
+    sort -g | awk '{ v[NR] = $1 } END { printf "%.1f\n", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+# --- Larder: config, seed, token, server ------------------------------------
+
+server_dir=$work/server
+mkdir -p "$server_dir"
+config=$server_dir/server.toml
+"$bin/ingest-api" --config "$config" --mode migrate >/dev/null
+
+say "seeding: the NAR of $narinfo_source, and $nar_mib MiB of files from $nar_source"
+"$bin/bench_serve" --config "$config" --narinfo-source "$narinfo_source" \
+    --nar-source "$nar_source" --nar-mib "$nar_mib" >"$work/seed.vars"
+declare -A seed
+while IFS='=' read -r key value; do
+    [[ $key =~ ^[A-Z0-9_]+$ ]] && seed[$key]=$value
+done <"$work/seed.vars"
+for key in CACHE NARINFO_HASH NARINFO_NAR_SIZE NARINFO_CHUNKS LARGE_NAR_URL LARGE_NAR_SIZE \
+    LARGE_FILE_SIZE LARGE_CHUNKS LARGE_FILES LARGE_NAR_SHA256_HEX; do
+    [[ -n ${seed[$key]:-} ]] || die "bench_serve printed no $key"
+done
+cache=${seed[CACHE]}
+
+token=$("$bin/ingest-api" make-token --config "$config" --sub bench-serve \
+    --validity 1d --pull "$cache" | tail -n 1)
+auth="Authorization: Bearer $token"
+
+pick_port larder_port
+RUST_LOG=warn "$bin/ingest-api" --config "$config" --listen "$HOST:$larder_port" \
+    >"$work/server.log" 2>&1 &
+server_pid=$!
+larder=http://$HOST:$larder_port
+wait_http "$larder/" "$server_pid" "$work/server.log"
+say "ingest-api (pid $server_pid) serves $larder"
+
+# --- the bytes Larder serves, saved for nginx --------------------------------
+
+www=$work/www
+narinfo_path=/$cache/${seed[NARINFO_HASH]}.narinfo
+nar_path=/$cache/${seed[LARGE_NAR_URL]}
+mkdir -p "$www/$cache/nar"
+
+code=$(curl -s -H "$auth" -o "$www$narinfo_path" -w '%{http_code}' "$larder$narinfo_path")
+[[ $code == 200 ]] || die "GET $narinfo_path answered $code: $(head -c 300 "$www$narinfo_path")"
+# Without the token the cache is private: this must not be a 200.
+code=$(curl -s -o /dev/null -w '%{http_code}' "$larder$narinfo_path")
+[[ $code == 401 ]] || die "GET $narinfo_path without a token answered $code, expected 401"
+narinfo_bytes=$(stat -c %s "$www$narinfo_path")
+
+code=$(curl -s -H "$auth" -o "$www$nar_path" -w '%{http_code}' "$larder$nar_path")
+[[ $code == 200 ]] || die "GET $nar_path answered $code"
+nar_file_bytes=$(stat -c %s "$www$nar_path")
+[[ $nar_file_bytes == "${seed[LARGE_FILE_SIZE]}" ]] ||
+    die "the NAR download is $nar_file_bytes bytes; its narinfo says ${seed[LARGE_FILE_SIZE]}"
+say "checking that the downloaded NAR decompresses to the seeded one"
+nar_sha=$(zstd -dcq "$www$nar_path" | sha256sum | cut -d' ' -f1)
+[[ $nar_sha == "${seed[LARGE_NAR_SHA256_HEX]}" ]] ||
+    die "the downloaded NAR decompresses to sha256 $nar_sha, not ${seed[LARGE_NAR_SHA256_HEX]}"
+chmod -R a+rX "$www"
+chmod a+x "$work"
+
+# --- nginx -------------------------------------------------------------------
+
+nginx_dir=$work/nginx
+mkdir -p "$nginx_dir/tmp"
+pick_port nginx_port
+sed -e "s|@WORKERS@|$(nproc)|g" -e "s|@DIR@|$nginx_dir|g" -e "s|@PORT@|$nginx_port|g" \
+    -e "s|@ROOT@|$www|g" "$repo/ops/bench/nginx.conf.in" >"$nginx_dir/nginx.conf"
+nginx -p "$nginx_dir" -c "$nginx_dir/nginx.conf" -e "$nginx_dir/error.log" \
+    >"$nginx_dir/stdout.log" 2>&1 &
+nginx_pid=$!
+reference=http://$HOST:$nginx_port
+wait_http "$reference/" "$nginx_pid" "$nginx_dir/error.log"
+cmp -s <(curl -s "$reference$narinfo_path") "$www$narinfo_path" ||
+    die "nginx does not serve the saved narinfo"
+say "nginx (pid $nginx_pid) serves $reference"
+
+# --- narinfo requests/s ------------------------------------------------------
+
+# One wrk run against URL with CONNECTIONS for SECONDS, the server being
+# the PIDS that follow; writes "requests/s requests cpu_ticks" to
+# $work/run. Fails when any answer was not a 2xx: a benchmark of errors
+# measures nothing. (Not called in a command substitution, so that a
+# failure stops the script.)
+wrk_run() {
+    local url=$1 connections=$2 seconds=$3 threads output requests rps errors before after
+    shift 3
+    threads=$((connections < 2 ? 1 : 2))
+    before=$(cpu_ticks "$@")
+    output=$(wrk -t "$threads" -c "$connections" -d "${seconds}s" -H "$auth" "$url")
+    after=$(cpu_ticks "$@")
+    errors=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' <<<"$output")
+    [[ -z $errors ]] || die "wrk got $errors non-2xx answers from $url"
+    if grep -q 'Socket errors' <<<"$output"; then
+        die "wrk saw socket errors on $url: $(grep 'Socket errors' <<<"$output")"
+    fi
+    rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$output")
+    requests=$(awk '/requests in/ {print $1}' <<<"$output")
+    [[ -n $rps && -n $requests ]] || die "could not read wrk's output: $output"
+    echo "$rps $requests $((after - before))" >"$work/run"
+}
+
+clock_ticks=$(getconf CLK_TCK)
+declare -A rps cpu_us
+for connections in 1 16; do
+    for target in larder nginx; do
+        if [[ $target == larder ]]; then
+            url=$larder$narinfo_path
+            pids=("$server_pid")
+        else
+            url=$reference$narinfo_path
+            read -r -a pids <<<"$(nginx_pids)"
+        fi
+        wrk_run "$url" "$connections" 2 "${pids[@]}" # warm-up
+        results=()
+        total_requests=0
+        total_ticks=0
+        for rep in $(seq 1 "$wrk_reps"); do
+            wrk_run "$url" "$connections" "$duration" "${pids[@]}"
+            read -r one_rps requests ticks <"$work/run"
+            results+=("$one_rps")
+            total_requests=$((total_requests + requests))
+            total_ticks=$((total_ticks + ticks))
+            say "narinfo, $connections connection(s), $target, run $rep: $one_rps requests/s"
+        done
+        rps[$target,$connections]=$(printf '%s\n' "${results[@]}" | median)
+        cpu_us[$target,$connections]=$(awk -v t="$total_ticks" -v hz="$clock_ticks" -v n="$total_requests" \
+            'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
+    done
+done
+larder_rss_after_narinfo=$(peak_rss_kib "$server_pid")
+
+# --- NAR download MiB/s ------------------------------------------------------
+
+# One download of URL, the server being the PIDS that follow; writes
+# "bytes/s cpu_ticks" to $work/run.
+nar_run() {
+    local url=$1 before after result code size speed
+    shift
+    before=$(cpu_ticks "$@")
+    result=$(curl -s -H "$auth" -o /dev/null -w '%{http_code} %{size_download} %{speed_download}' "$url")
+    after=$(cpu_ticks "$@")
+    read -r code size speed <<<"$result"
+    [[ $code == 200 ]] || die "GET $url answered $code"
+    [[ $size == "$nar_file_bytes" ]] || die "GET $url sent $size bytes, expected $nar_file_bytes"
+    echo "$speed $((after - before))" >"$work/run"
+}
+
+declare -A mibps nar_cpu_s
+for target in larder nginx; do
+    if [[ $target == larder ]]; then
+        url=$larder$nar_path
+        pids=("$server_pid")
+    else
+        url=$reference$nar_path
+        read -r -a pids <<<"$(nginx_pids)"
+    fi
+    nar_run "$url" "${pids[@]}" # warm-up: the page cache
+    results=()
+    total_ticks=0
+    for rep in $(seq 1 "$nar_reps"); do
+        nar_run "$url" "${pids[@]}"
+        read -r speed ticks <"$work/run"
+        one=$(awk -v s="$speed" 'BEGIN { printf "%.1f", s / 1048576 }')
+        results+=("$one")
+        total_ticks=$((total_ticks + ticks))
+        say "NAR download, $target, run $rep: $one MiB/s"
+    done
+    mibps[$target]=$(printf '%s\n' "${results[@]}" | median)
+    nar_cpu_s[$target]=$(awk -v t="$total_ticks" -v hz="$clock_ticks" -v n="$nar_reps" \
+        'BEGIN { printf "%.2f", t / hz / n }')
+done
+
+larder_rss=$(peak_rss_kib "$server_pid")
+read -r -a pids <<<"$(nginx_pids)"
+nginx_rss=$(peak_rss_kib "${pids[@]}")
+
+# --- report ------------------------------------------------------------------
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
+verdict() { awk -v r="$1" -v t="$2" 'BEGIN { print (r >= t ? "met" : "MISSED") }'; }
+mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+
+r1=$(ratio "${rps[larder,1]}" "${rps[nginx,1]}")
+r16=$(ratio "${rps[larder,16]}" "${rps[nginx,16]}")
+rnar=$(ratio "${mibps[larder]}" "${mibps[nginx]}")
+
+report=$work/report.txt
+{
+    echo "Larder serving benchmark, $started_at"
+    echo "machine: $(nproc) cores, $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r)"
+    echo "larder: $(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD -- ingest-api common 2>/dev/null || echo '+changes'), release build; $(nginx -v 2>&1 | sed 's/.*: //'); $(wrk -v 2>&1 | head -n 1 | cut -d' ' -f1-2)"
+    echo "narinfo: $narinfo_path, $narinfo_bytes bytes, signed per request (NAR of $narinfo_source: ${seed[NARINFO_NAR_SIZE]} bytes, ${seed[NARINFO_CHUNKS]} chunks)"
+    echo "large NAR: ${seed[LARGE_FILES]} files of $nar_source, ${seed[LARGE_NAR_SIZE]} bytes, ${seed[LARGE_CHUNKS]} chunks of 64 KiB, $nar_file_bytes bytes compressed"
+    echo "wrk: ${duration} s per run, median of $wrk_reps runs after a 2 s warm-up; NAR: curl, one stream, median of $nar_reps after one warm-up"
+    echo
+    printf '%-34s %12s %12s %7s %8s  %s\n' "" Larder nginx ratio target ""
+    printf '%-34s %12s %12s %7s %8s  %s\n' "narinfo requests/s, 1 connection" \
+        "${rps[larder,1]}" "${rps[nginx,1]}" "$r1" ">= 0.5" "$(verdict "$r1" 0.5)"
+    printf '%-34s %12s %12s %7s %8s  %s\n' "narinfo requests/s, 16 connections" \
+        "${rps[larder,16]}" "${rps[nginx,16]}" "$r16" ">= 0.5" "$(verdict "$r16" 0.5)"
+    printf '%-34s %12s %12s %7s %8s  %s\n' "NAR download MiB/s, 1 stream" \
+        "${mibps[larder]}" "${mibps[nginx]}" "$rnar" ">= 0.2" "$(verdict "$rnar" 0.2)"
+    echo
+    printf '%-34s %12s %12s\n' "server CPU us/request, 1 conn" "${cpu_us[larder,1]}" "${cpu_us[nginx,1]}"
+    printf '%-34s %12s %12s\n' "server CPU us/request, 16 conns" "${cpu_us[larder,16]}" "${cpu_us[nginx,16]}"
+    printf '%-34s %12s %12s\n' "server CPU s per NAR download" "${nar_cpu_s[larder]}" "${nar_cpu_s[nginx]}"
+    printf '%-34s %12s %12s\n' "peak RSS MiB (VmHWM), whole run" "$(mib "$larder_rss")" "$(mib "$nginx_rss")"
+    printf '%-34s %12s\n' "  Larder's after the narinfo runs" "$(mib "$larder_rss_after_narinfo")"
+    echo "(nginx's RSS is summed over its master and $(($(wc -w <<<"${pids[*]}") - 1)) workers)"
+} >"$report"
+
+mkdir -p "$(dirname "$out")"
+cp "$report" "$out"
+echo
+cat "$report"
+echo
+say "written to $out"
