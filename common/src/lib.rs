@@ -14,6 +14,8 @@ pub mod config;
 pub mod db;
 pub mod duration;
 pub mod nix;
+#[cfg(feature = "queue")]
+pub mod queue;
 #[cfg(feature = "storage")]
 pub mod storage;
 pub mod time;

@@ -6,5 +6,6 @@
 
 mod db;
 mod nix_formats;
+mod queue;
 mod server;
 mod services;
