@@ -102,6 +102,21 @@ pub struct DatabaseConfig {
 pub enum StorageConfig {
     /// A directory on this machine.
     Local { path: PathBuf },
+    /// An S3 bucket reached with path-style addressing over plain HTTP
+    /// (Garage, MinIO, ...), for the distributed topology.
+    #[serde(rename_all = "kebab-case")]
+    S3 {
+        /// The service's base URL, `http://HOST:PORT`.
+        endpoint: String,
+        region: String,
+        bucket: String,
+        access_key_id: String,
+        secret_access_key: Secret,
+        /// Prepended to every key (`larder/`), so several uses can share
+        /// one bucket; empty for the bucket's root.
+        #[serde(default)]
+        prefix: String,
+    },
 }
 
 /// How API tokens are signed. Exactly one of the two keys is set.
@@ -182,6 +197,14 @@ impl ServerConfig {
                 ))
             }
             _ => {}
+        }
+        if let StorageConfig::S3 { endpoint, .. } = &self.storage {
+            // The S3 client is built without a TLS stack.
+            if !endpoint.starts_with("http://") {
+                return Err(ConfigError::Invalid(format!(
+                    "storage.endpoint {endpoint:?} must start with http:// (no TLS support is built in)"
+                )));
+            }
         }
         if let Some(endpoint) = &self.api_endpoint {
             if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
@@ -335,5 +358,45 @@ mod tests {
         let conflict =
             load(&with_listen, &[("LARDER_LISTEN__PORT", "1")]).expect_err("listen is not a table");
         assert!(matches!(conflict, ConfigError::EnvConflict { .. }));
+    }
+
+    #[test]
+    fn s3_storage_is_read_from_the_file_and_environment() {
+        let text = MINIMAL.replace(
+            "type = \"local\"\n        path = \"/var/lib/larder/storage\"",
+            "type = \"s3\"\n        endpoint = \"http://127.0.0.1:3900\"\n        \
+             region = \"garage\"\n        bucket = \"larder\"\n        \
+             access-key-id = \"GK1\"",
+        );
+        let config = load(
+            &text,
+            &[("LARDER_STORAGE__SECRET_ACCESS_KEY", "from-the-environment")],
+        )
+        .expect("valid config");
+        let StorageConfig::S3 {
+            endpoint,
+            bucket,
+            access_key_id,
+            secret_access_key,
+            prefix,
+            ..
+        } = &config.storage
+        else {
+            panic!("expected S3 storage: {:?}", config.storage);
+        };
+        assert_eq!(endpoint, "http://127.0.0.1:3900");
+        assert_eq!(bucket, "larder");
+        assert_eq!(access_key_id, "GK1");
+        assert_eq!(secret_access_key.expose(), "from-the-environment");
+        assert_eq!(prefix, "");
+        assert!(!format!("{config:?}").contains("from-the-environment"));
+
+        let https = text.replace("http://127.0.0.1:3900", "https://s3.example.com");
+        let error = load(
+            &https,
+            &[("LARDER_STORAGE__SECRET_ACCESS_KEY", "from-the-environment")],
+        )
+        .expect_err("no TLS stack");
+        assert!(error.to_string().contains("http://"), "{error}");
     }
 }

@@ -30,7 +30,7 @@ use common::auth::{
 use common::cache_name::{CacheNameError, CacheNamePattern};
 use common::config::{ServerConfig, StorageConfig};
 use common::db::{Database, DbError};
-use common::storage::{LocalStorage, Storage, StorageError};
+use common::storage::{LocalStorage, S3Options, S3Storage, Storage, StorageError};
 
 pub use routes::router;
 pub use state::{AppState, Shared};
@@ -92,6 +92,21 @@ pub async fn migrate(config: &ServerConfig) -> Result<(), ServerError> {
 async fn open_storage(config: &StorageConfig) -> Result<Arc<dyn Storage>, ServerError> {
     Ok(match config {
         StorageConfig::Local { path } => Arc::new(LocalStorage::open(path).await?),
+        StorageConfig::S3 {
+            endpoint,
+            region,
+            bucket,
+            access_key_id,
+            secret_access_key,
+            prefix,
+        } => Arc::new(S3Storage::new(S3Options {
+            endpoint: endpoint.clone(),
+            region: region.clone(),
+            bucket: bucket.clone(),
+            access_key_id: access_key_id.clone(),
+            secret_access_key: secret_access_key.clone(),
+            prefix: prefix.clone(),
+        })?),
     })
 }
 

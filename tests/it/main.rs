@@ -9,3 +9,4 @@ mod nix_formats;
 mod queue;
 mod server;
 mod services;
+mod storage;

@@ -1,6 +1,6 @@
 //! Object storage for chunks and staged uploads: one small trait, a local
-//! directory backend for a single machine, and (later) S3 for the
-//! distributed topology.
+//! directory backend for a single machine, and S3 (feature `storage-s3`) for
+//! the distributed topology.
 //!
 //! Keys are validated relative paths (`chunks/ab/abcd….zst`,
 //! `staging/<upload id>.nar`), so no backend ever has to defend itself
@@ -8,6 +8,8 @@
 //! caller (GC, reaper, retrying worker) must be idempotent.
 
 mod local;
+#[cfg(feature = "storage-s3")]
+mod s3;
 
 use std::fmt;
 use std::io;
@@ -18,6 +20,8 @@ use bytes::Bytes;
 use tokio::io::AsyncRead;
 
 pub use local::LocalStorage;
+#[cfg(feature = "storage-s3")]
+pub use s3::{S3Options, S3Storage, PARTS_IN_FLIGHT, PART_SIZE};
 
 /// A byte stream read from storage.
 pub type ObjectReader = Pin<Box<dyn AsyncRead + Send>>;
@@ -37,6 +41,14 @@ pub enum StorageError {
         key: String,
         #[source]
         source: io::Error,
+    },
+    /// A remote backend refused or failed a request; `message` holds what it
+    /// answered, or the chain of causes when no answer came.
+    #[error("{operation} of {key} failed: {message}")]
+    Backend {
+        operation: &'static str,
+        key: String,
+        message: String,
     },
 }
 

@@ -1,0 +1,644 @@
+//! The S3 storage backend, for the distributed topology: any S3 service
+//! reached with path-style addressing (Garage, MinIO, AWS itself).
+//!
+//! Every key lives under a configurable prefix, so staging and chunks can
+//! share one bucket. Small bodies are one `PutObject`; a streamed body larger
+//! than one part becomes a multipart upload whose parts are read one at a
+//! time and sent a few at once, so memory stays bounded whatever the object's
+//! size, and a failed or abandoned upload is aborted so it leaves neither an
+//! object nor orphaned parts (a bucket lifecycle rule that aborts incomplete
+//! multipart uploads remains the backstop for a process killed midway). S3 makes a completed `PutObject` or multipart upload
+//! visible atomically, which is the overwrite guarantee the [`Storage`] trait
+//! asks for.
+//!
+//! Only plain HTTP is built in: the workspace links no TLS stack (aws-lc needs
+//! a C toolchain and cmake). An `https://` endpoint is refused when the
+//! storage is opened, with a message saying so, rather than failing on the
+//! first request.
+
+use std::error::Error as StdError;
+use std::fmt;
+
+use async_trait::async_trait;
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::Client;
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::task::JoinSet;
+
+use super::{ObjectKey, ObjectReader, Storage, StorageError};
+use crate::config::Secret;
+
+/// Size of each part of a multipart upload, and the largest body sent as a
+/// single `PutObject`. Above S3's 5 MiB minimum part size; with S3's limit
+/// of 10 000 parts it caps an object at 80 000 MiB.
+pub const PART_SIZE: usize = 8 * 1024 * 1024;
+
+/// Parts uploaded at once. With the part being read, a streamed upload holds
+/// at most `(PARTS_IN_FLIGHT + 1) * PART_SIZE` bytes (24 MiB) in memory.
+pub const PARTS_IN_FLIGHT: usize = 2;
+
+/// S3's limit on the number of parts of one multipart upload.
+const MAX_PARTS: i32 = 10_000;
+
+/// Where the objects are and how to reach them.
+#[derive(Clone, Debug)]
+pub struct S3Options {
+    /// The service's base URL, e.g. `http://127.0.0.1:3900`; plain HTTP only.
+    pub endpoint: String,
+    /// The region to sign requests for (`garage` for Garage, `us-east-1`, ...).
+    pub region: String,
+    pub bucket: String,
+    pub access_key_id: String,
+    pub secret_access_key: Secret,
+    /// Prepended to every key: `""` for the bucket's root, or `/`-separated
+    /// segments such as `larder/chunks` (a trailing `/` is optional).
+    pub prefix: String,
+}
+
+/// Objects in one S3 bucket, under one key prefix.
+#[derive(Clone)]
+pub struct S3Storage {
+    client: Client,
+    bucket: String,
+    /// Empty, or ending with `/`.
+    prefix: String,
+    endpoint: String,
+    region: String,
+    access_key_id: String,
+}
+
+impl fmt::Debug for S3Storage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The client and the secret key are left out on purpose: the secret
+        // must never reach a log.
+        f.debug_struct("S3Storage")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("access_key_id", &self.access_key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl S3Storage {
+    /// Builds the client. Nothing is sent yet: an unreachable service or a
+    /// wrong key shows on the first request.
+    pub fn new(options: S3Options) -> Result<Self, StorageError> {
+        let prefix = normalise_prefix(&options.prefix)?;
+        if !options.endpoint.starts_with("http://") {
+            return Err(StorageError::Backend {
+                operation: "opening S3 storage",
+                key: options.bucket,
+                message: format!(
+                    "endpoint {:?} is not an http:// URL; this build has no TLS stack",
+                    options.endpoint
+                ),
+            });
+        }
+        let credentials = Credentials::new(
+            &options.access_key_id,
+            options.secret_access_key.expose(),
+            None,
+            None,
+            "larder-config",
+        );
+        let config = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .endpoint_url(&options.endpoint)
+            .region(Region::new(options.region.clone()))
+            .credentials_provider(credentials)
+            // Virtual-hosted addressing needs DNS per bucket; self-hosted
+            // services are reached by one host name.
+            .force_path_style(true)
+            .http_client(aws_smithy_http_client::Builder::new().build_http())
+            .build();
+        Ok(Self {
+            client: Client::from_conf(config),
+            bucket: options.bucket,
+            prefix,
+            endpoint: options.endpoint,
+            region: options.region,
+            access_key_id: options.access_key_id,
+        })
+    }
+
+    /// The S3 key `key` is stored under: the prefix, then the key.
+    pub fn object_name(&self, key: &ObjectKey) -> String {
+        format!("{}{}", self.prefix, key.as_str())
+    }
+
+    /// The bucket objects are stored in.
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// Sends `body` as one `PutObject`.
+    async fn put_object(&self, key: &ObjectKey, body: Bytes) -> Result<(), StorageError> {
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.object_name(key))
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|error| backend_error("S3 PutObject", key, &error))?;
+        Ok(())
+    }
+
+    /// Streams `reader` as a multipart upload whose first parts, already
+    /// read, are `first_parts`; aborts the upload on any failure, and when
+    /// the returned future is dropped before it finishes.
+    async fn put_multipart(
+        &self,
+        key: &ObjectKey,
+        first_parts: [Bytes; 2],
+        reader: &mut (dyn AsyncRead + Send + Unpin),
+    ) -> Result<u64, StorageError> {
+        let name = self.object_name(key);
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&name)
+            // Declared up front so the service keeps each part's checksum and
+            // can check the list sent on completion against them.
+            .checksum_algorithm(ChecksumAlgorithm::Crc32)
+            .send()
+            .await
+            .map_err(|error| backend_error("S3 CreateMultipartUpload", key, &error))?;
+        let Some(upload_id) = created.upload_id else {
+            return Err(StorageError::Backend {
+                operation: "S3 CreateMultipartUpload",
+                key: key.to_string(),
+                message: "the response has no upload id".to_owned(),
+            });
+        };
+        let mut guard = AbortOnDrop {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            name: name.clone(),
+            upload_id: Some(upload_id.clone()),
+        };
+        let mut parts = JoinSet::new();
+        let result = self
+            .upload_parts(key, &name, &upload_id, first_parts, reader, &mut parts)
+            .await;
+        if result.is_err() {
+            // Parts still in flight are cancelled and waited for first, so
+            // none lands after the abort.
+            parts.shutdown().await;
+            // Awaited here rather than left to the guard, so that the upload
+            // is gone when the error is returned.
+            guard.abort().await;
+        }
+        guard.disarm();
+        result
+    }
+
+    /// The body of [`Self::put_multipart`]: reads parts, keeps at most
+    /// [`PARTS_IN_FLIGHT`] uploading, then completes the upload.
+    async fn upload_parts(
+        &self,
+        key: &ObjectKey,
+        name: &str,
+        upload_id: &str,
+        first_parts: [Bytes; 2],
+        reader: &mut (dyn AsyncRead + Send + Unpin),
+        parts: &mut JoinSet<Result<CompletedPart, StorageError>>,
+    ) -> Result<u64, StorageError> {
+        let mut completed = Vec::new();
+        let mut written = 0u64;
+        let mut part_number = 0;
+        let mut first_parts = first_parts.into_iter();
+        loop {
+            let part = match first_parts.next() {
+                Some(part) => part,
+                None => read_part(key, reader).await?,
+            };
+            if part.is_empty() {
+                break;
+            }
+            part_number += 1;
+            if part_number > MAX_PARTS {
+                return Err(StorageError::Backend {
+                    operation: "S3 multipart upload",
+                    key: key.to_string(),
+                    message: format!("the object exceeds {MAX_PARTS} parts of {PART_SIZE} bytes"),
+                });
+            }
+            // The part just read waits here: with the parts in flight, that
+            // is the memory bound of `PARTS_IN_FLIGHT + 1` parts.
+            while parts.len() >= PARTS_IN_FLIGHT {
+                completed.push(join_part(key, parts).await?);
+            }
+            written += part.len() as u64;
+            // Spawned, so parts upload while the next one is read.
+            parts.spawn(upload_part(
+                self.client.clone(),
+                self.bucket.clone(),
+                name.to_owned(),
+                upload_id.to_owned(),
+                key.clone(),
+                part_number,
+                part,
+            ));
+        }
+        while !parts.is_empty() {
+            completed.push(join_part(key, parts).await?);
+        }
+        // Parts finish in any order; S3 wants them ascending.
+        completed.sort_by_key(|part| part.part_number);
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(name)
+            .upload_id(upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(completed))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|error| backend_error("S3 CompleteMultipartUpload", key, &error))?;
+        Ok(written)
+    }
+}
+
+/// Aborts a multipart upload that was neither completed nor aborted, for
+/// when a caller drops a `put_reader` future midway (a client that hung up):
+/// the dropped future cannot clean up after itself, so a task does.
+struct AbortOnDrop {
+    client: Client,
+    bucket: String,
+    name: String,
+    /// `None` once aborted or disarmed.
+    upload_id: Option<String>,
+}
+
+impl AbortOnDrop {
+    /// Aborts the upload now. Best effort: the error that led here is the one
+    /// worth reporting, and an upload left behind holds no visible object (a
+    /// lifecycle rule on the bucket removes it in the end).
+    async fn abort(&mut self) {
+        if let Some(upload_id) = self.upload_id.take() {
+            let _ = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&self.name)
+                .upload_id(upload_id)
+                .send()
+                .await;
+        }
+    }
+
+    /// The upload completed or was aborted: nothing to do on drop.
+    fn disarm(&mut self) {
+        self.upload_id = None;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if self.upload_id.is_none() {
+            return;
+        }
+        // Without a runtime (the process is exiting) there is nobody to send
+        // the request; the lifecycle rule remains.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let mut this = AbortOnDrop {
+                client: self.client.clone(),
+                bucket: std::mem::take(&mut self.bucket),
+                name: std::mem::take(&mut self.name),
+                upload_id: self.upload_id.take(),
+            };
+            runtime.spawn(async move { this.abort().await });
+        }
+    }
+}
+
+/// Uploads one part and returns what `CompleteMultipartUpload` needs of it.
+async fn upload_part(
+    client: Client,
+    bucket: String,
+    name: String,
+    upload_id: String,
+    key: ObjectKey,
+    part_number: i32,
+    body: Bytes,
+) -> Result<CompletedPart, StorageError> {
+    let output = client
+        .upload_part()
+        .bucket(bucket)
+        .key(name)
+        .upload_id(upload_id)
+        .part_number(part_number)
+        .checksum_algorithm(ChecksumAlgorithm::Crc32)
+        .body(ByteStream::from(body))
+        .send()
+        .await
+        .map_err(|error| backend_error("S3 UploadPart", &key, &error))?;
+    Ok(CompletedPart::builder()
+        .set_e_tag(output.e_tag)
+        .set_checksum_crc32(output.checksum_crc32)
+        .part_number(part_number)
+        .build())
+}
+
+/// Waits for the next part upload to finish.
+async fn join_part(
+    key: &ObjectKey,
+    parts: &mut JoinSet<Result<CompletedPart, StorageError>>,
+) -> Result<CompletedPart, StorageError> {
+    match parts.join_next().await {
+        Some(Ok(result)) => result,
+        Some(Err(join_error)) => Err(StorageError::Backend {
+            operation: "S3 UploadPart",
+            key: key.to_string(),
+            message: format!("the upload task ended abnormally: {join_error}"),
+        }),
+        None => Err(StorageError::Backend {
+            operation: "S3 UploadPart",
+            key: key.to_string(),
+            message: "no part upload was in flight".to_owned(),
+        }),
+    }
+}
+
+/// Reads up to [`PART_SIZE`] bytes; fewer only at the end of the stream.
+async fn read_part(
+    key: &ObjectKey,
+    reader: &mut (dyn AsyncRead + Send + Unpin),
+) -> Result<Bytes, StorageError> {
+    // Allocated once at its final size: growing a Vec by doubling would
+    // briefly hold twice the part.
+    let mut buffer = vec![0u8; PART_SIZE];
+    let mut filled = 0;
+    while filled < PART_SIZE {
+        let n = reader
+            .read(&mut buffer[filled..])
+            .await
+            .map_err(|source| StorageError::Io {
+                key: key.to_string(),
+                source,
+            })?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    buffer.truncate(filled);
+    Ok(Bytes::from(buffer))
+}
+
+/// Checks the prefix's segments like a key's and gives it a trailing `/`.
+fn normalise_prefix(prefix: &str) -> Result<String, StorageError> {
+    let trimmed = prefix.strip_suffix('/').unwrap_or(prefix);
+    if trimmed.is_empty() {
+        return Ok(String::new());
+    }
+    let checked = ObjectKey::new(trimmed)?;
+    Ok(format!("{checked}/"))
+}
+
+/// The HTTP status of a failed request, when a response came back.
+fn status_of<E>(error: &SdkError<E, HttpResponse>) -> Option<u16> {
+    error
+        .raw_response()
+        .map(|response| response.status().as_u16())
+}
+
+/// A [`StorageError::Backend`] whose message says what S3 answered (its
+/// error code, message and HTTP status) or, when no answer came, the chain of
+/// causes, each once.
+fn backend_error<E>(
+    operation: &'static str,
+    key: &ObjectKey,
+    error: &SdkError<E, HttpResponse>,
+) -> StorageError
+where
+    E: ProvideErrorMetadata + StdError + 'static,
+{
+    let message = match (error.code(), status_of(error)) {
+        (Some(code), status) => {
+            let mut message = code.to_owned();
+            if let Some(text) = error.message() {
+                message.push_str(": ");
+                message.push_str(text);
+            }
+            if let Some(status) = status {
+                message.push_str(&format!(" (HTTP {status})"));
+            }
+            message
+        }
+        (None, Some(status)) => format!("HTTP {status}"),
+        (None, None) => error_chain(error),
+    };
+    StorageError::Backend {
+        operation,
+        key: key.to_string(),
+        message,
+    }
+}
+
+/// `error: cause: cause...`, skipping a cause that repeats the text before it
+/// (the SDK's wrappers often display their source's message themselves).
+fn error_chain(error: &(dyn StdError + 'static)) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.ends_with(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}
+
+/// An empty object body, for reads that start at or past the end.
+fn empty_reader() -> ObjectReader {
+    Box::pin(tokio::io::empty())
+}
+
+#[async_trait]
+impl Storage for S3Storage {
+    async fn put(&self, key: &ObjectKey, data: Bytes) -> Result<(), StorageError> {
+        self.put_object(key, data).await
+    }
+
+    async fn put_reader(
+        &self,
+        key: &ObjectKey,
+        reader: &mut (dyn AsyncRead + Send + Unpin),
+    ) -> Result<u64, StorageError> {
+        let first_part = read_part(key, reader).await?;
+        // A short part is the whole body; otherwise a second read tells
+        // whether a body of exactly one part ended there.
+        let second_part = if first_part.len() < PART_SIZE {
+            Bytes::new()
+        } else {
+            read_part(key, reader).await?
+        };
+        if second_part.is_empty() {
+            // One request, and no upload state to clean up.
+            let written = first_part.len() as u64;
+            self.put_object(key, first_part).await?;
+            return Ok(written);
+        }
+        self.put_multipart(key, [first_part, second_part], reader)
+            .await
+    }
+
+    async fn get_range(
+        &self,
+        key: &ObjectKey,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<ObjectReader, StorageError> {
+        let range = match length {
+            // S3 would ignore the invalid range `bytes=N-(N-1)` and send the
+            // whole object; an empty read only has to prove the object exists.
+            Some(0) => {
+                return match self.size(key).await? {
+                    Some(_) => Ok(empty_reader()),
+                    None => Err(StorageError::NotFound(key.clone())),
+                }
+            }
+            Some(length) => Some(format!(
+                "bytes={offset}-{}",
+                offset.saturating_add(length - 1)
+            )),
+            None if offset == 0 => None,
+            None => Some(format!("bytes={offset}-")),
+        };
+        let result = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.object_name(key))
+            .set_range(range)
+            .send()
+            .await;
+        match result {
+            Ok(output) => Ok(Box::pin(output.body.into_async_read())),
+            Err(error) if error.as_service_error().is_some_and(|e| e.is_no_such_key()) => {
+                Err(StorageError::NotFound(key.clone()))
+            }
+            Err(error) => match status_of(&error) {
+                Some(404) => Err(StorageError::NotFound(key.clone())),
+                // The range starts at or past the end of an existing object:
+                // like reading a file past its end, that is no bytes.
+                Some(416) => Ok(empty_reader()),
+                _ => Err(backend_error("S3 GetObject", key, &error)),
+            },
+        }
+    }
+
+    async fn size(&self, key: &ObjectKey) -> Result<Option<u64>, StorageError> {
+        let result = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.object_name(key))
+            .send()
+            .await;
+        match result {
+            Ok(output) => output
+                .content_length
+                .and_then(|length| u64::try_from(length).ok())
+                .map(Some)
+                .ok_or_else(|| StorageError::Backend {
+                    operation: "S3 HeadObject",
+                    key: key.to_string(),
+                    message: format!(
+                        "the answer has no usable content length ({:?})",
+                        output.content_length
+                    ),
+                }),
+            Err(error)
+                if error.as_service_error().is_some_and(|e| e.is_not_found())
+                    || status_of(&error) == Some(404) =>
+            {
+                Ok(None)
+            }
+            Err(error) => Err(backend_error("S3 HeadObject", key, &error)),
+        }
+    }
+
+    async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError> {
+        let result = self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(self.object_name(key))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            // S3 answers 204 for a missing key; some services say 404.
+            Err(error) if status_of(&error) == Some(404) => Ok(()),
+            Err(error) => Err(backend_error("S3 DeleteObject", key, &error)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(prefix: &str) -> S3Options {
+        S3Options {
+            endpoint: "http://127.0.0.1:1".to_owned(),
+            region: "garage".to_owned(),
+            bucket: "b".to_owned(),
+            access_key_id: "GKexample".to_owned(),
+            secret_access_key: Secret::new("very-secret-value"),
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    #[test]
+    fn prefixes_are_checked_and_end_with_a_slash() {
+        let key = ObjectKey::new("chunks/ab/c.zst").expect("key");
+        for (prefix, name) in [
+            ("", "chunks/ab/c.zst"),
+            ("/", "chunks/ab/c.zst"),
+            ("larder", "larder/chunks/ab/c.zst"),
+            ("larder/x/", "larder/x/chunks/ab/c.zst"),
+        ] {
+            let storage = S3Storage::new(options(prefix)).expect(prefix);
+            assert_eq!(storage.object_name(&key), name);
+        }
+        for bad in ["../x", "a//b", "a b/"] {
+            assert!(matches!(
+                S3Storage::new(options(bad)),
+                Err(StorageError::InvalidKey { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn https_endpoints_are_refused_with_a_reason() {
+        let mut https = options("");
+        https.endpoint = "https://s3.example.com".to_owned();
+        let error = S3Storage::new(https).expect_err("no TLS stack");
+        assert!(error.to_string().contains("no TLS stack"), "{error}");
+    }
+
+    #[test]
+    fn debug_never_shows_the_secret() {
+        let storage = S3Storage::new(options("p")).expect("storage");
+        let shown = format!("{storage:?}");
+        assert!(!shown.contains("very-secret-value"), "{shown}");
+        assert!(shown.contains("GKexample"), "{shown}");
+    }
+}
