@@ -318,3 +318,26 @@ async fn fault_amqp_messages_survive_a_rabbitmq_restart_and_consumers_resume() {
     drop(consumer);
     private.stop().await;
 }
+
+/// A broker that is down is worth retrying; a virtual host that does not
+/// exist is a configuration error that retrying cannot fix.
+#[tokio::test]
+async fn amqp_errors_tell_an_unreachable_broker_from_a_misconfigured_one() {
+    // Port 1 is privileged and unused here: the connection is refused.
+    let down = AmqpQueue::new("amqp://guest:guest@127.0.0.1:1/%2f", "larder-tests-down");
+    let error = down.publish(&queue_name(), b"x", "t").await.unwrap_err();
+    assert!(matches!(error, QueueError::Connect(_)), "{error:?}");
+    assert!(error.is_retryable(), "{error:?}");
+
+    let url = services::amqp_url();
+    let (server, _vhost) = url
+        .rsplit_once('/')
+        .expect("the AMQP URL names a virtual host");
+    let wrong_vhost = AmqpQueue::new(
+        &format!("{server}/larder-no-such-vhost"),
+        "larder-tests-vhost",
+    );
+    let error = wrong_vhost.consume(&queue_name(), 1).await.unwrap_err();
+    assert!(matches!(error, QueueError::Connect(_)), "{error:?}");
+    assert!(!error.is_retryable(), "{error:?}");
+}

@@ -167,11 +167,30 @@ impl QueueError {
     /// retryable (the broker redelivers the message itself).
     pub fn is_retryable(&self) -> bool {
         match self {
-            QueueError::Connect(_) | QueueError::Broker { .. } | QueueError::Nacked { .. } => true,
+            QueueError::Connect(source) | QueueError::Broker { source, .. } => transient(source),
+            QueueError::Nacked { .. } => true,
             // A queue deleted under us, or a lost delivery: settling again
             // cannot help.
             QueueError::Unroutable { .. } | QueueError::ConnectionLost { .. } => false,
         }
+    }
+}
+
+/// Whether a lapin error may go away by itself: network trouble and a broker
+/// closing connections as it stops are transient; refused credentials, a
+/// missing virtual host or a queue declared with other arguments are not.
+fn transient(error: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+    match error {
+        lapin::Error::ProtocolError(error) => !matches!(
+            error.kind(),
+            AMQPErrorKind::Soft(
+                AMQPSoftError::ACCESSREFUSED
+                    | AMQPSoftError::NOTFOUND
+                    | AMQPSoftError::PRECONDITIONFAILED
+            ) | AMQPErrorKind::Hard(AMQPHardError::INVALIDPATH | AMQPHardError::NOTALLOWED)
+        ),
+        _ => true,
     }
 }
 
