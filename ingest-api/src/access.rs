@@ -5,6 +5,8 @@
 //! Anonymous callers get a 401 (so clients know a token could help, and
 //! Nix treats it as "not here"); callers with a token get `NoSuchCache`.
 
+use std::sync::Arc;
+
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
@@ -12,9 +14,10 @@ use axum::http::request::Parts;
 use common::auth::{Claims, Permission};
 use common::cache_name::CacheName;
 use common::db::Cache;
+use common::nix::signing::SecretKey;
 
 use crate::error::ApiError;
-use crate::state::AppState;
+use crate::state::{AppState, ServedCache};
 
 /// The authenticated caller, or an anonymous one. Credentials that are
 /// present but invalid, expired or revoked reject the request with a 401:
@@ -76,11 +79,30 @@ impl Caller {
 
 impl AppState {
     /// The cache, if the caller may read it (public, or pull permission).
-    pub async fn readable_cache(&self, caller: &Caller, name: &CacheName) -> Result<Cache, ApiError> {
-        match self.database.cache_by_name(name).await.map_err(ApiError::internal)? {
-            Some(cache) if cache.is_public || caller.can(name, Permission::Pull) => Ok(cache),
+    /// Served from a short-lived in-memory copy: this is on every narinfo
+    /// and NAR request.
+    pub async fn readable_cache(&self, caller: &Caller, name: &CacheName) -> Result<Arc<ServedCache>, ApiError> {
+        match self.served_cache(name).await? {
+            Some(served) if served.cache.is_public || caller.can(name, Permission::Pull) => Ok(served),
             _ => Err(caller.hidden_cache()),
         }
+    }
+
+    async fn served_cache(&self, name: &CacheName) -> Result<Option<Arc<ServedCache>>, ApiError> {
+        if let Some(served) = self.served_caches.get(name) {
+            return Ok(Some(served));
+        }
+        let Some(cache) = self.database.cache_by_name(name).await.map_err(ApiError::internal)? else {
+            // Misses are not cached: a cache created on another replica
+            // must be reachable at once.
+            return Ok(None);
+        };
+        let key = SecretKey::parse(cache.keypair.expose_secret()).map_err(|error| {
+            ApiError::internal(anyhow::anyhow!("cache {name} has an invalid signing key: {error}"))
+        })?;
+        let served = Arc::new(ServedCache { cache, key });
+        self.served_caches.insert(name.clone(), served.clone());
+        Ok(Some(served))
     }
 
     /// The cache, if the caller may see it at all: public, or any

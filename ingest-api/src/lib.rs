@@ -15,6 +15,7 @@ pub mod logging;
 mod routes;
 mod state;
 pub mod tokens;
+mod ttl_cache;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -33,11 +34,20 @@ use common::db::{Database, DbError};
 use common::storage::{LocalStorage, S3Options, S3Storage, Storage, StorageError};
 
 pub use routes::router;
-pub use state::{AppState, Shared};
+pub use state::{AppState, ServedCache, Shared};
+use ttl_cache::TtlCache;
 
 /// How often the revocation list is reloaded: a revoked token stops
 /// working within this long on every server.
 pub const REVOCATION_REFRESH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How long the read path may serve a cache row or a rendered narinfo
+/// from memory: changes made on another replica (or by GC) show within
+/// this long, the same bound revocations have.
+pub const READ_CACHE_TIME_TO_LIVE: Duration = REVOCATION_REFRESH_INTERVAL;
+
+/// Entries per read cache; a narinfo is about 1 KiB.
+const READ_CACHE_CAPACITY: usize = 16_384;
 
 /// How long the root token printed on first start stays valid.
 const ROOT_TOKEN_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -139,6 +149,8 @@ impl Server {
                 .api_endpoint
                 .as_deref()
                 .map(endpoint::with_trailing_slash),
+            served_caches: TtlCache::new(READ_CACHE_TIME_TO_LIVE, READ_CACHE_CAPACITY),
+            narinfos: TtlCache::new(READ_CACHE_TIME_TO_LIVE, READ_CACHE_CAPACITY),
         });
         Ok(Self {
             state,

@@ -3,9 +3,16 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use common::auth::TokenVerifier;
-use common::db::Database;
+use common::cache_name::CacheName;
+use common::db::{Cache, CacheId, Database};
+use common::nix::signing::SecretKey;
+use common::nix::StorePathHash;
 use common::storage::Storage;
+
+use crate::ttl_cache::TtlCache;
 
 /// Cheap to clone: everything sits behind one `Arc`.
 #[derive(Clone, Debug)]
@@ -19,11 +26,30 @@ pub struct Shared {
     /// The configured public base URL (with a trailing `/`), if any;
     /// otherwise URLs are derived from each request's `Host`.
     pub api_endpoint: Option<String>,
+    /// Caches by name with their parsed signing keys, for the read path.
+    pub served_caches: TtlCache<CacheName, Arc<ServedCache>>,
+    /// Rendered, signed narinfos by cache and store-path hash.
+    pub narinfos: TtlCache<(CacheId, StorePathHash), Bytes>,
+}
+
+/// A cache as the read path needs it: its row and its parsed secret key,
+/// so a narinfo request neither queries the cache nor re-parses the key.
+#[derive(Debug)]
+pub struct ServedCache {
+    pub cache: Cache,
+    pub key: SecretKey,
 }
 
 impl AppState {
     pub fn new(shared: Shared) -> Self {
         Self(Arc::new(shared))
+    }
+
+    /// Forgets what the read path cached, after a cache was created,
+    /// reconfigured or destroyed through this server.
+    pub fn forget_cached_reads(&self) {
+        self.served_caches.clear();
+        self.narinfos.clear();
     }
 }
 

@@ -120,6 +120,36 @@ impl Storage for LocalStorage {
         })
     }
 
+    /// One blocking-pool hop for the whole range, rather than one per read
+    /// of a streamed file: serving a NAR reads thousands of chunks.
+    async fn get_bytes(&self, key: &ObjectKey, offset: u64, length: u64) -> Result<Bytes, StorageError> {
+        let path = self.path_of(key);
+        let owned_key = key.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::File::open(path)?;
+            let mut buffer = vec![0; usize::try_from(length).map_err(io::Error::other)?];
+            file.read_exact_at(&mut buffer, offset)?;
+            Ok::<_, io::Error>(buffer)
+        })
+        .await
+        .map_err(|join_error| StorageError::Io {
+            key: key.to_string(),
+            source: io::Error::other(join_error),
+        })?;
+        match read {
+            Ok(buffer) => Ok(buffer.into()),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Err(StorageError::NotFound(owned_key)),
+            Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => {
+                Err(super::short_object(key, offset, length))
+            }
+            Err(source) => Err(StorageError::Io {
+                key: key.to_string(),
+                source,
+            }),
+        }
+    }
+
     async fn size(&self, key: &ObjectKey) -> Result<Option<u64>, StorageError> {
         match fs::metadata(self.path_of(key)).await {
             Ok(metadata) => Ok(Some(metadata.len())),

@@ -122,11 +122,40 @@ pub trait Storage: Send + Sync + fmt::Debug {
         length: Option<u64>,
     ) -> Result<ObjectReader, StorageError>;
 
+    /// Reads exactly `length` bytes from `offset` into memory: for small
+    /// ranges such as one chunk, where a whole read in one go beats a
+    /// stream. An object too short for the range is an error.
+    async fn get_bytes(&self, key: &ObjectKey, offset: u64, length: u64) -> Result<Bytes, StorageError> {
+        let mut reader = self.get_range(key, offset, Some(length)).await?;
+        let mut buffer = Vec::with_capacity(usize::try_from(length).unwrap_or(0));
+        tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut buffer)
+            .await
+            .map_err(|source| StorageError::Io {
+                key: key.to_string(),
+                source,
+            })?;
+        if buffer.len() as u64 != length {
+            return Err(short_object(key, offset, length));
+        }
+        Ok(buffer.into())
+    }
+
     /// Whether the object exists, and its size.
     async fn size(&self, key: &ObjectKey) -> Result<Option<u64>, StorageError>;
 
     /// Deletes the object; a missing object counts as deleted.
     async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError>;
+}
+
+/// The error for a ranged read past the end of an object.
+fn short_object(key: &ObjectKey, offset: u64, length: u64) -> StorageError {
+    StorageError::Io {
+        key: key.to_string(),
+        source: io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("object is shorter than the range {offset}..{}", offset + length),
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -9,29 +9,31 @@
 use std::collections::BTreeSet;
 
 use axum::body::Body;
+use bytes::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use futures::stream::{self, StreamExt, TryStreamExt};
-use tokio_util::io::ReaderStream;
 
 use common::cache_name::CacheName;
 use common::db::{Cache, NarChunk, ObjectWithNar, StoreState};
 use common::nix::cache_info::NixCacheInfo;
 use common::nix::nar::NarReader;
 use common::nix::narinfo::{Compression, NarInfo};
-use common::nix::signing::SecretKey;
 use common::nix::{base32, NarHash, Sha256Hash, StorePath, StorePathHash};
 use common::storage::{ObjectKey, StorageError};
 
 use crate::access::Caller;
 use crate::error::ApiError;
 use crate::extract::ApiPath;
-use crate::state::AppState;
+use crate::state::{AppState, ServedCache};
 
 /// How many chunk objects are checked for presence at once before a NAR's
 /// first byte is sent.
 const CHUNK_CHECK_CONCURRENCY: usize = 16;
+
+/// How many chunk frames of a NAR are read ahead of the one being sent.
+const NAR_READ_AHEAD: usize = 4;
 
 const NAR_EXTENSION: &str = ".nar.zst";
 
@@ -49,7 +51,8 @@ pub async fn cache_info(
     caller: Caller,
     ApiPath(cache): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let cache = state.readable_cache(&caller, &parse_cache_name(&cache)?).await?;
+    let served = state.readable_cache(&caller, &parse_cache_name(&cache)?).await?;
+    let cache = &served.cache;
     let info = NixCacheInfo {
         store_dir: cache.store_dir.clone(),
         want_mass_query: true,
@@ -83,15 +86,26 @@ pub async fn root_file(
 ) -> Result<Response, ApiError> {
     let name = parse_cache_name(&cache)?;
     let root_file = parse_root_file(&file)?;
-    let cache = state.readable_cache(&caller, &name).await?;
+    let served = state.readable_cache(&caller, &name).await?;
+    let cache = &served.cache;
     match root_file {
         RootFile::NarInfo(hash) => {
-            let found = find_object(&state, &cache, &hash).await?;
-            let narinfo = signed_narinfo(&cache, &found)?;
-            Ok(text_response("text/x-nix-narinfo", narinfo.render(&cache.store_dir)))
+            let cache_key = (cache.id, hash);
+            let text = match state.narinfos.get(&cache_key) {
+                Some(text) => text,
+                None => {
+                    let found = find_object(&state, cache, &hash).await?;
+                    let narinfo = signed_narinfo(&served, &found)?;
+                    let text = Bytes::from(narinfo.render(&cache.store_dir));
+                    state.narinfos.insert(cache_key, text.clone());
+                    text
+                }
+            };
+            Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("text/x-nix-narinfo"))], text)
+                .into_response())
         }
         RootFile::Listing(hash) => {
-            let found = find_object(&state, &cache, &hash).await?;
+            let found = find_object(&state, cache, &hash).await?;
             let listing = nar_listing(&state, &found).await?;
             Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], listing)
                 .into_response())
@@ -119,7 +133,8 @@ fn nar_url(nar_hash: &NarHash) -> String {
 }
 
 /// The narinfo of an object, with the pusher's signatures and the cache's.
-fn signed_narinfo(cache: &Cache, found: &ObjectWithNar) -> Result<NarInfo, ApiError> {
+fn signed_narinfo(served: &ServedCache, found: &ObjectWithNar) -> Result<NarInfo, ApiError> {
+    let cache = &served.cache;
     let object = &found.object;
     let metadata = &object.metadata;
     // Rows were validated when written; a row that no longer parses is a
@@ -166,9 +181,7 @@ fn signed_narinfo(cache: &Cache, found: &ObjectWithNar) -> Result<NarInfo, ApiEr
         signatures,
         ca: metadata.ca.clone(),
     };
-    let key = SecretKey::parse(cache.keypair.expose_secret())
-        .map_err(|error| corrupt("signing key", &error))?;
-    narinfo.sign(&key, &cache.store_dir);
+    narinfo.sign(&served.key, &cache.store_dir);
     Ok(narinfo)
 }
 
@@ -182,10 +195,10 @@ pub async fn nar(
 ) -> Result<Response, ApiError> {
     let name = parse_cache_name(&cache)?;
     let nar_hash = parse_nar_file_name(&file)?;
-    let cache = state.readable_cache(&caller, &name).await?;
+    let served = state.readable_cache(&caller, &name).await?;
     let nar = state
         .database
-        .valid_nar_in_cache(cache.id, &nar_hash)
+        .valid_nar_in_cache(served.cache.id, &nar_hash)
         .await
         .map_err(ApiError::internal)?
         .ok_or(ApiError::NoSuchPath)?;
@@ -197,19 +210,21 @@ pub async fn nar(
     let parts = check_chunks_available(&state, &nar_hash, &chunks).await?;
     let content_length: u64 = parts.iter().map(|part| part.length).sum();
 
+    // Whole chunk frames, read a few ahead of the one being sent, so that
+    // storage latency overlaps with the network; memory stays bounded by
+    // `NAR_READ_AHEAD` frames.
     let storage = state.storage.clone();
     let body = stream::iter(parts)
-        .then(move |part| {
+        .map(move |part| {
             let storage = storage.clone();
             async move {
-                let reader = storage
-                    .get_range(&part.key, part.offset, Some(part.length))
+                storage
+                    .get_bytes(&part.key, part.offset, part.length)
                     .await
-                    .map_err(std::io::Error::other)?;
-                Ok::<_, std::io::Error>(ReaderStream::new(reader))
+                    .map_err(std::io::Error::other)
             }
         })
-        .try_flatten();
+        .buffered(NAR_READ_AHEAD);
     Ok((
         [
             (header::CONTENT_TYPE, HeaderValue::from_static("application/x-nix-nar")),
@@ -307,13 +322,9 @@ async fn nar_listing(state: &AppState, found: &ObjectWithNar) -> Result<Vec<u8>,
     let parts = check_chunks_available(state, &found.nar.nar_hash, &chunks).await?;
     let mut reader = NarReader::with_listing();
     for (part, NarChunk { chunk, .. }) in parts.iter().zip(&chunks) {
-        let mut compressed = Vec::with_capacity(usize::try_from(part.length).unwrap_or(0));
-        let mut object = state
+        let compressed = state
             .storage
-            .get_range(&part.key, part.offset, Some(part.length))
-            .await
-            .map_err(ApiError::internal)?;
-        tokio::io::AsyncReadExt::read_to_end(&mut object, &mut compressed)
+            .get_bytes(&part.key, part.offset, part.length)
             .await
             .map_err(ApiError::internal)?;
         let capacity = usize::try_from(chunk.chunk_size).map_err(ApiError::internal)?;

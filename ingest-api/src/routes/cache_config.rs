@@ -69,6 +69,7 @@ pub async fn create(
         Err(DbError::Conflict { .. }) => return Err(ApiError::CacheAlreadyExists),
         Err(error) => return Err(ApiError::internal(error)),
     };
+    state.forget_cached_reads();
     tracing::info!(cache = %cache.name, by = caller.subject(), "cache created");
     Ok(Json(describe(&state, &headers, &cache)?))
 }
@@ -135,6 +136,7 @@ pub async fn configure(
             DbError::NotFound { .. } => ApiError::NoSuchCache,
             other => ApiError::internal(other),
         })?;
+    state.forget_cached_reads();
     tracing::info!(cache = %cache.name, by = caller.subject(), "cache reconfigured");
     Ok(Json(describe(&state, &headers, &cache)?))
 }
@@ -153,6 +155,7 @@ pub async fn destroy(
     if !state.database.delete_cache(&name).await.map_err(ApiError::internal)? {
         return Err(ApiError::NoSuchCache);
     }
+    state.forget_cached_reads();
     tracing::info!(cache = %name, by = caller.subject(), "cache destroyed");
     Ok(StatusCode::NO_CONTENT.into_response())
 }
