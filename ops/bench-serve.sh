@@ -16,8 +16,12 @@
 #      large multi-chunk NAR: Larder streams it from its chunk objects;
 #      nginx serves the identical compressed bytes saved from Larder's
 #      response. Target: Larder >= 0.2x nginx.
-#   3. Each server's CPU time per request (from /proc/PID/stat) and its
-#      peak resident memory (VmHWM, summed over nginx's processes).
+#   3. Each server's CPU time per request (from /proc/PID/stat), the NAR's
+#      time to first byte, and each server's peak resident memory (VmHWM,
+#      summed over nginx's processes).
+# Larder and nginx runs alternate, so that other load on the machine weighs
+# on both alike; the load average is reported, since ratios measured on a
+# busy machine still wobble.
 #
 # How: a fresh directory under /tmp holds everything. `ingest-api --mode
 # migrate` creates a first-start config there (SQLite, storage directory);
@@ -232,8 +236,9 @@ nginx_pids() {
     echo "$nginx_pid $workers"
 }
 
+# The median of the numbers on stdin, separated by spaces or lines.
 median() {
-    sort -g | awk '{ v[NR] = $1 } END { printf "%.1f\n", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+    tr -s ' ' '\n' | sed '/^$/d' | sort -g | awk '{ v[NR] = $1 } END { printf "%.1f\n", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
 # --- Larder: config, seed, token, server ------------------------------------
@@ -335,32 +340,47 @@ wrk_run() {
     echo "$rps $requests $((after - before))" >"$work/run"
 }
 
+# Sets `pids` to the processes of TARGET (larder or nginx) and `base` to
+# its URL.
+select_target() {
+    if [[ $1 == larder ]]; then
+        base=$larder
+        pids=("$server_pid")
+    else
+        base=$reference
+        read -r -a pids <<<"$(nginx_pids)"
+    fi
+}
+
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# Runs alternate, Larder then nginx, so that a drift in what else the
+# machine is doing weighs on both sides alike.
 clock_ticks=$(getconf CLK_TCK)
-declare -A rps cpu_us
+declare -A rps cpu_us results total_requests total_ticks
 for connections in 1 16; do
     for target in larder nginx; do
-        if [[ $target == larder ]]; then
-            url=$larder$narinfo_path
-            pids=("$server_pid")
-        else
-            url=$reference$narinfo_path
-            read -r -a pids <<<"$(nginx_pids)"
-        fi
-        wrk_run "$url" "$connections" 2 "${pids[@]}" # warm-up
-        results=()
-        total_requests=0
-        total_ticks=0
-        for rep in $(seq 1 "$wrk_reps"); do
-            wrk_run "$url" "$connections" "$duration" "${pids[@]}"
+        select_target "$target"
+        wrk_run "$base$narinfo_path" "$connections" 2 "${pids[@]}" # warm-up
+        results[$target]=
+        total_requests[$target]=0
+        total_ticks[$target]=0
+    done
+    for rep in $(seq 1 "$wrk_reps"); do
+        for target in larder nginx; do
+            select_target "$target"
+            wrk_run "$base$narinfo_path" "$connections" "$duration" "${pids[@]}"
             read -r one_rps requests ticks <"$work/run"
-            results+=("$one_rps")
-            total_requests=$((total_requests + requests))
-            total_ticks=$((total_ticks + ticks))
+            results[$target]+="$one_rps "
+            total_requests[$target]=$((total_requests[$target] + requests))
+            total_ticks[$target]=$((total_ticks[$target] + ticks))
             say "narinfo, $connections connection(s), $target, run $rep: $one_rps requests/s"
         done
-        rps[$target,$connections]=$(printf '%s\n' "${results[@]}" | median)
-        cpu_us[$target,$connections]=$(awk -v t="$total_ticks" -v hz="$clock_ticks" -v n="$total_requests" \
-            'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
+    done
+    for target in larder nginx; do
+        rps[$target,$connections]=$(median <<<"${results[$target]}")
+        cpu_us[$target,$connections]=$(awk -v t="${total_ticks[$target]}" -v hz="$clock_ticks" \
+            -v n="${total_requests[$target]}" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
     done
 done
 larder_rss_after_narinfo=$(peak_rss_kib "$server_pid")
@@ -368,44 +388,49 @@ larder_rss_after_narinfo=$(peak_rss_kib "$server_pid")
 # --- NAR download MiB/s ------------------------------------------------------
 
 # One download of URL, the server being the PIDS that follow; writes
-# "bytes/s cpu_ticks" to $work/run.
+# "bytes/s seconds-to-first-byte cpu_ticks" to $work/run.
 nar_run() {
-    local url=$1 before after result code size speed
+    local url=$1 before after result code size speed first_byte
     shift
     before=$(cpu_ticks "$@")
-    result=$(curl -s -H "$auth" -o /dev/null -w '%{http_code} %{size_download} %{speed_download}' "$url")
+    result=$(curl -s -H "$auth" -o /dev/null \
+        -w '%{http_code} %{size_download} %{speed_download} %{time_starttransfer}' "$url")
     after=$(cpu_ticks "$@")
-    read -r code size speed <<<"$result"
+    read -r code size speed first_byte <<<"$result"
     [[ $code == 200 ]] || die "GET $url answered $code"
     [[ $size == "$nar_file_bytes" ]] || die "GET $url sent $size bytes, expected $nar_file_bytes"
-    echo "$speed $((after - before))" >"$work/run"
+    echo "$speed $first_byte $((after - before))" >"$work/run"
 }
 
-declare -A mibps nar_cpu_s
+declare -A mibps nar_cpu_s first_byte_ms first_bytes
 for target in larder nginx; do
-    if [[ $target == larder ]]; then
-        url=$larder$nar_path
-        pids=("$server_pid")
-    else
-        url=$reference$nar_path
-        read -r -a pids <<<"$(nginx_pids)"
-    fi
-    nar_run "$url" "${pids[@]}" # warm-up: the page cache
-    results=()
-    total_ticks=0
-    for rep in $(seq 1 "$nar_reps"); do
-        nar_run "$url" "${pids[@]}"
-        read -r speed ticks <"$work/run"
+    select_target "$target"
+    nar_run "$base$nar_path" "${pids[@]}" # warm-up: the page cache
+    results[$target]=
+    first_bytes[$target]=
+    total_ticks[$target]=0
+done
+for rep in $(seq 1 "$nar_reps"); do
+    for target in larder nginx; do
+        select_target "$target"
+        nar_run "$base$nar_path" "${pids[@]}"
+        read -r speed first_byte ticks <"$work/run"
         one=$(awk -v s="$speed" 'BEGIN { printf "%.1f", s / 1048576 }')
-        results+=("$one")
-        total_ticks=$((total_ticks + ticks))
-        say "NAR download, $target, run $rep: $one MiB/s"
+        results[$target]+="$one "
+        first_bytes[$target]+="$first_byte "
+        total_ticks[$target]=$((total_ticks[$target] + ticks))
+        say "NAR download, $target, run $rep: $one MiB/s (first byte after ${first_byte} s)"
     done
-    mibps[$target]=$(printf '%s\n' "${results[@]}" | median)
-    nar_cpu_s[$target]=$(awk -v t="$total_ticks" -v hz="$clock_ticks" -v n="$nar_reps" \
+done
+for target in larder nginx; do
+    mibps[$target]=$(median <<<"${results[$target]}")
+    first_byte_ms[$target]=$(tr -s ' ' '\n' <<<"${first_bytes[$target]}" |
+        awk 'NF { print $1 * 1000 }' | median)
+    nar_cpu_s[$target]=$(awk -v t="${total_ticks[$target]}" -v hz="$clock_ticks" -v n="$nar_reps" \
         'BEGIN { printf "%.2f", t / hz / n }')
 done
 
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 larder_rss=$(peak_rss_kib "$server_pid")
 read -r -a pids <<<"$(nginx_pids)"
 nginx_rss=$(peak_rss_kib "${pids[@]}")
@@ -427,6 +452,7 @@ report=$work/report.txt
     echo "larder: $(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD -- ingest-api common 2>/dev/null || echo '+changes'), release build; $(nginx -v 2>&1 | sed 's/.*: //'); $(wrk -v 2>&1 | head -n 1 | cut -d' ' -f1-2)"
     echo "narinfo: $narinfo_path, $narinfo_bytes bytes, signed per request (NAR of $narinfo_source: ${seed[NARINFO_NAR_SIZE]} bytes, ${seed[NARINFO_CHUNKS]} chunks)"
     echo "large NAR: ${seed[LARGE_FILES]} files of $nar_source, ${seed[LARGE_NAR_SIZE]} bytes, ${seed[LARGE_CHUNKS]} chunks of 64 KiB, $nar_file_bytes bytes compressed"
+    echo "load average (1, 5, 15 min) before the runs: $load_before; after: $load_after (anything above ~1 means other work shared the $(nproc) cores)"
     echo "wrk: ${duration} s per run, median of $wrk_reps runs after a 2 s warm-up; NAR: curl, one stream, median of $nar_reps after one warm-up"
     echo
     printf '%-34s %12s %12s %7s %8s  %s\n' "" Larder nginx ratio target ""
@@ -440,6 +466,7 @@ report=$work/report.txt
     printf '%-34s %12s %12s\n' "server CPU us/request, 1 conn" "${cpu_us[larder,1]}" "${cpu_us[nginx,1]}"
     printf '%-34s %12s %12s\n' "server CPU us/request, 16 conns" "${cpu_us[larder,16]}" "${cpu_us[nginx,16]}"
     printf '%-34s %12s %12s\n' "server CPU s per NAR download" "${nar_cpu_s[larder]}" "${nar_cpu_s[nginx]}"
+    printf '%-34s %12s %12s\n' "NAR time to first byte ms (median)" "${first_byte_ms[larder]}" "${first_byte_ms[nginx]}"
     printf '%-34s %12s %12s\n' "peak RSS MiB (VmHWM), whole run" "$(mib "$larder_rss")" "$(mib "$nginx_rss")"
     printf '%-34s %12s\n' "  Larder's after the narinfo runs" "$(mib "$larder_rss_after_narinfo")"
     echo "(nginx's RSS is summed over its master and $(($(wc -w <<<"${pids[*]}") - 1)) workers)"
