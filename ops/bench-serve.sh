@@ -10,8 +10,13 @@
 # What it measures:
 #   1. narinfo requests/s with wrk at 1 and 16 connections, the same
 #      narinfo of a private cache (token sent as `Authorization: Bearer`):
-#      Larder renders and signs it per request; nginx serves the text Larder
-#      rendered, saved as a static file. Target: Larder >= 0.5x nginx.
+#      Larder looks it up, renders and signs it (and keeps the answer in
+#      its read cache for a short while, so repeated requests mostly measure
+#      that path); nginx serves the text Larder rendered, saved as a static
+#      file. Target: Larder >= 0.5x nginx.
+#      Also, for information (no target): narinfo misses/s at 16
+#      connections, each request for a random hash no cache has (wrk script
+#      ops/bench/random-narinfo.lua), i.e. the lookup no cache can answer.
 #   2. NAR download MiB/s on one stream (curl, median of --nar-reps) of a
 #      large multi-chunk NAR: Larder streams it from its chunk objects;
 #      nginx serves the identical compressed bytes saved from Larder's
@@ -313,42 +318,69 @@ reference=http://$HOST:$nginx_port
 wait_http "$reference/" "$nginx_pid" "$nginx_dir/error.log"
 cmp -s <(curl -s "$reference$narinfo_path") "$www$narinfo_path" ||
     die "nginx does not serve the saved narinfo"
+absent=/$cache/00000000000000000000000000000000.narinfo
+for server in "$larder" "$reference"; do
+    code=$(curl -s -H "$auth" -o /dev/null -w '%{http_code}' "$server$absent")
+    [[ $code == 404 ]] || die "GET $server$absent answered $code, expected 404"
+done
 say "nginx (pid $nginx_pid) serves $reference"
 
 # --- narinfo requests/s ------------------------------------------------------
 
 # One wrk run against URL with CONNECTIONS for SECONDS, the server being
 # the PIDS that follow; writes "requests/s requests cpu_ticks" to
-# $work/run. Fails when any answer was not a 2xx: a benchmark of errors
-# measures nothing. (Not called in a command substitution, so that a
-# failure stops the script.)
+# $work/run. With `wrk_script` set, wrk runs that script (and every answer
+# must be a miss, a 404); without, every answer must be a 2xx: a benchmark
+# of errors measures nothing. (Not called in a command substitution, so
+# that a failure stops the script.)
+wrk_script=
 wrk_run() {
     local url=$1 connections=$2 seconds=$3 threads output requests rps errors before after
+    local script_args=()
     shift 3
     threads=$((connections < 2 ? 1 : 2))
+    if [[ -n $wrk_script ]]; then
+        script_args=(-s "$wrk_script" "$url" -- "/$cache/")
+    else
+        script_args=("$url")
+    fi
     before=$(cpu_ticks "$@")
-    output=$(wrk -t "$threads" -c "$connections" -d "${seconds}s" -H "$auth" "$url")
+    output=$(wrk -t "$threads" -c "$connections" -d "${seconds}s" -H "$auth" "${script_args[@]}")
     after=$(cpu_ticks "$@")
-    errors=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' <<<"$output")
-    [[ -z $errors ]] || die "wrk got $errors non-2xx answers from $url"
     if grep -q 'Socket errors' <<<"$output"; then
         die "wrk saw socket errors on $url: $(grep 'Socket errors' <<<"$output")"
     fi
     rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$output")
     requests=$(awk '/requests in/ {print $1}' <<<"$output")
     [[ -n $rps && -n $requests ]] || die "could not read wrk's output: $output"
+    errors=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' <<<"$output")
+    if [[ -n $wrk_script ]]; then
+        [[ $errors == "$requests" ]] ||
+            die "wrk got $((requests - ${errors:-0})) answers other than misses from $url"
+    else
+        [[ -z $errors ]] || die "wrk got $errors non-2xx answers from $url"
+    fi
     echo "$rps $requests $((after - before))" >"$work/run"
 }
 
-# Sets `pids` to the processes of TARGET (larder or nginx) and `base` to
+# Sets `pids` to the processes of TARGET (larder or nginx) and `root` to
 # its URL.
 select_target() {
     if [[ $1 == larder ]]; then
-        base=$larder
+        root=$larder
         pids=("$server_pid")
     else
-        base=$reference
+        root=$reference
         read -r -a pids <<<"$(nginx_pids)"
+    fi
+}
+
+# What wrk asks for: the narinfo, or the server for a script to fill in.
+wrk_url() {
+    if [[ -n $wrk_script ]]; then
+        echo "$root"
+    else
+        echo "$root$narinfo_path"
     fi
 }
 
@@ -358,10 +390,14 @@ load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 # machine is doing weighs on both sides alike.
 clock_ticks=$(getconf CLK_TCK)
 declare -A rps cpu_us results total_requests total_ticks
-for connections in 1 16; do
+# A scenario is a connection count, and `miss` for random absent paths.
+for scenario in 1 16 miss16; do
+    connections=${scenario#miss}
+    wrk_script=
+    [[ $scenario == miss* ]] && wrk_script=$repo/ops/bench/random-narinfo.lua
     for target in larder nginx; do
         select_target "$target"
-        wrk_run "$base$narinfo_path" "$connections" 2 "${pids[@]}" # warm-up
+        wrk_run "$(wrk_url)" "$connections" 2 "${pids[@]}" # warm-up
         results[$target]=
         total_requests[$target]=0
         total_ticks[$target]=0
@@ -369,20 +405,21 @@ for connections in 1 16; do
     for rep in $(seq 1 "$wrk_reps"); do
         for target in larder nginx; do
             select_target "$target"
-            wrk_run "$base$narinfo_path" "$connections" "$duration" "${pids[@]}"
+            wrk_run "$(wrk_url)" "$connections" "$duration" "${pids[@]}"
             read -r one_rps requests ticks <"$work/run"
             results[$target]+="$one_rps "
             total_requests[$target]=$((total_requests[$target] + requests))
             total_ticks[$target]=$((total_ticks[$target] + ticks))
-            say "narinfo, $connections connection(s), $target, run $rep: $one_rps requests/s"
+            say "narinfo, scenario $scenario, $target, run $rep: $one_rps requests/s"
         done
     done
     for target in larder nginx; do
-        rps[$target,$connections]=$(median <<<"${results[$target]}")
-        cpu_us[$target,$connections]=$(awk -v t="${total_ticks[$target]}" -v hz="$clock_ticks" \
+        rps[$target,$scenario]=$(median <<<"${results[$target]}")
+        cpu_us[$target,$scenario]=$(awk -v t="${total_ticks[$target]}" -v hz="$clock_ticks" \
             -v n="${total_requests[$target]}" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
     done
 done
+wrk_script=
 larder_rss_after_narinfo=$(peak_rss_kib "$server_pid")
 
 # --- NAR download MiB/s ------------------------------------------------------
@@ -405,7 +442,7 @@ nar_run() {
 declare -A mibps nar_cpu_s first_byte_ms first_bytes
 for target in larder nginx; do
     select_target "$target"
-    nar_run "$base$nar_path" "${pids[@]}" # warm-up: the page cache
+    nar_run "$root$nar_path" "${pids[@]}" # warm-up: the page cache
     results[$target]=
     first_bytes[$target]=
     total_ticks[$target]=0
@@ -413,7 +450,7 @@ done
 for rep in $(seq 1 "$nar_reps"); do
     for target in larder nginx; do
         select_target "$target"
-        nar_run "$base$nar_path" "${pids[@]}"
+        nar_run "$root$nar_path" "${pids[@]}"
         read -r speed first_byte ticks <"$work/run"
         one=$(awk -v s="$speed" 'BEGIN { printf "%.1f", s / 1048576 }')
         results[$target]+="$one "
@@ -443,6 +480,7 @@ mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 
 r1=$(ratio "${rps[larder,1]}" "${rps[nginx,1]}")
 r16=$(ratio "${rps[larder,16]}" "${rps[nginx,16]}")
+rmiss=$(ratio "${rps[larder,miss16]}" "${rps[nginx,miss16]}")
 rnar=$(ratio "${mibps[larder]}" "${mibps[nginx]}")
 
 report=$work/report.txt
@@ -450,7 +488,7 @@ report=$work/report.txt
     echo "Larder serving benchmark, $started_at"
     echo "machine: $(nproc) cores, $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r)"
     echo "larder: $(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD -- ingest-api common 2>/dev/null || echo '+changes'), release build; $(nginx -v 2>&1 | sed 's/.*: //'); $(wrk -v 2>&1 | head -n 1 | cut -d' ' -f1-2)"
-    echo "narinfo: $narinfo_path, $narinfo_bytes bytes, signed per request (NAR of $narinfo_source: ${seed[NARINFO_NAR_SIZE]} bytes, ${seed[NARINFO_CHUNKS]} chunks)"
+    echo "narinfo: $narinfo_path, $narinfo_bytes bytes, signed by the cache's key (NAR of $narinfo_source: ${seed[NARINFO_NAR_SIZE]} bytes, ${seed[NARINFO_CHUNKS]} chunks)"
     echo "large NAR: ${seed[LARGE_FILES]} files of $nar_source, ${seed[LARGE_NAR_SIZE]} bytes, ${seed[LARGE_CHUNKS]} chunks of 64 KiB, $nar_file_bytes bytes compressed"
     echo "load average (1, 5, 15 min) before the runs: $load_before; after: $load_after (anything above ~1 means other work shared the $(nproc) cores)"
     echo "wrk: ${duration} s per run, median of $wrk_reps runs after a 2 s warm-up; NAR: curl, one stream, median of $nar_reps after one warm-up"
@@ -460,11 +498,14 @@ report=$work/report.txt
         "${rps[larder,1]}" "${rps[nginx,1]}" "$r1" ">= 0.5" "$(verdict "$r1" 0.5)"
     printf '%-34s %12s %12s %7s %8s  %s\n' "narinfo requests/s, 16 connections" \
         "${rps[larder,16]}" "${rps[nginx,16]}" "$r16" ">= 0.5" "$(verdict "$r16" 0.5)"
+    printf '%-34s %12s %12s %7s %8s  %s\n' "narinfo misses/s (404), 16 conns" \
+        "${rps[larder,miss16]}" "${rps[nginx,miss16]}" "$rmiss" "-" "(random absent paths)"
     printf '%-34s %12s %12s %7s %8s  %s\n' "NAR download MiB/s, 1 stream" \
         "${mibps[larder]}" "${mibps[nginx]}" "$rnar" ">= 0.2" "$(verdict "$rnar" 0.2)"
     echo
     printf '%-34s %12s %12s\n' "server CPU us/request, 1 conn" "${cpu_us[larder,1]}" "${cpu_us[nginx,1]}"
     printf '%-34s %12s %12s\n' "server CPU us/request, 16 conns" "${cpu_us[larder,16]}" "${cpu_us[nginx,16]}"
+    printf '%-34s %12s %12s\n' "server CPU us/request, misses" "${cpu_us[larder,miss16]}" "${cpu_us[nginx,miss16]}"
     printf '%-34s %12s %12s\n' "server CPU s per NAR download" "${nar_cpu_s[larder]}" "${nar_cpu_s[nginx]}"
     printf '%-34s %12s %12s\n' "NAR time to first byte ms (median)" "${first_byte_ms[larder]}" "${first_byte_ms[nginx]}"
     printf '%-34s %12s %12s\n' "peak RSS MiB (VmHWM), whole run" "$(mib "$larder_rss")" "$(mib "$nginx_rss")"
