@@ -595,8 +595,20 @@ status_all() {
     done
 }
 
+# Only DIR's own settings may count. A test that starts or stops its private
+# set runs this script with the shared set's variables in its environment;
+# were they kept, stopping a RabbitMQ-only private set would stop the shared
+# Garage and PostgreSQL, whose variables that set's env file never sets.
+forget_inherited_settings() {
+    local inherited
+    for inherited in $(compgen -e | grep '^LARDER_TEST_' || true); do
+        unset "$inherited"
+    done
+}
+
 main() {
     (($# >= 2)) || usage
+    forget_inherited_settings
     local command=$1 dir_argument=$2
     DIR=$2
     shift 2
