@@ -21,20 +21,6 @@ use tests::nix::{
 /// Just over 16 MiB, so the NAR holds a file larger than any buffer.
 const BIG_FILE_LEN: usize = 16 * 1024 * 1024 + 5;
 
-/// Deterministic pseudo-random bytes (xorshift), incompressible enough to
-/// exercise real contents.
-fn pseudo_random(len: usize, mut state: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// A tree with every kind of node Nix knows: regular, executable and
 /// empty files, relative and absolute symlinks, nested and empty
 /// directories, names that are not ASCII or that test the bytewise sort,
@@ -81,7 +67,7 @@ fn make_fixture_tree(root: &Path) -> Result<()> {
     symlink("tar\"get\\\u{1}/\u{e9}", &root.join("escapes/odd-link"))?;
     write_file(
         &root.join("big.bin"),
-        &pseudo_random(BIG_FILE_LEN, 0x5eed),
+        &tests::server::pseudo_random(BIG_FILE_LEN, 0x5eed),
         false,
     )?;
     Ok(())

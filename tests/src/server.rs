@@ -25,7 +25,7 @@ use common::auth::{
 use common::cache_name::{CacheName, CacheNamePattern};
 use common::config::{AuthConfig, DatabaseConfig, LogConfig, Secret, ServerConfig, StorageConfig};
 use common::db::{
-    Backend, Cache, CacheKeypair, ChunkLocation, Database, Nar, NewCache, NewObject,
+    Backend, Cache, CacheId, CacheKeypair, ChunkLocation, Database, Nar, NewCache, NewObject,
     ObjectMetadata, StoredChunk, Timestamp, TokenRecord,
 };
 use common::nix::{NarHash, SecretKey, Sha256Hash, StorePathHash};
@@ -68,6 +68,77 @@ impl Default for TestServerOptions {
             api_endpoint: None,
         }
     }
+}
+
+/// Any failure while seeding, as a message.
+pub type SeedError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Writes a store path into a cache as the push pipeline would: the NAR
+/// cut into [`SEED_CHUNK_SIZE`] slices, each compressed into one zstd frame
+/// and stored under `chunks/<sha256 hex>.zst`, then the NAR (made valid),
+/// its chunks and the object, through the store layer. Returns the NAR row
+/// and its chunks' keys in order. Used by [`TestServer::seed_path`] and by
+/// the serving benchmark's driver.
+pub async fn seed_nar(
+    database: &Database,
+    storage: &dyn Storage,
+    cache_id: CacheId,
+    store_path_hash: StorePathHash,
+    metadata: ObjectMetadata,
+    created_by: &str,
+    nar: &[u8],
+) -> Result<(Nar, Vec<ObjectKey>), SeedError> {
+    let mut chunks = Vec::new();
+    let mut chunk_keys = Vec::new();
+    for slice in nar.chunks(SEED_CHUNK_SIZE) {
+        let chunk_hash = Sha256Hash::digest(slice);
+        let compressed = zstd::bulk::compress(slice, SEED_ZSTD_LEVEL)?;
+        let key = ObjectKey::new(format!("chunks/{}.zst", chunk_hash.to_hex()))?;
+        let length = compressed.len() as u64;
+        storage.put(&key, Bytes::from(compressed)).await?;
+        chunks.push(StoredChunk {
+            chunk_hash,
+            chunk_size: slice.len() as u64,
+            location: ChunkLocation {
+                object_key: key.as_str().to_owned(),
+                offset: 0,
+                length,
+            },
+        });
+        chunk_keys.push(key);
+    }
+    let nar_hash = NarHash::from(Sha256Hash::digest(nar));
+    let nar_row = database
+        .store_complete_nar(&nar_hash, nar.len() as u64, &chunks, Timestamp::now())
+        .await?;
+    database
+        .upsert_object(
+            cache_id,
+            &NewObject {
+                store_path_hash,
+                nar_id: nar_row.id,
+                metadata,
+                created_by: Some(created_by.to_owned()),
+            },
+            Timestamp::now(),
+        )
+        .await?;
+    Ok((nar_row, chunk_keys))
+}
+
+/// Deterministic pseudo-random bytes (xorshift) that zstd cannot shrink
+/// much, for NARs that span several chunks and contents that exercise real
+/// data paths.
+pub fn pseudo_random(len: usize, mut state: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
 }
 
 /// What [`TestServer::seed_path`] wrote.
@@ -361,49 +432,17 @@ impl TestServer {
         let store_path_hash = StorePathHash::parse(base_name.get(..32).unwrap_or(base_name))
             .unwrap_or_else(|error| panic!("store path {}: {error}", metadata.store_path));
 
-        let mut chunks = Vec::new();
-        let mut chunk_keys = Vec::new();
-        for slice in nar.chunks(SEED_CHUNK_SIZE) {
-            let chunk_hash = Sha256Hash::digest(slice);
-            let compressed =
-                zstd::bulk::compress(slice, SEED_ZSTD_LEVEL).expect("compressing a chunk");
-            let key = ObjectKey::new(format!("chunks/{}.zst", chunk_hash.to_hex()))
-                .expect("a valid object key");
-            let length = compressed.len() as u64;
-            self.storage
-                .put(&key, Bytes::from(compressed))
-                .await
-                .expect("storing a chunk");
-            chunks.push(StoredChunk {
-                chunk_hash,
-                chunk_size: slice.len() as u64,
-                location: ChunkLocation {
-                    object_key: key.as_str().to_owned(),
-                    offset: 0,
-                    length,
-                },
-            });
-            chunk_keys.push(key);
-        }
-        let nar_hash = NarHash::from(Sha256Hash::digest(nar));
-        let nar_row = self
-            .database
-            .store_complete_nar(&nar_hash, nar.len() as u64, &chunks, Timestamp::now())
-            .await
-            .unwrap_or_else(|error| panic!("storing NAR {nar_hash}: {error}"));
-        self.database
-            .upsert_object(
-                cache.id,
-                &NewObject {
-                    store_path_hash,
-                    nar_id: nar_row.id,
-                    metadata,
-                    created_by: Some("test-seed".to_owned()),
-                },
-                Timestamp::now(),
-            )
-            .await
-            .unwrap_or_else(|error| panic!("storing the object: {error}"));
+        let (nar_row, chunk_keys) = seed_nar(
+            &self.database,
+            self.storage.as_ref(),
+            cache.id,
+            store_path_hash,
+            metadata,
+            "test-seed",
+            nar,
+        )
+        .await
+        .unwrap_or_else(|error| panic!("seeding {store_path_hash}: {error}"));
         SeededPath {
             store_path_hash,
             nar: nar_row,

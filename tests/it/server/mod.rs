@@ -132,20 +132,6 @@ fn file_nar(contents: &[u8]) -> Vec<u8> {
     encoder.finish().expect("a complete NAR")
 }
 
-/// Deterministic bytes that zstd cannot shrink much (xorshift), so that
-/// a NAR of them spans several compressed chunks.
-fn noise(len: usize, mut state: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// Metadata for a made-up path with no references, deriver or CA.
 fn plain_metadata(store_path: &str) -> ObjectMetadata {
     ObjectMetadata {

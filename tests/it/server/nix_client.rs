@@ -11,7 +11,8 @@ use reqwest::{Method, StatusCode};
 use tests::nix::{cache_files, file_cache_url, symlink, write_file, NixEnv};
 use tests::server::{TestServer, SEED_CHUNK_SIZE};
 
-use super::{api_error, get, noise, ok_bytes, ok_json, send, source_paths, HOUR};
+use super::{api_error, get, ok_bytes, ok_json, send, source_paths, HOUR};
+use tests::server::pseudo_random;
 
 /// A directory with one file larger than several seed chunks (noise, so
 /// that it stays large compressed), an executable, a symlink, an empty
@@ -21,7 +22,7 @@ fn make_multi_chunk_tree(dir: &Path, seed: u64) {
     std::fs::create_dir_all(dir.join("share/nested")).expect("creating the tree");
     write_file(
         &dir.join("share/blob.bin"),
-        &noise(5 * SEED_CHUNK_SIZE / 2, seed),
+        &pseudo_random(5 * SEED_CHUNK_SIZE / 2, seed),
         false,
     )
     .expect("writing the blob");

@@ -10,7 +10,8 @@ use reqwest::StatusCode;
 use tests::server::{TestServer, SEED_CHUNK_SIZE};
 use tokio::io::AsyncReadExt;
 
-use super::{api_error, fake_store_path, file_nar, get, noise, ok_bytes, plain_metadata, HOUR};
+use super::{api_error, fake_store_path, file_nar, get, ok_bytes, plain_metadata, HOUR};
+use tests::server::pseudo_random;
 
 fn header(response: &reqwest::Response, name: reqwest::header::HeaderName) -> Option<&str> {
     response
@@ -25,7 +26,7 @@ async fn narinfos_and_nars_are_served_as_nix_expects() {
     let cache = server.create_cache("served", false).await;
     let store_path = fake_store_path("big");
     let reference = fake_store_path("dep");
-    let nar = file_nar(&noise(3 * SEED_CHUNK_SIZE + 100, 7));
+    let nar = file_nar(&pseudo_random(3 * SEED_CHUNK_SIZE + 100, 7));
     let mut metadata = plain_metadata(&store_path);
     metadata.references = vec![reference["/nix/store/".len()..].to_owned()];
     metadata.deriver = Some(format!(
@@ -146,7 +147,7 @@ async fn narinfos_and_nars_are_served_as_nix_expects() {
 async fn a_missing_chunk_is_a_503_before_any_byte() {
     let server = TestServer::sqlite().await;
     server.create_cache("holey", true).await;
-    let nar = file_nar(&noise(4 * SEED_CHUNK_SIZE, 11));
+    let nar = file_nar(&pseudo_random(4 * SEED_CHUNK_SIZE, 11));
     let seeded = server
         .seed_path("holey", plain_metadata(&fake_store_path("holey")), &nar)
         .await;

@@ -6,7 +6,7 @@
 //! the SQLite database and storage directory that the server's config
 //! names, before the server starts. Until the push pipeline exists, paths
 //! are written the way [`tests::server::TestServer::seed_path`] writes
-//! them: the NAR cut into [`SEED_CHUNK_SIZE`] slices, each one zstd frame
+//! them: the NAR cut into [`tests::server::SEED_CHUNK_SIZE`] slices, each one zstd frame
 //! under `chunks/<sha256 hex>.zst`, then the NAR, chunk and object rows.
 //!
 //! It writes two paths into a private cache:
@@ -31,21 +31,13 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use bytes::Bytes;
 use common::cache_name::CacheName;
 use common::config::StorageConfig;
-use common::db::{
-    Cache, CacheKeypair, ChunkLocation, Database, Nar, NewCache, NewObject, ObjectMetadata,
-    StoredChunk, Timestamp,
-};
+use common::db::{Cache, CacheKeypair, Database, Nar, NewCache, ObjectMetadata, Timestamp};
 use common::nix::nar::NarEncoder;
 use common::nix::signing::fingerprint;
 use common::nix::{NarHash, SecretKey, Sha256Hash, StorePath, StorePathHash};
-use common::storage::{LocalStorage, ObjectKey, Storage};
-use tests::server::SEED_CHUNK_SIZE;
-
-/// The zstd level chunks are compressed with, as the test harness does.
-const SEED_ZSTD_LEVEL: i32 = 3;
+use common::storage::LocalStorage;
 
 /// The store path names of the two seeded paths.
 const SMALL_NAME: &str = "python3-3.11.2";
@@ -357,11 +349,8 @@ struct Seeded {
     chunks: usize,
 }
 
-/// Writes a store path into `cache` as [`tests::server::TestServer::seed_path`]
-/// does (which needs an in-process server, hence this copy): the NAR cut
-/// into [`SEED_CHUNK_SIZE`] slices, each one zstd frame under
-/// `chunks/<sha256 hex>.zst`, then the NAR (made valid), its chunks and the
-/// object, through the store layer.
+/// Writes a store path into `cache` through [`tests::server::seed_nar`],
+/// the same way the test harness seeds its paths.
 async fn seed_nar(
     database: &Database,
     storage: &LocalStorage,
@@ -370,41 +359,18 @@ async fn seed_nar(
     metadata: ObjectMetadata,
     nar: &[u8],
 ) -> Result<Seeded> {
-    let mut chunks = Vec::new();
-    for slice in nar.chunks(SEED_CHUNK_SIZE) {
-        let chunk_hash = Sha256Hash::digest(slice);
-        let compressed = zstd::bulk::compress(slice, SEED_ZSTD_LEVEL)?;
-        let key = ObjectKey::new(format!("chunks/{}.zst", chunk_hash.to_hex()))?;
-        let length = compressed.len() as u64;
-        storage.put(&key, Bytes::from(compressed)).await?;
-        chunks.push(StoredChunk {
-            chunk_hash,
-            chunk_size: slice.len() as u64,
-            location: ChunkLocation {
-                object_key: key.as_str().to_owned(),
-                offset: 0,
-                length,
-            },
-        });
-    }
-    let nar_hash = NarHash::from(Sha256Hash::digest(nar));
-    let nar_row = database
-        .store_complete_nar(&nar_hash, nar.len() as u64, &chunks, Timestamp::now())
-        .await?;
-    database
-        .upsert_object(
-            cache.id,
-            &NewObject {
-                store_path_hash,
-                nar_id: nar_row.id,
-                metadata,
-                created_by: Some("bench-seed".to_owned()),
-            },
-            Timestamp::now(),
-        )
-        .await?;
+    let (nar, chunk_keys) = tests::server::seed_nar(
+        database,
+        storage,
+        cache.id,
+        store_path_hash,
+        metadata,
+        "bench-seed",
+        nar,
+    )
+    .await?;
     Ok(Seeded {
-        nar: nar_row,
-        chunks: chunks.len(),
+        nar,
+        chunks: chunk_keys.len(),
     })
 }
