@@ -16,11 +16,22 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::duration::HumanDuration;
+
 /// Prefix of every configuration environment variable.
 pub const ENV_PREFIX: &str = "LARDER_";
 
 /// Top-level keys that environment variables may set.
-const TOP_LEVEL_KEYS: &[&str] = &["listen", "api-endpoint", "database", "storage", "auth", "log"];
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "listen",
+    "api-endpoint",
+    "database",
+    "storage",
+    "auth",
+    "ingest",
+    "pipeline",
+    "log",
+];
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +98,67 @@ pub struct ServerConfig {
     pub storage: StorageConfig,
     pub auth: AuthConfig,
     #[serde(default)]
+    pub ingest: IngestConfig,
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    #[serde(default)]
     pub log: LogConfig,
+}
+
+/// Limits and behaviour of the push endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// The largest NAR (uncompressed bytes) a push may carry.
+    pub max_nar_size: u64,
+    /// The largest JSON preamble of Attic's `upload-path` preamble form.
+    pub max_preamble_size: u64,
+    /// The largest narinfo accepted by `PUT /{cache}/{hash}.narinfo`.
+    pub max_narinfo_size: u64,
+    /// Whether attaching a NAR that is already stored to another cache
+    /// requires the client to stream it (and the server to verify its
+    /// hash). Without it, knowing a NAR's hash and size would be enough to
+    /// link another tenant's data into one's own cache.
+    pub require_proof_of_possession: bool,
+    /// How long a push request waits for its path to become visible before
+    /// answering with the upload still in flight; `0 seconds` answers as
+    /// soon as the upload is acknowledged (spooled and verified).
+    pub wait_for_visible: HumanDuration,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            max_nar_size: 64 << 30,
+            max_preamble_size: 1 << 20,
+            max_narinfo_size: 1 << 20,
+            require_proof_of_possession: true,
+            wait_for_visible: HumanDuration::from_secs(120),
+        }
+    }
+}
+
+/// The chunker and compressor, wherever they run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Chunk jobs one process works on at once.
+    pub chunk_concurrency: u32,
+    /// Compress jobs one process works on at once.
+    pub compress_concurrency: u32,
+    /// The zstd level of each stored chunk.
+    pub compression_level: i32,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self {
+            chunk_concurrency: 1,
+            compress_concurrency: u32::try_from(cores).unwrap_or(1),
+            compression_level: 3,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -170,10 +241,11 @@ impl ServerConfig {
         path: &Path,
         env: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
     ) -> Result<Self, ConfigError> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|source| ConfigError::Syntax {
-            path: path.to_owned(),
-            source,
-        })?;
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|source| ConfigError::Syntax {
+                path: path.to_owned(),
+                source,
+            })?;
         overlay_env(&mut table, env)?;
         let config: Self = toml::Value::Table(table)
             .try_into()
@@ -184,7 +256,10 @@ impl ServerConfig {
 
     /// Checks what serde cannot: one signing key, a usable endpoint URL.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        match (&self.auth.hs256_secret_base64, &self.auth.rs256_private_key_pem) {
+        match (
+            &self.auth.hs256_secret_base64,
+            &self.auth.rs256_private_key_pem,
+        ) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::Invalid(
                     "set only one of auth.hs256-secret-base64 and auth.rs256-private-key-pem"
@@ -243,18 +318,24 @@ fn overlay_env(
         }
         let value = value
             .into_string()
-            .map_err(|_| ConfigError::EnvNotUnicode { name: name.to_owned() })?;
-        let (leaf, sections) = path.split_last().expect("split yields at least one segment");
+            .map_err(|_| ConfigError::EnvNotUnicode {
+                name: name.to_owned(),
+            })?;
+        let (leaf, sections) = path
+            .split_last()
+            .expect("split yields at least one segment");
         let mut current = &mut *table;
         for section in sections {
             let entry = current
                 .entry(section.clone())
                 .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            current = entry.as_table_mut().ok_or_else(|| ConfigError::EnvConflict {
-                name: name.to_owned(),
-                key: path.join("."),
-                section: section.clone(),
-            })?;
+            current = entry
+                .as_table_mut()
+                .ok_or_else(|| ConfigError::EnvConflict {
+                    name: name.to_owned(),
+                    key: path.join("."),
+                    section: section.clone(),
+                })?;
         }
         current.insert(leaf.clone(), env_value(&value));
     }
@@ -318,7 +399,10 @@ mod tests {
         )
         .expect("valid config");
         assert_eq!(config.database.url.expose(), "postgres://larder@db/larder");
-        assert_eq!(config.api_endpoint.as_deref(), Some("https://cache.example.org/"));
+        assert_eq!(
+            config.api_endpoint.as_deref(),
+            Some("https://cache.example.org/")
+        );
         assert_eq!(config.listen, "127.0.0.1:9000".parse().expect("addr"));
         assert_eq!(config.log.format, LogFormat::Json);
     }

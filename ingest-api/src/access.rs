@@ -31,7 +31,10 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let header = parts.headers.get(AUTHORIZATION).map(|value| value.as_bytes());
+        let header = parts
+            .headers
+            .get(AUTHORIZATION)
+            .map(|value| value.as_bytes());
         let claims = state
             .verifier
             .authenticate(header)
@@ -81,9 +84,15 @@ impl AppState {
     /// The cache, if the caller may read it (public, or pull permission).
     /// Served from a short-lived in-memory copy: this is on every narinfo
     /// and NAR request.
-    pub async fn readable_cache(&self, caller: &Caller, name: &CacheName) -> Result<Arc<ServedCache>, ApiError> {
+    pub async fn readable_cache(
+        &self,
+        caller: &Caller,
+        name: &CacheName,
+    ) -> Result<Arc<ServedCache>, ApiError> {
         match self.served_cache(name).await? {
-            Some(served) if served.cache.is_public || caller.can(name, Permission::Pull) => Ok(served),
+            Some(served) if served.cache.is_public || caller.can(name, Permission::Pull) => {
+                Ok(served)
+            }
             _ => Err(caller.hidden_cache()),
         }
     }
@@ -92,13 +101,20 @@ impl AppState {
         if let Some(served) = self.served_caches.get(name) {
             return Ok(Some(served));
         }
-        let Some(cache) = self.database.cache_by_name(name).await.map_err(ApiError::internal)? else {
+        let Some(cache) = self
+            .database
+            .cache_by_name(name)
+            .await
+            .map_err(ApiError::internal)?
+        else {
             // Misses are not cached: a cache created on another replica
             // must be reachable at once.
             return Ok(None);
         };
         let key = SecretKey::parse(cache.keypair.expose_secret()).map_err(|error| {
-            ApiError::internal(anyhow::anyhow!("cache {name} has an invalid signing key: {error}"))
+            ApiError::internal(anyhow::anyhow!(
+                "cache {name} has an invalid signing key: {error}"
+            ))
         })?;
         let served = Arc::new(ServedCache { cache, key });
         self.served_caches.insert(name.clone(), served.clone());
@@ -108,8 +124,17 @@ impl AppState {
     /// The cache, if the caller may see it at all: public, or any
     /// permission on it (a push-only token needs the cache's public key and
     /// upstream key names, too).
-    pub async fn visible_cache(&self, caller: &Caller, name: &CacheName) -> Result<Cache, ApiError> {
-        match self.database.cache_by_name(name).await.map_err(ApiError::internal)? {
+    pub async fn visible_cache(
+        &self,
+        caller: &Caller,
+        name: &CacheName,
+    ) -> Result<Cache, ApiError> {
+        match self
+            .database
+            .cache_by_name(name)
+            .await
+            .map_err(ApiError::internal)?
+        {
             Some(cache) if cache.is_public || caller.knows_of(name) => Ok(cache),
             _ => Err(caller.hidden_cache()),
         }
@@ -124,13 +149,20 @@ impl AppState {
         name: &CacheName,
         permission: Permission,
     ) -> Result<Cache, ApiError> {
-        let cache = self.database.cache_by_name(name).await.map_err(ApiError::internal)?;
+        let cache = self
+            .database
+            .cache_by_name(name)
+            .await
+            .map_err(ApiError::internal)?;
         let permitted = caller.can(name, permission);
         match cache {
             Some(cache) if permitted => Ok(cache),
-            Some(cache) if cache.is_public || caller.knows_of(name) => Err(ApiError::Forbidden(
-                format!("your token does not allow {} on cache {name}", permission.name()),
-            )),
+            Some(cache) if cache.is_public || caller.knows_of(name) => {
+                Err(ApiError::Forbidden(format!(
+                    "your token does not allow {} on cache {name}",
+                    permission.name()
+                )))
+            }
             None if permitted => Err(ApiError::NoSuchCache),
             _ => Err(caller.hidden_cache()),
         }
@@ -141,7 +173,9 @@ impl AppState {
         if caller.can(name, Permission::CreateCache) {
             Ok(())
         } else if caller.claims.is_none() {
-            Err(ApiError::Unauthorized("creating a cache needs a token".to_owned()))
+            Err(ApiError::Unauthorized(
+                "creating a cache needs a token".to_owned(),
+            ))
         } else {
             Err(ApiError::Forbidden(format!(
                 "your token does not allow creating a cache named {name}"

@@ -105,7 +105,10 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let message = match &self {
             Self::Internal(error) => {
-                tracing::error!(error = format!("{error:#}"), "internal error while serving a request");
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    "internal error while serving a request"
+                );
                 "internal server error; the details are in the server's log".to_owned()
             }
             other => other.to_string(),

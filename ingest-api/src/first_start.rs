@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 
 use common::config::{
-    AuthConfig, ConfigError, DatabaseConfig, LogConfig, Secret, ServerConfig, StorageConfig,
+    AuthConfig, ConfigError, DatabaseConfig, IngestConfig, LogConfig, PipelineConfig, Secret,
+    ServerConfig, StorageConfig,
 };
 
 /// Bytes of randomness in a generated HS256 secret: twice the minimum, as
@@ -101,6 +102,8 @@ fn create_default(path: &Path) -> Result<bool, FirstStartError> {
             )),
             rs256_private_key_pem: None,
         },
+        ingest: IngestConfig::default(),
+        pipeline: PipelineConfig::default(),
         log: LogConfig::default(),
     };
     let text = format!(
@@ -137,7 +140,10 @@ mod tests {
         let first = prepare(&path).expect("first start");
         assert!(first.created);
         let mode = std::fs::metadata(&path).expect("stat").permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
         assert!(first.config.database.url.expose().starts_with("sqlite:///"));
 
         let second = prepare(&path).expect("second start");
@@ -149,6 +155,9 @@ mod tests {
     fn admin_commands_need_an_existing_config() {
         let dir = tempfile::tempdir().expect("tempdir");
         let error = load_existing(&dir.path().join("none.toml")).expect_err("missing");
-        assert!(error.to_string().contains("start the server once"), "{error}");
+        assert!(
+            error.to_string().contains("start the server once"),
+            "{error}"
+        );
     }
 }

@@ -31,6 +31,7 @@ use common::auth::{
 use common::cache_name::{CacheNameError, CacheNamePattern};
 use common::config::{ServerConfig, StorageConfig};
 use common::db::{Database, DbError};
+use common::queue::{EmbeddedQueue, Queue};
 use common::storage::{LocalStorage, S3Options, S3Storage, Storage, StorageError};
 
 pub use routes::router;
@@ -76,12 +77,18 @@ pub enum ServerError {
 /// The token-signing key the config names.
 pub fn signing_key(config: &ServerConfig) -> Result<TokenSigningKey, ServerError> {
     let auth = &config.auth;
-    Ok(match (&auth.hs256_secret_base64, &auth.rs256_private_key_pem) {
-        (Some(secret), _) => TokenSigningKey::hs256_from_base64(secret.expose())?,
-        (None, Some(pem)) => TokenSigningKey::rs256_from_pem(pem.expose())?,
-        // `ServerConfig::validate` guarantees one of the two.
-        (None, None) => return Err(ServerError::Internal("no token signing key configured".into())),
-    })
+    Ok(
+        match (&auth.hs256_secret_base64, &auth.rs256_private_key_pem) {
+            (Some(secret), _) => TokenSigningKey::hs256_from_base64(secret.expose())?,
+            (None, Some(pem)) => TokenSigningKey::rs256_from_pem(pem.expose())?,
+            // `ServerConfig::validate` guarantees one of the two.
+            (None, None) => {
+                return Err(ServerError::Internal(
+                    "no token signing key configured".into(),
+                ))
+            }
+        },
+    )
 }
 
 /// Checks what can be checked without connecting anywhere
@@ -95,7 +102,10 @@ pub fn check_config(config: &ServerConfig) -> Result<(), ServerError> {
 
 /// Applies database migrations (`--mode migrate`).
 pub async fn migrate(config: &ServerConfig) -> Result<(), ServerError> {
-    Database::connect(config.database.url.expose()).await?.migrate().await?;
+    Database::connect(config.database.url.expose())
+        .await?
+        .migrate()
+        .await?;
     Ok(())
 }
 
@@ -135,6 +145,9 @@ impl Server {
         let database = Database::connect(config.database.url.expose()).await?;
         database.migrate().await?;
         let storage = open_storage(&config.storage).await?;
+        // The single-machine default: the pipeline's workers run in this
+        // process and consume from it.
+        let queue: Arc<dyn Queue> = Arc::new(EmbeddedQueue::new());
         let signing_key = signing_key(&config)?;
         let revocations = Arc::new(RevocationList::new());
         // Loaded before the first request, so a revoked token is never
@@ -144,6 +157,8 @@ impl Server {
         let state = AppState::new(Shared {
             database,
             storage,
+            queue,
+            ingest: config.ingest.clone(),
             verifier,
             api_endpoint: config
                 .api_endpoint
@@ -192,7 +207,10 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then waits for in-flight requests.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
         let stop = CancellationToken::new();
         let refresher = tokio::spawn(refresh_revocations(
             self.state.database.clone(),
@@ -218,7 +236,11 @@ impl Server {
 
 /// Reloads revoked token ids until `stop`; a failed reload keeps the
 /// previous list (revocations only ever grow) and is retried next tick.
-async fn refresh_revocations(database: Database, revocations: Arc<RevocationList>, stop: CancellationToken) {
+async fn refresh_revocations(
+    database: Database,
+    revocations: Arc<RevocationList>,
+    stop: CancellationToken,
+) {
     let mut interval = tokio::time::interval(REVOCATION_REFRESH_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -14,7 +14,11 @@ use ingest_api::first_start;
 use ingest_api::tokens::{self, TokenRequest};
 
 #[derive(Debug, Parser)]
-#[command(name = "ingest-api", version, about = "Larder's HTTP server: a multi-tenant Nix binary cache")]
+#[command(
+    name = "ingest-api",
+    version,
+    about = "Larder's HTTP server: a multi-tenant Nix binary cache"
+)]
 struct Cli {
     /// The server's config file; created with working defaults on first start.
     /// [default: $XDG_CONFIG_HOME/larder/server.toml]
@@ -98,7 +102,10 @@ impl MakeTokenArgs {
             (Permission::Delete, self.delete),
             (Permission::CreateCache, self.create_cache),
             (Permission::ConfigureCache, self.configure_cache),
-            (Permission::ConfigureCacheRetention, self.configure_cache_retention),
+            (
+                Permission::ConfigureCacheRetention,
+                self.configure_cache_retention,
+            ),
             (Permission::DestroyCache, self.destroy_cache),
         ];
         TokenRequest {
@@ -107,7 +114,9 @@ impl MakeTokenArgs {
             grants: grants
                 .into_iter()
                 .flat_map(|(permission, patterns)| {
-                    patterns.into_iter().map(move |pattern| (pattern, permission))
+                    patterns
+                        .into_iter()
+                        .map(move |pattern| (pattern, permission))
                 })
                 .collect(),
         }
@@ -200,7 +209,11 @@ async fn serve(
         println!("Larder is set up: the config is {}", config_path.display());
         println!("A root token with every permission on every cache (keep it secret):");
         println!();
-        println!("    larder login local {} {}", server.public_endpoint(), token);
+        println!(
+            "    larder login local {} {}",
+            server.public_endpoint(),
+            token
+        );
         println!();
     }
     server.run_until(shutdown_signal()).await?;

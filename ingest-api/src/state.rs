@@ -1,5 +1,5 @@
-//! What every request handler shares: the database, storage, the token
-//! verifier and the public endpoint.
+//! What every request handler shares: the database, storage, the job
+//! queue, the token verifier and the public endpoint.
 
 use std::sync::Arc;
 
@@ -7,9 +7,11 @@ use bytes::Bytes;
 
 use common::auth::TokenVerifier;
 use common::cache_name::CacheName;
+use common::config::IngestConfig;
 use common::db::{Cache, CacheId, Database};
 use common::nix::signing::SecretKey;
 use common::nix::StorePathHash;
+use common::queue::Queue;
 use common::storage::Storage;
 
 use crate::ttl_cache::TtlCache;
@@ -22,6 +24,9 @@ pub struct AppState(Arc<Shared>);
 pub struct Shared {
     pub database: Database,
     pub storage: Arc<dyn Storage>,
+    /// Where spooled uploads' chunk jobs go.
+    pub queue: Arc<dyn Queue>,
+    pub ingest: IngestConfig,
     pub verifier: TokenVerifier,
     /// The configured public base URL (with a trailing `/`), if any;
     /// otherwise URLs are derived from each request's `Host`.

@@ -52,7 +52,8 @@ pub(crate) async fn record(database: &Database, minted: &MintedToken) -> Result<
         .record_token(&TokenRecord {
             jti: claims.jti.clone(),
             sub: claims.sub.clone(),
-            claims: serde_json::to_value(claims).map_err(|error| ServerError::Internal(error.to_string()))?,
+            claims: serde_json::to_value(claims)
+                .map_err(|error| ServerError::Internal(error.to_string()))?,
             issued_at: claims.issued_at().into(),
             expires_at: claims.expires_at().into(),
             revoked_at: None,
@@ -65,7 +66,11 @@ pub(crate) async fn record(database: &Database, minted: &MintedToken) -> Result<
 pub async fn list(config: &ServerConfig) -> Result<String, ServerError> {
     let database = open_database(config).await?;
     let mut out = String::new();
-    let _ = writeln!(out, "{:<32}  {:<20}  {:<20}  {:<20}  STATUS", "JTI", "SUBJECT", "ISSUED", "EXPIRES");
+    let _ = writeln!(
+        out,
+        "{:<32}  {:<20}  {:<20}  {:<20}  STATUS",
+        "JTI", "SUBJECT", "ISSUED", "EXPIRES"
+    );
     let now = SystemTime::now();
     for token in database.list_tokens().await? {
         let status = match token.revoked_at {

@@ -32,7 +32,9 @@ impl<K: Hash + Eq, V: Clone> TtlCache<K, V> {
     pub fn get(&self, key: &K) -> Option<V> {
         let entries = self.lock();
         match entries.get(key) {
-            Some((stored_at, value)) if stored_at.elapsed() < self.time_to_live => Some(value.clone()),
+            Some((stored_at, value)) if stored_at.elapsed() < self.time_to_live => {
+                Some(value.clone())
+            }
             _ => None,
         }
     }
@@ -56,7 +58,9 @@ impl<K: Hash + Eq, V: Clone> TtlCache<K, V> {
         // A panic while holding the lock cannot leave the map half-updated
         // (every operation is one HashMap call), so a poisoned lock is safe
         // to keep using.
-        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

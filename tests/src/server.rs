@@ -23,7 +23,10 @@ use common::auth::{
     MintedToken, Permission, Permissions, TokenAlgorithm, TokenBuilder, TokenSigningKey,
 };
 use common::cache_name::{CacheName, CacheNamePattern};
-use common::config::{AuthConfig, DatabaseConfig, LogConfig, Secret, ServerConfig, StorageConfig};
+use common::config::{
+    AuthConfig, DatabaseConfig, IngestConfig, LogConfig, PipelineConfig, Secret, ServerConfig,
+    StorageConfig,
+};
 use common::db::{
     Backend, Cache, CacheId, CacheKeypair, ChunkLocation, Database, Nar, NewCache, NewObject,
     ObjectMetadata, StoredChunk, Timestamp, TokenRecord,
@@ -246,6 +249,8 @@ impl TestServer {
                 path: dir.path().join("storage"),
             },
             auth,
+            ingest: IngestConfig::default(),
+            pipeline: PipelineConfig::default(),
             log: LogConfig::default(),
         };
         let config_path = dir.path().join("server.toml");

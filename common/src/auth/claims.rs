@@ -52,8 +52,8 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use super::permissions::{Permission, Permissions};
-use crate::time::system_time;
 use crate::cache_name::{CacheName, CacheNamePattern};
+use crate::time::system_time;
 
 /// The payload of a Larder token. Obtained by minting
 /// ([`TokenBuilder`](super::TokenBuilder)) or, from a token string, only

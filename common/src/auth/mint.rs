@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 use super::claims::Claims;
 use super::keys::TokenSigningKey;
 use super::permissions::Permissions;
-use crate::time::{format_unix_seconds, unix_seconds, MAX_UNIX_SECONDS};
 use crate::cache_name::CacheNamePattern;
+use crate::time::{format_unix_seconds, unix_seconds, MAX_UNIX_SECONDS};
 
 /// Why a token cannot be minted as asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -418,7 +418,11 @@ impl Database {
     /// The NAR with this hash, if it is `valid` and an object of the cache
     /// points at it: the only way a NAR is reachable for serving, so that
     /// knowing a hash never grants access to another tenant's data.
-    pub async fn valid_nar_in_cache(&self, cache_id: CacheId, nar_hash: &NarHash) -> Result<Option<Nar>> {
+    pub async fn valid_nar_in_cache(
+        &self,
+        cache_id: CacheId,
+        nar_hash: &NarHash,
+    ) -> Result<Option<Nar>> {
         let sql = format!(
             "SELECT {NAR_COLUMNS} FROM nars n WHERE n.nar_hash = $1 AND n.state = 'valid' \
              AND EXISTS (SELECT 1 FROM objects o WHERE o.nar_id = n.id AND o.cache_id = $2)"

@@ -75,12 +75,10 @@ impl Sha256Hash {
     pub fn parse(text: &str) -> Result<Self, HashError> {
         if let Some(digest) = text.strip_prefix("sha256:") {
             match digest.len() {
-                SHA256_BASE32_LEN => {
-                    Self::from_base32(digest).map_err(|cause| HashError::Base32 {
-                        text: text.to_owned(),
-                        cause,
-                    })
-                }
+                SHA256_BASE32_LEN => Self::from_base32(digest).map_err(|cause| HashError::Base32 {
+                    text: text.to_owned(),
+                    cause,
+                }),
                 SHA256_HEX_LEN => Self::from_hex(digest).ok_or_else(|| HashError::Hex {
                     text: text.to_owned(),
                 }),

@@ -100,14 +100,29 @@ impl Job for ChunkJob {
     }
 }
 
-/// Compress and store new chunks of a NAR (published by `chunker-worker`).
+/// Compress and store chunks of a NAR (published by `chunker-worker`).
+///
+/// The job names where the uncompressed bytes are (a staged NAR and byte
+/// ranges of it), so a compressor needs no database read to find them, and
+/// the chunker can publish jobs while it is still cutting the rest of the
+/// NAR.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompressJob {
     pub nar_id: i64,
-    /// The `chunks` rows to compress and store; their bytes are read from the
-    /// staged NAR at the ranges the database records.
-    pub chunk_ids: Vec<i64>,
+    /// The staging object holding the uncompressed NAR.
+    pub staged_key: String,
+    /// The `chunks` rows to compress and store, with their byte ranges in
+    /// the staged NAR.
+    pub chunks: Vec<ChunkRange>,
     pub trace_id: String,
+}
+
+/// Where one chunk's uncompressed bytes sit in a staged NAR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRange {
+    pub chunk_id: i64,
+    pub offset: u64,
+    pub length: u64,
 }
 
 impl Job for CompressJob {
@@ -382,11 +397,19 @@ mod tests {
     fn jobs_keep_their_json_shape() {
         let job = CompressJob {
             nar_id: 7,
-            chunk_ids: vec![1, 2],
+            staged_key: "staging/x.nar".to_owned(),
+            chunks: vec![ChunkRange {
+                chunk_id: 1,
+                offset: 0,
+                length: 10,
+            }],
             trace_id: "t".to_owned(),
         };
         let json = serde_json::to_string(&job).unwrap();
-        assert_eq!(json, r#"{"nar_id":7,"chunk_ids":[1,2],"trace_id":"t"}"#);
+        assert_eq!(
+            json,
+            r#"{"nar_id":7,"staged_key":"staging/x.nar","chunks":[{"chunk_id":1,"offset":0,"length":10}],"trace_id":"t"}"#
+        );
         let job = ChunkJob {
             upload_id: "u".to_owned(),
             trace_id: "t".to_owned(),

@@ -122,7 +122,12 @@ impl Storage for LocalStorage {
 
     /// One blocking-pool hop for the whole range, rather than one per read
     /// of a streamed file: serving a NAR reads thousands of chunks.
-    async fn get_bytes(&self, key: &ObjectKey, offset: u64, length: u64) -> Result<Bytes, StorageError> {
+    async fn get_bytes(
+        &self,
+        key: &ObjectKey,
+        offset: u64,
+        length: u64,
+    ) -> Result<Bytes, StorageError> {
         let path = self.path_of(key);
         let owned_key = key.clone();
         let read = tokio::task::spawn_blocking(move || {
@@ -139,7 +144,9 @@ impl Storage for LocalStorage {
         })?;
         match read {
             Ok(buffer) => Ok(buffer.into()),
-            Err(error) if error.kind() == io::ErrorKind::NotFound => Err(StorageError::NotFound(owned_key)),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {
+                Err(StorageError::NotFound(owned_key))
+            }
             Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => {
                 Err(super::short_object(key, offset, length))
             }

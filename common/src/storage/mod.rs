@@ -125,7 +125,12 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Reads exactly `length` bytes from `offset` into memory: for small
     /// ranges such as one chunk, where a whole read in one go beats a
     /// stream. An object too short for the range is an error.
-    async fn get_bytes(&self, key: &ObjectKey, offset: u64, length: u64) -> Result<Bytes, StorageError> {
+    async fn get_bytes(
+        &self,
+        key: &ObjectKey,
+        offset: u64,
+        length: u64,
+    ) -> Result<Bytes, StorageError> {
         let mut reader = self.get_range(key, offset, Some(length)).await?;
         let mut buffer = Vec::with_capacity(usize::try_from(length).unwrap_or(0));
         tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut buffer)
@@ -153,7 +158,10 @@ fn short_object(key: &ObjectKey, offset: u64, length: u64) -> StorageError {
         key: key.to_string(),
         source: io::Error::new(
             io::ErrorKind::UnexpectedEof,
-            format!("object is shorter than the range {offset}..{}", offset + length),
+            format!(
+                "object is shorter than the range {offset}..{}",
+                offset + length
+            ),
         ),
     }
 }

@@ -9,10 +9,10 @@
 use std::collections::BTreeSet;
 
 use axum::body::Body;
-use bytes::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
 
 use common::cache_name::CacheName;
@@ -42,7 +42,11 @@ fn parse_cache_name(name: &str) -> Result<CacheName, ApiError> {
 }
 
 fn text_response(content_type: &'static str, body: String) -> Response {
-    ([(header::CONTENT_TYPE, HeaderValue::from_static(content_type))], body).into_response()
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+        body,
+    )
+        .into_response()
 }
 
 /// `GET /{cache}/nix-cache-info`
@@ -51,7 +55,9 @@ pub async fn cache_info(
     caller: Caller,
     ApiPath(cache): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let served = state.readable_cache(&caller, &parse_cache_name(&cache)?).await?;
+    let served = state
+        .readable_cache(&caller, &parse_cache_name(&cache)?)
+        .await?;
     let cache = &served.cache;
     let info = NixCacheInfo {
         store_dir: cache.store_dir.clone(),
@@ -101,13 +107,25 @@ pub async fn root_file(
                     text
                 }
             };
-            Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("text/x-nix-narinfo"))], text)
+            Ok((
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/x-nix-narinfo"),
+                )],
+                text,
+            )
                 .into_response())
         }
         RootFile::Listing(hash) => {
             let found = find_object(&state, cache, &hash).await?;
             let listing = nar_listing(&state, &found).await?;
-            Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], listing)
+            Ok((
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                listing,
+            )
                 .into_response())
         }
     }
@@ -227,7 +245,10 @@ pub async fn nar(
         .buffered(NAR_READ_AHEAD);
     Ok((
         [
-            (header::CONTENT_TYPE, HeaderValue::from_static("application/x-nix-nar")),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/x-nix-nar"),
+            ),
             (header::CONTENT_LENGTH, HeaderValue::from(content_length)),
         ],
         Body::from_stream(body),

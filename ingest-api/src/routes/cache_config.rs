@@ -64,7 +64,11 @@ pub async fn create(
     if let Some(names) = request.upstream_cache_key_names {
         new.upstream_cache_key_names = validate_key_names(names)?;
     }
-    let cache = match state.database.create_cache(&new, std::time::SystemTime::now().into()).await {
+    let cache = match state
+        .database
+        .create_cache(&new, std::time::SystemTime::now().into())
+        .await
+    {
         Ok(cache) => cache,
         Err(DbError::Conflict { .. }) => return Err(ApiError::CacheAlreadyExists),
         Err(error) => return Err(ApiError::internal(error)),
@@ -100,12 +104,21 @@ pub async fn configure(
     }
     let mut cache = None;
     for permission in needed {
-        cache = Some(state.cache_with_permission(&caller, &name, permission).await?);
+        cache = Some(
+            state
+                .cache_with_permission(&caller, &name, permission)
+                .await?,
+        );
     }
     // `needed` is never empty, so the loop ran at least once.
-    let cache = cache.ok_or_else(|| ApiError::internal(anyhow::anyhow!("no permission checked")))?;
+    let cache =
+        cache.ok_or_else(|| ApiError::internal(anyhow::anyhow!("no permission checked")))?;
 
-    let store_dir = patch.store_dir.as_deref().map(parse_store_dir).transpose()?;
+    let store_dir = patch
+        .store_dir
+        .as_deref()
+        .map(parse_store_dir)
+        .transpose()?;
     if let Some(store_dir) = &store_dir {
         check_store_dir_change(&state, &cache, store_dir).await?;
     }
@@ -152,7 +165,12 @@ pub async fn destroy(
     state
         .cache_with_permission(&caller, &name, Permission::DestroyCache)
         .await?;
-    if !state.database.delete_cache(&name).await.map_err(ApiError::internal)? {
+    if !state
+        .database
+        .delete_cache(&name)
+        .await
+        .map_err(ApiError::internal)?
+    {
         return Err(ApiError::NoSuchCache);
     }
     state.forget_cached_reads();
@@ -164,7 +182,10 @@ pub async fn destroy(
 fn describe(state: &AppState, headers: &HeaderMap, cache: &Cache) -> Result<CacheConfig, ApiError> {
     let endpoint = public_endpoint(state, headers);
     let key = SecretKey::parse(cache.keypair.expose_secret()).map_err(|error| {
-        ApiError::internal(anyhow::anyhow!("cache {} has an invalid key: {error}", cache.name))
+        ApiError::internal(anyhow::anyhow!(
+            "cache {} has an invalid key: {error}",
+            cache.name
+        ))
     })?;
     Ok(CacheConfig {
         substituter_endpoint: Some(format!("{endpoint}{}", cache.name)),
@@ -231,8 +252,13 @@ fn validate_priority(priority: i32) -> Result<i32, ApiError> {
 /// colons, which would break that list.
 fn validate_key_names(names: Vec<String>) -> Result<Vec<String>, ApiError> {
     for name in &names {
-        if name.is_empty() || name.len() > 256 || name.contains(|c: char| c.is_whitespace() || c == ':' || c.is_control()) {
-            return Err(ApiError::bad_request(format!("invalid upstream cache key name {name:?}")));
+        if name.is_empty()
+            || name.len() > 256
+            || name.contains(|c: char| c.is_whitespace() || c == ':' || c.is_control())
+        {
+            return Err(ApiError::bad_request(format!(
+                "invalid upstream cache key name {name:?}"
+            )));
         }
     }
     Ok(names)
