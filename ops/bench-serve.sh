@@ -54,6 +54,9 @@ export PATH="$HOME/.cargo/bin:$PATH"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/larder/target}
 
 readonly HOST=127.0.0.1
+bench_name=bench-serve
+# shellcheck source=ops/bench/lib.sh
+source "$repo/ops/bench/lib.sh"
 
 duration=10
 wrk_reps=3
@@ -65,11 +68,6 @@ out=
 build=1
 keep=0
 
-say() { printf 'bench-serve: %s\n' "$*" >&2; }
-die() {
-    say "error: $*"
-    exit 1
-}
 usage() {
     sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0" >&2
     exit 2
@@ -102,30 +100,7 @@ fi
 
 # --- tools -------------------------------------------------------------------
 
-install_tools() {
-    local missing=() tool package
-    for tool in wrk:wrk nginx:nginx curl:curl zstd:zstd; do
-        package=${tool#*:}
-        command -v "${tool%%:*}" >/dev/null || missing+=("$package")
-    done
-    ((${#missing[@]})) || return 0
-    [[ $EUID -eq 0 ]] || die "missing ${missing[*]}: install them (apt-get install ${missing[*]}) or run as root"
-    say "installing ${missing[*]}"
-    # Debian's nginx package starts a system-wide nginx on port 80 when
-    # installed; a policy-rc.d that refuses every service start prevents
-    # that. It is created only if there is none, and removed right after.
-    local policy=/usr/sbin/policy-rc.d made_policy=0
-    if [[ ! -e $policy ]]; then
-        printf '#!/bin/sh\nexit 101\n' >"$policy"
-        chmod 755 "$policy"
-        made_policy=1
-    fi
-    local status=0
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; } || status=$?
-    ((made_policy)) && rm -f "$policy"
-    ((status == 0)) || die "apt-get install ${missing[*]} failed"
-}
-install_tools
+install_tools wrk:wrk nginx:nginx curl:curl zstd:zstd
 
 if ((build)); then
     say "building ingest-api and bench_serve (release)"
@@ -144,19 +119,6 @@ nginx_pid=
 larder_port=
 nginx_port=
 
-# Stops one process started here: TERM, up to 10 s, then KILL.
-stop_pid() {
-    local pid=$1 waited=0
-    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    while kill -0 "$pid" 2>/dev/null && ((waited < 100)); do
-        sleep 0.1
-        waited=$((waited + 1))
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
 cleanup() {
     local status=$?
     trap - EXIT INT TERM
@@ -173,77 +135,10 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-port_in_use() {
-    local port=$1
-    if (exec 3<>"/dev/tcp/$HOST/$port") 2>/dev/null; then
-        return 0
-    fi
-    command -v ss >/dev/null && [[ -n $(ss -Htan "sport = :$port" 2>/dev/null) ]]
-}
-
-# Sets the variable named $1 to a free port in 20000-32000 (below the
-# kernel's ephemeral range), picked at random, other than those taken here.
-taken_ports=" "
-pick_port() {
-    local port tries
-    for tries in {1..100}; do
-        port=$((20000 + RANDOM % 12000))
-        if [[ $taken_ports != *" $port "* ]] && ! port_in_use "$port"; then
-            taken_ports+="$port "
-            printf -v "$1" '%s' "$port"
-            return 0
-        fi
-    done
-    die "found no free port in 20000-32000 after $tries tries"
-}
-
-# Waits until `curl URL` gets any HTTP answer, while process PID lives.
-wait_http() {
-    local url=$1 pid=$2 log=$3 waited=0
-    until curl -s -o /dev/null "$url"; do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            tail -n 20 "$log" >&2 || true
-            die "the process serving $url exited"
-        fi
-        ((waited < 300)) || die "$url did not answer within 30 s"
-        sleep 0.1
-        waited=$((waited + 1))
-    done
-}
-
-# utime + stime, in clock ticks, of the given pids together.
-cpu_ticks() {
-    local pid total=0 fields
-    for pid in "$@"; do
-        # Field 2 (the command) is in parentheses and may hold spaces:
-        # take what follows the last ')'. utime and stime are then the
-        # 12th and 13th fields.
-        fields=$(sed 's/.*) //' "/proc/$pid/stat") || continue
-        read -r -a parts <<<"$fields"
-        total=$((total + parts[11] + parts[12]))
-    done
-    echo "$total"
-}
-
-# VmHWM in KiB, summed over the given pids.
-peak_rss_kib() {
-    local pid total=0 value
-    for pid in "$@"; do
-        value=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
-        total=$((total + ${value:-0}))
-    done
-    echo "$total"
-}
-
 nginx_pids() {
     local workers
     workers=$(pgrep -P "$nginx_pid" | tr '\n' ' ' || true)
     echo "$nginx_pid $workers"
-}
-
-# The median of the numbers on stdin, separated by spaces or lines.
-median() {
-    tr -s ' ' '\n' | sed '/^$/d' | sort -g | awk '{ v[NR] = $1 } END { printf "%.1f\n", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
 # --- Larder: config, seed, token, server ------------------------------------
@@ -473,10 +368,6 @@ read -r -a pids <<<"$(nginx_pids)"
 nginx_rss=$(peak_rss_kib "${pids[@]}")
 
 # --- report ------------------------------------------------------------------
-
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
-verdict() { awk -v r="$1" -v t="$2" 'BEGIN { print (r >= t ? "met" : "MISSED") }'; }
-mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 
 r1=$(ratio "${rps[larder,1]}" "${rps[nginx,1]}")
 r16=$(ratio "${rps[larder,16]}" "${rps[nginx,16]}")

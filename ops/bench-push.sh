@@ -1,0 +1,233 @@
+#!/usr/bin/env bash
+# The push benchmark (issue 4): Larder's one-machine `ingest-api` (release
+# build, SQLite, local storage, the pipeline in-process) ingesting real
+# data, beside this machine's own limits measured in the same run on the
+# same bytes. Not a test: it reports figures and ratios, it asserts no
+# timing.
+#
+#   ops/bench-push.sh [--large-a DIR] [--large-b DIR] [--small N] [--jobs N]
+#                     [--small-source DIR] [--out FILE] [--no-build] [--keep]
+#
+# What it measures:
+#   1. One new large NAR (default: the NAR of this machine's Rust 1.95
+#      toolchain `lib/`, ~500 MiB) pushed through Attic's `upload-path`,
+#      from request start until the path is visible: MiB/s of NAR, beside
+#      single-threaded `sha256sum` and `zstd -3 -T1` on the same NAR file.
+#      Target: >= 0.6x zstd -3.
+#   2. A second version of that directory (default: the nightly toolchain's
+#      `lib/`) pushed the same way; then the bytes stored for both (every
+#      chunk object) beside the two NARs compressed whole with
+#      `zstd -8 -T1`. Target: <= 1.15x.
+#   3. N small paths (default 300; NARs of 10-500 KiB of real file contents
+#      from --small-source, default /usr/lib/python3.11) pushed with --jobs
+#      requests in flight (default 8), from the first request until the
+#      last path is visible. Target: >= 500 paths/s.
+#   4. The server's peak resident memory (VmHWM) over the whole run.
+#      Target: <= 128 MiB.
+#
+# The server waits for visibility before it answers (ingest.wait-for-visible
+# is raised to 10 minutes here); `bench_push` (tests/src/bin/bench_push.rs)
+# polls the upload's status should an answer come earlier, so each figure
+# spans "request start until visible". The result table goes to stdout and
+# to --out (default ops/bench-results/push-<UTC date>.txt).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+repo=$(pwd)
+
+export PATH="$HOME/.cargo/bin:$PATH"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/larder/target}
+
+readonly HOST=127.0.0.1
+bench_name=bench-push
+# shellcheck source=ops/bench/lib.sh
+source "$repo/ops/bench/lib.sh"
+
+toolchains=$HOME/.rustup/toolchains
+large_a=$(ls -d "$toolchains"/1.95*/lib 2>/dev/null | head -n 1 || true)
+large_b=$(ls -d "$toolchains"/nightly*/lib 2>/dev/null | head -n 1 || true)
+small=300
+jobs=8
+small_source=/usr/lib/python3.11
+out=
+build=1
+keep=0
+
+usage() {
+    sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0" >&2
+    exit 2
+}
+
+while (($#)); do
+    case $1 in
+        --large-a) large_a=${2:?}; shift 2 ;;
+        --large-b) large_b=${2:?}; shift 2 ;;
+        --small) small=${2:?}; shift 2 ;;
+        --jobs) jobs=${2:?}; shift 2 ;;
+        --small-source) small_source=${2:?}; shift 2 ;;
+        --out) out=${2:?}; shift 2 ;;
+        --no-build) build=0; shift ;;
+        --keep) keep=1; shift ;;
+        -h | --help) usage ;;
+        *) usage ;;
+    esac
+done
+for number in "$small" "$jobs"; do
+    [[ $number =~ ^[1-9][0-9]*$ ]] || die "expected a positive whole number, got '$number'"
+done
+for dir in "$large_a" "$large_b" "$small_source"; do
+    [[ -d $dir ]] || die "'$dir' is not a directory (see --large-a, --large-b, --small-source)"
+done
+started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+if [[ -z $out ]]; then
+    out=$repo/ops/bench-results/push-$(date -u +%Y%m%d-%H%M%S).txt
+fi
+
+install_tools curl:curl zstd:zstd
+command -v nix-store >/dev/null || bash "$repo/ops/install.sh"
+
+if ((build)); then
+    say "building ingest-api and bench_push (release)"
+    cargo build --release --quiet -p ingest-api -p tests --bin ingest-api --bin bench_push
+fi
+bin=$CARGO_TARGET_DIR/release
+for binary in ingest-api bench_push; do
+    [[ -x $bin/$binary ]] || die "$bin/$binary is missing: run without --no-build"
+done
+
+work=$(mktemp -d /tmp/larder-bench-push.XXXXXX)
+server_pid=
+cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    stop_pid "$server_pid"
+    if ((status == 0 && keep == 0)); then
+        rm -rf "$work"
+    else
+        say "work directory kept: $work"
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# --- the bytes, and this machine's limits on them -----------------------------
+
+say "dumping the NARs of $large_a and $large_b"
+nix-store --dump "$large_a" >"$work/a.nar"
+nix-store --dump "$large_b" >"$work/b.nar"
+size_a=$(stat -c %s "$work/a.nar")
+size_b=$(stat -c %s "$work/b.nar")
+
+# Seconds (wall clock) that the command takes, its output discarded.
+seconds_of() {
+    local start end
+    start=$(date +%s.%N)
+    "$@" >/dev/null
+    end=$(date +%s.%N)
+    awk -v a="$start" -v b="$end" 'BEGIN { printf "%.3f", b - a }'
+}
+mibps() { awk -v bytes="$1" -v s="$2" 'BEGIN { printf "%.1f", bytes / 1048576 / s }'; }
+
+say "measuring sha256sum and zstd -3 -T1 on the first NAR"
+cat "$work/a.nar" >/dev/null # the page cache, for both alike
+sha_seconds=$(seconds_of sha256sum "$work/a.nar")
+zstd3_seconds=$(seconds_of zstd -q -3 -T1 -c "$work/a.nar")
+say "compressing both NARs whole with zstd -8 -T1"
+zstd8_a=$(zstd -q -8 -T1 -c "$work/a.nar" | wc -c)
+zstd8_b=$(zstd -q -8 -T1 -c "$work/b.nar" | wc -c)
+
+# --- Larder: config, token, caches, server -------------------------------------
+
+server_dir=$work/server
+mkdir -p "$server_dir"
+config=$server_dir/server.toml
+"$bin/ingest-api" --config "$config" --mode migrate >/dev/null
+storage=$server_dir/storage
+token=$("$bin/ingest-api" make-token --config "$config" --sub bench-push --validity 1d \
+    --pull 'bench-*' --push 'bench-*' --create-cache 'bench-*' | tail -n 1)
+auth="Authorization: Bearer $token"
+
+pick_port larder_port
+LARDER_INGEST__WAIT_FOR_VISIBLE="10 minutes" RUST_LOG=warn \
+    "$bin/ingest-api" --config "$config" --listen "$HOST:$larder_port" >"$work/server.log" 2>&1 &
+server_pid=$!
+larder=http://$HOST:$larder_port
+wait_http "$larder/" "$server_pid" "$work/server.log"
+say "ingest-api (pid $server_pid) serves $larder"
+
+for cache in bench-large bench-small; do
+    code=$(curl -s -o "$work/create.json" -w '%{http_code}' -X POST -H "$auth" \
+        -H 'Content-Type: application/json' -d '{"keypair": "Generate", "is_public": false}' \
+        "$larder/_api/v1/cache-config/$cache")
+    [[ $code == 200 || $code == 201 ]] || die "creating $cache answered $code: $(cat "$work/create.json")"
+done
+
+# The bytes of every stored chunk object.
+stored_bytes() {
+    find "$storage/chunks" -type f -printf '%s\n' 2>/dev/null | awk '{ s += $1 } END { print s + 0 }'
+}
+
+# --- the pushes --------------------------------------------------------------
+
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+push=("$bin/bench_push" --url "$larder" --token "$token")
+say "pushing the two large NARs"
+"${push[@]}" --cache bench-large large "$work/a.nar" "$work/b.nar" >"$work/large.vars"
+stored_after_a_and_b=$(stored_bytes)
+say "pushing $small small paths, $jobs at a time"
+"${push[@]}" --cache bench-small small "$small" "$jobs" "$small_source" >"$work/small.vars"
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+rss=$(peak_rss_kib "$server_pid")
+kill -0 "$server_pid" 2>/dev/null || die "the server exited during the run: $(tail -n 20 "$work/server.log")"
+
+declare -A result
+while IFS='=' read -r key value; do
+    [[ $key =~ ^[A-Z0-9_]+$ ]] && result[$key]=$value
+done < <(cat "$work/large.vars" "$work/small.vars")
+for key in LARGE_SECONDS_0 LARGE_SECONDS_1 SMALL_SECONDS SMALL_BYTES; do
+    [[ -n ${result[$key]:-} ]] || die "bench_push printed no $key"
+done
+
+# --- report ------------------------------------------------------------------
+
+sha_mibps=$(mibps "$size_a" "$sha_seconds")
+zstd3_mibps=$(mibps "$size_a" "$zstd3_seconds")
+push_a_mibps=$(mibps "$size_a" "${result[LARGE_SECONDS_0]}")
+push_b_mibps=$(mibps "$size_b" "${result[LARGE_SECONDS_1]}")
+small_rate=$(awk -v n="$small" -v s="${result[SMALL_SECONDS]}" 'BEGIN { printf "%.0f", n / s }')
+r_push=$(ratio "$push_a_mibps" "$zstd3_mibps")
+r_store=$(ratio "$stored_after_a_and_b" "$((zstd8_a + zstd8_b))")
+at_most() { awk -v r="$1" -v t="$2" 'BEGIN { print (r <= t ? "met" : "MISSED") }'; }
+mib_of() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
+
+report=$work/report.txt
+{
+    echo "Larder push benchmark, $started_at"
+    echo "machine: $(nproc) cores, $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r)"
+    echo "larder: $(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD 2>/dev/null || echo '+changes'), release build, one machine (SQLite, local storage, in-process pipeline)"
+    echo "NAR A: $large_a, $(mib_of "$size_a") MiB; NAR B: $large_b, $(mib_of "$size_b") MiB"
+    echo "small paths: $small NARs of 10-500 KiB from $small_source, $(mib_of "${result[SMALL_BYTES]}") MiB in all, $jobs in flight"
+    echo "load average (1, 5, 15 min) before the pushes: $load_before; after: $load_after"
+    echo
+    printf '%-44s %12s %10s %8s  %s\n' "" figure ratio target ""
+    printf '%-44s %12s\n' "sha256sum, 1 thread, MiB/s (NAR A)" "$sha_mibps"
+    printf '%-44s %12s\n' "zstd -3 -T1, MiB/s (NAR A)" "$zstd3_mibps"
+    printf '%-44s %12s %10s %8s  %s\n' "push NAR A until visible, MiB/s" "$push_a_mibps" "$r_push" ">= 0.6" \
+        "$(verdict "$r_push" 0.6) (ratio to zstd -3)"
+    printf '%-44s %12s\n' "push NAR B until visible, MiB/s" "$push_b_mibps"
+    printf '%-44s %12s\n' "zstd -8 -T1 of A + B whole, MiB" "$(mib_of $((zstd8_a + zstd8_b)))"
+    printf '%-44s %12s %10s %8s  %s\n' "stored for A + B (chunk objects), MiB" "$(mib_of "$stored_after_a_and_b")" \
+        "$r_store" "<= 1.15" "$(at_most "$r_store" 1.15) (ratio to zstd -8 whole)"
+    printf '%-44s %12s %10s %8s  %s\n' "small paths visible per second" "$small_rate" "" ">= 500" \
+        "$(verdict "$small_rate" 500)"
+    printf '%-44s %12s %10s %8s  %s\n' "server peak RSS MiB (VmHWM), whole run" "$(mib "$rss")" "" "<= 128" \
+        "$(at_most "$(mib "$rss")" 128)"
+} >"$report"
+
+mkdir -p "$(dirname "$out")"
+cp "$report" "$out"
+echo
+cat "$report"
+echo

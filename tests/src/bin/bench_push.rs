@@ -1,0 +1,260 @@
+//! Pushes through a running `ingest-api` for the push benchmark
+//! (`ops/bench-push.sh`) and prints how long each push took until its
+//! paths were visible.
+//!
+//! Every push goes through Attic's `upload-path` endpoint, the way `larder
+//! push` and Attic's client send it: the uncompressed NAR as the body, the
+//! path's metadata in `X-Attic-Nar-Info`. The server answers once the path
+//! is visible (it waits up to its `ingest.wait-for-visible`); should it
+//! answer earlier, with the upload still in flight, this program polls the
+//! upload's status until it is `done`, so each figure always spans "request
+//! start until visible".
+//!
+//! ```text
+//! bench_push --url URL --token TOKEN --cache NAME large NAR_FILE...
+//! bench_push --url URL --token TOKEN --cache NAME small COUNT JOBS SOURCE_DIR
+//! ```
+//!
+//! `large` pushes each NAR file as one path, one after the other, and
+//! prints `LARGE_SECONDS_<i>=…` per file. `small` makes COUNT small paths
+//! (NARs of 10–500 KiB of real file contents taken from SOURCE_DIR, so they
+//! compress like real data) and pushes them with JOBS requests in flight,
+//! printing `SMALL_SECONDS=…` and `SMALL_BYTES=…` (the NAR bytes pushed).
+//! Output on stdout: `KEY=VALUE` lines; progress on stderr.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::nix::nar::NarEncoder;
+use common::nix::{NarHash, Sha256Hash};
+use tests::server::pseudo_random;
+
+/// Any error, as a message: a benchmark driver only reports and exits.
+type Error = Box<dyn std::error::Error + Send + Sync>;
+type Result<T> = std::result::Result<T, Error>;
+
+/// The smallest and largest small path, in bytes of file contents.
+const SMALL_MIN: usize = 10 << 10;
+const SMALL_MAX: usize = 500 << 10;
+
+struct Pusher {
+    http: reqwest::Client,
+    url: String,
+    token: String,
+    cache: String,
+}
+
+impl Pusher {
+    /// Pushes one NAR as the store path `/nix/store/<hash>-<name>` and
+    /// returns once the path is visible.
+    async fn push(&self, name: &str, nar: Vec<u8>) -> Result<()> {
+        let nar_hash = NarHash::from(Sha256Hash::digest(&nar));
+        let store_path_hash = store_path_hash_for(name);
+        let info = serde_json::json!({
+            "cache": self.cache,
+            "store_path_hash": store_path_hash,
+            "store_path": format!("/nix/store/{store_path_hash}-{name}"),
+            "references": [],
+            "system": null,
+            "deriver": null,
+            "sigs": [],
+            "ca": null,
+            "nar_hash": nar_hash.to_string(),
+            "nar_size": nar.len(),
+        });
+        let response = self
+            .http
+            .put(format!("{}/_api/v1/upload-path", self.url))
+            .bearer_auth(&self.token)
+            .header("X-Attic-Nar-Info", info.to_string())
+            .body(nar)
+            .send()
+            .await?;
+        let status = response.status();
+        let answer: serde_json::Value = response.json().await?;
+        if !status.is_success() {
+            return Err(format!("pushing {name}: {status}: {answer}").into());
+        }
+        match (answer["phase"].as_str(), answer["upload_id"].as_str()) {
+            // Deduplicated at the door, or answered once visible.
+            (None | Some("done"), _) => Ok(()),
+            (Some(_), Some(upload_id)) => self.wait_until_done(name, upload_id).await,
+            (Some(phase), None) => Err(format!("{name} is {phase} without an upload id").into()),
+        }
+    }
+
+    async fn wait_until_done(&self, name: &str, upload_id: &str) -> Result<()> {
+        loop {
+            let status: serde_json::Value = self
+                .http
+                .get(format!("{}/_api/v1/uploads/{upload_id}", self.url))
+                .bearer_auth(&self.token)
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            match status["phase"].as_str() {
+                Some("done") => return Ok(()),
+                Some("failed") => {
+                    return Err(format!("{name} failed: {}", status["error"]).into());
+                }
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+}
+
+/// A store-path hash (32 Nix base-32 characters) derived from the name, so
+/// that reruns push the same paths.
+fn store_path_hash_for(name: &str) -> String {
+    let digest = Sha256Hash::digest(name.as_bytes());
+    common::nix::base32::encode(&digest.as_bytes()[..20])
+}
+
+/// A NAR of one regular file.
+fn single_file_nar(contents: &[u8]) -> Result<Vec<u8>> {
+    let mut encoder = NarEncoder::new(Vec::with_capacity(contents.len() + 256))?;
+    encoder.regular(false, contents)?;
+    Ok(encoder.finish()?)
+}
+
+/// Up to `limit` bytes of regular files under `dir`, in sorted walk order.
+fn real_bytes(dir: &Path, limit: usize) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(limit);
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)?
+            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+            .collect();
+        entries.sort();
+        for path in entries.into_iter().rev() {
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if meta.is_dir() {
+                pending.push(path);
+            } else if meta.is_file() {
+                if let Ok(bytes) = std::fs::read(&path) {
+                    out.extend_from_slice(&bytes[..bytes.len().min(limit - out.len())]);
+                    if out.len() == limit {
+                        return Ok(out);
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn push_large(pusher: &Pusher, files: &[PathBuf]) -> Result<()> {
+    for (index, file) in files.iter().enumerate() {
+        let nar = std::fs::read(file)?;
+        let size = nar.len();
+        let name = format!("bench-large-{index}");
+        let started = Instant::now();
+        pusher.push(&name, nar).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        eprintln!(
+            "bench_push: {} ({:.0} MiB) visible after {seconds:.2} s",
+            file.display(),
+            size as f64 / f64::from(1 << 20)
+        );
+        println!("LARGE_SECONDS_{index}={seconds:.3}");
+    }
+    Ok(())
+}
+
+async fn push_small(pusher: Arc<Pusher>, count: usize, jobs: usize, source: &Path) -> Result<()> {
+    let pool = real_bytes(source, 64 << 20)?;
+    if pool.len() < SMALL_MAX {
+        return Err(format!("{} holds too few bytes", source.display()).into());
+    }
+    // Sizes and offsets from a fixed pseudo-random sequence: reruns push
+    // the same paths, and each run starts from a fresh server.
+    let dice = pseudo_random(count * 16, 0x5eed);
+    let mut nars = Vec::with_capacity(count);
+    for index in 0..count {
+        let word = |at: usize| u64::from_le_bytes(dice[at..at + 8].try_into().expect("8 bytes"));
+        let size = SMALL_MIN + (word(index * 16) as usize) % (SMALL_MAX - SMALL_MIN);
+        let offset = (word(index * 16 + 8) as usize) % (pool.len() - size);
+        // The index up front makes every path's NAR distinct.
+        let mut contents = format!("bench-small-{index}\n").into_bytes();
+        contents.extend_from_slice(&pool[offset..offset + size]);
+        nars.push((format!("bench-small-{index}"), single_file_nar(&contents)?));
+    }
+    let total_bytes: usize = nars.iter().map(|(_, nar)| nar.len()).sum();
+    let queue = Arc::new(tokio::sync::Mutex::new(nars));
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..jobs {
+        let queue = queue.clone();
+        let pusher = pusher.clone();
+        workers.spawn(async move {
+            loop {
+                let next = queue.lock().await.pop();
+                let Some((name, nar)) = next else {
+                    return Ok::<(), Error>(());
+                };
+                pusher.push(&name, nar).await?;
+            }
+        });
+    }
+    while let Some(result) = workers.join_next().await {
+        result??;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "bench_push: {count} small paths ({:.1} MiB) visible after {seconds:.2} s",
+        total_bytes as f64 / f64::from(1 << 20)
+    );
+    println!("SMALL_SECONDS={seconds:.3}");
+    println!("SMALL_BYTES={total_bytes}");
+    Ok(())
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: bench_push --url URL --token TOKEN --cache NAME large NAR_FILE...\n       \
+         bench_push --url URL --token TOKEN --cache NAME small COUNT JOBS SOURCE_DIR"
+    );
+    std::process::exit(2)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let (mut url, mut token, mut cache) = (None, None, None);
+    let mut rest = Vec::new();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--url" => url = args.next(),
+            "--token" => token = args.next(),
+            "--cache" => cache = args.next(),
+            _ => rest.push(arg),
+        }
+    }
+    let (Some(url), Some(token), Some(cache)) = (url, token, cache) else {
+        usage()
+    };
+    let pusher = Arc::new(Pusher {
+        http: reqwest::Client::builder().build()?,
+        url: url.trim_end_matches('/').to_owned(),
+        token,
+        cache,
+    });
+    match rest.split_first() {
+        Some((mode, files)) if mode == "large" && !files.is_empty() => {
+            let files: Vec<PathBuf> = files.iter().map(PathBuf::from).collect();
+            push_large(&pusher, &files).await
+        }
+        Some((mode, [count, jobs, source])) if mode == "small" => {
+            let (Ok(count), Ok(jobs)) = (count.parse(), jobs.parse()) else {
+                usage()
+            };
+            push_small(pusher, count, jobs, Path::new(source)).await
+        }
+        _ => usage(),
+    }
+}
