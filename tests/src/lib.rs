@@ -1,7 +1,8 @@
 //! Support for Larder's integration tests: finding the real services the
 //! `ops/` harness started, driving the real Nix client, and running
-//! `ingest-api` in process.
+//! `ingest-api` in process or as a child process.
 
 pub mod nix;
+pub mod process;
 pub mod server;
 pub mod services;

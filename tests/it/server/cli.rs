@@ -5,31 +5,17 @@
 //! The binary is found by `tests::server::binary` (built by
 //! `cargo build --workspace --bins`, which ops/test.sh runs first).
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use common::api::CacheConfig;
 use common::db::Database;
 use reqwest::{Method, StatusCode};
-use tests::server::{binary, TestServer};
+use tests::process::{ingest_api_command, ServerProcess};
+use tests::server::TestServer;
 
 use super::{api_error, fake_store_path, file_nar, get, ok_bytes, ok_json, plain_metadata, send};
-
-/// An `ingest-api` command with a clean environment for its settings:
-/// nothing from the caller's `LARDER_CONFIG` or `RUST_LOG`.
-fn ingest_api() -> Command {
-    let mut command = Command::new(binary("ingest-api"));
-    command
-        .env_remove("LARDER_CONFIG")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null());
-    command
-}
 
 fn run(command: &mut Command) -> Output {
     command.output().expect("running ingest-api")
@@ -39,113 +25,12 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// A server process whose stdout lines arrive on a channel.
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Running {
-    /// Starts `ingest-api --config CONFIG --listen 127.0.0.1:0` with JSON
-    /// logs, so that the "serving" line names the address.
-    fn start(config: &Path) -> Self {
-        Self::start_with(config, &[])
-    }
-
-    /// [`start`](Self::start) with extra environment variables.
-    fn start_with(config: &Path, env: &[(&str, &str)]) -> Self {
-        let mut child = ingest_api()
-            .arg("--config")
-            .arg(config)
-            .args(["--listen", "127.0.0.1:0"])
-            .env("LARDER_LOG__FORMAT", "json")
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting ingest-api");
-        let stdout = child.stdout.take().expect("stdout was piped");
-        let (sender, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if sender.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Self {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a stdout line `pick` accepts; fails after 60 s or when
-    /// the process exits.
-    fn wait_for<T>(&mut self, mut pick: impl FnMut(&str) -> Option<T>) -> T {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    let found = pick(&line);
-                    self.seen.push(line);
-                    if let Some(found) = found {
-                        return found;
-                    }
-                }
-                Err(_) => panic!(
-                    "ingest-api did not print the expected line; it printed:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
-    /// The address from the JSON "serving" log line.
-    fn serving_address(&mut self) -> String {
-        self.wait_for(|line| {
-            let value: serde_json::Value = serde_json::from_str(line).ok()?;
-            (value["fields"]["message"] == "serving")
-                .then(|| value["fields"]["address"].as_str().map(str::to_owned))
-                .flatten()
-        })
-    }
-
-    /// Stops the server with SIGTERM (graceful shutdown) and returns
-    /// everything it printed on stdout.
-    fn stop(mut self) -> Vec<String> {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("running kill");
-        assert!(status.success());
-        let exit = self.child.wait().expect("waiting for ingest-api");
-        assert!(
-            exit.success(),
-            "ingest-api exited with {exit} after SIGTERM"
-        );
-        self.seen.extend(self.lines.iter());
-        std::mem::take(&mut self.seen)
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        // A failed test must not leave its server running.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_start_writes_a_config_and_prints_a_working_root_token_once() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let config = dir.path().join("etc").join("server.toml");
 
-    let mut first = Running::start(&config);
+    let mut first = ServerProcess::start(&config);
     let (endpoint, token) = first.wait_for(|line| {
         let rest = line.trim().strip_prefix("larder login local ")?;
         let (endpoint, token) = rest.split_once(' ')?;
@@ -194,7 +79,7 @@ async fn first_start_writes_a_config_and_prints_a_working_root_token_once() {
     // The second start reuses the config: no new secret, no token printed,
     // and the first token still works.
     let before = std::fs::read_to_string(&config).expect("reading the config");
-    let mut second = Running::start(&config);
+    let mut second = ServerProcess::start(&config);
     let address = second.serving_address();
     let read: CacheConfig = ok_json(
         http.get(format!("http://{address}/_api/v1/cache-config/first"))
@@ -225,7 +110,7 @@ async fn first_start_writes_a_config_and_prints_a_working_root_token_once() {
 async fn first_start_names_the_configured_api_endpoint() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let config = dir.path().join("server.toml");
-    let mut server = Running::start_with(
+    let mut server = ServerProcess::start_with(
         &config,
         &[("LARDER_API_ENDPOINT", "https://cache.example.org/larder")],
     );
@@ -264,7 +149,7 @@ fn check_config_accepts_a_good_config_and_explains_a_broken_one() {
     );
     let path = dir.path().join("server.toml");
     std::fs::write(&path, &good).expect("writing the config");
-    let output = run(ingest_api()
+    let output = run(ingest_api_command()
         .arg("--config")
         .arg(&path)
         .args(["--mode", "check-config"]));
@@ -317,7 +202,7 @@ fn check_config_accepts_a_good_config_and_explains_a_broken_one() {
     ];
     for (config, expected) in broken {
         std::fs::write(&path, &config).expect("writing the config");
-        let output = run(ingest_api()
+        let output = run(ingest_api_command()
             .arg("--config")
             .arg(&path)
             .args(["--mode", "check-config"]));
@@ -339,7 +224,7 @@ fn check_config_accepts_a_good_config_and_explains_a_broken_one() {
 
     // Checking a config that does not exist is an error, and writes none.
     let missing = dir.path().join("missing").join("server.toml");
-    let output = run(ingest_api()
+    let output = run(ingest_api_command()
         .arg("--config")
         .arg(&missing)
         .args(["--mode", "check-config"]));
@@ -372,7 +257,7 @@ async fn migrate_mode_creates_the_schema_and_exits() {
         "no schema before migrating"
     );
     for _ in 0..2 {
-        let output = run(ingest_api()
+        let output = run(ingest_api_command()
             .arg("--config")
             .arg(&path)
             .args(["--mode", "migrate"]));
@@ -417,7 +302,7 @@ async fn make_token_prints_a_token_with_exactly_its_grants_and_list_tokens_shows
             &file_nar(b"cli"),
         )
         .await;
-    let output = run(ingest_api()
+    let output = run(ingest_api_command()
         .arg("make-token")
         .arg("--config")
         .arg(server.config_path())
@@ -499,7 +384,7 @@ async fn make_token_prints_a_token_with_exactly_its_grants_and_list_tokens_shows
 
     // list-tokens shows it, valid; after revoke-token, revoked.
     let listing = text(
-        &run(ingest_api()
+        &run(ingest_api_command()
             .arg("--config")
             .arg(server.config_path())
             .arg("list-tokens"))
@@ -514,13 +399,13 @@ async fn make_token_prints_a_token_with_exactly_its_grants_and_list_tokens_shows
         "{line}"
     );
     assert!(!listing.contains(&token), "list-tokens never shows a token");
-    let output = run(ingest_api()
+    let output = run(ingest_api_command()
         .arg("--config")
         .arg(server.config_path())
         .args(["revoke-token", &jti]));
     assert!(output.status.success(), "{}", text(&output.stderr));
     let listing = text(
-        &run(ingest_api()
+        &run(ingest_api_command()
             .arg("--config")
             .arg(server.config_path())
             .arg("list-tokens"))
@@ -532,7 +417,7 @@ async fn make_token_prints_a_token_with_exactly_its_grants_and_list_tokens_shows
         .expect("still listed");
     assert!(line.contains("revoked"), "{line}");
     // Revoking a token nobody minted is an error.
-    let output = run(ingest_api()
+    let output = run(ingest_api_command()
         .arg("--config")
         .arg(server.config_path())
         .args(["revoke-token", "no-such-jti"]));
@@ -547,7 +432,7 @@ async fn make_token_prints_a_token_with_exactly_its_grants_and_list_tokens_shows
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn make_token_dump_claims_prints_the_claims_unsigned() {
     let server = TestServer::sqlite().await;
-    let output = run(ingest_api()
+    let output = run(ingest_api_command()
         .arg("make-token")
         .arg("--config")
         .arg(server.config_path())
@@ -606,7 +491,7 @@ async fn make_token_dump_claims_prints_the_claims_unsigned() {
         ),
         (vec!["--sub", "x", "--validity", "1d"], "no permission"),
     ] {
-        let output = run(ingest_api()
+        let output = run(ingest_api_command()
             .arg("make-token")
             .arg("--config")
             .arg(server.config_path())
@@ -644,7 +529,10 @@ fn admin_commands_need_an_existing_config() {
             "a",
         ],
     ] {
-        let output = run(ingest_api().arg("--config").arg(&missing).args(&args));
+        let output = run(ingest_api_command()
+            .arg("--config")
+            .arg(&missing)
+            .args(&args));
         assert!(!output.status.success(), "{args:?}");
         assert!(
             text(&output.stderr).contains("start the server once"),

@@ -1,0 +1,134 @@
+//! The real `ingest-api` binary as a child process: for tests of what only
+//! a process shows (its first-start output, a graceful stop on SIGTERM) and
+//! for crash tests, which SIGKILL it and start it again on the same config.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::server::binary;
+
+/// An `ingest-api` command with a clean environment for its settings:
+/// nothing from the caller's `LARDER_CONFIG` or `RUST_LOG`.
+pub fn ingest_api_command() -> Command {
+    let mut command = Command::new(binary("ingest-api"));
+    command
+        .env_remove("LARDER_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    command
+}
+
+/// A server process whose stdout lines arrive on a channel.
+pub struct ServerProcess {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl ServerProcess {
+    /// Starts `ingest-api --config CONFIG --listen 127.0.0.1:0` with JSON
+    /// logs, so that the "serving" line names the address.
+    pub fn start(config: &Path) -> Self {
+        Self::start_with(config, &[])
+    }
+
+    /// [`start`](Self::start) with extra environment variables.
+    pub fn start_with(config: &Path, env: &[(&str, &str)]) -> Self {
+        let mut child = ingest_api_command()
+            .arg("--config")
+            .arg(config)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("LARDER_LOG__FORMAT", "json")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting ingest-api");
+        let stdout = child.stdout.take().expect("stdout was piped");
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if sender.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a stdout line `pick` accepts; fails after 60 s or when
+    /// the process exits.
+    pub fn wait_for<T>(&mut self, mut pick: impl FnMut(&str) -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = pick(&line);
+                    self.seen.push(line);
+                    if let Some(found) = found {
+                        return found;
+                    }
+                }
+                Err(_) => panic!(
+                    "ingest-api did not print the expected line; it printed:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// The address from the JSON "serving" log line.
+    pub fn serving_address(&mut self) -> String {
+        self.wait_for(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).ok()?;
+            (value["fields"]["message"] == "serving")
+                .then(|| value["fields"]["address"].as_str().map(str::to_owned))
+                .flatten()
+        })
+    }
+
+    /// Stops the server with SIGTERM (graceful shutdown) and returns
+    /// everything it printed on stdout.
+    pub fn stop(mut self) -> Vec<String> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success());
+        let exit = self.child.wait().expect("waiting for ingest-api");
+        assert!(
+            exit.success(),
+            "ingest-api exited with {exit} after SIGTERM"
+        );
+        self.seen.extend(self.lines.iter());
+        std::mem::take(&mut self.seen)
+    }
+}
+
+impl ServerProcess {
+    /// Kills the server with SIGKILL, as a crash or the OOM killer would:
+    /// no graceful shutdown, nothing flushed.
+    pub fn kill(mut self) {
+        self.child.kill().expect("sending SIGKILL to ingest-api");
+        self.child
+            .wait()
+            .expect("waiting for the killed ingest-api");
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        // A failed test must not leave its server running.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
