@@ -41,7 +41,9 @@ pub enum ApiError {
     },
     /// The server answered something that is not Larder's API (a proxy's
     /// error page, a different service).
-    #[error("server {server:?} answered {status} to {what}, which is not a Larder API answer{excerpt}")]
+    #[error(
+        "server {server:?} answered {status} to {what}, which is not a Larder API answer{excerpt}"
+    )]
     Unexpected {
         server: String,
         status: StatusCode,
@@ -114,7 +116,10 @@ impl ApiClient {
     /// Sends a request, turning transport failures and error answers into
     /// [`ApiError`]s; `what` names the request in messages.
     pub async fn send(&self, request: RequestBuilder, what: &str) -> Result<Response, ApiError> {
-        let response = request.send().await.map_err(|error| self.unreachable(&error))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|error| self.unreachable(&error))?;
         if response.status().is_success() {
             return Ok(response);
         }
@@ -152,7 +157,11 @@ impl ApiClient {
     }
 
     /// `GET` a JSON answer.
-    pub async fn get_json<T: DeserializeOwned>(&self, path: &str, what: &str) -> Result<T, ApiError> {
+    pub async fn get_json<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        what: &str,
+    ) -> Result<T, ApiError> {
         self.json(self.request(Method::GET, path), what).await
     }
 

@@ -214,7 +214,10 @@ impl ClientConfig {
     pub fn server(&self, name: Option<&str>) -> Result<Server, ConfigError> {
         let name = match name {
             Some(name) => name,
-            None => self.default_server.as_deref().ok_or(ConfigError::NoServers)?,
+            None => self
+                .default_server
+                .as_deref()
+                .ok_or(ConfigError::NoServers)?,
         };
         let entry = self
             .servers
@@ -339,7 +342,10 @@ mod tests {
             .add_server("a", "http://a.example", Some(Token::new("secret")), false)
             .expect("valid");
         config.save(&path).expect("save");
-        let mode = std::fs::metadata(&path).expect("metadata").permissions().mode();
+        let mode = std::fs::metadata(&path)
+            .expect("metadata")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(ClientConfig::load(&path).expect("load"), config);
         assert!(!format!("{config:?}").contains("secret"));

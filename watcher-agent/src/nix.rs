@@ -134,7 +134,11 @@ fn parse_path_infos(store_dir: &StoreDir, json: &[u8]) -> Result<Vec<PathInfo>, 
             })
             .collect::<Result<_, String>>()?,
     };
-    let parse = |path: &str| store_dir.parse_path(path).map_err(|error| error.to_string());
+    let parse = |path: &str| {
+        store_dir
+            .parse_path(path)
+            .map_err(|error| error.to_string())
+    };
     entries
         .into_iter()
         .map(|(path, raw)| {
@@ -212,7 +216,10 @@ mod tests {
         let infos = parse_path_infos(&StoreDir::default(), json.as_bytes()).expect("parses");
         assert_eq!(infos.len(), 2);
         assert_eq!(infos[0].references.len(), 2);
-        assert_eq!(infos[0].signing_key_names().collect::<Vec<_>>(), ["upstream-1"]);
+        assert_eq!(
+            infos[0].signing_key_names().collect::<Vec<_>>(),
+            ["upstream-1"]
+        );
         assert!(infos[0].deriver.is_some());
         assert!(infos[1].ca.is_some());
         assert_eq!(infos[1].nar_size, 8);
@@ -224,7 +231,10 @@ mod tests {
             r#"{{"{A}":{{"narHash":"sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=","narSize":120,"references":[]}}}}"#
         );
         let infos = parse_path_infos(&StoreDir::default(), json.as_bytes()).expect("parses");
-        assert_eq!(infos[0].path.to_string(), A.trim_start_matches("/nix/store/"));
+        assert_eq!(
+            infos[0].path.to_string(),
+            A.trim_start_matches("/nix/store/")
+        );
         let invalid = format!(r#"{{"{A}":null}}"#);
         assert!(parse_path_infos(&StoreDir::default(), invalid.as_bytes()).is_err());
     }

@@ -219,9 +219,15 @@ mod tests {
     #[test]
     fn netrc_entries_are_added_replaced_or_kept() {
         let (text, change) = upsert_netrc_entry("", "h", "t1");
-        assert_eq!((text.as_str(), change), ("machine h password t1\n", NetrcChange::Added));
+        assert_eq!(
+            (text.as_str(), change),
+            ("machine h password t1\n", NetrcChange::Added)
+        );
         let (again, change) = upsert_netrc_entry(&text, "h", "t1");
-        assert_eq!((again.as_str(), change), (text.as_str(), NetrcChange::Unchanged));
+        assert_eq!(
+            (again.as_str(), change),
+            (text.as_str(), NetrcChange::Unchanged)
+        );
         let existing = "machine other password x\nmachine h\n  login nix\n  password old\ndefault login a password b\n";
         let (text, change) = upsert_netrc_entry(existing, "h", "t2");
         assert_eq!(change, NetrcChange::Replaced);

@@ -91,7 +91,9 @@ impl Progress {
 
     /// Ends an attempt without a result line (it failed or is retried).
     pub fn abandoned(&self, upload: Upload) {
-        self.lock().in_flight.retain(|flight| flight.id != upload.id);
+        self.lock()
+            .in_flight
+            .retain(|flight| flight.id != upload.id);
     }
 
     /// Ends an upload with a line saying how it went (`outcome` is e.g.
@@ -197,6 +199,9 @@ mod tests {
         assert_eq!(human_bytes(312), "312 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(3 * 1024 * 1024 * 1024), "3.0 GiB");
-        assert_eq!(short_name("0vlfq2frv35f2ckxvcmjrlklygj8g3g3-hello-2.12"), "hello-2.12");
+        assert_eq!(
+            short_name("0vlfq2frv35f2ckxvcmjrlklygj8g3g3-hello-2.12"),
+            "hello-2.12"
+        );
     }
 }

@@ -129,9 +129,11 @@ pub async fn push(
             .into_iter()
             .collect()
     };
-    let (from_upstream, candidates): (Vec<PathInfo>, Vec<PathInfo>) = infos
-        .into_iter()
-        .partition(|info| info.signing_key_names().any(|name| upstream_keys.contains(name)));
+    let (from_upstream, candidates): (Vec<PathInfo>, Vec<PathInfo>) =
+        infos.into_iter().partition(|info| {
+            info.signing_key_names()
+                .any(|name| upstream_keys.contains(name))
+        });
 
     let missing = missing_paths(client, cache, &candidates).await?;
     let (to_upload, cached): (Vec<PathInfo>, Vec<PathInfo>) = candidates
@@ -149,8 +151,8 @@ pub async fn push(
             summary.already_cached,
             summary.from_upstream
         );
-        summary.pushed = upload_in_dependency_order(client, cache, &store_dir, to_upload, options)
-            .await?;
+        summary.pushed =
+            upload_in_dependency_order(client, cache, &store_dir, to_upload, options).await?;
     }
     Ok(summary)
 }
@@ -345,15 +347,17 @@ impl UploadTask {
         }
         let what = format!("uploading {}", self.full_path);
         let answer = match self.client.send(request, &what).await {
-            Ok(response) => response
-                .json::<UploadPathResult>()
-                .await
-                .map_err(|_| ApiError::Unexpected {
-                    server: self.client.server().name.clone(),
-                    status: reqwest::StatusCode::OK,
-                    what,
-                    excerpt: String::new(),
-                }),
+            Ok(response) => {
+                response
+                    .json::<UploadPathResult>()
+                    .await
+                    .map_err(|_| ApiError::Unexpected {
+                        server: self.client.server().name.clone(),
+                        status: reqwest::StatusCode::OK,
+                        what,
+                        excerpt: String::new(),
+                    })
+            }
             Err(error) => Err(error),
         };
         let dumped = nix::finish_dump(child, &self.full_path).await;

@@ -136,7 +136,11 @@ fn assert_error_output(args: &[&str], output: &Output) -> String {
         text(&output.stdout)
     );
     let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "one error line from larder {args:?}: {stderr}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "one error line from larder {args:?}: {stderr}"
+    );
     assert!(lines[0].starts_with("error: "), "{stderr}");
     assert!(
         !stderr.contains("panicked") && !stderr.contains("backtrace"),
@@ -183,7 +187,12 @@ async fn login_writes_a_private_config_with_a_default_server() {
     let out = larder.ok(&["login", "first", &server.url(), &token]).await;
     assert!(out.contains("default server"), "{out}");
     larder
-        .ok(&["login", "second", "http://127.0.0.1:9/prefix", "other-token"])
+        .ok(&[
+            "login",
+            "second",
+            "http://127.0.0.1:9/prefix",
+            "other-token",
+        ])
         .await;
     let mode = std::fs::metadata(larder.config_file())
         .expect("the config file exists")
@@ -213,7 +222,13 @@ async fn login_writes_a_private_config_with_a_default_server() {
 
     // --set-default moves the default: the second server is unreachable.
     larder
-        .ok(&["login", "second", "http://127.0.0.1:9/", "other-token", "--set-default"])
+        .ok(&[
+            "login",
+            "second",
+            "http://127.0.0.1:9/",
+            "other-token",
+            "--set-default",
+        ])
         .await;
     let line = larder.fails(&["cache", "info", "hello"]).await;
     assert!(line.contains("cannot reach server \"second\""), "{line}");
@@ -286,7 +301,14 @@ async fn cache_create_configure_info_destroy_round_trip() {
 
     // Only what is asked changes.
     larder
-        .ok(&["cache", "configure", "round", "--public", "--retention-period", "30 days"])
+        .ok(&[
+            "cache",
+            "configure",
+            "round",
+            "--public",
+            "--retention-period",
+            "30 days",
+        ])
         .await;
     let configured = server_view(&server, "round", &root).await;
     assert_eq!(configured.is_public, Some(true));
@@ -297,7 +319,10 @@ async fn cache_create_configure_info_destroy_round_trip() {
     assert_eq!(configured.priority, Some(35));
     assert_eq!(configured.public_key, created.public_key);
     let info = larder.ok(&["cache", "info", "round"]).await;
-    assert!(info.contains("public") && info.contains("1 month"), "{info}");
+    assert!(
+        info.contains("public") && info.contains("1 month"),
+        "{info}"
+    );
 
     larder
         .ok(&[
@@ -328,11 +353,19 @@ async fn cache_create_configure_info_destroy_round_trip() {
 
     // Changing visibility needs no retention permission.
     let configurer = server
-        .mint("configurer", HOUR, &[("round", &[Permission::ConfigureCache])])
+        .mint(
+            "configurer",
+            HOUR,
+            &[("round", &[Permission::ConfigureCache])],
+        )
         .await;
     let limited = Larder::new();
-    limited.ok(&["login", "local", &server.url(), &configurer]).await;
-    limited.ok(&["cache", "configure", "round", "--public"]).await;
+    limited
+        .ok(&["login", "local", &server.url(), &configurer])
+        .await;
+    limited
+        .ok(&["cache", "configure", "round", "--public"])
+        .await;
     let line = limited
         .fails(&["cache", "configure", "round", "--retention-period", "1d"])
         .await;
@@ -345,9 +378,14 @@ async fn cache_create_configure_info_destroy_round_trip() {
     // The prompt comes first on stderr, then the error.
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(stderr.starts_with("Destroying cache round deletes every path"), "{stderr}");
     assert!(
-        stderr.ends_with("error: not destroying cache round: the confirmation did not match its name\n"),
+        stderr.starts_with("Destroying cache round deletes every path"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.ends_with(
+            "error: not destroying cache round: the confirmation did not match its name\n"
+        ),
         "{stderr}"
     );
     assert!(server
@@ -368,8 +406,13 @@ async fn cache_create_configure_info_destroy_round_trip() {
         .is_none());
 
     larder.ok(&["cache", "create", "gone", "--public"]).await;
-    assert_eq!(server_view(&server, "gone", &root).await.is_public, Some(true));
-    larder.ok(&["cache", "destroy", "gone", "--no-confirm"]).await;
+    assert_eq!(
+        server_view(&server, "gone", &root).await.is_public,
+        Some(true)
+    );
+    larder
+        .ok(&["cache", "destroy", "gone", "--no-confirm"])
+        .await;
     let line = larder.fails(&["cache", "info", "gone"]).await;
     assert!(line.contains("no such cache"), "{line}");
 }
@@ -387,7 +430,12 @@ fn path_for_seeding(env: &NixEnv, root: &Path, path: &str) -> (ObjectMetadata, V
     let list = |key: &str| -> Vec<String> {
         info[key]
             .as_array()
-            .map(|items| items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect())
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|i| i.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let metadata = ObjectMetadata {
@@ -416,7 +464,11 @@ async fn use_writes_nix_conf_and_netrc_once_and_nix_substitutes_with_them() {
         (env, store)
     })
     .await;
-    assert_eq!(store.built.len(), 1, "one input-addressed path needs a signature");
+    assert_eq!(
+        store.built.len(),
+        1,
+        "one input-addressed path needs a signature"
+    );
     let root = server.root_token().await;
     let mut larder = Larder::new();
     larder.ok(&["login", "local", &server.url(), &root]).await;
@@ -441,7 +493,10 @@ async fn use_writes_nix_conf_and_netrc_once_and_nix_substitutes_with_them() {
         .public_key
         .expect("a key");
     let substituter = format!("{}/usable", server.url());
-    assert!(out.contains(&substituter) && out.contains(&public_key), "{out}");
+    assert!(
+        out.contains(&substituter) && out.contains(&public_key),
+        "{out}"
+    );
     let nix_conf = std::fs::read_to_string(larder.nix_conf()).expect("nix.conf");
     assert_eq!(
         nix_conf,
@@ -453,14 +508,23 @@ async fn use_writes_nix_conf_and_netrc_once_and_nix_substitutes_with_them() {
     );
     let netrc = std::fs::read_to_string(larder.netrc()).expect("netrc");
     assert_eq!(netrc, format!("machine 127.0.0.1 password {pull}\n"));
-    let mode = std::fs::metadata(larder.netrc()).expect("netrc").permissions().mode();
+    let mode = std::fs::metadata(larder.netrc())
+        .expect("netrc")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
 
     // Twice changes nothing.
     let again = larder.ok(&["use", "usable"]).await;
     assert!(again.contains("nothing changed"), "{again}");
-    assert_eq!(std::fs::read_to_string(larder.nix_conf()).expect("nix.conf"), nix_conf);
-    assert_eq!(std::fs::read_to_string(larder.netrc()).expect("netrc"), netrc);
+    assert_eq!(
+        std::fs::read_to_string(larder.nix_conf()).expect("nix.conf"),
+        nix_conf
+    );
+    assert_eq!(
+        std::fs::read_to_string(larder.netrc()).expect("netrc"),
+        netrc
+    );
 
     // Nix, reading only that nix.conf, substitutes the closure into a fresh
     // store: the substituter, the key (the built path needs a signature)
@@ -482,7 +546,12 @@ async fn use_writes_nix_conf_and_netrc_once_and_nix_substitutes_with_them() {
         let valid = env
             .output(
                 "nix-store",
-                &["--store", destination.to_str().expect("UTF-8"), "--check-validity", &top],
+                &[
+                    "--store",
+                    destination.to_str().expect("UTF-8"),
+                    "--check-validity",
+                    &top,
+                ],
             )
             .expect("nix-store --check-validity");
         (shown, (realised, valid))
@@ -490,7 +559,9 @@ async fn use_writes_nix_conf_and_netrc_once_and_nix_substitutes_with_them() {
     .await;
     let shown = text(&shown.stdout);
     assert!(
-        shown.lines().any(|line| line.starts_with("substituters = ") && line.contains(&substituter)),
+        shown
+            .lines()
+            .any(|line| line.starts_with("substituters = ") && line.contains(&substituter)),
         "{shown}"
     );
     assert!(shown.contains(&public_key), "{shown}");
@@ -594,7 +665,9 @@ async fn errors_are_one_clear_line_and_exit_status_1() {
         .await;
     let line = offline.fails(&["cache", "info", "exists"]).await;
     assert!(
-        line.starts_with(&format!("error: cannot reach server \"down\" at http://{address}/: ")),
+        line.starts_with(&format!(
+            "error: cannot reach server \"down\" at http://{address}/: "
+        )),
         "{line}"
     );
     assert!(line.to_lowercase().contains("refused"), "{line}");
@@ -606,7 +679,11 @@ async fn errors_are_one_clear_line_and_exit_status_1() {
     let line = larder.fails(&["push", "missing", "/nix/store/x"]).await;
     assert!(line.contains("no such cache"), "{line}");
     let line = larder
-        .fails(&["push", "exists", "/nix/store/00000000000000000000000000000000-absent"])
+        .fails(&[
+            "push",
+            "exists",
+            "/nix/store/00000000000000000000000000000000-absent",
+        ])
         .await;
     assert!(line.contains("nix path-info"), "{line}");
 
@@ -614,6 +691,10 @@ async fn errors_are_one_clear_line_and_exit_status_1() {
     let line = larder.fails(&["login", "bad", "ftp://x/"]).await;
     assert!(line.contains("scheme"), "{line}");
     let output = larder.run(&["cache", "info", "_api"]).await;
-    assert_eq!(output.status.code(), Some(2), "clap rejects bad cache names");
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "clap rejects bad cache names"
+    );
     assert!(text(&output.stderr).contains("must start with a letter"));
 }

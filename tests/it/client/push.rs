@@ -55,7 +55,9 @@ async fn push_a_closure_then_substitute_it_with_the_settings_use_wrote() {
     let root_token = server.root_token().await;
     let mut larder = Larder::new();
     larder.set_env("NIX_CONFIG", &store_config(&main.root));
-    larder.ok(&["login", "local", &server.url(), &root_token]).await;
+    larder
+        .ok(&["login", "local", &server.url(), &root_token])
+        .await;
     larder
         .ok(&[
             "cache",
@@ -149,7 +151,9 @@ async fn push_a_closure_then_substitute_it_with_the_settings_use_wrote() {
     let narinfo = server.cache_url(&format!("pushed/{hash}.narinfo"));
     let anonymous = server.http().get(&narinfo).send().await.expect("GET");
     assert_eq!(anonymous.status(), 401);
-    larder.ok(&["cache", "configure", "pushed", "--public"]).await;
+    larder
+        .ok(&["cache", "configure", "pushed", "--public"])
+        .await;
     let anonymous = server.http().get(&narinfo).send().await.expect("GET");
     assert_eq!(anonymous.status(), 200);
     assert_eq!(
@@ -185,7 +189,9 @@ async fn push_without_closure_and_without_waiting() {
     let root_token = server.root_token().await;
     let mut larder = Larder::new();
     larder.set_env("NIX_CONFIG", &store_config(&store.root));
-    larder.ok(&["login", "local", &server.url(), &root_token]).await;
+    larder
+        .ok(&["login", "local", &server.url(), &root_token])
+        .await;
     larder.ok(&["cache", "create", "alone"]).await;
     let top = store.built[0].as_str();
     let out = larder

@@ -67,7 +67,11 @@ enum CacheCommand {
         #[command(flatten)]
         settings: CacheSettings,
         /// Keep unfetched paths this long, e.g. '30 days'.
-        #[arg(long, value_name = "DURATION", conflicts_with = "reset_retention_period")]
+        #[arg(
+            long,
+            value_name = "DURATION",
+            conflicts_with = "reset_retention_period"
+        )]
         retention_period: Option<HumanDuration>,
         /// Go back to the server's default retention period.
         #[arg(long)]
@@ -278,12 +282,18 @@ fn print_info(cache: &CacheRef, config: &CacheConfig) {
     let unknown = || "(not reported)".to_owned();
     let rows = [
         ("Cache", cache.to_string()),
-        ("Public key", config.public_key.clone().unwrap_or_else(unknown)),
+        (
+            "Public key",
+            config.public_key.clone().unwrap_or_else(unknown),
+        ),
         (
             "Substituter endpoint",
             config.substituter_endpoint.clone().unwrap_or_else(unknown),
         ),
-        ("API endpoint", config.api_endpoint.clone().unwrap_or_else(unknown)),
+        (
+            "API endpoint",
+            config.api_endpoint.clone().unwrap_or_else(unknown),
+        ),
         (
             "Priority",
             config.priority.map_or_else(unknown, |p| p.to_string()),
@@ -328,8 +338,8 @@ async fn use_cache(cache: &CacheRef) -> anyhow::Result<()> {
         .context("the server did not report the cache's public key")?;
 
     let conf_path = user_nix_conf_path()?;
-    let mut conf = NixConf::read(&conf_path)
-        .with_context(|| format!("reading {}", conf_path.display()))?;
+    let mut conf =
+        NixConf::read(&conf_path).with_context(|| format!("reading {}", conf_path.display()))?;
     let shown_conf = conf_path.display();
     let mut conf_changed = false;
     if conf.add_to_list("substituters", &substituter) {
