@@ -1,6 +1,420 @@
-//! The `larder` command-line client.
+//! `larder`: log in to Larder servers, manage caches, push store paths and
+//! point Nix at a cache.
+//!
+//! Every failure ends in one `error: …` line on stderr and exit status 1
+//! (2 for a command line clap rejects).
 
-fn main() -> std::process::ExitCode {
-    eprintln!("larder: not built yet (issue #6)");
-    std::process::ExitCode::from(2)
+use std::io::{BufRead, Write};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use common::api::{CacheConfig, CreateCacheRequest, KeypairConfig, RetentionPeriodConfig};
+use common::duration::HumanDuration;
+use watcher_agent::api::ApiClient;
+use watcher_agent::config::{config_path, CacheRef, ClientConfig, Token};
+use watcher_agent::nix_conf::{
+    default_netrc_path, update_netrc_file, user_nix_conf_path, NetrcChange, NixConf,
+};
+use watcher_agent::push::{push, PushOptions};
+
+#[derive(Debug, Parser)]
+#[command(name = "larder", version, about = "The Larder binary cache client")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Add a server (or replace its URL and token). The first one added
+    /// becomes the default.
+    Login {
+        /// A short name for the server, used as `NAME:cache`.
+        name: String,
+        /// The server's URL, e.g. https://cache.example.com/
+        url: String,
+        /// An API token (`ingest-api make-token`); none for public caches only.
+        token: Option<String>,
+        /// Make this the default server.
+        #[arg(long)]
+        set_default: bool,
+    },
+    /// Configure Nix to substitute from a cache: substituter, public key
+    /// and (for a private cache) the token in netrc.
+    Use {
+        /// `server:cache`, or `cache` on the default server.
+        cache: CacheRef,
+    },
+    /// Create, configure, inspect or destroy caches.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+    /// Push store paths (and their closures) to a cache.
+    Push(PushArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum CacheCommand {
+    /// Create a cache with a fresh signing key.
+    Create {
+        cache: CacheRef,
+        #[command(flatten)]
+        settings: CacheSettings,
+    },
+    /// Change a cache's settings; only the ones given change.
+    Configure {
+        cache: CacheRef,
+        #[command(flatten)]
+        settings: CacheSettings,
+        /// Keep unfetched paths this long, e.g. '30 days'.
+        #[arg(
+            long,
+            value_name = "DURATION",
+            conflicts_with = "reset_retention_period"
+        )]
+        retention_period: Option<HumanDuration>,
+        /// Go back to the server's default retention period.
+        #[arg(long)]
+        reset_retention_period: bool,
+        /// Replace the signing key with a new one (clients must `use` the
+        /// cache again to trust it).
+        #[arg(long)]
+        regenerate_keypair: bool,
+    },
+    /// Destroy a cache and every path in it.
+    Destroy {
+        cache: CacheRef,
+        /// Do not ask to type the cache's name first.
+        #[arg(long)]
+        no_confirm: bool,
+    },
+    /// Show a cache's key, endpoints and settings.
+    Info { cache: CacheRef },
+}
+
+#[derive(Debug, Args)]
+struct CacheSettings {
+    /// Anyone may pull, without a token.
+    #[arg(long, conflicts_with = "private")]
+    public: bool,
+    /// Pulling needs a token.
+    #[arg(long)]
+    private: bool,
+    /// Substituter priority; lower is preferred.
+    #[arg(long)]
+    priority: Option<i32>,
+    /// Paths signed by this key are not pushed (repeatable; the server
+    /// defaults to cache.nixos.org-1).
+    #[arg(long = "upstream-cache-key-name", value_name = "KEY_NAME")]
+    upstream_cache_key_names: Vec<String>,
+}
+
+impl CacheSettings {
+    fn visibility(&self) -> Option<bool> {
+        match (self.public, self.private) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        }
+    }
+
+    fn upstream_keys(&self) -> Option<Vec<String>> {
+        (!self.upstream_cache_key_names.is_empty()).then(|| self.upstream_cache_key_names.clone())
+    }
+}
+
+#[derive(Debug, Args)]
+struct PushArgs {
+    /// `server:cache`, or `cache` on the default server.
+    cache: CacheRef,
+    /// Store paths, or links to them such as ./result.
+    #[arg(required = true)]
+    paths: Vec<String>,
+    /// Push only the paths given, not their closures.
+    #[arg(long)]
+    no_closure: bool,
+    /// Also push paths signed by the cache's upstream keys.
+    #[arg(long)]
+    ignore_upstream_cache_filter: bool,
+    /// Uploads at once.
+    #[arg(short = 'j', long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..))]
+    jobs: u16,
+    /// Return once the server has the uploads, before they are visible.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: starting the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Login {
+            name,
+            url,
+            token,
+            set_default,
+        } => login(&name, &url, token, set_default),
+        Command::Use { cache } => use_cache(&cache).await,
+        Command::Cache(command) => cache_command(command).await,
+        Command::Push(args) => push_command(args).await,
+    }
+}
+
+fn login(name: &str, url: &str, token: Option<String>, set_default: bool) -> anyhow::Result<()> {
+    let path = config_path()?;
+    let mut config = ClientConfig::load(&path)?;
+    let is_default = config.add_server(name, url, token.map(Token::new), set_default)?;
+    config.save(&path)?;
+    let endpoint = &config.servers[name].endpoint;
+    if is_default {
+        println!("logged in to {name} ({endpoint}), the default server");
+    } else {
+        println!("logged in to {name} ({endpoint})");
+    }
+    Ok(())
+}
+
+/// The API client for the server a cache argument names.
+fn client_for(cache: &CacheRef) -> anyhow::Result<ApiClient> {
+    let config = ClientConfig::load(&config_path()?)?;
+    let server = config.server(cache.server.as_deref())?;
+    ApiClient::new(server)
+}
+
+async fn cache_command(command: CacheCommand) -> anyhow::Result<()> {
+    match command {
+        CacheCommand::Create { cache, settings } => {
+            let client = client_for(&cache)?;
+            let request = CreateCacheRequest {
+                keypair: KeypairConfig::Generate,
+                is_public: settings.visibility().unwrap_or(false),
+                store_dir: None,
+                priority: settings.priority,
+                upstream_cache_key_names: settings.upstream_keys(),
+            };
+            let created = client.create_cache(&cache.cache, &request).await?;
+            println!("created cache {cache}");
+            print_info(&cache, &created);
+        }
+        CacheCommand::Configure {
+            cache,
+            settings,
+            retention_period,
+            reset_retention_period,
+            regenerate_keypair,
+        } => {
+            let patch = CacheConfig {
+                is_public: settings.visibility(),
+                priority: settings.priority,
+                upstream_cache_key_names: settings.upstream_keys(),
+                retention_period: match (retention_period, reset_retention_period) {
+                    (Some(period), _) => Some(RetentionPeriodConfig::Period(period.as_secs())),
+                    (None, true) => Some(RetentionPeriodConfig::Global),
+                    (None, false) => None,
+                },
+                keypair: regenerate_keypair.then_some(KeypairConfig::Generate),
+                ..CacheConfig::default()
+            };
+            if patch == CacheConfig::default() {
+                bail!("nothing to change: give at least one setting (see `larder cache configure --help`)");
+            }
+            let client = client_for(&cache)?;
+            let configured = client.configure_cache(&cache.cache, &patch).await?;
+            println!("configured cache {cache}");
+            print_info(&cache, &configured);
+        }
+        CacheCommand::Destroy { cache, no_confirm } => {
+            let client = client_for(&cache)?;
+            if !no_confirm {
+                confirm_destroy(&cache)?;
+            }
+            client.destroy_cache(&cache.cache).await?;
+            println!("destroyed cache {cache}");
+        }
+        CacheCommand::Info { cache } => {
+            let client = client_for(&cache)?;
+            let config = client.cache_config(&cache.cache).await?;
+            print_info(&cache, &config);
+        }
+    }
+    Ok(())
+}
+
+/// Asks for the cache's name on stdin; anything else cancels.
+fn confirm_destroy(cache: &CacheRef) -> anyhow::Result<()> {
+    eprint!(
+        "Destroying cache {cache} deletes every path in it. Type the cache's name ({}) to confirm: ",
+        cache.cache
+    );
+    std::io::stderr().flush().ok();
+    let mut answer = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut answer)
+        .context("reading the confirmation")?;
+    if answer.trim() != cache.cache.as_str() {
+        bail!("not destroying cache {cache}: the confirmation did not match its name");
+    }
+    Ok(())
+}
+
+fn print_info(cache: &CacheRef, config: &CacheConfig) {
+    let unknown = || "(not reported)".to_owned();
+    let rows = [
+        ("Cache", cache.to_string()),
+        (
+            "Public key",
+            config.public_key.clone().unwrap_or_else(unknown),
+        ),
+        (
+            "Substituter endpoint",
+            config.substituter_endpoint.clone().unwrap_or_else(unknown),
+        ),
+        (
+            "API endpoint",
+            config.api_endpoint.clone().unwrap_or_else(unknown),
+        ),
+        (
+            "Priority",
+            config.priority.map_or_else(unknown, |p| p.to_string()),
+        ),
+        (
+            "Visibility",
+            config.is_public.map_or_else(unknown, |public| {
+                if public { "public" } else { "private" }.to_owned()
+            }),
+        ),
+        (
+            "Retention",
+            match config.retention_period {
+                Some(RetentionPeriodConfig::Global) => "the server's default".to_owned(),
+                Some(RetentionPeriodConfig::Period(seconds)) => {
+                    HumanDuration::from_secs(seconds).to_string()
+                }
+                None => unknown(),
+            },
+        ),
+        (
+            "Upstream keys",
+            config
+                .upstream_cache_key_names
+                .as_ref()
+                .map_or_else(unknown, |names| names.join(" ")),
+        ),
+    ];
+    for (label, value) in rows {
+        println!("{label:>20}: {value}");
+    }
+}
+
+async fn use_cache(cache: &CacheRef) -> anyhow::Result<()> {
+    let client = client_for(cache)?;
+    let config = client.cache_config(&cache.cache).await?;
+    let substituter = config
+        .substituter_endpoint
+        .context("the server did not report the cache's substituter endpoint")?;
+    let public_key = config
+        .public_key
+        .context("the server did not report the cache's public key")?;
+
+    let conf_path = user_nix_conf_path()?;
+    let mut conf =
+        NixConf::read(&conf_path).with_context(|| format!("reading {}", conf_path.display()))?;
+    let shown_conf = conf_path.display();
+    let mut conf_changed = false;
+    if conf.add_to_list("substituters", &substituter) {
+        println!("{shown_conf}: added {substituter} to extra-substituters");
+        conf_changed = true;
+    }
+    if conf.add_to_list("trusted-public-keys", &public_key) {
+        println!("{shown_conf}: added {public_key} to extra-trusted-public-keys");
+        conf_changed = true;
+    }
+
+    let private = !config.is_public.unwrap_or(false);
+    let mut netrc_note = None;
+    if private {
+        let token = client.server().token.clone().with_context(|| {
+            format!(
+                "cache {cache} is private, so Nix needs a token, and none is configured for server {}: \
+                 log in with one (`larder login {} URL TOKEN`) or set LARDER_TOKEN",
+                client.server().name,
+                client.server().name
+            )
+        })?;
+        let host = reqwest::Url::parse(&substituter)
+            .ok()
+            .and_then(|url| url.host_str().map(str::to_owned))
+            .with_context(|| format!("the substituter endpoint {substituter:?} names no host"))?;
+        let netrc_path = match conf.get("netrc-file") {
+            Some(path) => path.into(),
+            None => {
+                let path = default_netrc_path()?;
+                let shown = path.display().to_string();
+                conf.set_if_absent("netrc-file", &shown);
+                println!("{shown_conf}: set netrc-file = {shown}");
+                conf_changed = true;
+                path
+            }
+        };
+        let change = update_netrc_file(&netrc_path, &host, token.expose())
+            .with_context(|| format!("updating {}", netrc_path.display()))?;
+        netrc_note = Some((netrc_path, host, change));
+    }
+    if conf_changed {
+        conf.write(&conf_path)
+            .with_context(|| format!("writing {}", conf_path.display()))?;
+    }
+    let netrc_changed = match &netrc_note {
+        Some((path, host, change)) => {
+            match change {
+                NetrcChange::Added => println!("{}: added the token for {host}", path.display()),
+                NetrcChange::Replaced => {
+                    println!("{}: replaced the token for {host}", path.display())
+                }
+                NetrcChange::Unchanged => {}
+            }
+            *change != NetrcChange::Unchanged
+        }
+        None => false,
+    };
+    if !conf_changed && !netrc_changed {
+        println!("Nix is already configured to use {cache} ({substituter}); nothing changed");
+    } else {
+        println!("Nix now substitutes from {cache} ({substituter})");
+    }
+    Ok(())
+}
+
+async fn push_command(args: PushArgs) -> anyhow::Result<()> {
+    let client = client_for(&args.cache)?;
+    let options = PushOptions {
+        closure: !args.no_closure,
+        ignore_upstream_filter: args.ignore_upstream_cache_filter,
+        jobs: usize::from(args.jobs),
+        wait: !args.no_wait,
+    };
+    let summary = push(&client, &args.cache.cache, &args.paths, &options).await?;
+    println!("{summary}");
+    Ok(())
 }

@@ -1,0 +1,700 @@
+//! The real `larder` binary against an in-process server
+//! (`tests::server::TestServer`) and the real Nix client: login, cache
+//! management, `use`, and every error case of issue #6, each run with its
+//! own XDG directories.
+//!
+//! `push` is in its own module: it needs the push endpoints and pipeline.
+
+mod push;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use common::api::{CacheConfig, RetentionPeriodConfig};
+use common::auth::Permission;
+use common::cache_name::CacheName;
+use common::db::ObjectMetadata;
+use tests::nix::NixEnv;
+use tests::server::{binary, expired_token, TestServer};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// A user of the `larder` binary with their own home and config.
+struct Larder {
+    dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+}
+
+impl Larder {
+    fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("larder-client-")
+            .tempdir()
+            .expect("a temporary home");
+        for sub in ["home", "nix-conf-dir"] {
+            std::fs::create_dir_all(dir.path().join(sub)).expect("creating a directory");
+        }
+        // Nix as `larder` runs it: no system config, and a store of its
+        // own (as root, opening the default store would create /nix/store).
+        let nix_config = format!(
+            "store = {}\nsubstituters =",
+            dir.path().join("store").display()
+        );
+        let nix_conf_dir = dir.path().join("nix-conf-dir").display().to_string();
+        Self {
+            dir,
+            env: vec![
+                ("NIX_CONF_DIR".to_owned(), nix_conf_dir),
+                ("NIX_CONFIG".to_owned(), nix_config),
+            ],
+        }
+    }
+
+    fn config_home(&self) -> PathBuf {
+        self.dir.path().join("config")
+    }
+
+    fn config_file(&self) -> PathBuf {
+        self.config_home().join("larder/config.toml")
+    }
+
+    fn nix_conf(&self) -> PathBuf {
+        self.config_home().join("nix/nix.conf")
+    }
+
+    fn netrc(&self) -> PathBuf {
+        self.config_home().join("nix/netrc")
+    }
+
+    /// Sets an environment variable for later runs.
+    fn set_env(&mut self, key: &str, value: &str) {
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
+    /// Runs `larder ARGS` with `stdin` as its input; does not wait on the
+    /// test's runtime, so the in-process server keeps serving.
+    async fn run_with_input(&self, args: &[&str], stdin: &str) -> Output {
+        use tokio::io::AsyncWriteExt;
+        let mut child = tokio::process::Command::new(binary("larder"))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", self.dir.path().join("home"))
+            .env("XDG_CONFIG_HOME", self.config_home())
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting larder");
+        let mut input = child.stdin.take().expect("stdin was piped");
+        input
+            .write_all(stdin.as_bytes())
+            .await
+            .expect("writing stdin");
+        drop(input);
+        tokio::time::timeout(Duration::from_secs(300), child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("larder {args:?} did not finish"))
+            .expect("running larder")
+    }
+
+    async fn run(&self, args: &[&str]) -> Output {
+        self.run_with_input(args, "").await
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    async fn ok(&self, args: &[&str]) -> String {
+        let output = self.run(args).await;
+        assert!(
+            output.status.success(),
+            "larder {args:?} failed ({}): {}{}",
+            output.status,
+            text(&output.stdout),
+            text(&output.stderr)
+        );
+        text(&output.stdout)
+    }
+
+    /// Runs a command that must fail with exit status 1 and one line on
+    /// stderr, `error: …` with no panic or backtrace; returns that line.
+    async fn fails(&self, args: &[&str]) -> String {
+        let output = self.run(args).await;
+        assert_error_output(args, &output)
+    }
+}
+
+fn assert_error_output(args: &[&str], output: &Output) -> String {
+    let stderr = text(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "larder {args:?}: {stderr}{}",
+        text(&output.stdout)
+    );
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "one error line from larder {args:?}: {stderr}"
+    );
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{stderr}"
+    );
+    lines[0].to_owned()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn cache_name(name: &str) -> CacheName {
+    name.parse().expect("a valid cache name")
+}
+
+/// The cache's configuration as the server reports it to `token`.
+async fn server_view(server: &TestServer, cache: &str, token: &str) -> CacheConfig {
+    let response = server
+        .http()
+        .get(server.url_of(&format!("/_api/v1/cache-config/{cache}")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("GET cache-config");
+    assert!(response.status().is_success(), "{}", response.status());
+    response.json().await.expect("cache-config JSON")
+}
+
+/// Runs a blocking Nix step off the runtime's workers, so the in-process
+/// server keeps answering while Nix talks to it.
+async fn blocking<T: Send + 'static>(step: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(step)
+        .await
+        .expect("the Nix step panicked")
+}
+
+#[tokio::test]
+async fn login_writes_a_private_config_with_a_default_server() {
+    let server = TestServer::sqlite().await;
+    let token = server.root_token().await;
+    let larder = Larder::new();
+
+    let out = larder.ok(&["login", "first", &server.url(), &token]).await;
+    assert!(out.contains("default server"), "{out}");
+    larder
+        .ok(&[
+            "login",
+            "second",
+            "http://127.0.0.1:9/prefix",
+            "other-token",
+        ])
+        .await;
+    let mode = std::fs::metadata(larder.config_file())
+        .expect("the config file exists")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the config holds tokens");
+    let config: toml::Value =
+        toml::from_str(&std::fs::read_to_string(larder.config_file()).expect("read"))
+            .expect("TOML");
+    assert_eq!(config["default-server"].as_str(), Some("first"));
+    assert_eq!(
+        config["servers"]["second"]["endpoint"].as_str(),
+        Some("http://127.0.0.1:9/prefix/")
+    );
+    assert_eq!(
+        config["servers"]["first"]["token"].as_str(),
+        Some(token.as_str())
+    );
+
+    // A bare cache name goes to the default server, `server:cache` to the
+    // one named.
+    server.create_cache("hello", false).await;
+    let info = larder.ok(&["cache", "info", "hello"]).await;
+    assert!(info.contains("hello-1:"), "{info}");
+    let info = larder.ok(&["cache", "info", "first:hello"]).await;
+    assert!(info.contains("private"), "{info}");
+
+    // --set-default moves the default: the second server is unreachable.
+    larder
+        .ok(&[
+            "login",
+            "second",
+            "http://127.0.0.1:9/",
+            "other-token",
+            "--set-default",
+        ])
+        .await;
+    let line = larder.fails(&["cache", "info", "hello"]).await;
+    assert!(line.contains("cannot reach server \"second\""), "{line}");
+    larder.ok(&["cache", "info", "first:hello"]).await;
+}
+
+#[tokio::test]
+async fn larder_token_overrides_the_stored_token() {
+    let server = TestServer::sqlite().await;
+    server.create_cache("override", false).await;
+    let mut larder = Larder::new();
+    larder
+        .ok(&["login", "local", &server.url(), "not-a-valid-token"])
+        .await;
+    let line = larder.fails(&["cache", "info", "override"]).await;
+    assert!(line.contains("server \"local\""), "{line}");
+
+    let token = server
+        .mint("ci", HOUR, &[("override", &[Permission::Pull])])
+        .await;
+    larder.set_env("LARDER_TOKEN", &token);
+    let info = larder.ok(&["cache", "info", "override"]).await;
+    assert!(info.contains("override-1:"), "{info}");
+    // The stored token is left as it was.
+    let stored = std::fs::read_to_string(larder.config_file()).expect("read");
+    assert!(stored.contains("not-a-valid-token") && !stored.contains(&token));
+}
+
+#[tokio::test]
+async fn cache_create_configure_info_destroy_round_trip() {
+    let server = TestServer::sqlite().await;
+    let root = server.root_token().await;
+    let larder = Larder::new();
+    larder.ok(&["login", "local", &server.url(), &root]).await;
+
+    let out = larder
+        .ok(&[
+            "cache",
+            "create",
+            "round",
+            "--priority",
+            "35",
+            "--upstream-cache-key-name",
+            "up-a-1",
+            "--upstream-cache-key-name",
+            "up-b-1",
+        ])
+        .await;
+    let created = server_view(&server, "round", &root).await;
+    assert_eq!(created.is_public, Some(false));
+    assert_eq!(created.priority, Some(35));
+    assert_eq!(
+        created.upstream_cache_key_names,
+        Some(vec!["up-a-1".to_owned(), "up-b-1".to_owned()])
+    );
+    let public_key = created.public_key.clone().expect("a public key");
+    assert!(out.contains(&public_key), "{out}");
+
+    let info = larder.ok(&["cache", "info", "round"]).await;
+    for expected in [
+        public_key.as_str(),
+        &format!("{}/round", server.url()),
+        &format!("{}/", server.url()),
+        "35",
+        "private",
+        "the server's default",
+    ] {
+        assert!(info.contains(expected), "{expected:?} in {info}");
+    }
+
+    // Only what is asked changes.
+    larder
+        .ok(&[
+            "cache",
+            "configure",
+            "round",
+            "--public",
+            "--retention-period",
+            "30 days",
+        ])
+        .await;
+    let configured = server_view(&server, "round", &root).await;
+    assert_eq!(configured.is_public, Some(true));
+    assert_eq!(
+        configured.retention_period,
+        Some(RetentionPeriodConfig::Period(30 * 24 * 3600))
+    );
+    assert_eq!(configured.priority, Some(35));
+    assert_eq!(configured.public_key, created.public_key);
+    let info = larder.ok(&["cache", "info", "round"]).await;
+    assert!(
+        info.contains("public") && info.contains("1 month"),
+        "{info}"
+    );
+
+    larder
+        .ok(&[
+            "cache",
+            "configure",
+            "round",
+            "--private",
+            "--priority",
+            "50",
+            "--reset-retention-period",
+            "--regenerate-keypair",
+        ])
+        .await;
+    let reconfigured = server_view(&server, "round", &root).await;
+    assert_eq!(reconfigured.is_public, Some(false));
+    assert_eq!(reconfigured.priority, Some(50));
+    assert_eq!(
+        reconfigured.retention_period,
+        Some(RetentionPeriodConfig::Global)
+    );
+    assert!(
+        reconfigured
+            .public_key
+            .as_deref()
+            .is_some_and(|key| key.starts_with("round-2:")),
+        "{reconfigured:?}"
+    );
+
+    // Changing visibility needs no retention permission.
+    let configurer = server
+        .mint(
+            "configurer",
+            HOUR,
+            &[("round", &[Permission::ConfigureCache])],
+        )
+        .await;
+    let limited = Larder::new();
+    limited
+        .ok(&["login", "local", &server.url(), &configurer])
+        .await;
+    limited
+        .ok(&["cache", "configure", "round", "--public"])
+        .await;
+    let line = limited
+        .fails(&["cache", "configure", "round", "--retention-period", "1d"])
+        .await;
+    assert!(line.contains("retention"), "{line}");
+
+    // Destroy asks for the name; a wrong answer keeps the cache.
+    let output = larder
+        .run_with_input(&["cache", "destroy", "round"], "wrong\n")
+        .await;
+    // The prompt comes first on stderr, then the error.
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("Destroying cache round deletes every path"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.ends_with(
+            "error: not destroying cache round: the confirmation did not match its name\n"
+        ),
+        "{stderr}"
+    );
+    assert!(server
+        .database()
+        .cache_by_name(&cache_name("round"))
+        .await
+        .expect("lookup")
+        .is_some());
+    let output = larder
+        .run_with_input(&["cache", "destroy", "round"], "round\n")
+        .await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(server
+        .database()
+        .cache_by_name(&cache_name("round"))
+        .await
+        .expect("lookup")
+        .is_none());
+
+    larder.ok(&["cache", "create", "gone", "--public"]).await;
+    assert_eq!(
+        server_view(&server, "gone", &root).await.is_public,
+        Some(true)
+    );
+    larder
+        .ok(&["cache", "destroy", "gone", "--no-confirm"])
+        .await;
+    let line = larder.fails(&["cache", "info", "gone"]).await;
+    assert!(line.contains("no such cache"), "{line}");
+}
+
+/// The metadata and NAR of a path in the chroot store at `root`, as the
+/// push pipeline would record them.
+fn path_for_seeding(env: &NixEnv, root: &Path, path: &str) -> (ObjectMetadata, Vec<u8>) {
+    let root_arg = root.to_str().expect("UTF-8");
+    let json = env
+        .run_text("nix", &["path-info", "--json", "--store", root_arg, path])
+        .expect("nix path-info");
+    let infos: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    let info = &infos[0];
+    let base = |full: &str| full.trim_start_matches("/nix/store/").to_owned();
+    let list = |key: &str| -> Vec<String> {
+        info[key]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|i| i.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let metadata = ObjectMetadata {
+        store_path: path.to_owned(),
+        references: list("references").iter().map(|r| base(r)).collect(),
+        deriver: info["deriver"].as_str().map(base),
+        system: None,
+        sigs: list("signatures"),
+        ca: info["ca"].as_str().map(str::to_owned),
+    };
+    let nar = env
+        .dump(&tests::nix::physical_path(root, path))
+        .expect("nix-store --dump");
+    (metadata, nar)
+}
+
+#[tokio::test]
+async fn use_writes_nix_conf_and_netrc_once_and_nix_substitutes_with_them() {
+    let server = TestServer::sqlite().await;
+    let salt = format!("use-{:016x}", rand::random::<u64>());
+    let (env, store) = blocking(move || {
+        let env = NixEnv::new().expect("a Nix environment");
+        let store = env
+            .make_store(&env.path("source"), 3, &salt)
+            .expect("a store with a built path");
+        (env, store)
+    })
+    .await;
+    assert_eq!(
+        store.built.len(),
+        1,
+        "one input-addressed path needs a signature"
+    );
+    let root = server.root_token().await;
+    let mut larder = Larder::new();
+    larder.ok(&["login", "local", &server.url(), &root]).await;
+    larder.ok(&["cache", "create", "usable"]).await;
+    for path in &store.paths {
+        let (metadata, nar) = path_for_seeding(&env, &store.root, path);
+        server.seed_path("usable", metadata, &nar).await;
+    }
+
+    // The user's own nix.conf: no cache.nixos.org (offline tests).
+    std::fs::create_dir_all(larder.nix_conf().parent().expect("a directory")).expect("mkdir");
+    std::fs::write(larder.nix_conf(), "substituters =\n").expect("writing nix.conf");
+    // Nix is given a pull-only token, as a user would be.
+    let pull = server
+        .mint("puller", HOUR, &[("usable", &[Permission::Pull])])
+        .await;
+    larder.set_env("LARDER_TOKEN", &pull);
+
+    let out = larder.ok(&["use", "usable"]).await;
+    let public_key = server_view(&server, "usable", &root)
+        .await
+        .public_key
+        .expect("a key");
+    let substituter = format!("{}/usable", server.url());
+    assert!(
+        out.contains(&substituter) && out.contains(&public_key),
+        "{out}"
+    );
+    let nix_conf = std::fs::read_to_string(larder.nix_conf()).expect("nix.conf");
+    assert_eq!(
+        nix_conf,
+        format!(
+            "substituters =\nextra-substituters = {substituter}\n\
+             extra-trusted-public-keys = {public_key}\nnetrc-file = {}\n",
+            larder.netrc().display()
+        )
+    );
+    let netrc = std::fs::read_to_string(larder.netrc()).expect("netrc");
+    assert_eq!(netrc, format!("machine 127.0.0.1 password {pull}\n"));
+    let mode = std::fs::metadata(larder.netrc())
+        .expect("netrc")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // Twice changes nothing.
+    let again = larder.ok(&["use", "usable"]).await;
+    assert!(again.contains("nothing changed"), "{again}");
+    assert_eq!(
+        std::fs::read_to_string(larder.nix_conf()).expect("nix.conf"),
+        nix_conf
+    );
+    assert_eq!(
+        std::fs::read_to_string(larder.netrc()).expect("netrc"),
+        netrc
+    );
+
+    // Nix, reading only that nix.conf, substitutes the closure into a fresh
+    // store: the substituter, the key (the built path needs a signature)
+    // and the netrc (the cache is private) all come from what `use` wrote.
+    let nix_conf_path = larder.nix_conf();
+    let top = store.built[0].clone();
+    let destination = env.path("destination");
+    let (shown, realised) = blocking(move || {
+        let shown = nix_with_user_conf(&env, &nix_conf_path)
+            .args(["show-config"])
+            .output()
+            .expect("nix show-config");
+        let realised = nix_with_user_conf(&env, &nix_conf_path)
+            .arg("--store")
+            .arg(&destination)
+            .args(["build", "--no-link", &top])
+            .output()
+            .expect("nix build");
+        let valid = env
+            .output(
+                "nix-store",
+                &[
+                    "--store",
+                    destination.to_str().expect("UTF-8"),
+                    "--check-validity",
+                    &top,
+                ],
+            )
+            .expect("nix-store --check-validity");
+        (shown, (realised, valid))
+    })
+    .await;
+    let shown = text(&shown.stdout);
+    assert!(
+        shown
+            .lines()
+            .any(|line| line.starts_with("substituters = ") && line.contains(&substituter)),
+        "{shown}"
+    );
+    assert!(shown.contains(&public_key), "{shown}");
+    let (realised, valid) = realised;
+    assert!(realised.status.success(), "{}", text(&realised.stderr));
+    assert!(valid.status.success(), "{}", text(&valid.stderr));
+
+    // A new token replaces the old netrc entry rather than adding one.
+    let newer = server
+        .mint("puller-2", HOUR, &[("usable", &[Permission::Pull])])
+        .await;
+    larder.set_env("LARDER_TOKEN", &newer);
+    larder.ok(&["use", "usable"]).await;
+    assert_eq!(
+        std::fs::read_to_string(larder.netrc()).expect("netrc"),
+        format!("machine 127.0.0.1 password {newer}\n")
+    );
+}
+
+/// A `nix` command of `env` whose only configuration, apart from the
+/// store and the experimental features, is the user file `nix_conf`.
+fn nix_with_user_conf(env: &NixEnv, nix_conf: &Path) -> std::process::Command {
+    let mut command = env.command("nix");
+    command
+        .env("NIX_USER_CONF_FILES", nix_conf)
+        .env(
+            "NIX_CONFIG",
+            format!(
+                "experimental-features = nix-command\nstore = {}\nbuild-users-group =\n\
+                 narinfo-cache-negative-ttl = 0\nconnect-timeout = 5",
+                env.path("default-store").display()
+            ),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+#[tokio::test]
+async fn use_of_a_public_cache_writes_no_netrc() {
+    let server = TestServer::sqlite().await;
+    server.create_cache("open", true).await;
+    let larder = Larder::new();
+    // No token at all: a public cache needs none.
+    larder.ok(&["login", "local", &server.url()]).await;
+    larder.ok(&["use", "open"]).await;
+    let nix_conf = std::fs::read_to_string(larder.nix_conf()).expect("nix.conf");
+    assert!(nix_conf.contains(&format!("extra-substituters = {}/open", server.url())));
+    assert!(!nix_conf.contains("netrc-file"), "{nix_conf}");
+    assert!(!larder.netrc().exists());
+}
+
+#[tokio::test]
+async fn errors_are_one_clear_line_and_exit_status_1() {
+    let server = TestServer::sqlite().await;
+    server.create_cache("exists", false).await;
+    let root = server.root_token().await;
+    let larder = Larder::new();
+
+    // No server configured yet.
+    let line = larder.fails(&["cache", "info", "exists"]).await;
+    assert!(line.contains("no server is configured"), "{line}");
+    larder.ok(&["login", "local", &server.url(), &root]).await;
+
+    // Unknown server.
+    let line = larder.fails(&["cache", "info", "elsewhere:exists"]).await;
+    assert_eq!(
+        line,
+        "error: no server named \"elsewhere\" is configured (add it with `larder login elsewhere URL TOKEN`)"
+    );
+
+    // Missing cache (the server's message, shown as is).
+    let line = larder.fails(&["cache", "info", "missing"]).await;
+    assert_eq!(
+        line,
+        "error: server \"local\": no such cache, or you are not allowed to see it"
+    );
+    let line = larder.fails(&["use", "missing"]).await;
+    assert!(line.contains("no such cache"), "{line}");
+
+    // Bad token.
+    let mut bad = Larder::new();
+    bad.ok(&["login", "local", &server.url(), "garbage"]).await;
+    let line = bad.fails(&["cache", "info", "exists"]).await;
+    assert!(line.starts_with("error: server \"local\": "), "{line}");
+    assert!(line.to_lowercase().contains("token"), "{line}");
+
+    // Expired token.
+    let expired = expired_token(server.signing_key(), &[("*", &Permission::ALL)]);
+    bad.set_env("LARDER_TOKEN", &expired);
+    let line = bad.fails(&["cache", "info", "exists"]).await;
+    assert!(line.to_lowercase().contains("expired"), "{line}");
+
+    // Server unreachable: a port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = closed.local_addr().expect("address");
+    drop(closed);
+    let mut offline = Larder::new();
+    offline
+        .ok(&["login", "down", &format!("http://{address}/"), "t"])
+        .await;
+    let line = offline.fails(&["cache", "info", "exists"]).await;
+    assert!(
+        line.starts_with(&format!(
+            "error: cannot reach server \"down\" at http://{address}/: "
+        )),
+        "{line}"
+    );
+    assert!(line.to_lowercase().contains("refused"), "{line}");
+    offline.set_env("LARDER_TOKEN", "t");
+    let line = offline.fails(&["push", "exists", "/nix/store/x"]).await;
+    assert!(line.contains("cannot reach server"), "{line}");
+
+    // Pushing to a missing cache, or a path the store does not have.
+    let line = larder.fails(&["push", "missing", "/nix/store/x"]).await;
+    assert!(line.contains("no such cache"), "{line}");
+    let line = larder
+        .fails(&[
+            "push",
+            "exists",
+            "/nix/store/00000000000000000000000000000000-absent",
+        ])
+        .await;
+    assert!(line.contains("nix path-info"), "{line}");
+
+    // Bad input never reaches the server.
+    let line = larder.fails(&["login", "bad", "ftp://x/"]).await;
+    assert!(line.contains("scheme"), "{line}");
+    let output = larder.run(&["cache", "info", "_api"]).await;
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "clap rejects bad cache names"
+    );
+    assert!(text(&output.stderr).contains("must start with a letter"));
+}

@@ -1,0 +1,210 @@
+//! `larder push` end to end (issue #6's first acceptance bullet): login →
+//! cache create → push a closure of more than 20 paths, with paths signed
+//! by a test "upstream" key left out → `use` → Nix substitutes the closure
+//! into a fresh store with exactly the settings `use` wrote → `configure
+//! --public` makes it readable without a token.
+//!
+//! These need the push endpoints and the pipeline (issue #4): the server
+//! must accept `upload-path` and make the paths visible.
+
+use std::path::Path;
+
+use common::auth::Permission;
+use tests::nix::NixEnv;
+use tests::server::TestServer;
+
+use super::{blocking, nix_with_user_conf, server_view, text, Larder, HOUR};
+
+/// `NIX_CONFIG` for `larder` so that its `nix` commands read the chroot
+/// store at `root`, as a user's `store` setting would.
+fn store_config(root: &Path) -> String {
+    format!(
+        "store = {}\nsubstituters =",
+        root.to_str().expect("a UTF-8 store root")
+    )
+}
+
+#[tokio::test]
+async fn push_a_closure_then_substitute_it_with_the_settings_use_wrote() {
+    let server = TestServer::sqlite().await;
+    let salt = format!("{:016x}", rand::random::<u64>());
+    let (env, main, upstream) = blocking(move || {
+        let env = NixEnv::new().expect("a Nix environment");
+        let root = env.path("source");
+        let main = env
+            .make_store(&root, 21, &format!("main-{salt}"))
+            .expect("a closure of 21 paths");
+        // A few paths of the same store that "upstream" signed: the push
+        // leaves them out.
+        let upstream = env
+            .make_store(&root, 3, &format!("upstream-{salt}"))
+            .expect("three more paths");
+        let key = env.keygen("upstream-test-1").expect("an upstream key");
+        env.sign(&root, &key.secret_key_file, &upstream.paths)
+            .expect("signing the upstream paths");
+        (env, main, upstream)
+    })
+    .await;
+    let closure = env.closure(&main.root, &main.paths).expect("the closure");
+    assert!(closure.len() >= 20, "{closure:?}");
+    let upstream_closure = env
+        .closure(&main.root, &upstream.paths)
+        .expect("the upstream closure");
+    assert!(upstream_closure.iter().all(|path| !closure.contains(path)));
+
+    let root_token = server.root_token().await;
+    let mut larder = Larder::new();
+    larder.set_env("NIX_CONFIG", &store_config(&main.root));
+    larder
+        .ok(&["login", "local", &server.url(), &root_token])
+        .await;
+    larder
+        .ok(&[
+            "cache",
+            "create",
+            "pushed",
+            "--upstream-cache-key-name",
+            "upstream-test-1",
+        ])
+        .await;
+
+    let mut arguments = vec!["push", "pushed", "-j", "3"];
+    arguments.extend(main.paths.iter().map(String::as_str));
+    arguments.extend(upstream.paths.iter().map(String::as_str));
+    let out = larder.ok(&arguments).await;
+    assert!(
+        out.contains(&format!(
+            "pushed {} paths, 0 already cached, {} from upstream",
+            closure.len(),
+            upstream_closure.len()
+        )),
+        "{out}"
+    );
+    // Again: everything is there (and visible: the first push waited).
+    let out = larder.ok(&arguments).await;
+    assert!(
+        out.contains(&format!(
+            "pushed 0 paths, {} already cached, {} from upstream",
+            closure.len(),
+            upstream_closure.len()
+        )),
+        "{out}"
+    );
+    for path in &upstream_closure {
+        let hash = &path["/nix/store/".len().."/nix/store/".len() + 32];
+        let response = server
+            .http()
+            .get(server.cache_url(&format!("pushed/{hash}.narinfo")))
+            .bearer_auth(&root_token)
+            .send()
+            .await
+            .expect("GET narinfo");
+        assert_eq!(response.status(), 404, "{path} was not pushed");
+    }
+
+    // `use` with a pull-only token; Nix reads only the nix.conf it wrote
+    // (plus the user's own `substituters =`, to stay offline).
+    let pull = server
+        .mint("puller", HOUR, &[("pushed", &[Permission::Pull])])
+        .await;
+    let mut user = Larder::new();
+    user.set_env("LARDER_TOKEN", &pull);
+    user.ok(&["login", "local", &server.url()]).await;
+    std::fs::create_dir_all(user.nix_conf().parent().expect("a directory")).expect("mkdir");
+    std::fs::write(user.nix_conf(), "substituters =\n").expect("writing nix.conf");
+    user.ok(&["use", "pushed"]).await;
+
+    let nix_conf = user.nix_conf();
+    let destination = env.path("destination");
+    let wanted = main.paths.clone();
+    let source_root = main.root.clone();
+    let (built, hashes) = blocking(move || {
+        let built = nix_with_user_conf(&env, &nix_conf)
+            .arg("--store")
+            .arg(&destination)
+            .args(["build", "--no-link"])
+            .args(&wanted)
+            .output()
+            .expect("nix build");
+        let closure = env.closure(&source_root, &wanted).expect("closure");
+        let hashes: Vec<(String, String, String)> = closure
+            .iter()
+            .map(|path| {
+                (
+                    path.clone(),
+                    env.nar_hash(&source_root, path).expect("source hash"),
+                    env.nar_hash(&destination, path).unwrap_or_default(),
+                )
+            })
+            .collect();
+        (built, hashes)
+    })
+    .await;
+    assert!(built.status.success(), "{}", text(&built.stderr));
+    for (path, source, substituted) in hashes {
+        assert_eq!(source, substituted, "{path} substituted with the same NAR");
+    }
+
+    // Public: readable without a token.
+    let top = &main.built[0];
+    let hash = &top["/nix/store/".len().."/nix/store/".len() + 32];
+    let narinfo = server.cache_url(&format!("pushed/{hash}.narinfo"));
+    let anonymous = server.http().get(&narinfo).send().await.expect("GET");
+    assert_eq!(anonymous.status(), 401);
+    larder
+        .ok(&["cache", "configure", "pushed", "--public"])
+        .await;
+    let anonymous = server.http().get(&narinfo).send().await.expect("GET");
+    assert_eq!(anonymous.status(), 200);
+    assert_eq!(
+        server_view(&server, "pushed", &root_token).await.is_public,
+        Some(true)
+    );
+
+    // The filter can be turned off.
+    let mut with_upstream = vec!["push", "pushed", "--ignore-upstream-cache-filter"];
+    with_upstream.extend(upstream.paths.iter().map(String::as_str));
+    let out = larder.ok(&with_upstream).await;
+    assert!(
+        out.contains(&format!(
+            "pushed {} paths, 0 already cached, 0 from upstream",
+            upstream_closure.len()
+        )),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn push_without_closure_and_without_waiting() {
+    let server = TestServer::sqlite().await;
+    let salt = format!("alone-{:016x}", rand::random::<u64>());
+    let (_env, store) = blocking(move || {
+        let env = NixEnv::new().expect("a Nix environment");
+        let store = env
+            .make_store(&env.path("source"), 3, &salt)
+            .expect("three paths");
+        (env, store)
+    })
+    .await;
+    let root_token = server.root_token().await;
+    let mut larder = Larder::new();
+    larder.set_env("NIX_CONFIG", &store_config(&store.root));
+    larder
+        .ok(&["login", "local", &server.url(), &root_token])
+        .await;
+    larder.ok(&["cache", "create", "alone"]).await;
+    let top = store.built[0].as_str();
+    let out = larder
+        .ok(&["push", "alone", top, "--no-closure", "--no-wait"])
+        .await;
+    assert!(
+        out.contains("pushed 1 paths, 0 already cached, 0 from upstream"),
+        "{out}"
+    );
+    // The rest of the closure is still missing.
+    let out = larder.ok(&["push", "alone", top, "--no-wait"]).await;
+    assert!(
+        out.contains("pushed 2 paths, 1 already cached, 0 from upstream"),
+        "{out}"
+    );
+}

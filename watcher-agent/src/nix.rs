@@ -1,0 +1,241 @@
+//! The local Nix store, reached only through the `nix` command line, so
+//! that whatever store the user's Nix uses (`NIX_REMOTE`, the `store`
+//! setting in `NIX_CONFIG` or nix.conf, a daemon, a chroot store) is the
+//! store Larder reads.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+
+use common::nix::{NarHash, StoreDir, StorePath, StorePathHash};
+use serde::Deserialize;
+use tokio::process::{Child, Command};
+
+/// Why the store could not be queried.
+#[derive(Debug, thiserror::Error)]
+pub enum NixError {
+    #[error("cannot run `nix` ({0}); is Nix installed and on PATH?")]
+    NotRunnable(std::io::Error),
+    #[error("`{command}` failed: {stderr}")]
+    Failed { command: String, stderr: String },
+    #[error("`{command}` printed output Larder does not understand: {reason}")]
+    BadOutput { command: String, reason: String },
+}
+
+/// What the store knows of one valid path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathInfo {
+    pub path: StorePath,
+    pub nar_hash: NarHash,
+    pub nar_size: u64,
+    pub references: Vec<StorePath>,
+    pub deriver: Option<StorePath>,
+    pub signatures: Vec<String>,
+    pub ca: Option<String>,
+}
+
+impl PathInfo {
+    pub fn hash(&self) -> &StorePathHash {
+        self.path.hash()
+    }
+
+    /// The names of the keys that signed this path.
+    pub fn signing_key_names(&self) -> impl Iterator<Item = &str> {
+        self.signatures
+            .iter()
+            .filter_map(|signature| signature.split_once(':').map(|(name, _)| name))
+    }
+}
+
+/// One entry of `nix path-info --json`, in the spelling of Nix 2.8 (an
+/// array of objects with a `path` field) and later versions (an object
+/// keyed by path, without it).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawPathInfo {
+    #[serde(default)]
+    path: Option<String>,
+    nar_hash: String,
+    nar_size: u64,
+    #[serde(default)]
+    references: Vec<String>,
+    #[serde(default)]
+    deriver: Option<String>,
+    #[serde(default)]
+    signatures: Vec<String>,
+    #[serde(default)]
+    ca: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawPathInfos {
+    List(Vec<RawPathInfo>),
+    ByPath(BTreeMap<String, Option<RawPathInfo>>),
+}
+
+/// A `nix` command with the new CLI enabled, whatever the user's config
+/// says.
+fn nix_command() -> Command {
+    let mut command = Command::new("nix");
+    command.args(["--extra-experimental-features", "nix-command"]);
+    command
+}
+
+/// The path infos of `paths` (anything `nix path-info` accepts: store
+/// paths, `./result` symlinks), and of their closure when `closure`.
+pub async fn path_infos(
+    store_dir: &StoreDir,
+    paths: &[String],
+    closure: bool,
+) -> Result<Vec<PathInfo>, NixError> {
+    let mut command = nix_command();
+    command.args(["path-info", "--json"]);
+    if closure {
+        command.arg("--recursive");
+    }
+    command.arg("--").args(paths);
+    let shown = format!(
+        "nix path-info --json{} {}",
+        if closure { " --recursive" } else { "" },
+        paths.join(" ")
+    );
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(NixError::NotRunnable)?;
+    if !output.status.success() {
+        return Err(NixError::Failed {
+            command: shown,
+            stderr: last_error_line(&output.stderr),
+        });
+    }
+    parse_path_infos(store_dir, &output.stdout).map_err(|reason| NixError::BadOutput {
+        command: shown,
+        reason,
+    })
+}
+
+fn parse_path_infos(store_dir: &StoreDir, json: &[u8]) -> Result<Vec<PathInfo>, String> {
+    let raw: RawPathInfos = serde_json::from_slice(json).map_err(|error| error.to_string())?;
+    let entries: Vec<(String, RawPathInfo)> = match raw {
+        RawPathInfos::List(list) => list
+            .into_iter()
+            .map(|info| {
+                let path = info.path.clone().ok_or("an entry has no \"path\"")?;
+                Ok((path, info))
+            })
+            .collect::<Result<_, String>>()?,
+        RawPathInfos::ByPath(map) => map
+            .into_iter()
+            .map(|(path, info)| {
+                info.map(|info| (path.clone(), info))
+                    .ok_or_else(|| format!("{path} is not a valid path in the store"))
+            })
+            .collect::<Result<_, String>>()?,
+    };
+    let parse = |path: &str| {
+        store_dir
+            .parse_path(path)
+            .map_err(|error| error.to_string())
+    };
+    entries
+        .into_iter()
+        .map(|(path, raw)| {
+            Ok(PathInfo {
+                path: parse(&path)?,
+                nar_hash: NarHash::parse(&raw.nar_hash).map_err(|error| error.to_string())?,
+                nar_size: raw.nar_size,
+                references: raw
+                    .references
+                    .iter()
+                    .map(|reference| parse(reference))
+                    .collect::<Result<_, _>>()?,
+                deriver: raw.deriver.as_deref().map(parse).transpose()?,
+                signatures: raw.signatures,
+                ca: raw.ca,
+            })
+        })
+        .collect()
+}
+
+/// `nix store dump-path PATH` with its NAR on a pipe: the caller streams
+/// `stdout` and then checks the exit status with [`finish_dump`].
+pub fn spawn_dump(full_path: &str) -> Result<Child, NixError> {
+    nix_command()
+        .args(["store", "dump-path", "--", full_path])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(NixError::NotRunnable)
+}
+
+/// Waits for a dump started by [`spawn_dump`] and fails with its error if
+/// it did not succeed.
+pub async fn finish_dump(child: Child, full_path: &str) -> Result<(), NixError> {
+    let output = child
+        .wait_with_output()
+        .await
+        .map_err(NixError::NotRunnable)?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(NixError::Failed {
+        command: format!("nix store dump-path {full_path}"),
+        stderr: last_error_line(&output.stderr),
+    })
+}
+
+/// The last non-empty line of a Nix command's stderr (its `error: …`),
+/// or the exit in words when it said nothing.
+fn last_error_line(stderr: &[u8]) -> String {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|line| !line.is_empty())
+        .map(|line| line.strip_prefix("error: ").unwrap_or(line).to_owned())
+        .unwrap_or_else(|| "it printed nothing".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "/nix/store/0vlfq2frv35f2ckxvcmjrlklygj8g3g3-a";
+    const B: &str = "/nix/store/1gq3ydp1jmlnrcw1pj0hqxz5jcdqch4v-b";
+
+    #[test]
+    fn nix_2_8_json_parses() {
+        let json = format!(
+            r#"[{{"path":"{A}","narHash":"sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=","narSize":120,"references":["{A}","{B}"],"deriver":"/nix/store/2aqr1dyjpp4i98hz1jal26b0azfbr2b8-a.drv","signatures":["upstream-1:c2ln"],"registrationTime":1}},
+                {{"path":"{B}","narHash":"sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73","narSize":8,"references":[],"ca":"fixed:r:sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73"}}]"#
+        );
+        let infos = parse_path_infos(&StoreDir::default(), json.as_bytes()).expect("parses");
+        assert_eq!(infos.len(), 2);
+        assert_eq!(infos[0].references.len(), 2);
+        assert_eq!(
+            infos[0].signing_key_names().collect::<Vec<_>>(),
+            ["upstream-1"]
+        );
+        assert!(infos[0].deriver.is_some());
+        assert!(infos[1].ca.is_some());
+        assert_eq!(infos[1].nar_size, 8);
+    }
+
+    #[test]
+    fn newer_json_keyed_by_path_parses() {
+        let json = format!(
+            r#"{{"{A}":{{"narHash":"sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=","narSize":120,"references":[]}}}}"#
+        );
+        let infos = parse_path_infos(&StoreDir::default(), json.as_bytes()).expect("parses");
+        assert_eq!(
+            infos[0].path.to_string(),
+            A.trim_start_matches("/nix/store/")
+        );
+        let invalid = format!(r#"{{"{A}":null}}"#);
+        assert!(parse_path_infos(&StoreDir::default(), invalid.as_bytes()).is_err());
+    }
+}

@@ -1,0 +1,436 @@
+//! `larder push`: from store paths to visible objects in a cache.
+//!
+//! 1. The closure (unless `--no-closure`) comes from `nix path-info`.
+//! 2. Paths signed by one of the cache's upstream keys (e.g.
+//!    `cache.nixos.org-1`) are skipped: anyone can fetch them upstream.
+//! 3. The server says which of the rest it is missing.
+//! 4. Those are uploaded, each only after the references it has in the same
+//!    push, with up to `jobs` uploads at once. A NAR streams from
+//!    `nix store dump-path` to the socket through a small buffer, so memory
+//!    does not grow with the NAR. Transient failures (unreachable, 5xx,
+//!    429) are retried with exponential backoff; anything else stops the
+//!    push.
+//! 5. Unless `--no-wait`, each upload waits until its path is visible: the
+//!    server holds the answer until then (up to its `wait-for-visible`),
+//!    and the client polls the upload's status past that.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::cache_name::CacheName;
+use common::nix::{StoreDir, StorePathHash};
+use futures::TryStreamExt;
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use reqwest::Method;
+use tokio::task::JoinSet;
+use tokio_util::io::ReaderStream;
+
+use crate::api::{ApiClient, ApiError};
+use crate::nix::{self, NixError, PathInfo};
+use crate::progress::Progress;
+use crate::push_api::{
+    GetMissingPathsRequest, GetMissingPathsResponse, UploadPathNarInfo, UploadPathResult,
+    UploadStatus, NAR_INFO_HEADER, PHASE_DONE, PHASE_FAILED, WAIT_HEADER,
+};
+
+/// Attempts per upload before a transient failure is final.
+const MAX_ATTEMPTS: u32 = 5;
+/// The first retry's delay; each later one doubles it.
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(500);
+/// How many hashes one `get-missing-paths` request carries.
+const MISSING_PATHS_BATCH: usize = 1000;
+/// The read buffer between `nix store dump-path` and the socket.
+const STREAM_BUFFER: usize = 64 * 1024;
+/// How often an upload that is not visible yet is polled, at most.
+const MAX_POLL_INTERVAL: Duration = Duration::from_secs(2);
+/// How long the client waits past the server's own wait for a path to
+/// become visible.
+const VISIBILITY_LIMIT: Duration = Duration::from_secs(30 * 60);
+
+/// Why a push failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error(transparent)]
+    Nix(#[from] NixError),
+    #[error("uploading {path}: {source}")]
+    Upload { path: String, source: ApiError },
+    #[error("uploading {path}: {source}")]
+    Dump { path: String, source: NixError },
+    #[error("{path} was uploaded but the server could not store it: {message}")]
+    Pipeline { path: String, message: String },
+    #[error("{path} was uploaded but is not visible after {limit:?} (upload {upload_id})")]
+    NotVisible {
+        path: String,
+        upload_id: String,
+        limit: Duration,
+    },
+    #[error("an upload task stopped unexpectedly: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+#[derive(Debug, Clone)]
+pub struct PushOptions {
+    /// Push the closure of the paths, not just the paths.
+    pub closure: bool,
+    /// Push paths signed by the cache's upstream keys too.
+    pub ignore_upstream_filter: bool,
+    /// Uploads at once (at least 1).
+    pub jobs: usize,
+    /// Wait until every pushed path is visible.
+    pub wait: bool,
+}
+
+/// What a push did, for the summary line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PushSummary {
+    pub pushed: usize,
+    pub already_cached: usize,
+    pub from_upstream: usize,
+}
+
+impl std::fmt::Display for PushSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pushed {} paths, {} already cached, {} from upstream",
+            self.pushed, self.already_cached, self.from_upstream
+        )
+    }
+}
+
+/// Pushes `paths` (and their closure) to `cache`.
+pub async fn push(
+    client: &ApiClient,
+    cache: &CacheName,
+    paths: &[String],
+    options: &PushOptions,
+) -> Result<PushSummary, PushError> {
+    let config = client.cache_config(cache).await?;
+    let store_dir = match config.store_dir.as_deref() {
+        Some(dir) => StoreDir::new(dir).map_err(|error| {
+            PushError::Nix(NixError::BadOutput {
+                command: format!("the cache's store directory {dir:?}"),
+                reason: error.to_string(),
+            })
+        })?,
+        None => StoreDir::default(),
+    };
+    let infos = nix::path_infos(&store_dir, paths, options.closure).await?;
+
+    let upstream_keys: HashSet<String> = if options.ignore_upstream_filter {
+        HashSet::new()
+    } else {
+        config
+            .upstream_cache_key_names
+            .unwrap_or_default()
+            .into_iter()
+            .collect()
+    };
+    let (from_upstream, candidates): (Vec<PathInfo>, Vec<PathInfo>) =
+        infos.into_iter().partition(|info| {
+            info.signing_key_names()
+                .any(|name| upstream_keys.contains(name))
+        });
+
+    let missing = missing_paths(client, cache, &candidates).await?;
+    let (to_upload, cached): (Vec<PathInfo>, Vec<PathInfo>) = candidates
+        .into_iter()
+        .partition(|info| missing.contains(info.hash()));
+    let mut summary = PushSummary {
+        pushed: to_upload.len(),
+        already_cached: cached.len(),
+        from_upstream: from_upstream.len(),
+    };
+    if !to_upload.is_empty() {
+        eprintln!(
+            "pushing {} paths to {cache} ({} already cached, {} from upstream)",
+            to_upload.len(),
+            summary.already_cached,
+            summary.from_upstream
+        );
+        summary.pushed =
+            upload_in_dependency_order(client, cache, &store_dir, to_upload, options).await?;
+    }
+    Ok(summary)
+}
+
+async fn missing_paths(
+    client: &ApiClient,
+    cache: &CacheName,
+    candidates: &[PathInfo],
+) -> Result<HashSet<StorePathHash>, ApiError> {
+    let mut missing = HashSet::new();
+    for batch in candidates.chunks(MISSING_PATHS_BATCH) {
+        let request = GetMissingPathsRequest {
+            cache: cache.clone(),
+            store_path_hashes: batch.iter().map(|info| *info.hash()).collect(),
+        };
+        let response: GetMissingPathsResponse = client
+            .post_json(
+                "_api/v1/get-missing-paths",
+                &request,
+                "asking which paths are missing",
+            )
+            .await?;
+        missing.extend(response.missing_paths);
+    }
+    Ok(missing)
+}
+
+/// Uploads every path after the references it has among `paths`, with at
+/// most `options.jobs` uploads at once. Returns how many were uploaded.
+async fn upload_in_dependency_order(
+    client: &ApiClient,
+    cache: &CacheName,
+    store_dir: &StoreDir,
+    paths: Vec<PathInfo>,
+    options: &PushOptions,
+) -> Result<usize, PushError> {
+    let index: HashMap<StorePathHash, usize> = paths
+        .iter()
+        .enumerate()
+        .map(|(i, info)| (*info.hash(), i))
+        .collect();
+    let mut unfinished_references = vec![0usize; paths.len()];
+    let mut dependents = vec![Vec::new(); paths.len()];
+    for (i, info) in paths.iter().enumerate() {
+        for reference in &info.references {
+            // A path may refer to itself; that is no ordering constraint.
+            if let Some(&j) = index.get(reference.hash()).filter(|&&j| j != i) {
+                unfinished_references[i] += 1;
+                dependents[j].push(i);
+            }
+        }
+    }
+    let mut ready: VecDeque<usize> = (0..paths.len())
+        .filter(|&i| unfinished_references[i] == 0)
+        .collect();
+    let progress = Progress::new(paths.len());
+    let jobs = options.jobs.max(1);
+    let mut running = JoinSet::new();
+    let mut uploaded = 0;
+    while uploaded < paths.len() {
+        while running.len() < jobs {
+            let Some(i) = ready.pop_front() else { break };
+            let upload = UploadTask {
+                client: client.clone(),
+                cache: cache.clone(),
+                full_path: store_dir.display_path(&paths[i].path),
+                info: paths[i].clone(),
+                store_dir: store_dir.clone(),
+                wait: options.wait,
+                progress: progress.clone(),
+            };
+            running.spawn(async move { upload.run().await.map(|()| i) });
+        }
+        // The references form a DAG (Nix guarantees it), so while paths
+        // remain something is running or ready.
+        let Some(finished) = running.join_next().await else {
+            break;
+        };
+        let i = finished??;
+        uploaded += 1;
+        for &dependent in &dependents[i] {
+            unfinished_references[dependent] -= 1;
+            if unfinished_references[dependent] == 0 {
+                ready.push_back(dependent);
+            }
+        }
+    }
+    Ok(uploaded)
+}
+
+/// One path's upload, retried, and its wait for visibility.
+struct UploadTask {
+    client: ApiClient,
+    cache: CacheName,
+    store_dir: StoreDir,
+    full_path: String,
+    info: PathInfo,
+    wait: bool,
+    progress: Progress,
+}
+
+impl UploadTask {
+    async fn run(self) -> Result<(), PushError> {
+        let mut delay = FIRST_RETRY_DELAY;
+        let mut attempt = 1;
+        let result = loop {
+            match self.attempt().await {
+                Ok(result) => break result,
+                Err(PushError::Upload { source, .. })
+                    if source.is_transient() && attempt < MAX_ATTEMPTS =>
+                {
+                    self.progress.note(&format!(
+                        "retrying {} in {:.1} s (attempt {attempt} of {MAX_ATTEMPTS} failed: {source})",
+                        self.full_path,
+                        delay.as_secs_f64()
+                    ));
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        };
+        if self.wait && result.phase.as_deref() != Some(PHASE_DONE) {
+            if let Some(upload_id) = &result.upload_id {
+                self.wait_until_visible(upload_id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn attempt(&self) -> Result<UploadPathResult, PushError> {
+        let upload_error = |source| PushError::Upload {
+            path: self.full_path.clone(),
+            source,
+        };
+        let dump_error = |source| PushError::Dump {
+            path: self.full_path.clone(),
+            source,
+        };
+        let nar_info = UploadPathNarInfo {
+            cache: self.cache.clone(),
+            store_path_hash: *self.info.hash(),
+            store_path: self.full_path.clone(),
+            references: self
+                .info
+                .references
+                .iter()
+                .map(|reference| self.store_dir.display_path(reference))
+                .collect(),
+            system: None,
+            deriver: self
+                .info
+                .deriver
+                .as_ref()
+                .map(|deriver| self.store_dir.display_path(deriver)),
+            sigs: self.info.signatures.clone(),
+            ca: self.info.ca.clone(),
+            nar_hash: format!("sha256:{}", self.info.nar_hash.to_hex()),
+            nar_size: self.info.nar_size,
+        };
+        let nar_info = serde_json::to_string(&nar_info).map_err(|error| {
+            dump_error(NixError::BadOutput {
+                command: "nix path-info".to_owned(),
+                reason: error.to_string(),
+            })
+        })?;
+
+        let mut child = nix::spawn_dump(&self.full_path).map_err(dump_error)?;
+        let Some(stdout) = child.stdout.take() else {
+            return Err(dump_error(NixError::BadOutput {
+                command: format!("nix store dump-path {}", self.full_path),
+                reason: "no output pipe".to_owned(),
+            }));
+        };
+        let upload = self
+            .progress
+            .started(&self.info.path.to_string(), self.info.nar_size);
+        let sent = upload.sent.clone();
+        let body = ReaderStream::with_capacity(stdout, STREAM_BUFFER).inspect_ok(move |bytes| {
+            sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        });
+        let mut request = self
+            .client
+            .request(Method::PUT, "_api/v1/upload-path")
+            .header(NAR_INFO_HEADER, nar_info)
+            .header(CONTENT_TYPE, "application/x-nix-nar")
+            .header(CONTENT_LENGTH, self.info.nar_size)
+            .body(reqwest::Body::wrap_stream(body));
+        if !self.wait {
+            request = request.header(WAIT_HEADER, "0");
+        }
+        let what = format!("uploading {}", self.full_path);
+        let answer = match self.client.send(request, &what).await {
+            Ok(response) => {
+                response
+                    .json::<UploadPathResult>()
+                    .await
+                    .map_err(|_| ApiError::Unexpected {
+                        server: self.client.server().name.clone(),
+                        status: reqwest::StatusCode::OK,
+                        what,
+                        excerpt: String::new(),
+                    })
+            }
+            Err(error) => Err(error),
+        };
+        let dumped = nix::finish_dump(child, &self.full_path).await;
+        match (answer, dumped) {
+            (Ok(result), Ok(())) => {
+                let outcome = if result.kind == "Deduplicated" {
+                    "deduplicated"
+                } else {
+                    "pushed"
+                };
+                self.progress.finished(upload, outcome);
+                Ok(result)
+            }
+            // The server's own answer explains a refused upload best (the
+            // dump then only failed because the connection closed early)…
+            (Err(error @ (ApiError::Server { .. } | ApiError::Unexpected { .. })), _) => {
+                self.progress.abandoned(upload);
+                Err(upload_error(error))
+            }
+            // …but a dump that failed on its own explains a body cut short.
+            (_, Err(nix_error)) => {
+                self.progress.abandoned(upload);
+                Err(dump_error(nix_error))
+            }
+            (Err(error), Ok(())) => {
+                self.progress.abandoned(upload);
+                Err(upload_error(error))
+            }
+        }
+    }
+
+    /// Polls the upload until it is `done`, with growing intervals.
+    async fn wait_until_visible(&self, upload_id: &str) -> Result<(), PushError> {
+        let started = Instant::now();
+        let mut interval = Duration::from_millis(200);
+        loop {
+            let status: UploadStatus = match self
+                .client
+                .get_json(
+                    &format!("_api/v1/uploads/{upload_id}"),
+                    &format!("reading the status of upload {upload_id}"),
+                )
+                .await
+            {
+                Ok(status) => status,
+                Err(error) if error.is_transient() => {
+                    self.progress
+                        .note(&format!("waiting for {}: {error}", self.full_path));
+                    tokio::time::sleep(MAX_POLL_INTERVAL).await;
+                    continue;
+                }
+                Err(error) => return Err(PushError::Api(error)),
+            };
+            match status.phase.as_str() {
+                PHASE_DONE => return Ok(()),
+                PHASE_FAILED => {
+                    return Err(PushError::Pipeline {
+                        path: self.full_path.clone(),
+                        message: status.error.unwrap_or_else(|| "no reason given".to_owned()),
+                    })
+                }
+                _ if started.elapsed() > VISIBILITY_LIMIT => {
+                    return Err(PushError::NotVisible {
+                        path: self.full_path.clone(),
+                        upload_id: upload_id.to_owned(),
+                        limit: VISIBILITY_LIMIT,
+                    })
+                }
+                _ => {
+                    tokio::time::sleep(interval).await;
+                    interval = (interval * 2).min(MAX_POLL_INTERVAL);
+                }
+            }
+        }
+    }
+}
