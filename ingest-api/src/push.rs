@@ -11,8 +11,7 @@ use tracing::Instrument;
 
 use common::api::{UploadPathResult, UploadPathResultKind, WAIT_HEADER};
 use common::db::{
-    Cache, DbError, LinkedPath, NewUpload, ObjectMetadata, Timestamp, Upload, UploadId,
-    UploadPhase,
+    Cache, DbError, LinkedPath, NewUpload, ObjectMetadata, Timestamp, Upload, UploadId, UploadPhase,
 };
 use common::nix::{NarHash, Signature, StoreDir, StorePath, StorePathHash};
 use common::queue::{publish_job, ChunkJob};

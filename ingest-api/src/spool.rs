@@ -301,11 +301,9 @@ fn check(
     {
         let mut decoder: Box<dyn Read + '_> = match encoding {
             Encoding::Plain => Box::new(&mut source),
-            Encoding::Zstd => Box::new(
-                zstd::stream::read::Decoder::new(&mut source).map_err(|error| {
-                    Rejection::Invalid(format!("could not start decoding zstd: {error}"))
-                })?,
-            ),
+            Encoding::Zstd => Box::new(zstd::stream::read::Decoder::new(&mut source).map_err(
+                |error| Rejection::Invalid(format!("could not start decoding zstd: {error}")),
+            )?),
             Encoding::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(&mut source)),
         };
         let mut buffer = vec![0u8; READ_BUFFER_SIZE];
@@ -375,8 +373,9 @@ pub async fn read_small_body(body: Body, limit: u64, what: &str) -> Result<Bytes
     let mut stream = body.into_data_stream();
     let mut collected = Vec::new();
     while let Some(frame) = stream.next().await {
-        let frame = frame
-            .map_err(|error| ApiError::bad_request(format!("could not read the {what}: {error}")))?;
+        let frame = frame.map_err(|error| {
+            ApiError::bad_request(format!("could not read the {what}: {error}"))
+        })?;
         if (collected.len() + frame.len()) as u64 > limit {
             return Err(ApiError::PayloadTooLarge(format!(
                 "the {what} is larger than this server's limit of {limit} bytes"
@@ -391,14 +390,18 @@ pub async fn read_small_body(body: Body, limit: u64, what: &str) -> Result<Bytes
 pub async fn drain(body: Body) -> Result<(), ApiError> {
     let mut stream = body.into_data_stream();
     while let Some(frame) = stream.next().await {
-        frame.map_err(|error| ApiError::bad_request(format!("could not read the body: {error}")))?;
+        frame
+            .map_err(|error| ApiError::bad_request(format!("could not read the body: {error}")))?;
     }
     Ok(())
 }
 
 /// Splits an Attic preamble off the body: the first `size` bytes, and the
 /// rest of the body (the NAR) as a stream.
-pub async fn split_preamble(mut body: BodyStream, size: usize) -> Result<(Vec<u8>, BodyStream), ApiError> {
+pub async fn split_preamble(
+    mut body: BodyStream,
+    size: usize,
+) -> Result<(Vec<u8>, BodyStream), ApiError> {
     let mut preamble = Vec::with_capacity(size);
     let mut rest = Bytes::new();
     while preamble.len() < size {
@@ -482,9 +485,15 @@ mod tests {
             file_hash: Some(Sha256Hash::digest(b"other")),
             ..Expected::default()
         };
-        let error = spool(storage.clone(), framed(&compressed), Encoding::Zstd, wrong, 1 << 30)
-            .await
-            .expect_err("a wrong file hash");
+        let error = spool(
+            storage.clone(),
+            framed(&compressed),
+            Encoding::Zstd,
+            wrong,
+            1 << 30,
+        )
+        .await
+        .expect_err("a wrong file hash");
         assert!(matches!(error, ApiError::BadRequest(_)), "{error}");
         assert_eq!(staged_objects(dir.path()).await, 1);
     }
@@ -496,9 +505,19 @@ mod tests {
             Arc::new(LocalStorage::open(dir.path()).await.expect("storage"));
         let nar = file_nar(&vec![1u8; 100_000]);
         let cases: Vec<(&str, Vec<u8>, Expected, u64)> = vec![
-            ("truncated", nar[..nar.len() - 8].to_vec(), Expected::default(), 1 << 30),
+            (
+                "truncated",
+                nar[..nar.len() - 8].to_vec(),
+                Expected::default(),
+                1 << 30,
+            ),
             ("not a NAR", vec![0u8; 5000], Expected::default(), 1 << 30),
-            ("trailing bytes", [nar.clone(), vec![0; 8]].concat(), Expected::default(), 1 << 30),
+            (
+                "trailing bytes",
+                [nar.clone(), vec![0; 8]].concat(),
+                Expected::default(),
+                1 << 30,
+            ),
             ("over the limit", nar.clone(), Expected::default(), 50_000),
             (
                 "wrong size",
@@ -511,11 +530,20 @@ mod tests {
             ),
         ];
         for (case, body, expected, limit) in cases {
-            let error = spool(storage.clone(), framed(&body), Encoding::Plain, expected, limit)
-                .await
-                .expect_err(case);
+            let error = spool(
+                storage.clone(),
+                framed(&body),
+                Encoding::Plain,
+                expected,
+                limit,
+            )
+            .await
+            .expect_err(case);
             assert!(
-                matches!(error, ApiError::BadRequest(_) | ApiError::PayloadTooLarge(_)),
+                matches!(
+                    error,
+                    ApiError::BadRequest(_) | ApiError::PayloadTooLarge(_)
+                ),
                 "{case}: {error}"
             );
         }

@@ -27,8 +27,7 @@ pub struct StagedFile {
     pub created_at: Timestamp,
 }
 
-const STAGED_FILE_COLUMNS: &str =
-    "cache_id, file_name, staged_key, nar_hash, nar_size, created_at";
+const STAGED_FILE_COLUMNS: &str = "cache_id, file_name, staged_key, nar_hash, nar_size, created_at";
 
 fn staged_file_from_row(row: &AnyRow) -> Result<StagedFile> {
     Ok(StagedFile {

@@ -72,7 +72,12 @@ pub async fn upload_path(
     let name = parse_cache_name(&info.cache)?;
     let (store_path_hash, fields) = parse_fields(&state, &info)?;
     if let Some(length) = content_length(&headers) {
-        if length > state.ingest.max_nar_size.saturating_add(state.ingest.max_preamble_size) {
+        if length
+            > state
+                .ingest
+                .max_nar_size
+                .saturating_add(state.ingest.max_preamble_size)
+        {
             return Err(too_large(&state));
         }
     }
@@ -94,7 +99,13 @@ pub async fn upload_path(
         .is_some();
     if already_stored {
         if state.ingest.require_proof_of_possession {
-            spool::verify(nar_body, Encoding::Plain, expected, state.ingest.max_nar_size).await?;
+            spool::verify(
+                nar_body,
+                Encoding::Plain,
+                expected,
+                state.ingest.max_nar_size,
+            )
+            .await?;
         }
         return match push::link_if_stored(&state, &cache, &caller, &path).await? {
             Some(result) => Ok(Json(result)),
@@ -231,13 +242,16 @@ fn in_cache(
     info: &UploadPathNarInfo,
     fields: PathFields,
 ) -> Result<PushedPath, ApiError> {
-    let store_path = cache.store_dir.parse_path(&info.store_path).map_err(|error| {
-        ApiError::bad_request(format!(
-            "store path {:?} is not a path in this cache's store {}: {error}",
-            info.store_path.chars().take(200).collect::<String>(),
-            cache.store_dir
-        ))
-    })?;
+    let store_path = cache
+        .store_dir
+        .parse_path(&info.store_path)
+        .map_err(|error| {
+            ApiError::bad_request(format!(
+                "store path {:?} is not a path in this cache's store {}: {error}",
+                info.store_path.chars().take(200).collect::<String>(),
+                cache.store_dir
+            ))
+        })?;
     if *store_path.hash() != store_path_hash {
         return Err(ApiError::bad_request(format!(
             "store path {} does not match store_path_hash {store_path_hash}",

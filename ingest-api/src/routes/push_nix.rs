@@ -94,7 +94,8 @@ pub async fn put_cache_info(
     let cache = state
         .cache_with_permission(&caller, &name, Permission::Push)
         .await?;
-    let text = spool::read_small_body(body, state.ingest.max_narinfo_size, "nix-cache-info").await?;
+    let text =
+        spool::read_small_body(body, state.ingest.max_narinfo_size, "nix-cache-info").await?;
     let text = String::from_utf8_lossy(&text);
     let store_dir = text
         .lines()
