@@ -83,6 +83,101 @@ fn default_keypair() -> KeypairConfig {
     KeypairConfig::Generate
 }
 
+/// `POST /_api/v1/get-missing-paths`: which of these paths a client should
+/// push. Needs push permission on the cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetMissingPathsRequest {
+    pub cache: String,
+    /// Store path hashes (the 32 characters before the first `-`).
+    pub store_path_hashes: Vec<String>,
+}
+
+/// The answer to [`GetMissingPathsRequest`]: the hashes neither stored in
+/// the cache nor in flight to it, in request order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetMissingPathsResponse {
+    pub missing_paths: Vec<String>,
+}
+
+/// Request header carrying an [`UploadPathNarInfo`] as JSON.
+pub const NAR_INFO_HEADER: &str = "x-attic-nar-info";
+
+/// Request header saying that the body starts with an [`UploadPathNarInfo`]
+/// of this many bytes of JSON, followed by the NAR (for metadata too large
+/// for a header).
+pub const NAR_INFO_PREAMBLE_SIZE_HEADER: &str = "x-attic-nar-info-preamble-size";
+
+/// Request header of `upload-path`: `0` answers as soon as the upload is
+/// acknowledged (verified and spooled) instead of waiting until the path is
+/// visible.
+pub const WAIT_HEADER: &str = "x-larder-wait";
+
+/// What a client says about the path it uploads with
+/// `PUT /_api/v1/upload-path`; the body is the uncompressed NAR. Attic's
+/// field names and formats: `nar_hash` is `sha256:` followed by hex (Attic)
+/// or Nix base-32; references and the deriver are base names
+/// (`<hash>-<name>`); `store_path` is the full path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadPathNarInfo {
+    pub cache: String,
+    pub store_path_hash: String,
+    pub store_path: String,
+    pub references: Vec<String>,
+    #[serde(default)]
+    pub system: Option<String>,
+    #[serde(default)]
+    pub deriver: Option<String>,
+    pub sigs: Vec<String>,
+    #[serde(default)]
+    pub ca: Option<String>,
+    pub nar_hash: String,
+    pub nar_size: u64,
+}
+
+/// How an upload was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UploadPathResultKind {
+    /// The NAR was received and goes (or went) through the pipeline.
+    Uploaded,
+    /// The NAR was already stored; the path was linked to it at once.
+    Deduplicated,
+}
+
+/// The answer to `PUT /_api/v1/upload-path` (and to a narinfo `PUT`).
+/// Attic's client reads `kind`, `file_size` and `frac_deduplicated`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UploadPathResult {
+    pub kind: UploadPathResultKind,
+    /// The size of the NAR as served, once it is stored.
+    pub file_size: Option<u64>,
+    /// The fraction of the NAR that was already stored, when known.
+    pub frac_deduplicated: Option<f64>,
+    /// The upload to follow with `GET /_api/v1/uploads/{id}`; `None` when
+    /// the path was linked at once.
+    pub upload_id: Option<String>,
+    /// The upload's phase when the answer was sent (`done` once visible).
+    pub phase: String,
+}
+
+/// `GET /_api/v1/uploads/{id}`: where an upload is. Times are Unix
+/// milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadStatus {
+    pub id: String,
+    pub cache: String,
+    pub store_path: String,
+    /// `spooled`, `chunking`, `compressing`, `done` or `failed`.
+    pub phase: String,
+    /// Why it failed.
+    pub error: Option<String>,
+    pub nar_size: u64,
+    /// 0 until the NAR has been cut into chunks.
+    pub chunks_total: u64,
+    pub chunks_stored: u64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,6 +188,29 @@ mod tests {
         assert_eq!(global, r#""Global""#);
         let period = serde_json::to_string(&RetentionPeriodConfig::Period(60)).expect("json");
         assert_eq!(period, r#"{"Period":60}"#);
+    }
+
+    #[test]
+    fn attic_upload_info_parses() {
+        // As Attic's client sends it: hex NAR hash, base-name references,
+        // no system or deriver.
+        let header = r#"{"cache":"demo","store_path_hash":"nhzy8v6fzgqnz5ksbk6qwm5ayjh9yx48",
+            "store_path":"/nix/store/nhzy8v6fzgqnz5ksbk6qwm5ayjh9yx48-a",
+            "references":["ss0xprzsdhbh3jcnm5vnvxb99wi0qcv0-c.sh"],"system":null,"deriver":null,
+            "sigs":[],"ca":null,"nar_hash":"sha256:00","nar_size":168}"#;
+        let info: UploadPathNarInfo = serde_json::from_str(header).expect("parse");
+        assert_eq!(info.references, ["ss0xprzsdhbh3jcnm5vnvxb99wi0qcv0-c.sh"]);
+        assert_eq!(info.nar_size, 168);
+        let result = UploadPathResult {
+            kind: UploadPathResultKind::Deduplicated,
+            file_size: Some(10),
+            frac_deduplicated: Some(1.0),
+            upload_id: None,
+            phase: "done".to_owned(),
+        };
+        let json = serde_json::to_value(&result).expect("json");
+        assert_eq!(json["kind"], "Deduplicated");
+        assert_eq!(json["file_size"], 10);
     }
 
     #[test]

@@ -67,6 +67,17 @@ impl Caller {
             .is_some_and(|claims| claims.grants_anything_on(cache))
     }
 
+    /// The answer for an upload this caller may not follow (it needs push
+    /// permission on the upload's cache), existing or not.
+    pub fn hidden_upload(&self) -> ApiError {
+        match self.claims {
+            None => ApiError::Unauthorized(
+                "following an upload needs a token with push permission on its cache".to_owned(),
+            ),
+            Some(_) => ApiError::NoSuchUpload,
+        }
+    }
+
     /// The answer for a cache this caller may not see, existing or not.
     fn hidden_cache(&self) -> ApiError {
         match self.claims {

@@ -27,6 +27,14 @@ pub enum ApiError {
     /// The path is not in the cache (or its upload is not complete yet).
     #[error("no such path in this cache")]
     NoSuchPath,
+    /// No such upload, or not one the caller may follow: the same answer.
+    #[error("no such upload, or you are not allowed to see it")]
+    NoSuchUpload,
+    /// The pipeline gave up on an upload; the reason is the pipeline's.
+    /// A 4xx, not a 5xx: Nix 2.8 re-sends a PUT that got a 5xx without its
+    /// body, and the client can do nothing better than push again.
+    #[error("the upload failed: {0}")]
+    UploadFailed(String),
     #[error("a cache with this name already exists")]
     CacheAlreadyExists,
     /// The change is well-formed but the cache's current state forbids it.
@@ -63,7 +71,10 @@ impl ApiError {
         match self {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::NoSuchCache | Self::NoSuchPath | Self::NoSuchEndpoint => StatusCode::NOT_FOUND,
+            Self::NoSuchCache | Self::NoSuchPath | Self::NoSuchUpload | Self::NoSuchEndpoint => {
+                StatusCode::NOT_FOUND
+            }
+            Self::UploadFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::CacheAlreadyExists | Self::Conflict(_) => StatusCode::CONFLICT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -80,6 +91,8 @@ impl ApiError {
             Self::Forbidden(_) => "Forbidden",
             Self::NoSuchCache => "NoSuchCache",
             Self::NoSuchPath => "NoSuchPath",
+            Self::NoSuchUpload => "NoSuchUpload",
+            Self::UploadFailed(_) => "UploadFailed",
             Self::CacheAlreadyExists => "CacheAlreadyExists",
             Self::Conflict(_) => "Conflict",
             Self::BadRequest(_) => "BadRequest",

@@ -61,6 +61,8 @@ pub struct TestServerOptions {
     pub algorithm: TokenAlgorithm,
     /// The config's `api-endpoint`, if any.
     pub api_endpoint: Option<String>,
+    /// The push endpoints' limits and waiting.
+    pub ingest: IngestConfig,
 }
 
 impl Default for TestServerOptions {
@@ -69,6 +71,7 @@ impl Default for TestServerOptions {
             backend: Backend::Sqlite,
             algorithm: TokenAlgorithm::Hs256,
             api_endpoint: None,
+            ingest: IngestConfig::default(),
         }
     }
 }
@@ -249,7 +252,7 @@ impl TestServer {
                 path: dir.path().join("storage"),
             },
             auth,
-            ingest: IngestConfig::default(),
+            ingest: options.ingest.clone(),
             pipeline: PipelineConfig::default(),
             log: LogConfig::default(),
         };

@@ -26,12 +26,20 @@ struct Embedded {
 /// Every migration, oldest first. A new migration is a new entry here and a
 /// new file in each directory; merged files are never edited, since sqlx
 /// checks their checksums.
-const MIGRATIONS: &[Embedded] = &[Embedded {
-    version: 1,
-    description: "initial",
-    sqlite: include_str!("../../migrations/sqlite/0001_initial.sql"),
-    postgres: include_str!("../../migrations/postgres/0001_initial.sql"),
-}];
+const MIGRATIONS: &[Embedded] = &[
+    Embedded {
+        version: 1,
+        description: "initial",
+        sqlite: include_str!("../../migrations/sqlite/0001_initial.sql"),
+        postgres: include_str!("../../migrations/postgres/0001_initial.sql"),
+    },
+    Embedded {
+        version: 2,
+        description: "staged_files",
+        sqlite: include_str!("../../migrations/sqlite/0002_staged_files.sql"),
+        postgres: include_str!("../../migrations/postgres/0002_staged_files.sql"),
+    },
+];
 
 /// The file names the embedded list stands for, per backend directory, so
 /// that a test can check the list against the directories.

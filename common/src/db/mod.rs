@@ -59,6 +59,7 @@ mod error;
 pub mod migrations;
 mod nars;
 mod objects;
+mod push;
 mod row;
 mod stats;
 mod tokens;
@@ -78,6 +79,7 @@ pub use caches::{
 pub use error::{DbError, Result};
 pub use nars::{Chunk, ChunkLocation, Nar, NarChunk, NewChunk, StoredChunk};
 pub use objects::{NewObject, Object, ObjectMetadata, ObjectWithNar};
+pub use push::{ChunkProgress, LinkedPath, StagedFile};
 pub use stats::CacheStats;
 pub use tokens::TokenRecord;
 pub use types::{CacheId, CacheKeypair, ChunkId, NarId, ObjectId, StoreState, Timestamp};

@@ -3,8 +3,11 @@
 mod binary_cache;
 mod cache_config;
 mod landing;
+mod push_attic;
+mod push_nix;
+mod uploads;
 
-use axum::routing::get;
+use axum::routing::{get, post, put};
 use axum::Router;
 
 use crate::error::ApiError;
@@ -21,9 +24,27 @@ pub fn router(state: AppState) -> Router {
                 .patch(cache_config::configure)
                 .delete(cache_config::destroy),
         )
-        .route("/{cache}/nix-cache-info", get(binary_cache::cache_info))
-        .route("/{cache}/nar/{file}", get(binary_cache::nar))
-        .route("/{cache}/{file}", get(binary_cache::root_file))
+        .route(
+            "/_api/v1/get-missing-paths",
+            post(push_attic::get_missing_paths),
+        )
+        .route("/_api/v1/upload-path", put(push_attic::upload_path))
+        .route("/_api/v1/uploads/{id}", get(uploads::status))
+        .route(
+            "/{cache}/nix-cache-info",
+            get(binary_cache::cache_info).put(push_nix::put_cache_info),
+        )
+        .route(
+            "/{cache}/nar/{file}",
+            get(binary_cache::nar)
+                .head(push_nix::head_nar)
+                .put(push_nix::put_nar),
+        )
+        .route("/{cache}/log/{drv}", put(push_nix::put_log))
+        .route(
+            "/{cache}/{file}",
+            get(binary_cache::root_file).put(push_nix::put_root_file),
+        )
         .fallback(|| async { ApiError::NoSuchEndpoint })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state)

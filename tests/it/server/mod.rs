@@ -12,6 +12,7 @@ mod cache_config;
 mod cli;
 mod isolation;
 mod nix_client;
+mod push;
 mod serving;
 mod tokens;
 

@@ -1,0 +1,262 @@
+//! Attic's push API: `POST /_api/v1/get-missing-paths` and
+//! `PUT /_api/v1/upload-path`, wire-compatible with an unmodified Attic
+//! client (field names, hash formats, the preamble form, the answer shape).
+//! Both need push permission on the cache, as in Attic.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap};
+use axum::Json;
+
+use common::api::{
+    GetMissingPathsRequest, GetMissingPathsResponse, UploadPathNarInfo, UploadPathResult,
+    NAR_INFO_HEADER, NAR_INFO_PREAMBLE_SIZE_HEADER,
+};
+use common::auth::Permission;
+use common::cache_name::CacheName;
+use common::db::Cache;
+use common::nix::{NarHash, StorePath, StorePathHash};
+
+use crate::access::Caller;
+use crate::error::ApiError;
+use crate::extract::ApiJson;
+use crate::push::{self, check_text, PathFields, PushedPath};
+use crate::spool::{self, BodyStream, Encoding, Expected};
+use crate::state::AppState;
+
+fn parse_cache_name(name: &str) -> Result<CacheName, ApiError> {
+    name.parse().map_err(ApiError::bad_request)
+}
+
+fn parse_hash(hash: &str) -> Result<StorePathHash, ApiError> {
+    StorePathHash::parse(hash).map_err(ApiError::bad_request)
+}
+
+/// `POST /_api/v1/get-missing-paths`: the hashes to push; uploads still in
+/// the pipeline count as present.
+pub async fn get_missing_paths(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(request): ApiJson<GetMissingPathsRequest>,
+) -> Result<Json<GetMissingPathsResponse>, ApiError> {
+    let name = parse_cache_name(&request.cache)?;
+    let hashes = request
+        .store_path_hashes
+        .iter()
+        .map(|hash| parse_hash(hash))
+        .collect::<Result<Vec<_>, _>>()?;
+    let cache = state
+        .cache_with_permission(&caller, &name, Permission::Push)
+        .await?;
+    let missing = state
+        .database
+        .missing_store_path_hashes(cache.id, &hashes)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(GetMissingPathsResponse {
+        missing_paths: missing.iter().map(ToString::to_string).collect(),
+    }))
+}
+
+/// `PUT /_api/v1/upload-path`: the NAR as the body, its metadata in
+/// `X-Attic-Nar-Info` or in a JSON preamble of
+/// `X-Attic-Nar-Info-Preamble-Size` bytes.
+pub async fn upload_path(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<UploadPathResult>, ApiError> {
+    let wait = push::requested_wait(&state, &headers)?;
+    let (info, nar_body) = upload_info(&state, &headers, spool::body_stream(body)).await?;
+    let name = parse_cache_name(&info.cache)?;
+    let (store_path_hash, fields) = parse_fields(&state, &info)?;
+    if let Some(length) = content_length(&headers) {
+        if length
+            > state
+                .ingest
+                .max_nar_size
+                .saturating_add(state.ingest.max_preamble_size)
+        {
+            return Err(too_large(&state));
+        }
+    }
+    let cache = state
+        .cache_with_permission(&caller, &name, Permission::Push)
+        .await?;
+    let path = in_cache(&cache, store_path_hash, &info, fields)?;
+    let expected = Expected {
+        file_hash: None,
+        nar_hash: Some(path.nar_hash),
+        nar_size: Some(path.nar_size),
+    };
+
+    let already_stored = state
+        .database
+        .valid_nar_by_hash(&path.nar_hash)
+        .await
+        .map_err(ApiError::internal)?
+        .is_some();
+    if already_stored {
+        if state.ingest.require_proof_of_possession {
+            spool::verify(
+                nar_body,
+                Encoding::Plain,
+                expected,
+                state.ingest.max_nar_size,
+            )
+            .await?;
+        }
+        return match push::link_if_stored(&state, &cache, &caller, &path).await? {
+            Some(result) => Ok(Json(result)),
+            // GC took the NAR between the two looks; the body is gone.
+            None => Err(ApiError::Conflict(
+                "the stored copy of this NAR was removed while linking it; push it again"
+                    .to_owned(),
+            )),
+        };
+    }
+    let spooled = spool::spool(
+        state.storage.clone(),
+        nar_body,
+        Encoding::Plain,
+        expected,
+        state.ingest.max_nar_size,
+    )
+    .await?;
+    let result = push::record_upload(&state, &cache, &caller, path, spooled.key, wait).await?;
+    Ok(Json(result))
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn too_large(state: &AppState) -> ApiError {
+    ApiError::PayloadTooLarge(format!(
+        "the NAR is larger than this server's limit of {} bytes",
+        state.ingest.max_nar_size
+    ))
+}
+
+/// The upload's metadata, from the header or the preamble, and the rest of
+/// the body: the NAR.
+async fn upload_info(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: BodyStream,
+) -> Result<(UploadPathNarInfo, BodyStream), ApiError> {
+    let parse = |json: &[u8], source: &str| {
+        serde_json::from_slice::<UploadPathNarInfo>(json)
+            .map_err(|error| ApiError::bad_request(format!("invalid {source}: {error}")))
+    };
+    if let Some(header) = headers.get(NAR_INFO_HEADER) {
+        return Ok((parse(header.as_bytes(), "X-Attic-Nar-Info header")?, body));
+    }
+    let Some(size) = headers.get(NAR_INFO_PREAMBLE_SIZE_HEADER) else {
+        return Err(ApiError::bad_request(
+            "the upload's metadata is missing: send X-Attic-Nar-Info or \
+             X-Attic-Nar-Info-Preamble-Size",
+        ));
+    };
+    let size: u64 = size
+        .to_str()
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .ok_or_else(|| {
+            ApiError::bad_request("X-Attic-Nar-Info-Preamble-Size must be a number of bytes")
+        })?;
+    let limit = state.ingest.max_preamble_size;
+    if size > limit {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "the preamble of {size} bytes is larger than this server's limit of {limit} bytes"
+        )));
+    }
+    let size = usize::try_from(size).map_err(ApiError::bad_request)?;
+    let (preamble, nar) = spool::split_preamble(body, size).await?;
+    Ok((parse(&preamble, "preamble")?, nar))
+}
+
+/// Everything in the metadata that can be checked without the cache.
+fn parse_fields(
+    state: &AppState,
+    info: &UploadPathNarInfo,
+) -> Result<(StorePathHash, PathFields), ApiError> {
+    let store_path_hash = parse_hash(&info.store_path_hash)?;
+    let base_name = |field: &str, text: &str| {
+        StorePath::from_base_name(text)
+            .map_err(|error| ApiError::bad_request(format!("invalid {field} {text:?}: {error}")))
+    };
+    let references = info
+        .references
+        .iter()
+        .map(|reference| base_name("reference", reference))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Attic sends no deriver; Nix spells a missing one `unknown-deriver`.
+    let deriver = match info.deriver.as_deref() {
+        None | Some("" | "unknown-deriver") => None,
+        Some(deriver) => Some(base_name("deriver", deriver)?),
+    };
+    let signatures = info
+        .sigs
+        .iter()
+        .map(|signature| {
+            signature.parse().map_err(|error| {
+                ApiError::bad_request(format!("invalid signature {signature:?}: {error}"))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let optional_text = |field: &str, value: &Option<String>| -> Result<Option<String>, ApiError> {
+        match value.as_deref() {
+            None | Some("") => Ok(None),
+            Some(text) => check_text(field, text).map(|()| Some(text.to_owned())),
+        }
+    };
+    let nar_hash = NarHash::parse(&info.nar_hash).map_err(ApiError::bad_request)?;
+    if info.nar_size > state.ingest.max_nar_size {
+        return Err(too_large(state));
+    }
+    Ok((
+        store_path_hash,
+        PathFields {
+            references,
+            deriver,
+            system: optional_text("system", &info.system)?,
+            signatures,
+            ca: optional_text("ca", &info.ca)?,
+            nar_hash,
+            nar_size: info.nar_size,
+        },
+    ))
+}
+
+/// Checks the store path against the cache's store directory and its hash.
+fn in_cache(
+    cache: &Cache,
+    store_path_hash: StorePathHash,
+    info: &UploadPathNarInfo,
+    fields: PathFields,
+) -> Result<PushedPath, ApiError> {
+    let store_path = cache
+        .store_dir
+        .parse_path(&info.store_path)
+        .map_err(|error| {
+            ApiError::bad_request(format!(
+                "store path {:?} is not a path in this cache's store {}: {error}",
+                info.store_path.chars().take(200).collect::<String>(),
+                cache.store_dir
+            ))
+        })?;
+    if *store_path.hash() != store_path_hash {
+        return Err(ApiError::bad_request(format!(
+            "store path {} does not match store_path_hash {store_path_hash}",
+            info.store_path
+        )));
+    }
+    Ok(fields.into_pushed(&store_path, &cache.store_dir))
+}
