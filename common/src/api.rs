@@ -159,6 +159,11 @@ pub struct UploadPathResult {
     pub phase: String,
 }
 
+/// The [`UploadStatus::phase`] of an upload whose path is visible.
+pub const PHASE_DONE: &str = "done";
+/// The [`UploadStatus::phase`] of an upload the pipeline gave up on.
+pub const PHASE_FAILED: &str = "failed";
+
 /// `GET /_api/v1/uploads/{id}`: where an upload is. Times are Unix
 /// milliseconds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,5 +1,4 @@
-//! The HTTP client for Larder's API v1, speaking only `common::api` types
-//! (and, until they move there, the push types of [`crate::push_api`]).
+//! The HTTP client for Larder's API v1, speaking only `common::api` types.
 //!
 //! Every failure becomes an [`ApiError`] whose message is one line a user
 //! can act on: the server's own JSON message for API errors, the innermost

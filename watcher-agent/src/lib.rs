@@ -11,4 +11,3 @@ pub mod nix;
 pub mod nix_conf;
 pub mod progress;
 pub mod push;
-pub mod push_api;

@@ -18,8 +18,12 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::api::{
+    GetMissingPathsRequest, GetMissingPathsResponse, UploadPathNarInfo, UploadPathResult,
+    UploadPathResultKind, UploadStatus, NAR_INFO_HEADER, PHASE_DONE, PHASE_FAILED, WAIT_HEADER,
+};
 use common::cache_name::CacheName;
-use common::nix::{StoreDir, StorePathHash};
+use common::nix::{StoreDir, StorePath, StorePathHash};
 use futures::TryStreamExt;
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use reqwest::Method;
@@ -29,10 +33,6 @@ use tokio_util::io::ReaderStream;
 use crate::api::{ApiClient, ApiError};
 use crate::nix::{self, NixError, PathInfo};
 use crate::progress::Progress;
-use crate::push_api::{
-    GetMissingPathsRequest, GetMissingPathsResponse, UploadPathNarInfo, UploadPathResult,
-    UploadStatus, NAR_INFO_HEADER, PHASE_DONE, PHASE_FAILED, WAIT_HEADER,
-};
 
 /// Attempts per upload before a transient failure is final.
 const MAX_ATTEMPTS: u32 = 5;
@@ -165,8 +165,8 @@ async fn missing_paths(
     let mut missing = HashSet::new();
     for batch in candidates.chunks(MISSING_PATHS_BATCH) {
         let request = GetMissingPathsRequest {
-            cache: cache.clone(),
-            store_path_hashes: batch.iter().map(|info| *info.hash()).collect(),
+            cache: cache.to_string(),
+            store_path_hashes: batch.iter().map(|info| info.hash().to_string()).collect(),
         };
         let response: GetMissingPathsResponse = client
             .post_json(
@@ -175,7 +175,15 @@ async fn missing_paths(
                 "asking which paths are missing",
             )
             .await?;
-        missing.extend(response.missing_paths);
+        for hash in &response.missing_paths {
+            let hash = StorePathHash::parse(hash).map_err(|error| ApiError::Unexpected {
+                server: client.server().name.clone(),
+                status: reqwest::StatusCode::OK,
+                what: "asking which paths are missing".to_owned(),
+                excerpt: error.to_string(),
+            })?;
+            missing.insert(hash);
+        }
     }
     Ok(missing)
 }
@@ -220,7 +228,6 @@ async fn upload_in_dependency_order(
                 cache: cache.clone(),
                 full_path: store_dir.display_path(&paths[i].path),
                 info: paths[i].clone(),
-                store_dir: store_dir.clone(),
                 wait: options.wait,
                 progress: progress.clone(),
             };
@@ -247,7 +254,6 @@ async fn upload_in_dependency_order(
 struct UploadTask {
     client: ApiClient,
     cache: CacheName,
-    store_dir: StoreDir,
     full_path: String,
     info: PathInfo,
     wait: bool,
@@ -276,7 +282,7 @@ impl UploadTask {
                 Err(error) => return Err(error),
             }
         };
-        if self.wait && result.phase.as_deref() != Some(PHASE_DONE) {
+        if self.wait && result.phase != PHASE_DONE {
             if let Some(upload_id) = &result.upload_id {
                 self.wait_until_visible(upload_id).await?;
             }
@@ -293,22 +299,20 @@ impl UploadTask {
             path: self.full_path.clone(),
             source,
         };
+        // References and the deriver go as base names, as Attic's client
+        // sends them (and as a narinfo lists them).
         let nar_info = UploadPathNarInfo {
-            cache: self.cache.clone(),
-            store_path_hash: *self.info.hash(),
+            cache: self.cache.to_string(),
+            store_path_hash: self.info.hash().to_string(),
             store_path: self.full_path.clone(),
             references: self
                 .info
                 .references
                 .iter()
-                .map(|reference| self.store_dir.display_path(reference))
+                .map(StorePath::to_base_name)
                 .collect(),
             system: None,
-            deriver: self
-                .info
-                .deriver
-                .as_ref()
-                .map(|deriver| self.store_dir.display_path(deriver)),
+            deriver: self.info.deriver.as_ref().map(StorePath::to_base_name),
             sigs: self.info.signatures.clone(),
             ca: self.info.ca.clone(),
             nar_hash: format!("sha256:{}", self.info.nar_hash.to_hex()),
@@ -363,7 +367,7 @@ impl UploadTask {
         let dumped = nix::finish_dump(child, &self.full_path).await;
         match (answer, dumped) {
             (Ok(result), Ok(())) => {
-                let outcome = if result.kind == "Deduplicated" {
+                let outcome = if result.kind == UploadPathResultKind::Deduplicated {
                     "deduplicated"
                 } else {
                     "pushed"
