@@ -274,12 +274,26 @@ impl Chunker {
             if batch_bytes >= COMPRESS_JOB_BYTES {
                 let batch = std::mem::take(&mut batch);
                 batch_bytes = 0;
-                self.record_batch(&batch, staged, nar_id, trace_id, &mut chunk_ids, &mut published)
-                    .await?;
+                self.record_batch(
+                    &batch,
+                    staged,
+                    nar_id,
+                    trace_id,
+                    &mut chunk_ids,
+                    &mut published,
+                )
+                .await?;
             }
         }
-        self.record_batch(&batch, staged, nar_id, trace_id, &mut chunk_ids, &mut published)
-            .await?;
+        self.record_batch(
+            &batch,
+            staged,
+            nar_id,
+            trace_id,
+            &mut chunk_ids,
+            &mut published,
+        )
+        .await?;
         let (nar_hash, size) = cutter
             .await
             .map_err(|error| JobError::Permanent(format!("the chunking thread failed: {error}")))?
@@ -333,10 +347,7 @@ impl Chunker {
                 chunk_size: chunk.length,
             })
             .collect();
-        let rows = self
-            .database
-            .upsert_chunks(&new, Timestamp::now())
-            .await?;
+        let rows = self.database.upsert_chunks(&new, Timestamp::now()).await?;
         let mut ranges = Vec::new();
         for (row, chunk) in rows.iter().zip(batch) {
             chunk_ids.push(row.id);

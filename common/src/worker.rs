@@ -220,7 +220,11 @@ async fn process<H: JobHandler>(handler: &H, delivery: Delivery, job_attempts: u
     settled(delivery.dead_letter(&reason).await);
 }
 
-async fn fail_uploads<H: JobHandler>(handler: &H, job: &H::Job, reason: &str) -> Result<(), DbError> {
+async fn fail_uploads<H: JobHandler>(
+    handler: &H,
+    job: &H::Job,
+    reason: &str,
+) -> Result<(), DbError> {
     for upload in handler.uploads_concerned(job).await? {
         handler
             .database()
@@ -278,7 +282,9 @@ pub async fn finalise_nar(
         }
         // After the commit: a crash in between leaves a staged file of a
         // done upload, which the reaper removes.
-        storage.delete(&staged_object_key(&upload.staged_key)?).await?;
+        storage
+            .delete(&staged_object_key(&upload.staged_key)?)
+            .await?;
         tracing::info!(
             upload = %upload.id,
             trace_id = upload.trace_id.as_deref().unwrap_or(""),

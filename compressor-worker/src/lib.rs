@@ -69,7 +69,11 @@ impl JobHandler for Compressor {
 
     async fn handle(&self, job: &CompressJob) -> Result<(), JobError> {
         let staged = staged_object_key(&job.staged_key)?;
-        let ids: Vec<ChunkId> = job.chunks.iter().map(|range| ChunkId(range.chunk_id)).collect();
+        let ids: Vec<ChunkId> = job
+            .chunks
+            .iter()
+            .map(|range| ChunkId(range.chunk_id))
+            .collect();
         // A chunk row that no longer exists was claimed by GC and replaced
         // by a fresh row, which whoever replaced it stores: skip it.
         let rows = self.database.chunks_by_id(&ids).await?;
@@ -140,14 +144,19 @@ impl Compressor {
             .iter()
             .map(|(range, chunk)| {
                 let from = (range.offset - start) as usize;
-                (chunk.clone(), bytes.slice(from..from + range.length as usize))
+                (
+                    chunk.clone(),
+                    bytes.slice(from..from + range.length as usize),
+                )
             })
             .collect();
         let level = self.compression_level;
         // Hashing and compressing are CPU work, off the async threads.
         let frames = tokio::task::spawn_blocking(move || compress_checked(chunks, level))
             .await
-            .map_err(|error| JobError::Permanent(format!("the compressing thread failed: {error}")))??;
+            .map_err(|error| {
+                JobError::Permanent(format!("the compressing thread failed: {error}"))
+            })??;
         let mut stored = Vec::with_capacity(frames.len());
         for (chunk, frame) in frames {
             let key = chunk_object_key(&chunk.chunk_hash, chunk.id);
@@ -201,7 +210,10 @@ fn adjacent_runs(chunks: &[(ChunkRange, Chunk)]) -> Vec<&[(ChunkRange, Chunk)]> 
 
 /// Checks each chunk's bytes against its row and compresses them into one
 /// zstd frame each.
-fn compress_checked(chunks: Vec<(Chunk, Bytes)>, level: i32) -> Result<Vec<(Chunk, Bytes)>, JobError> {
+fn compress_checked(
+    chunks: Vec<(Chunk, Bytes)>,
+    level: i32,
+) -> Result<Vec<(Chunk, Bytes)>, JobError> {
     chunks
         .into_iter()
         .map(|(chunk, data)| {
@@ -252,7 +264,12 @@ mod tests {
 
     #[test]
     fn adjacent_ranges_form_one_run() {
-        let chunks = [entry(1, 0, 10), entry(2, 10, 5), entry(3, 30, 5), entry(4, 35, 1)];
+        let chunks = [
+            entry(1, 0, 10),
+            entry(2, 10, 5),
+            entry(3, 30, 5),
+            entry(4, 35, 1),
+        ];
         let runs: Vec<Vec<i64>> = adjacent_runs(&chunks)
             .iter()
             .map(|run| run.iter().map(|(range, _)| range.chunk_id).collect())

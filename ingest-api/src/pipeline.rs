@@ -63,8 +63,13 @@ impl InProcessPipeline {
                 stop.clone(),
             );
             async move {
-                match gc_scheduler::republish_in_flight(&database, &*queue, &config, Timestamp::now())
-                    .await
+                match gc_scheduler::republish_in_flight(
+                    &database,
+                    &*queue,
+                    &config,
+                    Timestamp::now(),
+                )
+                .await
                 {
                     Ok(report) if report.republished + report.failed > 0 => tracing::info!(
                         republished = report.republished,

@@ -6,6 +6,7 @@
 
 mod db;
 mod nix_formats;
+mod pipeline;
 mod queue;
 mod server;
 mod services;
