@@ -1,3 +1,490 @@
-//! Consumes chunk jobs: FastCDC and SHA-256 over a spooled NAR, global chunk deduplication, and compress jobs for the chunks that are new.
+//! Consumes chunk jobs: FastCDC and SHA-256 over a spooled NAR, global
+//! chunk deduplication, and compress jobs for the chunks that are new.
 //!
-//! Not built yet: issue #4 gives this crate its `run(config, shutdown)`.
+//! For each [`ChunkJob`] the [`Chunker`] links the upload to its NAR row
+//! (one per NAR hash, however many uploads race), then:
+//!
+//! - NAR already `valid`: the upload is finalised at once (its object made
+//!   visible, its staged NAR deleted).
+//! - NAR `deleting` (GC is removing it): tried again later.
+//! - chunk list already recorded (a redelivered or republished job, or a
+//!   second upload of a NAR being stored): compress jobs are published
+//!   again for the chunks not yet valid, with their byte ranges computed
+//!   from the recorded list; the staged NAR is not read.
+//! - otherwise the staged NAR is streamed from storage (memory bounded by
+//!   the largest chunk) and cut with FastCDC 16/64/256 KiB (NARs under
+//!   64 KiB are one chunk), each chunk hashed with SHA-256, while the whole
+//!   is hashed to check that staging still holds what the API verified.
+//!   Chunks are looked up and created in batches of about
+//!   [`COMPRESS_JOB_BYTES`], and each batch's new chunks go out as one
+//!   [`CompressJob`] at once, so compression overlaps cutting. Then the
+//!   chunk list is recorded.
+//!
+//! The upload then moves to `compressing` and the NAR is finalised if its
+//! chunks are all stored already (the compressor finalises it otherwise).
+//! Failures are settled by [`common::worker`]'s policy.
+
+use std::collections::HashSet;
+use std::io::{self, Read};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use fastcdc::v2020::StreamCDC;
+use tokio::sync::mpsc;
+use tokio_util::io::SyncIoBridge;
+use tokio_util::sync::CancellationToken;
+
+use common::config::PipelineConfig;
+use common::db::{
+    ChunkId, Database, DbError, NarId, NewChunk, StoreState, Timestamp, Upload, UploadId,
+    UploadPhase,
+};
+use common::nix::{Sha256Hash, Sha256Hasher};
+use common::queue::{publish_job, ChunkJob, ChunkRange, CompressJob, Queue, QueueError};
+use common::storage::{ObjectKey, Storage, StorageError};
+use common::worker::{self, finalise_nar, staged_object_key, JobError, JobHandler};
+
+/// FastCDC's smallest chunk.
+pub const MIN_CHUNK_SIZE: u32 = 16 * 1024;
+/// FastCDC's target average chunk.
+pub const AVG_CHUNK_SIZE: u32 = 64 * 1024;
+/// FastCDC's largest chunk.
+pub const MAX_CHUNK_SIZE: u32 = 256 * 1024;
+/// NARs smaller than this are stored as one chunk: cutting them would
+/// only add rows.
+pub const ONE_CHUNK_BELOW: u64 = 64 * 1024;
+/// About how many uncompressed bytes one compress job covers: enough to
+/// amortise a job's overhead, small enough that compressors start while
+/// the chunker is still cutting, and that a job's bytes fit in memory.
+pub const COMPRESS_JOB_BYTES: u64 = 4 << 20;
+
+/// Chunks cut but not yet recorded, at most: the cutting thread waits for
+/// the database beyond this.
+const CUT_AHEAD: usize = 256;
+
+/// Consumes chunk jobs until `shutdown` (see [`worker::consume`]).
+pub async fn run(
+    database: Database,
+    storage: Arc<dyn Storage>,
+    queue: Arc<dyn Queue>,
+    config: PipelineConfig,
+    shutdown: CancellationToken,
+) -> Result<(), QueueError> {
+    let chunker = Arc::new(Chunker {
+        database,
+        storage,
+        queue: queue.clone(),
+    });
+    worker::consume(
+        queue,
+        chunker,
+        config.chunk_concurrency,
+        config.job_attempts,
+        shutdown,
+    )
+    .await
+}
+
+/// The chunk job handler.
+#[derive(Debug, Clone)]
+pub struct Chunker {
+    pub database: Database,
+    pub storage: Arc<dyn Storage>,
+    pub queue: Arc<dyn Queue>,
+}
+
+#[async_trait]
+impl JobHandler for Chunker {
+    type Job = ChunkJob;
+
+    async fn handle(&self, job: &ChunkJob) -> Result<(), JobError> {
+        let id = parse_upload_id(job)?;
+        let Some(upload) = self.database.upload(&id).await? else {
+            // Deleted with its cache, or reaped: nothing left to do.
+            tracing::info!(upload = %id, "upload gone; dropping its chunk job");
+            return Ok(());
+        };
+        if upload.phase.is_terminal() {
+            return Ok(());
+        }
+        match self.chunk_upload(&upload, &job.trace_id).await {
+            Err(JobError::Storage(StorageError::NotFound(key))) => {
+                self.staged_nar_missing(&upload, &key).await
+            }
+            outcome => outcome,
+        }
+    }
+
+    async fn uploads_concerned(&self, job: &ChunkJob) -> Result<Vec<UploadId>, DbError> {
+        Ok(parse_upload_id(job).into_iter().collect())
+    }
+
+    fn database(&self) -> &Database {
+        &self.database
+    }
+}
+
+fn parse_upload_id(job: &ChunkJob) -> Result<UploadId, JobError> {
+    job.upload_id
+        .parse()
+        .map_err(|error| JobError::Permanent(format!("invalid upload id in chunk job: {error}")))
+}
+
+/// One chunk as cut from the staged NAR.
+#[derive(Debug, Clone, Copy)]
+struct CutChunk {
+    offset: u64,
+    length: u64,
+    hash: Sha256Hash,
+}
+
+impl Chunker {
+    async fn chunk_upload(&self, upload: &Upload, trace_id: &str) -> Result<(), JobError> {
+        let database = &self.database;
+        let staged = staged_object_key(&upload.staged_key)?;
+        let (nar, _) = database
+            .insert_nar_pending(&upload.nar_hash, upload.nar_size, Timestamp::now())
+            .await
+            .map_err(|error| match error {
+                DbError::Conflict { .. } => JobError::Permanent(format!(
+                    "NAR {} is already stored with another size than {}",
+                    upload.nar_hash, upload.nar_size
+                )),
+                error => error.into(),
+            })?;
+        if nar.state == StoreState::Deleting {
+            return Err(JobError::NotYet(format!(
+                "NAR {} is being deleted by GC; storing it again once it is gone",
+                upload.nar_hash
+            )));
+        }
+        if upload.nar_id != Some(nar.id) {
+            database
+                .set_upload_nar(&upload.id, nar.id, Timestamp::now())
+                .await?;
+        }
+        database
+            .set_upload_phase(&upload.id, UploadPhase::Chunking, Timestamp::now())
+            .await?;
+        match nar.state {
+            StoreState::Valid => {
+                // Stored already (another upload of the same bytes).
+                finalise_nar(database, &*self.storage, nar.id).await?;
+                return Ok(());
+            }
+            StoreState::Pending if nar.n_chunks > 0 => {
+                self.publish_missing_chunks(upload, &staged, nar.id, trace_id)
+                    .await?;
+            }
+            StoreState::Pending | StoreState::Deleting => {
+                self.cut_staged_nar(upload, &staged, nar.id, trace_id)
+                    .await?;
+            }
+        }
+        database
+            .set_upload_phase(&upload.id, UploadPhase::Compressing, Timestamp::now())
+            .await?;
+        finalise_nar(database, &*self.storage, nar.id).await?;
+        Ok(())
+    }
+
+    /// The staged NAR is gone: fine if the upload was finalised meanwhile
+    /// (through another upload of the same NAR), which deleted it;
+    /// otherwise nothing can bring it back.
+    async fn staged_nar_missing(&self, upload: &Upload, key: &ObjectKey) -> Result<(), JobError> {
+        let now = self.database.upload(&upload.id).await?;
+        if now.is_none_or(|upload| upload.phase.is_terminal()) {
+            return Ok(());
+        }
+        Err(JobError::Permanent(format!(
+            "the staged NAR {key} has disappeared from storage; push the path again"
+        )))
+    }
+
+    /// Publishes compress jobs for the chunks of a recorded chunk list that
+    /// are not stored yet, with their ranges in `staged`.
+    async fn publish_missing_chunks(
+        &self,
+        upload: &Upload,
+        staged: &ObjectKey,
+        nar_id: NarId,
+        trace_id: &str,
+    ) -> Result<(), JobError> {
+        let chunks = self.database.chunks_of_nar(nar_id).await?;
+        let mut offset = 0;
+        let mut missing = Vec::new();
+        let mut seen = HashSet::new();
+        for entry in &chunks {
+            let chunk = &entry.chunk;
+            if chunk.state != StoreState::Valid && seen.insert(chunk.id) {
+                missing.push(ChunkRange {
+                    chunk_id: chunk.id.0,
+                    offset,
+                    length: chunk.chunk_size,
+                });
+            }
+            offset += chunk.chunk_size;
+        }
+        if offset != upload.nar_size {
+            return Err(JobError::Permanent(format!(
+                "the recorded chunks of NAR {} add up to {offset} bytes, not {}",
+                upload.nar_hash, upload.nar_size
+            )));
+        }
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        for range in missing {
+            batch_bytes += range.length;
+            batch.push(range);
+            if batch_bytes >= COMPRESS_JOB_BYTES {
+                self.publish(nar_id, staged, std::mem::take(&mut batch), trace_id)
+                    .await?;
+                batch_bytes = 0;
+            }
+        }
+        self.publish(nar_id, staged, batch, trace_id).await
+    }
+
+    /// Streams the staged NAR through FastCDC, records its chunks and
+    /// publishes compress jobs for the new ones as it goes, checks the
+    /// whole against the upload's hash and size, then records the chunk
+    /// list.
+    async fn cut_staged_nar(
+        &self,
+        upload: &Upload,
+        staged: &ObjectKey,
+        nar_id: NarId,
+        trace_id: &str,
+    ) -> Result<(), JobError> {
+        let reader = self.storage.get_range(staged, 0, None).await?;
+        let (sender, mut receiver) = mpsc::channel(CUT_AHEAD);
+        let nar_size = upload.nar_size;
+        // Hashing and cutting are CPU work: a blocking thread reads the
+        // stream through a bridge and hands chunks over.
+        let cutter =
+            tokio::task::spawn_blocking(move || cut(SyncIoBridge::new(reader), nar_size, &sender));
+
+        let mut chunk_ids: Vec<ChunkId> = Vec::new();
+        let mut published: HashSet<ChunkId> = HashSet::new();
+        let mut batch: Vec<CutChunk> = Vec::new();
+        let mut batch_bytes = 0;
+        while let Some(chunk) = receiver.recv().await {
+            batch_bytes += chunk.length;
+            batch.push(chunk);
+            if batch_bytes >= COMPRESS_JOB_BYTES {
+                let batch = std::mem::take(&mut batch);
+                batch_bytes = 0;
+                self.record_batch(
+                    &batch,
+                    staged,
+                    nar_id,
+                    trace_id,
+                    &mut chunk_ids,
+                    &mut published,
+                )
+                .await?;
+            }
+        }
+        self.record_batch(
+            &batch,
+            staged,
+            nar_id,
+            trace_id,
+            &mut chunk_ids,
+            &mut published,
+        )
+        .await?;
+        let (nar_hash, size) = cutter
+            .await
+            .map_err(|error| JobError::Permanent(format!("the chunking thread failed: {error}")))?
+            .map_err(|source| StorageError::Io {
+                key: staged.to_string(),
+                source,
+            })?;
+        if size != upload.nar_size || nar_hash != *upload.nar_hash.sha256() {
+            return Err(JobError::Permanent(format!(
+                "the staged NAR {staged} no longer matches its upload ({size} bytes with hash \
+                 {}, expected {} bytes with hash {}): staging storage corrupted it; push the \
+                 path again",
+                nar_hash.to_base32(),
+                upload.nar_size,
+                upload.nar_hash,
+            )));
+        }
+        match self.database.set_nar_chunks(nar_id, &chunk_ids).await {
+            Ok(()) => Ok(()),
+            // Another upload of the same NAR got it stored meanwhile.
+            Err(DbError::Conflict { .. }) => match self.database.nar_by_id(nar_id).await? {
+                Some(nar) if nar.state == StoreState::Valid => Ok(()),
+                _ => Err(JobError::NotYet(format!(
+                    "NAR {} changed state while being chunked",
+                    upload.nar_hash
+                ))),
+            },
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Looks up or creates a batch of chunks, appends their ids to the
+    /// NAR's list, and publishes one compress job for those not yet stored
+    /// (each chunk once per NAR).
+    async fn record_batch(
+        &self,
+        batch: &[CutChunk],
+        staged: &ObjectKey,
+        nar_id: NarId,
+        trace_id: &str,
+        chunk_ids: &mut Vec<ChunkId>,
+        published: &mut HashSet<ChunkId>,
+    ) -> Result<(), JobError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let new: Vec<NewChunk> = batch
+            .iter()
+            .map(|chunk| NewChunk {
+                chunk_hash: chunk.hash,
+                chunk_size: chunk.length,
+            })
+            .collect();
+        let rows = self.database.upsert_chunks(&new, Timestamp::now()).await?;
+        let mut ranges = Vec::new();
+        for (row, chunk) in rows.iter().zip(batch) {
+            chunk_ids.push(row.id);
+            if row.state != StoreState::Valid && published.insert(row.id) {
+                ranges.push(ChunkRange {
+                    chunk_id: row.id.0,
+                    offset: chunk.offset,
+                    length: chunk.length,
+                });
+            }
+        }
+        self.publish(nar_id, staged, ranges, trace_id).await
+    }
+
+    async fn publish(
+        &self,
+        nar_id: NarId,
+        staged: &ObjectKey,
+        chunks: Vec<ChunkRange>,
+        trace_id: &str,
+    ) -> Result<(), JobError> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let job = CompressJob {
+            nar_id: nar_id.0,
+            staged_key: staged.to_string(),
+            chunks,
+            trace_id: trace_id.to_owned(),
+        };
+        publish_job(&*self.queue, &job).await?;
+        Ok(())
+    }
+}
+
+/// Cuts `reader` into chunks, sending each (offset, length, SHA-256) to
+/// `chunks`, and returns the SHA-256 and size of everything read. A NAR
+/// declared smaller than [`ONE_CHUNK_BELOW`] is one chunk. Stops early,
+/// with an error, when the receiver has gone (the job failed).
+fn cut(
+    mut reader: impl Read,
+    nar_size: u64,
+    chunks: &mpsc::Sender<CutChunk>,
+) -> io::Result<(Sha256Hash, u64)> {
+    let mut whole = Sha256Hasher::new();
+    let mut send = |offset: u64, data: &[u8]| {
+        whole.update(data);
+        let chunk = CutChunk {
+            offset,
+            length: data.len() as u64,
+            hash: Sha256Hash::digest(data),
+        };
+        chunks
+            .blocking_send(chunk)
+            .map_err(|_| io::Error::other("chunking stopped: the job failed"))
+    };
+    if nar_size < ONE_CHUNK_BELOW {
+        // Read one byte past the limit, so that a staged file longer than
+        // declared shows as a size mismatch rather than being cut short.
+        let mut data = Vec::new();
+        reader
+            .by_ref()
+            .take(ONE_CHUNK_BELOW + 1)
+            .read_to_end(&mut data)?;
+        if !data.is_empty() {
+            send(0, &data)?;
+        }
+    } else {
+        for chunk in StreamCDC::new(reader, MIN_CHUNK_SIZE, AVG_CHUNK_SIZE, MAX_CHUNK_SIZE) {
+            let chunk = chunk.map_err(io::Error::from)?;
+            send(chunk.offset, &chunk.data)?;
+        }
+    }
+    Ok(whole.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cut_all(data: &[u8], declared: u64) -> (Vec<CutChunk>, Sha256Hash, u64) {
+        let (sender, mut receiver) = mpsc::channel(1 << 16);
+        let (hash, size) = cut(data, declared, &sender).expect("cutting");
+        drop(sender);
+        let mut out = Vec::new();
+        while let Ok(chunk) = receiver.try_recv() {
+            out.push(chunk);
+        }
+        (out, hash, size)
+    }
+
+    fn noise(len: usize) -> Vec<u8> {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn small_nars_are_one_chunk() {
+        let data = noise(60 * 1024);
+        let (chunks, hash, size) = cut_all(&data, data.len() as u64);
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(chunks[0].length, data.len() as u64);
+        assert_eq!(chunks[0].hash, Sha256Hash::digest(&data));
+        assert_eq!((hash, size), (Sha256Hash::digest(&data), data.len() as u64));
+    }
+
+    #[test]
+    fn chunks_tile_the_nar_within_the_size_bounds() {
+        let data = noise(3 << 20);
+        let (chunks, hash, size) = cut_all(&data, data.len() as u64);
+        assert_eq!((hash, size), (Sha256Hash::digest(&data), data.len() as u64));
+        let mut offset = 0;
+        for (i, chunk) in chunks.iter().enumerate() {
+            assert_eq!(chunk.offset, offset);
+            assert!(chunk.length <= u64::from(MAX_CHUNK_SIZE));
+            if i + 1 < chunks.len() {
+                assert!(chunk.length >= u64::from(MIN_CHUNK_SIZE));
+            }
+            let range = offset as usize..(offset + chunk.length) as usize;
+            assert_eq!(chunk.hash, Sha256Hash::digest(&data[range]));
+            offset += chunk.length;
+        }
+        assert_eq!(offset, data.len() as u64);
+        assert!(chunks.len() > 10, "{} chunks", chunks.len());
+    }
+
+    #[test]
+    fn a_small_declared_size_with_more_bytes_shows_as_a_mismatch() {
+        let data = noise(200 * 1024);
+        let (_, _, size) = cut_all(&data, 1000);
+        assert_ne!(size, 1000);
+    }
+}

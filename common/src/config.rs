@@ -148,6 +148,18 @@ pub struct PipelineConfig {
     pub compress_concurrency: u32,
     /// The zstd level of each stored chunk.
     pub compression_level: i32,
+    /// Deliveries of a job that fails for a passing reason (database,
+    /// storage or queue unreachable) before its uploads are marked failed;
+    /// the waits between them double from one second up to a minute.
+    pub job_attempts: u32,
+    /// An upload still in flight after this long without progress has its
+    /// chunk job published again by the reconciler.
+    pub stuck_after: HumanDuration,
+    /// How often the reconciler publishes an upload's job again before it
+    /// marks the upload failed.
+    pub max_upload_attempts: u32,
+    /// How often the reconciler looks for stuck uploads.
+    pub reconcile_interval: HumanDuration,
 }
 
 impl Default for PipelineConfig {
@@ -157,6 +169,10 @@ impl Default for PipelineConfig {
             chunk_concurrency: 1,
             compress_concurrency: u32::try_from(cores).unwrap_or(1),
             compression_level: 3,
+            job_attempts: 8,
+            stuck_after: HumanDuration::from_secs(10 * 60),
+            max_upload_attempts: 5,
+            reconcile_interval: HumanDuration::from_secs(60),
         }
     }
 }

@@ -19,3 +19,5 @@ pub mod queue;
 #[cfg(feature = "storage")]
 pub mod storage;
 pub mod time;
+#[cfg(feature = "worker")]
+pub mod worker;

@@ -12,6 +12,7 @@ pub mod error;
 mod extract;
 pub mod first_start;
 pub mod logging;
+mod pipeline;
 mod push;
 mod routes;
 mod spool;
@@ -31,7 +32,7 @@ use common::auth::{
     KeyError, MintError, Permission, RevocationList, TokenBuilder, TokenSigningKey, TokenVerifier,
 };
 use common::cache_name::{CacheNameError, CacheNamePattern};
-use common::config::{ServerConfig, StorageConfig};
+use common::config::{PipelineConfig, ServerConfig, StorageConfig};
 use common::db::{Database, DbError};
 use common::queue::{EmbeddedQueue, Queue};
 use common::storage::{LocalStorage, S3Options, S3Storage, Storage, StorageError};
@@ -138,6 +139,7 @@ pub struct Server {
     listener: TcpListener,
     signing_key: TokenSigningKey,
     revocations: Arc<RevocationList>,
+    pipeline: PipelineConfig,
 }
 
 impl Server {
@@ -174,6 +176,7 @@ impl Server {
             listener,
             signing_key,
             revocations,
+            pipeline: config.pipeline.clone(),
         })
     }
 
@@ -208,7 +211,9 @@ impl Server {
         Ok(minted.token)
     }
 
-    /// Serves until `shutdown` resolves, then waits for in-flight requests.
+    /// Starts the in-process pipeline (module `pipeline`), serves until
+    /// `shutdown` resolves, waits for in-flight requests, then stops the
+    /// pipeline.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -219,6 +224,7 @@ impl Server {
             self.revocations.clone(),
             stop.clone(),
         ));
+        let pipeline = pipeline::InProcessPipeline::start(&self.state, &self.pipeline);
         if let Ok(address) = self.listener.local_addr() {
             tracing::info!(%address, "serving");
         }
@@ -230,6 +236,9 @@ impl Server {
             })
             .await;
         stop.cancel();
+        // After the requests: a push waiting for its path to be visible
+        // needs the workers until it answers.
+        pipeline.stop().await;
         // The refresher only reads; stopping it mid-query loses nothing.
         let _ = refresher.await;
         Ok(served?)

@@ -765,6 +765,12 @@ async fn chunks_and_nars_round_trip_in_order(t: TestDb) {
         db.pending_nars_of_chunk(chunks[0].id).await.expect("NARs"),
         [nar.id]
     );
+    let ids: Vec<_> = chunks.iter().map(|chunk| chunk.id).collect();
+    assert_eq!(
+        db.pending_nars_of_chunks(&ids).await.expect("NARs"),
+        [nar.id],
+        "one entry per NAR however many of its chunks are named"
+    );
 
     // Store all but the last: not complete yet.
     for (chunk, &n) in chunks.iter().zip(&order).take(4) {
@@ -886,9 +892,12 @@ async fn chunk_rows_are_shared_between_nars(t: TestDb) {
         .expect_err("a known chunk hash with another size");
     assert!(error.is_conflict(), "{error:?}");
 
-    // A chunk GC has claimed is revived as pending, without a location.
+    // A chunk GC has claimed comes back as a fresh pending row: a new id
+    // (hence a new object key), no location.
     let claimed = valid_nar(db, 3, 1009, &[9]).await;
-    assert_eq!(db.chunks_of_nar(claimed).await.expect("listing").len(), 1);
+    let claimed_chunks = db.chunks_of_nar(claimed).await.expect("listing");
+    assert_eq!(claimed_chunks.len(), 1);
+    let claimed_id = claimed_chunks[0].chunk.id;
     sqlx::query("DELETE FROM nars WHERE id = $1")
         .bind(claimed.0)
         .execute(db.pool())
@@ -911,6 +920,26 @@ async fn chunk_rows_are_shared_between_nars(t: TestDb) {
         .expect("reviving");
     assert_eq!(revived[0].state, StoreState::Pending);
     assert_eq!(revived[0].location, None);
+    assert_ne!(revived[0].id, claimed_id, "a revived chunk is a new row");
+    assert_eq!(
+        db.chunks_by_id(&[claimed_id]).await.expect("lookup"),
+        Vec::new(),
+        "the claimed row is gone"
+    );
+    assert_eq!(
+        db.chunk_by_hash(&chunk_hash(9)).await.expect("lookup"),
+        Some(revived[0].clone())
+    );
+    // GC's late attempt to record the old row stored fails; the new one
+    // is stored normally.
+    assert!(db
+        .set_chunk_stored(claimed_id, &location(9))
+        .await
+        .expect_err("the claimed row is gone")
+        .is_not_found());
+    db.set_chunk_stored(revived[0].id, &location(10))
+        .await
+        .expect("storing the revived chunk");
 }
 
 async fn a_complete_nar_is_written_in_one_call(t: TestDb) {

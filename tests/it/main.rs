@@ -7,6 +7,7 @@
 mod client;
 mod db;
 mod nix_formats;
+mod pipeline;
 mod queue;
 mod server;
 mod services;

@@ -4,14 +4,15 @@
 //! The pipeline's protocol over these tables, each step idempotent under
 //! at-least-once delivery:
 //!
-//! 1. ingest: [`Database::insert_nar_pending`] (one row per hash however
-//!    many uploads race).
-//! 2. chunker: [`Database::upsert_chunks`] for the NAR's chunks (new ones
-//!    `pending`), then [`Database::set_nar_chunks`] with their ids in order.
-//! 3. compressor: [`Database::set_chunk_stored`] per new chunk, then
-//!    [`Database::mark_nar_valid_if_complete`] for each NAR of
-//!    [`Database::pending_nars_of_chunk`]: whichever compressor stores the
-//!    last chunk finalises the NAR.
+//! 1. chunker: [`Database::insert_nar_pending`] (one row per hash however
+//!    many uploads race), [`Database::upsert_chunks`] for the NAR's chunks
+//!    (new ones `pending`) as it cuts them, then
+//!    [`Database::set_nar_chunks`] with their ids in order, then
+//!    [`Database::mark_nar_valid_if_complete`].
+//! 2. compressor: [`Database::set_chunk_stored`] per new chunk, then
+//!    [`Database::mark_nar_valid_if_complete`] for its NAR and each NAR of
+//!    [`Database::pending_nars_of_chunks`]: whichever step comes last
+//!    finalises the NAR.
 //!
 //! A chunk's location is a byte range of a storage object (key, offset,
 //! length), so that packing many chunks into one object can come later
@@ -217,7 +218,7 @@ async fn insert_nar_pending_on(
     Ok((nar, inserted))
 }
 
-/// Looks up or creates chunks, reviving `deleting` ones; see
+/// Looks up or creates chunks, replacing `deleting` ones; see
 /// [`Database::upsert_chunks`].
 async fn upsert_chunks_on(
     connection: &mut Tx,
@@ -247,6 +248,22 @@ async fn upsert_chunks_on(
     let mut rows: HashMap<String, Chunk> = HashMap::with_capacity(sizes.len());
     // Three bind parameters per row in the INSERT.
     for batch in sizes.chunks(MAX_IN_LIST / 3) {
+        let list = placeholders(1, batch.len());
+        // A chunk GC has claimed may already be gone from storage, or be
+        // going at any moment: its row is dropped and a fresh one inserted
+        // below, so the chunk comes back with a new id, hence a new object
+        // key that GC's pending delete of the old key cannot touch. GC
+        // claims only chunks no NAR lists, so nothing refers to the row.
+        let sql = format!("DELETE FROM chunks WHERE state = 'deleting' AND chunk_hash IN ({list})");
+        let mut drop_claimed = sqlx::query(&sql);
+        for (hash, _) in batch {
+            drop_claimed = drop_claimed.bind(hash.as_str());
+        }
+        drop_claimed
+            .execute(&mut *connection)
+            .await
+            .map_err(query_error("replacing chunks claimed by GC"))?;
+
         let values = (0..batch.len())
             .map(|i| format!("(${}, ${}, 'pending', $1)", 2 * i + 2, 2 * i + 3))
             .collect::<Vec<_>>()
@@ -265,22 +282,6 @@ async fn upsert_chunks_on(
             .execute(&mut *connection)
             .await
             .map_err(query_error("inserting chunks"))?;
-
-        let list = placeholders(1, batch.len());
-        // A chunk GC has claimed may already be gone from storage: make it
-        // pending again so that the pipeline stores it anew.
-        let sql = format!(
-            "UPDATE chunks SET state = 'pending', object_key = NULL, object_offset = NULL, \
-             object_length = NULL WHERE state = 'deleting' AND chunk_hash IN ({list})"
-        );
-        let mut revive = sqlx::query(&sql);
-        for (hash, _) in batch {
-            revive = revive.bind(hash.as_str());
-        }
-        revive
-            .execute(&mut *connection)
-            .await
-            .map_err(query_error("reviving chunks"))?;
 
         let sql = format!("SELECT {CHUNK_COLUMNS} FROM chunks WHERE chunk_hash IN ({list})");
         let mut select = sqlx::query(&sql);
@@ -302,7 +303,7 @@ async fn upsert_chunks_on(
             let hash = new.chunk_hash.to_hex();
             let chunk = rows.get(&hash).ok_or_else(|| DbError::NotFound {
                 // Only GC deletes chunks, and only `deleting` ones, which
-                // the UPDATE above just revived: this is that race.
+                // the statements above replaced: this is that race.
                 what: format!("chunk {hash} (deleted while being inserted)"),
             })?;
             if chunk.chunk_size != new.chunk_size {
@@ -499,9 +500,10 @@ impl Database {
 
     /// The chunk rows for `chunks`, in input order: existing ones as they
     /// are (the global dedup), new ones created `pending`. A chunk GC had
-    /// claimed (`deleting`) is made `pending` again without a location, so
-    /// the caller stores it anew. [`DbError::Conflict`] when a hash exists
-    /// with another size.
+    /// claimed (`deleting`) comes back as a fresh `pending` row with a new
+    /// id, so the caller stores it anew under a new object key while GC
+    /// may still be deleting the old one. [`DbError::Conflict`] when a hash
+    /// exists with another size.
     pub async fn upsert_chunks(&self, chunks: &[NewChunk], at: Timestamp) -> Result<Vec<Chunk>> {
         let mut tx = self.begin_write().await?;
         let out = upsert_chunks_on(&mut tx, chunks, at).await?;
@@ -585,6 +587,31 @@ impl Database {
         rows.iter()
             .map(|row| Ok(NarId(i64_col(row, "id")?)))
             .collect()
+    }
+
+    /// The pending NARs that list any of these chunks, in id order: one
+    /// query for a whole compress job's chunks.
+    pub async fn pending_nars_of_chunks(&self, chunk_ids: &[ChunkId]) -> Result<Vec<NarId>> {
+        let mut out = std::collections::BTreeSet::new();
+        for batch in chunk_ids.chunks(MAX_IN_LIST) {
+            let sql = format!(
+                "SELECT DISTINCT n.id FROM nar_chunks nc JOIN nars n ON n.id = nc.nar_id \
+                 WHERE nc.chunk_id IN ({}) AND n.state = 'pending'",
+                placeholders(1, batch.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for id in batch {
+                query = query.bind(id.0);
+            }
+            let rows = query
+                .fetch_all(&self.pool)
+                .await
+                .map_err(query_error("finding the NARs of chunks"))?;
+            for row in &rows {
+                out.insert(i64_col(row, "id")?);
+            }
+        }
+        Ok(out.into_iter().map(NarId).collect())
     }
 
     /// Marks a pending NAR valid if its chunk list is recorded and every

@@ -1,0 +1,102 @@
+//! The ingest pipeline inside the server, for the single-machine mode: the
+//! chunker and compressor consume the server's embedded queue, and the
+//! reconciler republishes stuck uploads.
+//!
+//! The embedded queue keeps nothing across a restart, so at start every
+//! upload still in flight gets its chunk job again: that is how a killed
+//! server resumes its work. On stop the workers take no new jobs and let
+//! running ones finish for a grace period; a job dropped unsettled is
+//! redone after the next start.
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use common::config::PipelineConfig;
+use common::db::Timestamp;
+
+use crate::state::AppState;
+
+/// The running in-process workers.
+pub(crate) struct InProcessPipeline {
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl InProcessPipeline {
+    /// Starts the workers and the reconciler on the server's database,
+    /// storage and queue.
+    pub(crate) fn start(state: &AppState, config: &PipelineConfig) -> Self {
+        let stop = CancellationToken::new();
+        let chunker = tokio::spawn({
+            let run = chunker_worker::run(
+                state.database.clone(),
+                state.storage.clone(),
+                state.queue.clone(),
+                config.clone(),
+                stop.clone(),
+            );
+            async move {
+                if let Err(error) = run.await {
+                    tracing::error!(%error, "the chunker stopped");
+                }
+            }
+        });
+        let compressor = tokio::spawn({
+            let run = compressor_worker::run(
+                state.database.clone(),
+                state.storage.clone(),
+                state.queue.clone(),
+                config.clone(),
+                stop.clone(),
+            );
+            async move {
+                if let Err(error) = run.await {
+                    tracing::error!(%error, "the compressor stopped");
+                }
+            }
+        });
+        let reconciler = tokio::spawn({
+            let (database, queue, config, stop) = (
+                state.database.clone(),
+                state.queue.clone(),
+                config.clone(),
+                stop.clone(),
+            );
+            async move {
+                match gc_scheduler::republish_in_flight(
+                    &database,
+                    &*queue,
+                    &config,
+                    Timestamp::now(),
+                )
+                .await
+                {
+                    Ok(report) if report.republished + report.failed > 0 => tracing::info!(
+                        republished = report.republished,
+                        failed = report.failed,
+                        "resumed the uploads left in flight"
+                    ),
+                    Ok(_) => {}
+                    // The periodic pass picks them up once they count as stuck.
+                    Err(error) => tracing::warn!(
+                        error = format!("{:#}", anyhow::Error::new(error)),
+                        "could not resume the uploads left in flight"
+                    ),
+                }
+                gc_scheduler::run_reconciler(database, queue, config, stop).await;
+            }
+        });
+        Self {
+            stop,
+            tasks: vec![chunker, compressor, reconciler],
+        }
+    }
+
+    /// Stops taking jobs and waits for the workers to wind down.
+    pub(crate) async fn stop(self) {
+        self.stop.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
