@@ -142,9 +142,10 @@ impl Default for IngestConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct PipelineConfig {
-    /// Chunk jobs one process works on at once.
+    /// Chunk jobs one process works on at once; 0 takes none (they wait
+    /// for another process).
     pub chunk_concurrency: u32,
-    /// Compress jobs one process works on at once.
+    /// Compress jobs one process works on at once; 0 takes none.
     pub compress_concurrency: u32,
     /// The zstd level of each stored chunk.
     pub compression_level: i32,

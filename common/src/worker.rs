@@ -110,7 +110,7 @@ pub trait JobHandler: Send + Sync + 'static {
 }
 
 /// Consumes `H::Job::QUEUE` until `shutdown`, running up to `concurrency`
-/// jobs at once (the consumer's prefetch, so no delivery waits in this
+/// jobs at once (none when it is 0: the jobs are left to other processes) (the consumer's prefetch, so no delivery waits in this
 /// process while another worker could take it), and settles each by the
 /// failure policy. On shutdown it stops taking jobs and gives running ones
 /// [`SHUTDOWN_GRACE`] to finish; jobs still running are dropped, and their
@@ -122,7 +122,11 @@ pub async fn consume<H: JobHandler>(
     job_attempts: u32,
     shutdown: CancellationToken,
 ) -> Result<(), QueueError> {
-    let prefetch = u16::try_from(concurrency.max(1)).unwrap_or(u16::MAX);
+    if concurrency == 0 {
+        // This process runs none of these jobs: another process takes them.
+        return Ok(());
+    }
+    let prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX);
     let mut consumer = queue.consume(H::Job::QUEUE, prefetch).await?;
     let mut running = JoinSet::new();
     loop {

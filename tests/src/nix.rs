@@ -493,7 +493,12 @@ impl NixEnv {
         if salt.contains(['"', '\\', '$', '\'', '\n']) {
             return Err(error(format!("salt {salt:?} must not need quoting in Nix")));
         }
-        let generated = store.with_extension("gen");
+        // One generator directory per salt: several stores may be made
+        // beside one store directory.
+        let generated = store.with_extension(format!(
+            "gen-{}",
+            &common::nix::Sha256Hash::digest(salt.as_bytes()).to_hex()[..16]
+        ));
         std::fs::create_dir_all(&generated)
             .map_err(io_error("creating the generator directory"))?;
         let mut nix = String::from(

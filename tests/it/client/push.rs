@@ -118,7 +118,9 @@ async fn push_a_closure_then_substitute_it_with_the_settings_use_wrote() {
     let destination = env.path("destination");
     let wanted = main.paths.clone();
     let source_root = main.root.clone();
-    let (built, hashes) = blocking(move || {
+    // The environment comes back out: dropping it would delete the source
+    // store, which the last push below still reads.
+    let (built, hashes, _env) = blocking(move || {
         let built = nix_with_user_conf(&env, &nix_conf)
             .arg("--store")
             .arg(&destination)
@@ -137,7 +139,7 @@ async fn push_a_closure_then_substitute_it_with_the_settings_use_wrote() {
                 )
             })
             .collect();
-        (built, hashes)
+        (built, hashes, env)
     })
     .await;
     assert!(built.status.success(), "{}", text(&built.stderr));

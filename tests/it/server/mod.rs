@@ -10,6 +10,7 @@
 mod bad_input;
 mod cache_config;
 mod cli;
+mod crash;
 mod isolation;
 mod nix_client;
 mod push;

@@ -803,6 +803,12 @@ async fn pipeline_nix_copy_to_then_substitute_and_verify() {
     let cache_url = server.cache_url(CACHE);
     blocking(move || {
         nix_copy_to(&env, &root, &url, &paths);
+        // The pushing Nix cached the narinfos it wrote, with its own URLs
+        // and compression, which name files this server never serves (it
+        // stores NARs its own way): a later substitution by the same user
+        // must ask the server again.
+        let mut env = env;
+        env.add_config("narinfo-cache-positive-ttl", "0");
         let destination = env.path("destination");
         env.copy_from(&cache_url, &destination, &public_key, &paths)
             .expect("substituting what was pushed");

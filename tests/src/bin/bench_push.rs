@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::api::{UploadPathNarInfo, NAR_INFO_HEADER};
 use common::nix::nar::NarEncoder;
 use common::nix::{NarHash, Sha256Hash};
 use tests::server::pseudo_random;
@@ -51,23 +52,23 @@ impl Pusher {
     async fn push(&self, name: &str, nar: Vec<u8>) -> Result<()> {
         let nar_hash = NarHash::from(Sha256Hash::digest(&nar));
         let store_path_hash = store_path_hash_for(name);
-        let info = serde_json::json!({
-            "cache": self.cache,
-            "store_path_hash": store_path_hash,
-            "store_path": format!("/nix/store/{store_path_hash}-{name}"),
-            "references": [],
-            "system": null,
-            "deriver": null,
-            "sigs": [],
-            "ca": null,
-            "nar_hash": nar_hash.to_string(),
-            "nar_size": nar.len(),
-        });
+        let info = UploadPathNarInfo {
+            cache: self.cache.clone(),
+            store_path: format!("/nix/store/{store_path_hash}-{name}"),
+            store_path_hash,
+            references: Vec::new(),
+            system: None,
+            deriver: None,
+            sigs: Vec::new(),
+            ca: None,
+            nar_hash: nar_hash.to_string(),
+            nar_size: nar.len() as u64,
+        };
         let response = self
             .http
             .put(format!("{}/_api/v1/upload-path", self.url))
             .bearer_auth(&self.token)
-            .header("X-Attic-Nar-Info", info.to_string())
+            .header(NAR_INFO_HEADER, serde_json::to_string(&info)?)
             .body(nar)
             .send()
             .await?;
