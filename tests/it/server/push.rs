@@ -24,7 +24,8 @@ use tests::nix::NixEnv;
 use tests::server::{TestServer, TestServerOptions};
 
 use super::{
-    api_error, fake_store_path, file_nar, get, ok_json, plain_metadata, send, source_paths, HOUR,
+    api_error, fake_store_path, file_nar, get, ok_json, plain_metadata, send, source_paths,
+    SourcePath, HOUR,
 };
 
 const CACHE: &str = "push";
@@ -868,4 +869,157 @@ async fn pipeline_attic_push_then_substitute() {
             .expect("substituting what was pushed");
     })
     .await;
+}
+
+/// The number of chunk objects in the server's storage.
+fn chunk_objects(server: &TestServer) -> usize {
+    let mut count = 0;
+    let mut pending = vec![server.dir().join("storage").join("chunks")];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                pending.push(entry.path());
+            } else {
+                count += 1;
+            }
+        }
+    }
+    count
+}
+
+/// Pushes `closure` (dependencies first) through Attic's `upload-path`,
+/// each answered once visible.
+async fn attic_push(server: &TestServer, token: &str, cache: &str, sources: &[SourcePath]) {
+    for source in sources {
+        let mut info = attic_info(&source.path, &source.nar);
+        info["cache"] = json!(cache);
+        info["references"] = json!(source.metadata.references);
+        info["deriver"] = json!(source.metadata.deriver);
+        info["sigs"] = json!(source.metadata.sigs);
+        info["ca"] = json!(source.metadata.ca);
+        let response = server
+            .http()
+            .put(server.url_of("/_api/v1/upload-path"))
+            .bearer_auth(token)
+            .header("X-Attic-Nar-Info", info.to_string())
+            .body(source.nar.clone())
+            .send()
+            .await
+            .expect("upload-path");
+        let result: UploadPathResult = ok_json(response).await;
+        assert_eq!(result.phase, "done", "{}", source.path);
+    }
+}
+
+async fn public_key_of(server: &TestServer, token: &str, cache: &str) -> String {
+    let config: common::api::CacheConfig = ok_json(
+        get(
+            server,
+            &format!("/_api/v1/cache-config/{cache}"),
+            Some(token),
+        )
+        .await,
+    )
+    .await;
+    config.public_key.expect("a public key")
+}
+
+/// Issue #4's end-to-end acceptance: a closure of 20 referencing paths
+/// plus a 50 MiB path, pushed by the real `nix copy --to` with zstd and
+/// with none, and through Attic's API, each into its own cache; a fresh
+/// store substitutes the whole closure from each cache trusting only that
+/// cache's key, and `nix store verify` passes against each. Every push
+/// after the first stores no new chunk object: the dedup is global.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_pipeline_a_closure_with_a_large_path_through_both_protocols() {
+    let server = server_with(IngestConfig::default()).await;
+    let caches = ["via-zstd", "via-none", "via-attic", "via-attic-again"];
+    for cache in caches {
+        server.create_cache(cache, false).await;
+    }
+    let grants: Vec<(&str, &[Permission])> = caches
+        .iter()
+        .map(|cache| (*cache, &[Permission::Pull, Permission::Push][..]))
+        .collect();
+    let token = server.mint("pusher", HOUR, &grants).await;
+
+    let (env, root, paths) = pushing_env(20, token.clone()).await;
+    let (mut env, root, closure) = blocking(move || {
+        // 50 MiB of text-like bytes (words from a small alphabet), so the
+        // NAR is cut into many chunks and compresses like real data.
+        let large = env.path("large-input");
+        std::fs::create_dir_all(&large).expect("a directory");
+        let words: Vec<u8> = tests::server::pseudo_random(50 << 20, 0x1a29e)
+            .into_iter()
+            .map(|byte| b"abcdefgh ijklmnop\n"[usize::from(byte) % 18])
+            .collect();
+        std::fs::write(large.join("data.txt"), &words).expect("writing the large file");
+        let large_path = env.add_path(&root, &large).expect("adding the large path");
+        let mut paths = paths;
+        paths.push(large_path.trim().to_owned());
+        let closure = env.closure(&root, &paths).expect("the closure");
+        (env, root, closure)
+    })
+    .await;
+    assert!(closure.len() >= 21, "{closure:?}");
+
+    // Nix's own protocol: zstd first (all chunks new), then none.
+    let mut stored_after_first_push = 0;
+    for (cache, compression) in [("via-zstd", "zstd"), ("via-none", "none")] {
+        let url = format!("{}?compression={compression}", server.cache_url(cache));
+        let (root_copy, closure_copy) = (root.clone(), closure.clone());
+        env = blocking(move || {
+            nix_copy_to(&env, &root_copy, &url, &closure_copy);
+            env
+        })
+        .await;
+        pipeline_settles(&server).await;
+        if stored_after_first_push == 0 {
+            stored_after_first_push = chunk_objects(&server);
+            assert!(
+                stored_after_first_push > 100,
+                "{stored_after_first_push} chunks"
+            );
+        } else {
+            assert_eq!(chunk_objects(&server), stored_after_first_push, "{cache}");
+        }
+    }
+    // Attic's API, to two more caches.
+    let sources = {
+        let (root, closure) = (root.clone(), closure.clone());
+        let (env_back, sources) = blocking(move || {
+            let sources = source_paths(&env, &root, &closure);
+            (env, sources)
+        })
+        .await;
+        env = env_back;
+        sources
+    };
+    for cache in ["via-attic", "via-attic-again"] {
+        attic_push(&server, &token, cache, &sources).await;
+        assert_eq!(chunk_objects(&server), stored_after_first_push, "{cache}");
+    }
+
+    // The pushing Nix cached the narinfos it wrote (with its own URLs):
+    // substitutions must ask the server.
+    env.add_config("narinfo-cache-positive-ttl", "0");
+    for cache in caches {
+        let public_key = public_key_of(&server, &token, cache).await;
+        let cache_url = server.cache_url(cache);
+        let closure = closure.clone();
+        env = blocking(move || {
+            let destination = env.path(&format!("substituted-{cache}"));
+            env.copy_from(&cache_url, &destination, &public_key, &closure)
+                .unwrap_or_else(|error| panic!("substituting from {cache}: {error}"));
+            let verified = env
+                .store_verify(&cache_url, &public_key, &closure)
+                .expect("nix store verify");
+            assert!(verified.status.success(), "{cache}: {verified:?}");
+            env
+        })
+        .await;
+    }
 }
