@@ -4,9 +4,10 @@
 //! [`TestServer`] goes through the same [`ingest_api::Server::build`] as the
 //! binary, with a config file written beside its data (so the real
 //! `ingest-api` binary's admin commands can run against the same server
-//! with `--config`), and stops when dropped. Until the push pipeline
-//! exists, [`TestServer::seed_path`] writes store paths the way the
-//! pipeline will leave them: the NAR cut into chunks, each chunk one zstd
+//! with `--config`), runs the in-process pipeline as the binary does, and
+//! stops when dropped. For read-side tests that need exact control over
+//! chunks, [`TestServer::seed_path`] writes store paths the way the
+//! pipeline leaves them: the NAR cut into chunks, each chunk one zstd
 //! frame in storage, and the NAR, chunk and object rows written through
 //! the store layer.
 //!

@@ -3,9 +3,10 @@
 //! client, by the real Nix client and through the real `ingest-api`
 //! binary's commands.
 //!
-//! Each submodule is one area of issue #3's acceptance list. Data is
-//! written through the store layer (`TestServer::seed_path`) until the push
-//! pipeline exists.
+//! Each submodule is one area of issue #3's or #4's acceptance lists. The
+//! read-side areas write their data through the store layer
+//! (`TestServer::seed_path`), for exact control over chunks; `push` and
+//! `crash` push through the API and the real `nix copy`.
 
 mod bad_input;
 mod cache_config;
