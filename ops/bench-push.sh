@@ -53,11 +53,6 @@ out=
 build=1
 keep=0
 
-usage() {
-    sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0" >&2
-    exit 2
-}
-
 while (($#)); do
     case $1 in
         --large-a) large_a=${2:?}; shift 2 ;;

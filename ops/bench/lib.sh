@@ -8,6 +8,12 @@ die() {
     exit 1
 }
 
+# Prints the script's header comment (its usage) and exits with status 2.
+usage() {
+    sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0" >&2
+    exit 2
+}
+
 # Installs the Debian packages of the commands named as COMMAND:PACKAGE
 # arguments that are missing.
 install_tools() {

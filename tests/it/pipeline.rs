@@ -8,7 +8,7 @@
 //! with Garage (S3), all on the embedded queue; and once over RabbitMQ.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -283,7 +283,7 @@ impl Rig {
     /// Chunk objects in storage.
     async fn chunk_objects(&self) -> usize {
         match &self.objects {
-            Objects::Local(root) => count_files(&root.join("chunks")),
+            Objects::Local(root) => tests::server::count_files(&root.join("chunks")),
             Objects::S3 {
                 client,
                 bucket,
@@ -316,22 +316,6 @@ impl Rig {
         let key = ObjectKey::new(upload.staged_key.clone()).expect("key");
         self.storage.size(&key).await.expect("size").is_some()
     }
-}
-
-fn count_files(dir: &Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .map(|entry| {
-            let entry = entry.expect("directory entry");
-            if entry.file_type().expect("file type").is_dir() {
-                count_files(&entry.path())
-            } else {
-                1
-            }
-        })
-        .sum()
 }
 
 fn hex_id() -> String {

@@ -670,3 +670,21 @@ pub fn binary(name: &str) -> PathBuf {
     );
     path
 }
+
+/// The number of files under `dir`, at any depth (0 when it does not
+/// exist): how tests count the objects a local storage holds.
+pub fn count_files(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .map(|entry| {
+            let entry = entry.expect("directory entry");
+            if entry.file_type().expect("file type").is_dir() {
+                count_files(&entry.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}

@@ -21,7 +21,7 @@ use reqwest::header::AUTHORIZATION;
 use reqwest::{Method, Response, StatusCode};
 use serde_json::json;
 use tests::nix::NixEnv;
-use tests::server::{TestServer, TestServerOptions};
+use tests::server::{count_files, TestServer, TestServerOptions};
 
 use super::{
     api_error, fake_store_path, file_nar, get, ok_json, plain_metadata, send, source_paths,
@@ -785,109 +785,9 @@ async fn pipeline_settles(server: &TestServer) {
     panic!("uploads did not finish within a minute");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pipeline_nix_copy_to_then_substitute_and_verify() {
-    let server = server_with(IngestConfig::default()).await;
-    let token = push_token(&server).await;
-    let (env, root, paths) = pushing_env(6, token.clone()).await;
-    let url = format!("{}?compression=zstd", server.cache_url(CACHE));
-    let cache: common::api::CacheConfig = ok_json(
-        get(
-            &server,
-            &format!("/_api/v1/cache-config/{CACHE}"),
-            Some(&token),
-        )
-        .await,
-    )
-    .await;
-    let public_key = cache.public_key.expect("a public key");
-    let cache_url = server.cache_url(CACHE);
-    blocking(move || {
-        nix_copy_to(&env, &root, &url, &paths);
-        // The pushing Nix cached the narinfos it wrote, with its own URLs
-        // and compression, which name files this server never serves (it
-        // stores NARs its own way): a later substitution by the same user
-        // must ask the server again.
-        let mut env = env;
-        env.add_config("narinfo-cache-positive-ttl", "0");
-        let destination = env.path("destination");
-        env.copy_from(&cache_url, &destination, &public_key, &paths)
-            .expect("substituting what was pushed");
-        let verified = env
-            .store_verify(&cache_url, &public_key, &paths)
-            .expect("nix store verify");
-        assert!(verified.status.success(), "{verified:?}");
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pipeline_attic_push_then_substitute() {
-    let server = server_with(IngestConfig::default()).await;
-    let token = push_token(&server).await;
-    let (env, root, paths) = pushing_env(5, token.clone()).await;
-    let (env, root, closure) = blocking(move || {
-        let closure = env.closure(&root, &paths).expect("the closure");
-        (env, root, closure)
-    })
-    .await;
-    let sources = source_paths(&env, &root, &closure);
-    // Dependencies first, as a client pushes them.
-    for source in &sources {
-        let mut info = attic_info(&source.path, &source.nar);
-        info["references"] = json!(source.metadata.references);
-        info["deriver"] = json!(source.metadata.deriver);
-        info["sigs"] = json!(source.metadata.sigs);
-        info["ca"] = json!(source.metadata.ca);
-        let response = server
-            .http()
-            .put(server.url_of("/_api/v1/upload-path"))
-            .bearer_auth(&token)
-            .header("X-Attic-Nar-Info", info.to_string())
-            .body(source.nar.clone())
-            .send()
-            .await
-            .expect("upload-path");
-        let result: UploadPathResult = ok_json(response).await;
-        assert_eq!(result.phase, "done", "{}", source.path);
-    }
-    pipeline_settles(&server).await;
-    let cache: common::api::CacheConfig = ok_json(
-        get(
-            &server,
-            &format!("/_api/v1/cache-config/{CACHE}"),
-            Some(&token),
-        )
-        .await,
-    )
-    .await;
-    let public_key = cache.public_key.expect("a public key");
-    let cache_url = server.cache_url(CACHE);
-    blocking(move || {
-        let destination = env.path("destination");
-        env.copy_from(&cache_url, &destination, &public_key, &closure)
-            .expect("substituting what was pushed");
-    })
-    .await;
-}
-
 /// The number of chunk objects in the server's storage.
 fn chunk_objects(server: &TestServer) -> usize {
-    let mut count = 0;
-    let mut pending = vec![server.dir().join("storage").join("chunks")];
-    while let Some(dir) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.filter_map(Result::ok) {
-            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
-                pending.push(entry.path());
-            } else {
-                count += 1;
-            }
-        }
-    }
-    count
+    count_files(&server.dir().join("storage").join("chunks"))
 }
 
 /// Pushes `closure` (dependencies first) through Attic's `upload-path`,
@@ -925,6 +825,57 @@ async fn public_key_of(server: &TestServer, token: &str, cache: &str) -> String 
     )
     .await;
     config.public_key.expect("a public key")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_nix_copy_to_then_substitute_and_verify() {
+    let server = server_with(IngestConfig::default()).await;
+    let token = push_token(&server).await;
+    let (env, root, paths) = pushing_env(6, token.clone()).await;
+    let url = format!("{}?compression=zstd", server.cache_url(CACHE));
+    let public_key = public_key_of(&server, &token, CACHE).await;
+    let cache_url = server.cache_url(CACHE);
+    blocking(move || {
+        nix_copy_to(&env, &root, &url, &paths);
+        // The pushing Nix cached the narinfos it wrote, with its own URLs
+        // and compression, which name files this server never serves (it
+        // stores NARs its own way): a later substitution by the same user
+        // must ask the server again.
+        let mut env = env;
+        env.add_config("narinfo-cache-positive-ttl", "0");
+        let destination = env.path("destination");
+        env.copy_from(&cache_url, &destination, &public_key, &paths)
+            .expect("substituting what was pushed");
+        let verified = env
+            .store_verify(&cache_url, &public_key, &paths)
+            .expect("nix store verify");
+        assert!(verified.status.success(), "{verified:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_attic_push_then_substitute() {
+    let server = server_with(IngestConfig::default()).await;
+    let token = push_token(&server).await;
+    let (env, root, paths) = pushing_env(5, token.clone()).await;
+    let (env, root, closure) = blocking(move || {
+        let closure = env.closure(&root, &paths).expect("the closure");
+        (env, root, closure)
+    })
+    .await;
+    let sources = source_paths(&env, &root, &closure);
+    // Dependencies first, as a client pushes them.
+    attic_push(&server, &token, CACHE, &sources).await;
+    pipeline_settles(&server).await;
+    let public_key = public_key_of(&server, &token, CACHE).await;
+    let cache_url = server.cache_url(CACHE);
+    blocking(move || {
+        let destination = env.path("destination");
+        env.copy_from(&cache_url, &destination, &public_key, &closure)
+            .expect("substituting what was pushed");
+    })
+    .await;
 }
 
 /// Issue #4's end-to-end acceptance: a closure of 20 referencing paths
