@@ -508,7 +508,7 @@ mod tests {
         assert!(config.gc.default_retention.is_none());
 
         let text = format!("{MINIMAL}\n[gc]\ndefault-retention = \"30d\"\npage-size = 10\n");
-        let config = load(&text, &[("LARDER_GC__INTERVAL", "5m")]).expect("valid config");
+        let config = load(&text, &[("LARDER_GC__INTERVAL", "5min")]).expect("valid config");
         assert_eq!(
             config.gc.default_retention,
             Some(HumanDuration::from_secs(30 * 24 * 60 * 60))

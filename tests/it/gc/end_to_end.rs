@@ -1,0 +1,341 @@
+//! GC end to end: the server's read path and delete API, the real
+//! `gc-scheduler --once` binary on SQLite with local storage, and the GC
+//! library on PostgreSQL with Garage.
+
+use std::path::Path;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use reqwest::StatusCode;
+
+use common::api::{DeletePathsRequest, DeletePathsResponse};
+use common::auth::Permission;
+use common::config::Secret;
+use common::db::{CacheUpdate, Database, NewCache, CacheKeypair, Timestamp};
+use common::nix::signing::SecretKey;
+use common::storage::{ObjectKey, S3Options, S3Storage, Storage};
+use gc_scheduler::gc::{collect_garbage, collect_garbage_locked};
+use tests::server::{binary, pseudo_random, seed_nar, TestServer, TestServerOptions, SEED_CHUNK_SIZE};
+use tests::services;
+
+use super::{eager_gc, fake_store_path, file_nar, plain_metadata, HOUR};
+
+/// Runs `gc-scheduler --config CONFIG --once`, which must succeed; returns
+/// what it logged.
+async fn run_gc_once(config: &Path) -> String {
+    let output = tokio::process::Command::new(binary("gc-scheduler"))
+        .arg("--config")
+        .arg(config)
+        .arg("--once")
+        .env("RUST_LOG", "info")
+        .output()
+        .await
+        .expect("running gc-scheduler");
+    let log = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "gc-scheduler --once failed: {log}");
+    assert!(log.contains("GC run finished"), "{log}");
+    log
+}
+
+async fn narinfo_status(server: &TestServer, cache: &str, path: &str, token: &str) -> StatusCode {
+    let hash = &path["/nix/store/".len()..][..32];
+    server
+        .http()
+        .get(server.url_of(&format!("/{cache}/{hash}.narinfo")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("GET narinfo")
+        .status()
+}
+
+async fn set_retention(database: &Database, cache: &str, retention: Duration) {
+    database
+        .update_cache(
+            &cache.parse().expect("cache name"),
+            &CacheUpdate {
+                retention_period: Some(Some(retention)),
+                ..CacheUpdate::default()
+            },
+        )
+        .await
+        .expect("setting a retention period");
+}
+
+async fn exists(storage: &dyn Storage, key: &ObjectKey) -> bool {
+    storage.size(key).await.expect("storage size").is_some()
+}
+
+async fn chunk_objects(storage: &dyn Storage) -> Vec<ObjectKey> {
+    let prefix = ObjectKey::new("chunks").expect("key");
+    let listed: Vec<_> = storage.list(&prefix).try_collect().await.expect("listing");
+    listed.into_iter().map(|object| object.key).collect()
+}
+
+fn gc_server_options() -> TestServerOptions {
+    TestServerOptions {
+        gc: eager_gc(),
+        ..TestServerOptions::default()
+    }
+}
+
+/// A cache with retention 1 s loses its path at the next run; the chunks
+/// stay while another cache holds the same NAR, and go once none does.
+#[tokio::test]
+async fn retention_on_sqlite_with_the_gc_scheduler_binary() {
+    let server = TestServer::start(gc_server_options()).await;
+    server.create_cache("brief", false).await;
+    server.create_cache("lasting", false).await;
+    let root = server.root_token().await;
+    let path = fake_store_path("shared");
+    let nar = file_nar(&pseudo_random(3 * SEED_CHUNK_SIZE + 10, 1));
+    let seeded = server.seed_path("brief", plain_metadata(&path), &nar).await;
+    server.seed_path("lasting", plain_metadata(&path), &nar).await;
+    set_retention(server.database(), "brief", Duration::from_secs(1)).await;
+    // Let the retention period pass since the push (the last access).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let log = run_gc_once(server.config_path()).await;
+    assert!(log.contains("objects=1"), "{log}");
+    assert_eq!(narinfo_status(&server, "brief", &path, &root).await, StatusCode::NOT_FOUND);
+    assert_eq!(narinfo_status(&server, "lasting", &path, &root).await, StatusCode::OK);
+    for key in &seeded.chunk_keys {
+        assert!(exists(server.storage(), key).await, "{key} freed while held");
+    }
+
+    set_retention(server.database(), "lasting", Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let log = run_gc_once(server.config_path()).await;
+    assert!(log.contains("nars=1"), "{log}");
+    assert_eq!(
+        narinfo_status(&server, "lasting", &path, &root).await,
+        StatusCode::NOT_FOUND
+    );
+    for key in &seeded.chunk_keys {
+        assert!(!exists(server.storage(), key).await, "{key} still stored");
+    }
+    assert!(chunk_objects(server.storage()).await.is_empty());
+    server.stop().await;
+}
+
+/// The same on PostgreSQL with Garage, through the GC library (under the
+/// advisory lock) on a storage prefix of its own.
+#[tokio::test]
+async fn retention_on_postgres_with_garage() {
+    let database = Database::connect(&services::fresh_postgres_database().await)
+        .await
+        .expect("connecting");
+    database.migrate().await.expect("migrating");
+    let settings = services::S3Settings::from_env();
+    let storage = S3Storage::new(S3Options {
+        endpoint: settings.endpoint,
+        region: settings.region,
+        bucket: settings.bucket,
+        access_key_id: settings.access_key_id,
+        secret_access_key: Secret::new(settings.secret_access_key),
+        prefix: services::unique_name("gc"),
+    })
+    .expect("opening S3 storage");
+    let mut caches = Vec::new();
+    for name in ["brief", "lasting"] {
+        let key = SecretKey::generate(&format!("{name}-1")).expect("key");
+        let cache = database
+            .create_cache(
+                &NewCache::new(name.parse().expect("name"), CacheKeypair::new(key.to_nix_secret_string())),
+                Timestamp::now(),
+            )
+            .await
+            .expect("cache");
+        caches.push(cache);
+    }
+    let path = fake_store_path("shared");
+    let hash = path["/nix/store/".len()..][..32].parse().expect("hash");
+    let nar = file_nar(&pseudo_random(2 * SEED_CHUNK_SIZE + 10, 2));
+    let mut keys = Vec::new();
+    for cache in &caches {
+        let (_, chunk_keys) = seed_nar(
+            &database,
+            &storage,
+            cache.id,
+            hash,
+            plain_metadata(&path),
+            "test",
+            &nar,
+        )
+        .await
+        .expect("seeding");
+        keys = chunk_keys;
+    }
+    set_retention(&database, "brief", Duration::from_secs(1)).await;
+    let later = Timestamp::now().saturating_add(Duration::from_secs(2));
+
+    let report = collect_garbage_locked(&database, &storage, &eager_gc(), later)
+        .await
+        .expect("GC")
+        .expect("the lock is free");
+    assert_eq!((report.objects, report.nars, report.chunks), (1, 0, 0));
+    assert!(database.objects_of_cache(caches[0].id).await.expect("objects").is_empty());
+    for key in &keys {
+        assert!(exists(&storage, key).await, "{key} freed while held");
+    }
+
+    set_retention(&database, "lasting", Duration::from_secs(1)).await;
+    let report = collect_garbage_locked(&database, &storage, &eager_gc(), later)
+        .await
+        .expect("GC")
+        .expect("the lock is free");
+    assert_eq!((report.objects, report.nars, report.chunks), (1, 1, keys.len() as u64));
+    assert!(report.bytes_freed > 0);
+    for key in &keys {
+        assert!(!exists(&storage, key).await, "{key} still stored");
+    }
+    assert!(chunk_objects(&storage).await.is_empty());
+}
+
+/// A path fetched after the retention period survives the run that
+/// removes an untouched path pushed at the same time.
+#[tokio::test]
+async fn a_recently_fetched_path_survives_an_untouched_one() {
+    let server = TestServer::start(gc_server_options()).await;
+    server.create_cache("lru", false).await;
+    let root = server.root_token().await;
+    let fetched = fake_store_path("fetched");
+    let untouched = fake_store_path("untouched");
+    server
+        .seed_path("lru", plain_metadata(&fetched), &file_nar(b"fetched"))
+        .await;
+    server
+        .seed_path("lru", plain_metadata(&untouched), &file_nar(b"untouched"))
+        .await;
+    set_retention(server.database(), "lru", Duration::from_secs(1)).await;
+    let cache = server
+        .database()
+        .cache_by_name(&"lru".parse().expect("name"))
+        .await
+        .expect("lookup")
+        .expect("cache");
+    let pushed_at = server.database().objects_of_cache(cache.id).await.expect("objects")[0]
+        .last_accessed_at;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(narinfo_status(&server, "lru", &fetched, &root).await, StatusCode::OK);
+
+    // The server flushes access times in batches: wait for this one.
+    let fetched_hash = &fetched["/nix/store/".len()..][..32];
+    let accessed_at = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let objects = server.database().objects_of_cache(cache.id).await.expect("objects");
+            let object = objects
+                .iter()
+                .find(|object| object.store_path_hash.as_str() == fetched_hash)
+                .expect("the fetched object");
+            if object.last_accessed_at > pushed_at {
+                return object.last_accessed_at;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the access was flushed");
+
+    // Half a second after the access: 1 s retention keeps it, not the other.
+    let now = accessed_at.saturating_add(Duration::from_millis(500));
+    let storage: &dyn Storage = server.storage();
+    let report = collect_garbage(server.database(), storage, &eager_gc(), now)
+        .await
+        .expect("GC");
+    assert_eq!(report.objects, 1);
+    assert_eq!(narinfo_status(&server, "lru", &fetched, &root).await, StatusCode::OK);
+    assert_eq!(
+        narinfo_status(&server, "lru", &untouched, &root).await,
+        StatusCode::NOT_FOUND
+    );
+    server.stop().await;
+}
+
+async fn delete_paths(
+    server: &TestServer,
+    token: Option<&str>,
+    cache: &str,
+    paths: &[&str],
+) -> reqwest::Response {
+    let request = DeletePathsRequest {
+        cache: cache.to_owned(),
+        store_path_hashes: paths
+            .iter()
+            .map(|path| path["/nix/store/".len()..][..32].to_owned())
+            .collect(),
+    };
+    let mut builder = server
+        .http()
+        .post(server.url_of("/_api/v1/delete-paths"))
+        .json(&request);
+    if let Some(token) = token {
+        builder = builder.bearer_auth(token);
+    }
+    builder.send().await.expect("POST delete-paths")
+}
+
+/// A deleted path is gone at once; its chunks go with the next run unless
+/// another cache holds them; the delete bit is required.
+#[tokio::test]
+async fn deleted_paths_404_at_once_and_their_storage_goes_with_the_next_run() {
+    let server = TestServer::start(gc_server_options()).await;
+    server.create_cache("trash", false).await;
+    server.create_cache("keeper", false).await;
+    let root = server.root_token().await;
+    let doomed = fake_store_path("doomed");
+    let shared = fake_store_path("shared");
+    let doomed_nar = file_nar(&pseudo_random(2 * SEED_CHUNK_SIZE, 3));
+    let shared_nar = file_nar(&pseudo_random(2 * SEED_CHUNK_SIZE, 4));
+    let doomed_seed = server
+        .seed_path("trash", plain_metadata(&doomed), &doomed_nar)
+        .await;
+    let shared_seed = server
+        .seed_path("trash", plain_metadata(&shared), &shared_nar)
+        .await;
+    server
+        .seed_path("keeper", plain_metadata(&shared), &shared_nar)
+        .await;
+
+    // Without the delete bit: 403 for a token that knows the cache, the
+    // no-discovery answers otherwise; nothing is deleted.
+    let puller = server.mint("puller", HOUR, &[("trash", &[Permission::Pull])]).await;
+    let stranger = server.mint("stranger", HOUR, &[("keeper", &[Permission::Delete])]).await;
+    let forbidden = delete_paths(&server, Some(&puller), "trash", &[&doomed]).await;
+    assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
+    let hidden = delete_paths(&server, Some(&stranger), "trash", &[&doomed]).await;
+    assert_eq!(hidden.status(), StatusCode::NOT_FOUND);
+    let anonymous = delete_paths(&server, None, "trash", &[&doomed]).await;
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    let malformed = server
+        .http()
+        .post(server.url_of("/_api/v1/delete-paths"))
+        .bearer_auth(&root)
+        .json(&serde_json::json!({"cache": "trash", "store_path_hashes": ["not-a-hash"]}))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(malformed.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(narinfo_status(&server, "trash", &doomed, &root).await, StatusCode::OK);
+
+    let deleter = server.mint("deleter", HOUR, &[("trash", &[Permission::Delete])]).await;
+    let missing = fake_store_path("never-pushed");
+    let response = delete_paths(&server, Some(&deleter), "trash", &[&doomed, &shared, &missing]).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let answer: DeletePathsResponse = response.json().await.expect("JSON answer");
+    assert_eq!(answer.deleted.len(), 2);
+    assert_eq!(answer.not_found, vec![missing["/nix/store/".len()..][..32].to_owned()]);
+    // At once, even though the narinfo was just served (and cached).
+    assert_eq!(narinfo_status(&server, "trash", &doomed, &root).await, StatusCode::NOT_FOUND);
+    assert_eq!(narinfo_status(&server, "trash", &shared, &root).await, StatusCode::NOT_FOUND);
+    assert_eq!(narinfo_status(&server, "keeper", &shared, &root).await, StatusCode::OK);
+
+    run_gc_once(server.config_path()).await;
+    for key in &doomed_seed.chunk_keys {
+        assert!(!exists(server.storage(), key).await, "{key} still stored");
+    }
+    for key in &shared_seed.chunk_keys {
+        assert!(exists(server.storage(), key).await, "{key} freed while held");
+    }
+    server.stop().await;
+}
