@@ -85,7 +85,9 @@ fn path_hash(n: u32) -> StorePathHash {
 }
 
 fn nar_hash(n: u32) -> NarHash {
-    NarHash::new(Sha256Hash::digest(&[b"nar".as_slice(), &n.to_be_bytes()].concat()))
+    NarHash::new(Sha256Hash::digest(
+        &[b"nar".as_slice(), &n.to_be_bytes()].concat(),
+    ))
 }
 
 fn chunk_hash(n: u32) -> Sha256Hash {
@@ -150,12 +152,25 @@ async fn objects_expire_by_last_access_per_cache(db: Database) {
         .expect("object");
     // Paths 0 and 1 were fetched at 50 s: one by narinfo, one by NAR...
     let paths = BTreeMap::from([(short, vec![path_hash(0)])]);
-    assert_eq!(db.touch_objects_by_path(&paths, at(50)).await.expect("touch"), 1);
+    assert_eq!(
+        db.touch_objects_by_path(&paths, at(50))
+            .await
+            .expect("touch"),
+        1
+    );
     // ...a NAR fetch touches every object of the cache on that NAR.
     let nars = BTreeMap::from([(other, vec![nar])]);
-    assert_eq!(db.touch_objects_by_nar(&nars, at(50)).await.expect("touch"), 1);
+    assert_eq!(
+        db.touch_objects_by_nar(&nars, at(50)).await.expect("touch"),
+        1
+    );
     // Never backwards.
-    assert_eq!(db.touch_objects_by_path(&paths, at(40)).await.expect("touch"), 0);
+    assert_eq!(
+        db.touch_objects_by_path(&paths, at(40))
+            .await
+            .expect("touch"),
+        0
+    );
 
     // Retention 30 s at 60 s: paths 1..5 of `short` are older; two a page.
     let mut deleted = 0;
@@ -226,10 +241,14 @@ async fn a_nar_is_kept_while_an_object_or_an_upload_in_flight_holds_it(db: Datab
     assert!(db.chunks_of_nar(free).await.expect("chunks").is_empty());
 
     // Once the upload has failed, it no longer holds its NAR.
-    db.fail_upload(&upload.id, "test", at(1)).await.expect("fail");
+    db.fail_upload(&upload.id, "test", at(1))
+        .await
+        .expect("fail");
     assert_eq!(unreferenced_nars(&db).await, vec![held_by_upload]);
     // Deleted with its cache's objects, the last NAR goes too.
-    db.delete_objects(cache, &[path_hash(1)]).await.expect("delete");
+    db.delete_objects(cache, &[path_hash(1)])
+        .await
+        .expect("delete");
     let deleted = db
         .delete_unreferenced_nars(&unreferenced_nars(&db).await)
         .await
@@ -242,7 +261,10 @@ async fn chunks_are_claimed_when_unlisted_past_the_grace_and_come_back_fresh(db:
     let other = valid_nar(&db, 2, &[2, 3], T0).await;
     // Listed chunks are never claimed.
     assert_eq!(collect_chunks(&db, at(100)).await, 0);
-    assert_eq!(db.delete_unreferenced_nars(&[nar]).await.expect("delete"), vec![nar]);
+    assert_eq!(
+        db.delete_unreferenced_nars(&[nar]).await.expect("delete"),
+        vec![nar]
+    );
     // Chunk 1 is unlisted now; within the grace (looked up at T0) it stays.
     assert_eq!(collect_chunks(&db, T0).await, 0);
     assert_eq!(collect_chunks(&db, at(100)).await, 1);
@@ -266,18 +288,28 @@ async fn chunks_are_claimed_when_unlisted_past_the_grace_and_come_back_fresh(db:
     assert_ne!(revived[0].id, claimed[0].id);
     // GC's delete of the old row finds nothing left to delete.
     assert_eq!(
-        db.delete_claimed_chunks(&[claimed[0].id]).await.expect("delete"),
+        db.delete_claimed_chunks(&[claimed[0].id])
+            .await
+            .expect("delete"),
         0
     );
     // The fresh row was just looked up: within the grace it stays.
     assert_eq!(collect_chunks(&db, at(150)).await, 0);
     // Chunks 2 and 3 are still listed by the other NAR.
     assert_eq!(db.chunks_of_nar(other).await.expect("chunks").len(), 2);
-    assert_eq!(collect_chunks(&db, at(300)).await, 1, "only the revived one");
+    assert_eq!(
+        collect_chunks(&db, at(300)).await,
+        1,
+        "only the revived one"
+    );
     let claimed = db.claimed_chunks(ChunkId(0), 10).await.expect("claimed");
     let ids: Vec<ChunkId> = claimed.iter().map(|chunk| chunk.id).collect();
     assert_eq!(db.delete_claimed_chunks(&ids).await.expect("delete"), 1);
-    assert!(db.chunk_by_hash(&chunk_hash(1)).await.expect("lookup").is_none());
+    assert!(db
+        .chunk_by_hash(&chunk_hash(1))
+        .await
+        .expect("lookup")
+        .is_none());
 }
 
 async fn a_chunk_list_naming_a_claimed_chunk_is_refused(db: Database) {
@@ -380,7 +412,9 @@ async fn a_chunk_list_recorded_while_its_chunks_are_claimed_never_names_a_claime
         let claimed = claim.await.expect("join").expect("claim");
         let listed = db.chunks_of_nar(nar.id).await.expect("chunks");
         assert!(
-            listed.iter().all(|entry| entry.chunk.state != StoreState::Deleting),
+            listed
+                .iter()
+                .all(|entry| entry.chunk.state != StoreState::Deleting),
             "a recorded list names a claimed chunk"
         );
         match recorded {

@@ -11,18 +11,20 @@ use reqwest::StatusCode;
 use common::api::{DeletePathsRequest, DeletePathsResponse};
 use common::auth::Permission;
 use common::config::Secret;
-use common::db::{CacheUpdate, Database, NewCache, CacheKeypair, Timestamp};
+use common::db::{CacheKeypair, CacheUpdate, Database, NewCache, Timestamp};
 use common::nix::signing::SecretKey;
 use common::storage::{ObjectKey, S3Options, S3Storage, Storage};
 use gc_scheduler::gc::{collect_garbage, collect_garbage_locked};
-use tests::server::{binary, pseudo_random, seed_nar, TestServer, TestServerOptions, SEED_CHUNK_SIZE};
+use tests::server::{
+    binary, pseudo_random, seed_nar, TestServer, TestServerOptions, SEED_CHUNK_SIZE,
+};
 use tests::services;
 
 use super::{eager_gc, fake_store_path, file_nar, plain_metadata, HOUR};
 
 /// Runs `gc-scheduler --config CONFIG --once`, which must succeed; returns
 /// what it logged.
-async fn run_gc_once(config: &Path) -> String {
+pub(super) async fn run_gc_once(config: &Path) -> String {
     let output = tokio::process::Command::new(binary("gc-scheduler"))
         .arg("--config")
         .arg(config)
@@ -49,7 +51,7 @@ async fn narinfo_status(server: &TestServer, cache: &str, path: &str, token: &st
         .status()
 }
 
-async fn set_retention(database: &Database, cache: &str, retention: Duration) {
+pub(super) async fn set_retention(database: &Database, cache: &str, retention: Duration) {
     database
         .update_cache(
             &cache.parse().expect("cache name"),
@@ -66,7 +68,7 @@ async fn exists(storage: &dyn Storage, key: &ObjectKey) -> bool {
     storage.size(key).await.expect("storage size").is_some()
 }
 
-async fn chunk_objects(storage: &dyn Storage) -> Vec<ObjectKey> {
+pub(super) async fn chunk_objects(storage: &dyn Storage) -> Vec<ObjectKey> {
     let prefix = ObjectKey::new("chunks").expect("key");
     let listed: Vec<_> = storage.list(&prefix).try_collect().await.expect("listing");
     listed.into_iter().map(|object| object.key).collect()
@@ -90,17 +92,28 @@ async fn retention_on_sqlite_with_the_gc_scheduler_binary() {
     let path = fake_store_path("shared");
     let nar = file_nar(&pseudo_random(3 * SEED_CHUNK_SIZE + 10, 1));
     let seeded = server.seed_path("brief", plain_metadata(&path), &nar).await;
-    server.seed_path("lasting", plain_metadata(&path), &nar).await;
+    server
+        .seed_path("lasting", plain_metadata(&path), &nar)
+        .await;
     set_retention(server.database(), "brief", Duration::from_secs(1)).await;
     // Let the retention period pass since the push (the last access).
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     let log = run_gc_once(server.config_path()).await;
     assert!(log.contains("objects=1"), "{log}");
-    assert_eq!(narinfo_status(&server, "brief", &path, &root).await, StatusCode::NOT_FOUND);
-    assert_eq!(narinfo_status(&server, "lasting", &path, &root).await, StatusCode::OK);
+    assert_eq!(
+        narinfo_status(&server, "brief", &path, &root).await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        narinfo_status(&server, "lasting", &path, &root).await,
+        StatusCode::OK
+    );
     for key in &seeded.chunk_keys {
-        assert!(exists(server.storage(), key).await, "{key} freed while held");
+        assert!(
+            exists(server.storage(), key).await,
+            "{key} freed while held"
+        );
     }
 
     set_retention(server.database(), "lasting", Duration::from_secs(1)).await;
@@ -141,7 +154,10 @@ async fn retention_on_postgres_with_garage() {
         let key = SecretKey::generate(&format!("{name}-1")).expect("key");
         let cache = database
             .create_cache(
-                &NewCache::new(name.parse().expect("name"), CacheKeypair::new(key.to_nix_secret_string())),
+                &NewCache::new(
+                    name.parse().expect("name"),
+                    CacheKeypair::new(key.to_nix_secret_string()),
+                ),
                 Timestamp::now(),
             )
             .await
@@ -149,7 +165,7 @@ async fn retention_on_postgres_with_garage() {
         caches.push(cache);
     }
     let path = fake_store_path("shared");
-    let hash = path["/nix/store/".len()..][..32].parse().expect("hash");
+    let hash = common::nix::StorePathHash::parse(&path["/nix/store/".len()..][..32]).expect("hash");
     let nar = file_nar(&pseudo_random(2 * SEED_CHUNK_SIZE + 10, 2));
     let mut keys = Vec::new();
     for cache in &caches {
@@ -174,7 +190,11 @@ async fn retention_on_postgres_with_garage() {
         .expect("GC")
         .expect("the lock is free");
     assert_eq!((report.objects, report.nars, report.chunks), (1, 0, 0));
-    assert!(database.objects_of_cache(caches[0].id).await.expect("objects").is_empty());
+    assert!(database
+        .objects_of_cache(caches[0].id)
+        .await
+        .expect("objects")
+        .is_empty());
     for key in &keys {
         assert!(exists(&storage, key).await, "{key} freed while held");
     }
@@ -184,7 +204,10 @@ async fn retention_on_postgres_with_garage() {
         .await
         .expect("GC")
         .expect("the lock is free");
-    assert_eq!((report.objects, report.nars, report.chunks), (1, 1, keys.len() as u64));
+    assert_eq!(
+        (report.objects, report.nars, report.chunks),
+        (1, 1, keys.len() as u64)
+    );
     assert!(report.bytes_freed > 0);
     for key in &keys {
         assert!(!exists(&storage, key).await, "{key} still stored");
@@ -214,16 +237,27 @@ async fn a_recently_fetched_path_survives_an_untouched_one() {
         .await
         .expect("lookup")
         .expect("cache");
-    let pushed_at = server.database().objects_of_cache(cache.id).await.expect("objects")[0]
+    let pushed_at = server
+        .database()
+        .objects_of_cache(cache.id)
+        .await
+        .expect("objects")[0]
         .last_accessed_at;
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert_eq!(narinfo_status(&server, "lru", &fetched, &root).await, StatusCode::OK);
+    assert_eq!(
+        narinfo_status(&server, "lru", &fetched, &root).await,
+        StatusCode::OK
+    );
 
     // The server flushes access times in batches: wait for this one.
     let fetched_hash = &fetched["/nix/store/".len()..][..32];
     let accessed_at = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
-            let objects = server.database().objects_of_cache(cache.id).await.expect("objects");
+            let objects = server
+                .database()
+                .objects_of_cache(cache.id)
+                .await
+                .expect("objects");
             let object = objects
                 .iter()
                 .find(|object| object.store_path_hash.as_str() == fetched_hash)
@@ -244,7 +278,10 @@ async fn a_recently_fetched_path_survives_an_untouched_one() {
         .await
         .expect("GC");
     assert_eq!(report.objects, 1);
-    assert_eq!(narinfo_status(&server, "lru", &fetched, &root).await, StatusCode::OK);
+    assert_eq!(
+        narinfo_status(&server, "lru", &fetched, &root).await,
+        StatusCode::OK
+    );
     assert_eq!(
         narinfo_status(&server, "lru", &untouched, &root).await,
         StatusCode::NOT_FOUND
@@ -299,8 +336,12 @@ async fn deleted_paths_404_at_once_and_their_storage_goes_with_the_next_run() {
 
     // Without the delete bit: 403 for a token that knows the cache, the
     // no-discovery answers otherwise; nothing is deleted.
-    let puller = server.mint("puller", HOUR, &[("trash", &[Permission::Pull])]).await;
-    let stranger = server.mint("stranger", HOUR, &[("keeper", &[Permission::Delete])]).await;
+    let puller = server
+        .mint("puller", HOUR, &[("trash", &[Permission::Pull])])
+        .await;
+    let stranger = server
+        .mint("stranger", HOUR, &[("keeper", &[Permission::Delete])])
+        .await;
     let forbidden = delete_paths(&server, Some(&puller), "trash", &[&doomed]).await;
     assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
     let hidden = delete_paths(&server, Some(&stranger), "trash", &[&doomed]).await;
@@ -316,26 +357,52 @@ async fn deleted_paths_404_at_once_and_their_storage_goes_with_the_next_run() {
         .await
         .expect("POST");
     assert_eq!(malformed.status(), StatusCode::BAD_REQUEST);
-    assert_eq!(narinfo_status(&server, "trash", &doomed, &root).await, StatusCode::OK);
+    assert_eq!(
+        narinfo_status(&server, "trash", &doomed, &root).await,
+        StatusCode::OK
+    );
 
-    let deleter = server.mint("deleter", HOUR, &[("trash", &[Permission::Delete])]).await;
+    let deleter = server
+        .mint("deleter", HOUR, &[("trash", &[Permission::Delete])])
+        .await;
     let missing = fake_store_path("never-pushed");
-    let response = delete_paths(&server, Some(&deleter), "trash", &[&doomed, &shared, &missing]).await;
+    let response = delete_paths(
+        &server,
+        Some(&deleter),
+        "trash",
+        &[&doomed, &shared, &missing],
+    )
+    .await;
     assert_eq!(response.status(), StatusCode::OK);
     let answer: DeletePathsResponse = response.json().await.expect("JSON answer");
     assert_eq!(answer.deleted.len(), 2);
-    assert_eq!(answer.not_found, vec![missing["/nix/store/".len()..][..32].to_owned()]);
+    assert_eq!(
+        answer.not_found,
+        vec![missing["/nix/store/".len()..][..32].to_owned()]
+    );
     // At once, even though the narinfo was just served (and cached).
-    assert_eq!(narinfo_status(&server, "trash", &doomed, &root).await, StatusCode::NOT_FOUND);
-    assert_eq!(narinfo_status(&server, "trash", &shared, &root).await, StatusCode::NOT_FOUND);
-    assert_eq!(narinfo_status(&server, "keeper", &shared, &root).await, StatusCode::OK);
+    assert_eq!(
+        narinfo_status(&server, "trash", &doomed, &root).await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        narinfo_status(&server, "trash", &shared, &root).await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        narinfo_status(&server, "keeper", &shared, &root).await,
+        StatusCode::OK
+    );
 
     run_gc_once(server.config_path()).await;
     for key in &doomed_seed.chunk_keys {
         assert!(!exists(server.storage(), key).await, "{key} still stored");
     }
     for key in &shared_seed.chunk_keys {
-        assert!(exists(server.storage(), key).await, "{key} freed while held");
+        assert!(
+            exists(server.storage(), key).await,
+            "{key} freed while held"
+        );
     }
     server.stop().await;
 }

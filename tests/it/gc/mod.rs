@@ -1,10 +1,13 @@
 //! Garbage collection (issue #7): the GC queries on both backends,
 //! including their races with the pipeline (`db`), and GC end to end
 //! through the server and the real `gc-scheduler` binary: retention,
-//! access times and path deletion (`end_to_end`).
+//! access times and path deletion (`end_to_end`), GC racing real `nix
+//! copy` pushes (`stress`) and a collector killed mid-run (`fault`).
 
 mod db;
 mod end_to_end;
+mod fault;
+mod stress;
 
 use std::time::Duration;
 
