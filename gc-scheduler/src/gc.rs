@@ -34,7 +34,10 @@
 //! one dedicated connection for the whole run (a replica that cannot take
 //! it skips its run and says so; a crashed holder's lock goes with its
 //! connection). On SQLite the single-machine server is the only process
-//! that collects, so there is nothing to lock.
+//! that collects, so there is nothing to lock; `gc-scheduler --once` beside
+//! it is still safe, since SQLite runs one writer at a time and every step
+//! is a conditional, idempotent statement: two collectors only repeat each
+//! other's work.
 
 mod orphans;
 mod reap;

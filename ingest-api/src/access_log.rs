@@ -7,7 +7,8 @@
 //! [`MAX_PENDING_ACCESSES`] the flusher is woken early, and further
 //! accesses until it has run are dropped. A dropped or unflushed access
 //! (a crash) only makes an object look older by up to one flush interval,
-//! which matters only to a retention shorter than that.
+//! which matters only to a retention shorter than that. Accesses are
+//! stamped with the flush's time, at most one interval after the fact.
 
 use std::collections::{BTreeMap, HashSet};
 use std::mem;

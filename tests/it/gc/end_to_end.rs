@@ -10,11 +10,14 @@ use reqwest::StatusCode;
 
 use common::api::{DeletePathsRequest, DeletePathsResponse};
 use common::auth::Permission;
-use common::config::Secret;
+use common::config::{
+    AuthConfig, DatabaseConfig, IngestConfig, LogConfig, PipelineConfig, Secret, ServerConfig,
+    StorageConfig,
+};
 use common::db::{CacheKeypair, CacheUpdate, Database, NewCache, Timestamp};
 use common::nix::signing::SecretKey;
-use common::storage::{ObjectKey, S3Options, S3Storage, Storage};
-use gc_scheduler::gc::{collect_garbage, collect_garbage_locked};
+use common::storage::{ObjectKey, Storage};
+use gc_scheduler::gc::{collect_garbage, collect_garbage_locked, GcLock};
 use tests::server::{
     binary, pseudo_random, seed_nar, TestServer, TestServerOptions, SEED_CHUNK_SIZE,
 };
@@ -133,24 +136,46 @@ async fn retention_on_sqlite_with_the_gc_scheduler_binary() {
     server.stop().await;
 }
 
-/// The same on PostgreSQL with Garage, through the GC library (under the
-/// advisory lock) on a storage prefix of its own.
+/// The same on PostgreSQL with Garage, with the binary on a config of
+/// its own (its own storage prefix).
 #[tokio::test]
 async fn retention_on_postgres_with_garage() {
-    let database = Database::connect(&services::fresh_postgres_database().await)
-        .await
-        .expect("connecting");
+    let database_url = services::fresh_postgres_database().await;
+    let database = Database::connect(&database_url).await.expect("connecting");
     database.migrate().await.expect("migrating");
     let settings = services::S3Settings::from_env();
-    let storage = S3Storage::new(S3Options {
+    let prefix = services::unique_name("gc");
+    let storage_config = StorageConfig::S3 {
         endpoint: settings.endpoint,
         region: settings.region,
         bucket: settings.bucket,
         access_key_id: settings.access_key_id,
         secret_access_key: Secret::new(settings.secret_access_key),
-        prefix: services::unique_name("gc"),
-    })
-    .expect("opening S3 storage");
+        prefix,
+    };
+    let storage = common::storage::open(&storage_config)
+        .await
+        .expect("opening S3 storage");
+    let dir = tempfile::tempdir().expect("a config directory");
+    let config_path = dir.path().join("gc.toml");
+    let config = ServerConfig {
+        listen: ServerConfig::default_listen(),
+        api_endpoint: None,
+        database: DatabaseConfig {
+            url: Secret::new(database_url),
+        },
+        storage: storage_config,
+        auth: AuthConfig {
+            hs256_secret_base64: Some(Secret::new("c2VjcmV0LWZvci10ZXN0cw==")),
+            rs256_private_key_pem: None,
+        },
+        ingest: IngestConfig::default(),
+        pipeline: PipelineConfig::default(),
+        gc: eager_gc(),
+        log: LogConfig::default(),
+    };
+    std::fs::write(&config_path, config.to_toml()).expect("writing the config");
+
     let mut caches = Vec::new();
     for name in ["brief", "lasting"] {
         let key = SecretKey::generate(&format!("{name}-1")).expect("key");
@@ -173,7 +198,7 @@ async fn retention_on_postgres_with_garage() {
     for cache in &caches {
         let (_, chunk_keys) = seed_nar(
             &database,
-            &storage,
+            &*storage,
             cache.id,
             hash,
             plain_metadata(&path),
@@ -185,36 +210,58 @@ async fn retention_on_postgres_with_garage() {
         keys = chunk_keys;
     }
     set_retention(&database, "brief", Duration::from_secs(1)).await;
-    let later = Timestamp::now().saturating_add(Duration::from_secs(2));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
 
-    let report = collect_garbage_locked(&database, &storage, &eager_gc(), later)
-        .await
-        .expect("GC")
-        .expect("the lock is free");
-    assert_eq!((report.objects, report.nars, report.chunks), (1, 0, 0));
+    let log = run_gc_once(&config_path).await;
+    assert!(log.contains("objects=1 nars=0 chunks=0"), "{log}");
     assert!(database
         .objects_of_cache(caches[0].id)
         .await
         .expect("objects")
         .is_empty());
     for key in &keys {
-        assert!(exists(&storage, key).await, "{key} freed while held");
+        assert!(exists(&*storage, key).await, "{key} freed while held");
     }
 
     set_retention(&database, "lasting", Duration::from_secs(1)).await;
-    let report = collect_garbage_locked(&database, &storage, &eager_gc(), later)
-        .await
-        .expect("GC")
-        .expect("the lock is free");
-    assert_eq!(
-        (report.objects, report.nars, report.chunks),
-        (1, 1, keys.len() as u64)
-    );
-    assert!(report.bytes_freed > 0);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let log = run_gc_once(&config_path).await;
+    let expected = format!("objects=1 nars=1 chunks={}", keys.len());
+    assert!(log.contains(&expected), "{log}");
     for key in &keys {
-        assert!(!exists(&storage, key).await, "{key} still stored");
+        assert!(!exists(&*storage, key).await, "{key} still stored");
     }
-    assert!(chunk_objects(&storage).await.is_empty());
+    assert!(chunk_objects(&*storage).await.is_empty());
+}
+
+/// Two collectors on one PostgreSQL database: while one holds the lock,
+/// the other skips its run.
+#[tokio::test]
+async fn a_second_collector_on_postgres_skips_its_run() {
+    let database = Database::connect(&services::fresh_postgres_database().await)
+        .await
+        .expect("connecting");
+    database.migrate().await.expect("migrating");
+    let dir = tempfile::tempdir().expect("storage directory");
+    let storage = common::storage::LocalStorage::open(dir.path())
+        .await
+        .expect("storage");
+    let held = GcLock::try_acquire(&database)
+        .await
+        .expect("locking")
+        .expect("the lock is free");
+    let skipped = collect_garbage_locked(&database, &storage, &eager_gc(), Timestamp::now())
+        .await
+        .expect("GC");
+    assert!(
+        skipped.is_none(),
+        "ran while another collector held the lock"
+    );
+    held.release().await;
+    let ran = collect_garbage_locked(&database, &storage, &eager_gc(), Timestamp::now())
+        .await
+        .expect("GC");
+    assert!(ran.is_some(), "the lock was released");
 }
 
 /// A path fetched after the retention period survives the run that
@@ -406,5 +453,88 @@ async fn deleted_paths_404_at_once_and_their_storage_goes_with_the_next_run() {
             "{key} freed while held"
         );
     }
+    server.stop().await;
+}
+
+/// Runs `larder ARGS` with its config in `config_home`.
+async fn larder(config_home: &Path, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(binary("larder"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", config_home)
+        .env("XDG_CONFIG_HOME", config_home)
+        .output()
+        .await
+        .expect("running larder")
+}
+
+/// `larder cache delete-path` takes store paths, base names and hashes;
+/// without the delete bit it fails with one readable line.
+#[tokio::test]
+async fn larder_cache_delete_path_removes_paths() {
+    let server = TestServer::start(gc_server_options()).await;
+    server.create_cache("cli", false).await;
+    let root = server.root_token().await;
+    let paths: Vec<String> = (0..3).map(|n| fake_store_path(&format!("p{n}"))).collect();
+    for (n, path) in paths.iter().enumerate() {
+        let nar = file_nar(format!("path {n}").as_bytes());
+        server.seed_path("cli", plain_metadata(path), &nar).await;
+    }
+    let home = tempfile::tempdir().expect("a config home");
+    let puller = server
+        .mint("puller", HOUR, &[("cli", &[Permission::Pull])])
+        .await;
+    let login = larder(home.path(), &["login", "local", &server.url(), &puller]).await;
+    assert!(login.status.success(), "{login:?}");
+    let refused = larder(home.path(), &["cache", "delete-path", "cli", &paths[0]]).await;
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.starts_with("error: ") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+    let bad = larder(home.path(), &["cache", "delete-path", "cli", "not-a-path"]).await;
+    assert_eq!(bad.status.code(), Some(1));
+
+    let deleter = server
+        .mint(
+            "deleter",
+            HOUR,
+            &[("cli", &[Permission::Pull, Permission::Delete])],
+        )
+        .await;
+    let login = larder(home.path(), &["login", "local", &server.url(), &deleter]).await;
+    assert!(login.status.success(), "{login:?}");
+    let base_name = &paths[1]["/nix/store/".len()..];
+    let never_pushed = fake_store_path("never");
+    let hash = &never_pushed["/nix/store/".len()..][..32];
+    let deleted = larder(
+        home.path(),
+        &["cache", "delete-path", "cli", &paths[0], base_name, hash],
+    )
+    .await;
+    assert!(deleted.status.success(), "{deleted:?}");
+    let stdout = String::from_utf8_lossy(&deleted.stdout);
+    assert!(
+        stdout.contains("deleted 2 path(s) from cache cli"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("not in cache cli: {hash}")),
+        "{stdout}"
+    );
+    assert_eq!(
+        narinfo_status(&server, "cli", &paths[0], &root).await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        narinfo_status(&server, "cli", &paths[1], &root).await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        narinfo_status(&server, "cli", &paths[2], &root).await,
+        StatusCode::OK
+    );
     server.stop().await;
 }
