@@ -15,6 +15,7 @@ use common::config::{
     StorageConfig,
 };
 use common::db::{CacheKeypair, CacheUpdate, Database, NewCache, Timestamp};
+use common::duration::HumanDuration;
 use common::nix::signing::SecretKey;
 use common::storage::{ObjectKey, Storage};
 use gc_scheduler::gc::{collect_garbage, collect_garbage_locked, GcLock};
@@ -536,5 +537,125 @@ async fn larder_cache_delete_path_removes_paths() {
         narinfo_status(&server, "cli", &paths[2], &root).await,
         StatusCode::OK
     );
+    server.stop().await;
+}
+
+/// Reaping: uploads failed or stuck (here in `chunking` and `spooled`)
+/// past their deadlines and unclaimed
+/// staged files go with their staged NARs; a stray object under `chunks/`
+/// goes once older than the grace, a referenced one never.
+#[tokio::test]
+async fn reaping_removes_stale_uploads_staged_files_and_orphan_chunk_objects() {
+    use common::config::GcConfig;
+    use common::db::{NewUpload, StagedFile, UploadPhase};
+    use common::nix::{NarHash, Sha256Hash, StorePathHash};
+
+    let server = TestServer::start(gc_server_options()).await;
+    let cache = server.create_cache("reaped", false).await;
+    let database = server.database();
+    let storage: &dyn Storage = server.storage();
+    let kept_path = fake_store_path("kept");
+    let kept = server
+        .seed_path("reaped", plain_metadata(&kept_path), &file_nar(b"kept"))
+        .await;
+    let now = Timestamp::now();
+    let staged = |name: &str| ObjectKey::new(format!("staging/{name}.nar")).expect("key");
+    let mut uploads = Vec::new();
+    for (n, name) in ["failed", "chunking", "spooled"].iter().enumerate() {
+        let hash = StorePathHash::from_bytes(&[n as u8 + 1; 20]);
+        storage
+            .put(&staged(name), bytes::Bytes::from_static(b"nar"))
+            .await
+            .expect("staging");
+        let upload = database
+            .create_upload(
+                &NewUpload {
+                    cache_id: cache.id,
+                    store_path_hash: hash,
+                    nar_hash: NarHash::new(Sha256Hash::digest(name.as_bytes())),
+                    nar_size: 3,
+                    metadata: plain_metadata(&format!("/nix/store/{hash}-{name}")),
+                    staged_key: staged(name).to_string(),
+                    trace_id: None,
+                    created_by: None,
+                },
+                now,
+            )
+            .await
+            .expect("upload");
+        uploads.push(upload);
+    }
+    database
+        .fail_upload(&uploads[0].id, "test", now)
+        .await
+        .expect("failing");
+    database
+        .set_upload_phase(&uploads[1].id, UploadPhase::Chunking, now)
+        .await
+        .expect("phase");
+    storage
+        .put(&staged("unclaimed"), bytes::Bytes::from_static(b"nar"))
+        .await
+        .expect("staging");
+    database
+        .put_staged_file(&StagedFile {
+            cache_id: cache.id,
+            file_name: "x.nar".to_owned(),
+            staged_key: staged("unclaimed").to_string(),
+            nar_hash: NarHash::new(Sha256Hash::digest(b"unclaimed")),
+            nar_size: 3,
+            created_at: now,
+        })
+        .await
+        .expect("staged file");
+    let stray = ObjectKey::new("chunks/ab/left-by-a-crash.zst").expect("key");
+    storage
+        .put(&stray, bytes::Bytes::from_static(b"zst"))
+        .await
+        .expect("a stray object");
+
+    let config = GcConfig {
+        orphan_grace: HumanDuration::from_secs(3600),
+        ..eager_gc()
+    };
+    // Within every deadline and the grace: nothing goes.
+    let report = collect_garbage(database, storage, &config, now)
+        .await
+        .expect("GC");
+    assert_eq!(
+        (
+            report.uploads_reaped,
+            report.staged_files_reaped,
+            report.orphans_removed
+        ),
+        (0, 0, 0)
+    );
+    assert!(exists(storage, &stray).await);
+
+    // A day and a bit later (the defaults), everything stale goes.
+    let later = now.saturating_add(Duration::from_secs(25 * 3600));
+    let report = collect_garbage(database, storage, &config, later)
+        .await
+        .expect("GC");
+    assert_eq!(report.uploads_reaped, 3);
+    assert_eq!(report.staged_files_reaped, 1);
+    // The stray object, written "25 hours ago" by then.
+    assert_eq!(report.orphans_removed, 1);
+    for upload in &uploads {
+        assert!(database.upload(&upload.id).await.expect("lookup").is_none());
+    }
+    for name in ["failed", "chunking", "spooled", "unclaimed"] {
+        assert!(!exists(storage, &staged(name)).await, "{name} still staged");
+    }
+    assert!(database
+        .staged_file(cache.id, "x.nar")
+        .await
+        .expect("lookup")
+        .is_none());
+    assert!(!exists(storage, &stray).await);
+    // The seeded path has no retention: it and its chunks stay.
+    for key in &kept.chunk_keys {
+        assert!(exists(storage, key).await, "{key} removed");
+    }
     server.stop().await;
 }
