@@ -21,6 +21,8 @@
 //!    are older than `orphan-grace` (module [`orphans`]): written by a
 //!    compressor that crashed, or that lost its chunk to GC, before its row
 //!    pointed at them. The grace keeps a compressor's fresh object safe.
+//!    Likewise staged NARs under `staging/` that no upload or staged file
+//!    names, older than `staged-file-deadline` (a crashed spool's).
 //!
 //! Every step pages through all of its work (`page-size` rows a round
 //! trip), deletes from storage with at most `delete-concurrency` requests
@@ -75,14 +77,15 @@ pub struct GcReport {
     pub nars: u64,
     /// Chunks deleted from storage and database.
     pub chunks: u64,
-    /// Bytes of storage freed: chunk objects and orphans (their stored,
-    /// compressed size), staged NARs are not counted.
+    /// Bytes of storage freed: chunk objects and orphans (their stored
+    /// size); the staged NARs of reaped uploads and files are not counted.
     pub bytes_freed: u64,
     /// Upload rows deleted (finished past the deadline, or stuck).
     pub uploads_reaped: u64,
     /// Staged files (Nix's `PUT nar/…`) no narinfo claimed, deleted.
     pub staged_files_reaped: u64,
-    /// Storage objects under `chunks/` that no row referenced, deleted.
+    /// Storage objects under `chunks/` or `staging/` that no row named,
+    /// deleted.
     pub orphans_removed: u64,
     /// How long the run took.
     pub duration: Duration,
@@ -121,7 +124,9 @@ pub async fn collect_garbage(
     let linked_before = now.saturating_sub(config.orphan_grace.as_duration());
     claim_unreferenced_chunks(database, config, linked_before).await?;
     delete_claimed_chunks(database, storage, config, &mut report).await?;
-    orphans::remove_orphan_chunk_objects(database, storage, config, now, &mut report).await?;
+    for sweep in [orphans::Sweep::Chunks, orphans::Sweep::Staging] {
+        orphans::remove_orphans(sweep, database, storage, config, now, &mut report).await?;
+    }
     report.duration = started.elapsed();
     Ok(report)
 }

@@ -14,3 +14,6 @@ CREATE INDEX uploads_nar_hash ON uploads (nar_hash);
 CREATE INDEX chunks_deleting ON chunks (id) WHERE state = 'deleting';
 -- Orphan sweep: is a chunk object found in storage named by a row?
 CREATE INDEX chunks_object_key ON chunks (object_key);
+-- Orphan sweep of staging: is a staged NAR found in storage named by a row?
+CREATE INDEX uploads_staged_key ON uploads (staged_key);
+CREATE INDEX staged_files_staged_key ON staged_files (staged_key);

@@ -347,6 +347,31 @@ impl Database {
         Ok(out)
     }
 
+    /// The keys among `keys` that an upload or a staged file names as its
+    /// staged NAR.
+    pub async fn staged_keys_in_use(&self, keys: &[&str]) -> Result<HashSet<String>> {
+        let mut out = HashSet::with_capacity(keys.len());
+        for batch in keys.chunks(MAX_IN_LIST) {
+            let list = placeholders(1, batch.len());
+            let sql = format!(
+                "SELECT staged_key FROM uploads WHERE staged_key IN ({list}) \
+                 UNION SELECT staged_key FROM staged_files WHERE staged_key IN ({list})"
+            );
+            let mut query = sqlx::query(&sql);
+            for key in batch {
+                query = query.bind(*key);
+            }
+            let rows = query
+                .fetch_all(&self.pool)
+                .await
+                .map_err(query_error("looking up staged keys"))?;
+            for row in &rows {
+                out.insert(string_col(row, "staged_key")?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Staged files (Nix's `PUT nar/…`) no narinfo claimed since before
     /// `created_before`, oldest first, at most `limit`.
     pub async fn expired_staged_files(

@@ -1,4 +1,4 @@
-//! Chunk objects in storage that no chunk row names.
+//! Objects in storage that no row names: chunk objects, and staged NARs.
 //!
 //! A compressor puts a chunk's object (`chunks/<2 hex>/<sha256>-<id>.zst`)
 //! before it records the location in the row; if it dies in between and
@@ -12,6 +12,11 @@
 //! reused, so a deleted row never comes back to claim an old object.
 //! Objects younger than `orphan-grace` are left alone: a compressor may
 //! have just written one for a row it is about to update.
+//!
+//! A staged NAR under `staging/` is named by an upload or a staged file; one
+//! that neither names (a spool cut short by a crash, or a crash between
+//! reaping a staged file's row and deleting its object) is deleted once
+//! older than `staged-file-deadline`.
 
 use std::time::SystemTime;
 
@@ -43,15 +48,46 @@ fn parse_chunk_key(key: &ObjectKey) -> Option<(&str, ChunkId)> {
     Some((hash, ChunkId(id)))
 }
 
-pub(super) async fn remove_orphan_chunk_objects(
+/// What a sweep looks for: the objects under one prefix that no row names.
+#[derive(Clone, Copy)]
+pub(super) enum Sweep {
+    /// `chunks/`: named by a chunk row; grace `orphan-grace`.
+    Chunks,
+    /// `staging/`: named by an upload or a staged file; grace
+    /// `staged-file-deadline` (a spooled NAR is written before its upload
+    /// row, and a narinfo claims a staged file an instant before its
+    /// upload row names the object).
+    Staging,
+}
+
+impl Sweep {
+    fn prefix(self) -> &'static str {
+        match self {
+            Self::Chunks => CHUNKS_PREFIX,
+            Self::Staging => "staging",
+        }
+    }
+
+    fn grace(self, config: &GcConfig) -> std::time::Duration {
+        match self {
+            Self::Chunks => config.orphan_grace.as_duration(),
+            Self::Staging => config.staged_file_deadline.as_duration(),
+        }
+    }
+}
+
+/// Deletes the objects under the sweep's prefix that no row names and that
+/// were written before its grace.
+pub(super) async fn remove_orphans(
+    sweep: Sweep,
     database: &Database,
     storage: &dyn Storage,
     config: &GcConfig,
     now: Timestamp,
     report: &mut GcReport,
 ) -> Result<(), GcError> {
-    let written_before: SystemTime = now.saturating_sub(config.orphan_grace.as_duration()).into();
-    let prefix = ObjectKey::new(CHUNKS_PREFIX)?;
+    let written_before: SystemTime = now.saturating_sub(sweep.grace(config)).into();
+    let prefix = ObjectKey::new(sweep.prefix())?;
     let mut listing = storage.list(&prefix);
     let mut page: Vec<ListedObject> = Vec::with_capacity(config.page_size as usize);
     loop {
@@ -63,7 +99,11 @@ pub(super) async fn remove_orphan_chunk_objects(
             }
         }
         if page.len() >= config.page_size as usize || (done && !page.is_empty()) {
-            let orphans = unreferenced(database, std::mem::take(&mut page)).await?;
+            let page = std::mem::take(&mut page);
+            let orphans = match sweep {
+                Sweep::Chunks => unreferenced_chunk_objects(database, page).await?,
+                Sweep::Staging => unreferenced_staged_objects(database, page).await?,
+            };
             report.orphans_removed += orphans.len() as u64;
             report.bytes_freed += orphans.iter().map(|object| object.size).sum::<u64>();
             let keys = orphans.into_iter().map(|object| object.key).collect();
@@ -75,8 +115,21 @@ pub(super) async fn remove_orphan_chunk_objects(
     }
 }
 
+/// The objects of `page` that no upload or staged file names.
+async fn unreferenced_staged_objects(
+    database: &Database,
+    page: Vec<ListedObject>,
+) -> Result<Vec<ListedObject>, GcError> {
+    let keys: Vec<&str> = page.iter().map(|object| object.key.as_str()).collect();
+    let named = database.staged_keys_in_use(&keys).await?;
+    Ok(page
+        .into_iter()
+        .filter(|object| !named.contains(object.key.as_str()))
+        .collect())
+}
+
 /// The objects of `page` that no chunk row names.
-async fn unreferenced(
+async fn unreferenced_chunk_objects(
     database: &Database,
     page: Vec<ListedObject>,
 ) -> Result<Vec<ListedObject>, GcError> {

@@ -542,8 +542,8 @@ async fn larder_cache_delete_path_removes_paths() {
 
 /// Reaping: uploads failed or stuck (here in `chunking` and `spooled`)
 /// past their deadlines and unclaimed
-/// staged files go with their staged NARs; a stray object under `chunks/`
-/// goes once older than the grace, a referenced one never.
+/// staged files go with their staged NARs; stray objects under `chunks/`
+/// and `staging/` go once older than their grace, referenced ones never.
 #[tokio::test]
 async fn reaping_removes_stale_uploads_staged_files_and_orphan_chunk_objects() {
     use common::config::GcConfig;
@@ -609,10 +609,13 @@ async fn reaping_removes_stale_uploads_staged_files_and_orphan_chunk_objects() {
         .await
         .expect("staged file");
     let stray = ObjectKey::new("chunks/ab/left-by-a-crash.zst").expect("key");
-    storage
-        .put(&stray, bytes::Bytes::from_static(b"zst"))
-        .await
-        .expect("a stray object");
+    let stray_staged = staged("left-by-a-crashed-spool");
+    for key in [&stray, &stray_staged] {
+        storage
+            .put(key, bytes::Bytes::from_static(b"zst"))
+            .await
+            .expect("a stray object");
+    }
 
     let config = GcConfig {
         orphan_grace: HumanDuration::from_secs(3600),
@@ -631,6 +634,7 @@ async fn reaping_removes_stale_uploads_staged_files_and_orphan_chunk_objects() {
         (0, 0, 0)
     );
     assert!(exists(storage, &stray).await);
+    assert!(exists(storage, &stray_staged).await);
 
     // A day and a bit later (the defaults), everything stale goes.
     let later = now.saturating_add(Duration::from_secs(25 * 3600));
@@ -639,8 +643,8 @@ async fn reaping_removes_stale_uploads_staged_files_and_orphan_chunk_objects() {
         .expect("GC");
     assert_eq!(report.uploads_reaped, 3);
     assert_eq!(report.staged_files_reaped, 1);
-    // The stray object, written "25 hours ago" by then.
-    assert_eq!(report.orphans_removed, 1);
+    // The stray objects, written "25 hours ago" by then.
+    assert_eq!(report.orphans_removed, 2);
     for upload in &uploads {
         assert!(database.upload(&upload.id).await.expect("lookup").is_none());
     }
@@ -653,6 +657,7 @@ async fn reaping_removes_stale_uploads_staged_files_and_orphan_chunk_objects() {
         .expect("lookup")
         .is_none());
     assert!(!exists(storage, &stray).await);
+    assert!(!exists(storage, &stray_staged).await);
     // The seeded path has no retention: it and its chunks stay.
     for key in &kept.chunk_keys {
         assert!(exists(storage, key).await, "{key} removed");
