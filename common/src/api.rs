@@ -99,6 +99,25 @@ pub struct GetMissingPathsResponse {
     pub missing_paths: Vec<String>,
 }
 
+/// `POST /_api/v1/delete-paths`: removes these paths from a cache at once
+/// (their storage is freed by the next GC run, once nothing else holds
+/// it). Needs delete permission on the cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeletePathsRequest {
+    pub cache: String,
+    /// Store path hashes (the 32 characters before the first `-`).
+    pub store_path_hashes: Vec<String>,
+}
+
+/// The answer to [`DeletePathsRequest`], each list in request order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeletePathsResponse {
+    /// The hashes that were in the cache and are gone now.
+    pub deleted: Vec<String>,
+    /// The hashes that were not in the cache.
+    pub not_found: Vec<String>,
+}
+
 /// Request header carrying an [`UploadPathNarInfo`] as JSON.
 pub const NAR_INFO_HEADER: &str = "x-attic-nar-info";
 

@@ -30,6 +30,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "auth",
     "ingest",
     "pipeline",
+    "gc",
     "log",
 ];
 
@@ -101,6 +102,8 @@ pub struct ServerConfig {
     pub ingest: IngestConfig,
     #[serde(default)]
     pub pipeline: PipelineConfig,
+    #[serde(default)]
+    pub gc: GcConfig,
     #[serde(default)]
     pub log: LogConfig,
 }
@@ -174,6 +177,79 @@ impl Default for PipelineConfig {
             stuck_after: HumanDuration::from_secs(10 * 60),
             max_upload_attempts: 5,
             reconcile_interval: HumanDuration::from_secs(60),
+        }
+    }
+}
+
+/// `[gc]`: garbage collection (`gc-scheduler`, and in-process in the
+/// single-machine server) and the read path's access-time flushing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct GcConfig {
+    /// How often a GC run starts.
+    pub interval: HumanDuration,
+    /// The retention period of caches that set none: an object not fetched
+    /// for this long is removed from its cache. Absent: keep forever.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_retention: Option<HumanDuration>,
+    /// Uploads that ended (`done`, `failed`) are deleted, with whatever
+    /// staged NAR they left, this long after their last change.
+    pub finished_upload_deadline: HumanDuration,
+    /// Uploads still in flight but not updated for this long are failed
+    /// and deleted with their staged NAR. Longer than the reconciler's
+    /// `stuck-after` times `max-upload-attempts`, so the reconciler has
+    /// given up on them first.
+    pub stuck_upload_deadline: HumanDuration,
+    /// NAR files received with `PUT nar/…` that no narinfo claimed within
+    /// this long are deleted.
+    pub staged_file_deadline: HumanDuration,
+    /// Unreferenced chunks (rows, and objects under `chunks/` in storage)
+    /// younger than this are kept: a chunker may be about to list them, a
+    /// compressor may have just written them.
+    pub orphan_grace: HumanDuration,
+    /// How often the read path writes the access times it collected.
+    pub access_flush_interval: HumanDuration,
+    /// Rows handled per database round trip.
+    pub page_size: u32,
+    /// Storage deletes in flight at once.
+    pub delete_concurrency: u32,
+}
+
+impl GcConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let zero = |key: &str| {
+            Err(ConfigError::Invalid(format!(
+                "gc.{key} must be greater than zero"
+            )))
+        };
+        if self.interval.as_secs() == 0 {
+            return zero("interval");
+        }
+        if self.access_flush_interval.as_secs() == 0 {
+            return zero("access-flush-interval");
+        }
+        if self.page_size == 0 {
+            return zero("page-size");
+        }
+        if self.delete_concurrency == 0 {
+            return zero("delete-concurrency");
+        }
+        Ok(())
+    }
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        Self {
+            interval: HumanDuration::from_secs(60 * 60),
+            default_retention: None,
+            finished_upload_deadline: HumanDuration::from_secs(24 * 60 * 60),
+            stuck_upload_deadline: HumanDuration::from_secs(24 * 60 * 60),
+            staged_file_deadline: HumanDuration::from_secs(24 * 60 * 60),
+            orphan_grace: HumanDuration::from_secs(60 * 60),
+            access_flush_interval: HumanDuration::from_secs(5),
+            page_size: 1000,
+            delete_concurrency: 16,
         }
     }
 }
@@ -298,6 +374,7 @@ impl ServerConfig {
                 )));
             }
         }
+        self.gc.validate()?;
         if let Some(endpoint) = &self.api_endpoint {
             if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
                 return Err(ConfigError::Invalid(format!(
@@ -422,6 +499,28 @@ mod tests {
         );
         assert_eq!(config.listen, "127.0.0.1:9000".parse().expect("addr"));
         assert_eq!(config.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn gc_keeps_forever_by_default_and_reads_its_section() {
+        let config = load(MINIMAL, &[]).expect("valid config");
+        assert_eq!(config.gc, GcConfig::default());
+        assert!(config.gc.default_retention.is_none());
+
+        let text = format!("{MINIMAL}\n[gc]\ndefault-retention = \"30d\"\npage-size = 10\n");
+        let config = load(&text, &[("LARDER_GC__INTERVAL", "5min")]).expect("valid config");
+        assert_eq!(
+            config.gc.default_retention,
+            Some(HumanDuration::from_secs(30 * 24 * 60 * 60))
+        );
+        assert_eq!(config.gc.page_size, 10);
+        assert_eq!(config.gc.interval, HumanDuration::from_secs(5 * 60));
+
+        let error = load(MINIMAL, &[("LARDER_GC__DELETE_CONCURRENCY", "0")]).expect_err("zero");
+        assert!(
+            error.to_string().contains("gc.delete-concurrency"),
+            "{error}"
+        );
     }
 
     #[test]

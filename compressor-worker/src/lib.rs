@@ -74,15 +74,16 @@ impl JobHandler for Compressor {
             .iter()
             .map(|range| ChunkId(range.chunk_id))
             .collect();
-        // A chunk row that no longer exists was claimed by GC and replaced
-        // by a fresh row, which whoever replaced it stores: skip it.
+        // A chunk row that no longer exists, or that GC has claimed
+        // (`deleting`), is replaced by a fresh row, which whoever replaces
+        // it stores: skip it.
         let rows = self.database.chunks_by_id(&ids).await?;
         let pending: Vec<(ChunkRange, Chunk)> = job
             .chunks
             .iter()
             .filter_map(|range| {
                 let row = rows.iter().find(|row| row.id.0 == range.chunk_id)?;
-                (row.state != StoreState::Valid).then(|| (*range, row.clone()))
+                (row.state == StoreState::Pending).then(|| (*range, row.clone()))
             })
             .collect();
         let mut stored = Vec::with_capacity(pending.len());

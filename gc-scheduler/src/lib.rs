@@ -1,7 +1,8 @@
-//! Garbage collection on three levels (objects, NARs, chunks), reaping of
-//! stale uploads, and the reconciler that re-publishes stuck jobs.
+//! Garbage collection on three levels (objects, NARs, chunks) with reaping
+//! of stale uploads (module [`gc`]), and the reconciler that re-publishes
+//! stuck jobs.
 //!
-//! Built so far: the reconciler. Queues are not the truth (the embedded
+//! The reconciler: queues are not the truth (the embedded
 //! queue forgets everything with its process; a broker may lose a message
 //! or a worker may die holding one), the `uploads` table is: an upload
 //! still in flight (`spooled`, `chunking`, `compressing`) that has not
@@ -9,8 +10,9 @@
 //! again, which the chunker handles from whatever point the upload reached.
 //! Each publication is counted ([`Database::record_upload_attempt`], which
 //! also restarts the wait); past `max_upload_attempts` the upload ends
-//! `failed` with a reason, and can be pushed again. GC and the reaper come
-//! with issue #7.
+//! `failed` with a reason, and can be pushed again.
+
+pub mod gc;
 
 use std::time::Duration;
 
@@ -24,7 +26,7 @@ use common::queue::{publish_job, ChunkJob, Queue, QueueError};
 const PAGE: u32 = 500;
 
 /// The phases of an upload still in the pipeline.
-const IN_FLIGHT: [UploadPhase; 3] = [
+pub(crate) const IN_FLIGHT: [UploadPhase; 3] = [
     UploadPhase::Spooled,
     UploadPhase::Chunking,
     UploadPhase::Compressing,

@@ -7,6 +7,7 @@
 //! port-0 listener.
 
 mod access;
+mod access_log;
 mod endpoint;
 pub mod error;
 mod extract;
@@ -32,10 +33,10 @@ use common::auth::{
     KeyError, MintError, Permission, RevocationList, TokenBuilder, TokenSigningKey, TokenVerifier,
 };
 use common::cache_name::{CacheNameError, CacheNamePattern};
-use common::config::{PipelineConfig, ServerConfig, StorageConfig};
+use common::config::{GcConfig, PipelineConfig, ServerConfig, StorageConfig};
 use common::db::{Database, DbError};
 use common::queue::{EmbeddedQueue, Queue};
-use common::storage::{LocalStorage, S3Options, S3Storage, Storage, StorageError};
+use common::storage::{Storage, StorageError};
 
 pub use routes::router;
 pub use state::{AppState, ServedCache, Shared};
@@ -113,24 +114,7 @@ pub async fn migrate(config: &ServerConfig) -> Result<(), ServerError> {
 }
 
 async fn open_storage(config: &StorageConfig) -> Result<Arc<dyn Storage>, ServerError> {
-    Ok(match config {
-        StorageConfig::Local { path } => Arc::new(LocalStorage::open(path).await?),
-        StorageConfig::S3 {
-            endpoint,
-            region,
-            bucket,
-            access_key_id,
-            secret_access_key,
-            prefix,
-        } => Arc::new(S3Storage::new(S3Options {
-            endpoint: endpoint.clone(),
-            region: region.clone(),
-            bucket: bucket.clone(),
-            access_key_id: access_key_id.clone(),
-            secret_access_key: secret_access_key.clone(),
-            prefix: prefix.clone(),
-        })?),
-    })
+    Ok(common::storage::open(config).await?)
 }
 
 /// A server ready to serve on its listener.
@@ -140,6 +124,7 @@ pub struct Server {
     signing_key: TokenSigningKey,
     revocations: Arc<RevocationList>,
     pipeline: PipelineConfig,
+    gc: GcConfig,
 }
 
 impl Server {
@@ -170,6 +155,7 @@ impl Server {
                 .map(endpoint::with_trailing_slash),
             served_caches: TtlCache::new(READ_CACHE_TIME_TO_LIVE, READ_CACHE_CAPACITY),
             narinfos: TtlCache::new(READ_CACHE_TIME_TO_LIVE, READ_CACHE_CAPACITY),
+            access_log: Arc::default(),
         });
         Ok(Self {
             state,
@@ -177,6 +163,7 @@ impl Server {
             signing_key,
             revocations,
             pipeline: config.pipeline.clone(),
+            gc: config.gc.clone(),
         })
     }
 
@@ -224,7 +211,16 @@ impl Server {
             self.revocations.clone(),
             stop.clone(),
         ));
-        let pipeline = pipeline::InProcessPipeline::start(&self.state, &self.pipeline);
+        let pipeline = pipeline::InProcessPipeline::start(&self.state, &self.pipeline, &self.gc);
+        let access_flusher = tokio::spawn({
+            let (log, database, interval, stop) = (
+                self.state.access_log.clone(),
+                self.state.database.clone(),
+                self.gc.access_flush_interval.as_duration(),
+                stop.clone(),
+            );
+            async move { log.run_flusher(database, interval, stop).await }
+        });
         if let Ok(address) = self.listener.local_addr() {
             tracing::info!(%address, "serving");
         }
@@ -239,6 +235,8 @@ impl Server {
         // After the requests: a push waiting for its path to be visible
         // needs the workers until it answers.
         pipeline.stop().await;
+        // Its last flush records the accesses of the final requests.
+        let _ = access_flusher.await;
         // The refresher only reads; stopping it mid-query loses nothing.
         let _ = refresher.await;
         Ok(served?)

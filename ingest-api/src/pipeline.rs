@@ -1,6 +1,8 @@
 //! The ingest pipeline inside the server, for the single-machine mode: the
-//! chunker and compressor consume the server's embedded queue, and the
-//! reconciler republishes stuck uploads.
+//! chunker and compressor consume the server's embedded queue, the
+//! reconciler republishes stuck uploads, and GC runs every `gc.interval`
+//! (on SQLite this process is the only collector; on PostgreSQL the
+//! advisory lock keeps it from overlapping a `gc-scheduler`).
 //!
 //! The embedded queue keeps nothing across a restart, so at start every
 //! upload still in flight gets its chunk job again: that is how a killed
@@ -11,7 +13,7 @@
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use common::config::PipelineConfig;
+use common::config::{GcConfig, PipelineConfig};
 use common::db::Timestamp;
 
 use crate::state::AppState;
@@ -23,9 +25,9 @@ pub(crate) struct InProcessPipeline {
 }
 
 impl InProcessPipeline {
-    /// Starts the workers and the reconciler on the server's database,
+    /// Starts the workers, the reconciler and GC on the server's database,
     /// storage and queue.
-    pub(crate) fn start(state: &AppState, config: &PipelineConfig) -> Self {
+    pub(crate) fn start(state: &AppState, config: &PipelineConfig, gc: &GcConfig) -> Self {
         let stop = CancellationToken::new();
         let chunker = tokio::spawn({
             let run = chunker_worker::run(
@@ -86,9 +88,15 @@ impl InProcessPipeline {
                 gc_scheduler::run_reconciler(database, queue, config, stop).await;
             }
         });
+        let collector = tokio::spawn(gc_scheduler::gc::run_gc_loop(
+            state.database.clone(),
+            state.storage.clone(),
+            gc.clone(),
+            stop.clone(),
+        ));
         Self {
             stop,
-            tasks: vec![chunker, compressor, reconciler],
+            tasks: vec![chunker, compressor, reconciler, collector],
         }
     }
 

@@ -14,6 +14,7 @@ use common::nix::StorePathHash;
 use common::queue::Queue;
 use common::storage::Storage;
 
+use crate::access_log::AccessLog;
 use crate::ttl_cache::TtlCache;
 
 /// Cheap to clone: everything sits behind one `Arc`.
@@ -35,6 +36,9 @@ pub struct Shared {
     pub served_caches: TtlCache<CacheName, Arc<ServedCache>>,
     /// Rendered, signed narinfos by cache and store-path hash.
     pub narinfos: TtlCache<(CacheId, StorePathHash), Bytes>,
+    /// Narinfo and NAR fetches, flushed to `objects.last_accessed_at` in
+    /// batches.
+    pub access_log: Arc<AccessLog>,
 }
 
 /// A cache as the read path needs it: its row and its parsed secret key,

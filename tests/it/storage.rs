@@ -95,6 +95,7 @@ both_backends!(
     deleting_is_idempotent,
     an_overwrite_is_seen_whole_or_not_at_all,
     nested_keys_are_independent_objects,
+    listing_streams_every_object_under_a_prefix_across_pages,
     heavy_a_streamed_40_mib_body_reads_back_identical,
 );
 
@@ -630,4 +631,49 @@ async fn heavy_s3_an_abandoned_multipart_upload_is_aborted() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(storage.size(&k).await.expect("size"), None);
+}
+
+/// `list` finds every object under the prefix at any depth, across S3's
+/// 1000-key pages, with its size and a recent modification time, and
+/// nothing outside it (not even a sibling that shares the prefix's text).
+async fn listing_streams_every_object_under_a_prefix_across_pages(storage: Arc<dyn Storage>) {
+    use futures::{StreamExt, TryStreamExt};
+    let before = std::time::SystemTime::now() - Duration::from_secs(60);
+    let keys: Vec<ObjectKey> = (0..1003)
+        .map(|n| key(&format!("listed/{:02x}/object-{n}", n % 7)))
+        .collect();
+    futures::stream::iter(keys.iter().cloned())
+        .map(|k| {
+            let storage = storage.clone();
+            async move { storage.put(&k, Bytes::from_static(b"abc")).await }
+        })
+        .buffer_unordered(16)
+        .try_collect::<()>()
+        .await
+        .expect("putting objects");
+    for outside in ["listedx/a", "other/listed/b"] {
+        storage
+            .put(&key(outside), Bytes::from_static(b"x"))
+            .await
+            .expect("put");
+    }
+    let listed: Vec<_> = storage
+        .list(&key("listed"))
+        .try_collect()
+        .await
+        .expect("listing");
+    let mut found: Vec<ObjectKey> = listed.iter().map(|object| object.key.clone()).collect();
+    found.sort();
+    let mut expected = keys.clone();
+    expected.sort();
+    assert_eq!(found, expected);
+    assert!(listed
+        .iter()
+        .all(|object| object.size == 3 && object.last_modified > before));
+    let empty: Vec<_> = storage
+        .list(&key("nothing-here"))
+        .try_collect()
+        .await
+        .expect("listing");
+    assert!(empty.is_empty());
 }

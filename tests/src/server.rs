@@ -25,8 +25,8 @@ use common::auth::{
 };
 use common::cache_name::{CacheName, CacheNamePattern};
 use common::config::{
-    AuthConfig, DatabaseConfig, IngestConfig, LogConfig, PipelineConfig, Secret, ServerConfig,
-    StorageConfig,
+    AuthConfig, DatabaseConfig, GcConfig, IngestConfig, LogConfig, PipelineConfig, Secret,
+    ServerConfig, StorageConfig,
 };
 use common::db::{
     Backend, Cache, CacheId, CacheKeypair, ChunkLocation, Database, Nar, NewCache, NewObject,
@@ -64,6 +64,8 @@ pub struct TestServerOptions {
     pub api_endpoint: Option<String>,
     /// The push endpoints' limits and waiting.
     pub ingest: IngestConfig,
+    /// GC and access-time flushing.
+    pub gc: GcConfig,
 }
 
 impl Default for TestServerOptions {
@@ -73,6 +75,7 @@ impl Default for TestServerOptions {
             algorithm: TokenAlgorithm::Hs256,
             api_endpoint: None,
             ingest: IngestConfig::default(),
+            gc: GcConfig::default(),
         }
     }
 }
@@ -255,6 +258,7 @@ impl TestServer {
             auth,
             ingest: options.ingest.clone(),
             pipeline: PipelineConfig::default(),
+            gc: options.gc.clone(),
             log: LogConfig::default(),
         };
         let config_path = dir.path().join("server.toml");

@@ -201,6 +201,36 @@ impl ApiClient {
             .map(drop)
     }
 
+    /// Removes paths from a cache, in requests of at most
+    /// [`DELETE_PATHS_PER_REQUEST`] hashes; the answers are joined.
+    pub async fn delete_paths(
+        &self,
+        cache: &CacheName,
+        hashes: &[common::nix::StorePathHash],
+    ) -> Result<common::api::DeletePathsResponse, ApiError> {
+        use common::api::{DeletePathsRequest, DeletePathsResponse};
+        let mut answer = DeletePathsResponse {
+            deleted: Vec::new(),
+            not_found: Vec::new(),
+        };
+        for batch in hashes.chunks(DELETE_PATHS_PER_REQUEST) {
+            let request = DeletePathsRequest {
+                cache: cache.to_string(),
+                store_path_hashes: batch.iter().map(ToString::to_string).collect(),
+            };
+            let part: DeletePathsResponse = self
+                .post_json(
+                    "_api/v1/delete-paths",
+                    &request,
+                    &format!("deleting paths from cache {cache}"),
+                )
+                .await?;
+            answer.deleted.extend(part.deleted);
+            answer.not_found.extend(part.not_found);
+        }
+        Ok(answer)
+    }
+
     fn unreachable(&self, error: &reqwest::Error) -> ApiError {
         // reqwest's own message names the URL and a generic "error sending
         // request"; the innermost cause is what the user can act on.
@@ -257,3 +287,6 @@ fn excerpt(body: &[u8]) -> String {
         format!(": {line}")
     }
 }
+
+/// Paths per `delete-paths` request: the server's limit.
+pub const DELETE_PATHS_PER_REQUEST: usize = 10_000;

@@ -39,6 +39,12 @@ const MIGRATIONS: &[Embedded] = &[
         sqlite: include_str!("../../migrations/sqlite/0002_staged_files.sql"),
         postgres: include_str!("../../migrations/postgres/0002_staged_files.sql"),
     },
+    Embedded {
+        version: 3,
+        description: "gc",
+        sqlite: include_str!("../../migrations/sqlite/0003_gc.sql"),
+        postgres: include_str!("../../migrations/postgres/0003_gc.sql"),
+    },
 ];
 
 /// The file names the embedded list stands for, per backend directory, so

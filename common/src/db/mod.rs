@@ -56,6 +56,7 @@
 
 mod caches;
 mod error;
+mod gc;
 pub mod migrations;
 mod nars;
 mod objects;
@@ -77,6 +78,7 @@ pub use caches::{
     Cache, CacheUpdate, NewCache, DEFAULT_PRIORITY, DEFAULT_UPSTREAM_CACHE_KEY_NAMES,
 };
 pub use error::{DbError, Result};
+pub use gc::CacheRetention;
 pub use nars::{Chunk, ChunkLocation, Nar, NarChunk, NewChunk, StoredChunk};
 pub use objects::{NewObject, Object, ObjectMetadata, ObjectWithNar};
 pub use push::{ChunkProgress, LinkedPath, StagedFile};

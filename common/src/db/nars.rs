@@ -18,7 +18,7 @@
 //! length), so that packing many chunks into one object can come later
 //! without a schema change.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use sqlx::any::AnyRow;
 
@@ -28,7 +28,7 @@ use super::row::{
     to_i64, u32_col, u64_col,
 };
 use super::types::{CacheId, ChunkId, NarId, StoreState, Timestamp};
-use super::{placeholders, Database, MAX_IN_LIST};
+use super::{placeholders, Backend, Database, MAX_IN_LIST};
 use crate::nix::{NarHash, Sha256Hash};
 
 /// A NAR row.
@@ -141,14 +141,14 @@ pub(crate) fn nar_from_row(row: &AnyRow, columns: &NarColumns) -> Result<Nar> {
     })
 }
 
-const CHUNK_COLUMNS: &str =
+pub(crate) const CHUNK_COLUMNS: &str =
     "id, chunk_hash, chunk_size, state, object_key, object_offset, object_length, created_at";
 
 /// [`CHUNK_COLUMNS`] qualified with the alias `c`, for joins.
 const CHUNK_COLUMNS_C: &str = "c.id, c.chunk_hash, c.chunk_size, c.state, c.object_key, \
     c.object_offset, c.object_length, c.created_at";
 
-fn chunk_from_row(row: &AnyRow) -> Result<Chunk> {
+pub(crate) fn chunk_from_row(row: &AnyRow) -> Result<Chunk> {
     let location = match (
         opt_string_col(row, "object_key")?,
         opt_u64_col(row, "object_offset")?,
@@ -265,12 +265,15 @@ async fn upsert_chunks_on(
             .map_err(query_error("replacing chunks claimed by GC"))?;
 
         let values = (0..batch.len())
-            .map(|i| format!("(${}, ${}, 'pending', $1)", 2 * i + 2, 2 * i + 3))
+            .map(|i| format!("(${}, ${}, 'pending', $1, $1)", 2 * i + 2, 2 * i + 3))
             .collect::<Vec<_>>()
             .join(", ");
+        // An existing chunk is stamped as just linked, so that GC leaves it
+        // alone while this chunker is still cutting the rest of its NAR.
         let sql = format!(
-            "INSERT INTO chunks (chunk_hash, chunk_size, state, created_at) VALUES {values} \
-             ON CONFLICT (chunk_hash) DO NOTHING"
+            "INSERT INTO chunks (chunk_hash, chunk_size, state, created_at, linked_at) \
+             VALUES {values} \
+             ON CONFLICT (chunk_hash) DO UPDATE SET linked_at = excluded.linked_at"
         );
         let mut insert = sqlx::query(&sql).bind(at.unix_millis());
         for (hash, size) in batch {
@@ -321,6 +324,7 @@ async fn upsert_chunks_on(
 
 async fn set_nar_chunks_on(
     connection: &mut Tx,
+    backend: Backend,
     nar_id: NarId,
     chunk_ids: &[ChunkId],
 ) -> Result<()> {
@@ -356,6 +360,7 @@ async fn set_nar_chunks_on(
             }
         };
     }
+    check_chunks_not_claimed(connection, backend, nar_id, chunk_ids).await?;
     sqlx::query("DELETE FROM nar_chunks WHERE nar_id = $1")
         .bind(nar_id.0)
         .execute(&mut *connection)
@@ -384,6 +389,59 @@ async fn set_nar_chunks_on(
             ))?;
     }
     Ok(())
+}
+
+/// Fails with [`DbError::Conflict`] unless every chunk of the list exists
+/// and is not claimed by GC (`deleting`). GC claims only chunks no NAR
+/// lists, so once the list is recorded its chunks are safe; this check
+/// closes the window between a chunker finding a chunk and recording the
+/// list. On PostgreSQL the rows are share-locked until the commit: GC's
+/// claim locks them `FOR UPDATE` first and re-checks `nar_chunks` in a
+/// later statement, so it sees this list once it gets the lock; a claim
+/// that committed first makes the locked read skip the row. SQLite runs
+/// one writer at a time.
+async fn check_chunks_not_claimed(
+    connection: &mut Tx,
+    backend: Backend,
+    nar_id: NarId,
+    chunk_ids: &[ChunkId],
+) -> Result<()> {
+    let lock = match backend {
+        Backend::Postgres => " FOR SHARE",
+        Backend::Sqlite => "",
+    };
+    let distinct: Vec<i64> = chunk_ids
+        .iter()
+        .map(|id| id.0)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut usable = 0;
+    for batch in distinct.chunks(MAX_IN_LIST) {
+        let sql = format!(
+            "SELECT id FROM chunks WHERE id IN ({}) AND state <> 'deleting' ORDER BY id{lock}",
+            placeholders(1, batch.len())
+        );
+        let mut query = sqlx::query(&sql);
+        for id in batch {
+            query = query.bind(*id);
+        }
+        usable += query
+            .fetch_all(&mut *connection)
+            .await
+            .map_err(query_error("checking a NAR's chunks"))?
+            .len();
+    }
+    if usable == distinct.len() {
+        Ok(())
+    } else {
+        Err(DbError::Conflict {
+            what: format!(
+                "chunk list of NAR {nar_id} ({} of its chunks claimed by GC)",
+                distinct.len() - usable
+            ),
+        })
+    }
 }
 
 async fn mark_nar_valid_if_complete_on(connection: &mut Tx, nar_id: NarId) -> Result<bool> {
@@ -518,7 +576,7 @@ impl Database {
     /// when the NAR is no longer pending.
     pub async fn set_nar_chunks(&self, nar_id: NarId, chunk_ids: &[ChunkId]) -> Result<()> {
         let mut tx = self.begin_write().await?;
-        set_nar_chunks_on(&mut tx, nar_id, chunk_ids).await?;
+        set_nar_chunks_on(&mut tx, self.backend, nar_id, chunk_ids).await?;
         tx.commit()
             .await
             .map_err(query_error("committing a NAR's chunk list"))
@@ -673,7 +731,7 @@ impl Database {
             .map_err(query_error("marking a chunk stored"))?;
         }
         let ids: Vec<ChunkId> = rows.iter().map(|row| row.id).collect();
-        set_nar_chunks_on(&mut tx, nar.id, &ids).await?;
+        set_nar_chunks_on(&mut tx, self.backend, nar.id, &ids).await?;
         if !mark_nar_valid_if_complete_on(&mut tx, nar.id).await? {
             // Every chunk was just made valid inside this transaction.
             return Err(DbError::Conflict {

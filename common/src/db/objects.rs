@@ -4,7 +4,7 @@
 //! cache id, and a NAR is reachable only through an object of the cache
 //! asking.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
@@ -259,6 +259,67 @@ impl Database {
                 .await
                 .map_err(query_error("updating access times"))?;
             touched += result.rows_affected();
+        }
+        Ok(touched)
+    }
+
+    /// Records that these paths' narinfos were fetched at `at`, per cache:
+    /// the batched flush of narinfo fetches; never moves an access time
+    /// backwards. Returns how many rows changed.
+    pub async fn touch_objects_by_path(
+        &self,
+        accesses: &BTreeMap<CacheId, Vec<StorePathHash>>,
+        at: Timestamp,
+    ) -> Result<u64> {
+        let mut touched = 0;
+        for (cache_id, hashes) in accesses {
+            for batch in hashes.chunks(MAX_IN_LIST) {
+                let sql = format!(
+                    "UPDATE objects SET last_accessed_at = $1 \
+                     WHERE last_accessed_at < $1 AND cache_id = $2 AND store_path_hash IN ({})",
+                    placeholders(3, batch.len())
+                );
+                let mut query = sqlx::query(&sql).bind(at.unix_millis()).bind(cache_id.0);
+                for hash in batch {
+                    query = query.bind(hash.as_str());
+                }
+                let result = query
+                    .execute(&self.pool)
+                    .await
+                    .map_err(query_error("updating access times"))?;
+                touched += result.rows_affected();
+            }
+        }
+        Ok(touched)
+    }
+
+    /// Records that these NARs were fetched from these caches at `at`:
+    /// every object of the cache pointing at the NAR counts as accessed.
+    /// The batched flush of NAR fetches; never moves an access time
+    /// backwards. Returns how many rows changed.
+    pub async fn touch_objects_by_nar(
+        &self,
+        accesses: &BTreeMap<CacheId, Vec<NarId>>,
+        at: Timestamp,
+    ) -> Result<u64> {
+        let mut touched = 0;
+        for (cache_id, nar_ids) in accesses {
+            for batch in nar_ids.chunks(MAX_IN_LIST) {
+                let sql = format!(
+                    "UPDATE objects SET last_accessed_at = $1 \
+                     WHERE last_accessed_at < $1 AND cache_id = $2 AND nar_id IN ({})",
+                    placeholders(3, batch.len())
+                );
+                let mut query = sqlx::query(&sql).bind(at.unix_millis()).bind(cache_id.0);
+                for id in batch {
+                    query = query.bind(id.0);
+                }
+                let result = query
+                    .execute(&self.pool)
+                    .await
+                    .map_err(query_error("updating access times"))?;
+                touched += result.rows_affected();
+            }
         }
         Ok(touched)
     }

@@ -27,9 +27,10 @@ pub struct StagedFile {
     pub created_at: Timestamp,
 }
 
-const STAGED_FILE_COLUMNS: &str = "cache_id, file_name, staged_key, nar_hash, nar_size, created_at";
+pub(crate) const STAGED_FILE_COLUMNS: &str =
+    "cache_id, file_name, staged_key, nar_hash, nar_size, created_at";
 
-fn staged_file_from_row(row: &AnyRow) -> Result<StagedFile> {
+pub(crate) fn staged_file_from_row(row: &AnyRow) -> Result<StagedFile> {
     Ok(StagedFile {
         cache_id: CacheId(i64_col(row, "cache_id")?),
         file_name: string_col(row, "file_name")?,

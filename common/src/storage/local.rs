@@ -12,7 +12,7 @@ use bytes::Bytes;
 use tokio::fs;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
-use super::{ObjectKey, ObjectReader, Storage, StorageError};
+use super::{ListedObject, ObjectKey, ObjectListing, ObjectReader, Storage, StorageError};
 
 /// Objects as files under one root directory.
 #[derive(Debug, Clone)]
@@ -66,6 +66,81 @@ impl LocalStorage {
             let _ = fs::remove_file(&temporary).await;
         }
         result.map_err(io_error)
+    }
+}
+
+/// Where [`LocalStorage::list`] is: the directories still to read, and the
+/// entries of the one being read.
+struct Walk {
+    root: PathBuf,
+    directories: Vec<PathBuf>,
+    current: Option<fs::ReadDir>,
+}
+
+impl Walk {
+    /// The next file under the walk's directories, depth first.
+    async fn next_object(&mut self) -> Result<Option<ListedObject>, StorageError> {
+        loop {
+            let Some(entries) = self.current.as_mut() else {
+                let Some(directory) = self.directories.pop() else {
+                    return Ok(None);
+                };
+                match fs::read_dir(&directory).await {
+                    Ok(entries) => self.current = Some(entries),
+                    // Deleted meanwhile, or never created: nothing in it.
+                    Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                    Err(source) => return Err(self.io_error(&directory, source)),
+                }
+                continue;
+            };
+            let entry = match entries.next_entry().await {
+                Ok(Some(entry)) => entry,
+                Ok(None) => {
+                    self.current = None;
+                    continue;
+                }
+                Err(source) => return Err(self.io_error(&self.root.clone(), source)),
+            };
+            let path = entry.path();
+            let metadata = match entry.metadata().await {
+                Ok(metadata) => metadata,
+                // Removed between the listing and the look.
+                Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(self.io_error(&path, source)),
+            };
+            if metadata.is_dir() {
+                self.directories.push(path);
+                continue;
+            }
+            // Names no key can have were not written through this trait.
+            let Some(key) = path
+                .strip_prefix(&self.root)
+                .ok()
+                .and_then(Path::to_str)
+                .and_then(|relative| ObjectKey::new(relative).ok())
+            else {
+                continue;
+            };
+            let last_modified = metadata
+                .modified()
+                .map_err(|source| self.io_error(&path, source))?;
+            return Ok(Some(ListedObject {
+                key,
+                size: metadata.len(),
+                last_modified,
+            }));
+        }
+    }
+
+    fn io_error(&self, path: &Path, source: io::Error) -> StorageError {
+        StorageError::Io {
+            key: path
+                .strip_prefix(&self.root)
+                .unwrap_or(path)
+                .display()
+                .to_string(),
+            source,
+        }
     }
 }
 
@@ -178,6 +253,19 @@ impl Storage for LocalStorage {
             }),
         }
     }
+    /// Walks the directory tree one entry at a time. Temporary files of
+    /// writes in progress (or of a crashed writer) are listed too: they
+    /// are real files under the prefix.
+    fn list(&self, prefix: &ObjectKey) -> ObjectListing {
+        let walk = Walk {
+            root: self.root.clone(),
+            directories: vec![self.path_of(prefix)],
+            current: None,
+        };
+        Box::pin(futures::stream::try_unfold(walk, |mut walk| async move {
+            Ok(walk.next_object().await?.map(|object| (object, walk)))
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -215,6 +303,35 @@ mod tests {
         storage.delete(&key).await.expect("delete");
         storage.delete(&key).await.expect("deleting twice is fine");
         assert_eq!(storage.size(&key).await.expect("size"), None);
+    }
+
+    #[tokio::test]
+    async fn lists_every_object_under_a_prefix_at_any_depth() {
+        use futures::TryStreamExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = LocalStorage::open(dir.path()).await.expect("open");
+        for key in [
+            "chunks/ab/1.zst",
+            "chunks/cd/2.zst",
+            "chunksx/3",
+            "staging/4.nar",
+        ] {
+            let key = ObjectKey::new(key).expect("key");
+            storage
+                .put(&key, Bytes::from_static(b"xyz"))
+                .await
+                .expect("put");
+        }
+        let prefix = ObjectKey::new("chunks").expect("key");
+        let mut listed: Vec<ListedObject> =
+            storage.list(&prefix).try_collect().await.expect("list");
+        listed.sort_by(|a, b| a.key.cmp(&b.key));
+        let keys: Vec<&str> = listed.iter().map(|object| object.key.as_str()).collect();
+        assert_eq!(keys, ["chunks/ab/1.zst", "chunks/cd/2.zst"]);
+        assert!(listed.iter().all(|object| object.size == 3));
+        let missing = ObjectKey::new("nothing").expect("key");
+        let none: Vec<ListedObject> = storage.list(&missing).try_collect().await.expect("list");
+        assert!(none.is_empty());
     }
 
     #[tokio::test]

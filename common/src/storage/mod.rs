@@ -14,9 +14,11 @@ mod s3;
 use std::fmt;
 use std::io;
 use std::pin::Pin;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::Stream;
 use tokio::io::AsyncRead;
 
 pub use local::LocalStorage;
@@ -25,6 +27,18 @@ pub use s3::{S3Options, S3Storage, PARTS_IN_FLIGHT, PART_SIZE};
 
 /// A byte stream read from storage.
 pub type ObjectReader = Pin<Box<dyn AsyncRead + Send>>;
+
+/// An object found by [`Storage::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedObject {
+    pub key: ObjectKey,
+    pub size: u64,
+    /// When it was written.
+    pub last_modified: SystemTime,
+}
+
+/// The objects under a prefix, fetched page by page as the stream is read.
+pub type ObjectListing = Pin<Box<dyn Stream<Item = Result<ListedObject, StorageError>> + Send>>;
 
 /// Longest key accepted; well under every backend's limit.
 const MAX_KEY_LEN: usize = 512;
@@ -150,6 +164,41 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     /// Deletes the object; a missing object counts as deleted.
     async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError>;
+
+    /// Every object whose key starts with `prefix` and a `/` (the objects
+    /// "in the directory" `prefix`, at any depth), in no particular order,
+    /// streamed a page at a time so that memory does not grow with the
+    /// number of objects. Objects written or deleted while the listing is
+    /// read may or may not appear. GC uses it to find objects no row
+    /// references.
+    fn list(&self, prefix: &ObjectKey) -> ObjectListing;
+}
+
+/// Opens the storage a server config names: what every service process
+/// does at start.
+#[cfg(feature = "storage-s3")]
+pub async fn open(
+    config: &crate::config::StorageConfig,
+) -> Result<std::sync::Arc<dyn Storage>, StorageError> {
+    use crate::config::StorageConfig;
+    Ok(match config {
+        StorageConfig::Local { path } => std::sync::Arc::new(LocalStorage::open(path).await?),
+        StorageConfig::S3 {
+            endpoint,
+            region,
+            bucket,
+            access_key_id,
+            secret_access_key,
+            prefix,
+        } => std::sync::Arc::new(S3Storage::new(S3Options {
+            endpoint: endpoint.clone(),
+            region: region.clone(),
+            bucket: bucket.clone(),
+            access_key_id: access_key_id.clone(),
+            secret_access_key: secret_access_key.clone(),
+            prefix: prefix.clone(),
+        })?),
+    })
 }
 
 /// The error for a ranged read past the end of an object.

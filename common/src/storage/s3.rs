@@ -18,6 +18,7 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use aws_sdk_s3::config::http::HttpResponse;
@@ -30,7 +31,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::task::JoinSet;
 
-use super::{ObjectKey, ObjectReader, Storage, StorageError};
+use super::{ListedObject, ObjectKey, ObjectListing, ObjectReader, Storage, StorageError};
 use crate::config::Secret;
 
 /// Size of each part of a multipart upload, and the largest body sent as a
@@ -398,6 +399,80 @@ async fn read_part(
     Ok(Bytes::from(buffer))
 }
 
+/// Where [`S3Storage::list`] is: the objects of the page fetched last,
+/// and how to ask for the next one.
+struct ListPages {
+    storage: S3Storage,
+    /// The listed prefix as an S3 key prefix: the storage's prefix, the
+    /// caller's, and a `/`.
+    prefix: String,
+    /// The caller's prefix, for error messages.
+    key: ObjectKey,
+    page: std::collections::VecDeque<ListedObject>,
+    /// `None` before the first page; `Some(None)` after the last.
+    next: Option<Option<String>>,
+}
+
+impl ListPages {
+    async fn next_object(&mut self) -> Result<Option<ListedObject>, StorageError> {
+        loop {
+            if let Some(object) = self.page.pop_front() {
+                return Ok(Some(object));
+            }
+            let token = match &self.next {
+                None => None,
+                Some(None) => return Ok(None),
+                Some(Some(token)) => Some(token.clone()),
+            };
+            let output = self
+                .storage
+                .client
+                .list_objects_v2()
+                .bucket(&self.storage.bucket)
+                .prefix(&self.prefix)
+                .set_continuation_token(token)
+                .send()
+                .await
+                .map_err(|error| backend_error("S3 ListObjectsV2", &self.key, &error))?;
+            self.next = Some(
+                output
+                    .next_continuation_token
+                    .filter(|_| output.is_truncated == Some(true)),
+            );
+            for object in output.contents.unwrap_or_default() {
+                // Keys outside the storage's prefix or not valid keys were
+                // not written through this trait.
+                let Some(key) = object
+                    .key
+                    .as_deref()
+                    .and_then(|name| name.strip_prefix(&self.storage.prefix))
+                    .and_then(|name| ObjectKey::new(name).ok())
+                else {
+                    continue;
+                };
+                let incomplete = |what: &str| StorageError::Backend {
+                    operation: "S3 ListObjectsV2",
+                    key: key.to_string(),
+                    message: format!("the listing has no usable {what}"),
+                };
+                let size = object
+                    .size
+                    .and_then(|size| u64::try_from(size).ok())
+                    .ok_or_else(|| incomplete("size"))?;
+                let last_modified = object
+                    .last_modified
+                    .and_then(|time| SystemTime::try_from(time).ok())
+                    .ok_or_else(|| incomplete("modification time"))?;
+                self.page.push_back(ListedObject {
+                    key,
+                    size,
+                    last_modified,
+                });
+            }
+        }
+    }
+}
+
 /// Checks the prefix's segments like a key's and gives it a trailing `/`.
 fn normalise_prefix(prefix: &str) -> Result<String, StorageError> {
     let trimmed = prefix.strip_suffix('/').unwrap_or(prefix);
@@ -588,6 +663,21 @@ impl Storage for S3Storage {
             Err(error) if status_of(&error) == Some(404) => Ok(()),
             Err(error) => Err(backend_error("S3 DeleteObject", key, &error)),
         }
+    }
+
+    /// `ListObjectsV2` pages of up to 1000 keys, fetched as the stream is
+    /// read.
+    fn list(&self, prefix: &ObjectKey) -> ObjectListing {
+        let pages = ListPages {
+            storage: self.clone(),
+            prefix: format!("{}{prefix}/", self.prefix),
+            key: prefix.clone(),
+            page: std::collections::VecDeque::new(),
+            next: None,
+        };
+        Box::pin(futures::stream::try_unfold(pages, |mut pages| async move {
+            Ok(pages.next_object().await?.map(|object| (object, pages)))
+        }))
     }
 }
 

@@ -107,6 +107,7 @@ pub async fn root_file(
                     text
                 }
             };
+            state.access_log.record_path(cache.id, hash);
             Ok((
                 [(
                     header::CONTENT_TYPE,
@@ -118,6 +119,7 @@ pub async fn root_file(
         }
         RootFile::Listing(hash) => {
             let found = find_object(&state, cache, &hash).await?;
+            state.access_log.record_path(cache.id, hash);
             let listing = nar_listing(&state, &found).await?;
             Ok((
                 [(
@@ -220,6 +222,7 @@ pub async fn nar(
         .await
         .map_err(ApiError::internal)?
         .ok_or(ApiError::NoSuchPath)?;
+    state.access_log.record_nar(served.cache.id, nar.id);
     let chunks = state
         .database
         .chunks_of_nar(nar.id)

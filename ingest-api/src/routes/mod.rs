@@ -2,6 +2,7 @@
 
 mod binary_cache;
 mod cache_config;
+mod delete_paths;
 mod landing;
 mod push_attic;
 mod push_nix;
@@ -29,6 +30,7 @@ pub fn router(state: AppState) -> Router {
             post(push_attic::get_missing_paths),
         )
         .route("/_api/v1/upload-path", put(push_attic::upload_path))
+        .route("/_api/v1/delete-paths", post(delete_paths::delete_paths))
         .route("/_api/v1/uploads/{id}", get(uploads::status))
         .route(
             "/{cache}/nix-cache-info",

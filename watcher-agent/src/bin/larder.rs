@@ -90,6 +90,15 @@ enum CacheCommand {
     },
     /// Show a cache's key, endpoints and settings.
     Info { cache: CacheRef },
+    /// Remove store paths from a cache at once; the server frees their
+    /// storage on its next garbage collection, unless another cache holds
+    /// the same data. Needs delete permission.
+    DeletePath {
+        cache: CacheRef,
+        /// Store paths (`/nix/store/<hash>-<name>`), base names or hashes.
+        #[arg(required = true, value_name = "PATHS")]
+        paths: Vec<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -256,8 +265,42 @@ async fn cache_command(command: CacheCommand) -> anyhow::Result<()> {
             let config = client.cache_config(&cache.cache).await?;
             print_info(&cache, &config);
         }
+        CacheCommand::DeletePath { cache, paths } => delete_paths(&cache, &paths).await?,
     }
     Ok(())
+}
+
+/// `larder cache delete-path`: every path's hash is checked before
+/// anything is sent.
+async fn delete_paths(cache: &CacheRef, paths: &[String]) -> anyhow::Result<()> {
+    let hashes = paths
+        .iter()
+        .map(|path| store_path_hash_of(path))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let client = client_for(cache)?;
+    let answer = client.delete_paths(&cache.cache, &hashes).await?;
+    println!(
+        "deleted {} path(s) from cache {cache}",
+        answer.deleted.len()
+    );
+    for hash in &answer.not_found {
+        println!("not in cache {cache}: {hash}");
+    }
+    Ok(())
+}
+
+/// The hash of a store path, a base name (`<hash>-<name>`) or a bare hash.
+fn store_path_hash_of(path: &str) -> anyhow::Result<common::nix::StorePathHash> {
+    let base_name = path
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or(path);
+    let hash = base_name
+        .split_once('-')
+        .map_or(base_name, |(hash, _)| hash);
+    common::nix::StorePathHash::parse(hash)
+        .with_context(|| format!("{path:?} is not a store path, base name or store path hash"))
 }
 
 /// Asks for the cache's name on stdin; anything else cancels.

@@ -1,0 +1,372 @@
+//! Garbage collection: one pass ([`collect_garbage`]) and the loop that
+//! repeats it ([`run_gc_loop`]).
+//!
+//! A pass, in this order, so that what one step frees the next collects in
+//! the same run:
+//!
+//! 1. **Reaping** (module [`reap`]): uploads that ended (`done`, `failed`)
+//!    past `finished-upload-deadline`, and uploads still in flight but not
+//!    updated for `stuck-upload-deadline` (failed first, so they stop
+//!    protecting their NAR), go with their staged NARs; staged files of
+//!    Nix's `PUT nar/…` that no narinfo claimed within `staged-file-deadline`
+//!    go too.
+//! 2. **Objects**: per cache, those not accessed for the cache's retention
+//!    period (or `default-retention`; neither means keep forever).
+//! 3. **NARs** no object points at and no upload in flight uses.
+//! 4. **Chunks** no NAR lists and no chunker looked up for `orphan-grace`:
+//!    claimed (`deleting`), deleted from storage (a missing object counts
+//!    as deleted), then their rows. Claimed chunks a crashed run left are
+//!    finished first.
+//! 5. **Orphan objects** under `chunks/` that no chunk row names and that
+//!    are older than `orphan-grace` (module [`orphans`]): written by a
+//!    compressor that crashed, or that lost its chunk to GC, before its row
+//!    pointed at them. The grace keeps a compressor's fresh object safe.
+//!    Likewise staged NARs under `staging/` that no upload or staged file
+//!    names, older than `staged-file-deadline` (a crashed spool's).
+//!
+//! Every step pages through all of its work (`page-size` rows a round
+//! trip), deletes from storage with at most `delete-concurrency` requests
+//! in flight, and is idempotent: a run killed at any point leaves a state
+//! the next run completes. Why GC cannot take what an upload is about to
+//! use is written down in `common::db`'s `gc` module; the short version:
+//! in-flight uploads protect their NAR by hash, recorded chunk lists
+//! protect their chunks, and recording a list refuses claimed chunks.
+//!
+//! One actor at a time ([`GcLock`]): on PostgreSQL an advisory lock held on
+//! one dedicated connection for the whole run (a replica that cannot take
+//! it skips its run and says so; a crashed holder's lock goes with its
+//! connection). On SQLite the single-machine server is the only process
+//! that collects, so there is nothing to lock; `gc-scheduler --once` beside
+//! it is still safe, since SQLite runs one writer at a time and every step
+//! is a conditional, idempotent statement: two collectors only repeat each
+//! other's work.
+
+mod orphans;
+mod reap;
+
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, Row};
+use tokio_util::sync::CancellationToken;
+
+use common::config::{GcConfig, ServerConfig};
+use common::db::{Backend, Chunk, ChunkId, Database, DbError, NarId, Timestamp};
+use common::storage::{ObjectKey, Storage, StorageError};
+use common::worker::chunk_object_key;
+
+/// The PostgreSQL advisory lock key of GC: any fixed number, the same in
+/// every replica ("larder-gc" in ASCII).
+const GC_LOCK_KEY: i64 = 0x6c61_7264_6572_6763;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    #[error("database")]
+    Database(#[from] DbError),
+    #[error("storage")]
+    Storage(#[from] StorageError),
+}
+
+/// What one run did. Every count is of things removed by this run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GcReport {
+    /// Objects removed from their caches, their retention having passed.
+    pub objects: u64,
+    /// NAR rows deleted.
+    pub nars: u64,
+    /// Chunks deleted from storage and database.
+    pub chunks: u64,
+    /// Bytes of storage freed: chunk objects and orphans (their stored
+    /// size); the staged NARs of reaped uploads and files are not counted.
+    pub bytes_freed: u64,
+    /// Upload rows deleted (finished past the deadline, or stuck).
+    pub uploads_reaped: u64,
+    /// Staged files (Nix's `PUT nar/…`) no narinfo claimed, deleted.
+    pub staged_files_reaped: u64,
+    /// Storage objects under `chunks/` or `staging/` that no row named,
+    /// deleted.
+    pub orphans_removed: u64,
+    /// How long the run took.
+    pub duration: Duration,
+}
+
+impl GcReport {
+    fn log(&self) {
+        tracing::info!(
+            objects = self.objects,
+            nars = self.nars,
+            chunks = self.chunks,
+            bytes_freed = self.bytes_freed,
+            uploads_reaped = self.uploads_reaped,
+            staged_files_reaped = self.staged_files_reaped,
+            orphans_removed = self.orphans_removed,
+            duration_ms = self.duration.as_millis() as u64,
+            "GC run finished"
+        );
+    }
+}
+
+/// One full pass; see the module documentation. `now` is the clock every
+/// deadline and retention period is measured from.
+pub async fn collect_garbage(
+    database: &Database,
+    storage: &dyn Storage,
+    config: &GcConfig,
+    now: Timestamp,
+) -> Result<GcReport, GcError> {
+    let started = Instant::now();
+    let mut report = GcReport::default();
+    reap::reap_uploads(database, storage, config, now, &mut report).await?;
+    reap::reap_staged_files(database, storage, config, now, &mut report).await?;
+    expire_objects(database, config, now, &mut report).await?;
+    delete_unreferenced_nars(database, config, &mut report).await?;
+    let linked_before = now.saturating_sub(config.orphan_grace.as_duration());
+    claim_unreferenced_chunks(database, config, linked_before).await?;
+    delete_claimed_chunks(database, storage, config, &mut report).await?;
+    for sweep in [orphans::Sweep::Chunks, orphans::Sweep::Staging] {
+        orphans::remove_orphans(sweep, database, storage, config, now, &mut report).await?;
+    }
+    report.duration = started.elapsed();
+    Ok(report)
+}
+
+/// Level 1: objects whose cache's retention (or the default) has passed
+/// since their last access.
+async fn expire_objects(
+    database: &Database,
+    config: &GcConfig,
+    now: Timestamp,
+    report: &mut GcReport,
+) -> Result<(), GcError> {
+    let default = config.default_retention.map(|period| period.as_duration());
+    for cache in database.cache_retentions().await? {
+        let Some(retention) = cache.retention_period.or(default) else {
+            continue;
+        };
+        let accessed_before = now.saturating_sub(retention);
+        loop {
+            let deleted = database
+                .delete_expired_objects(cache.cache_id, accessed_before, config.page_size)
+                .await?;
+            report.objects += deleted;
+            if deleted < u64::from(config.page_size) {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Level 2: NARs nothing holds.
+async fn delete_unreferenced_nars(
+    database: &Database,
+    config: &GcConfig,
+    report: &mut GcReport,
+) -> Result<(), GcError> {
+    let mut after = NarId(0);
+    loop {
+        let page = database.unreferenced_nars(after, config.page_size).await?;
+        let Some(&last) = page.last() else {
+            return Ok(());
+        };
+        report.nars += database.delete_unreferenced_nars(&page).await?.len() as u64;
+        after = last;
+    }
+}
+
+/// Level 3, first half: claims the chunks nothing holds.
+async fn claim_unreferenced_chunks(
+    database: &Database,
+    config: &GcConfig,
+    linked_before: Timestamp,
+) -> Result<(), GcError> {
+    let mut after = ChunkId(0);
+    loop {
+        let page = database
+            .unreferenced_chunks(after, linked_before, config.page_size)
+            .await?;
+        let Some(&last) = page.last() else {
+            return Ok(());
+        };
+        database
+            .claim_unreferenced_chunks(&page, linked_before)
+            .await?;
+        after = last;
+    }
+}
+
+/// Level 3, second half: deletes claimed chunks from storage, then their
+/// rows, including chunks a crashed run claimed.
+async fn delete_claimed_chunks(
+    database: &Database,
+    storage: &dyn Storage,
+    config: &GcConfig,
+    report: &mut GcReport,
+) -> Result<(), GcError> {
+    let mut after = ChunkId(0);
+    loop {
+        let page = database.claimed_chunks(after, config.page_size).await?;
+        let Some(last) = page.last().map(|chunk| chunk.id) else {
+            return Ok(());
+        };
+        let keys: Vec<ObjectKey> = page
+            .iter()
+            .map(claimed_chunk_key)
+            .collect::<Result<_, _>>()?;
+        delete_objects(storage, keys, config.delete_concurrency).await?;
+        let ids: Vec<ChunkId> = page.iter().map(|chunk| chunk.id).collect();
+        report.chunks += database.delete_claimed_chunks(&ids).await?;
+        report.bytes_freed += page
+            .iter()
+            .filter_map(|chunk| chunk.location.as_ref())
+            .map(|location| location.length)
+            .sum::<u64>();
+        after = last;
+    }
+}
+
+/// Where a claimed chunk's bytes are: its recorded location, or, for a
+/// chunk claimed while pending, where a compressor would have put them.
+fn claimed_chunk_key(chunk: &Chunk) -> Result<ObjectKey, StorageError> {
+    match &chunk.location {
+        Some(location) => ObjectKey::new(location.object_key.as_str()),
+        None => Ok(chunk_object_key(&chunk.chunk_hash, chunk.id)),
+    }
+}
+
+/// Deletes `keys` from storage, at most `concurrency` at once; stops at
+/// the first failure (what was deleted stays deleted, and the next run
+/// repeats the rest).
+async fn delete_objects(
+    storage: &dyn Storage,
+    keys: Vec<ObjectKey>,
+    concurrency: u32,
+) -> Result<(), StorageError> {
+    futures::stream::iter(keys)
+        .map(|key| async move { storage.delete(&key).await })
+        .buffer_unordered(concurrency.max(1) as usize)
+        .try_collect::<()>()
+        .await
+}
+
+/// The right to collect: held for one run. On PostgreSQL it owns the
+/// connection that holds the advisory lock.
+pub struct GcLock {
+    connection: Option<PoolConnection<Any>>,
+}
+
+impl GcLock {
+    /// Takes the lock, or `None` when another process holds it.
+    pub async fn try_acquire(database: &Database) -> Result<Option<Self>, GcError> {
+        if database.backend() == Backend::Sqlite {
+            return Ok(Some(Self { connection: None }));
+        }
+        let query_error = |error: sqlx::Error| {
+            GcError::Database(DbError::Query {
+                context: "taking GC's advisory lock",
+                source: error,
+            })
+        };
+        let mut connection = database.pool().acquire().await.map_err(query_error)?;
+        let row = sqlx::query("SELECT pg_try_advisory_lock($1) AS locked")
+            .bind(GC_LOCK_KEY)
+            .fetch_one(&mut *connection)
+            .await
+            .map_err(query_error)?;
+        let locked: bool = row.try_get("locked").map_err(query_error)?;
+        Ok(locked.then_some(Self {
+            connection: Some(connection),
+        }))
+    }
+
+    /// Gives the lock back. Should that fail, the connection is closed
+    /// instead of going back to the pool, which releases the lock too.
+    pub async fn release(mut self) {
+        let Some(mut connection) = self.connection.take() else {
+            return;
+        };
+        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(GC_LOCK_KEY)
+            .execute(&mut *connection)
+            .await;
+        if let Err(error) = unlocked {
+            tracing::warn!(%error, "could not release GC's advisory lock; closing its connection");
+            drop(connection.detach());
+        }
+    }
+}
+
+/// One run under the lock: `None` when another process was collecting.
+/// The report is logged.
+pub async fn collect_garbage_locked(
+    database: &Database,
+    storage: &dyn Storage,
+    config: &GcConfig,
+    now: Timestamp,
+) -> Result<Option<GcReport>, GcError> {
+    let Some(lock) = GcLock::try_acquire(database).await? else {
+        tracing::info!("another gc-scheduler holds the GC lock; skipping this run");
+        return Ok(None);
+    };
+    let result = collect_garbage(database, storage, config, now).await;
+    lock.release().await;
+    let report = result?;
+    report.log();
+    Ok(Some(report))
+}
+
+/// Runs GC every `config.interval` (the first run one interval after the
+/// start) until `shutdown`. A failed run is logged and the next one tries
+/// again; a run in progress when `shutdown` fires is abandoned, which is
+/// safe at any point.
+pub async fn run_gc_loop(
+    database: Database,
+    storage: std::sync::Arc<dyn Storage>,
+    config: GcConfig,
+    shutdown: CancellationToken,
+) {
+    let mut interval = tokio::time::interval(config.interval.as_duration());
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval.tick().await;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let run = collect_garbage_locked(&database, &*storage, &config, Timestamp::now());
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return,
+            result = run => result,
+        };
+        if let Err(error) = result {
+            tracing::warn!(
+                error = format!("{:#}", anyhow::Error::new(error)),
+                "GC run failed; trying again next period"
+            );
+        }
+    }
+}
+
+/// What `gc-scheduler --once` runs: opens the database (migrating it) and
+/// storage from the config and does one locked run. `None` when another
+/// process was collecting.
+pub async fn run_once(config: &ServerConfig) -> Result<Option<GcReport>, RunError> {
+    let database = Database::connect(config.database.url.expose()).await?;
+    database.migrate().await?;
+    let storage = common::storage::open(&config.storage).await?;
+    let report = collect_garbage_locked(&database, &*storage, &config.gc, Timestamp::now()).await;
+    database.close().await;
+    Ok(report?)
+}
+
+/// Why [`run_once`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("opening the database")]
+    Database(#[from] DbError),
+    #[error("opening storage")]
+    Storage(#[from] StorageError),
+    #[error("collecting garbage")]
+    Gc(#[from] GcError),
+}

@@ -1,0 +1,177 @@
+//! Objects in storage that no row names: chunk objects, and staged NARs.
+//!
+//! A compressor puts a chunk's object (`chunks/<2 hex>/<sha256>-<id>.zst`)
+//! before it records the location in the row; if it dies in between and
+//! the row is gone by the next attempt (GC claimed the chunk, or a revival
+//! replaced it), or if anything else leaves a file under `chunks/`, no row
+//! will ever point at the object. An object is referenced when a chunk row
+//! records it as its location, or when a chunk row with the id in its name
+//! exists (in any state: a pending chunk's object may be written before its
+//! row says so, and a claimed chunk's object is level 3's to delete) and
+//! has the hash in its name. Row ids are never
+//! reused, so a deleted row never comes back to claim an old object.
+//! Objects younger than `orphan-grace` are left alone: a compressor may
+//! have just written one for a row it is about to update.
+//!
+//! A staged NAR under `staging/` is named by an upload or a staged file; one
+//! that neither names (a spool cut short by a crash, or a crash between
+//! reaping a staged file's row and deleting its object) is deleted once
+//! older than `staged-file-deadline`.
+
+use std::time::SystemTime;
+
+use futures::TryStreamExt;
+
+use common::config::GcConfig;
+use common::db::{ChunkId, Database, Timestamp};
+use common::storage::{ListedObject, ObjectKey, Storage};
+
+use super::{delete_objects, GcError, GcReport};
+
+/// The storage prefix of chunk objects.
+const CHUNKS_PREFIX: &str = "chunks";
+
+/// The chunk hash (lowercase hex) and row id a chunk object's key names,
+/// if it is one.
+fn parse_chunk_key(key: &ObjectKey) -> Option<(&str, ChunkId)> {
+    let name = key.as_str().strip_prefix("chunks/")?;
+    let (directory, file) = name.split_once('/')?;
+    let (hash, id) = file.strip_suffix(".zst")?.split_once('-')?;
+    let is_hex = hash.len() == 64
+        && hash
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !is_hex || directory.len() != 2 || !hash.starts_with(directory) {
+        return None;
+    }
+    let id = id.parse::<i64>().ok().filter(|id| *id > 0)?;
+    Some((hash, ChunkId(id)))
+}
+
+/// What a sweep looks for: the objects under one prefix that no row names.
+#[derive(Clone, Copy)]
+pub(super) enum Sweep {
+    /// `chunks/`: named by a chunk row; grace `orphan-grace`.
+    Chunks,
+    /// `staging/`: named by an upload or a staged file; grace
+    /// `staged-file-deadline` (a spooled NAR is written before its upload
+    /// row, and a narinfo claims a staged file an instant before its
+    /// upload row names the object).
+    Staging,
+}
+
+impl Sweep {
+    fn prefix(self) -> &'static str {
+        match self {
+            Self::Chunks => CHUNKS_PREFIX,
+            Self::Staging => "staging",
+        }
+    }
+
+    fn grace(self, config: &GcConfig) -> std::time::Duration {
+        match self {
+            Self::Chunks => config.orphan_grace.as_duration(),
+            Self::Staging => config.staged_file_deadline.as_duration(),
+        }
+    }
+}
+
+/// Deletes the objects under the sweep's prefix that no row names and that
+/// were written before its grace.
+pub(super) async fn remove_orphans(
+    sweep: Sweep,
+    database: &Database,
+    storage: &dyn Storage,
+    config: &GcConfig,
+    now: Timestamp,
+    report: &mut GcReport,
+) -> Result<(), GcError> {
+    let written_before: SystemTime = now.saturating_sub(sweep.grace(config)).into();
+    let prefix = ObjectKey::new(sweep.prefix())?;
+    let mut listing = storage.list(&prefix);
+    let mut page: Vec<ListedObject> = Vec::with_capacity(config.page_size as usize);
+    loop {
+        let next = listing.try_next().await?;
+        let done = next.is_none();
+        if let Some(object) = next {
+            if object.last_modified < written_before {
+                page.push(object);
+            }
+        }
+        if page.len() >= config.page_size as usize || (done && !page.is_empty()) {
+            let page = std::mem::take(&mut page);
+            let orphans = match sweep {
+                Sweep::Chunks => unreferenced_chunk_objects(database, page).await?,
+                Sweep::Staging => unreferenced_staged_objects(database, page).await?,
+            };
+            report.orphans_removed += orphans.len() as u64;
+            report.bytes_freed += orphans.iter().map(|object| object.size).sum::<u64>();
+            let keys = orphans.into_iter().map(|object| object.key).collect();
+            delete_objects(storage, keys, config.delete_concurrency).await?;
+        }
+        if done {
+            return Ok(());
+        }
+    }
+}
+
+/// The objects of `page` that no upload or staged file names.
+async fn unreferenced_staged_objects(
+    database: &Database,
+    page: Vec<ListedObject>,
+) -> Result<Vec<ListedObject>, GcError> {
+    let keys: Vec<&str> = page.iter().map(|object| object.key.as_str()).collect();
+    let named = database.staged_keys_in_use(&keys).await?;
+    Ok(page
+        .into_iter()
+        .filter(|object| !named.contains(object.key.as_str()))
+        .collect())
+}
+
+/// The objects of `page` that no chunk row names.
+async fn unreferenced_chunk_objects(
+    database: &Database,
+    page: Vec<ListedObject>,
+) -> Result<Vec<ListedObject>, GcError> {
+    let ids: Vec<ChunkId> = page
+        .iter()
+        .filter_map(|object| parse_chunk_key(&object.key))
+        .map(|(_, id)| id)
+        .collect();
+    let rows = database.chunk_hashes(&ids).await?;
+    let keys: Vec<&str> = page.iter().map(|object| object.key.as_str()).collect();
+    let located = database.chunk_object_keys_in_use(&keys).await?;
+    Ok(page
+        .into_iter()
+        .filter(|object| {
+            let named_by_id = parse_chunk_key(&object.key)
+                .is_some_and(|(hash, id)| rows.get(&id).is_some_and(|row| row.to_hex() == hash));
+            !named_by_id && !located.contains(object.key.as_str())
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::nix::Sha256Hash;
+    use common::worker::chunk_object_key;
+
+    #[test]
+    fn chunk_keys_parse_back_and_strangers_do_not() {
+        let hash = Sha256Hash::digest(b"bytes");
+        let key = chunk_object_key(&hash, ChunkId(17));
+        let hex = hash.to_hex();
+        assert_eq!(parse_chunk_key(&key), Some((hex.as_str(), ChunkId(17))));
+        for stranger in [
+            format!("chunks/{}/{hex}-17.zst.tmp-0011", &hex[..2]),
+            format!("chunks/00/{hex}-17.zst"),
+            format!("chunks/{}/{hex}.zst", &hex[..2]),
+            format!("chunks/{}/{hex}-x.zst", &hex[..2]),
+            "chunks/ab/cd.zst".to_owned(),
+        ] {
+            let key = ObjectKey::new(stranger.as_str()).expect("valid key");
+            assert_eq!(parse_chunk_key(&key), None, "{stranger}");
+        }
+    }
+}
