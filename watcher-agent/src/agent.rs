@@ -20,7 +20,7 @@
 //!   pending and are pushed on the next start.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -269,7 +269,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
 
 /// Listens on the spool's socket, replacing a stale socket file but never
 /// a live agent's.
-fn bind_control_socket(path: &PathBuf) -> Result<UnixListener, AgentError> {
+fn bind_control_socket(path: &Path) -> Result<UnixListener, AgentError> {
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(AgentError::AlreadyRunning(
             path.parent().unwrap_or(path).to_owned(),
@@ -280,13 +280,13 @@ fn bind_control_socket(path: &PathBuf) -> Result<UnixListener, AgentError> {
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
         Err(source) => {
             return Err(AgentError::Socket {
-                path: path.clone(),
+                path: path.to_owned(),
                 source,
             })
         }
     }
     UnixListener::bind(path).map_err(|source| AgentError::Socket {
-        path: path.clone(),
+        path: path.to_owned(),
         source,
     })
 }
@@ -549,7 +549,7 @@ impl Uploader {
 /// Pushes `paths` (with their closures) to one cache, with the server's
 /// current URL and token from the client config.
 async fn push_group(
-    config_path: &PathBuf,
+    config_path: &Path,
     group: &Group,
     paths: &[String],
     jobs: usize,

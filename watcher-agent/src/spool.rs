@@ -355,8 +355,18 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let spool = Spool::open(dir.path()).expect("open");
         let entry = QueuedPath::new("local", &cache("main"), PATH);
-        assert_eq!(spool.enqueue(&[entry.clone()]).expect("enqueue"), 1);
-        assert_eq!(spool.enqueue(&[entry.clone()]).expect("enqueue"), 0);
+        assert_eq!(
+            spool
+                .enqueue(std::slice::from_ref(&entry))
+                .expect("enqueue"),
+            1
+        );
+        assert_eq!(
+            spool
+                .enqueue(std::slice::from_ref(&entry))
+                .expect("enqueue"),
+            0
+        );
         let other_cache = QueuedPath::new("local", &cache("other"), PATH);
         assert_eq!(spool.enqueue(&[other_cache]).expect("enqueue"), 1);
         assert_eq!(spool.pending().expect("pending").len(), 2);
