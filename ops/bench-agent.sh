@@ -98,6 +98,7 @@ config=$server_dir/server.toml
 "$bin/ingest-api" --config "$config" --mode migrate >/dev/null
 token=$("$bin/ingest-api" make-token --config "$config" --sub bench-agent --validity 1d \
     --pull 'bench-*' --push 'bench-*' --create-cache 'bench-*' | tail -n 1)
+larder_port=
 pick_port larder_port
 RUST_LOG=warn "$bin/ingest-api" --config "$config" --listen "$HOST:$larder_port" \
     >"$work/server.log" 2>&1 &

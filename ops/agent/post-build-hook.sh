@@ -43,15 +43,18 @@ if [ -z "$outs" ]; then
         log "neither OUT_PATHS nor DRV_PATH is set; is this running as Nix's post-build-hook?"
         exit 0
     fi
-    if ! outs=$(nix-store --query --outputs "$DRV_PATH" 2>&1); then
-        log "cannot list the outputs of $DRV_PATH: $outs"
+    # nix-store's own error, if any, goes to the build's output as it is.
+    if ! outs=$(nix-store --query --outputs "$DRV_PATH"); then
+        log "cannot list the outputs of $DRV_PATH; not queuing them"
         exit 0
     fi
 fi
 
-# Word splitting is wanted: store paths contain no spaces.
+# Word splitting is wanted: store paths contain no spaces. larder's lines
+# ("queued …", a warning when no agent runs, an error) go to the build's
+# output.
 # shellcheck disable=SC2086
-if ! output=$("${LARDER_BIN:-larder}" queue "$cache" $outs 2>&1); then
-    log "not queued for $cache: $output"
+if ! "${LARDER_BIN:-larder}" queue "$cache" $outs; then
+    log "the outputs were not queued for $cache; the build goes on"
 fi
 exit 0
