@@ -30,6 +30,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::api::ApiClient;
 use crate::config::{state_home, AgentSettings, CacheRef, ClientConfig, ConfigError};
@@ -404,17 +405,17 @@ impl Uploader {
                         Err(error) => error.id(),
                     };
                     let Some((_, keys)) = tasks.remove(&id) else { continue };
-                    {
-                        let mut in_flight = self.shared.in_flight();
-                        for key in &keys {
-                            in_flight.remove(key);
-                        }
-                    }
+                    // Settled before they stop being in flight, so that a
+                    // status query never sees an uploaded path as pending.
                     match joined {
                         Ok((_, finished)) => self.settle(finished, &mut alone),
                         // The entries are still pending: the next round
                         // offers them again.
                         Err(error) => tracing::error!(%error, "an upload task failed"),
+                    }
+                    let mut in_flight = self.shared.in_flight();
+                    for key in &keys {
+                        in_flight.remove(key);
                     }
                 }
                 () = self.shared.wake.notified() => {}
@@ -486,11 +487,20 @@ impl Uploader {
             let config_path = self.config_path.clone();
             let jobs = self.jobs;
             let task_group = group.clone();
-            let handle = running.spawn(async move {
-                let paths: Vec<String> = entries.iter().map(|entry| entry.path.clone()).collect();
-                let result = push_group(&config_path, &task_group, &paths, jobs).await;
-                (task_group, entries, result)
-            });
+            let span = tracing::info_span!(
+                "push",
+                cache = %format!("{}:{}", group.server, group.cache),
+                paths = entries.len()
+            );
+            let handle = running.spawn(
+                async move {
+                    let paths: Vec<String> =
+                        entries.iter().map(|entry| entry.path.clone()).collect();
+                    let result = push_group(&config_path, &task_group, &paths, jobs).await;
+                    (task_group, entries, result)
+                }
+                .instrument(span),
+            );
             tasks.insert(handle.id(), (group, keys));
         }
         next_due
