@@ -37,10 +37,16 @@ impl ServerProcess {
 
     /// [`start`](Self::start) with extra environment variables.
     pub fn start_with(config: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_listening(config, "127.0.0.1:0", env)
+    }
+
+    /// [`start_with`](Self::start_with) on a given address, e.g. to bring a
+    /// server back where its clients expect it.
+    pub fn start_listening(config: &Path, listen: &str, env: &[(&str, &str)]) -> Self {
         let mut child = ingest_api_command()
             .arg("--config")
             .arg(config)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .env("LARDER_LOG__FORMAT", "json")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())

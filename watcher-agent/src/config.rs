@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use common::cache_name::{CacheName, CacheNameError};
+use common::duration::HumanDuration;
 use serde::{Deserialize, Serialize};
 
 /// The environment variable whose token replaces the stored one.
@@ -25,6 +26,8 @@ pub const TOKEN_ENV: &str = "LARDER_TOKEN";
 pub enum ConfigError {
     #[error("neither XDG_CONFIG_HOME nor HOME is set, so there is no place for the config")]
     NoConfigDirectory,
+    #[error("neither XDG_STATE_HOME nor HOME is set, so there is no place for the agent's queue")]
+    NoStateDirectory,
     #[error("reading {path}: {source}")]
     Read {
         path: PathBuf,
@@ -86,6 +89,44 @@ pub struct ClientConfig {
     pub default_server: Option<String>,
     #[serde(default)]
     pub servers: BTreeMap<String, ServerEntry>,
+    #[serde(default, skip_serializing_if = "AgentSettings::is_empty")]
+    pub agent: AgentSettings,
+}
+
+/// The `[agent]` section: what `watcher-agent` does. Every key is
+/// optional; see [`crate::agent::AgentConfig`] for the defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct AgentSettings {
+    /// Caches that receive every new valid path of the local store; none:
+    /// the agent uploads only what `larder queue` gives it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub watch_store: Vec<CacheRef>,
+    /// The directory of the durable queue.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spool_dir: Option<PathBuf>,
+    /// The store directory as it is on disk (for a chroot store
+    /// `ROOT/nix/store`); by default derived from Nix's `store` setting.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_dir: Option<PathBuf>,
+    /// Uploads at once within one push.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<u16>,
+    /// Failed attempts after which a queued path is marked failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// The delay before the first retry; each later one doubles it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_delay: Option<HumanDuration>,
+    /// The longest delay between two attempts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_retry_delay: Option<HumanDuration>,
+}
+
+impl AgentSettings {
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// A server chosen for a command, with the token to use (`LARDER_TOKEN`
@@ -98,7 +139,8 @@ pub struct Server {
 }
 
 /// A `CACHE` argument: `server:cache`, or `cache` on the default server.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct CacheRef {
     pub server: Option<String>,
     pub cache: CacheName,
@@ -121,6 +163,20 @@ impl FromStr for CacheRef {
     }
 }
 
+impl TryFrom<String> for CacheRef {
+    type Error = CacheNameError;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        text.parse()
+    }
+}
+
+impl From<CacheRef> for String {
+    fn from(cache: CacheRef) -> Self {
+        cache.to_string()
+    }
+}
+
 impl fmt::Display for CacheRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.server {
@@ -140,6 +196,18 @@ pub fn config_home() -> Result<PathBuf, ConfigError> {
         .filter(|home| !home.is_empty())
         .map(|home| PathBuf::from(home).join(".config"))
         .ok_or(ConfigError::NoConfigDirectory)
+}
+
+/// `$XDG_STATE_HOME`, else `~/.local/state`: where the agent keeps its
+/// queue.
+pub fn state_home() -> Result<PathBuf, ConfigError> {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|dir| !dir.is_empty()) {
+        return Ok(PathBuf::from(dir));
+    }
+    std::env::var_os("HOME")
+        .filter(|home| !home.is_empty())
+        .map(|home| PathBuf::from(home).join(".local/state"))
+        .ok_or(ConfigError::NoStateDirectory)
 }
 
 /// The configuration file's path.

@@ -1,13 +1,17 @@
-//! Everything that runs on a Nix user's machine: the `larder` CLI and (not
-//! built yet, issue #6) the `watcher-agent` daemon.
+//! Everything that runs on a Nix user's machine: the `larder` CLI and the
+//! `watcher-agent` daemon.
 //!
 //! The crate talks to the local store only through the `nix` command line
 //! ([`nix`]) and to servers only through the API's wire types ([`api`]).
 //! It links `common` without features: no database, storage or queue code.
 
+pub mod agent;
 pub mod api;
 pub mod config;
+pub mod control;
 pub mod nix;
 pub mod nix_conf;
 pub mod progress;
 pub mod push;
+pub mod spool;
+pub mod watch;

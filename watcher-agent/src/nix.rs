@@ -3,7 +3,8 @@
 //! setting in `NIX_CONFIG` or nix.conf, a daemon, a chroot store) is the
 //! store Larder reads.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
 use std::process::Stdio;
 
 use common::nix::{NarHash, StoreDir, StorePath, StorePathHash};
@@ -99,18 +100,8 @@ pub async fn path_infos(
         if closure { " --recursive" } else { "" },
         paths.join(" ")
     );
-    let output = command
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(NixError::NotRunnable)?;
-    if !output.status.success() {
-        return Err(NixError::Failed {
-            command: shown,
-            stderr: last_error_line(&output.stderr),
-        });
-    }
-    parse_path_infos(store_dir, &output.stdout).map_err(|reason| NixError::BadOutput {
+    let stdout = run(command, &shown).await?;
+    parse_path_infos(store_dir, &stdout).map_err(|reason| NixError::BadOutput {
         command: shown,
         reason,
     })
@@ -157,6 +148,107 @@ fn parse_path_infos(store_dir: &StoreDir, json: &[u8]) -> Result<Vec<PathInfo>, 
             })
         })
         .collect()
+}
+
+/// Which of `paths` (full store paths) are valid in the store. Nix 2.8
+/// lists an invalid path as `{"path": …, "valid": false}`, later versions
+/// as `"…": null`.
+pub async fn valid_paths(paths: &[String]) -> Result<HashSet<String>, NixError> {
+    let mut command = nix_command();
+    command.args(["path-info", "--json", "--"]).args(paths);
+    let shown = format!("nix path-info --json {}", paths.join(" "));
+    let stdout = run(command, &shown).await?;
+    parse_validity(&stdout).map_err(|reason| NixError::BadOutput {
+        command: shown,
+        reason,
+    })
+}
+
+fn parse_validity(json: &[u8]) -> Result<HashSet<String>, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(json).map_err(|error| error.to_string())?;
+    let is_valid = |info: &serde_json::Value| {
+        info.is_object() && info.get("valid") != Some(&serde_json::Value::Bool(false))
+    };
+    match value {
+        serde_json::Value::Array(list) => Ok(list
+            .iter()
+            .filter(|info| is_valid(info))
+            .filter_map(|info| info.get("path")?.as_str().map(str::to_owned))
+            .collect()),
+        serde_json::Value::Object(map) => Ok(map
+            .into_iter()
+            .filter(|(_, info)| is_valid(info))
+            .map(|(path, _)| path)
+            .collect()),
+        _ => Err("expected a JSON array or object".to_owned()),
+    }
+}
+
+/// The directory on disk that holds the store's paths: `/nix/store` for
+/// the system store (local or through the daemon), `ROOT/nix/store` for a
+/// chroot store (`store = ROOT` or `local?root=ROOT`), from `NIX_REMOTE`
+/// or else Nix's `store` setting. Other stores (ssh://, s3://…) have no
+/// such directory here.
+pub async fn physical_store_dir() -> Result<PathBuf, NixError> {
+    let store = match std::env::var("NIX_REMOTE")
+        .ok()
+        .filter(|uri| !uri.is_empty())
+    {
+        Some(uri) => uri,
+        None => {
+            let mut command = nix_command();
+            command.args(["show-config", "--json"]);
+            let stdout = run(command, "nix show-config --json").await?;
+            let bad = |reason: String| NixError::BadOutput {
+                command: "nix show-config --json".to_owned(),
+                reason,
+            };
+            let config: serde_json::Value =
+                serde_json::from_slice(&stdout).map_err(|error| bad(error.to_string()))?;
+            config["store"]["value"]
+                .as_str()
+                .ok_or_else(|| bad("no \"store\" setting".to_owned()))?
+                .to_owned()
+        }
+    };
+    store_root(&store)
+        .map(|root| root.join("nix/store"))
+        .ok_or_else(|| NixError::BadOutput {
+            command: "the store setting".to_owned(),
+            reason: format!(
+                "the store {store:?} has no store directory on this machine to watch; \
+                 set store-dir in the [agent] section of the config"
+            ),
+        })
+}
+
+/// The root directory a store URI puts `/nix/store` under.
+fn store_root(uri: &str) -> Option<PathBuf> {
+    let (scheme, query) = uri.split_once('?').unwrap_or((uri, ""));
+    let root_param = query.split('&').find_map(|pair| pair.strip_prefix("root="));
+    match scheme {
+        "auto" | "daemon" | "local" | "" => Some(PathBuf::from(root_param.unwrap_or("/"))),
+        _ if scheme.starts_with("unix://") => Some(PathBuf::from("/")),
+        _ if scheme.starts_with('/') => Some(PathBuf::from(scheme)),
+        _ => None,
+    }
+}
+
+/// Runs a command to completion; its stdout, or its error line.
+async fn run(mut command: Command, shown: &str) -> Result<Vec<u8>, NixError> {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(NixError::NotRunnable)?;
+    if !output.status.success() {
+        return Err(NixError::Failed {
+            command: shown.to_owned(),
+            stderr: last_error_line(&output.stderr),
+        });
+    }
+    Ok(output.stdout)
 }
 
 /// `nix store dump-path PATH` with its NAR on a pipe: the caller streams
@@ -223,6 +315,32 @@ mod tests {
         assert!(infos[0].deriver.is_some());
         assert!(infos[1].ca.is_some());
         assert_eq!(infos[1].nar_size, 8);
+    }
+
+    #[test]
+    fn validity_in_both_spellings() {
+        let nix_2_8 = format!(
+            r#"[{{"path":"{B}","valid":false}},{{"path":"{A}","narHash":"sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=","narSize":120}}]"#
+        );
+        assert_eq!(
+            parse_validity(nix_2_8.as_bytes()).expect("parses"),
+            HashSet::from([A.to_owned()])
+        );
+        let newer = format!(r#"{{"{A}":{{"narSize":1}},"{B}":null}}"#);
+        assert_eq!(
+            parse_validity(newer.as_bytes()).expect("parses"),
+            HashSet::from([A.to_owned()])
+        );
+    }
+
+    #[test]
+    fn store_roots() {
+        let root = |uri| store_root(uri).map(|path| path.display().to_string());
+        assert_eq!(root("auto").as_deref(), Some("/"));
+        assert_eq!(root("daemon").as_deref(), Some("/"));
+        assert_eq!(root("/tmp/x").as_deref(), Some("/tmp/x"));
+        assert_eq!(root("local?root=/tmp/y&x=1").as_deref(), Some("/tmp/y"));
+        assert_eq!(root("ssh://host"), None);
     }
 
     #[test]

@@ -71,6 +71,26 @@ pub enum PushError {
     Task(#[from] tokio::task::JoinError),
 }
 
+impl PushError {
+    /// Worth trying again later: the server could not be reached or was
+    /// briefly unable to answer, or `nix` could not be started. Anything
+    /// else (a missing cache, a refused token, an invalid path) needs
+    /// someone to act first.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Api(error) | Self::Upload { source: error, .. } => error.is_transient(),
+            Self::Nix(NixError::NotRunnable(_))
+            | Self::Dump {
+                source: NixError::NotRunnable(_),
+                ..
+            }
+            | Self::NotVisible { .. }
+            | Self::Task(_) => true,
+            Self::Nix(_) | Self::Dump { .. } | Self::Pipeline { .. } => false,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PushOptions {
     /// Push the closure of the paths, not just the paths.

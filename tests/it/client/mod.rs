@@ -3,8 +3,10 @@
 //! management, `use`, and every error case of issue #6, each run with its
 //! own XDG directories.
 //!
-//! `push` is in its own module: it needs the push endpoints and pipeline.
+//! `push` is in its own module: it needs the push endpoints and pipeline;
+//! so is the `watcher-agent` with `larder queue` and `watch-store`.
 
+mod agent;
 mod push;
 
 use std::os::unix::fs::PermissionsExt;
@@ -73,17 +75,30 @@ impl Larder {
         self.env.push((key.to_owned(), value.to_owned()));
     }
 
+    fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    /// `program` (`larder`, `watcher-agent`) with this user's environment
+    /// and nothing else.
+    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(program);
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", self.home())
+            .env("XDG_CONFIG_HOME", self.config_home())
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        command
+    }
+
     /// Runs `larder ARGS` with `stdin` as its input; does not wait on the
     /// test's runtime, so the in-process server keeps serving.
     async fn run_with_input(&self, args: &[&str], stdin: &str) -> Output {
         use tokio::io::AsyncWriteExt;
-        let mut child = tokio::process::Command::new(binary("larder"))
+        let mut child = self
+            .command(binary("larder"))
             .args(args)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", self.dir.path().join("home"))
-            .env("XDG_CONFIG_HOME", self.config_home())
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -125,6 +140,15 @@ impl Larder {
         let output = self.run(args).await;
         assert_error_output(args, &output)
     }
+}
+
+/// `NIX_CONFIG` for `larder` so that its `nix` commands read the chroot
+/// store at `root`, as a user's `store` setting would.
+fn store_config(root: &Path) -> String {
+    format!(
+        "store = {}\nsubstituters =",
+        root.to_str().expect("a UTF-8 store root")
+    )
 }
 
 fn assert_error_output(args: &[&str], output: &Output) -> String {

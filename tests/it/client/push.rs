@@ -7,22 +7,11 @@
 //! These need the push endpoints and the pipeline (issue #4): the server
 //! must accept `upload-path` and make the paths visible.
 
-use std::path::Path;
-
 use common::auth::Permission;
 use tests::nix::NixEnv;
 use tests::server::TestServer;
 
-use super::{blocking, nix_with_user_conf, server_view, text, Larder, HOUR};
-
-/// `NIX_CONFIG` for `larder` so that its `nix` commands read the chroot
-/// store at `root`, as a user's `store` setting would.
-fn store_config(root: &Path) -> String {
-    format!(
-        "store = {}\nsubstituters =",
-        root.to_str().expect("a UTF-8 store root")
-    )
-}
+use super::{blocking, nix_with_user_conf, server_view, store_config, text, Larder, HOUR};
 
 #[tokio::test]
 async fn push_a_closure_then_substitute_it_with_the_settings_use_wrote() {

@@ -5,6 +5,7 @@
 //! (2 for a command line clap rejects).
 
 use std::io::{BufRead, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
@@ -12,11 +13,13 @@ use clap::{Args, Parser, Subcommand};
 use common::api::{CacheConfig, CreateCacheRequest, KeypairConfig, RetentionPeriodConfig};
 use common::duration::HumanDuration;
 use watcher_agent::api::ApiClient;
-use watcher_agent::config::{config_path, CacheRef, ClientConfig, Token};
+use watcher_agent::config::{self, config_path, CacheRef, ClientConfig, Token};
 use watcher_agent::nix_conf::{
     default_netrc_path, update_netrc_file, user_nix_conf_path, NetrcChange, NixConf,
 };
 use watcher_agent::push::{push, PushOptions};
+use watcher_agent::spool::{now_millis, store_path_of, QueuedPath, Spool};
+use watcher_agent::{agent, control};
 
 #[derive(Debug, Parser)]
 #[command(name = "larder", version, about = "The Larder binary cache client")]
@@ -51,6 +54,61 @@ enum Command {
     Cache(CacheCommand),
     /// Push store paths (and their closures) to a cache.
     Push(PushArgs),
+    /// Queue store paths for the watcher-agent to push (returns at once;
+    /// for Nix's post-build-hook), or show the queue: `larder queue status`.
+    Queue(QueueArgs),
+    /// Push every new store path to a cache as it appears, in the
+    /// foreground, until Ctrl-C.
+    WatchStore(WatchStoreArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct QueueArgs {
+    #[command(subcommand)]
+    command: Option<QueueCommand>,
+    /// `server:cache`, or `cache` on the default server.
+    #[arg(required = true)]
+    cache: Option<CacheRef>,
+    /// Store paths, or links to them such as ./result.
+    #[arg(required = true)]
+    paths: Vec<String>,
+    #[command(flatten)]
+    spool: SpoolArg,
+}
+
+#[derive(Debug, Subcommand)]
+enum QueueCommand {
+    /// Show what is pending, in flight and failed (exit status 1 when no
+    /// agent is running).
+    Status {
+        #[command(flatten)]
+        spool: SpoolArg,
+    },
+}
+
+#[derive(Debug, Args)]
+struct SpoolArg {
+    /// The agent's queue directory [default: the [agent] section's
+    /// spool-dir, else $XDG_STATE_HOME/larder/agent]
+    #[arg(long, env = "LARDER_SPOOL_DIR", value_name = "DIR")]
+    spool_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct WatchStoreArgs {
+    /// `server:cache`, or `cache` on the default server.
+    cache: CacheRef,
+    /// The store directory on disk [default: from Nix's `store` setting]
+    #[arg(long, value_name = "DIR")]
+    store_dir: Option<PathBuf>,
+    /// Where to keep the queue of paths not pushed yet [default:
+    /// $XDG_STATE_HOME/larder/watch-store/SERVER+CACHE]
+    #[arg(long, value_name = "DIR")]
+    spool_dir: Option<PathBuf>,
+    /// Uploads at once.
+    #[arg(short = 'j', long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..))]
+    jobs: u16,
 }
 
 #[derive(Debug, Subcommand)]
@@ -186,6 +244,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Use { cache } => use_cache(&cache).await,
         Command::Cache(command) => cache_command(command).await,
         Command::Push(args) => push_command(args).await,
+        Command::Queue(args) => queue_command(args).await,
+        Command::WatchStore(args) => watch_store(args).await,
     }
 }
 
@@ -459,5 +519,144 @@ async fn push_command(args: PushArgs) -> anyhow::Result<()> {
     };
     let summary = push(&client, &args.cache.cache, &args.paths, &options).await?;
     println!("{summary}");
+    Ok(())
+}
+
+/// The agent's spool directory: the flag (or `LARDER_SPOOL_DIR`), else the
+/// `[agent]` section's, else the default.
+fn agent_spool_dir(config: &ClientConfig, spool: SpoolArg) -> anyhow::Result<PathBuf> {
+    match spool.spool_dir.or_else(|| config.agent.spool_dir.clone()) {
+        Some(dir) => Ok(dir),
+        None => Ok(agent::default_spool_dir()?),
+    }
+}
+
+async fn queue_command(args: QueueArgs) -> anyhow::Result<()> {
+    let config = ClientConfig::load(&config_path()?)?;
+    let (cache, spool_arg) = match (args.command, args.cache) {
+        (Some(QueueCommand::Status { spool }), _) => {
+            return queue_status(&agent_spool_dir(&config, spool)?)
+        }
+        (None, Some(cache)) => (cache, args.spool),
+        (None, None) => bail!("give a cache and store paths, or `status`"),
+    };
+    // Only local work here, no `nix` and no network: Nix waits for its
+    // post-build-hook before the next build.
+    let server = config.server(cache.server.as_deref())?;
+    let entries = args
+        .paths
+        .iter()
+        .map(|path| {
+            Ok(QueuedPath::new(
+                &server.name,
+                &cache.cache,
+                &store_path_of(path)?,
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let spool = Spool::open(&agent_spool_dir(&config, spool_arg)?)?;
+    let new = spool.enqueue(&entries)?;
+    let target = format!("{}:{}", server.name, cache.cache);
+    match new {
+        0 => println!("already queued for {target}"),
+        1 => println!("queued 1 path for {target}"),
+        n => println!("queued {n} paths for {target}"),
+    }
+    if let Err(error) = control::wake(&spool.socket_path()) {
+        eprintln!("warning: {error}; the paths stay queued until it starts");
+    }
+    Ok(())
+}
+
+/// Prints the queue on stdout; fails when no agent runs, after printing.
+fn queue_status(spool_dir: &std::path::Path) -> anyhow::Result<()> {
+    let spool = Spool::open(spool_dir)?;
+    let agent = control::status(&spool.socket_path());
+    let pending = spool.pending()?;
+    let failed = spool.failed()?;
+    let now = now_millis();
+    let seconds = |millis: u64| format!("{:.0} s", millis as f64 / 1000.0);
+    let in_flight = agent
+        .as_ref()
+        .map(|status| status.in_flight.clone())
+        .unwrap_or_default();
+    let started: std::collections::HashMap<String, u64> = in_flight
+        .into_iter()
+        .map(|flight| (flight.key, flight.started_at))
+        .collect();
+    match &agent {
+        Ok(status) => println!(
+            "agent: running (pid {}), queue in {}",
+            status.pid,
+            spool_dir.display()
+        ),
+        Err(_) => println!("agent: not running, queue in {}", spool_dir.display()),
+    }
+    let (uploading, waiting): (Vec<&QueuedPath>, Vec<&QueuedPath>) = pending
+        .iter()
+        .partition(|entry| started.contains_key(&entry.key()));
+    println!("in flight: {}", uploading.len());
+    for entry in uploading {
+        let since = started[&entry.key()];
+        println!(
+            "  {} {} (for {})",
+            entry.cache_ref(),
+            entry.path,
+            seconds(now.saturating_sub(since))
+        );
+    }
+    println!("pending: {}", waiting.len());
+    for entry in waiting {
+        match &entry.last_error {
+            None => println!("  {} {}", entry.cache_ref(), entry.path),
+            Some(error) => println!(
+                "  {} {} (attempt {} failed, next in {}: {error})",
+                entry.cache_ref(),
+                entry.path,
+                entry.attempts,
+                seconds(entry.next_attempt_at.saturating_sub(now))
+            ),
+        }
+    }
+    println!("failed: {}", failed.len());
+    for entry in &failed {
+        println!(
+            "  {} {} (after {} attempt{}: {})",
+            entry.cache_ref(),
+            entry.path,
+            entry.attempts,
+            if entry.attempts == 1 { "" } else { "s" },
+            entry.last_error.as_deref().unwrap_or("no reason recorded")
+        );
+    }
+    agent?;
+    Ok(())
+}
+
+async fn watch_store(args: WatchStoreArgs) -> anyhow::Result<()> {
+    let path = config_path()?;
+    let config = ClientConfig::load(&path)?;
+    let server = config.server(args.cache.server.as_deref())?;
+    // Fail now, in the foreground, rather than queue paths for a cache
+    // that is not there.
+    let client = ApiClient::new(server.clone())?;
+    client.cache_config(&args.cache.cache).await?;
+    let spool_dir = match args.spool_dir {
+        Some(dir) => dir,
+        None => config::state_home()?
+            .join("larder/watch-store")
+            .join(format!("{}+{}", server.name, args.cache.cache)),
+    };
+    let mut agent_config = agent::AgentConfig::from_settings(path, &config.agent)?;
+    agent_config.spool_dir = spool_dir;
+    agent_config.watch_store = vec![args.cache];
+    agent_config.jobs = usize::from(args.jobs);
+    if args.store_dir.is_some() {
+        agent_config.store_dir = args.store_dir;
+    }
+    agent::init_logging();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    agent::cancel_on_signals(shutdown.clone()).context("installing signal handlers")?;
+    agent::run(agent_config, shutdown).await?;
     Ok(())
 }
