@@ -30,6 +30,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "auth",
     "ingest",
     "pipeline",
+    "queue",
     "log",
 ];
 
@@ -101,6 +102,8 @@ pub struct ServerConfig {
     pub ingest: IngestConfig,
     #[serde(default)]
     pub pipeline: PipelineConfig,
+    #[serde(default)]
+    pub queue: QueueConfig,
     #[serde(default)]
     pub log: LogConfig,
 }
@@ -175,6 +178,31 @@ impl Default for PipelineConfig {
             max_upload_attempts: 5,
             reconcile_interval: HumanDuration::from_secs(60),
         }
+    }
+}
+
+/// Where the pipeline's jobs travel between `ingest-api` and the workers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "type", deny_unknown_fields)]
+pub enum QueueConfig {
+    /// Inside one process: the single-machine server runs the workers
+    /// itself. Nothing is kept across a restart (the server republishes
+    /// every upload in flight when it starts).
+    #[default]
+    Embedded,
+    /// A RabbitMQ broker, shared by separately running API servers and
+    /// workers.
+    Amqp {
+        /// `amqp://USER:PASSWORD@HOST:PORT/VHOST`.
+        url: Secret,
+    },
+}
+
+impl QueueConfig {
+    /// Whether processes can share this queue (an embedded one lives and
+    /// dies inside one process).
+    pub fn is_shared(&self) -> bool {
+        matches!(self, QueueConfig::Amqp { .. })
     }
 }
 
@@ -296,6 +324,14 @@ impl ServerConfig {
                 return Err(ConfigError::Invalid(format!(
                     "storage.endpoint {endpoint:?} must start with http:// (no TLS support is built in)"
                 )));
+            }
+        }
+        if let QueueConfig::Amqp { url } = &self.queue {
+            // lapin is built without a TLS stack.
+            if !url.expose().starts_with("amqp://") {
+                return Err(ConfigError::Invalid(
+                    "queue.url must start with amqp:// (no TLS support is built in)".into(),
+                ));
             }
         }
         if let Some(endpoint) = &self.api_endpoint {
@@ -459,6 +495,42 @@ mod tests {
         let conflict =
             load(&with_listen, &[("LARDER_LISTEN__PORT", "1")]).expect_err("listen is not a table");
         assert!(matches!(conflict, ConfigError::EnvConflict { .. }));
+    }
+
+    #[test]
+    fn the_queue_is_embedded_unless_amqp_is_configured() {
+        let config = load(MINIMAL, &[]).expect("valid config");
+        assert_eq!(config.queue, QueueConfig::Embedded);
+        assert!(!config.queue.is_shared());
+
+        let config = load(
+            MINIMAL,
+            &[
+                ("LARDER_QUEUE__TYPE", "amqp"),
+                ("LARDER_QUEUE__URL", "amqp://larder:hunter2@mq:5672/%2f"),
+            ],
+        )
+        .expect("valid config");
+        let QueueConfig::Amqp { url } = &config.queue else {
+            panic!("expected an AMQP queue: {:?}", config.queue);
+        };
+        assert_eq!(url.expose(), "amqp://larder:hunter2@mq:5672/%2f");
+        assert!(config.queue.is_shared());
+        assert!(!format!("{config:?}").contains("hunter2"));
+        let again = load(&config.to_toml(), &[]).expect("re-read");
+        assert_eq!(again.queue, config.queue);
+
+        let missing_url = load(MINIMAL, &[("LARDER_QUEUE__TYPE", "amqp")]);
+        assert!(missing_url.is_err());
+        let tls = load(
+            MINIMAL,
+            &[
+                ("LARDER_QUEUE__TYPE", "amqp"),
+                ("LARDER_QUEUE__URL", "amqps://mq:5671"),
+            ],
+        )
+        .expect_err("no TLS stack");
+        assert!(tls.to_string().contains("amqp://"), "{tls}");
     }
 
     #[test]

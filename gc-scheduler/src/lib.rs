@@ -16,9 +16,13 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use common::config::PipelineConfig;
+use common::config::{PipelineConfig, ServerConfig};
 use common::db::{Database, DbError, Timestamp, UploadPhase};
 use common::queue::{publish_job, ChunkJob, Queue, QueueError};
+use common::service::{ServiceError, Services};
+
+/// The name this service goes by in logs and broker connections.
+const SERVICE: &str = "gc-scheduler";
 
 /// Uploads handled per database round trip.
 const PAGE: u32 = 500;
@@ -36,6 +40,45 @@ pub enum ReconcileError {
     Database(#[from] DbError),
     #[error("job queue")]
     Queue(#[from] QueueError),
+}
+
+/// Why the `gc-scheduler` service stopped or a pass failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    #[error("reconciling stuck uploads")]
+    Reconcile(#[from] ReconcileError),
+}
+
+/// The `gc-scheduler` service: opens the database, storage and shared
+/// queue the config names, runs one reconciling pass at once, then one
+/// every `pipeline.reconcile-interval` until `shutdown`.
+pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<(), Error> {
+    let services = Services::open(&config, SERVICE).await?;
+    log_pass(
+        reconcile(
+            &services.database,
+            &*services.queue,
+            &config.pipeline,
+            Timestamp::now(),
+        )
+        .await,
+    );
+    run_reconciler(services.database, services.queue, config.pipeline, shutdown).await;
+    Ok(())
+}
+
+/// One reconciling pass now (`gc-scheduler --once`).
+pub async fn reconcile_once(config: &ServerConfig) -> Result<ReconcileReport, Error> {
+    let services = Services::open(config, SERVICE).await?;
+    Ok(reconcile(
+        &services.database,
+        &*services.queue,
+        &config.pipeline,
+        Timestamp::now(),
+    )
+    .await?)
 }
 
 /// What one pass did.
@@ -145,11 +188,22 @@ pub async fn run_reconciler(
             () = shutdown.cancelled() => return,
             _ = interval.tick() => {}
         }
-        if let Err(error) = reconcile(&database, &*queue, &config, Timestamp::now()).await {
-            tracing::warn!(
-                error = format!("{:#}", anyhow::Error::new(error)),
-                "reconciling stuck uploads failed; trying again next period"
-            );
-        }
+        log_pass(reconcile(&database, &*queue, &config, Timestamp::now()).await);
+    }
+}
+
+/// Logs what a periodic pass did; a failed pass is tried again next period.
+fn log_pass(outcome: Result<ReconcileReport, ReconcileError>) {
+    match outcome {
+        Ok(report) if report.republished + report.failed > 0 => tracing::info!(
+            republished = report.republished,
+            failed = report.failed,
+            "reconciled stuck uploads"
+        ),
+        Ok(_) => {}
+        Err(error) => tracing::warn!(
+            error = format!("{:#}", anyhow::Error::new(error)),
+            "reconciling stuck uploads failed; trying again next period"
+        ),
     }
 }

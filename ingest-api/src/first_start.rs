@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 
 use common::config::{
-    AuthConfig, ConfigError, DatabaseConfig, IngestConfig, LogConfig, PipelineConfig, Secret,
-    ServerConfig, StorageConfig,
+    AuthConfig, ConfigError, DatabaseConfig, IngestConfig, LogConfig, PipelineConfig, QueueConfig,
+    Secret, ServerConfig, StorageConfig,
 };
 
 /// Bytes of randomness in a generated HS256 secret: twice the minimum, as
@@ -104,6 +104,7 @@ fn create_default(path: &Path) -> Result<bool, FirstStartError> {
         },
         ingest: IngestConfig::default(),
         pipeline: PipelineConfig::default(),
+        queue: QueueConfig::default(),
         log: LogConfig::default(),
     };
     let text = format!(

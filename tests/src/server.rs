@@ -25,8 +25,8 @@ use common::auth::{
 };
 use common::cache_name::{CacheName, CacheNamePattern};
 use common::config::{
-    AuthConfig, DatabaseConfig, IngestConfig, LogConfig, PipelineConfig, Secret, ServerConfig,
-    StorageConfig,
+    AuthConfig, DatabaseConfig, IngestConfig, LogConfig, PipelineConfig, QueueConfig, Secret,
+    ServerConfig, StorageConfig,
 };
 use common::db::{
     Backend, Cache, CacheId, CacheKeypair, ChunkLocation, Database, Nar, NewCache, NewObject,
@@ -255,6 +255,7 @@ impl TestServer {
             auth,
             ingest: options.ingest.clone(),
             pipeline: PipelineConfig::default(),
+            queue: QueueConfig::default(),
             log: LogConfig::default(),
         };
         let config_path = dir.path().join("server.toml");
