@@ -56,6 +56,10 @@ pub enum Error {
 /// every `pipeline.reconcile-interval` until `shutdown`.
 pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<(), Error> {
     let services = Services::open(&config, SERVICE).await?;
+    tracing::info!(
+        every = %config.pipeline.reconcile_interval,
+        "reconciling stuck uploads"
+    );
     log_pass(
         reconcile(
             &services.database,
