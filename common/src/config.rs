@@ -352,6 +352,16 @@ impl ServerConfig {
     }
 }
 
+/// Whether the environment variable `name` is one the config reads
+/// (`LARDER_` and a known top-level key): for checking deployment files,
+/// since other `LARDER_…` variables are ignored without a word.
+pub fn is_config_variable(name: &str) -> bool {
+    name.strip_prefix(ENV_PREFIX).is_some_and(|rest| {
+        let top = rest.split("__").next().unwrap_or_default();
+        TOP_LEVEL_KEYS.contains(&top.to_ascii_lowercase().replace('_', "-").as_str())
+    })
+}
+
 /// Sets `table` keys from `LARDER_…` variables (see the module docs).
 fn overlay_env(
     table: &mut toml::Table,
@@ -495,6 +505,15 @@ mod tests {
         let conflict =
             load(&with_listen, &[("LARDER_LISTEN__PORT", "1")]).expect_err("listen is not a table");
         assert!(matches!(conflict, ConfigError::EnvConflict { .. }));
+    }
+
+    #[test]
+    fn config_variables_are_told_from_other_larder_variables() {
+        assert!(is_config_variable("LARDER_QUEUE__URL"));
+        assert!(is_config_variable("LARDER_API_ENDPOINT"));
+        assert!(!is_config_variable("LARDER_QUEU__URL"));
+        assert!(!is_config_variable("LARDER_TOKEN"));
+        assert!(!is_config_variable("DATABASE__URL"));
     }
 
     #[test]

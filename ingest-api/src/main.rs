@@ -24,8 +24,9 @@ use ingest_api::Role;
 )]
 struct Cli {
     /// The server's config file; created with working defaults on first start.
-    /// `--mode api` without one reads the config from `LARDER_…` environment
-    /// variables alone. [default: $XDG_CONFIG_HOME/larder/server.toml]
+    /// `--mode api`, and the token commands when the default file does not
+    /// exist, read the config from `LARDER_…` environment variables alone
+    /// without one. [default: $XDG_CONFIG_HOME/larder/server.toml]
     #[arg(long, global = true, env = "LARDER_CONFIG", value_name = "PATH")]
     config: Option<PathBuf>,
 
@@ -154,13 +155,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let config = load_config(cli.config.as_deref(), cli.listen)?;
         return serve(config, Role::Api, None).await;
     }
+    // The admin commands read an existing config: the file, or, when none
+    // was named and the default one does not exist (a container configured
+    // by its environment), the `LARDER_…` variables alone.
+    let from_environment = cli.config.is_none()
+        && cli.command.is_some()
+        && !first_start::default_config_path()?.exists();
+    let existing = |path: &std::path::Path| -> anyhow::Result<ServerConfig> {
+        if from_environment {
+            Ok(load_config(None, None)?)
+        } else {
+            Ok(first_start::load_existing(path)?)
+        }
+    };
     let config_path = match cli.config {
         Some(path) => path,
         None => first_start::default_config_path()?,
     };
     match cli.command {
         Some(Command::MakeToken(args)) => {
-            let config = first_start::load_existing(&config_path)?;
+            let config = existing(&config_path)?;
             let dump_claims = args.dump_claims;
             let request = args.into_request();
             if dump_claims {
@@ -172,12 +186,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::ListTokens) => {
-            let config = first_start::load_existing(&config_path)?;
+            let config = existing(&config_path)?;
             print!("{}", tokens::list(&config).await?);
             Ok(())
         }
         Some(Command::RevokeToken { jti }) => {
-            let config = first_start::load_existing(&config_path)?;
+            let config = existing(&config_path)?;
             tokens::revoke(&config, &jti).await?;
             println!("revoked token {jti}");
             Ok(())

@@ -8,6 +8,7 @@
 //! test ends with [`assert_whole`]: nothing lost, nothing duplicated, no
 //! upload left stuck.
 
+mod compose;
 mod faults;
 mod push;
 
