@@ -136,11 +136,11 @@ EOF
     for ((i = 1; i <= compressors; i++)); do names+=("compressor-worker-$i"); done
     names+=(gc-scheduler)
 
-    local api_urls=() pids=() port pid args
+    local api_urls=() pids=() listen_port pid args
     for name in "${names[@]}"; do
-        pick_port port
-        args=(--config "$config" --listen "$HOST:$port")
-        [[ $name == ingest-api-* ]] && args+=(--mode api) && api_urls+=("http://$HOST:$port")
+        pick_port listen_port
+        args=(--config "$config" --listen "$HOST:$listen_port")
+        [[ $name == ingest-api-* ]] && args+=(--mode api) && api_urls+=("http://$HOST:$listen_port")
         env "${overrides[@]}" "$bin_dir/${name%-[0-9]*}" "${args[@]}" >"$DIR/logs/$name.log" 2>&1 &
         pid=$!
         echo "$name $pid" >>"$DIR/pids"

@@ -300,6 +300,22 @@ impl Cluster {
         line["fields"]["address"].as_str().map(str::to_owned)
     }
 
+    /// The messages of the log lines that the running process `name` has
+    /// printed so far.
+    pub fn log_messages(&mut self, name: &str) -> Vec<String> {
+        let process = self
+            .members
+            .get_mut(name)
+            .and_then(|member| member.process.as_mut())
+            .unwrap_or_else(|| panic!("no running process {name} in the cluster"));
+        process
+            .lines()
+            .iter()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter_map(|line| line["fields"]["message"].as_str().map(str::to_owned))
+            .collect()
+    }
+
     /// The names of the cluster's processes, e.g. `chunker-worker-1`.
     pub fn process_names(&self) -> Vec<String> {
         self.members.keys().cloned().collect()
@@ -467,6 +483,27 @@ impl Cluster {
         for member in self.members.values_mut() {
             if let Some(process) = member.process.take() {
                 process.stop();
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    /// After a failure, shows what each process logged, then (through each
+    /// [`ServerProcess`]'s drop) kills it.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for (name, member) in &mut self.members {
+            if let Some(process) = member.process.as_mut() {
+                let lines = process.lines();
+                let shown = &lines[lines.len().saturating_sub(40)..];
+                eprintln!(
+                    "--- {name}: last {} log lines\n{}",
+                    shown.len(),
+                    shown.join("\n")
+                );
             }
         }
     }

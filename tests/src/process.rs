@@ -122,6 +122,12 @@ impl ServerProcess {
         })
     }
 
+    /// Every stdout line printed so far.
+    pub fn lines(&mut self) -> &[String] {
+        self.seen.extend(self.lines.try_iter());
+        &self.seen
+    }
+
     /// The process id, for signals.
     pub fn id(&self) -> u32 {
         self.child.id()

@@ -88,7 +88,7 @@ async fn wait_for_uploads(cluster: &Cluster, n: usize) {
 /// Pushes a closure of 20 paths while `disturb` runs once 3 are
 /// acknowledged, then checks that everything arrived whole and can be
 /// substituted through the other API server.
-async fn push_through(cluster: Cluster, disturb: impl std::future::Future<Output = ()>) {
+async fn push_through(cluster: &Cluster, disturb: impl std::future::Future<Output = ()>) {
     cluster.create_cache(CACHE, false).await;
     let token = pusher_token(&cluster, &[CACHE]).await;
     let pushing = Pushing::new(20, &token).await;
@@ -98,21 +98,39 @@ async fn push_through(cluster: Cluster, disturb: impl std::future::Future<Output
         pushing.sources.clone(),
     ));
     wait_for_uploads(&cluster, 3).await;
+    assert!(!push.is_finished(), "the push ended before the fault");
     disturb.await;
     push.await.expect("the push");
     assert_whole(&cluster, &[(CACHE, &pushing.closure)], &[]).await;
     pushing
         .substitute_and_verify(cluster.api(1), &token, CACHE)
         .await;
-    cluster.stop();
 }
 
+/// Every worker loses its broker connection and subscribes again by
+/// itself; publishing (the API's chunk jobs, the chunkers' compress jobs)
+/// connects again too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_restart_rabbitmq_during_a_push() {
     let private = PrivateServices::start(&["rabbitmq"]).await;
     let services = ClusterServices::shared().with_private(&private);
-    let cluster = Cluster::start(&services, ClusterOptions::default()).await;
-    push_through(cluster, private.ctl("restart-rabbitmq")).await;
+    let mut cluster = Cluster::start(&services, ClusterOptions::default()).await;
+    push_through(&cluster, private.ctl("restart-rabbitmq")).await;
+    for worker in [
+        "chunker-worker-1",
+        "chunker-worker-2",
+        "compressor-worker-1",
+        "compressor-worker-2",
+    ] {
+        let messages = cluster.log_messages(worker);
+        assert!(
+            messages
+                .iter()
+                .any(|message| message == "queue consumer subscribed again"),
+            "{worker} did not notice the restart: {messages:?}"
+        );
+    }
+    cluster.stop();
     private.stop().await;
 }
 
@@ -121,12 +139,13 @@ async fn fault_stop_garage_for_20_seconds_during_a_push() {
     let private = PrivateServices::start(&["garage"]).await;
     let services = ClusterServices::shared().with_private(&private);
     let cluster = Cluster::start(&services, ClusterOptions::default()).await;
-    push_through(cluster, async {
+    push_through(&cluster, async {
         private.ctl("stop-garage").await;
         tokio::time::sleep(Duration::from_secs(20)).await;
         private.ctl("start-garage").await;
     })
     .await;
+    cluster.stop();
     private.stop().await;
 }
 
@@ -135,7 +154,8 @@ async fn fault_restart_postgres_during_a_push() {
     let private = PrivateServices::start(&["postgres"]).await;
     let services = ClusterServices::shared().with_private(&private);
     let cluster = Cluster::start(&services, ClusterOptions::default()).await;
-    push_through(cluster, private.ctl("restart-postgres")).await;
+    push_through(&cluster, private.ctl("restart-postgres")).await;
+    cluster.stop();
     private.stop().await;
 }
 
