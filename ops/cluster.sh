@@ -17,8 +17,9 @@
 # Each cluster gets a fresh PostgreSQL database, its own RabbitMQ virtual
 # host and its own key prefix in the bucket, so several can share one set
 # of services. The defaults are 2 of each. It writes DIR/larder.toml (the
-# config every process runs with; ENV=VALUE arguments after `--` are
-# LARDER_… overrides for every process), starts the processes with logs
+# config every process runs with; NAME=VALUE arguments after `--` are
+# environment variables for every process, e.g. LARDER_… overrides),
+# starts the processes with logs
 # in DIR/logs/NAME.log, waits until each is ready, and writes DIR/env:
 # `export` lines with LARDER_CONFIG, LARDER_CLUSTER_API_URLS (space-
 # separated) and LARDER_CLUSTER_PIDS (NAME=PID ...). Binaries come from
@@ -54,7 +55,7 @@ ready_message() {
 }
 
 start() {
-    local apis=2 chunkers=2 compressors=2 services_dir= bin_dir=
+    local apis=2 chunkers=2 compressors=2 services_dir='' bin_dir=''
     local overrides=()
     while (($#)); do
         case $1 in
@@ -71,7 +72,7 @@ start() {
         [[ $number =~ ^[0-9]+$ ]] || die "expected a whole number, got '$number'"
     done
     for override in "${overrides[@]}"; do
-        [[ $override =~ ^LARDER_[A-Z0-9_]+= ]] || die "expected LARDER_NAME=VALUE after --, got '$override'"
+        [[ $override =~ ^[A-Z_][A-Z0-9_]*= ]] || die "expected NAME=VALUE after --, got '$override'"
     done
     bin_dir=${bin_dir:-${CARGO_TARGET_DIR:-$HOME/.cache/larder/target}/debug}
     for binary in ingest-api chunker-worker compressor-worker gc-scheduler; do
