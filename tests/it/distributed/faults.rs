@@ -90,18 +90,18 @@ async fn wait_for_uploads(cluster: &Cluster, n: usize) {
 /// substituted through the other API server.
 async fn push_through(cluster: &Cluster, disturb: impl std::future::Future<Output = ()>) {
     cluster.create_cache(CACHE, false).await;
-    let token = pusher_token(&cluster, &[CACHE]).await;
+    let token = pusher_token(cluster, &[CACHE]).await;
     let pushing = Pushing::new(20, &token).await;
     let push = tokio::spawn(push_retrying(
         cluster.api(0).clone(),
         token.clone(),
         pushing.sources.clone(),
     ));
-    wait_for_uploads(&cluster, 3).await;
+    wait_for_uploads(cluster, 3).await;
     assert!(!push.is_finished(), "the push ended before the fault");
     disturb.await;
     push.await.expect("the push");
-    assert_whole(&cluster, &[(CACHE, &pushing.closure)], &[]).await;
+    assert_whole(cluster, &[(CACHE, &pushing.closure)], &[]).await;
     pushing
         .substitute_and_verify(cluster.api(1), &token, CACHE)
         .await;
