@@ -63,6 +63,8 @@ for binary in "${binaries[@]}"; do
 done
 
 work=$(mktemp -d /tmp/larder-bench-distributed.XXXXXX)
+# The services' users (postgres, rabbitmq) must reach $work/services.
+chmod 711 "$work"
 server_pid=
 clusters=()
 cleanup() {
@@ -114,13 +116,13 @@ mkdir -p "$work/one-machine"
 "$bin/ingest-api" --config "$config" --mode migrate >/dev/null
 token=$("$bin/ingest-api" make-token --config "$config" --sub bench --validity 1d \
     --pull bench --push bench --create-cache bench | tail -n 1)
-pick_port port
+pick_port server_port
 LARDER_INGEST__WAIT_FOR_VISIBLE="10 minutes" RUST_LOG=warn \
-    "$bin/ingest-api" --config "$config" --listen "$HOST:$port" >"$work/one-machine.log" 2>&1 &
+    "$bin/ingest-api" --config "$config" --listen "$HOST:$server_port" >"$work/one-machine.log" 2>&1 &
 server_pid=$!
-wait_http "http://$HOST:$port/" "$server_pid" "$work/one-machine.log"
-create_cache "http://$HOST:$port" "$token"
-one_seconds=$(push_seconds "http://$HOST:$port" "$token")
+wait_http "http://$HOST:$server_port/" "$server_pid" "$work/one-machine.log"
+create_cache "http://$HOST:$server_port" "$token"
+one_seconds=$(push_seconds "http://$HOST:$server_port" "$token")
 one_rss=$(peak_rss_kib "$server_pid")
 stop_pid "$server_pid"
 server_pid=
