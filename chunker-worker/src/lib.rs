@@ -34,13 +34,14 @@ use tokio::sync::mpsc;
 use tokio_util::io::SyncIoBridge;
 use tokio_util::sync::CancellationToken;
 
-use common::config::PipelineConfig;
+use common::config::{PipelineConfig, ServerConfig};
 use common::db::{
     ChunkId, Database, DbError, NarId, NewChunk, StoreState, Timestamp, Upload, UploadId,
     UploadPhase,
 };
 use common::nix::{Sha256Hash, Sha256Hasher};
 use common::queue::{publish_job, ChunkJob, ChunkRange, CompressJob, Queue, QueueError};
+use common::service::{ServiceError, Services};
 use common::storage::{ObjectKey, Storage, StorageError};
 use common::worker::{self, finalise_nar, staged_object_key, JobError, JobHandler};
 
@@ -62,8 +63,24 @@ pub const COMPRESS_JOB_BYTES: u64 = 4 << 20;
 /// the database beyond this.
 const CUT_AHEAD: usize = 256;
 
+/// The `chunker-worker` service: opens the database, storage and the shared
+/// queue the config names, then consumes chunk jobs until `shutdown` (see
+/// [`run_with`]).
+pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<(), ServiceError> {
+    let services = Services::open(&config, "chunker-worker").await?;
+    run_with(
+        services.database,
+        services.storage,
+        services.queue,
+        config.pipeline,
+        shutdown,
+    )
+    .await?;
+    Ok(())
+}
+
 /// Consumes chunk jobs until `shutdown` (see [`worker::consume`]).
-pub async fn run(
+pub async fn run_with(
     database: Database,
     storage: Arc<dyn Storage>,
     queue: Arc<dyn Queue>,

@@ -1,6 +1,21 @@
 //! The `chunker-worker` binary: a thin shell around the `chunker_worker` library.
 
+use clap::Parser;
+
+use common::service::{run_service, ServiceArgs};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "chunker-worker",
+    version,
+    about = "Larder's chunker: cuts spooled uploads into chunks (FastCDC), deduplicates them globally and hands new chunks to the compressors"
+)]
+struct Cli {
+    #[command(flatten)]
+    service: ServiceArgs,
+}
+
 fn main() -> std::process::ExitCode {
-    eprintln!("chunker-worker: not built yet (issue #4)");
-    std::process::ExitCode::from(2)
+    let cli = Cli::parse();
+    run_service("chunker-worker", &cli.service, chunker_worker::run)
 }

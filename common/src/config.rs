@@ -31,6 +31,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "ingest",
     "pipeline",
     "gc",
+    "queue",
     "log",
 ];
 
@@ -104,6 +105,7 @@ pub struct ServerConfig {
     pub pipeline: PipelineConfig,
     #[serde(default)]
     pub gc: GcConfig,
+    pub queue: QueueConfig,
     #[serde(default)]
     pub log: LogConfig,
 }
@@ -254,6 +256,31 @@ impl Default for GcConfig {
     }
 }
 
+/// Where the pipeline's jobs travel between `ingest-api` and the workers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "type", deny_unknown_fields)]
+pub enum QueueConfig {
+    /// Inside one process: the single-machine server runs the workers
+    /// itself. Nothing is kept across a restart (the server republishes
+    /// every upload in flight when it starts).
+    #[default]
+    Embedded,
+    /// A RabbitMQ broker, shared by separately running API servers and
+    /// workers.
+    Amqp {
+        /// `amqp://USER:PASSWORD@HOST:PORT/VHOST`.
+        url: Secret,
+    },
+}
+
+impl QueueConfig {
+    /// Whether processes can share this queue (an embedded one lives and
+    /// dies inside one process).
+    pub fn is_shared(&self) -> bool {
+        matches!(self, QueueConfig::Amqp { .. })
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct DatabaseConfig {
@@ -375,6 +402,14 @@ impl ServerConfig {
             }
         }
         self.gc.validate()?;
+        if let QueueConfig::Amqp { url } = &self.queue {
+            // lapin is built without a TLS stack.
+            if !url.expose().starts_with("amqp://") {
+                return Err(ConfigError::Invalid(
+                    "queue.url must start with amqp:// (no TLS support is built in)".into(),
+                ));
+            }
+        }
         if let Some(endpoint) = &self.api_endpoint {
             if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
                 return Err(ConfigError::Invalid(format!(
@@ -391,6 +426,16 @@ impl ServerConfig {
         // cannot fail.
         toml::to_string_pretty(self).expect("server config serialises to TOML")
     }
+}
+
+/// Whether the environment variable `name` is one the config reads
+/// (`LARDER_` and a known top-level key): for checking deployment files,
+/// since other `LARDER_…` variables are ignored without a word.
+pub fn is_config_variable(name: &str) -> bool {
+    name.strip_prefix(ENV_PREFIX).is_some_and(|rest| {
+        let top = rest.split("__").next().unwrap_or_default();
+        TOP_LEVEL_KEYS.contains(&top.to_ascii_lowercase().replace('_', "-").as_str())
+    })
 }
 
 /// Sets `table` keys from `LARDER_…` variables (see the module docs).
@@ -558,6 +603,51 @@ mod tests {
         let conflict =
             load(&with_listen, &[("LARDER_LISTEN__PORT", "1")]).expect_err("listen is not a table");
         assert!(matches!(conflict, ConfigError::EnvConflict { .. }));
+    }
+
+    #[test]
+    fn config_variables_are_told_from_other_larder_variables() {
+        assert!(is_config_variable("LARDER_QUEUE__URL"));
+        assert!(is_config_variable("LARDER_API_ENDPOINT"));
+        assert!(!is_config_variable("LARDER_QUEU__URL"));
+        assert!(!is_config_variable("LARDER_TOKEN"));
+        assert!(!is_config_variable("DATABASE__URL"));
+    }
+
+    #[test]
+    fn the_queue_is_embedded_unless_amqp_is_configured() {
+        let config = load(MINIMAL, &[]).expect("valid config");
+        assert_eq!(config.queue, QueueConfig::Embedded);
+        assert!(!config.queue.is_shared());
+
+        let config = load(
+            MINIMAL,
+            &[
+                ("LARDER_QUEUE__TYPE", "amqp"),
+                ("LARDER_QUEUE__URL", "amqp://larder:hunter2@mq:5672/%2f"),
+            ],
+        )
+        .expect("valid config");
+        let QueueConfig::Amqp { url } = &config.queue else {
+            panic!("expected an AMQP queue: {:?}", config.queue);
+        };
+        assert_eq!(url.expose(), "amqp://larder:hunter2@mq:5672/%2f");
+        assert!(config.queue.is_shared());
+        assert!(!format!("{config:?}").contains("hunter2"));
+        let again = load(&config.to_toml(), &[]).expect("re-read");
+        assert_eq!(again.queue, config.queue);
+
+        let missing_url = load(MINIMAL, &[("LARDER_QUEUE__TYPE", "amqp")]);
+        assert!(missing_url.is_err());
+        let tls = load(
+            MINIMAL,
+            &[
+                ("LARDER_QUEUE__TYPE", "amqp"),
+                ("LARDER_QUEUE__URL", "amqps://mq:5671"),
+            ],
+        )
+        .expect_err("no TLS stack");
+        assert!(tls.to_string().contains("amqp://"), "{tls}");
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub mod duration;
 pub mod nix;
 #[cfg(feature = "queue")]
 pub mod queue;
+#[cfg(feature = "service")]
+pub mod service;
 #[cfg(feature = "storage")]
 pub mod storage;
 pub mod time;

@@ -128,6 +128,7 @@ pub async fn consume<H: JobHandler>(
     }
     let prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX);
     let mut consumer = queue.consume(H::Job::QUEUE, prefetch).await?;
+    tracing::info!(queue = H::Job::QUEUE, concurrency, "taking jobs");
     let mut running = JoinSet::new();
     loop {
         tokio::select! {

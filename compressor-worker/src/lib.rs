@@ -23,17 +23,34 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use common::config::PipelineConfig;
+use common::config::{PipelineConfig, ServerConfig};
 use common::db::{Chunk, ChunkId, ChunkLocation, Database, DbError, NarId, StoreState, UploadId};
 use common::nix::Sha256Hash;
 use common::queue::{ChunkRange, CompressJob, Queue, QueueError};
+use common::service::{ServiceError, Services};
 use common::storage::{ObjectKey, Storage, StorageError};
 use common::worker::{
     self, chunk_object_key, finalise_nar, staged_object_key, JobError, JobHandler,
 };
 
+/// The `compressor-worker` service: opens the database, storage and the shared
+/// queue the config names, then consumes compress jobs until `shutdown` (see
+/// [`run_with`]).
+pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<(), ServiceError> {
+    let services = Services::open(&config, "compressor-worker").await?;
+    run_with(
+        services.database,
+        services.storage,
+        services.queue,
+        config.pipeline,
+        shutdown,
+    )
+    .await?;
+    Ok(())
+}
+
 /// Consumes compress jobs until `shutdown` (see [`worker::consume`]).
-pub async fn run(
+pub async fn run_with(
     database: Database,
     storage: Arc<dyn Storage>,
     queue: Arc<dyn Queue>,

@@ -51,7 +51,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Any, Row};
 use tokio_util::sync::CancellationToken;
 
-use common::config::{GcConfig, ServerConfig};
+use common::config::GcConfig;
 use common::db::{Backend, Chunk, ChunkId, Database, DbError, NarId, Timestamp};
 use common::storage::{ObjectKey, Storage, StorageError};
 use common::worker::chunk_object_key;
@@ -346,27 +346,4 @@ pub async fn run_gc_loop(
             );
         }
     }
-}
-
-/// What `gc-scheduler --once` runs: opens the database (migrating it) and
-/// storage from the config and does one locked run. `None` when another
-/// process was collecting.
-pub async fn run_once(config: &ServerConfig) -> Result<Option<GcReport>, RunError> {
-    let database = Database::connect(config.database.url.expose()).await?;
-    database.migrate().await?;
-    let storage = common::storage::open(&config.storage).await?;
-    let report = collect_garbage_locked(&database, &*storage, &config.gc, Timestamp::now()).await;
-    database.close().await;
-    Ok(report?)
-}
-
-/// Why [`run_once`] failed.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("opening the database")]
-    Database(#[from] DbError),
-    #[error("opening storage")]
-    Storage(#[from] StorageError),
-    #[error("collecting garbage")]
-    Gc(#[from] GcError),
 }

@@ -18,9 +18,16 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use common::config::PipelineConfig;
+use common::config::{PipelineConfig, ServerConfig};
 use common::db::{Database, DbError, Timestamp, UploadPhase};
 use common::queue::{publish_job, ChunkJob, Queue, QueueError};
+use common::service::{open_database, open_queue, ServiceError};
+use common::storage::StorageError;
+
+use crate::gc::{GcError, GcReport};
+
+/// The name this service goes by in logs and broker connections.
+const SERVICE: &str = "gc-scheduler";
 
 /// Uploads handled per database round trip.
 const PAGE: u32 = 500;
@@ -38,6 +45,118 @@ pub enum ReconcileError {
     Database(#[from] DbError),
     #[error("job queue")]
     Queue(#[from] QueueError),
+}
+
+/// Why the `gc-scheduler` service stopped or a pass failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    #[error("storage")]
+    Storage(#[from] StorageError),
+    #[error("reconciling stuck uploads")]
+    Reconcile(#[from] ReconcileError),
+    #[error("collecting garbage")]
+    Gc(#[from] GcError),
+}
+
+/// The `gc-scheduler` service: opens the database and storage the config
+/// names and collects garbage every `gc.interval` until `shutdown`. With a
+/// shared queue it also reconciles: one pass at once, then one every
+/// `pipeline.reconcile-interval`. An embedded queue belongs to the
+/// single-machine server, which reconciles its own uploads.
+pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<(), Error> {
+    let database = open_database(&config).await.map_err(ServiceError::from)?;
+    let storage = common::storage::open(&config.storage).await?;
+    let reconciler = async {
+        if !config.queue.is_shared() {
+            tracing::info!("the queue is embedded: collecting garbage only");
+            return;
+        }
+        let queue = open_queue(&config.queue, SERVICE);
+        tracing::info!(
+            every = %config.pipeline.reconcile_interval,
+            "reconciling stuck uploads"
+        );
+        log_pass(reconcile(&database, &*queue, &config.pipeline, Timestamp::now()).await);
+        run_reconciler(
+            database.clone(),
+            queue,
+            config.pipeline.clone(),
+            shutdown.clone(),
+        )
+        .await;
+    };
+    tracing::info!(every = %config.gc.interval, "collecting garbage");
+    let collector = gc::run_gc_loop(
+        database.clone(),
+        storage,
+        config.gc.clone(),
+        shutdown.clone(),
+    );
+    tokio::join!(reconciler, collector);
+    Ok(())
+}
+
+/// What `gc-scheduler --once` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OnceReport {
+    /// The reconciling pass; none with an embedded queue.
+    pub reconciled: Option<ReconcileReport>,
+    /// The GC run; none when another process held the GC lock.
+    pub collected: Option<GcReport>,
+}
+
+impl std::fmt::Display for OnceReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.reconciled {
+            Some(report) => writeln!(
+                f,
+                "reconciled: {} uploads published again, {} failed",
+                report.republished, report.failed
+            )?,
+            None => writeln!(f, "reconciled: nothing (the queue is embedded)")?,
+        }
+        match self.collected {
+            Some(report) => write!(
+                f,
+                "collected: {} objects, {} NARs, {} chunks, {} bytes freed, {} uploads and {} \
+                 staged files reaped, {} orphan objects removed, in {} ms",
+                report.objects,
+                report.nars,
+                report.chunks,
+                report.bytes_freed,
+                report.uploads_reaped,
+                report.staged_files_reaped,
+                report.orphans_removed,
+                report.duration.as_millis()
+            ),
+            None => write!(
+                f,
+                "collected: nothing (another gc-scheduler holds the GC lock)"
+            ),
+        }
+    }
+}
+
+/// One pass now (`gc-scheduler --once`): a reconciling pass when the queue
+/// is shared, then a GC run under the lock.
+pub async fn run_once(config: &ServerConfig) -> Result<OnceReport, Error> {
+    let database = open_database(config).await.map_err(ServiceError::from)?;
+    let storage = common::storage::open(&config.storage).await?;
+    let reconciled = if config.queue.is_shared() {
+        let queue = open_queue(&config.queue, SERVICE);
+        Some(reconcile(&database, &*queue, &config.pipeline, Timestamp::now()).await?)
+    } else {
+        None
+    };
+    let collected =
+        gc::collect_garbage_locked(&database, &*storage, &config.gc, Timestamp::now()).await;
+    database.close().await;
+    Ok(OnceReport {
+        reconciled,
+        collected: collected?,
+    })
 }
 
 /// What one pass did.
@@ -147,11 +266,22 @@ pub async fn run_reconciler(
             () = shutdown.cancelled() => return,
             _ = interval.tick() => {}
         }
-        if let Err(error) = reconcile(&database, &*queue, &config, Timestamp::now()).await {
-            tracing::warn!(
-                error = format!("{:#}", anyhow::Error::new(error)),
-                "reconciling stuck uploads failed; trying again next period"
-            );
-        }
+        log_pass(reconcile(&database, &*queue, &config, Timestamp::now()).await);
+    }
+}
+
+/// Logs what a periodic pass did; a failed pass is tried again next period.
+fn log_pass(outcome: Result<ReconcileReport, ReconcileError>) {
+    match outcome {
+        Ok(report) if report.republished + report.failed > 0 => tracing::info!(
+            republished = report.republished,
+            failed = report.failed,
+            "reconciled stuck uploads"
+        ),
+        Ok(_) => {}
+        Err(error) => tracing::warn!(
+            error = format!("{:#}", anyhow::Error::new(error)),
+            "reconciling stuck uploads failed; trying again next period"
+        ),
     }
 }

@@ -11,7 +11,7 @@ use base64::Engine;
 
 use common::config::{
     AuthConfig, ConfigError, DatabaseConfig, GcConfig, IngestConfig, LogConfig, PipelineConfig,
-    Secret, ServerConfig, StorageConfig,
+    QueueConfig, Secret, ServerConfig, StorageConfig,
 };
 
 /// Bytes of randomness in a generated HS256 secret: twice the minimum, as
@@ -105,6 +105,7 @@ fn create_default(path: &Path) -> Result<bool, FirstStartError> {
         ingest: IngestConfig::default(),
         pipeline: PipelineConfig::default(),
         gc: GcConfig::default(),
+        queue: QueueConfig::default(),
         log: LogConfig::default(),
     };
     let text = format!(

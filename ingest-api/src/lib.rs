@@ -12,7 +12,6 @@ mod endpoint;
 pub mod error;
 mod extract;
 pub mod first_start;
-pub mod logging;
 mod pipeline;
 mod push;
 mod routes;
@@ -33,10 +32,10 @@ use common::auth::{
     KeyError, MintError, Permission, RevocationList, TokenBuilder, TokenSigningKey, TokenVerifier,
 };
 use common::cache_name::{CacheNameError, CacheNamePattern};
-use common::config::{GcConfig, PipelineConfig, ServerConfig, StorageConfig};
+use common::config::{GcConfig, PipelineConfig, ServerConfig};
 use common::db::{Database, DbError};
-use common::queue::{EmbeddedQueue, Queue};
-use common::storage::{Storage, StorageError};
+use common::service::{open_database, open_queue, open_shared_queue, ServiceError};
+use common::storage::StorageError;
 
 pub use routes::router;
 pub use state::{AppState, ServedCache, Shared};
@@ -74,6 +73,8 @@ pub enum ServerError {
     Mint(#[from] MintError),
     #[error("serving")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Service(#[from] ServiceError),
     #[error("{0}")]
     Internal(String),
 }
@@ -113,8 +114,15 @@ pub async fn migrate(config: &ServerConfig) -> Result<(), ServerError> {
     Ok(())
 }
 
-async fn open_storage(config: &StorageConfig) -> Result<Arc<dyn Storage>, ServerError> {
-    Ok(common::storage::open(config).await?)
+/// What a server process runs besides HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Everything on one machine: the pipeline's workers and the
+    /// reconciler run in this process, on the configured queue.
+    Monolithic,
+    /// HTTP only (`--mode api`): uploads are handed to workers running
+    /// elsewhere through a shared queue; any number of these can run.
+    Api,
 }
 
 /// A server ready to serve on its listener.
@@ -123,20 +131,32 @@ pub struct Server {
     listener: TcpListener,
     signing_key: TokenSigningKey,
     revocations: Arc<RevocationList>,
-    pipeline: PipelineConfig,
+    /// The in-process pipeline's settings, and whether it must republish
+    /// every upload in flight at start; none for [`Role::Api`].
+    pipeline: Option<(PipelineConfig, bool)>,
     gc: GcConfig,
 }
 
 impl Server {
-    /// Connects and migrates the database, opens storage, loads the
-    /// revocation list and prepares the router.
+    /// [`Server::build_as`] for the whole server on one machine.
     pub async fn build(config: ServerConfig, listener: TcpListener) -> Result<Self, ServerError> {
-        let database = Database::connect(config.database.url.expose()).await?;
-        database.migrate().await?;
-        let storage = open_storage(&config.storage).await?;
-        // The single-machine default: the pipeline's workers run in this
-        // process and consume from it.
-        let queue: Arc<dyn Queue> = Arc::new(EmbeddedQueue::new());
+        Self::build_as(config, listener, Role::Monolithic).await
+    }
+
+    /// Connects and migrates the database, opens storage and the queue,
+    /// loads the revocation list and prepares the router. [`Role::Api`]
+    /// refuses an embedded queue: its jobs would never leave the process.
+    pub async fn build_as(
+        config: ServerConfig,
+        listener: TcpListener,
+        role: Role,
+    ) -> Result<Self, ServerError> {
+        let queue = match role {
+            Role::Api => open_shared_queue(&config, "ingest-api --mode api")?,
+            Role::Monolithic => open_queue(&config.queue, "ingest-api"),
+        };
+        let database = open_database(&config).await?;
+        let storage = common::storage::open(&config.storage).await?;
         let signing_key = signing_key(&config)?;
         let revocations = Arc::new(RevocationList::new());
         // Loaded before the first request, so a revoked token is never
@@ -162,7 +182,10 @@ impl Server {
             listener,
             signing_key,
             revocations,
-            pipeline: config.pipeline.clone(),
+            // An embedded queue starts empty: the uploads left in flight
+            // by the previous run need their jobs again. A broker kept them.
+            pipeline: (role == Role::Monolithic)
+                .then(|| (config.pipeline.clone(), !config.queue.is_shared())),
             gc: config.gc.clone(),
         })
     }
@@ -198,9 +221,9 @@ impl Server {
         Ok(minted.token)
     }
 
-    /// Starts the in-process pipeline (module `pipeline`), serves until
-    /// `shutdown` resolves, waits for in-flight requests, then stops the
-    /// pipeline.
+    /// Starts the in-process pipeline (module `pipeline`) unless this is an
+    /// API-only server, serves until `shutdown` resolves, waits for
+    /// in-flight requests, then stops the pipeline.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -211,7 +234,9 @@ impl Server {
             self.revocations.clone(),
             stop.clone(),
         ));
-        let pipeline = pipeline::InProcessPipeline::start(&self.state, &self.pipeline, &self.gc);
+        let pipeline = self.pipeline.as_ref().map(|(config, resume)| {
+            pipeline::InProcessPipeline::start(&self.state, config, *resume, &self.gc)
+        });
         let access_flusher = tokio::spawn({
             let (log, database, interval, stop) = (
                 self.state.access_log.clone(),
@@ -234,7 +259,9 @@ impl Server {
         stop.cancel();
         // After the requests: a push waiting for its path to be visible
         // needs the workers until it answers.
-        pipeline.stop().await;
+        if let Some(pipeline) = pipeline {
+            pipeline.stop().await;
+        }
         // Its last flush records the accesses of the final requests.
         let _ = access_flusher.await;
         // The refresher only reads; stopping it mid-query loses nothing.

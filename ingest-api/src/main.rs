@@ -9,9 +9,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use common::auth::Permission;
 use common::cache_name::CacheNamePattern;
+use common::config::ServerConfig;
 use common::duration::HumanDuration;
+use common::service::{init_logging, load_config, termination_signal};
 use ingest_api::first_start;
 use ingest_api::tokens::{self, TokenRequest};
+use ingest_api::Role;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -21,12 +24,14 @@ use ingest_api::tokens::{self, TokenRequest};
 )]
 struct Cli {
     /// The server's config file; created with working defaults on first start.
-    /// [default: $XDG_CONFIG_HOME/larder/server.toml]
-    #[arg(long, global = true, env = "LARDER_CONFIG")]
+    /// `--mode api`, and the token commands when the default file does not
+    /// exist, read the config from `LARDER_…` environment variables alone
+    /// without one. [default: $XDG_CONFIG_HOME/larder/server.toml]
+    #[arg(long, global = true, env = "LARDER_CONFIG", value_name = "PATH")]
     config: Option<PathBuf>,
 
     /// Address to listen on, overriding the config file's `listen`.
-    #[arg(long)]
+    #[arg(long, value_name = "ADDR")]
     listen: Option<std::net::SocketAddr>,
 
     /// What to run.
@@ -41,6 +46,9 @@ struct Cli {
 enum Mode {
     /// The whole server on one machine.
     Monolithic,
+    /// HTTP only, handing uploads to separately running workers through a
+    /// shared queue ([queue] type = "amqp").
+    Api,
     /// Load and validate the configuration, then exit.
     CheckConfig,
     /// Apply database migrations, then exit.
@@ -142,13 +150,31 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if cli.mode == Mode::Api && cli.command.is_none() {
+        // No first start: a fresh config is a single-machine one.
+        let config = load_config(cli.config.as_deref(), cli.listen)?;
+        return serve(config, Role::Api, None).await;
+    }
+    // The admin commands read an existing config: the file, or, when none
+    // was named and the default one does not exist (a container configured
+    // by its environment), the `LARDER_…` variables alone.
+    let from_environment = cli.config.is_none()
+        && cli.command.is_some()
+        && !first_start::default_config_path()?.exists();
+    let existing = |path: &std::path::Path| -> anyhow::Result<ServerConfig> {
+        if from_environment {
+            Ok(load_config(None, None)?)
+        } else {
+            Ok(first_start::load_existing(path)?)
+        }
+    };
     let config_path = match cli.config {
         Some(path) => path,
         None => first_start::default_config_path()?,
     };
     match cli.command {
         Some(Command::MakeToken(args)) => {
-            let config = first_start::load_existing(&config_path)?;
+            let config = existing(&config_path)?;
             let dump_claims = args.dump_claims;
             let request = args.into_request();
             if dump_claims {
@@ -160,21 +186,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::ListTokens) => {
-            let config = first_start::load_existing(&config_path)?;
+            let config = existing(&config_path)?;
             print!("{}", tokens::list(&config).await?);
             Ok(())
         }
         Some(Command::RevokeToken { jti }) => {
-            let config = first_start::load_existing(&config_path)?;
+            let config = existing(&config_path)?;
             tokens::revoke(&config, &jti).await?;
             println!("revoked token {jti}");
             Ok(())
         }
-        None => serve(cli.mode, &config_path, cli.listen).await,
+        None => run_mode(cli.mode, &config_path, cli.listen).await,
     }
 }
 
-async fn serve(
+async fn run_mode(
     mode: Mode,
     config_path: &std::path::Path,
     listen: Option<std::net::SocketAddr>,
@@ -188,7 +214,7 @@ async fn serve(
             println!("configuration {} is valid", config_path.display());
             return Ok(());
         }
-        Mode::Migrate | Mode::Monolithic => first_start::prepare(config_path)?,
+        Mode::Migrate | Mode::Monolithic | Mode::Api => first_start::prepare(config_path)?,
     };
     let mut config = prepared.config;
     if let Some(listen) = listen {
@@ -199,12 +225,23 @@ async fn serve(
         println!("database migrations applied");
         return Ok(());
     }
-    ingest_api::logging::init(config.log.format);
+    let first_start = prepared.created.then_some(config_path);
+    serve(config, Role::Monolithic, first_start).await
+}
+
+/// Serves until SIGTERM or Ctrl-C; after a first start (`first_start`
+/// names the config just written) prints how to log in.
+async fn serve(
+    config: ServerConfig,
+    role: Role,
+    first_start: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    init_logging(config.log.format);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    let server = ingest_api::Server::build(config, listener).await?;
-    if prepared.created {
+    let server = ingest_api::Server::build_as(config, listener, role).await?;
+    if let Some(config_path) = first_start {
         let token = server.mint_root_token().await?;
         println!("Larder is set up: the config is {}", config_path.display());
         println!("A root token with every permission on every cache (keep it secret):");
@@ -216,30 +253,6 @@ async fn serve(
         );
         println!();
     }
-    server.run_until(shutdown_signal()).await?;
+    server.run_until(termination_signal()).await?;
     Ok(())
-}
-
-/// Resolves on Ctrl-C or SIGTERM, the signals an operator or an init
-/// system stops the server with.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        // If the handler cannot be installed, Ctrl-C still kills the process.
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
-    }
 }

@@ -1,12 +1,13 @@
 //! The ingest pipeline inside the server, for the single-machine mode: the
-//! chunker and compressor consume the server's embedded queue, the
-//! reconciler republishes stuck uploads, and GC runs every `gc.interval`
-//! (on SQLite this process is the only collector; on PostgreSQL the
-//! advisory lock keeps it from overlapping a `gc-scheduler`).
+//! chunker and compressor consume the server's queue (embedded, or a
+//! broker when one is configured), the reconciler republishes stuck
+//! uploads, and GC runs every `gc.interval` (on SQLite this process is the
+//! only collector; on PostgreSQL the advisory lock keeps it from
+//! overlapping a `gc-scheduler`).
 //!
 //! The embedded queue keeps nothing across a restart, so at start every
 //! upload still in flight gets its chunk job again: that is how a killed
-//! server resumes its work. On stop the workers take no new jobs and let
+//! server resumes its work (a broker keeps the jobs itself). On stop the workers take no new jobs and let
 //! running ones finish for a grace period; a job dropped unsettled is
 //! redone after the next start.
 
@@ -14,7 +15,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use common::config::{GcConfig, PipelineConfig};
-use common::db::Timestamp;
+use common::db::{Database, Timestamp};
+use common::queue::Queue;
 
 use crate::state::AppState;
 
@@ -26,11 +28,17 @@ pub(crate) struct InProcessPipeline {
 
 impl InProcessPipeline {
     /// Starts the workers, the reconciler and GC on the server's database,
-    /// storage and queue.
-    pub(crate) fn start(state: &AppState, config: &PipelineConfig, gc: &GcConfig) -> Self {
+    /// storage and queue; `resume_in_flight` first republishes every upload
+    /// in flight (for a queue that kept nothing).
+    pub(crate) fn start(
+        state: &AppState,
+        config: &PipelineConfig,
+        resume_in_flight: bool,
+        gc: &GcConfig,
+    ) -> Self {
         let stop = CancellationToken::new();
         let chunker = tokio::spawn({
-            let run = chunker_worker::run(
+            let run = chunker_worker::run_with(
                 state.database.clone(),
                 state.storage.clone(),
                 state.queue.clone(),
@@ -44,7 +52,7 @@ impl InProcessPipeline {
             }
         });
         let compressor = tokio::spawn({
-            let run = compressor_worker::run(
+            let run = compressor_worker::run_with(
                 state.database.clone(),
                 state.storage.clone(),
                 state.queue.clone(),
@@ -65,25 +73,8 @@ impl InProcessPipeline {
                 stop.clone(),
             );
             async move {
-                match gc_scheduler::republish_in_flight(
-                    &database,
-                    &*queue,
-                    &config,
-                    Timestamp::now(),
-                )
-                .await
-                {
-                    Ok(report) if report.republished + report.failed > 0 => tracing::info!(
-                        republished = report.republished,
-                        failed = report.failed,
-                        "resumed the uploads left in flight"
-                    ),
-                    Ok(_) => {}
-                    // The periodic pass picks them up once they count as stuck.
-                    Err(error) => tracing::warn!(
-                        error = format!("{:#}", anyhow::Error::new(error)),
-                        "could not resume the uploads left in flight"
-                    ),
+                if resume_in_flight {
+                    resume(&database, &*queue, &config).await;
                 }
                 gc_scheduler::run_reconciler(database, queue, config, stop).await;
             }
@@ -106,5 +97,22 @@ impl InProcessPipeline {
         for task in self.tasks {
             let _ = task.await;
         }
+    }
+}
+
+/// Republishes every upload left in flight by the previous run.
+async fn resume(database: &Database, queue: &dyn Queue, config: &PipelineConfig) {
+    match gc_scheduler::republish_in_flight(database, queue, config, Timestamp::now()).await {
+        Ok(report) if report.republished + report.failed > 0 => tracing::info!(
+            republished = report.republished,
+            failed = report.failed,
+            "resumed the uploads left in flight"
+        ),
+        Ok(_) => {}
+        // The periodic pass picks them up once they count as stuck.
+        Err(error) => tracing::warn!(
+            error = format!("{:#}", anyhow::Error::new(error)),
+            "could not resume the uploads left in flight"
+        ),
     }
 }

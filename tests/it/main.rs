@@ -6,6 +6,7 @@
 
 mod client;
 mod db;
+mod distributed;
 mod gc;
 mod nix_formats;
 mod pipeline;

@@ -140,7 +140,7 @@ impl Rig {
         };
         let stop = CancellationToken::new();
         let chunker = tokio::spawn({
-            let run = chunker_worker::run(
+            let run = chunker_worker::run_with(
                 database.clone(),
                 storage.clone(),
                 queue.clone(),
@@ -150,7 +150,7 @@ impl Rig {
             async move { run.await.expect("the chunker runs") }
         });
         let compressor = tokio::spawn({
-            let run = compressor_worker::run(
+            let run = compressor_worker::run_with(
                 database.clone(),
                 storage.clone(),
                 queue.clone(),

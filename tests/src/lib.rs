@@ -1,7 +1,9 @@
 //! Support for Larder's integration tests: finding the real services the
 //! `ops/` harness started, driving the real Nix client, and running
-//! `ingest-api` in process or as a child process.
+//! `ingest-api` in process or as a child process, or the whole distributed
+//! topology as processes.
 
+pub mod cluster;
 pub mod nix;
 pub mod process;
 pub mod server;

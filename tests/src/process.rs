@@ -1,6 +1,7 @@
-//! The real `ingest-api` binary as a child process: for tests of what only
-//! a process shows (its first-start output, a graceful stop on SIGTERM) and
-//! for crash tests, which SIGKILL it and start it again on the same config.
+//! The real service binaries as child processes: for tests of what only a
+//! process shows (its first-start output, a graceful stop on SIGTERM), for
+//! crash tests, which SIGKILL `ingest-api` and start it again on the same
+//! config, and for the distributed topology ([`crate::cluster`]).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -13,7 +14,14 @@ use crate::server::binary;
 /// An `ingest-api` command with a clean environment for its settings:
 /// nothing from the caller's `LARDER_CONFIG` or `RUST_LOG`.
 pub fn ingest_api_command() -> Command {
-    let mut command = Command::new(binary("ingest-api"));
+    service_command("ingest-api")
+}
+
+/// A command running the workspace binary `name` with a clean environment
+/// for its settings: nothing from the caller's `LARDER_CONFIG` or
+/// `RUST_LOG`.
+pub fn service_command(name: &str) -> Command {
+    let mut command = Command::new(binary(name));
     command
         .env_remove("LARDER_CONFIG")
         .env_remove("RUST_LOG")
@@ -21,8 +29,9 @@ pub fn ingest_api_command() -> Command {
     command
 }
 
-/// A server process whose stdout lines arrive on a channel.
+/// A service process whose stdout lines arrive on a channel.
 pub struct ServerProcess {
+    name: String,
     child: Child,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
@@ -43,16 +52,24 @@ impl ServerProcess {
     /// [`start_with`](Self::start_with) on a given address, e.g. to bring a
     /// server back where its clients expect it.
     pub fn start_listening(config: &Path, listen: &str, env: &[(&str, &str)]) -> Self {
-        let mut child = ingest_api_command()
+        let mut command = ingest_api_command();
+        command
             .arg("--config")
             .arg(config)
             .args(["--listen", listen])
+            .envs(env.iter().copied());
+        Self::spawn("ingest-api", command)
+    }
+
+    /// Spawns `command` (from [`service_command`]), naming it `name` in
+    /// failure messages, with JSON logs on a piped stdout.
+    pub fn spawn(name: &str, mut command: Command) -> Self {
+        let mut child = command
             .env("LARDER_LOG__FORMAT", "json")
-            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("starting ingest-api");
+            .unwrap_or_else(|error| panic!("starting {name}: {error}"));
         let stdout = child.stdout.take().expect("stdout was piped");
         let (sender, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -64,6 +81,7 @@ impl ServerProcess {
             }
         });
         Self {
+            name: name.to_owned(),
             child,
             lines,
             seen: Vec::new(),
@@ -85,7 +103,8 @@ impl ServerProcess {
                     }
                 }
                 Err(_) => panic!(
-                    "ingest-api did not print the expected line; it printed:\n{}",
+                    "{} did not print the expected line; it printed:\n{}",
+                    self.name,
                     self.seen.join("\n")
                 ),
             }
@@ -94,12 +113,30 @@ impl ServerProcess {
 
     /// The address from the JSON "serving" log line.
     pub fn serving_address(&mut self) -> String {
+        let line = self.wait_for_message("serving");
+        line["fields"]["address"]
+            .as_str()
+            .expect("the serving line names the address")
+            .to_owned()
+    }
+
+    /// Waits for the JSON log line whose message is `message`, and returns it.
+    pub fn wait_for_message(&mut self, message: &str) -> serde_json::Value {
         self.wait_for(|line| {
             let value: serde_json::Value = serde_json::from_str(line).ok()?;
-            (value["fields"]["message"] == "serving")
-                .then(|| value["fields"]["address"].as_str().map(str::to_owned))
-                .flatten()
+            (value["fields"]["message"] == message).then_some(value)
         })
+    }
+
+    /// Every stdout line printed so far.
+    pub fn lines(&mut self) -> &[String] {
+        self.seen.extend(self.lines.try_iter());
+        &self.seen
+    }
+
+    /// The process id, for signals.
+    pub fn id(&self) -> u32 {
+        self.child.id()
     }
 
     /// Stops the server with SIGTERM (graceful shutdown) and returns
@@ -110,10 +147,11 @@ impl ServerProcess {
             .status()
             .expect("running kill");
         assert!(status.success());
-        let exit = self.child.wait().expect("waiting for ingest-api");
+        let exit = self.child.wait().expect("waiting for the process");
         assert!(
             exit.success(),
-            "ingest-api exited with {exit} after SIGTERM"
+            "{} exited with {exit} after SIGTERM",
+            self.name
         );
         self.seen.extend(self.lines.iter());
         std::mem::take(&mut self.seen)
@@ -124,10 +162,8 @@ impl ServerProcess {
     /// Kills the server with SIGKILL, as a crash or the OOM killer would:
     /// no graceful shutdown, nothing flushed.
     pub fn kill(mut self) {
-        self.child.kill().expect("sending SIGKILL to ingest-api");
-        self.child
-            .wait()
-            .expect("waiting for the killed ingest-api");
+        self.child.kill().expect("sending SIGKILL");
+        self.child.wait().expect("waiting for the killed process");
     }
 }
 

@@ -25,8 +25,8 @@ use common::auth::{
 };
 use common::cache_name::{CacheName, CacheNamePattern};
 use common::config::{
-    AuthConfig, DatabaseConfig, GcConfig, IngestConfig, LogConfig, PipelineConfig, Secret,
-    ServerConfig, StorageConfig,
+    AuthConfig, DatabaseConfig, GcConfig, IngestConfig, LogConfig, PipelineConfig, QueueConfig,
+    Secret, ServerConfig, StorageConfig,
 };
 use common::db::{
     Backend, Cache, CacheId, CacheKeypair, ChunkLocation, Database, Nar, NewCache, NewObject,
@@ -259,6 +259,7 @@ impl TestServer {
             ingest: options.ingest.clone(),
             pipeline: PipelineConfig::default(),
             gc: options.gc.clone(),
+            queue: QueueConfig::default(),
             log: LogConfig::default(),
         };
         let config_path = dir.path().join("server.toml");
@@ -396,31 +397,13 @@ impl TestServer {
 
     /// Records a minted token in the token table.
     pub async fn record_token(&self, minted: &MintedToken) {
-        let claims = &minted.claims;
-        self.database
-            .record_token(&TokenRecord {
-                jti: claims.jti.clone(),
-                sub: claims.sub.clone(),
-                claims: serde_json::to_value(claims).expect("claims serialise"),
-                issued_at: claims.issued_at().into(),
-                expires_at: claims.expires_at().into(),
-                revoked_at: None,
-            })
-            .await
-            .expect("recording a token");
+        record_token(&self.database, minted).await;
     }
 
-    /// Creates a cache through the store layer with a generated key named
-    /// `<name>-1`, and returns it.
+    /// Creates a cache with a generated key named `<name>-1` (see
+    /// [`create_cache`]).
     pub async fn create_cache(&self, name: &str, is_public: bool) -> Cache {
-        let cache_name: CacheName = name.parse().expect("a valid cache name");
-        let key = SecretKey::generate(&format!("{name}-1")).expect("generating a cache key");
-        let mut new = NewCache::new(cache_name, CacheKeypair::new(key.to_nix_secret_string()));
-        new.is_public = is_public;
-        self.database
-            .create_cache(&new, Timestamp::now())
-            .await
-            .unwrap_or_else(|error| panic!("creating cache {name}: {error}"))
+        create_cache(&self.database, name, is_public).await
     }
 
     /// Writes a store path into `cache` as the push pipeline would: the NAR
@@ -508,6 +491,65 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// A running Larder HTTP API: the in-process [`TestServer`], or an API
+/// process of a [`crate::cluster::Cluster`].
+pub trait HttpApi {
+    /// `http://127.0.0.1:PORT` (no trailing slash).
+    fn url(&self) -> String;
+
+    fn http(&self) -> &reqwest::Client;
+
+    /// The URL of `path` on this server; `path` starts with `/`.
+    fn url_of(&self, path: &str) -> String {
+        format!("{}{path}", self.url())
+    }
+
+    /// The substituter URL of a cache, `http://127.0.0.1:PORT/<cache>`.
+    fn cache_url(&self, cache: &str) -> String {
+        format!("{}/{cache}", self.url())
+    }
+}
+
+impl HttpApi for TestServer {
+    fn url(&self) -> String {
+        TestServer::url(self)
+    }
+
+    fn http(&self) -> &reqwest::Client {
+        TestServer::http(self)
+    }
+}
+
+/// Creates a cache through the store layer with a generated key named
+/// `<name>-1`, and returns it.
+pub async fn create_cache(database: &Database, name: &str, is_public: bool) -> Cache {
+    let cache_name: CacheName = name.parse().expect("a valid cache name");
+    let key = SecretKey::generate(&format!("{name}-1")).expect("generating a cache key");
+    let mut new = NewCache::new(cache_name, CacheKeypair::new(key.to_nix_secret_string()));
+    new.is_public = is_public;
+    database
+        .create_cache(&new, Timestamp::now())
+        .await
+        .unwrap_or_else(|error| panic!("creating cache {name}: {error}"))
+}
+
+/// Records a minted token in the token table, as `make-token` does, so
+/// that it can be listed and revoked.
+pub async fn record_token(database: &Database, minted: &MintedToken) {
+    let claims = &minted.claims;
+    database
+        .record_token(&TokenRecord {
+            jti: claims.jti.clone(),
+            sub: claims.sub.clone(),
+            claims: serde_json::to_value(claims).expect("claims serialise"),
+            issued_at: claims.issued_at().into(),
+            expires_at: claims.expires_at().into(),
+            revoked_at: None,
+        })
+        .await
+        .expect("recording a token");
 }
 
 /// A [`TokenBuilder`] with the given grants.

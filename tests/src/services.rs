@@ -207,9 +207,10 @@ pub async fn services_ctl(subcommand: &str) {
     services_ctl_in(&services_dir(), &[subcommand]).await;
 }
 
-/// Runs `ops/services.sh ARGS[0] DIR ARGS[1..]` and panics, with the script's
-/// output, if it fails.
-async fn services_ctl_in(dir: &Path, args: &[&str]) {
+/// Runs `ops/services.sh ARGS[0] DIR ARGS[1..]` on the set in `dir` (the
+/// shared one is [`services_dir`]) and panics, with the script's output, if
+/// it fails; e.g. `["rabbitmqctl", "add_vhost", NAME]`.
+pub async fn services_ctl_in(dir: &Path, args: &[&str]) {
     let script = services_script();
     let mut command = tokio::process::Command::new("bash");
     command.arg(&script).arg(args[0]).arg(dir).args(&args[1..]);
@@ -323,6 +324,17 @@ impl PrivateServices {
             .get(name)
             .cloned()
             .unwrap_or_else(|| panic!("{name} is not set: was its service started in this set?"))
+    }
+
+    /// Whether this set runs `service` (`"rabbitmq"`, `"postgres"`, `"garage"`).
+    pub fn runs(&self, service: &str) -> bool {
+        let variable = match service {
+            "rabbitmq" => AMQP_URL,
+            "postgres" => POSTGRES_URL,
+            "garage" => S3_ENDPOINT,
+            other => panic!("no service {other:?} in a private set"),
+        };
+        self.vars.contains_key(variable)
     }
 
     /// The AMQP URL of this set's RabbitMQ.

@@ -32,8 +32,10 @@
 //! # Connections and their loss
 //!
 //! Publishing shares one connection and confirm channel, opened lazily and
-//! opened again on the next publish after it was lost; a publish that fails
-//! because the broker is away returns a [`QueueError::is_retryable`] error.
+//! opened again on the next publish after it was lost (a publish that fails
+//! on a channel that still looked open is tried once more on a new one); a
+//! publish that fails because the broker is away returns a
+//! [`QueueError::is_retryable`] error.
 //!
 //! Each consumer has its own connection and channel (with `basic.qos` set to
 //! its prefetch), driven by a task. When the connection drops, the task
@@ -201,7 +203,22 @@ impl Inner {
         }
     }
 
+    /// Publishes `message` to `queue`. A publish on a channel that looked
+    /// open but failed (the broker restarted before lapin noticed) is tried
+    /// once more on a fresh connection, so that the first publish after a
+    /// broker restart does not fail for nothing.
     async fn publish_message(&self, queue: &str, message: &Message) -> Result<(), QueueError> {
+        match self.publish_message_once(queue, message).await {
+            Err(error @ QueueError::Broker { .. }) if error.is_retryable() => {
+                tracing::info!(queue, error = %error, "publishing failed; connecting again");
+                *self.publisher.lock().await = None;
+                self.publish_message_once(queue, message).await
+            }
+            result => result,
+        }
+    }
+
+    async fn publish_message_once(&self, queue: &str, message: &Message) -> Result<(), QueueError> {
         let channel = self.publish_channel(queue).await?;
         let result = self.publish_on(&channel, queue, message).await;
         if let Err(QueueError::Unroutable { .. }) = &result {

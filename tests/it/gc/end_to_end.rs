@@ -11,8 +11,8 @@ use reqwest::StatusCode;
 use common::api::{DeletePathsRequest, DeletePathsResponse};
 use common::auth::Permission;
 use common::config::{
-    AuthConfig, DatabaseConfig, IngestConfig, LogConfig, PipelineConfig, Secret, ServerConfig,
-    StorageConfig,
+    AuthConfig, DatabaseConfig, IngestConfig, LogConfig, PipelineConfig, QueueConfig, Secret,
+    ServerConfig, StorageConfig,
 };
 use common::db::{CacheKeypair, CacheUpdate, Database, NewCache, Timestamp};
 use common::duration::HumanDuration;
@@ -27,7 +27,7 @@ use tests::services;
 use super::{eager_gc, fake_store_path, file_nar, plain_metadata, HOUR};
 
 /// Runs `gc-scheduler --config CONFIG --once`, which must succeed; returns
-/// what it logged.
+/// what it printed and logged.
 pub(super) async fn run_gc_once(config: &Path) -> String {
     let output = tokio::process::Command::new(binary("gc-scheduler"))
         .arg("--config")
@@ -37,7 +37,11 @@ pub(super) async fn run_gc_once(config: &Path) -> String {
         .output()
         .await
         .expect("running gc-scheduler");
-    let log = String::from_utf8_lossy(&output.stderr).into_owned();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(output.status.success(), "gc-scheduler --once failed: {log}");
     assert!(log.contains("GC run finished"), "{log}");
     log
@@ -173,6 +177,7 @@ async fn retention_on_postgres_with_garage() {
         ingest: IngestConfig::default(),
         pipeline: PipelineConfig::default(),
         gc: eager_gc(),
+        queue: QueueConfig::default(),
         log: LogConfig::default(),
     };
     std::fs::write(&config_path, config.to_toml()).expect("writing the config");

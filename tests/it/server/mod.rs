@@ -14,7 +14,7 @@ mod cli;
 mod crash;
 mod isolation;
 mod nix_client;
-mod push;
+pub(crate) mod push;
 mod serving;
 mod tokens;
 
@@ -28,13 +28,13 @@ use common::nix::{NarHash, StorePathHash};
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{Method, Response, StatusCode};
 use tests::nix::NixEnv;
-use tests::server::{RawResponse, TestServer};
+use tests::server::{HttpApi, RawResponse};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
 /// Sends `method path` with an optional bearer token and JSON body.
 async fn send(
-    server: &TestServer,
+    server: &impl HttpApi,
     method: Method,
     path: &str,
     token: Option<&str>,
@@ -53,7 +53,7 @@ async fn send(
         .unwrap_or_else(|error| panic!("{method} {path}: {error}"))
 }
 
-async fn get(server: &TestServer, path: &str, token: Option<&str>) -> Response {
+pub(crate) async fn get(server: &impl HttpApi, path: &str, token: Option<&str>) -> Response {
     send(server, Method::GET, path, token, None).await
 }
 
@@ -72,7 +72,7 @@ async fn ok_bytes(response: Response) -> Vec<u8> {
     body
 }
 
-async fn ok_json<T: serde::de::DeserializeOwned>(response: Response) -> T {
+pub(crate) async fn ok_json<T: serde::de::DeserializeOwned>(response: Response) -> T {
     let body = ok_bytes(response).await;
     serde_json::from_slice(&body)
         .unwrap_or_else(|error| panic!("{error}: {}", String::from_utf8_lossy(&body)))
@@ -149,18 +149,19 @@ fn plain_metadata(store_path: &str) -> ObjectMetadata {
 
 /// A store path of a real Nix store: its metadata as `nix path-info`
 /// reports it, converted to what the store layer keeps, and its NAR.
-struct SourcePath {
-    path: String,
-    metadata: ObjectMetadata,
+#[derive(Clone)]
+pub(crate) struct SourcePath {
+    pub(crate) path: String,
+    pub(crate) metadata: ObjectMetadata,
     /// `sha256:<base32>` as the source store recorded it.
-    nar_hash: String,
-    nar: Vec<u8>,
+    pub(crate) nar_hash: String,
+    pub(crate) nar: Vec<u8>,
 }
 
 /// Reads `paths` of the chroot store at `root`: `nix path-info --json`
 /// for the metadata and `nix-store --dump` for each NAR, checking that the
 /// dump matches the recorded hash and size.
-fn source_paths(env: &NixEnv, root: &Path, paths: &[String]) -> Vec<SourcePath> {
+pub(crate) fn source_paths(env: &NixEnv, root: &Path, paths: &[String]) -> Vec<SourcePath> {
     let root_arg = root.to_str().expect("a UTF-8 store root");
     let mut args = vec!["path-info", "--json", "--store", root_arg];
     args.extend(paths.iter().map(String::as_str));

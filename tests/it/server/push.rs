@@ -21,7 +21,7 @@ use reqwest::header::AUTHORIZATION;
 use reqwest::{Method, Response, StatusCode};
 use serde_json::json;
 use tests::nix::NixEnv;
-use tests::server::{count_files, TestServer, TestServerOptions};
+use tests::server::{count_files, HttpApi, TestServer, TestServerOptions};
 
 use super::{
     api_error, fake_store_path, file_nar, get, ok_json, plain_metadata, send, source_paths,
@@ -64,7 +64,7 @@ fn hash_of(store_path: &str) -> String {
 
 /// Attic's `X-Attic-Nar-Info` for a path with this NAR, as Attic's client
 /// writes it (hex NAR hash, base-name references).
-fn attic_info(store_path: &str, nar: &[u8]) -> serde_json::Value {
+pub(crate) fn attic_info(store_path: &str, nar: &[u8]) -> serde_json::Value {
     json!({
         "cache": CACHE,
         "store_path_hash": hash_of(store_path),
@@ -81,13 +81,13 @@ fn attic_info(store_path: &str, nar: &[u8]) -> serde_json::Value {
 
 /// How the metadata travels.
 #[derive(Clone, Copy, Debug)]
-enum Form {
+pub(crate) enum Form {
     Header,
     Preamble,
 }
 
-async fn upload(
-    server: &TestServer,
+pub(crate) async fn upload(
+    server: &impl HttpApi,
     token: Option<&str>,
     info: &serde_json::Value,
     nar: &[u8],
@@ -673,7 +673,7 @@ async fn bad_nix_puts_are_4xx_and_leave_nothing() {
 }
 
 /// Runs a blocking Nix step off the async runtime's workers.
-async fn blocking<T: Send + 'static>(step: impl FnOnce() -> T + Send + 'static) -> T {
+pub(crate) async fn blocking<T: Send + 'static>(step: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(step)
         .await
         .expect("the Nix step panicked")
@@ -681,7 +681,7 @@ async fn blocking<T: Send + 'static>(step: impl FnOnce() -> T + Send + 'static) 
 
 /// A Nix environment with a store of `n` referencing paths, signed by a
 /// pusher key, and a netrc with `token` for the server.
-async fn pushing_env(n: usize, token: String) -> (NixEnv, PathBuf, Vec<String>) {
+pub(crate) async fn pushing_env(n: usize, token: String) -> (NixEnv, PathBuf, Vec<String>) {
     blocking(move || {
         let mut env = NixEnv::new().expect("a Nix environment");
         let salt = format!("push-{:016x}", rand::random::<u64>());
@@ -698,7 +698,7 @@ async fn pushing_env(n: usize, token: String) -> (NixEnv, PathBuf, Vec<String>) 
     .await
 }
 
-fn nix_copy_to(env: &NixEnv, root: &Path, url: &str, paths: &[String]) {
+pub(crate) fn nix_copy_to(env: &NixEnv, root: &Path, url: &str, paths: &[String]) {
     env.copy_to(root, url, paths)
         .unwrap_or_else(|error| panic!("nix copy --to {url}: {error}"));
 }
@@ -790,21 +790,34 @@ fn chunk_objects(server: &TestServer) -> usize {
     count_files(&server.dir().join("storage").join("chunks"))
 }
 
+/// Attic's `X-Attic-Nar-Info` for `source` in `cache`.
+pub(crate) fn attic_source_info(source: &SourcePath, cache: &str) -> serde_json::Value {
+    let mut info = attic_info(&source.path, &source.nar);
+    info["cache"] = json!(cache);
+    info["references"] = json!(source.metadata.references);
+    info["deriver"] = json!(source.metadata.deriver);
+    info["sigs"] = json!(source.metadata.sigs);
+    info["ca"] = json!(source.metadata.ca);
+    info
+}
+
 /// Pushes `closure` (dependencies first) through Attic's `upload-path`,
 /// each answered once visible.
-async fn attic_push(server: &TestServer, token: &str, cache: &str, sources: &[SourcePath]) {
+pub(crate) async fn attic_push(
+    server: &impl HttpApi,
+    token: &str,
+    cache: &str,
+    sources: &[SourcePath],
+) {
     for source in sources {
-        let mut info = attic_info(&source.path, &source.nar);
-        info["cache"] = json!(cache);
-        info["references"] = json!(source.metadata.references);
-        info["deriver"] = json!(source.metadata.deriver);
-        info["sigs"] = json!(source.metadata.sigs);
-        info["ca"] = json!(source.metadata.ca);
         let response = server
             .http()
             .put(server.url_of("/_api/v1/upload-path"))
             .bearer_auth(token)
-            .header("X-Attic-Nar-Info", info.to_string())
+            .header(
+                "X-Attic-Nar-Info",
+                attic_source_info(source, cache).to_string(),
+            )
             .body(source.nar.clone())
             .send()
             .await
@@ -814,7 +827,7 @@ async fn attic_push(server: &TestServer, token: &str, cache: &str, sources: &[So
     }
 }
 
-async fn public_key_of(server: &TestServer, token: &str, cache: &str) -> String {
+pub(crate) async fn public_key_of(server: &impl HttpApi, token: &str, cache: &str) -> String {
     let config: common::api::CacheConfig = ok_json(
         get(
             server,

@@ -1,0 +1,238 @@
+//! What every Larder service process shares (feature `service`): the
+//! `--config`/`--listen` flags, loading the config, logging, opening the
+//! database, storage and queue the config names, and turning SIGTERM or
+//! Ctrl-C into a [`CancellationToken`].
+//!
+//! A service binary is a few lines around [`run_service`]: it parses its
+//! flags (with [`ServiceArgs`] flattened in), and hands its library's
+//! `run(config, shutdown)` over. The library opens what it needs with
+//! [`Services::open`] (or the single openers) and winds down when the token
+//! is cancelled.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{ConfigError, LogFormat, QueueConfig, ServerConfig};
+use crate::db::{Database, DbError};
+use crate::queue::{AmqpQueue, EmbeddedQueue, Queue};
+use crate::storage::{Storage, StorageError};
+
+/// The flags every service binary takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServiceArgs {
+    /// The config file (TOML); `LARDER_SECTION__KEY` environment variables
+    /// override it. Without one, the config comes from the environment
+    /// variables alone.
+    #[arg(long, env = "LARDER_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// Address to listen on, overriding the config's `listen`.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+}
+
+/// Why a service could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("configuration")]
+    Config(#[from] ConfigError),
+    #[error("database")]
+    Database(#[from] DbError),
+    #[error("storage")]
+    Storage(#[from] StorageError),
+    #[error("job queue")]
+    Queue(#[from] crate::queue::QueueError),
+    #[error(
+        "{service} needs a queue other processes share: set [queue] type = \"amqp\" and its url \
+         (an embedded queue lives inside one process)"
+    )]
+    EmbeddedQueue { service: &'static str },
+}
+
+/// Loads the config: `path` (then the environment), or the `LARDER_…`
+/// environment variables alone when there is no file; `listen` overrides
+/// the config's.
+pub fn load_config(
+    path: Option<&Path>,
+    listen: Option<SocketAddr>,
+) -> Result<ServerConfig, ConfigError> {
+    let mut config = match path {
+        Some(path) => ServerConfig::load(path)?,
+        None => ServerConfig::from_toml_and_env(
+            "",
+            Path::new("(environment variables)"),
+            std::env::vars_os(),
+        )?,
+    };
+    if let Some(listen) = listen {
+        config.listen = listen;
+    }
+    Ok(config)
+}
+
+/// Installs the process-wide log subscriber: human-readable lines or JSON
+/// lines for log collectors; the level comes from `RUST_LOG` (default
+/// `info`). A second call (tests starting several servers in one process)
+/// keeps the first.
+pub fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a person at a terminal: log files and collectors
+    // get plain text.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+    let _ = match format {
+        LogFormat::Pretty => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Connects to the configured database and brings its schema up to date
+/// (safe from several processes at once, see [`Database::migrate`]), so
+/// that services may start in any order.
+pub async fn open_database(config: &ServerConfig) -> Result<Database, DbError> {
+    let database = Database::connect(config.database.url.expose()).await?;
+    database.migrate().await?;
+    Ok(database)
+}
+
+/// The configured queue. `service` names this process's broker connections
+/// (with its pid), as RabbitMQ's management tools show them. An AMQP queue
+/// connects lazily: the first publish or consume reports a broker that
+/// cannot be reached.
+pub fn open_queue(config: &QueueConfig, service: &str) -> Arc<dyn Queue> {
+    match config {
+        QueueConfig::Embedded => Arc::new(EmbeddedQueue::new()),
+        QueueConfig::Amqp { url } => Arc::new(AmqpQueue::new(
+            url.expose(),
+            &format!("{service} (pid {})", std::process::id()),
+        )),
+    }
+}
+
+/// What a separately running service works with: the database, storage
+/// and a queue shared with the other processes.
+#[derive(Debug, Clone)]
+pub struct Services {
+    pub database: Database,
+    pub storage: Arc<dyn Storage>,
+    pub queue: Arc<dyn Queue>,
+}
+
+impl Services {
+    /// Opens the database, storage and queue of `config` for `service`,
+    /// refusing an embedded queue: jobs published into it would never
+    /// leave this process.
+    pub async fn open(config: &ServerConfig, service: &'static str) -> Result<Self, ServiceError> {
+        let queue = open_shared_queue(config, service)?;
+        Ok(Self {
+            database: open_database(config).await?,
+            storage: crate::storage::open(&config.storage).await?,
+            queue,
+        })
+    }
+}
+
+/// The configured queue if other processes can share it (see [`open_queue`]).
+pub fn open_shared_queue(
+    config: &ServerConfig,
+    service: &'static str,
+) -> Result<Arc<dyn Queue>, ServiceError> {
+    if !config.queue.is_shared() {
+        return Err(ServiceError::EmbeddedQueue { service });
+    }
+    Ok(open_queue(&config.queue, service))
+}
+
+/// A token cancelled on the first SIGTERM or Ctrl-C (the signals an init
+/// system or an operator stops a service with). A second signal is left to
+/// its default action, so a stuck shutdown can still be interrupted.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let shutdown = CancellationToken::new();
+    let cancel = shutdown.clone();
+    tokio::spawn(async move {
+        termination_signal().await;
+        tracing::info!("shutting down: letting running work finish");
+        cancel.cancel();
+    });
+    shutdown
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn termination_signal() {
+    let ctrl_c = async {
+        // If the handler cannot be installed, Ctrl-C still kills the process.
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+/// A service binary's `main`: starts the runtime, loads the config from
+/// `args`, sets up logging, runs `run(config, shutdown)` until it returns
+/// (after a signal cancelled `shutdown`, or on an error), and reports an
+/// error with its causes on stderr with a non-zero exit.
+pub fn run_service<Run, Fut, E>(service: &str, args: &ServiceArgs, run: Run) -> ExitCode
+where
+    Run: FnOnce(ServerConfig, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::error::Error,
+{
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("{service}: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = match load_config(args.config.as_deref(), args.listen) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("{service}: {}", error_chain(&error));
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(config.log.format);
+    let outcome = runtime.block_on(async {
+        let shutdown = shutdown_on_signal();
+        run(config, shutdown).await
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{service}: {}", error_chain(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,237 @@
+//! Issue #5's distributed topology, as processes from the real binaries
+//! (`tests::cluster::Cluster`): two `ingest-api --mode api`, two chunkers,
+//! two compressors and `gc-scheduler` on RabbitMQ, PostgreSQL and Garage.
+//!
+//! `push` is the acceptance push (both protocols, to different API
+//! servers, substituted back and verified) and the poison message;
+//! `faults` kills workers and disturbs each service during pushes. Every
+//! test ends with [`assert_whole`]: nothing lost, nothing duplicated, no
+//! upload left stuck.
+
+mod compose;
+mod faults;
+mod push;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::auth::Permission;
+use common::db::{Upload, UploadPhase};
+use common::queue::{CHUNK_DEAD_LETTER_QUEUE, COMPRESS_DEAD_LETTER_QUEUE};
+use tests::cluster::Cluster;
+use tests::nix::NixEnv;
+use tests::server::HttpApi;
+
+use crate::server::push::{blocking, public_key_of, pushing_env};
+use crate::server::{source_paths, SourcePath};
+
+/// How long a cluster may take to finish its uploads after the pushes.
+const SETTLE_LIMIT: Duration = Duration::from_secs(240);
+
+/// A token that may pull from and push to `caches`.
+async fn pusher_token(cluster: &Cluster, caches: &[&str]) -> String {
+    let grants: Vec<(&str, &[Permission])> = caches
+        .iter()
+        .map(|cache| (*cache, &[Permission::Pull, Permission::Push][..]))
+        .collect();
+    cluster.mint("pusher", &grants).await
+}
+
+/// A pushing Nix environment with a closure of at least `n` referencing
+/// paths, their dumps for Attic's API, and the closure.
+struct Pushing {
+    env: NixEnv,
+    root: PathBuf,
+    closure: Vec<String>,
+    sources: Vec<SourcePath>,
+}
+
+impl Pushing {
+    async fn new(n: usize, token: &str) -> Self {
+        Self::with_large_paths(n, &[], token).await
+    }
+
+    /// [`new`](Self::new), plus one path per entry of `large_mib` holding
+    /// that many MiB of text-like bytes (cut into many chunks, and
+    /// compressible like real data).
+    async fn with_large_paths(n: usize, large_mib: &[usize], token: &str) -> Self {
+        let (env, root, mut paths) = pushing_env(n, token.to_owned()).await;
+        let large_mib = large_mib.to_vec();
+        blocking(move || {
+            for (index, mib) in large_mib.into_iter().enumerate() {
+                let input = env.path(&format!("large-input-{index}"));
+                std::fs::create_dir_all(&input).expect("a directory");
+                let words: Vec<u8> =
+                    tests::server::pseudo_random(mib << 20, rand::random::<u64>() | 1)
+                        .into_iter()
+                        .map(|byte| b"abcdefgh ijklmnop\n"[usize::from(byte) % 18])
+                        .collect();
+                std::fs::write(input.join("data.txt"), &words).expect("writing a large file");
+                let path = env.add_path(&root, &input).expect("adding a large path");
+                paths.push(path.trim().to_owned());
+            }
+            let closure = env.closure(&root, &paths).expect("the closure");
+            let sources = source_paths(&env, &root, &closure);
+            Self {
+                env,
+                root,
+                closure,
+                sources,
+            }
+        })
+        .await
+    }
+
+    /// Substitutes the closure from `cache` on `api` into a fresh store,
+    /// trusting only the cache's key, and runs `nix store verify` on it.
+    async fn substitute_and_verify(self, api: &impl HttpApi, token: &str, cache: &str) -> Self {
+        let public_key = public_key_of(api, token, cache).await;
+        let cache_url = api.cache_url(cache);
+        let cache = cache.to_owned();
+        blocking(move || {
+            let mut pushing = self;
+            // The pushing Nix cached the narinfos it wrote, with its own
+            // URLs: substitutions must ask the server.
+            pushing.env.add_config("narinfo-cache-positive-ttl", "0");
+            let destination = pushing
+                .env
+                .path(&format!("substituted-{cache}-{}", rand::random::<u32>()));
+            pushing
+                .env
+                .copy_from(&cache_url, &destination, &public_key, &pushing.closure)
+                .unwrap_or_else(|error| panic!("substituting from {cache_url}: {error}"));
+            let verified = pushing
+                .env
+                .store_verify(&cache_url, &public_key, &pushing.closure)
+                .expect("nix store verify");
+            assert!(verified.status.success(), "{cache}: {verified:?}");
+            pushing
+        })
+        .await
+    }
+}
+
+/// Checks the end state after pushes: no upload in flight; none failed
+/// except `failed_paths`; each cache of `pushed` holds exactly its paths;
+/// every NAR and chunk row is valid (the schema keeps them unique), and
+/// the bucket holds exactly one object per chunk row; every staged NAR
+/// left is a staged file still waiting for its narinfo or a failed
+/// upload's; the dead-letter queues are empty unless some uploads were
+/// expected to fail. Returns the uploads.
+async fn assert_whole(
+    cluster: &Cluster,
+    pushed: &[(&str, &[String])],
+    failed_paths: &[String],
+) -> Vec<Upload> {
+    let uploads = cluster.settled_uploads(SETTLE_LIMIT).await;
+    let failed: BTreeSet<&str> = uploads
+        .iter()
+        .filter(|upload| upload.phase == UploadPhase::Failed)
+        .map(|upload| upload.metadata.store_path.as_str())
+        .collect();
+    let expected_failures: BTreeSet<&str> = failed_paths.iter().map(String::as_str).collect();
+    assert_eq!(
+        failed,
+        expected_failures,
+        "failed uploads: {:?}",
+        uploads
+            .iter()
+            .filter(|upload| upload.phase == UploadPhase::Failed)
+            .map(|upload| (&upload.metadata.store_path, &upload.error))
+            .collect::<Vec<_>>()
+    );
+
+    for (cache, paths) in pushed {
+        let stored: Vec<String> = sqlx::query_scalar(
+            "SELECT o.store_path FROM objects o JOIN caches c ON c.id = o.cache_id \
+             WHERE c.name = $1",
+        )
+        .bind(*cache)
+        .fetch_all(cluster.database().pool())
+        .await
+        .expect("listing a cache's objects");
+        let stored_set: BTreeSet<&str> = stored.iter().map(String::as_str).collect();
+        assert_eq!(stored.len(), stored_set.len(), "{cache}: a path twice");
+        let expected: BTreeSet<&str> = paths
+            .iter()
+            .map(String::as_str)
+            .filter(|path| !expected_failures.contains(path))
+            .collect();
+        assert_eq!(stored_set, expected, "{cache}: the paths stored");
+    }
+
+    // A failed upload may leave its NAR pending, with the chunks cut so
+    // far; everything else is complete.
+    let count = |sql: &'static str| async move {
+        let count: i64 = sqlx::query_scalar(sql)
+            .fetch_one(cluster.database().pool())
+            .await
+            .unwrap_or_else(|error| panic!("{sql}: {error}"));
+        count
+    };
+    assert_eq!(
+        count(concat!(
+            "SELECT COUNT(*) FROM nars WHERE state <> 'valid' AND id NOT IN ",
+            "(SELECT nar_id FROM uploads WHERE phase = 'failed' AND nar_id IS NOT NULL)"
+        ))
+        .await,
+        0,
+        "every NAR is valid"
+    );
+    assert_eq!(
+        count(concat!(
+            "SELECT COUNT(*) FROM chunks WHERE state <> 'valid' AND id NOT IN ",
+            "(SELECT chunk_id FROM nar_chunks WHERE nar_id IN ",
+            "(SELECT nar_id FROM uploads WHERE phase = 'failed' AND nar_id IS NOT NULL))"
+        ))
+        .await,
+        0,
+        "every chunk is stored"
+    );
+    let chunk_keys: Vec<String> =
+        sqlx::query_scalar("SELECT object_key FROM chunks WHERE object_key IS NOT NULL")
+            .fetch_all(cluster.database().pool())
+            .await
+            .expect("listing chunk objects");
+    let chunk_keys: BTreeSet<String> = chunk_keys.into_iter().collect();
+    let stored_chunks: BTreeSet<String> =
+        cluster.object_keys("chunks/").await.into_iter().collect();
+    assert_eq!(
+        stored_chunks.len(),
+        chunk_keys.len(),
+        "one object per chunk row"
+    );
+    assert_eq!(
+        stored_chunks, chunk_keys,
+        "the chunk objects are the chunk rows'"
+    );
+
+    let waiting: Vec<String> = sqlx::query_scalar("SELECT staged_key FROM staged_files")
+        .fetch_all(cluster.database().pool())
+        .await
+        .expect("listing staged files");
+    // A failed upload keeps its staged NAR until the reaper comes.
+    let waiting: BTreeSet<String> = waiting
+        .into_iter()
+        .chain(
+            uploads
+                .iter()
+                .filter(|upload| upload.phase == UploadPhase::Failed)
+                .map(|upload| upload.staged_key.clone()),
+        )
+        .collect();
+    let staged: BTreeSet<String> = cluster.object_keys("staging/").await.into_iter().collect();
+    assert!(
+        staged.is_subset(&waiting),
+        "staged NARs no upload or staged file accounts for: {:?}",
+        staged.difference(&waiting).collect::<Vec<_>>()
+    );
+
+    let dead_letters = cluster.queue_length(CHUNK_DEAD_LETTER_QUEUE).await
+        + cluster.queue_length(COMPRESS_DEAD_LETTER_QUEUE).await;
+    if failed_paths.is_empty() {
+        assert_eq!(dead_letters, 0, "nothing was dead-lettered");
+    }
+    uploads
+}
