@@ -23,6 +23,11 @@
 //! The upload then moves to `compressing` and the NAR is finalised if its
 //! chunks are all stored already (the compressor finalises it otherwise).
 //! Failures are settled by [`common::worker`]'s policy.
+//!
+//! Chunks cut that storage already holds (or that repeat earlier in the
+//! same NAR), and every chunk of a NAR found valid already, count in
+//! `larder_chunks_deduplicated_total` and its bytes; chunks republished
+//! from a recorded list are not counted again.
 
 use std::collections::HashSet;
 use std::io::{self, Read};
@@ -39,6 +44,7 @@ use common::db::{
     ChunkId, Database, DbError, NarId, NewChunk, StoreState, Timestamp, Upload, UploadId,
     UploadPhase,
 };
+use common::metrics::larder;
 use common::nix::{Sha256Hash, Sha256Hasher};
 use common::queue::{publish_job, ChunkJob, ChunkRange, CompressJob, Queue, QueueError};
 use common::storage::{ObjectKey, Storage, StorageError};
@@ -170,6 +176,7 @@ impl Chunker {
             StoreState::Valid => {
                 // Stored already (another upload of the same bytes).
                 finalise_nar(database, &*self.storage, nar.id).await?;
+                larder().chunks_deduplicated(u64::from(nar.n_chunks), nar.nar_size);
                 return Ok(());
             }
             StoreState::Pending if nar.n_chunks > 0 => {
@@ -349,6 +356,7 @@ impl Chunker {
             .collect();
         let rows = self.database.upsert_chunks(&new, Timestamp::now()).await?;
         let mut ranges = Vec::new();
+        let (mut deduplicated, mut deduplicated_bytes) = (0, 0);
         for (row, chunk) in rows.iter().zip(batch) {
             chunk_ids.push(row.id);
             if row.state != StoreState::Valid && published.insert(row.id) {
@@ -357,8 +365,13 @@ impl Chunker {
                     offset: chunk.offset,
                     length: chunk.length,
                 });
+            } else {
+                // Stored already, or earlier in this NAR.
+                deduplicated += 1;
+                deduplicated_bytes += chunk.length;
             }
         }
+        larder().chunks_deduplicated(deduplicated, deduplicated_bytes);
         self.publish(nar_id, staged, ranges, trace_id).await
     }
 

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use common::config::PipelineConfig;
 use common::db::{Database, DbError, Timestamp, UploadPhase};
+use common::metrics::{larder, FinalPhase};
 use common::queue::{publish_job, ChunkJob, Queue, QueueError};
 
 /// Uploads handled per database round trip.
@@ -99,6 +100,7 @@ async fn republish_uploads(
                 );
                 if database.fail_upload(&upload.id, &reason, at).await? {
                     tracing::warn!(upload = %upload.id, %reason, "upload failed");
+                    larder().upload_finished(FinalPhase::Failed, None);
                     report.failed += 1;
                 }
                 continue;

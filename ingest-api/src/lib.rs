@@ -11,6 +11,7 @@ mod endpoint;
 pub mod error;
 mod extract;
 pub mod first_start;
+mod http_metrics;
 pub mod logging;
 mod pipeline;
 mod push;

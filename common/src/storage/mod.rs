@@ -150,6 +150,10 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     /// Deletes the object; a missing object counts as deleted.
     async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError>;
+
+    /// Whether the storage is reachable and writable, cheaply, for a
+    /// readiness probe: it writes or lists nothing that lasts.
+    async fn check(&self) -> Result<(), StorageError>;
 }
 
 /// The error for a ranged read past the end of an object.
