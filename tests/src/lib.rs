@@ -4,5 +4,6 @@
 
 pub mod nix;
 pub mod process;
+pub mod prometheus;
 pub mod server;
 pub mod services;
