@@ -135,7 +135,7 @@ impl Inner {
     /// with `queue`'s topology declared on it.
     async fn publish_channel(&self, queue: &str) -> Result<Channel, QueueError> {
         let mut publisher = self.publisher.lock().await;
-        let current = Self::connected(&mut publisher, self.connect()).await?;
+        let current = self.connected(&mut publisher).await?;
         if !current.declared.contains(queue) {
             declare_work_queue(&current.channel, queue).await?;
             current.declared.insert(queue.to_owned());
@@ -184,15 +184,14 @@ impl Inner {
         }
     }
 
-    /// The publisher, connecting (with `connect`) when there is none or it
-    /// was lost.
+    /// The publisher, connecting when there is none or it was lost.
     async fn connected<'a>(
+        &self,
         publisher: &'a mut Option<Publisher>,
-        connect: impl std::future::Future<Output = Result<Connection, QueueError>>,
     ) -> Result<&'a mut Publisher, QueueError> {
         if !matches!(&*publisher, Some(current) if current.channel.status().connected()) {
             *publisher = None;
-            let connection = connect.await?;
+            let connection = self.connect().await?;
             let channel = connection
                 .create_channel()
                 .await
@@ -216,7 +215,7 @@ impl Inner {
     /// not exist (which must not take the confirm channel down with it).
     async fn inspection_channel(&self) -> Result<Channel, QueueError> {
         let mut publisher = self.publisher.lock().await;
-        let current = Self::connected(&mut publisher, self.connect()).await?;
+        let current = self.connected(&mut publisher).await?;
         current
             .connection
             .create_channel()
