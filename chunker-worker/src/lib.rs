@@ -23,6 +23,11 @@
 //! The upload then moves to `compressing` and the NAR is finalised if its
 //! chunks are all stored already (the compressor finalises it otherwise).
 //! Failures are settled by [`common::worker`]'s policy.
+//!
+//! Chunks cut that storage already holds (or that repeat earlier in the
+//! same NAR), and every chunk of a NAR found valid already, count in
+//! `larder_chunks_deduplicated_total` and its bytes; chunks republished
+//! from a recorded list are not counted again.
 
 use std::collections::HashSet;
 use std::io::{self, Read};
@@ -39,6 +44,7 @@ use common::db::{
     ChunkId, Database, DbError, NarId, NewChunk, StoreState, Timestamp, Upload, UploadId,
     UploadPhase,
 };
+use common::metrics::larder;
 use common::nix::{Sha256Hash, Sha256Hasher};
 use common::queue::{publish_job, ChunkJob, ChunkRange, CompressJob, Queue, QueueError};
 use common::service::{ServiceError, Services};
@@ -65,18 +71,20 @@ const CUT_AHEAD: usize = 256;
 
 /// The `chunker-worker` service: opens the database, storage and the shared
 /// queue the config names, then consumes chunk jobs until `shutdown` (see
-/// [`run_with`]).
+/// [`run_with`]), serving `/metrics`, `/healthz` and `/readyz` on `listen`.
 pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<(), ServiceError> {
     let services = Services::open(&config, "chunker-worker").await?;
-    run_with(
+    let ops = services.serve_ops(config.listen, &shutdown).await?;
+    let worked = run_with(
         services.database,
         services.storage,
         services.queue,
         config.pipeline,
         shutdown,
     )
-    .await?;
-    Ok(())
+    .await;
+    ops.stop().await?;
+    Ok(worked?)
 }
 
 /// Consumes chunk jobs until `shutdown` (see [`worker::consume`]).
@@ -187,6 +195,7 @@ impl Chunker {
             StoreState::Valid => {
                 // Stored already (another upload of the same bytes).
                 finalise_nar(database, &*self.storage, nar.id).await?;
+                larder().chunks_deduplicated(u64::from(nar.n_chunks), nar.nar_size);
                 return Ok(());
             }
             StoreState::Pending if nar.n_chunks > 0 => {
@@ -366,6 +375,7 @@ impl Chunker {
             .collect();
         let rows = self.database.upsert_chunks(&new, Timestamp::now()).await?;
         let mut ranges = Vec::new();
+        let (mut deduplicated, mut deduplicated_bytes) = (0, 0);
         for (row, chunk) in rows.iter().zip(batch) {
             chunk_ids.push(row.id);
             if row.state != StoreState::Valid && published.insert(row.id) {
@@ -374,8 +384,13 @@ impl Chunker {
                     offset: chunk.offset,
                     length: chunk.length,
                 });
+            } else {
+                // Stored already, or earlier in this NAR.
+                deduplicated += 1;
+                deduplicated_bytes += chunk.length;
             }
         }
+        larder().chunks_deduplicated(deduplicated, deduplicated_bytes);
         self.publish(nar_id, staged, ranges, trace_id).await
     }
 

@@ -13,6 +13,8 @@ pub mod config;
 #[cfg(feature = "db")]
 pub mod db;
 pub mod duration;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod nix;
 #[cfg(feature = "queue")]
 pub mod queue;

@@ -20,6 +20,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{ConfigError, LogFormat, QueueConfig, ServerConfig};
 use crate::db::{Database, DbError};
+use crate::metrics::{serve_ops, Readiness};
 use crate::queue::{AmqpQueue, EmbeddedQueue, Queue};
 use crate::storage::{Storage, StorageError};
 
@@ -48,6 +49,11 @@ pub enum ServiceError {
     Storage(#[from] StorageError),
     #[error("job queue")]
     Queue(#[from] crate::queue::QueueError),
+    #[error("serving /metrics, /healthz and /readyz on {address}")]
+    Ops {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(
         "{service} needs a queue other processes share: set [queue] type = \"amqp\" and its url \
          (an embedded queue lives inside one process)"
@@ -135,6 +141,58 @@ impl Services {
             database: open_database(config).await?,
             storage: crate::storage::open(&config.storage).await?,
             queue,
+        })
+    }
+
+    /// Starts serving `/metrics`, `/healthz` and `/readyz` (ready: these
+    /// services reachable) on `listen`, until `shutdown` or
+    /// [`OpsServer::stop`]: what a service without its own HTTP router
+    /// runs beside its work.
+    pub async fn serve_ops(
+        &self,
+        listen: SocketAddr,
+        shutdown: &CancellationToken,
+    ) -> Result<OpsServer, ServiceError> {
+        let ops_error = |source| ServiceError::Ops {
+            address: listen,
+            source,
+        };
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(ops_error)?;
+        let readiness = Readiness::new(
+            self.database.clone(),
+            self.queue.clone(),
+            self.storage.clone(),
+        );
+        let stop = shutdown.child_token();
+        let task = tokio::spawn(serve_ops(listener, readiness, stop.clone()));
+        Ok(OpsServer { listen, stop, task })
+    }
+}
+
+/// The ops endpoints of a service, served in the background.
+#[derive(Debug)]
+pub struct OpsServer {
+    listen: SocketAddr,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl OpsServer {
+    /// Stops serving (also when the service's work ended without a
+    /// shutdown, e.g. on an error) and reports what stopped the listener,
+    /// if anything did.
+    pub async fn stop(self) -> Result<(), ServiceError> {
+        self.stop.cancel();
+        let served = self
+            .task
+            .await
+            .map_err(|join| std::io::Error::other(join.to_string()))
+            .and_then(|served| served);
+        served.map_err(|source| ServiceError::Ops {
+            address: self.listen,
+            source,
         })
     }
 }

@@ -15,10 +15,17 @@
 //! the reason, and only then moves the message to the dead-letter queue:
 //! the database is the truth, the dead-letter queue is for inspection. A
 //! delivery is acked only after the handler's last database commit.
+//!
+//! # Metrics
+//!
+//! The consume loop counts each queue's jobs done, failed, retried and
+//! dead-lettered and times each attempt; [`finalise_nar`] and the failure
+//! policy count uploads reaching `done` (with the time since their
+//! creation) or `failed` (see [`crate::metrics`]).
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::task::JoinSet;
@@ -26,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::db::{ChunkId, Database, DbError, NarId, Timestamp, UploadId};
+use crate::metrics::{larder, FinalPhase, JobMetrics};
 use crate::nix::Sha256Hash;
 use crate::queue::{Delivery, Job, Queue, QueueError};
 use crate::storage::{ObjectKey, Storage, StorageError};
@@ -129,6 +137,7 @@ pub async fn consume<H: JobHandler>(
     let prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX);
     let mut consumer = queue.consume(H::Job::QUEUE, prefetch).await?;
     tracing::info!(queue = H::Job::QUEUE, concurrency, "taking jobs");
+    let metrics = larder().jobs(H::Job::QUEUE);
     let mut running = JoinSet::new();
     loop {
         tokio::select! {
@@ -145,8 +154,9 @@ pub async fn consume<H: JobHandler>(
                     attempt = delivery.attempt(),
                 );
                 let handler = handler.clone();
+                let metrics = metrics.clone();
                 running.spawn(
-                    async move { process(&*handler, delivery, job_attempts).await }
+                    async move { process(&*handler, delivery, job_attempts, &metrics).await }
                         .instrument(span),
                 );
             }
@@ -177,24 +187,37 @@ fn log_panic(finished: Result<(), tokio::task::JoinError>) {
     }
 }
 
-/// Handles one delivery and settles it by the failure policy.
-async fn process<H: JobHandler>(handler: &H, delivery: Delivery, job_attempts: u32) {
+/// Handles one delivery, settles it by the failure policy and counts the
+/// outcome.
+async fn process<H: JobHandler>(
+    handler: &H,
+    delivery: Delivery,
+    job_attempts: u32,
+    metrics: &JobMetrics,
+) {
     let job: H::Job = match delivery.decode() {
         Ok(job) => job,
         Err(error) => {
             let reason = format!("not a valid job for queue {}: {error}", H::Job::QUEUE);
             tracing::error!(%reason, "dead-lettering a malformed message");
+            metrics.failed.inc();
+            metrics.dead_lettered.inc();
             settled(delivery.dead_letter(&reason).await);
             return;
         }
     };
-    let error = match handler.handle(&job).await {
+    let started = Instant::now();
+    let handled = handler.handle(&job).await;
+    metrics.duration.observe(started.elapsed().as_secs_f64());
+    let error = match handled {
         Ok(()) => {
+            metrics.done.inc();
             settled(delivery.ack().await);
             return;
         }
         Err(error) => error,
     };
+    metrics.failed.inc();
     let attempt = delivery.attempt();
     if !error.is_permanent() && attempt < job_attempts {
         let delay = retry_delay(attempt);
@@ -203,6 +226,7 @@ async fn process<H: JobHandler>(handler: &H, delivery: Delivery, job_attempts: u
             retry_in = ?delay,
             "job failed; trying again later"
         );
+        metrics.retried.inc();
         settled(delivery.retry(delay).await);
         return;
     }
@@ -219,9 +243,11 @@ async fn process<H: JobHandler>(handler: &H, delivery: Delivery, job_attempts: u
             error = JobError::from(error).reason(),
             "could not mark the job's uploads failed; trying again later"
         );
+        metrics.retried.inc();
         settled(delivery.retry(retry_delay(attempt)).await);
         return;
     }
+    metrics.dead_lettered.inc();
     settled(delivery.dead_letter(&reason).await);
 }
 
@@ -231,10 +257,13 @@ async fn fail_uploads<H: JobHandler>(
     reason: &str,
 ) -> Result<(), DbError> {
     for upload in handler.uploads_concerned(job).await? {
-        handler
+        let failed_now = handler
             .database()
             .fail_upload(&upload, reason, Timestamp::now())
             .await?;
+        if failed_now {
+            larder().upload_finished(FinalPhase::Failed, None);
+        }
     }
     Ok(())
 }
@@ -276,8 +305,14 @@ pub async fn finalise_nar(
         return Ok(false);
     }
     for upload in database.uploads_waiting_on_nar(nar_id).await? {
-        match database.finalise_upload(&upload.id, Timestamp::now()).await {
-            Ok(_) => {}
+        let now = Timestamp::now();
+        match database.finalise_upload(&upload.id, now).await {
+            // Two workers finalising the same NAR at once may both count
+            // an upload; metrics tolerate that, the database does not.
+            Ok(_) => larder().upload_finished(
+                FinalPhase::Done,
+                Some(upload_latency(upload.created_at, now)),
+            ),
             // Failed meanwhile (the reconciler gave up on it): it stays so.
             Err(error) if error.is_conflict() => {
                 tracing::warn!(upload = %upload.id, %error, "not finalising an upload");
@@ -297,6 +332,13 @@ pub async fn finalise_nar(
         );
     }
     Ok(true)
+}
+
+/// The time from `created` to `finished`; zero if the clocks of the
+/// machines that stamped them disagree the wrong way.
+fn upload_latency(created: Timestamp, finished: Timestamp) -> Duration {
+    let millis = finished.unix_millis().saturating_sub(created.unix_millis());
+    Duration::from_millis(u64::try_from(millis).unwrap_or(0))
 }
 
 #[cfg(test)]

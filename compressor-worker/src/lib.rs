@@ -9,7 +9,8 @@
 //! thread, puts it under its content-and-id key
 //! ([`common::worker::chunk_object_key`]) and marks the chunk stored. Then
 //! it tries to finalise the job's NAR and every other pending NAR that
-//! lists one of the chunks it stored.
+//! lists one of the chunks it stored. Each chunk written counts in
+//! `larder_chunks_stored_total` and its bytes.
 //!
 //! If the staged NAR has vanished, the chunks that became valid meanwhile
 //! need nothing more; any other chunk makes the job fail for good, and the
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use common::config::{PipelineConfig, ServerConfig};
 use common::db::{Chunk, ChunkId, ChunkLocation, Database, DbError, NarId, StoreState, UploadId};
+use common::metrics::larder;
 use common::nix::Sha256Hash;
 use common::queue::{ChunkRange, CompressJob, Queue, QueueError};
 use common::service::{ServiceError, Services};
@@ -35,18 +37,20 @@ use common::worker::{
 
 /// The `compressor-worker` service: opens the database, storage and the shared
 /// queue the config names, then consumes compress jobs until `shutdown` (see
-/// [`run_with`]).
+/// [`run_with`]), serving `/metrics`, `/healthz` and `/readyz` on `listen`.
 pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<(), ServiceError> {
     let services = Services::open(&config, "compressor-worker").await?;
-    run_with(
+    let ops = services.serve_ops(config.listen, &shutdown).await?;
+    let worked = run_with(
         services.database,
         services.storage,
         services.queue,
         config.pipeline,
         shutdown,
     )
-    .await?;
-    Ok(())
+    .await;
+    ops.stop().await?;
+    Ok(worked?)
 }
 
 /// Consumes compress jobs until `shutdown` (see [`worker::consume`]).
@@ -185,6 +189,7 @@ impl Compressor {
             };
             self.storage.put(&key, frame).await?;
             self.database.set_chunk_stored(chunk.id, &location).await?;
+            larder().chunk_stored(chunk.chunk_size, location.length);
             stored.push(chunk.id);
         }
         Ok(stored)

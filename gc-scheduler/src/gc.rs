@@ -53,6 +53,7 @@ use tokio_util::sync::CancellationToken;
 
 use common::config::GcConfig;
 use common::db::{Backend, Chunk, ChunkId, Database, DbError, NarId, Timestamp};
+use common::metrics::larder;
 use common::storage::{ObjectKey, Storage, StorageError};
 use common::worker::chunk_object_key;
 
@@ -92,6 +93,22 @@ pub struct GcReport {
 }
 
 impl GcReport {
+    /// Adds what the run removed to the process's GC metrics.
+    fn record(&self) {
+        let metrics = larder();
+        for (kind, count) in [
+            ("objects", self.objects),
+            ("nars", self.nars),
+            ("chunks", self.chunks),
+            ("uploads", self.uploads_reaped),
+            ("staged_files", self.staged_files_reaped),
+            ("orphans", self.orphans_removed),
+        ] {
+            metrics.gc_deleted(kind, count);
+        }
+        metrics.gc_freed_bytes(self.bytes_freed);
+    }
+
     fn log(&self) {
         tracing::info!(
             objects = self.objects,
@@ -298,7 +315,7 @@ impl GcLock {
 }
 
 /// One run under the lock: `None` when another process was collecting.
-/// The report is logged.
+/// The report is logged and added to the GC metrics.
 pub async fn collect_garbage_locked(
     database: &Database,
     storage: &dyn Storage,
@@ -309,10 +326,13 @@ pub async fn collect_garbage_locked(
         tracing::info!("another gc-scheduler holds the GC lock; skipping this run");
         return Ok(None);
     };
+    let started = Instant::now();
     let result = collect_garbage(database, storage, config, now).await;
     lock.release().await;
+    larder().gc_pass(started.elapsed(), result.is_ok());
     let report = result?;
     report.log();
+    report.record();
     Ok(Some(report))
 }
 

@@ -20,8 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 use common::config::{PipelineConfig, ServerConfig};
 use common::db::{Database, DbError, Timestamp, UploadPhase};
+use common::metrics::{larder, FinalPhase};
 use common::queue::{publish_job, ChunkJob, Queue, QueueError};
-use common::service::{open_database, open_queue, ServiceError};
+use common::service::{open_database, open_queue, ServiceError, Services};
 use common::storage::StorageError;
 
 use crate::gc::{GcError, GcReport};
@@ -60,28 +61,40 @@ pub enum Error {
     Gc(#[from] GcError),
 }
 
-/// The `gc-scheduler` service: opens the database and storage the config
-/// names and collects garbage every `gc.interval` until `shutdown`. With a
-/// shared queue it also reconciles: one pass at once, then one every
+/// The `gc-scheduler` service: opens the database, storage and queue the
+/// config names, serves `/metrics`, `/healthz` and `/readyz` on `listen`,
+/// and collects garbage every `gc.interval` until `shutdown`. With a shared
+/// queue it also reconciles: one pass at once, then one every
 /// `pipeline.reconcile-interval`. An embedded queue belongs to the
 /// single-machine server, which reconciles its own uploads.
 pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<(), Error> {
-    let database = open_database(&config).await.map_err(ServiceError::from)?;
-    let storage = common::storage::open(&config.storage).await?;
+    let services = Services {
+        database: open_database(&config).await.map_err(ServiceError::from)?,
+        storage: common::storage::open(&config.storage).await?,
+        queue: open_queue(&config.queue, SERVICE),
+    };
+    let ops = services.serve_ops(config.listen, &shutdown).await?;
     let reconciler = async {
         if !config.queue.is_shared() {
             tracing::info!("the queue is embedded: collecting garbage only");
             return;
         }
-        let queue = open_queue(&config.queue, SERVICE);
         tracing::info!(
             every = %config.pipeline.reconcile_interval,
             "reconciling stuck uploads"
         );
-        log_pass(reconcile(&database, &*queue, &config.pipeline, Timestamp::now()).await);
+        log_pass(
+            reconcile(
+                &services.database,
+                &*services.queue,
+                &config.pipeline,
+                Timestamp::now(),
+            )
+            .await,
+        );
         run_reconciler(
-            database.clone(),
-            queue,
+            services.database.clone(),
+            services.queue.clone(),
             config.pipeline.clone(),
             shutdown.clone(),
         )
@@ -89,12 +102,13 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<()
     };
     tracing::info!(every = %config.gc.interval, "collecting garbage");
     let collector = gc::run_gc_loop(
-        database.clone(),
-        storage,
+        services.database.clone(),
+        services.storage.clone(),
         config.gc.clone(),
         shutdown.clone(),
     );
     tokio::join!(reconciler, collector);
+    ops.stop().await?;
     Ok(())
 }
 
@@ -220,6 +234,7 @@ async fn republish_uploads(
                 );
                 if database.fail_upload(&upload.id, &reason, at).await? {
                     tracing::warn!(upload = %upload.id, %reason, "upload failed");
+                    larder().upload_finished(FinalPhase::Failed, None);
                     report.failed += 1;
                 }
                 continue;

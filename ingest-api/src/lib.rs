@@ -12,6 +12,7 @@ mod endpoint;
 pub mod error;
 mod extract;
 pub mod first_start;
+mod http_metrics;
 mod pipeline;
 mod push;
 mod routes;

@@ -13,6 +13,7 @@ use common::api::{UploadPathResult, UploadPathResultKind, WAIT_HEADER};
 use common::db::{
     Cache, DbError, LinkedPath, NewUpload, ObjectMetadata, Timestamp, Upload, UploadId, UploadPhase,
 };
+use common::metrics::larder;
 use common::nix::{NarHash, Signature, StoreDir, StorePath, StorePathHash};
 use common::queue::{publish_job, ChunkJob};
 use common::storage::ObjectKey;
@@ -119,6 +120,8 @@ pub async fn link_if_stored(
     else {
         return Ok(None);
     };
+    // Every chunk of the NAR was needed and none was stored again.
+    larder().chunks_deduplicated(u64::from(nar.n_chunks), nar.nar_size);
     tracing::info!(
         cache = %cache.name,
         store_path = %path.metadata.store_path,

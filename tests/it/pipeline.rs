@@ -24,7 +24,7 @@ use common::nix::nar::NarEncoder;
 use common::nix::{NarHash, Sha256Hash, StorePathHash};
 use common::queue::{
     publish_job, AmqpQueue, ChunkJob, ChunkRange, CompressJob, EmbeddedQueue, Queue,
-    CHUNK_DEAD_LETTER_QUEUE,
+    CHUNK_DEAD_LETTER_QUEUE, CHUNK_QUEUE,
 };
 use common::storage::{LocalStorage, ObjectKey, S3Options, S3Storage, Storage};
 use common::worker::JobHandler;
@@ -567,6 +567,8 @@ async fn redelivered_jobs_change_nothing(rig: &Rig) {
 
 async fn a_vanished_staged_nar_fails_its_upload_and_no_other(rig: &Rig) {
     let cache = rig.create_cache("vanish").await;
+    // This test's process records only this test's metrics.
+    let metrics_before = metrics_page();
     let mut dead_letters = rig
         .queue
         .consume(CHUNK_DEAD_LETTER_QUEUE, 1)
@@ -609,9 +611,27 @@ async fn a_vanished_staged_nar_fails_its_upload_and_no_other(rig: &Rig) {
         dead.dead_letter_reason()
     );
     dead.ack().await.expect("ack");
+    // Counted before the message was moved.
+    let metrics_after = metrics_page();
+    let moved = |name: &str, labels: &[(&str, &str)]| {
+        metrics_after.value(name, labels) - metrics_before.value(name, labels)
+    };
+    let chunk_queue = [("queue", CHUNK_QUEUE)];
+    assert_eq!(moved("larder_jobs_dead_lettered_total", &chunk_queue), 1.0);
+    assert_eq!(moved("larder_jobs_failed_total", &chunk_queue), 1.0);
+    assert_eq!(moved("larder_jobs_retried_total", &chunk_queue), 0.0);
+    assert_eq!(
+        moved("larder_uploads_finished_total", &[("phase", "failed")]),
+        1.0
+    );
 
     let done = rig.visible(&healthy.id, VISIBLE_WITHIN).await;
     assert_eq!(rig.reassemble(&done).await, nar);
+}
+
+/// This process's metrics, parsed.
+fn metrics_page() -> tests::prometheus::Page {
+    tests::prometheus::parse(&common::metrics::render()).expect("a valid metrics page")
 }
 
 async fn the_reconciler_resumes_lost_jobs_and_gives_up_in_the_end(rig: &Rig) {

@@ -73,7 +73,38 @@ conformance!(
     dead_letter_moves_the_message_to_the_dead_letter_queue_with_its_reason,
     unacked_deliveries_of_a_dropped_consumer_go_to_another_consumer,
     two_concurrent_consumers_process_each_message_exactly_once,
+    depth_counts_the_messages_waiting_and_check_answers,
 );
+
+async fn depth_counts_the_messages_waiting_and_check_answers(queue: Arc<dyn Queue>) {
+    queue
+        .check()
+        .await
+        .expect("a reachable queue passes its check");
+    let name = queue_name();
+    assert_eq!(queue.depth(&name).await.unwrap(), 0, "a queue never used");
+    for n in 0..3 {
+        queue.publish(&name, b"{}", &format!("t{n}")).await.unwrap();
+    }
+    assert_eq!(queue.depth(&name).await.unwrap(), 3);
+
+    // A delivery in a consumer's hands no longer waits.
+    let mut consumer = queue.consume(&name, 1).await.unwrap();
+    let delivery = next(&mut consumer).await;
+    assert_eq!(queue.depth(&name).await.unwrap(), 2);
+    delivery.ack().await.unwrap();
+    drop(consumer);
+    // The broker may have handed the consumer the next message before it
+    // was dropped; that one goes back to the queue soon after.
+    let deadline = tokio::time::Instant::now() + ARRIVAL;
+    while queue.depth(&name).await.unwrap() != 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(queue.depth(&name).await.unwrap(), 2);
+    // Reading the depth disturbs nothing: the queue still works.
+    queue.publish(&name, b"{}", "t3").await.unwrap();
+    assert_eq!(queue.depth(&name).await.unwrap(), 3);
+}
 
 async fn a_message_round_trips_with_its_trace_id_and_an_ack_removes_it(queue: Arc<dyn Queue>) {
     let name = queue_name();

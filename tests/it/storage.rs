@@ -97,7 +97,59 @@ both_backends!(
     nested_keys_are_independent_objects,
     listing_streams_every_object_under_a_prefix_across_pages,
     heavy_a_streamed_40_mib_body_reads_back_identical,
+    check_passes_and_leaves_nothing_behind,
 );
+
+async fn check_passes_and_leaves_nothing_behind(storage: Arc<dyn Storage>) {
+    storage
+        .check()
+        .await
+        .expect("a reachable storage passes its check");
+    storage.check().await.expect("and again");
+    let key = key("after-check");
+    storage.put(&key, Bytes::from_static(b"x")).await.unwrap();
+    assert_eq!(storage.size(&key).await.unwrap(), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_check_fails_once_the_directory_is_gone() {
+    let dir = tempfile::tempdir().expect("creating a temporary directory");
+    let root = dir.path().join("storage");
+    let storage = LocalStorage::open(&root)
+        .await
+        .expect("opening local storage");
+    storage.check().await.expect("a fresh directory passes");
+    assert_eq!(
+        std::fs::read_dir(&root).unwrap().count(),
+        0,
+        "no probe left behind"
+    );
+    std::fs::remove_dir(&root).unwrap();
+    storage
+        .check()
+        .await
+        .expect_err("a vanished directory fails");
+    assert!(
+        !root.exists(),
+        "the check must not create the directory again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_check_fails_for_a_missing_bucket() {
+    let settings = S3Settings::from_env();
+    let storage = S3Storage::new(S3Options {
+        endpoint: settings.endpoint,
+        region: settings.region,
+        bucket: services::unique_name("no-such-bucket"),
+        access_key_id: settings.access_key_id,
+        secret_access_key: Secret::new(settings.secret_access_key),
+        prefix: String::new(),
+    })
+    .expect("opening S3 storage");
+    let error = storage.check().await.expect_err("a missing bucket fails");
+    assert!(error.to_string().contains("HeadBucket"), "{error}");
+}
 
 fn key(text: &str) -> ObjectKey {
     ObjectKey::new(text).expect("valid key")

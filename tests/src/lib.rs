@@ -6,5 +6,6 @@
 pub mod cluster;
 pub mod nix;
 pub mod process;
+pub mod prometheus;
 pub mod server;
 pub mod services;

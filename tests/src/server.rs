@@ -66,6 +66,10 @@ pub struct TestServerOptions {
     pub ingest: IngestConfig,
     /// GC and access-time flushing.
     pub gc: GcConfig,
+    /// A database to use instead of a fresh one of `backend` (which must
+    /// then name its kind), e.g. one on a private PostgreSQL a fault test
+    /// stops.
+    pub database_url: Option<String>,
 }
 
 impl Default for TestServerOptions {
@@ -76,6 +80,7 @@ impl Default for TestServerOptions {
             api_endpoint: None,
             ingest: IngestConfig::default(),
             gc: GcConfig::default(),
+            database_url: None,
         }
     }
 }
@@ -227,9 +232,12 @@ impl TestServer {
             .prefix("larder-server-")
             .tempdir()
             .expect("creating the server's temporary directory");
-        let database_url = match options.backend {
-            Backend::Sqlite => format!("sqlite://{}", dir.path().join("server.db").display()),
-            Backend::Postgres => services::fresh_postgres_database().await,
+        let database_url = match (&options.database_url, options.backend) {
+            (Some(url), _) => url.clone(),
+            (None, Backend::Sqlite) => {
+                format!("sqlite://{}", dir.path().join("server.db").display())
+            }
+            (None, Backend::Postgres) => services::fresh_postgres_database().await,
         };
         let auth = match options.algorithm {
             TokenAlgorithm::Hs256 => {

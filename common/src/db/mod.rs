@@ -222,6 +222,17 @@ impl Database {
         &self.pool
     }
 
+    /// Runs `SELECT 1`: whether the database answers, for a readiness
+    /// probe. Waits for a pooled connection like any query, so callers
+    /// bound it with a timeout of their own.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(query_error("checking the database"))?;
+        Ok(())
+    }
+
     /// Closes every connection, waiting for those in use to be returned.
     pub async fn close(&self) {
         self.pool.close().await;

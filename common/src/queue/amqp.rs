@@ -102,8 +102,9 @@ struct Inner {
 /// The shared publishing connection, its confirm channel and the work queues
 /// already declared on it.
 struct Publisher {
-    // Kept so the connection lives as long as its channel.
-    _connection: Connection,
+    // Kept so the connection lives as long as its channel; also opens the
+    // short-lived channels that inspect queues.
+    connection: Connection,
     channel: Channel,
     declared: HashSet<String>,
 }
@@ -136,25 +137,7 @@ impl Inner {
     /// with `queue`'s topology declared on it.
     async fn publish_channel(&self, queue: &str) -> Result<Channel, QueueError> {
         let mut publisher = self.publisher.lock().await;
-        if !matches!(&*publisher, Some(current) if current.channel.status().connected()) {
-            *publisher = None;
-            let connection = self.connect().await?;
-            let channel = connection
-                .create_channel()
-                .await
-                .map_err(QueueError::Connect)?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(QueueError::Connect)?;
-            *publisher = Some(Publisher {
-                _connection: connection,
-                channel,
-                declared: HashSet::new(),
-            });
-        }
-        // Just set above when it was missing.
-        let current = publisher.as_mut().expect("a publisher was just connected");
+        let current = self.connected(&mut publisher).await?;
         if !current.declared.contains(queue) {
             declare_work_queue(&current.channel, queue).await?;
             current.declared.insert(queue.to_owned());
@@ -201,6 +184,45 @@ impl Inner {
                 queue: routing_key.to_owned(),
             }),
         }
+    }
+
+    /// The publisher, connecting when there is none or it was lost.
+    async fn connected<'a>(
+        &self,
+        publisher: &'a mut Option<Publisher>,
+    ) -> Result<&'a mut Publisher, QueueError> {
+        if !matches!(&*publisher, Some(current) if current.channel.status().connected()) {
+            *publisher = None;
+            let connection = self.connect().await?;
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(QueueError::Connect)?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(QueueError::Connect)?;
+            *publisher = Some(Publisher {
+                connection,
+                channel,
+                declared: HashSet::new(),
+            });
+        }
+        // Just set above when it was missing.
+        Ok(publisher.as_mut().expect("a publisher was just connected"))
+    }
+
+    /// A fresh channel on the publishing connection, for a passive declare
+    /// that the broker answers by closing the channel when the queue does
+    /// not exist (which must not take the confirm channel down with it).
+    async fn inspection_channel(&self) -> Result<Channel, QueueError> {
+        let mut publisher = self.publisher.lock().await;
+        let current = self.connected(&mut publisher).await?;
+        current
+            .connection
+            .create_channel()
+            .await
+            .map_err(QueueError::Connect)
     }
 
     /// Publishes `message` to `queue`. A publish on a channel that looked
@@ -372,6 +394,56 @@ impl Queue for AmqpQueue {
             Some((delivery, receiver))
         });
         Ok(Consumer::new(deliveries.boxed()))
+    }
+
+    /// A passive declare's message count, on a channel of its own.
+    async fn depth(&self, queue: &str) -> Result<u64, QueueError> {
+        let channel = self.inner.inspection_channel().await?;
+        let declared = channel
+            .queue_declare(
+                queue,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        let depth = match declared {
+            Ok(declared) => Ok(u64::from(declared.message_count())),
+            // Nobody published to or consumed from it yet. The broker has
+            // closed the channel.
+            Err(lapin::Error::ProtocolError(error))
+                if matches!(
+                    error.kind(),
+                    lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)
+                ) =>
+            {
+                return Ok(0)
+            }
+            Err(source) => Err(QueueError::Broker {
+                operation: "inspecting queue",
+                queue: queue.to_owned(),
+                source,
+            }),
+        };
+        close_quietly(&channel).await;
+        depth
+    }
+
+    /// Opens and closes a channel on the publishing connection, connecting
+    /// first if needed: a round trip to a broker that accepts us.
+    async fn check(&self) -> Result<(), QueueError> {
+        let channel = self.inner.inspection_channel().await?;
+        close_quietly(&channel).await;
+        Ok(())
+    }
+}
+
+/// Closes a short-lived channel; one the broker closed already is fine.
+async fn close_quietly(channel: &Channel) {
+    if channel.status().connected() {
+        let _ = channel.close(200, "done").await;
     }
 }
 

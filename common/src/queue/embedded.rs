@@ -12,6 +12,7 @@
 //! jobs of stuck uploads again after a restart.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,13 +43,28 @@ struct Inner {
 struct Lane {
     sender: mpsc::UnboundedSender<(Message, bool)>,
     receiver: tokio::sync::Mutex<mpsc::UnboundedReceiver<(Message, bool)>>,
+    /// Messages in the channel. Counted beside it because a consumer holds
+    /// the receiver's lock while it waits, so its `len()` is out of reach.
+    waiting: AtomicU64,
 }
 
 impl Lane {
     fn push(&self, message: Message, redelivered: bool) {
+        // Counted before sending, so a consumer that takes the message at
+        // once never makes the count wrap below zero.
+        self.waiting.fetch_add(1, Ordering::Relaxed);
         // The lane owns its receiver, so the channel is never closed while
         // anyone can send on it.
         let _ = self.sender.send((message, redelivered));
+    }
+
+    /// Takes the next message, waiting for one.
+    async fn pop(&self) -> Option<(Message, bool)> {
+        let entry = self.receiver.lock().await.recv().await;
+        if entry.is_some() {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+        entry
     }
 }
 
@@ -67,6 +83,7 @@ impl Inner {
                 Arc::new(Lane {
                     sender,
                     receiver: tokio::sync::Mutex::new(receiver),
+                    waiting: AtomicU64::new(0),
                 })
             })
             .clone()
@@ -105,7 +122,7 @@ impl Queue for EmbeddedQueue {
             // cancel-safe: a dropped `next()` releases the permit and loses no
             // message.
             let permit = state.permits.clone().acquire_owned().await.ok()?;
-            let (message, redelivered) = state.lane.receiver.lock().await.recv().await?;
+            let (message, redelivered) = state.lane.pop().await?;
             let settler = EmbeddedSettler {
                 lane: state.lane.clone(),
                 inner: state.inner.clone(),
@@ -117,6 +134,23 @@ impl Queue for EmbeddedQueue {
             Some((delivery, state))
         });
         Ok(Consumer::new(deliveries.boxed()))
+    }
+
+    async fn depth(&self, queue: &str) -> Result<u64, QueueError> {
+        // Looked up without creating the lane: asking creates no queue.
+        let lanes = self
+            .inner
+            .lanes
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        Ok(lanes
+            .get(queue)
+            .map_or(0, |lane| lane.waiting.load(Ordering::Relaxed)))
+    }
+
+    /// Always ready: the queue lives in this process.
+    async fn check(&self) -> Result<(), QueueError> {
+        Ok(())
     }
 }
 

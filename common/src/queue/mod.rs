@@ -152,6 +152,15 @@ pub trait Queue: Send + Sync + fmt::Debug {
     /// Starts consuming `queue`, holding at most `prefetch` (at least 1)
     /// unsettled deliveries at a time.
     async fn consume(&self, queue: &str, prefetch: u16) -> Result<Consumer, QueueError>;
+
+    /// How many messages wait in `queue` to be delivered: neither those
+    /// delivered and not yet settled nor retries still waiting out their
+    /// delay. A queue never used holds 0. For metrics.
+    async fn depth(&self, queue: &str) -> Result<u64, QueueError>;
+
+    /// Whether messages can be published and consumed now, cheaply, for a
+    /// readiness probe.
+    async fn check(&self) -> Result<(), QueueError>;
 }
 
 /// A queue error. [`QueueError::is_retryable`] tells a transient failure (the

@@ -243,6 +243,22 @@ impl Storage for LocalStorage {
         }
     }
 
+    /// Creates and removes a probe file in the root directory itself,
+    /// without creating the root again: a storage directory that vanished
+    /// (an unmounted volume) is not ready, even though the next `put` would
+    /// recreate it empty.
+    async fn check(&self) -> Result<(), StorageError> {
+        let probe = self
+            .root
+            .join(format!(".ready-probe-{:016x}", rand::random::<u64>()));
+        let io_error = |source| StorageError::Io {
+            key: self.root.display().to_string(),
+            source,
+        };
+        fs::write(&probe, b"").await.map_err(io_error)?;
+        fs::remove_file(&probe).await.map_err(io_error)
+    }
+
     async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError> {
         match fs::remove_file(self.path_of(key)).await {
             Ok(()) => Ok(()),

@@ -172,6 +172,10 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// read may or may not appear. GC uses it to find objects no row
     /// references.
     fn list(&self, prefix: &ObjectKey) -> ObjectListing;
+
+    /// Whether the storage is reachable and writable, cheaply, for a
+    /// readiness probe: it writes or lists nothing that lasts.
+    async fn check(&self) -> Result<(), StorageError>;
 }
 
 /// Opens the storage a server config names: what every service process

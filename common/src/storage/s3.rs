@@ -649,6 +649,26 @@ impl Storage for S3Storage {
         }
     }
 
+    /// A `HeadBucket`: the endpoint answers, the credentials are accepted
+    /// and the bucket exists.
+    async fn check(&self) -> Result<(), StorageError> {
+        match self.client.head_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => Ok(()),
+            Err(error) => {
+                let message = match status_of(&error) {
+                    // HeadBucket answers carry no body, so no error code.
+                    Some(status) => format!("HTTP {status}"),
+                    None => error_chain(&error),
+                };
+                Err(StorageError::Backend {
+                    operation: "S3 HeadBucket",
+                    key: format!("bucket {}", self.bucket),
+                    message,
+                })
+            }
+        }
+    }
+
     async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError> {
         let result = self
             .client

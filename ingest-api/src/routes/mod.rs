@@ -8,46 +8,61 @@ mod push_attic;
 mod push_nix;
 mod uploads;
 
+use axum::handler::Handler;
+use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post, put};
 use axum::Router;
 
+use common::metrics::{ops_router, Readiness};
+
 use crate::error::ApiError;
+use crate::http_metrics::{self, MeteredRoutes, RouteMetrics, UNMATCHED_ROUTE};
 use crate::state::AppState;
 
-/// Every route of the server. `GET` routes also answer `HEAD`.
+/// Every route of the server, each with its HTTP metrics, and the ops
+/// routes (`/metrics`, `/healthz`, `/readyz`, not counted themselves).
+/// `GET` routes also answer `HEAD`.
 pub fn router(state: AppState) -> Router {
+    let readiness = Readiness::new(
+        state.database.clone(),
+        state.queue.clone(),
+        state.storage.clone(),
+    );
+    let unmatched_metrics = RouteMetrics::new(UNMATCHED_ROUTE);
+    let unmatched = || from_fn_with_state(unmatched_metrics.clone(), http_metrics::record);
     Router::new()
-        .route("/", get(landing::page))
-        .route(
+        .metered_route("/", get(landing::page))
+        .metered_route(
             "/_api/v1/cache-config/{cache}",
             get(cache_config::get)
                 .post(cache_config::create)
                 .patch(cache_config::configure)
                 .delete(cache_config::destroy),
         )
-        .route(
+        .metered_route(
             "/_api/v1/get-missing-paths",
             post(push_attic::get_missing_paths),
         )
-        .route("/_api/v1/upload-path", put(push_attic::upload_path))
-        .route("/_api/v1/delete-paths", post(delete_paths::delete_paths))
-        .route("/_api/v1/uploads/{id}", get(uploads::status))
-        .route(
+        .metered_route("/_api/v1/upload-path", put(push_attic::upload_path))
+        .metered_route("/_api/v1/delete-paths", post(delete_paths::delete_paths))
+        .metered_route("/_api/v1/uploads/{id}", get(uploads::status))
+        .metered_route(
             "/{cache}/nix-cache-info",
             get(binary_cache::cache_info).put(push_nix::put_cache_info),
         )
-        .route(
+        .metered_route(
             "/{cache}/nar/{file}",
             get(binary_cache::nar)
                 .head(push_nix::head_nar)
                 .put(push_nix::put_nar),
         )
-        .route("/{cache}/log/{drv}", put(push_nix::put_log))
-        .route(
+        .metered_route("/{cache}/log/{drv}", put(push_nix::put_log))
+        .metered_route(
             "/{cache}/{file}",
             get(binary_cache::root_file).put(push_nix::put_root_file),
         )
-        .fallback(|| async { ApiError::NoSuchEndpoint })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .fallback((|| async { ApiError::NoSuchEndpoint }).layer(unmatched()))
+        .method_not_allowed_fallback((|| async { ApiError::MethodNotAllowed }).layer(unmatched()))
         .with_state(state)
+        .merge(ops_router(readiness))
 }

@@ -14,6 +14,7 @@ mod cli;
 mod crash;
 mod isolation;
 mod nix_client;
+mod observability;
 pub(crate) mod push;
 mod serving;
 mod tokens;

@@ -62,11 +62,11 @@ fn hash_of(store_path: &str) -> String {
     store_path["/nix/store/".len().."/nix/store/".len() + 32].to_owned()
 }
 
-/// Attic's `X-Attic-Nar-Info` for a path with this NAR, as Attic's client
-/// writes it (hex NAR hash, base-name references).
-pub(crate) fn attic_info(store_path: &str, nar: &[u8]) -> serde_json::Value {
+/// Attic's `X-Attic-Nar-Info` for a path of `cache` with this NAR, as
+/// Attic's client writes it (hex NAR hash, base-name references).
+pub(crate) fn attic_info(cache: &str, store_path: &str, nar: &[u8]) -> serde_json::Value {
     json!({
-        "cache": CACHE,
+        "cache": cache,
         "store_path_hash": hash_of(store_path),
         "store_path": store_path,
         "references": [],
@@ -184,7 +184,7 @@ async fn upload_path_is_acknowledged_in_both_forms_and_counts_as_present() {
             upload(
                 &server,
                 Some(&token),
-                &attic_info(&store_path, &nar),
+                &attic_info(CACHE, &store_path, &nar),
                 &nar,
                 form,
             )
@@ -249,7 +249,7 @@ async fn bad_uploads_are_4xx_and_leave_nothing() {
     let token = push_token(&server).await;
     let store_path = fake_store_path("bad");
     let nar = file_nar(&vec![42u8; 10_000]);
-    let info = attic_info(&store_path, &nar);
+    let info = attic_info(CACHE, &store_path, &nar);
     let with = |key: &str, value: serde_json::Value| {
         let mut info = info.clone();
         info[key] = value;
@@ -299,13 +299,13 @@ async fn bad_uploads_are_4xx_and_leave_nothing() {
         ),
         (
             "not a NAR",
-            attic_info(&store_path, b"just some bytes"),
+            attic_info(CACHE, &store_path, b"just some bytes"),
             b"just some bytes".to_vec(),
             Form::Header,
         ),
         (
             "a .. entry",
-            attic_info(&store_path, &dotdot),
+            attic_info(CACHE, &store_path, &dotdot),
             dotdot.clone(),
             Form::Header,
         ),
@@ -362,7 +362,7 @@ async fn push_needs_push_permission_without_revealing_caches() {
         .await;
     let store_path = fake_store_path("guarded");
     let nar = file_nar(b"guarded");
-    let info = attic_info(&store_path, &nar);
+    let info = attic_info(CACHE, &store_path, &nar);
     let missing_request = json!({"cache": CACHE, "store_path_hashes": [hash_of(&store_path)]});
     let ask = |token: Option<String>| {
         let server = &server;
@@ -450,7 +450,7 @@ async fn a_stored_nar_is_linked_at_once_after_proof_of_possession() {
 
     // A wrong body is no proof: 400, nothing linked.
     let store_path = fake_store_path("dedup");
-    let info = attic_info(&store_path, &nar);
+    let info = attic_info(CACHE, &store_path, &nar);
     let mut wrong = nar.clone();
     let middle = wrong.len() / 2;
     wrong[middle] ^= 1;
@@ -493,7 +493,7 @@ async fn without_proof_of_possession_the_body_is_not_read() {
         upload(
             &server,
             Some(&token),
-            &attic_info(&store_path, &nar),
+            &attic_info(CACHE, &store_path, &nar),
             b"",
             Form::Header,
         )
@@ -792,8 +792,7 @@ fn chunk_objects(server: &TestServer) -> usize {
 
 /// Attic's `X-Attic-Nar-Info` for `source` in `cache`.
 pub(crate) fn attic_source_info(source: &SourcePath, cache: &str) -> serde_json::Value {
-    let mut info = attic_info(&source.path, &source.nar);
-    info["cache"] = json!(cache);
+    let mut info = attic_info(cache, &source.path, &source.nar);
     info["references"] = json!(source.metadata.references);
     info["deriver"] = json!(source.metadata.deriver);
     info["sigs"] = json!(source.metadata.sigs);

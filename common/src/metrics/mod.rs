@@ -1,0 +1,377 @@
+//! Larder's metrics: a process-wide registry of counters, gauges and
+//! histograms with labels, rendered in Prometheus's text exposition format
+//! (version 0.0.4), and every metric Larder records ([`larder`]).
+//!
+//! Feature `metrics` is the registry alone (std only), so the workers'
+//! shared code can count without linking an HTTP stack; feature `ops` adds
+//! what serves it: the `/metrics`, `/healthz` and `/readyz` routes
+//! ([`ops_router`], merged into `ingest-api`'s router) and [`serve_ops`],
+//! which serves them on a listener of their own for the processes without a
+//! router (the workers and gc-scheduler).
+//!
+//! # Cardinality
+//!
+//! Label values come from small fixed sets: route templates (never raw
+//! paths, which hold cache names and hashes), HTTP methods and statuses,
+//! queue names, upload phases. Nothing here is labelled by cache, upload or
+//! user.
+//!
+//! # Cost
+//!
+//! Updating a metric is one or two relaxed atomic operations on a child the
+//! caller looked up once (`Family::with` takes a lock; hot paths keep the
+//! `Arc` it returns).
+
+mod registry;
+
+#[cfg(feature = "ops")]
+mod ops;
+
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+pub use registry::{Counter, Family, Gauge, Histogram, Metric, Registry};
+
+#[cfg(feature = "ops")]
+pub use ops::{ops_router, serve_ops, Check, Readiness, ReadinessReport, OPS_PATHS};
+
+/// The `Content-Type` of a rendered page.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Bucket bounds for request and job durations, in seconds: 1 ms to a
+/// minute (a NAR download or a large push can take that long).
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Bucket bounds for the time from an upload's creation to its path being
+/// visible, in seconds: from a small path on an idle machine to a large
+/// one behind a queue.
+pub const PIPELINE_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+];
+
+/// The process-wide registry. Every Larder metric is in it (see
+/// [`larder`]); a process renders it whole with [`render`].
+pub fn registry() -> &'static Registry {
+    static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
+    &REGISTRY
+}
+
+/// Every Larder metric, registered in [`registry`] on first use.
+pub fn larder() -> &'static LarderMetrics {
+    static METRICS: LazyLock<LarderMetrics> = LazyLock::new(|| LarderMetrics::register(registry()));
+    &METRICS
+}
+
+/// The process's metrics page: every Larder metric, including those this
+/// process never touched (at zero or without children), so that a page
+/// always lists the same families.
+pub fn render() -> String {
+    larder();
+    registry().render()
+}
+
+/// What a finished upload ended as (label `phase` of
+/// `larder_uploads_finished_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinalPhase {
+    /// Its path became visible.
+    Done,
+    /// The pipeline gave up on it.
+    Failed,
+}
+
+impl FinalPhase {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Done => "done",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// Every metric Larder records. Names and meanings are listed in the
+/// README's "Observability" section; keep the two in step.
+#[derive(Debug)]
+pub struct LarderMetrics {
+    /// `larder_http_requests_total{route,method,status}`.
+    pub http_requests: Arc<Family<Counter>>,
+    /// `larder_http_request_duration_seconds{route,method}`: from the
+    /// request's arrival to the last byte of its response body.
+    pub http_request_duration: Arc<Family<Histogram>>,
+    /// `larder_http_request_body_bytes_total{route,method}`.
+    pub http_request_bytes: Arc<Family<Counter>>,
+    /// `larder_http_response_body_bytes_total{route,method}`.
+    pub http_response_bytes: Arc<Family<Counter>>,
+    jobs_done: Arc<Family<Counter>>,
+    jobs_failed: Arc<Family<Counter>>,
+    jobs_retried: Arc<Family<Counter>>,
+    jobs_dead_lettered: Arc<Family<Counter>>,
+    job_duration: Arc<Family<Histogram>>,
+    chunks_stored: Arc<Counter>,
+    chunk_bytes_stored: Arc<Counter>,
+    chunk_compressed_bytes_stored: Arc<Counter>,
+    chunks_deduplicated: Arc<Counter>,
+    chunk_bytes_deduplicated: Arc<Counter>,
+    upload_visible_latency: Arc<Histogram>,
+    uploads_finished: Arc<Family<Counter>>,
+    queue_depth: Arc<Family<Gauge>>,
+    gc_passes: Arc<Family<Counter>>,
+    gc_duration: Arc<Histogram>,
+    gc_deleted: Arc<Family<Counter>>,
+    gc_freed_bytes: Arc<Counter>,
+}
+
+impl LarderMetrics {
+    fn register(registry: &Registry) -> Self {
+        let queue = &["queue"];
+        Self {
+            http_requests: registry.counter(
+                "larder_http_requests_total",
+                "HTTP requests answered, by route template, method and status.",
+                &["route", "method", "status"],
+            ),
+            http_request_duration: registry.histogram(
+                "larder_http_request_duration_seconds",
+                "Time from a request's arrival to the last byte of its response body.",
+                &["route", "method"],
+                DURATION_BUCKETS,
+            ),
+            http_request_bytes: registry.counter(
+                "larder_http_request_body_bytes_total",
+                "Bytes of request bodies read.",
+                &["route", "method"],
+            ),
+            http_response_bytes: registry.counter(
+                "larder_http_response_body_bytes_total",
+                "Bytes of response bodies sent.",
+                &["route", "method"],
+            ),
+            jobs_done: registry.counter(
+                "larder_jobs_done_total",
+                "Pipeline jobs that succeeded and were acknowledged.",
+                queue,
+            ),
+            jobs_failed: registry.counter(
+                "larder_jobs_failed_total",
+                "Pipeline job attempts that failed (each is then retried or dead-lettered).",
+                queue,
+            ),
+            jobs_retried: registry.counter(
+                "larder_jobs_retried_total",
+                "Pipeline jobs handed back to their queue for a later attempt.",
+                queue,
+            ),
+            jobs_dead_lettered: registry.counter(
+                "larder_jobs_dead_lettered_total",
+                "Pipeline jobs given up and moved to their dead-letter queue.",
+                queue,
+            ),
+            job_duration: registry.histogram(
+                "larder_job_duration_seconds",
+                "Time a worker spent on one job attempt.",
+                queue,
+                DURATION_BUCKETS,
+            ),
+            chunks_stored: registry
+                .counter(
+                    "larder_chunks_stored_total",
+                    "Chunks compressed and written to storage.",
+                    &[],
+                )
+                .with(&[]),
+            chunk_bytes_stored: registry
+                .counter(
+                    "larder_chunk_bytes_stored_total",
+                    "Uncompressed bytes of the chunks written to storage.",
+                    &[],
+                )
+                .with(&[]),
+            chunk_compressed_bytes_stored: registry
+                .counter(
+                    "larder_chunk_compressed_bytes_stored_total",
+                    "Compressed bytes written to storage for chunks.",
+                    &[],
+                )
+                .with(&[]),
+            chunks_deduplicated: registry
+                .counter(
+                    "larder_chunks_deduplicated_total",
+                    "Chunks of pushed NARs that were stored already and not written again.",
+                    &[],
+                )
+                .with(&[]),
+            chunk_bytes_deduplicated: registry
+                .counter(
+                    "larder_chunk_bytes_deduplicated_total",
+                    "Uncompressed bytes of the deduplicated chunks.",
+                    &[],
+                )
+                .with(&[]),
+            upload_visible_latency: registry
+                .histogram(
+                    "larder_upload_visible_seconds",
+                    "Time from an upload's creation (its NAR spooled) to its path being visible.",
+                    &[],
+                    PIPELINE_BUCKETS,
+                )
+                .with(&[]),
+            uploads_finished: registry.counter(
+                "larder_uploads_finished_total",
+                "Uploads that reached a final phase, by phase (done or failed).",
+                &["phase"],
+            ),
+            queue_depth: registry.gauge(
+                "larder_queue_depth",
+                "Messages waiting in a queue, read when the page is rendered.",
+                queue,
+            ),
+            gc_passes: registry.counter(
+                "larder_gc_passes_total",
+                "Garbage-collection passes, by outcome (ok or error).",
+                &["outcome"],
+            ),
+            gc_duration: registry
+                .histogram(
+                    "larder_gc_pass_duration_seconds",
+                    "Time one garbage-collection pass took.",
+                    &[],
+                    PIPELINE_BUCKETS,
+                )
+                .with(&[]),
+            gc_deleted: registry.counter(
+                "larder_gc_deleted_total",
+                "What garbage collection deleted, by kind (objects, nars, chunks, uploads, \
+                 staged_files...).",
+                &["kind"],
+            ),
+            gc_freed_bytes: registry
+                .counter(
+                    "larder_gc_freed_bytes_total",
+                    "Bytes of storage garbage collection freed.",
+                    &[],
+                )
+                .with(&[]),
+        }
+    }
+
+    /// The job counters of one queue, looked up once for a consume loop.
+    pub fn jobs(&self, queue: &str) -> JobMetrics {
+        JobMetrics {
+            done: self.jobs_done.with(&[queue]),
+            failed: self.jobs_failed.with(&[queue]),
+            retried: self.jobs_retried.with(&[queue]),
+            dead_lettered: self.jobs_dead_lettered.with(&[queue]),
+            duration: self.job_duration.with(&[queue]),
+        }
+    }
+
+    /// A chunk written to storage: `size` bytes, `compressed` once compressed.
+    pub fn chunk_stored(&self, size: u64, compressed: u64) {
+        self.chunks_stored.inc();
+        self.chunk_bytes_stored.inc_by(size);
+        self.chunk_compressed_bytes_stored.inc_by(compressed);
+    }
+
+    /// `chunks` chunks of `bytes` uncompressed bytes in all that a push
+    /// needed and storage already had.
+    pub fn chunks_deduplicated(&self, chunks: u64, bytes: u64) {
+        self.chunks_deduplicated.inc_by(chunks);
+        self.chunk_bytes_deduplicated.inc_by(bytes);
+    }
+
+    /// An upload reached `phase`; `latency` is the time since its creation
+    /// for a path that became visible.
+    pub fn upload_finished(&self, phase: FinalPhase, latency: Option<Duration>) {
+        self.uploads_finished.with(&[phase.as_str()]).inc();
+        if let Some(latency) = latency {
+            self.upload_visible_latency.observe(latency.as_secs_f64());
+        }
+    }
+
+    /// Sets the depth of `queue`, as read when a page is rendered.
+    pub fn set_queue_depth(&self, queue: &str, depth: u64) {
+        self.queue_depth
+            .with(&[queue])
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
+    }
+
+    /// A garbage-collection pass ended after `duration`; `succeeded` is
+    /// false when it stopped on an error. Record what it deleted with
+    /// [`gc_deleted`](Self::gc_deleted) and
+    /// [`gc_freed_bytes`](Self::gc_freed_bytes).
+    pub fn gc_pass(&self, duration: Duration, succeeded: bool) {
+        let outcome = if succeeded { "ok" } else { "error" };
+        self.gc_passes.with(&[outcome]).inc();
+        self.gc_duration.observe(duration.as_secs_f64());
+    }
+
+    /// Garbage collection deleted `count` items of `kind` (`objects`, `nars`,
+    /// `chunks`, `uploads`, `staged_files`, or another short, fixed word).
+    pub fn gc_deleted(&self, kind: &'static str, count: u64) {
+        self.gc_deleted.with(&[kind]).inc_by(count);
+    }
+
+    /// Garbage collection freed `bytes` bytes of storage.
+    pub fn gc_freed_bytes(&self, bytes: u64) {
+        self.gc_freed_bytes.inc_by(bytes);
+    }
+}
+
+/// One queue's job counters, resolved once per consume loop.
+#[derive(Debug, Clone)]
+pub struct JobMetrics {
+    pub done: Arc<Counter>,
+    pub failed: Arc<Counter>,
+    pub retried: Arc<Counter>,
+    pub dead_lettered: Arc<Counter>,
+    pub duration: Arc<Histogram>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_larder_metric_shows_on_a_fresh_page() {
+        let page = render();
+        for name in [
+            "larder_http_requests_total",
+            "larder_http_request_duration_seconds",
+            "larder_http_request_body_bytes_total",
+            "larder_http_response_body_bytes_total",
+            "larder_jobs_done_total",
+            "larder_jobs_failed_total",
+            "larder_jobs_retried_total",
+            "larder_jobs_dead_lettered_total",
+            "larder_job_duration_seconds",
+            "larder_chunks_stored_total",
+            "larder_chunk_bytes_stored_total",
+            "larder_chunk_compressed_bytes_stored_total",
+            "larder_chunks_deduplicated_total",
+            "larder_chunk_bytes_deduplicated_total",
+            "larder_upload_visible_seconds",
+            "larder_uploads_finished_total",
+            "larder_queue_depth",
+            "larder_gc_passes_total",
+            "larder_gc_pass_duration_seconds",
+            "larder_gc_deleted_total",
+            "larder_gc_freed_bytes_total",
+        ] {
+            assert!(page.contains(&format!("# TYPE {name} ")), "{name} missing");
+        }
+    }
+
+    #[test]
+    fn recording_helpers_move_their_metrics() {
+        let metrics = larder();
+        let before = metrics.chunk_bytes_deduplicated.get();
+        metrics.chunks_deduplicated(3, 300);
+        assert_eq!(metrics.chunk_bytes_deduplicated.get(), before + 300);
+        metrics.upload_finished(FinalPhase::Done, Some(Duration::from_millis(1500)));
+        assert!(render().contains("larder_uploads_finished_total{phase=\"done\"}"));
+        metrics.gc_deleted("chunks", 5);
+        assert!(render().contains("larder_gc_deleted_total{kind=\"chunks\"} 5"));
+    }
+}
