@@ -27,10 +27,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 repo=$(pwd)
 
-export PATH="$HOME/.cargo/bin:$PATH"
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/larder/target}
-
-readonly HOST=127.0.0.1
 bench_name=bench-agent
 # shellcheck source=ops/bench/lib.sh
 source "$repo/ops/bench/lib.sh"

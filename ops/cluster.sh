@@ -30,9 +30,6 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 repo=$(pwd)
-export PATH="$HOME/.cargo/bin:$PATH"
-
-readonly HOST=127.0.0.1
 bench_name=cluster
 # shellcheck source=ops/bench/lib.sh
 source "$repo/ops/bench/lib.sh"

@@ -47,7 +47,7 @@ use common::db::{
 use common::metrics::larder;
 use common::nix::{Sha256Hash, Sha256Hasher};
 use common::queue::{publish_job, ChunkJob, ChunkRange, CompressJob, Queue, QueueError};
-use common::service::{ServiceError, Services};
+use common::service::{self, ServiceError};
 use common::storage::{ObjectKey, Storage, StorageError};
 use common::worker::{self, finalise_nar, staged_object_key, JobError, JobHandler};
 
@@ -73,18 +73,21 @@ const CUT_AHEAD: usize = 256;
 /// queue the config names, then consumes chunk jobs until `shutdown` (see
 /// [`run_with`]), serving `/metrics`, `/healthz` and `/readyz` on `listen`.
 pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<(), ServiceError> {
-    let services = Services::open(&config, "chunker-worker").await?;
-    let ops = services.serve_ops(config.listen, &shutdown).await?;
-    let worked = run_with(
-        services.database,
-        services.storage,
-        services.queue,
-        config.pipeline,
+    service::run_worker(
+        config,
         shutdown,
+        "chunker-worker",
+        |services, pipeline, shutdown| {
+            run_with(
+                services.database,
+                services.storage,
+                services.queue,
+                pipeline,
+                shutdown,
+            )
+        },
     )
-    .await;
-    ops.stop().await?;
-    Ok(worked?)
+    .await
 }
 
 /// Consumes chunk jobs until `shutdown` (see [`worker::consume`]).

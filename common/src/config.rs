@@ -105,6 +105,7 @@ pub struct ServerConfig {
     pub pipeline: PipelineConfig,
     #[serde(default)]
     pub gc: GcConfig,
+    #[serde(default)]
     pub queue: QueueConfig,
     #[serde(default)]
     pub log: LogConfig,

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{ConfigError, LogFormat, QueueConfig, ServerConfig};
+use crate::config::{ConfigError, LogFormat, PipelineConfig, QueueConfig, ServerConfig};
 use crate::db::{Database, DbError};
 use crate::metrics::{serve_ops, Readiness};
 use crate::queue::{AmqpQueue, EmbeddedQueue, Queue};
@@ -169,6 +169,27 @@ impl Services {
         let task = tokio::spawn(serve_ops(listener, readiness, stop.clone()));
         Ok(OpsServer { listen, stop, task })
     }
+}
+
+/// A pipeline worker's service: opens the database, storage and the shared
+/// queue `config` names, serves `/metrics`, `/healthz` and `/readyz` on
+/// `listen`, and runs `work` (the worker's consume loop over those
+/// services and the `[pipeline]` settings) until `shutdown`.
+pub async fn run_worker<Work, Worked>(
+    config: ServerConfig,
+    shutdown: CancellationToken,
+    service: &'static str,
+    work: Work,
+) -> Result<(), ServiceError>
+where
+    Work: FnOnce(Services, PipelineConfig, CancellationToken) -> Worked,
+    Worked: Future<Output = Result<(), crate::queue::QueueError>>,
+{
+    let services = Services::open(&config, service).await?;
+    let ops = services.serve_ops(config.listen, &shutdown).await?;
+    let worked = work(services, config.pipeline, shutdown).await;
+    ops.stop().await?;
+    Ok(worked?)
 }
 
 /// The ops endpoints of a service, served in the background.

@@ -29,7 +29,7 @@ use common::db::{Chunk, ChunkId, ChunkLocation, Database, DbError, NarId, StoreS
 use common::metrics::larder;
 use common::nix::Sha256Hash;
 use common::queue::{ChunkRange, CompressJob, Queue, QueueError};
-use common::service::{ServiceError, Services};
+use common::service::{self, ServiceError};
 use common::storage::{ObjectKey, Storage, StorageError};
 use common::worker::{
     self, chunk_object_key, finalise_nar, staged_object_key, JobError, JobHandler,
@@ -39,18 +39,21 @@ use common::worker::{
 /// queue the config names, then consumes compress jobs until `shutdown` (see
 /// [`run_with`]), serving `/metrics`, `/healthz` and `/readyz` on `listen`.
 pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<(), ServiceError> {
-    let services = Services::open(&config, "compressor-worker").await?;
-    let ops = services.serve_ops(config.listen, &shutdown).await?;
-    let worked = run_with(
-        services.database,
-        services.storage,
-        services.queue,
-        config.pipeline,
+    service::run_worker(
+        config,
         shutdown,
+        "compressor-worker",
+        |services, pipeline, shutdown| {
+            run_with(
+                services.database,
+                services.storage,
+                services.queue,
+                pipeline,
+                shutdown,
+            )
+        },
     )
-    .await;
-    ops.stop().await?;
-    Ok(worked?)
+    .await
 }
 
 /// Consumes compress jobs until `shutdown` (see [`worker::consume`]).

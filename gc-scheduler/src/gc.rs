@@ -346,24 +346,14 @@ pub async fn run_gc_loop(
     config: GcConfig,
     shutdown: CancellationToken,
 ) {
-    let mut interval = tokio::time::interval(config.interval.as_duration());
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    interval.tick().await;
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = interval.tick() => {}
-        }
+    crate::repeat_every(config.interval.as_duration(), &shutdown, || async {
         let run = collect_garbage_locked(&database, &*storage, &config, Timestamp::now());
-        let result = tokio::select! {
-            () = shutdown.cancelled() => return,
-            result = run => result,
-        };
-        if let Err(error) = result {
+        if let Err(error) = run.await {
             tracing::warn!(
                 error = format!("{:#}", anyhow::Error::new(error)),
                 "GC run failed; trying again next period"
             );
         }
-    }
+    })
+    .await;
 }

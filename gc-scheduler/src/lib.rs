@@ -264,24 +264,47 @@ async fn republish_uploads(
     }
 }
 
-/// Runs [`reconcile`] every `config.reconcile_interval` until `shutdown`.
-/// A failed pass is logged and the next one tries again.
+/// Runs [`reconcile`] every `config.reconcile_interval` (the first pass
+/// one interval after the start: the caller decides what happens at start)
+/// until `shutdown`. A failed pass is logged and the next one tries again.
 pub async fn run_reconciler(
     database: Database,
     queue: std::sync::Arc<dyn Queue>,
     config: PipelineConfig,
     shutdown: CancellationToken,
 ) {
-    let mut interval = tokio::time::interval(config.reconcile_interval.as_duration());
+    repeat_every(
+        config.reconcile_interval.as_duration(),
+        &shutdown,
+        || async {
+            log_pass(reconcile(&database, &*queue, &config, Timestamp::now()).await);
+        },
+    )
+    .await;
+}
+
+/// Runs `pass` every `period`, the first time one period after the start,
+/// until `shutdown`. A pass in progress when `shutdown` fires is dropped:
+/// every pass here is safe to stop at any point. A pass that overruns its
+/// period delays the next rather than bunching them.
+async fn repeat_every<Pass, Run>(period: Duration, shutdown: &CancellationToken, mut pass: Pass)
+where
+    Pass: FnMut() -> Run,
+    Run: std::future::Future<Output = ()>,
+{
+    let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The first tick is immediate; the caller decides what happens at start.
+    // The first tick is immediate.
     interval.tick().await;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = interval.tick() => {}
         }
-        log_pass(reconcile(&database, &*queue, &config, Timestamp::now()).await);
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = pass() => {}
+        }
     }
 }
 

@@ -1,6 +1,12 @@
-# Shell functions shared by Larder's benchmarks (ops/bench-*.sh). Source it
-# after setting `bench_name` (the prefix of every message) and `HOST` (the
-# address servers are started on).
+# Shell functions and settings shared by Larder's benchmarks (ops/bench-*.sh)
+# and ops/cluster.sh. Source it after setting `bench_name` (the prefix of
+# every message).
+
+export PATH="$HOME/.cargo/bin:$PATH"
+# Builds go where ops/test.sh puts them, outside the checkout.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/larder/target}
+# The address servers are started on.
+readonly HOST=127.0.0.1
 
 say() { printf '%s: %s\n' "$bench_name" "$*" >&2; }
 die() {

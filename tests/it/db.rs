@@ -6,7 +6,7 @@
 //! database (`tests::services::fresh_postgres_database`, which needs
 //! `LARDER_TEST_POSTGRES_URL` and fails loudly without it).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use common::cache_name::CacheName;
@@ -1403,20 +1403,25 @@ async fn access_times_only_move_forward(t: TestDb) {
     let db = &t.db;
     let cache = create_cache(db, "hello").await;
     let nar = valid_nar(db, 1, 100, &[1]).await;
-    let mut ids = Vec::new();
+    let mut hashes = Vec::new();
     for n in 0..3 {
-        let object = db
-            .upsert_object(
-                cache.id,
-                &new_object(path_hash(n), nar),
-                at(i64::from(n) * 100),
-            )
-            .await
-            .expect("object");
-        ids.push(object.id);
+        db.upsert_object(
+            cache.id,
+            &new_object(path_hash(n), nar),
+            at(i64::from(n) * 100),
+        )
+        .await
+        .expect("object");
+        hashes.push(path_hash(n));
     }
+    let accesses = |hashes: Vec<StorePathHash>| BTreeMap::from([(cache.id, hashes)]);
     // Objects at 0, 100 and 200 seconds; touched at 150: only the first two move.
-    assert_eq!(db.touch_objects(&ids, at(150)).await.expect("touching"), 2);
+    assert_eq!(
+        db.touch_objects_by_path(&accesses(hashes.clone()), at(150))
+            .await
+            .expect("touching"),
+        2
+    );
     let times: Vec<Timestamp> = db
         .objects_of_cache(cache.id)
         .await
@@ -1426,17 +1431,27 @@ async fn access_times_only_move_forward(t: TestDb) {
         .collect();
     assert_eq!(times, [at(150), at(150), at(200)]);
     assert_eq!(
-        db.touch_objects(&[], at(500))
+        db.touch_objects_by_path(&accesses(Vec::new()), at(500))
             .await
             .expect("touching nothing"),
         0
     );
 
-    // More ids than one IN list holds, most of them gone: no error.
-    let mut many: Vec<common::db::ObjectId> =
-        (1_000_000..1_001_200).map(common::db::ObjectId).collect();
-    many.push(ids[2]);
-    assert_eq!(db.touch_objects(&many, at(300)).await.expect("touching"), 1);
+    // More hashes than one IN list holds, most of them unknown: no error.
+    let mut many: Vec<StorePathHash> = (0..1200_u32)
+        .map(|n| {
+            let mut bytes = [0xee; 20];
+            bytes[..4].copy_from_slice(&n.to_be_bytes());
+            StorePathHash::from_bytes(&bytes)
+        })
+        .collect();
+    many.push(hashes[2]);
+    assert_eq!(
+        db.touch_objects_by_path(&accesses(many), at(300))
+            .await
+            .expect("touching"),
+        1
+    );
 }
 
 async fn per_cache_stats_count_logical_and_stored_bytes(t: TestDb) {

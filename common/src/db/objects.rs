@@ -239,30 +239,6 @@ impl Database {
             .collect())
     }
 
-    /// Records that these objects were accessed at `at`: the batched flush
-    /// of the in-memory access log. Never moves an access time backwards.
-    /// Returns how many rows changed.
-    pub async fn touch_objects(&self, ids: &[ObjectId], at: Timestamp) -> Result<u64> {
-        let mut touched = 0;
-        for batch in ids.chunks(MAX_IN_LIST) {
-            let sql = format!(
-                "UPDATE objects SET last_accessed_at = $1 \
-                 WHERE last_accessed_at < $1 AND id IN ({})",
-                placeholders(2, batch.len())
-            );
-            let mut query = sqlx::query(&sql).bind(at.unix_millis());
-            for id in batch {
-                query = query.bind(id.0);
-            }
-            let result = query
-                .execute(&self.pool)
-                .await
-                .map_err(query_error("updating access times"))?;
-            touched += result.rows_affected();
-        }
-        Ok(touched)
-    }
-
     /// Records that these paths' narinfos were fetched at `at`, per cache:
     /// the batched flush of narinfo fetches; never moves an access time
     /// backwards. Returns how many rows changed.
