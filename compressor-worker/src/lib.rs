@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
 use tokio_util::sync::CancellationToken;
 
 use common::config::{PipelineConfig, ServerConfig};
@@ -34,6 +35,11 @@ use common::storage::{ObjectKey, Storage, StorageError};
 use common::worker::{
     self, chunk_object_key, finalise_nar, staged_object_key, JobError, JobHandler,
 };
+
+/// Chunks of one job written at once: each is its own object, and on S3 a
+/// put is a round trip that mostly waits, so one at a time leaves the
+/// worker idle.
+const PUTS_IN_FLIGHT: usize = 8;
 
 /// The `compressor-worker` service: opens the database, storage and the shared
 /// queue the config names, then consumes compress jobs until `shutdown` (see
@@ -182,20 +188,23 @@ impl Compressor {
             .map_err(|error| {
                 JobError::Permanent(format!("the compressing thread failed: {error}"))
             })??;
-        let mut stored = Vec::with_capacity(frames.len());
-        for (chunk, frame) in frames {
-            let key = chunk_object_key(&chunk.chunk_hash, chunk.id);
-            let location = ChunkLocation {
-                object_key: key.to_string(),
-                offset: 0,
-                length: frame.len() as u64,
-            };
-            self.storage.put(&key, frame).await?;
-            self.database.set_chunk_stored(chunk.id, &location).await?;
-            larder().chunk_stored(chunk.chunk_size, location.length);
-            stored.push(chunk.id);
-        }
-        Ok(stored)
+        futures::stream::iter(frames)
+            .map(|(chunk, frame)| async move {
+                let key = chunk_object_key(&chunk.chunk_hash, chunk.id);
+                let location = ChunkLocation {
+                    object_key: key.to_string(),
+                    offset: 0,
+                    length: frame.len() as u64,
+                };
+                // The row says stored only once its object is.
+                self.storage.put(&key, frame).await?;
+                self.database.set_chunk_stored(chunk.id, &location).await?;
+                larder().chunk_stored(chunk.chunk_size, location.length);
+                Ok::<_, JobError>(chunk.id)
+            })
+            .buffer_unordered(PUTS_IN_FLIGHT)
+            .try_collect()
+            .await
     }
 
     /// The staged NAR is gone (its upload finalised or reaped): fine if
