@@ -39,7 +39,7 @@ use common::worker::{
 /// Chunks of one job written at once: each is its own object, and on S3 a
 /// put is a round trip that mostly waits, so one at a time leaves the
 /// worker idle.
-const PUTS_IN_FLIGHT: usize = 8;
+const PUTS_IN_FLIGHT: usize = 4;
 
 /// The `compressor-worker` service: opens the database, storage and the shared
 /// queue the config names, then consumes compress jobs until `shutdown` (see
