@@ -11,11 +11,9 @@ mod stress;
 
 use std::time::Duration;
 
+use crate::server::{fake_store_path, file_nar, plain_metadata};
 use common::config::GcConfig;
-use common::db::ObjectMetadata;
 use common::duration::HumanDuration;
-use common::nix::nar::NarEncoder;
-use common::nix::StorePathHash;
 
 /// GC settings for tests: no grace for unreferenced chunks, so one run
 /// collects everything collectable; access times flushed every second.
@@ -26,30 +24,6 @@ fn eager_gc() -> GcConfig {
         page_size: 2,
         delete_concurrency: 2,
         ..GcConfig::default()
-    }
-}
-
-/// A made-up store path, `/nix/store/<random hash>-<name>`.
-fn fake_store_path(name: &str) -> String {
-    let hash = StorePathHash::from_bytes(&rand::random());
-    format!("/nix/store/{hash}-{name}")
-}
-
-/// A NAR of one regular file with `contents`.
-fn file_nar(contents: &[u8]) -> Vec<u8> {
-    let mut encoder = NarEncoder::new(Vec::new()).expect("writing to a Vec");
-    encoder.regular(false, contents).expect("a regular file");
-    encoder.finish().expect("a complete NAR")
-}
-
-fn plain_metadata(store_path: &str) -> ObjectMetadata {
-    ObjectMetadata {
-        store_path: store_path.to_owned(),
-        references: Vec::new(),
-        deriver: None,
-        system: None,
-        sigs: Vec::new(),
-        ca: None,
     }
 }
 

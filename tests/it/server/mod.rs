@@ -124,20 +124,20 @@ fn raw_api_error(response: &RawResponse, status: u16) -> ErrorResponse {
 }
 
 /// A made-up store path, `/nix/store/<random hash>-<name>`.
-fn fake_store_path(name: &str) -> String {
+pub(crate) fn fake_store_path(name: &str) -> String {
     let hash = StorePathHash::from_bytes(&rand::random());
     format!("/nix/store/{hash}-{name}")
 }
 
 /// A NAR of one regular file with `contents`.
-fn file_nar(contents: &[u8]) -> Vec<u8> {
+pub(crate) fn file_nar(contents: &[u8]) -> Vec<u8> {
     let mut encoder = NarEncoder::new(Vec::new()).expect("writing to a Vec");
     encoder.regular(false, contents).expect("a regular file");
     encoder.finish().expect("a complete NAR")
 }
 
 /// Metadata for a made-up path with no references, deriver or CA.
-fn plain_metadata(store_path: &str) -> ObjectMetadata {
+pub(crate) fn plain_metadata(store_path: &str) -> ObjectMetadata {
     ObjectMetadata {
         store_path: store_path.to_owned(),
         references: Vec::new(),
