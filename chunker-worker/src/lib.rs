@@ -47,7 +47,7 @@ use common::db::{
 use common::metrics::larder;
 use common::nix::{Sha256Hash, Sha256Hasher};
 use common::queue::{publish_job, ChunkJob, ChunkRange, CompressJob, Queue, QueueError};
-use common::service::{self, ServiceError};
+use common::service::{self, ServiceError, Services};
 use common::storage::{ObjectKey, Storage, StorageError};
 use common::worker::{self, finalise_nar, staged_object_key, JobError, JobHandler};
 
@@ -73,38 +73,22 @@ const CUT_AHEAD: usize = 256;
 /// queue the config names, then consumes chunk jobs until `shutdown` (see
 /// [`run_with`]), serving `/metrics`, `/healthz` and `/readyz` on `listen`.
 pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<(), ServiceError> {
-    service::run_worker(
-        config,
-        shutdown,
-        "chunker-worker",
-        |services, pipeline, shutdown| {
-            run_with(
-                services.database,
-                services.storage,
-                services.queue,
-                pipeline,
-                shutdown,
-            )
-        },
-    )
-    .await
+    service::run_worker(config, shutdown, "chunker-worker", run_with).await
 }
 
 /// Consumes chunk jobs until `shutdown` (see [`worker::consume`]).
 pub async fn run_with(
-    database: Database,
-    storage: Arc<dyn Storage>,
-    queue: Arc<dyn Queue>,
+    services: Services,
     config: PipelineConfig,
     shutdown: CancellationToken,
 ) -> Result<(), QueueError> {
     let chunker = Arc::new(Chunker {
-        database,
-        storage,
-        queue: queue.clone(),
+        database: services.database,
+        storage: services.storage,
+        queue: services.queue.clone(),
     });
     worker::consume(
-        queue,
+        services.queue,
         chunker,
         config.chunk_concurrency,
         config.job_attempts,

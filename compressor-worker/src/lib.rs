@@ -29,8 +29,8 @@ use common::config::{PipelineConfig, ServerConfig};
 use common::db::{Chunk, ChunkId, ChunkLocation, Database, DbError, NarId, StoreState, UploadId};
 use common::metrics::larder;
 use common::nix::Sha256Hash;
-use common::queue::{ChunkRange, CompressJob, Queue, QueueError};
-use common::service::{self, ServiceError};
+use common::queue::{ChunkRange, CompressJob, QueueError};
+use common::service::{self, ServiceError, Services};
 use common::storage::{ObjectKey, Storage, StorageError};
 use common::worker::{
     self, chunk_object_key, finalise_nar, staged_object_key, JobError, JobHandler,
@@ -45,38 +45,22 @@ const PUTS_IN_FLIGHT: usize = 4;
 /// queue the config names, then consumes compress jobs until `shutdown` (see
 /// [`run_with`]), serving `/metrics`, `/healthz` and `/readyz` on `listen`.
 pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<(), ServiceError> {
-    service::run_worker(
-        config,
-        shutdown,
-        "compressor-worker",
-        |services, pipeline, shutdown| {
-            run_with(
-                services.database,
-                services.storage,
-                services.queue,
-                pipeline,
-                shutdown,
-            )
-        },
-    )
-    .await
+    service::run_worker(config, shutdown, "compressor-worker", run_with).await
 }
 
 /// Consumes compress jobs until `shutdown` (see [`worker::consume`]).
 pub async fn run_with(
-    database: Database,
-    storage: Arc<dyn Storage>,
-    queue: Arc<dyn Queue>,
+    services: Services,
     config: PipelineConfig,
     shutdown: CancellationToken,
 ) -> Result<(), QueueError> {
     let compressor = Arc::new(Compressor {
-        database,
-        storage,
+        database: services.database,
+        storage: services.storage,
         compression_level: config.compression_level,
     });
     worker::consume(
-        queue,
+        services.queue,
         compressor,
         config.compress_concurrency,
         config.job_attempts,

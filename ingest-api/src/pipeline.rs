@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use common::config::{GcConfig, PipelineConfig};
 use common::db::{Database, Timestamp};
-use common::queue::Queue;
+use common::queue::{Queue, QueueError};
+use common::service::Services;
 
 use crate::state::AppState;
 
@@ -37,34 +38,19 @@ impl InProcessPipeline {
         gc: &GcConfig,
     ) -> Self {
         let stop = CancellationToken::new();
-        let chunker = tokio::spawn({
-            let run = chunker_worker::run_with(
-                state.database.clone(),
-                state.storage.clone(),
-                state.queue.clone(),
-                config.clone(),
-                stop.clone(),
-            );
-            async move {
-                if let Err(error) = run.await {
-                    tracing::error!(%error, "the chunker stopped");
-                }
-            }
-        });
-        let compressor = tokio::spawn({
-            let run = compressor_worker::run_with(
-                state.database.clone(),
-                state.storage.clone(),
-                state.queue.clone(),
-                config.clone(),
-                stop.clone(),
-            );
-            async move {
-                if let Err(error) = run.await {
-                    tracing::error!(%error, "the compressor stopped");
-                }
-            }
-        });
+        let services = Services {
+            database: state.database.clone(),
+            storage: state.storage.clone(),
+            queue: state.queue.clone(),
+        };
+        let chunker = spawn_worker(
+            "chunker",
+            chunker_worker::run_with(services.clone(), config.clone(), stop.clone()),
+        );
+        let compressor = spawn_worker(
+            "compressor",
+            compressor_worker::run_with(services, config.clone(), stop.clone()),
+        );
         let reconciler = tokio::spawn({
             let (database, queue, config, stop) = (
                 state.database.clone(),
@@ -98,6 +84,19 @@ impl InProcessPipeline {
             let _ = task.await;
         }
     }
+}
+
+/// Runs a worker's consume loop in the background; it returns early only on
+/// an error, which is logged.
+fn spawn_worker(
+    name: &'static str,
+    work: impl std::future::Future<Output = Result<(), QueueError>> + Send + 'static,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(error) = work.await {
+            tracing::error!(%error, "the {name} stopped");
+        }
+    })
 }
 
 /// Republishes every upload left in flight by the previous run.

@@ -139,24 +139,17 @@ impl Rig {
             )),
         };
         let stop = CancellationToken::new();
+        let services = common::service::Services {
+            database: database.clone(),
+            storage: storage.clone(),
+            queue: queue.clone(),
+        };
         let chunker = tokio::spawn({
-            let run = chunker_worker::run_with(
-                database.clone(),
-                storage.clone(),
-                queue.clone(),
-                config(),
-                stop.clone(),
-            );
+            let run = chunker_worker::run_with(services.clone(), config(), stop.clone());
             async move { run.await.expect("the chunker runs") }
         });
         let compressor = tokio::spawn({
-            let run = compressor_worker::run_with(
-                database.clone(),
-                storage.clone(),
-                queue.clone(),
-                config(),
-                stop.clone(),
-            );
+            let run = compressor_worker::run_with(services, config(), stop.clone());
             async move { run.await.expect("the compressor runs") }
         });
         Rig {

@@ -326,37 +326,36 @@ impl Database {
 
     /// The keys among `keys` that some chunk row records as its location.
     pub async fn chunk_object_keys_in_use(&self, keys: &[&str]) -> Result<HashSet<String>> {
-        let mut out = HashSet::with_capacity(keys.len());
-        for batch in keys.chunks(MAX_IN_LIST) {
-            let sql = format!(
-                "SELECT object_key FROM chunks WHERE object_key IN ({})",
-                placeholders(1, batch.len())
-            );
-            let mut query = sqlx::query(&sql);
-            for key in batch {
-                query = query.bind(*key);
-            }
-            let rows = query
-                .fetch_all(&self.pool)
-                .await
-                .map_err(query_error("looking up chunk object keys"))?;
-            for row in &rows {
-                out.insert(string_col(row, "object_key")?);
-            }
-        }
-        Ok(out)
+        self.keys_named(keys, "looking up chunk object keys", |list| {
+            format!("SELECT object_key FROM chunks WHERE object_key IN ({list})")
+        })
+        .await
     }
 
     /// The keys among `keys` that an upload or a staged file names as its
     /// staged NAR.
     pub async fn staged_keys_in_use(&self, keys: &[&str]) -> Result<HashSet<String>> {
+        self.keys_named(keys, "looking up staged keys", |list| {
+            format!(
+                "SELECT staged_key AS object_key FROM uploads WHERE staged_key IN ({list}) \
+                 UNION SELECT staged_key FROM staged_files WHERE staged_key IN ({list})"
+            )
+        })
+        .await
+    }
+
+    /// The keys among `keys` that the query `select` builds finds, a batch
+    /// at a time: `select` gets the batch's placeholder list and returns an
+    /// `object_key` column.
+    async fn keys_named(
+        &self,
+        keys: &[&str],
+        what: &'static str,
+        select: impl Fn(&str) -> String,
+    ) -> Result<HashSet<String>> {
         let mut out = HashSet::with_capacity(keys.len());
         for batch in keys.chunks(MAX_IN_LIST) {
-            let list = placeholders(1, batch.len());
-            let sql = format!(
-                "SELECT staged_key FROM uploads WHERE staged_key IN ({list}) \
-                 UNION SELECT staged_key FROM staged_files WHERE staged_key IN ({list})"
-            );
+            let sql = select(&placeholders(1, batch.len()));
             let mut query = sqlx::query(&sql);
             for key in batch {
                 query = query.bind(*key);
@@ -364,9 +363,9 @@ impl Database {
             let rows = query
                 .fetch_all(&self.pool)
                 .await
-                .map_err(query_error("looking up staged keys"))?;
+                .map_err(query_error(what))?;
             for row in &rows {
-                out.insert(string_col(row, "staged_key")?);
+                out.insert(string_col(row, "object_key")?);
             }
         }
         Ok(out)

@@ -247,26 +247,12 @@ impl Database {
         accesses: &BTreeMap<CacheId, Vec<StorePathHash>>,
         at: Timestamp,
     ) -> Result<u64> {
-        let mut touched = 0;
-        for (cache_id, hashes) in accesses {
-            for batch in hashes.chunks(MAX_IN_LIST) {
-                let sql = format!(
-                    "UPDATE objects SET last_accessed_at = $1 \
-                     WHERE last_accessed_at < $1 AND cache_id = $2 AND store_path_hash IN ({})",
-                    placeholders(3, batch.len())
-                );
-                let mut query = sqlx::query(&sql).bind(at.unix_millis()).bind(cache_id.0);
-                for hash in batch {
-                    query = query.bind(hash.as_str());
-                }
-                let result = query
-                    .execute(&self.pool)
-                    .await
-                    .map_err(query_error("updating access times"))?;
-                touched += result.rows_affected();
-            }
-        }
-        Ok(touched)
+        let accesses = accesses.iter().map(|(cache_id, hashes)| {
+            let hashes = hashes.iter().map(|hash| hash.as_str().to_owned());
+            (*cache_id, hashes.collect())
+        });
+        self.touch_objects_where("store_path_hash", accesses.collect(), at)
+            .await
     }
 
     /// Records that these NARs were fetched from these caches at `at`:
@@ -278,17 +264,35 @@ impl Database {
         accesses: &BTreeMap<CacheId, Vec<NarId>>,
         at: Timestamp,
     ) -> Result<u64> {
+        let accesses = accesses
+            .iter()
+            .map(|(cache_id, nar_ids)| (*cache_id, nar_ids.iter().map(|id| id.0).collect()));
+        self.touch_objects_where("nar_id", accesses.collect(), at)
+            .await
+    }
+
+    /// Sets `last_accessed_at` to `at`, where it is earlier, on each cache's
+    /// objects whose `column` holds one of its values, a batch at a time.
+    async fn touch_objects_where<Value>(
+        &self,
+        column: &str,
+        accesses: Vec<(CacheId, Vec<Value>)>,
+        at: Timestamp,
+    ) -> Result<u64>
+    where
+        Value: for<'q> sqlx::Encode<'q, sqlx::Any> + sqlx::Type<sqlx::Any> + Clone + Send,
+    {
         let mut touched = 0;
-        for (cache_id, nar_ids) in accesses {
-            for batch in nar_ids.chunks(MAX_IN_LIST) {
+        for (cache_id, values) in &accesses {
+            for batch in values.chunks(MAX_IN_LIST) {
                 let sql = format!(
                     "UPDATE objects SET last_accessed_at = $1 \
-                     WHERE last_accessed_at < $1 AND cache_id = $2 AND nar_id IN ({})",
+                     WHERE last_accessed_at < $1 AND cache_id = $2 AND {column} IN ({})",
                     placeholders(3, batch.len())
                 );
                 let mut query = sqlx::query(&sql).bind(at.unix_millis()).bind(cache_id.0);
-                for id in batch {
-                    query = query.bind(id.0);
+                for value in batch {
+                    query = query.bind(value.clone());
                 }
                 let result = query
                     .execute(&self.pool)
