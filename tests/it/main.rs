@@ -4,6 +4,7 @@
 //! the real Nix client) started by `ops/test.sh`; a missing service is a
 //! failure with a clear message, never a skip.
 
+mod abuse;
 mod client;
 mod db;
 mod distributed;

@@ -55,8 +55,12 @@ pub const RS256_PEM: &str = include_str!("../../common/src/auth/testdata/rsa-204
 /// configured with [`RS256_PEM`].
 pub const OTHER_RS256_PEM: &str = include_str!("../../common/src/auth/testdata/rsa-2048-pkcs1.pem");
 
+/// A change to the config a [`TestServer`] writes and starts with, for the
+/// settings the named fields below do not cover (limits, timeouts, quotas).
+pub type ConfigEdit = Arc<dyn Fn(&mut ServerConfig) + Send + Sync>;
+
 /// Which database and which token algorithm a [`TestServer`] uses.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TestServerOptions {
     pub backend: Backend,
     pub algorithm: TokenAlgorithm,
@@ -70,6 +74,22 @@ pub struct TestServerOptions {
     /// then name its kind), e.g. one on a private PostgreSQL a fault test
     /// stops.
     pub database_url: Option<String>,
+    /// Applied last, to the whole config.
+    pub edit_config: Option<ConfigEdit>,
+}
+
+impl std::fmt::Debug for TestServerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestServerOptions")
+            .field("backend", &self.backend)
+            .field("algorithm", &self.algorithm)
+            .field("api_endpoint", &self.api_endpoint)
+            .field("ingest", &self.ingest)
+            .field("gc", &self.gc)
+            .field("database_url", &self.database_url)
+            .field("edit_config", &self.edit_config.as_ref().map(|_| "…"))
+            .finish()
+    }
 }
 
 impl Default for TestServerOptions {
@@ -81,6 +101,7 @@ impl Default for TestServerOptions {
             ingest: IngestConfig::default(),
             gc: GcConfig::default(),
             database_url: None,
+            edit_config: None,
         }
     }
 }
@@ -254,7 +275,7 @@ impl TestServer {
                 rs256_private_key_pem: Some(Secret::new(RS256_PEM)),
             },
         };
-        let config = ServerConfig {
+        let mut config = ServerConfig {
             listen: "127.0.0.1:0".parse().expect("a valid socket address"),
             api_endpoint: options.api_endpoint.clone(),
             database: DatabaseConfig {
@@ -270,6 +291,9 @@ impl TestServer {
             queue: QueueConfig::default(),
             log: LogConfig::default(),
         };
+        if let Some(edit) = &options.edit_config {
+            edit(&mut config);
+        }
         let config_path = dir.path().join("server.toml");
         std::fs::write(&config_path, config.to_toml()).expect("writing the server's config");
 
