@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what Larder's test suite needs on a fresh Debian 12 machine, as root:
 #   - Debian packages: nix-bin (the real Nix client), rabbitmq-server,
-#     PostgreSQL (the `postgresql` package, 15 on Debian 12) and zstd;
+#     PostgreSQL (the `postgresql` package, 15 on Debian 12), zstd, openssl
+#     (ops/services.sh mints a throwaway CA with it) and nginx (the TLS
+#     terminator in front of Garage, and the reverse proxy of the TLS tests);
 #   - Garage 2.5.0 (S3), built from crates.io with `cargo install`;
 #   - cargo-nextest, the test runner.
 #
@@ -55,7 +57,7 @@ postgres_installed() {
 install_debian_packages() {
     local missing=()
     local package
-    for package in nix-bin rabbitmq-server zstd; do
+    for package in nix-bin rabbitmq-server zstd openssl nginx; do
         package_installed "$package" || missing+=("$package")
     done
     postgres_installed || missing+=(postgresql)
@@ -69,9 +71,20 @@ install_debian_packages() {
     run_logged apt-update "${apt[@]}" update
     # Recommends stay on: nix-bin's recommended nix-setup-systemd creates the
     # nixbld build users Nix expects. The packages' postinst scripts try to
-    # start system services; without an init system that is refused, which
-    # is harmless: ops/services.sh runs its own instances.
-    run_logged apt-install "${apt[@]}" install "${missing[@]}"
+    # start system services: ops/services.sh runs its own instances, so a
+    # policy-rc.d that refuses every start keeps them from running (without
+    # it, nginx's would take port 80). It is created only if there is none,
+    # and removed right after.
+    local policy=/usr/sbin/policy-rc.d made_policy=0
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        made_policy=1
+    fi
+    local status=0
+    (run_logged apt-install "${apt[@]}" install "${missing[@]}") || status=$?
+    ((made_policy == 0)) || rm -f "$policy"
+    ((status == 0)) || exit "$status"
 }
 
 install_garage() {

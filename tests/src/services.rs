@@ -40,6 +40,24 @@ pub const S3_SECRET_ACCESS_KEY: &str = "LARDER_TEST_S3_SECRET_ACCESS_KEY";
 /// `env` file in; the fault subcommands take it as their argument.
 pub const SERVICES_DIR: &str = "LARDER_TEST_SERVICES_DIR";
 
+/// The throwaway CA `ops/services.sh` minted (PEM): it signed the
+/// certificate every TLS listener below presents.
+pub const TLS_CA_FILE: &str = "LARDER_TEST_TLS_CA_FILE";
+/// A CA that signed nothing the services present: the wrong CA.
+pub const TLS_OTHER_CA_FILE: &str = "LARDER_TEST_TLS_OTHER_CA_FILE";
+/// The services' certificate (PEM), for `127.0.0.1` and `localhost`, signed
+/// by [`TLS_CA_FILE`]; a test's own TLS listener may present it too.
+pub const TLS_CERT_FILE: &str = "LARDER_TEST_TLS_CERT_FILE";
+/// The private key of [`TLS_CERT_FILE`] (PEM).
+pub const TLS_KEY_FILE: &str = "LARDER_TEST_TLS_KEY_FILE";
+/// RabbitMQ's AMQPS listener, e.g. `amqps://guest:guest@127.0.0.1:PORT/%2f`.
+pub const AMQPS_URL: &str = "LARDER_TEST_AMQPS_URL";
+/// [`POSTGRES_URL`] over TLS, with `sslmode=verify-full` and
+/// `sslrootcert=` [`TLS_CA_FILE`].
+pub const POSTGRES_TLS_URL: &str = "LARDER_TEST_POSTGRES_TLS_URL";
+/// Garage's S3 port behind a TLS terminator, e.g. `https://127.0.0.1:PORT`.
+pub const S3_HTTPS_ENDPOINT: &str = "LARDER_TEST_S3_HTTPS_ENDPOINT";
+
 /// The value of a harness environment variable.
 ///
 /// # Panics
