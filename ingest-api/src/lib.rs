@@ -154,7 +154,7 @@ impl Server {
     ) -> Result<Self, ServerError> {
         let queue = match role {
             Role::Api => open_shared_queue(&config, "ingest-api --mode api")?,
-            Role::Monolithic => open_queue(&config.queue, "ingest-api"),
+            Role::Monolithic => open_queue(&config.queue, "ingest-api")?,
         };
         let database = open_database(&config).await?;
         let storage = common::storage::open(&config.storage).await?;

@@ -24,13 +24,13 @@ use tests::server::{binary, expired_token, TestServer};
 const HOUR: Duration = Duration::from_secs(3600);
 
 /// A user of the `larder` binary with their own home and config.
-struct Larder {
+pub(crate) struct Larder {
     dir: tempfile::TempDir,
     env: Vec<(String, String)>,
 }
 
 impl Larder {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let dir = tempfile::Builder::new()
             .prefix("larder-client-")
             .tempdir()
@@ -62,7 +62,7 @@ impl Larder {
         self.config_home().join("larder/config.toml")
     }
 
-    fn nix_conf(&self) -> PathBuf {
+    pub(crate) fn nix_conf(&self) -> PathBuf {
         self.config_home().join("nix/nix.conf")
     }
 
@@ -71,7 +71,7 @@ impl Larder {
     }
 
     /// Sets an environment variable for later runs.
-    fn set_env(&mut self, key: &str, value: &str) {
+    pub(crate) fn set_env(&mut self, key: &str, value: &str) {
         self.env.push((key.to_owned(), value.to_owned()));
     }
 
@@ -122,7 +122,7 @@ impl Larder {
     }
 
     /// Runs a command that must succeed; returns its stdout.
-    async fn ok(&self, args: &[&str]) -> String {
+    pub(crate) async fn ok(&self, args: &[&str]) -> String {
         let output = self.run(args).await;
         assert!(
             output.status.success(),
@@ -136,7 +136,7 @@ impl Larder {
 
     /// Runs a command that must fail with exit status 1 and one line on
     /// stderr, `error: …` with no panic or backtrace; returns that line.
-    async fn fails(&self, args: &[&str]) -> String {
+    pub(crate) async fn fails(&self, args: &[&str]) -> String {
         let output = self.run(args).await;
         assert_error_output(args, &output)
     }
@@ -144,7 +144,7 @@ impl Larder {
 
 /// `NIX_CONFIG` for `larder` so that its `nix` commands read the chroot
 /// store at `root`, as a user's `store` setting would.
-fn store_config(root: &Path) -> String {
+pub(crate) fn store_config(root: &Path) -> String {
     format!(
         "store = {}\nsubstituters =",
         root.to_str().expect("a UTF-8 store root")
@@ -173,7 +173,7 @@ fn assert_error_output(args: &[&str], output: &Output) -> String {
     lines[0].to_owned()
 }
 
-fn text(bytes: &[u8]) -> String {
+pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
@@ -607,7 +607,7 @@ async fn use_writes_nix_conf_and_netrc_once_and_nix_substitutes_with_them() {
 
 /// A `nix` command of `env` whose only configuration, apart from the
 /// store and the experimental features, is the user file `nix_conf`.
-fn nix_with_user_conf(env: &NixEnv, nix_conf: &Path) -> std::process::Command {
+pub(crate) fn nix_with_user_conf(env: &NixEnv, nix_conf: &Path) -> std::process::Command {
     let mut command = env.command("nix");
     command
         .env("NIX_USER_CONF_FILES", nix_conf)

@@ -1,0 +1,59 @@
+//! TLS to the services Larder uses and in front of it (issue #13), against
+//! the suite's real services with the throwaway CA `ops/services.sh` mints:
+//!
+//! - `s3`: S3 over HTTPS through the TLS terminator in front of Garage —
+//!   refused without the CA and with the wrong one, with a message saying
+//!   why — and the AWS SDK's credentials chain when no key is configured;
+//!   the storage conformance suite also runs over HTTPS
+//!   (`storage::s3_https::…`);
+//! - `postgres`: `sslmode=verify-full` (and `require`, `verify-ca`) against
+//!   the suite's PostgreSQL, proved to be TLS by `pg_stat_ssl`; a wrong CA
+//!   is a clear error from `ingest-api`;
+//! - `amqp`: `amqps://` with a CA file, proved to be TLS by RabbitMQ's own
+//!   view of the connection; the queue conformance suite also runs over
+//!   TLS (`queue::amqps::…`);
+//! - `proxy`: nginx with `ops/nginx/larder.conf` in front of a real server:
+//!   `nix copy --to https://…`, substitution over https with signatures
+//!   required, `larder login/push/use` with the CA given only through
+//!   `SSL_CERT_FILE`, and a 100 MiB NAR through the proxy.
+//!
+//! The whole distributed topology over TLS is `distributed::tls`.
+
+mod amqp;
+mod postgres;
+mod proxy;
+mod s3;
+
+use std::path::Path;
+
+use common::config::{
+    AuthConfig, DatabaseConfig, LogConfig, QueueConfig, Secret, ServerConfig, StorageConfig,
+};
+
+/// A single-machine server's config (SQLite in `dir`, embedded queue) on
+/// `storage`, written to `dir/server.toml`, whose path is returned.
+fn write_server_config(dir: &Path, storage: StorageConfig) -> std::path::PathBuf {
+    let config = ServerConfig {
+        listen: ServerConfig::default_listen(),
+        api_endpoint: None,
+        database: DatabaseConfig {
+            url: Secret::new(format!(
+                "sqlite://{}?mode=rwc",
+                dir.join("server.db").display()
+            )),
+        },
+        storage,
+        auth: AuthConfig {
+            hs256_secret_base64: Some(Secret::new("c2VjcmV0LWZvci10ZXN0cy1vZi10bHMtMTIzNDU2Nzg=")),
+            rs256_private_key_pem: None,
+        },
+        ingest: Default::default(),
+        pipeline: Default::default(),
+        gc: Default::default(),
+        queue: QueueConfig::Embedded,
+        log: LogConfig::default(),
+    };
+    let path = dir.join("server.toml");
+    std::fs::write(&path, config.to_toml()).expect("writing the server's config");
+    path
+}
