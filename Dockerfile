@@ -19,9 +19,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
           target/release/compressor-worker target/release/gc-scheduler /out/
 
 FROM debian:bookworm-slim AS larder
-# curl: the health checks ask each service's /healthz.
+# curl: the health checks ask each service's /healthz. ca-certificates: the
+# system's roots, which TLS to S3, PostgreSQL and RabbitMQ trust (a private
+# CA goes in [storage] ca-file, [queue] ca-file or the URL's sslrootcert).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends curl \
+    && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /var/lib/larder --create-home larder
 COPY --from=build /out/ /usr/local/bin/
@@ -31,7 +33,7 @@ ENV LARDER_LISTEN=[::]:8080
 EXPOSE 8080
 CMD ["ingest-api", "--mode", "api"]
 
-FROM dxflrs/garage:v2.1.0 AS garage
+FROM dxflrs/garage:v2.5.0 AS garage
 
 FROM debian:bookworm-slim AS garage-init
 COPY --from=garage /garage /usr/local/bin/garage

@@ -451,8 +451,8 @@ async fn heavy_a_streamed_40_mib_body_reads_back_identical(storage: Arc<dyn Stor
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_prefixes_keep_storages_apart() {
     let prefix = services::unique_name("storage-test");
-    let staging = s3_with_prefix(&format!("{prefix}/staging"));
-    let chunks = s3_with_prefix(&format!("{prefix}/chunks/"));
+    let staging = s3_with_prefix(&format!("{prefix}/staging")).await;
+    let chunks = s3_with_prefix(&format!("{prefix}/chunks/")).await;
     let k = key("same/key");
     staging
         .put(&k, Bytes::from_static(b"staged"))
@@ -497,7 +497,7 @@ async fn s3_prefixes_keep_storages_apart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_s3_a_failed_multipart_upload_leaves_no_object_and_no_upload() {
-    let storage = s3_with_prefix(&services::unique_name("storage-test"));
+    let storage = s3_with_prefix(&services::unique_name("storage-test")).await;
     let k = key("staging/aborted.nar");
     let mut reader = Trickle::new(random_bytes(3 * PART_SIZE, 7));
     // Two whole parts are sent, then the body fails inside the third.
@@ -555,7 +555,7 @@ async fn heavy_s3_a_failed_multipart_upload_leaves_no_object_and_no_upload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_s3_bodies_larger_than_a_part_go_up_in_parts() {
-    let storage = s3_with_prefix(&services::unique_name("storage-test"));
+    let storage = s3_with_prefix(&services::unique_name("storage-test")).await;
     let settings = S3Settings::from_env();
     let client = settings.client();
     let etag = |k: ObjectKey| {
@@ -657,7 +657,7 @@ async fn pending_uploads(settings: &S3Settings, name: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_s3_an_abandoned_multipart_upload_is_aborted() {
-    let storage = Arc::new(s3_with_prefix(&services::unique_name("storage-test")));
+    let storage = Arc::new(s3_with_prefix(&services::unique_name("storage-test")).await);
     let settings = S3Settings::from_env();
     let k = key("staging/abandoned.nar");
     let name = storage.object_name(&k);

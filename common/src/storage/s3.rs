@@ -133,7 +133,7 @@ impl S3Storage {
             open_error(format!(
                 "no credentials: [storage] access-key-id and secret-access-key are unset, \
                  and the AWS SDK's chain found none: {}",
-                error_chain(&error)
+                one_line(&error_chain(&error))
             ))
         })?;
         let path_style = config.path_style();
@@ -582,6 +582,19 @@ fn error_chain(error: &(dyn StdError + 'static)) -> String {
     message
 }
 
+/// `text` on one line: the SDK lists what its credentials chain tried on
+/// lines of their own, which a log line or a CLI error should not split.
+fn one_line(text: &str) -> String {
+    let mut joined = String::new();
+    for line in text.lines().map(str::trim).filter(|line| !line.is_empty()) {
+        if !joined.is_empty() {
+            joined.push_str(if joined.ends_with(':') { " " } else { "; " });
+        }
+        joined.push_str(line);
+    }
+    joined
+}
+
 /// The causes of a request that got no answer, with a hint when the
 /// server's certificate was not trusted.
 fn transport_error(error: &(dyn StdError + 'static)) -> String {
@@ -882,6 +895,14 @@ mod tests {
         let shown = error.to_string();
         assert!(shown.contains("/nonexistent/ca.pem"), "{shown}");
         assert!(shown.contains("No such file"), "{shown}");
+    }
+
+    #[test]
+    fn multi_line_causes_become_one_line() {
+        assert_eq!(
+            one_line("no credentials. Attempted:\n  Environment: not set\n  Profile: none\n"),
+            "no credentials. Attempted: Environment: not set; Profile: none"
+        );
     }
 
     #[tokio::test]

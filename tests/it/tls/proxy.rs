@@ -347,7 +347,7 @@ async fn heavy_push_and_pull_through_the_nginx_recipe_over_https() {
         )
         .await;
     env.use_netrc("localhost", &pusher).expect("a netrc");
-    env.add_config("ssl-cert-file", &ca);
+    env.set_env("NIX_SSL_CERT_FILE", &ca);
     let url = format!("{}{via_nix}?compression=none", proxy.url());
     let (env, wanted) = blocking(move || {
         env.copy_to(&root, &url, &paths)
@@ -394,11 +394,14 @@ async fn heavy_push_and_pull_through_the_nginx_recipe_over_https() {
         "{written}"
     );
 
+    // Another machine's Nix, as it were: the pushing Nix cached the
+    // narinfos it wrote, with its own file names, and would not ask.
     let nix_conf = user.nix_conf();
-    let destination = env.path("destination");
     let (built, hashes) = blocking(move || {
-        let built = nix_with_user_conf(&env, &nix_conf)
-            .env("SSL_CERT_FILE", &ca)
+        let mut puller = NixEnv::new().expect("a Nix environment");
+        puller.set_env("NIX_SSL_CERT_FILE", &ca);
+        let destination = puller.path("destination");
+        let built = nix_with_user_conf(&puller, &nix_conf)
             .arg("--store")
             .arg(&destination)
             .args(["build", "--no-link"])
@@ -412,7 +415,7 @@ async fn heavy_push_and_pull_through_the_nginx_recipe_over_https() {
                 (
                     path.clone(),
                     env.nar_hash(&root, path).expect("source hash"),
-                    env.nar_hash(&destination, path).unwrap_or_default(),
+                    puller.nar_hash(&destination, path).unwrap_or_default(),
                 )
             })
             .collect();

@@ -191,10 +191,14 @@ async fn s3_without_any_credentials_stops_at_start_saying_why() {
         .expect("running ingest-api");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
-    let last = stderr.lines().last().unwrap_or_default();
-    assert!(last.starts_with("ingest-api: storage: "), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(lines[0].starts_with("ingest-api: storage: "), "{stderr}");
     assert!(
-        last.contains("no credentials: [storage] access-key-id and secret-access-key are unset"),
+        lines[0]
+            .contains("no credentials: [storage] access-key-id and secret-access-key are unset"),
         "{stderr}"
     );
+    // What the chain tried, so the operator sees which source to fix.
+    assert!(lines[0].contains("Environment: "), "{stderr}");
 }
