@@ -322,8 +322,7 @@ impl GuardedBody {
             .cut_off_wait
             .get_or_insert_with(|| Box::pin(self.cut_off.clone().cancelled_owned()));
         if cut_off.as_mut().poll(cx).is_ready() {
-            larder().http_timeouts.with(&["shutdown"]).inc();
-            return Poll::Ready(BodyError::ShuttingDown);
+            return Poll::Ready(cut_off_error());
         }
         let deadline = *self.waiting_since.get_or_insert_with(Instant::now) + self.idle_timeout;
         let timer = self
@@ -343,6 +342,12 @@ impl GuardedBody {
     }
 }
 
+/// A body cut off by the shutdown, counted.
+fn cut_off_error() -> BodyError {
+    larder().http_timeouts.with(&["shutdown"]).inc();
+    BodyError::ShuttingDown
+}
+
 impl HttpBody for GuardedBody {
     type Data = Bytes;
     type Error = BodyError;
@@ -352,7 +357,7 @@ impl HttpBody for GuardedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         if self.cut_off.is_cancelled() {
-            return Poll::Ready(Some(Err(BodyError::ShuttingDown)));
+            return Poll::Ready(Some(Err(cut_off_error())));
         }
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(frame) => {

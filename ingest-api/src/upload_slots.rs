@@ -350,12 +350,16 @@ mod tests {
             .acquire("b", Duration::ZERO)
             .await
             .expect("another token");
-        drop(first);
-        let message = refused(slots.acquire("a", Duration::ZERO).await);
+        let message = refused(slots.acquire("c", Duration::ZERO).await);
         assert!(
             message.contains("[http] max-concurrent-uploads)"),
             "{message}"
         );
+        drop(first);
+        slots
+            .acquire("c", Duration::ZERO)
+            .await
+            .expect("the slot given back");
     }
 
     #[tokio::test]

@@ -389,9 +389,17 @@ async fn larder_push_with_more_jobs_than_the_limit_succeeds_by_retrying() {
         .await;
         drop(stalled);
     };
-    let (out, ()) = tokio::join!(larder.ok(&arguments), release);
+    let (output, ()) = tokio::join!(larder.run(&arguments), release);
+    let (out, err) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(output.status.success(), "larder push failed: {out}{err}");
     assert!(out.contains("pushed 6 paths"), "{out}");
     assert!(answers(&metrics(), UPLOAD_PATH, "429") > 0.0);
+    // The client read the refusal and the wait it asked for.
+    assert!(err.contains("in 2.") || err.contains("in 3."), "{err}");
+    assert!(err.contains("max-concurrent-uploads-per-token"), "{err}");
     for path in &paths {
         let hash = &path["/nix/store/".len().."/nix/store/".len() + 32];
         let response = server

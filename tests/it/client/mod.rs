@@ -117,7 +117,7 @@ impl Larder {
             .expect("running larder")
     }
 
-    async fn run(&self, args: &[&str]) -> Output {
+    pub(crate) async fn run(&self, args: &[&str]) -> Output {
         self.run_with_input(args, "").await
     }
 
