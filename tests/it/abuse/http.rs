@@ -247,6 +247,94 @@ async fn half_sent_headers_and_idle_connections_are_closed_after_the_header_read
     assert!(timeouts(&metrics(), "header") >= 2.0);
 }
 
+/// Sends `GET /healthz` on a keep-alive connection and reads its answer.
+async fn healthz_on(stream: &mut TcpStream) -> Vec<u8> {
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: larder\r\n\r\n")
+        .await
+        .expect("sending a request");
+    let mut received = Vec::new();
+    tokio::time::timeout(HANG_GUARD, async {
+        let mut buffer = [0u8; 4096];
+        // The answer's body is `{"alive":true}`.
+        while !received.ends_with(b"}") {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => received.extend_from_slice(&buffer[..n]),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no answer to GET /healthz within {HANG_GUARD:?}"));
+    received
+}
+
+/// Connections accepted by the kernel that wait in the listen queue of
+/// the IPv4 socket listening on `port` (`/proc/net/tcp` shows that queue
+/// as the listening socket's `rx_queue`).
+fn listen_queue(port: u16) -> u32 {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("reading /proc/net/tcp");
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .find(|fields| fields.len() > 4 && fields[1].ends_with(&local) && fields[3] == "0A")
+        .and_then(|fields| fields[4].split_once(':').map(|(_, rx)| rx.to_owned()))
+        .map(|rx| u32::from_str_radix(&rx, 16).expect("a hexadecimal queue length"))
+        .unwrap_or_else(|| panic!("no listening socket on port {port} in /proc/net/tcp"))
+}
+
+/// With `max-connections` open, the server accepts no more: another
+/// connection waits in the kernel's listen queue, and is served once one
+/// of the open ones closes. Without the limit it is accepted at once and
+/// never waits in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_wait_until_one_closes() {
+    let server = server_with(|http| http.max_connections = 2).await;
+    let port = server.address().port();
+    let mut first = TcpStream::connect(server.address())
+        .await
+        .expect("connecting");
+    let mut second = TcpStream::connect(server.address())
+        .await
+        .expect("connecting");
+    for stream in [&mut first, &mut second] {
+        assert_eq!(status_of(&healthz_on(stream).await), Some(200));
+    }
+
+    let mut third = TcpStream::connect(server.address())
+        .await
+        .expect("connecting");
+    let waiting = tokio::spawn(async move { healthz_on(&mut third).await });
+    tokio::time::timeout(HANG_GUARD, async {
+        while listen_queue(port) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the third connection waits in the listen queue");
+    // It stays there while the server serves the open ones (an accept
+    // loop without the limit would have taken it by then).
+    for _ in 0..3 {
+        assert_eq!(status_of(&healthz_on(&mut second).await), Some(200));
+        assert_eq!(listen_queue(port), 1, "the third connection was accepted");
+    }
+    assert_eq!(metrics().value("larder_http_open_connections", &[]), 2.0);
+    assert!(!waiting.is_finished(), "the third connection was served");
+
+    drop(first);
+    let answer = waiting.await.expect("the third connection's reader");
+    assert_eq!(
+        status_of(&answer),
+        Some(200),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(listen_queue(port), 0);
+    drop(second);
+}
+
 /// A stalled upload, by either protocol, is dropped after the body-idle
 /// timeout: its request ends with a 400 naming the stall, and nothing is
 /// left in staging, `uploads` or `staged_files`. Without the timeout the
@@ -296,7 +384,9 @@ async fn past_the_per_token_limit_an_upload_gets_429_with_retry_after() {
     })
     .await;
 
-    let nar = file_nar(b"second upload");
+    // Large enough that most of it is still unsent when the refusal
+    // comes: the client reads the 429 all the same.
+    let nar = file_nar(&vec![2u8; 16 << 20]);
     let info = attic_info(CACHE, &fake_store_path("second"), &nar);
     let refused = upload(&server, Some(&token), &info, &nar, Form::Header).await;
     assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
