@@ -9,15 +9,18 @@
 //!   refused at once with 429, `Retry-After` and the usual JSON error
 //!   naming the limit; these clients retry.
 //! - `PUT /{cache}/nar/…` (Nix) first waits up to `upload-slot-wait` for
-//!   slots, without reading its body. Nix 2.8 retries a 429 only four
-//!   times within about five seconds, and never rewinds its upload buffer
-//!   (a retried PUT goes out without the bytes the first attempt sent):
-//!   an immediate 429 works only while curl waits for `100 Continue`
-//!   (which hyper sends when the body is first read), and loses it for a
-//!   wait longer than Nix's few retries. Waiting costs a task and the
-//!   connection, no thread and no buffered body: what curl sends before
-//!   the body is read stays in the socket. Newer Nix rewinds and retries a
-//!   429 after a minute; both are served by waiting.
+//!   slots, without reading its body, and is refused only then. Nix 2.8
+//!   retries a 429 only four times within about five seconds and never
+//!   rewinds its upload buffer (a retried PUT goes out without the bytes
+//!   the first attempt sent). curl sends `Expect: 100-continue` and holds
+//!   the body back for up to a second, until the `100 Continue` hyper
+//!   sends when the handler first reads the body: a 429 within that second
+//!   leaves the retry whole (`upload-slot-wait = 0` does that, and Nix 2.8
+//!   then gives up after five seconds at the limit), while waiting lets it
+//!   through a limit held for minutes. A wait costs a task and the
+//!   connection, no thread and no buffered body: what curl sends meanwhile
+//!   stays in the socket. Current Nix rewinds, and retries a 429 after a
+//!   minute.
 //!
 //! The slot is released when the body has been read to its end, fails, or
 //! is dropped: waiting for a path to become visible holds none. Callers
