@@ -171,8 +171,8 @@ pub struct HttpConfig {
     pub max_concurrent_uploads_per_token: u32,
     /// How long a `PUT nar/…` from Nix waits for an upload slot, without
     /// reading its body, before it is refused with 429 (Nix 2.8 cannot
-    /// retry a PUT whose body it began to send). `upload-path` clients
-    /// retry, so they are refused at once.
+    /// retry a PUT whose body it began to send). `upload-path` is refused
+    /// at once: `larder push` and the agent wait and retry.
     pub upload_slot_wait: HumanDuration,
 }
 

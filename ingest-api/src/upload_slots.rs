@@ -5,9 +5,9 @@
 //! and before a byte of the body is read, so that a refusal costs the
 //! client nothing to retry:
 //!
-//! - `PUT /_api/v1/upload-path` (`larder push`, the agent, Attic) is
-//!   refused at once with 429, `Retry-After` and the usual JSON error
-//!   naming the limit; these clients retry.
+//! - `PUT /_api/v1/upload-path` is refused at once with 429,
+//!   `Retry-After` and the usual JSON error naming the limit; `larder
+//!   push` and the agent wait and retry.
 //! - `PUT /{cache}/nar/…` (Nix) first waits up to `upload-slot-wait` for
 //!   slots, without reading its body, and is refused only then. Nix 2.8
 //!   retries a 429 only four times within about five seconds and never
