@@ -29,6 +29,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "storage",
     "auth",
     "ingest",
+    "http",
     "pipeline",
     "gc",
     "queue",
@@ -102,6 +103,8 @@ pub struct ServerConfig {
     #[serde(default)]
     pub ingest: IngestConfig,
     #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
     pub pipeline: PipelineConfig,
     #[serde(default)]
     pub gc: GcConfig,
@@ -140,6 +143,75 @@ impl Default for IngestConfig {
             max_narinfo_size: 1 << 20,
             require_proof_of_possession: true,
             wait_for_visible: HumanDuration::from_secs(120),
+        }
+    }
+}
+
+/// `[http]`: how the HTTP server treats connections and concurrent
+/// uploads, so that no client can hold its resources for free.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// How long a client may take to send a request's headers; also how
+    /// long an idle keep-alive connection stays open.
+    pub header_read_timeout: HumanDuration,
+    /// A request body that delivers no bytes for this long, while the
+    /// server waits for them, fails (a stalled upload is dropped).
+    pub body_idle_timeout: HumanDuration,
+    /// Connections open at once; at the limit no more are accepted until
+    /// one closes (new ones wait in the kernel's listen queue).
+    pub max_connections: u32,
+    /// On shutdown, how long requests in flight may go on; then their
+    /// bodies are cut off and, shortly after, their connections closed.
+    pub shutdown_grace: HumanDuration,
+    /// NAR uploads (`upload-path`, `PUT nar/…`) receiving at once, over
+    /// all tokens.
+    pub max_concurrent_uploads: u32,
+    /// NAR uploads receiving at once with one token (its `jti`).
+    pub max_concurrent_uploads_per_token: u32,
+    /// How long a `PUT nar/…` from Nix waits for an upload slot, without
+    /// reading its body, before it is refused with 429 (Nix 2.8 cannot
+    /// retry a PUT whose body it began to send). `upload-path` is refused
+    /// at once: `larder push` and the agent wait and retry.
+    pub upload_slot_wait: HumanDuration,
+}
+
+impl HttpConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let zero = |key: &str| {
+            Err(ConfigError::Invalid(format!(
+                "http.{key} must be greater than zero"
+            )))
+        };
+        if self.header_read_timeout.as_secs() == 0 {
+            return zero("header-read-timeout");
+        }
+        if self.body_idle_timeout.as_secs() == 0 {
+            return zero("body-idle-timeout");
+        }
+        if self.max_connections == 0 {
+            return zero("max-connections");
+        }
+        if self.max_concurrent_uploads == 0 {
+            return zero("max-concurrent-uploads");
+        }
+        if self.max_concurrent_uploads_per_token == 0 {
+            return zero("max-concurrent-uploads-per-token");
+        }
+        Ok(())
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: HumanDuration::from_secs(30),
+            body_idle_timeout: HumanDuration::from_secs(60),
+            max_connections: 1024,
+            shutdown_grace: HumanDuration::from_secs(20),
+            max_concurrent_uploads: 64,
+            max_concurrent_uploads_per_token: 8,
+            upload_slot_wait: HumanDuration::from_secs(120),
         }
     }
 }
@@ -403,6 +475,7 @@ impl ServerConfig {
             }
         }
         self.gc.validate()?;
+        self.http.validate()?;
         if let QueueConfig::Amqp { url } = &self.queue {
             // lapin is built without a TLS stack.
             if !url.expose().starts_with("amqp://") {
@@ -565,6 +638,28 @@ mod tests {
         let error = load(MINIMAL, &[("LARDER_GC__DELETE_CONCURRENCY", "0")]).expect_err("zero");
         assert!(
             error.to_string().contains("gc.delete-concurrency"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn http_limits_have_defaults_and_refuse_zero() {
+        let config = load(MINIMAL, &[]).expect("valid config");
+        assert_eq!(config.http, HttpConfig::default());
+
+        let text = format!("{MINIMAL}\n[http]\nmax-connections = 10\nupload-slot-wait = \"0s\"\n");
+        let config = load(
+            &text,
+            &[("LARDER_HTTP__MAX_CONCURRENT_UPLOADS_PER_TOKEN", "2")],
+        )
+        .expect("valid config");
+        assert_eq!(config.http.max_connections, 10);
+        assert_eq!(config.http.max_concurrent_uploads_per_token, 2);
+        assert_eq!(config.http.upload_slot_wait, HumanDuration::from_secs(0));
+
+        let error = load(MINIMAL, &[("LARDER_HTTP__BODY_IDLE_TIMEOUT", "0s")]).expect_err("zero");
+        assert!(
+            error.to_string().contains("http.body-idle-timeout"),
             "{error}"
         );
     }

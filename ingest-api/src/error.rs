@@ -10,6 +10,10 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+/// The `Retry-After` of a 429, in seconds: about how long a small upload
+/// takes. Clients back off further on repeated refusals.
+pub const RETRY_AFTER_SECONDS: u64 = 2;
+
 /// A request that could not be served.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -45,6 +49,10 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// Past a limit on concurrent uploads (the message names it); answered
+    /// with `Retry-After` before any of the body is read.
+    #[error("{0}")]
+    TooManyUploads(String),
     #[error("no such endpoint")]
     NoSuchEndpoint,
     #[error("method not allowed here")]
@@ -78,6 +86,7 @@ impl ApiError {
             Self::CacheAlreadyExists | Self::Conflict(_) => StatusCode::CONFLICT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::TooManyUploads(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -97,6 +106,7 @@ impl ApiError {
             Self::Conflict(_) => "Conflict",
             Self::BadRequest(_) => "BadRequest",
             Self::PayloadTooLarge(_) => "PayloadTooLarge",
+            Self::TooManyUploads(_) => "TooManyUploads",
             Self::NoSuchEndpoint => "NoSuchEndpoint",
             Self::MethodNotAllowed => "MethodNotAllowed",
             Self::Unavailable(_) => "Unavailable",
@@ -132,6 +142,11 @@ impl IntoResponse for ApiError {
             message,
         };
         let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        }
         if status == StatusCode::UNAUTHORIZED {
             // Lets curl and browsers know Basic auth (what Nix sends from
             // netrc) is an option; Bearer works too.

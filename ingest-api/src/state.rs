@@ -16,6 +16,7 @@ use common::storage::Storage;
 
 use crate::access_log::AccessLog;
 use crate::ttl_cache::TtlCache;
+use crate::upload_slots::UploadSlots;
 
 /// Cheap to clone: everything sits behind one `Arc`.
 #[derive(Clone, Debug)]
@@ -39,6 +40,8 @@ pub struct Shared {
     /// Narinfo and NAR fetches, flushed to `objects.last_accessed_at` in
     /// batches.
     pub access_log: Arc<AccessLog>,
+    /// Uploads receiving now, per token and in all; see `upload_slots`.
+    pub upload_slots: UploadSlots,
 }
 
 /// A cache as the read path needs it: its row and its parsed secret key,

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use common::auth::{Permission, TokenSigningKey};
 use common::config::{
-    AuthConfig, DatabaseConfig, GcConfig, IngestConfig, LogConfig, PipelineConfig, QueueConfig,
-    Secret, ServerConfig, StorageConfig,
+    AuthConfig, DatabaseConfig, GcConfig, HttpConfig, IngestConfig, LogConfig, PipelineConfig,
+    QueueConfig, Secret, ServerConfig, StorageConfig,
 };
 use common::db::{Cache, Database, Timestamp, Upload, UploadPhase};
 use common::duration::HumanDuration;
@@ -196,6 +196,7 @@ impl Cluster {
                 rs256_private_key_pem: None,
             },
             ingest: options.ingest.clone(),
+            http: HttpConfig::default(),
             pipeline: options.pipeline.clone(),
             gc: GcConfig::default(),
             queue: QueueConfig::Amqp {

@@ -24,13 +24,13 @@ use tests::server::{binary, expired_token, TestServer};
 const HOUR: Duration = Duration::from_secs(3600);
 
 /// A user of the `larder` binary with their own home and config.
-struct Larder {
+pub(crate) struct Larder {
     dir: tempfile::TempDir,
     env: Vec<(String, String)>,
 }
 
 impl Larder {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let dir = tempfile::Builder::new()
             .prefix("larder-client-")
             .tempdir()
@@ -71,7 +71,7 @@ impl Larder {
     }
 
     /// Sets an environment variable for later runs.
-    fn set_env(&mut self, key: &str, value: &str) {
+    pub(crate) fn set_env(&mut self, key: &str, value: &str) {
         self.env.push((key.to_owned(), value.to_owned()));
     }
 
@@ -117,12 +117,12 @@ impl Larder {
             .expect("running larder")
     }
 
-    async fn run(&self, args: &[&str]) -> Output {
+    pub(crate) async fn run(&self, args: &[&str]) -> Output {
         self.run_with_input(args, "").await
     }
 
     /// Runs a command that must succeed; returns its stdout.
-    async fn ok(&self, args: &[&str]) -> String {
+    pub(crate) async fn ok(&self, args: &[&str]) -> String {
         let output = self.run(args).await;
         assert!(
             output.status.success(),
@@ -144,7 +144,7 @@ impl Larder {
 
 /// `NIX_CONFIG` for `larder` so that its `nix` commands read the chroot
 /// store at `root`, as a user's `store` setting would.
-fn store_config(root: &Path) -> String {
+pub(crate) fn store_config(root: &Path) -> String {
     format!(
         "store = {}\nsubstituters =",
         root.to_str().expect("a UTF-8 store root")
@@ -196,7 +196,7 @@ async fn server_view(server: &TestServer, cache: &str, token: &str) -> CacheConf
 
 /// Runs a blocking Nix step off the runtime's workers, so the in-process
 /// server keeps answering while Nix talks to it.
-async fn blocking<T: Send + 'static>(step: impl FnOnce() -> T + Send + 'static) -> T {
+pub(crate) async fn blocking<T: Send + 'static>(step: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(step)
         .await
         .expect("the Nix step panicked")
