@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 
 use common::config::{
-    AuthConfig, ConfigError, DatabaseConfig, GcConfig, IngestConfig, LogConfig, PipelineConfig,
+    AuthConfig, ConfigError, DatabaseConfig, GcConfig, IngestConfig, LogConfig, PipelineConfig, QuotaConfig,
     QueueConfig, Secret, ServerConfig, StorageConfig,
 };
 
@@ -106,6 +106,7 @@ fn create_default(path: &Path) -> Result<bool, FirstStartError> {
         pipeline: PipelineConfig::default(),
         gc: GcConfig::default(),
         queue: QueueConfig::default(),
+        quota: QuotaConfig::default(),
         log: LogConfig::default(),
     };
     let text = format!(

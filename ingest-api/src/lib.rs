@@ -15,6 +15,7 @@ pub mod first_start;
 mod http_metrics;
 mod pipeline;
 mod push;
+mod quota;
 mod routes;
 mod spool;
 mod state;
@@ -169,6 +170,7 @@ impl Server {
             storage,
             queue,
             ingest: config.ingest.clone(),
+            quota: config.quota.clone(),
             verifier,
             api_endpoint: config
                 .api_endpoint

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use common::auth::{Permission, TokenSigningKey};
 use common::config::{
-    AuthConfig, DatabaseConfig, GcConfig, IngestConfig, LogConfig, PipelineConfig, QueueConfig,
+    AuthConfig, DatabaseConfig, GcConfig, IngestConfig, LogConfig, PipelineConfig, QuotaConfig, QueueConfig,
     Secret, ServerConfig, StorageConfig,
 };
 use common::db::{Cache, Database, Timestamp, Upload, UploadPhase};
@@ -201,6 +201,7 @@ impl Cluster {
             queue: QueueConfig::Amqp {
                 url: Secret::new(amqp_url.clone()),
             },
+            quota: QuotaConfig::default(),
             log: LogConfig::default(),
         };
         let dir = tempfile::tempdir().expect("a temporary directory");

@@ -25,7 +25,7 @@ use common::auth::{
 };
 use common::cache_name::{CacheName, CacheNamePattern};
 use common::config::{
-    AuthConfig, DatabaseConfig, GcConfig, IngestConfig, LogConfig, PipelineConfig, QueueConfig,
+    AuthConfig, DatabaseConfig, GcConfig, IngestConfig, LogConfig, PipelineConfig, QuotaConfig, QueueConfig,
     Secret, ServerConfig, StorageConfig,
 };
 use common::db::{
@@ -289,6 +289,7 @@ impl TestServer {
             pipeline: PipelineConfig::default(),
             gc: options.gc.clone(),
             queue: QueueConfig::default(),
+            quota: QuotaConfig::default(),
             log: LogConfig::default(),
         };
         if let Some(edit) = &options.edit_config {

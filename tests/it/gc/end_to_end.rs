@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use common::api::{DeletePathsRequest, DeletePathsResponse};
 use common::auth::Permission;
 use common::config::{
-    AuthConfig, DatabaseConfig, IngestConfig, LogConfig, PipelineConfig, QueueConfig, Secret,
+    AuthConfig, DatabaseConfig, IngestConfig, LogConfig, PipelineConfig, QuotaConfig, QueueConfig, Secret,
     ServerConfig, StorageConfig,
 };
 use common::db::{CacheKeypair, CacheUpdate, Database, NewCache, Timestamp};
@@ -178,6 +178,7 @@ async fn retention_on_postgres_with_garage() {
         pipeline: PipelineConfig::default(),
         gc: eager_gc(),
         queue: QueueConfig::default(),
+        quota: QuotaConfig::default(),
         log: LogConfig::default(),
     };
     std::fs::write(&config_path, config.to_toml()).expect("writing the config");
