@@ -335,7 +335,10 @@ mod tests {
         let json = serde_json::to_value(&config).expect("json");
         assert_eq!(json["storage_quota"], serde_json::json!({"Bytes": 1 << 30}));
         assert_eq!(json["quota_policy"], "EvictLru");
-        assert_eq!(json["storage_usage"]["quota_bytes"], serde_json::Value::Null);
+        assert_eq!(
+            json["storage_usage"]["quota_bytes"],
+            serde_json::Value::Null
+        );
         let back: CacheConfig = serde_json::from_value(json).expect("parse");
         assert_eq!(back, config);
         for (text, quota) in [
@@ -344,7 +347,10 @@ mod tests {
         ] {
             assert_eq!(serde_json::from_str::<CacheQuota>(text).expect(text), quota);
         }
-        assert_eq!("evict-lru".parse::<QuotaPolicy>(), Ok(QuotaPolicy::EvictLru));
+        assert_eq!(
+            "evict-lru".parse::<QuotaPolicy>(),
+            Ok(QuotaPolicy::EvictLru)
+        );
         assert!("lru".parse::<QuotaPolicy>().is_err());
     }
 

@@ -281,7 +281,15 @@ mod tests {
         let parse = |input: &str| input.parse::<ByteSize>();
         assert_eq!(parse(""), Err(ByteSizeError::Empty));
         assert_eq!(parse("   "), Err(ByteSizeError::Empty));
-        for input in ["GiB", "-1 GiB", "1,5 GiB", "1 GiB 2 MiB", "1e9", ".", "1 G iB"] {
+        for input in [
+            "GiB",
+            "-1 GiB",
+            "1,5 GiB",
+            "1 GiB 2 MiB",
+            "1e9",
+            ".",
+            "1 G iB",
+        ] {
             assert!(
                 matches!(parse(input), Err(ByteSizeError::ExpectedNumber { .. })),
                 "{input:?}: {:?}",
@@ -311,7 +319,10 @@ mod tests {
                 parse(input)
             );
         }
-        assert!(matches!(parse("8 EiB"), Err(ByteSizeError::UnknownUnit { .. })));
+        assert!(matches!(
+            parse("8 EiB"),
+            Err(ByteSizeError::UnknownUnit { .. })
+        ));
         assert_eq!(bytes("9223372036854775807"), i64::MAX as u64);
     }
 
@@ -335,7 +346,17 @@ mod tests {
         assert_eq!(display(1234), "1234 B");
         assert_eq!(display(0), "0 B");
         assert_eq!(display(3 << 29), "1536 MiB");
-        for bytes in [0, 1, 1000, 1024, 1536, 50 << 30, 500_000_000, 123_456_789, i64::MAX as u64] {
+        for bytes in [
+            0,
+            1,
+            1000,
+            1024,
+            1536,
+            50 << 30,
+            500_000_000,
+            123_456_789,
+            i64::MAX as u64,
+        ] {
             let size = ByteSize::new(bytes);
             assert_eq!(size.to_string().parse::<ByteSize>(), Ok(size), "{size}");
         }

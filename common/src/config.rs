@@ -607,7 +607,10 @@ mod tests {
 
         let text = format!("{MINIMAL}\n[quota]\ndefault-cache-quota = \"50 GiB\"\n");
         let config = load(&text, &[("LARDER_QUOTA__MIN_FREE_SPACE", "500MB")]).expect("valid");
-        assert_eq!(config.quota.default_cache_quota.map(ByteSize::bytes), Some(50 << 30));
+        assert_eq!(
+            config.quota.default_cache_quota.map(ByteSize::bytes),
+            Some(50 << 30)
+        );
         assert_eq!(config.quota.min_free_space.bytes(), 500_000_000);
         let again = load(&config.to_toml(), &[]).expect("re-read");
         assert_eq!(again.quota, config.quota);
@@ -615,7 +618,10 @@ mod tests {
         // Digits alone, as an environment variable gives them, are bytes.
         let config = load(MINIMAL, &[("LARDER_QUOTA__DEFAULT_CACHE_QUOTA", "1048576")])
             .expect("valid config");
-        assert_eq!(config.quota.default_cache_quota.map(ByteSize::bytes), Some(1 << 20));
+        assert_eq!(
+            config.quota.default_cache_quota.map(ByteSize::bytes),
+            Some(1 << 20)
+        );
 
         let error = load(MINIMAL, &[("LARDER_QUOTA__DEFAULT_CACHE_QUOTA", "50G")])
             .expect_err("an ambiguous unit");

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 
 use common::config::{
-    AuthConfig, ConfigError, DatabaseConfig, GcConfig, IngestConfig, LogConfig, PipelineConfig, QuotaConfig,
-    QueueConfig, Secret, ServerConfig, StorageConfig,
+    AuthConfig, ConfigError, DatabaseConfig, GcConfig, IngestConfig, LogConfig, PipelineConfig,
+    QueueConfig, QuotaConfig, Secret, ServerConfig, StorageConfig,
 };
 
 /// Bytes of randomness in a generated HS256 secret: twice the minimum, as

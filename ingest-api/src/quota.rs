@@ -141,8 +141,8 @@ impl Room {
             return ApiError::internal(anyhow::anyhow!("a quota refusal without a quota"));
         };
         ApiError::QuotaExceeded(format!(
-            "this push would take cache {} over its storage quota of {}: it holds {} \
-             ({} in paths, {} in uploads in flight) and the push needs {}{}",
+            "this push would take cache {} over its storage quota of {}: it holds {}, \
+             of which {} in paths and {} in uploads in flight, and the push needs {}{}",
             self.cache,
             bytes(quota),
             bytes(self.status.usage.used()),
@@ -248,7 +248,10 @@ mod tests {
 
     #[test]
     fn a_body_of_unknown_size_is_bounded_by_the_smallest_room() {
-        assert_eq!(room(Some(1000), 600, Some(10_000)).write_bound(5000).ok(), Some(400));
+        assert_eq!(
+            room(Some(1000), 600, Some(10_000)).write_bound(5000).ok(),
+            Some(400)
+        );
         assert_eq!(room(None, 600, Some(300)).write_bound(5000).ok(), Some(300));
         assert_eq!(room(None, 0, None).write_bound(5000).ok(), Some(5000));
         assert!(matches!(

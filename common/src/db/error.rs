@@ -17,7 +17,9 @@ pub enum DbError {
     /// Adding `requested` bytes to a cache that uses `used` would exceed its
     /// quota of `quota` bytes (and, under eviction, removing every other
     /// path would not make room). Nothing was written.
-    #[error("storage quota of {quota} bytes exceeded: {used} bytes in use, {requested} more requested")]
+    #[error(
+        "storage quota of {quota} bytes exceeded: {used} bytes in use, {requested} more requested"
+    )]
     QuotaExceeded {
         quota: u64,
         used: u64,

@@ -15,8 +15,8 @@ use super::quota::{
     adjust_usage_on, lock_cache_on, lock_existing_cache_on, make_room_on, Charge, LockedCache,
 };
 use super::row::{
-    i64_col, json_col, opt_string_col, store_path_hash_col, string_col, time_col, to_i64,
-    to_json, u64_col,
+    i64_col, json_col, opt_string_col, store_path_hash_col, string_col, time_col, to_i64, to_json,
+    u64_col,
 };
 use super::types::{CacheId, NarId, ObjectId, Timestamp};
 use super::uploads::IN_FLIGHT_PHASES_SQL;

@@ -265,9 +265,8 @@ pub(crate) async fn adjust_usage_on(
     .execute(&mut *connection)
     .await
     .map_err(query_error("counting a cache's usage"))?;
-    let apply = |value: u64, delta: i64| {
-        u64::try_from(i128::from(value) + i128::from(delta)).unwrap_or(0)
-    };
+    let apply =
+        |value: u64, delta: i64| u64::try_from(i128::from(value) + i128::from(delta)).unwrap_or(0);
     cache.usage.path_bytes = apply(cache.usage.path_bytes, path_delta);
     cache.usage.pending_bytes = apply(cache.usage.pending_bytes, pending_delta);
     Ok(())
@@ -403,13 +402,12 @@ impl Database {
 
     /// The counted usage of a cache; `None` when there is no such cache.
     pub async fn cache_usage(&self, cache_id: CacheId) -> Result<Option<CacheUsage>> {
-        let row = sqlx::query(
-            "SELECT usage_path_bytes, usage_pending_bytes FROM caches WHERE id = $1",
-        )
-        .bind(cache_id.0)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(query_error("reading a cache's usage"))?;
+        let row =
+            sqlx::query("SELECT usage_path_bytes, usage_pending_bytes FROM caches WHERE id = $1")
+                .bind(cache_id.0)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(query_error("reading a cache's usage"))?;
         row.as_ref().map(usage_from_row).transpose()
     }
 
@@ -551,7 +549,11 @@ mod tests {
         assert_eq!(defaults.resolve(CacheQuota::Unlimited), None);
         assert_eq!(defaults.resolve(CacheQuota::Bytes(3)), Some(3));
         assert_eq!(QuotaDefaults::default().resolve(CacheQuota::Global), None);
-        for quota in [CacheQuota::Global, CacheQuota::Unlimited, CacheQuota::Bytes(9)] {
+        for quota in [
+            CacheQuota::Global,
+            CacheQuota::Unlimited,
+            CacheQuota::Bytes(9),
+        ] {
             let (kind, bytes) = quota_columns(quota);
             assert_eq!(kind == "bytes", bytes.is_some(), "{quota:?}");
         }

@@ -14,15 +14,13 @@ use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 
 use super::error::{constraint_error, query_error, DbError, Result};
+use super::objects::{bind_params, Param};
 use super::objects::{upsert_counted_object_on, NewObject, Object, ObjectMetadata};
-use super::quota::{
-    adjust_usage_on, lock_cache_on, lock_existing_cache_on, make_room_on, Charge,
-};
+use super::quota::{adjust_usage_on, lock_cache_on, lock_existing_cache_on, make_room_on, Charge};
 use super::row::{
     i64_col, json_col, nar_hash_col, opt_i64_col, opt_string_col, parsed_col, store_path_hash_col,
     string_col, time_col, to_i64, to_json, u32_col, u64_col,
 };
-use super::objects::{bind_params, Param};
 use super::types::{CacheId, NarId, StoreState, Timestamp};
 use super::{affected, Database};
 use crate::nix::{NarHash, StorePathHash};

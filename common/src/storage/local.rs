@@ -368,7 +368,10 @@ mod tests {
     fn full_and_over_quota_file_systems_are_out_of_space() {
         for errno in [28, 122] {
             let error = StorageError::io("staging/x", io::Error::from_raw_os_error(errno));
-            assert!(matches!(error, StorageError::OutOfSpace { .. }), "{errno}: {error:?}");
+            assert!(
+                matches!(error, StorageError::OutOfSpace { .. }),
+                "{errno}: {error:?}"
+            );
         }
         let error = StorageError::io("staging/x", io::Error::from_raw_os_error(13));
         assert!(matches!(error, StorageError::Io { .. }), "{error:?}");

@@ -20,8 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use common::api::{
-    CacheConfig, CacheQuota, CreateCacheRequest, KeypairConfig, RetentionPeriodConfig,
-    StorageUsage,
+    CacheConfig, CacheQuota, CreateCacheRequest, KeypairConfig, RetentionPeriodConfig, StorageUsage,
 };
 use common::auth::Permission;
 use common::cache_name::CacheName;

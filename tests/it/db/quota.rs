@@ -41,7 +41,10 @@ async fn assert_usage(db: &Database, cache_id: CacheId, path_bytes: u64, pending
         }
     );
     let corrections = db.recompute_usage().await.expect("recomputing");
-    assert!(corrections.is_empty(), "the counters drifted: {corrections:?}");
+    assert!(
+        corrections.is_empty(),
+        "the counters drifted: {corrections:?}"
+    );
 }
 
 /// An upload of `nar_size` bytes of the path `n`, with NAR `n`.
@@ -238,7 +241,10 @@ async fn usage_follows_every_row_that_counts(t: TestDb) {
     assert_usage(db, cache.id, 1000, 0).await;
 
     // A destroyed cache takes its counters; the others keep theirs.
-    assert!(db.delete_cache(&cache_name("counted")).await.expect("destroying"));
+    assert!(db
+        .delete_cache(&cache_name("counted"))
+        .await
+        .expect("destroying"));
     assert!(db.cache_usage(cache.id).await.expect("reading").is_none());
     assert_usage(db, other.id, 3000, 0).await;
 }
@@ -280,7 +286,11 @@ async fn a_push_over_the_quota_writes_nothing(t: TestDb) {
             .expect("missing paths"),
         vec![path_hash(2), path_hash(3)]
     );
-    assert!(db.staged_file(cache.id, "x.nar.zst").await.expect("lookup").is_none());
+    assert!(db
+        .staged_file(cache.id, "x.nar.zst")
+        .await
+        .expect("lookup")
+        .is_none());
     assert_usage(db, cache.id, 0, 600).await;
 
     // Exactly the room left fits.
@@ -298,7 +308,9 @@ async fn a_push_over_the_quota_writes_nothing(t: TestDb) {
         .expect_err("over a lowered quota");
     assert!(is_quota_exceeded(&error, 10, 1000, 1), "{error}");
     let nar = valid_nar(db, 1, 600, &[1]).await;
-    db.set_upload_nar(&upload.id, nar, T0).await.expect("linking");
+    db.set_upload_nar(&upload.id, nar, T0)
+        .await
+        .expect("linking");
     db.finalise_upload(&upload.id, at(1))
         .await
         .expect("an admitted upload finishes");
@@ -334,7 +346,13 @@ async fn the_server_default_applies_to_caches_without_a_quota(t: TestDb) {
     db.create_upload(&sized_upload(cache.id, 4, 1000), T0)
         .await
         .expect("unlimited beats the default");
-    set_quota(&db, "defaulted", CacheQuota::Bytes(5000), QuotaPolicy::Refuse).await;
+    set_quota(
+        &db,
+        "defaulted",
+        CacheQuota::Bytes(5000),
+        QuotaPolicy::Refuse,
+    )
+    .await;
     db.create_upload(&sized_upload(cache.id, 5, 1000), T0)
         .await
         .expect("its own quota beats the default");
@@ -459,11 +477,13 @@ async fn recomputing_heals_drifted_counters(t: TestDb) {
         .await
         .expect("an upload");
     // A counting bug, or a hand edit.
-    sqlx::query("UPDATE caches SET usage_path_bytes = 7, usage_pending_bytes = 999999 WHERE id = $1")
-        .bind(cache.id.0)
-        .execute(db.pool())
-        .await
-        .expect("corrupting the counters");
+    sqlx::query(
+        "UPDATE caches SET usage_path_bytes = 7, usage_pending_bytes = 999999 WHERE id = $1",
+    )
+    .bind(cache.id.0)
+    .execute(db.pool())
+    .await
+    .expect("corrupting the counters");
     let corrections = db.recompute_usage().await.expect("recomputing");
     assert_eq!(corrections.len(), 1, "{corrections:?}");
     assert_eq!(corrections[0].cache_id, cache.id);

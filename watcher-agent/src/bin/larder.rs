@@ -11,8 +11,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use common::api::{
-    CacheConfig, CacheQuota, CreateCacheRequest, KeypairConfig, QuotaPolicy,
-    RetentionPeriodConfig, StorageUsage,
+    CacheConfig, CacheQuota, CreateCacheRequest, KeypairConfig, QuotaPolicy, RetentionPeriodConfig,
+    StorageUsage,
 };
 use common::byte_size::ByteSize;
 use common::duration::HumanDuration;
@@ -325,9 +325,7 @@ async fn cache_command(command: CacheCommand) -> anyhow::Result<()> {
                 is_public: settings.visibility(),
                 priority: settings.priority,
                 upstream_cache_key_names: settings.upstream_keys(),
-                storage_quota: settings
-                    .quota
-                    .or(reset_quota.then_some(CacheQuota::Global)),
+                storage_quota: settings.quota.or(reset_quota.then_some(CacheQuota::Global)),
                 quota_policy: settings.quota_policy,
                 retention_period: match (retention_period, reset_retention_period) {
                     (Some(period), _) => Some(RetentionPeriodConfig::Period(period.as_secs())),
@@ -471,7 +469,10 @@ fn print_info(cache: &CacheRef, config: &CacheConfig) {
         ),
         (
             "Storage used",
-            config.storage_usage.as_ref().map_or_else(unknown, usage_line),
+            config
+                .storage_usage
+                .as_ref()
+                .map_or_else(unknown, usage_line),
         ),
         (
             "When full",
