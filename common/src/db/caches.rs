@@ -132,7 +132,7 @@ impl Database {
              retention_period_secs, keypair, created_at, quota_kind, quota_bytes, quota_policy) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING {CACHE_COLUMNS}"
         );
-        let (quota_kind, quota_bytes) = quota_columns(new.quota);
+        let (quota_kind, quota_bytes) = quota_columns(new.quota)?;
         let row = sqlx::query(&sql)
             .bind(new.name.as_str())
             .bind(new.is_public)
@@ -207,7 +207,10 @@ impl Database {
             None => (0, None),
         };
         let (quota_kind, set_quota, quota_bytes) = match update.quota.map(quota_columns) {
-            Some((kind, bytes)) => (Some(kind), 1_i64, bytes),
+            Some(columns) => {
+                let (kind, bytes) = columns?;
+                (Some(kind), 1_i64, bytes)
+            }
             None => (None, 0, None),
         };
         let row = sqlx::query(&sql)

@@ -162,15 +162,14 @@ pub(crate) struct LockedCache {
     usage: CacheUsage,
 }
 
-/// The columns a cache's quota setting is stored in.
-pub(crate) fn quota_columns(quota: CacheQuota) -> (&'static str, Option<i64>) {
-    match quota {
+/// The columns a cache's quota setting is stored in;
+/// [`DbError::InvalidInput`] for a quota beyond `i64::MAX` bytes.
+pub(crate) fn quota_columns(quota: CacheQuota) -> Result<(&'static str, Option<i64>)> {
+    Ok(match quota {
         CacheQuota::Global => ("default", None),
         CacheQuota::Unlimited => ("unlimited", None),
-        // Sizes reaching the store come through validated types capped at
-        // i64::MAX; a larger one is stored as that cap.
-        CacheQuota::Bytes(bytes) => ("bytes", Some(i64::try_from(bytes).unwrap_or(i64::MAX))),
-    }
+        CacheQuota::Bytes(bytes) => ("bytes", Some(to_i64("storage quota", bytes)?)),
+    })
 }
 
 /// A cache's quota setting from its `quota_kind` and `quota_bytes`.
@@ -554,8 +553,9 @@ mod tests {
             CacheQuota::Unlimited,
             CacheQuota::Bytes(9),
         ] {
-            let (kind, bytes) = quota_columns(quota);
+            let (kind, bytes) = quota_columns(quota).expect("a storable quota");
             assert_eq!(kind == "bytes", bytes.is_some(), "{quota:?}");
         }
+        assert!(quota_columns(CacheQuota::Bytes(u64::MAX)).is_err());
     }
 }
