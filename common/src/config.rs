@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::byte_size::ByteSize;
 use crate::duration::HumanDuration;
 
 /// Prefix of every configuration environment variable.
@@ -33,6 +34,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "pipeline",
     "gc",
     "queue",
+    "quota",
     "log",
 ];
 
@@ -111,7 +113,34 @@ pub struct ServerConfig {
     #[serde(default)]
     pub queue: QueueConfig,
     #[serde(default)]
+    pub quota: QuotaConfig,
+    #[serde(default)]
     pub log: LogConfig,
+}
+
+/// `[quota]`: per-cache storage quotas, and the room pushes must leave on
+/// local storage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct QuotaConfig {
+    /// The quota of caches that set none (in logical bytes: the NarSize of
+    /// their paths, uploads in flight and staged NAR files). Absent:
+    /// unlimited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_cache_quota: Option<ByteSize>,
+    /// Local storage only: a push is refused with 507 when it would leave
+    /// less than this free on the storage directory's file system (which,
+    /// in the single-machine layout, the SQLite database shares).
+    pub min_free_space: ByteSize,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        Self {
+            default_cache_quota: None,
+            min_free_space: ByteSize::new(1 << 30),
+        }
+    }
 }
 
 /// Limits and behaviour of the push endpoints.
@@ -662,6 +691,36 @@ mod tests {
             error.to_string().contains("http.body-idle-timeout"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn quotas_are_unlimited_by_default_and_read_with_units() {
+        let config = load(MINIMAL, &[]).expect("valid config");
+        assert_eq!(config.quota, QuotaConfig::default());
+        assert_eq!(config.quota.default_cache_quota, None);
+        assert_eq!(config.quota.min_free_space.bytes(), 1 << 30);
+
+        let text = format!("{MINIMAL}\n[quota]\ndefault-cache-quota = \"50 GiB\"\n");
+        let config = load(&text, &[("LARDER_QUOTA__MIN_FREE_SPACE", "500MB")]).expect("valid");
+        assert_eq!(
+            config.quota.default_cache_quota.map(ByteSize::bytes),
+            Some(50 << 30)
+        );
+        assert_eq!(config.quota.min_free_space.bytes(), 500_000_000);
+        let again = load(&config.to_toml(), &[]).expect("re-read");
+        assert_eq!(again.quota, config.quota);
+
+        // Digits alone, as an environment variable gives them, are bytes.
+        let config = load(MINIMAL, &[("LARDER_QUOTA__DEFAULT_CACHE_QUOTA", "1048576")])
+            .expect("valid config");
+        assert_eq!(
+            config.quota.default_cache_quota.map(ByteSize::bytes),
+            Some(1 << 20)
+        );
+
+        let error = load(MINIMAL, &[("LARDER_QUOTA__DEFAULT_CACHE_QUOTA", "50G")])
+            .expect_err("an ambiguous unit");
+        assert!(error.to_string().contains("ambiguous"), "{error}");
     }
 
     #[test]

@@ -53,6 +53,16 @@ pub enum ApiError {
     /// with `Retry-After` before any of the body is read.
     #[error("{0}")]
     TooManyUploads(String),
+    /// The push would take its cache over its storage quota; nothing
+    /// stored was touched. The message names the quota, the usage and the
+    /// push's size.
+    #[error("{0}")]
+    QuotaExceeded(String),
+    /// The server as a whole has no room for the push (its storage is
+    /// full, or would be within its reserve). A 5xx: the tenant did
+    /// nothing wrong, and Nix and `larder push` retry it later.
+    #[error("{0}")]
+    InsufficientStorage(String),
     #[error("no such endpoint")]
     NoSuchEndpoint,
     #[error("method not allowed here")]
@@ -85,8 +95,9 @@ impl ApiError {
             Self::UploadFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::CacheAlreadyExists | Self::Conflict(_) => StatusCode::CONFLICT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::TooManyUploads(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::PayloadTooLarge(_) | Self::QuotaExceeded(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -107,6 +118,8 @@ impl ApiError {
             Self::BadRequest(_) => "BadRequest",
             Self::PayloadTooLarge(_) => "PayloadTooLarge",
             Self::TooManyUploads(_) => "TooManyUploads",
+            Self::QuotaExceeded(_) => "QuotaExceeded",
+            Self::InsufficientStorage(_) => "InsufficientStorage",
             Self::NoSuchEndpoint => "NoSuchEndpoint",
             Self::MethodNotAllowed => "MethodNotAllowed",
             Self::Unavailable(_) => "Unavailable",

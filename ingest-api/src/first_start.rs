@@ -11,7 +11,7 @@ use base64::Engine;
 
 use common::config::{
     AuthConfig, ConfigError, DatabaseConfig, GcConfig, HttpConfig, IngestConfig, LogConfig,
-    PipelineConfig, QueueConfig, Secret, ServerConfig, StorageConfig,
+    PipelineConfig, QueueConfig, QuotaConfig, Secret, ServerConfig, StorageConfig,
 };
 
 /// Bytes of randomness in a generated HS256 secret: twice the minimum, as
@@ -107,6 +107,7 @@ fn create_default(path: &Path) -> Result<bool, FirstStartError> {
         pipeline: PipelineConfig::default(),
         gc: GcConfig::default(),
         queue: QueueConfig::default(),
+        quota: QuotaConfig::default(),
         log: LogConfig::default(),
     };
     let text = format!(

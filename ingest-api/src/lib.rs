@@ -15,6 +15,7 @@ pub mod first_start;
 mod http_metrics;
 mod pipeline;
 mod push;
+mod quota;
 mod routes;
 pub mod serve;
 mod spool;
@@ -173,6 +174,7 @@ impl Server {
             storage,
             queue,
             ingest: config.ingest.clone(),
+            quota: config.quota.clone(),
             verifier,
             api_endpoint: config
                 .api_endpoint

@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use common::auth::TokenVerifier;
 use common::cache_name::CacheName;
-use common::config::IngestConfig;
+use common::config::{IngestConfig, QuotaConfig};
 use common::db::{Cache, CacheId, Database};
 use common::nix::signing::SecretKey;
 use common::nix::StorePathHash;
@@ -29,6 +29,9 @@ pub struct Shared {
     /// Where spooled uploads' chunk jobs go.
     pub queue: Arc<dyn Queue>,
     pub ingest: IngestConfig,
+    /// The room pushes must leave on local storage (quotas themselves are
+    /// enforced by the database handle).
+    pub quota: QuotaConfig,
     pub verifier: TokenVerifier,
     /// The configured public base URL (with a trailing `/`), if any;
     /// otherwise URLs are derived from each request's `Host`.

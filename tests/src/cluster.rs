@@ -19,7 +19,7 @@ use std::time::Duration;
 use common::auth::{Permission, TokenSigningKey};
 use common::config::{
     AuthConfig, DatabaseConfig, GcConfig, HttpConfig, IngestConfig, LogConfig, PipelineConfig,
-    QueueConfig, Secret, ServerConfig, StorageConfig,
+    QueueConfig, QuotaConfig, Secret, ServerConfig, StorageConfig,
 };
 use common::db::{Cache, Database, Timestamp, Upload, UploadPhase};
 use common::duration::HumanDuration;
@@ -202,6 +202,7 @@ impl Cluster {
             queue: QueueConfig::Amqp {
                 url: Secret::new(amqp_url.clone()),
             },
+            quota: QuotaConfig::default(),
             log: LogConfig::default(),
         };
         let dir = tempfile::tempdir().expect("a temporary directory");

@@ -26,7 +26,7 @@ use common::auth::{
 use common::cache_name::{CacheName, CacheNamePattern};
 use common::config::{
     AuthConfig, DatabaseConfig, GcConfig, HttpConfig, IngestConfig, LogConfig, PipelineConfig,
-    QueueConfig, Secret, ServerConfig, StorageConfig,
+    QueueConfig, QuotaConfig, Secret, ServerConfig, StorageConfig,
 };
 use common::db::{
     Backend, Cache, CacheId, CacheKeypair, ChunkLocation, Database, Nar, NewCache, NewObject,
@@ -290,6 +290,7 @@ impl TestServer {
             pipeline: PipelineConfig::default(),
             gc: options.gc.clone(),
             queue: QueueConfig::default(),
+            quota: QuotaConfig::default(),
             log: LogConfig::default(),
         };
         if let Some(edit) = &options.edit_config {

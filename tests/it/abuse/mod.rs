@@ -6,3 +6,4 @@
 //! victim is another tenant on the same server.
 
 mod http;
+mod quota;

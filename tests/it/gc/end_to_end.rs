@@ -12,7 +12,7 @@ use common::api::{DeletePathsRequest, DeletePathsResponse};
 use common::auth::Permission;
 use common::config::{
     AuthConfig, DatabaseConfig, HttpConfig, IngestConfig, LogConfig, PipelineConfig, QueueConfig,
-    Secret, ServerConfig, StorageConfig,
+    QuotaConfig, Secret, ServerConfig, StorageConfig,
 };
 use common::db::{CacheKeypair, CacheUpdate, Database, NewCache, Timestamp};
 use common::duration::HumanDuration;
@@ -179,6 +179,7 @@ async fn retention_on_postgres_with_garage() {
         pipeline: PipelineConfig::default(),
         gc: eager_gc(),
         queue: QueueConfig::default(),
+        quota: QuotaConfig::default(),
         log: LogConfig::default(),
     };
     std::fs::write(&config_path, config.to_toml()).expect("writing the config");
