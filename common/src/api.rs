@@ -24,6 +24,83 @@ pub enum RetentionPeriodConfig {
     Period(u64),
 }
 
+/// A cache's storage quota: a limit on the logical bytes it holds (the
+/// NarSize of its paths, of its uploads in flight and of its staged NAR
+/// files), however much of that is deduplicated with other caches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CacheQuota {
+    /// The server's `[quota] default-cache-quota` applies (none: unlimited).
+    Global,
+    /// No quota, whatever the server's default.
+    Unlimited,
+    /// At most this many bytes.
+    Bytes(u64),
+}
+
+/// What a push that would exceed a cache's quota does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum QuotaPolicy {
+    /// It is refused (413 `QuotaExceeded`); nothing stored is touched.
+    #[default]
+    Refuse,
+    /// The cache's least recently accessed paths are removed until the
+    /// push fits; it is refused only when removing all of them (but the
+    /// path being pushed) would not make room.
+    EvictLru,
+}
+
+impl QuotaPolicy {
+    pub const ALL: [Self; 2] = [Self::Refuse, Self::EvictLru];
+
+    /// The name in the database and on the command line.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Refuse => "refuse",
+            Self::EvictLru => "evict-lru",
+        }
+    }
+}
+
+impl std::fmt::Display for QuotaPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A quota policy name that is neither `refuse` nor `evict-lru`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown quota policy {0:?}: expected refuse or evict-lru")]
+pub struct UnknownQuotaPolicy(pub String);
+
+impl std::str::FromStr for QuotaPolicy {
+    type Err = UnknownQuotaPolicy;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|policy| policy.as_str() == name)
+            .ok_or_else(|| UnknownQuotaPolicy(name.chars().take(40).collect()))
+    }
+}
+
+/// How much of its quota a cache uses, in logical bytes (read-only, in
+/// `GET /_api/v1/cache-config/{cache}` for holders of a token that grants
+/// anything on the cache).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageUsage {
+    /// The quota that applies (the cache's own, or the server's default);
+    /// `null`: unlimited.
+    pub quota_bytes: Option<u64>,
+    /// Everything that counts against the quota: `paths_bytes` plus
+    /// `pending_bytes`.
+    pub used_bytes: u64,
+    /// The NarSize of the cache's paths.
+    pub paths_bytes: u64,
+    /// The NarSize of its uploads still in the pipeline and of its NAR
+    /// files received with `PUT nar/…` that no narinfo claimed yet.
+    pub pending_bytes: u64,
+}
+
 /// Where a cache's signing key comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KeypairConfig {
@@ -58,6 +135,19 @@ pub struct CacheConfig {
     pub upstream_cache_key_names: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention_period: Option<RetentionPeriodConfig>,
+    /// The cache's storage quota. Changing it needs the
+    /// `configure_cache_quota` permission, which tenants do not normally
+    /// hold. (A Larder addition, absent from Attic's API.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_quota: Option<CacheQuota>,
+    /// What a push over the quota does. (A Larder addition.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_policy: Option<QuotaPolicy>,
+    /// Only in answers, and only to holders of a token that grants
+    /// anything on the cache: usage against the quota. Ignored in a
+    /// `PATCH`. (A Larder addition.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_usage: Option<StorageUsage>,
     /// Only in a `PATCH`: regenerate or import the key pair.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keypair: Option<KeypairConfig>,
@@ -77,6 +167,13 @@ pub struct CreateCacheRequest {
     pub priority: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_cache_key_names: Option<Vec<String>>,
+    /// Needs the `configure_cache_quota` permission besides `create_cache`.
+    /// (A Larder addition, absent from Attic's API.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_quota: Option<CacheQuota>,
+    /// (A Larder addition.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_policy: Option<QuotaPolicy>,
 }
 
 fn default_keypair() -> KeypairConfig {
@@ -212,6 +309,49 @@ mod tests {
         assert_eq!(global, r#""Global""#);
         let period = serde_json::to_string(&RetentionPeriodConfig::Period(60)).expect("json");
         assert_eq!(period, r#"{"Period":60}"#);
+    }
+
+    #[test]
+    fn quota_fields_are_left_out_when_absent_and_read_back_when_present() {
+        // Attic's client sees exactly the fields it knows.
+        let json = serde_json::to_value(CacheConfig {
+            priority: Some(41),
+            ..CacheConfig::default()
+        })
+        .expect("json");
+        assert_eq!(json, serde_json::json!({"priority": 41}));
+
+        let config = CacheConfig {
+            storage_quota: Some(CacheQuota::Bytes(1 << 30)),
+            quota_policy: Some(QuotaPolicy::EvictLru),
+            storage_usage: Some(StorageUsage {
+                quota_bytes: None,
+                used_bytes: 3,
+                paths_bytes: 2,
+                pending_bytes: 1,
+            }),
+            ..CacheConfig::default()
+        };
+        let json = serde_json::to_value(&config).expect("json");
+        assert_eq!(json["storage_quota"], serde_json::json!({"Bytes": 1 << 30}));
+        assert_eq!(json["quota_policy"], "EvictLru");
+        assert_eq!(
+            json["storage_usage"]["quota_bytes"],
+            serde_json::Value::Null
+        );
+        let back: CacheConfig = serde_json::from_value(json).expect("parse");
+        assert_eq!(back, config);
+        for (text, quota) in [
+            (r#""Global""#, CacheQuota::Global),
+            (r#""Unlimited""#, CacheQuota::Unlimited),
+        ] {
+            assert_eq!(serde_json::from_str::<CacheQuota>(text).expect(text), quota);
+        }
+        assert_eq!(
+            "evict-lru".parse::<QuotaPolicy>(),
+            Ok(QuotaPolicy::EvictLru)
+        );
+        assert!("lru".parse::<QuotaPolicy>().is_err());
     }
 
     #[test]

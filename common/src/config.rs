@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::byte_size::ByteSize;
 use crate::duration::HumanDuration;
 
 /// Prefix of every configuration environment variable.
@@ -29,9 +30,11 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "storage",
     "auth",
     "ingest",
+    "http",
     "pipeline",
     "gc",
     "queue",
+    "quota",
     "log",
 ];
 
@@ -102,13 +105,42 @@ pub struct ServerConfig {
     #[serde(default)]
     pub ingest: IngestConfig,
     #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
     pub pipeline: PipelineConfig,
     #[serde(default)]
     pub gc: GcConfig,
     #[serde(default)]
     pub queue: QueueConfig,
     #[serde(default)]
+    pub quota: QuotaConfig,
+    #[serde(default)]
     pub log: LogConfig,
+}
+
+/// `[quota]`: per-cache storage quotas, and the room pushes must leave on
+/// local storage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct QuotaConfig {
+    /// The quota of caches that set none (in logical bytes: the NarSize of
+    /// their paths, uploads in flight and staged NAR files). Absent:
+    /// unlimited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_cache_quota: Option<ByteSize>,
+    /// Local storage only: a push is refused with 507 when it would leave
+    /// less than this free on the storage directory's file system (which,
+    /// in the single-machine layout, the SQLite database shares).
+    pub min_free_space: ByteSize,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        Self {
+            default_cache_quota: None,
+            min_free_space: ByteSize::new(1 << 30),
+        }
+    }
 }
 
 /// Limits and behaviour of the push endpoints.
@@ -140,6 +172,75 @@ impl Default for IngestConfig {
             max_narinfo_size: 1 << 20,
             require_proof_of_possession: true,
             wait_for_visible: HumanDuration::from_secs(120),
+        }
+    }
+}
+
+/// `[http]`: how the HTTP server treats connections and concurrent
+/// uploads, so that no client can hold its resources for free.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// How long a client may take to send a request's headers; also how
+    /// long an idle keep-alive connection stays open.
+    pub header_read_timeout: HumanDuration,
+    /// A request body that delivers no bytes for this long, while the
+    /// server waits for them, fails (a stalled upload is dropped).
+    pub body_idle_timeout: HumanDuration,
+    /// Connections open at once; at the limit no more are accepted until
+    /// one closes (new ones wait in the kernel's listen queue).
+    pub max_connections: u32,
+    /// On shutdown, how long requests in flight may go on; then their
+    /// bodies are cut off and, shortly after, their connections closed.
+    pub shutdown_grace: HumanDuration,
+    /// NAR uploads (`upload-path`, `PUT nar/…`) receiving at once, over
+    /// all tokens.
+    pub max_concurrent_uploads: u32,
+    /// NAR uploads receiving at once with one token (its `jti`).
+    pub max_concurrent_uploads_per_token: u32,
+    /// How long a `PUT nar/…` from Nix waits for an upload slot, without
+    /// reading its body, before it is refused with 429 (Nix 2.8 cannot
+    /// retry a PUT whose body it began to send). `upload-path` is refused
+    /// at once: `larder push` and the agent wait and retry.
+    pub upload_slot_wait: HumanDuration,
+}
+
+impl HttpConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let zero = |key: &str| {
+            Err(ConfigError::Invalid(format!(
+                "http.{key} must be greater than zero"
+            )))
+        };
+        if self.header_read_timeout.as_secs() == 0 {
+            return zero("header-read-timeout");
+        }
+        if self.body_idle_timeout.as_secs() == 0 {
+            return zero("body-idle-timeout");
+        }
+        if self.max_connections == 0 {
+            return zero("max-connections");
+        }
+        if self.max_concurrent_uploads == 0 {
+            return zero("max-concurrent-uploads");
+        }
+        if self.max_concurrent_uploads_per_token == 0 {
+            return zero("max-concurrent-uploads-per-token");
+        }
+        Ok(())
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: HumanDuration::from_secs(30),
+            body_idle_timeout: HumanDuration::from_secs(60),
+            max_connections: 1024,
+            shutdown_grace: HumanDuration::from_secs(20),
+            max_concurrent_uploads: 64,
+            max_concurrent_uploads_per_token: 8,
+            upload_slot_wait: HumanDuration::from_secs(120),
         }
     }
 }
@@ -472,6 +573,7 @@ impl ServerConfig {
             s3.validate()?;
         }
         self.gc.validate()?;
+        self.http.validate()?;
         if let QueueConfig::Amqp { url, ca_file } = &self.queue {
             // Only the scheme may show: the URL holds a password.
             let url = url.expose();
@@ -643,6 +745,58 @@ mod tests {
             error.to_string().contains("gc.delete-concurrency"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn http_limits_have_defaults_and_refuse_zero() {
+        let config = load(MINIMAL, &[]).expect("valid config");
+        assert_eq!(config.http, HttpConfig::default());
+
+        let text = format!("{MINIMAL}\n[http]\nmax-connections = 10\nupload-slot-wait = \"0s\"\n");
+        let config = load(
+            &text,
+            &[("LARDER_HTTP__MAX_CONCURRENT_UPLOADS_PER_TOKEN", "2")],
+        )
+        .expect("valid config");
+        assert_eq!(config.http.max_connections, 10);
+        assert_eq!(config.http.max_concurrent_uploads_per_token, 2);
+        assert_eq!(config.http.upload_slot_wait, HumanDuration::from_secs(0));
+
+        let error = load(MINIMAL, &[("LARDER_HTTP__BODY_IDLE_TIMEOUT", "0s")]).expect_err("zero");
+        assert!(
+            error.to_string().contains("http.body-idle-timeout"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn quotas_are_unlimited_by_default_and_read_with_units() {
+        let config = load(MINIMAL, &[]).expect("valid config");
+        assert_eq!(config.quota, QuotaConfig::default());
+        assert_eq!(config.quota.default_cache_quota, None);
+        assert_eq!(config.quota.min_free_space.bytes(), 1 << 30);
+
+        let text = format!("{MINIMAL}\n[quota]\ndefault-cache-quota = \"50 GiB\"\n");
+        let config = load(&text, &[("LARDER_QUOTA__MIN_FREE_SPACE", "500MB")]).expect("valid");
+        assert_eq!(
+            config.quota.default_cache_quota.map(ByteSize::bytes),
+            Some(50 << 30)
+        );
+        assert_eq!(config.quota.min_free_space.bytes(), 500_000_000);
+        let again = load(&config.to_toml(), &[]).expect("re-read");
+        assert_eq!(again.quota, config.quota);
+
+        // Digits alone, as an environment variable gives them, are bytes.
+        let config = load(MINIMAL, &[("LARDER_QUOTA__DEFAULT_CACHE_QUOTA", "1048576")])
+            .expect("valid config");
+        assert_eq!(
+            config.quota.default_cache_quota.map(ByteSize::bytes),
+            Some(1 << 20)
+        );
+
+        let error = load(MINIMAL, &[("LARDER_QUOTA__DEFAULT_CACHE_QUOTA", "50G")])
+            .expect_err("an ambiguous unit");
+        assert!(error.to_string().contains("ambiguous"), "{error}");
     }
 
     #[test]

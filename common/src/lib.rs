@@ -8,6 +8,7 @@
 pub mod api;
 #[cfg(feature = "auth")]
 pub mod auth;
+pub mod byte_size;
 pub mod cache_name;
 pub mod config;
 #[cfg(feature = "db")]

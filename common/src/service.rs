@@ -18,8 +18,9 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+use crate::byte_size::ByteSize;
 use crate::config::{ConfigError, LogFormat, PipelineConfig, QueueConfig, ServerConfig};
-use crate::db::{Database, DbError};
+use crate::db::{Database, DbError, QuotaDefaults};
 use crate::metrics::{serve_ops, Readiness};
 use crate::queue::{AmqpQueue, EmbeddedQueue, Queue};
 use crate::storage::{Storage, StorageError};
@@ -104,9 +105,14 @@ pub fn init_logging(format: LogFormat) {
 
 /// Connects to the configured database and brings its schema up to date
 /// (safe from several processes at once, see [`Database::migrate`]), so
-/// that services may start in any order.
+/// that services may start in any order. The handle enforces the
+/// configured `[quota] default-cache-quota`.
 pub async fn open_database(config: &ServerConfig) -> Result<Database, DbError> {
-    let database = Database::connect(config.database.url.expose()).await?;
+    let database = Database::connect(config.database.url.expose())
+        .await?
+        .with_quota_defaults(QuotaDefaults {
+            default_quota: config.quota.default_cache_quota.map(ByteSize::bytes),
+        });
     database.migrate().await?;
     Ok(database)
 }

@@ -23,6 +23,9 @@
 //!    pointed at them. The grace keeps a compressor's fresh object safe.
 //!    Likewise staged NARs under `staging/` that no upload or staged file
 //!    names, older than `staged-file-deadline` (a crashed spool's).
+//! 6. **Quota usage**: every cache's counted usage is summed again from its
+//!    objects, uploads in flight and staged files, and corrected where it
+//!    drifted (`Database::recompute_usage`; each correction is logged).
 //!
 //! Every step pages through all of its work (`page-size` rows a round
 //! trip), deletes from storage with at most `delete-concurrency` requests
@@ -88,6 +91,9 @@ pub struct GcReport {
     /// Storage objects under `chunks/` or `staging/` that no row named,
     /// deleted.
     pub orphans_removed: u64,
+    /// Caches whose counted quota usage had drifted from their rows and
+    /// was corrected (0 unless something bypassed the counting).
+    pub usage_corrected: u64,
     /// How long the run took.
     pub duration: Duration,
 }
@@ -118,6 +124,7 @@ impl GcReport {
             uploads_reaped = self.uploads_reaped,
             staged_files_reaped = self.staged_files_reaped,
             orphans_removed = self.orphans_removed,
+            usage_corrected = self.usage_corrected,
             duration_ms = self.duration.as_millis() as u64,
             "GC run finished"
         );
@@ -143,6 +150,17 @@ pub async fn collect_garbage(
     delete_claimed_chunks(database, storage, config, &mut report).await?;
     for sweep in [orphans::Sweep::Chunks, orphans::Sweep::Staging] {
         orphans::remove_orphans(sweep, database, storage, config, now, &mut report).await?;
+    }
+    for correction in database.recompute_usage().await? {
+        tracing::warn!(
+            cache_id = %correction.cache_id,
+            recorded_path_bytes = correction.recorded.path_bytes,
+            recorded_pending_bytes = correction.recorded.pending_bytes,
+            path_bytes = correction.actual.path_bytes,
+            pending_bytes = correction.actual.pending_bytes,
+            "corrected a cache's counted quota usage"
+        );
+        report.usage_corrected += 1;
     }
     report.duration = started.elapsed();
     Ok(report)

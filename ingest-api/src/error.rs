@@ -10,6 +10,10 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+/// The `Retry-After` of a 429, in seconds: about how long a small upload
+/// takes. Clients back off further on repeated refusals.
+pub const RETRY_AFTER_SECONDS: u64 = 2;
+
 /// A request that could not be served.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -45,6 +49,20 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// Past a limit on concurrent uploads (the message names it); answered
+    /// with `Retry-After` before any of the body is read.
+    #[error("{0}")]
+    TooManyUploads(String),
+    /// The push would take its cache over its storage quota; nothing
+    /// stored was touched. The message names the quota, the usage and the
+    /// push's size.
+    #[error("{0}")]
+    QuotaExceeded(String),
+    /// The server as a whole has no room for the push (its storage is
+    /// full, or would be within its reserve). A 5xx: the tenant did
+    /// nothing wrong, and Nix and `larder push` retry it later.
+    #[error("{0}")]
+    InsufficientStorage(String),
     #[error("no such endpoint")]
     NoSuchEndpoint,
     #[error("method not allowed here")]
@@ -77,7 +95,9 @@ impl ApiError {
             Self::UploadFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::CacheAlreadyExists | Self::Conflict(_) => StatusCode::CONFLICT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::TooManyUploads(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::PayloadTooLarge(_) | Self::QuotaExceeded(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -97,6 +117,9 @@ impl ApiError {
             Self::Conflict(_) => "Conflict",
             Self::BadRequest(_) => "BadRequest",
             Self::PayloadTooLarge(_) => "PayloadTooLarge",
+            Self::TooManyUploads(_) => "TooManyUploads",
+            Self::QuotaExceeded(_) => "QuotaExceeded",
+            Self::InsufficientStorage(_) => "InsufficientStorage",
             Self::NoSuchEndpoint => "NoSuchEndpoint",
             Self::MethodNotAllowed => "MethodNotAllowed",
             Self::Unavailable(_) => "Unavailable",
@@ -132,6 +155,11 @@ impl IntoResponse for ApiError {
             message,
         };
         let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        }
         if status == StatusCode::UNAUTHORIZED {
             // Lets curl and browsers know Basic auth (what Nix sends from
             // netrc) is an option; Bearer works too.

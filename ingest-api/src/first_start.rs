@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 
 use common::config::{
-    AuthConfig, ConfigError, DatabaseConfig, GcConfig, IngestConfig, LogConfig, PipelineConfig,
-    QueueConfig, Secret, ServerConfig, StorageConfig,
+    AuthConfig, ConfigError, DatabaseConfig, GcConfig, HttpConfig, IngestConfig, LogConfig,
+    PipelineConfig, QueueConfig, QuotaConfig, Secret, ServerConfig, StorageConfig,
 };
 
 /// Bytes of randomness in a generated HS256 secret: twice the minimum, as
@@ -103,9 +103,11 @@ fn create_default(path: &Path) -> Result<bool, FirstStartError> {
             rs256_private_key_pem: None,
         },
         ingest: IngestConfig::default(),
+        http: HttpConfig::default(),
         pipeline: PipelineConfig::default(),
         gc: GcConfig::default(),
         queue: QueueConfig::default(),
+        quota: QuotaConfig::default(),
         log: LogConfig::default(),
     };
     let text = format!(

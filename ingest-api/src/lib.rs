@@ -3,8 +3,8 @@
 //!
 //! [`Server::build`] connects the database and storage and prepares the
 //! router; [`Server::run_until`] serves until the shutdown future resolves,
-//! then lets in-flight requests finish. Tests build the same server on a
-//! port-0 listener.
+//! then lets in-flight requests finish within the shutdown grace period
+//! (module `serve`). Tests build the same server on a port-0 listener.
 
 mod access;
 mod access_log;
@@ -15,11 +15,14 @@ pub mod first_start;
 mod http_metrics;
 mod pipeline;
 mod push;
+mod quota;
 mod routes;
+pub mod serve;
 mod spool;
 mod state;
 pub mod tokens;
 mod ttl_cache;
+mod upload_slots;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -41,6 +44,7 @@ use common::storage::StorageError;
 pub use routes::router;
 pub use state::{AppState, ServedCache, Shared};
 use ttl_cache::TtlCache;
+use upload_slots::UploadSlots;
 
 /// How often the revocation list is reloaded: a revoked token stops
 /// working within this long on every server.
@@ -136,6 +140,7 @@ pub struct Server {
     /// every upload in flight at start; none for [`Role::Api`].
     pipeline: Option<(PipelineConfig, bool)>,
     gc: GcConfig,
+    serving: serve::ServeSettings,
 }
 
 impl Server {
@@ -169,6 +174,7 @@ impl Server {
             storage,
             queue,
             ingest: config.ingest.clone(),
+            quota: config.quota.clone(),
             verifier,
             api_endpoint: config
                 .api_endpoint
@@ -177,6 +183,7 @@ impl Server {
             served_caches: TtlCache::new(READ_CACHE_TIME_TO_LIVE, READ_CACHE_CAPACITY),
             narinfos: TtlCache::new(READ_CACHE_TIME_TO_LIVE, READ_CACHE_CAPACITY),
             access_log: Arc::default(),
+            upload_slots: UploadSlots::new(&config.http),
         });
         Ok(Self {
             state,
@@ -188,6 +195,7 @@ impl Server {
             pipeline: (role == Role::Monolithic)
                 .then(|| (config.pipeline.clone(), !config.queue.is_shared())),
             gc: config.gc.clone(),
+            serving: serve::ServeSettings::from(&config.http),
         })
     }
 
@@ -224,7 +232,8 @@ impl Server {
 
     /// Starts the in-process pipeline (module `pipeline`) unless this is an
     /// API-only server, serves until `shutdown` resolves, waits for
-    /// in-flight requests, then stops the pipeline.
+    /// in-flight requests (at most `[http] shutdown-grace`, then cuts them
+    /// off), then stops the pipeline.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -251,12 +260,7 @@ impl Server {
             tracing::info!(%address, "serving");
         }
         let app = router(self.state);
-        let served = axum::serve(self.listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                tracing::info!("shutting down: finishing in-flight requests");
-            })
-            .await;
+        serve::serve(self.listener, app, self.serving, shutdown).await;
         stop.cancel();
         // After the requests: a push waiting for its path to be visible
         // needs the workers until it answers.
@@ -267,7 +271,7 @@ impl Server {
         let _ = access_flusher.await;
         // The refresher only reads; stopping it mid-query loses nothing.
         let _ = refresher.await;
-        Ok(served?)
+        Ok(())
     }
 }
 

@@ -58,7 +58,7 @@ enum Mode {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Mint a scoped API token (printed alone on the last line).
-    MakeToken(MakeTokenArgs),
+    MakeToken(Box<MakeTokenArgs>),
     /// List the tokens minted on this server.
     ListTokens,
     /// Revoke a token by its `jti`; a running server refuses it within seconds.
@@ -97,6 +97,10 @@ struct MakeTokenArgs {
     /// Caches the token may destroy.
     #[arg(long, value_name = "PATTERN")]
     destroy_cache: Vec<CacheNamePattern>,
+    /// Caches whose storage quota the token may set (an operator's
+    /// permission: tenants normally do not get it).
+    #[arg(long, value_name = "PATTERN")]
+    configure_cache_quota: Vec<CacheNamePattern>,
     /// Print the claims the token would carry, unsigned, instead of minting it.
     #[arg(long)]
     dump_claims: bool,
@@ -115,6 +119,7 @@ impl MakeTokenArgs {
                 self.configure_cache_retention,
             ),
             (Permission::DestroyCache, self.destroy_cache),
+            (Permission::ConfigureCacheQuota, self.configure_cache_quota),
         ];
         TokenRequest {
             subject: self.sub,

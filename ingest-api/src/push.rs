@@ -11,7 +11,7 @@ use tracing::Instrument;
 
 use common::api::{UploadPathResult, UploadPathResultKind, WAIT_HEADER};
 use common::db::{
-    Cache, DbError, LinkedPath, NewUpload, ObjectMetadata, Timestamp, Upload, UploadId, UploadPhase,
+    Cache, LinkedPath, NewUpload, ObjectMetadata, Timestamp, Upload, UploadId, UploadPhase,
 };
 use common::metrics::larder;
 use common::nix::{NarHash, Signature, StoreDir, StorePath, StorePathHash};
@@ -20,6 +20,7 @@ use common::storage::ObjectKey;
 
 use crate::access::Caller;
 use crate::error::ApiError;
+use crate::quota;
 use crate::spool;
 use crate::state::AppState;
 
@@ -116,7 +117,7 @@ pub async fn link_if_stored(
         .database
         .link_valid_nar(cache.id, &path.nar_hash, &linked, Timestamp::now())
         .await
-        .map_err(ApiError::internal)?
+        .map_err(|error| quota::record_error(&cache.name, error))?
     else {
         return Ok(None);
     };
@@ -165,11 +166,9 @@ pub async fn record_upload(
             Ok(upload) => upload,
             Err(error) => {
                 spool::discard(state.storage.as_ref(), &staged_key).await;
-                return Err(match error {
-                    // The cache was destroyed while the NAR streamed in.
-                    DbError::NotFound { .. } => ApiError::NoSuchCache,
-                    other => ApiError::internal(other),
-                });
+                // Over the quota, or the cache was destroyed while the NAR
+                // streamed in.
+                return Err(quota::record_error(&cache.name, error));
             }
         };
         tracing::info!(

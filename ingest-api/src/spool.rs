@@ -129,7 +129,7 @@ pub async fn spool(
 ) -> Result<Spooled, ApiError> {
     let key = staging_key();
     let (body_sender, body_receiver) = mpsc::channel(CHANNEL_DEPTH);
-    let (nar_sender, mut nar_receiver) = mpsc::channel::<io::Result<Bytes>>(CHANNEL_DEPTH);
+    let (nar_sender, nar_receiver) = mpsc::channel::<io::Result<Bytes>>(CHANNEL_DEPTH);
     let verifier = tokio::task::spawn_blocking(move || {
         verify_blocking(
             body_receiver,
@@ -140,6 +140,10 @@ pub async fn spool(
         )
     });
     let store = async {
+        // Owned by this future, so that storage failing mid-write (a full
+        // disk) drops the receiver: the verifier's next send fails and it
+        // stops reading the body, instead of both waiting forever.
+        let mut nar_receiver = nar_receiver;
         let verified_bytes = futures::stream::poll_fn(|cx| nar_receiver.poll_recv(cx));
         let mut reader = StreamReader::new(verified_bytes);
         storage.put_reader(&key, &mut reader).await

@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use common::auth::TokenVerifier;
 use common::cache_name::CacheName;
-use common::config::IngestConfig;
+use common::config::{IngestConfig, QuotaConfig};
 use common::db::{Cache, CacheId, Database};
 use common::nix::signing::SecretKey;
 use common::nix::StorePathHash;
@@ -16,6 +16,7 @@ use common::storage::Storage;
 
 use crate::access_log::AccessLog;
 use crate::ttl_cache::TtlCache;
+use crate::upload_slots::UploadSlots;
 
 /// Cheap to clone: everything sits behind one `Arc`.
 #[derive(Clone, Debug)]
@@ -28,6 +29,9 @@ pub struct Shared {
     /// Where spooled uploads' chunk jobs go.
     pub queue: Arc<dyn Queue>,
     pub ingest: IngestConfig,
+    /// The room pushes must leave on local storage (quotas themselves are
+    /// enforced by the database handle).
+    pub quota: QuotaConfig,
     pub verifier: TokenVerifier,
     /// The configured public base URL (with a trailing `/`), if any;
     /// otherwise URLs are derived from each request's `Host`.
@@ -39,6 +43,8 @@ pub struct Shared {
     /// Narinfo and NAR fetches, flushed to `objects.last_accessed_at` in
     /// batches.
     pub access_log: Arc<AccessLog>,
+    /// Uploads receiving now, per token and in all; see `upload_slots`.
+    pub upload_slots: UploadSlots,
 }
 
 /// A cache as the read path needs it: its row and its parsed secret key,

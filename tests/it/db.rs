@@ -1496,3 +1496,6 @@ async fn per_cache_stats_count_logical_and_stored_bytes(t: TestDb) {
     assert_eq!(empty_stats, CacheStats::default());
     assert_eq!(empty_stats.dedup_ratio(), None);
 }
+
+// Quota usage, with the fixtures above.
+mod quota;

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use common::auth::{Permission, TokenSigningKey};
 use common::config::{
-    AuthConfig, DatabaseConfig, GcConfig, IngestConfig, LogConfig, PipelineConfig, QueueConfig,
-    S3Config, Secret, ServerConfig, StorageConfig,
+    AuthConfig, DatabaseConfig, GcConfig, HttpConfig, IngestConfig, LogConfig, PipelineConfig,
+    QueueConfig, QuotaConfig, S3Config, Secret, ServerConfig, StorageConfig,
 };
 use common::db::{Cache, Database, Timestamp, Upload, UploadPhase};
 use common::duration::HumanDuration;
@@ -210,12 +210,14 @@ impl Cluster {
                 rs256_private_key_pem: None,
             },
             ingest: options.ingest.clone(),
+            http: HttpConfig::default(),
             pipeline: options.pipeline.clone(),
             gc: GcConfig::default(),
             queue: QueueConfig::Amqp {
                 url: Secret::new(amqp_url.clone()),
                 ca_file: services.amqp_ca_file.clone(),
             },
+            quota: QuotaConfig::default(),
             log: LogConfig::default(),
         };
         let dir = tempfile::tempdir().expect("a temporary directory");

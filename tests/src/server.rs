@@ -25,8 +25,8 @@ use common::auth::{
 };
 use common::cache_name::{CacheName, CacheNamePattern};
 use common::config::{
-    AuthConfig, DatabaseConfig, GcConfig, IngestConfig, LogConfig, PipelineConfig, QueueConfig,
-    Secret, ServerConfig, StorageConfig,
+    AuthConfig, DatabaseConfig, GcConfig, HttpConfig, IngestConfig, LogConfig, PipelineConfig,
+    QueueConfig, QuotaConfig, Secret, ServerConfig, StorageConfig,
 };
 use common::db::{
     Backend, Cache, CacheId, CacheKeypair, ChunkLocation, Database, Nar, NewCache, NewObject,
@@ -286,9 +286,11 @@ impl TestServer {
             },
             auth,
             ingest: options.ingest.clone(),
+            http: HttpConfig::default(),
             pipeline: PipelineConfig::default(),
             gc: options.gc.clone(),
             queue: QueueConfig::default(),
+            quota: QuotaConfig::default(),
             log: LogConfig::default(),
         };
         if let Some(edit) = &options.edit_config {
@@ -493,6 +495,12 @@ impl TestServer {
 
     /// Stops the server and waits for it, reporting how it ended.
     pub async fn stop(mut self) {
+        self.shut_down().await;
+    }
+
+    /// Stops the server and waits for it, reporting how it ended, and
+    /// keeps its directory and database for a look at what it left.
+    pub async fn shut_down(&mut self) {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::api::{CacheConfig, CreateCacheRequest, ErrorResponse};
 use common::cache_name::CacheName;
-use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, RETRY_AFTER};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -37,6 +37,9 @@ pub enum ApiError {
         /// The stable machine name, e.g. `NoSuchCache`.
         name: String,
         message: String,
+        /// How long the server asked the client to wait (`Retry-After`
+        /// in seconds, as on a 429), if it did.
+        retry_after: Option<Duration>,
     },
     /// The server answered something that is not Larder's API (a proxy's
     /// error page, a different service).
@@ -60,6 +63,21 @@ impl ApiError {
             Self::Server { status, .. } | Self::Unexpected { status, .. } => {
                 status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
             }
+        }
+    }
+
+    /// Whether the server refused for being busy (429): worth retrying
+    /// after [`retry_after`](Self::retry_after), not a failure of the
+    /// request itself.
+    pub fn is_busy(&self) -> bool {
+        self.status() == Some(StatusCode::TOO_MANY_REQUESTS)
+    }
+
+    /// The wait the server asked for, if it named one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Server { retry_after, .. } => *retry_after,
+            Self::Unreachable { .. } | Self::Unexpected { .. } => None,
         }
     }
 
@@ -252,6 +270,13 @@ impl ApiClient {
 
     async fn error_from(&self, response: Response, what: &str) -> ApiError {
         let status = response.status();
+        // Only the delta-seconds form: Larder sends no HTTP dates.
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|text| text.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         let body = match response.bytes().await {
             Ok(body) => body,
             Err(error) => return self.unreachable(&error),
@@ -262,6 +287,7 @@ impl ApiClient {
                 status,
                 name: error.error,
                 message: error.message,
+                retry_after,
             },
             Err(_) => ApiError::Unexpected {
                 server: self.server.name.clone(),

@@ -7,9 +7,11 @@
 //! 4. Those are uploaded, each only after the references it has in the same
 //!    push, with up to `jobs` uploads at once. A NAR streams from
 //!    `nix store dump-path` to the socket through a small buffer, so memory
-//!    does not grow with the NAR. Transient failures (unreachable, 5xx,
-//!    429) are retried with exponential backoff; anything else stops the
-//!    push.
+//!    does not grow with the NAR. Transient failures (unreachable, 5xx)
+//!    are retried with exponential backoff; a 429 (the server's limit on
+//!    concurrent uploads) is retried after the `Retry-After` it names, for
+//!    up to [`BUSY_RETRY_LIMIT`] without counting as a failed attempt;
+//!    anything else stops the push.
 //! 5. Unless `--no-wait`, each upload waits until its path is visible: the
 //!    server holds the answer until then (up to its `wait-for-visible`),
 //!    and the client polls the upload's status past that.
@@ -38,6 +40,12 @@ use crate::progress::Progress;
 const MAX_ATTEMPTS: u32 = 5;
 /// The first retry's delay; each later one doubles it.
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(500);
+/// How long one upload keeps retrying while the server refuses it for
+/// being busy (429) before the push fails (transiently: the agent tries
+/// again later).
+const BUSY_RETRY_LIMIT: Duration = Duration::from_secs(30 * 60);
+/// The longest `Retry-After` honoured; a longer one is cut to this.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// How many hashes one `get-missing-paths` request carries.
 const MISSING_PATHS_BATCH: usize = 1000;
 /// The read buffer between `nix store dump-path` and the socket.
@@ -270,6 +278,17 @@ async fn upload_in_dependency_order(
     Ok(uploaded)
 }
 
+/// `wait` plus up to half of it again, chosen at random, so that uploads
+/// refused together do not all come back at the same moment.
+fn with_jitter(wait: Duration) -> Duration {
+    use std::hash::BuildHasher;
+    // A fresh `RandomState` is seeded differently each time: randomness
+    // enough for spreading retries, without a random-number crate.
+    let random = std::collections::hash_map::RandomState::new().hash_one(0u8);
+    let fraction = (random % 1000) as f64 / 2000.0;
+    wait + wait.mul_f64(fraction)
+}
+
 /// One path's upload, retried, and its wait for visibility.
 struct UploadTask {
     client: ApiClient,
@@ -284,9 +303,22 @@ impl UploadTask {
     async fn run(self) -> Result<(), PushError> {
         let mut delay = FIRST_RETRY_DELAY;
         let mut attempt = 1;
+        let busy_since = Instant::now();
         let result = loop {
             match self.attempt().await {
                 Ok(result) => break result,
+                Err(PushError::Upload { source, .. })
+                    if source.is_busy() && busy_since.elapsed() < BUSY_RETRY_LIMIT =>
+                {
+                    let wait =
+                        with_jitter(source.retry_after().unwrap_or(delay).min(MAX_RETRY_AFTER));
+                    self.progress.note(&format!(
+                        "retrying {} in {:.1} s (the server is busy: {source})",
+                        self.full_path,
+                        wait.as_secs_f64()
+                    ));
+                    tokio::time::sleep(wait).await;
+                }
                 Err(PushError::Upload { source, .. })
                     if source.is_transient() && attempt < MAX_ATTEMPTS =>
                 {

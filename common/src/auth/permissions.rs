@@ -33,11 +33,14 @@ pub enum Permission {
     ConfigureCacheRetention,
     /// Destroy a cache with everything in it.
     DestroyCache,
+    /// Set a cache's storage quota. Meant for operators: a tenant who could
+    /// set its own quota would have none.
+    ConfigureCacheQuota,
 }
 
 impl Permission {
     /// Every permission, in wire order.
-    pub const ALL: [Permission; 7] = [
+    pub const ALL: [Permission; 8] = [
         Permission::Pull,
         Permission::Push,
         Permission::Delete,
@@ -45,6 +48,7 @@ impl Permission {
         Permission::ConfigureCache,
         Permission::ConfigureCacheRetention,
         Permission::DestroyCache,
+        Permission::ConfigureCacheQuota,
     ];
 
     /// The name used in token claims; a stable wire contract.
@@ -57,6 +61,7 @@ impl Permission {
             Permission::ConfigureCache => "configure_cache",
             Permission::ConfigureCacheRetention => "configure_cache_retention",
             Permission::DestroyCache => "destroy_cache",
+            Permission::ConfigureCacheQuota => "configure_cache_quota",
         }
     }
 
@@ -80,7 +85,7 @@ impl fmt::Display for Permission {
 
 /// A permission name that Larder does not know.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown permission {0:?}: expected one of pull, push, delete, create_cache, configure_cache, configure_cache_retention, destroy_cache")]
+#[error("unknown permission {0:?}: expected one of pull, push, delete, create_cache, configure_cache, configure_cache_retention, destroy_cache, configure_cache_quota")]
 pub struct UnknownPermission(pub String);
 
 impl FromStr for Permission {
@@ -310,7 +315,7 @@ mod tests {
         let all = serde_json::to_string(&Permissions::ALL).expect("serialises");
         assert_eq!(
             all,
-            r#"["pull","push","delete","create_cache","configure_cache","configure_cache_retention","destroy_cache"]"#
+            r#"["pull","push","delete","create_cache","configure_cache","configure_cache_retention","destroy_cache","configure_cache_quota"]"#
         );
         assert_eq!(
             serde_json::from_str::<Permissions>(&all).expect("deserialises"),

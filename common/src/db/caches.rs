@@ -10,12 +10,14 @@ use std::time::Duration;
 use sqlx::any::AnyRow;
 
 use super::error::{constraint_error, query_error, DbError, Result};
+use super::quota::{quota_columns, quota_from_row};
 use super::row::{
     bool_col, i32_col, i64_col, json_col, opt_u64_col, parsed_col, string_col, time_col, to_i64,
     to_json,
 };
 use super::types::{CacheId, CacheKeypair, Timestamp};
 use super::{affected, Database};
+use crate::api::{CacheQuota, QuotaPolicy};
 use crate::cache_name::CacheName;
 use crate::nix::StoreDir;
 
@@ -38,6 +40,10 @@ pub struct Cache {
     pub upstream_cache_key_names: Vec<String>,
     /// `None`: the global default retention applies.
     pub retention_period: Option<Duration>,
+    /// Its storage quota (usage is kept apart: see
+    /// [`Database::cache_usage`]).
+    pub quota: CacheQuota,
+    pub quota_policy: QuotaPolicy,
     pub keypair: CacheKeypair,
     pub created_at: Timestamp,
 }
@@ -51,12 +57,14 @@ pub struct NewCache {
     pub priority: i32,
     pub upstream_cache_key_names: Vec<String>,
     pub retention_period: Option<Duration>,
+    pub quota: CacheQuota,
+    pub quota_policy: QuotaPolicy,
     pub keypair: CacheKeypair,
 }
 
 impl NewCache {
     /// A private cache with the default store directory, priority, upstream
-    /// keys and retention.
+    /// keys, retention and quota.
     pub fn new(name: CacheName, keypair: CacheKeypair) -> Self {
         Self {
             name,
@@ -68,6 +76,8 @@ impl NewCache {
                 .map(|&name| name.to_owned())
                 .collect(),
             retention_period: None,
+            quota: CacheQuota::Global,
+            quota_policy: QuotaPolicy::Refuse,
             keypair,
         }
     }
@@ -82,12 +92,15 @@ pub struct CacheUpdate {
     pub upstream_cache_key_names: Option<Vec<String>>,
     /// `Some(None)` resets the retention period to the global default.
     pub retention_period: Option<Option<Duration>>,
+    pub quota: Option<CacheQuota>,
+    pub quota_policy: Option<QuotaPolicy>,
     /// A regenerated key pair.
     pub keypair: Option<CacheKeypair>,
 }
 
 const CACHE_COLUMNS: &str = "id, name, is_public, store_dir, priority, \
-    upstream_cache_key_names, retention_period_secs, keypair, created_at";
+    upstream_cache_key_names, retention_period_secs, quota_kind, quota_bytes, quota_policy, \
+    keypair, created_at";
 
 fn cache_from_row(row: &AnyRow) -> Result<Cache> {
     Ok(Cache {
@@ -98,6 +111,8 @@ fn cache_from_row(row: &AnyRow) -> Result<Cache> {
         priority: i32_col(row, "priority")?,
         upstream_cache_key_names: json_col(row, "upstream_cache_key_names")?,
         retention_period: opt_u64_col(row, "retention_period_secs")?.map(Duration::from_secs),
+        quota: quota_from_row(row)?,
+        quota_policy: parsed_col(row, "quota_policy")?,
         keypair: CacheKeypair::new(string_col(row, "keypair")?),
         created_at: time_col(row, "created_at")?,
     })
@@ -114,9 +129,10 @@ impl Database {
     pub async fn create_cache(&self, new: &NewCache, at: Timestamp) -> Result<Cache> {
         let sql = format!(
             "INSERT INTO caches (name, is_public, store_dir, priority, upstream_cache_key_names, \
-             retention_period_secs, keypair, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {CACHE_COLUMNS}"
+             retention_period_secs, keypair, created_at, quota_kind, quota_bytes, quota_policy) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING {CACHE_COLUMNS}"
         );
+        let (quota_kind, quota_bytes) = quota_columns(new.quota)?;
         let row = sqlx::query(&sql)
             .bind(new.name.as_str())
             .bind(new.is_public)
@@ -129,6 +145,9 @@ impl Database {
             .bind(retention_secs(new.retention_period)?)
             .bind(new.keypair.expose_secret())
             .bind(at.unix_millis())
+            .bind(quota_kind)
+            .bind(quota_bytes)
+            .bind(new.quota_policy.as_str())
             .fetch_one(&self.pool)
             .await
             .map_err(constraint_error(
@@ -163,8 +182,8 @@ impl Database {
     /// [`DbError::NotFound`] when there is no such cache.
     pub async fn update_cache(&self, name: &CacheName, update: &CacheUpdate) -> Result<Cache> {
         // COALESCE keeps a column when its parameter is NULL; the retention
-        // period needs a separate flag because NULL is also a value it can
-        // be set to.
+        // period and the quota's bytes need a separate flag because NULL is
+        // also a value they can be set to.
         let sql = format!(
             "UPDATE caches SET \
              is_public = COALESCE($2, is_public), \
@@ -172,7 +191,10 @@ impl Database {
              priority = COALESCE($4, priority), \
              upstream_cache_key_names = COALESCE($5, upstream_cache_key_names), \
              retention_period_secs = CASE WHEN $6 = 1 THEN $7 ELSE retention_period_secs END, \
-             keypair = COALESCE($8, keypair) \
+             keypair = COALESCE($8, keypair), \
+             quota_kind = COALESCE($9, quota_kind), \
+             quota_bytes = CASE WHEN $10 = 1 THEN $11 ELSE quota_bytes END, \
+             quota_policy = COALESCE($12, quota_policy) \
              WHERE name = $1 RETURNING {CACHE_COLUMNS}"
         );
         let upstream = update
@@ -184,6 +206,13 @@ impl Database {
             Some(period) => (1_i64, retention_secs(period)?),
             None => (0, None),
         };
+        let (quota_kind, set_quota, quota_bytes) = match update.quota.map(quota_columns) {
+            Some(columns) => {
+                let (kind, bytes) = columns?;
+                (Some(kind), 1_i64, bytes)
+            }
+            None => (None, 0, None),
+        };
         let row = sqlx::query(&sql)
             .bind(name.as_str())
             .bind(update.is_public)
@@ -193,6 +222,10 @@ impl Database {
             .bind(set_retention)
             .bind(retention)
             .bind(update.keypair.as_ref().map(CacheKeypair::expose_secret))
+            .bind(quota_kind)
+            .bind(set_quota)
+            .bind(quota_bytes)
+            .bind(update.quota_policy.map(QuotaPolicy::as_str))
             .fetch_optional(&self.pool)
             .await
             .map_err(query_error("updating a cache"))?;

@@ -14,6 +14,17 @@ pub enum DbError {
     /// A row with the same unique key already exists.
     #[error("{what} already exists")]
     Conflict { what: String },
+    /// Adding `requested` bytes to a cache that uses `used` would exceed its
+    /// quota of `quota` bytes (and, under eviction, removing every other
+    /// path would not make room). Nothing was written.
+    #[error(
+        "storage quota of {quota} bytes exceeded: {used} bytes in use, {requested} more requested"
+    )]
+    QuotaExceeded {
+        quota: u64,
+        used: u64,
+        requested: u64,
+    },
     /// The URL names neither SQLite nor PostgreSQL. Only the scheme is kept:
     /// the rest of a URL may hold a password.
     #[error("unsupported database url scheme {scheme:?}: expected sqlite: or postgres:")]
@@ -73,6 +84,29 @@ impl DbError {
     /// Whether this is [`DbError::NotFound`].
     pub fn is_not_found(&self) -> bool {
         matches!(self, Self::NotFound { .. })
+    }
+
+    /// Whether the database's own disk is full: SQLite's `SQLITE_FULL`,
+    /// PostgreSQL's `disk_full` (53100).
+    pub fn is_disk_full(&self) -> bool {
+        let Self::Query {
+            source: sqlx::Error::Database(error),
+            ..
+        } = self
+        else {
+            return false;
+        };
+        let code = error.code();
+        if error
+            .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+            .is_some()
+        {
+            // The primary result code is the low byte: SQLITE_FULL is 13.
+            code.and_then(|code| code.parse::<i32>().ok())
+                .is_some_and(|code| code & 0xff == 13)
+        } else {
+            code.as_deref() == Some("53100")
+        }
     }
 
     /// Whether this is [`DbError::Conflict`].

@@ -52,8 +52,9 @@ use std::collections::{HashMap, HashSet};
 
 use super::error::{query_error, Result};
 use super::nars::{chunk_from_row, CHUNK_COLUMNS};
+use super::objects::Param;
 use super::push::{staged_file_from_row, StagedFile, STAGED_FILE_COLUMNS};
-use super::row::{chunk_hash_col, i64_col, opt_u64_col, store_path_hash_col, string_col};
+use super::row::{chunk_hash_col, i64_col, opt_u64_col, string_col};
 use super::types::{CacheId, ChunkId, NarId, Timestamp};
 use super::uploads::IN_FLIGHT_PHASES_SQL;
 use super::{placeholders, Backend, Chunk, Database, MAX_IN_LIST};
@@ -108,29 +109,32 @@ impl Database {
     /// `accessed_before`; returns how many went. An access flushed or a
     /// re-push committed meanwhile keeps the object: the condition is on
     /// the deleted row itself, which PostgreSQL re-checks after waiting.
+    /// Their NarSizes leave the cache's usage in the same transaction.
     pub async fn delete_expired_objects(
         &self,
         cache_id: CacheId,
         accessed_before: Timestamp,
         limit: u32,
     ) -> Result<u64> {
-        let result = sqlx::query(
-            "DELETE FROM objects WHERE cache_id = $1 AND last_accessed_at < $2 AND id IN \
-             (SELECT id FROM objects WHERE cache_id = $1 AND last_accessed_at < $2 \
-              ORDER BY last_accessed_at, id LIMIT $3)",
-        )
-        .bind(cache_id.0)
-        .bind(accessed_before.unix_millis())
-        .bind(i64::from(limit))
-        .execute(&self.pool)
-        .await
-        .map_err(query_error("deleting expired objects"))?;
-        Ok(result.rows_affected())
+        let deleted = self
+            .delete_objects_where(
+                cache_id,
+                "last_accessed_at < $2 AND id IN \
+                 (SELECT id FROM objects WHERE cache_id = $1 AND last_accessed_at < $2 \
+                  ORDER BY last_accessed_at, id LIMIT $3)",
+                vec![
+                    Param::Int(accessed_before.unix_millis()),
+                    Param::Int(i64::from(limit)),
+                ],
+            )
+            .await?;
+        Ok(deleted.len() as u64)
     }
 
     /// Deletes these paths from a cache at once (path deletion); returns
     /// the ones that were there. Their NARs and chunks stay until GC finds
-    /// nothing else holding them.
+    /// nothing else holding them; their NarSizes leave the cache's usage at
+    /// once.
     pub async fn delete_objects(
         &self,
         cache_id: CacheId,
@@ -138,22 +142,15 @@ impl Database {
     ) -> Result<Vec<StorePathHash>> {
         let mut deleted = Vec::new();
         for batch in hashes.chunks(MAX_IN_LIST) {
-            let sql = format!(
-                "DELETE FROM objects WHERE cache_id = $1 AND store_path_hash IN ({}) \
-                 RETURNING store_path_hash",
-                placeholders(2, batch.len())
+            let condition = format!("store_path_hash IN ({})", placeholders(2, batch.len()));
+            let params = batch
+                .iter()
+                .map(|hash| Param::Text(hash.as_str().to_owned()))
+                .collect();
+            deleted.extend(
+                self.delete_objects_where(cache_id, &condition, params)
+                    .await?,
             );
-            let mut query = sqlx::query(&sql).bind(cache_id.0);
-            for hash in batch {
-                query = query.bind(hash.as_str());
-            }
-            let rows = query
-                .fetch_all(&self.pool)
-                .await
-                .map_err(query_error("deleting paths"))?;
-            for row in &rows {
-                deleted.push(store_path_hash_col(row, "store_path_hash")?);
-            }
         }
         Ok(deleted)
     }
@@ -400,18 +397,8 @@ impl Database {
         file_name: &str,
         created_before: Timestamp,
     ) -> Result<Option<StagedFile>> {
-        let sql = format!(
-            "DELETE FROM staged_files WHERE cache_id = $1 AND file_name = $2 AND created_at < $3 \
-             RETURNING {STAGED_FILE_COLUMNS}"
-        );
-        let row = sqlx::query(&sql)
-            .bind(cache_id.0)
-            .bind(file_name)
-            .bind(created_before.unix_millis())
-            .fetch_optional(&self.pool)
+        self.take_staged_file_where(cache_id, file_name, Some(created_before))
             .await
-            .map_err(query_error("reaping a staged file"))?;
-        row.as_ref().map(staged_file_from_row).transpose()
     }
 }
 

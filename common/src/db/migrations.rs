@@ -45,6 +45,12 @@ const MIGRATIONS: &[Embedded] = &[
         sqlite: include_str!("../../migrations/sqlite/0003_gc.sql"),
         postgres: include_str!("../../migrations/postgres/0003_gc.sql"),
     },
+    Embedded {
+        version: 4,
+        description: "quota",
+        sqlite: include_str!("../../migrations/sqlite/0004_quota.sql"),
+        postgres: include_str!("../../migrations/postgres/0004_quota.sql"),
+    },
 ];
 
 /// The file names the embedded list stands for, per backend directory, so

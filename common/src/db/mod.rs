@@ -61,6 +61,7 @@ pub mod migrations;
 mod nars;
 mod objects;
 mod push;
+mod quota;
 mod row;
 mod stats;
 mod tokens;
@@ -82,6 +83,7 @@ pub use gc::CacheRetention;
 pub use nars::{Chunk, ChunkLocation, Nar, NarChunk, NewChunk, StoredChunk};
 pub use objects::{NewObject, Object, ObjectMetadata, ObjectWithNar};
 pub use push::{ChunkProgress, LinkedPath, StagedFile};
+pub use quota::{CacheUsage, QuotaDefaults, QuotaStatus, UsageCorrection};
 pub use stats::CacheStats;
 pub use tokens::TokenRecord;
 pub use types::{CacheId, CacheKeypair, ChunkId, NarId, ObjectId, StoreState, Timestamp};
@@ -148,6 +150,8 @@ impl fmt::Display for Backend {
 pub struct Database {
     pool: AnyPool,
     backend: Backend,
+    /// What caches without a quota of their own are held to.
+    quota: QuotaDefaults,
 }
 
 impl fmt::Debug for Database {
@@ -155,6 +159,7 @@ impl fmt::Debug for Database {
         // Not the URL: it may hold a password.
         f.debug_struct("Database")
             .field("backend", &self.backend)
+            .field("quota", &self.quota)
             .finish_non_exhaustive()
     }
 }
@@ -199,7 +204,11 @@ impl Database {
                 .await
                 .map_err(query_error("switching SQLite to WAL mode"))?;
         }
-        Ok(Self { pool, backend })
+        Ok(Self {
+            pool,
+            backend,
+            quota: QuotaDefaults::default(),
+        })
     }
 
     /// Brings the schema up to date. Safe to run on every start and from

@@ -9,14 +9,18 @@ use std::collections::{BTreeMap, HashSet};
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 
-use super::error::{constraint_error, query_error, Result};
+use super::error::{constraint_error, query_error, DbError, Result};
 use super::nars::{nar_from_row, JOINED_NAR, JOINED_NAR_SELECT};
+use super::quota::{
+    adjust_usage_on, lock_cache_on, lock_existing_cache_on, make_room_on, Charge, LockedCache,
+};
 use super::row::{
-    i64_col, json_col, opt_string_col, store_path_hash_col, string_col, time_col, to_json,
+    i64_col, json_col, opt_string_col, store_path_hash_col, string_col, time_col, to_i64, to_json,
+    u64_col,
 };
 use super::types::{CacheId, NarId, ObjectId, Timestamp};
 use super::uploads::IN_FLIGHT_PHASES_SQL;
-use super::{affected, placeholders, Database, Nar, MAX_IN_LIST};
+use super::{placeholders, Database, Nar, MAX_IN_LIST};
 use crate::nix::StorePathHash;
 
 /// What a pusher says about a store path: the narinfo fields that belong
@@ -93,9 +97,108 @@ fn object_from_row(row: &AnyRow) -> Result<Object> {
     })
 }
 
-/// The upsert behind [`Database::upsert_object`], also run inside the
-/// finalising transaction of an upload.
-pub(crate) async fn upsert_object_on(
+/// Creates or replaces an object of a locked cache whose NAR has
+/// `nar_size` bytes, and counts the change in the cache's path bytes (the
+/// new NAR's size, less the replaced one's). Growth is admitted as
+/// `charge` says: checked against the quota (possibly evicting other
+/// paths, never this one), or already admitted (an upload's bytes, counted
+/// since it was recorded). What [`Database::upsert_object`],
+/// [`Database::link_valid_nar`] and upload finalisation share.
+pub(crate) async fn upsert_counted_object_on(
+    connection: &mut sqlx::AnyConnection,
+    cache: &mut LockedCache,
+    charge: Charge,
+    new: &NewObject,
+    nar_size: u64,
+    at: Timestamp,
+) -> Result<Object> {
+    let replaced = object_nar_size_on(connection, cache.id, &new.store_path_hash)
+        .await?
+        .unwrap_or(0);
+    let growth = to_i64("NAR size", nar_size)? - to_i64("NAR size", replaced)?;
+    if let (Charge::Checked(defaults), Ok(growth)) = (charge, u64::try_from(growth)) {
+        make_room_on(
+            connection,
+            cache,
+            defaults,
+            growth,
+            Some(&new.store_path_hash),
+        )
+        .await?;
+    }
+    let object = upsert_object_on(connection, cache.id, new, at).await?;
+    adjust_usage_on(connection, cache, growth, 0).await?;
+    Ok(object)
+}
+
+/// The NarSize of the object of this path in the cache, if there is one.
+async fn object_nar_size_on(
+    connection: &mut sqlx::AnyConnection,
+    cache_id: CacheId,
+    store_path_hash: &StorePathHash,
+) -> Result<Option<u64>> {
+    let row = sqlx::query(
+        "SELECT n.nar_size FROM objects o JOIN nars n ON n.id = o.nar_id \
+         WHERE o.cache_id = $1 AND o.store_path_hash = $2",
+    )
+    .bind(cache_id.0)
+    .bind(store_path_hash.as_str())
+    .fetch_optional(&mut *connection)
+    .await
+    .map_err(query_error("reading the size of an object"))?;
+    row.map(|row| u64_col(&row, "nar_size")).transpose()
+}
+
+/// Deletes objects of a locked cache chosen by `condition` (with `params`
+/// as `$2` on) and subtracts their NarSizes from its path bytes; returns
+/// the store path hashes deleted.
+pub(crate) async fn delete_counted_objects_on(
+    connection: &mut sqlx::AnyConnection,
+    cache: &mut LockedCache,
+    condition: &str,
+    params: Vec<Param>,
+) -> Result<Vec<StorePathHash>> {
+    let sql = format!(
+        "DELETE FROM objects WHERE cache_id = $1 AND {condition} RETURNING store_path_hash, \
+         (SELECT n.nar_size FROM nars n WHERE n.id = objects.nar_id) AS nar_size"
+    );
+    let rows = bind_params(sqlx::query(&sql).bind(cache.id.0), params)
+        .fetch_all(&mut *connection)
+        .await
+        .map_err(query_error("deleting objects"))?;
+    let mut freed: u64 = 0;
+    let mut deleted = Vec::with_capacity(rows.len());
+    for row in &rows {
+        deleted.push(store_path_hash_col(row, "store_path_hash")?);
+        freed = freed.saturating_add(u64_col(row, "nar_size")?);
+    }
+    adjust_usage_on(connection, cache, -to_i64("freed bytes", freed)?, 0).await?;
+    Ok(deleted)
+}
+
+/// A query over the `Any` driver.
+pub(crate) type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// A value for a numbered parameter of a condition passed as text.
+#[derive(Debug, Clone)]
+pub(crate) enum Param {
+    Int(i64),
+    Text(String),
+}
+
+/// Binds `params` in order after the parameters bound already.
+pub(crate) fn bind_params(mut query: AnyQuery<'_>, params: Vec<Param>) -> AnyQuery<'_> {
+    for param in params {
+        query = match param {
+            Param::Int(value) => query.bind(value),
+            Param::Text(value) => query.bind(value),
+        };
+    }
+    query
+}
+
+/// The upsert itself, in a transaction that counts it.
+async fn upsert_object_on(
     connection: &mut sqlx::AnyConnection,
     cache_id: CacheId,
     new: &NewObject,
@@ -168,15 +271,40 @@ impl Database {
 
     /// Creates the object, or replaces the metadata and NAR of the existing
     /// object of the same path in that cache. `at` is both its creation
-    /// (for a new object) and its last access.
+    /// (for a new object) and its last access. Counted against the cache's
+    /// quota like any push ([`DbError::QuotaExceeded`] when it does not
+    /// fit); [`DbError::NotFound`] when the cache or the NAR is missing.
     pub async fn upsert_object(
         &self,
         cache_id: CacheId,
         new: &NewObject,
         at: Timestamp,
     ) -> Result<Object> {
-        let mut connection = self.acquire().await?;
-        upsert_object_on(&mut connection, cache_id, new, at).await
+        let mut tx = self.begin_write().await?;
+        let mut cache = lock_existing_cache_on(&mut tx, self.backend, cache_id).await?;
+        let nar_size = sqlx::query("SELECT nar_size FROM nars WHERE id = $1")
+            .bind(new.nar_id.0)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(query_error("reading a NAR's size"))?
+            .map(|row| u64_col(&row, "nar_size"))
+            .transpose()?
+            .ok_or_else(|| DbError::NotFound {
+                what: format!("NAR {}", new.nar_id),
+            })?;
+        let object = upsert_counted_object_on(
+            &mut tx,
+            &mut cache,
+            Charge::Checked(self.quota),
+            new,
+            nar_size,
+            at,
+        )
+        .await?;
+        tx.commit()
+            .await
+            .map_err(query_error("committing an object"))?;
+        Ok(object)
     }
 
     /// Deletes a path from a cache; whether it was there. Its NAR stays
@@ -186,14 +314,34 @@ impl Database {
         cache_id: CacheId,
         store_path_hash: &StorePathHash,
     ) -> Result<bool> {
-        let result =
-            sqlx::query("DELETE FROM objects WHERE cache_id = $1 AND store_path_hash = $2")
-                .bind(cache_id.0)
-                .bind(store_path_hash.as_str())
-                .execute(&self.pool)
-                .await
-                .map_err(query_error("deleting an object"))?;
-        Ok(affected(&result))
+        let deleted = self
+            .delete_objects_where(
+                cache_id,
+                "store_path_hash = $2",
+                vec![Param::Text(store_path_hash.as_str().to_owned())],
+            )
+            .await?;
+        Ok(!deleted.is_empty())
+    }
+
+    /// Deletes objects of a cache chosen by `condition` (with `params` as
+    /// `$2` on) in one counted transaction; see
+    /// [`delete_counted_objects_on`]. Nothing when the cache is gone.
+    pub(crate) async fn delete_objects_where(
+        &self,
+        cache_id: CacheId,
+        condition: &str,
+        params: Vec<Param>,
+    ) -> Result<Vec<StorePathHash>> {
+        let mut tx = self.begin_write().await?;
+        let Some(mut cache) = lock_cache_on(&mut tx, self.backend, cache_id).await? else {
+            return Ok(Vec::new());
+        };
+        let deleted = delete_counted_objects_on(&mut tx, &mut cache, condition, params).await?;
+        tx.commit()
+            .await
+            .map_err(query_error("committing deleted objects"))?;
+        Ok(deleted)
     }
 
     /// The hashes among `hashes` that a client should push to this cache:

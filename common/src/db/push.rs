@@ -5,9 +5,10 @@
 
 use sqlx::any::AnyRow;
 
-use super::error::{constraint_error, query_error, Result};
+use super::error::{constraint_error, query_error, DbError, Result};
 use super::nars::{nar_from_row, JOINED_NAR, JOINED_NAR_SELECT};
-use super::objects::{upsert_object_on, NewObject, Object, ObjectMetadata};
+use super::objects::{upsert_counted_object_on, NewObject, Object, ObjectMetadata};
+use super::quota::{adjust_usage_on, lock_cache_on, lock_existing_cache_on, make_room_on, Charge};
 use super::row::{i64_col, nar_hash_col, string_col, time_col, to_i64, u64_col};
 use super::types::{CacheId, NarId, Timestamp};
 use super::{Backend, Database, Nar};
@@ -61,20 +62,30 @@ pub struct ChunkProgress {
 
 impl Database {
     /// Records a staged file, replacing an earlier one of the same name in
-    /// that cache. Returns the staged key of the file it replaced, whose
-    /// object the caller deletes.
+    /// that cache, and counts its NarSize (less the replaced file's) in the
+    /// cache's pending bytes: admitted only within the quota (under
+    /// eviction, after making room), [`DbError::QuotaExceeded`] otherwise,
+    /// with nothing written. Returns the staged key of the file it
+    /// replaced, whose object the caller deletes. [`DbError::NotFound`]
+    /// when the cache has gone.
     pub async fn put_staged_file(&self, file: &StagedFile) -> Result<Option<String>> {
         let mut tx = self.begin_write().await?;
+        let mut cache = lock_existing_cache_on(&mut tx, self.backend, file.cache_id).await?;
         let previous = sqlx::query(
-            "SELECT staged_key FROM staged_files WHERE cache_id = $1 AND file_name = $2",
+            "SELECT staged_key, nar_size FROM staged_files WHERE cache_id = $1 AND file_name = $2",
         )
         .bind(file.cache_id.0)
         .bind(file.file_name.as_str())
         .fetch_optional(&mut *tx)
         .await
         .map_err(query_error("looking up a staged file"))?
-        .map(|row| string_col(&row, "staged_key"))
+        .map(|row| Ok::<_, DbError>((string_col(&row, "staged_key")?, u64_col(&row, "nar_size")?)))
         .transpose()?;
+        let replaced_size = previous.as_ref().map_or(0, |(_, size)| *size);
+        let growth = to_i64("NAR size", file.nar_size)? - to_i64("NAR size", replaced_size)?;
+        if let Ok(growth) = u64::try_from(growth) {
+            make_room_on(&mut tx, &mut cache, self.quota, growth, None).await?;
+        }
         sqlx::query(
             "INSERT INTO staged_files (cache_id, file_name, staged_key, nar_hash, nar_size, \
              created_at) VALUES ($1, $2, $3, $4, $5, $6) \
@@ -95,10 +106,13 @@ impl Database {
             || format!("staged file {}", file.file_name),
             || format!("cache {}", file.cache_id),
         ))?;
+        adjust_usage_on(&mut tx, &mut cache, 0, growth).await?;
         tx.commit()
             .await
             .map_err(query_error("committing a staged file"))?;
-        Ok(previous.filter(|key| *key != file.staged_key))
+        Ok(previous
+            .map(|(key, _)| key)
+            .filter(|key| *key != file.staged_key))
     }
 
     /// The staged file of that name in a cache, if any.
@@ -121,22 +135,49 @@ impl Database {
 
     /// Removes and returns the staged file of that name: a narinfo claims
     /// it once, so two requests never hand the same staged NAR on twice.
+    /// Its NarSize leaves the cache's pending bytes (the claimer's upload
+    /// or link counts it again).
     pub async fn take_staged_file(
         &self,
         cache_id: CacheId,
         file_name: &str,
     ) -> Result<Option<StagedFile>> {
+        self.take_staged_file_where(cache_id, file_name, None).await
+    }
+
+    /// Deletes and returns the staged file of that name, if it was created
+    /// before `created_before` (when given), and subtracts its NarSize from
+    /// the cache's pending bytes in the same transaction.
+    pub(crate) async fn take_staged_file_where(
+        &self,
+        cache_id: CacheId,
+        file_name: &str,
+        created_before: Option<Timestamp>,
+    ) -> Result<Option<StagedFile>> {
+        let mut tx = self.begin_write().await?;
+        // A staged file goes with its cache: no cache, no file.
+        let Some(mut cache) = lock_cache_on(&mut tx, self.backend, cache_id).await? else {
+            return Ok(None);
+        };
         let sql = format!(
-            "DELETE FROM staged_files WHERE cache_id = $1 AND file_name = $2 \
+            "DELETE FROM staged_files WHERE cache_id = $1 AND file_name = $2 AND created_at < $3 \
              RETURNING {STAGED_FILE_COLUMNS}"
         );
         let row = sqlx::query(&sql)
             .bind(cache_id.0)
             .bind(file_name)
-            .fetch_optional(&self.pool)
+            .bind(created_before.map_or(i64::MAX, Timestamp::unix_millis))
+            .fetch_optional(&mut *tx)
             .await
             .map_err(query_error("claiming a staged file"))?;
-        row.as_ref().map(staged_file_from_row).transpose()
+        let taken = row.as_ref().map(staged_file_from_row).transpose()?;
+        if let Some(file) = &taken {
+            adjust_usage_on(&mut tx, &mut cache, 0, -to_i64("NAR size", file.nar_size)?).await?;
+        }
+        tx.commit()
+            .await
+            .map_err(query_error("committing a claimed staged file"))?;
+        Ok(taken)
     }
 
     /// The NAR with this hash, if it is `valid`.
@@ -156,7 +197,10 @@ impl Database {
     /// the NAR with `nar_hash`, in one transaction that finds the NAR still
     /// `valid`. On PostgreSQL the NAR row is share-locked until the commit,
     /// so GC cannot start deleting it in between. `None` when no valid NAR
-    /// has that hash (any more); nothing is written then.
+    /// has that hash (any more); nothing is written then. The path's
+    /// NarSize (less that of the object it replaces) is admitted within the
+    /// cache's quota like an upload's ([`DbError::QuotaExceeded`]);
+    /// [`DbError::NotFound`] when the cache has gone.
     pub async fn link_valid_nar(
         &self,
         cache_id: CacheId,
@@ -174,6 +218,9 @@ impl Database {
              WHERE n.nar_hash = $1 AND n.state = 'valid'{lock}"
         );
         let mut tx = self.begin_write().await?;
+        // The cache's lock first, as in every transaction that changes its
+        // usage (see `quota`), then the NAR's share lock.
+        let mut cache = lock_existing_cache_on(&mut tx, self.backend, cache_id).await?;
         let row = sqlx::query(&sql)
             .bind(nar_hash.to_string())
             .fetch_optional(&mut *tx)
@@ -189,7 +236,15 @@ impl Database {
             metadata: path.metadata.clone(),
             created_by: path.created_by.clone(),
         };
-        let object = upsert_object_on(&mut tx, cache_id, &new, at).await?;
+        let object = upsert_counted_object_on(
+            &mut tx,
+            &mut cache,
+            Charge::Checked(self.quota),
+            &new,
+            nar.nar_size,
+            at,
+        )
+        .await?;
         tx.commit()
             .await
             .map_err(query_error("committing a linked path"))?;

@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 
 use super::error::{constraint_error, query_error, DbError, Result};
-use super::objects::{upsert_object_on, NewObject, Object, ObjectMetadata};
+use super::objects::{bind_params, Param};
+use super::objects::{upsert_counted_object_on, NewObject, Object, ObjectMetadata};
+use super::quota::{adjust_usage_on, lock_cache_on, lock_existing_cache_on, make_room_on, Charge};
 use super::row::{
     i64_col, json_col, nar_hash_col, opt_i64_col, opt_string_col, parsed_col, store_path_hash_col,
     string_col, time_col, to_i64, to_json, u32_col, u64_col,
@@ -227,10 +229,24 @@ fn upload_not_found(id: &UploadId) -> DbError {
 }
 
 impl Database {
-    /// Records a new upload in phase `spooled`, with a fresh random id.
-    /// [`DbError::NotFound`] when the cache has gone.
+    /// Records a new upload in phase `spooled`, with a fresh random id, and
+    /// counts its NarSize in the cache's pending bytes: admitted only
+    /// within the cache's quota (under eviction, after making room; never
+    /// by evicting the path being pushed), [`DbError::QuotaExceeded`]
+    /// otherwise, with nothing written. [`DbError::NotFound`] when the
+    /// cache has gone.
     pub async fn create_upload(&self, new: &NewUpload, at: Timestamp) -> Result<Upload> {
         let id = UploadId::random();
+        let mut tx = self.begin_write().await?;
+        let mut cache = lock_existing_cache_on(&mut tx, self.backend, new.cache_id).await?;
+        make_room_on(
+            &mut tx,
+            &mut cache,
+            self.quota,
+            new.nar_size,
+            Some(&new.store_path_hash),
+        )
+        .await?;
         let sql = format!(
             "INSERT INTO uploads (id, cache_id, store_path_hash, nar_hash, nar_size, \
              object_metadata, phase, staged_key, attempts, trace_id, created_by, created_at, \
@@ -249,14 +265,19 @@ impl Database {
             .bind(new.trace_id.as_deref())
             .bind(new.created_by.as_deref())
             .bind(at.unix_millis())
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *tx)
             .await
             .map_err(constraint_error(
                 "recording an upload",
                 || format!("upload {id}"),
                 || format!("cache {}", new.cache_id),
             ))?;
-        upload_from_row(&row)
+        let upload = upload_from_row(&row)?;
+        adjust_usage_on(&mut tx, &mut cache, 0, to_i64("NAR size", new.nar_size)?).await?;
+        tx.commit()
+            .await
+            .map_err(query_error("committing an upload"))?;
+        Ok(upload)
     }
 
     pub async fn upload(&self, id: &UploadId) -> Result<Option<Upload>> {
@@ -289,6 +310,16 @@ impl Database {
             // an `IN ()`, which SQLite accepts and PostgreSQL does not.
             return self.upload_exists_or_not_found(id).await.map(|()| false);
         }
+        if phase == UploadPhase::Done {
+            // Leaving the pipeline changes the cache's pending bytes.
+            return self
+                .leave_pipeline(
+                    id,
+                    "phase = 'done', updated_at = $2",
+                    vec![Param::Int(at.unix_millis())],
+                )
+                .await;
+        }
         let sql = format!(
             "UPDATE uploads SET phase = $2, updated_at = $3 \
              WHERE id = $1 AND phase IN {}",
@@ -310,21 +341,61 @@ impl Database {
     /// Marks an upload failed with a readable reason, unless it is already
     /// done or failed. Returns whether it changed.
     pub async fn fail_upload(&self, id: &UploadId, error: &str, at: Timestamp) -> Result<bool> {
+        self.leave_pipeline(
+            id,
+            "phase = 'failed', error = $2, updated_at = $3",
+            vec![Param::Text(error.to_owned()), Param::Int(at.unix_millis())],
+        )
+        .await
+    }
+
+    /// Takes an upload out of the pipeline with `UPDATE uploads SET
+    /// {assignments}` (with `params` as `$2` on) if it is
+    /// still in flight, and subtracts its NarSize from its cache's pending
+    /// bytes in the same transaction. Returns whether it changed.
+    async fn leave_pipeline(
+        &self,
+        id: &UploadId,
+        assignments: &str,
+        params: Vec<Param>,
+    ) -> Result<bool> {
+        let Some(cache_id) = self.upload_cache_id(id).await? else {
+            return Err(upload_not_found(id));
+        };
+        let mut tx = self.begin_write().await?;
+        // An upload goes with its cache: no cache, no upload.
+        let Some(mut cache) = lock_cache_on(&mut tx, self.backend, cache_id).await? else {
+            return Err(upload_not_found(id));
+        };
         let sql = format!(
-            "UPDATE uploads SET phase = 'failed', error = $2, updated_at = $3 \
-             WHERE id = $1 AND phase IN {IN_FLIGHT_PHASES_SQL}"
+            "UPDATE uploads SET {assignments} \
+             WHERE id = $1 AND phase IN {IN_FLIGHT_PHASES_SQL} RETURNING nar_size"
         );
-        let result = sqlx::query(&sql)
-            .bind(id.as_str())
-            .bind(error)
-            .bind(at.unix_millis())
-            .execute(&self.pool)
+        let row = bind_params(sqlx::query(&sql).bind(id.as_str()), params)
+            .fetch_optional(&mut *tx)
             .await
-            .map_err(query_error("marking an upload failed"))?;
-        if affected(&result) {
-            return Ok(true);
-        }
-        self.upload_exists_or_not_found(id).await.map(|()| false)
+            .map_err(query_error("taking an upload out of the pipeline"))?;
+        let Some(row) = row else {
+            drop(tx);
+            return self.upload_exists_or_not_found(id).await.map(|()| false);
+        };
+        let nar_size = to_i64("NAR size", u64_col(&row, "nar_size")?)?;
+        adjust_usage_on(&mut tx, &mut cache, 0, -nar_size).await?;
+        tx.commit()
+            .await
+            .map_err(query_error("committing an upload's new phase"))?;
+        Ok(true)
+    }
+
+    /// The cache an upload belongs to (which never changes), if it exists.
+    async fn upload_cache_id(&self, id: &UploadId) -> Result<Option<CacheId>> {
+        let row = sqlx::query("SELECT cache_id FROM uploads WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("looking up an upload"))?;
+        row.map(|row| i64_col(&row, "cache_id").map(CacheId))
+            .transpose()
     }
 
     /// Links an upload to its NAR row.
@@ -417,8 +488,18 @@ impl Database {
     /// to `done`. Requires the upload to be linked to a `valid` NAR
     /// ([`DbError::Conflict`] otherwise). Idempotent: finalising a `done`
     /// upload returns its object again.
+    ///
+    /// The upload's bytes move from its cache's pending bytes to its path
+    /// bytes (less the NAR of the object it replaces), without a quota
+    /// check: they were admitted when the upload was recorded.
     pub async fn finalise_upload(&self, id: &UploadId, at: Timestamp) -> Result<Object> {
+        let Some(cache_id) = self.upload_cache_id(id).await? else {
+            return Err(upload_not_found(id));
+        };
         let mut tx = self.begin_write().await?;
+        let Some(mut cache) = lock_cache_on(&mut tx, self.backend, cache_id).await? else {
+            return Err(upload_not_found(id));
+        };
         let sql = format!("SELECT {UPLOAD_COLUMNS} FROM uploads WHERE id = $1");
         let row = sqlx::query(&sql)
             .bind(id.as_str())
@@ -436,30 +517,46 @@ impl Database {
             return Err(conflict("that failed"));
         }
         let nar_id = upload.nar_id.ok_or_else(|| conflict("without a NAR"))?;
-        let state = sqlx::query("SELECT state FROM nars WHERE id = $1")
+        let nar = sqlx::query("SELECT state, nar_size FROM nars WHERE id = $1")
             .bind(nar_id.0)
             .fetch_optional(&mut *tx)
             .await
             .map_err(query_error("reading a NAR's state"))?;
-        let state: Option<StoreState> = state.map(|row| parsed_col(&row, "state")).transpose()?;
-        if state != Some(StoreState::Valid) {
-            return Err(conflict("whose NAR is not valid"));
-        }
+        let nar_size = match nar {
+            Some(row) if parsed_col::<StoreState>(&row, "state")? == StoreState::Valid => {
+                u64_col(&row, "nar_size")?
+            }
+            _ => return Err(conflict("whose NAR is not valid")),
+        };
         let new = NewObject {
             store_path_hash: upload.store_path_hash,
             nar_id,
             metadata: upload.metadata.clone(),
             created_by: upload.created_by.clone(),
         };
-        let object = upsert_object_on(&mut tx, upload.cache_id, &new, at).await?;
-        sqlx::query(
-            "UPDATE uploads SET phase = 'done', updated_at = $2 WHERE id = $1 AND phase <> 'done'",
+        let object = upsert_counted_object_on(
+            &mut tx,
+            &mut cache,
+            Charge::AlreadyAdmitted,
+            &new,
+            nar_size,
+            at,
         )
-        .bind(id.as_str())
-        .bind(at.unix_millis())
-        .execute(&mut *tx)
-        .await
-        .map_err(query_error("marking an upload done"))?;
+        .await?;
+        let sql = format!(
+            "UPDATE uploads SET phase = 'done', updated_at = $2 \
+             WHERE id = $1 AND phase IN {IN_FLIGHT_PHASES_SQL}"
+        );
+        let left = sqlx::query(&sql)
+            .bind(id.as_str())
+            .bind(at.unix_millis())
+            .execute(&mut *tx)
+            .await
+            .map_err(query_error("marking an upload done"))?;
+        if affected(&left) {
+            let pending = to_i64("NAR size", upload.nar_size)?;
+            adjust_usage_on(&mut tx, &mut cache, 0, -pending).await?;
+        }
         tx.commit()
             .await
             .map_err(query_error("committing a finalised upload"))?;
@@ -467,14 +564,33 @@ impl Database {
     }
 
     /// Deletes an upload row (the reaper, after removing its staged file);
-    /// whether it existed.
+    /// whether it existed. One still in flight leaves its cache's pending
+    /// bytes.
     pub async fn delete_upload(&self, id: &UploadId) -> Result<bool> {
-        let result = sqlx::query("DELETE FROM uploads WHERE id = $1")
+        let Some(cache_id) = self.upload_cache_id(id).await? else {
+            return Ok(false);
+        };
+        let mut tx = self.begin_write().await?;
+        let Some(mut cache) = lock_cache_on(&mut tx, self.backend, cache_id).await? else {
+            return Ok(false);
+        };
+        let row = sqlx::query("DELETE FROM uploads WHERE id = $1 RETURNING phase, nar_size")
             .bind(id.as_str())
-            .execute(&self.pool)
+            .fetch_optional(&mut *tx)
             .await
             .map_err(query_error("deleting an upload"))?;
-        Ok(affected(&result))
+        let Some(row) = row else {
+            return Ok(false);
+        };
+        let phase: UploadPhase = parsed_col(&row, "phase")?;
+        if !phase.is_terminal() {
+            let pending = to_i64("NAR size", u64_col(&row, "nar_size")?)?;
+            adjust_usage_on(&mut tx, &mut cache, 0, -pending).await?;
+        }
+        tx.commit()
+            .await
+            .map_err(query_error("committing a deleted upload"))?;
+        Ok(true)
     }
 
     async fn upload_exists_or_not_found(&self, id: &UploadId) -> Result<()> {

@@ -104,6 +104,16 @@ pub struct LarderMetrics {
     pub http_request_bytes: Arc<Family<Counter>>,
     /// `larder_http_response_body_bytes_total{route,method}`.
     pub http_response_bytes: Arc<Family<Counter>>,
+    /// `larder_http_open_connections`.
+    pub http_open_connections: Arc<Gauge>,
+    /// `larder_http_timeouts_total{kind}`: `header` (a request head not
+    /// sent in time, or an idle keep-alive connection), `body_idle`, and
+    /// `shutdown` (a body cut off when the shutdown grace ran out).
+    pub http_timeouts: Arc<Family<Counter>>,
+    /// `larder_upload_slots_held`: NAR uploads receiving now.
+    pub upload_slots_held: Arc<Gauge>,
+    /// `larder_upload_slots_waiting`: Nix uploads waiting for a slot now.
+    pub upload_slots_waiting: Arc<Gauge>,
     jobs_done: Arc<Family<Counter>>,
     jobs_failed: Arc<Family<Counter>>,
     jobs_retried: Arc<Family<Counter>>,
@@ -148,6 +158,33 @@ impl LarderMetrics {
                 "Bytes of response bodies sent.",
                 &["route", "method"],
             ),
+            http_open_connections: registry
+                .gauge(
+                    "larder_http_open_connections",
+                    "HTTP connections open now.",
+                    &[],
+                )
+                .with(&[]),
+            http_timeouts: registry.counter(
+                "larder_http_timeouts_total",
+                "Connections and request bodies ended by a timeout, by kind (header, body_idle, \
+                 shutdown).",
+                &["kind"],
+            ),
+            upload_slots_held: registry
+                .gauge(
+                    "larder_upload_slots_held",
+                    "NAR uploads receiving now, each holding an upload slot.",
+                    &[],
+                )
+                .with(&[]),
+            upload_slots_waiting: registry
+                .gauge(
+                    "larder_upload_slots_waiting",
+                    "NAR uploads from Nix waiting for an upload slot now.",
+                    &[],
+                )
+                .with(&[]),
             jobs_done: registry.counter(
                 "larder_jobs_done_total",
                 "Pipeline jobs that succeeded and were acknowledged.",
@@ -341,6 +378,10 @@ mod tests {
             "larder_http_request_duration_seconds",
             "larder_http_request_body_bytes_total",
             "larder_http_response_body_bytes_total",
+            "larder_http_open_connections",
+            "larder_http_timeouts_total",
+            "larder_upload_slots_held",
+            "larder_upload_slots_waiting",
             "larder_jobs_done_total",
             "larder_jobs_failed_total",
             "larder_jobs_retried_total",

@@ -44,13 +44,11 @@ impl LocalStorage {
         key: &ObjectKey,
         reader: &mut (dyn AsyncRead + Send + Unpin),
     ) -> Result<u64, StorageError> {
-        let io_error = |source| StorageError::Io {
-            key: key.to_string(),
-            source,
-        };
         let path = self.path_of(key);
         let parent = path.parent().unwrap_or(&self.root);
-        fs::create_dir_all(parent).await.map_err(io_error)?;
+        fs::create_dir_all(parent)
+            .await
+            .map_err(|source| StorageError::io(key, source))?;
         let temporary = temporary_sibling(&path);
         let result = async {
             let mut file = fs::File::create(&temporary).await?;
@@ -65,7 +63,7 @@ impl LocalStorage {
             // Best effort: the reaper would not find a file with this name.
             let _ = fs::remove_file(&temporary).await;
         }
-        result.map_err(io_error)
+        result.map_err(|source| StorageError::io(key, source))
     }
 }
 
@@ -259,6 +257,22 @@ impl Storage for LocalStorage {
         fs::remove_file(&probe).await.map_err(io_error)
     }
 
+    /// The file system's space available to unprivileged writers
+    /// (`statvfs`: free blocks for users times the fragment size), on a
+    /// blocking thread (a network file system may take its time).
+    async fn available_bytes(&self) -> Result<Option<u64>, StorageError> {
+        let root = self.root.clone();
+        let io_error = |source| StorageError::Io {
+            key: self.root.display().to_string(),
+            source,
+        };
+        let stats = tokio::task::spawn_blocking(move || rustix::fs::statvfs(&root))
+            .await
+            .map_err(|join_error| io_error(io::Error::other(join_error)))?
+            .map_err(|errno| io_error(io::Error::from(errno)))?;
+        Ok(Some(stats.f_bavail.saturating_mul(stats.f_frsize)))
+    }
+
     async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError> {
         match fs::remove_file(self.path_of(key)).await {
             Ok(()) => Ok(()),
@@ -348,6 +362,31 @@ mod tests {
         let missing = ObjectKey::new("nothing").expect("key");
         let none: Vec<ListedObject> = storage.list(&missing).try_collect().await.expect("list");
         assert!(none.is_empty());
+    }
+
+    #[test]
+    fn full_and_over_quota_file_systems_are_out_of_space() {
+        for errno in [28, 122] {
+            let error = StorageError::io("staging/x", io::Error::from_raw_os_error(errno));
+            assert!(
+                matches!(error, StorageError::OutOfSpace { .. }),
+                "{errno}: {error:?}"
+            );
+        }
+        let error = StorageError::io("staging/x", io::Error::from_raw_os_error(13));
+        assert!(matches!(error, StorageError::Io { .. }), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn available_bytes_are_those_of_the_file_system() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = LocalStorage::open(dir.path()).await.expect("open");
+        let available = storage
+            .available_bytes()
+            .await
+            .expect("statvfs")
+            .expect("local storage knows its room");
+        assert!(available > 0, "the temporary directory has room");
     }
 
     #[tokio::test]

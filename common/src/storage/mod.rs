@@ -56,6 +56,10 @@ pub enum StorageError {
         #[source]
         source: io::Error,
     },
+    /// The backend has no room for the write: a full (or quota-limited)
+    /// file system, or an S3 server answering 507.
+    #[error("no space left in storage for {key}: {message}")]
+    OutOfSpace { key: String, message: String },
     /// A remote backend refused or failed a request; `message` holds what it
     /// answered, or the chain of causes when no answer came.
     #[error("{operation} of {key} failed: {message}")]
@@ -64,6 +68,29 @@ pub enum StorageError {
         key: String,
         message: String,
     },
+}
+
+impl StorageError {
+    /// An I/O failure on `key`: [`StorageError::OutOfSpace`] when the file
+    /// system is full (`ENOSPC`) or the writer's disk quota is used up
+    /// (`EDQUOT`), [`StorageError::Io`] otherwise.
+    pub fn io(key: impl fmt::Display, source: io::Error) -> Self {
+        let out_of_space = matches!(
+            source.kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        );
+        if out_of_space {
+            Self::OutOfSpace {
+                key: key.to_string(),
+                message: source.to_string(),
+            }
+        } else {
+            Self::Io {
+                key: key.to_string(),
+                source,
+            }
+        }
+    }
 }
 
 /// A validated storage key: `/`-separated segments of `[A-Za-z0-9._-]`,
@@ -176,6 +203,13 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Whether the storage is reachable and writable, cheaply, for a
     /// readiness probe: it writes or lists nothing that lasts.
     async fn check(&self) -> Result<(), StorageError>;
+
+    /// How many more bytes can be written, where the backend can tell (a
+    /// local file system's space available to unprivileged writers);
+    /// `None` where room is the provider's business (S3).
+    async fn available_bytes(&self) -> Result<Option<u64>, StorageError> {
+        Ok(None)
+    }
 }
 
 /// Opens the storage a server config names: what every service process

@@ -559,6 +559,14 @@ where
         (None, Some(status)) => format!("HTTP {status}"),
         (None, None) => transport_error(error),
     };
+    // 507 Insufficient Storage (MinIO's `XMinioStorageFull` comes with it):
+    // the server has no room, which the push endpoints report as such.
+    if status_of(error) == Some(507) {
+        return StorageError::OutOfSpace {
+            key: key.to_string(),
+            message,
+        };
+    }
     StorageError::Backend {
         operation,
         key: key.to_string(),

@@ -2,9 +2,15 @@
 //! caches, wire-compatible with Attic's API.
 //!
 //! Each change is checked against the permission bit it needs: visibility,
-//! priority, store directory, upstream keys and the key pair need
-//! `configure_cache`; the retention period needs
-//! `configure_cache_retention`; creating and destroying need their own.
+//! priority, store directory, upstream keys, the key pair and the quota
+//! policy need `configure_cache`; the retention period needs
+//! `configure_cache_retention`; the storage quota needs
+//! `configure_cache_quota` (an operator's permission: a quota its tenant
+//! could lift is no quota); creating and destroying need their own.
+//!
+//! The quota, its policy and the cache's usage are shown only to callers
+//! whose token grants something on the cache, not to anonymous readers of
+//! a public cache.
 
 use std::time::Duration;
 
@@ -13,7 +19,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use common::api::{CacheConfig, CreateCacheRequest, KeypairConfig, RetentionPeriodConfig};
+use common::api::{
+    CacheConfig, CacheQuota, CreateCacheRequest, KeypairConfig, RetentionPeriodConfig, StorageUsage,
+};
 use common::auth::Permission;
 use common::cache_name::CacheName;
 use common::db::{Cache, CacheKeypair, CacheUpdate, DbError, NewCache};
@@ -24,6 +32,7 @@ use crate::access::Caller;
 use crate::endpoint::public_endpoint;
 use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiPath};
+use crate::quota::record_error;
 use crate::state::AppState;
 
 fn parse_cache_name(name: &str) -> Result<CacheName, ApiError> {
@@ -39,7 +48,10 @@ pub async fn get(
 ) -> Result<Json<CacheConfig>, ApiError> {
     let name = parse_cache_name(&cache)?;
     let cache = state.visible_cache(&caller, &name).await?;
-    Ok(Json(describe(&state, &headers, &cache)?))
+    let tenant = caller
+        .claims()
+        .is_some_and(|claims| claims.grants_anything_on(&name));
+    Ok(Json(describe(&state, &headers, &cache, tenant).await?))
 }
 
 /// `POST`: creates the cache.
@@ -52,6 +64,12 @@ pub async fn create(
 ) -> Result<Json<CacheConfig>, ApiError> {
     let name = parse_cache_name(&cache)?;
     state.check_may_create(&caller, &name)?;
+    if request.storage_quota.is_some() && !caller.can(&name, Permission::ConfigureCacheQuota) {
+        return Err(ApiError::Forbidden(format!(
+            "your token does not allow {} on cache {name}",
+            Permission::ConfigureCacheQuota.name()
+        )));
+    }
     let keypair = keypair_from(&request.keypair, &name, None)?;
     let mut new = NewCache::new(name, keypair);
     new.is_public = request.is_public;
@@ -64,6 +82,12 @@ pub async fn create(
     if let Some(names) = request.upstream_cache_key_names {
         new.upstream_cache_key_names = validate_key_names(names)?;
     }
+    if let Some(quota) = request.storage_quota {
+        new.quota = validate_quota(quota)?;
+    }
+    if let Some(policy) = request.quota_policy {
+        new.quota_policy = policy;
+    }
     let cache = match state
         .database
         .create_cache(&new, std::time::SystemTime::now().into())
@@ -75,7 +99,7 @@ pub async fn create(
     };
     state.forget_cached_reads();
     tracing::info!(cache = %cache.name, by = caller.subject(), "cache created");
-    Ok(Json(describe(&state, &headers, &cache)?))
+    Ok(Json(describe(&state, &headers, &cache, true).await?))
 }
 
 /// `PATCH`: changes the fields present, each under its own permission.
@@ -91,16 +115,21 @@ pub async fn configure(
         || patch.store_dir.is_some()
         || patch.priority.is_some()
         || patch.upstream_cache_key_names.is_some()
-        || patch.keypair.is_some();
+        || patch.keypair.is_some()
+        || patch.quota_policy.is_some();
     let changes_retention = patch.retention_period.is_some();
-    // A patch that changes nothing still needs one of the two, so that it
-    // cannot be used to probe for caches.
+    let changes_quota = patch.storage_quota.is_some();
+    // A patch that changes nothing still needs `configure_cache`, so that
+    // it cannot be used to probe for caches.
     let mut needed = Vec::new();
-    if changes_configuration || !changes_retention {
+    if changes_configuration || !(changes_retention || changes_quota) {
         needed.push(Permission::ConfigureCache);
     }
     if changes_retention {
         needed.push(Permission::ConfigureCacheRetention);
+    }
+    if changes_quota {
+        needed.push(Permission::ConfigureCacheQuota);
     }
     let mut cache = None;
     for permission in needed {
@@ -139,6 +168,8 @@ pub async fn configure(
             .as_ref()
             .map(|keypair| keypair_from(keypair, &name, Some(&cache)))
             .transpose()?,
+        quota: patch.storage_quota.map(validate_quota).transpose()?,
+        quota_policy: patch.quota_policy,
     };
     let cache = state
         .database
@@ -151,7 +182,7 @@ pub async fn configure(
         })?;
     state.forget_cached_reads();
     tracing::info!(cache = %cache.name, by = caller.subject(), "cache reconfigured");
-    Ok(Json(describe(&state, &headers, &cache)?))
+    Ok(Json(describe(&state, &headers, &cache, true).await?))
 }
 
 /// `DELETE`: destroys the cache and its objects; the global NARs and
@@ -178,8 +209,31 @@ pub async fn destroy(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// The cache as the API shows it.
-fn describe(state: &AppState, headers: &HeaderMap, cache: &Cache) -> Result<CacheConfig, ApiError> {
+/// The cache as the API shows it; with its quota, policy and usage for a
+/// `tenant` (a caller whose token grants something on it).
+async fn describe(
+    state: &AppState,
+    headers: &HeaderMap,
+    cache: &Cache,
+    tenant: bool,
+) -> Result<CacheConfig, ApiError> {
+    let usage = if tenant {
+        // Read now, not from the cache row: usage changes with every push.
+        let usage = state
+            .database
+            .cache_usage(cache.id)
+            .await
+            .map_err(|error| record_error(&cache.name, error))?
+            .ok_or(ApiError::NoSuchCache)?;
+        Some(StorageUsage {
+            quota_bytes: state.database.quota_defaults().resolve(cache.quota),
+            used_bytes: usage.used(),
+            paths_bytes: usage.path_bytes,
+            pending_bytes: usage.pending_bytes,
+        })
+    } else {
+        None
+    };
     let endpoint = public_endpoint(state, headers);
     let key = SecretKey::parse(cache.keypair.expose_secret()).map_err(|error| {
         ApiError::internal(anyhow::anyhow!(
@@ -199,8 +253,24 @@ fn describe(state: &AppState, headers: &HeaderMap, cache: &Cache) -> Result<Cach
             None => RetentionPeriodConfig::Global,
             Some(period) => RetentionPeriodConfig::Period(period.as_secs()),
         }),
+        storage_quota: tenant.then_some(cache.quota),
+        quota_policy: tenant.then_some(cache.quota_policy),
+        storage_usage: usage,
         keypair: None,
     })
+}
+
+/// A quota the store can hold: at most `i64::MAX` bytes.
+fn validate_quota(quota: CacheQuota) -> Result<CacheQuota, ApiError> {
+    if let CacheQuota::Bytes(bytes) = quota {
+        if i64::try_from(bytes).is_err() {
+            return Err(ApiError::bad_request(format!(
+                "invalid storage quota of {bytes} bytes: at most {} (8 EiB)",
+                i64::MAX
+            )));
+        }
+    }
+    Ok(quota)
 }
 
 fn parse_store_dir(store_dir: &str) -> Result<StoreDir, ApiError> {

@@ -18,6 +18,7 @@ use common::metrics::{ops_router, Readiness};
 use crate::error::ApiError;
 use crate::http_metrics::{self, MeteredRoutes, RouteMetrics, UNMATCHED_ROUTE};
 use crate::state::AppState;
+use crate::upload_slots::{hold_slot, WhenBusy};
 
 /// Every route of the server, each with its HTTP metrics, and the ops
 /// routes (`/metrics`, `/healthz`, `/readyz`, not counted themselves).
@@ -30,6 +31,9 @@ pub fn router(state: AppState) -> Router {
     );
     let unmatched_metrics = RouteMetrics::new(UNMATCHED_ROUTE);
     let unmatched = || from_fn_with_state(unmatched_metrics.clone(), http_metrics::record);
+    // The routes that receive a NAR take upload slots first.
+    let upload_slot =
+        |when_busy: WhenBusy| from_fn_with_state((state.clone(), when_busy), hold_slot);
     Router::new()
         .metered_route("/", get(landing::page))
         .metered_route(
@@ -43,7 +47,10 @@ pub fn router(state: AppState) -> Router {
             "/_api/v1/get-missing-paths",
             post(push_attic::get_missing_paths),
         )
-        .metered_route("/_api/v1/upload-path", put(push_attic::upload_path))
+        .metered_route(
+            "/_api/v1/upload-path",
+            put(push_attic::upload_path.layer(upload_slot(WhenBusy::Refuse))),
+        )
         .metered_route("/_api/v1/delete-paths", post(delete_paths::delete_paths))
         .metered_route("/_api/v1/uploads/{id}", get(uploads::status))
         .metered_route(
@@ -54,7 +61,7 @@ pub fn router(state: AppState) -> Router {
             "/{cache}/nar/{file}",
             get(binary_cache::nar)
                 .head(push_nix::head_nar)
-                .put(push_nix::put_nar),
+                .put(push_nix::put_nar.layer(upload_slot(WhenBusy::Wait))),
         )
         .metered_route("/{cache}/log/{drv}", put(push_nix::put_log))
         .metered_route(

@@ -21,6 +21,7 @@ use crate::access::Caller;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::push::{self, check_text, PathFields, PushedPath};
+use crate::quota::Room;
 use crate::spool::{self, BodyStream, Encoding, Expected};
 use crate::state::AppState;
 
@@ -97,7 +98,11 @@ pub async fn upload_path(
         .await
         .map_err(ApiError::internal)?
         .is_some();
+    // Refused before the body is read when it cannot fit; its bytes are
+    // checked again, atomically, when they are recorded.
+    let room = Room::measure(&state, &cache, Some(&path.store_path_hash)).await?;
     if already_stored {
+        room.admit_link(path.nar_size)?;
         if state.ingest.require_proof_of_possession {
             spool::verify(
                 nar_body,
@@ -116,14 +121,17 @@ pub async fn upload_path(
             )),
         };
     }
+    room.admit_upload(path.nar_size)?;
+    let limit = state.ingest.max_nar_size;
     let spooled = spool::spool(
         state.storage.clone(),
         nar_body,
         Encoding::Plain,
         expected,
-        state.ingest.max_nar_size,
+        room.write_bound(limit)?,
     )
-    .await?;
+    .await
+    .map_err(|error| room.spool_error(limit, error))?;
     let result = push::record_upload(&state, &cache, &caller, path, spooled.key, wait).await?;
     Ok(Json(result))
 }

@@ -29,6 +29,7 @@ use crate::access::Caller;
 use crate::error::ApiError;
 use crate::extract::ApiPath;
 use crate::push::{self, check_text, PathFields};
+use crate::quota::{self, Room};
 use crate::routes::binary_cache;
 use crate::spool::{self, Encoding, Expected};
 use crate::state::AppState;
@@ -194,14 +195,18 @@ pub async fn put_nar(
         file_hash: Some(file_name.file_hash),
         ..Expected::default()
     };
+    // Its NarSize is known only once decoded: it may write no more than the
+    // cache's room (and the disk's), and is counted once spooled.
+    let room = Room::measure(&state, &cache, None).await?;
     let spooled = spool::spool(
         state.storage.clone(),
         spool::body_stream(body),
         file_name.encoding,
         expected,
-        limit,
+        room.write_bound(limit)?,
     )
-    .await?;
+    .await
+    .map_err(|error| room.spool_error(limit, error))?;
     let staged = StagedFile {
         cache_id: cache.id,
         file_name: file,
@@ -214,7 +219,7 @@ pub async fn put_nar(
         Ok(replaced) => replaced,
         Err(error) => {
             spool::discard(state.storage.as_ref(), &spooled.key).await;
-            return Err(ApiError::internal(error));
+            return Err(quota::record_error(&name, error));
         }
     };
     if let Some(previous) = replaced {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use common::api::{CacheConfig, RetentionPeriodConfig};
+use common::api::{CacheConfig, CacheQuota, QuotaPolicy, RetentionPeriodConfig};
 use common::auth::Permission;
 use common::cache_name::CacheName;
 use common::db::ObjectMetadata;
@@ -117,7 +117,7 @@ impl Larder {
             .expect("running larder")
     }
 
-    async fn run(&self, args: &[&str]) -> Output {
+    pub(crate) async fn run(&self, args: &[&str]) -> Output {
         self.run_with_input(args, "").await
     }
 
@@ -196,7 +196,7 @@ async fn server_view(server: &TestServer, cache: &str, token: &str) -> CacheConf
 
 /// Runs a blocking Nix step off the runtime's workers, so the in-process
 /// server keeps answering while Nix talks to it.
-async fn blocking<T: Send + 'static>(step: impl FnOnce() -> T + Send + 'static) -> T {
+pub(crate) async fn blocking<T: Send + 'static>(step: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(step)
         .await
         .expect("the Nix step panicked")
@@ -439,6 +439,138 @@ async fn cache_create_configure_info_destroy_round_trip() {
         .await;
     let line = larder.fails(&["cache", "info", "gone"]).await;
     assert!(line.contains("no such cache"), "{line}");
+}
+
+/// `--quota` and `--quota-policy` on create and configure, and `cache
+/// info` showing usage against the quota; only a token with the quota
+/// permission may set a quota.
+#[tokio::test]
+async fn quotas_are_set_with_flags_and_info_shows_usage_against_them() {
+    let server = TestServer::sqlite().await;
+    let root = server.root_token().await;
+    let larder = Larder::new();
+    larder.ok(&["login", "local", &server.url(), &root]).await;
+
+    larder
+        .ok(&[
+            "cache",
+            "create",
+            "capped",
+            "--quota",
+            "1 MiB",
+            "--quota-policy",
+            "evict-lru",
+        ])
+        .await;
+    let created = server_view(&server, "capped", &root).await;
+    assert_eq!(created.storage_quota, Some(CacheQuota::Bytes(1 << 20)));
+    assert_eq!(created.quota_policy, Some(QuotaPolicy::EvictLru));
+
+    // A path of 256 KiB and a little: a quarter of the quota, rounded down.
+    let nar = {
+        let mut encoder = common::nix::nar::NarEncoder::new(Vec::new()).expect("a NAR");
+        encoder
+            .regular(false, &vec![7u8; 256 << 10])
+            .expect("a file");
+        encoder.finish().expect("a complete NAR")
+    };
+    server
+        .seed_path(
+            "capped",
+            ObjectMetadata {
+                store_path: "/nix/store/00000000000000000000000000000000-quarter".to_owned(),
+                references: Vec::new(),
+                deriver: None,
+                system: None,
+                sigs: Vec::new(),
+                ca: None,
+            },
+            &nar,
+        )
+        .await;
+    let info = larder.ok(&["cache", "info", "capped"]).await;
+    for expected in [
+        "Storage quota: 1.0 MiB",
+        "Storage used: 256.1 KiB of 1.0 MiB (25%): 256.1 KiB in paths, 0 B in flight",
+        "When full: evict the least recently used paths",
+    ] {
+        assert!(info.contains(expected), "{expected:?} in {info}");
+    }
+
+    larder
+        .ok(&[
+            "cache",
+            "configure",
+            "capped",
+            "--quota",
+            "unlimited",
+            "--quota-policy",
+            "refuse",
+        ])
+        .await;
+    let configured = server_view(&server, "capped", &root).await;
+    assert_eq!(configured.storage_quota, Some(CacheQuota::Unlimited));
+    assert_eq!(configured.quota_policy, Some(QuotaPolicy::Refuse));
+    let info = larder.ok(&["cache", "info", "capped"]).await;
+    assert!(info.contains("Storage quota: unlimited"), "{info}");
+    assert!(info.contains("Storage used: 256.1 KiB: "), "{info}");
+    assert!(info.contains("When full: refuse pushes"), "{info}");
+    larder
+        .ok(&["cache", "configure", "capped", "--reset-quota"])
+        .await;
+    assert_eq!(
+        server_view(&server, "capped", &root).await.storage_quota,
+        Some(CacheQuota::Global)
+    );
+    let info = larder.ok(&["cache", "info", "capped"]).await;
+    assert!(
+        info.contains("Storage quota: unlimited (the server's default)"),
+        "{info}"
+    );
+
+    // Ambiguous or unknown sizes never reach the server.
+    for bad in ["50G", "lots", "5 GibiBytes"] {
+        let output = larder
+            .run(&["cache", "configure", "capped", "--quota", bad])
+            .await;
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{bad}: {}",
+            text(&output.stderr)
+        );
+        assert!(
+            text(&output.stderr).contains("byte size"),
+            "{}",
+            text(&output.stderr)
+        );
+    }
+
+    // A tenant's token: the policy yes, the quota no.
+    let tenant = server
+        .mint("tenant", HOUR, &[("capped", &[Permission::ConfigureCache])])
+        .await;
+    let limited = Larder::new();
+    limited
+        .ok(&["login", "local", &server.url(), &tenant])
+        .await;
+    limited
+        .ok(&[
+            "cache",
+            "configure",
+            "capped",
+            "--quota-policy",
+            "evict-lru",
+        ])
+        .await;
+    let line = limited
+        .fails(&["cache", "configure", "capped", "--quota", "1 TiB"])
+        .await;
+    assert!(line.contains("configure_cache_quota"), "{line}");
+    assert_eq!(
+        server_view(&server, "capped", &root).await.storage_quota,
+        Some(CacheQuota::Global)
+    );
 }
 
 /// The metadata and NAR of a path in the chroot store at `root`, as the

@@ -11,8 +11,8 @@ use reqwest::StatusCode;
 use common::api::{DeletePathsRequest, DeletePathsResponse};
 use common::auth::Permission;
 use common::config::{
-    AuthConfig, DatabaseConfig, IngestConfig, LogConfig, PipelineConfig, QueueConfig, Secret,
-    ServerConfig, StorageConfig,
+    AuthConfig, DatabaseConfig, HttpConfig, IngestConfig, LogConfig, PipelineConfig, QueueConfig,
+    QuotaConfig, Secret, ServerConfig, StorageConfig,
 };
 use common::db::{CacheKeypair, CacheUpdate, Database, NewCache, Timestamp};
 use common::duration::HumanDuration;
@@ -168,9 +168,11 @@ async fn retention_on_postgres_with_garage() {
             rs256_private_key_pem: None,
         },
         ingest: IngestConfig::default(),
+        http: HttpConfig::default(),
         pipeline: PipelineConfig::default(),
         gc: eager_gc(),
         queue: QueueConfig::default(),
+        quota: QuotaConfig::default(),
         log: LogConfig::default(),
     };
     std::fs::write(&config_path, config.to_toml()).expect("writing the config");

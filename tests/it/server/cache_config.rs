@@ -2,7 +2,7 @@
 //! (each field under the permission it needs), re-keying and destroying a
 //! cache, with the served signatures following the key.
 
-use common::api::{CacheConfig, RetentionPeriodConfig};
+use common::api::{CacheConfig, CacheQuota, QuotaPolicy, RetentionPeriodConfig, StorageUsage};
 use common::auth::Permission;
 use common::nix::{NarInfo, PublicKey, StoreDir};
 use reqwest::{Method, StatusCode};
@@ -506,4 +506,201 @@ async fn priorities_are_served_as_set_and_negative_ones_refused() {
         .expect("text");
         assert!(info.contains(&format!("Priority: {priority}\n")), "{info}");
     }
+}
+
+/// Storage quotas: set and reset only with `configure_cache_quota` (on
+/// creation too), the policy with `configure_cache`; shown with the usage
+/// to callers whose token grants something on the cache, not to anonymous
+/// readers of a public cache; the server's default applies to caches that
+/// set none; bad values are 400s.
+#[tokio::test]
+async fn storage_quotas_are_the_operators_and_usage_is_shown_to_tenants() {
+    let server = TestServer::start(tests::server::TestServerOptions {
+        edit_config: Some(std::sync::Arc::new(|config| {
+            config.quota.default_cache_quota = Some(common::byte_size::ByteSize::new(1 << 30));
+        })),
+        ..Default::default()
+    })
+    .await;
+    let creator = server
+        .mint(
+            "creator",
+            HOUR,
+            &[(
+                "team-*",
+                &[Permission::CreateCache, Permission::ConfigureCache],
+            )],
+        )
+        .await;
+    let operator = server
+        .mint(
+            "operator",
+            HOUR,
+            &[(
+                "*",
+                &[Permission::CreateCache, Permission::ConfigureCacheQuota],
+            )],
+        )
+        .await;
+
+    // Creating with a quota needs the quota permission; the policy does not.
+    let (error, _) = api_error(
+        send(
+            &server,
+            Method::POST,
+            CONFIG,
+            Some(&creator),
+            Some(serde_json::json!({"storage_quota": {"Bytes": 1000}})),
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+    assert!(
+        error.message.contains("configure_cache_quota"),
+        "{}",
+        error.message
+    );
+    let created: CacheConfig = ok_json(
+        send(
+            &server,
+            Method::POST,
+            CONFIG,
+            Some(&creator),
+            Some(serde_json::json!({"quota_policy": "EvictLru", "is_public": true})),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(created.storage_quota, Some(CacheQuota::Global));
+    assert_eq!(created.quota_policy, Some(QuotaPolicy::EvictLru));
+    assert_eq!(
+        created.storage_usage,
+        Some(StorageUsage {
+            quota_bytes: Some(1 << 30),
+            used_bytes: 0,
+            paths_bytes: 0,
+            pending_bytes: 0,
+        }),
+        "the server's default applies"
+    );
+    let with_quota: CacheConfig = ok_json(
+        send(
+            &server,
+            Method::POST,
+            "/_api/v1/cache-config/team-capped",
+            Some(&operator),
+            Some(serde_json::json!({"storage_quota": {"Bytes": 5000}})),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(with_quota.storage_quota, Some(CacheQuota::Bytes(5000)));
+
+    // Usage follows what the cache holds; anonymous readers of the public
+    // cache see Attic's fields only.
+    let nar = file_nar(b"counted");
+    server
+        .seed_path(
+            "team-cfg",
+            plain_metadata(&fake_store_path("counted")),
+            &nar,
+        )
+        .await;
+    let read: CacheConfig = ok_json(get(&server, CONFIG, Some(&creator)).await).await;
+    let usage = read.storage_usage.expect("usage");
+    assert_eq!(usage.used_bytes, nar.len() as u64);
+    assert_eq!(usage.paths_bytes, nar.len() as u64);
+    let anonymous: CacheConfig = ok_json(get(&server, CONFIG, None).await).await;
+    assert!(anonymous.public_key.is_some());
+    assert_eq!(
+        (
+            anonymous.storage_quota,
+            anonymous.quota_policy,
+            anonymous.storage_usage
+        ),
+        (None, None, None)
+    );
+
+    // The tenant cannot set its quota; the operator can, and can reset it.
+    let (error, _) = api_error(
+        patch(
+            &server,
+            &creator,
+            serde_json::json!({"storage_quota": "Unlimited"}),
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+    assert!(
+        error.message.contains("configure_cache_quota"),
+        "{}",
+        error.message
+    );
+    for (quota, effective) in [
+        (CacheQuota::Bytes(12_345), Some(12_345)),
+        (CacheQuota::Unlimited, None),
+        (CacheQuota::Global, Some(1 << 30)),
+    ] {
+        let changed: CacheConfig = ok_json(
+            patch(
+                &server,
+                &operator,
+                serde_json::json!({"storage_quota": quota}),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(changed.storage_quota, Some(quota));
+        assert_eq!(
+            changed.storage_usage.map(|usage| usage.quota_bytes),
+            Some(effective)
+        );
+    }
+    // The policy is a configuration setting, which the operator's token
+    // does not grant here.
+    let (error, _) = api_error(
+        patch(
+            &server,
+            &operator,
+            serde_json::json!({"quota_policy": "Refuse"}),
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+    assert!(
+        error.message.contains("configure_cache"),
+        "{}",
+        error.message
+    );
+    let changed: CacheConfig = ok_json(
+        patch(
+            &server,
+            &creator,
+            serde_json::json!({"quota_policy": "Refuse"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(changed.quota_policy, Some(QuotaPolicy::Refuse));
+
+    // Bad values are 400s, and change nothing.
+    for bad in [
+        serde_json::json!({"storage_quota": {"Bytes": u64::MAX}}),
+        serde_json::json!({"storage_quota": {"Bytes": -1}}),
+        serde_json::json!({"storage_quota": "Lots"}),
+        serde_json::json!({"storage_quota": "50 GiB"}),
+        serde_json::json!({"quota_policy": "Sometimes"}),
+    ] {
+        api_error(
+            patch(&server, &operator, bad.clone()).await,
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
+    }
+    let read: CacheConfig = ok_json(get(&server, CONFIG, Some(&creator)).await).await;
+    assert_eq!(read.storage_quota, Some(CacheQuota::Global));
+    assert_eq!(read.quota_policy, Some(QuotaPolicy::Refuse));
 }

@@ -10,7 +10,11 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use common::api::{CacheConfig, CreateCacheRequest, KeypairConfig, RetentionPeriodConfig};
+use common::api::{
+    CacheConfig, CacheQuota, CreateCacheRequest, KeypairConfig, QuotaPolicy, RetentionPeriodConfig,
+    StorageUsage,
+};
+use common::byte_size::ByteSize;
 use common::duration::HumanDuration;
 use watcher_agent::api::ApiClient;
 use watcher_agent::config::{self, config_path, CacheRef, ClientConfig, Token};
@@ -134,6 +138,10 @@ enum CacheCommand {
         /// Go back to the server's default retention period.
         #[arg(long)]
         reset_retention_period: bool,
+        /// Go back to the server's default storage quota (needs the
+        /// configure-cache-quota permission).
+        #[arg(long, conflicts_with = "quota")]
+        reset_quota: bool,
         /// Replace the signing key with a new one (clients must `use` the
         /// cache again to trust it).
         #[arg(long)]
@@ -174,6 +182,24 @@ struct CacheSettings {
     /// defaults to cache.nixos.org-1).
     #[arg(long = "upstream-cache-key-name", value_name = "KEY_NAME")]
     upstream_cache_key_names: Vec<String>,
+    /// Storage quota in logical bytes, e.g. '50 GiB' (binary) or '500 GB'
+    /// (decimal), or 'unlimited'. Needs the configure-cache-quota
+    /// permission, which is normally the operator's.
+    #[arg(long, value_name = "SIZE", value_parser = parse_quota)]
+    quota: Option<CacheQuota>,
+    /// What a push over the quota does: 'refuse' it, or 'evict-lru' (remove
+    /// the least recently used paths until it fits).
+    #[arg(long, value_name = "POLICY")]
+    quota_policy: Option<QuotaPolicy>,
+}
+
+/// `unlimited`, or a byte size with its unit.
+fn parse_quota(text: &str) -> Result<CacheQuota, String> {
+    if text.trim().eq_ignore_ascii_case("unlimited") {
+        return Ok(CacheQuota::Unlimited);
+    }
+    let size: ByteSize = text.parse().map_err(|error| format!("{error}"))?;
+    Ok(CacheQuota::Bytes(size.bytes()))
 }
 
 impl CacheSettings {
@@ -280,6 +306,8 @@ async fn cache_command(command: CacheCommand) -> anyhow::Result<()> {
                 store_dir: None,
                 priority: settings.priority,
                 upstream_cache_key_names: settings.upstream_keys(),
+                storage_quota: settings.quota,
+                quota_policy: settings.quota_policy,
             };
             let created = client.create_cache(&cache.cache, &request).await?;
             println!("created cache {cache}");
@@ -290,12 +318,15 @@ async fn cache_command(command: CacheCommand) -> anyhow::Result<()> {
             settings,
             retention_period,
             reset_retention_period,
+            reset_quota,
             regenerate_keypair,
         } => {
             let patch = CacheConfig {
                 is_public: settings.visibility(),
                 priority: settings.priority,
                 upstream_cache_key_names: settings.upstream_keys(),
+                storage_quota: settings.quota.or(reset_quota.then_some(CacheQuota::Global)),
+                quota_policy: settings.quota_policy,
                 retention_period: match (retention_period, reset_retention_period) {
                     (Some(period), _) => Some(RetentionPeriodConfig::Period(period.as_secs())),
                     (None, true) => Some(RetentionPeriodConfig::Global),
@@ -424,10 +455,62 @@ fn print_info(cache: &CacheRef, config: &CacheConfig) {
                 .as_ref()
                 .map_or_else(unknown, |names| names.join(" ")),
         ),
+        (
+            "Storage quota",
+            match (config.storage_quota, &config.storage_usage) {
+                (Some(CacheQuota::Global), Some(usage)) => match usage.quota_bytes {
+                    Some(bytes) => format!("{} (the server's default)", size(bytes)),
+                    None => "unlimited (the server's default)".to_owned(),
+                },
+                (Some(CacheQuota::Unlimited), _) => "unlimited".to_owned(),
+                (Some(CacheQuota::Bytes(bytes)), _) => size(bytes),
+                _ => unknown(),
+            },
+        ),
+        (
+            "Storage used",
+            config
+                .storage_usage
+                .as_ref()
+                .map_or_else(unknown, usage_line),
+        ),
+        (
+            "When full",
+            match config.quota_policy {
+                Some(QuotaPolicy::Refuse) => "refuse pushes".to_owned(),
+                Some(QuotaPolicy::EvictLru) => "evict the least recently used paths".to_owned(),
+                None => unknown(),
+            },
+        ),
     ];
     for (label, value) in rows {
         println!("{label:>20}: {value}");
     }
+}
+
+/// `1.2 GiB` for a byte count.
+fn size(bytes: u64) -> String {
+    ByteSize::new(bytes).approximate()
+}
+
+/// `1.2 GiB of 50.0 GiB (2%): 1.1 GiB in paths, 100.0 MiB in flight`.
+fn usage_line(usage: &StorageUsage) -> String {
+    let of_quota = match usage.quota_bytes {
+        // Rounded down, so 100% means full.
+        Some(quota) if quota > 0 => format!(
+            " of {} ({}%)",
+            size(quota),
+            u128::from(usage.used_bytes) * 100 / u128::from(quota)
+        ),
+        Some(_) => " of 0 B".to_owned(),
+        None => String::new(),
+    };
+    format!(
+        "{}{of_quota}: {} in paths, {} in flight",
+        size(usage.used_bytes),
+        size(usage.paths_bytes),
+        size(usage.pending_bytes)
+    )
 }
 
 async fn use_cache(cache: &CacheRef) -> anyhow::Result<()> {
