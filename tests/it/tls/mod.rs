@@ -48,9 +48,11 @@ fn write_server_config(dir: &Path, storage: StorageConfig) -> std::path::PathBuf
             rs256_private_key_pem: None,
         },
         ingest: Default::default(),
+        http: Default::default(),
         pipeline: Default::default(),
         gc: Default::default(),
         queue: QueueConfig::Embedded,
+        quota: Default::default(),
         log: LogConfig::default(),
     };
     let path = dir.join("server.toml");
