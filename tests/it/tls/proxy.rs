@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::auth::Permission;
-use common::config::IngestConfig;
+use common::config::{HttpConfig, IngestConfig};
 use tests::nix::NixEnv;
 use tests::server::{TestServer, TestServerOptions};
 use tests::services;
@@ -59,12 +59,16 @@ fn seconds_of(recipe: &str, setting: &str) -> u64 {
 
 /// What the live test cannot wait for: the recipe's timeouts outlast the
 /// default `wait-for-visible` (else nginx answers a waiting push with a 504,
-/// and Nix 2.8 re-sends it without its body), bodies are unlimited and
+/// and Nix 2.8 re-sends it without its body) and `upload-slot-wait` (while
+/// Larder reads nothing of a waiting upload), bodies are unlimited and
 /// streamed, and the forwarded headers are set.
 #[test]
 fn the_proxy_recipe_outlasts_wait_for_visible_and_streams_unlimited_bodies() {
     let recipe = recipe();
-    let wait = IngestConfig::default().wait_for_visible.as_secs();
+    let wait = IngestConfig::default()
+        .wait_for_visible
+        .as_secs()
+        .max(HttpConfig::default().upload_slot_wait.as_secs());
     for setting in [
         "proxy_read_timeout",
         "proxy_send_timeout",
@@ -73,7 +77,7 @@ fn the_proxy_recipe_outlasts_wait_for_visible_and_streams_unlimited_bodies() {
         let seconds = seconds_of(&recipe, setting);
         assert!(
             seconds >= wait + 60,
-            "{setting} {seconds}s leaves no margin over wait-for-visible ({wait}s)"
+            "{setting} {seconds}s leaves no margin over Larder's waits ({wait}s)"
         );
     }
     for line in [
