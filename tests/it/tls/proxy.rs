@@ -61,7 +61,8 @@ fn seconds_of(recipe: &str, setting: &str) -> u64 {
 /// default `wait-for-visible` (else nginx answers a waiting push with a 504,
 /// and Nix 2.8 re-sends it without its body) and `upload-slot-wait` (while
 /// Larder reads nothing of a waiting upload), bodies are unlimited and
-/// streamed, and the forwarded headers are set.
+/// streamed, idle upstream connections are dropped before Larder drops
+/// them, and the forwarded headers are set.
 #[test]
 fn the_proxy_recipe_outlasts_wait_for_visible_and_streams_unlimited_bodies() {
     let recipe = recipe();
@@ -80,6 +81,13 @@ fn the_proxy_recipe_outlasts_wait_for_visible_and_streams_unlimited_bodies() {
             "{setting} {seconds}s leaves no margin over Larder's waits ({wait}s)"
         );
     }
+    // nginx must drop an idle upstream connection before Larder does.
+    let idle = seconds_of(&recipe, "keepalive_timeout");
+    let larder_idle = HttpConfig::default().header_read_timeout.as_secs();
+    assert!(
+        idle < larder_idle,
+        "upstream keepalive_timeout {idle}s is not below header-read-timeout ({larder_idle}s)"
+    );
     for line in [
         "client_max_body_size 0;",
         "proxy_request_buffering off;",
