@@ -9,6 +9,7 @@ pub mod api;
 #[cfg(feature = "auth")]
 pub mod auth;
 pub mod cache_name;
+pub mod chunking;
 pub mod config;
 #[cfg(feature = "db")]
 pub mod db;
