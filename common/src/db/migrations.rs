@@ -45,6 +45,12 @@ const MIGRATIONS: &[Embedded] = &[
         sqlite: include_str!("../../migrations/sqlite/0003_gc.sql"),
         postgres: include_str!("../../migrations/postgres/0003_gc.sql"),
     },
+    Embedded {
+        version: 5,
+        description: "nar_listings",
+        sqlite: include_str!("../../migrations/sqlite/0005_nar_listings.sql"),
+        postgres: include_str!("../../migrations/postgres/0005_nar_listings.sql"),
+    },
 ];
 
 /// The file names the embedded list stands for, per backend directory, so

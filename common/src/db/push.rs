@@ -2,6 +2,17 @@
 //! staged through Nix's own upload protocol (`staged_files`), linking a
 //! path to a NAR that is already stored (deduplication at the door), and an
 //! upload's chunk progress.
+//!
+//! A staged file is a verified NAR a cache received with `PUT nar/<name>`
+//! that no narinfo has claimed yet; its row owns its staging object. The
+//! narinfo that names it claims it in the same transaction that records its
+//! upload ([`Database::claim_staged_file`]), which hands the object over to
+//! the upload row; or, when the NAR is stored already, links the path and
+//! releases the file ([`Database::release_staged_file`]). So a staged NAR is
+//! named by exactly one row at every commit, a claim that fails (a 5xx, a
+//! crash) leaves the file for a retry, and the reaper's claim on an expired
+//! file ([`Database::take_expired_staged_file`]) and a narinfo's exclude
+//! each other.
 
 use sqlx::any::AnyRow;
 
@@ -10,7 +21,7 @@ use super::nars::{nar_from_row, JOINED_NAR, JOINED_NAR_SELECT};
 use super::objects::{upsert_object_on, NewObject, Object, ObjectMetadata};
 use super::row::{i64_col, nar_hash_col, string_col, time_col, to_i64, u64_col};
 use super::types::{CacheId, NarId, Timestamp};
-use super::{Backend, Database, Nar};
+use super::{affected, Backend, Database, Nar};
 use crate::nix::{NarHash, StorePathHash};
 
 /// A verified NAR file a cache received with `PUT nar/<file name>`, waiting
@@ -60,27 +71,18 @@ pub struct ChunkProgress {
 }
 
 impl Database {
-    /// Records a staged file, replacing an earlier one of the same name in
-    /// that cache. Returns the staged key of the file it replaced, whose
-    /// object the caller deletes.
-    pub async fn put_staged_file(&self, file: &StagedFile) -> Result<Option<String>> {
-        let mut tx = self.begin_write().await?;
-        let previous = sqlx::query(
-            "SELECT staged_key FROM staged_files WHERE cache_id = $1 AND file_name = $2",
-        )
-        .bind(file.cache_id.0)
-        .bind(file.file_name.as_str())
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(query_error("looking up a staged file"))?
-        .map(|row| string_col(&row, "staged_key"))
-        .transpose()?;
-        sqlx::query(
+    /// Records a staged file, unless the cache already has one of that
+    /// name waiting: a name is a FileHash, so the waiting file holds the
+    /// same bytes, and it is kept (its wait for a narinfo starts again).
+    /// One statement, so concurrent PUTs of one file keep exactly one
+    /// copy. Returns the staged key recorded for the name: when it is not
+    /// `file.staged_key`, the caller deletes its own object.
+    pub async fn put_staged_file(&self, file: &StagedFile) -> Result<String> {
+        let row = sqlx::query(
             "INSERT INTO staged_files (cache_id, file_name, staged_key, nar_hash, nar_size, \
              created_at) VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (cache_id, file_name) DO UPDATE SET staged_key = excluded.staged_key, \
-             nar_hash = excluded.nar_hash, nar_size = excluded.nar_size, \
-             created_at = excluded.created_at",
+             ON CONFLICT (cache_id, file_name) DO UPDATE SET created_at = excluded.created_at \
+             RETURNING staged_key",
         )
         .bind(file.cache_id.0)
         .bind(file.file_name.as_str())
@@ -88,17 +90,14 @@ impl Database {
         .bind(file.nar_hash.to_string())
         .bind(to_i64("NAR size", file.nar_size)?)
         .bind(file.created_at.unix_millis())
-        .execute(&mut *tx)
+        .fetch_one(&self.pool)
         .await
         .map_err(constraint_error(
             "recording a staged file",
             || format!("staged file {}", file.file_name),
             || format!("cache {}", file.cache_id),
         ))?;
-        tx.commit()
-            .await
-            .map_err(query_error("committing a staged file"))?;
-        Ok(previous.filter(|key| *key != file.staged_key))
+        string_col(&row, "staged_key")
     }
 
     /// The staged file of that name in a cache, if any.
@@ -119,24 +118,26 @@ impl Database {
         row.as_ref().map(staged_file_from_row).transpose()
     }
 
-    /// Removes and returns the staged file of that name: a narinfo claims
-    /// it once, so two requests never hand the same staged NAR on twice.
-    pub async fn take_staged_file(
+    /// Deletes the staged file of that name if it still names
+    /// `staged_key`, once a narinfo linked its path to a NAR stored
+    /// already; whether it did (only then is the object the caller's to
+    /// delete: otherwise an upload claimed it, or the reaper took it).
+    pub async fn release_staged_file(
         &self,
         cache_id: CacheId,
         file_name: &str,
-    ) -> Result<Option<StagedFile>> {
-        let sql = format!(
-            "DELETE FROM staged_files WHERE cache_id = $1 AND file_name = $2 \
-             RETURNING {STAGED_FILE_COLUMNS}"
-        );
-        let row = sqlx::query(&sql)
-            .bind(cache_id.0)
-            .bind(file_name)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(query_error("claiming a staged file"))?;
-        row.as_ref().map(staged_file_from_row).transpose()
+        staged_key: &str,
+    ) -> Result<bool> {
+        let result = sqlx::query(
+            "DELETE FROM staged_files WHERE cache_id = $1 AND file_name = $2 AND staged_key = $3",
+        )
+        .bind(cache_id.0)
+        .bind(file_name)
+        .bind(staged_key)
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("releasing a staged file"))?;
+        Ok(affected(&result))
     }
 
     /// The NAR with this hash, if it is `valid`.
