@@ -49,10 +49,6 @@ pub enum ApiError {
     NoSuchEndpoint,
     #[error("method not allowed here")]
     MethodNotAllowed,
-    /// Stored data needed for the answer is missing from storage; nothing
-    /// was sent, so the client can retry or fall back to another cache.
-    #[error("{0}")]
-    Unavailable(String),
     /// A bug or an infrastructure failure; the details are logged, not sent.
     #[error("internal error: {0:#}")]
     Internal(anyhow::Error),
@@ -79,7 +75,6 @@ impl ApiError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -99,7 +94,6 @@ impl ApiError {
             Self::PayloadTooLarge(_) => "PayloadTooLarge",
             Self::NoSuchEndpoint => "NoSuchEndpoint",
             Self::MethodNotAllowed => "MethodNotAllowed",
-            Self::Unavailable(_) => "Unavailable",
             Self::Internal(_) => "InternalServerError",
         }
     }
