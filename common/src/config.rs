@@ -204,8 +204,15 @@ pub struct GcConfig {
     /// given up on them first.
     pub stuck_upload_deadline: HumanDuration,
     /// NAR files received with `PUT nar/…` that no narinfo claimed within
-    /// this long are deleted.
+    /// this long are deleted. Nix PUTs a path's narinfo right after its
+    /// NAR file, so minutes are plenty; an unclaimed file counts against
+    /// its cache until then.
     pub staged_file_deadline: HumanDuration,
+    /// How often the reaping step alone runs (uploads and staged files past
+    /// their deadlines, and their staged NARs), between full GC runs: cheap
+    /// queries on indexed deadlines, so that unclaimed NAR files go within
+    /// `staged-file-deadline` plus this, not at the next GC run.
+    pub reap_interval: HumanDuration,
     /// Unreferenced chunks (rows, and objects under `chunks/` in storage)
     /// younger than this are kept: a chunker may be about to list them, a
     /// compressor may have just written them.
@@ -228,6 +235,9 @@ impl GcConfig {
         if self.interval.as_secs() == 0 {
             return zero("interval");
         }
+        if self.reap_interval.as_secs() == 0 {
+            return zero("reap-interval");
+        }
         if self.access_flush_interval.as_secs() == 0 {
             return zero("access-flush-interval");
         }
@@ -248,7 +258,8 @@ impl Default for GcConfig {
             default_retention: None,
             finished_upload_deadline: HumanDuration::from_secs(24 * 60 * 60),
             stuck_upload_deadline: HumanDuration::from_secs(24 * 60 * 60),
-            staged_file_deadline: HumanDuration::from_secs(24 * 60 * 60),
+            staged_file_deadline: HumanDuration::from_secs(5 * 60),
+            reap_interval: HumanDuration::from_secs(60),
             orphan_grace: HumanDuration::from_secs(60 * 60),
             access_flush_interval: HumanDuration::from_secs(5),
             page_size: 1000,
