@@ -201,7 +201,9 @@ pub struct GcConfig {
     /// Uploads still in flight but not updated for this long are failed
     /// and deleted with their staged NAR. Longer than the reconciler's
     /// `stuck-after` times `max-upload-attempts`, so the reconciler has
-    /// given up on them first.
+    /// given up on them first. Also how old an object under `staging/`
+    /// that no upload or staged file names must be before GC deletes it:
+    /// an upload may take that long before its row names its object.
     pub stuck_upload_deadline: HumanDuration,
     /// NAR files received with `PUT nar/…` that no narinfo claimed within
     /// this long are deleted. Nix PUTs a path's narinfo right after its
@@ -578,6 +580,19 @@ mod tests {
             error.to_string().contains("gc.delete-concurrency"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn unclaimed_nar_files_are_reaped_within_minutes_by_default() {
+        let config = load(MINIMAL, &[]).expect("valid config");
+        assert_eq!(config.gc.staged_file_deadline, HumanDuration::from_secs(5 * 60));
+        assert_eq!(config.gc.reap_interval, HumanDuration::from_secs(60));
+        let text = format!("{MINIMAL}\n[gc]\nreap-interval = \"10s\"\n");
+        let config = load(&text, &[("LARDER_GC__STAGED_FILE_DEADLINE", "2min")]).expect("valid");
+        assert_eq!(config.gc.reap_interval, HumanDuration::from_secs(10));
+        assert_eq!(config.gc.staged_file_deadline, HumanDuration::from_secs(120));
+        let error = load(MINIMAL, &[("LARDER_GC__REAP_INTERVAL", "0s")]).expect_err("zero");
+        assert!(error.to_string().contains("gc.reap-interval"), "{error}");
     }
 
     #[test]
