@@ -302,11 +302,20 @@ pub struct GcConfig {
     /// Uploads still in flight but not updated for this long are failed
     /// and deleted with their staged NAR. Longer than the reconciler's
     /// `stuck-after` times `max-upload-attempts`, so the reconciler has
-    /// given up on them first.
+    /// given up on them first. Also how old an object under `staging/`
+    /// that no upload or staged file names must be before GC deletes it:
+    /// an upload may take that long before its row names its object.
     pub stuck_upload_deadline: HumanDuration,
     /// NAR files received with `PUT nar/…` that no narinfo claimed within
-    /// this long are deleted.
+    /// this long are deleted. Nix PUTs a path's narinfo right after its
+    /// NAR file, so minutes are plenty; an unclaimed file counts against
+    /// its cache until then.
     pub staged_file_deadline: HumanDuration,
+    /// How often the reaping step alone runs (uploads and staged files past
+    /// their deadlines, and their staged NARs), between full GC runs: cheap
+    /// queries on indexed deadlines, so that unclaimed NAR files go within
+    /// `staged-file-deadline` plus this, not at the next GC run.
+    pub reap_interval: HumanDuration,
     /// Unreferenced chunks (rows, and objects under `chunks/` in storage)
     /// younger than this are kept: a chunker may be about to list them, a
     /// compressor may have just written them.
@@ -329,6 +338,9 @@ impl GcConfig {
         if self.interval.as_secs() == 0 {
             return zero("interval");
         }
+        if self.reap_interval.as_secs() == 0 {
+            return zero("reap-interval");
+        }
         if self.access_flush_interval.as_secs() == 0 {
             return zero("access-flush-interval");
         }
@@ -349,7 +361,8 @@ impl Default for GcConfig {
             default_retention: None,
             finished_upload_deadline: HumanDuration::from_secs(24 * 60 * 60),
             stuck_upload_deadline: HumanDuration::from_secs(24 * 60 * 60),
-            staged_file_deadline: HumanDuration::from_secs(24 * 60 * 60),
+            staged_file_deadline: HumanDuration::from_secs(5 * 60),
+            reap_interval: HumanDuration::from_secs(60),
             orphan_grace: HumanDuration::from_secs(60 * 60),
             access_flush_interval: HumanDuration::from_secs(5),
             page_size: 1000,
@@ -721,6 +734,25 @@ mod tests {
         let error = load(MINIMAL, &[("LARDER_QUOTA__DEFAULT_CACHE_QUOTA", "50G")])
             .expect_err("an ambiguous unit");
         assert!(error.to_string().contains("ambiguous"), "{error}");
+    }
+
+    #[test]
+    fn unclaimed_nar_files_are_reaped_within_minutes_by_default() {
+        let config = load(MINIMAL, &[]).expect("valid config");
+        assert_eq!(
+            config.gc.staged_file_deadline,
+            HumanDuration::from_secs(5 * 60)
+        );
+        assert_eq!(config.gc.reap_interval, HumanDuration::from_secs(60));
+        let text = format!("{MINIMAL}\n[gc]\nreap-interval = \"10s\"\n");
+        let config = load(&text, &[("LARDER_GC__STAGED_FILE_DEADLINE", "2min")]).expect("valid");
+        assert_eq!(config.gc.reap_interval, HumanDuration::from_secs(10));
+        assert_eq!(
+            config.gc.staged_file_deadline,
+            HumanDuration::from_secs(120)
+        );
+        let error = load(MINIMAL, &[("LARDER_GC__REAP_INTERVAL", "0s")]).expect_err("zero");
+        assert!(error.to_string().contains("gc.reap-interval"), "{error}");
     }
 
     #[test]

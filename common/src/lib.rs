@@ -10,6 +10,7 @@ pub mod api;
 pub mod auth;
 pub mod byte_size;
 pub mod cache_name;
+pub mod chunking;
 pub mod config;
 #[cfg(feature = "db")]
 pub mod db;

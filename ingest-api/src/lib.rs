@@ -39,7 +39,7 @@ use common::cache_name::{CacheNameError, CacheNamePattern};
 use common::config::{GcConfig, PipelineConfig, ServerConfig};
 use common::db::{Database, DbError};
 use common::service::{open_database, open_queue, open_shared_queue, ServiceError};
-use common::storage::StorageError;
+use common::storage::{Storage, StorageError};
 
 pub use routes::router;
 pub use state::{AppState, ServedCache, Shared};
@@ -157,12 +157,24 @@ impl Server {
         listener: TcpListener,
         role: Role,
     ) -> Result<Self, ServerError> {
+        let storage = common::storage::open(&config.storage).await?;
+        Self::build_with_storage(config, listener, role, storage).await
+    }
+
+    /// [`Server::build_as`] on storage the caller opened instead of the
+    /// configured one: for tests that watch what the server asks of
+    /// storage through a wrapper around it.
+    pub async fn build_with_storage(
+        config: ServerConfig,
+        listener: TcpListener,
+        role: Role,
+        storage: Arc<dyn Storage>,
+    ) -> Result<Self, ServerError> {
         let queue = match role {
             Role::Api => open_shared_queue(&config, "ingest-api --mode api")?,
             Role::Monolithic => open_queue(&config.queue, "ingest-api"),
         };
         let database = open_database(&config).await?;
-        let storage = common::storage::open(&config.storage).await?;
         let signing_key = signing_key(&config)?;
         let revocations = Arc::new(RevocationList::new());
         // Loaded before the first request, so a revoked token is never

@@ -11,7 +11,8 @@ use tracing::Instrument;
 
 use common::api::{UploadPathResult, UploadPathResultKind, WAIT_HEADER};
 use common::db::{
-    Cache, LinkedPath, NewUpload, ObjectMetadata, Timestamp, Upload, UploadId, UploadPhase,
+    Cache, LinkedPath, NewUpload, ObjectMetadata, StagedFile, Timestamp, Upload, UploadId,
+    UploadPhase,
 };
 use common::metrics::larder;
 use common::nix::{NarHash, Signature, StoreDir, StorePath, StorePathHash};
@@ -149,28 +150,85 @@ pub async fn record_upload(
     staged_key: ObjectKey,
     wait: Duration,
 ) -> Result<UploadPathResult, ApiError> {
-    let trace_id = UploadId::random().to_string();
+    let new = new_upload(cache, caller, path, staged_key.as_str());
+    let upload = match state.database.create_upload(&new, Timestamp::now()).await {
+        Ok(upload) => upload,
+        Err(error) => {
+            spool::discard(state.storage.as_ref(), &staged_key).await;
+            return Err(quota::record_error(&cache.name, error));
+        }
+    };
+    follow_new_upload(state, cache, upload, wait).await
+}
+
+/// Records the upload of a staged file's NAR (Nix's narinfo naming a NAR
+/// file it PUT before), claiming the file in the same transaction, then
+/// goes on as [`record_upload`]. `None` when the file was claimed or
+/// reaped meanwhile. When the upload cannot be recorded, the staged file
+/// stays, still waiting for a narinfo: a retry claims it.
+pub async fn record_staged_file_upload(
+    state: &AppState,
+    cache: &Cache,
+    caller: &Caller,
+    path: PushedPath,
+    file: &StagedFile,
+    wait: Duration,
+) -> Result<Option<UploadPathResult>, ApiError> {
+    let new = new_upload(cache, caller, path, &file.staged_key);
+    let claimed = state
+        .database
+        .claim_staged_file(&new, &file.file_name, Timestamp::now())
+        .await
+        .map_err(|error| quota::record_error(&cache.name, error))?;
+    match claimed {
+        Some(upload) => follow_new_upload(state, cache, upload, wait)
+            .await
+            .map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Waits up to `wait` for an upload recorded earlier (by this request's
+/// first attempt, or by a concurrent push of the same path) and answers as
+/// the request that recorded it did.
+pub async fn await_upload(
+    state: &AppState,
+    upload: Upload,
+    wait: Duration,
+) -> Result<UploadPathResult, ApiError> {
+    let upload = wait_until_visible(state, upload, wait).await?;
+    upload_result(state, &upload).await
+}
+
+/// The upload row for `path`, its NAR staged at `staged_key`, with a fresh
+/// trace id.
+fn new_upload(cache: &Cache, caller: &Caller, path: PushedPath, staged_key: &str) -> NewUpload {
+    NewUpload {
+        cache_id: cache.id,
+        store_path_hash: path.store_path_hash,
+        nar_hash: path.nar_hash,
+        nar_size: path.nar_size,
+        metadata: path.metadata,
+        staged_key: staged_key.to_owned(),
+        trace_id: Some(UploadId::random().to_string()),
+        created_by: caller.subject().map(str::to_owned),
+    }
+}
+
+/// Publishes a just recorded upload's chunk job and waits up to `wait` for
+/// its path to become visible.
+async fn follow_new_upload(
+    state: &AppState,
+    cache: &Cache,
+    upload: Upload,
+    wait: Duration,
+) -> Result<UploadPathResult, ApiError> {
+    let trace_id = upload
+        .trace_id
+        .clone()
+        .unwrap_or_else(|| upload.id.to_string());
     let span = tracing::info_span!("upload", trace_id = %trace_id, cache = %cache.name);
     async move {
-        let new = NewUpload {
-            cache_id: cache.id,
-            store_path_hash: path.store_path_hash,
-            nar_hash: path.nar_hash,
-            nar_size: path.nar_size,
-            metadata: path.metadata,
-            staged_key: staged_key.as_str().to_owned(),
-            trace_id: Some(trace_id.clone()),
-            created_by: caller.subject().map(str::to_owned),
-        };
-        let upload = match state.database.create_upload(&new, Timestamp::now()).await {
-            Ok(upload) => upload,
-            Err(error) => {
-                spool::discard(state.storage.as_ref(), &staged_key).await;
-                // Over the quota, or the cache was destroyed while the NAR
-                // streamed in.
-                return Err(quota::record_error(&cache.name, error));
-            }
-        };
         tracing::info!(
             upload_id = %upload.id,
             store_path = %upload.metadata.store_path,
@@ -189,8 +247,7 @@ pub async fn record_upload(
                 "could not publish a chunk job; the reconciler will retry"
             );
         }
-        let upload = wait_until_visible(state, upload, wait).await?;
-        upload_result(state, &upload).await
+        await_upload(state, upload, wait).await
     }
     .instrument(span)
     .await

@@ -4,6 +4,7 @@
 //! topology as processes.
 
 pub mod cluster;
+pub mod counting_storage;
 pub mod nix;
 pub mod process;
 pub mod prometheus;

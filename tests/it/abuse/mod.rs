@@ -7,3 +7,4 @@
 
 mod http;
 mod quota;
+mod reads;
