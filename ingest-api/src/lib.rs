@@ -39,7 +39,7 @@ use common::service::{open_database, open_queue, open_shared_queue, ServiceError
 use common::storage::StorageError;
 
 pub use routes::router;
-pub use state::{AppState, ServedCache, Shared};
+pub use state::{AppState, ServedCache, ServedCaches, Shared};
 use ttl_cache::TtlCache;
 
 /// How often the revocation list is reloaded: a revoked token stops
@@ -174,7 +174,7 @@ impl Server {
                 .api_endpoint
                 .as_deref()
                 .map(endpoint::with_trailing_slash),
-            served_caches: TtlCache::new(READ_CACHE_TIME_TO_LIVE, READ_CACHE_CAPACITY),
+            served_caches: ServedCaches::new(READ_CACHE_TIME_TO_LIVE, READ_CACHE_CAPACITY),
             narinfos: TtlCache::new(READ_CACHE_TIME_TO_LIVE, READ_CACHE_CAPACITY),
             access_log: Arc::default(),
         });

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use common::cache_name::CacheName;
 use common::db::{
-    migrations, Backend, Cache, CacheId, CacheKeypair, CacheStats, CacheUpdate, ChunkLocation,
-    Database, NarId, NewCache, NewChunk, NewObject, NewUpload, ObjectMetadata, StoreState,
-    StoredChunk, Timestamp, TokenRecord, UploadId, UploadPhase,
+    migrations, Backend, Cache, CacheId, CacheKeypair, CacheScope, CacheStats, CacheUpdate,
+    ChunkLocation, Database, NarId, NewCache, NewChunk, NewObject, NewUpload, ObjectMetadata,
+    StoreState, StoredChunk, Timestamp, TokenRecord, UploadId, UploadPhase,
 };
 use common::nix::{NarHash, Sha256Hash, StoreDir, StorePathHash};
 use tempfile::TempDir;
@@ -71,6 +71,7 @@ macro_rules! both_backends {
 both_backends!(
     migrations_apply_to_an_empty_database_and_rerun_cleanly,
     caches_are_created_read_updated_listed_and_deleted,
+    a_public_scope_finds_a_private_cache_no_more_than_a_missing_one,
     cache_names_are_unique,
     destroying_a_cache_cascades_to_its_objects_and_uploads,
     an_object_is_hidden_while_its_nar_is_pending,
@@ -382,6 +383,37 @@ async fn caches_are_created_read_updated_listed_and_deleted(t: TestDb) {
             .expect("by name"),
         None
     );
+}
+
+/// The lookup the server makes for a caller whose token grants nothing on
+/// a name: a private cache is as absent as a missing one.
+async fn a_public_scope_finds_a_private_cache_no_more_than_a_missing_one(t: TestDb) {
+    let db = &t.db;
+    let private = create_cache(db, "private").await;
+    let public = create_cache(db, "public").await;
+    let public = db
+        .update_cache(
+            &public.name,
+            &CacheUpdate {
+                is_public: Some(true),
+                ..CacheUpdate::default()
+            },
+        )
+        .await
+        .expect("making it public");
+    let find = |name: &str, scope| {
+        let name = cache_name(name);
+        async move { db.cache_by_name_in(&name, scope).await.expect("lookup") }
+    };
+    assert_eq!(find("private", CacheScope::Public).await, None);
+    assert_eq!(find("missing", CacheScope::Public).await, None);
+    assert_eq!(
+        find("public", CacheScope::Public).await,
+        Some(public.clone())
+    );
+    assert_eq!(find("private", CacheScope::Any).await, Some(private));
+    assert_eq!(find("public", CacheScope::Any).await, Some(public));
+    assert_eq!(find("missing", CacheScope::Any).await, None);
 }
 
 async fn cache_names_are_unique(t: TestDb) {
