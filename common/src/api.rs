@@ -183,8 +183,10 @@ pub const PHASE_DONE: &str = "done";
 /// The [`UploadStatus::phase`] of an upload the pipeline gave up on.
 pub const PHASE_FAILED: &str = "failed";
 
-/// `GET /_api/v1/uploads/{id}`: where an upload is. Times are Unix
-/// milliseconds.
+/// `GET /_api/v1/uploads/{id}`: where an upload is, in terms the upload
+/// itself determines (its phase and its own size), never in chunks: which
+/// chunks are stored already depends on other tenants' data. Times are
+/// Unix milliseconds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadStatus {
     pub id: String,
@@ -194,10 +196,9 @@ pub struct UploadStatus {
     pub phase: String,
     /// Why it failed.
     pub error: Option<String>,
+    /// The NAR's size: every byte of it was received and verified before
+    /// the upload was acknowledged.
     pub nar_size: u64,
-    /// 0 until the NAR has been cut into chunks.
-    pub chunks_total: u64,
-    pub chunks_stored: u64,
     pub created_at: i64,
     pub updated_at: i64,
 }

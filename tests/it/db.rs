@@ -1097,6 +1097,18 @@ async fn uploads_move_forward_through_their_phases(t: TestDb) {
         db.upload(&upload.id).await.expect("reading").as_ref(),
         Some(&upload)
     );
+    assert_eq!(
+        db.upload_with_cache_name(&upload.id)
+            .await
+            .expect("reading with the cache's name"),
+        Some((upload.clone(), cache_name("hello")))
+    );
+    assert_eq!(
+        db.upload_with_cache_name(&UploadId::random())
+            .await
+            .expect("reading a missing upload"),
+        None
+    );
 
     assert!(db
         .set_upload_phase(&upload.id, UploadPhase::Chunking, at(1))

@@ -81,7 +81,7 @@ pub use error::{DbError, Result};
 pub use gc::CacheRetention;
 pub use nars::{Chunk, ChunkLocation, Nar, NarChunk, NewChunk, StoredChunk};
 pub use objects::{NewObject, Object, ObjectMetadata, ObjectWithNar};
-pub use push::{ChunkProgress, LinkedPath, StagedFile};
+pub use push::{LinkedPath, StagedFile};
 pub use stats::CacheStats;
 pub use tokens::TokenRecord;
 pub use types::{CacheId, CacheKeypair, ChunkId, NarId, ObjectId, StoreState, Timestamp};

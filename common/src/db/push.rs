@@ -1,7 +1,6 @@
 //! What the push endpoints need beyond the pipeline's tables: NAR files
-//! staged through Nix's own upload protocol (`staged_files`), linking a
-//! path to a NAR that is already stored (deduplication at the door), and an
-//! upload's chunk progress.
+//! staged through Nix's own upload protocol (`staged_files`), and linking
+//! a path to a NAR that is already stored without proof of possession.
 
 use sqlx::any::AnyRow;
 
@@ -9,7 +8,7 @@ use super::error::{constraint_error, query_error, Result};
 use super::nars::{nar_from_row, JOINED_NAR, JOINED_NAR_SELECT};
 use super::objects::{upsert_object_on, NewObject, Object, ObjectMetadata};
 use super::row::{i64_col, nar_hash_col, string_col, time_col, to_i64, u64_col};
-use super::types::{CacheId, NarId, Timestamp};
+use super::types::{CacheId, Timestamp};
 use super::{Backend, Database, Nar};
 use crate::nix::{NarHash, StorePathHash};
 
@@ -48,15 +47,6 @@ pub struct LinkedPath {
     pub metadata: ObjectMetadata,
     /// The `sub` of the pushing token.
     pub created_by: Option<String>,
-}
-
-/// How far the chunks of an upload's NAR are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ChunkProgress {
-    /// 0 until the chunker has recorded the NAR's chunk list.
-    pub total: u64,
-    /// Chunks of that list already in storage.
-    pub stored: u64,
 }
 
 impl Database {
@@ -194,27 +184,5 @@ impl Database {
             .await
             .map_err(query_error("committing a linked path"))?;
         Ok(Some((object, nar)))
-    }
-
-    /// How many chunks a NAR has and how many of them are stored.
-    pub async fn chunk_progress(&self, nar_id: NarId) -> Result<ChunkProgress> {
-        let row = sqlx::query(
-            "SELECT n.n_chunks AS total, \
-             (SELECT COUNT(*) FROM nar_chunks nc JOIN chunks c ON c.id = nc.chunk_id \
-              WHERE nc.nar_id = n.id AND c.state = 'valid') AS stored \
-             FROM nars n WHERE n.id = $1",
-        )
-        .bind(nar_id.0)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(query_error("counting the stored chunks of a NAR"))?;
-        match row {
-            Some(row) => Ok(ChunkProgress {
-                total: u64_col(&row, "total")?,
-                stored: u64_col(&row, "stored")?,
-            }),
-            // The NAR row went with GC; nothing is in progress.
-            None => Ok(ChunkProgress::default()),
-        }
     }
 }
