@@ -124,7 +124,10 @@ pub struct IngestConfig {
     /// Whether attaching a NAR that is already stored to another cache
     /// requires the client to stream it (and the server to verify its
     /// hash). Without it, knowing a NAR's hash and size would be enough to
-    /// link another tenant's data into one's own cache.
+    /// link another tenant's data into one's own cache, and a push of a
+    /// stored NAR answers at once without reading its body, which tells the
+    /// pusher that some cache holds those bytes: only for servers whose
+    /// tenants trust each other.
     pub require_proof_of_possession: bool,
     /// How long a push request waits for its path to become visible before
     /// answering with the upload still in flight; `0 seconds` answers as

@@ -1,7 +1,17 @@
 //! What both push protocols (Attic's `upload-path` and Nix's own PUTs)
-//! share once a path's metadata is validated: linking it at once to a NAR
-//! that is already stored, or recording an upload of a spooled NAR and
-//! publishing its chunk job, and then waiting until the path is visible.
+//! share once a path's metadata is validated: recording an upload of a
+//! spooled NAR, publishing its chunk job, and waiting until the path is
+//! visible.
+//!
+//! **A push is answered the same way whether or not another cache holds
+//! the NAR.** Every push is read whole, verified and spooled, and every one
+//! goes through the pipeline, whose chunker links a NAR that is already
+//! stored instead of cutting it; the answer (`Uploaded`, the upload id, its
+//! phase) carries nothing taken from stored data, no dedup fraction and no
+//! stored size. What still differs is how soon a path is visible: a stored
+//! NAR needs no compression (see ARCHITECTURE.md, "No cross-tenant
+//! disclosure"). The one exception is [`link_without_proof`], for servers
+//! that turned proof of possession off.
 
 use std::time::Duration;
 
@@ -100,8 +110,12 @@ pub fn requested_wait(state: &AppState, headers: &HeaderMap) -> Result<Duration,
 }
 
 /// Links `path` to the stored NAR of its hash in one transaction, if that
-/// NAR is (still) valid.
-pub async fn link_if_stored(
+/// NAR is (still) valid, without the client's NAR: what a server with
+/// `require-proof-of-possession = false` does. Its answer comes before the
+/// body is read and has no upload id, so it tells the pusher that the NAR
+/// was stored; such a server trusts its tenants with each other's data
+/// anyway (knowing a NAR's hash is enough to link it).
+pub async fn link_without_proof(
     state: &AppState,
     cache: &Cache,
     caller: &Caller,
@@ -126,12 +140,10 @@ pub async fn link_if_stored(
         cache = %cache.name,
         store_path = %path.metadata.store_path,
         nar_hash = %path.nar_hash,
-        "linked a pushed path to a stored NAR"
+        "linked a pushed path to a stored NAR without proof of possession"
     );
     Ok(Some(UploadPathResult {
-        kind: UploadPathResultKind::Deduplicated,
-        file_size: nar.file_size,
-        frac_deduplicated: Some(1.0),
+        kind: UploadPathResultKind::Uploaded,
         upload_id: None,
         phase: UploadPhase::Done.as_str().to_owned(),
     }))
@@ -191,7 +203,11 @@ pub async fn record_upload(
             );
         }
         let upload = wait_until_visible(state, upload, wait).await?;
-        upload_result(state, &upload).await
+        Ok(UploadPathResult {
+            kind: UploadPathResultKind::Uploaded,
+            upload_id: Some(upload.id.to_string()),
+            phase: upload.phase.as_str().to_owned(),
+        })
     }
     .instrument(span)
     .await
@@ -230,23 +246,4 @@ async fn wait_until_visible(
         ));
     }
     Ok(upload)
-}
-
-async fn upload_result(state: &AppState, upload: &Upload) -> Result<UploadPathResult, ApiError> {
-    let file_size = match (upload.phase, upload.nar_id) {
-        (UploadPhase::Done, Some(nar_id)) => state
-            .database
-            .nar_by_id(nar_id)
-            .await
-            .map_err(ApiError::internal)?
-            .and_then(|nar| nar.file_size),
-        _ => None,
-    };
-    Ok(UploadPathResult {
-        kind: UploadPathResultKind::Uploaded,
-        file_size,
-        frac_deduplicated: None,
-        upload_id: Some(upload.id.to_string()),
-        phase: upload.phase.as_str().to_owned(),
-    })
 }

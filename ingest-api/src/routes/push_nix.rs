@@ -342,11 +342,7 @@ async fn put_narinfo(
         nar_size: narinfo.nar_size,
     }
     .into_pushed(&narinfo.store_path, &cache.store_dir);
-    // The client streamed the NAR and it was verified: that is the proof
-    // of possession, so an already stored NAR is linked at once.
-    if let Some(result) = push::link_if_stored(state, &cache, caller, &path).await? {
-        spool::discard(state.storage.as_ref(), &staged_key).await;
-        return Ok(result);
-    }
+    // Also when some cache holds the NAR already: the pipeline links it
+    // then, and the answer is the same either way (module `push`).
     push::record_upload(state, &cache, caller, path, staged_key, wait).await
 }
