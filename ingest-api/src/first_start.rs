@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 
 use common::config::{
-    AuthConfig, ConfigError, DatabaseConfig, GcConfig, IngestConfig, LogConfig, PipelineConfig,
-    QueueConfig, Secret, ServerConfig, StorageConfig,
+    AuthConfig, ConfigError, DatabaseConfig, GcConfig, IngestConfig, LogConfig, OpsConfig,
+    PipelineConfig, QueueConfig, Secret, ServerConfig, StorageConfig,
 };
 
 /// Bytes of randomness in a generated HS256 secret: twice the minimum, as
@@ -107,6 +107,7 @@ fn create_default(path: &Path) -> Result<bool, FirstStartError> {
         gc: GcConfig::default(),
         queue: QueueConfig::default(),
         log: LogConfig::default(),
+        ops: OpsConfig::default(),
     };
     let text = format!(
         "# Larder server configuration, written on first start.\n\

@@ -1,10 +1,11 @@
 //! The HTTP server: Nix's binary-cache protocol, the Larder (and Attic)
 //! API, and cache management.
 //!
-//! [`Server::build`] connects the database and storage and prepares the
-//! router; [`Server::run_until`] serves until the shutdown future resolves,
-//! then lets in-flight requests finish. Tests build the same server on a
-//! port-0 listener.
+//! [`Server::build`] connects the database and storage, binds the ops
+//! listener if `[ops] listen` asks for one, and prepares the router;
+//! [`Server::run_until`] serves until the shutdown future resolves, then
+//! lets in-flight requests finish. Tests build the same server on a port-0
+//! listener.
 
 mod access;
 mod access_log;
@@ -26,6 +27,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -35,6 +37,7 @@ use common::auth::{
 use common::cache_name::{CacheNameError, CacheNamePattern};
 use common::config::{GcConfig, PipelineConfig, ServerConfig};
 use common::db::{Database, DbError};
+use common::metrics::{healthz_router, ops_router, Readiness};
 use common::service::{open_database, open_queue, open_shared_queue, ServiceError};
 use common::storage::StorageError;
 
@@ -74,6 +77,12 @@ pub enum ServerError {
     Mint(#[from] MintError),
     #[error("serving")]
     Io(#[from] std::io::Error),
+    #[error("binding the ops listener ([ops] listen) on {address}")]
+    OpsListener {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Service(#[from] ServiceError),
     #[error("{0}")]
@@ -130,6 +139,9 @@ pub enum Role {
 pub struct Server {
     state: AppState,
     listener: TcpListener,
+    /// `[ops] listen`: where `/metrics` and `/readyz` go instead of the
+    /// public listener.
+    ops_listener: Option<TcpListener>,
     signing_key: TokenSigningKey,
     revocations: Arc<RevocationList>,
     /// The in-process pipeline's settings, and whether it must republish
@@ -145,13 +157,22 @@ impl Server {
     }
 
     /// Connects and migrates the database, opens storage and the queue,
-    /// loads the revocation list and prepares the router. [`Role::Api`]
-    /// refuses an embedded queue: its jobs would never leave the process.
+    /// loads the revocation list, binds the ops listener (`[ops] listen`)
+    /// and prepares the router. [`Role::Api`] refuses an embedded queue:
+    /// its jobs would never leave the process.
     pub async fn build_as(
         config: ServerConfig,
         listener: TcpListener,
         role: Role,
     ) -> Result<Self, ServerError> {
+        let ops_listener = match config.ops.listen {
+            Some(address) => Some(
+                TcpListener::bind(address)
+                    .await
+                    .map_err(|source| ServerError::OpsListener { address, source })?,
+            ),
+            None => None,
+        };
         let queue = match role {
             Role::Api => open_shared_queue(&config, "ingest-api --mode api")?,
             Role::Monolithic => open_queue(&config.queue, "ingest-api"),
@@ -181,6 +202,7 @@ impl Server {
         Ok(Self {
             state,
             listener,
+            ops_listener,
             signing_key,
             revocations,
             // An embedded queue starts empty: the uploads left in flight
@@ -193,6 +215,15 @@ impl Server {
 
     pub fn local_addr(&self) -> Result<SocketAddr, ServerError> {
         Ok(self.listener.local_addr()?)
+    }
+
+    /// Where the ops endpoints are served when `[ops] listen` is set.
+    pub fn ops_local_addr(&self) -> Result<Option<SocketAddr>, ServerError> {
+        Ok(self
+            .ops_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()?)
     }
 
     /// The URL clients use: the configured `api-endpoint`, or one made
@@ -250,13 +281,48 @@ impl Server {
         if let Ok(address) = self.listener.local_addr() {
             tracing::info!(%address, "serving");
         }
-        let app = router(self.state);
-        let served = axum::serve(self.listener, app)
-            .with_graceful_shutdown(async move {
+        let readiness = Readiness::new(
+            self.state.database.clone(),
+            self.state.queue.clone(),
+            self.state.storage.clone(),
+        );
+        let (app, ops) = match self.ops_listener {
+            None => (router(self.state).merge(ops_router(readiness)), None),
+            Some(listener) => {
+                if let Ok(address) = listener.local_addr() {
+                    tracing::info!(%address, "serving /metrics, /healthz and /readyz");
+                }
+                (
+                    router(self.state).merge(healthz_router()),
+                    Some((listener, ops_router(readiness))),
+                )
+            }
+        };
+        // One shutdown for both listeners.
+        let stop_serving = CancellationToken::new();
+        let signal = tokio::spawn({
+            let stop_serving = stop_serving.clone();
+            async move {
                 shutdown.await;
                 tracing::info!("shutting down: finishing in-flight requests");
-            })
-            .await;
+                stop_serving.cancel();
+            }
+        });
+        let ops = ops.map(|(listener, ops_app)| {
+            tokio::spawn(serve(listener, ops_app, stop_serving.clone()))
+        });
+        let served = serve(self.listener, app, stop_serving.clone()).await;
+        // The ops listener stops with the public one, also when that one
+        // failed rather than being asked to stop.
+        signal.abort();
+        stop_serving.cancel();
+        if let Some(ops) = ops {
+            match ops.await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "the ops listener failed"),
+                Err(error) => tracing::warn!(%error, "the ops listener's task failed"),
+            }
+        }
         stop.cancel();
         // After the requests: a push waiting for its path to be visible
         // needs the workers until it answers.
@@ -269,6 +335,19 @@ impl Server {
         let _ = refresher.await;
         Ok(served?)
     }
+}
+
+/// Serves `app` on `listener` until `shutdown` is cancelled, then lets
+/// in-flight requests finish: the one way both the public listener and the
+/// ops listener are served.
+async fn serve(
+    listener: TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
 }
 
 /// Reloads revoked token ids until `stop`; a failed reload keeps the

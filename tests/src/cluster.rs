@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use common::auth::{Permission, TokenSigningKey};
 use common::config::{
-    AuthConfig, DatabaseConfig, GcConfig, IngestConfig, LogConfig, PipelineConfig, QueueConfig,
-    Secret, ServerConfig, StorageConfig,
+    AuthConfig, DatabaseConfig, GcConfig, IngestConfig, LogConfig, OpsConfig, PipelineConfig,
+    QueueConfig, Secret, ServerConfig, StorageConfig,
 };
 use common::db::{Cache, Database, Timestamp, Upload, UploadPhase};
 use common::duration::HumanDuration;
@@ -202,6 +202,7 @@ impl Cluster {
                 url: Secret::new(amqp_url.clone()),
             },
             log: LogConfig::default(),
+            ops: OpsConfig::default(),
         };
         let dir = tempfile::tempdir().expect("a temporary directory");
         let config_path = dir.path().join("larder.toml");

@@ -25,8 +25,8 @@ use common::auth::{
 };
 use common::cache_name::{CacheName, CacheNamePattern};
 use common::config::{
-    AuthConfig, DatabaseConfig, GcConfig, IngestConfig, LogConfig, PipelineConfig, QueueConfig,
-    Secret, ServerConfig, StorageConfig,
+    AuthConfig, DatabaseConfig, GcConfig, IngestConfig, LogConfig, OpsConfig, PipelineConfig,
+    QueueConfig, Secret, ServerConfig, StorageConfig,
 };
 use common::db::{
     Backend, Cache, CacheId, CacheKeypair, ChunkLocation, Database, Nar, NewCache, NewObject,
@@ -200,6 +200,8 @@ pub struct TestServer {
     config_path: PathBuf,
     config: ServerConfig,
     address: SocketAddr,
+    /// The ops listener's address, when the config sets `[ops] listen`.
+    ops_address: Option<SocketAddr>,
     database: Database,
     storage: Arc<LocalStorage>,
     signing_key: TokenSigningKey,
@@ -290,6 +292,7 @@ impl TestServer {
             gc: options.gc.clone(),
             queue: QueueConfig::default(),
             log: LogConfig::default(),
+            ops: OpsConfig::default(),
         };
         if let Some(edit) = &options.edit_config {
             edit(&mut config);
@@ -304,6 +307,7 @@ impl TestServer {
         let server = ingest_api::Server::build(config.clone(), listener)
             .await
             .unwrap_or_else(|error| panic!("building the server: {}", error_chain(&error)));
+        let ops_address = server.ops_local_addr().expect("the ops listener's address");
         let (shutdown, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run_until(async move {
             // A dropped sender stops the server as well.
@@ -330,6 +334,7 @@ impl TestServer {
             config_path,
             config,
             address,
+            ops_address,
             database,
             storage,
             signing_key,
@@ -356,6 +361,12 @@ impl TestServer {
 
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// `http://127.0.0.1:PORT` of the ops listener, when the config sets
+    /// `[ops] listen`.
+    pub fn ops_url(&self) -> Option<String> {
+        self.ops_address.map(|address| format!("http://{address}"))
     }
 
     /// The config file, for `ingest-api --config` against this server.

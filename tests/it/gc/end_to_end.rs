@@ -11,8 +11,8 @@ use reqwest::StatusCode;
 use common::api::{DeletePathsRequest, DeletePathsResponse};
 use common::auth::Permission;
 use common::config::{
-    AuthConfig, DatabaseConfig, IngestConfig, LogConfig, PipelineConfig, QueueConfig, Secret,
-    ServerConfig, StorageConfig,
+    AuthConfig, DatabaseConfig, IngestConfig, LogConfig, OpsConfig, PipelineConfig, QueueConfig,
+    Secret, ServerConfig, StorageConfig,
 };
 use common::db::{CacheKeypair, CacheUpdate, Database, NewCache, Timestamp};
 use common::duration::HumanDuration;
@@ -179,6 +179,7 @@ async fn retention_on_postgres_with_garage() {
         gc: eager_gc(),
         queue: QueueConfig::default(),
         log: LogConfig::default(),
+        ops: OpsConfig::default(),
     };
     std::fs::write(&config_path, config.to_toml()).expect("writing the config");
 
