@@ -4,8 +4,9 @@
 //! For each [`ChunkJob`] the [`Chunker`] links the upload to its NAR row
 //! (one per NAR hash, however many uploads race), then:
 //!
-//! - NAR already `valid`: the upload is finalised at once (its object made
-//!   visible, its staged NAR deleted).
+//! - NAR already `valid` (stored for any cache): the upload is finalised
+//!   at once (its object made visible, its staged NAR deleted), after
+//!   passing through the same phases as any other upload.
 //! - NAR `deleting` (GC is removing it): tried again later.
 //! - chunk list already recorded (a redelivered or republished job, or a
 //!   second upload of a NAR being stored): compress jobs are published
@@ -183,12 +184,10 @@ impl Chunker {
             .set_upload_phase(&upload.id, UploadPhase::Chunking, Timestamp::now())
             .await?;
         match nar.state {
-            StoreState::Valid => {
-                // Stored already (another upload of the same bytes).
-                finalise_nar(database, &*self.storage, nar.id).await?;
-                larder().chunks_deduplicated(u64::from(nar.n_chunks), nar.nar_size);
-                return Ok(());
-            }
+            // Stored already (by any cache): nothing to cut or compress. It
+            // still moves through `compressing`, so that the phases an
+            // upload shows do not say whether someone else had its bytes.
+            StoreState::Valid => {}
             StoreState::Pending if nar.n_chunks > 0 => {
                 self.publish_missing_chunks(upload, &staged, nar.id, trace_id)
                     .await?;
@@ -202,6 +201,9 @@ impl Chunker {
             .set_upload_phase(&upload.id, UploadPhase::Compressing, Timestamp::now())
             .await?;
         finalise_nar(database, &*self.storage, nar.id).await?;
+        if nar.state == StoreState::Valid {
+            larder().chunks_deduplicated(u64::from(nar.n_chunks), nar.nar_size);
+        }
         Ok(())
     }
 

@@ -36,6 +36,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "queue",
     "quota",
     "log",
+    "ops",
 ];
 
 /// Why a configuration could not be loaded.
@@ -116,6 +117,27 @@ pub struct ServerConfig {
     pub quota: QuotaConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default, skip_serializing_if = "OpsConfig::is_default")]
+    pub ops: OpsConfig,
+}
+
+/// `[ops]`: where `ingest-api` serves its operations endpoints.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct OpsConfig {
+    /// A second address on which `ingest-api` serves `/metrics`, `/healthz`
+    /// and `/readyz`; `/metrics` and `/readyz` then leave the public port
+    /// (`/healthz` stays there too, for load balancers). Unset, all three
+    /// are served on the public port. The workers and gc-scheduler serve
+    /// nothing else and use their `listen` for these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+}
+
+impl OpsConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// `[quota]`: per-cache storage quotas, and the room pushes must leave on
@@ -156,7 +178,10 @@ pub struct IngestConfig {
     /// Whether attaching a NAR that is already stored to another cache
     /// requires the client to stream it (and the server to verify its
     /// hash). Without it, knowing a NAR's hash and size would be enough to
-    /// link another tenant's data into one's own cache.
+    /// link another tenant's data into one's own cache, and a push of a
+    /// stored NAR answers at once without reading its body, which tells the
+    /// pusher that some cache holds those bytes: only for servers whose
+    /// tenants trust each other.
     pub require_proof_of_possession: bool,
     /// How long a push request waits for its path to become visible before
     /// answering with the upload still in flight; `0 seconds` answers as
@@ -753,6 +778,28 @@ mod tests {
         );
         let error = load(MINIMAL, &[("LARDER_GC__REAP_INTERVAL", "0s")]).expect_err("zero");
         assert!(error.to_string().contains("gc.reap-interval"), "{error}");
+    }
+
+    #[test]
+    fn the_ops_listener_is_optional_and_read_from_file_and_environment() {
+        let config = load(MINIMAL, &[]).expect("valid config");
+        assert_eq!(config.ops.listen, None);
+        assert!(!config.to_toml().contains("[ops]"), "{}", config.to_toml());
+
+        let text = format!("{MINIMAL}\n[ops]\nlisten = \"127.0.0.1:9090\"\n");
+        let config = load(&text, &[]).expect("valid config");
+        assert_eq!(
+            config.ops.listen,
+            Some("127.0.0.1:9090".parse().expect("addr"))
+        );
+        let again = load(&config.to_toml(), &[]).expect("re-read");
+        assert_eq!(again.ops, config.ops);
+
+        let config = load(MINIMAL, &[("LARDER_OPS__LISTEN", "[::1]:9100")]).expect("valid config");
+        assert_eq!(config.ops.listen, Some("[::1]:9100".parse().expect("addr")));
+        assert!(is_config_variable("LARDER_OPS__LISTEN"));
+        let error = load(MINIMAL, &[("LARDER_OPS__LISTEN", "localhost")]).expect_err("no port");
+        assert!(error.to_string().contains("address"), "{error}");
     }
 
     #[test]

@@ -1,7 +1,17 @@
 //! What both push protocols (Attic's `upload-path` and Nix's own PUTs)
-//! share once a path's metadata is validated: linking it at once to a NAR
-//! that is already stored, or recording an upload of a spooled NAR and
-//! publishing its chunk job, and then waiting until the path is visible.
+//! share once a path's metadata is validated: recording an upload of a
+//! spooled NAR, publishing its chunk job, and waiting until the path is
+//! visible.
+//!
+//! **A push is answered the same way whether or not another cache holds
+//! the NAR.** Every push is read whole, verified and spooled, and every one
+//! goes through the pipeline, whose chunker links a NAR that is already
+//! stored instead of cutting it; the answer (`Uploaded`, the upload id, its
+//! phase) carries nothing taken from stored data, no dedup fraction and no
+//! stored size. What still differs is how soon a path is visible: a stored
+//! NAR needs no compression (see ARCHITECTURE.md, "No cross-tenant
+//! disclosure"). The one exception is [`link_without_proof`], for servers
+//! that turned proof of possession off.
 
 use std::time::Duration;
 
@@ -102,8 +112,14 @@ pub fn requested_wait(state: &AppState, headers: &HeaderMap) -> Result<Duration,
 }
 
 /// Links `path` to the stored NAR of its hash in one transaction, if that
-/// NAR is (still) valid.
-pub async fn link_if_stored(
+/// NAR is (still) valid, without reading the client's NAR: what a server
+/// with `require-proof-of-possession = false` does, and what a narinfo PUT
+/// again does for a path its cache already holds with that NAR (possession
+/// was proven by the PUT that made it). Its answer has no upload id, so it
+/// tells the pusher that the NAR was stored; a server without proof of
+/// possession trusts its tenants with each other's data anyway (knowing a
+/// NAR's hash is enough to link it).
+pub async fn link_to_stored_nar(
     state: &AppState,
     cache: &Cache,
     caller: &Caller,
@@ -131,9 +147,7 @@ pub async fn link_if_stored(
         "linked a pushed path to a stored NAR"
     );
     Ok(Some(UploadPathResult {
-        kind: UploadPathResultKind::Deduplicated,
-        file_size: nar.file_size,
-        frac_deduplicated: Some(1.0),
+        kind: UploadPathResultKind::Uploaded,
         upload_id: None,
         phase: UploadPhase::Done.as_str().to_owned(),
     }))
@@ -197,7 +211,11 @@ pub async fn await_upload(
     wait: Duration,
 ) -> Result<UploadPathResult, ApiError> {
     let upload = wait_until_visible(state, upload, wait).await?;
-    upload_result(state, &upload).await
+    Ok(UploadPathResult {
+        kind: UploadPathResultKind::Uploaded,
+        upload_id: Some(upload.id.to_string()),
+        phase: upload.phase.as_str().to_owned(),
+    })
 }
 
 /// The upload row for `path`, its NAR staged at `staged_key`, with a fresh
@@ -286,23 +304,4 @@ async fn wait_until_visible(
         ));
     }
     Ok(upload)
-}
-
-async fn upload_result(state: &AppState, upload: &Upload) -> Result<UploadPathResult, ApiError> {
-    let file_size = match (upload.phase, upload.nar_id) {
-        (UploadPhase::Done, Some(nar_id)) => state
-            .database
-            .nar_by_id(nar_id)
-            .await
-            .map_err(ApiError::internal)?
-            .and_then(|nar| nar.file_size),
-        _ => None,
-    };
-    Ok(UploadPathResult {
-        kind: UploadPathResultKind::Uploaded,
-        file_size,
-        frac_deduplicated: None,
-        upload_id: Some(upload.id.to_string()),
-        phase: upload.phase.as_str().to_owned(),
-    })
 }

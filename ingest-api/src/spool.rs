@@ -168,25 +168,6 @@ pub async fn spool(
     Err(outcome)
 }
 
-/// Verifies the body without keeping it: the proof that a client holds a
-/// NAR the server already has.
-pub async fn verify(
-    body: BodyStream,
-    encoding: Encoding,
-    expected: Expected,
-    max_nar_size: u64,
-) -> Result<Verified, ApiError> {
-    let (body_sender, body_receiver) = mpsc::channel(CHANNEL_DEPTH);
-    let verifier = tokio::task::spawn_blocking(move || {
-        verify_blocking(body_receiver, None, encoding, expected, max_nar_size)
-    });
-    pump_body(body, body_sender).await;
-    verifier
-        .await
-        .map_err(|error| ApiError::internal(anyhow::anyhow!("the NAR verifier failed: {error}")))?
-        .map_err(Rejection::into_api_error)
-}
-
 /// Deletes a staged object that will not be used; a failure is logged (the
 /// reaper removes what is left in staging).
 pub async fn discard(storage: &dyn Storage, key: &ObjectKey) {

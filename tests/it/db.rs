@@ -12,10 +12,10 @@ use std::time::Duration;
 use common::cache_name::CacheName;
 use common::chunking::{max_chunk_entries, MIN_CHUNK_SIZE};
 use common::db::{
-    migrations, Backend, Cache, CacheId, CacheKeypair, CacheStats, CacheUpdate, ChunkLocation,
-    Database, DbError, EncodedListing, NarId, NewCache, NewChunk, NewObject, NewUpload,
-    ObjectMetadata, StagedFile, StoreState, StoredChunk, Timestamp, TokenRecord, UploadId,
-    UploadPhase,
+    migrations, Backend, Cache, CacheId, CacheKeypair, CacheScope, CacheStats, CacheUpdate,
+    ChunkLocation, Database, DbError, EncodedListing, NarId, NewCache, NewChunk, NewObject,
+    NewUpload, ObjectMetadata, StagedFile, StoreState, StoredChunk, Timestamp, TokenRecord,
+    UploadId, UploadPhase,
 };
 use common::nix::nar::{ListingNode, NarListing};
 use common::nix::{NarHash, Sha256Hash, StoreDir, StorePathHash};
@@ -74,6 +74,7 @@ macro_rules! both_backends {
 both_backends!(
     migrations_apply_to_an_empty_database_and_rerun_cleanly,
     caches_are_created_read_updated_listed_and_deleted,
+    a_public_scope_finds_a_private_cache_no_more_than_a_missing_one,
     cache_names_are_unique,
     destroying_a_cache_cascades_to_its_objects_and_uploads,
     an_object_is_hidden_while_its_nar_is_pending,
@@ -390,6 +391,37 @@ async fn caches_are_created_read_updated_listed_and_deleted(t: TestDb) {
             .expect("by name"),
         None
     );
+}
+
+/// The lookup the server makes for a caller whose token grants nothing on
+/// a name: a private cache is as absent as a missing one.
+async fn a_public_scope_finds_a_private_cache_no_more_than_a_missing_one(t: TestDb) {
+    let db = &t.db;
+    let private = create_cache(db, "private").await;
+    let public = create_cache(db, "public").await;
+    let public = db
+        .update_cache(
+            &public.name,
+            &CacheUpdate {
+                is_public: Some(true),
+                ..CacheUpdate::default()
+            },
+        )
+        .await
+        .expect("making it public");
+    let find = |name: &str, scope| {
+        let name = cache_name(name);
+        async move { db.cache_by_name_in(&name, scope).await.expect("lookup") }
+    };
+    assert_eq!(find("private", CacheScope::Public).await, None);
+    assert_eq!(find("missing", CacheScope::Public).await, None);
+    assert_eq!(
+        find("public", CacheScope::Public).await,
+        Some(public.clone())
+    );
+    assert_eq!(find("private", CacheScope::Any).await, Some(private));
+    assert_eq!(find("public", CacheScope::Any).await, Some(public));
+    assert_eq!(find("missing", CacheScope::Any).await, None);
 }
 
 async fn cache_names_are_unique(t: TestDb) {
@@ -1258,24 +1290,11 @@ async fn a_staged_file_is_kept_once_and_claimed_once(t: TestDb) {
         db.staged_file(cache.id, "x.nar.zst").await.expect("lookup"),
         None
     );
-    // Claimed: releasing it (a narinfo that linked instead) does nothing.
-    assert!(!db
-        .release_staged_file(cache.id, "x.nar.zst", "staging/first.nar")
-        .await
-        .expect("releasing"));
-
-    // A file released by the narinfo that linked its path.
-    db.put_staged_file(&second).await.expect("staging");
-    assert!(!db
-        .release_staged_file(cache.id, "x.nar.zst", "staging/other.nar")
-        .await
-        .expect("releasing another copy"));
-    assert!(db
-        .release_staged_file(cache.id, "x.nar.zst", "staging/second.nar")
-        .await
-        .expect("releasing"));
+    // Claimed: the reaper finds nothing to take.
     assert_eq!(
-        db.staged_file(cache.id, "x.nar.zst").await.expect("lookup"),
+        db.take_expired_staged_file(cache.id, "x.nar.zst", at(100))
+            .await
+            .expect("reaping"),
         None
     );
 }
@@ -1328,6 +1347,18 @@ async fn uploads_move_forward_through_their_phases(t: TestDb) {
     assert_eq!(
         db.upload(&upload.id).await.expect("reading").as_ref(),
         Some(&upload)
+    );
+    assert_eq!(
+        db.upload_with_cache_name(&upload.id)
+            .await
+            .expect("reading with the cache's name"),
+        Some((upload.clone(), cache_name("hello")))
+    );
+    assert_eq!(
+        db.upload_with_cache_name(&UploadId::random())
+            .await
+            .expect("reading a missing upload"),
+        None
     );
 
     assert!(db

@@ -25,8 +25,8 @@ use common::auth::{
 };
 use common::cache_name::{CacheName, CacheNamePattern};
 use common::config::{
-    AuthConfig, DatabaseConfig, GcConfig, HttpConfig, IngestConfig, LogConfig, PipelineConfig,
-    QueueConfig, QuotaConfig, Secret, ServerConfig, StorageConfig,
+    AuthConfig, DatabaseConfig, GcConfig, HttpConfig, IngestConfig, LogConfig, OpsConfig,
+    PipelineConfig, QueueConfig, QuotaConfig, Secret, ServerConfig, StorageConfig,
 };
 use common::db::{
     Backend, Cache, CacheId, CacheKeypair, ChunkLocation, Database, EncodedListing, Nar, NewCache,
@@ -256,6 +256,8 @@ pub struct TestServer {
     config_path: PathBuf,
     config: ServerConfig,
     address: SocketAddr,
+    /// The ops listener's address, when the config sets `[ops] listen`.
+    ops_address: Option<SocketAddr>,
     database: Database,
     storage: Arc<LocalStorage>,
     /// What the server asked of storage, when counted.
@@ -350,6 +352,7 @@ impl TestServer {
             queue: QueueConfig::default(),
             quota: QuotaConfig::default(),
             log: LogConfig::default(),
+            ops: OpsConfig::default(),
         };
         if let Some(edit) = &options.edit_config {
             edit(&mut config);
@@ -381,6 +384,7 @@ impl TestServer {
         )
         .await
         .unwrap_or_else(|error| panic!("building the server: {}", error_chain(&error)));
+        let ops_address = server.ops_local_addr().expect("the ops listener's address");
         let (shutdown, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run_until(async move {
             // A dropped sender stops the server as well.
@@ -407,6 +411,7 @@ impl TestServer {
             config_path,
             config,
             address,
+            ops_address,
             database,
             storage,
             storage_requests,
@@ -434,6 +439,12 @@ impl TestServer {
 
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// `http://127.0.0.1:PORT` of the ops listener, when the config sets
+    /// `[ops] listen`.
+    pub fn ops_url(&self) -> Option<String> {
+        self.ops_address.map(|address| format!("http://{address}"))
     }
 
     /// The config file, for `ingest-api --config` against this server.

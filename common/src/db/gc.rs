@@ -53,7 +53,7 @@ use std::collections::{HashMap, HashSet};
 use super::error::{query_error, Result};
 use super::nars::{chunk_from_row, CHUNK_COLUMNS};
 use super::objects::Param;
-use super::push::{staged_file_from_row, StagedFile, StagedFileCondition, STAGED_FILE_COLUMNS};
+use super::push::{staged_file_from_row, StagedFile, STAGED_FILE_COLUMNS};
 use super::row::{chunk_hash_col, i64_col, opt_u64_col, string_col};
 use super::types::{CacheId, ChunkId, NarId, Timestamp};
 use super::uploads::IN_FLIGHT_PHASES_SQL;
@@ -386,23 +386,6 @@ impl Database {
             .await
             .map_err(query_error("listing expired staged files"))?;
         rows.iter().map(staged_file_from_row).collect()
-    }
-
-    /// Deletes and returns the staged file of that name if it is still
-    /// older than `created_before`: a narinfo claiming it at the same
-    /// moment gets it or does not, and a fresh file of the same name stays.
-    pub async fn take_expired_staged_file(
-        &self,
-        cache_id: CacheId,
-        file_name: &str,
-        created_before: Timestamp,
-    ) -> Result<Option<StagedFile>> {
-        self.take_staged_file_where(
-            cache_id,
-            file_name,
-            StagedFileCondition::CreatedBefore(created_before),
-        )
-        .await
     }
 }
 

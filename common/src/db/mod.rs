@@ -77,14 +77,14 @@ use sqlx::any::{AnyPoolOptions, AnyQueryResult};
 use sqlx::{Any, AnyPool, Transaction};
 
 pub use caches::{
-    Cache, CacheUpdate, NewCache, DEFAULT_PRIORITY, DEFAULT_UPSTREAM_CACHE_KEY_NAMES,
+    Cache, CacheScope, CacheUpdate, NewCache, DEFAULT_PRIORITY, DEFAULT_UPSTREAM_CACHE_KEY_NAMES,
 };
 pub use error::{DbError, Result};
 pub use gc::CacheRetention;
 pub use listings::EncodedListing;
 pub use nars::{Chunk, ChunkLocation, Nar, NarChunk, NewChunk, StoredChunk};
 pub use objects::{NewObject, Object, ObjectMetadata, ObjectWithNar};
-pub use push::{ChunkProgress, LinkedPath, StagedFile};
+pub use push::{LinkedPath, StagedFile};
 pub use quota::{CacheUsage, QuotaDefaults, QuotaStatus, UsageCorrection};
 pub use stats::CacheStats;
 pub use tokens::TokenRecord;

@@ -1,18 +1,17 @@
 //! What the push endpoints need beyond the pipeline's tables: NAR files
-//! staged through Nix's own upload protocol (`staged_files`), linking a
-//! path to a NAR that is already stored (deduplication at the door), and an
-//! upload's chunk progress.
+//! staged through Nix's own upload protocol (`staged_files`), and linking
+//! a path to a NAR that is already stored (without proof of possession,
+//! or a path pushed again into the cache that holds it).
 //!
 //! A staged file is a verified NAR a cache received with `PUT nar/<name>`
 //! that no narinfo has claimed yet; its row owns its staging object. The
 //! narinfo that names it claims it in the same transaction that records its
 //! upload ([`Database::claim_staged_file`]), which hands the object over to
-//! the upload row; or, when the NAR is stored already, links the path and
-//! releases the file ([`Database::release_staged_file`]). So a staged NAR is
-//! named by exactly one row at every commit, a claim that fails (a 5xx, a
-//! crash) leaves the file for a retry, and the reaper's claim on an expired
-//! file ([`Database::take_expired_staged_file`]) and a narinfo's exclude
-//! each other.
+//! the upload row. So a staged NAR is named by exactly one row at every
+//! commit, a claim that fails (a 5xx, a crash) leaves the file for a retry,
+//! and the reaper's claim on an expired file
+//! ([`Database::take_expired_staged_file`]) and a narinfo's exclude each
+//! other.
 
 use sqlx::any::AnyRow;
 
@@ -21,18 +20,9 @@ use super::nars::{nar_from_row, JOINED_NAR, JOINED_NAR_SELECT};
 use super::objects::{upsert_counted_object_on, NewObject, Object, ObjectMetadata};
 use super::quota::{adjust_usage_on, lock_cache_on, lock_existing_cache_on, make_room_on, Charge};
 use super::row::{i64_col, nar_hash_col, string_col, time_col, to_i64, u64_col};
-use super::types::{CacheId, NarId, Timestamp};
+use super::types::{CacheId, Timestamp};
 use super::{Backend, Database, Nar};
 use crate::nix::{NarHash, StorePathHash};
-
-/// Which staged file of a name [`Database::take_staged_file_where`] takes.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum StagedFileCondition<'a> {
-    /// One the reaper may take: created before this time.
-    CreatedBefore(Timestamp),
-    /// The one whose object is this staged key.
-    Names(&'a str),
-}
 
 /// A verified NAR file a cache received with `PUT nar/<file name>`, waiting
 /// for the narinfo that names it.
@@ -69,15 +59,6 @@ pub struct LinkedPath {
     pub metadata: ObjectMetadata,
     /// The `sub` of the pushing token.
     pub created_by: Option<String>,
-}
-
-/// How far the chunks of an upload's NAR are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ChunkProgress {
-    /// 0 until the chunker has recorded the NAR's chunk list.
-    pub total: u64,
-    /// Chunks of that list already in storage.
-    pub stored: u64,
 }
 
 impl Database {
@@ -153,52 +134,30 @@ impl Database {
         row.as_ref().map(staged_file_from_row).transpose()
     }
 
-    /// Deletes the staged file of that name if it still names
-    /// `staged_key`, once a narinfo linked its path to a NAR stored
-    /// already, and subtracts its NarSize from the cache's pending bytes
-    /// (the link counts the path); whether it did (only then is the object
-    /// the caller's to delete: otherwise an upload claimed it, or the
-    /// reaper took it).
-    pub async fn release_staged_file(
+    /// The reaper's claim: deletes and returns the staged file of that name
+    /// if it is still older than `created_before` (a narinfo claiming it at
+    /// the same moment gets it or does not, and a fresh file of the same
+    /// name stays), and subtracts its NarSize from the cache's pending bytes
+    /// in the same transaction, under the cache's lock.
+    pub async fn take_expired_staged_file(
         &self,
         cache_id: CacheId,
         file_name: &str,
-        staged_key: &str,
-    ) -> Result<bool> {
-        let released = self
-            .take_staged_file_where(cache_id, file_name, StagedFileCondition::Names(staged_key))
-            .await?;
-        Ok(released.is_some())
-    }
-
-    /// Deletes and returns the staged file of that name if it meets
-    /// `condition`, and subtracts its NarSize from the cache's pending
-    /// bytes in the same transaction, under the cache's lock.
-    pub(crate) async fn take_staged_file_where(
-        &self,
-        cache_id: CacheId,
-        file_name: &str,
-        condition: StagedFileCondition<'_>,
+        created_before: Timestamp,
     ) -> Result<Option<StagedFile>> {
         let mut tx = self.begin_write().await?;
         // A staged file goes with its cache: no cache, no file.
         let Some(mut cache) = lock_cache_on(&mut tx, self.backend, cache_id).await? else {
             return Ok(None);
         };
-        let (column, operator) = match condition {
-            StagedFileCondition::CreatedBefore(_) => ("created_at", "<"),
-            StagedFileCondition::Names(_) => ("staged_key", "="),
-        };
         let sql = format!(
-            "DELETE FROM staged_files WHERE cache_id = $1 AND file_name = $2 \
-             AND {column} {operator} $3 RETURNING {STAGED_FILE_COLUMNS}"
+            "DELETE FROM staged_files WHERE cache_id = $1 AND file_name = $2 AND created_at < $3 \
+             RETURNING {STAGED_FILE_COLUMNS}"
         );
-        let query = sqlx::query(&sql).bind(cache_id.0).bind(file_name);
-        let query = match condition {
-            StagedFileCondition::CreatedBefore(at) => query.bind(at.unix_millis()),
-            StagedFileCondition::Names(key) => query.bind(key),
-        };
-        let row = query
+        let row = sqlx::query(&sql)
+            .bind(cache_id.0)
+            .bind(file_name)
+            .bind(created_before.unix_millis())
             .fetch_optional(&mut *tx)
             .await
             .map_err(query_error("taking a staged file"))?;
@@ -281,27 +240,5 @@ impl Database {
             .await
             .map_err(query_error("committing a linked path"))?;
         Ok(Some((object, nar)))
-    }
-
-    /// How many chunks a NAR has and how many of them are stored.
-    pub async fn chunk_progress(&self, nar_id: NarId) -> Result<ChunkProgress> {
-        let row = sqlx::query(
-            "SELECT n.n_chunks AS total, \
-             (SELECT COUNT(*) FROM nar_chunks nc JOIN chunks c ON c.id = nc.chunk_id \
-              WHERE nc.nar_id = n.id AND c.state = 'valid') AS stored \
-             FROM nars n WHERE n.id = $1",
-        )
-        .bind(nar_id.0)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(query_error("counting the stored chunks of a NAR"))?;
-        match row {
-            Some(row) => Ok(ChunkProgress {
-                total: u64_col(&row, "total")?,
-                stored: u64_col(&row, "stored")?,
-            }),
-            // The NAR row went with GC; nothing is in progress.
-            None => Ok(ChunkProgress::default()),
-        }
     }
 }

@@ -26,6 +26,7 @@ use super::row::{
 };
 use super::types::{CacheId, NarId, StoreState, Timestamp};
 use super::{affected, Database};
+use crate::cache_name::CacheName;
 use crate::nix::{NarHash, StorePathHash};
 
 /// The phases in which an upload is still in the pipeline, as an SQL list.
@@ -370,6 +371,29 @@ impl Database {
             .await
             .map_err(query_error("looking up an upload"))?;
         row.as_ref().map(upload_from_row).transpose()
+    }
+
+    /// An upload with the name of its cache, in one query: what the status
+    /// endpoint needs to decide, from the name alone, whether the caller may
+    /// see it. An upload that exists and one that does not then cost the
+    /// same round trip.
+    pub async fn upload_with_cache_name(
+        &self,
+        id: &UploadId,
+    ) -> Result<Option<(Upload, CacheName)>> {
+        let sql = format!(
+            "SELECT {UPLOAD_COLUMNS}, \
+             (SELECT c.name FROM caches c WHERE c.id = uploads.cache_id) AS cache_name \
+             FROM uploads WHERE id = $1"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("looking up an upload"))?;
+        row.as_ref()
+            .map(|row| Ok((upload_from_row(row)?, parsed_col(row, "cache_name")?)))
+            .transpose()
     }
 
     /// Moves an upload forward to `phase`. Returns whether it moved: `false`

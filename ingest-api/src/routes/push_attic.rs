@@ -92,34 +92,20 @@ pub async fn upload_path(
         nar_size: Some(path.nar_size),
     };
 
-    let already_stored = state
-        .database
-        .valid_nar_by_hash(&path.nar_hash)
-        .await
-        .map_err(ApiError::internal)?
-        .is_some();
     // Refused before the body is read when it cannot fit; its bytes are
     // checked again, atomically, when they are recorded.
     let room = Room::measure(&state, &cache, Some(&path.store_path_hash)).await?;
-    if already_stored {
+    // Without proof of possession a stored NAR is linked unread. Otherwise
+    // every NAR is read, verified and spooled, whether or not some cache
+    // holds it already: the pipeline links a stored one, and the answer is
+    // the same either way (module `push`).
+    if !state.ingest.require_proof_of_possession {
+        // A link adds no more than an upload would: a cache too full for
+        // this one is too full for the upload below too.
         room.admit_link(path.nar_size)?;
-        if state.ingest.require_proof_of_possession {
-            spool::verify(
-                nar_body,
-                Encoding::Plain,
-                expected,
-                state.ingest.max_nar_size,
-            )
-            .await?;
+        if let Some(result) = push::link_to_stored_nar(&state, &cache, &caller, &path).await? {
+            return Ok(Json(result));
         }
-        return match push::link_if_stored(&state, &cache, &caller, &path).await? {
-            Some(result) => Ok(Json(result)),
-            // GC took the NAR between the two looks; the body is gone.
-            None => Err(ApiError::Conflict(
-                "the stored copy of this NAR was removed while linking it; push it again"
-                    .to_owned(),
-            )),
-        };
     }
     room.admit_upload(path.nar_size)?;
     let limit = state.ingest.max_nar_size;

@@ -300,12 +300,8 @@ async fn put_narinfo(
         pushed
             .check_staged(&staged.nar_hash, staged.nar_size)
             .map_err(ApiError::bad_request)?;
-        // The client streamed the NAR and it was verified: that is the
-        // proof of possession, so an already stored NAR is linked at once.
-        if let Some(result) = push::link_if_stored(state, &cache, caller, &path).await? {
-            release_staged_file(state, &staged).await;
-            return Ok(result);
-        }
+        // Also when some cache holds the NAR already: the pipeline links it
+        // then, and the answer is the same either way (module `push`).
         let recorded =
             push::record_staged_file_upload(state, &cache, caller, path.clone(), &staged, wait)
                 .await?;
@@ -321,28 +317,6 @@ async fn put_narinfo(
                 "the narinfo names nar/{file}, which this cache has not received: PUT it first"
             ))
         })
-}
-
-/// Deletes a staged file whose path was linked to a NAR stored already,
-/// unless an upload claimed it meanwhile (which then owns the object).
-async fn release_staged_file(state: &AppState, staged: &StagedFile) {
-    let released = state
-        .database
-        .release_staged_file(staged.cache_id, &staged.file_name, &staged.staged_key)
-        .await;
-    match released {
-        Ok(true) => match ObjectKey::new(staged.staged_key.as_str()) {
-            Ok(key) => spool::discard(state.storage.as_ref(), &key).await,
-            Err(error) => tracing::warn!(%error, "a staged file with an invalid key"),
-        },
-        Ok(false) => {}
-        // The file waits until the reaper takes it.
-        Err(error) => tracing::warn!(
-            file = %staged.file_name,
-            error = format!("{:#}", anyhow::Error::new(error)),
-            "could not release a staged file"
-        ),
-    }
 }
 
 /// The answer to a narinfo PUT whose staged file an earlier PUT of the
@@ -380,5 +354,5 @@ async fn already_pushed(
     if !present {
         return Ok(None);
     }
-    push::link_if_stored(state, cache, caller, path).await
+    push::link_to_stored_nar(state, cache, caller, path).await
 }

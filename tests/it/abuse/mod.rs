@@ -5,6 +5,7 @@
 //! Every attacker holds a valid push token for its own cache only; the
 //! victim is another tenant on the same server.
 
+mod disclose;
 mod http;
 mod quota;
 mod reads;

@@ -133,7 +133,7 @@ async fn usage_follows_every_row_that_counts(t: TestDb) {
 
     // Uploads in flight and staged files are pending; the same file PUT
     // again keeps the copy waiting (a name is a FileHash: same bytes) and
-    // counts nothing more; releasing or reaping a file ends its count.
+    // counts nothing more; claiming or reaping a file ends its count.
     let upload = db
         .create_upload(&sized_upload(cache.id, 10, 500), T0)
         .await
@@ -152,9 +152,10 @@ async fn usage_follows_every_row_that_counts(t: TestDb) {
         .expect("a second staged file");
     assert_usage(db, cache.id, 4000, 580).await;
     assert!(db
-        .release_staged_file(cache.id, "a.nar.zst", "staging/a-50.nar")
+        .take_expired_staged_file(cache.id, "a.nar.zst", at(1))
         .await
-        .expect("releasing"));
+        .expect("reaping")
+        .is_some());
     assert_usage(db, cache.id, 4000, 530).await;
     assert!(db
         .take_expired_staged_file(cache.id, "b.nar.zst", T0)

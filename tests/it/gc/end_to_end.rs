@@ -11,8 +11,8 @@ use reqwest::StatusCode;
 use common::api::{DeletePathsRequest, DeletePathsResponse};
 use common::auth::Permission;
 use common::config::{
-    AuthConfig, DatabaseConfig, HttpConfig, IngestConfig, LogConfig, PipelineConfig, QueueConfig,
-    QuotaConfig, Secret, ServerConfig, StorageConfig,
+    AuthConfig, DatabaseConfig, HttpConfig, IngestConfig, LogConfig, OpsConfig, PipelineConfig,
+    QueueConfig, QuotaConfig, Secret, ServerConfig, StorageConfig,
 };
 use common::db::{CacheKeypair, CacheUpdate, Database, NewCache, Timestamp};
 use common::duration::HumanDuration;
@@ -181,6 +181,7 @@ async fn retention_on_postgres_with_garage() {
         queue: QueueConfig::default(),
         quota: QuotaConfig::default(),
         log: LogConfig::default(),
+        ops: OpsConfig::default(),
     };
     std::fs::write(&config_path, config.to_toml()).expect("writing the config");
 

@@ -1,6 +1,7 @@
 //! The push endpoints (issue #4): Attic's `get-missing-paths` and
 //! `upload-path`, Nix's own PUT protocol driven by the real `nix copy`,
-//! the upload status, verification at the door and dedup at the door.
+//! the upload status, verification at the door, and pushes of NARs that
+//! are stored already.
 //!
 //! The first group needs only the push endpoints: uploads are checked up
 //! to the point where they are acknowledged (verified, spooled, recorded,
@@ -439,7 +440,7 @@ async fn push_needs_push_permission_without_revealing_caches() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stored_nar_is_linked_at_once_after_proof_of_possession() {
+async fn a_stored_nar_is_linked_by_the_pipeline_after_proof_of_possession() {
     let server = server_with(IngestConfig::default()).await;
     server.create_cache("origin", false).await;
     let token = push_token(&server).await;
@@ -458,21 +459,39 @@ async fn a_stored_nar_is_linked_at_once_after_proof_of_possession() {
     api_error(response, StatusCode::BAD_REQUEST).await;
     assert_nothing_kept(&server, &token).await;
 
+    // The right body: acknowledged like any push (the answer must not say
+    // that another cache holds the NAR), then linked by the pipeline.
+    let chunks_before = chunk_objects(&server);
     let result: UploadPathResult =
         ok_json(upload(&server, Some(&token), &info, &nar, Form::Header).await).await;
-    assert_eq!(result.kind, UploadPathResultKind::Deduplicated);
-    assert_eq!(result.upload_id, None);
-    assert_eq!(result.phase, "done");
-    assert_eq!(result.file_size, seeded.nar.file_size);
-    assert!(all_uploads(&server).await.is_empty(), "no pipeline run");
-    assert!(staging_files(&server).is_empty(), "nothing staged");
+    assert_eq!(result.kind, UploadPathResultKind::Uploaded);
+    assert_eq!(result.phase, "spooled");
+    let id = result.upload_id.expect("an upload id");
+    pipeline_settles(&server).await;
+    let upload = server
+        .database()
+        .upload(&id.parse().expect("an upload id"))
+        .await
+        .expect("reading the upload")
+        .expect("the upload");
+    assert_eq!(
+        upload.nar_id,
+        Some(seeded.nar.id),
+        "linked to the stored NAR"
+    );
+    assert_eq!(
+        chunk_objects(&server),
+        chunks_before,
+        "nothing stored again"
+    );
+    assert!(staging_files(&server).is_empty(), "nothing left staged");
     let narinfo = get(
         &server,
         &format!("/{CACHE}/{}.narinfo", hash_of(&store_path)),
         Some(&token),
     )
     .await;
-    assert_eq!(narinfo.status(), StatusCode::OK, "visible at once");
+    assert_eq!(narinfo.status(), StatusCode::OK, "visible");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,7 +519,18 @@ async fn without_proof_of_possession_the_body_is_not_read() {
         .await,
     )
     .await;
-    assert_eq!(result.kind, UploadPathResultKind::Deduplicated);
+    // Linked unread, and so answered at once without an upload: this mode
+    // tells a pusher that the NAR was stored (README, `[ingest]`).
+    assert_eq!(result.kind, UploadPathResultKind::Uploaded);
+    assert_eq!(result.upload_id, None);
+    assert_eq!(result.phase, "done");
+    let narinfo = get(
+        &server,
+        &format!("/{CACHE}/{}.narinfo", hash_of(&store_path)),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(narinfo.status(), StatusCode::OK, "visible at once");
 }
 
 /// `PUT` of a Nix upload file with a push token (Basic, as Nix sends it).

@@ -78,7 +78,8 @@ impl Pusher {
             return Err(format!("pushing {name}: {status}: {answer}").into());
         }
         match (answer["phase"].as_str(), answer["upload_id"].as_str()) {
-            // Deduplicated at the door, or answered once visible.
+            // Answered once visible (or linked at once, on a server
+            // without proof of possession).
             (None | Some("done"), _) => Ok(()),
             (Some(_), Some(upload_id)) => self.wait_until_done(name, upload_id).await,
             (Some(phase), None) => Err(format!("{name} is {phase} without an upload id").into()),
