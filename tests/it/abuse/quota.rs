@@ -332,8 +332,9 @@ async fn pushes_past_a_quota_get_413_and_the_caches_paths_still_substitute() {
     assert_nothing_staged(&server, &storage, &tenant, "tenant").await;
 
     // Nix's narinfo: a NAR file staged within the room, then the quota
-    // lowered below the usage; the narinfo claiming it is refused and the
-    // staged NAR goes with it.
+    // lowered below the usage; the narinfo claiming it is refused. The
+    // staged NAR stays waiting (and counted) for a retry once there is room,
+    // until the reaper takes it.
     let small = file_nar(b"small enough to fit");
     let small_path = fake_store_path("small");
     let response = nix_put(
@@ -360,6 +361,22 @@ async fn pushes_past_a_quota_get_413_and_the_caches_paths_still_substitute() {
         .await,
     )
     .await;
+    assert_eq!(
+        usage(&server, &tenant, "tenant").await.pending_bytes,
+        small.len() as u64,
+        "the refused narinfo's NAR file still waits"
+    );
+    let local_storage = LocalStorage::open(&storage).await.expect("the storage");
+    let past_deadline = Timestamp::now().saturating_add(HOUR);
+    let reaped = gc_scheduler::gc::reap(
+        server.database(),
+        &local_storage,
+        &GcConfig::default(),
+        past_deadline,
+    )
+    .await
+    .expect("a reaping pass");
+    assert_eq!(reaped.staged_files_reaped, 1);
     assert_nothing_staged(&server, &storage, &tenant, "tenant").await;
 
     // Nothing stored was touched: the same usage, and real Nix substitutes
@@ -393,7 +410,15 @@ async fn pushes_past_a_quota_get_413_and_the_caches_paths_still_substitute() {
 async fn concurrent_pushes_do_not_overshoot_the_quota() {
     const PUSHES: usize = 20;
     const FITS: u64 = 5;
-    let server = TestServer::sqlite().await;
+    // All at once from one token: above the default per-token upload limit,
+    // which is not what this test is about.
+    let server = TestServer::start(TestServerOptions {
+        edit_config: Some(std::sync::Arc::new(|config| {
+            config.http.max_concurrent_uploads_per_token = PUSHES as u32;
+        })),
+        ..TestServerOptions::default()
+    })
+    .await;
     server.create_cache("raced", false).await;
     let tenant = tenant_token(&server, "raced").await;
     let operator = operator_token(&server).await;
