@@ -169,6 +169,7 @@ impl Server {
             storage,
             queue,
             ingest: config.ingest.clone(),
+            door: spool::Door::new(&config.ingest),
             verifier,
             api_endpoint: config
                 .api_endpoint

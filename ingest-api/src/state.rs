@@ -15,6 +15,7 @@ use common::queue::Queue;
 use common::storage::Storage;
 
 use crate::access_log::AccessLog;
+use crate::spool::Door;
 use crate::ttl_cache::TtlCache;
 
 /// Cheap to clone: everything sits behind one `Arc`.
@@ -28,6 +29,8 @@ pub struct Shared {
     /// Where spooled uploads' chunk jobs go.
     pub queue: Arc<dyn Queue>,
     pub ingest: IngestConfig,
+    /// The upload verifier's limits and bounded CPU pool.
+    pub door: Door,
     pub verifier: TokenVerifier,
     /// The configured public base URL (with a trailing `/`), if any;
     /// otherwise URLs are derived from each request's `Host`.

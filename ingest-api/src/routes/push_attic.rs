@@ -99,13 +99,7 @@ pub async fn upload_path(
         .is_some();
     if already_stored {
         if state.ingest.require_proof_of_possession {
-            spool::verify(
-                nar_body,
-                Encoding::Plain,
-                expected,
-                state.ingest.max_nar_size,
-            )
-            .await?;
+            spool::verify(&state.door, nar_body, Encoding::Plain, expected).await?;
         }
         return match push::link_if_stored(&state, &cache, &caller, &path).await? {
             Some(result) => Ok(Json(result)),
@@ -117,11 +111,11 @@ pub async fn upload_path(
         };
     }
     let spooled = spool::spool(
+        &state.door,
         state.storage.clone(),
         nar_body,
         Encoding::Plain,
         expected,
-        state.ingest.max_nar_size,
     )
     .await?;
     let result = push::record_upload(&state, &cache, &caller, path, spooled.key, wait).await?;

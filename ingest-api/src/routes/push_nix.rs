@@ -195,11 +195,11 @@ pub async fn put_nar(
         ..Expected::default()
     };
     let spooled = spool::spool(
+        &state.door,
         state.storage.clone(),
         spool::body_stream(body),
         file_name.encoding,
         expected,
-        limit,
     )
     .await?;
     let staged = StagedFile {
