@@ -234,8 +234,8 @@ struct Batch {
 }
 
 /// The whole check: the body read ahead in batches while the verifier
-/// works through them, both on this task. Verified bytes go to `output`
-/// when given.
+/// works through them, both on this task, until the verdict. Verified
+/// bytes go to `output` when given.
 async fn check(
     door: &Door,
     body: BodyStream,
@@ -244,11 +244,18 @@ async fn check(
     output: Option<&mpsc::Sender<io::Result<Bytes>>>,
 ) -> Result<Verified, Rejection> {
     let (batch_sender, batch_receiver) = mpsc::channel(INPUT_DEPTH);
-    let ((), verdict) = tokio::join!(
-        read_batches(body, batch_sender),
-        verify_batches(door, batch_receiver, encoding, expected, output)
-    );
-    verdict
+    let reading = read_batches(body, batch_sender);
+    let verifying = verify_batches(door, batch_receiver, encoding, expected, output);
+    tokio::pin!(reading, verifying);
+    let mut read_all = false;
+    loop {
+        tokio::select! {
+            // A verdict ends the reading too: a refused body is not read
+            // on, however long its client keeps it open.
+            verdict = &mut verifying => return verdict,
+            () = &mut reading, if !read_all => read_all = true,
+        }
+    }
 }
 
 /// Reads the body and sends it on in batches of the frames that have
