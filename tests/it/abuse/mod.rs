@@ -4,3 +4,5 @@
 //!
 //! Every attacker holds a valid push token for its own cache only; the
 //! victim is another tenant on the same server.
+
+mod door;
