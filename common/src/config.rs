@@ -165,6 +165,10 @@ impl Default for QuotaConfig {
     }
 }
 
+/// The default `[ingest] max-decompression-ratio`; README "Upload limits"
+/// says why.
+pub const DEFAULT_MAX_DECOMPRESSION_RATIO: u32 = 1000;
+
 /// Limits and behaviour of the push endpoints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
@@ -187,6 +191,41 @@ pub struct IngestConfig {
     /// answering with the upload still in flight; `0 seconds` answers as
     /// soon as the upload is acknowledged (spooled and verified).
     pub wait_for_visible: HumanDuration,
+    /// The most NAR bytes a compressed upload (`nix copy` with
+    /// `compression=zstd` or `xz`) may decode to per byte of its body read
+    /// so far, beyond a fixed first MiB: a decompression bomb is refused
+    /// (413) once it passes this. Plain NARs (`larder push`, Attic) are
+    /// their own size and unaffected.
+    pub max_decompression_ratio: u32,
+    /// How many uploads may decompress, hash and check their bytes at the
+    /// same moment (each such job is short; the uploads themselves wait for
+    /// the network without a thread). Absent: one per core.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify_threads: Option<u32>,
+}
+
+impl IngestConfig {
+    /// The number of verification jobs that may run at once.
+    pub fn verify_threads(&self) -> usize {
+        match self.verify_threads {
+            Some(threads) => usize::try_from(threads).unwrap_or(usize::MAX),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_decompression_ratio == 0 {
+            return Err(ConfigError::Invalid(
+                "ingest.max-decompression-ratio must be at least 1".into(),
+            ));
+        }
+        if self.verify_threads == Some(0) {
+            return Err(ConfigError::Invalid(
+                "ingest.verify-threads must be at least 1 (or absent: one per core)".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for IngestConfig {
@@ -197,6 +236,8 @@ impl Default for IngestConfig {
             max_narinfo_size: 1 << 20,
             require_proof_of_possession: true,
             wait_for_visible: HumanDuration::from_secs(120),
+            max_decompression_ratio: DEFAULT_MAX_DECOMPRESSION_RATIO,
+            verify_threads: None,
         }
     }
 }
@@ -543,6 +584,7 @@ impl ServerConfig {
         }
         self.gc.validate()?;
         self.http.validate()?;
+        self.ingest.validate()?;
         if let QueueConfig::Amqp { url } = &self.queue {
             // lapin is built without a TLS stack.
             if !url.expose().starts_with("amqp://") {
@@ -800,6 +842,36 @@ mod tests {
         assert!(is_config_variable("LARDER_OPS__LISTEN"));
         let error = load(MINIMAL, &[("LARDER_OPS__LISTEN", "localhost")]).expect_err("no port");
         assert!(error.to_string().contains("address"), "{error}");
+    }
+
+    #[test]
+    fn ingest_reads_the_door_limits_and_refuses_zero() {
+        let config = load(MINIMAL, &[]).expect("valid config");
+        assert_eq!(
+            config.ingest.max_decompression_ratio,
+            DEFAULT_MAX_DECOMPRESSION_RATIO
+        );
+        assert_eq!(config.ingest.verify_threads, None);
+        assert!(config.ingest.verify_threads() >= 1);
+        // Absent stays absent in a written file, so that the default
+        // follows the machine the file moves to.
+        assert!(!config.to_toml().contains("verify-threads"));
+
+        let text = format!("{MINIMAL}\n[ingest]\nmax-decompression-ratio = 50\n");
+        let config = load(&text, &[("LARDER_INGEST__VERIFY_THREADS", "3")]).expect("valid config");
+        assert_eq!(config.ingest.max_decompression_ratio, 50);
+        assert_eq!(config.ingest.verify_threads(), 3);
+
+        for (variable, key) in [
+            ("LARDER_INGEST__VERIFY_THREADS", "ingest.verify-threads"),
+            (
+                "LARDER_INGEST__MAX_DECOMPRESSION_RATIO",
+                "ingest.max-decompression-ratio",
+            ),
+        ] {
+            let error = load(MINIMAL, &[(variable, "0")]).expect_err("zero");
+            assert!(error.to_string().contains(key), "{error}");
+        }
     }
 
     #[test]

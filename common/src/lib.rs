@@ -25,5 +25,7 @@ pub mod service;
 #[cfg(feature = "storage")]
 pub mod storage;
 pub mod time;
+#[cfg(feature = "verify")]
+pub mod verify;
 #[cfg(feature = "worker")]
 pub mod worker;

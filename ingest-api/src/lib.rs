@@ -207,6 +207,7 @@ impl Server {
             queue,
             ingest: config.ingest.clone(),
             quota: config.quota.clone(),
+            door: spool::Door::new(&config.ingest),
             verifier,
             api_endpoint: config
                 .api_endpoint

@@ -16,6 +16,7 @@ use common::queue::Queue;
 use common::storage::Storage;
 
 use crate::access_log::AccessLog;
+use crate::spool::Door;
 use crate::ttl_cache::TtlCache;
 use crate::upload_slots::UploadSlots;
 
@@ -33,6 +34,8 @@ pub struct Shared {
     /// The room pushes must leave on local storage (quotas themselves are
     /// enforced by the database handle).
     pub quota: QuotaConfig,
+    /// The upload verifier's limits and bounded CPU pool.
+    pub door: Door,
     pub verifier: TokenVerifier,
     /// The configured public base URL (with a trailing `/`), if any;
     /// otherwise URLs are derived from each request's `Host`.

@@ -110,6 +110,7 @@ pub async fn upload_path(
     room.admit_upload(path.nar_size)?;
     let limit = state.ingest.max_nar_size;
     let spooled = spool::spool(
+        &state.door,
         state.storage.clone(),
         nar_body,
         Encoding::Plain,

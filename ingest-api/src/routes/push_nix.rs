@@ -178,6 +178,7 @@ pub async fn put_nar(
     // cache's room (and the disk's), and is counted once spooled.
     let room = Room::measure(&state, &cache, None).await?;
     let spooled = spool::spool(
+        &state.door,
         state.storage.clone(),
         spool::body_stream(body),
         encoding,

@@ -6,6 +6,7 @@
 //! victim is another tenant on the same server.
 
 mod disclose;
+mod door;
 mod http;
 mod quota;
 mod reads;

@@ -31,7 +31,7 @@ use reqwest::{Method, Response, StatusCode};
 use tests::nix::NixEnv;
 use tests::server::{HttpApi, RawResponse};
 
-const HOUR: Duration = Duration::from_secs(3600);
+pub(crate) const HOUR: Duration = Duration::from_secs(3600);
 
 /// Sends `method path` with an optional bearer token and JSON body.
 async fn send(

@@ -13,6 +13,7 @@
 //! ```text
 //! bench_push --url URL --token TOKEN --cache NAME large NAR_FILE...
 //! bench_push --url URL --token TOKEN --cache NAME small COUNT JOBS SOURCE_DIR
+//! bench_push --url URL --token TOKEN --cache NAME door FILE
 //! ```
 //!
 //! `large` pushes each NAR file as one path, one after the other, and
@@ -20,6 +21,10 @@
 //! (NARs of 10–500 KiB of real file contents taken from SOURCE_DIR, so they
 //! compress like real data) and pushes them with JOBS requests in flight,
 //! printing `SMALL_SECONDS=…` and `SMALL_BYTES=…` (the NAR bytes pushed).
+//! `door` measures the door alone: it pushes a NAR holding FILE's bytes as
+//! one regular file (so it is new to the server) with `X-Larder-Wait: 0`,
+//! which the server answers once the NAR is verified and spooled, and
+//! prints `DOOR_SECONDS=…` and `DOOR_BYTES=…` (the NAR's size).
 //! Output on stdout: `KEY=VALUE` lines; progress on stderr.
 
 use std::path::{Path, PathBuf};
@@ -50,6 +55,24 @@ impl Pusher {
     /// Pushes one NAR as the store path `/nix/store/<hash>-<name>` and
     /// returns once the path is visible.
     async fn push(&self, name: &str, nar: Vec<u8>) -> Result<()> {
+        let (upload_id, phase) = self.upload(name, nar, None).await?;
+        match (phase.as_deref(), upload_id) {
+            // Answered once visible (or linked at once, on a server
+            // without proof of possession).
+            (None | Some("done"), _) => Ok(()),
+            (Some(_), Some(upload_id)) => self.wait_until_done(name, &upload_id).await,
+            (Some(phase), None) => Err(format!("{name} is {phase} without an upload id").into()),
+        }
+    }
+
+    /// Sends one `upload-path` request (with `X-Larder-Wait` when given)
+    /// and returns the upload's id and phase from the answer.
+    async fn upload(
+        &self,
+        name: &str,
+        nar: Vec<u8>,
+        wait: Option<&str>,
+    ) -> Result<(Option<String>, Option<String>)> {
         let nar_hash = NarHash::from(Sha256Hash::digest(&nar));
         let store_path_hash = store_path_hash_for(name);
         let info = UploadPathNarInfo {
@@ -64,26 +87,22 @@ impl Pusher {
             nar_hash: nar_hash.to_string(),
             nar_size: nar.len() as u64,
         };
-        let response = self
+        let mut request = self
             .http
             .put(format!("{}/_api/v1/upload-path", self.url))
             .bearer_auth(&self.token)
-            .header(NAR_INFO_HEADER, serde_json::to_string(&info)?)
-            .body(nar)
-            .send()
-            .await?;
+            .header(NAR_INFO_HEADER, serde_json::to_string(&info)?);
+        if let Some(wait) = wait {
+            request = request.header("X-Larder-Wait", wait);
+        }
+        let response = request.body(nar).send().await?;
         let status = response.status();
         let answer: serde_json::Value = response.json().await?;
         if !status.is_success() {
             return Err(format!("pushing {name}: {status}: {answer}").into());
         }
-        match (answer["phase"].as_str(), answer["upload_id"].as_str()) {
-            // Answered once visible (or linked at once, on a server
-            // without proof of possession).
-            (None | Some("done"), _) => Ok(()),
-            (Some(_), Some(upload_id)) => self.wait_until_done(name, upload_id).await,
-            (Some(phase), None) => Err(format!("{name} is {phase} without an upload id").into()),
-        }
+        let text = |key: &str| answer[key].as_str().map(str::to_owned);
+        Ok((text("upload_id"), text("phase")))
     }
 
     async fn wait_until_done(&self, name: &str, upload_id: &str) -> Result<()> {
@@ -168,6 +187,25 @@ async fn push_large(pusher: &Pusher, files: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
+async fn push_door(pusher: &Pusher, file: &Path) -> Result<()> {
+    let nar = single_file_nar(&std::fs::read(file)?)?;
+    let size = nar.len();
+    let started = Instant::now();
+    let (_, phase) = pusher.upload("bench-door", nar, Some("0")).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    if phase.as_deref() == Some("failed") {
+        return Err("the door push failed".into());
+    }
+    eprintln!(
+        "bench_push: a NAR of {} ({:.0} MiB) acknowledged after {seconds:.2} s",
+        file.display(),
+        size as f64 / f64::from(1 << 20)
+    );
+    println!("DOOR_SECONDS={seconds:.3}");
+    println!("DOOR_BYTES={size}");
+    Ok(())
+}
+
 async fn push_small(pusher: Arc<Pusher>, count: usize, jobs: usize, source: &Path) -> Result<()> {
     let pool = real_bytes(source, 64 << 20)?;
     if pool.len() < SMALL_MAX {
@@ -219,7 +257,8 @@ async fn push_small(pusher: Arc<Pusher>, count: usize, jobs: usize, source: &Pat
 fn usage() -> ! {
     eprintln!(
         "usage: bench_push --url URL --token TOKEN --cache NAME large NAR_FILE...\n       \
-         bench_push --url URL --token TOKEN --cache NAME small COUNT JOBS SOURCE_DIR"
+         bench_push --url URL --token TOKEN --cache NAME small COUNT JOBS SOURCE_DIR\n       \
+         bench_push --url URL --token TOKEN --cache NAME door FILE"
     );
     std::process::exit(2)
 }
@@ -257,6 +296,7 @@ async fn main() -> Result<()> {
             };
             push_small(pusher, count, jobs, Path::new(source)).await
         }
+        Some((mode, [file])) if mode == "door" => push_door(&pusher, Path::new(file)).await,
         _ => usage(),
     }
 }
