@@ -20,7 +20,7 @@ use common::nix::Sha256Hash;
 use common::verify::{RATIO_ALLOWANCE, XZ_MEMORY_LIMIT};
 use reqwest::{Response, StatusCode};
 use tests::prometheus;
-use tests::server::{pseudo_random, TestServer};
+use tests::server::{pseudo_random, TestServer, TestServerOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -400,7 +400,17 @@ fn heavy_stalled_uploads_do_not_starve_other_tenants() {
         .build()
         .expect("a runtime");
     runtime.block_on(async {
-        let server = TestServer::sqlite().await;
+        // Upload slots for all of them: the point is uploads the door is
+        // reading, not ones waiting for a slot (the limits have their own
+        // tests in `abuse::http`).
+        let server = TestServer::start(TestServerOptions {
+            edit_config: Some(Arc::new(|config| {
+                config.http.max_concurrent_uploads_per_token = 2 * STALLED as u32;
+                config.http.max_concurrent_uploads = 4 * STALLED as u32;
+            })),
+            ..TestServerOptions::default()
+        })
+        .await;
         server.create_cache(ATTACKER, false).await;
         server.create_cache(VICTIM, false).await;
         let attacker = token_for(&server, ATTACKER).await;
