@@ -5,7 +5,7 @@
 # them, then the fuzz smoke run (ops/fuzz.sh, when present), and stops every
 # service on the way out, also on failure or Ctrl-C.
 #
-#   ops/test.sh                          the whole suite, then `ops/fuzz.sh 20`
+#   ops/test.sh                          the whole suite, then `ops/fuzz.sh --total 60`
 #   ops/test.sh -E 'test(services)'      a subset: arguments go to nextest,
 #                                        and the fuzz run is skipped
 #
@@ -89,7 +89,7 @@ phase_done tests
 # The fuzz smoke run belongs to the full run; a subset is a developer's quick
 # loop. ops/fuzz.sh is written separately and may not exist yet.
 if (($# == 0)) && [[ -f $repo/ops/fuzz.sh ]]; then
-    say "fuzz smoke run (ops/fuzz.sh 20)"
-    bash "$repo/ops/fuzz.sh" 20
+    say "fuzz smoke run (ops/fuzz.sh --total 60: a minute split across the targets)"
+    bash "$repo/ops/fuzz.sh" --total 60
     phase_done fuzz
 fi

@@ -23,5 +23,6 @@ pub mod service;
 #[cfg(feature = "storage")]
 pub mod storage;
 pub mod time;
+pub mod upload_info;
 #[cfg(feature = "worker")]
 pub mod worker;
