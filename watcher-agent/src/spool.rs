@@ -65,11 +65,13 @@ const STALE_TEMPORARY_AGE: Duration = Duration::from_secs(600);
 /// Why the spool could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
-    #[error("{what} {path}: {source}")]
+    /// The cause is part of the message (not a `source`), so that a
+    /// message printed with its chain names it once.
+    #[error("{what} {path}: {cause}")]
     Io {
         what: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{0:?} is not a store path (expected /nix/store/<hash>-<name> or a link to one)")]
     NotStorePath(String),
@@ -77,7 +79,7 @@ pub enum SpoolError {
 
 fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError {
     let path = path.to_owned();
-    move |source| SpoolError::Io { what, path, source }
+    move |cause| SpoolError::Io { what, path, cause }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -361,7 +363,7 @@ fn encode(entry: &QueuedPath, path: &Path) -> Result<Vec<u8>, SpoolError> {
     serde_json::to_vec(entry).map_err(|error| SpoolError::Io {
         what: "encoding",
         path: path.to_owned(),
-        source: error.into(),
+        cause: error.into(),
     })
 }
 
@@ -405,8 +407,14 @@ fn open_or_create_path(path: &Path) -> std::io::Result<SpoolDir> {
         };
         current.push(name);
         let is_last = index + 1 == components.len();
+        // The caller names the whole path; an ancestor that fails is named
+        // here.
         parent = parent.child(name, is_last).map_err(|error| {
-            std::io::Error::new(error.kind(), format!("{}: {error}", current.display()))
+            if is_last {
+                error
+            } else {
+                std::io::Error::new(error.kind(), format!("{}: {error}", current.display()))
+            }
         })?;
     }
     Ok(parent)
@@ -432,6 +440,20 @@ impl SpoolDir {
         match rustix::fs::openat(&self.fd, name, flags, Mode::empty()) {
             Ok(fd) => return Ok(Self { fd, path }),
             Err(rustix::io::Errno::NOENT) => {}
+            Err(error @ (rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR)) if no_symlink => {
+                let is_symlink = rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW)
+                    .is_ok_and(|stat| {
+                        rustix::fs::FileType::from_raw_mode(stat.st_mode)
+                            == rustix::fs::FileType::Symlink
+                    });
+                return Err(if is_symlink {
+                    std::io::Error::other(
+                        "it is a symlink, which the queue does not follow: name the real directory",
+                    )
+                } else {
+                    error.into()
+                });
+            }
             Err(error) => return Err(error.into()),
         }
         match rustix::fs::mkdirat(&self.fd, name, Mode::from_raw_mode(0o700)) {
