@@ -25,6 +25,7 @@ pub mod service;
 #[cfg(feature = "storage")]
 pub mod storage;
 pub mod time;
+pub mod upload_info;
 #[cfg(feature = "verify")]
 pub mod verify;
 #[cfg(feature = "worker")]

@@ -64,7 +64,7 @@ pub struct PathFields {
 
 /// Rejects free text that would break a narinfo line.
 pub fn check_text(field: &str, value: &str) -> Result<(), ApiError> {
-    if value.chars().any(char::is_control) || value.len() > 1024 {
+    if !common::upload_info::is_one_line_text(value) {
         return Err(ApiError::bad_request(format!(
             "{field} {:?} contains a control character or is too long",
             value.chars().take(80).collect::<String>()
