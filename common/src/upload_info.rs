@@ -57,6 +57,14 @@ pub struct CheckedUploadInfo {
     /// The full store path as sent: whether it lies in the cache's store
     /// directory and matches `store_path_hash` needs the cache.
     pub store_path: String,
+    pub fields: PathFields,
+}
+
+/// The metadata of a pushed path besides its store path, checked: what
+/// both upload protocols (Attic's JSON, Nix's narinfo) carry and the
+/// server stores with the path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathFields {
     pub references: Vec<StorePath>,
     pub deriver: Option<StorePath>,
     pub system: Option<String>,
@@ -126,34 +134,37 @@ impl CheckedUploadInfo {
             cache,
             store_path_hash,
             store_path: info.store_path.clone(),
-            references,
-            deriver,
-            system: optional_text("system", &info.system)?,
-            signatures,
-            ca: optional_text("ca", &info.ca)?,
-            nar_hash,
-            nar_size: info.nar_size,
+            fields: PathFields {
+                references,
+                deriver,
+                system: optional_text("system", &info.system)?,
+                signatures,
+                ca: optional_text("ca", &info.ca)?,
+                nar_hash,
+                nar_size: info.nar_size,
+            },
         })
     }
 
     /// The metadata as a client would send it, in Larder's spelling
     /// (checking it again gives the same fields).
     pub fn to_wire(&self) -> UploadPathNarInfo {
+        let fields = &self.fields;
         UploadPathNarInfo {
             cache: self.cache.to_string(),
             store_path_hash: self.store_path_hash.to_string(),
             store_path: self.store_path.clone(),
-            references: self
+            references: fields
                 .references
                 .iter()
                 .map(StorePath::to_base_name)
                 .collect(),
-            system: self.system.clone(),
-            deriver: self.deriver.as_ref().map(StorePath::to_base_name),
-            sigs: self.signatures.iter().map(ToString::to_string).collect(),
-            ca: self.ca.clone(),
-            nar_hash: self.nar_hash.to_string(),
-            nar_size: self.nar_size,
+            system: fields.system.clone(),
+            deriver: fields.deriver.as_ref().map(StorePath::to_base_name),
+            sigs: fields.signatures.iter().map(ToString::to_string).collect(),
+            ca: fields.ca.clone(),
+            nar_hash: fields.nar_hash.to_string(),
+            nar_size: fields.nar_size,
         }
     }
 }
@@ -173,9 +184,9 @@ mod tests {
     fn valid_metadata_is_checked_and_round_trips() {
         let checked = CheckedUploadInfo::parse(HEADER.as_bytes(), 1000).expect("valid");
         assert_eq!(checked.cache.as_str(), "main");
-        assert_eq!(checked.references.len(), 1);
-        assert_eq!(checked.deriver, None);
-        assert_eq!(checked.system.as_deref(), Some("x86_64-linux"));
+        assert_eq!(checked.fields.references.len(), 1);
+        assert_eq!(checked.fields.deriver, None);
+        assert_eq!(checked.fields.system.as_deref(), Some("x86_64-linux"));
         let again = CheckedUploadInfo::check(&checked.to_wire(), 1000).expect("still valid");
         assert_eq!(again, checked);
     }

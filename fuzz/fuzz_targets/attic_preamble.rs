@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(checked) = CheckedUploadInfo::parse(data, MAX_NAR_SIZE) else {
         return;
     };
-    assert!(checked.nar_size <= MAX_NAR_SIZE);
+    assert!(checked.fields.nar_size <= MAX_NAR_SIZE);
     let json = serde_json::to_vec(&checked.to_wire()).expect("wire types serialise");
     let again = CheckedUploadInfo::parse(&json, MAX_NAR_SIZE).expect("written back, it checks");
     assert_eq!(again, checked);

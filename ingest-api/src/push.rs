@@ -25,9 +25,10 @@ use common::db::{
     UploadPhase,
 };
 use common::metrics::larder;
-use common::nix::{NarHash, Signature, StoreDir, StorePath, StorePathHash};
+use common::nix::{NarHash, StoreDir, StorePath, StorePathHash};
 use common::queue::{publish_job, ChunkJob};
 use common::storage::ObjectKey;
+use common::upload_info::PathFields;
 
 use crate::access::Caller;
 use crate::error::ApiError;
@@ -49,17 +50,24 @@ pub struct PushedPath {
     pub metadata: ObjectMetadata,
 }
 
-/// The metadata of a push besides its store path, parsed: what can be
-/// checked before the cache (and its store directory) is known.
-#[derive(Debug, Clone)]
-pub struct PathFields {
-    pub references: Vec<StorePath>,
-    pub deriver: Option<StorePath>,
-    pub system: Option<String>,
-    pub signatures: Vec<Signature>,
-    pub ca: Option<String>,
-    pub nar_hash: NarHash,
-    pub nar_size: u64,
+impl PushedPath {
+    /// The path as it will be stored, `store_path` being in `store_dir`.
+    pub fn new(store_path: &StorePath, store_dir: &StoreDir, fields: PathFields) -> Self {
+        let base_names = |paths: &[StorePath]| paths.iter().map(StorePath::to_base_name).collect();
+        PushedPath {
+            store_path_hash: *store_path.hash(),
+            nar_hash: fields.nar_hash,
+            nar_size: fields.nar_size,
+            metadata: ObjectMetadata {
+                store_path: store_path.to_full_path(store_dir),
+                references: base_names(&fields.references),
+                deriver: fields.deriver.as_ref().map(StorePath::to_base_name),
+                system: fields.system,
+                sigs: fields.signatures.iter().map(ToString::to_string).collect(),
+                ca: fields.ca,
+            },
+        }
+    }
 }
 
 /// Rejects free text that would break a narinfo line.
@@ -71,26 +79,6 @@ pub fn check_text(field: &str, value: &str) -> Result<(), ApiError> {
         )));
     }
     Ok(())
-}
-
-impl PathFields {
-    /// The path as it will be stored, `store_path` being in `store_dir`.
-    pub fn into_pushed(self, store_path: &StorePath, store_dir: &StoreDir) -> PushedPath {
-        let base_names = |paths: &[StorePath]| paths.iter().map(StorePath::to_base_name).collect();
-        PushedPath {
-            store_path_hash: *store_path.hash(),
-            nar_hash: self.nar_hash,
-            nar_size: self.nar_size,
-            metadata: ObjectMetadata {
-                store_path: store_path.to_full_path(store_dir),
-                references: base_names(&self.references),
-                deriver: self.deriver.as_ref().map(StorePath::to_base_name),
-                system: self.system,
-                sigs: self.signatures.iter().map(ToString::to_string).collect(),
-                ca: self.ca,
-            },
-        }
-    }
 }
 
 /// How long this request waits for its path to become visible: the

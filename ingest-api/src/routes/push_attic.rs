@@ -21,7 +21,7 @@ use common::upload_info::{CheckedUploadInfo, UploadInfoError};
 use crate::access::Caller;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
-use crate::push::{self, PathFields, PushedPath};
+use crate::push::{self, PushedPath};
 use crate::quota::Room;
 use crate::spool::{self, BodyStream, Encoding, Expected};
 use crate::state::AppState;
@@ -199,14 +199,5 @@ fn in_cache(cache: &Cache, info: CheckedUploadInfo) -> Result<PushedPath, ApiErr
             info.store_path, info.store_path_hash
         )));
     }
-    let fields = PathFields {
-        references: info.references,
-        deriver: info.deriver,
-        system: info.system,
-        signatures: info.signatures,
-        ca: info.ca,
-        nar_hash: info.nar_hash,
-        nar_size: info.nar_size,
-    };
-    Ok(fields.into_pushed(&store_path, &cache.store_dir))
+    Ok(PushedPath::new(&store_path, &cache.store_dir, info.fields))
 }

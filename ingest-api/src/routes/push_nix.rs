@@ -35,11 +35,12 @@ use common::db::{Cache, StagedFile, Timestamp};
 use common::nix::nar_file::{NarFileCompression, NarFileName, PushedNarInfo};
 use common::nix::{StorePath, StorePathHash};
 use common::storage::ObjectKey;
+use common::upload_info::PathFields;
 
 use crate::access::Caller;
 use crate::error::ApiError;
 use crate::extract::ApiPath;
-use crate::push::{self, check_text, PathFields, PushedPath};
+use crate::push::{self, check_text, PushedPath};
 use crate::quota::{self, Room};
 use crate::routes::binary_cache;
 use crate::spool::{self, Encoding, Expected};
@@ -280,7 +281,7 @@ async fn put_narinfo(
         check_text("System", system)?;
     }
     let file = pushed.file.to_string();
-    let path = PathFields {
+    let fields = PathFields {
         references: narinfo.references.iter().cloned().collect(),
         deriver: narinfo.deriver.clone(),
         system: narinfo.system.clone(),
@@ -288,8 +289,8 @@ async fn put_narinfo(
         ca: narinfo.ca.clone(),
         nar_hash: narinfo.nar_hash,
         nar_size: narinfo.nar_size,
-    }
-    .into_pushed(&narinfo.store_path, &cache.store_dir);
+    };
+    let path = PushedPath::new(&narinfo.store_path, &cache.store_dir, fields);
     let staged = state
         .database
         .staged_file(cache.id, &file)
