@@ -86,31 +86,10 @@ install_tools curl:curl
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 (($(ulimit -n) > stalled + 200)) || die "the open file limit ($(ulimit -n)) is too low for --stalled $stalled"
 
-if ((build)); then
-    say "building ingest-api and bench_abuse (release)"
-    cargo build --release --quiet -p ingest-api -p tests --bin ingest-api --bin bench_abuse
-fi
-bin=$CARGO_TARGET_DIR/release
-for binary in ingest-api bench_abuse; do
-    [[ -x $bin/$binary ]] || die "$bin/$binary is missing: run without --no-build"
-done
+release_binaries ingest-api tests -- ingest-api bench_abuse
 
-work=$(mktemp -d /tmp/larder-bench-abuse.XXXXXX)
 server_pid=
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    stop_pid "$server_pid"
-    if ((status == 0 && keep == 0)); then
-        rm -rf "$work"
-    else
-        say "work directory kept: $work"
-    fi
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+start_work_dir server_pid
 
 # --- the server and the two tenants ------------------------------------------------
 

@@ -81,31 +81,10 @@ fi
 install_tools curl:curl zstd:zstd openssl:openssl
 command -v nix-store >/dev/null || bash "$repo/ops/install.sh"
 
-if ((build)); then
-    say "building ingest-api and bench_push (release)"
-    cargo build --release --quiet -p ingest-api -p tests --bin ingest-api --bin bench_push
-fi
-bin=$CARGO_TARGET_DIR/release
-for binary in ingest-api bench_push; do
-    [[ -x $bin/$binary ]] || die "$bin/$binary is missing: run without --no-build"
-done
+release_binaries ingest-api tests -- ingest-api bench_push
 
-work=$(mktemp -d /tmp/larder-bench-push.XXXXXX)
 server_pid=
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    stop_pid "$server_pid"
-    if ((status == 0 && keep == 0)); then
-        rm -rf "$work"
-    else
-        say "work directory kept: $work"
-    fi
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+start_work_dir server_pid
 
 # --- the bytes, and this machine's limits on them -----------------------------
 
