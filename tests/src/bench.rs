@@ -52,20 +52,7 @@ impl Pusher {
         nar: Vec<u8>,
         wait: Option<&str>,
     ) -> Result<(Option<String>, Option<String>)> {
-        let nar_hash = NarHash::from(Sha256Hash::digest(&nar));
-        let store_path_hash = store_path_hash_for(name);
-        let info = UploadPathNarInfo {
-            cache: self.cache.clone(),
-            store_path: format!("/nix/store/{store_path_hash}-{name}"),
-            store_path_hash,
-            references: Vec::new(),
-            system: None,
-            deriver: None,
-            sigs: Vec::new(),
-            ca: None,
-            nar_hash: nar_hash.to_string(),
-            nar_size: nar.len() as u64,
-        };
+        let info = upload_info(&self.cache, name, &nar);
         let mut request = self
             .http
             .put(format!("{}/_api/v1/upload-path", self.url))
@@ -103,6 +90,24 @@ impl Pusher {
                 _ => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         }
+    }
+}
+
+/// The `upload-path` metadata of `nar` as the store path
+/// `/nix/store/<hash>-<name>` in `cache`, without references or signatures.
+pub fn upload_info(cache: &str, name: &str, nar: &[u8]) -> UploadPathNarInfo {
+    let store_path_hash = store_path_hash_for(name);
+    UploadPathNarInfo {
+        cache: cache.to_owned(),
+        store_path: format!("/nix/store/{store_path_hash}-{name}"),
+        store_path_hash,
+        references: Vec::new(),
+        system: None,
+        deriver: None,
+        sigs: Vec::new(),
+        ca: None,
+        nar_hash: NarHash::from(Sha256Hash::digest(nar)).to_string(),
+        nar_size: nar.len() as u64,
     }
 }
 

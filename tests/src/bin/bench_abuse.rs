@@ -41,10 +41,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::api::{UploadPathNarInfo, NAR_INFO_HEADER, WAIT_HEADER};
+use common::api::{NAR_INFO_HEADER, WAIT_HEADER};
 use common::nix::nar::NarEncoder;
-use common::nix::{NarHash, Sha256Hash};
-use tests::bench::{single_file_nar, store_path_hash_for, Pusher, Result};
+use common::nix::Sha256Hash;
+use tests::bench::{single_file_nar, store_path_hash_for, upload_info, Pusher, Result};
 use tests::server::pseudo_random;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -399,19 +399,7 @@ impl Attack {
                 let Ok(nar) = single_file_nar(&pseudo_random(1 << 20, (task << 32) ^ round)) else {
                     return;
                 };
-                let store_path_hash = store_path_hash_for(&name);
-                let info = UploadPathNarInfo {
-                    cache: targets.options.hostile_cache.clone(),
-                    store_path: format!("/nix/store/{store_path_hash}-{name}"),
-                    store_path_hash,
-                    references: Vec::new(),
-                    system: None,
-                    deriver: None,
-                    sigs: Vec::new(),
-                    ca: None,
-                    nar_hash: NarHash::from(Sha256Hash::digest(&nar)).to_string(),
-                    nar_size: nar.len() as u64,
-                };
+                let info = upload_info(&targets.options.hostile_cache, &name, &nar);
                 let Ok(header) = serde_json::to_string(&info) else {
                     return;
                 };
