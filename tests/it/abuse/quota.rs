@@ -630,34 +630,27 @@ async fn pushes_that_would_eat_into_the_free_space_reserve_get_507() {
         .await;
 
     let nar = file_nar(&pseudo_random(4096, 3));
-    let error = expect_error(
-        attic_upload(
-            &server,
-            &tenant,
-            "tenant",
-            &fake_store_path("refused"),
-            &nar,
-            false,
-        )
-        .await,
-        StatusCode::INSUFFICIENT_STORAGE,
-    )
-    .await;
-    assert_eq!(error.error, "InsufficientStorage");
-    let error = expect_error(
-        nix_put(
-            &server,
-            &tenant,
-            &nar_file_path("tenant", &nar),
-            nar.clone(),
-        )
-        .await,
-        StatusCode::INSUFFICIENT_STORAGE,
-    )
-    .await;
-    assert_eq!(error.error, "InsufficientStorage");
+    assert_both_protocols_get_507(&server, &tenant, "refused", &nar).await;
     assert_nothing_staged(&server, &server.dir().join("storage"), &tenant, "tenant").await;
     assert_served(&server, &tenant, "tenant", &kept_path, &kept_nar).await;
+}
+
+/// Pushing `nar` into the cache `tenant`, as `name` with Attic's
+/// `upload-path` and as a NAR file with Nix's `PUT nar/…`, is answered
+/// 507 InsufficientStorage.
+async fn assert_both_protocols_get_507(server: &TestServer, token: &str, name: &str, nar: &[u8]) {
+    let error = expect_error(
+        attic_upload(server, token, "tenant", &fake_store_path(name), nar, false).await,
+        StatusCode::INSUFFICIENT_STORAGE,
+    )
+    .await;
+    assert_eq!(error.error, "InsufficientStorage");
+    let error = expect_error(
+        nix_put(server, token, &nar_file_path("tenant", nar), nar.to_vec()).await,
+        StatusCode::INSUFFICIENT_STORAGE,
+    )
+    .await;
+    assert_eq!(error.error, "InsufficientStorage");
 }
 
 /// A tmpfs mounted for one test, unmounted when dropped.
@@ -723,32 +716,7 @@ async fn a_push_that_fills_the_disk_gets_507_and_leaves_nothing() {
     let tenant = tenant_token(&server, "tenant").await;
 
     let too_big = file_nar(&pseudo_random(3 << 20, 4));
-    let error = expect_error(
-        attic_upload(
-            &server,
-            &tenant,
-            "tenant",
-            &fake_store_path("big"),
-            &too_big,
-            false,
-        )
-        .await,
-        StatusCode::INSUFFICIENT_STORAGE,
-    )
-    .await;
-    assert_eq!(error.error, "InsufficientStorage");
-    let error = expect_error(
-        nix_put(
-            &server,
-            &tenant,
-            &nar_file_path("tenant", &too_big),
-            too_big.clone(),
-        )
-        .await,
-        StatusCode::INSUFFICIENT_STORAGE,
-    )
-    .await;
-    assert_eq!(error.error, "InsufficientStorage");
+    assert_both_protocols_get_507(&server, &tenant, "big", &too_big).await;
     assert_nothing_staged(&server, root.path(), &tenant, "tenant").await;
     // Not even the temporary file of the write that failed.
     let left: Vec<_> = std::fs::read_dir(&staging)
