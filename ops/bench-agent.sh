@@ -57,34 +57,11 @@ fi
 install_tools curl:curl
 command -v nix-store >/dev/null || bash "$repo/ops/install.sh"
 
-if ((build)); then
-    say "building ingest-api, larder and watcher-agent (release)"
-    cargo build --release --quiet -p ingest-api -p watcher-agent
-fi
-bin=$CARGO_TARGET_DIR/release
-for binary in ingest-api larder watcher-agent; do
-    [[ -x $bin/$binary ]] || die "$bin/$binary is missing: run without --no-build"
-done
+release_binaries ingest-api watcher-agent -- ingest-api larder watcher-agent
 
-work=$(mktemp -d /tmp/larder-bench-agent.XXXXXX)
 server_pid=
 agent_pid=
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    stop_pid "$agent_pid"
-    stop_pid "$server_pid"
-    if ((status == 0 && keep == 0)); then
-        chmod -R u+w "$work" 2>/dev/null || true
-        rm -rf "$work"
-    else
-        say "work directory kept: $work"
-    fi
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+start_work_dir agent_pid server_pid
 
 # --- the server ------------------------------------------------------------------
 

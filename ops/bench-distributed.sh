@@ -47,41 +47,21 @@ out=${out:-$repo/ops/bench-results/distributed-$(date -u +%Y%m%d-%H%M%S).txt}
 install_tools curl:curl
 command -v nix-store >/dev/null || bash "$repo/ops/install.sh"
 
-binaries=(ingest-api chunker-worker compressor-worker gc-scheduler bench_push)
-if ((build)); then
-    say "building ${binaries[*]} (release)"
-    cargo build --release --quiet -p ingest-api -p chunker-worker -p compressor-worker \
-        -p gc-scheduler -p tests "${binaries[@]/#/--bin=}"
-fi
-bin=$CARGO_TARGET_DIR/release
-for binary in "${binaries[@]}"; do
-    [[ -x $bin/$binary ]] || die "$bin/$binary is missing: run without --no-build"
-done
+release_binaries ingest-api chunker-worker compressor-worker gc-scheduler tests -- \
+    ingest-api chunker-worker compressor-worker gc-scheduler bench_push
 
-work=$(mktemp -d /tmp/larder-bench-distributed.XXXXXX)
-# The services' users (postgres, rabbitmq) must reach $work/services.
-chmod 711 "$work"
 server_pid=
 clusters=()
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    stop_pid "$server_pid"
+before_cleanup() {
     local cluster
     for cluster in "${clusters[@]}"; do
         [[ -f $cluster/pids ]] && bash "$repo/ops/cluster.sh" stop "$cluster" || true
     done
     [[ -f $work/services/vars ]] && bash "$repo/ops/services.sh" stop "$work/services" || true
-    if ((status == 0 && keep == 0)); then
-        rm -rf "$work"
-    else
-        say "work directory kept: $work"
-    fi
-    exit "$status"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+start_work_dir server_pid
+# The services' users (postgres, rabbitmq) must reach $work/services.
+chmod 711 "$work"
 
 say "dumping the NAR of $nar_source"
 nix-store --dump "$nar_source" >"$work/large.nar"

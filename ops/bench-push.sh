@@ -22,7 +22,11 @@
 #      from --small-source, default /usr/lib/python3.11) pushed with --jobs
 #      requests in flight (default 8), from the first request until the
 #      last path is visible. Target: >= 500 paths/s.
-#   4. The server's peak resident memory (VmHWM) over the whole run.
+#   4. The door alone: a NAR holding NAR A's bytes as one file (so it is
+#      new to the server) pushed with `X-Larder-Wait: 0`, from request
+#      start until it is verified and spooled: MiB/s, beside single-threaded
+#      `openssl dgst -sha256` (issue 14 wants >= 0.5x).
+#   5. The server's peak resident memory (VmHWM) over the whole run.
 #      Target: <= 128 MiB.
 #
 # The server waits for visibility before it answers (ingest.wait-for-visible
@@ -74,34 +78,13 @@ if [[ -z $out ]]; then
     out=$repo/ops/bench-results/push-$(date -u +%Y%m%d-%H%M%S).txt
 fi
 
-install_tools curl:curl zstd:zstd
+install_tools curl:curl zstd:zstd openssl:openssl
 command -v nix-store >/dev/null || bash "$repo/ops/install.sh"
 
-if ((build)); then
-    say "building ingest-api and bench_push (release)"
-    cargo build --release --quiet -p ingest-api -p tests --bin ingest-api --bin bench_push
-fi
-bin=$CARGO_TARGET_DIR/release
-for binary in ingest-api bench_push; do
-    [[ -x $bin/$binary ]] || die "$bin/$binary is missing: run without --no-build"
-done
+release_binaries ingest-api tests -- ingest-api bench_push
 
-work=$(mktemp -d /tmp/larder-bench-push.XXXXXX)
 server_pid=
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    stop_pid "$server_pid"
-    if ((status == 0 && keep == 0)); then
-        rm -rf "$work"
-    else
-        say "work directory kept: $work"
-    fi
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+start_work_dir server_pid
 
 # --- the bytes, and this machine's limits on them -----------------------------
 
@@ -121,9 +104,10 @@ seconds_of() {
 }
 mibps() { awk -v bytes="$1" -v s="$2" 'BEGIN { printf "%.1f", bytes / 1048576 / s }'; }
 
-say "measuring sha256sum and zstd -3 -T1 on the first NAR"
+say "measuring sha256sum, openssl dgst -sha256 and zstd -3 -T1 on the first NAR"
 cat "$work/a.nar" >/dev/null # the page cache, for both alike
 sha_seconds=$(seconds_of sha256sum "$work/a.nar")
+openssl_seconds=$(seconds_of openssl dgst -sha256 "$work/a.nar")
 zstd3_seconds=$(seconds_of zstd -q -3 -T1 -c "$work/a.nar")
 say "compressing both NARs whole with zstd -8 -T1"
 zstd8_a=$(zstd -q -8 -T1 -c "$work/a.nar" | wc -c)
@@ -148,7 +132,7 @@ larder=http://$HOST:$larder_port
 wait_http "$larder/" "$server_pid" "$work/server.log"
 say "ingest-api (pid $server_pid) serves $larder"
 
-for cache in bench-large bench-small; do
+for cache in bench-large bench-small bench-door; do
     code=$(curl -s -o "$work/create.json" -w '%{http_code}' -X POST -H "$auth" \
         -H 'Content-Type: application/json' -d '{"keypair": "Generate", "is_public": false}' \
         "$larder/_api/v1/cache-config/$cache")
@@ -169,6 +153,8 @@ say "pushing the two large NARs"
 stored_after_a_and_b=$(stored_bytes)
 say "pushing $small small paths, $jobs at a time"
 "${push[@]}" --cache bench-small small "$small" "$jobs" "$small_source" >"$work/small.vars"
+say "pushing a NAR of NAR A's bytes through the door alone (X-Larder-Wait: 0)"
+"${push[@]}" --cache bench-door door "$work/a.nar" >"$work/door.vars"
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 rss=$(peak_rss_kib "$server_pid")
 kill -0 "$server_pid" 2>/dev/null || die "the server exited during the run: $(tail -n 20 "$work/server.log")"
@@ -176,14 +162,17 @@ kill -0 "$server_pid" 2>/dev/null || die "the server exited during the run: $(ta
 declare -A result
 while IFS='=' read -r key value; do
     [[ $key =~ ^[A-Z0-9_]+$ ]] && result[$key]=$value
-done < <(cat "$work/large.vars" "$work/small.vars")
-for key in LARGE_SECONDS_0 LARGE_SECONDS_1 SMALL_SECONDS SMALL_BYTES; do
+done < <(cat "$work/large.vars" "$work/small.vars" "$work/door.vars")
+for key in LARGE_SECONDS_0 LARGE_SECONDS_1 SMALL_SECONDS SMALL_BYTES DOOR_SECONDS DOOR_BYTES; do
     [[ -n ${result[$key]:-} ]] || die "bench_push printed no $key"
 done
 
 # --- report ------------------------------------------------------------------
 
 sha_mibps=$(mibps "$size_a" "$sha_seconds")
+openssl_mibps=$(mibps "$size_a" "$openssl_seconds")
+door_mibps=$(mibps "${result[DOOR_BYTES]}" "${result[DOOR_SECONDS]}")
+r_door=$(ratio "$door_mibps" "$openssl_mibps")
 zstd3_mibps=$(mibps "$size_a" "$zstd3_seconds")
 push_a_mibps=$(mibps "$size_a" "${result[LARGE_SECONDS_0]}")
 push_b_mibps=$(mibps "$size_b" "${result[LARGE_SECONDS_1]}")
@@ -208,6 +197,9 @@ report=$work/report.txt
     printf '%-44s %12s %10s %8s  %s\n' "push NAR A until visible, MiB/s" "$push_a_mibps" "$r_push" ">= 0.6" \
         "$(verdict "$r_push" 0.6) (ratio to zstd -3)"
     printf '%-44s %12s\n' "push NAR B until visible, MiB/s" "$push_b_mibps"
+    printf '%-44s %12s\n' "openssl dgst -sha256, MiB/s (NAR A)" "$openssl_mibps"
+    printf '%-44s %12s %10s %8s  %s\n' "door alone (X-Larder-Wait: 0), MiB/s" "$door_mibps" "$r_door" ">= 0.5" \
+        "$(verdict "$r_door" 0.5) (ratio to openssl; issue 14)"
     printf '%-44s %12s\n' "zstd -8 -T1 of A + B whole, MiB" "$(mib_of $((zstd8_a + zstd8_b)))"
     printf '%-44s %12s %10s %8s  %s\n' "stored for A + B (chunk objects), MiB" "$(mib_of "$stored_after_a_and_b")" \
         "$r_store" "<= 1.15" "$(at_most "$r_store" 1.15) (ratio to zstd -8 whole)"

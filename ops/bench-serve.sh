@@ -93,38 +93,15 @@ fi
 
 install_tools wrk:wrk nginx:nginx curl:curl zstd:zstd
 
-if ((build)); then
-    say "building ingest-api and bench_serve (release)"
-    cargo build --release --quiet -p ingest-api -p tests --bin ingest-api --bin bench_serve
-fi
-bin=$CARGO_TARGET_DIR/release
-for binary in ingest-api bench_serve; do
-    [[ -x $bin/$binary ]] || die "$bin/$binary is missing: run without --no-build"
-done
+release_binaries ingest-api tests -- ingest-api bench_serve
 
 # --- processes and cleanup ---------------------------------------------------
 
-work=$(mktemp -d /tmp/larder-bench-serve.XXXXXX)
 server_pid=
 nginx_pid=
 larder_port=
 nginx_port=
-
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    stop_pid "$server_pid"
-    stop_pid "$nginx_pid"
-    if ((status == 0 && keep == 0)); then
-        rm -rf "$work"
-    else
-        say "work directory kept: $work"
-    fi
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+start_work_dir server_pid nginx_pid
 
 nginx_pids() {
     local workers

@@ -2,10 +2,10 @@
 # Larder's test command: installs what is missing (ops/install.sh), starts
 # RabbitMQ, PostgreSQL and Garage in a throwaway directory
 # (ops/services.sh), runs the workspace's test suite with cargo-nextest against
-# them, then the fuzz smoke run (ops/fuzz.sh, when present), and stops every
+# them, then the fuzz smoke run (ops/fuzz.sh), and stops every
 # service on the way out, also on failure or Ctrl-C.
 #
-#   ops/test.sh                          the whole suite, then `ops/fuzz.sh 20`
+#   ops/test.sh                          the whole suite, then `ops/fuzz.sh --total 60`
 #   ops/test.sh -E 'test(services)'      a subset: arguments go to nextest,
 #                                        and the fuzz run is skipped
 #
@@ -87,9 +87,9 @@ phase_done tests
 ((suite_status == 0)) || exit "$suite_status"
 
 # The fuzz smoke run belongs to the full run; a subset is a developer's quick
-# loop. ops/fuzz.sh is written separately and may not exist yet.
-if (($# == 0)) && [[ -f $repo/ops/fuzz.sh ]]; then
-    say "fuzz smoke run (ops/fuzz.sh 20)"
-    bash "$repo/ops/fuzz.sh" 20
+# loop.
+if (($# == 0)); then
+    say "fuzz smoke run (ops/fuzz.sh --total 60: a minute split across the targets)"
+    bash "$repo/ops/fuzz.sh" --total 60
     phase_done fuzz
 fi

@@ -4,8 +4,9 @@
 //! For each [`ChunkJob`] the [`Chunker`] links the upload to its NAR row
 //! (one per NAR hash, however many uploads race), then:
 //!
-//! - NAR already `valid`: the upload is finalised at once (its object made
-//!   visible, its staged NAR deleted).
+//! - NAR already `valid` (stored for any cache): the upload is finalised
+//!   at once (its object made visible, its staged NAR deleted), after
+//!   passing through the same phases as any other upload.
 //! - NAR `deleting` (GC is removing it): tried again later.
 //! - chunk list already recorded (a redelivered or republished job, or a
 //!   second upload of a NAR being stored): compress jobs are published
@@ -13,12 +14,16 @@
 //!   from the recorded list; the staged NAR is not read.
 //! - otherwise the staged NAR is streamed from storage (memory bounded by
 //!   the largest chunk) and cut with FastCDC 16/64/256 KiB (NARs under
-//!   64 KiB are one chunk), each chunk hashed with SHA-256, while the whole
-//!   is hashed to check that staging still holds what the API verified.
+//!   64 KiB are one chunk; the sizes are `common::chunking`'s), each chunk
+//!   hashed with SHA-256, while the whole goes through the strict NAR
+//!   reader, which hashes it (to check that staging still holds what the
+//!   API verified) and builds its `.ls` listing within a budget.
 //!   Chunks are looked up and created in batches of about
 //!   [`COMPRESS_JOB_BYTES`], and each batch's new chunks go out as one
 //!   [`CompressJob`] at once, so compression overlaps cutting. Then the
-//!   chunk list is recorded.
+//!   listing is stored (compressed) and the chunk list recorded, in that
+//!   order, so a NAR that becomes valid already has its listing: the read
+//!   path serves `.ls` from it and never reads the NAR for it.
 //!
 //! The upload then moves to `compressing` and the NAR is finalised if its
 //! chunks are all stored already (the compressor finalises it otherwise).
@@ -39,27 +44,20 @@ use tokio::sync::mpsc;
 use tokio_util::io::SyncIoBridge;
 use tokio_util::sync::CancellationToken;
 
+use common::chunking::{AVG_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, ONE_CHUNK_BELOW};
 use common::config::{PipelineConfig, ServerConfig};
 use common::db::{
-    ChunkId, Database, DbError, NarId, NewChunk, StoreState, Timestamp, Upload, UploadId,
-    UploadPhase,
+    ChunkId, Database, DbError, EncodedListing, NarId, NewChunk, StoreState, Timestamp, Upload,
+    UploadId, UploadPhase,
 };
 use common::metrics::larder;
-use common::nix::{Sha256Hash, Sha256Hasher};
+use common::nix::nar::{NarError, NarReader};
+use common::nix::{NarHash, Sha256Hash};
 use common::queue::{publish_job, ChunkJob, ChunkRange, CompressJob, Queue, QueueError};
 use common::service::{self, ServiceError, Services};
 use common::storage::{ObjectKey, Storage, StorageError};
 use common::worker::{self, finalise_nar, staged_object_key, JobError, JobHandler};
 
-/// FastCDC's smallest chunk.
-pub const MIN_CHUNK_SIZE: u32 = 16 * 1024;
-/// FastCDC's target average chunk.
-pub const AVG_CHUNK_SIZE: u32 = 64 * 1024;
-/// FastCDC's largest chunk.
-pub const MAX_CHUNK_SIZE: u32 = 256 * 1024;
-/// NARs smaller than this are stored as one chunk: cutting them would
-/// only add rows.
-pub const ONE_CHUNK_BELOW: u64 = 64 * 1024;
 /// About how many uncompressed bytes one compress job covers: enough to
 /// amortise a job's overhead, small enough that compressors start while
 /// the chunker is still cutting, and that a job's bytes fit in memory.
@@ -68,6 +66,13 @@ pub const COMPRESS_JOB_BYTES: u64 = 4 << 20;
 /// Chunks cut but not yet recorded, at most: the cutting thread waits for
 /// the database beyond this.
 const CUT_AHEAD: usize = 256;
+
+/// What a NAR's `.ls` listing may cost in memory while it is built (see
+/// `NarReader::with_listing_budget`): about 150,000 entries with short
+/// names. A NAR with a larger listing is stored without one, and its
+/// `.ls` answers 404, which Nix reads as "no listing"; the budget keeps a
+/// NAR of millions of tiny files from making the chunker hold them all.
+const LISTING_BUDGET: usize = 16 << 20;
 
 /// The `chunker-worker` service: opens the database, storage and the shared
 /// queue the config names, then consumes chunk jobs until `shutdown` (see
@@ -179,12 +184,10 @@ impl Chunker {
             .set_upload_phase(&upload.id, UploadPhase::Chunking, Timestamp::now())
             .await?;
         match nar.state {
-            StoreState::Valid => {
-                // Stored already (another upload of the same bytes).
-                finalise_nar(database, &*self.storage, nar.id).await?;
-                larder().chunks_deduplicated(u64::from(nar.n_chunks), nar.nar_size);
-                return Ok(());
-            }
+            // Stored already (by any cache): nothing to cut or compress. It
+            // still moves through `compressing`, so that the phases an
+            // upload shows do not say whether someone else had its bytes.
+            StoreState::Valid => {}
             StoreState::Pending if nar.n_chunks > 0 => {
                 self.publish_missing_chunks(upload, &staged, nar.id, trace_id)
                     .await?;
@@ -198,6 +201,9 @@ impl Chunker {
             .set_upload_phase(&upload.id, UploadPhase::Compressing, Timestamp::now())
             .await?;
         finalise_nar(database, &*self.storage, nar.id).await?;
+        if nar.state == StoreState::Valid {
+            larder().chunks_deduplicated(u64::from(nar.n_chunks), nar.nar_size);
+        }
         Ok(())
     }
 
@@ -307,22 +313,31 @@ impl Chunker {
             &mut published,
         )
         .await?;
-        let (nar_hash, size) = cutter
+        let cut = cutter
             .await
             .map_err(|error| JobError::Permanent(format!("the chunking thread failed: {error}")))?
-            .map_err(|source| StorageError::Io {
-                key: staged.to_string(),
-                source,
+            .map_err(|error| match error {
+                CutError::Read(source) => JobError::Storage(StorageError::Io {
+                    key: staged.to_string(),
+                    source,
+                }),
+                CutError::NotANar(error) => JobError::Permanent(format!(
+                    "the staged NAR {staged} is no longer a valid NAR ({error}): staging \
+                     storage corrupted it; push the path again"
+                )),
             })?;
-        if size != upload.nar_size || nar_hash != *upload.nar_hash.sha256() {
+        if cut.size != upload.nar_size || cut.nar_hash != upload.nar_hash {
             return Err(JobError::Permanent(format!(
-                "the staged NAR {staged} no longer matches its upload ({size} bytes with hash \
+                "the staged NAR {staged} no longer matches its upload ({} bytes with hash \
                  {}, expected {} bytes with hash {}): staging storage corrupted it; push the \
                  path again",
-                nar_hash.to_base32(),
-                upload.nar_size,
-                upload.nar_hash,
+                cut.size, cut.nar_hash, upload.nar_size, upload.nar_hash,
             )));
+        }
+        // Before the chunk list: a NAR can become valid only once its list
+        // is recorded, so it never is without the listing it will have.
+        if let Some(listing) = &cut.listing {
+            self.database.set_nar_listing(nar_id, listing).await?;
         }
         match self.database.set_nar_chunks(nar_id, &chunk_ids).await {
             Ok(()) => Ok(()),
@@ -402,18 +417,44 @@ impl Chunker {
     }
 }
 
+/// What cutting a staged NAR found besides its chunks.
+struct Cut {
+    nar_hash: NarHash,
+    size: u64,
+    /// Its `.ls` listing, compressed; none when it was over
+    /// [`LISTING_BUDGET`].
+    listing: Option<EncodedListing>,
+}
+
+/// Why cutting stopped.
+#[derive(Debug)]
+enum CutError {
+    /// Reading the staged NAR failed, or the job failed and the chunks
+    /// have no receiver any more.
+    Read(io::Error),
+    /// The staged bytes are not a valid NAR.
+    NotANar(NarError),
+}
+
+impl From<io::Error> for CutError {
+    fn from(error: io::Error) -> Self {
+        Self::Read(error)
+    }
+}
+
 /// Cuts `reader` into chunks, sending each (offset, length, SHA-256) to
-/// `chunks`, and returns the SHA-256 and size of everything read. A NAR
-/// declared smaller than [`ONE_CHUNK_BELOW`] is one chunk. Stops early,
-/// with an error, when the receiver has gone (the job failed).
+/// `chunks`, while the strict NAR reader hashes the whole and builds its
+/// listing. A NAR declared smaller than [`ONE_CHUNK_BELOW`] is one chunk.
+/// Stops early, with an error, when the receiver has gone (the job
+/// failed) or the bytes are not a NAR.
 fn cut(
     mut reader: impl Read,
     nar_size: u64,
     chunks: &mpsc::Sender<CutChunk>,
-) -> io::Result<(Sha256Hash, u64)> {
-    let mut whole = Sha256Hasher::new();
-    let mut send = |offset: u64, data: &[u8]| {
-        whole.update(data);
+) -> Result<Cut, CutError> {
+    let mut nar = NarReader::with_listing_budget(LISTING_BUDGET);
+    let mut send = |offset: u64, data: &[u8]| -> Result<(), CutError> {
+        nar.update(data).map_err(CutError::NotANar)?;
         let chunk = CutChunk {
             offset,
             length: data.len() as u64,
@@ -421,7 +462,7 @@ fn cut(
         };
         chunks
             .blocking_send(chunk)
-            .map_err(|_| io::Error::other("chunking stopped: the job failed"))
+            .map_err(|_| io::Error::other("chunking stopped: the job failed").into())
     };
     if nar_size < ONE_CHUNK_BELOW {
         // Read one byte past the limit, so that a staged file longer than
@@ -440,22 +481,36 @@ fn cut(
             send(chunk.offset, &chunk.data)?;
         }
     }
-    Ok(whole.finish())
+    let summary = nar.finish().map_err(CutError::NotANar)?;
+    let listing = summary.listing.and_then(|listing| {
+        EncodedListing::encode(&listing)
+            .inspect_err(
+                |error| tracing::warn!(%error, "could not compress a NAR listing; storing none"),
+            )
+            .ok()
+    });
+    Ok(Cut {
+        nar_hash: summary.nar_hash,
+        size: summary.nar_size,
+        listing,
+    })
 }
 
 #[cfg(test)]
 mod tests {
+    use common::nix::nar::{read_nar, NarEncoder};
+
     use super::*;
 
-    fn cut_all(data: &[u8], declared: u64) -> (Vec<CutChunk>, Sha256Hash, u64) {
+    fn cut_all(data: &[u8], declared: u64) -> Result<(Vec<CutChunk>, Cut), CutError> {
         let (sender, mut receiver) = mpsc::channel(1 << 16);
-        let (hash, size) = cut(data, declared, &sender).expect("cutting");
+        let cut = cut(data, declared, &sender)?;
         drop(sender);
         let mut out = Vec::new();
         while let Ok(chunk) = receiver.try_recv() {
             out.push(chunk);
         }
-        (out, hash, size)
+        Ok((out, cut))
     }
 
     fn noise(len: usize) -> Vec<u8> {
@@ -470,21 +525,50 @@ mod tests {
             .collect()
     }
 
+    /// A NAR of a directory holding `contents` as `data` and a symlink.
+    fn nar_of(contents: &[u8]) -> Vec<u8> {
+        let mut nar = NarEncoder::new(Vec::new()).expect("encoder");
+        nar.begin_directory().expect("directory");
+        nar.entry(b"data").expect("entry");
+        nar.regular(false, contents).expect("file");
+        nar.entry(b"link").expect("entry");
+        nar.symlink(b"data").expect("symlink");
+        nar.end_directory().expect("end");
+        nar.finish().expect("finishing")
+    }
+
+    /// The hash, size and listing JSON the reference reader finds.
+    fn expected(nar: &[u8]) -> (NarHash, u64, Vec<u8>) {
+        let summary = read_nar(nar, true).expect("a valid NAR");
+        let listing = summary.listing.expect("a listing").to_json();
+        (summary.nar_hash, summary.nar_size, listing)
+    }
+
+    fn found(cut: &Cut) -> (NarHash, u64, Vec<u8>) {
+        let listing = cut
+            .listing
+            .as_ref()
+            .expect("a listing within the budget")
+            .decode()
+            .expect("decoding the listing");
+        (cut.nar_hash, cut.size, listing)
+    }
+
     #[test]
     fn small_nars_are_one_chunk() {
-        let data = noise(60 * 1024);
-        let (chunks, hash, size) = cut_all(&data, data.len() as u64);
+        let nar = nar_of(&noise(60 * 1024));
+        let (chunks, cut) = cut_all(&nar, nar.len() as u64).expect("cutting");
         assert_eq!(chunks.len(), 1);
-        assert_eq!(chunks[0].length, data.len() as u64);
-        assert_eq!(chunks[0].hash, Sha256Hash::digest(&data));
-        assert_eq!((hash, size), (Sha256Hash::digest(&data), data.len() as u64));
+        assert_eq!(chunks[0].length, nar.len() as u64);
+        assert_eq!(chunks[0].hash, Sha256Hash::digest(&nar));
+        assert_eq!(found(&cut), expected(&nar));
     }
 
     #[test]
     fn chunks_tile_the_nar_within_the_size_bounds() {
-        let data = noise(3 << 20);
-        let (chunks, hash, size) = cut_all(&data, data.len() as u64);
-        assert_eq!((hash, size), (Sha256Hash::digest(&data), data.len() as u64));
+        let nar = nar_of(&noise(3 << 20));
+        let (chunks, cut) = cut_all(&nar, nar.len() as u64).expect("cutting");
+        assert_eq!(found(&cut), expected(&nar));
         let mut offset = 0;
         for (i, chunk) in chunks.iter().enumerate() {
             assert_eq!(chunk.offset, offset);
@@ -493,17 +577,28 @@ mod tests {
                 assert!(chunk.length >= u64::from(MIN_CHUNK_SIZE));
             }
             let range = offset as usize..(offset + chunk.length) as usize;
-            assert_eq!(chunk.hash, Sha256Hash::digest(&data[range]));
+            assert_eq!(chunk.hash, Sha256Hash::digest(&nar[range]));
             offset += chunk.length;
         }
-        assert_eq!(offset, data.len() as u64);
+        assert_eq!(offset, nar.len() as u64);
         assert!(chunks.len() > 10, "{} chunks", chunks.len());
+        assert!(chunks.len() as u64 <= common::chunking::max_chunk_entries(offset));
     }
 
     #[test]
-    fn a_small_declared_size_with_more_bytes_shows_as_a_mismatch() {
-        let data = noise(200 * 1024);
-        let (_, _, size) = cut_all(&data, 1000);
-        assert_ne!(size, 1000);
+    fn a_small_declared_size_with_more_bytes_is_not_taken() {
+        let nar = nar_of(&noise(200 * 1024));
+        // Read as one chunk of at most 64 KiB + 1 bytes: a truncated NAR,
+        // not a NAR of 1000 bytes.
+        assert!(matches!(cut_all(&nar, 1000), Err(CutError::NotANar(_))));
+    }
+
+    #[test]
+    fn bytes_that_are_not_a_nar_are_refused() {
+        let data = noise(300 * 1024);
+        assert!(matches!(
+            cut_all(&data, data.len() as u64),
+            Err(CutError::NotANar(_))
+        ));
     }
 }

@@ -250,26 +250,32 @@ pub struct UploadPathNarInfo {
     pub nar_size: u64,
 }
 
-/// How an upload was stored.
+/// How an upload was stored, as Attic's API names it.
+///
+/// Attic also has `Deduplicated`, for a NAR the server held already. Larder
+/// never says so: whether a NAR is stored depends on what *other* tenants
+/// pushed, and saying it would let a tenant confirm guessed contents of
+/// their paths (Attic's own client treats every kind as a success, and
+/// Attic documents that servers may answer `Uploaded` for a deduplicated
+/// NAR).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum UploadPathResultKind {
-    /// The NAR was received and goes (or went) through the pipeline.
+    /// The NAR was received and verified, and its path is (or will be)
+    /// stored.
     Uploaded,
-    /// The NAR was already stored; the path was linked to it at once.
-    Deduplicated,
 }
 
-/// The answer to `PUT /_api/v1/upload-path` (and to a narinfo `PUT`).
-/// Attic's client reads `kind`, `file_size` and `frac_deduplicated`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The answer to `PUT /_api/v1/upload-path` (and to a narinfo `PUT`). It is
+/// the same whether or not another cache holds the NAR: nothing in it
+/// comes from stored data. Attic's client reads `kind`; the `file_size`
+/// and `frac_deduplicated` it would also read are never sent (it takes
+/// them as unknown), since both would describe the stored NAR.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadPathResult {
     pub kind: UploadPathResultKind,
-    /// The size of the NAR as served, once it is stored.
-    pub file_size: Option<u64>,
-    /// The fraction of the NAR that was already stored, when known.
-    pub frac_deduplicated: Option<f64>,
-    /// The upload to follow with `GET /_api/v1/uploads/{id}`; `None` when
-    /// the path was linked at once.
+    /// The upload to follow with `GET /_api/v1/uploads/{id}`. `None` only
+    /// on a server with `require-proof-of-possession = false`, which links
+    /// an already stored NAR at once.
     pub upload_id: Option<String>,
     /// The upload's phase when the answer was sent (`done` once visible).
     pub phase: String,
@@ -280,8 +286,10 @@ pub const PHASE_DONE: &str = "done";
 /// The [`UploadStatus::phase`] of an upload the pipeline gave up on.
 pub const PHASE_FAILED: &str = "failed";
 
-/// `GET /_api/v1/uploads/{id}`: where an upload is. Times are Unix
-/// milliseconds.
+/// `GET /_api/v1/uploads/{id}`: where an upload is, in terms the upload
+/// itself determines (its phase and its own size), never in chunks: which
+/// chunks are stored already depends on other tenants' data. Times are
+/// Unix milliseconds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadStatus {
     pub id: String,
@@ -291,10 +299,9 @@ pub struct UploadStatus {
     pub phase: String,
     /// Why it failed.
     pub error: Option<String>,
+    /// The NAR's size: every byte of it was received and verified before
+    /// the upload was acknowledged.
     pub nar_size: u64,
-    /// 0 until the NAR has been cut into chunks.
-    pub chunks_total: u64,
-    pub chunks_stored: u64,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -366,15 +373,16 @@ mod tests {
         assert_eq!(info.references, ["ss0xprzsdhbh3jcnm5vnvxb99wi0qcv0-c.sh"]);
         assert_eq!(info.nar_size, 168);
         let result = UploadPathResult {
-            kind: UploadPathResultKind::Deduplicated,
-            file_size: Some(10),
-            frac_deduplicated: Some(1.0),
-            upload_id: None,
+            kind: UploadPathResultKind::Uploaded,
+            upload_id: Some("0".repeat(32)),
             phase: "done".to_owned(),
         };
         let json = serde_json::to_value(&result).expect("json");
-        assert_eq!(json["kind"], "Deduplicated");
-        assert_eq!(json["file_size"], 10);
+        assert_eq!(json["kind"], "Uploaded");
+        // Attic's client reads these as unknown when absent; present, they
+        // would describe the stored NAR.
+        assert!(json.get("file_size").is_none(), "{json}");
+        assert!(json.get("frac_deduplicated").is_none(), "{json}");
     }
 
     #[test]

@@ -36,6 +36,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "queue",
     "quota",
     "log",
+    "ops",
 ];
 
 /// Why a configuration could not be loaded.
@@ -116,6 +117,27 @@ pub struct ServerConfig {
     pub quota: QuotaConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default, skip_serializing_if = "OpsConfig::is_default")]
+    pub ops: OpsConfig,
+}
+
+/// `[ops]`: where `ingest-api` serves its operations endpoints.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct OpsConfig {
+    /// A second address on which `ingest-api` serves `/metrics`, `/healthz`
+    /// and `/readyz`; `/metrics` and `/readyz` then leave the public port
+    /// (`/healthz` stays there too, for load balancers). Unset, all three
+    /// are served on the public port. The workers and gc-scheduler serve
+    /// nothing else and use their `listen` for these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+}
+
+impl OpsConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// `[quota]`: per-cache storage quotas, and the room pushes must leave on
@@ -143,6 +165,10 @@ impl Default for QuotaConfig {
     }
 }
 
+/// The default `[ingest] max-decompression-ratio`; README "Upload limits"
+/// says why.
+pub const DEFAULT_MAX_DECOMPRESSION_RATIO: u32 = 1000;
+
 /// Limits and behaviour of the push endpoints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
@@ -156,12 +182,50 @@ pub struct IngestConfig {
     /// Whether attaching a NAR that is already stored to another cache
     /// requires the client to stream it (and the server to verify its
     /// hash). Without it, knowing a NAR's hash and size would be enough to
-    /// link another tenant's data into one's own cache.
+    /// link another tenant's data into one's own cache, and a push of a
+    /// stored NAR answers at once without reading its body, which tells the
+    /// pusher that some cache holds those bytes: only for servers whose
+    /// tenants trust each other.
     pub require_proof_of_possession: bool,
     /// How long a push request waits for its path to become visible before
     /// answering with the upload still in flight; `0 seconds` answers as
     /// soon as the upload is acknowledged (spooled and verified).
     pub wait_for_visible: HumanDuration,
+    /// The most NAR bytes a compressed upload (`nix copy` with
+    /// `compression=zstd` or `xz`) may decode to per byte of its body read
+    /// so far, beyond a fixed first MiB: a decompression bomb is refused
+    /// (413) once it passes this. Plain NARs (`larder push`, Attic) are
+    /// their own size and unaffected.
+    pub max_decompression_ratio: u32,
+    /// How many uploads may decompress, hash and check their bytes at the
+    /// same moment (each such job is short; the uploads themselves wait for
+    /// the network without a thread). Absent: one per core.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify_threads: Option<u32>,
+}
+
+impl IngestConfig {
+    /// The number of verification jobs that may run at once.
+    pub fn verify_threads(&self) -> usize {
+        match self.verify_threads {
+            Some(threads) => usize::try_from(threads).unwrap_or(usize::MAX),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_decompression_ratio == 0 {
+            return Err(ConfigError::Invalid(
+                "ingest.max-decompression-ratio must be at least 1".into(),
+            ));
+        }
+        if self.verify_threads == Some(0) {
+            return Err(ConfigError::Invalid(
+                "ingest.verify-threads must be at least 1 (or absent: one per core)".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for IngestConfig {
@@ -172,6 +236,8 @@ impl Default for IngestConfig {
             max_narinfo_size: 1 << 20,
             require_proof_of_possession: true,
             wait_for_visible: HumanDuration::from_secs(120),
+            max_decompression_ratio: DEFAULT_MAX_DECOMPRESSION_RATIO,
+            verify_threads: None,
         }
     }
 }
@@ -302,11 +368,20 @@ pub struct GcConfig {
     /// Uploads still in flight but not updated for this long are failed
     /// and deleted with their staged NAR. Longer than the reconciler's
     /// `stuck-after` times `max-upload-attempts`, so the reconciler has
-    /// given up on them first.
+    /// given up on them first. Also how old an object under `staging/`
+    /// that no upload or staged file names must be before GC deletes it:
+    /// an upload may take that long before its row names its object.
     pub stuck_upload_deadline: HumanDuration,
     /// NAR files received with `PUT nar/…` that no narinfo claimed within
-    /// this long are deleted.
+    /// this long are deleted. Nix PUTs a path's narinfo right after its
+    /// NAR file, so minutes are plenty; an unclaimed file counts against
+    /// its cache until then.
     pub staged_file_deadline: HumanDuration,
+    /// How often the reaping step alone runs (uploads and staged files past
+    /// their deadlines, and their staged NARs), between full GC runs: cheap
+    /// queries on indexed deadlines, so that unclaimed NAR files go within
+    /// `staged-file-deadline` plus this, not at the next GC run.
+    pub reap_interval: HumanDuration,
     /// Unreferenced chunks (rows, and objects under `chunks/` in storage)
     /// younger than this are kept: a chunker may be about to list them, a
     /// compressor may have just written them.
@@ -329,6 +404,9 @@ impl GcConfig {
         if self.interval.as_secs() == 0 {
             return zero("interval");
         }
+        if self.reap_interval.as_secs() == 0 {
+            return zero("reap-interval");
+        }
         if self.access_flush_interval.as_secs() == 0 {
             return zero("access-flush-interval");
         }
@@ -349,7 +427,8 @@ impl Default for GcConfig {
             default_retention: None,
             finished_upload_deadline: HumanDuration::from_secs(24 * 60 * 60),
             stuck_upload_deadline: HumanDuration::from_secs(24 * 60 * 60),
-            staged_file_deadline: HumanDuration::from_secs(24 * 60 * 60),
+            staged_file_deadline: HumanDuration::from_secs(5 * 60),
+            reap_interval: HumanDuration::from_secs(60),
             orphan_grace: HumanDuration::from_secs(60 * 60),
             access_flush_interval: HumanDuration::from_secs(5),
             page_size: 1000,
@@ -574,6 +653,7 @@ impl ServerConfig {
         }
         self.gc.validate()?;
         self.http.validate()?;
+        self.ingest.validate()?;
         if let QueueConfig::Amqp { url, ca_file } = &self.queue {
             // Only the scheme may show: the URL holds a password.
             let url = url.expose();
@@ -797,6 +877,77 @@ mod tests {
         let error = load(MINIMAL, &[("LARDER_QUOTA__DEFAULT_CACHE_QUOTA", "50G")])
             .expect_err("an ambiguous unit");
         assert!(error.to_string().contains("ambiguous"), "{error}");
+    }
+
+    #[test]
+    fn unclaimed_nar_files_are_reaped_within_minutes_by_default() {
+        let config = load(MINIMAL, &[]).expect("valid config");
+        assert_eq!(
+            config.gc.staged_file_deadline,
+            HumanDuration::from_secs(5 * 60)
+        );
+        assert_eq!(config.gc.reap_interval, HumanDuration::from_secs(60));
+        let text = format!("{MINIMAL}\n[gc]\nreap-interval = \"10s\"\n");
+        let config = load(&text, &[("LARDER_GC__STAGED_FILE_DEADLINE", "2min")]).expect("valid");
+        assert_eq!(config.gc.reap_interval, HumanDuration::from_secs(10));
+        assert_eq!(
+            config.gc.staged_file_deadline,
+            HumanDuration::from_secs(120)
+        );
+        let error = load(MINIMAL, &[("LARDER_GC__REAP_INTERVAL", "0s")]).expect_err("zero");
+        assert!(error.to_string().contains("gc.reap-interval"), "{error}");
+    }
+
+    #[test]
+    fn the_ops_listener_is_optional_and_read_from_file_and_environment() {
+        let config = load(MINIMAL, &[]).expect("valid config");
+        assert_eq!(config.ops.listen, None);
+        assert!(!config.to_toml().contains("[ops]"), "{}", config.to_toml());
+
+        let text = format!("{MINIMAL}\n[ops]\nlisten = \"127.0.0.1:9090\"\n");
+        let config = load(&text, &[]).expect("valid config");
+        assert_eq!(
+            config.ops.listen,
+            Some("127.0.0.1:9090".parse().expect("addr"))
+        );
+        let again = load(&config.to_toml(), &[]).expect("re-read");
+        assert_eq!(again.ops, config.ops);
+
+        let config = load(MINIMAL, &[("LARDER_OPS__LISTEN", "[::1]:9100")]).expect("valid config");
+        assert_eq!(config.ops.listen, Some("[::1]:9100".parse().expect("addr")));
+        assert!(is_config_variable("LARDER_OPS__LISTEN"));
+        let error = load(MINIMAL, &[("LARDER_OPS__LISTEN", "localhost")]).expect_err("no port");
+        assert!(error.to_string().contains("address"), "{error}");
+    }
+
+    #[test]
+    fn ingest_reads_the_door_limits_and_refuses_zero() {
+        let config = load(MINIMAL, &[]).expect("valid config");
+        assert_eq!(
+            config.ingest.max_decompression_ratio,
+            DEFAULT_MAX_DECOMPRESSION_RATIO
+        );
+        assert_eq!(config.ingest.verify_threads, None);
+        assert!(config.ingest.verify_threads() >= 1);
+        // Absent stays absent in a written file, so that the default
+        // follows the machine the file moves to.
+        assert!(!config.to_toml().contains("verify-threads"));
+
+        let text = format!("{MINIMAL}\n[ingest]\nmax-decompression-ratio = 50\n");
+        let config = load(&text, &[("LARDER_INGEST__VERIFY_THREADS", "3")]).expect("valid config");
+        assert_eq!(config.ingest.max_decompression_ratio, 50);
+        assert_eq!(config.ingest.verify_threads(), 3);
+
+        for (variable, key) in [
+            ("LARDER_INGEST__VERIFY_THREADS", "ingest.verify-threads"),
+            (
+                "LARDER_INGEST__MAX_DECOMPRESSION_RATIO",
+                "ingest.max-decompression-ratio",
+            ),
+        ] {
+            let error = load(MINIMAL, &[(variable, "0")]).expect_err("zero");
+            assert!(error.to_string().contains(key), "{error}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod api;
 pub mod auth;
 pub mod byte_size;
 pub mod cache_name;
+pub mod chunking;
 pub mod config;
 #[cfg(feature = "db")]
 pub mod db;
@@ -26,5 +27,8 @@ pub mod storage;
 pub mod time;
 #[cfg(feature = "tls")]
 pub mod tls;
+pub mod upload_info;
+#[cfg(feature = "verify")]
+pub mod verify;
 #[cfg(feature = "worker")]
 pub mod worker;

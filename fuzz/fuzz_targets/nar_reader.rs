@@ -1,6 +1,7 @@
 //! Fuzzes the streaming NAR reader: any bytes, fed whole or in chunks of
 //! varying sizes, must give a result (never a panic), and the result (the
-//! error and its offset included) must not depend on the chunking.
+//! error and its offset included) must not depend on the chunking, nor on
+//! a listing budget, which may only drop the listing.
 //! Inputs are raw NARs, so real archives seed the corpus as they are.
 #![no_main]
 
@@ -37,4 +38,19 @@ fuzz_target!(|data: &[u8]| {
     let mut plain = NarReader::new();
     let plain_result = plain.update(data).and_then(|()| plain.finish().map(|_| ()));
     assert_eq!(plain_result.is_ok(), whole.is_ok());
+    // A budget from the input's length, small enough to run out on most
+    // archives with a few entries: the same verdict, and the whole listing
+    // or none.
+    let mut reader = NarReader::with_listing_budget(data.len() % 700);
+    let budgeted = reader.update(data).and_then(|()| reader.finish());
+    match (&whole, budgeted) {
+        (Ok((size, listing)), Ok(summary)) => {
+            assert_eq!(summary.nar_size, *size);
+            if let Some(partial) = summary.listing {
+                assert_eq!(&partial.to_json(), listing, "a budget changed the listing");
+            }
+        }
+        (Err(error), Err(budget_error)) => assert_eq!(*error, budget_error),
+        (whole, budgeted) => panic!("a budget changed the verdict: {whole:?} / {budgeted:?}"),
+    }
 });

@@ -9,7 +9,9 @@
 //!    updated for `stuck-upload-deadline` (failed first, so they stop
 //!    protecting their NAR), go with their staged NARs; staged files of
 //!    Nix's `PUT nar/…` that no narinfo claimed within `staged-file-deadline`
-//!    go too.
+//!    go too. This step also runs alone, every `reap-interval`
+//!    ([`reap`], [`run_reap_loop`]): it is a few indexed queries, and an
+//!    unclaimed NAR file should not wait for the next full run.
 //! 2. **Objects**: per cache, those not accessed for the cache's retention
 //!    period (or `default-retention`; neither means keep forever).
 //! 3. **NARs** no object points at and no upload in flight uses.
@@ -22,7 +24,9 @@
 //!    compressor that crashed, or that lost its chunk to GC, before its row
 //!    pointed at them. The grace keeps a compressor's fresh object safe.
 //!    Likewise staged NARs under `staging/` that no upload or staged file
-//!    names, older than `staged-file-deadline` (a crashed spool's).
+//!    names, older than `stuck-upload-deadline` (a crashed spool's: a
+//!    spooled object may be dated from when its upload began, and no
+//!    upload takes longer than that without counting as stuck).
 //! 6. **Quota usage**: every cache's counted usage is summed again from its
 //!    objects, uploads in flight and staged files, and corrected where it
 //!    drifted (`Database::recompute_usage`; each correction is logged).
@@ -38,7 +42,9 @@
 //! One actor at a time ([`GcLock`]): on PostgreSQL an advisory lock held on
 //! one dedicated connection for the whole run (a replica that cannot take
 //! it skips its run and says so; a crashed holder's lock goes with its
-//! connection). On SQLite the single-machine server is the only process
+//! connection). The reaping pass has a lock of its own, so that it runs
+//! beside a long GC run (both reap with conditional, idempotent
+//! statements) but not beside another replica's reaping pass. On SQLite the single-machine server is the only process
 //! that collects, so there is nothing to lock; `gc-scheduler --once` beside
 //! it is still safe, since SQLite runs one writer at a time and every step
 //! is a conditional, idempotent statement: two collectors only repeat each
@@ -63,6 +69,9 @@ use common::worker::chunk_object_key;
 /// The PostgreSQL advisory lock key of GC: any fixed number, the same in
 /// every replica ("larder-gc" in ASCII).
 const GC_LOCK_KEY: i64 = 0x6c61_7264_6572_6763;
+
+/// The advisory lock key of the reaping pass ("larder-rp" in ASCII).
+const REAP_LOCK_KEY: i64 = 0x6c61_7264_6572_7270;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GcError {
@@ -164,6 +173,71 @@ pub async fn collect_garbage(
     }
     report.duration = started.elapsed();
     Ok(report)
+}
+
+/// The reaping step alone (step 1 of [`collect_garbage`]): uploads and
+/// staged files past their deadlines, with their staged NARs. Only the
+/// report's `uploads_reaped` and `staged_files_reaped` count.
+pub async fn reap(
+    database: &Database,
+    storage: &dyn Storage,
+    config: &GcConfig,
+    now: Timestamp,
+) -> Result<GcReport, GcError> {
+    let started = Instant::now();
+    let mut report = GcReport::default();
+    reap::reap_uploads(database, storage, config, now, &mut report).await?;
+    reap::reap_staged_files(database, storage, config, now, &mut report).await?;
+    report.duration = started.elapsed();
+    Ok(report)
+}
+
+/// One reaping pass under the reaping lock: `None` when another process
+/// was reaping. What it reaped is logged (when anything) and added to the
+/// GC metrics' counts of deleted things.
+pub async fn reap_locked(
+    database: &Database,
+    storage: &dyn Storage,
+    config: &GcConfig,
+    now: Timestamp,
+) -> Result<Option<GcReport>, GcError> {
+    let Some(lock) = GcLock::try_acquire_reaping(database).await? else {
+        return Ok(None);
+    };
+    let result = reap(database, storage, config, now).await;
+    lock.release().await;
+    let report = result?;
+    if report.uploads_reaped + report.staged_files_reaped > 0 {
+        tracing::info!(
+            uploads_reaped = report.uploads_reaped,
+            staged_files_reaped = report.staged_files_reaped,
+            duration_ms = report.duration.as_millis() as u64,
+            "reaping pass finished"
+        );
+    }
+    report.record();
+    Ok(Some(report))
+}
+
+/// Runs the reaping pass every `config.reap_interval` (the first one
+/// interval after the start) until `shutdown`; a failed pass is logged and
+/// the next one tries again.
+pub async fn run_reap_loop(
+    database: Database,
+    storage: std::sync::Arc<dyn Storage>,
+    config: GcConfig,
+    shutdown: CancellationToken,
+) {
+    crate::repeat_every(config.reap_interval.as_duration(), &shutdown, || async {
+        let pass = reap_locked(&database, &*storage, &config, Timestamp::now());
+        if let Err(error) = pass.await {
+            tracing::warn!(
+                error = format!("{:#}", anyhow::Error::new(error)),
+                "reaping pass failed; trying again next period"
+            );
+        }
+    })
+    .await;
 }
 
 /// Level 1: objects whose cache's retention (or the default) has passed
@@ -285,17 +359,31 @@ async fn delete_objects(
         .await
 }
 
-/// The right to collect: held for one run. On PostgreSQL it owns the
-/// connection that holds the advisory lock.
+/// The right to collect (or to reap): held for one run. On PostgreSQL it
+/// owns the connection that holds the advisory lock.
 pub struct GcLock {
     connection: Option<PoolConnection<Any>>,
+    key: i64,
 }
 
 impl GcLock {
-    /// Takes the lock, or `None` when another process holds it.
+    /// Takes the GC lock, or `None` when another process holds it.
     pub async fn try_acquire(database: &Database) -> Result<Option<Self>, GcError> {
+        Self::try_acquire_key(database, GC_LOCK_KEY).await
+    }
+
+    /// Takes the reaping pass's lock, or `None` when another process holds
+    /// it.
+    pub async fn try_acquire_reaping(database: &Database) -> Result<Option<Self>, GcError> {
+        Self::try_acquire_key(database, REAP_LOCK_KEY).await
+    }
+
+    async fn try_acquire_key(database: &Database, key: i64) -> Result<Option<Self>, GcError> {
         if database.backend() == Backend::Sqlite {
-            return Ok(Some(Self { connection: None }));
+            return Ok(Some(Self {
+                connection: None,
+                key,
+            }));
         }
         let query_error = |error: sqlx::Error| {
             GcError::Database(DbError::Query {
@@ -305,13 +393,14 @@ impl GcLock {
         };
         let mut connection = database.pool().acquire().await.map_err(query_error)?;
         let row = sqlx::query("SELECT pg_try_advisory_lock($1) AS locked")
-            .bind(GC_LOCK_KEY)
+            .bind(key)
             .fetch_one(&mut *connection)
             .await
             .map_err(query_error)?;
         let locked: bool = row.try_get("locked").map_err(query_error)?;
         Ok(locked.then_some(Self {
             connection: Some(connection),
+            key,
         }))
     }
 
@@ -322,7 +411,7 @@ impl GcLock {
             return;
         };
         let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(GC_LOCK_KEY)
+            .bind(self.key)
             .execute(&mut *connection)
             .await;
         if let Err(error) = unlocked {

@@ -63,7 +63,8 @@ pub enum Error {
 
 /// The `gc-scheduler` service: opens the database, storage and queue the
 /// config names, serves `/metrics`, `/healthz` and `/readyz` on `listen`,
-/// and collects garbage every `gc.interval` until `shutdown`. With a shared
+/// and collects garbage every `gc.interval` (reaping alone every
+/// `gc.reap-interval`) until `shutdown`. With a shared
 /// queue it also reconciles: one pass at once, then one every
 /// `pipeline.reconcile-interval`. An embedded queue belongs to the
 /// single-machine server, which reconciles its own uploads.
@@ -100,14 +101,24 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<()
         )
         .await;
     };
-    tracing::info!(every = %config.gc.interval, "collecting garbage");
+    tracing::info!(
+        every = %config.gc.interval,
+        reaping_every = %config.gc.reap_interval,
+        "collecting garbage"
+    );
     let collector = gc::run_gc_loop(
         services.database.clone(),
         services.storage.clone(),
         config.gc.clone(),
         shutdown.clone(),
     );
-    tokio::join!(reconciler, collector);
+    let reaper = gc::run_reap_loop(
+        services.database.clone(),
+        services.storage.clone(),
+        config.gc.clone(),
+        shutdown.clone(),
+    );
+    tokio::join!(reconciler, collector, reaper);
     ops.stop().await?;
     Ok(())
 }

@@ -4,6 +4,16 @@
 //! who may not see a cache gets the same answer whether it exists or not.
 //! Anonymous callers get a 401 (so clients know a token could help, and
 //! Nix treats it as "not here"); callers with a token get `NoSuchCache`.
+//!
+//! The same answer is not enough: it must also take the same path, or its
+//! latency tells. So what the token grants on a name is decided first,
+//! from the token alone, and it picks the [`CacheScope`] of the lookup: a
+//! caller whose token grants nothing on the name may only find a public
+//! cache. For such a caller a private cache and a missing one run the same
+//! query, find no row, and neither read nor fill any in-memory copy (the
+//! read path's memory keeps each scope apart, see [`ServedCaches`]).
+//!
+//! [`ServedCaches`]: crate::state::ServedCaches
 
 use std::sync::Arc;
 
@@ -13,7 +23,7 @@ use axum::http::request::Parts;
 
 use common::auth::{Claims, Permission};
 use common::cache_name::CacheName;
-use common::db::Cache;
+use common::db::{Cache, CacheScope};
 use common::nix::signing::SecretKey;
 
 use crate::error::ApiError;
@@ -67,6 +77,17 @@ impl Caller {
             .is_some_and(|claims| claims.grants_anything_on(cache))
     }
 
+    /// The scope a lookup of `cache` may search, from the token alone: any
+    /// cache when the token `grants` something there, public ones only
+    /// otherwise.
+    fn scope(grants: bool) -> CacheScope {
+        if grants {
+            CacheScope::Any
+        } else {
+            CacheScope::Public
+        }
+    }
+
     /// The answer for an upload this caller may not follow (it needs push
     /// permission on the upload's cache), existing or not.
     pub fn hidden_upload(&self) -> ApiError {
@@ -100,26 +121,31 @@ impl AppState {
         caller: &Caller,
         name: &CacheName,
     ) -> Result<Arc<ServedCache>, ApiError> {
-        match self.served_cache(name).await? {
-            Some(served) if served.cache.is_public || caller.can(name, Permission::Pull) => {
-                Ok(served)
-            }
-            _ => Err(caller.hidden_cache()),
-        }
+        let scope = Caller::scope(caller.can(name, Permission::Pull));
+        self.served_cache(name, scope)
+            .await?
+            .ok_or_else(|| caller.hidden_cache())
     }
 
-    async fn served_cache(&self, name: &CacheName) -> Result<Option<Arc<ServedCache>>, ApiError> {
-        if let Some(served) = self.served_caches.get(name) {
+    /// The cache of that name in `scope`, from memory or the database.
+    async fn served_cache(
+        &self,
+        name: &CacheName,
+        scope: CacheScope,
+    ) -> Result<Option<Arc<ServedCache>>, ApiError> {
+        let memory = self.served_caches.scope(scope);
+        if let Some(served) = memory.get(name) {
             return Ok(Some(served));
         }
         let Some(cache) = self
             .database
-            .cache_by_name(name)
+            .cache_by_name_in(name, scope)
             .await
             .map_err(ApiError::internal)?
         else {
             // Misses are not cached: a cache created on another replica
-            // must be reachable at once.
+            // must be reachable at once, and names that do not exist must
+            // take no room.
             return Ok(None);
         };
         let key = SecretKey::parse(cache.keypair.expose_secret()).map_err(|error| {
@@ -128,7 +154,7 @@ impl AppState {
             ))
         })?;
         let served = Arc::new(ServedCache { cache, key });
-        self.served_caches.insert(name.clone(), served.clone());
+        memory.insert(name.clone(), served.clone());
         Ok(Some(served))
     }
 
@@ -140,15 +166,12 @@ impl AppState {
         caller: &Caller,
         name: &CacheName,
     ) -> Result<Cache, ApiError> {
-        match self
-            .database
-            .cache_by_name(name)
+        let scope = Caller::scope(caller.knows_of(name));
+        self.database
+            .cache_by_name_in(name, scope)
             .await
             .map_err(ApiError::internal)?
-        {
-            Some(cache) if cache.is_public || caller.knows_of(name) => Ok(cache),
-            _ => Err(caller.hidden_cache()),
-        }
+            .ok_or_else(|| caller.hidden_cache())
     }
 
     /// The cache, if the caller holds `permission` on it. A caller who may
@@ -160,22 +183,24 @@ impl AppState {
         name: &CacheName,
         permission: Permission,
     ) -> Result<Cache, ApiError> {
+        // A permission on the name is something the token grants there, so
+        // a permitted caller always searches every cache.
+        let scope = Caller::scope(caller.knows_of(name));
         let cache = self
             .database
-            .cache_by_name(name)
+            .cache_by_name_in(name, scope)
             .await
             .map_err(ApiError::internal)?;
         let permitted = caller.can(name, permission);
         match cache {
             Some(cache) if permitted => Ok(cache),
-            Some(cache) if cache.is_public || caller.knows_of(name) => {
-                Err(ApiError::Forbidden(format!(
-                    "your token does not allow {} on cache {name}",
-                    permission.name()
-                )))
-            }
+            // Public, or one the token names: its existence is no secret.
+            Some(_) => Err(ApiError::Forbidden(format!(
+                "your token does not allow {} on cache {name}",
+                permission.name()
+            ))),
             None if permitted => Err(ApiError::NoSuchCache),
-            _ => Err(caller.hidden_cache()),
+            None => Err(caller.hidden_cache()),
         }
     }
 

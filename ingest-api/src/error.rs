@@ -67,10 +67,6 @@ pub enum ApiError {
     NoSuchEndpoint,
     #[error("method not allowed here")]
     MethodNotAllowed,
-    /// Stored data needed for the answer is missing from storage; nothing
-    /// was sent, so the client can retry or fall back to another cache.
-    #[error("{0}")]
-    Unavailable(String),
     /// A bug or an infrastructure failure; the details are logged, not sent.
     #[error("internal error: {0:#}")]
     Internal(anyhow::Error),
@@ -99,7 +95,6 @@ impl ApiError {
             Self::PayloadTooLarge(_) | Self::QuotaExceeded(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -122,7 +117,6 @@ impl ApiError {
             Self::InsufficientStorage(_) => "InsufficientStorage",
             Self::NoSuchEndpoint => "NoSuchEndpoint",
             Self::MethodNotAllowed => "MethodNotAllowed",
-            Self::Unavailable(_) => "Unavailable",
             Self::Internal(_) => "InternalServerError",
         }
     }

@@ -11,7 +11,7 @@ use base64::Engine;
 
 use common::config::{
     AuthConfig, ConfigError, DatabaseConfig, GcConfig, HttpConfig, IngestConfig, LogConfig,
-    PipelineConfig, QueueConfig, QuotaConfig, Secret, ServerConfig, StorageConfig,
+    OpsConfig, PipelineConfig, QueueConfig, QuotaConfig, Secret, ServerConfig, StorageConfig,
 };
 
 /// Bytes of randomness in a generated HS256 secret: twice the minimum, as
@@ -109,6 +109,7 @@ fn create_default(path: &Path) -> Result<bool, FirstStartError> {
         queue: QueueConfig::default(),
         quota: QuotaConfig::default(),
         log: LogConfig::default(),
+        ops: OpsConfig::default(),
     };
     let text = format!(
         "# Larder server configuration, written on first start.\n\

@@ -1,10 +1,11 @@
 //! The HTTP server: Nix's binary-cache protocol, the Larder (and Attic)
 //! API, and cache management.
 //!
-//! [`Server::build`] connects the database and storage and prepares the
-//! router; [`Server::run_until`] serves until the shutdown future resolves,
-//! then lets in-flight requests finish within the shutdown grace period
-//! (module `serve`). Tests build the same server on a port-0 listener.
+//! [`Server::build`] connects the database and storage, binds the ops
+//! listener if `[ops] listen` asks for one, and prepares the router;
+//! [`Server::run_until`] serves until the shutdown future resolves, then
+//! lets in-flight requests finish within the shutdown grace period (module
+//! `serve`). Tests build the same server on a port-0 listener.
 
 mod access;
 mod access_log;
@@ -38,11 +39,12 @@ use common::auth::{
 use common::cache_name::{CacheNameError, CacheNamePattern};
 use common::config::{GcConfig, PipelineConfig, ServerConfig};
 use common::db::{Database, DbError};
+use common::metrics::{healthz_router, ops_router, Readiness};
 use common::service::{open_database, open_queue, open_shared_queue, ServiceError};
-use common::storage::StorageError;
+use common::storage::{Storage, StorageError};
 
 pub use routes::router;
-pub use state::{AppState, ServedCache, Shared};
+pub use state::{AppState, ServedCache, ServedCaches, Shared};
 use ttl_cache::TtlCache;
 use upload_slots::UploadSlots;
 
@@ -78,6 +80,12 @@ pub enum ServerError {
     Mint(#[from] MintError),
     #[error("serving")]
     Io(#[from] std::io::Error),
+    #[error("binding the ops listener ([ops] listen) on {address}")]
+    OpsListener {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Service(#[from] ServiceError),
     #[error("{0}")]
@@ -134,6 +142,9 @@ pub enum Role {
 pub struct Server {
     state: AppState,
     listener: TcpListener,
+    /// `[ops] listen`: where `/metrics` and `/readyz` go instead of the
+    /// public listener.
+    ops_listener: Option<TcpListener>,
     signing_key: TokenSigningKey,
     revocations: Arc<RevocationList>,
     /// The in-process pipeline's settings, and whether it must republish
@@ -150,19 +161,40 @@ impl Server {
     }
 
     /// Connects and migrates the database, opens storage and the queue,
-    /// loads the revocation list and prepares the router. [`Role::Api`]
-    /// refuses an embedded queue: its jobs would never leave the process.
+    /// loads the revocation list, binds the ops listener (`[ops] listen`)
+    /// and prepares the router. [`Role::Api`] refuses an embedded queue:
+    /// its jobs would never leave the process.
     pub async fn build_as(
         config: ServerConfig,
         listener: TcpListener,
         role: Role,
     ) -> Result<Self, ServerError> {
+        let storage = common::storage::open(&config.storage).await?;
+        Self::build_with_storage(config, listener, role, storage).await
+    }
+
+    /// [`Server::build_as`] on storage the caller opened instead of the
+    /// configured one: for tests that watch what the server asks of
+    /// storage through a wrapper around it.
+    pub async fn build_with_storage(
+        config: ServerConfig,
+        listener: TcpListener,
+        role: Role,
+        storage: Arc<dyn Storage>,
+    ) -> Result<Self, ServerError> {
+        let ops_listener = match config.ops.listen {
+            Some(address) => Some(
+                TcpListener::bind(address)
+                    .await
+                    .map_err(|source| ServerError::OpsListener { address, source })?,
+            ),
+            None => None,
+        };
         let queue = match role {
             Role::Api => open_shared_queue(&config, "ingest-api --mode api")?,
             Role::Monolithic => open_queue(&config.queue, "ingest-api")?,
         };
         let database = open_database(&config).await?;
-        let storage = common::storage::open(&config.storage).await?;
         let signing_key = signing_key(&config)?;
         let revocations = Arc::new(RevocationList::new());
         // Loaded before the first request, so a revoked token is never
@@ -175,12 +207,13 @@ impl Server {
             queue,
             ingest: config.ingest.clone(),
             quota: config.quota.clone(),
+            door: spool::Door::new(&config.ingest),
             verifier,
             api_endpoint: config
                 .api_endpoint
                 .as_deref()
                 .map(endpoint::with_trailing_slash),
-            served_caches: TtlCache::new(READ_CACHE_TIME_TO_LIVE, READ_CACHE_CAPACITY),
+            served_caches: ServedCaches::new(READ_CACHE_TIME_TO_LIVE, READ_CACHE_CAPACITY),
             narinfos: TtlCache::new(READ_CACHE_TIME_TO_LIVE, READ_CACHE_CAPACITY),
             access_log: Arc::default(),
             upload_slots: UploadSlots::new(&config.http),
@@ -188,6 +221,7 @@ impl Server {
         Ok(Self {
             state,
             listener,
+            ops_listener,
             signing_key,
             revocations,
             // An embedded queue starts empty: the uploads left in flight
@@ -201,6 +235,15 @@ impl Server {
 
     pub fn local_addr(&self) -> Result<SocketAddr, ServerError> {
         Ok(self.listener.local_addr()?)
+    }
+
+    /// Where the ops endpoints are served when `[ops] listen` is set.
+    pub fn ops_local_addr(&self) -> Result<Option<SocketAddr>, ServerError> {
+        Ok(self
+            .ops_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()?)
     }
 
     /// The URL clients use: the configured `api-endpoint`, or one made
@@ -259,8 +302,56 @@ impl Server {
         if let Ok(address) = self.listener.local_addr() {
             tracing::info!(%address, "serving");
         }
-        let app = router(self.state);
-        serve::serve(self.listener, app, self.serving, shutdown).await;
+        let readiness = Readiness::new(
+            self.state.database.clone(),
+            self.state.queue.clone(),
+            self.state.storage.clone(),
+        );
+        let (app, ops) = match self.ops_listener {
+            None => (router(self.state).merge(ops_router(readiness)), None),
+            Some(listener) => {
+                if let Ok(address) = listener.local_addr() {
+                    tracing::info!(%address, "serving /metrics, /healthz and /readyz");
+                }
+                (
+                    router(self.state).merge(healthz_router()),
+                    Some((listener, ops_router(readiness))),
+                )
+            }
+        };
+        // One shutdown for both listeners.
+        let stop_serving = CancellationToken::new();
+        let signal = tokio::spawn({
+            let stop_serving = stop_serving.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutting down: finishing in-flight requests");
+                stop_serving.cancel();
+            }
+        });
+        let ops = ops.map(|(listener, ops_app)| {
+            tokio::spawn(serve::serve(
+                listener,
+                ops_app,
+                self.serving,
+                stop_serving.clone().cancelled_owned(),
+            ))
+        });
+        serve::serve(
+            self.listener,
+            app,
+            self.serving,
+            stop_serving.clone().cancelled_owned(),
+        )
+        .await;
+        // The ops listener stops with the public one.
+        signal.abort();
+        stop_serving.cancel();
+        if let Some(ops) = ops {
+            if let Err(error) = ops.await {
+                tracing::warn!(%error, "the ops listener's task failed");
+            }
+        }
         stop.cancel();
         // After the requests: a push waiting for its path to be visible
         // needs the workers until it answers.

@@ -1,9 +1,9 @@
 //! The ingest pipeline inside the server, for the single-machine mode: the
 //! chunker and compressor consume the server's queue (embedded, or a
 //! broker when one is configured), the reconciler republishes stuck
-//! uploads, and GC runs every `gc.interval` (on SQLite this process is the
-//! only collector; on PostgreSQL the advisory lock keeps it from
-//! overlapping a `gc-scheduler`).
+//! uploads, and GC runs every `gc.interval`, its reaping step alone every
+//! `gc.reap-interval` (on SQLite this process is the only collector; on
+//! PostgreSQL advisory locks keep it from overlapping a `gc-scheduler`).
 //!
 //! The embedded queue keeps nothing across a restart, so at start every
 //! upload still in flight gets its chunk job again: that is how a killed
@@ -28,9 +28,9 @@ pub(crate) struct InProcessPipeline {
 }
 
 impl InProcessPipeline {
-    /// Starts the workers, the reconciler and GC on the server's database,
-    /// storage and queue; `resume_in_flight` first republishes every upload
-    /// in flight (for a queue that kept nothing).
+    /// Starts the workers, the reconciler, GC and the reaping pass on the
+    /// server's database, storage and queue; `resume_in_flight` first
+    /// republishes every upload in flight (for a queue that kept nothing).
     pub(crate) fn start(
         state: &AppState,
         config: &PipelineConfig,
@@ -71,9 +71,15 @@ impl InProcessPipeline {
             gc.clone(),
             stop.clone(),
         ));
+        let reaper = tokio::spawn(gc_scheduler::gc::run_reap_loop(
+            state.database.clone(),
+            state.storage.clone(),
+            gc.clone(),
+            stop.clone(),
+        ));
         Self {
             stop,
-            tasks: vec![chunker, compressor, reconciler, collector],
+            tasks: vec![chunker, compressor, reconciler, collector, reaper],
         }
     }
 

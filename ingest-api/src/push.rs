@@ -1,7 +1,17 @@
 //! What both push protocols (Attic's `upload-path` and Nix's own PUTs)
-//! share once a path's metadata is validated: linking it at once to a NAR
-//! that is already stored, or recording an upload of a spooled NAR and
-//! publishing its chunk job, and then waiting until the path is visible.
+//! share once a path's metadata is validated: recording an upload of a
+//! spooled NAR, publishing its chunk job, and waiting until the path is
+//! visible.
+//!
+//! **A push is answered the same way whether or not another cache holds
+//! the NAR.** Every push is read whole, verified and spooled, and every one
+//! goes through the pipeline, whose chunker links a NAR that is already
+//! stored instead of cutting it; the answer (`Uploaded`, the upload id, its
+//! phase) carries nothing taken from stored data, no dedup fraction and no
+//! stored size. What still differs is how soon a path is visible: a stored
+//! NAR needs no compression (see ARCHITECTURE.md, "No cross-tenant
+//! disclosure"). The one exception is [`link_without_proof`], for servers
+//! that turned proof of possession off.
 
 use std::time::Duration;
 
@@ -11,12 +21,14 @@ use tracing::Instrument;
 
 use common::api::{UploadPathResult, UploadPathResultKind, WAIT_HEADER};
 use common::db::{
-    Cache, LinkedPath, NewUpload, ObjectMetadata, Timestamp, Upload, UploadId, UploadPhase,
+    Cache, LinkedPath, NewUpload, ObjectMetadata, StagedFile, Timestamp, Upload, UploadId,
+    UploadPhase,
 };
 use common::metrics::larder;
-use common::nix::{NarHash, Signature, StoreDir, StorePath, StorePathHash};
+use common::nix::{NarHash, StoreDir, StorePath, StorePathHash};
 use common::queue::{publish_job, ChunkJob};
 use common::storage::ObjectKey;
+use common::upload_info::PathFields;
 
 use crate::access::Caller;
 use crate::error::ApiError;
@@ -38,48 +50,35 @@ pub struct PushedPath {
     pub metadata: ObjectMetadata,
 }
 
-/// The metadata of a push besides its store path, parsed: what can be
-/// checked before the cache (and its store directory) is known.
-#[derive(Debug, Clone)]
-pub struct PathFields {
-    pub references: Vec<StorePath>,
-    pub deriver: Option<StorePath>,
-    pub system: Option<String>,
-    pub signatures: Vec<Signature>,
-    pub ca: Option<String>,
-    pub nar_hash: NarHash,
-    pub nar_size: u64,
+impl PushedPath {
+    /// The path as it will be stored, `store_path` being in `store_dir`.
+    pub fn new(store_path: &StorePath, store_dir: &StoreDir, fields: PathFields) -> Self {
+        let base_names = |paths: &[StorePath]| paths.iter().map(StorePath::to_base_name).collect();
+        PushedPath {
+            store_path_hash: *store_path.hash(),
+            nar_hash: fields.nar_hash,
+            nar_size: fields.nar_size,
+            metadata: ObjectMetadata {
+                store_path: store_path.to_full_path(store_dir),
+                references: base_names(&fields.references),
+                deriver: fields.deriver.as_ref().map(StorePath::to_base_name),
+                system: fields.system,
+                sigs: fields.signatures.iter().map(ToString::to_string).collect(),
+                ca: fields.ca,
+            },
+        }
+    }
 }
 
 /// Rejects free text that would break a narinfo line.
 pub fn check_text(field: &str, value: &str) -> Result<(), ApiError> {
-    if value.chars().any(char::is_control) || value.len() > 1024 {
+    if !common::upload_info::is_one_line_text(value) {
         return Err(ApiError::bad_request(format!(
             "{field} {:?} contains a control character or is too long",
             value.chars().take(80).collect::<String>()
         )));
     }
     Ok(())
-}
-
-impl PathFields {
-    /// The path as it will be stored, `store_path` being in `store_dir`.
-    pub fn into_pushed(self, store_path: &StorePath, store_dir: &StoreDir) -> PushedPath {
-        let base_names = |paths: &[StorePath]| paths.iter().map(StorePath::to_base_name).collect();
-        PushedPath {
-            store_path_hash: *store_path.hash(),
-            nar_hash: self.nar_hash,
-            nar_size: self.nar_size,
-            metadata: ObjectMetadata {
-                store_path: store_path.to_full_path(store_dir),
-                references: base_names(&self.references),
-                deriver: self.deriver.as_ref().map(StorePath::to_base_name),
-                system: self.system,
-                sigs: self.signatures.iter().map(ToString::to_string).collect(),
-                ca: self.ca,
-            },
-        }
-    }
 }
 
 /// How long this request waits for its path to become visible: the
@@ -101,8 +100,14 @@ pub fn requested_wait(state: &AppState, headers: &HeaderMap) -> Result<Duration,
 }
 
 /// Links `path` to the stored NAR of its hash in one transaction, if that
-/// NAR is (still) valid.
-pub async fn link_if_stored(
+/// NAR is (still) valid, without reading the client's NAR: what a server
+/// with `require-proof-of-possession = false` does, and what a narinfo PUT
+/// again does for a path its cache already holds with that NAR (possession
+/// was proven by the PUT that made it). Its answer has no upload id, so it
+/// tells the pusher that the NAR was stored; a server without proof of
+/// possession trusts its tenants with each other's data anyway (knowing a
+/// NAR's hash is enough to link it).
+pub async fn link_to_stored_nar(
     state: &AppState,
     cache: &Cache,
     caller: &Caller,
@@ -130,9 +135,7 @@ pub async fn link_if_stored(
         "linked a pushed path to a stored NAR"
     );
     Ok(Some(UploadPathResult {
-        kind: UploadPathResultKind::Deduplicated,
-        file_size: nar.file_size,
-        frac_deduplicated: Some(1.0),
+        kind: UploadPathResultKind::Uploaded,
         upload_id: None,
         phase: UploadPhase::Done.as_str().to_owned(),
     }))
@@ -149,28 +152,89 @@ pub async fn record_upload(
     staged_key: ObjectKey,
     wait: Duration,
 ) -> Result<UploadPathResult, ApiError> {
-    let trace_id = UploadId::random().to_string();
+    let new = new_upload(cache, caller, path, staged_key.as_str());
+    let upload = match state.database.create_upload(&new, Timestamp::now()).await {
+        Ok(upload) => upload,
+        Err(error) => {
+            spool::discard(state.storage.as_ref(), &staged_key).await;
+            return Err(quota::record_error(&cache.name, error));
+        }
+    };
+    follow_new_upload(state, cache, upload, wait).await
+}
+
+/// Records the upload of a staged file's NAR (Nix's narinfo naming a NAR
+/// file it PUT before), claiming the file in the same transaction, then
+/// goes on as [`record_upload`]. `None` when the file was claimed or
+/// reaped meanwhile. When the upload cannot be recorded, the staged file
+/// stays, still waiting for a narinfo: a retry claims it.
+pub async fn record_staged_file_upload(
+    state: &AppState,
+    cache: &Cache,
+    caller: &Caller,
+    path: PushedPath,
+    file: &StagedFile,
+    wait: Duration,
+) -> Result<Option<UploadPathResult>, ApiError> {
+    let new = new_upload(cache, caller, path, &file.staged_key);
+    let claimed = state
+        .database
+        .claim_staged_file(&new, &file.file_name, Timestamp::now())
+        .await
+        .map_err(|error| quota::record_error(&cache.name, error))?;
+    match claimed {
+        Some(upload) => follow_new_upload(state, cache, upload, wait)
+            .await
+            .map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Waits up to `wait` for an upload recorded earlier (by this request's
+/// first attempt, or by a concurrent push of the same path) and answers as
+/// the request that recorded it did.
+pub async fn await_upload(
+    state: &AppState,
+    upload: Upload,
+    wait: Duration,
+) -> Result<UploadPathResult, ApiError> {
+    let upload = wait_until_visible(state, upload, wait).await?;
+    Ok(UploadPathResult {
+        kind: UploadPathResultKind::Uploaded,
+        upload_id: Some(upload.id.to_string()),
+        phase: upload.phase.as_str().to_owned(),
+    })
+}
+
+/// The upload row for `path`, its NAR staged at `staged_key`, with a fresh
+/// trace id.
+fn new_upload(cache: &Cache, caller: &Caller, path: PushedPath, staged_key: &str) -> NewUpload {
+    NewUpload {
+        cache_id: cache.id,
+        store_path_hash: path.store_path_hash,
+        nar_hash: path.nar_hash,
+        nar_size: path.nar_size,
+        metadata: path.metadata,
+        staged_key: staged_key.to_owned(),
+        trace_id: Some(UploadId::random().to_string()),
+        created_by: caller.subject().map(str::to_owned),
+    }
+}
+
+/// Publishes a just recorded upload's chunk job and waits up to `wait` for
+/// its path to become visible.
+async fn follow_new_upload(
+    state: &AppState,
+    cache: &Cache,
+    upload: Upload,
+    wait: Duration,
+) -> Result<UploadPathResult, ApiError> {
+    let trace_id = upload
+        .trace_id
+        .clone()
+        .unwrap_or_else(|| upload.id.to_string());
     let span = tracing::info_span!("upload", trace_id = %trace_id, cache = %cache.name);
     async move {
-        let new = NewUpload {
-            cache_id: cache.id,
-            store_path_hash: path.store_path_hash,
-            nar_hash: path.nar_hash,
-            nar_size: path.nar_size,
-            metadata: path.metadata,
-            staged_key: staged_key.as_str().to_owned(),
-            trace_id: Some(trace_id.clone()),
-            created_by: caller.subject().map(str::to_owned),
-        };
-        let upload = match state.database.create_upload(&new, Timestamp::now()).await {
-            Ok(upload) => upload,
-            Err(error) => {
-                spool::discard(state.storage.as_ref(), &staged_key).await;
-                // Over the quota, or the cache was destroyed while the NAR
-                // streamed in.
-                return Err(quota::record_error(&cache.name, error));
-            }
-        };
         tracing::info!(
             upload_id = %upload.id,
             store_path = %upload.metadata.store_path,
@@ -189,8 +253,7 @@ pub async fn record_upload(
                 "could not publish a chunk job; the reconciler will retry"
             );
         }
-        let upload = wait_until_visible(state, upload, wait).await?;
-        upload_result(state, &upload).await
+        await_upload(state, upload, wait).await
     }
     .instrument(span)
     .await
@@ -229,23 +292,4 @@ async fn wait_until_visible(
         ));
     }
     Ok(upload)
-}
-
-async fn upload_result(state: &AppState, upload: &Upload) -> Result<UploadPathResult, ApiError> {
-    let file_size = match (upload.phase, upload.nar_id) {
-        (UploadPhase::Done, Some(nar_id)) => state
-            .database
-            .nar_by_id(nar_id)
-            .await
-            .map_err(ApiError::internal)?
-            .and_then(|nar| nar.file_size),
-        _ => None,
-    };
-    Ok(UploadPathResult {
-        kind: UploadPathResultKind::Uploaded,
-        file_size,
-        frac_deduplicated: None,
-        upload_id: Some(upload.id.to_string()),
-        phase: upload.phase.as_str().to_owned(),
-    })
 }

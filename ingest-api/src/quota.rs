@@ -19,6 +19,7 @@ use common::nix::StorePathHash;
 use common::storage::StorageError;
 
 use crate::error::ApiError;
+use crate::spool::SpoolError;
 use crate::state::AppState;
 
 /// Where a cache and the server stand before a push starts.
@@ -115,23 +116,24 @@ impl Room {
     /// room is over the quota, one too large for the disk's is out of
     /// room (only the server's `limit` is `PayloadTooLarge`), and storage
     /// that ran out of space is out of room.
-    pub fn spool_error(&self, limit: u64, error: ApiError) -> ApiError {
+    pub fn spool_error(&self, limit: u64, error: SpoolError) -> ApiError {
         match error {
-            ApiError::PayloadTooLarge(message) => {
-                let bound = self.bound(limit);
-                if bound == limit {
-                    ApiError::PayloadTooLarge(message)
+            SpoolError::PastBound { bound } => {
+                if bound >= limit {
+                    SpoolError::PastBound { bound }.into()
                 } else if self.status.room() == Some(bound) {
                     self.quota_exceeded(&format!("more than {}", bytes(bound)))
                 } else {
                     self.out_of_room()
                 }
             }
-            ApiError::Internal(error) => match error.downcast::<StorageError>() {
-                Ok(storage) => storage_error(storage),
-                Err(other) => ApiError::Internal(other),
-            },
-            other => other,
+            SpoolError::Refused(ApiError::Internal(error)) => {
+                match error.downcast::<StorageError>() {
+                    Ok(storage) => storage_error(storage),
+                    Err(other) => ApiError::Internal(other),
+                }
+            }
+            SpoolError::Refused(other) => other,
         }
     }
 
@@ -263,20 +265,25 @@ mod tests {
             Err(ApiError::InsufficientStorage(_))
         ));
 
-        let too_large = || ApiError::PayloadTooLarge("too large".to_owned());
         let by_quota = room(Some(1000), 600, Some(10_000));
         assert!(matches!(
-            by_quota.spool_error(5000, too_large()),
+            by_quota.spool_error(5000, SpoolError::PastBound { bound: 400 }),
             ApiError::QuotaExceeded(_)
         ));
         let by_disk = room(Some(1000), 0, Some(10));
         assert!(matches!(
-            by_disk.spool_error(5000, too_large()),
+            by_disk.spool_error(5000, SpoolError::PastBound { bound: 10 }),
             ApiError::InsufficientStorage(_)
         ));
         let by_limit = room(None, 0, None);
         assert!(matches!(
-            by_limit.spool_error(5000, too_large()),
+            by_limit.spool_error(5000, SpoolError::PastBound { bound: 5000 }),
+            ApiError::PayloadTooLarge(_)
+        ));
+        // Other refusals keep their own terms, a ratio bomb included.
+        let bomb = ApiError::PayloadTooLarge("past max-decompression-ratio".to_owned());
+        assert!(matches!(
+            by_quota.spool_error(5000, SpoolError::Refused(bomb)),
             ApiError::PayloadTooLarge(_)
         ));
         let full = ApiError::internal(StorageError::OutOfSpace {
@@ -284,7 +291,7 @@ mod tests {
             message: "No space left on device".to_owned(),
         });
         assert!(matches!(
-            by_limit.spool_error(5000, full),
+            by_limit.spool_error(5000, SpoolError::Refused(full)),
             ApiError::InsufficientStorage(_)
         ));
     }

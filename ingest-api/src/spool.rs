@@ -1,89 +1,67 @@
 //! Receiving a NAR at the door: one streaming pass over the request body
 //! that decompresses it when Nix sent it compressed, hashes the bytes as
-//! sent and as a NAR, validates the NAR with the strict reader, counts its
-//! size against the limit, and writes the verified bytes to
-//! `staging/<random>.nar`.
+//! sent and as a NAR, validates the NAR with the strict reader, holds it to
+//! the size, declared-size and decompression-ratio limits, and writes the
+//! verified bytes to `staging/<random>.nar`.
 //!
-//! The CPU work (decompression, SHA-256, NAR grammar) runs on a blocking
-//! thread, so a large upload never stalls the runtime's workers. Bytes flow
-//! body → verifier → storage through two small bounded channels, so memory
-//! per upload is a few buffers whatever the NAR's size. The verifier ends
-//! the stream it feeds to storage with an error on any mismatch, so storage
-//! never completes an object for a rejected body, and whatever was written
-//! is deleted before the answer.
+//! No thread ever waits for the network here. The request's own task reads
+//! the body asynchronously and hands what has arrived, in batches of up to
+//! [`BATCH_SIZE`], to [`common::verify::NarVerifier`], which does the CPU
+//! work (decoding, SHA-256, grammar) as short jobs on a bounded pool
+//! ([`Door`]), each producing at most [`JOB_OUTPUT`] bytes; the task then
+//! sends them to storage and waits for it to take them, so storage's pace
+//! holds back the body. Memory per upload is a few batches and job
+//! outputs, whatever the NAR's size. A rejected body ends the stream it
+//! feeds to storage with an error, so storage never completes an object for
+//! it, and whatever was written is deleted before the answer.
 
-use std::io::{self, Read};
+use std::collections::VecDeque;
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::body::Body;
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
-use tokio::sync::mpsc;
+use futures::{FutureExt, Stream, StreamExt};
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::io::StreamReader;
 
-use common::nix::hash::Sha256Hasher;
-use common::nix::nar::NarReader;
-use common::nix::{NarHash, Sha256Hash};
+use common::config::IngestConfig;
 use common::storage::{ObjectKey, Storage};
+use common::verify::{Limits, NarVerifier, Progress, Verified, VerifyError};
+
+pub use common::verify::{Encoding, Expected};
 
 use crate::error::ApiError;
 
 /// The request body as a stream of byte frames.
 pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, axum::Error>> + Send>>;
 
-/// How many frames wait in each channel between the body, the verifier and
-/// storage.
-const CHANNEL_DEPTH: usize = 8;
+/// The most body bytes one verification job takes: what has already
+/// arrived, up to this, so that a fast upload is not a thread hop per
+/// network frame.
+const BATCH_SIZE: usize = 256 * 1024;
 
-/// The size of the buffer the verifier reads decompressed bytes into.
-const READ_BUFFER_SIZE: usize = 256 * 1024;
+/// The most NAR bytes one verification job hands out; a compressed batch
+/// that decodes to more takes several jobs, each waiting for storage first.
+const JOB_OUTPUT: usize = 1 << 20;
+
+/// Batches read ahead of the verifier.
+const INPUT_DEPTH: usize = 2;
+
+/// Verified slices waiting for storage.
+const OUTPUT_DEPTH: usize = 4;
 
 /// The request body as a stream.
 pub fn body_stream(body: Body) -> BodyStream {
     Box::pin(body.into_data_stream())
 }
 
-/// How the body is encoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encoding {
-    /// The NAR itself.
-    Plain,
-    Zstd,
-    Xz,
-}
-
-impl Encoding {
-    fn describe(self) -> &'static str {
-        match self {
-            Self::Plain => "NAR",
-            Self::Zstd => "zstd-compressed NAR",
-            Self::Xz => "xz-compressed NAR",
-        }
-    }
-}
-
-/// What the body must turn out to be; unset fields are not checked.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Expected {
-    /// The SHA-256 of the body as sent (Nix's `FileHash`).
-    pub file_hash: Option<Sha256Hash>,
-    pub nar_hash: Option<NarHash>,
-    pub nar_size: Option<u64>,
-}
-
-/// A verified NAR.
-#[derive(Debug, Clone)]
-pub struct Verified {
-    pub nar_hash: NarHash,
-    pub nar_size: u64,
-}
-
 /// A verified NAR in staging storage.
 #[derive(Debug, Clone)]
 pub struct Spooled {
     pub key: ObjectKey,
-    pub nar_hash: NarHash,
+    pub nar_hash: common::nix::NarHash,
     pub nar_size: u64,
 }
 
@@ -95,50 +73,141 @@ pub fn staging_key() -> ObjectKey {
         .expect("a staging key is a valid object key")
 }
 
-/// Why the verifier stopped.
+/// The door's limits and the bounded pool its CPU work runs on, shared by
+/// every upload.
+///
+/// The pool is tokio's blocking pool behind a semaphore of
+/// `[ingest] verify-threads` permits, rather than threads of its own: a job
+/// holds a permit and a thread only while it computes (never while its
+/// upload waits for the network or for storage, which the request's task
+/// does asynchronously), so verification occupies at most that many of the
+/// pool's threads and the rest stay free for storage I/O (`tokio::fs`) and
+/// the pipeline, however many uploads are open. Permits are handed out in
+/// arrival order, so a busy upload cannot starve a quiet one, and no second
+/// pool with its own queue is needed.
+#[derive(Debug, Clone)]
+pub struct Door {
+    jobs: Arc<Semaphore>,
+    limits: Limits,
+}
+
+impl Door {
+    pub fn new(config: &IngestConfig) -> Self {
+        Self {
+            jobs: Arc::new(Semaphore::new(config.verify_threads())),
+            limits: Limits {
+                max_nar_size: config.max_nar_size,
+                max_decompression_ratio: u64::from(config.max_decompression_ratio),
+            },
+        }
+    }
+
+    /// Runs one short CPU job on the pool, once a permit is free.
+    async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Rejection> {
+        let permit = self.jobs.clone().acquire_owned().await.map_err(|_| {
+            // The semaphore is never closed.
+            Rejection::Internal(anyhow::anyhow!("the verification pool is closed"))
+        })?;
+        tokio::task::spawn_blocking(move || {
+            let result = job();
+            drop(permit);
+            result
+        })
+        .await
+        .map_err(|error| {
+            Rejection::Internal(anyhow::anyhow!("a NAR verification job failed: {error}"))
+        })
+    }
+}
+
+/// Why a body was not spooled.
 #[derive(Debug)]
 enum Rejection {
-    /// The body is not what it claims to be: a 400.
-    Invalid(String),
-    /// The NAR (or the body) is larger than the limit: a 413.
-    TooLarge(String),
+    /// The body is not what it claims to be (400) or breaks a limit (413).
+    Refused(VerifyError),
+    /// The body could not be read to its end.
+    Unreadable { encoding: Encoding, error: String },
     /// Storage stopped taking bytes; its own error says why.
     StorageGone,
+    /// A bug or a server failure.
+    Internal(anyhow::Error),
 }
 
 impl Rejection {
     fn into_api_error(self) -> ApiError {
         match self {
-            Self::Invalid(message) => ApiError::BadRequest(message),
-            Self::TooLarge(message) => ApiError::PayloadTooLarge(message),
+            Self::Refused(error) if error.is_too_large() => {
+                ApiError::PayloadTooLarge(error.to_string())
+            }
+            Self::Refused(error) => ApiError::BadRequest(error.to_string()),
+            Self::Unreadable { encoding, error } => {
+                ApiError::BadRequest(format!("could not read the {encoding}: {error}"))
+            }
             Self::StorageGone => {
                 ApiError::internal(anyhow::anyhow!("storage stopped reading a staged NAR"))
             }
+            Self::Internal(error) => ApiError::Internal(error),
         }
     }
 }
 
-/// Verifies the body and writes it, uncompressed, to a fresh staging key.
-/// On any failure nothing is left in storage.
+/// Why a body was not spooled.
+#[derive(Debug)]
+pub enum SpoolError {
+    /// It decoded to more than the `bound` it was spooled with, which the
+    /// caller words in the terms of what set the bound (a quota, the disk,
+    /// or `max-nar-size`).
+    PastBound { bound: u64 },
+    /// Any other refusal, as the client is to be told.
+    Refused(ApiError),
+}
+
+impl From<SpoolError> for ApiError {
+    fn from(error: SpoolError) -> Self {
+        match error {
+            SpoolError::PastBound { bound } => {
+                ApiError::PayloadTooLarge(VerifyError::NarTooLarge { limit: bound }.to_string())
+            }
+            SpoolError::Refused(error) => error,
+        }
+    }
+}
+
+/// Verifies the body and writes it, uncompressed, to a fresh staging key,
+/// refusing a NAR of more than `bound` bytes (at most `max-nar-size`). On
+/// any failure nothing is left in storage.
 pub async fn spool(
+    door: &Door,
     storage: Arc<dyn Storage>,
     body: BodyStream,
     encoding: Encoding,
     expected: Expected,
-    max_nar_size: u64,
-) -> Result<Spooled, ApiError> {
+    bound: u64,
+) -> Result<Spooled, SpoolError> {
     let key = staging_key();
-    let (body_sender, body_receiver) = mpsc::channel(CHANNEL_DEPTH);
-    let (nar_sender, nar_receiver) = mpsc::channel::<io::Result<Bytes>>(CHANNEL_DEPTH);
-    let verifier = tokio::task::spawn_blocking(move || {
-        verify_blocking(
-            body_receiver,
-            Some(nar_sender),
-            encoding,
-            expected,
-            max_nar_size,
-        )
-    });
+    let limits = Limits {
+        max_nar_size: bound.min(door.limits.max_nar_size),
+        ..door.limits
+    };
+    let (nar_sender, nar_receiver) = mpsc::channel::<io::Result<Bytes>>(OUTPUT_DEPTH);
+    let verifying = async move {
+        let verdict = check(door, limits, body, encoding, expected, &nar_sender).await;
+        if let Err(rejection) = &verdict {
+            // Storage must never see a clean end of a rejected NAR; it may
+            // have gone already, and then there is nobody to tell.
+            let _ = nar_sender
+                .send(Err(io::Error::other(format!(
+                    "the NAR was rejected: {rejection:?}"
+                ))))
+                .await;
+        }
+        // The end of the stream storage reads.
+        drop(nar_sender);
+        verdict
+    };
     let store = async {
         // Owned by this future, so that storage failing mid-write (a full
         // disk) drops the receiver: the verifier's next send fails and it
@@ -148,43 +217,25 @@ pub async fn spool(
         let mut reader = StreamReader::new(verified_bytes);
         storage.put_reader(&key, &mut reader).await
     };
-    let ((), stored) = tokio::join!(pump_body(body, body_sender), store);
-    let verdict = verifier
-        .await
-        .map_err(|error| ApiError::internal(anyhow::anyhow!("the NAR verifier failed: {error}")));
+    let (verdict, stored) = tokio::join!(verifying, store);
     let outcome = match (verdict, stored) {
-        (Ok(Ok(verified)), Ok(_)) => {
+        (Ok(verified), Ok(_)) => {
             return Ok(Spooled {
                 key,
                 nar_hash: verified.nar_hash,
                 nar_size: verified.nar_size,
             })
         }
-        (Ok(Err(Rejection::StorageGone)) | Ok(Ok(_)), Err(error)) => ApiError::internal(error),
-        (Ok(Err(rejection)), _) => rejection.into_api_error(),
-        (Err(error), _) => error,
+        (Ok(_) | Err(Rejection::StorageGone), Err(error)) => {
+            SpoolError::Refused(ApiError::internal(error))
+        }
+        (Err(Rejection::Refused(VerifyError::NarTooLarge { limit })), _) => {
+            SpoolError::PastBound { bound: limit }
+        }
+        (Err(rejection), _) => SpoolError::Refused(rejection.into_api_error()),
     };
     discard(storage.as_ref(), &key).await;
     Err(outcome)
-}
-
-/// Verifies the body without keeping it: the proof that a client holds a
-/// NAR the server already has.
-pub async fn verify(
-    body: BodyStream,
-    encoding: Encoding,
-    expected: Expected,
-    max_nar_size: u64,
-) -> Result<Verified, ApiError> {
-    let (body_sender, body_receiver) = mpsc::channel(CHANNEL_DEPTH);
-    let verifier = tokio::task::spawn_blocking(move || {
-        verify_blocking(body_receiver, None, encoding, expected, max_nar_size)
-    });
-    pump_body(body, body_sender).await;
-    verifier
-        .await
-        .map_err(|error| ApiError::internal(anyhow::anyhow!("the NAR verifier failed: {error}")))?
-        .map_err(Rejection::into_api_error)
 }
 
 /// Deletes a staged object that will not be used; a failure is logged (the
@@ -199,177 +250,150 @@ pub async fn discard(storage: &dyn Storage, key: &ObjectKey) {
     }
 }
 
-/// Forwards the body's frames to the verifier until the body ends, fails,
-/// or the verifier stops listening.
-async fn pump_body(mut body: BodyStream, sender: mpsc::Sender<io::Result<Bytes>>) {
-    while let Some(frame) = body.next().await {
-        let (frame, last) = match frame {
-            Ok(bytes) => (Ok(bytes), false),
-            Err(error) => (Err(io::Error::other(error)), true),
+/// Body frames that had arrived together, and the body's failure if it
+/// failed after them.
+struct Batch {
+    frames: Vec<Bytes>,
+    failure: Option<axum::Error>,
+}
+
+/// The whole check: the body read ahead in batches while the verifier
+/// works through them, both on this task, until the verdict. Verified
+/// bytes go to `output`.
+async fn check(
+    door: &Door,
+    limits: Limits,
+    body: BodyStream,
+    encoding: Encoding,
+    expected: Expected,
+    output: &mpsc::Sender<io::Result<Bytes>>,
+) -> Result<Verified, Rejection> {
+    let (batch_sender, batch_receiver) = mpsc::channel(INPUT_DEPTH);
+    let reading = read_batches(body, batch_sender);
+    let verifying = verify_batches(door, limits, batch_receiver, encoding, expected, output);
+    tokio::pin!(reading, verifying);
+    let mut read_all = false;
+    loop {
+        tokio::select! {
+            // A verdict ends the reading too: a refused body is not read
+            // on, however long its client keeps it open.
+            verdict = &mut verifying => return verdict,
+            () = &mut reading, if !read_all => read_all = true,
+        }
+    }
+}
+
+/// Reads the body and sends it on in batches of the frames that have
+/// already arrived (up to [`BATCH_SIZE`]), until it ends, fails, or the
+/// verifier stops listening; the channel closing is the end of the body.
+async fn read_batches(mut body: BodyStream, sender: mpsc::Sender<Batch>) {
+    loop {
+        let mut batch = Batch {
+            frames: Vec::new(),
+            failure: None,
         };
-        if sender.send(frame).await.is_err() || last {
+        let mut size = 0;
+        let mut ended = false;
+        let mut next = body.next().await;
+        loop {
+            match next {
+                None => ended = true,
+                Some(Err(error)) => {
+                    batch.failure = Some(error);
+                    ended = true;
+                }
+                Some(Ok(frame)) => {
+                    size += frame.len();
+                    batch.frames.push(frame);
+                }
+            }
+            if ended || size >= BATCH_SIZE {
+                break;
+            }
+            // Only frames that are already there: waiting here would
+            // delay the ones in hand.
+            match body.next().now_or_never() {
+                Some(more) => next = more,
+                None => break,
+            }
+        }
+        let has_news = !batch.frames.is_empty() || batch.failure.is_some();
+        if (has_news && sender.send(batch).await.is_err()) || ended {
             return;
         }
     }
 }
 
-/// The body as a blocking reader over the channel, hashing and counting
-/// the bytes as sent.
-struct ChannelReader {
-    receiver: mpsc::Receiver<io::Result<Bytes>>,
-    current: Bytes,
-    hasher: Sha256Hasher,
-    max_body_size: u64,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
-        while self.current.is_empty() {
-            match self.receiver.blocking_recv() {
-                Some(Ok(bytes)) => self.current = bytes,
-                Some(Err(error)) => return Err(error),
-                None => return Ok(0),
-            }
-        }
-        let n = buffer.len().min(self.current.len());
-        let bytes = self.current.split_to(n);
-        self.hasher.update(&bytes);
-        if self.hasher.len() > self.max_body_size {
-            return Err(io::Error::new(io::ErrorKind::FileTooLarge, BodyTooLarge));
-        }
-        buffer[..n].copy_from_slice(&bytes);
-        Ok(n)
-    }
-}
-
-/// The marker error of a body past its limit.
-#[derive(Debug, thiserror::Error)]
-#[error("the request body is larger than the limit")]
-struct BodyTooLarge;
-
-/// The whole check, on a blocking thread. When `output` is given, every
-/// verified slice goes there, and any failure is sent as an error before
-/// the channel closes, so the storage side never sees a clean end of a
-/// rejected NAR.
-fn verify_blocking(
-    input: mpsc::Receiver<io::Result<Bytes>>,
-    output: Option<mpsc::Sender<io::Result<Bytes>>>,
+/// Feeds the batches to a [`NarVerifier`] held to `limits`, one pool job
+/// at a time, and each job's output to `output`, waiting for it to be
+/// taken.
+async fn verify_batches(
+    door: &Door,
+    limits: Limits,
+    mut batches: mpsc::Receiver<Batch>,
     encoding: Encoding,
     expected: Expected,
-    max_nar_size: u64,
+    output: &mpsc::Sender<io::Result<Bytes>>,
 ) -> Result<Verified, Rejection> {
-    let verdict = check(input, output.as_ref(), encoding, expected, max_nar_size);
-    if let (Err(rejection), Some(output)) = (&verdict, &output) {
-        // Storage may have gone already; then there is nobody to tell.
-        let _ = output.blocking_send(Err(io::Error::other(format!(
-            "the NAR was rejected: {rejection:?}"
-        ))));
+    let mut verifier = NarVerifier::new(encoding, expected, limits)
+        .map_err(|error| Rejection::Internal(anyhow::Error::new(error)))?;
+    let mut input = VecDeque::new();
+    let mut end = false;
+    let mut output_pending = false;
+    loop {
+        if !end && !output_pending {
+            // Wait for body bytes, then take whatever else has arrived.
+            let mut next = batches.recv().await;
+            loop {
+                match next {
+                    None => end = true,
+                    Some(batch) => {
+                        input.extend(batch.frames);
+                        if let Some(error) = batch.failure {
+                            return Err(Rejection::Unreadable {
+                                encoding,
+                                error: error.to_string(),
+                            });
+                        }
+                    }
+                }
+                if end || queued(&input) >= BATCH_SIZE {
+                    break;
+                }
+                next = match batches.try_recv() {
+                    Ok(batch) => Some(batch),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                };
+            }
+        }
+        let mut job_input = std::mem::take(&mut input);
+        let (returned, job_input, verified, progress) = door
+            .run(move || {
+                let mut verified = Vec::new();
+                let progress = verifier.push(&mut job_input, end, &mut verified, JOB_OUTPUT);
+                (verifier, job_input, verified, progress)
+            })
+            .await?;
+        verifier = returned;
+        input = job_input;
+        for bytes in verified {
+            output
+                .send(Ok(bytes))
+                .await
+                .map_err(|_| Rejection::StorageGone)?;
+        }
+        match progress.map_err(Rejection::Refused)? {
+            Progress::OutputFull => output_pending = true,
+            Progress::NeedInput => output_pending = false,
+            Progress::Done => return verifier.finish().map_err(Rejection::Refused),
+        }
     }
-    verdict
 }
 
-fn check(
-    input: mpsc::Receiver<io::Result<Bytes>>,
-    output: Option<&mpsc::Sender<io::Result<Bytes>>>,
-    encoding: Encoding,
-    expected: Expected,
-    max_nar_size: u64,
-) -> Result<Verified, Rejection> {
-    let what = encoding.describe();
-    let too_large = || {
-        Rejection::TooLarge(format!(
-            "the NAR is larger than this server's limit of {max_nar_size} bytes"
-        ))
-    };
-    let mut source = ChannelReader {
-        receiver: input,
-        current: Bytes::new(),
-        hasher: Sha256Hasher::new(),
-        // Compressed data may be a little larger than what it holds; beyond
-        // that, a body that decompresses to little is not read forever.
-        max_body_size: max_nar_size
-            .saturating_add(max_nar_size / 8)
-            .saturating_add(1 << 20),
-    };
-    let read_error = |error: io::Error| {
-        if error
-            .get_ref()
-            .is_some_and(|inner| inner.is::<BodyTooLarge>())
-        {
-            too_large()
-        } else {
-            Rejection::Invalid(format!("could not read the {what}: {error}"))
-        }
-    };
-    let mut nar = NarReader::new();
-    {
-        let mut decoder: Box<dyn Read + '_> = match encoding {
-            Encoding::Plain => Box::new(&mut source),
-            Encoding::Zstd => Box::new(zstd::stream::read::Decoder::new(&mut source).map_err(
-                |error| Rejection::Invalid(format!("could not start decoding zstd: {error}")),
-            )?),
-            Encoding::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(&mut source)),
-        };
-        let mut buffer = vec![0u8; READ_BUFFER_SIZE];
-        loop {
-            let n = decoder.read(&mut buffer).map_err(read_error)?;
-            if n == 0 {
-                break;
-            }
-            if nar.bytes_read() + n as u64 > max_nar_size {
-                return Err(too_large());
-            }
-            nar.update(&buffer[..n]).map_err(|error| {
-                Rejection::Invalid(format!("the body is not a valid NAR: {error}"))
-            })?;
-            if let Some(output) = output {
-                output
-                    .blocking_send(Ok(Bytes::copy_from_slice(&buffer[..n])))
-                    .map_err(|_| Rejection::StorageGone)?;
-            }
-        }
-    }
-    // The decoder stops at the end of its data; anything after it is not
-    // part of the NAR and must not be silently ignored.
-    let mut rest = [0u8; 1];
-    if source.read(&mut rest).map_err(read_error)? != 0 {
-        return Err(Rejection::Invalid(format!(
-            "the {what} is followed by trailing bytes"
-        )));
-    }
-    let summary = nar
-        .finish()
-        .map_err(|error| Rejection::Invalid(format!("the body is not a valid NAR: {error}")))?;
-    let (file_hash, _) = source.hasher.finish();
-    if let Some(claimed) = expected.file_hash {
-        if claimed != file_hash {
-            return Err(Rejection::Invalid(format!(
-                "the body's SHA-256 is {}, not the {} its name says",
-                file_hash.to_base32(),
-                claimed.to_base32()
-            )));
-        }
-    }
-    if let Some(claimed) = expected.nar_size {
-        if claimed != summary.nar_size {
-            return Err(Rejection::Invalid(format!(
-                "NarSize mismatch: the NAR has {} bytes, {claimed} were claimed",
-                summary.nar_size
-            )));
-        }
-    }
-    if let Some(claimed) = expected.nar_hash {
-        if claimed != summary.nar_hash {
-            return Err(Rejection::Invalid(format!(
-                "NarHash mismatch: the NAR hashes to {}, {claimed} was claimed",
-                summary.nar_hash
-            )));
-        }
-    }
-    Ok(Verified {
-        nar_hash: summary.nar_hash,
-        nar_size: summary.nar_size,
-    })
+/// Bytes waiting in `input`.
+fn queued(input: &VecDeque<Bytes>) -> usize {
+    input.iter().map(Bytes::len).sum()
 }
 
 /// Reads a small body whole, refusing more than `limit` bytes.
@@ -433,7 +457,15 @@ pub async fn split_preamble(
 mod tests {
     use super::*;
     use common::nix::nar::NarEncoder;
+    use common::nix::{NarHash, Sha256Hash};
     use common::storage::LocalStorage;
+
+    fn door(max_nar_size: u64) -> Door {
+        Door::new(&IngestConfig {
+            max_nar_size,
+            ..IngestConfig::default()
+        })
+    }
 
     fn file_nar(contents: &[u8]) -> Vec<u8> {
         let mut encoder = NarEncoder::new(Vec::new()).expect("a Vec");
@@ -469,11 +501,12 @@ mod tests {
             ..Expected::default()
         };
         let spooled = spool(
+            &door(1 << 30),
             storage.clone(),
             framed(&compressed),
             Encoding::Zstd,
             expected,
-            1 << 30,
+            u64::MAX,
         )
         .await
         .expect("a valid upload");
@@ -490,13 +523,15 @@ mod tests {
             ..Expected::default()
         };
         let error = spool(
+            &door(1 << 30),
             storage.clone(),
             framed(&compressed),
             Encoding::Zstd,
             wrong,
-            1 << 30,
+            u64::MAX,
         )
         .await
+        .map_err(ApiError::from)
         .expect_err("a wrong file hash");
         assert!(matches!(error, ApiError::BadRequest(_)), "{error}");
         assert_eq!(staged_objects(dir.path()).await, 1);
@@ -535,13 +570,15 @@ mod tests {
         ];
         for (case, body, expected, limit) in cases {
             let error = spool(
+                &door(limit),
                 storage.clone(),
                 framed(&body),
                 Encoding::Plain,
                 expected,
-                limit,
+                u64::MAX,
             )
             .await
+            .map_err(ApiError::from)
             .expect_err(case);
             assert!(
                 matches!(
@@ -552,6 +589,78 @@ mod tests {
             );
         }
         assert_eq!(staged_objects(dir.path()).await, 0);
+    }
+
+    /// A body that sends `first` and then nothing, never ending: a client
+    /// that stalled.
+    fn stalled(first: Vec<u8>) -> BodyStream {
+        Box::pin(
+            futures::stream::once(async move { Ok(Bytes::from(first)) })
+                .chain(futures::stream::pending()),
+        )
+    }
+
+    #[test]
+    fn stalled_uploads_hold_no_blocking_thread() {
+        // Few blocking threads: were every stalled upload to hold one, the
+        // storage write below would wait for a thread forever.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(4)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            let storage: Arc<dyn Storage> =
+                Arc::new(LocalStorage::open(dir.path()).await.expect("storage"));
+            let nar = file_nar(&vec![3u8; 100_000]);
+            let door = door(1 << 30);
+            let uploads: Vec<_> = (0..16)
+                .map(|i| {
+                    let (door, storage) = (door.clone(), storage.clone());
+                    let body = if i % 2 == 0 {
+                        (Encoding::Plain, nar[..4000].to_vec())
+                    } else {
+                        let compressed = zstd::bulk::compress(&nar, 3).expect("zstd");
+                        (Encoding::Zstd, compressed[..compressed.len() / 2].to_vec())
+                    };
+                    tokio::spawn(async move {
+                        spool(
+                            &door,
+                            storage,
+                            stalled(body.1),
+                            body.0,
+                            Expected::default(),
+                            u64::MAX,
+                        )
+                        .await
+                    })
+                })
+                .collect();
+            // Every upload has begun its staged object (and so has read its
+            // first frame); a generous bound only guards against a hang.
+            let started = async {
+                while staged_objects(dir.path()).await < 16 {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(60), started)
+                .await
+                .expect("every upload starts");
+            let key = ObjectKey::new("other/object").expect("a key");
+            let put = storage.put(&key, Bytes::from_static(b"another tenant's bytes"));
+            tokio::time::timeout(std::time::Duration::from_secs(60), put)
+                .await
+                .expect("storage I/O is not starved by stalled uploads")
+                .expect("a storage write");
+            for upload in &uploads {
+                assert!(!upload.is_finished(), "a stalled upload ended");
+            }
+            for upload in uploads {
+                upload.abort();
+            }
+        });
     }
 
     #[tokio::test]

@@ -2,19 +2,21 @@
 //! queue, the token verifier and the public endpoint.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 
 use common::auth::TokenVerifier;
 use common::cache_name::CacheName;
 use common::config::{IngestConfig, QuotaConfig};
-use common::db::{Cache, CacheId, Database};
+use common::db::{Cache, CacheId, CacheScope, Database};
 use common::nix::signing::SecretKey;
 use common::nix::StorePathHash;
 use common::queue::Queue;
 use common::storage::Storage;
 
 use crate::access_log::AccessLog;
+use crate::spool::Door;
 use crate::ttl_cache::TtlCache;
 use crate::upload_slots::UploadSlots;
 
@@ -32,12 +34,14 @@ pub struct Shared {
     /// The room pushes must leave on local storage (quotas themselves are
     /// enforced by the database handle).
     pub quota: QuotaConfig,
+    /// The upload verifier's limits and bounded CPU pool.
+    pub door: Door,
     pub verifier: TokenVerifier,
     /// The configured public base URL (with a trailing `/`), if any;
     /// otherwise URLs are derived from each request's `Host`.
     pub api_endpoint: Option<String>,
     /// Caches by name with their parsed signing keys, for the read path.
-    pub served_caches: TtlCache<CacheName, Arc<ServedCache>>,
+    pub served_caches: ServedCaches,
     /// Rendered, signed narinfos by cache and store-path hash.
     pub narinfos: TtlCache<(CacheId, StorePathHash), Bytes>,
     /// Narinfo and NAR fetches, flushed to `objects.last_accessed_at` in
@@ -53,6 +57,41 @@ pub struct Shared {
 pub struct ServedCache {
     pub cache: Cache,
     pub key: SecretKey,
+}
+
+/// The read path's cache rows, kept apart by the [`CacheScope`] they were
+/// looked up in. A caller who may only find public caches reads and fills
+/// only `public`, which never holds a private cache: whether a private
+/// cache exists therefore changes neither what that caller finds in memory
+/// nor what it leaves there. Rows enter only when a lookup finds one, so
+/// names nobody has (an attacker's random ones) take no room and evict
+/// nothing.
+#[derive(Debug)]
+pub struct ServedCaches {
+    any: TtlCache<CacheName, Arc<ServedCache>>,
+    public: TtlCache<CacheName, Arc<ServedCache>>,
+}
+
+impl ServedCaches {
+    /// Each scope keeps up to `capacity` rows for `time_to_live`.
+    pub fn new(time_to_live: Duration, capacity: usize) -> Self {
+        Self {
+            any: TtlCache::new(time_to_live, capacity),
+            public: TtlCache::new(time_to_live, capacity),
+        }
+    }
+
+    pub fn scope(&self, scope: CacheScope) -> &TtlCache<CacheName, Arc<ServedCache>> {
+        match scope {
+            CacheScope::Any => &self.any,
+            CacheScope::Public => &self.public,
+        }
+    }
+
+    fn clear(&self) {
+        self.any.clear();
+        self.public.clear();
+    }
 }
 
 impl AppState {

@@ -9,6 +9,12 @@
 #              also set XDG_CONFIG_HOME, XDG_STATE_HOME or LARDER_SPOOL_DIR
 #              when the hook runs under nix-daemon, as root.
 #
+# Under nix-daemon the hook runs as root while the agent runs as its own
+# user (larder-agent-system.service): point XDG_CONFIG_HOME in hook.env at
+# the agent user's config, whose `[agent] spool-dir` names the queue. What
+# root queues there is given to the queue directory's owner, the agent's
+# user, so no umask or group is needed here.
+#
 # `larder queue` only writes the paths into the agent's durable queue (a
 # few milliseconds, no network), so builds are not slowed down, and paths
 # built while the agent or the server is down are uploaded later.
@@ -23,8 +29,12 @@
 
 hook_env=${LARDER_HOOK_ENV:-/etc/larder/hook.env}
 if [ -r "$hook_env" ]; then
+    # Exported (set -a), since `larder` must see what it sets
+    # (XDG_CONFIG_HOME, LARDER_SPOOL_DIR, …), not only this script.
+    set -a
     # shellcheck source=/dev/null
     . "$hook_env"
+    set +a
 fi
 
 log() {

@@ -59,6 +59,60 @@ stop_pid() {
     wait "$pid" 2>/dev/null || true
 }
 
+# Builds PACKAGES' BINARIES in release mode, unless the script's $build is
+# 0, and sets $bin to where they are; fails if one is missing.
+#   release_binaries PACKAGE... -- BINARY...
+release_binaries() {
+    local packages=() binaries=() binary
+    while (($#)) && [[ $1 != -- ]]; do
+        packages+=(-p "$1")
+        shift
+    done
+    shift
+    binaries=("$@")
+    if ((build)); then
+        say "building ${binaries[*]} (release)"
+        cargo build --release --quiet "${packages[@]}" "${binaries[@]/#/--bin=}"
+    fi
+    bin=$CARGO_TARGET_DIR/release
+    for binary in "${binaries[@]}"; do
+        [[ -x $bin/$binary ]] || die "$bin/$binary is missing: run without --no-build"
+    done
+}
+
+# Makes this run's work directory, $work, and sets what happens on any
+# exit: the processes whose pids the variables named here hold are
+# stopped, then the script's `before_cleanup` runs if it defines one, then
+# $work is removed on success unless the script's $keep is 1 (and named
+# otherwise).
+#   start_work_dir server_pid nginx_pid
+start_work_dir() {
+    work=$(mktemp -d "/tmp/larder-$bench_name.XXXXXX")
+    pid_variables=("$@")
+    trap cleanup_work_dir EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+}
+
+cleanup_work_dir() {
+    local status=$? name
+    trap - EXIT INT TERM
+    for name in "${pid_variables[@]}"; do
+        stop_pid "${!name:-}"
+    done
+    if declare -F before_cleanup >/dev/null; then
+        before_cleanup || true
+    fi
+    if ((status == 0 && keep == 0)); then
+        # Some benchmarks leave read-only files (a Nix store).
+        chmod -R u+w "$work" 2>/dev/null || true
+        rm -rf "$work"
+    else
+        say "work directory kept: $work"
+    fi
+    exit "$status"
+}
+
 port_in_use() {
     local port=$1
     if (exec 3<>"/dev/tcp/$HOST/$port") 2>/dev/null; then

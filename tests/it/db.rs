@@ -10,11 +10,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use common::cache_name::CacheName;
+use common::chunking::{max_chunk_entries, MIN_CHUNK_SIZE};
 use common::db::{
-    migrations, Backend, Cache, CacheId, CacheKeypair, CacheStats, CacheUpdate, ChunkLocation,
-    Database, NarId, NewCache, NewChunk, NewObject, NewUpload, ObjectMetadata, StoreState,
-    StoredChunk, Timestamp, TokenRecord, UploadId, UploadPhase,
+    migrations, Backend, Cache, CacheId, CacheKeypair, CacheScope, CacheStats, CacheUpdate,
+    ChunkLocation, Database, DbError, EncodedListing, NarId, NewCache, NewChunk, NewObject,
+    NewUpload, ObjectMetadata, StagedFile, StoreState, StoredChunk, Timestamp, TokenRecord,
+    UploadId, UploadPhase,
 };
+use common::nix::nar::{ListingNode, NarListing};
 use common::nix::{NarHash, Sha256Hash, StoreDir, StorePathHash};
 use tempfile::TempDir;
 use tests::services;
@@ -71,6 +74,7 @@ macro_rules! both_backends {
 both_backends!(
     migrations_apply_to_an_empty_database_and_rerun_cleanly,
     caches_are_created_read_updated_listed_and_deleted,
+    a_public_scope_finds_a_private_cache_no_more_than_a_missing_one,
     cache_names_are_unique,
     destroying_a_cache_cascades_to_its_objects_and_uploads,
     an_object_is_hidden_while_its_nar_is_pending,
@@ -83,6 +87,11 @@ both_backends!(
     a_complete_nar_is_written_in_one_call,
     concurrent_writers_of_nars_sharing_chunks_all_succeed,
     long_chunk_lists_round_trip,
+    chunk_lists_are_read_in_pages,
+    a_chunk_list_is_bounded_by_its_nar_size,
+    listings_are_stored_once_and_go_with_their_nar,
+    a_staged_file_is_kept_once_and_claimed_once,
+    an_upload_in_flight_is_found_by_path_and_nar,
     uploads_move_forward_through_their_phases,
     stuck_uploads_are_listed_by_phase_and_age,
     finalising_an_upload_makes_its_object_visible,
@@ -384,6 +393,37 @@ async fn caches_are_created_read_updated_listed_and_deleted(t: TestDb) {
     );
 }
 
+/// The lookup the server makes for a caller whose token grants nothing on
+/// a name: a private cache is as absent as a missing one.
+async fn a_public_scope_finds_a_private_cache_no_more_than_a_missing_one(t: TestDb) {
+    let db = &t.db;
+    let private = create_cache(db, "private").await;
+    let public = create_cache(db, "public").await;
+    let public = db
+        .update_cache(
+            &public.name,
+            &CacheUpdate {
+                is_public: Some(true),
+                ..CacheUpdate::default()
+            },
+        )
+        .await
+        .expect("making it public");
+    let find = |name: &str, scope| {
+        let name = cache_name(name);
+        async move { db.cache_by_name_in(&name, scope).await.expect("lookup") }
+    };
+    assert_eq!(find("private", CacheScope::Public).await, None);
+    assert_eq!(find("missing", CacheScope::Public).await, None);
+    assert_eq!(
+        find("public", CacheScope::Public).await,
+        Some(public.clone())
+    );
+    assert_eq!(find("private", CacheScope::Any).await, Some(private));
+    assert_eq!(find("public", CacheScope::Any).await, Some(public));
+    assert_eq!(find("missing", CacheScope::Any).await, None);
+}
+
 async fn cache_names_are_unique(t: TestDb) {
     let db = &t.db;
     let first = create_cache(db, "taken").await;
@@ -412,7 +452,7 @@ async fn destroying_a_cache_cascades_to_its_objects_and_uploads(t: TestDb) {
     let db = &t.db;
     let doomed = create_cache(db, "doomed").await;
     let kept = create_cache(db, "kept").await;
-    let nar = valid_nar(db, 1, 5000, &[1, 2]).await;
+    let nar = valid_nar(db, 1, 50_000, &[1, 2]).await;
     db.upsert_object(doomed.id, &new_object(path_hash(1), nar), T0)
         .await
         .expect("object");
@@ -718,7 +758,7 @@ async fn concurrent_pending_inserts_of_one_nar_hash_yield_one_row(t: TestDb) {
 async fn chunks_and_nars_round_trip_in_order(t: TestDb) {
     let db = &t.db;
     let (nar, _) = db
-        .insert_nar_pending(&nar_hash(1), 9000, T0)
+        .insert_nar_pending(&nar_hash(1), 90_000, T0)
         .await
         .expect("NAR");
     // Chunk 3 appears twice in this NAR: a list, not a set.
@@ -840,14 +880,14 @@ async fn chunks_and_nars_round_trip_in_order(t: TestDb) {
 
 async fn chunk_rows_are_shared_between_nars(t: TestDb) {
     let db = &t.db;
-    let first = valid_nar(db, 1, 3000, &[1, 2, 3]).await;
+    let first = valid_nar(db, 1, 50_000, &[1, 2, 3]).await;
     let shared = db
         .chunk_by_hash(&chunk_hash(2))
         .await
         .expect("chunk")
         .expect("chunk");
     let (second, _) = db
-        .insert_nar_pending(&nar_hash(2), 2000, T0)
+        .insert_nar_pending(&nar_hash(2), 20_000, T0)
         .await
         .expect("NAR");
     let chunks = db
@@ -946,12 +986,12 @@ async fn a_complete_nar_is_written_in_one_call(t: TestDb) {
     let db = &t.db;
     let chunks = [stored_chunk(1), stored_chunk(2), stored_chunk(1)];
     let nar = db
-        .store_complete_nar(&nar_hash(1), 3003, &chunks, T0)
+        .store_complete_nar(&nar_hash(1), 50_003, &chunks, T0)
         .await
         .expect("storing");
     assert_eq!(nar.state, StoreState::Valid);
     assert_eq!(nar.n_chunks, 3);
-    assert_eq!(nar.nar_size, 3003);
+    assert_eq!(nar.nar_size, 50_003);
     let listed = db.chunks_of_nar(nar.id).await.expect("listing");
     let got: Vec<(Sha256Hash, Option<ChunkLocation>)> = listed
         .into_iter()
@@ -965,7 +1005,7 @@ async fn a_complete_nar_is_written_in_one_call(t: TestDb) {
 
     // Idempotent: the same NAR again is the same row.
     let again = db
-        .store_complete_nar(&nar_hash(1), 3003, &chunks, T0)
+        .store_complete_nar(&nar_hash(1), 50_003, &chunks, T0)
         .await
         .expect("storing again");
     assert_eq!(again, nar);
@@ -996,7 +1036,7 @@ async fn concurrent_writers_of_nars_sharing_chunks_all_succeed(t: TestDb) {
                 (2, backward.clone())
             };
             tokio::spawn(async move {
-                db.store_complete_nar(&nar_hash(n), 50_000, &chunks, T0)
+                db.store_complete_nar(&nar_hash(n), 500_000, &chunks, T0)
                     .await
             })
         })
@@ -1043,6 +1083,249 @@ async fn long_chunk_lists_round_trip(t: TestDb) {
     assert_eq!(again, chunks);
 }
 
+async fn chunk_lists_are_read_in_pages(t: TestDb) {
+    let db = &t.db;
+    let (nar, _) = db
+        .insert_nar_pending(&nar_hash(1), 1 << 30, T0)
+        .await
+        .expect("NAR");
+    let new: Vec<NewChunk> = (0..700_u32)
+        .map(|i| NewChunk {
+            chunk_hash: Sha256Hash::digest(&i.to_be_bytes()),
+            chunk_size: 65_536,
+        })
+        .collect();
+    let chunks = db.upsert_chunks(&new, T0).await.expect("chunks");
+    let ids: Vec<_> = chunks.iter().map(|chunk| chunk.id).collect();
+    db.set_nar_chunks(nar.id, &ids).await.expect("chunk list");
+    let page = db
+        .chunks_of_nar_from(nar.id, 100, 256)
+        .await
+        .expect("a page");
+    let seqs: Vec<u32> = page.iter().map(|entry| entry.seq).collect();
+    assert_eq!(seqs, (100..356).collect::<Vec<u32>>());
+    assert_eq!(page[0].chunk.id, ids[100]);
+    let last = db
+        .chunks_of_nar_from(nar.id, 650, 256)
+        .await
+        .expect("the last page");
+    assert_eq!(last.len(), 50);
+    assert!(db
+        .chunks_of_nar_from(nar.id, 700, 256)
+        .await
+        .expect("past the end")
+        .is_empty());
+}
+
+/// A chunk list can have at most one entry per minimum chunk size of its
+/// NAR (plus a short tail), however it is recorded: a NAR of one chunk
+/// repeated cannot make serving walk more entries than its bytes allow.
+async fn a_chunk_list_is_bounded_by_its_nar_size(t: TestDb) {
+    let db = &t.db;
+    let nar_size = 2 * u64::from(MIN_CHUNK_SIZE) + 1;
+    let most = max_chunk_entries(nar_size) as usize;
+    assert_eq!(most, 3);
+    let (nar, _) = db
+        .insert_nar_pending(&nar_hash(1), nar_size, T0)
+        .await
+        .expect("NAR");
+    let chunk = db
+        .upsert_chunks(
+            &[NewChunk {
+                chunk_hash: chunk_hash(1),
+                chunk_size: u64::from(MIN_CHUNK_SIZE),
+            }],
+            T0,
+        )
+        .await
+        .expect("chunk")[0]
+        .id;
+    let error = db
+        .set_nar_chunks(nar.id, &vec![chunk; most + 1])
+        .await
+        .expect_err("one entry too many");
+    assert!(matches!(error, DbError::InvalidInput { .. }), "{error:?}");
+    assert_eq!(db.chunks_of_nar(nar.id).await.expect("listing").len(), 0);
+    db.set_nar_chunks(nar.id, &vec![chunk; most])
+        .await
+        .expect("as many entries as the size allows");
+    assert_eq!(db.chunks_of_nar(nar.id).await.expect("listing").len(), most);
+
+    // The same bound when a whole NAR is written at once.
+    let error = db
+        .store_complete_nar(&nar_hash(2), 1000, &[stored_chunk(5), stored_chunk(5)], T0)
+        .await
+        .expect_err("two entries for a NAR of 1000 bytes");
+    assert!(matches!(error, DbError::InvalidInput { .. }), "{error:?}");
+    assert_eq!(db.nar_by_hash(&nar_hash(2)).await.expect("lookup"), None);
+}
+
+fn listing(names: &[&str]) -> NarListing {
+    NarListing {
+        root: ListingNode::Directory {
+            entries: names
+                .iter()
+                .enumerate()
+                .map(|(i, name)| {
+                    (
+                        name.as_bytes().to_vec(),
+                        ListingNode::Regular {
+                            size: i as u64,
+                            executable: false,
+                            nar_offset: 8 * i as u64,
+                        },
+                    )
+                })
+                .collect(),
+        },
+    }
+}
+
+async fn listings_are_stored_once_and_go_with_their_nar(t: TestDb) {
+    let db = &t.db;
+    let nar = valid_nar(db, 1, 50_000, &[1]).await;
+    assert_eq!(db.nar_listing(nar).await.expect("lookup"), None);
+    let first = EncodedListing::encode(&listing(&["a", "b"])).expect("encoding");
+    db.set_nar_listing(nar, &first).await.expect("storing");
+    let stored = db
+        .nar_listing(nar)
+        .await
+        .expect("lookup")
+        .expect("a listing");
+    assert_eq!(
+        stored.decode().expect("decoding"),
+        listing(&["a", "b"]).to_json()
+    );
+    // A job done again stores its listing again.
+    let second = EncodedListing::encode(&listing(&["c"])).expect("encoding");
+    db.set_nar_listing(nar, &second).await.expect("replacing");
+    assert_eq!(db.nar_listing(nar).await.expect("lookup"), Some(second));
+
+    let error = db
+        .set_nar_listing(NarId(i64::MAX), &first)
+        .await
+        .expect_err("no such NAR");
+    assert!(error.is_not_found(), "{error:?}");
+
+    // GC deletes the NAR, and its listing goes with it.
+    assert_eq!(
+        db.delete_unreferenced_nars(&[nar]).await.expect("deleting"),
+        vec![nar]
+    );
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM nar_listings")
+        .fetch_one(t.db.pool())
+        .await
+        .expect("counting listings");
+    assert_eq!(left, 0);
+}
+
+fn staged_file(cache_id: CacheId, key: &str, at: Timestamp) -> StagedFile {
+    StagedFile {
+        cache_id,
+        file_name: "x.nar.zst".to_owned(),
+        staged_key: key.to_owned(),
+        nar_hash: nar_hash(1),
+        nar_size: 4096,
+        created_at: at,
+    }
+}
+
+/// The same NAR file PUT twice is kept once (the first copy), and a
+/// narinfo claims it once, in the transaction that records its upload;
+/// a claim that loses leaves nothing behind.
+async fn a_staged_file_is_kept_once_and_claimed_once(t: TestDb) {
+    let db = &t.db;
+    let cache = create_cache(db, "hello").await;
+    let first = staged_file(cache.id, "staging/first.nar", at(0));
+    assert_eq!(
+        db.put_staged_file(&first).await.expect("staging"),
+        "staging/first.nar"
+    );
+    let second = staged_file(cache.id, "staging/second.nar", at(5));
+    assert_eq!(
+        db.put_staged_file(&second).await.expect("staging again"),
+        "staging/first.nar",
+        "the first copy is kept"
+    );
+    let kept = db
+        .staged_file(cache.id, "x.nar.zst")
+        .await
+        .expect("lookup")
+        .expect("the staged file");
+    assert_eq!(kept.staged_key, "staging/first.nar");
+    assert_eq!(kept.created_at, at(5), "its wait starts again");
+
+    // A claim naming another copy than the one recorded claims nothing.
+    let mut new = new_upload(cache.id, path_hash(1), 1);
+    new.staged_key = "staging/second.nar".to_owned();
+    assert_eq!(
+        db.claim_staged_file(&new, "x.nar.zst", at(6))
+            .await
+            .expect("claiming"),
+        None
+    );
+    // Concurrent claims of the recorded copy: exactly one wins.
+    new.staged_key = "staging/first.nar".to_owned();
+    let claims: Vec<_> = (0..8)
+        .map(|_| {
+            let (db, new) = (db.clone(), new.clone());
+            tokio::spawn(async move { db.claim_staged_file(&new, "x.nar.zst", at(7)).await })
+        })
+        .collect();
+    let mut won = Vec::new();
+    for claim in claims {
+        if let Some(upload) = claim.await.expect("join").expect("claiming") {
+            won.push(upload);
+        }
+    }
+    assert_eq!(won.len(), 1, "{won:?}");
+    assert_eq!(won[0].staged_key, "staging/first.nar");
+    assert_eq!(won[0].phase, UploadPhase::Spooled);
+    let uploads: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM uploads")
+        .fetch_one(t.db.pool())
+        .await
+        .expect("counting uploads");
+    assert_eq!(uploads, 1, "the losing claims recorded no upload");
+    assert_eq!(
+        db.staged_file(cache.id, "x.nar.zst").await.expect("lookup"),
+        None
+    );
+    // Claimed: the reaper finds nothing to take.
+    assert_eq!(
+        db.take_expired_staged_file(cache.id, "x.nar.zst", at(100))
+            .await
+            .expect("reaping"),
+        None
+    );
+}
+
+async fn an_upload_in_flight_is_found_by_path_and_nar(t: TestDb) {
+    let db = &t.db;
+    let cache = create_cache(db, "hello").await;
+    let other = create_cache(db, "other").await;
+    let upload = db
+        .create_upload(&new_upload(cache.id, path_hash(1), 1), at(0))
+        .await
+        .expect("upload");
+    let found = |cache: CacheId, path: u8, nar: u8| {
+        let db = db.clone();
+        async move {
+            db.in_flight_upload_of_path(cache, &path_hash(path), &nar_hash(nar))
+                .await
+                .expect("lookup")
+                .map(|upload| upload.id)
+        }
+    };
+    assert_eq!(found(cache.id, 1, 1).await, Some(upload.id.clone()));
+    assert_eq!(found(cache.id, 1, 2).await, None, "another NAR");
+    assert_eq!(found(cache.id, 2, 1).await, None, "another path");
+    assert_eq!(found(other.id, 1, 1).await, None, "another cache");
+    db.fail_upload(&upload.id, "test", at(1))
+        .await
+        .expect("failing");
+    assert_eq!(found(cache.id, 1, 1).await, None, "no longer in flight");
+}
+
 async fn uploads_move_forward_through_their_phases(t: TestDb) {
     let db = &t.db;
     let cache = create_cache(db, "hello").await;
@@ -1064,6 +1347,18 @@ async fn uploads_move_forward_through_their_phases(t: TestDb) {
     assert_eq!(
         db.upload(&upload.id).await.expect("reading").as_ref(),
         Some(&upload)
+    );
+    assert_eq!(
+        db.upload_with_cache_name(&upload.id)
+            .await
+            .expect("reading with the cache's name"),
+        Some((upload.clone(), cache_name("hello")))
+    );
+    assert_eq!(
+        db.upload_with_cache_name(&UploadId::random())
+            .await
+            .expect("reading a missing upload"),
+        None
     );
 
     assert!(db
@@ -1461,7 +1756,7 @@ async fn per_cache_stats_count_logical_and_stored_bytes(t: TestDb) {
     let empty = create_cache(db, "empty").await;
     // Chunk n has compressed length 100 + n. NAR 1 = chunks 1, 2, 1;
     // NAR 2 = chunks 2, 3.
-    let nar1 = valid_nar(db, 1, 10_000, &[1, 2, 1]).await;
+    let nar1 = valid_nar(db, 1, 40_000, &[1, 2, 1]).await;
     let nar2 = valid_nar(db, 2, 20_000, &[2, 3]).await;
     // alice has both NARs, one of them under two paths; bob has NAR 2.
     for (cache, n, nar) in [
@@ -1478,7 +1773,7 @@ async fn per_cache_stats_count_logical_and_stored_bytes(t: TestDb) {
         db.per_cache_stats(alice.id).await.expect("stats"),
         CacheStats {
             object_count: 3,
-            logical_bytes: 50_000,
+            logical_bytes: 80_000,
             stored_bytes: 101 + 102 + 103,
         }
     );

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use common::auth::{Permission, TokenSigningKey};
 use common::config::{
-    AuthConfig, DatabaseConfig, GcConfig, HttpConfig, IngestConfig, LogConfig, PipelineConfig,
-    QueueConfig, QuotaConfig, S3Config, Secret, ServerConfig, StorageConfig,
+    AuthConfig, DatabaseConfig, GcConfig, HttpConfig, IngestConfig, LogConfig, OpsConfig,
+    PipelineConfig, QueueConfig, QuotaConfig, S3Config, Secret, ServerConfig, StorageConfig,
 };
 use common::db::{Cache, Database, Timestamp, Upload, UploadPhase};
 use common::duration::HumanDuration;
@@ -219,6 +219,7 @@ impl Cluster {
             },
             quota: QuotaConfig::default(),
             log: LogConfig::default(),
+            ops: OpsConfig::default(),
         };
         let dir = tempfile::tempdir().expect("a temporary directory");
         let config_path = dir.path().join("larder.toml");

@@ -3,7 +3,9 @@
 //! `ingest-api` in process or as a child process, or the whole distributed
 //! topology as processes.
 
+pub mod bench;
 pub mod cluster;
+pub mod counting_storage;
 pub mod nix;
 pub mod process;
 pub mod prometheus;

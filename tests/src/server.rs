@@ -25,19 +25,21 @@ use common::auth::{
 };
 use common::cache_name::{CacheName, CacheNamePattern};
 use common::config::{
-    AuthConfig, DatabaseConfig, GcConfig, HttpConfig, IngestConfig, LogConfig, PipelineConfig,
-    QueueConfig, QuotaConfig, Secret, ServerConfig, StorageConfig,
+    AuthConfig, DatabaseConfig, GcConfig, HttpConfig, IngestConfig, LogConfig, OpsConfig,
+    PipelineConfig, QueueConfig, QuotaConfig, Secret, ServerConfig, StorageConfig,
 };
 use common::db::{
-    Backend, Cache, CacheId, CacheKeypair, ChunkLocation, Database, Nar, NewCache, NewObject,
-    ObjectMetadata, StoredChunk, Timestamp, TokenRecord,
+    Backend, Cache, CacheId, CacheKeypair, ChunkLocation, Database, EncodedListing, Nar, NewCache,
+    NewObject, ObjectMetadata, StoredChunk, Timestamp, TokenRecord,
 };
+use common::nix::nar::read_nar;
 use common::nix::{NarHash, SecretKey, Sha256Hash, StorePathHash};
 use common::storage::{LocalStorage, ObjectKey, Storage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::counting_storage::CountingStorage;
 use crate::services;
 
 /// The size of the slices [`TestServer::seed_path`] cuts NARs into: small,
@@ -76,6 +78,9 @@ pub struct TestServerOptions {
     pub database_url: Option<String>,
     /// Applied last, to the whole config.
     pub edit_config: Option<ConfigEdit>,
+    /// Serve through a [`CountingStorage`] around the configured storage,
+    /// read back with [`TestServer::storage_requests`].
+    pub count_storage: bool,
 }
 
 impl std::fmt::Debug for TestServerOptions {
@@ -88,6 +93,7 @@ impl std::fmt::Debug for TestServerOptions {
             .field("gc", &self.gc)
             .field("database_url", &self.database_url)
             .field("edit_config", &self.edit_config.as_ref().map(|_| "…"))
+            .field("count_storage", &self.count_storage)
             .finish()
     }
 }
@@ -102,6 +108,7 @@ impl Default for TestServerOptions {
             gc: GcConfig::default(),
             database_url: None,
             edit_config: None,
+            count_storage: false,
         }
     }
 }
@@ -112,9 +119,10 @@ pub type SeedError = Box<dyn std::error::Error + Send + Sync>;
 /// Writes a store path into a cache as the push pipeline would: the NAR
 /// cut into [`SEED_CHUNK_SIZE`] slices, each compressed into one zstd frame
 /// and stored under `chunks/<sha256 hex>.zst`, then the NAR (made valid),
-/// its chunks and the object, through the store layer. Returns the NAR row
-/// and its chunks' keys in order. Used by [`TestServer::seed_path`] and by
-/// the serving benchmark's driver.
+/// its chunks, its `.ls` listing (when the bytes are a NAR) and the
+/// object, through the store layer. Returns the NAR row and its chunks'
+/// keys in order. Used by [`TestServer::seed_path`] and by the serving
+/// benchmark's driver.
 pub async fn seed_nar(
     database: &Database,
     storage: &dyn Storage,
@@ -125,28 +133,76 @@ pub async fn seed_nar(
     nar: &[u8],
 ) -> Result<(Nar, Vec<ObjectKey>), SeedError> {
     let mut chunks = Vec::new();
-    let mut chunk_keys = Vec::new();
     for slice in nar.chunks(SEED_CHUNK_SIZE) {
-        let chunk_hash = Sha256Hash::digest(slice);
-        let compressed = zstd::bulk::compress(slice, SEED_ZSTD_LEVEL)?;
-        let key = ObjectKey::new(format!("chunks/{}.zst", chunk_hash.to_hex()))?;
-        let length = compressed.len() as u64;
-        storage.put(&key, Bytes::from(compressed)).await?;
-        chunks.push(StoredChunk {
-            chunk_hash,
-            chunk_size: slice.len() as u64,
-            location: ChunkLocation {
-                object_key: key.as_str().to_owned(),
-                offset: 0,
-                length,
-            },
-        });
-        chunk_keys.push(key);
+        chunks.push(store_seed_chunk(storage, slice).await?);
     }
     let nar_hash = NarHash::from(Sha256Hash::digest(nar));
+    let listing = match read_nar(nar, true) {
+        Ok(summary) => summary
+            .listing
+            .map(|listing| EncodedListing::encode(&listing)),
+        Err(_) => None,
+    }
+    .transpose()?;
+    let nar_row = record_seeded(
+        database,
+        cache_id,
+        store_path_hash,
+        metadata,
+        created_by,
+        (nar_hash, nar.len() as u64),
+        &chunks,
+        listing.as_ref(),
+    )
+    .await?;
+    Ok((nar_row, seed_chunk_keys(&chunks)?))
+}
+
+/// Compresses one slice into a zstd frame and stores it under
+/// `chunks/<sha256 hex>.zst`.
+async fn store_seed_chunk(storage: &dyn Storage, slice: &[u8]) -> Result<StoredChunk, SeedError> {
+    let chunk_hash = Sha256Hash::digest(slice);
+    let compressed = zstd::bulk::compress(slice, SEED_ZSTD_LEVEL)?;
+    let key = ObjectKey::new(format!("chunks/{}.zst", chunk_hash.to_hex()))?;
+    let length = compressed.len() as u64;
+    storage.put(&key, Bytes::from(compressed)).await?;
+    Ok(StoredChunk {
+        chunk_hash,
+        chunk_size: slice.len() as u64,
+        location: ChunkLocation {
+            object_key: key.as_str().to_owned(),
+            offset: 0,
+            length,
+        },
+    })
+}
+
+fn seed_chunk_keys(chunks: &[StoredChunk]) -> Result<Vec<ObjectKey>, SeedError> {
+    chunks
+        .iter()
+        .map(|chunk| Ok(ObjectKey::new(chunk.location.object_key.as_str())?))
+        .collect()
+}
+
+/// The NAR (made valid with `chunks`), its listing if any, and the object,
+/// through the store layer.
+#[allow(clippy::too_many_arguments)]
+async fn record_seeded(
+    database: &Database,
+    cache_id: CacheId,
+    store_path_hash: StorePathHash,
+    metadata: ObjectMetadata,
+    created_by: &str,
+    (nar_hash, nar_size): (NarHash, u64),
+    chunks: &[StoredChunk],
+    listing: Option<&EncodedListing>,
+) -> Result<Nar, SeedError> {
     let nar_row = database
-        .store_complete_nar(&nar_hash, nar.len() as u64, &chunks, Timestamp::now())
+        .store_complete_nar(&nar_hash, nar_size, chunks, Timestamp::now())
         .await?;
+    if let Some(listing) = listing {
+        database.set_nar_listing(nar_row.id, listing).await?;
+    }
     database
         .upsert_object(
             cache_id,
@@ -159,7 +215,7 @@ pub async fn seed_nar(
             Timestamp::now(),
         )
         .await?;
-    Ok((nar_row, chunk_keys))
+    Ok(nar_row)
 }
 
 /// Deterministic pseudo-random bytes (xorshift) that zstd cannot shrink
@@ -200,8 +256,12 @@ pub struct TestServer {
     config_path: PathBuf,
     config: ServerConfig,
     address: SocketAddr,
+    /// The ops listener's address, when the config sets `[ops] listen`.
+    ops_address: Option<SocketAddr>,
     database: Database,
     storage: Arc<LocalStorage>,
+    /// What the server asked of storage, when counted.
+    storage_requests: Option<Arc<CountingStorage>>,
     signing_key: TokenSigningKey,
     http: reqwest::Client,
     shutdown: Option<oneshot::Sender<()>>,
@@ -292,6 +352,7 @@ impl TestServer {
             queue: QueueConfig::default(),
             quota: QuotaConfig::default(),
             log: LogConfig::default(),
+            ops: OpsConfig::default(),
         };
         if let Some(edit) = &options.edit_config {
             edit(&mut config);
@@ -303,9 +364,27 @@ impl TestServer {
             .await
             .expect("binding 127.0.0.1:0");
         let address = listener.local_addr().expect("the listener's address");
-        let server = ingest_api::Server::build(config.clone(), listener)
+        let served_storage = common::storage::open(&config.storage)
             .await
-            .unwrap_or_else(|error| panic!("building the server: {}", error_chain(&error)));
+            .unwrap_or_else(|error| {
+                panic!("opening the server's storage: {}", error_chain(&error))
+            });
+        let storage_requests = options
+            .count_storage
+            .then(|| Arc::new(CountingStorage::new(served_storage.clone())));
+        let served_storage = match &storage_requests {
+            Some(counting) => counting.clone() as Arc<dyn Storage>,
+            None => served_storage,
+        };
+        let server = ingest_api::Server::build_with_storage(
+            config.clone(),
+            listener,
+            ingest_api::Role::Monolithic,
+            served_storage,
+        )
+        .await
+        .unwrap_or_else(|error| panic!("building the server: {}", error_chain(&error)));
+        let ops_address = server.ops_local_addr().expect("the ops listener's address");
         let (shutdown, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run_until(async move {
             // A dropped sender stops the server as well.
@@ -332,8 +411,10 @@ impl TestServer {
             config_path,
             config,
             address,
+            ops_address,
             database,
             storage,
+            storage_requests,
             signing_key,
             http,
             shutdown: Some(shutdown),
@@ -360,6 +441,12 @@ impl TestServer {
         self.address
     }
 
+    /// `http://127.0.0.1:PORT` of the ops listener, when the config sets
+    /// `[ops] listen`.
+    pub fn ops_url(&self) -> Option<String> {
+        self.ops_address.map(|address| format!("http://{address}"))
+    }
+
     /// The config file, for `ingest-api --config` against this server.
     pub fn config_path(&self) -> &Path {
         &self.config_path
@@ -382,6 +469,17 @@ impl TestServer {
     /// The server's storage directory.
     pub fn storage(&self) -> &LocalStorage {
         &self.storage
+    }
+
+    /// What the server asked of storage so far.
+    ///
+    /// # Panics
+    ///
+    /// Unless the server was started with `count_storage`.
+    pub fn storage_requests(&self) -> &CountingStorage {
+        self.storage_requests
+            .as_deref()
+            .expect("a server started with `count_storage: true`")
     }
 
     /// The token-signing key from the server's config.
@@ -447,20 +545,8 @@ impl TestServer {
     /// `metadata.store_path` is the full path; references and deriver are
     /// base names.
     pub async fn seed_path(&self, cache: &str, metadata: ObjectMetadata, nar: &[u8]) -> SeededPath {
-        let cache_name: CacheName = cache.parse().expect("a valid cache name");
-        let cache = self
-            .database
-            .cache_by_name(&cache_name)
-            .await
-            .expect("looking up the cache")
-            .unwrap_or_else(|| panic!("seeding into cache {cache_name}, which does not exist"));
-        let base_name = metadata
-            .store_path
-            .rsplit('/')
-            .next()
-            .expect("split yields at least one part");
-        let store_path_hash = StorePathHash::parse(base_name.get(..32).unwrap_or(base_name))
-            .unwrap_or_else(|error| panic!("store path {}: {error}", metadata.store_path));
+        let cache = self.cache_row(cache).await;
+        let store_path_hash = store_path_hash_of(&metadata);
 
         let (nar_row, chunk_keys) = seed_nar(
             &self.database,
@@ -478,6 +564,55 @@ impl TestServer {
             nar: nar_row,
             chunk_keys,
         }
+    }
+
+    /// Writes a store path into `cache` whose NAR is `chunk` repeated
+    /// `times` times: one chunk object, listed `times` times, as a NAR of
+    /// zeros cut by FastCDC is. Its NAR hash is made up (hashing gigabytes
+    /// would only slow the test; serving never rehashes) and it has no
+    /// listing.
+    pub async fn seed_repeated_chunk(
+        &self,
+        cache: &str,
+        metadata: ObjectMetadata,
+        chunk: &[u8],
+        times: usize,
+    ) -> SeededPath {
+        let cache = self.cache_row(cache).await;
+        let store_path_hash = store_path_hash_of(&metadata);
+        let stored = store_seed_chunk(self.storage.as_ref(), chunk)
+            .await
+            .unwrap_or_else(|error| panic!("storing the chunk: {error}"));
+        let nar_hash = NarHash::from(Sha256Hash::digest(
+            format!("{} repeated {times} times", stored.chunk_hash.to_hex()).as_bytes(),
+        ));
+        let chunks = vec![stored; times];
+        let nar = record_seeded(
+            &self.database,
+            cache.id,
+            store_path_hash,
+            metadata,
+            "test-seed",
+            (nar_hash, (chunk.len() * times) as u64),
+            &chunks,
+            None,
+        )
+        .await
+        .unwrap_or_else(|error| panic!("seeding {store_path_hash}: {error}"));
+        SeededPath {
+            store_path_hash,
+            nar,
+            chunk_keys: seed_chunk_keys(&chunks).expect("keys made by store_seed_chunk"),
+        }
+    }
+
+    async fn cache_row(&self, cache: &str) -> Cache {
+        let cache_name: CacheName = cache.parse().expect("a valid cache name");
+        self.database
+            .cache_by_name(&cache_name)
+            .await
+            .expect("looking up the cache")
+            .unwrap_or_else(|| panic!("seeding into cache {cache_name}, which does not exist"))
     }
 
     /// Sends a request whose target is written on the wire exactly as
@@ -520,6 +655,17 @@ impl Drop for TestServer {
             let _ = shutdown.send(());
         }
     }
+}
+
+/// The hash part of `metadata.store_path`.
+fn store_path_hash_of(metadata: &ObjectMetadata) -> StorePathHash {
+    let base_name = metadata
+        .store_path
+        .rsplit('/')
+        .next()
+        .expect("split yields at least one part");
+    StorePathHash::parse(base_name.get(..32).unwrap_or(base_name))
+        .unwrap_or_else(|error| panic!("store path {}: {error}", metadata.store_path))
 }
 
 /// An error and its causes, `: `-separated.

@@ -16,6 +16,13 @@
 //!   entry at once: retrying would not help. When a group of entries
 //!   fails that way, each is retried alone, so one bad path does not
 //!   fail the others.
+//! - A file in the queue that is not a usable entry (not JSON, truncated,
+//!   unreadable, a directory) is logged and set aside in `failed/` with
+//!   the reason; the rest of the queue flows. One that cannot even be
+//!   moved (no write permission on the directory) is logged once and
+//!   skipped. Likewise an entry whose new state cannot be written (say,
+//!   uploaded but not removable) is logged once and held in memory, so
+//!   that it is not pushed again in a tight loop.
 //! - On shutdown, uploads in flight are abandoned; their entries are still
 //!   pending and are pushed on the next start.
 
@@ -37,7 +44,7 @@ use crate::config::{state_home, AgentSettings, CacheRef, ClientConfig, ConfigErr
 use crate::control::{self, AgentStatus, InFlight};
 use crate::nix::{self, NixError};
 use crate::push::{push, PushError, PushOptions, PushSummary};
-use crate::spool::{now_millis, QueuedPath, Spool, SpoolError};
+use crate::spool::{now_millis, QueuedPath, Spool, SpoolError, UnreadableEntry};
 use crate::watch::{StoreWatcher, WatchError};
 
 /// Entries pushed together (one closure computation, one missing-paths
@@ -384,15 +391,27 @@ struct Uploader {
 /// What a finished push task hands back.
 type Finished = (Group, Vec<QueuedPath>, Result<PushSummary, BatchError>);
 
+/// What the uploader remembers between rounds, beyond the spool.
+#[derive(Debug, Default)]
+struct Memory {
+    /// Entries whose group failed for a reason that is not transient:
+    /// pushed one at a time to find the culprit.
+    alone: HashSet<String>,
+    /// Unreadable files that could not be moved to `failed/` (reported
+    /// once, then skipped while they stay).
+    unmovable: HashSet<String>,
+    /// Entries whose new state could not be written to the spool, and
+    /// when they may be tried again (`u64::MAX`: not until a restart).
+    held: HashMap<String, u64>,
+}
+
 impl Uploader {
     async fn run(self, shutdown: CancellationToken) {
         let mut running: JoinSet<Finished> = JoinSet::new();
         let mut tasks: HashMap<tokio::task::Id, (Group, Vec<String>)> = HashMap::new();
-        // Entries whose group failed for a reason that is not transient:
-        // pushed one at a time to find the culprit.
-        let mut alone: HashSet<String> = HashSet::new();
+        let mut memory = Memory::default();
         loop {
-            let next_due = self.start_due(&mut running, &mut tasks, &alone);
+            let next_due = self.start_due(&mut running, &mut tasks, &mut memory);
             let wait = next_due.map_or(RESCAN_INTERVAL, |due| {
                 Duration::from_millis(due.saturating_sub(now_millis())).min(RESCAN_INTERVAL)
             });
@@ -408,7 +427,7 @@ impl Uploader {
                     // Settled before they stop being in flight, so that a
                     // status query never sees an uploaded path as pending.
                     match joined {
-                        Ok((_, finished)) => self.settle(finished, &mut alone),
+                        Ok((_, finished)) => self.settle(finished, &mut memory),
                         // The entries are still pending: the next round
                         // offers them again.
                         Err(error) => tracing::error!(%error, "an upload task failed"),
@@ -432,15 +451,20 @@ impl Uploader {
         &self,
         running: &mut JoinSet<Finished>,
         tasks: &mut HashMap<tokio::task::Id, (Group, Vec<String>)>,
-        alone: &HashSet<String>,
+        memory: &mut Memory,
     ) -> Option<u64> {
-        let pending = match self.spool.pending() {
-            Ok(pending) => pending,
+        let listing = match self.spool.pending() {
+            Ok(listing) => listing,
             Err(error) => {
                 tracing::error!(%error, "reading the queue");
                 return Some(now_millis() + RESCAN_INTERVAL.as_millis() as u64);
             }
         };
+        self.set_aside(listing.unreadable, &mut memory.unmovable);
+        let pending = listing.entries;
+        memory
+            .held
+            .retain(|key, _| pending.iter().any(|entry| entry.key() == *key));
         let now = now_millis();
         let busy: HashSet<&Group> = tasks.values().map(|(group, _)| group).collect();
         let mut next_due: Option<u64> = None;
@@ -451,11 +475,12 @@ impl Uploader {
                 if in_flight.contains_key(&entry.key()) {
                     continue;
                 }
-                if entry.next_attempt_at > now {
-                    next_due = Some(
-                        next_due
-                            .map_or(entry.next_attempt_at, |due| due.min(entry.next_attempt_at)),
-                    );
+                let held_until = memory.held.get(&entry.key()).copied().unwrap_or(0);
+                let due_at = entry.next_attempt_at.max(held_until);
+                if due_at > now {
+                    if due_at != u64::MAX {
+                        next_due = Some(next_due.map_or(due_at, |due| due.min(due_at)));
+                    }
                     continue;
                 }
                 let group = Group {
@@ -472,7 +497,7 @@ impl Uploader {
             // An entry to be pushed alone goes alone.
             match entries
                 .iter()
-                .position(|entry| alone.contains(&entry.key()))
+                .position(|entry| memory.alone.contains(&entry.key()))
             {
                 Some(position) => entries = vec![entries.swap_remove(position)],
                 None => entries.truncate(BATCH),
@@ -506,15 +531,39 @@ impl Uploader {
         next_due
     }
 
-    /// Records how a push went in the spool.
-    fn settle(&self, (group, entries, result): Finished, alone: &mut HashSet<String>) {
+    /// Moves files of `pending/` that are not usable entries to `failed/`,
+    /// each logged once: when it is set aside, or, if it cannot be moved,
+    /// the first time that fails (then it is skipped while it stays).
+    fn set_aside(&self, unreadable: Vec<UnreadableEntry>, unmovable: &mut HashSet<String>) {
+        unmovable.retain(|name| unreadable.iter().any(|entry| entry.file_name == *name));
+        for entry in unreadable {
+            let path = entry.path.display();
+            match self.spool.set_aside(&entry) {
+                Ok(()) => {
+                    unmovable.remove(&entry.file_name);
+                    tracing::warn!(%path, reason = entry.reason, "moved an unusable queue entry to failed/");
+                }
+                Err(error) => {
+                    if unmovable.insert(entry.file_name.clone()) {
+                        tracing::error!(%path, reason = entry.reason, %error, "cannot move an unusable queue entry to failed/; skipping it");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records how a push went in the spool. An entry whose new state
+    /// cannot be written is held in memory instead (and logged), so that
+    /// it is not pushed again at once.
+    fn settle(&self, (group, entries, result): Finished, memory: &mut Memory) {
         let cache = format!("{}:{}", group.server, group.cache);
         let error = match result {
             Ok(summary) => {
                 for entry in &entries {
-                    alone.remove(&entry.key());
+                    memory.alone.remove(&entry.key());
                     if let Err(error) = self.spool.remove(entry) {
-                        tracing::error!(%error, path = entry.path, "removing an uploaded path from the queue");
+                        tracing::error!(%error, path = entry.path, "removing an uploaded path from the queue; not offering it again until a restart");
+                        memory.held.insert(entry.key(), u64::MAX);
                     }
                 }
                 tracing::info!(cache, paths = entries.len(), %summary, "uploaded queued paths");
@@ -524,7 +573,7 @@ impl Uploader {
         };
         if !error.is_transient() && entries.len() > 1 {
             tracing::warn!(cache, %error, paths = entries.len(), "a push failed; trying its paths one at a time");
-            alone.extend(entries.iter().map(QueuedPath::key));
+            memory.alone.extend(entries.iter().map(QueuedPath::key));
             self.shared.wake.notify_one();
             return;
         }
@@ -534,7 +583,7 @@ impl Uploader {
             entry.last_error = Some(message.clone());
             let give_up = !error.is_transient() || entry.attempts >= self.retry.max_attempts;
             let recorded = if give_up {
-                alone.remove(&entry.key());
+                memory.alone.remove(&entry.key());
                 tracing::warn!(
                     cache,
                     path = entry.path,
@@ -550,7 +599,13 @@ impl Uploader {
                 self.spool.update(&entry)
             };
             if let Err(error) = recorded {
-                tracing::error!(%error, path = entry.path, "recording a failed upload in the queue");
+                tracing::error!(%error, path = entry.path, "recording a failed upload in the queue; holding it in memory");
+                let until = if give_up {
+                    u64::MAX
+                } else {
+                    entry.next_attempt_at
+                };
+                memory.held.insert(entry.key(), until);
             }
         }
     }

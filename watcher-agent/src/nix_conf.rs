@@ -7,6 +7,14 @@
 //! setting) is not added again, values are appended to an existing
 //! `extra-…` line rather than repeated in a new one, and a netrc entry is
 //! only rewritten when its token changed.
+//!
+//! The values come from the server, which is not trusted with the user's
+//! Nix configuration: [`check_substituter`] and [`check_public_key`] refuse
+//! anything that could end a nix.conf line or list item early (a newline,
+//! any whitespace or control character, a `#` that starts a comment) and
+//! so add a line of the server's choosing, such as `post-build-hook = …`,
+//! or a netrc entry; [`check_token`] does the same for the token written to
+//! netrc.
 
 use std::path::{Path, PathBuf};
 
@@ -28,6 +36,92 @@ pub fn user_nix_conf_path() -> Result<PathBuf, ConfigError> {
 /// The netrc file Larder writes when nix.conf names none.
 pub fn default_netrc_path() -> Result<PathBuf, ConfigError> {
     Ok(config_home()?.join("nix").join("netrc"))
+}
+
+/// A value that `larder use` will not write into nix.conf or netrc.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfValueError {
+    #[error(
+        "the server sent a {what} that Nix's configuration cannot hold safely, {value:?}: {reason}"
+    )]
+    FromServer {
+        what: &'static str,
+        /// The value, cut short (and escaped by the message).
+        value: String,
+        reason: String,
+    },
+    /// The token itself is a secret: never part of the message.
+    #[error("the token is empty or holds whitespace, control or non-ASCII characters, which netrc cannot hold")]
+    Token,
+}
+
+impl ConfValueError {
+    fn new(what: &'static str, value: &str, reason: impl Into<String>) -> Self {
+        Self::FromServer {
+            what,
+            value: value.chars().take(120).collect(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Rejects what would not stay one list item on one nix.conf line: Nix
+/// splits lines at newlines, cuts them at `#` and items at spaces, tabs
+/// and carriage returns; visible ASCII but `#` is left.
+fn check_list_item(what: &'static str, value: &str) -> Result<(), ConfValueError> {
+    if value.is_empty() {
+        return Err(ConfValueError::new(what, value, "it is empty"));
+    }
+    if let Some(bad) = value.chars().find(|c| !c.is_ascii_graphic() || *c == '#') {
+        let reason = match bad {
+            '#' => "it holds a `#`, which starts a comment in nix.conf".to_owned(),
+            c if c.is_control() => format!("it holds the control character {c:?}"),
+            c if c.is_whitespace() => format!("it holds whitespace ({c:?})"),
+            c => format!("it holds {c:?}, which is not plain visible ASCII"),
+        };
+        return Err(ConfValueError::new(what, value, reason));
+    }
+    Ok(())
+}
+
+/// Checks a substituter URL from the server: one nix.conf list item, an
+/// `http` or `https` URL with a host. Returns that host (for netrc).
+pub fn check_substituter(value: &str) -> Result<String, ConfValueError> {
+    const WHAT: &str = "substituter endpoint";
+    check_list_item(WHAT, value)?;
+    let url = reqwest::Url::parse(value)
+        .map_err(|error| ConfValueError::new(WHAT, value, format!("it is not a URL ({error})")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(ConfValueError::new(
+            WHAT,
+            value,
+            format!("its scheme is {:?}, not http or https", url.scheme()),
+        ));
+    }
+    let host = url
+        .host_str()
+        .filter(|host| !host.is_empty())
+        .ok_or_else(|| ConfValueError::new(WHAT, value, "it names no host"))?;
+    Ok(host.to_owned())
+}
+
+/// Checks a public key from the server: one nix.conf list item and a
+/// valid `name:base64` ed25519 key.
+pub fn check_public_key(value: &str) -> Result<(), ConfValueError> {
+    const WHAT: &str = "public key";
+    check_list_item(WHAT, value)?;
+    common::nix::PublicKey::parse(value)
+        .map(drop)
+        .map_err(|error| ConfValueError::new(WHAT, value, error.to_string()))
+}
+
+/// Checks a token before it goes into netrc, where whitespace separates
+/// tokens and a newline starts a new entry.
+pub fn check_token(token: &str) -> Result<(), ConfValueError> {
+    if token.is_empty() || token.chars().any(|c| !c.is_ascii_graphic()) {
+        return Err(ConfValueError::Token);
+    }
+    Ok(())
 }
 
 /// A nix.conf file in memory, line by line.
@@ -214,6 +308,56 @@ mod tests {
         let mut empty = NixConf::parse("");
         assert!(empty.set_if_absent("netrc-file", "/x/netrc"));
         assert_eq!(empty.render(), "netrc-file = /x/netrc\n");
+    }
+
+    #[test]
+    fn server_values_that_could_add_lines_or_items_are_refused() {
+        let key = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+        assert_eq!(
+            check_substituter("https://cache.example.com/hello").as_deref(),
+            Ok("cache.example.com")
+        );
+        assert_eq!(
+            check_substituter("http://[::1]:8080/c").as_deref(),
+            Ok("[::1]")
+        );
+        assert_eq!(check_public_key(key), Ok(()));
+        for bad in [
+            "http://h/c\npost-build-hook = /tmp/evil",
+            "http://h/c\rx",
+            "http://h/c https://evil/",
+            "http://h/c\thttps://evil/",
+            "http://h/c#",
+            "http://h/c\u{85}",
+            "http://h/\u{e9}",
+            "",
+            "not a url",
+            "file:///tmp/store",
+            "unix:/tmp/socket",
+            "http://:80/c",
+        ] {
+            assert!(check_substituter(bad).is_err(), "{bad:?}");
+        }
+        for bad in [
+            format!("{key}\npost-build-hook = /tmp/evil"),
+            format!("{key}\n"),
+            format!("{key} other-1:x"),
+            format!("x#y:{}", &key["cache.nixos.org-1:".len()..]),
+            "cache-1:not base64".to_owned(),
+            "cache-1:AAAA".to_owned(),
+            "no-colon".to_owned(),
+        ] {
+            assert!(check_public_key(&bad).is_err(), "{bad:?}");
+        }
+        let message = check_substituter("http://h/c\npost-build-hook = /tmp/evil")
+            .expect_err("refused")
+            .to_string();
+        assert!(!message.contains('\n'), "one line: {message}");
+        assert!(message.contains("control character"), "{message}");
+        assert!(check_token("eyJ0.eyJ.sig").is_ok());
+        for bad in ["", "a b", "a\nmachine evil password x", "t\u{0}"] {
+            assert_eq!(check_token(bad), Err(ConfValueError::Token), "{bad:?}");
+        }
     }
 
     #[test]

@@ -96,9 +96,10 @@ impl Progress {
             .retain(|flight| flight.id != upload.id);
     }
 
-    /// Ends an upload with a line saying how it went (`outcome` is e.g.
-    /// "pushed" or "deduplicated").
-    pub fn finished(&self, upload: Upload, outcome: &str) {
+    /// Ends an upload with its line. It says "pushed" whether or not the
+    /// server stored the bytes before: the server does not tell (that
+    /// would depend on other tenants' data), and the bytes were sent.
+    pub fn finished(&self, upload: Upload) {
         let mut state = self.lock();
         let Some(position) = state.in_flight.iter().position(|f| f.id == upload.id) else {
             return;
@@ -107,7 +108,7 @@ impl Progress {
         state.done += 1;
         let elapsed = flight.started.elapsed();
         let line = format!(
-            "[{}/{}] {outcome} {} ({} in {:.1} s, {}/s)",
+            "[{}/{}] pushed {} ({} in {:.1} s, {}/s)",
             state.done,
             state.total,
             flight.name,

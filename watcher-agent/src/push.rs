@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use common::api::{
     GetMissingPathsRequest, GetMissingPathsResponse, UploadPathNarInfo, UploadPathResult,
-    UploadPathResultKind, UploadStatus, NAR_INFO_HEADER, PHASE_DONE, PHASE_FAILED, WAIT_HEADER,
+    UploadStatus, NAR_INFO_HEADER, PHASE_DONE, PHASE_FAILED, WAIT_HEADER,
 };
 use common::cache_name::CacheName;
 use common::nix::{StoreDir, StorePath, StorePathHash};
@@ -419,12 +419,7 @@ impl UploadTask {
         let dumped = nix::finish_dump(child, &self.full_path).await;
         match (answer, dumped) {
             (Ok(result), Ok(())) => {
-                let outcome = if result.kind == UploadPathResultKind::Deduplicated {
-                    "deduplicated"
-                } else {
-                    "pushed"
-                };
-                self.progress.finished(upload, outcome);
+                self.progress.finished(upload);
                 Ok(result)
             }
             // The server's own answer explains a refused upload best (the

@@ -29,6 +29,21 @@ pub const DEFAULT_PRIORITY: i32 = 41;
 /// are assumed to be in the upstream cache, so clients need not push them.
 pub const DEFAULT_UPSTREAM_CACHE_KEY_NAMES: &[&str] = &["cache.nixos.org-1"];
 
+/// Which caches a lookup by name may find.
+///
+/// The server picks the scope from the caller's token *before* looking
+/// anything up: a caller whose token says nothing about a name may only
+/// find a public cache of that name. For that caller a private cache and a
+/// missing one then run the same query and both find no row, so neither
+/// the answer nor the work behind it tells them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CacheScope {
+    /// Any cache of that name.
+    Any,
+    /// Only a public cache of that name.
+    Public,
+}
+
 /// A cache row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cache {
@@ -159,9 +174,28 @@ impl Database {
     }
 
     pub async fn cache_by_name(&self, name: &CacheName) -> Result<Option<Cache>> {
-        let sql = format!("SELECT {CACHE_COLUMNS} FROM caches WHERE name = $1");
+        self.cache_by_name_in(name, CacheScope::Any).await
+    }
+
+    /// The cache of that name, if it is in `scope`.
+    pub async fn cache_by_name_in(
+        &self,
+        name: &CacheName,
+        scope: CacheScope,
+    ) -> Result<Option<Cache>> {
+        // Both scopes bind the same parameters: `$2` is true for public
+        // caches only, and NULL (matching every row) for any.
+        let sql = format!(
+            "SELECT {CACHE_COLUMNS} FROM caches WHERE name = $1 \
+             AND ($2 IS NULL OR is_public = $2)"
+        );
+        let public_only = match scope {
+            CacheScope::Any => None,
+            CacheScope::Public => Some(true),
+        };
         let row = sqlx::query(&sql)
             .bind(name.as_str())
+            .bind(public_only)
             .fetch_optional(&self.pool)
             .await
             .map_err(query_error("looking up a cache by name"))?;

@@ -387,19 +387,6 @@ impl Database {
             .map_err(query_error("listing expired staged files"))?;
         rows.iter().map(staged_file_from_row).collect()
     }
-
-    /// Deletes and returns the staged file of that name if it is still
-    /// older than `created_before`: a narinfo claiming it at the same
-    /// moment gets it or does not, and a fresh file of the same name stays.
-    pub async fn take_expired_staged_file(
-        &self,
-        cache_id: CacheId,
-        file_name: &str,
-        created_before: Timestamp,
-    ) -> Result<Option<StagedFile>> {
-        self.take_staged_file_where(cache_id, file_name, Some(created_before))
-            .await
-    }
 }
 
 /// Binds each id in turn.

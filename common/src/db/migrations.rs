@@ -51,6 +51,12 @@ const MIGRATIONS: &[Embedded] = &[
         sqlite: include_str!("../../migrations/sqlite/0004_quota.sql"),
         postgres: include_str!("../../migrations/postgres/0004_quota.sql"),
     },
+    Embedded {
+        version: 5,
+        description: "nar_listings",
+        sqlite: include_str!("../../migrations/sqlite/0005_nar_listings.sql"),
+        postgres: include_str!("../../migrations/postgres/0005_nar_listings.sql"),
+    },
 ];
 
 /// The file names the embedded list stands for, per backend directory, so

@@ -10,7 +10,7 @@
 //! - `objects`: per cache, a store path and its metadata (references,
 //!   deriver, signatures, CA, who pushed it), pointing at a global NAR.
 //! - `nars`: global, by NAR hash; the concatenation of its `nar_chunks` in
-//!   `seq` order.
+//!   `seq` order, with its `.ls` listing in `nar_listings`.
 //! - `chunks`: global, by SHA-256 of the uncompressed bytes, each with the
 //!   byte range of a storage object that holds its compressed frame.
 //! - `uploads`: the ingest pipeline's state per pushed path.
@@ -57,6 +57,7 @@
 mod caches;
 mod error;
 mod gc;
+mod listings;
 pub mod migrations;
 mod nars;
 mod objects;
@@ -76,13 +77,14 @@ use sqlx::any::{AnyPoolOptions, AnyQueryResult};
 use sqlx::{Any, AnyPool, Transaction};
 
 pub use caches::{
-    Cache, CacheUpdate, NewCache, DEFAULT_PRIORITY, DEFAULT_UPSTREAM_CACHE_KEY_NAMES,
+    Cache, CacheScope, CacheUpdate, NewCache, DEFAULT_PRIORITY, DEFAULT_UPSTREAM_CACHE_KEY_NAMES,
 };
 pub use error::{DbError, Result};
 pub use gc::CacheRetention;
+pub use listings::EncodedListing;
 pub use nars::{Chunk, ChunkLocation, Nar, NarChunk, NewChunk, StoredChunk};
 pub use objects::{NewObject, Object, ObjectMetadata, ObjectWithNar};
-pub use push::{ChunkProgress, LinkedPath, StagedFile};
+pub use push::{LinkedPath, StagedFile};
 pub use quota::{CacheUsage, QuotaDefaults, QuotaStatus, UsageCorrection};
 pub use stats::CacheStats;
 pub use tokens::TokenRecord;

@@ -29,6 +29,7 @@ use super::row::{
 };
 use super::types::{CacheId, ChunkId, NarId, StoreState, Timestamp};
 use super::{placeholders, Backend, Database, MAX_IN_LIST};
+use crate::chunking::{max_chunk_entries, MIN_CHUNK_SIZE};
 use crate::nix::{NarHash, Sha256Hash};
 
 /// A NAR row.
@@ -333,14 +334,21 @@ async fn set_nar_chunks_on(
         reason: format!("{} chunks", chunk_ids.len()),
     })?;
     // Only a pending NAR's list may change: a valid NAR's bytes are
-    // being served, and a redelivered job must not touch them.
-    let updated = sqlx::query("UPDATE nars SET n_chunks = $2 WHERE id = $1 AND state = 'pending'")
-        .bind(nar_id.0)
-        .bind(i64::from(n_chunks))
-        .execute(&mut *connection)
-        .await
-        .map_err(query_error("recording a NAR's chunk count"))?
-        .rows_affected();
+    // being served, and a redelivered job must not touch them. The list's
+    // length is bounded by the NAR's size (`chunking::max_chunk_entries`,
+    // written out in SQL: both dialects divide integers by truncation),
+    // so serving a NAR never walks more entries than its bytes allow.
+    let updated = sqlx::query(
+        "UPDATE nars SET n_chunks = $2 WHERE id = $1 AND state = 'pending' \
+         AND $2 <= nar_size / $3 + 1",
+    )
+    .bind(nar_id.0)
+    .bind(i64::from(n_chunks))
+    .bind(i64::from(MIN_CHUNK_SIZE))
+    .execute(&mut *connection)
+    .await
+    .map_err(query_error("recording a NAR's chunk count"))?
+    .rows_affected();
     if updated == 0 {
         let sql = format!("SELECT {NAR_COLUMNS} FROM nars WHERE id = $1");
         let row = sqlx::query(&sql)
@@ -354,9 +362,21 @@ async fn set_nar_chunks_on(
             }),
             Some(row) => {
                 let nar = nar_from_row(&row, &NAR)?;
-                Err(DbError::Conflict {
-                    what: format!("NAR {} in state {}", nar.nar_hash, nar.state),
-                })
+                let most = max_chunk_entries(nar.nar_size);
+                if nar.state == StoreState::Pending && u64::from(n_chunks) > most {
+                    Err(DbError::InvalidInput {
+                        what: "chunk list",
+                        reason: format!(
+                            "{n_chunks} chunk entries for NAR {} of {} bytes, which can have \
+                             at most {most}",
+                            nar.nar_hash, nar.nar_size
+                        ),
+                    })
+                } else {
+                    Err(DbError::Conflict {
+                        what: format!("NAR {} in state {}", nar.nar_hash, nar.state),
+                    })
+                }
             }
         };
     }
@@ -527,12 +547,27 @@ impl Database {
 
     /// The chunks of a NAR in `seq` order, with their state and location.
     pub async fn chunks_of_nar(&self, nar_id: NarId) -> Result<Vec<NarChunk>> {
+        self.chunks_of_nar_from(nar_id, 0, u32::MAX).await
+    }
+
+    /// At most `limit` entries of a NAR's chunk list from `from_seq` on, in
+    /// `seq` order: a page, so that a NAR of any length is read in bounded
+    /// memory and with a bounded query.
+    pub async fn chunks_of_nar_from(
+        &self,
+        nar_id: NarId,
+        from_seq: u32,
+        limit: u32,
+    ) -> Result<Vec<NarChunk>> {
         let sql = format!(
             "SELECT nc.seq, {CHUNK_COLUMNS_C} FROM nar_chunks nc \
-             JOIN chunks c ON c.id = nc.chunk_id WHERE nc.nar_id = $1 ORDER BY nc.seq"
+             JOIN chunks c ON c.id = nc.chunk_id WHERE nc.nar_id = $1 AND nc.seq >= $2 \
+             ORDER BY nc.seq LIMIT $3"
         );
         let rows = sqlx::query(&sql)
             .bind(nar_id.0)
+            .bind(i64::from(from_seq))
+            .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await
             .map_err(query_error("listing a NAR's chunks"))?;

@@ -1,16 +1,26 @@
 //! What the push endpoints need beyond the pipeline's tables: NAR files
-//! staged through Nix's own upload protocol (`staged_files`), linking a
-//! path to a NAR that is already stored (deduplication at the door), and an
-//! upload's chunk progress.
+//! staged through Nix's own upload protocol (`staged_files`), and linking
+//! a path to a NAR that is already stored (without proof of possession,
+//! or a path pushed again into the cache that holds it).
+//!
+//! A staged file is a verified NAR a cache received with `PUT nar/<name>`
+//! that no narinfo has claimed yet; its row owns its staging object. The
+//! narinfo that names it claims it in the same transaction that records its
+//! upload ([`Database::claim_staged_file`]), which hands the object over to
+//! the upload row. So a staged NAR is named by exactly one row at every
+//! commit, a claim that fails (a 5xx, a crash) leaves the file for a retry,
+//! and the reaper's claim on an expired file
+//! ([`Database::take_expired_staged_file`]) and a narinfo's exclude each
+//! other.
 
 use sqlx::any::AnyRow;
 
-use super::error::{constraint_error, query_error, DbError, Result};
+use super::error::{constraint_error, query_error, Result};
 use super::nars::{nar_from_row, JOINED_NAR, JOINED_NAR_SELECT};
 use super::objects::{upsert_counted_object_on, NewObject, Object, ObjectMetadata};
 use super::quota::{adjust_usage_on, lock_cache_on, lock_existing_cache_on, make_room_on, Charge};
 use super::row::{i64_col, nar_hash_col, string_col, time_col, to_i64, u64_col};
-use super::types::{CacheId, NarId, Timestamp};
+use super::types::{CacheId, Timestamp};
 use super::{Backend, Database, Nar};
 use crate::nix::{NarHash, StorePathHash};
 
@@ -51,68 +61,59 @@ pub struct LinkedPath {
     pub created_by: Option<String>,
 }
 
-/// How far the chunks of an upload's NAR are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ChunkProgress {
-    /// 0 until the chunker has recorded the NAR's chunk list.
-    pub total: u64,
-    /// Chunks of that list already in storage.
-    pub stored: u64,
-}
-
 impl Database {
-    /// Records a staged file, replacing an earlier one of the same name in
-    /// that cache, and counts its NarSize (less the replaced file's) in the
-    /// cache's pending bytes: admitted only within the quota (under
-    /// eviction, after making room), [`DbError::QuotaExceeded`] otherwise,
-    /// with nothing written. Returns the staged key of the file it
-    /// replaced, whose object the caller deletes. [`DbError::NotFound`]
-    /// when the cache has gone.
-    pub async fn put_staged_file(&self, file: &StagedFile) -> Result<Option<String>> {
+    /// Records a staged file, unless the cache already has one of that
+    /// name waiting: a name is a FileHash, so the waiting file holds the
+    /// same bytes, and it is kept (its wait for a narinfo starts again). A
+    /// new file's NarSize is counted in the cache's pending bytes, admitted
+    /// only within the quota (under eviction, after making room),
+    /// [`DbError::QuotaExceeded`] otherwise, with nothing written. One
+    /// transaction under the cache's lock, so concurrent PUTs of one file
+    /// keep exactly one copy, counted once. Returns the staged key recorded
+    /// for the name: when it is not `file.staged_key`, the caller deletes
+    /// its own object. [`DbError::NotFound`] when the cache has gone.
+    pub async fn put_staged_file(&self, file: &StagedFile) -> Result<String> {
         let mut tx = self.begin_write().await?;
         let mut cache = lock_existing_cache_on(&mut tx, self.backend, file.cache_id).await?;
-        let previous = sqlx::query(
-            "SELECT staged_key, nar_size FROM staged_files WHERE cache_id = $1 AND file_name = $2",
+        let waiting = sqlx::query(
+            "UPDATE staged_files SET created_at = $3 WHERE cache_id = $1 AND file_name = $2 \
+             RETURNING staged_key",
         )
         .bind(file.cache_id.0)
         .bind(file.file_name.as_str())
+        .bind(file.created_at.unix_millis())
         .fetch_optional(&mut *tx)
         .await
-        .map_err(query_error("looking up a staged file"))?
-        .map(|row| Ok::<_, DbError>((string_col(&row, "staged_key")?, u64_col(&row, "nar_size")?)))
-        .transpose()?;
-        let replaced_size = previous.as_ref().map_or(0, |(_, size)| *size);
-        let growth = to_i64("NAR size", file.nar_size)? - to_i64("NAR size", replaced_size)?;
-        if let Ok(growth) = u64::try_from(growth) {
-            make_room_on(&mut tx, &mut cache, self.quota, growth, None).await?;
-        }
-        sqlx::query(
-            "INSERT INTO staged_files (cache_id, file_name, staged_key, nar_hash, nar_size, \
-             created_at) VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (cache_id, file_name) DO UPDATE SET staged_key = excluded.staged_key, \
-             nar_hash = excluded.nar_hash, nar_size = excluded.nar_size, \
-             created_at = excluded.created_at",
-        )
-        .bind(file.cache_id.0)
-        .bind(file.file_name.as_str())
-        .bind(file.staged_key.as_str())
-        .bind(file.nar_hash.to_string())
-        .bind(to_i64("NAR size", file.nar_size)?)
-        .bind(file.created_at.unix_millis())
-        .execute(&mut *tx)
-        .await
-        .map_err(constraint_error(
-            "recording a staged file",
-            || format!("staged file {}", file.file_name),
-            || format!("cache {}", file.cache_id),
-        ))?;
-        adjust_usage_on(&mut tx, &mut cache, 0, growth).await?;
+        .map_err(query_error("refreshing a staged file"))?;
+        let recorded = match waiting {
+            Some(row) => string_col(&row, "staged_key")?,
+            None => {
+                make_room_on(&mut tx, &mut cache, self.quota, file.nar_size, None).await?;
+                sqlx::query(
+                    "INSERT INTO staged_files (cache_id, file_name, staged_key, nar_hash, \
+                     nar_size, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(file.cache_id.0)
+                .bind(file.file_name.as_str())
+                .bind(file.staged_key.as_str())
+                .bind(file.nar_hash.to_string())
+                .bind(to_i64("NAR size", file.nar_size)?)
+                .bind(file.created_at.unix_millis())
+                .execute(&mut *tx)
+                .await
+                .map_err(constraint_error(
+                    "recording a staged file",
+                    || format!("staged file {}", file.file_name),
+                    || format!("cache {}", file.cache_id),
+                ))?;
+                adjust_usage_on(&mut tx, &mut cache, 0, to_i64("NAR size", file.nar_size)?).await?;
+                file.staged_key.clone()
+            }
+        };
         tx.commit()
             .await
             .map_err(query_error("committing a staged file"))?;
-        Ok(previous
-            .map(|(key, _)| key)
-            .filter(|key| *key != file.staged_key))
+        Ok(recorded)
     }
 
     /// The staged file of that name in a cache, if any.
@@ -133,26 +134,16 @@ impl Database {
         row.as_ref().map(staged_file_from_row).transpose()
     }
 
-    /// Removes and returns the staged file of that name: a narinfo claims
-    /// it once, so two requests never hand the same staged NAR on twice.
-    /// Its NarSize leaves the cache's pending bytes (the claimer's upload
-    /// or link counts it again).
-    pub async fn take_staged_file(
+    /// The reaper's claim: deletes and returns the staged file of that name
+    /// if it is still older than `created_before` (a narinfo claiming it at
+    /// the same moment gets it or does not, and a fresh file of the same
+    /// name stays), and subtracts its NarSize from the cache's pending bytes
+    /// in the same transaction, under the cache's lock.
+    pub async fn take_expired_staged_file(
         &self,
         cache_id: CacheId,
         file_name: &str,
-    ) -> Result<Option<StagedFile>> {
-        self.take_staged_file_where(cache_id, file_name, None).await
-    }
-
-    /// Deletes and returns the staged file of that name, if it was created
-    /// before `created_before` (when given), and subtracts its NarSize from
-    /// the cache's pending bytes in the same transaction.
-    pub(crate) async fn take_staged_file_where(
-        &self,
-        cache_id: CacheId,
-        file_name: &str,
-        created_before: Option<Timestamp>,
+        created_before: Timestamp,
     ) -> Result<Option<StagedFile>> {
         let mut tx = self.begin_write().await?;
         // A staged file goes with its cache: no cache, no file.
@@ -166,17 +157,17 @@ impl Database {
         let row = sqlx::query(&sql)
             .bind(cache_id.0)
             .bind(file_name)
-            .bind(created_before.map_or(i64::MAX, Timestamp::unix_millis))
+            .bind(created_before.unix_millis())
             .fetch_optional(&mut *tx)
             .await
-            .map_err(query_error("claiming a staged file"))?;
+            .map_err(query_error("taking a staged file"))?;
         let taken = row.as_ref().map(staged_file_from_row).transpose()?;
         if let Some(file) = &taken {
             adjust_usage_on(&mut tx, &mut cache, 0, -to_i64("NAR size", file.nar_size)?).await?;
         }
         tx.commit()
             .await
-            .map_err(query_error("committing a claimed staged file"))?;
+            .map_err(query_error("committing a taken staged file"))?;
         Ok(taken)
     }
 
@@ -249,27 +240,5 @@ impl Database {
             .await
             .map_err(query_error("committing a linked path"))?;
         Ok(Some((object, nar)))
-    }
-
-    /// How many chunks a NAR has and how many of them are stored.
-    pub async fn chunk_progress(&self, nar_id: NarId) -> Result<ChunkProgress> {
-        let row = sqlx::query(
-            "SELECT n.n_chunks AS total, \
-             (SELECT COUNT(*) FROM nar_chunks nc JOIN chunks c ON c.id = nc.chunk_id \
-              WHERE nc.nar_id = n.id AND c.state = 'valid') AS stored \
-             FROM nars n WHERE n.id = $1",
-        )
-        .bind(nar_id.0)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(query_error("counting the stored chunks of a NAR"))?;
-        match row {
-            Some(row) => Ok(ChunkProgress {
-                total: u64_col(&row, "total")?,
-                stored: u64_col(&row, "stored")?,
-            }),
-            // The NAR row went with GC; nothing is in progress.
-            None => Ok(ChunkProgress::default()),
-        }
     }
 }

@@ -82,6 +82,11 @@ pub(crate) fn opt_string_col(row: &AnyRow, column: &'static str) -> Result<Optio
         .map_err(|source| decode_error(column, source))
 }
 
+pub(crate) fn blob_col(row: &AnyRow, column: &'static str) -> Result<Vec<u8>> {
+    row.try_get::<Vec<u8>, _>(column)
+        .map_err(|source| decode_error(column, source))
+}
+
 /// A column holding text that a validated type parses.
 pub(crate) fn parsed_col<T>(row: &AnyRow, column: &'static str) -> Result<T>
 where

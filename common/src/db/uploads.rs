@@ -16,13 +16,17 @@ use sqlx::any::AnyRow;
 use super::error::{constraint_error, query_error, DbError, Result};
 use super::objects::{bind_params, Param};
 use super::objects::{upsert_counted_object_on, NewObject, Object, ObjectMetadata};
-use super::quota::{adjust_usage_on, lock_cache_on, lock_existing_cache_on, make_room_on, Charge};
+use super::quota::{
+    adjust_usage_on, lock_cache_on, lock_existing_cache_on, make_room_on, Charge, LockedCache,
+    QuotaDefaults,
+};
 use super::row::{
     i64_col, json_col, nar_hash_col, opt_i64_col, opt_string_col, parsed_col, store_path_hash_col,
     string_col, time_col, to_i64, to_json, u32_col, u64_col,
 };
 use super::types::{CacheId, NarId, StoreState, Timestamp};
 use super::{affected, Database};
+use crate::cache_name::CacheName;
 use crate::nix::{NarHash, StorePathHash};
 
 /// The phases in which an upload is still in the pipeline, as an SQL list.
@@ -222,6 +226,57 @@ fn upload_from_row(row: &AnyRow) -> Result<Upload> {
     })
 }
 
+/// Inserts a new upload in phase `spooled` with a fresh random id into its
+/// locked cache, and counts its NarSize in the cache's pending bytes:
+/// admitted only within the cache's quota (under eviction, after making
+/// room; never by evicting the path being pushed),
+/// [`DbError::QuotaExceeded`] otherwise.
+async fn create_upload_on(
+    connection: &mut sqlx::AnyConnection,
+    cache: &mut LockedCache,
+    quota: QuotaDefaults,
+    new: &NewUpload,
+    at: Timestamp,
+) -> Result<Upload> {
+    make_room_on(
+        connection,
+        cache,
+        quota,
+        new.nar_size,
+        Some(&new.store_path_hash),
+    )
+    .await?;
+    let id = UploadId::random();
+    let sql = format!(
+        "INSERT INTO uploads (id, cache_id, store_path_hash, nar_hash, nar_size, \
+         object_metadata, phase, staged_key, attempts, trace_id, created_by, created_at, \
+         updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, 'spooled', $7, 0, $8, $9, $10, $10) \
+         RETURNING {UPLOAD_COLUMNS}"
+    );
+    let row = sqlx::query(&sql)
+        .bind(id.as_str())
+        .bind(new.cache_id.0)
+        .bind(new.store_path_hash.as_str())
+        .bind(new.nar_hash.to_string())
+        .bind(to_i64("NAR size", new.nar_size)?)
+        .bind(to_json("object metadata", &new.metadata)?)
+        .bind(new.staged_key.as_str())
+        .bind(new.trace_id.as_deref())
+        .bind(new.created_by.as_deref())
+        .bind(at.unix_millis())
+        .fetch_one(&mut *connection)
+        .await
+        .map_err(constraint_error(
+            "recording an upload",
+            || format!("upload {id}"),
+            || format!("cache {}", new.cache_id),
+        ))?;
+    let upload = upload_from_row(&row)?;
+    adjust_usage_on(connection, cache, 0, to_i64("NAR size", new.nar_size)?).await?;
+    Ok(upload)
+}
+
 fn upload_not_found(id: &UploadId) -> DbError {
     DbError::NotFound {
         what: format!("upload {id}"),
@@ -236,48 +291,76 @@ impl Database {
     /// otherwise, with nothing written. [`DbError::NotFound`] when the
     /// cache has gone.
     pub async fn create_upload(&self, new: &NewUpload, at: Timestamp) -> Result<Upload> {
-        let id = UploadId::random();
         let mut tx = self.begin_write().await?;
         let mut cache = lock_existing_cache_on(&mut tx, self.backend, new.cache_id).await?;
-        make_room_on(
-            &mut tx,
-            &mut cache,
-            self.quota,
-            new.nar_size,
-            Some(&new.store_path_hash),
-        )
-        .await?;
-        let sql = format!(
-            "INSERT INTO uploads (id, cache_id, store_path_hash, nar_hash, nar_size, \
-             object_metadata, phase, staged_key, attempts, trace_id, created_by, created_at, \
-             updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, 'spooled', $7, 0, $8, $9, $10, $10) \
-             RETURNING {UPLOAD_COLUMNS}"
-        );
-        let row = sqlx::query(&sql)
-            .bind(id.as_str())
-            .bind(new.cache_id.0)
-            .bind(new.store_path_hash.as_str())
-            .bind(new.nar_hash.to_string())
-            .bind(to_i64("NAR size", new.nar_size)?)
-            .bind(to_json("object metadata", &new.metadata)?)
-            .bind(new.staged_key.as_str())
-            .bind(new.trace_id.as_deref())
-            .bind(new.created_by.as_deref())
-            .bind(at.unix_millis())
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(constraint_error(
-                "recording an upload",
-                || format!("upload {id}"),
-                || format!("cache {}", new.cache_id),
-            ))?;
-        let upload = upload_from_row(&row)?;
-        adjust_usage_on(&mut tx, &mut cache, 0, to_i64("NAR size", new.nar_size)?).await?;
+        let upload = create_upload_on(&mut tx, &mut cache, self.quota, new, at).await?;
         tx.commit()
             .await
             .map_err(query_error("committing an upload"))?;
         Ok(upload)
+    }
+
+    /// Records the upload of a staged file's NAR (Nix's narinfo naming a
+    /// file it PUT before): in one transaction, deletes the cache's staged
+    /// file `file_name` if it still names `new.staged_key`, handing its
+    /// object over to the new upload, and creates the upload. `None`, with
+    /// nothing written, when the staged file is no longer there (another
+    /// narinfo claimed it, or the reaper took it). A transaction that does
+    /// not commit leaves the staged file in place for a retry. Under the
+    /// cache's lock, the file's NarSize leaves the cache's pending bytes and
+    /// the upload's enters them, admitted like any upload's.
+    pub async fn claim_staged_file(
+        &self,
+        new: &NewUpload,
+        file_name: &str,
+        at: Timestamp,
+    ) -> Result<Option<Upload>> {
+        let mut tx = self.begin_write().await?;
+        let mut cache = lock_existing_cache_on(&mut tx, self.backend, new.cache_id).await?;
+        let claimed = sqlx::query(
+            "DELETE FROM staged_files WHERE cache_id = $1 AND file_name = $2 AND staged_key = $3 \
+             RETURNING nar_size",
+        )
+        .bind(new.cache_id.0)
+        .bind(file_name)
+        .bind(new.staged_key.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(query_error("claiming a staged file"))?;
+        let Some(claimed) = claimed else {
+            return Ok(None);
+        };
+        let staged_size = to_i64("NAR size", u64_col(&claimed, "nar_size")?)?;
+        adjust_usage_on(&mut tx, &mut cache, 0, -staged_size).await?;
+        let upload = create_upload_on(&mut tx, &mut cache, self.quota, new, at).await?;
+        tx.commit()
+            .await
+            .map_err(query_error("committing an upload of a staged file"))?;
+        Ok(Some(upload))
+    }
+
+    /// The latest upload in flight of this path and NAR in a cache, if
+    /// any: what a narinfo PUT again (a retry, or a second `nix copy` of the
+    /// same path) waits for when its staged file was already claimed.
+    pub async fn in_flight_upload_of_path(
+        &self,
+        cache_id: CacheId,
+        store_path_hash: &StorePathHash,
+        nar_hash: &NarHash,
+    ) -> Result<Option<Upload>> {
+        let sql = format!(
+            "SELECT {UPLOAD_COLUMNS} FROM uploads WHERE cache_id = $1 AND store_path_hash = $2 \
+             AND nar_hash = $3 AND phase IN {IN_FLIGHT_PHASES_SQL} \
+             ORDER BY created_at DESC, id LIMIT 1"
+        );
+        let row = sqlx::query(&sql)
+            .bind(cache_id.0)
+            .bind(store_path_hash.as_str())
+            .bind(nar_hash.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("looking up an upload in flight"))?;
+        row.as_ref().map(upload_from_row).transpose()
     }
 
     pub async fn upload(&self, id: &UploadId) -> Result<Option<Upload>> {
@@ -288,6 +371,29 @@ impl Database {
             .await
             .map_err(query_error("looking up an upload"))?;
         row.as_ref().map(upload_from_row).transpose()
+    }
+
+    /// An upload with the name of its cache, in one query: what the status
+    /// endpoint needs to decide, from the name alone, whether the caller may
+    /// see it. An upload that exists and one that does not then cost the
+    /// same round trip.
+    pub async fn upload_with_cache_name(
+        &self,
+        id: &UploadId,
+    ) -> Result<Option<(Upload, CacheName)>> {
+        let sql = format!(
+            "SELECT {UPLOAD_COLUMNS}, \
+             (SELECT c.name FROM caches c WHERE c.id = uploads.cache_id) AS cache_name \
+             FROM uploads WHERE id = $1"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("looking up an upload"))?;
+        row.as_ref()
+            .map(|row| Ok((upload_from_row(row)?, parsed_col(row, "cache_name")?)))
+            .transpose()
     }
 
     /// Moves an upload forward to `phase`. Returns whether it moved: `false`

@@ -5,8 +5,9 @@
 //! Feature `metrics` is the registry alone (std only), so the workers'
 //! shared code can count without linking an HTTP stack; feature `ops` adds
 //! what serves it: the `/metrics`, `/healthz` and `/readyz` routes
-//! ([`ops_router`], merged into `ingest-api`'s router) and [`serve_ops`],
-//! which serves them on a listener of their own for the processes without a
+//! ([`ops_router`], which `ingest-api` merges into its router or, with
+//! `[ops] listen`, serves on a second listener) and [`serve_ops`], which
+//! serves them on a listener of their own for the processes without a
 //! router (the workers and gc-scheduler).
 //!
 //! # Cardinality
@@ -33,7 +34,9 @@ use std::time::Duration;
 pub use registry::{Counter, Family, Gauge, Histogram, Metric, Registry};
 
 #[cfg(feature = "ops")]
-pub use ops::{ops_router, serve_ops, Check, Readiness, ReadinessReport, OPS_PATHS};
+pub use ops::{
+    healthz_router, ops_router, serve_ops, Check, Readiness, ReadinessReport, OPS_PATHS,
+};
 
 /// The `Content-Type` of a rendered page.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";

@@ -3,8 +3,10 @@
 //! process serves) and `/readyz` (200 only when the database, the queue
 //! and storage answer; 503 naming what is down otherwise).
 //!
-//! `ingest-api` merges [`ops_router`] into its own router; the workers and
-//! gc-scheduler, which have no router, run [`serve_ops`] on a listener.
+//! `ingest-api` merges [`ops_router`] into its own router, or, with
+//! `[ops] listen`, serves it on a listener of its own and keeps only
+//! [`healthz_router`] on the public port; the workers and gc-scheduler,
+//! which have no router, run [`serve_ops`] on a listener.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -164,9 +166,17 @@ async fn bounded(
 pub fn ops_router(readiness: Readiness) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(readiness)
+        .merge(healthz_router())
+}
+
+/// `/healthz` alone: what `ingest-api` keeps on its public port when the
+/// rest of [`ops_router`] is served elsewhere. It says only that the
+/// process answers, so it may be public, and a load balancer probing the
+/// port that takes the traffic tests the path the traffic takes.
+pub fn healthz_router() -> Router {
+    Router::new().route("/healthz", get(healthz))
 }
 
 /// Serves [`ops_router`] on `listener` until `shutdown` is cancelled, for a

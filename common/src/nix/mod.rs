@@ -9,6 +9,7 @@ pub mod base32;
 pub mod cache_info;
 pub mod hash;
 pub mod nar;
+pub mod nar_file;
 pub mod narinfo;
 pub mod signing;
 pub mod store_path;

@@ -16,7 +16,11 @@
 //! A staged NAR under `staging/` is named by an upload or a staged file; one
 //! that neither names (a spool cut short by a crash, or a crash between
 //! reaping a staged file's row and deleting its object) is deleted once
-//! older than `staged-file-deadline`.
+//! older than `stuck-upload-deadline`. A spooled object has no row until
+//! the spool ends, and some object stores date an object from when its
+//! upload began; an upload taking longer than that deadline counts as
+//! stuck anyway. (A narinfo claims a staged file in the transaction that
+//! records its upload, so there is no moment between the two.)
 
 use std::time::SystemTime;
 
@@ -54,9 +58,8 @@ pub(super) enum Sweep {
     /// `chunks/`: named by a chunk row; grace `orphan-grace`.
     Chunks,
     /// `staging/`: named by an upload or a staged file; grace
-    /// `staged-file-deadline` (a spooled NAR is written before its upload
-    /// row, and a narinfo claims a staged file an instant before its
-    /// upload row names the object).
+    /// `stuck-upload-deadline` (a spooled NAR is written before the row
+    /// that names it).
     Staging,
 }
 
@@ -71,7 +74,7 @@ impl Sweep {
     fn grace(self, config: &GcConfig) -> std::time::Duration {
         match self {
             Self::Chunks => config.orphan_grace.as_duration(),
-            Self::Staging => config.staged_file_deadline.as_duration(),
+            Self::Staging => config.stuck_upload_deadline.as_duration(),
         }
     }
 }

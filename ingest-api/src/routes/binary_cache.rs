@@ -5,35 +5,52 @@
 //! Every lookup goes through the asking cache: a narinfo comes from an
 //! object of that cache, and a NAR is served under a cache only while an
 //! object of that cache points at it.
+//!
+//! What a read costs is bounded by what it returns. A NAR's headers need
+//! one database lookup (its row holds its served size), so a `HEAD` costs
+//! that and no more; its body walks the chunk list a page at a time and
+//! reads each frame from storage, a few ahead, once per run of repeats.
+//! The database's `valid` state is the truth: storage is not asked about
+//! every chunk first, and a chunk found missing mid-stream aborts the
+//! connection (an error in the body, never a complete 200 cut short), so
+//! that Nix retries or tries another cache. A `.ls` listing is read from
+//! the database, where the chunker stored it, never recomputed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures::stream::{self, StreamExt, TryStreamExt};
+use futures::future::{BoxFuture, Shared};
+use futures::stream::{self, Stream, TryStreamExt};
+use futures::FutureExt;
 
 use common::cache_name::CacheName;
-use common::db::{Cache, NarChunk, ObjectWithNar, StoreState};
+use common::db::{Cache, ChunkLocation, Database, DbError, Nar, NarId, ObjectWithNar, StoreState};
 use common::nix::cache_info::NixCacheInfo;
-use common::nix::nar::NarReader;
 use common::nix::narinfo::{Compression, NarInfo};
 use common::nix::{base32, NarHash, Sha256Hash, StorePath, StorePathHash};
-use common::storage::{ObjectKey, StorageError};
+use common::storage::{ObjectKey, Storage, StorageError};
 
 use crate::access::Caller;
 use crate::error::ApiError;
 use crate::extract::ApiPath;
 use crate::state::{AppState, ServedCache};
 
-/// How many chunk objects are checked for presence at once before a NAR's
-/// first byte is sent.
-const CHUNK_CHECK_CONCURRENCY: usize = 16;
-
 /// How many chunk frames of a NAR are read ahead of the one being sent.
 const NAR_READ_AHEAD: usize = 4;
+
+/// Entries of a NAR's chunk list read per database round trip while it
+/// streams: the list of a NAR of any length is read in bounded memory.
+const CHUNK_LIST_PAGE: u32 = 1024;
+
+/// How many distinct frames a NAR download remembers after reading them,
+/// so that a chunk repeated nearby (a NAR of zeros is one chunk, listed
+/// once per 16 KiB at most) is read from storage once, not once per entry.
+const RECENT_FRAMES: usize = 4;
 
 const NAR_EXTENSION: &str = ".nar.zst";
 
@@ -120,7 +137,7 @@ pub async fn root_file(
         RootFile::Listing(hash) => {
             let found = find_object(&state, cache, &hash).await?;
             state.access_log.record_path(cache.id, hash);
-            let listing = nar_listing(&state, &found).await?;
+            let listing = nar_listing(&state, found.nar.id).await?;
             Ok((
                 [(
                     header::CONTENT_TYPE,
@@ -206,8 +223,9 @@ fn signed_narinfo(served: &ServedCache, found: &ObjectWithNar) -> Result<NarInfo
 }
 
 /// `GET|HEAD /{cache}/nar/{nar hash}.nar.zst`: the NAR's chunks, each a
-/// zstd frame, concatenated. Every chunk is checked before the 200, so a
-/// missing chunk is a 503 with no body rather than a truncated download.
+/// zstd frame, concatenated. The headers cost one database lookup; the
+/// body is read as it is sent (see the module documentation), and a chunk
+/// missing from storage aborts it.
 pub async fn nar(
     State(state): State<AppState>,
     caller: Caller,
@@ -223,29 +241,12 @@ pub async fn nar(
         .map_err(ApiError::internal)?
         .ok_or(ApiError::NoSuchPath)?;
     state.access_log.record_nar(served.cache.id, nar.id);
-    let chunks = state
-        .database
-        .chunks_of_nar(nar.id)
-        .await
-        .map_err(ApiError::internal)?;
-    let parts = check_chunks_available(&state, &nar_hash, &chunks).await?;
-    let content_length: u64 = parts.iter().map(|part| part.length).sum();
-
-    // Whole chunk frames, read a few ahead of the one being sent, so that
-    // storage latency overlaps with the network; memory stays bounded by
-    // `NAR_READ_AHEAD` frames.
-    let storage = state.storage.clone();
-    let body = stream::iter(parts)
-        .map(move |part| {
-            let storage = storage.clone();
-            async move {
-                storage
-                    .get_bytes(&part.key, part.offset, part.length)
-                    .await
-                    .map_err(std::io::Error::other)
-            }
-        })
-        .buffered(NAR_READ_AHEAD);
+    let content_length = nar.file_size.ok_or_else(|| {
+        ApiError::internal(anyhow::anyhow!(
+            "NAR {nar_hash} is valid but has no file size"
+        ))
+    })?;
+    let body = nar_body(state.database.clone(), state.storage.clone(), nar);
     Ok((
         [
             (
@@ -277,87 +278,193 @@ fn parse_nar_file_name(file: &str) -> Result<NarHash, ApiError> {
         .map_err(|_| invalid())
 }
 
-/// One chunk's compressed bytes in storage.
-struct ChunkPart {
-    key: ObjectKey,
-    offset: u64,
-    length: u64,
+/// Why a NAR's body stopped before its end. Cloneable, so that a frame
+/// read once can be handed to every repeat of its chunk.
+#[derive(Debug, Clone, thiserror::Error)]
+enum NarBodyError {
+    #[error("reading the chunk list")]
+    Database(#[source] Arc<DbError>),
+    #[error("the chunk list does not match the NAR row: {0}")]
+    ChunkList(String),
+    #[error("reading chunk object {key}")]
+    Storage {
+        key: String,
+        #[source]
+        source: Arc<StorageError>,
+    },
 }
 
-/// Checks in the database and in storage that every chunk is there, and
-/// returns where to read each from.
-async fn check_chunks_available(
-    state: &AppState,
-    nar_hash: &NarHash,
-    chunks: &[NarChunk],
-) -> Result<Vec<ChunkPart>, ApiError> {
-    let unavailable = || {
-        ApiError::Unavailable(format!(
-            "part of NAR {nar_hash} is missing from storage; try again later"
-        ))
+/// The body of a NAR: its chunks' frames in order, read as it is sent,
+/// [`NAR_READ_AHEAD`] frames ahead (so that storage latency overlaps the
+/// network) with memory bounded by those and [`RECENT_FRAMES`]. Nothing is
+/// read until the body is polled, so a `HEAD` reads nothing. The first
+/// error is logged and ends the body with an error, which makes hyper drop
+/// the connection: the client sees a download cut short, never a
+/// complete response.
+fn nar_body(
+    database: Database,
+    storage: Arc<dyn Storage>,
+    nar: Nar,
+) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    let nar_hash = nar.nar_hash;
+    let mut recent = RecentFrames {
+        storage,
+        frames: VecDeque::with_capacity(RECENT_FRAMES),
     };
-    let mut parts = Vec::with_capacity(chunks.len());
-    for NarChunk { chunk, .. } in chunks {
-        let location = match (&chunk.state, &chunk.location) {
-            (StoreState::Valid, Some(location)) => location,
-            _ => return Err(unavailable()),
-        };
-        let key = ObjectKey::new(location.object_key.clone()).map_err(ApiError::internal)?;
-        parts.push(ChunkPart {
-            key,
-            offset: location.offset,
-            length: location.length,
-        });
-    }
-    // Owned inputs: the checks run concurrently, detached from `parts`.
-    let checks: Vec<(ObjectKey, u64)> = parts
-        .iter()
-        .map(|part| (part.key.clone(), part.offset + part.length))
-        .collect();
-    let storage = state.storage.clone();
-    let present: Vec<bool> = stream::iter(checks)
-        .map(move |(key, needed)| {
-            let storage = storage.clone();
-            async move {
-                let size = storage.size(&key).await?;
-                Ok::<_, StorageError>(size.is_some_and(|size| size >= needed))
+    chunk_locations(database, nar)
+        .map_ok(move |location| recent.frame(location))
+        .try_buffered(NAR_READ_AHEAD)
+        .map_err(move |error| {
+            let missing = matches!(
+                &error,
+                NarBodyError::Storage { source, .. } if matches!(**source, StorageError::NotFound(_))
+            );
+            let error = anyhow::Error::new(error);
+            if missing {
+                tracing::error!(
+                    %nar_hash,
+                    error = format!("{error:#}"),
+                    "a chunk of a valid NAR is missing from storage; aborting its download"
+                );
+            } else {
+                tracing::error!(
+                    %nar_hash,
+                    error = format!("{error:#}"),
+                    "reading a NAR failed mid-stream; aborting its download"
+                );
             }
+            std::io::Error::other(error)
         })
-        .buffer_unordered(CHUNK_CHECK_CONCURRENCY)
-        .try_collect()
-        .await
-        .map_err(ApiError::internal)?;
-    if !present.into_iter().all(|present| present) {
-        tracing::error!(%nar_hash, "a chunk of a valid NAR is missing from storage");
-        return Err(unavailable());
-    }
-    Ok(parts)
 }
 
-/// The `.ls` listing of an object's NAR, computed by reading the NAR
-/// through the strict reader chunk by chunk (bounded memory: one chunk at a
-/// time, plus the listing itself).
-async fn nar_listing(state: &AppState, found: &ObjectWithNar) -> Result<Vec<u8>, ApiError> {
-    let chunks = state
-        .database
-        .chunks_of_nar(found.nar.id)
-        .await
-        .map_err(ApiError::internal)?;
-    let parts = check_chunks_available(state, &found.nar.nar_hash, &chunks).await?;
-    let mut reader = NarReader::with_listing();
-    for (part, NarChunk { chunk, .. }) in parts.iter().zip(&chunks) {
-        let compressed = state
-            .storage
-            .get_bytes(&part.key, part.offset, part.length)
-            .await
-            .map_err(ApiError::internal)?;
-        let capacity = usize::try_from(chunk.chunk_size).map_err(ApiError::internal)?;
-        let bytes = zstd::bulk::decompress(&compressed, capacity).map_err(ApiError::internal)?;
-        reader.update(&bytes).map_err(ApiError::internal)?;
+/// Where each chunk of a NAR is, in order, read from the database a page
+/// at a time. Checked against the NAR row as it goes: exactly `n_chunks`
+/// entries, numbered in order, each chunk stored, their frames adding up
+/// to `file_size` (the Content-Length already sent). A list that ends
+/// early (GC deleted the NAR meanwhile) is an error, not a short body.
+fn chunk_locations(
+    database: Database,
+    nar: Nar,
+) -> impl Stream<Item = Result<ChunkLocation, NarBodyError>> + Send + 'static {
+    struct Cursor {
+        database: Database,
+        nar_id: NarId,
+        n_chunks: u32,
+        file_size: Option<u64>,
+        next_seq: u32,
+        bytes: u64,
     }
-    let summary = reader.finish().map_err(ApiError::internal)?;
-    let listing = summary
-        .listing
-        .ok_or_else(|| ApiError::internal(anyhow::anyhow!("the NAR reader made no listing")))?;
-    Ok(listing.to_json())
+    let cursor = Cursor {
+        database,
+        nar_id: nar.id,
+        n_chunks: nar.n_chunks,
+        file_size: nar.file_size,
+        next_seq: 0,
+        bytes: 0,
+    };
+    stream::try_unfold(cursor, |mut cursor| async move {
+        if cursor.next_seq == cursor.n_chunks {
+            if Some(cursor.bytes) != cursor.file_size {
+                return Err(NarBodyError::ChunkList(format!(
+                    "its frames add up to {} bytes, not {:?}",
+                    cursor.bytes, cursor.file_size
+                )));
+            }
+            return Ok(None);
+        }
+        let page = cursor
+            .database
+            .chunks_of_nar_from(cursor.nar_id, cursor.next_seq, CHUNK_LIST_PAGE)
+            .await
+            .map_err(|error| NarBodyError::Database(Arc::new(error)))?;
+        if page.is_empty() {
+            return Err(NarBodyError::ChunkList(format!(
+                "it ends after {} of {} entries",
+                cursor.next_seq, cursor.n_chunks
+            )));
+        }
+        let mut locations = Vec::with_capacity(page.len());
+        for entry in page {
+            if entry.seq != cursor.next_seq || entry.seq >= cursor.n_chunks {
+                return Err(NarBodyError::ChunkList(format!(
+                    "entry {} where {} of {} was expected",
+                    entry.seq, cursor.next_seq, cursor.n_chunks
+                )));
+            }
+            let location = match (entry.chunk.state, entry.chunk.location) {
+                (StoreState::Valid, Some(location)) => location,
+                (state, _) => {
+                    return Err(NarBodyError::ChunkList(format!(
+                        "entry {} is a chunk in state {state}",
+                        entry.seq
+                    )))
+                }
+            };
+            cursor.bytes += location.length;
+            cursor.next_seq += 1;
+            locations.push(location);
+        }
+        Ok(Some((locations, cursor)))
+    })
+    .map_ok(|page| stream::iter(page.into_iter().map(Ok)))
+    .try_flatten()
+}
+
+/// A chunk frame being read, or read: shared by every entry that repeats
+/// the chunk while it is remembered.
+type Frame = Shared<BoxFuture<'static, Result<Bytes, NarBodyError>>>;
+
+/// The frames a download read last, by location.
+struct RecentFrames {
+    storage: Arc<dyn Storage>,
+    /// Oldest first, at most [`RECENT_FRAMES`].
+    frames: VecDeque<(ChunkLocation, Frame)>,
+}
+
+impl RecentFrames {
+    /// The frame at `location`: one remembered, or a new read (which is
+    /// remembered in place of the oldest).
+    fn frame(&mut self, location: ChunkLocation) -> Frame {
+        if let Some((_, frame)) = self.frames.iter().find(|(seen, _)| *seen == location) {
+            return frame.clone();
+        }
+        let storage = self.storage.clone();
+        let read = location.clone();
+        let frame = async move {
+            let storage_error = |source| NarBodyError::Storage {
+                key: read.object_key.clone(),
+                source: Arc::new(source),
+            };
+            let key = ObjectKey::new(read.object_key.as_str()).map_err(storage_error)?;
+            storage
+                .get_bytes(&key, read.offset, read.length)
+                .await
+                .map_err(storage_error)
+        }
+        .boxed()
+        .shared();
+        if self.frames.len() == RECENT_FRAMES {
+            self.frames.pop_front();
+        }
+        self.frames.push_back((location, frame.clone()));
+        frame
+    }
+}
+
+/// The `.ls` listing of a NAR, as the chunker stored it. A NAR without one
+/// (stored before listings were kept, or with a listing over the chunker's
+/// budget) is a 404, as for a path that is not there: Nix reads that as
+/// "no listing".
+async fn nar_listing(state: &AppState, nar_id: NarId) -> Result<Vec<u8>, ApiError> {
+    let listing = state
+        .database
+        .nar_listing(nar_id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or(ApiError::NoSuchPath)?;
+    // Decompressing is CPU work in proportion to the listing.
+    tokio::task::spawn_blocking(move || listing.decode())
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)
 }

@@ -13,22 +13,16 @@ use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post, put};
 use axum::Router;
 
-use common::metrics::{ops_router, Readiness};
-
 use crate::error::ApiError;
 use crate::http_metrics::{self, MeteredRoutes, RouteMetrics, UNMATCHED_ROUTE};
 use crate::state::AppState;
 use crate::upload_slots::{hold_slot, WhenBusy};
 
-/// Every route of the server, each with its HTTP metrics, and the ops
-/// routes (`/metrics`, `/healthz`, `/readyz`, not counted themselves).
-/// `GET` routes also answer `HEAD`.
+/// Every route of the server, each with its HTTP metrics. `GET` routes
+/// also answer `HEAD`. The ops routes (`/metrics`, `/healthz`, `/readyz`,
+/// not counted themselves) are merged in by [`Server::run_until`](crate::Server::run_until),
+/// which decides which listener serves them.
 pub fn router(state: AppState) -> Router {
-    let readiness = Readiness::new(
-        state.database.clone(),
-        state.queue.clone(),
-        state.storage.clone(),
-    );
     let unmatched_metrics = RouteMetrics::new(UNMATCHED_ROUTE);
     let unmatched = || from_fn_with_state(unmatched_metrics.clone(), http_metrics::record);
     // The routes that receive a NAR take upload slots first.
@@ -71,5 +65,4 @@ pub fn router(state: AppState) -> Router {
         .fallback((|| async { ApiError::NoSuchEndpoint }).layer(unmatched()))
         .method_not_allowed_fallback((|| async { ApiError::MethodNotAllowed }).layer(unmatched()))
         .with_state(state)
-        .merge(ops_router(readiness))
 }

@@ -9,18 +9,19 @@ use axum::http::{header, HeaderMap};
 use axum::Json;
 
 use common::api::{
-    GetMissingPathsRequest, GetMissingPathsResponse, UploadPathNarInfo, UploadPathResult,
-    NAR_INFO_HEADER, NAR_INFO_PREAMBLE_SIZE_HEADER,
+    GetMissingPathsRequest, GetMissingPathsResponse, UploadPathResult, NAR_INFO_HEADER,
+    NAR_INFO_PREAMBLE_SIZE_HEADER,
 };
 use common::auth::Permission;
 use common::cache_name::CacheName;
 use common::db::Cache;
-use common::nix::{NarHash, StorePath, StorePathHash};
+use common::nix::StorePathHash;
+use common::upload_info::{CheckedUploadInfo, UploadInfoError};
 
 use crate::access::Caller;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
-use crate::push::{self, check_text, PathFields, PushedPath};
+use crate::push::{self, PushedPath};
 use crate::quota::Room;
 use crate::spool::{self, BodyStream, Encoding, Expected};
 use crate::state::AppState;
@@ -70,8 +71,6 @@ pub async fn upload_path(
 ) -> Result<Json<UploadPathResult>, ApiError> {
     let wait = push::requested_wait(&state, &headers)?;
     let (info, nar_body) = upload_info(&state, &headers, spool::body_stream(body)).await?;
-    let name = parse_cache_name(&info.cache)?;
-    let (store_path_hash, fields) = parse_fields(&state, &info)?;
     if let Some(length) = content_length(&headers) {
         if length
             > state
@@ -83,47 +82,34 @@ pub async fn upload_path(
         }
     }
     let cache = state
-        .cache_with_permission(&caller, &name, Permission::Push)
+        .cache_with_permission(&caller, &info.cache, Permission::Push)
         .await?;
-    let path = in_cache(&cache, store_path_hash, &info, fields)?;
+    let path = in_cache(&cache, info)?;
     let expected = Expected {
         file_hash: None,
         nar_hash: Some(path.nar_hash),
         nar_size: Some(path.nar_size),
     };
 
-    let already_stored = state
-        .database
-        .valid_nar_by_hash(&path.nar_hash)
-        .await
-        .map_err(ApiError::internal)?
-        .is_some();
     // Refused before the body is read when it cannot fit; its bytes are
     // checked again, atomically, when they are recorded.
     let room = Room::measure(&state, &cache, Some(&path.store_path_hash)).await?;
-    if already_stored {
+    // Without proof of possession a stored NAR is linked unread. Otherwise
+    // every NAR is read, verified and spooled, whether or not some cache
+    // holds it already: the pipeline links a stored one, and the answer is
+    // the same either way (module `push`).
+    if !state.ingest.require_proof_of_possession {
+        // A link adds no more than an upload would: a cache too full for
+        // this one is too full for the upload below too.
         room.admit_link(path.nar_size)?;
-        if state.ingest.require_proof_of_possession {
-            spool::verify(
-                nar_body,
-                Encoding::Plain,
-                expected,
-                state.ingest.max_nar_size,
-            )
-            .await?;
+        if let Some(result) = push::link_to_stored_nar(&state, &cache, &caller, &path).await? {
+            return Ok(Json(result));
         }
-        return match push::link_if_stored(&state, &cache, &caller, &path).await? {
-            Some(result) => Ok(Json(result)),
-            // GC took the NAR between the two looks; the body is gone.
-            None => Err(ApiError::Conflict(
-                "the stored copy of this NAR was removed while linking it; push it again"
-                    .to_owned(),
-            )),
-        };
     }
     room.admit_upload(path.nar_size)?;
     let limit = state.ingest.max_nar_size;
     let spooled = spool::spool(
+        &state.door,
         state.storage.clone(),
         nar_body,
         Encoding::Plain,
@@ -152,16 +138,21 @@ fn too_large(state: &AppState) -> ApiError {
     ))
 }
 
-/// The upload's metadata, from the header or the preamble, and the rest of
-/// the body: the NAR.
+/// The upload's metadata, from the header or the preamble, checked, and
+/// the rest of the body: the NAR.
 async fn upload_info(
     state: &AppState,
     headers: &HeaderMap,
     body: BodyStream,
-) -> Result<(UploadPathNarInfo, BodyStream), ApiError> {
+) -> Result<(CheckedUploadInfo, BodyStream), ApiError> {
     let parse = |json: &[u8], source: &str| {
-        serde_json::from_slice::<UploadPathNarInfo>(json)
-            .map_err(|error| ApiError::bad_request(format!("invalid {source}: {error}")))
+        CheckedUploadInfo::parse(json, state.ingest.max_nar_size).map_err(|error| match error {
+            UploadInfoError::Json(error) => {
+                ApiError::bad_request(format!("invalid {source}: {error}"))
+            }
+            UploadInfoError::TooLarge { .. } => too_large(state),
+            error => ApiError::bad_request(error),
+        })
     };
     if let Some(header) = headers.get(NAR_INFO_HEADER) {
         return Ok((parse(header.as_bytes(), "X-Attic-Nar-Info header")?, body));
@@ -190,66 +181,8 @@ async fn upload_info(
     Ok((parse(&preamble, "preamble")?, nar))
 }
 
-/// Everything in the metadata that can be checked without the cache.
-fn parse_fields(
-    state: &AppState,
-    info: &UploadPathNarInfo,
-) -> Result<(StorePathHash, PathFields), ApiError> {
-    let store_path_hash = parse_hash(&info.store_path_hash)?;
-    let base_name = |field: &str, text: &str| {
-        StorePath::from_base_name(text)
-            .map_err(|error| ApiError::bad_request(format!("invalid {field} {text:?}: {error}")))
-    };
-    let references = info
-        .references
-        .iter()
-        .map(|reference| base_name("reference", reference))
-        .collect::<Result<Vec<_>, _>>()?;
-    // Attic sends no deriver; Nix spells a missing one `unknown-deriver`.
-    let deriver = match info.deriver.as_deref() {
-        None | Some("" | "unknown-deriver") => None,
-        Some(deriver) => Some(base_name("deriver", deriver)?),
-    };
-    let signatures = info
-        .sigs
-        .iter()
-        .map(|signature| {
-            signature.parse().map_err(|error| {
-                ApiError::bad_request(format!("invalid signature {signature:?}: {error}"))
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let optional_text = |field: &str, value: &Option<String>| -> Result<Option<String>, ApiError> {
-        match value.as_deref() {
-            None | Some("") => Ok(None),
-            Some(text) => check_text(field, text).map(|()| Some(text.to_owned())),
-        }
-    };
-    let nar_hash = NarHash::parse(&info.nar_hash).map_err(ApiError::bad_request)?;
-    if info.nar_size > state.ingest.max_nar_size {
-        return Err(too_large(state));
-    }
-    Ok((
-        store_path_hash,
-        PathFields {
-            references,
-            deriver,
-            system: optional_text("system", &info.system)?,
-            signatures,
-            ca: optional_text("ca", &info.ca)?,
-            nar_hash,
-            nar_size: info.nar_size,
-        },
-    ))
-}
-
 /// Checks the store path against the cache's store directory and its hash.
-fn in_cache(
-    cache: &Cache,
-    store_path_hash: StorePathHash,
-    info: &UploadPathNarInfo,
-    fields: PathFields,
-) -> Result<PushedPath, ApiError> {
+fn in_cache(cache: &Cache, info: CheckedUploadInfo) -> Result<PushedPath, ApiError> {
     let store_path = cache
         .store_dir
         .parse_path(&info.store_path)
@@ -260,11 +193,11 @@ fn in_cache(
                 cache.store_dir
             ))
         })?;
-    if *store_path.hash() != store_path_hash {
+    if *store_path.hash() != info.store_path_hash {
         return Err(ApiError::bad_request(format!(
-            "store path {} does not match store_path_hash {store_path_hash}",
-            info.store_path
+            "store path {} does not match store_path_hash {}",
+            info.store_path, info.store_path_hash
         )));
     }
-    Ok(fields.into_pushed(&store_path, &cache.store_dir))
+    Ok(PushedPath::new(&store_path, &cache.store_dir, info.fields))
 }

@@ -6,12 +6,21 @@
 //! Nix sends each NAR (compressed as `?compression=` says) before the
 //! narinfo that names it. A NAR file is verified as it streams in (the
 //! compressed bytes against the FileHash in its name, the NAR against the
-//! strict reader), spooled, and remembered per cache by file name; the
-//! narinfo then claims it, its NarHash and NarSize must match what was
-//! computed, and the path goes the way of any other push.
+//! strict reader), spooled, and remembered per cache by file name (a file
+//! already waiting under that name holds the same bytes and is kept; the
+//! new copy goes). The narinfo then names it (`common::nix::nar_file`
+//! does that join), its NarHash and NarSize must match what was computed,
+//! and the path goes the way of any other push: linked at once to a NAR
+//! stored already, or recorded as an upload that claims the staged file in
+//! the same transaction. A narinfo whose file is gone because an earlier
+//! PUT of the same path claimed it (a retry, or a second `nix copy` of the
+//! same closure) gets that push's answer: it waits for its upload, or
+//! links to the path it made.
 //!
 //! Every rejection is a 4xx: Nix 2.8 re-sends a PUT that got a 5xx without
 //! its body. Success is 200 or 204, never 202 (which Nix counts as failure).
+
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -23,12 +32,15 @@ use common::api::UploadPathResult;
 use common::auth::Permission;
 use common::cache_name::CacheName;
 use common::db::{Cache, StagedFile, Timestamp};
-use common::nix::{base32, NarInfo, Sha256Hash, StorePath, StorePathHash};
+use common::nix::nar_file::{NarFileCompression, NarFileName, PushedNarInfo};
+use common::nix::{StorePath, StorePathHash};
+use common::storage::ObjectKey;
+use common::upload_info::PathFields;
 
 use crate::access::Caller;
 use crate::error::ApiError;
 use crate::extract::ApiPath;
-use crate::push::{self, check_text, PathFields};
+use crate::push::{self, check_text, PushedPath};
 use crate::quota::{self, Room};
 use crate::routes::binary_cache;
 use crate::spool::{self, Encoding, Expected};
@@ -38,49 +50,16 @@ fn parse_cache_name(name: &str) -> Result<CacheName, ApiError> {
     name.parse().map_err(ApiError::bad_request)
 }
 
-/// A NAR file name as Nix gives it: the FileHash (Nix base-32 SHA-256 of
-/// the file) and an extension that says how it is compressed.
-#[derive(Debug, Clone, Copy)]
-struct NarFileName {
-    file_hash: Sha256Hash,
-    encoding: Encoding,
-}
-
-impl NarFileName {
-    fn parse(file: &str) -> Result<Self, ApiError> {
-        let shown = || file.chars().take(80).collect::<String>();
-        let digest_len = base32::encoded_len(32);
-        let (digest, extension) = file.split_at_checked(digest_len).ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "invalid NAR file name {:?}: expected <nix-base32 SHA-256>.nar[.zst|.xz]",
-                shown()
-            ))
-        })?;
-        let encoding = match extension {
-            ".nar" => Encoding::Plain,
-            ".nar.zst" => Encoding::Zstd,
-            ".nar.xz" => Encoding::Xz,
-            ".nar.bz2" | ".nar.br" => {
-                return Err(ApiError::bad_request(format!(
-                    "NAR file {:?}: this server takes compression=zstd, xz or none",
-                    shown()
-                )))
-            }
-            _ => {
-                return Err(ApiError::bad_request(format!(
-                    "invalid NAR file name {:?}: expected <nix-base32 SHA-256>.nar[.zst|.xz]",
-                    shown()
-                )))
-            }
-        };
-        let file_hash = Sha256Hash::from_base32(digest).map_err(|error| {
-            ApiError::bad_request(format!("invalid NAR file name {:?}: {error}", shown()))
-        })?;
-        Ok(Self {
-            file_hash,
-            encoding,
-        })
-    }
+/// A NAR file name as Nix gives it, with the encoding its extension
+/// names.
+fn parse_nar_file_name(file: &str) -> Result<(NarFileName, Encoding), ApiError> {
+    let name = NarFileName::parse(file).map_err(ApiError::bad_request)?;
+    let encoding = match name.compression() {
+        NarFileCompression::None => Encoding::Plain,
+        NarFileCompression::Zstd => Encoding::Zstd,
+        NarFileCompression::Xz => Encoding::Xz,
+    };
+    Ok((name, encoding))
 }
 
 /// `PUT /{cache}/nix-cache-info`: Nix writes it when it finds none. Accepted
@@ -122,7 +101,7 @@ pub async fn head_nar(
 ) -> Result<Response, ApiError> {
     let name = parse_cache_name(&cache)?;
     if caller.can(&name, Permission::Push) {
-        NarFileName::parse(&file)?;
+        parse_nar_file_name(&file)?;
         let cache = state
             .cache_with_permission(&caller, &name, Permission::Push)
             .await?;
@@ -138,8 +117,9 @@ pub async fn head_nar(
     binary_cache::nar(State(state), caller, ApiPath((cache, file))).await
 }
 
-/// Whether the staged file is still usable: its NAR is in staging, or
-/// already stored (the pipeline deletes staged NARs once stored).
+/// Whether the staged file is still usable: its NAR is in staging (a
+/// staged file's row owns its object until a narinfo claims it), or
+/// already stored.
 async fn holds_staged_file(state: &AppState, cache: &Cache, file: &str) -> Result<bool, ApiError> {
     let Some(staged) = state
         .database
@@ -149,7 +129,7 @@ async fn holds_staged_file(state: &AppState, cache: &Cache, file: &str) -> Resul
     else {
         return Ok(false);
     };
-    let key = common::storage::ObjectKey::new(staged.staged_key).map_err(ApiError::internal)?;
+    let key = ObjectKey::new(staged.staged_key).map_err(ApiError::internal)?;
     if state
         .storage
         .size(&key)
@@ -177,7 +157,7 @@ pub async fn put_nar(
     body: Body,
 ) -> Result<StatusCode, ApiError> {
     let name = parse_cache_name(&cache)?;
-    let file_name = NarFileName::parse(&file)?;
+    let (file_name, encoding) = parse_nar_file_name(&file)?;
     let cache = state
         .cache_with_permission(&caller, &name, Permission::Push)
         .await?;
@@ -192,16 +172,17 @@ pub async fn put_nar(
         )));
     }
     let expected = Expected {
-        file_hash: Some(file_name.file_hash),
+        file_hash: Some(*file_name.file_hash()),
         ..Expected::default()
     };
     // Its NarSize is known only once decoded: it may write no more than the
     // cache's room (and the disk's), and is counted once spooled.
     let room = Room::measure(&state, &cache, None).await?;
     let spooled = spool::spool(
+        &state.door,
         state.storage.clone(),
         spool::body_stream(body),
-        file_name.encoding,
+        encoding,
         expected,
         room.write_bound(limit)?,
     )
@@ -215,17 +196,17 @@ pub async fn put_nar(
         nar_size: spooled.nar_size,
         created_at: Timestamp::now(),
     };
-    let replaced = match state.database.put_staged_file(&staged).await {
-        Ok(replaced) => replaced,
+    let kept = match state.database.put_staged_file(&staged).await {
+        Ok(kept) => kept,
         Err(error) => {
             spool::discard(state.storage.as_ref(), &spooled.key).await;
             return Err(quota::record_error(&name, error));
         }
     };
-    if let Some(previous) = replaced {
-        if let Ok(key) = common::storage::ObjectKey::new(previous) {
-            spool::discard(state.storage.as_ref(), &key).await;
-        }
+    if kept != staged.staged_key {
+        // The same file was waiting already (a retried PUT, or another
+        // `nix copy` of the same path): that copy stays, this one goes.
+        spool::discard(state.storage.as_ref(), &spooled.key).await;
     }
     tracing::info!(
         cache = %name,
@@ -293,51 +274,14 @@ async fn put_narinfo(
         .cache_with_permission(caller, name, Permission::Push)
         .await?;
     let text = spool::read_small_body(body, state.ingest.max_narinfo_size, "narinfo").await?;
-    let text = std::str::from_utf8(&text)
-        .map_err(|_| ApiError::bad_request("the narinfo is not UTF-8 text"))?;
-    let narinfo = NarInfo::parse(text, &cache.store_dir)
-        .map_err(|error| ApiError::bad_request(format!("invalid narinfo: {error}")))?;
-    if *narinfo.store_path.hash() != hash {
-        return Err(ApiError::bad_request(format!(
-            "the narinfo is for {}, not for {hash}",
-            cache.store_dir.display_path(&narinfo.store_path)
-        )));
-    }
+    let pushed =
+        PushedNarInfo::parse(&text, &cache.store_dir, &hash).map_err(ApiError::bad_request)?;
+    let narinfo = &pushed.narinfo;
     if let Some(system) = &narinfo.system {
         check_text("System", system)?;
     }
-    let file = narinfo
-        .url
-        .strip_prefix("nar/")
-        .filter(|file| NarFileName::parse(file).is_ok())
-        .ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "the narinfo's URL {:?} does not name a NAR file pushed to this cache \
-                 (nar/<FileHash>.nar[.zst|.xz])",
-                narinfo.url.chars().take(200).collect::<String>()
-            ))
-        })?;
-    let staged = state
-        .database
-        .take_staged_file(cache.id, file)
-        .await
-        .map_err(ApiError::internal)?
-        .ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "the narinfo names nar/{file}, which this cache has not received: PUT it first"
-            ))
-        })?;
-    let staged_key =
-        common::storage::ObjectKey::new(staged.staged_key.clone()).map_err(ApiError::internal)?;
-    if staged.nar_hash != narinfo.nar_hash || staged.nar_size != narinfo.nar_size {
-        spool::discard(state.storage.as_ref(), &staged_key).await;
-        return Err(ApiError::bad_request(format!(
-            "the narinfo says NarHash {} and NarSize {}, but nar/{file} is a NAR of {} \
-             with {} bytes",
-            narinfo.nar_hash, narinfo.nar_size, staged.nar_hash, staged.nar_size
-        )));
-    }
-    let path = PathFields {
+    let file = pushed.file.to_string();
+    let fields = PathFields {
         references: narinfo.references.iter().cloned().collect(),
         deriver: narinfo.deriver.clone(),
         system: narinfo.system.clone(),
@@ -345,13 +289,72 @@ async fn put_narinfo(
         ca: narinfo.ca.clone(),
         nar_hash: narinfo.nar_hash,
         nar_size: narinfo.nar_size,
+    };
+    let path = PushedPath::new(&narinfo.store_path, &cache.store_dir, fields);
+    let staged = state
+        .database
+        .staged_file(cache.id, &file)
+        .await
+        .map_err(ApiError::internal)?;
+    if let Some(staged) = staged {
+        // A narinfo that does not fit its file leaves the file waiting: the
+        // bytes were verified, the narinfo is what is wrong.
+        pushed
+            .check_staged(&staged.nar_hash, staged.nar_size)
+            .map_err(ApiError::bad_request)?;
+        // Also when some cache holds the NAR already: the pipeline links it
+        // then, and the answer is the same either way (module `push`).
+        let recorded =
+            push::record_staged_file_upload(state, &cache, caller, path.clone(), &staged, wait)
+                .await?;
+        if let Some(result) = recorded {
+            return Ok(result);
+        }
+        // A concurrent PUT of this narinfo claimed the file first.
     }
-    .into_pushed(&narinfo.store_path, &cache.store_dir);
-    // The client streamed the NAR and it was verified: that is the proof
-    // of possession, so an already stored NAR is linked at once.
-    if let Some(result) = push::link_if_stored(state, &cache, caller, &path).await? {
-        spool::discard(state.storage.as_ref(), &staged_key).await;
-        return Ok(result);
+    already_pushed(state, &cache, caller, &path, wait)
+        .await?
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "the narinfo names nar/{file}, which this cache has not received: PUT it first"
+            ))
+        })
+}
+
+/// The answer to a narinfo PUT whose staged file an earlier PUT of the
+/// same path and NAR already claimed (this request retried, or a second
+/// `nix copy` of the same closure raced the first): that push's upload,
+/// waited for, or the path it made visible, linked again with this
+/// narinfo's metadata as any re-push of a path is. `None` when this cache
+/// has neither: the NAR file was never received (or was reaped).
+///
+/// Possession was proven by the earlier PUT of the same NAR into this same
+/// cache, so nothing reaches a NAR the cache did not hold already.
+async fn already_pushed(
+    state: &AppState,
+    cache: &Cache,
+    caller: &Caller,
+    path: &PushedPath,
+    wait: Duration,
+) -> Result<Option<UploadPathResult>, ApiError> {
+    // Uploads first: one that finishes between the two looks has made its
+    // object by then (in the same transaction that ended it).
+    let in_flight = state
+        .database
+        .in_flight_upload_of_path(cache.id, &path.store_path_hash, &path.nar_hash)
+        .await
+        .map_err(ApiError::internal)?;
+    if let Some(upload) = in_flight {
+        return push::await_upload(state, upload, wait).await.map(Some);
     }
-    push::record_upload(state, &cache, caller, path, staged_key, wait).await
+    let present = state
+        .database
+        .find_object(cache.id, &path.store_path_hash)
+        .await
+        .map_err(ApiError::internal)?
+        .is_some_and(|found| found.nar.nar_hash == path.nar_hash);
+    if !present {
+        return Ok(None);
+    }
+    push::link_to_stored_nar(state, cache, caller, path).await
 }

@@ -5,5 +5,8 @@
 //! Every attacker holds a valid push token for its own cache only; the
 //! victim is another tenant on the same server.
 
+mod disclose;
+mod door;
 mod http;
 mod quota;
+mod reads;

@@ -332,8 +332,9 @@ async fn pushes_past_a_quota_get_413_and_the_caches_paths_still_substitute() {
     assert_nothing_staged(&server, &storage, &tenant, "tenant").await;
 
     // Nix's narinfo: a NAR file staged within the room, then the quota
-    // lowered below the usage; the narinfo claiming it is refused and the
-    // staged NAR goes with it.
+    // lowered below the usage; the narinfo claiming it is refused. The
+    // staged NAR stays waiting (and counted) for a retry once there is room,
+    // until the reaper takes it.
     let small = file_nar(b"small enough to fit");
     let small_path = fake_store_path("small");
     let response = nix_put(
@@ -360,6 +361,22 @@ async fn pushes_past_a_quota_get_413_and_the_caches_paths_still_substitute() {
         .await,
     )
     .await;
+    assert_eq!(
+        usage(&server, &tenant, "tenant").await.pending_bytes,
+        small.len() as u64,
+        "the refused narinfo's NAR file still waits"
+    );
+    let local_storage = LocalStorage::open(&storage).await.expect("the storage");
+    let past_deadline = Timestamp::now().saturating_add(HOUR);
+    let reaped = gc_scheduler::gc::reap(
+        server.database(),
+        &local_storage,
+        &GcConfig::default(),
+        past_deadline,
+    )
+    .await
+    .expect("a reaping pass");
+    assert_eq!(reaped.staged_files_reaped, 1);
     assert_nothing_staged(&server, &storage, &tenant, "tenant").await;
 
     // Nothing stored was touched: the same usage, and real Nix substitutes
@@ -393,7 +410,15 @@ async fn pushes_past_a_quota_get_413_and_the_caches_paths_still_substitute() {
 async fn concurrent_pushes_do_not_overshoot_the_quota() {
     const PUSHES: usize = 20;
     const FITS: u64 = 5;
-    let server = TestServer::sqlite().await;
+    // All at once from one token: above the default per-token upload limit,
+    // which is not what this test is about.
+    let server = TestServer::start(TestServerOptions {
+        edit_config: Some(std::sync::Arc::new(|config| {
+            config.http.max_concurrent_uploads_per_token = PUSHES as u32;
+        })),
+        ..TestServerOptions::default()
+    })
+    .await;
     server.create_cache("raced", false).await;
     let tenant = tenant_token(&server, "raced").await;
     let operator = operator_token(&server).await;
@@ -605,34 +630,27 @@ async fn pushes_that_would_eat_into_the_free_space_reserve_get_507() {
         .await;
 
     let nar = file_nar(&pseudo_random(4096, 3));
-    let error = expect_error(
-        attic_upload(
-            &server,
-            &tenant,
-            "tenant",
-            &fake_store_path("refused"),
-            &nar,
-            false,
-        )
-        .await,
-        StatusCode::INSUFFICIENT_STORAGE,
-    )
-    .await;
-    assert_eq!(error.error, "InsufficientStorage");
-    let error = expect_error(
-        nix_put(
-            &server,
-            &tenant,
-            &nar_file_path("tenant", &nar),
-            nar.clone(),
-        )
-        .await,
-        StatusCode::INSUFFICIENT_STORAGE,
-    )
-    .await;
-    assert_eq!(error.error, "InsufficientStorage");
+    assert_both_protocols_get_507(&server, &tenant, "refused", &nar).await;
     assert_nothing_staged(&server, &server.dir().join("storage"), &tenant, "tenant").await;
     assert_served(&server, &tenant, "tenant", &kept_path, &kept_nar).await;
+}
+
+/// Pushing `nar` into the cache `tenant`, as `name` with Attic's
+/// `upload-path` and as a NAR file with Nix's `PUT nar/…`, is answered
+/// 507 InsufficientStorage.
+async fn assert_both_protocols_get_507(server: &TestServer, token: &str, name: &str, nar: &[u8]) {
+    let error = expect_error(
+        attic_upload(server, token, "tenant", &fake_store_path(name), nar, false).await,
+        StatusCode::INSUFFICIENT_STORAGE,
+    )
+    .await;
+    assert_eq!(error.error, "InsufficientStorage");
+    let error = expect_error(
+        nix_put(server, token, &nar_file_path("tenant", nar), nar.to_vec()).await,
+        StatusCode::INSUFFICIENT_STORAGE,
+    )
+    .await;
+    assert_eq!(error.error, "InsufficientStorage");
 }
 
 /// A tmpfs mounted for one test, unmounted when dropped.
@@ -698,32 +716,7 @@ async fn a_push_that_fills_the_disk_gets_507_and_leaves_nothing() {
     let tenant = tenant_token(&server, "tenant").await;
 
     let too_big = file_nar(&pseudo_random(3 << 20, 4));
-    let error = expect_error(
-        attic_upload(
-            &server,
-            &tenant,
-            "tenant",
-            &fake_store_path("big"),
-            &too_big,
-            false,
-        )
-        .await,
-        StatusCode::INSUFFICIENT_STORAGE,
-    )
-    .await;
-    assert_eq!(error.error, "InsufficientStorage");
-    let error = expect_error(
-        nix_put(
-            &server,
-            &tenant,
-            &nar_file_path("tenant", &too_big),
-            too_big.clone(),
-        )
-        .await,
-        StatusCode::INSUFFICIENT_STORAGE,
-    )
-    .await;
-    assert_eq!(error.error, "InsufficientStorage");
+    assert_both_protocols_get_507(&server, &tenant, "big", &too_big).await;
     assert_nothing_staged(&server, root.path(), &tenant, "tenant").await;
     // Not even the temporary file of the write that failed.
     let left: Vec<_> = std::fs::read_dir(&staging)

@@ -26,7 +26,7 @@ const FAST_RETRIES: &str = "retry-delay = \"1s\"\nmax-retry-delay = \"2s\"\nmax-
 
 /// A running `watcher-agent` (or `larder watch-store`) of a [`Larder`]
 /// user; killed when dropped.
-struct Agent {
+pub(super) struct Agent {
     child: tokio::process::Child,
 }
 
@@ -39,12 +39,24 @@ impl Agent {
     /// Starts `program ARGS` and waits until `larder queue status ARGS2`
     /// reports an agent on the queue.
     async fn spawn(larder: &Larder, program: &str, args: &[&str], status_args: &[&str]) -> Self {
-        let child = larder
-            .command(binary(program))
+        let mut command = larder.command(binary(program));
+        command
             .args(args)
-            .stdin(Stdio::null())
             .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::inherit());
+        Self::spawn_command(larder, command, status_args).await
+    }
+
+    /// Starts `command` (an agent, however it is run) and waits until
+    /// `larder queue status ARGS2` reports an agent on the queue.
+    pub(super) async fn spawn_command(
+        larder: &Larder,
+        mut command: tokio::process::Command,
+        status_args: &[&str],
+    ) -> Self {
+        let program = format!("{:?}", command.as_std().get_program());
+        let child = command
+            .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|error| panic!("starting {program}: {error}"));
@@ -70,7 +82,7 @@ impl Agent {
     }
 
     /// SIGTERM, which must end it gracefully.
-    async fn stop(mut self) {
+    pub(super) async fn stop(mut self) {
         let pid = self.child.id().expect("the agent runs");
         let status = std::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
@@ -87,15 +99,15 @@ impl Agent {
 
 /// `larder queue status`, parsed.
 #[derive(Debug)]
-struct QueueView {
-    running: bool,
-    in_flight: usize,
-    pending: usize,
-    failed: usize,
-    text: String,
+pub(super) struct QueueView {
+    pub(super) running: bool,
+    pub(super) in_flight: usize,
+    pub(super) pending: usize,
+    pub(super) failed: usize,
+    pub(super) text: String,
 }
 
-async fn queue_view(larder: &Larder, extra: &[&str]) -> QueueView {
+pub(super) async fn queue_view(larder: &Larder, extra: &[&str]) -> QueueView {
     let mut arguments = vec!["queue", "status"];
     arguments.extend_from_slice(extra);
     let output = larder.run(&arguments).await;
@@ -116,7 +128,7 @@ async fn queue_view(larder: &Larder, extra: &[&str]) -> QueueView {
 }
 
 /// Waits until nothing is pending or in flight.
-async fn drained(larder: &Larder, extra: &[&str]) -> QueueView {
+pub(super) async fn drained(larder: &Larder, extra: &[&str]) -> QueueView {
     let deadline = Instant::now() + DRAIN_LIMIT;
     loop {
         let view = queue_view(larder, extra).await;
@@ -133,7 +145,7 @@ async fn drained(larder: &Larder, extra: &[&str]) -> QueueView {
 }
 
 /// Appends an `[agent]` section to the user's config.
-fn set_agent_settings(larder: &Larder, settings: &str) {
+pub(super) fn set_agent_settings(larder: &Larder, settings: &str) {
     let path = larder.config_file();
     let mut config = std::fs::read_to_string(&path).expect("the config exists after login");
     config.push_str(&format!("\n[agent]\n{settings}"));
@@ -156,7 +168,7 @@ async fn narinfo_status(base_url: &str, cache: &str, token: &str, path: &str) ->
 /// Waits until every path is served from the cache. The agent pushes
 /// without waiting for visibility: an acknowledged upload becomes visible
 /// once the server's pipeline is through with it.
-async fn assert_served(base_url: &str, cache: &str, token: &str, paths: &[String]) {
+pub(super) async fn assert_served(base_url: &str, cache: &str, token: &str, paths: &[String]) {
     let deadline = Instant::now() + DRAIN_LIMIT;
     for path in paths {
         loop {
@@ -185,15 +197,15 @@ async fn upload_count(server: &TestServer, path: &str) -> i64 {
 
 /// A Nix environment with a chroot store, and a `larder` user whose `nix`
 /// uses that store.
-struct Setup {
-    env: NixEnv,
-    root: PathBuf,
-    larder: Larder,
+pub(super) struct Setup {
+    pub(super) env: NixEnv,
+    pub(super) root: PathBuf,
+    pub(super) larder: Larder,
     salt: String,
 }
 
 impl Setup {
-    async fn new() -> Self {
+    pub(super) async fn new() -> Self {
         let env = blocking(|| NixEnv::new().expect("a Nix environment")).await;
         let root = env.path("store");
         let mut larder = Larder::new();
@@ -208,7 +220,12 @@ impl Setup {
 
     /// Adds `count` small source paths (`nix-store --add`); the first gets
     /// `extra_bytes` more of pseudo-random content.
-    async fn add_paths(&self, name: &str, count: usize, extra_bytes: usize) -> Vec<String> {
+    pub(super) async fn add_paths(
+        &self,
+        name: &str,
+        count: usize,
+        extra_bytes: usize,
+    ) -> Vec<String> {
         let dir = self.env.path(&format!("sources-{name}"));
         let root = self.root.clone();
         let salt = self.salt.clone();
@@ -286,6 +303,97 @@ async fn a_path_queued_twice_is_uploaded_once_and_status_shows_the_queue() {
     drained(larder, &[]).await;
     assert_eq!(upload_count(&server, &paths[0]).await, 1);
     assert_eq!(upload_count(&server, &paths[1]).await, 1);
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_queue_entries_are_set_aside_and_the_rest_of_the_queue_flows() {
+    let server = TestServer::sqlite().await;
+    let token = server.root_token().await;
+    let setup = Setup::new().await;
+    let larder = &setup.larder;
+    larder.ok(&["login", "local", &server.url(), &token]).await;
+    larder.ok(&["cache", "create", "flows"]).await;
+    let paths = setup.add_paths("flows", 5, 0).await;
+    let (good, spoiled) = paths.split_at(3);
+    let mut arguments = vec!["queue", "flows"];
+    arguments.extend(paths.iter().map(String::as_str));
+    larder.ok(&arguments).await;
+
+    // Spoil the entries of the last two paths, among the good ones, and add
+    // files that were never entries, as a crash, a full disk or a careless
+    // hand would leave them.
+    let pending = larder.home().join(".local/state/larder/agent/pending");
+    let entry_of = |path: &str| -> PathBuf {
+        let hash = &path["/nix/store/".len()..][..32];
+        pending.join(format!("{hash}+flows+local.json"))
+    };
+    let truncated = entry_of(&spoiled[0]);
+    let whole = std::fs::read(&truncated).expect("the queued entry");
+    std::fs::write(&truncated, &whole[..whole.len() / 2]).expect("truncating an entry");
+    let garbage = entry_of(&spoiled[1]);
+    std::fs::write(&garbage, b"\x00\xff not JSON").expect("spoiling an entry");
+    let directory = pending.join("0000000000000000000000000000000a+flows+local.json");
+    std::fs::create_dir(&directory).expect("a directory named like an entry");
+    let fifo = pending.join("0000000000000000000000000000000b+flows+local.json");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("running mkfifo");
+    assert!(made.success());
+
+    let agent = Agent::start(larder).await;
+    // Without the setting aside, the agent stops at the first unusable
+    // file (the queue never drains) or skips them forever (they stay
+    // pending and are not counted as failed).
+    let view = drained(larder, &[]).await;
+    assert_served(&server.url(), "flows", &token, good).await;
+    assert_eq!(view.failed, 4, "{}", view.text);
+    for (file, reason) in [
+        (&truncated, "not a queue entry: EOF while parsing"),
+        (&garbage, "not a queue entry: expected value"),
+        (&directory, "cannot read it: it is a directory"),
+        (&fifo, "cannot read it: it is not a regular file"),
+    ] {
+        let name = file
+            .file_name()
+            .and_then(|name| name.to_str())
+            .expect("UTF-8");
+        let line = view
+            .text
+            .lines()
+            .find(|line| line.contains(name))
+            .unwrap_or_else(|| panic!("{name} in {}", view.text));
+        assert!(
+            line.contains("unusable queue entry") && line.contains(reason),
+            "{reason:?} in {line}"
+        );
+        // Moved as it was, the reason beside it.
+        let failed = pending.with_file_name("failed").join(name);
+        assert!(
+            !file.exists() && failed.symlink_metadata().is_ok(),
+            "{name}"
+        );
+        let recorded = std::fs::read_to_string(failed.with_file_name(format!("{name}.reason")))
+            .expect("the reason file");
+        assert!(recorded.starts_with(reason), "{recorded}");
+    }
+    assert_eq!(
+        std::fs::read(
+            pending
+                .with_file_name("failed")
+                .join(truncated.file_name().expect("a name"))
+        )
+        .expect("the truncated entry, kept"),
+        &whole[..whole.len() / 2]
+    );
+
+    // Queued again, a spoiled path is a fresh entry: uploaded, and no
+    // longer listed as failed.
+    larder.ok(&["queue", "flows", &spoiled[0]]).await;
+    let view = drained(larder, &[]).await;
+    assert_eq!(view.failed, 3, "{}", view.text);
+    assert_served(&server.url(), "flows", &token, &spoiled[..1]).await;
     agent.stop().await;
 }
 
@@ -444,7 +552,7 @@ async fn watch_store_pushes_new_paths_in_the_foreground() {
 }
 
 /// The post-build-hook script in `ops/agent/`.
-fn hook_script() -> PathBuf {
+pub(super) fn hook_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/agent/post-build-hook.sh")
 }
 

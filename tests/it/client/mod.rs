@@ -4,9 +4,11 @@
 //! own XDG directories.
 //!
 //! `push` is in its own module: it needs the push endpoints and pipeline;
-//! so is the `watcher-agent` with `larder queue` and `watch-store`.
+//! so is the `watcher-agent` with `larder queue` and `watch-store`, and
+//! the agent run as an unprivileged user beside root's post-build-hook.
 
 mod agent;
+mod agent_user;
 mod push;
 
 use std::os::unix::fs::PermissionsExt;
@@ -853,4 +855,166 @@ async fn errors_are_one_clear_line_and_exit_status_1() {
         "clap rejects bad cache names"
     );
     assert!(text(&output.stderr).contains("must start with a letter"));
+}
+
+/// A hostile (or broken) Larder server, for `larder use`: real HTTP on a
+/// real socket, answering every cache-config request with whatever JSON
+/// the test last set.
+struct FakeServer {
+    url: String,
+    answer: std::sync::Arc<std::sync::Mutex<serde_json::Value>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeServer {
+    async fn start() -> Self {
+        use axum::extract::State;
+        type Answer = std::sync::Arc<std::sync::Mutex<serde_json::Value>>;
+        async fn cache_config(State(answer): State<Answer>) -> axum::Json<serde_json::Value> {
+            let value = answer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            axum::Json(value)
+        }
+        let answer: Answer = Default::default();
+        let router = axum::Router::new()
+            .route(
+                "/_api/v1/cache-config/{cache}",
+                axum::routing::get(cache_config),
+            )
+            .with_state(answer.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the fake server");
+        let url = format!("http://{}", listener.local_addr().expect("its address"));
+        let task = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .await
+                .expect("the fake server runs");
+        });
+        Self { url, answer, task }
+    }
+
+    fn answer_with(&self, value: serde_json::Value) {
+        *self
+            .answer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = value;
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn use_refuses_server_values_that_would_inject_configuration_and_writes_nothing() {
+    let fake = FakeServer::start().await;
+    let larder = Larder::new();
+    larder
+        .ok(&["login", "evil", &fake.url, "the-users-token"])
+        .await;
+    let mine = "# the user's own\nsandbox = true\n";
+    std::fs::create_dir_all(larder.nix_conf().parent().expect("a parent")).expect("mkdir");
+    std::fs::write(larder.nix_conf(), mine).expect("writing nix.conf");
+
+    let key = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+    let substituter = format!("{}/hello", fake.url);
+    let sane = serde_json::json!({
+        "substituter_endpoint": substituter,
+        "api_endpoint": format!("{}/", fake.url),
+        "public_key": key,
+        "is_public": false,
+        "priority": 41,
+    });
+    let evil_key = "evil-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+    let hostile = [
+        (
+            "substituter_endpoint",
+            format!("{substituter}\npost-build-hook = /tmp/evil"),
+            "substituter endpoint",
+            "control character",
+        ),
+        (
+            "substituter_endpoint",
+            format!("{substituter}\rmachine evil password x"),
+            "substituter endpoint",
+            "control character",
+        ),
+        (
+            "substituter_endpoint",
+            format!("{substituter} https://evil.example/"),
+            "substituter endpoint",
+            "whitespace",
+        ),
+        (
+            "substituter_endpoint",
+            format!("{substituter}#"),
+            "substituter endpoint",
+            "comment",
+        ),
+        (
+            "substituter_endpoint",
+            "file:///tmp/evil-store".to_owned(),
+            "substituter endpoint",
+            "not http or https",
+        ),
+        (
+            "substituter_endpoint",
+            "no-url-at-all".to_owned(),
+            "substituter endpoint",
+            "not a URL",
+        ),
+        (
+            "public_key",
+            format!("{key}\npost-build-hook = /tmp/evil"),
+            "public key",
+            "control character",
+        ),
+        (
+            "public_key",
+            format!("{key} {evil_key}"),
+            "public key",
+            "whitespace",
+        ),
+        (
+            "public_key",
+            "evil-1:AAAA".to_owned(),
+            "public key",
+            "expected 32",
+        ),
+    ];
+    for (field, value, what, reason) in hostile {
+        let mut answer = sane.clone();
+        answer[field] = value.clone().into();
+        fake.answer_with(answer);
+        let line = larder.fails(&["use", "evil:hello"]).await;
+        assert!(
+            line.contains(&format!("the server sent a {what}")) && line.contains(reason),
+            "{value:?}: {line}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(larder.nix_conf()).expect("nix.conf"),
+            mine,
+            "{value:?} changed nix.conf"
+        );
+        assert!(!larder.netrc().exists(), "{value:?} wrote netrc");
+    }
+
+    // The same server with sane values: accepted and written, so the
+    // refusals above are the checks', not a fake server that never worked.
+    fake.answer_with(sane);
+    larder.ok(&["use", "evil:hello"]).await;
+    let conf = std::fs::read_to_string(larder.nix_conf()).expect("nix.conf");
+    assert!(conf.starts_with(mine), "{conf}");
+    assert!(
+        conf.contains(&format!("extra-substituters = {substituter}\n"))
+            && conf.contains(&format!("extra-trusted-public-keys = {key}\n")),
+        "{conf}"
+    );
+    let netrc = std::fs::read_to_string(larder.netrc()).expect("netrc");
+    assert_eq!(netrc, "machine 127.0.0.1 password the-users-token\n");
 }

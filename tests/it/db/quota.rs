@@ -131,29 +131,31 @@ async fn usage_follows_every_row_that_counts(t: TestDb) {
     assert_usage(db, cache.id, 4000, 0).await;
     assert_usage(db, other.id, 3000, 0).await;
 
-    // Uploads in flight and staged files are pending; replacing a staged
-    // file counts the difference, claiming or reaping it ends its count.
+    // Uploads in flight and staged files are pending; the same file PUT
+    // again keeps the copy waiting (a name is a FileHash: same bytes) and
+    // counts nothing more; claiming or reaping a file ends its count.
     let upload = db
         .create_upload(&sized_upload(cache.id, 10, 500), T0)
         .await
         .expect("an upload");
     assert_usage(db, cache.id, 4000, 500).await;
-    db.put_staged_file(&staged(cache.id, "a", 70))
-        .await
-        .expect("a staged file");
     db.put_staged_file(&staged(cache.id, "a", 50))
         .await
+        .expect("a staged file");
+    let kept = db
+        .put_staged_file(&staged(cache.id, "a", 50))
+        .await
         .expect("the staged file again");
+    assert_eq!(kept, staged(cache.id, "a", 50).staged_key);
     db.put_staged_file(&staged(cache.id, "b", 30))
         .await
         .expect("a second staged file");
     assert_usage(db, cache.id, 4000, 580).await;
-    let taken = db
-        .take_staged_file(cache.id, "a.nar.zst")
+    assert!(db
+        .take_expired_staged_file(cache.id, "a.nar.zst", at(1))
         .await
-        .expect("claiming")
-        .expect("the staged file");
-    assert_eq!(taken.nar_size, 50);
+        .expect("reaping")
+        .is_some());
     assert_usage(db, cache.id, 4000, 530).await;
     assert!(db
         .take_expired_staged_file(cache.id, "b.nar.zst", T0)

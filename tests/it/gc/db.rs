@@ -108,7 +108,9 @@ fn stored_chunk(n: u32) -> StoredChunk {
 
 async fn valid_nar(db: &Database, n: u32, chunks: &[u32], when: Timestamp) -> NarId {
     let stored: Vec<StoredChunk> = chunks.iter().map(|&c| stored_chunk(c)).collect();
-    db.store_complete_nar(&nar_hash(n), 1000 * chunks.len() as u64, &stored, when)
+    // At least the chunker's minimum chunk size per entry, as the store
+    // layer requires.
+    db.store_complete_nar(&nar_hash(n), 20_000 * chunks.len() as u64, &stored, when)
         .await
         .expect("storing a NAR")
         .id
@@ -396,7 +398,7 @@ async fn a_chunk_list_recorded_while_its_chunks_are_claimed_never_names_a_claime
             .collect();
         let chunks = db.upsert_chunks(&new, T0).await.expect("upsert");
         let (nar, _) = db
-            .insert_nar_pending(&nar_hash(n), 3000, T0)
+            .insert_nar_pending(&nar_hash(n), 60_000, T0)
             .await
             .expect("NAR");
         let ids: Vec<ChunkId> = chunks.iter().map(|chunk| chunk.id).collect();

@@ -11,14 +11,14 @@ use reqwest::StatusCode;
 use common::api::{DeletePathsRequest, DeletePathsResponse};
 use common::auth::Permission;
 use common::config::{
-    AuthConfig, DatabaseConfig, HttpConfig, IngestConfig, LogConfig, PipelineConfig, QueueConfig,
-    QuotaConfig, Secret, ServerConfig, StorageConfig,
+    AuthConfig, DatabaseConfig, HttpConfig, IngestConfig, LogConfig, OpsConfig, PipelineConfig,
+    QueueConfig, QuotaConfig, Secret, ServerConfig, StorageConfig,
 };
 use common::db::{CacheKeypair, CacheUpdate, Database, NewCache, Timestamp};
 use common::duration::HumanDuration;
 use common::nix::signing::SecretKey;
 use common::storage::{ObjectKey, Storage};
-use gc_scheduler::gc::{collect_garbage, collect_garbage_locked, GcLock};
+use gc_scheduler::gc::{collect_garbage, collect_garbage_locked, reap_locked, GcLock};
 use tests::server::{
     binary, pseudo_random, seed_nar, TestServer, TestServerOptions, SEED_CHUNK_SIZE,
 };
@@ -174,6 +174,7 @@ async fn retention_on_postgres_with_garage() {
         queue: QueueConfig::default(),
         quota: QuotaConfig::default(),
         log: LogConfig::default(),
+        ops: OpsConfig::default(),
     };
     std::fs::write(&config_path, config.to_toml()).expect("writing the config");
 
@@ -263,6 +264,42 @@ async fn a_second_collector_on_postgres_skips_its_run() {
         .await
         .expect("GC");
     assert!(ran.is_some(), "the lock was released");
+}
+
+/// The reaping pass has a lock of its own on PostgreSQL: it runs while a
+/// GC run holds GC's lock (both reap with conditional statements), and a
+/// second reaper skips its pass while another holds the reaping lock.
+#[tokio::test]
+async fn the_reaping_pass_has_its_own_lock_on_postgres() {
+    let database = Database::connect(&services::fresh_postgres_database().await)
+        .await
+        .expect("connecting");
+    database.migrate().await.expect("migrating");
+    let dir = tempfile::tempdir().expect("storage directory");
+    let storage = common::storage::LocalStorage::open(dir.path())
+        .await
+        .expect("storage");
+    let collecting = GcLock::try_acquire(&database)
+        .await
+        .expect("locking")
+        .expect("the GC lock is free");
+    let reaped = reap_locked(&database, &storage, &eager_gc(), Timestamp::now())
+        .await
+        .expect("reaping");
+    assert!(reaped.is_some(), "a GC run kept the reaper from its pass");
+    let reaping = GcLock::try_acquire_reaping(&database)
+        .await
+        .expect("locking")
+        .expect("the reaping lock is free");
+    let skipped = reap_locked(&database, &storage, &eager_gc(), Timestamp::now())
+        .await
+        .expect("reaping");
+    assert!(
+        skipped.is_none(),
+        "reaped while another reaper held the lock"
+    );
+    reaping.release().await;
+    collecting.release().await;
 }
 
 /// A path fetched after the retention period survives the run that

@@ -31,7 +31,7 @@ use reqwest::{Method, Response, StatusCode};
 use tests::nix::NixEnv;
 use tests::server::{HttpApi, RawResponse};
 
-const HOUR: Duration = Duration::from_secs(3600);
+pub(crate) const HOUR: Duration = Duration::from_secs(3600);
 
 /// Sends `method path` with an optional bearer token and JSON body.
 async fn send(
@@ -65,7 +65,7 @@ fn excerpt(body: &[u8]) -> String {
 }
 
 /// Asserts a successful answer and returns its body.
-async fn ok_bytes(response: Response) -> Vec<u8> {
+pub(crate) async fn ok_bytes(response: Response) -> Vec<u8> {
     let status = response.status();
     let url = response.url().clone();
     let body = response.bytes().await.expect("reading the body").to_vec();
@@ -82,7 +82,7 @@ pub(crate) async fn ok_json<T: serde::de::DeserializeOwned>(response: Response) 
 /// Asserts an API error: the status, a JSON content type, and a body of
 /// the documented shape whose `code` repeats the status. Returns the body
 /// with the raw bytes, for comparisons between answers.
-async fn api_error(response: Response, status: StatusCode) -> (ErrorResponse, Vec<u8>) {
+pub(crate) async fn api_error(response: Response, status: StatusCode) -> (ErrorResponse, Vec<u8>) {
     let url = response.url().clone();
     let actual = response.status();
     let content_type = response

@@ -1,6 +1,7 @@
 //! The push endpoints (issue #4): Attic's `get-missing-paths` and
 //! `upload-path`, Nix's own PUT protocol driven by the real `nix copy`,
-//! the upload status, verification at the door and dedup at the door.
+//! the upload status, verification at the door, and pushes of NARs that
+//! are stored already.
 //!
 //! The first group needs only the push endpoints: uploads are checked up
 //! to the point where they are acknowledged (verified, spooled, recorded,
@@ -58,7 +59,7 @@ async fn push_token(server: &TestServer) -> String {
         .await
 }
 
-fn hash_of(store_path: &str) -> String {
+pub(crate) fn hash_of(store_path: &str) -> String {
     store_path["/nix/store/".len().."/nix/store/".len() + 32].to_owned()
 }
 
@@ -110,7 +111,7 @@ pub(crate) async fn upload(
     request.send().await.expect("sending upload-path")
 }
 
-async fn all_uploads(server: &TestServer) -> Vec<Upload> {
+pub(crate) async fn all_uploads(server: &TestServer) -> Vec<Upload> {
     server
         .database()
         .stuck_uploads(
@@ -122,7 +123,7 @@ async fn all_uploads(server: &TestServer) -> Vec<Upload> {
         .expect("listing uploads")
 }
 
-fn staging_files(server: &TestServer) -> Vec<PathBuf> {
+pub(crate) fn staging_files(server: &TestServer) -> Vec<PathBuf> {
     match std::fs::read_dir(server.dir().join("storage/staging")) {
         Ok(entries) => entries
             .map(|entry| entry.expect("an entry").path())
@@ -439,7 +440,7 @@ async fn push_needs_push_permission_without_revealing_caches() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stored_nar_is_linked_at_once_after_proof_of_possession() {
+async fn a_stored_nar_is_linked_by_the_pipeline_after_proof_of_possession() {
     let server = server_with(IngestConfig::default()).await;
     server.create_cache("origin", false).await;
     let token = push_token(&server).await;
@@ -458,21 +459,39 @@ async fn a_stored_nar_is_linked_at_once_after_proof_of_possession() {
     api_error(response, StatusCode::BAD_REQUEST).await;
     assert_nothing_kept(&server, &token).await;
 
+    // The right body: acknowledged like any push (the answer must not say
+    // that another cache holds the NAR), then linked by the pipeline.
+    let chunks_before = chunk_objects(&server);
     let result: UploadPathResult =
         ok_json(upload(&server, Some(&token), &info, &nar, Form::Header).await).await;
-    assert_eq!(result.kind, UploadPathResultKind::Deduplicated);
-    assert_eq!(result.upload_id, None);
-    assert_eq!(result.phase, "done");
-    assert_eq!(result.file_size, seeded.nar.file_size);
-    assert!(all_uploads(&server).await.is_empty(), "no pipeline run");
-    assert!(staging_files(&server).is_empty(), "nothing staged");
+    assert_eq!(result.kind, UploadPathResultKind::Uploaded);
+    assert_eq!(result.phase, "spooled");
+    let id = result.upload_id.expect("an upload id");
+    pipeline_settles(&server).await;
+    let upload = server
+        .database()
+        .upload(&id.parse().expect("an upload id"))
+        .await
+        .expect("reading the upload")
+        .expect("the upload");
+    assert_eq!(
+        upload.nar_id,
+        Some(seeded.nar.id),
+        "linked to the stored NAR"
+    );
+    assert_eq!(
+        chunk_objects(&server),
+        chunks_before,
+        "nothing stored again"
+    );
+    assert!(staging_files(&server).is_empty(), "nothing left staged");
     let narinfo = get(
         &server,
         &format!("/{CACHE}/{}.narinfo", hash_of(&store_path)),
         Some(&token),
     )
     .await;
-    assert_eq!(narinfo.status(), StatusCode::OK, "visible at once");
+    assert_eq!(narinfo.status(), StatusCode::OK, "visible");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,11 +519,27 @@ async fn without_proof_of_possession_the_body_is_not_read() {
         .await,
     )
     .await;
-    assert_eq!(result.kind, UploadPathResultKind::Deduplicated);
+    // Linked unread, and so answered at once without an upload: this mode
+    // tells a pusher that the NAR was stored (README, `[ingest]`).
+    assert_eq!(result.kind, UploadPathResultKind::Uploaded);
+    assert_eq!(result.upload_id, None);
+    assert_eq!(result.phase, "done");
+    let narinfo = get(
+        &server,
+        &format!("/{CACHE}/{}.narinfo", hash_of(&store_path)),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(narinfo.status(), StatusCode::OK, "visible at once");
 }
 
 /// `PUT` of a Nix upload file with a push token (Basic, as Nix sends it).
-async fn nix_put(server: &TestServer, token: &str, path: &str, body: Vec<u8>) -> Response {
+pub(crate) async fn nix_put(
+    server: &TestServer,
+    token: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> Response {
     server
         .http()
         .put(server.url_of(path))
@@ -516,7 +551,12 @@ async fn nix_put(server: &TestServer, token: &str, path: &str, body: Vec<u8>) ->
 }
 
 /// A narinfo as Nix writes it for an uncompressed NAR.
-fn nix_narinfo(store_path: &str, nar: &[u8], nar_hash_of: &[u8], references: &str) -> String {
+pub(crate) fn nix_narinfo(
+    store_path: &str,
+    nar: &[u8],
+    nar_hash_of: &[u8],
+    references: &str,
+) -> String {
     let file_hash = Sha256Hash::digest(nar).to_base32();
     let nar_hash = Sha256Hash::digest(nar_hash_of).to_base32();
     format!(
@@ -570,14 +610,13 @@ async fn bad_nix_puts_are_4xx_and_leave_nothing() {
     api_error(response, StatusCode::BAD_REQUEST).await;
     assert_nothing_kept(&server, &token).await;
 
-    // A good NAR file, then narinfos that do not fit it: each claims (and
-    // so discards) the staged file, so it is PUT again before each.
+    // A good NAR file, then narinfos that do not fit it: each leaves the
+    // staged file waiting (the bytes were verified; the narinfo is what is
+    // wrong), and the file PUT again before each is kept once.
     let store_path = fake_store_path("good");
     let hash = hash_of(&store_path);
     let narinfo_path = format!("/{CACHE}/{hash}.narinfo");
     let other = fake_store_path("other");
-    // The first two claim the staged file (and discard it); the others are
-    // refused before that, so the last staged copy stays.
     let bad_narinfos = [
         (
             "wrong NarHash",
@@ -622,7 +661,7 @@ async fn bad_nix_puts_are_4xx_and_leave_nothing() {
         assert!(all_uploads(&server).await.is_empty(), "{case}");
         assert!(
             staging_files(&server).len() <= 1,
-            "{case}: a re-PUT replaces the staged copy"
+            "{case}: a re-PUT keeps one staged copy"
         );
     }
     // The last staged copy is still there: HEAD finds it.

@@ -53,6 +53,7 @@ fn write_server_config(dir: &Path, storage: StorageConfig) -> std::path::PathBuf
         gc: Default::default(),
         queue: QueueConfig::Embedded,
         quota: Default::default(),
+        ops: Default::default(),
         log: LogConfig::default(),
     };
     let path = dir.join("server.toml");

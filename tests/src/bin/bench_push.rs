@@ -13,6 +13,7 @@
 //! ```text
 //! bench_push --url URL --token TOKEN --cache NAME large NAR_FILE...
 //! bench_push --url URL --token TOKEN --cache NAME small COUNT JOBS SOURCE_DIR
+//! bench_push --url URL --token TOKEN --cache NAME door FILE
 //! ```
 //!
 //! `large` pushes each NAR file as one path, one after the other, and
@@ -20,106 +21,23 @@
 //! (NARs of 10–500 KiB of real file contents taken from SOURCE_DIR, so they
 //! compress like real data) and pushes them with JOBS requests in flight,
 //! printing `SMALL_SECONDS=…` and `SMALL_BYTES=…` (the NAR bytes pushed).
+//! `door` measures the door alone: it pushes a NAR holding FILE's bytes as
+//! one regular file (so it is new to the server) with `X-Larder-Wait: 0`,
+//! which the server answers once the NAR is verified and spooled, and
+//! prints `DOOR_SECONDS=…` and `DOOR_BYTES=…` (the NAR's size).
 //! Output on stdout: `KEY=VALUE` lines; progress on stderr.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::api::{UploadPathNarInfo, NAR_INFO_HEADER};
-use common::nix::nar::NarEncoder;
-use common::nix::{NarHash, Sha256Hash};
 use tests::server::pseudo_random;
 
-/// Any error, as a message: a benchmark driver only reports and exits.
-type Error = Box<dyn std::error::Error + Send + Sync>;
-type Result<T> = std::result::Result<T, Error>;
+use tests::bench::{single_file_nar, Pusher, Result};
 
 /// The smallest and largest small path, in bytes of file contents.
 const SMALL_MIN: usize = 10 << 10;
 const SMALL_MAX: usize = 500 << 10;
-
-struct Pusher {
-    http: reqwest::Client,
-    url: String,
-    token: String,
-    cache: String,
-}
-
-impl Pusher {
-    /// Pushes one NAR as the store path `/nix/store/<hash>-<name>` and
-    /// returns once the path is visible.
-    async fn push(&self, name: &str, nar: Vec<u8>) -> Result<()> {
-        let nar_hash = NarHash::from(Sha256Hash::digest(&nar));
-        let store_path_hash = store_path_hash_for(name);
-        let info = UploadPathNarInfo {
-            cache: self.cache.clone(),
-            store_path: format!("/nix/store/{store_path_hash}-{name}"),
-            store_path_hash,
-            references: Vec::new(),
-            system: None,
-            deriver: None,
-            sigs: Vec::new(),
-            ca: None,
-            nar_hash: nar_hash.to_string(),
-            nar_size: nar.len() as u64,
-        };
-        let response = self
-            .http
-            .put(format!("{}/_api/v1/upload-path", self.url))
-            .bearer_auth(&self.token)
-            .header(NAR_INFO_HEADER, serde_json::to_string(&info)?)
-            .body(nar)
-            .send()
-            .await?;
-        let status = response.status();
-        let answer: serde_json::Value = response.json().await?;
-        if !status.is_success() {
-            return Err(format!("pushing {name}: {status}: {answer}").into());
-        }
-        match (answer["phase"].as_str(), answer["upload_id"].as_str()) {
-            // Deduplicated at the door, or answered once visible.
-            (None | Some("done"), _) => Ok(()),
-            (Some(_), Some(upload_id)) => self.wait_until_done(name, upload_id).await,
-            (Some(phase), None) => Err(format!("{name} is {phase} without an upload id").into()),
-        }
-    }
-
-    async fn wait_until_done(&self, name: &str, upload_id: &str) -> Result<()> {
-        loop {
-            let status: serde_json::Value = self
-                .http
-                .get(format!("{}/_api/v1/uploads/{upload_id}", self.url))
-                .bearer_auth(&self.token)
-                .send()
-                .await?
-                .error_for_status()?
-                .json()
-                .await?;
-            match status["phase"].as_str() {
-                Some("done") => return Ok(()),
-                Some("failed") => {
-                    return Err(format!("{name} failed: {}", status["error"]).into());
-                }
-                _ => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-    }
-}
-
-/// A store-path hash (32 Nix base-32 characters) derived from the name, so
-/// that reruns push the same paths.
-fn store_path_hash_for(name: &str) -> String {
-    let digest = Sha256Hash::digest(name.as_bytes());
-    common::nix::base32::encode(&digest.as_bytes()[..20])
-}
-
-/// A NAR of one regular file.
-fn single_file_nar(contents: &[u8]) -> Result<Vec<u8>> {
-    let mut encoder = NarEncoder::new(Vec::with_capacity(contents.len() + 256))?;
-    encoder.regular(false, contents)?;
-    Ok(encoder.finish()?)
-}
 
 /// Up to `limit` bytes of regular files under `dir`, in sorted walk order.
 fn real_bytes(dir: &Path, limit: usize) -> Result<Vec<u8>> {
@@ -167,6 +85,25 @@ async fn push_large(pusher: &Pusher, files: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
+async fn push_door(pusher: &Pusher, file: &Path) -> Result<()> {
+    let nar = single_file_nar(&std::fs::read(file)?)?;
+    let size = nar.len();
+    let started = Instant::now();
+    let (_, phase) = pusher.upload("bench-door", nar, Some("0")).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    if phase.as_deref() == Some("failed") {
+        return Err("the door push failed".into());
+    }
+    eprintln!(
+        "bench_push: a NAR of {} ({:.0} MiB) acknowledged after {seconds:.2} s",
+        file.display(),
+        size as f64 / f64::from(1 << 20)
+    );
+    println!("DOOR_SECONDS={seconds:.3}");
+    println!("DOOR_BYTES={size}");
+    Ok(())
+}
+
 async fn push_small(pusher: Arc<Pusher>, count: usize, jobs: usize, source: &Path) -> Result<()> {
     let pool = real_bytes(source, 64 << 20)?;
     if pool.len() < SMALL_MAX {
@@ -196,7 +133,7 @@ async fn push_small(pusher: Arc<Pusher>, count: usize, jobs: usize, source: &Pat
             loop {
                 let next = queue.lock().await.pop();
                 let Some((name, nar)) = next else {
-                    return Ok::<(), Error>(());
+                    return Ok::<(), tests::bench::Error>(());
                 };
                 pusher.push(&name, nar).await?;
             }
@@ -218,7 +155,8 @@ async fn push_small(pusher: Arc<Pusher>, count: usize, jobs: usize, source: &Pat
 fn usage() -> ! {
     eprintln!(
         "usage: bench_push --url URL --token TOKEN --cache NAME large NAR_FILE...\n       \
-         bench_push --url URL --token TOKEN --cache NAME small COUNT JOBS SOURCE_DIR"
+         bench_push --url URL --token TOKEN --cache NAME small COUNT JOBS SOURCE_DIR\n       \
+         bench_push --url URL --token TOKEN --cache NAME door FILE"
     );
     std::process::exit(2)
 }
@@ -239,12 +177,7 @@ async fn main() -> Result<()> {
     let (Some(url), Some(token), Some(cache)) = (url, token, cache) else {
         usage()
     };
-    let pusher = Arc::new(Pusher {
-        http: reqwest::Client::builder().build()?,
-        url: url.trim_end_matches('/').to_owned(),
-        token,
-        cache,
-    });
+    let pusher = Arc::new(Pusher::new(&url, &token, &cache)?);
     match rest.split_first() {
         Some((mode, files)) if mode == "large" && !files.is_empty() => {
             let files: Vec<PathBuf> = files.iter().map(PathBuf::from).collect();
@@ -256,6 +189,7 @@ async fn main() -> Result<()> {
             };
             push_small(pusher, count, jobs, Path::new(source)).await
         }
+        Some((mode, [file])) if mode == "door" => push_door(&pusher, Path::new(file)).await,
         _ => usage(),
     }
 }

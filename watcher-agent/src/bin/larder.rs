@@ -19,7 +19,8 @@ use common::duration::HumanDuration;
 use watcher_agent::api::ApiClient;
 use watcher_agent::config::{self, config_path, CacheRef, ClientConfig, Token};
 use watcher_agent::nix_conf::{
-    default_netrc_path, update_netrc_file, user_nix_conf_path, NetrcChange, NixConf,
+    check_public_key, check_substituter, check_token, default_netrc_path, update_netrc_file,
+    user_nix_conf_path, NetrcChange, NixConf,
 };
 use watcher_agent::push::{push, PushOptions};
 use watcher_agent::spool::{now_millis, store_path_of, QueuedPath, Spool};
@@ -522,6 +523,25 @@ async fn use_cache(cache: &CacheRef) -> anyhow::Result<()> {
     let public_key = config
         .public_key
         .context("the server did not report the cache's public key")?;
+    // Everything the files will hold is checked before either is touched:
+    // a refused value writes nothing.
+    let host = check_substituter(&substituter)?;
+    check_public_key(&public_key)?;
+    let private = !config.is_public.unwrap_or(false);
+    let token = if private {
+        let token = client.server().token.clone().with_context(|| {
+            format!(
+                "cache {cache} is private, so Nix needs a token, and none is configured for server {}: \
+                 log in with one (`larder login {} URL TOKEN`) or set LARDER_TOKEN",
+                client.server().name,
+                client.server().name
+            )
+        })?;
+        check_token(token.expose())?;
+        Some(token)
+    } else {
+        None
+    };
 
     let conf_path = user_nix_conf_path()?;
     let mut conf =
@@ -537,21 +557,8 @@ async fn use_cache(cache: &CacheRef) -> anyhow::Result<()> {
         conf_changed = true;
     }
 
-    let private = !config.is_public.unwrap_or(false);
     let mut netrc_note = None;
-    if private {
-        let token = client.server().token.clone().with_context(|| {
-            format!(
-                "cache {cache} is private, so Nix needs a token, and none is configured for server {}: \
-                 log in with one (`larder login {} URL TOKEN`) or set LARDER_TOKEN",
-                client.server().name,
-                client.server().name
-            )
-        })?;
-        let host = reqwest::Url::parse(&substituter)
-            .ok()
-            .and_then(|url| url.host_str().map(str::to_owned))
-            .with_context(|| format!("the substituter endpoint {substituter:?} names no host"))?;
+    if let Some(token) = token {
         let netrc_path = match conf.get("netrc-file") {
             Some(path) => path.into(),
             None => {
@@ -652,6 +659,9 @@ async fn queue_command(args: QueueArgs) -> anyhow::Result<()> {
 }
 
 /// Prints the queue on stdout; fails when no agent runs, after printing.
+/// Files in the queue that are not usable entries count as failed, with
+/// their reason, whether the agent has set them aside in `failed/` yet or
+/// not.
 fn queue_status(spool_dir: &std::path::Path) -> anyhow::Result<()> {
     let spool = Spool::open(spool_dir)?;
     let agent = control::status(&spool.socket_path());
@@ -676,6 +686,7 @@ fn queue_status(spool_dir: &std::path::Path) -> anyhow::Result<()> {
         Err(_) => println!("agent: not running, queue in {}", spool_dir.display()),
     }
     let (uploading, waiting): (Vec<&QueuedPath>, Vec<&QueuedPath>) = pending
+        .entries
         .iter()
         .partition(|entry| started.contains_key(&entry.key()));
     println!("in flight: {}", uploading.len());
@@ -701,8 +712,11 @@ fn queue_status(spool_dir: &std::path::Path) -> anyhow::Result<()> {
             ),
         }
     }
-    println!("failed: {}", failed.len());
-    for entry in &failed {
+    println!(
+        "failed: {}",
+        failed.entries.len() + failed.unreadable.len() + pending.unreadable.len()
+    );
+    for entry in &failed.entries {
         println!(
             "  {} {} (after {} attempt{}: {})",
             entry.cache_ref(),
@@ -710,6 +724,13 @@ fn queue_status(spool_dir: &std::path::Path) -> anyhow::Result<()> {
             entry.attempts,
             if entry.attempts == 1 { "" } else { "s" },
             entry.last_error.as_deref().unwrap_or("no reason recorded")
+        );
+    }
+    // The file name is quoted: whoever can write to the queue chooses it.
+    for unreadable in failed.unreadable.iter().chain(&pending.unreadable) {
+        println!(
+            "  unusable queue entry {:?} ({})",
+            unreadable.path, unreadable.reason
         );
     }
     agent?;

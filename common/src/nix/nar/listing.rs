@@ -7,7 +7,7 @@
 //! order: `type`, then `size`, `executable` (only when true) and `narOffset`
 //! for files, `target` for symlinks, `entries` for directories.
 
-use std::io::Write as _;
+use std::io::{self, Write};
 
 /// One node of a listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,69 +38,84 @@ impl NarListing {
     /// are not UTF-8 are copied raw, exactly as Nix does.
     pub fn to_json(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        out.extend_from_slice(b"{\"version\":1,\"root\":");
-        write_node(&mut out, &self.root);
-        out.push(b'}');
+        // Writing to a Vec cannot fail.
+        self.write_json(&mut out).expect("writing to a Vec");
         out
+    }
+
+    /// Writes [`to_json`](Self::to_json)'s bytes to `out` as they are
+    /// rendered, so that a large listing can go straight into a compressor.
+    pub fn write_json(&self, out: &mut impl Write) -> io::Result<()> {
+        out.write_all(b"{\"version\":1,\"root\":")?;
+        write_node(out, &self.root)?;
+        out.write_all(b"}")
     }
 }
 
-fn write_node(out: &mut Vec<u8>, node: &ListingNode) {
+fn write_node(out: &mut impl Write, node: &ListingNode) -> io::Result<()> {
     match node {
         ListingNode::Regular {
             size,
             executable,
             nar_offset,
         } => {
-            // Writing to a Vec cannot fail (here and below).
-            write!(out, "{{\"type\":\"regular\",\"size\":{size}").expect("writing to a Vec");
+            write!(out, "{{\"type\":\"regular\",\"size\":{size}")?;
             if *executable {
-                out.extend_from_slice(b",\"executable\":true");
+                out.write_all(b",\"executable\":true")?;
             }
-            write!(out, ",\"narOffset\":{nar_offset}}}").expect("writing to a Vec");
+            write!(out, ",\"narOffset\":{nar_offset}}}")
         }
         ListingNode::Symlink { target } => {
-            out.extend_from_slice(b"{\"type\":\"symlink\",\"target\":");
-            write_string(out, target);
-            out.push(b'}');
+            out.write_all(b"{\"type\":\"symlink\",\"target\":")?;
+            write_string(out, target)?;
+            out.write_all(b"}")
         }
         ListingNode::Directory { entries } => {
-            out.extend_from_slice(b"{\"type\":\"directory\",\"entries\":{");
+            out.write_all(b"{\"type\":\"directory\",\"entries\":{")?;
             for (index, (name, child)) in entries.iter().enumerate() {
                 if index > 0 {
-                    out.push(b',');
+                    out.write_all(b",")?;
                 }
-                write_string(out, name);
-                out.push(b':');
-                write_node(out, child);
+                write_string(out, name)?;
+                out.write_all(b":")?;
+                write_node(out, child)?;
             }
-            out.extend_from_slice(b"}}");
+            out.write_all(b"}}")
         }
     }
 }
 
-fn write_string(out: &mut Vec<u8>, bytes: &[u8]) {
+fn write_string(out: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push(b'"');
-    for &byte in bytes {
-        match byte {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            0..=0x1f => out.extend_from_slice(&[
+    out.write_all(b"\"")?;
+    // Runs of bytes that need no escape are written in one call.
+    let mut plain_from = 0;
+    for (index, &byte) in bytes.iter().enumerate() {
+        let escape: Option<&[u8]> = match byte {
+            b'"' => Some(b"\\\""),
+            b'\\' => Some(b"\\\\"),
+            b'\n' => Some(b"\\n"),
+            b'\r' => Some(b"\\r"),
+            b'\t' => Some(b"\\t"),
+            0..=0x1f => None,
+            _ => continue,
+        };
+        out.write_all(&bytes[plain_from..index])?;
+        plain_from = index + 1;
+        match escape {
+            Some(escape) => out.write_all(escape)?,
+            None => out.write_all(&[
                 b'\\',
                 b'u',
                 b'0',
                 b'0',
                 HEX[usize::from(byte >> 4)],
                 HEX[usize::from(byte & 0xf)],
-            ]),
-            _ => out.push(byte),
+            ])?,
         }
     }
-    out.push(b'"');
+    out.write_all(&bytes[plain_from..])?;
+    out.write_all(b"\"")
 }
 
 #[cfg(test)]

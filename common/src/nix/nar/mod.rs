@@ -21,7 +21,9 @@ mod read;
 mod write;
 
 pub use listing::{ListingNode, NarListing};
-pub use read::{read_nar, NarError, NarErrorKind, NarReader, NarSummary, ReadNarError};
+pub use read::{
+    read_nar, NarError, NarErrorKind, NarReader, NarSummary, ReadNarError, LISTING_NODE_COST,
+};
 #[cfg(unix)]
 pub use write::dump_path;
 pub use write::{encode_tree, NarEncoder, NarTree, NarWriteError};

@@ -4,7 +4,8 @@
 //!
 //! Memory is bounded by the nesting depth ([`MAX_DEPTH`]) times the longest
 //! name ([`MAX_NAME_LEN`]), plus the listing when one is asked for (which
-//! grows with the number of entries, so it is optional).
+//! grows with the number of entries, so it is optional and can be given a
+//! budget: [`NarReader::with_listing_budget`]).
 
 use std::io::{self, Read};
 
@@ -14,6 +15,11 @@ use super::listing::{ListingNode, NarListing};
 use super::{check_name, check_target, padding_len, show_bytes, NameProblem, TargetProblem};
 use super::{MAX_DEPTH, MAX_NAME_LEN, MAX_TARGET_LEN, NAR_MAGIC};
 use crate::nix::hash::{NarHash, Sha256Hasher};
+
+/// What one listing node counts against [`NarReader::with_listing_budget`]
+/// besides its name and symlink target: about what the node and its entry
+/// take in memory.
+pub const LISTING_NODE_COST: usize = 64;
 
 /// A NAR that is not exactly what Nix would write, and where it went wrong.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -186,6 +192,9 @@ pub struct NarReader {
     /// A symlink target kept for the listing until its `)`.
     target: Vec<u8>,
     want_listing: bool,
+    /// What the listing may still cost (see [`LISTING_NODE_COST`]) before
+    /// it is given up.
+    listing_budget: usize,
     hasher: Sha256Hasher,
     error: Option<NarError>,
 }
@@ -214,6 +223,7 @@ impl NarReader {
             root: None,
             target: Vec::new(),
             want_listing: false,
+            listing_budget: 0,
             hasher: Sha256Hasher::new(),
             error: None,
         }
@@ -222,8 +232,20 @@ impl NarReader {
     /// A reader that also builds the `.ls` listing (memory grows with the
     /// number of entries).
     pub fn with_listing() -> Self {
+        Self::with_listing_budget(usize::MAX)
+    }
+
+    /// A reader that builds the `.ls` listing while it costs at most
+    /// `budget` bytes, counted as [`LISTING_NODE_COST`] per node plus its
+    /// name and symlink target; past that it drops what it built and goes
+    /// on validating and hashing, and [`finish`](Self::finish) returns no
+    /// listing. The budget bounds the memory an untrusted NAR of many
+    /// small entries can make the listing take (and, within a factor of
+    /// six for names made of control characters, its rendered size).
+    pub fn with_listing_budget(budget: usize) -> Self {
         Self {
             want_listing: true,
+            listing_budget: budget,
             ..Self::new()
         }
     }
@@ -540,8 +562,37 @@ impl NarReader {
         Ok(())
     }
 
+    /// Charges a listing node of `cost` bytes to the budget; once it is
+    /// spent, gives the listing up: everything built so far is freed and
+    /// nothing more is kept.
+    fn charge_listing(&mut self, cost: usize) {
+        match self.listing_budget.checked_sub(cost) {
+            Some(left) => self.listing_budget = left,
+            None => {
+                self.want_listing = false;
+                self.root = None;
+                self.target = Vec::new();
+                for directory in &mut self.directories {
+                    directory.entries = Vec::new();
+                }
+            }
+        }
+    }
+
     /// A node is complete: attach it to its entry, or end the archive.
     fn node_done(&mut self, node: ListingNode) -> Result<(), NarError> {
+        if self.want_listing {
+            let name_len = self
+                .directories
+                .last()
+                .and_then(|parent| parent.last_name.as_ref())
+                .map_or(0, Vec::len);
+            let target_len = match &node {
+                ListingNode::Symlink { target } => target.len(),
+                _ => 0,
+            };
+            self.charge_listing(LISTING_NODE_COST + name_len + target_len);
+        }
         let want_listing = self.want_listing;
         match self.directories.last_mut() {
             None => {

@@ -183,6 +183,47 @@ fn reader_without_listing_gives_none() {
     assert_eq!(summary.nar_size, 704);
 }
 
+/// What the fixture's listing costs: `f` and `x` (64 + a one-byte name
+/// each), `l` (64 + a one-byte name + a one-byte target) and the root
+/// directory (64).
+const FIXTURE_LISTING_COST: usize = 65 + 66 + 65 + 64;
+
+#[test]
+fn a_listing_within_its_budget_is_built_and_one_past_it_is_dropped() {
+    let whole = read_all(&fixture()).unwrap();
+    for piece in [1, 7, 704] {
+        let read = |budget| {
+            let mut reader = NarReader::with_listing_budget(budget);
+            for chunk in fixture().chunks(piece) {
+                reader.update(chunk).unwrap();
+            }
+            reader.finish().unwrap()
+        };
+        assert_eq!(read(FIXTURE_LISTING_COST), whole, "pieces of {piece}");
+        // One byte short: no listing, but the same validation and hash.
+        let dropped = read(FIXTURE_LISTING_COST - 1);
+        assert_eq!(dropped.listing, None, "pieces of {piece}");
+        assert_eq!(
+            (dropped.nar_hash, dropped.nar_size),
+            (whole.nar_hash, whole.nar_size)
+        );
+        assert_eq!(read(0).listing, None);
+    }
+}
+
+#[test]
+fn a_dropped_listing_still_validates() {
+    // The listing is given up at the first entry; the archive's unsorted
+    // entries further on are still found.
+    let bad = directory(&[b"b", b"a"]);
+    let mut reader = NarReader::with_listing_budget(10);
+    let error = reader.update(&bad).unwrap_err();
+    assert!(
+        matches!(error.kind, NarErrorKind::UnsortedEntry { .. }),
+        "{error}"
+    );
+}
+
 #[test]
 fn reader_accepts_every_chunking() {
     let nar = fixture();

@@ -1,0 +1,134 @@
+//! Fuzzes the upload verifier (`common::verify`) as the server drives it:
+//! a body, plain, zstd or xz, fed in frames and pushed again while the
+//! output is full, under a decompression ratio, a size limit and sometimes
+//! a declared NarSize. It must never panic, never hand out a byte past any
+//! bound (checked after every push), never hold more memory than its
+//! decoder limits (libFuzzer's RSS limit), and give the same NAR bytes
+//! whatever the framing: a body one framing accepts, another may refuse
+//! only for a limit that depends on how far the decoder had read.
+//!
+//! Input: byte 0 picks the encoding, byte 1 the ratio and output bound,
+//! byte 2 the framing and whether a NarSize is declared; the rest is the
+//! body. Seeds are small valid bodies of each encoding.
+#![no_main]
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use common::verify::{
+    Encoding, Expected, Limits, NarVerifier, Progress, Verified, VerifyError, RATIO_ALLOWANCE,
+};
+use libfuzzer_sys::fuzz_target;
+
+/// The size limit: above what the ratio lets a fuzz input reach, so both
+/// bounds are exercised.
+const MAX_NAR_SIZE: u64 = 4 << 20;
+
+struct Outcome {
+    result: Result<Verified, VerifyError>,
+    output: Vec<u8>,
+}
+
+fn run(
+    encoding: Encoding,
+    expected: Expected,
+    limits: Limits,
+    body: &[u8],
+    mut frame_size: impl FnMut() -> usize,
+    max_output: usize,
+) -> Outcome {
+    let mut verifier = NarVerifier::new(encoding, expected, limits).expect("a decoder");
+    let mut rest = body;
+    let mut input = VecDeque::new();
+    let mut output = Vec::new();
+    let outcome = 'body: loop {
+        let end = rest.is_empty();
+        if !end {
+            let size = frame_size().clamp(1, rest.len());
+            input.push_back(Bytes::copy_from_slice(&rest[..size]));
+            rest = &rest[size..];
+        }
+        loop {
+            let mut out = Vec::new();
+            let progress = verifier.push(&mut input, end, &mut out, max_output);
+            let produced: usize = out.iter().map(Bytes::len).sum();
+            assert!(produced <= max_output);
+            for bytes in out {
+                output.extend_from_slice(&bytes);
+            }
+            let decoded = verifier.decoded();
+            assert_eq!(decoded, output.len() as u64);
+            assert!(decoded <= limits.max_nar_size);
+            assert!(verifier.consumed() <= body.len() as u64);
+            if let Some(declared) = expected.nar_size {
+                assert!(decoded <= declared);
+            }
+            if encoding == Encoding::Plain {
+                assert_eq!(decoded, verifier.consumed());
+            } else {
+                let bound = limits.max_decompression_ratio * verifier.consumed() + RATIO_ALLOWANCE;
+                assert!(decoded <= bound, "{decoded} bytes past the ratio bound {bound}");
+            }
+            match progress {
+                Err(error) => break 'body Err(error),
+                Ok(Progress::OutputFull) => {}
+                Ok(Progress::NeedInput) => {
+                    assert!(!end && input.is_empty());
+                    break;
+                }
+                Ok(Progress::Done) => break 'body Ok(()),
+            }
+        }
+    };
+    Outcome {
+        result: outcome.and_then(|()| verifier.finish()),
+        output,
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let [encoding, shape, framing, body @ ..] = data else {
+        return;
+    };
+    let encoding = match encoding % 3 {
+        0 => Encoding::Plain,
+        1 => Encoding::Zstd,
+        _ => Encoding::Xz,
+    };
+    let limits = Limits {
+        max_nar_size: MAX_NAR_SIZE,
+        max_decompression_ratio: [1, 4, 64, 1000][usize::from(shape & 3)],
+    };
+    let max_output = [1, 4096, 65536, 1 << 20][usize::from((shape >> 2) & 3)];
+    let expected = Expected {
+        // Sometimes a NarSize is declared, small enough to be passed.
+        nar_size: (framing & 0x80 != 0).then(|| u64::from(framing & 0x7f) * 4096),
+        ..Expected::default()
+    };
+    let whole = run(encoding, expected, limits, body, || usize::MAX, max_output);
+    // Frame sizes from a small PRNG seeded by the input: 1..=4096 bytes.
+    let mut state = u32::from(*framing) | (body.len() as u32) << 8 | 1;
+    let framed = run(
+        encoding,
+        expected,
+        limits,
+        body,
+        || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            (state % 4096) as usize + 1
+        },
+        max_output,
+    );
+    // The same bytes, however the body was cut.
+    let shorter = whole.output.len().min(framed.output.len());
+    assert_eq!(whole.output[..shorter], framed.output[..shorter]);
+    match (&whole.result, &framed.result) {
+        (Ok(a), Ok(b)) => assert_eq!(a, b),
+        (Ok(_), Err(error)) | (Err(error), Ok(_)) => {
+            assert!(error.is_too_large(), "a framing refused a valid body: {error}")
+        }
+        (Err(_), Err(_)) => {}
+    }
+});
