@@ -65,26 +65,11 @@ install_debian_packages() {
 
     [[ $EUID -eq 0 ]] || die "missing packages (${missing[*]}); run as root to install them"
     say "installing Debian packages: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    # Wait for another apt/dpkg run to finish instead of failing on its lock.
-    local apt=(apt-get -q -y -o DPkg::Lock::Timeout=600)
-    run_logged apt-update "${apt[@]}" update
+    run_logged apt-update apt-get -q -y -o DPkg::Lock::Timeout=600 update
     # Recommends stay on: nix-bin's recommended nix-setup-systemd creates the
-    # nixbld build users Nix expects. The packages' postinst scripts try to
-    # start system services: ops/services.sh runs its own instances, so a
-    # policy-rc.d that refuses every start keeps them from running (without
-    # it, nginx's would take port 80). It is created only if there is none,
-    # and removed right after.
-    local policy=/usr/sbin/policy-rc.d made_policy=0
-    if [[ ! -e $policy ]]; then
-        printf '#!/bin/sh\nexit 101\n' >"$policy"
-        chmod 755 "$policy"
-        made_policy=1
-    fi
-    local status=0
-    (run_logged apt-install "${apt[@]}" install "${missing[@]}") || status=$?
-    ((made_policy == 0)) || rm -f "$policy"
-    ((status == 0)) || exit "$status"
+    # nixbld build users Nix expects. No package's service is started
+    # (apt-install.sh says why).
+    run_logged apt-install bash "$(dirname "${BASH_SOURCE[0]}")/apt-install.sh" "${missing[@]}"
 }
 
 install_garage() {
