@@ -25,6 +25,7 @@ mod proxy;
 mod s3;
 
 use std::path::Path;
+use std::process::{Command, Stdio};
 
 use common::config::{
     AuthConfig, DatabaseConfig, LogConfig, QueueConfig, Secret, ServerConfig, StorageConfig,
@@ -59,4 +60,20 @@ fn write_server_config(dir: &Path, storage: StorageConfig) -> std::path::PathBuf
     let path = dir.join("server.toml");
     std::fs::write(&path, config.to_toml()).expect("writing the server's config");
     path
+}
+
+/// Runs `ingest-api` (`command`, stdout discarded), which must stop with
+/// exit status 1 and one line on stderr starting with `prefix` (what an
+/// operator sees of a failed start); returns that line.
+fn one_line_failure(mut command: Command, prefix: &str) -> String {
+    let output = command
+        .stdout(Stdio::null())
+        .output()
+        .expect("running ingest-api");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(lines[0].starts_with(prefix), "{stderr}");
+    lines[0].to_owned()
 }

@@ -2,14 +2,12 @@
 //! against the suite's PostgreSQL (`ssl = on`, a certificate from the
 //! throwaway CA for 127.0.0.1 and localhost).
 
-use std::process::Stdio;
-
 use common::config::StorageConfig;
 use common::db::Database;
 use tests::process::service_command;
 use tests::services;
 
-use super::write_server_config;
+use super::{one_line_failure, write_server_config};
 
 /// `url` with its query string replaced by `query`.
 fn with_query(url: &str, query: &str) -> String {
@@ -92,21 +90,15 @@ async fn postgres_with_the_wrong_ca_fails_with_a_clear_error() {
             path: dir.path().join("storage"),
         },
     );
-    let output = service_command("ingest-api")
+    let mut command = service_command("ingest-api");
+    command
         .arg("--config")
         .arg(&config)
         .args(["--mode", "migrate"])
-        .env("LARDER_DATABASE__URL", &url)
-        .stdout(Stdio::null())
-        .output()
-        .expect("running ingest-api");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "one line: {stderr}");
-    assert!(lines[0].starts_with("ingest-api: database: "), "{stderr}");
+        .env("LARDER_DATABASE__URL", &url);
+    let line = one_line_failure(command, "ingest-api: database: ");
     assert!(
-        lines[0].contains("invalid peer certificate: UnknownIssuer"),
-        "{stderr}"
+        line.contains("invalid peer certificate: UnknownIssuer"),
+        "{line}"
     );
 }

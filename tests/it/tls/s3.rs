@@ -3,14 +3,13 @@
 //! right CA is `storage::s3_https::…`.
 
 use std::path::Path;
-use std::process::Stdio;
 
 use common::config::{S3Config, StorageConfig};
 use common::storage::{S3Storage, Storage};
 use tests::process::{service_command, ServerProcess};
 use tests::services::{self, S3Settings};
 
-use super::write_server_config;
+use super::{one_line_failure, write_server_config};
 
 /// Opens S3 storage over HTTPS with `ca_file` and asks the bucket for a
 /// `HeadBucket`; returns the error the check gave.
@@ -178,27 +177,20 @@ async fn s3_without_any_credentials_stops_at_start_saying_why() {
         ..S3Settings::from_env().tls_storage_config(&services::unique_name("chain"))
     };
     let config = write_server_config(dir.path(), StorageConfig::S3(storage));
-    let output = service_command("ingest-api")
+    let mut command = service_command("ingest-api");
+    command
         .arg("--config")
         .arg(&config)
         .args(["--listen", "127.0.0.1:0"])
         .envs(isolated_aws_environment(dir.path()))
         .env_remove("AWS_ACCESS_KEY_ID")
         .env_remove("AWS_SECRET_ACCESS_KEY")
-        .env_remove("AWS_PROFILE")
-        .stdout(Stdio::null())
-        .output()
-        .expect("running ingest-api");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "one line: {stderr}");
-    assert!(lines[0].starts_with("ingest-api: storage: "), "{stderr}");
+        .env_remove("AWS_PROFILE");
+    let line = one_line_failure(command, "ingest-api: storage: ");
     assert!(
-        lines[0]
-            .contains("no credentials: [storage] access-key-id and secret-access-key are unset"),
-        "{stderr}"
+        line.contains("no credentials: [storage] access-key-id and secret-access-key are unset"),
+        "{line}"
     );
     // What the chain tried, so the operator sees which source to fix.
-    assert!(lines[0].contains("Environment: "), "{stderr}");
+    assert!(line.contains("Environment: "), "{line}");
 }
