@@ -758,6 +758,36 @@ pub(crate) fn nix_with_user_conf(env: &NixEnv, nix_conf: &Path) -> std::process:
     command
 }
 
+/// Has `puller`'s Nix build `wanted` into the store at `destination` with
+/// the user config `nix_conf` alone (what `larder use` wrote), so only the
+/// substituters there can provide them, and checks that every path of
+/// their closure arrived with the NAR it has in `source`'s store at
+/// `source_root`.
+pub(crate) fn assert_substitutes_the_same_nars(
+    puller: &NixEnv,
+    nix_conf: &Path,
+    destination: &Path,
+    source: &NixEnv,
+    source_root: &Path,
+    wanted: &[String],
+) {
+    let built = nix_with_user_conf(puller, nix_conf)
+        .arg("--store")
+        .arg(destination)
+        .args(["build", "--no-link"])
+        .args(wanted)
+        .output()
+        .expect("nix build");
+    assert!(built.status.success(), "{}", text(&built.stderr));
+    for path in source.closure(source_root, wanted).expect("closure") {
+        assert_eq!(
+            source.nar_hash(source_root, &path).expect("source hash"),
+            puller.nar_hash(destination, &path).unwrap_or_default(),
+            "{path} substituted with the same NAR"
+        );
+    }
+}
+
 #[tokio::test]
 async fn use_of_a_public_cache_writes_no_netrc() {
     let server = TestServer::sqlite().await;

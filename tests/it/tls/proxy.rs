@@ -14,7 +14,7 @@ use tests::nix::NixEnv;
 use tests::server::{TestServer, TestServerOptions};
 use tests::services;
 
-use crate::client::{nix_with_user_conf, store_config, text, Larder};
+use crate::client::{assert_substitutes_the_same_nars, store_config, Larder};
 use crate::server::push::blocking;
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -409,35 +409,13 @@ async fn heavy_push_and_pull_through_the_nginx_recipe_over_https() {
     // Another machine's Nix, as it were: the pushing Nix cached the
     // narinfos it wrote, with its own file names, and would not ask.
     let nix_conf = user.nix_conf();
-    let (built, hashes) = blocking(move || {
+    blocking(move || {
         let mut puller = NixEnv::new().expect("a Nix environment");
         puller.set_env("NIX_SSL_CERT_FILE", &ca);
         let destination = puller.path("destination");
-        let built = nix_with_user_conf(&puller, &nix_conf)
-            .arg("--store")
-            .arg(&destination)
-            .args(["build", "--no-link"])
-            .args(&paths)
-            .output()
-            .expect("nix build");
-        let closure = env.closure(&root, &paths).expect("closure");
-        let hashes: Vec<(String, String, String)> = closure
-            .iter()
-            .map(|path| {
-                (
-                    path.clone(),
-                    env.nar_hash(&root, path).expect("source hash"),
-                    puller.nar_hash(&destination, path).unwrap_or_default(),
-                )
-            })
-            .collect();
-        (built, hashes)
+        assert_substitutes_the_same_nars(&puller, &nix_conf, &destination, &env, &root, &paths);
     })
     .await;
-    assert!(built.status.success(), "{}", text(&built.stderr));
-    for (path, source, substituted) in hashes {
-        assert_eq!(source, substituted, "{path} substituted with the same NAR");
-    }
     drop(proxy);
     server.stop().await;
 }
