@@ -550,14 +550,8 @@ start_garage() {
 }
 
 stop_garage() {
-    [[ -n ${LARDER_TEST_GARAGE_PID_FILE:-} && -s $LARDER_TEST_GARAGE_PID_FILE ]] || return 0
-    local pid
-    pid=$(<"$LARDER_TEST_GARAGE_PID_FILE")
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null || true
-        wait_for_exit "$pid"
-    fi
-    rm -f "$LARDER_TEST_GARAGE_PID_FILE"
+    stop_pid_file "${LARDER_TEST_GARAGE_PID_FILE:-}"
+    [[ -z ${LARDER_TEST_GARAGE_PID_FILE:-} ]] || rm -f "$LARDER_TEST_GARAGE_PID_FILE"
 }
 
 # --- S3 over HTTPS: nginx in front of Garage -------------------------------------
@@ -620,17 +614,23 @@ await_s3_tls() {
 }
 
 stop_s3_tls() {
-    [[ -n ${LARDER_TEST_S3_TLS_PID_FILE:-} && -s $LARDER_TEST_S3_TLS_PID_FILE ]] || return 0
-    local pid
-    pid=$(<"$LARDER_TEST_S3_TLS_PID_FILE")
+    # SIGTERM: nginx's fast shutdown; nginx removes its pid file.
+    stop_pid_file "${LARDER_TEST_S3_TLS_PID_FILE:-}"
+}
+
+# --- stopping --------------------------------------------------------------------
+
+# Stops the process whose pid FILE holds (none if FILE is unset, empty or
+# absent): SIGTERM, then wait_for_exit.
+stop_pid_file() {
+    local file=$1 pid
+    [[ -n $file && -s $file ]] || return 0
+    pid=$(<"$file")
     if kill -0 "$pid" 2>/dev/null; then
-        # SIGTERM: nginx's fast shutdown.
         kill -TERM "$pid" 2>/dev/null || true
         wait_for_exit "$pid"
     fi
 }
-
-# --- stopping --------------------------------------------------------------------
 
 # Waits up to STOP_TIMEOUT for PID to exit, then kills it.
 wait_for_exit() {
