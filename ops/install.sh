@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what Larder's test suite needs on a fresh Debian 12 machine, as root:
 #   - Debian packages: nix-bin (the real Nix client), rabbitmq-server,
-#     PostgreSQL (the `postgresql` package, 15 on Debian 12) and zstd;
+#     PostgreSQL (the `postgresql` package, 15 on Debian 12), zstd, openssl
+#     (ops/services.sh mints a throwaway CA with it) and nginx (the TLS
+#     terminator in front of Garage, and the reverse proxy of the TLS tests);
 #   - Garage 2.5.0 (S3), built from crates.io with `cargo install`;
 #   - cargo-nextest, the test runner.
 #
@@ -55,7 +57,7 @@ postgres_installed() {
 install_debian_packages() {
     local missing=()
     local package
-    for package in nix-bin rabbitmq-server zstd; do
+    for package in nix-bin rabbitmq-server zstd openssl nginx; do
         package_installed "$package" || missing+=("$package")
     done
     postgres_installed || missing+=(postgresql)
@@ -63,15 +65,11 @@ install_debian_packages() {
 
     [[ $EUID -eq 0 ]] || die "missing packages (${missing[*]}); run as root to install them"
     say "installing Debian packages: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    # Wait for another apt/dpkg run to finish instead of failing on its lock.
-    local apt=(apt-get -q -y -o DPkg::Lock::Timeout=600)
-    run_logged apt-update "${apt[@]}" update
+    run_logged apt-update apt-get -q -y -o DPkg::Lock::Timeout=600 update
     # Recommends stay on: nix-bin's recommended nix-setup-systemd creates the
-    # nixbld build users Nix expects. The packages' postinst scripts try to
-    # start system services; without an init system that is refused, which
-    # is harmless: ops/services.sh runs its own instances.
-    run_logged apt-install "${apt[@]}" install "${missing[@]}"
+    # nixbld build users Nix expects. No package's service is started
+    # (apt-install.sh says why).
+    run_logged apt-install bash "$(dirname "${BASH_SOURCE[0]}")/apt-install.sh" "${missing[@]}"
 }
 
 install_garage() {

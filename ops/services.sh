@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts and stops the real services Larder's tests run against, as plain
-# local processes: RabbitMQ, PostgreSQL and a single-node Garage (S3).
+# local processes: RabbitMQ, PostgreSQL and a single-node Garage (S3), each
+# reachable over plain TCP and over TLS with a throwaway CA minted here.
 #
 #   ops/services.sh start DIR [rabbitmq|postgres|garage ...]   (default: all three)
 #   ops/services.sh stop DIR
@@ -13,7 +14,16 @@
 # picked at random (so two runs on one machine do not collide), waits until
 # each service really answers, and writes DIR/env: `export` lines with the
 # LARDER_TEST_* variables the tests read (see tests/src/services.rs; DIR/vars
-# holds the same as plain NAME=VALUE lines). `stop` stops what `start`
+# holds the same as plain NAME=VALUE lines).
+#
+# TLS: `start` mints a throwaway CA in DIR/tls (openssl, EC P-256, valid for
+# 30 days), a server certificate it signed for 127.0.0.1 and localhost, and
+# a second CA that signed nothing (for tests of a wrong CA). PostgreSQL runs
+# with `ssl = on` (one port for plain and TLS connections: the client
+# chooses), RabbitMQ gets an AMQPS listener beside its plain one, and nginx
+# terminates TLS in front of Garage's S3 port (Garage speaks plain HTTP).
+#
+# `stop` stops what `start`
 # started, by pid, then kills any straggler: every process started here
 # carries LARDER_SERVICES_MARK=DIR in its environment, which is how the Erlang
 # VM's epmd and helpers are found without matching on names. It also stops
@@ -106,8 +116,8 @@ port_in_use() {
 
 # Picks a block of 20 consecutive free ports below the kernel's ephemeral
 # range and sets PORT_BASE. Offsets: 0 AMQP, 1 Erlang distribution, 2 epmd,
-# 3 PostgreSQL, 4 S3, 5 Garage RPC, 6 Garage admin, 10-19 rabbitmqctl's own
-# distribution ports.
+# 3 PostgreSQL, 4 S3, 5 Garage RPC, 6 Garage admin, 7 AMQPS, 8 S3 over HTTPS
+# (nginx), 10-19 rabbitmqctl's own distribution ports.
 allocate_ports() {
     local attempt base offset busy
     for attempt in $(seq 50); do
@@ -153,6 +163,14 @@ http_status() {
     ) 2>/dev/null || true
 }
 
+# True when a TLS server on PORT completes a handshake with a certificate
+# the throwaway CA signed for 127.0.0.1.
+tls_answers() {
+    local port=$1
+    openssl s_client -quiet -no_ign_eof -verify_return_error -verify_ip "$HOST" \
+        -CAfile "$LARDER_TEST_TLS_CA_FILE" -connect "$HOST:$port" </dev/null >/dev/null 2>&1
+}
+
 # wait_until DESCRIPTION LOG PID CHECK...: polls CHECK until it succeeds; fails
 # with LOG's tail when PID dies or START_TIMEOUT passes.
 wait_until() {
@@ -172,27 +190,88 @@ wait_until() {
     done
 }
 
+# --- TLS -----------------------------------------------------------------------
+
+# Mints the throwaway CA, the server certificate every service presents and
+# an unrelated CA, in DIR/tls. EC P-256 keys: generated in milliseconds.
+configure_tls() {
+    local dir=$DIR/tls
+    command -v openssl >/dev/null || die "openssl not found: run ops/install.sh"
+    mkdir -p "$dir"
+    record LARDER_TEST_TLS_CA_FILE "$dir/ca.pem"
+    record LARDER_TEST_TLS_OTHER_CA_FILE "$dir/other-ca.pem"
+    record LARDER_TEST_TLS_CERT_FILE "$dir/server.pem"
+    record LARDER_TEST_TLS_KEY_FILE "$dir/server.key"
+    if ! mint_certificates "$dir" >"$dir/openssl.log" 2>&1; then
+        show_log "$dir/openssl.log"
+        die "minting the throwaway CA and certificates failed"
+    fi
+}
+
+# Steps chained with && (see provision_garage). Keys are private to root;
+# each service gets its own copy (install_server_key).
+mint_certificates() (
+    dir=$1
+    key_options=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+    ca_extensions=(-addext basicConstraints=critical,CA:TRUE
+        -addext keyUsage=critical,keyCertSign,cRLSign)
+    umask 077
+    openssl req -x509 "${key_options[@]}" -days 30 "${ca_extensions[@]}" \
+        -subj "/CN=Larder throwaway test CA $(random_hex 4)" \
+        -keyout "$dir/ca.key" -out "$dir/ca.pem" &&
+        openssl req -x509 "${key_options[@]}" -days 30 "${ca_extensions[@]}" \
+            -subj "/CN=Larder unrelated test CA $(random_hex 4)" \
+            -keyout "$dir/other-ca.key" -out "$dir/other-ca.pem" &&
+        openssl req -new "${key_options[@]}" -subj "/CN=localhost" \
+            -keyout "$dir/server.key" -out "$dir/server.csr" &&
+        printf '%s\n' basicConstraints=critical,CA:FALSE keyUsage=critical,digitalSignature \
+            extendedKeyUsage=serverAuth "subjectAltName=DNS:localhost,IP:$HOST" >"$dir/server.ext" &&
+        openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" \
+            -set_serial "0x$(random_hex 8)" -days 30 -extfile "$dir/server.ext" \
+            -out "$dir/server.pem" &&
+        chmod 644 "$dir/ca.pem" "$dir/other-ca.pem" "$dir/server.pem"
+)
+
+# Copies the server's key to FILE, readable by USER alone: PostgreSQL refuses
+# a key others may read, and RabbitMQ reads its key as its own user.
+install_server_key() {
+    local file=$1 user=$2
+    install -m 600 "$LARDER_TEST_TLS_KEY_FILE" "$file"
+    [[ $EUID -ne 0 ]] || chown "$user:$user" "$file"
+}
+
 # --- RabbitMQ ------------------------------------------------------------------
 
 configure_rabbitmq() {
     local dir=$DIR/rabbitmq
     mkdir -p "$dir/home" "$dir/mnesia" "$dir/log"
     echo '[].' >"$dir/enabled_plugins"
+    local port=$((PORT_BASE + 0)) tls_port=$((PORT_BASE + 7))
     # One log, the node's standard output, so that a failure shows all of it.
+    # The AMQPS listener asks clients for no certificate: they log in with a
+    # password, as on hosted brokers.
     cat >"$dir/rabbitmq.conf" <<EOF
 log.console = true
 log.console.level = info
 log.console.use_colors = off
 log.file = false
+listeners.ssl.1 = $HOST:$tls_port
+ssl_options.cacertfile = $LARDER_TEST_TLS_CA_FILE
+ssl_options.certfile = $LARDER_TEST_TLS_CERT_FILE
+ssl_options.keyfile = $dir/server.key
+ssl_options.verify = verify_none
+ssl_options.fail_if_no_peer_cert = false
 EOF
     : >"$dir/rabbitmq-env.conf"
     # Started as root, the broker runs as `rabbitmq`, which must own its data
     # (or it dies with failed_to_create_feature_flags_file_directory).
     [[ $EUID -ne 0 ]] || chown -R rabbitmq:rabbitmq "$dir"
+    install_server_key "$dir/server.key" rabbitmq
 
-    local port=$((PORT_BASE + 0))
     record LARDER_TEST_AMQP_URL "amqp://guest:guest@$HOST:$port/%2f"
+    record LARDER_TEST_AMQPS_URL "amqps://guest:guest@$HOST:$tls_port/%2f"
     record LARDER_TEST_RABBITMQ_PORT "$port"
+    record LARDER_TEST_RABBITMQ_TLS_PORT "$tls_port"
     record LARDER_TEST_RABBITMQ_NODE "larder-$port@localhost"
     record LARDER_TEST_RABBITMQ_DIST_PORT $((PORT_BASE + 1))
     record LARDER_TEST_RABBITMQ_EPMD_PORT $((PORT_BASE + 2))
@@ -246,9 +325,11 @@ launch_rabbitmq() {
 }
 
 await_rabbitmq() {
-    # The listener opens at the end of boot, so an AMQP answer means ready.
+    # The listeners open at the end of boot, so an AMQP answer means ready.
     wait_until "RabbitMQ on port $LARDER_TEST_RABBITMQ_PORT" "$LARDER_TEST_RABBITMQ_LOG" \
         "$RABBITMQ_LAUNCHER" amqp_answers "$LARDER_TEST_RABBITMQ_PORT"
+    wait_until "RabbitMQ's AMQPS listener on port $LARDER_TEST_RABBITMQ_TLS_PORT" \
+        "$LARDER_TEST_RABBITMQ_LOG" "$RABBITMQ_LAUNCHER" tls_answers "$LARDER_TEST_RABBITMQ_TLS_PORT"
     # `stop` needs the VM's pid, which the broker writes early in its boot.
     [[ -s $LARDER_TEST_RABBITMQ_PID_FILE ]] || die "RabbitMQ: no pid in $LARDER_TEST_RABBITMQ_PID_FILE"
 }
@@ -289,6 +370,10 @@ configure_postgres() {
     as_user postgres
     local port=$((PORT_BASE + 3))
     record LARDER_TEST_POSTGRES_URL "postgres://postgres@$HOST:$port/postgres"
+    # The same server over TLS, its certificate checked against the CA and
+    # the host name: the strictest mode clients have.
+    record LARDER_TEST_POSTGRES_TLS_URL \
+        "postgres://postgres@$HOST:$port/postgres?sslmode=verify-full&sslrootcert=$LARDER_TEST_TLS_CA_FILE"
     record LARDER_TEST_POSTGRES_PORT "$port"
     record LARDER_TEST_POSTGRES_BIN_DIR "$bin"
     record LARDER_TEST_POSTGRES_DATA_DIR "$dir/data"
@@ -299,6 +384,9 @@ configure_postgres() {
         show_log "$dir/initdb.log"
         die "PostgreSQL: initdb failed"
     fi
+    # `ssl = on` reads server.crt and server.key from the data directory.
+    install_server_key "$dir/data/server.key" postgres
+    install -m 644 "$LARDER_TEST_TLS_CERT_FILE" "$dir/data/server.crt"
     # Settings live in the cluster's own config so that a restart keeps them.
     # Durability is traded for speed: the cluster is thrown away after the run,
     # and a restart by pg_ctl is clean, so nothing relies on fsync.
@@ -312,6 +400,8 @@ max_connections = 200
 fsync = off
 synchronous_commit = off
 full_page_writes = off
+# TLS beside plain connections on the same port: the client chooses.
+ssl = on
 EOF
 }
 
@@ -386,6 +476,7 @@ admin_token = "$admin_token"
 EOF
     )
     record LARDER_TEST_S3_ENDPOINT "http://$HOST:$s3_port"
+    record LARDER_TEST_S3_HTTPS_ENDPOINT "https://$HOST:$((PORT_BASE + 8))"
     record LARDER_TEST_S3_REGION "$S3_REGION"
     record LARDER_TEST_S3_BUCKET "$S3_BUCKET"
     # Garage key ids are "GK" and 24 hex digits; secrets are 64 hex digits.
@@ -459,17 +550,87 @@ start_garage() {
 }
 
 stop_garage() {
-    [[ -n ${LARDER_TEST_GARAGE_PID_FILE:-} && -s $LARDER_TEST_GARAGE_PID_FILE ]] || return 0
-    local pid
-    pid=$(<"$LARDER_TEST_GARAGE_PID_FILE")
+    stop_pid_file "${LARDER_TEST_GARAGE_PID_FILE:-}"
+    [[ -z ${LARDER_TEST_GARAGE_PID_FILE:-} ]] || rm -f "$LARDER_TEST_GARAGE_PID_FILE"
+}
+
+# --- S3 over HTTPS: nginx in front of Garage -------------------------------------
+
+# The terminator lives as long as the whole set: a fault test's stop-garage
+# leaves it answering 502, as a load balancer in front of a dead S3 would.
+configure_s3_tls() {
+    local dir=$DIR/s3-tls
+    command -v nginx >/dev/null || die "nginx not found: run ops/install.sh"
+    mkdir -p "$dir/tmp"
+    record LARDER_TEST_S3_TLS_PID_FILE "$dir/nginx.pid"
+    record LARDER_TEST_S3_TLS_LOG "$dir/error.log"
+    # Bodies stream both ways (no buffering, no size limit); Host goes
+    # through unchanged, since S3 signatures cover it.
+    cat >"$dir/nginx.conf" <<EOF
+# ops/services.sh: TLS in front of a throwaway Garage's S3 port.
+worker_processes 1;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events {
+    worker_connections 512;
+}
+http {
+    access_log off;
+    client_body_temp_path $dir/tmp/client_body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+    server {
+        listen $HOST:${LARDER_TEST_S3_HTTPS_ENDPOINT##*:} ssl;
+        ssl_certificate $LARDER_TEST_TLS_CERT_FILE;
+        ssl_certificate_key $LARDER_TEST_TLS_KEY_FILE;
+        client_max_body_size 0;
+        proxy_request_buffering off;
+        proxy_buffering off;
+        location / {
+            proxy_pass $LARDER_TEST_S3_ENDPOINT;
+            proxy_http_version 1.1;
+            proxy_set_header Host \$http_host;
+            proxy_read_timeout 300s;
+        }
+    }
+}
+EOF
+}
+
+launch_s3_tls() {
+    local dir=$DIR/s3-tls
+    (exec setsid env LARDER_SERVICES_MARK="$DIR" \
+        nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log") \
+        >>"$dir/stdout.log" 2>&1 </dev/null &
+    S3_TLS_LAUNCHER=$!
+}
+
+await_s3_tls() {
+    wait_until "nginx (S3 over HTTPS) at $LARDER_TEST_S3_HTTPS_ENDPOINT" "$LARDER_TEST_S3_TLS_LOG" \
+        "$S3_TLS_LAUNCHER" tls_answers "${LARDER_TEST_S3_HTTPS_ENDPOINT##*:}"
+}
+
+stop_s3_tls() {
+    # SIGTERM: nginx's fast shutdown; nginx removes its pid file.
+    stop_pid_file "${LARDER_TEST_S3_TLS_PID_FILE:-}"
+}
+
+# --- stopping --------------------------------------------------------------------
+
+# Stops the process whose pid FILE holds (none if FILE is unset, empty or
+# absent): SIGTERM, then wait_for_exit.
+stop_pid_file() {
+    local file=$1 pid
+    [[ -n $file && -s $file ]] || return 0
+    pid=$(<"$file")
     if kill -0 "$pid" 2>/dev/null; then
         kill -TERM "$pid" 2>/dev/null || true
         wait_for_exit "$pid"
     fi
-    rm -f "$LARDER_TEST_GARAGE_PID_FILE"
 }
-
-# --- stopping --------------------------------------------------------------------
 
 # Waits up to STOP_TIMEOUT for PID to exit, then kills it.
 wait_for_exit() {
@@ -530,6 +691,8 @@ stop_all() {
     stoppers+=($!)
     stop_rabbitmq || say "stopping RabbitMQ failed" &
     stoppers+=($!)
+    stop_s3_tls || say "stopping nginx (S3 over HTTPS) failed" &
+    stoppers+=($!)
     # Not a bare `wait`: after a failed start, the launched services are
     # children of this shell too.
     wait "${stoppers[@]}"
@@ -562,6 +725,7 @@ start_all() {
     allocate_ports
     record LARDER_TEST_SERVICES_DIR "$DIR"
     record LARDER_TEST_SERVICES "${services[*]}"
+    configure_tls
     # RabbitMQ boots slowest: launch it first and configure the others meanwhile.
     if [[ " ${services[*]} " == *" rabbitmq "* ]]; then
         configure_rabbitmq
@@ -570,12 +734,17 @@ start_all() {
     if [[ " ${services[*]} " == *" garage "* ]]; then
         configure_garage
         launch_garage
+        configure_s3_tls
+        launch_s3_tls
     fi
     if [[ " ${services[*]} " == *" postgres "* ]]; then
         configure_postgres
         start_postgres
     fi
-    [[ " ${services[*]} " != *" garage "* ]] || await_garage
+    if [[ " ${services[*]} " == *" garage "* ]]; then
+        await_garage
+        await_s3_tls
+    fi
     [[ " ${services[*]} " != *" rabbitmq "* ]] || await_rabbitmq
     trap - EXIT
     say "${services[*]} ready in $((SECONDS - started)) s; environment in $DIR/env"

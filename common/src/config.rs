@@ -448,9 +448,14 @@ pub enum QueueConfig {
     Embedded,
     /// A RabbitMQ broker, shared by separately running API servers and
     /// workers.
+    #[serde(rename_all = "kebab-case")]
     Amqp {
-        /// `amqp://USER:PASSWORD@HOST:PORT/VHOST`.
+        /// `amqp://USER:PASSWORD@HOST:PORT/VHOST`, or `amqps://…` for TLS.
         url: Secret,
+        /// PEM certificates trusted for `amqps://` beside the system's
+        /// roots: a private CA's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ca_file: Option<PathBuf>,
     },
 }
 
@@ -474,21 +479,90 @@ pub struct DatabaseConfig {
 pub enum StorageConfig {
     /// A directory on this machine.
     Local { path: PathBuf },
-    /// An S3 bucket reached with path-style addressing over plain HTTP
-    /// (Garage, MinIO, ...), for the distributed topology.
-    #[serde(rename_all = "kebab-case")]
-    S3 {
-        /// The service's base URL, `http://HOST:PORT`.
-        endpoint: String,
-        region: String,
-        bucket: String,
-        access_key_id: String,
-        secret_access_key: Secret,
-        /// Prepended to every key (`larder/`), so several uses can share
-        /// one bucket; empty for the bucket's root.
-        #[serde(default)]
-        prefix: String,
-    },
+    /// An S3 bucket (AWS, R2, Garage, MinIO, ...), for the distributed
+    /// topology.
+    S3(S3Config),
+}
+
+/// `[storage] type = "s3"`: where the bucket is and how to reach it.
+/// Unset optional keys follow the AWS SDK's conventions.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct S3Config {
+    /// The service's base URL, `https://HOST[:PORT]` (or `http://`).
+    /// Unset: AWS S3's own endpoint for the region (`AWS_ENDPOINT_URL`
+    /// and profiles may set one, as in every AWS SDK).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// The region requests are signed for (`us-east-1`, `auto` for R2,
+    /// `garage` for Garage). Unset: `AWS_REGION`, the profile, or instance
+    /// metadata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    pub bucket: String,
+    /// A static key; with [`secret_access_key`](Self::secret_access_key),
+    /// or neither: then the SDK's credentials chain (environment
+    /// variables, the profile's `credential_process` or keys, web identity,
+    /// container or instance credentials).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_key: Option<Secret>,
+    /// Prepended to every key (`larder/`), so several uses can share
+    /// one bucket; empty for the bucket's root.
+    #[serde(default)]
+    pub prefix: String,
+    /// Path-style addressing (`https://HOST/BUCKET/KEY`) rather than
+    /// virtual-hosted (`https://BUCKET.HOST/KEY`). Unset: path-style when
+    /// an `endpoint` is set (self-hosted services are reached by one host
+    /// name, and R2 takes both), virtual-hosted on AWS itself (its
+    /// default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub force_path_style: Option<bool>,
+    /// PEM certificates trusted for an `https://` endpoint beside the
+    /// system's roots (which `SSL_CERT_FILE` replaces): a private CA's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl S3Config {
+    /// Whether requests name the bucket in the path (see
+    /// [`force_path_style`](Self::force_path_style)).
+    pub fn path_style(&self) -> bool {
+        self.force_path_style.unwrap_or(self.endpoint.is_some())
+    }
+
+    /// The configured static key, if any.
+    pub fn static_key(&self) -> Option<(&str, &Secret)> {
+        self.access_key_id
+            .as_deref()
+            .zip(self.secret_access_key.as_ref())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.access_key_id.is_some() != self.secret_access_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "set both storage.access-key-id and storage.secret-access-key, or neither \
+                 (then the AWS SDK's credentials chain applies)"
+                    .into(),
+            ));
+        }
+        if let Some(endpoint) = &self.endpoint {
+            let https = endpoint.starts_with("https://");
+            if !https && !endpoint.starts_with("http://") {
+                return Err(ConfigError::Invalid(format!(
+                    "storage.endpoint {endpoint:?} must start with https:// or http://"
+                )));
+            }
+            if self.ca_file.is_some() && !https {
+                return Err(ConfigError::Invalid(format!(
+                    "storage.ca-file is set but storage.endpoint {endpoint:?} is plain http://: \
+                     use https://"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How API tokens are signed. Exactly one of the two keys is set.
@@ -574,22 +648,24 @@ impl ServerConfig {
             }
             _ => {}
         }
-        if let StorageConfig::S3 { endpoint, .. } = &self.storage {
-            // The S3 client is built without a TLS stack.
-            if !endpoint.starts_with("http://") {
-                return Err(ConfigError::Invalid(format!(
-                    "storage.endpoint {endpoint:?} must start with http:// (no TLS support is built in)"
-                )));
-            }
+        if let StorageConfig::S3(s3) = &self.storage {
+            s3.validate()?;
         }
         self.gc.validate()?;
         self.http.validate()?;
         self.ingest.validate()?;
-        if let QueueConfig::Amqp { url } = &self.queue {
-            // lapin is built without a TLS stack.
-            if !url.expose().starts_with("amqp://") {
+        if let QueueConfig::Amqp { url, ca_file } = &self.queue {
+            // Only the scheme may show: the URL holds a password.
+            let url = url.expose();
+            let tls = url.starts_with("amqps://");
+            if !tls && !url.starts_with("amqp://") {
                 return Err(ConfigError::Invalid(
-                    "queue.url must start with amqp:// (no TLS support is built in)".into(),
+                    "queue.url must start with amqps:// or amqp://".into(),
+                ));
+            }
+            if ca_file.is_some() && !tls {
+                return Err(ConfigError::Invalid(
+                    "queue.ca-file is set but queue.url is plain amqp://: use amqps://".into(),
                 ));
             }
         }
@@ -934,10 +1010,11 @@ mod tests {
             ],
         )
         .expect("valid config");
-        let QueueConfig::Amqp { url } = &config.queue else {
+        let QueueConfig::Amqp { url, ca_file } = &config.queue else {
             panic!("expected an AMQP queue: {:?}", config.queue);
         };
         assert_eq!(url.expose(), "amqp://larder:hunter2@mq:5672/%2f");
+        assert_eq!(ca_file, &None);
         assert!(config.queue.is_shared());
         assert!(!format!("{config:?}").contains("hunter2"));
         let again = load(&config.to_toml(), &[]).expect("re-read");
@@ -949,11 +1026,34 @@ mod tests {
             MINIMAL,
             &[
                 ("LARDER_QUEUE__TYPE", "amqp"),
-                ("LARDER_QUEUE__URL", "amqps://mq:5671"),
+                ("LARDER_QUEUE__URL", "amqps://larder:hunter2@mq:5671/%2f"),
+                ("LARDER_QUEUE__CA_FILE", "/etc/larder/mq-ca.pem"),
             ],
         )
-        .expect_err("no TLS stack");
-        assert!(tls.to_string().contains("amqp://"), "{tls}");
+        .expect("amqps with a CA file");
+        assert_eq!(
+            tls.queue,
+            QueueConfig::Amqp {
+                url: Secret::new("amqps://larder:hunter2@mq:5671/%2f"),
+                ca_file: Some(PathBuf::from("/etc/larder/mq-ca.pem")),
+            }
+        );
+        for (url, expected) in [
+            ("http://mq:5671", "amqps:// or amqp://"),
+            ("amqp://larder:hunter2@mq:5672/%2f", "use amqps://"),
+        ] {
+            let error = load(
+                MINIMAL,
+                &[
+                    ("LARDER_QUEUE__TYPE", "amqp"),
+                    ("LARDER_QUEUE__URL", url),
+                    ("LARDER_QUEUE__CA_FILE", "/etc/larder/mq-ca.pem"),
+                ],
+            )
+            .expect_err(url);
+            assert!(error.to_string().contains(expected), "{error}");
+            assert!(!error.to_string().contains("hunter2"), "{error}");
+        }
     }
 
     #[test]
@@ -969,30 +1069,87 @@ mod tests {
             &[("LARDER_STORAGE__SECRET_ACCESS_KEY", "from-the-environment")],
         )
         .expect("valid config");
-        let StorageConfig::S3 {
-            endpoint,
-            bucket,
-            access_key_id,
-            secret_access_key,
-            prefix,
-            ..
-        } = &config.storage
-        else {
+        let StorageConfig::S3(s3) = &config.storage else {
             panic!("expected S3 storage: {:?}", config.storage);
         };
-        assert_eq!(endpoint, "http://127.0.0.1:3900");
-        assert_eq!(bucket, "larder");
-        assert_eq!(access_key_id, "GK1");
-        assert_eq!(secret_access_key.expose(), "from-the-environment");
-        assert_eq!(prefix, "");
+        assert_eq!(
+            s3,
+            &S3Config {
+                endpoint: Some("http://127.0.0.1:3900".to_owned()),
+                region: Some("garage".to_owned()),
+                bucket: "larder".to_owned(),
+                access_key_id: Some("GK1".to_owned()),
+                secret_access_key: Some(Secret::new("from-the-environment")),
+                prefix: String::new(),
+                force_path_style: None,
+                ca_file: None,
+            }
+        );
+        assert!(s3.path_style(), "an endpoint means path-style by default");
         assert!(!format!("{config:?}").contains("from-the-environment"));
 
         let https = text.replace("http://127.0.0.1:3900", "https://s3.example.com");
-        let error = load(
+        let config = load(
             &https,
-            &[("LARDER_STORAGE__SECRET_ACCESS_KEY", "from-the-environment")],
+            &[
+                ("LARDER_STORAGE__SECRET_ACCESS_KEY", "from-the-environment"),
+                ("LARDER_STORAGE__CA_FILE", "/etc/larder/s3-ca.pem"),
+                ("LARDER_STORAGE__FORCE_PATH_STYLE", "false"),
+            ],
         )
-        .expect_err("no TLS stack");
-        assert!(error.to_string().contains("http://"), "{error}");
+        .expect("https with a CA file");
+        let StorageConfig::S3(s3) = &config.storage else {
+            panic!("expected S3 storage: {:?}", config.storage);
+        };
+        assert_eq!(
+            s3.ca_file.as_deref(),
+            Some(Path::new("/etc/larder/s3-ca.pem"))
+        );
+        assert!(!s3.path_style());
+        let again = load(&config.to_toml(), &[]).expect("re-read");
+        assert_eq!(again.to_toml(), config.to_toml());
+
+        let ca_on_plain_http = load(
+            &text,
+            &[
+                ("LARDER_STORAGE__SECRET_ACCESS_KEY", "from-the-environment"),
+                ("LARDER_STORAGE__CA_FILE", "/etc/larder/s3-ca.pem"),
+            ],
+        )
+        .expect_err("a CA file with http://");
+        assert!(
+            ca_on_plain_http.to_string().contains("use https://"),
+            "{ca_on_plain_http}"
+        );
+        let half_a_key = load(&text, &[]).expect_err("an access key without its secret");
+        assert!(
+            half_a_key.to_string().contains("or neither"),
+            "{half_a_key}"
+        );
+        let not_a_url = load(
+            &text.replace("http://127.0.0.1:3900", "s3.example.com"),
+            &[("LARDER_STORAGE__SECRET_ACCESS_KEY", "x")],
+        )
+        .expect_err("no scheme");
+        assert!(not_a_url.to_string().contains("https://"), "{not_a_url}");
+    }
+
+    #[test]
+    fn s3_on_aws_needs_only_a_bucket() {
+        let text = MINIMAL.replace(
+            "type = \"local\"\n        path = \"/var/lib/larder/storage\"",
+            "type = \"s3\"\n        bucket = \"larder\"",
+        );
+        let config = load(&text, &[]).expect("valid config");
+        let StorageConfig::S3(s3) = &config.storage else {
+            panic!("expected S3 storage: {:?}", config.storage);
+        };
+        assert_eq!(
+            (&s3.endpoint, &s3.region, s3.static_key()),
+            (&None, &None, None)
+        );
+        assert!(!s3.path_style(), "virtual-hosted on AWS by default");
+        let again = load(&config.to_toml(), &[]).expect("re-read");
+        assert_eq!(again.to_toml(), config.to_toml());
     }
 }

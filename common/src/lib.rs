@@ -25,6 +25,8 @@ pub mod service;
 #[cfg(feature = "storage")]
 pub mod storage;
 pub mod time;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod upload_info;
 #[cfg(feature = "verify")]
 pub mod verify;

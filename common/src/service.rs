@@ -24,6 +24,7 @@ use crate::db::{Database, DbError, QuotaDefaults};
 use crate::metrics::{serve_ops, Readiness};
 use crate::queue::{AmqpQueue, EmbeddedQueue, Queue};
 use crate::storage::{Storage, StorageError};
+use crate::tls::{CaFile, TlsError};
 
 /// The flags every service binary takes.
 #[derive(Debug, Clone, clap::Args)]
@@ -50,6 +51,8 @@ pub enum ServiceError {
     Storage(#[from] StorageError),
     #[error("job queue")]
     Queue(#[from] crate::queue::QueueError),
+    #[error("job queue: queue.ca-file")]
+    QueueCaFile(#[source] TlsError),
     #[error("serving /metrics, /healthz and /readyz on {address}")]
     Ops {
         address: SocketAddr,
@@ -117,15 +120,20 @@ pub async fn open_database(config: &ServerConfig) -> Result<Database, DbError> {
 /// The configured queue. `service` names this process's broker connections
 /// (with its pid), as RabbitMQ's management tools show them. An AMQP queue
 /// connects lazily: the first publish or consume reports a broker that
-/// cannot be reached.
-pub fn open_queue(config: &QueueConfig, service: &str) -> Arc<dyn Queue> {
-    match config {
+/// cannot be reached; its CA file is read and checked now.
+pub fn open_queue(config: &QueueConfig, service: &str) -> Result<Arc<dyn Queue>, ServiceError> {
+    Ok(match config {
         QueueConfig::Embedded => Arc::new(EmbeddedQueue::new()),
-        QueueConfig::Amqp { url } => Arc::new(AmqpQueue::new(
-            url.expose(),
-            &format!("{service} (pid {})", std::process::id()),
-        )),
-    }
+        QueueConfig::Amqp { url, ca_file } => {
+            let ca_file =
+                CaFile::read_optional(ca_file.as_deref()).map_err(ServiceError::QueueCaFile)?;
+            Arc::new(AmqpQueue::new(
+                url.expose(),
+                ca_file.as_ref(),
+                &format!("{service} (pid {})", std::process::id()),
+            ))
+        }
+    })
 }
 
 /// What a separately running service works with: the database, storage
@@ -232,7 +240,7 @@ pub fn open_shared_queue(
     if !config.queue.is_shared() {
         return Err(ServiceError::EmbeddedQueue { service });
     }
-    Ok(open_queue(&config.queue, service))
+    open_queue(&config.queue, service)
 }
 
 /// A token cancelled on the first SIGTERM or Ctrl-C (the signals an init

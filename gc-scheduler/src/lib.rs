@@ -72,7 +72,7 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<()
     let services = Services {
         database: open_database(&config).await.map_err(ServiceError::from)?,
         storage: common::storage::open(&config.storage).await?,
-        queue: open_queue(&config.queue, SERVICE),
+        queue: open_queue(&config.queue, SERVICE)?,
     };
     let ops = services.serve_ops(config.listen, &shutdown).await?;
     let reconciler = async {
@@ -170,7 +170,7 @@ pub async fn run_once(config: &ServerConfig) -> Result<OnceReport, Error> {
     let database = open_database(config).await.map_err(ServiceError::from)?;
     let storage = common::storage::open(&config.storage).await?;
     let reconciled = if config.queue.is_shared() {
-        let queue = open_queue(&config.queue, SERVICE);
+        let queue = open_queue(&config.queue, SERVICE)?;
         Some(reconcile(&database, &*queue, &config.pipeline, Timestamp::now()).await?)
     } else {
         None

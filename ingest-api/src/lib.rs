@@ -192,7 +192,7 @@ impl Server {
         };
         let queue = match role {
             Role::Api => open_shared_queue(&config, "ingest-api --mode api")?,
-            Role::Monolithic => open_queue(&config.queue, "ingest-api"),
+            Role::Monolithic => open_queue(&config.queue, "ingest-api")?,
         };
         let database = open_database(&config).await?;
         let signing_key = signing_key(&config)?;

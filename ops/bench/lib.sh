@@ -31,18 +31,10 @@ install_tools() {
     ((${#missing[@]})) || return 0
     [[ $EUID -eq 0 ]] || die "missing ${missing[*]}: install them (apt-get install ${missing[*]}) or run as root"
     say "installing ${missing[*]}"
-    # Debian's nginx package starts a system-wide nginx on port 80 when
-    # installed; a policy-rc.d that refuses every service start prevents
-    # that. It is created only if there is none, and removed right after.
-    local policy=/usr/sbin/policy-rc.d made_policy=0
-    if [[ ! -e $policy ]]; then
-        printf '#!/bin/sh\nexit 101\n' >"$policy"
-        chmod 755 "$policy"
-        made_policy=1
-    fi
+    # apt-install.sh keeps the packages' services (nginx's on port 80) from starting.
     local status=0
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; } || status=$?
-    ((made_policy)) && rm -f "$policy"
+    { apt-get update -qq \
+        && bash "$(dirname "${BASH_SOURCE[0]}")/../apt-install.sh" "${missing[@]}" >/dev/null; } || status=$?
     ((status == 0)) || die "apt-get install ${missing[*]} failed"
 }
 

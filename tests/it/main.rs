@@ -15,3 +15,4 @@ mod queue;
 mod server;
 mod services;
 mod storage;
+mod tls;

@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chunker_worker::Chunker;
 use common::cache_name::CacheName;
-use common::config::{PipelineConfig, Secret};
+use common::config::PipelineConfig;
 use common::db::{
     Cache, CacheKeypair, ChunkId, Database, NewCache, NewUpload, ObjectMetadata, StoreState,
     Timestamp, Upload, UploadId, UploadPhase,
@@ -26,7 +26,7 @@ use common::queue::{
     publish_job, AmqpQueue, ChunkJob, ChunkRange, CompressJob, EmbeddedQueue, Queue,
     CHUNK_DEAD_LETTER_QUEUE, CHUNK_QUEUE,
 };
-use common::storage::{LocalStorage, ObjectKey, S3Options, S3Storage, Storage};
+use common::storage::{LocalStorage, ObjectKey, S3Storage, Storage};
 use common::worker::JobHandler;
 use compressor_worker::Compressor;
 use tempfile::TempDir;
@@ -110,15 +110,9 @@ impl Rig {
             StorageKind::S3 => {
                 let settings = S3Settings::from_env();
                 let prefix = format!("{}/", services::unique_name("pipeline-test"));
-                let storage = S3Storage::new(S3Options {
-                    endpoint: settings.endpoint.clone(),
-                    region: settings.region.clone(),
-                    bucket: settings.bucket.clone(),
-                    access_key_id: settings.access_key_id.clone(),
-                    secret_access_key: Secret::new(settings.secret_access_key.clone()),
-                    prefix: prefix.clone(),
-                })
-                .expect("S3 storage");
+                let storage = S3Storage::new(&settings.storage_config(&prefix))
+                    .await
+                    .expect("S3 storage");
                 let name = storage.object_name(&ObjectKey::new("x").expect("key"));
                 let prefix = name.strip_suffix('x').expect("prefix").to_owned();
                 let objects = Objects::S3 {
@@ -135,6 +129,7 @@ impl Rig {
             // names are fixed, so this rig must be the only AMQP one.
             QueueKind::Amqp => Arc::new(AmqpQueue::new(
                 &services::amqp_url(),
+                None,
                 &services::unique_name("pipeline-test"),
             )),
         };

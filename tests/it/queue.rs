@@ -1,7 +1,8 @@
 //! The queue conformance suite: every behaviour of `common::queue::Queue`
 //! written once and run against both backends, the embedded one
-//! (`queue::embedded::…`) and RabbitMQ (`queue::amqp::…`), each test on
-//! queues of its own. Retry delays are short so the suite stays fast.
+//! (`queue::embedded::…`) and RabbitMQ (`queue::amqp::…`, and again over
+//! TLS: `queue::amqps::…`), each test on queues of its own. Retry delays are
+//! short so the suite stays fast.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use common::queue::{
     dead_letter_queue, AmqpQueue, Consumer, Delivery, EmbeddedQueue, Queue, QueueError,
 };
+use common::tls::CaFile;
 use tests::services;
 
 /// How long to wait for a delivery that should come.
@@ -22,7 +24,21 @@ fn embedded() -> Arc<dyn Queue> {
 }
 
 fn amqp() -> Arc<dyn Queue> {
-    Arc::new(AmqpQueue::new(&services::amqp_url(), "larder-tests-queue"))
+    Arc::new(AmqpQueue::new(
+        &services::amqp_url(),
+        None,
+        "larder-tests-queue",
+    ))
+}
+
+/// RabbitMQ's AMQPS listener, trusting the throwaway CA through a CA file.
+fn amqps() -> Arc<dyn Queue> {
+    let ca_file = CaFile::read(&services::tls_ca_file()).expect("the throwaway CA");
+    Arc::new(AmqpQueue::new(
+        &services::amqps_url(),
+        Some(&ca_file),
+        "larder-tests-queue-tls",
+    ))
 }
 
 fn queue_name() -> String {
@@ -60,6 +76,14 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $behaviour() {
                     super::$behaviour(super::amqp()).await;
+                }
+            )*
+        }
+        mod amqps {
+            $(
+                #[tokio::test]
+                async fn $behaviour() {
+                    super::$behaviour(super::amqps()).await;
                 }
             )*
         }
@@ -296,7 +320,11 @@ async fn two_concurrent_consumers_process_each_message_exactly_once(queue: Arc<d
 #[tokio::test]
 async fn fault_amqp_messages_survive_a_rabbitmq_restart_and_consumers_resume() {
     let private = services::PrivateServices::start(&["rabbitmq"]).await;
-    let queue: Arc<dyn Queue> = Arc::new(AmqpQueue::new(&private.amqp_url(), "larder-tests-fault"));
+    let queue: Arc<dyn Queue> = Arc::new(AmqpQueue::new(
+        &private.amqp_url(),
+        None,
+        "larder-tests-fault",
+    ));
     let name = queue_name();
     for n in 0..5 {
         queue
@@ -355,7 +383,11 @@ async fn fault_amqp_messages_survive_a_rabbitmq_restart_and_consumers_resume() {
 #[tokio::test]
 async fn amqp_errors_tell_an_unreachable_broker_from_a_misconfigured_one() {
     // Port 1 is privileged and unused here: the connection is refused.
-    let down = AmqpQueue::new("amqp://guest:guest@127.0.0.1:1/%2f", "larder-tests-down");
+    let down = AmqpQueue::new(
+        "amqp://guest:guest@127.0.0.1:1/%2f",
+        None,
+        "larder-tests-down",
+    );
     let error = down.publish(&queue_name(), b"x", "t").await.unwrap_err();
     assert!(matches!(error, QueueError::Connect(_)), "{error:?}");
     assert!(error.is_retryable(), "{error:?}");
@@ -366,6 +398,7 @@ async fn amqp_errors_tell_an_unreachable_broker_from_a_misconfigured_one() {
         .expect("the AMQP URL names a virtual host");
     let wrong_vhost = AmqpQueue::new(
         &format!("{server}/larder-no-such-vhost"),
+        None,
         "larder-tests-vhost",
     );
     let error = wrong_vhost.consume(&queue_name(), 1).await.unwrap_err();

@@ -2,10 +2,12 @@
 //! same way, byte for byte and error for error.
 //!
 //! Each test is written once as an `async fn(&dyn Storage)` and instantiated
-//! by [`both_backends!`] twice: `storage::local::NAME` on a fresh temporary
-//! directory, and `storage::s3::NAME` on the harness's Garage bucket under a
-//! prefix of its own (`LARDER_TEST_S3_*`, which must be set). The tests
-//! named `s3_*` below are about S3 alone: the prefix and multipart cleanup.
+//! by [`every_backend!`] three times: `storage::local::NAME` on a fresh
+//! temporary directory, `storage::s3::NAME` on the harness's Garage bucket
+//! under a prefix of its own (`LARDER_TEST_S3_*`, which must be set), and
+//! `storage::s3_https::NAME` on the same bucket through the TLS terminator,
+//! trusting the throwaway CA by `ca-file`. The tests named `s3_*` below are
+//! about S3 alone: the prefix and multipart cleanup.
 
 use std::io;
 use std::pin::Pin;
@@ -14,10 +16,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::config::Secret;
-use common::storage::{
-    LocalStorage, ObjectKey, S3Options, S3Storage, Storage, StorageError, PART_SIZE,
-};
+use common::config::{S3Config, Secret};
+use common::storage::{LocalStorage, ObjectKey, S3Storage, Storage, StorageError, PART_SIZE};
 use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
@@ -43,29 +43,36 @@ async fn local() -> Backend {
 }
 
 /// S3 storage on the harness's bucket, under `prefix`.
-fn s3_with_prefix(prefix: &str) -> S3Storage {
-    let settings = S3Settings::from_env();
-    S3Storage::new(S3Options {
-        endpoint: settings.endpoint,
-        region: settings.region,
-        bucket: settings.bucket,
-        access_key_id: settings.access_key_id,
-        secret_access_key: Secret::new(settings.secret_access_key),
-        prefix: prefix.to_owned(),
-    })
-    .expect("opening S3 storage")
+async fn s3_with_prefix(prefix: &str) -> S3Storage {
+    open_s3(&S3Settings::from_env().storage_config(prefix)).await
+}
+
+async fn open_s3(config: &S3Config) -> S3Storage {
+    S3Storage::new(config)
+        .await
+        .unwrap_or_else(|error| panic!("opening S3 storage: {error}"))
 }
 
 async fn s3() -> Backend {
     Backend {
         // Its own prefix: tests (and earlier runs) sharing the bucket never
         // see each other's objects.
-        storage: Arc::new(s3_with_prefix(&services::unique_name("storage-test"))),
+        storage: Arc::new(s3_with_prefix(&services::unique_name("storage-test")).await),
         _dir: None,
     }
 }
 
-macro_rules! both_backends {
+/// [`s3`] over HTTPS: every request goes through the TLS terminator, whose
+/// certificate only the configured CA file makes trusted.
+async fn s3_https() -> Backend {
+    let config = S3Settings::from_env().tls_storage_config(&services::unique_name("storage-test"));
+    Backend {
+        storage: Arc::new(open_s3(&config).await),
+        _dir: None,
+    }
+}
+
+macro_rules! every_backend {
     ($($name:ident),* $(,)?) => {
         mod local {
             $(
@@ -85,10 +92,19 @@ macro_rules! both_backends {
                 }
             )*
         }
+        mod s3_https {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let backend = super::s3_https().await;
+                    super::$name(backend.storage.clone()).await;
+                }
+            )*
+        }
     };
 }
 
-both_backends!(
+every_backend!(
     whole_and_ranged_reads_return_exactly_the_stored_bytes,
     size_reports_the_length_or_absence,
     missing_objects_are_not_found,
@@ -137,16 +153,11 @@ async fn local_check_fails_once_the_directory_is_gone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_check_fails_for_a_missing_bucket() {
-    let settings = S3Settings::from_env();
-    let storage = S3Storage::new(S3Options {
-        endpoint: settings.endpoint,
-        region: settings.region,
+    let storage = open_s3(&S3Config {
         bucket: services::unique_name("no-such-bucket"),
-        access_key_id: settings.access_key_id,
-        secret_access_key: Secret::new(settings.secret_access_key),
-        prefix: String::new(),
+        ..S3Settings::from_env().storage_config("")
     })
-    .expect("opening S3 storage");
+    .await;
     let error = storage.check().await.expect_err("a missing bucket fails");
     assert!(error.to_string().contains("HeadBucket"), "{error}");
 }
@@ -440,8 +451,8 @@ async fn heavy_a_streamed_40_mib_body_reads_back_identical(storage: Arc<dyn Stor
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_prefixes_keep_storages_apart() {
     let prefix = services::unique_name("storage-test");
-    let staging = s3_with_prefix(&format!("{prefix}/staging"));
-    let chunks = s3_with_prefix(&format!("{prefix}/chunks/"));
+    let staging = s3_with_prefix(&format!("{prefix}/staging")).await;
+    let chunks = s3_with_prefix(&format!("{prefix}/chunks/")).await;
     let k = key("same/key");
     staging
         .put(&k, Bytes::from_static(b"staged"))
@@ -486,7 +497,7 @@ async fn s3_prefixes_keep_storages_apart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_s3_a_failed_multipart_upload_leaves_no_object_and_no_upload() {
-    let storage = s3_with_prefix(&services::unique_name("storage-test"));
+    let storage = s3_with_prefix(&services::unique_name("storage-test")).await;
     let k = key("staging/aborted.nar");
     let mut reader = Trickle::new(random_bytes(3 * PART_SIZE, 7));
     // Two whole parts are sent, then the body fails inside the third.
@@ -544,7 +555,7 @@ async fn heavy_s3_a_failed_multipart_upload_leaves_no_object_and_no_upload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_s3_bodies_larger_than_a_part_go_up_in_parts() {
-    let storage = s3_with_prefix(&services::unique_name("storage-test"));
+    let storage = s3_with_prefix(&services::unique_name("storage-test")).await;
     let settings = S3Settings::from_env();
     let client = settings.client();
     let etag = |k: ObjectKey| {
@@ -593,16 +604,11 @@ async fn heavy_s3_bodies_larger_than_a_part_go_up_in_parts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_errors_say_what_the_service_answered() {
-    let settings = S3Settings::from_env();
-    let storage = S3Storage::new(S3Options {
-        endpoint: settings.endpoint,
-        region: settings.region,
+    let storage = open_s3(&S3Config {
         bucket: services::unique_name("no-such-bucket"),
-        access_key_id: settings.access_key_id,
-        secret_access_key: Secret::new(settings.secret_access_key),
-        prefix: String::new(),
+        ..S3Settings::from_env().storage_config("")
     })
-    .expect("opening S3 storage");
+    .await;
     let k = key("chunks/ab/c.zst");
     let error = storage
         .put(&k, Bytes::from_static(b"x"))
@@ -618,15 +624,15 @@ async fn s3_errors_say_what_the_service_answered() {
     assert!(std::error::Error::source(&error).is_none());
 
     // No service at all: the cause chain, once.
-    let unreachable = S3Storage::new(S3Options {
-        endpoint: "http://127.0.0.1:9".to_owned(),
-        region: "garage".to_owned(),
+    let unreachable = open_s3(&S3Config {
+        endpoint: Some("http://127.0.0.1:9".to_owned()),
+        region: Some("garage".to_owned()),
         bucket: "b".to_owned(),
-        access_key_id: "GK0".to_owned(),
-        secret_access_key: Secret::new("s"),
-        prefix: String::new(),
+        access_key_id: Some("GK0".to_owned()),
+        secret_access_key: Some(Secret::new("s")),
+        ..S3Config::default()
     })
-    .expect("opening S3 storage");
+    .await;
     let message = unreachable
         .size(&k)
         .await
@@ -651,7 +657,7 @@ async fn pending_uploads(settings: &S3Settings, name: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heavy_s3_an_abandoned_multipart_upload_is_aborted() {
-    let storage = Arc::new(s3_with_prefix(&services::unique_name("storage-test")));
+    let storage = Arc::new(s3_with_prefix(&services::unique_name("storage-test")).await);
     let settings = S3Settings::from_env();
     let k = key("staging/abandoned.nar");
     let name = storage.object_name(&k);

@@ -19,7 +19,7 @@ use std::time::Duration;
 use common::auth::{Permission, TokenSigningKey};
 use common::config::{
     AuthConfig, DatabaseConfig, GcConfig, HttpConfig, IngestConfig, LogConfig, OpsConfig,
-    PipelineConfig, QueueConfig, QuotaConfig, Secret, ServerConfig, StorageConfig,
+    PipelineConfig, QueueConfig, QuotaConfig, S3Config, Secret, ServerConfig, StorageConfig,
 };
 use common::db::{Cache, Database, Timestamp, Upload, UploadPhase};
 use common::duration::HumanDuration;
@@ -27,8 +27,8 @@ use common::duration::HumanDuration;
 use crate::process::{service_command, ServerProcess};
 use crate::server::{create_cache, record_token, token_builder, HttpApi};
 use crate::services::{
-    self, amqp_connect_to, fresh_postgres_database_on, services_ctl_in, unique_name,
-    PrivateServices, S3Settings,
+    self, add_rabbitmq_vhost, amqp_connect_to, fresh_postgres_database_on,
+    rabbitmq_connections_over_tls, unique_name, PrivateServices, S3Settings,
 };
 
 /// A random HS256 secret for a cluster's tokens (base64 of 32 bytes).
@@ -39,12 +39,17 @@ const TOKEN_SECRET_BYTES: usize = 32;
 pub struct ClusterServices {
     /// The broker's URL on its default virtual host (`…/%2f`).
     amqp_url: String,
+    /// The `[queue] ca-file` for an `amqps://` URL.
+    amqp_ca_file: Option<PathBuf>,
     /// The services directory whose `ops/services.sh rabbitmqctl` reaches
     /// that broker.
     rabbitmq_dir: PathBuf,
-    /// A PostgreSQL superuser's URL.
+    /// A PostgreSQL superuser's URL (with `sslmode` and `sslrootcert` for
+    /// TLS).
     postgres_url: String,
     s3: S3Settings,
+    /// Whether the processes reach S3 through the TLS terminator.
+    s3_over_tls: bool,
 }
 
 impl ClusterServices {
@@ -52,16 +57,34 @@ impl ClusterServices {
     pub fn shared() -> Self {
         Self {
             amqp_url: services::amqp_url(),
+            amqp_ca_file: None,
             rabbitmq_dir: services::services_dir(),
             postgres_url: services::postgres_url(),
             s3: S3Settings::from_env(),
+            s3_over_tls: false,
         }
     }
 
-    /// These services, with those `private` runs taken from it instead.
+    /// The shared services, each over TLS with the throwaway CA: RabbitMQ's
+    /// AMQPS listener (the CA as `[queue] ca-file`), PostgreSQL with
+    /// `sslmode=verify-full` (the CA as `sslrootcert`), and S3 through the
+    /// TLS terminator (the CA as `[storage] ca-file`).
+    pub fn shared_over_tls() -> Self {
+        Self {
+            amqp_url: services::amqps_url(),
+            amqp_ca_file: Some(services::tls_ca_file()),
+            postgres_url: services::postgres_tls_url(),
+            s3_over_tls: true,
+            ..Self::shared()
+        }
+    }
+
+    /// These services, with those `private` runs taken from it instead
+    /// (over plain connections).
     pub fn with_private(mut self, private: &PrivateServices) -> Self {
         if private.runs("rabbitmq") {
             self.amqp_url = private.amqp_url();
+            self.amqp_ca_file = None;
             self.rabbitmq_dir = private.dir().to_owned();
         }
         if private.runs("postgres") {
@@ -69,8 +92,18 @@ impl ClusterServices {
         }
         if private.runs("garage") {
             self.s3 = private.s3_settings();
+            self.s3_over_tls = false;
         }
         self
+    }
+
+    /// The `[storage]` of a cluster under `prefix`.
+    fn storage_config(&self, prefix: &str) -> S3Config {
+        if self.s3_over_tls {
+            self.s3.tls_storage_config(prefix)
+        } else {
+            self.s3.storage_config(prefix)
+        }
     }
 }
 
@@ -142,6 +175,8 @@ pub struct Cluster {
     config: ServerConfig,
     config_path: PathBuf,
     amqp_url: String,
+    vhost: String,
+    rabbitmq_dir: PathBuf,
     s3: S3Settings,
     prefix: String,
     database: Database,
@@ -156,21 +191,7 @@ impl Cluster {
     pub async fn start(services: &ClusterServices, options: ClusterOptions) -> Self {
         let database_url = fresh_postgres_database_on(&services.postgres_url).await;
         let vhost = unique_name("larder");
-        for args in [
-            vec!["rabbitmqctl", "add_vhost", &vhost],
-            vec![
-                "rabbitmqctl",
-                "set_permissions",
-                "-p",
-                &vhost,
-                "guest",
-                ".*",
-                ".*",
-                ".*",
-            ],
-        ] {
-            services_ctl_in(&services.rabbitmq_dir, &args).await;
-        }
+        add_rabbitmq_vhost(&services.rabbitmq_dir, &vhost).await;
         let amqp_url = with_vhost(&services.amqp_url, &vhost);
         let prefix = format!("{}/", unique_name("cluster"));
         let secret: [u8; TOKEN_SECRET_BYTES] = std::array::from_fn(|_| rand::random());
@@ -180,14 +201,7 @@ impl Cluster {
             database: DatabaseConfig {
                 url: Secret::new(database_url.clone()),
             },
-            storage: StorageConfig::S3 {
-                endpoint: services.s3.endpoint.clone(),
-                region: services.s3.region.clone(),
-                bucket: services.s3.bucket.clone(),
-                access_key_id: services.s3.access_key_id.clone(),
-                secret_access_key: Secret::new(services.s3.secret_access_key.clone()),
-                prefix: prefix.clone(),
-            },
+            storage: StorageConfig::S3(services.storage_config(&prefix)),
             auth: AuthConfig {
                 hs256_secret_base64: Some(Secret::new(base64::Engine::encode(
                     &base64::engine::general_purpose::STANDARD,
@@ -201,6 +215,7 @@ impl Cluster {
             gc: GcConfig::default(),
             queue: QueueConfig::Amqp {
                 url: Secret::new(amqp_url.clone()),
+                ca_file: services.amqp_ca_file.clone(),
             },
             quota: QuotaConfig::default(),
             log: LogConfig::default(),
@@ -254,6 +269,8 @@ impl Cluster {
             config,
             config_path,
             amqp_url,
+            vhost,
+            rabbitmq_dir: services.rabbitmq_dir.clone(),
             s3: services.s3.clone(),
             prefix,
             database,
@@ -415,6 +432,24 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Whether each connection to the cluster's database is over TLS, by
+    /// PostgreSQL's own account (`pg_stat_ssl`).
+    pub async fn postgres_connections_over_tls(&self) -> Vec<bool> {
+        sqlx::query_scalar(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.datname = current_database()",
+        )
+        .fetch_all(self.database.pool())
+        .await
+        .expect("reading pg_stat_ssl")
+    }
+
+    /// Whether each connection to the cluster's RabbitMQ virtual host is
+    /// over TLS, by RabbitMQ's own account.
+    pub async fn rabbitmq_connections_over_tls(&self) -> Vec<bool> {
+        rabbitmq_connections_over_tls(&self.rabbitmq_dir, &self.vhost).await
     }
 
     /// The number of rows in `table` (a name from the schema).

@@ -50,6 +50,8 @@ fn io_error(what: impl fmt::Display) -> impl FnOnce(std::io::Error) -> NixError 
 pub struct NixEnv {
     dir: tempfile::TempDir,
     nix_config: String,
+    /// Extra environment variables of every command (`set_env`).
+    variables: Vec<(String, String)>,
     keep: bool,
 }
 
@@ -167,6 +169,7 @@ impl NixEnv {
         let env = Self {
             dir,
             nix_config,
+            variables: Vec::new(),
             keep,
         };
         env.check_nix()?;
@@ -220,6 +223,7 @@ impl NixEnv {
             .env("NIX_CONFIG", &self.nix_config)
             .env_remove("NIX_REMOTE")
             .env_remove("NIX_PATH")
+            .envs(self.variables.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null());
         command
     }
@@ -427,6 +431,12 @@ impl NixEnv {
             .map_err(io_error(format!("writing {}", netrc.display())))?;
         self.add_config("netrc-file", utf8(&netrc)?);
         Ok(netrc)
+    }
+
+    /// Sets an environment variable for every later command, e.g.
+    /// `NIX_SSL_CERT_FILE` (Nix 2.8 has no setting for a CA file).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.variables.push((key.to_owned(), value.to_owned()));
     }
 
     /// Adds `key = value` to the configuration of every later command.

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use common::config::{S3Config, Secret};
 use rand::Rng;
 use sqlx::Connection;
 
@@ -40,6 +41,24 @@ pub const S3_SECRET_ACCESS_KEY: &str = "LARDER_TEST_S3_SECRET_ACCESS_KEY";
 /// `env` file in; the fault subcommands take it as their argument.
 pub const SERVICES_DIR: &str = "LARDER_TEST_SERVICES_DIR";
 
+/// The throwaway CA `ops/services.sh` minted (PEM): it signed the
+/// certificate every TLS listener below presents.
+pub const TLS_CA_FILE: &str = "LARDER_TEST_TLS_CA_FILE";
+/// A CA that signed nothing the services present: the wrong CA.
+pub const TLS_OTHER_CA_FILE: &str = "LARDER_TEST_TLS_OTHER_CA_FILE";
+/// The services' certificate (PEM), for `127.0.0.1` and `localhost`, signed
+/// by [`TLS_CA_FILE`]; a test's own TLS listener may present it too.
+pub const TLS_CERT_FILE: &str = "LARDER_TEST_TLS_CERT_FILE";
+/// The private key of [`TLS_CERT_FILE`] (PEM).
+pub const TLS_KEY_FILE: &str = "LARDER_TEST_TLS_KEY_FILE";
+/// RabbitMQ's AMQPS listener, e.g. `amqps://guest:guest@127.0.0.1:PORT/%2f`.
+pub const AMQPS_URL: &str = "LARDER_TEST_AMQPS_URL";
+/// [`POSTGRES_URL`] over TLS, with `sslmode=verify-full` and
+/// `sslrootcert=` [`TLS_CA_FILE`].
+pub const POSTGRES_TLS_URL: &str = "LARDER_TEST_POSTGRES_TLS_URL";
+/// Garage's S3 port behind a TLS terminator, e.g. `https://127.0.0.1:PORT`.
+pub const S3_HTTPS_ENDPOINT: &str = "LARDER_TEST_S3_HTTPS_ENDPOINT";
+
 /// The value of a harness environment variable.
 ///
 /// # Panics
@@ -61,6 +80,26 @@ pub fn amqp_url() -> String {
 /// [`POSTGRES_URL`].
 pub fn postgres_url() -> String {
     required_env(POSTGRES_URL)
+}
+
+/// [`AMQPS_URL`].
+pub fn amqps_url() -> String {
+    required_env(AMQPS_URL)
+}
+
+/// [`POSTGRES_TLS_URL`].
+pub fn postgres_tls_url() -> String {
+    required_env(POSTGRES_TLS_URL)
+}
+
+/// [`TLS_CA_FILE`].
+pub fn tls_ca_file() -> PathBuf {
+    PathBuf::from(required_env(TLS_CA_FILE))
+}
+
+/// [`TLS_OTHER_CA_FILE`].
+pub fn tls_other_ca_file() -> PathBuf {
+    PathBuf::from(required_env(TLS_OTHER_CA_FILE))
 }
 
 /// [`SERVICES_DIR`].
@@ -128,19 +167,74 @@ pub async fn amqp_connect() -> lapin::Connection {
     amqp_connect_to(&amqp_url()).await
 }
 
-/// [`amqp_connect`] to the broker at `url`.
+/// [`amqp_connect`] to the broker at `url`; an `amqps://` URL trusts the
+/// throwaway CA ([`TLS_CA_FILE`]).
 pub async fn amqp_connect_to(url: &str) -> lapin::Connection {
     let properties = lapin::ConnectionProperties::default()
         .with_connection_name("larder-tests".to_owned().into());
-    lapin::Connection::connect(url, properties)
+    let mut tls = lapin::tcp::OwnedTLSConfig::default();
+    if url.starts_with("amqps://") {
+        common::tls::install_crypto_provider();
+        let ca = tls_ca_file();
+        tls.cert_chain = Some(
+            std::fs::read_to_string(&ca)
+                .unwrap_or_else(|error| panic!("reading {}: {error}", ca.display())),
+        );
+    }
+    lapin::Connection::connect_with_config(url, properties, tls)
         .await
         .unwrap_or_else(|error| panic!("connecting to RabbitMQ at {url}: {error}"))
+}
+
+/// Whether each connection RabbitMQ has open to virtual host `vhost` is
+/// over TLS, by `rabbitmqctl list_connections` on the set in `dir`.
+pub async fn rabbitmq_connections_over_tls(dir: &Path, vhost: &str) -> Vec<bool> {
+    let listed = services_ctl_in(
+        dir,
+        &[
+            "rabbitmqctl",
+            "list_connections",
+            "--no-table-headers",
+            "vhost",
+            "ssl",
+        ],
+    )
+    .await;
+    listed
+        .lines()
+        .filter_map(|line| line.rsplit_once('\t'))
+        .filter(|(listed_vhost, _)| *listed_vhost == vhost)
+        .map(|(_, ssl)| ssl == "true")
+        .collect()
+}
+
+/// Creates virtual host `vhost` on the set in `dir`, open to `guest`.
+pub async fn add_rabbitmq_vhost(dir: &Path, vhost: &str) {
+    services_ctl_in(dir, &["rabbitmqctl", "add_vhost", vhost]).await;
+    services_ctl_in(
+        dir,
+        &[
+            "rabbitmqctl",
+            "set_permissions",
+            "-p",
+            vhost,
+            "guest",
+            ".*",
+            ".*",
+            ".*",
+        ],
+    )
+    .await;
 }
 
 /// Everything needed to reach the harness's Garage bucket.
 #[derive(Clone, Debug)]
 pub struct S3Settings {
     pub endpoint: String,
+    /// The same S3 port behind the TLS terminator.
+    pub https_endpoint: String,
+    /// The CA that signed the terminator's certificate.
+    pub ca_file: PathBuf,
     pub region: String,
     pub bucket: String,
     pub access_key_id: String,
@@ -156,6 +250,8 @@ impl S3Settings {
     fn from_lookup(get: impl Fn(&str) -> String) -> Self {
         Self {
             endpoint: get(S3_ENDPOINT),
+            https_endpoint: get(S3_HTTPS_ENDPOINT),
+            ca_file: PathBuf::from(get(TLS_CA_FILE)),
             region: get(S3_REGION),
             bucket: get(S3_BUCKET),
             access_key_id: get(S3_ACCESS_KEY_ID),
@@ -185,6 +281,33 @@ impl S3Settings {
     }
 }
 
+impl S3Settings {
+    /// Larder's `[storage]` for this bucket under `prefix`, over plain HTTP
+    /// (path-style, the key in the config).
+    pub fn storage_config(&self, prefix: &str) -> S3Config {
+        S3Config {
+            endpoint: Some(self.endpoint.clone()),
+            region: Some(self.region.clone()),
+            bucket: self.bucket.clone(),
+            access_key_id: Some(self.access_key_id.clone()),
+            secret_access_key: Some(Secret::new(self.secret_access_key.clone())),
+            prefix: prefix.to_owned(),
+            force_path_style: None,
+            ca_file: None,
+        }
+    }
+
+    /// [`storage_config`](Self::storage_config) over HTTPS through the TLS
+    /// terminator, trusting the throwaway CA through `ca-file`.
+    pub fn tls_storage_config(&self, prefix: &str) -> S3Config {
+        S3Config {
+            endpoint: Some(self.https_endpoint.clone()),
+            ca_file: Some(self.ca_file.clone()),
+            ..self.storage_config(prefix)
+        }
+    }
+}
+
 /// An S3 client for the harness's Garage, from the environment; the bucket to
 /// use is [`S3Settings::from_env`]`().bucket`.
 pub fn s3_client() -> aws_sdk_s3::Client {
@@ -209,8 +332,9 @@ pub async fn services_ctl(subcommand: &str) {
 
 /// Runs `ops/services.sh ARGS[0] DIR ARGS[1..]` on the set in `dir` (the
 /// shared one is [`services_dir`]) and panics, with the script's output, if
-/// it fails; e.g. `["rabbitmqctl", "add_vhost", NAME]`.
-pub async fn services_ctl_in(dir: &Path, args: &[&str]) {
+/// it fails; e.g. `["rabbitmqctl", "add_vhost", NAME]`. Returns what it
+/// printed on stdout.
+pub async fn services_ctl_in(dir: &Path, args: &[&str]) -> String {
     let script = services_script();
     let mut command = tokio::process::Command::new("bash");
     command.arg(&script).arg(args[0]).arg(dir).args(&args[1..]);
@@ -229,6 +353,7 @@ pub async fn services_ctl_in(dir: &Path, args: &[&str]) {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr),
     );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// Stops the RabbitMQ node cleanly and starts it again; returns once it

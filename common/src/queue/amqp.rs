@@ -31,6 +31,10 @@
 //!
 //! # Connections and their loss
 //!
+//! `amqps://` URLs connect over TLS (rustls, through lapin's TCP layer),
+//! trusting the system's roots and the certificates of an optional CA file;
+//! the broker's certificate must name the URL's host.
+//!
 //! Publishing shares one connection and confirm channel, opened lazily and
 //! opened again on the next publish after it was lost (a publish that fails
 //! on a channel that still looked open is tried once more on a new one); a
@@ -61,9 +65,12 @@ use lapin::options::{
     ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::publisher_confirm::Confirmation;
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::mpsc;
+
+use crate::tls::{install_crypto_provider, CaFile};
 
 use super::{
     dead_letter_queue, Consumer, Delivery, Message, Queue, QueueError, Settle, ATTEMPT_HEADER,
@@ -95,6 +102,8 @@ impl std::fmt::Debug for AmqpQueue {
 
 struct Inner {
     url: String,
+    /// PEM certificates trusted beside the system's roots for `amqps://`.
+    ca_certificates: Option<String>,
     connection_name: String,
     publisher: tokio::sync::Mutex<Option<Publisher>>,
 }
@@ -110,13 +119,18 @@ struct Publisher {
 }
 
 impl AmqpQueue {
-    /// A backend for the broker at `url` (`amqp://user:password@host:port/vhost`).
-    /// Connects lazily: the first publish or consume reports an unreachable
-    /// broker. `connection_name` shows in RabbitMQ's management tools.
-    pub fn new(url: &str, connection_name: &str) -> Self {
+    /// A backend for the broker at `url` (`amqp://user:password@host:port/vhost`,
+    /// or `amqps://…` over TLS, trusting `ca_file` too). Connects lazily:
+    /// the first publish or consume reports an unreachable broker.
+    /// `connection_name` shows in RabbitMQ's management tools.
+    pub fn new(url: &str, ca_file: Option<&CaFile>, connection_name: &str) -> Self {
+        // lapin's TLS layer builds its rustls config with the process's
+        // default provider.
+        install_crypto_provider();
         Self {
             inner: Arc::new(Inner {
                 url: url.to_owned(),
+                ca_certificates: ca_file.map(|ca_file| ca_file.pem().to_owned()),
                 connection_name: connection_name.to_owned(),
                 publisher: tokio::sync::Mutex::new(None),
             }),
@@ -128,7 +142,11 @@ impl Inner {
     async fn connect(&self) -> Result<Connection, QueueError> {
         let properties = ConnectionProperties::default()
             .with_connection_name(self.connection_name.clone().into());
-        Connection::connect(&self.url, properties)
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: self.ca_certificates.clone(),
+        };
+        Connection::connect_with_config(&self.url, properties, tls)
             .await
             .map_err(QueueError::Connect)
     }

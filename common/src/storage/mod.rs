@@ -23,7 +23,7 @@ use tokio::io::AsyncRead;
 
 pub use local::LocalStorage;
 #[cfg(feature = "storage-s3")]
-pub use s3::{S3Options, S3Storage, PARTS_IN_FLIGHT, PART_SIZE};
+pub use s3::{S3Storage, PARTS_IN_FLIGHT, PART_SIZE};
 
 /// A byte stream read from storage.
 pub type ObjectReader = Pin<Box<dyn AsyncRead + Send>>;
@@ -221,21 +221,7 @@ pub async fn open(
     use crate::config::StorageConfig;
     Ok(match config {
         StorageConfig::Local { path } => std::sync::Arc::new(LocalStorage::open(path).await?),
-        StorageConfig::S3 {
-            endpoint,
-            region,
-            bucket,
-            access_key_id,
-            secret_access_key,
-            prefix,
-        } => std::sync::Arc::new(S3Storage::new(S3Options {
-            endpoint: endpoint.clone(),
-            region: region.clone(),
-            bucket: bucket.clone(),
-            access_key_id: access_key_id.clone(),
-            secret_access_key: secret_access_key.clone(),
-            prefix: prefix.clone(),
-        })?),
+        StorageConfig::S3(s3) => std::sync::Arc::new(S3Storage::new(s3).await?),
     })
 }
 

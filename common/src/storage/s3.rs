@@ -1,5 +1,5 @@
-//! The S3 storage backend, for the distributed topology: any S3 service
-//! reached with path-style addressing (Garage, MinIO, AWS itself).
+//! The S3 storage backend, for the distributed topology: AWS S3 itself, R2,
+//! and self-hosted services such as Garage and MinIO.
 //!
 //! Every key lives under a configurable prefix, so staging and chunks can
 //! share one bucket. Small bodies are one `PutObject`; a streamed body larger
@@ -11,18 +11,26 @@
 //! visible atomically, which is the overwrite guarantee the [`Storage`] trait
 //! asks for.
 //!
-//! Only plain HTTP is built in: the workspace links no TLS stack (aws-lc needs
-//! a C toolchain and cmake). An `https://` endpoint is refused when the
-//! storage is opened, with a message saying so, rather than failing on the
-//! first request.
+//! # Reaching the service
+//!
+//! HTTPS goes through rustls on ring (no C toolchain or cmake, which the
+//! SDK's default aws-lc needs), trusting the system's roots (`SSL_CERT_FILE`
+//! replaces them, as for every rustls-native-certs client) plus the
+//! `[storage] ca-file` certificates, checked when the storage opens.
+//! Addressing is path-style or virtual-hosted ([`S3Config::path_style`]).
+//! Without a configured key, credentials come from the AWS SDK's default
+//! chain (environment, profile, web identity, container or instance
+//! metadata) and are fetched once at open, so that a missing one stops the
+//! service at start with the reason; the region likewise.
 
 use std::error::Error as StdError;
 use std::fmt;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
+use aws_config::BehaviorVersion;
 use aws_sdk_s3::config::http::HttpResponse;
-use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_s3::config::{Credentials, ProvideCredentials, Region, SharedHttpClient};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
@@ -31,8 +39,11 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::task::JoinSet;
 
+use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode, TlsContext, TrustStore};
+
 use super::{ListedObject, ObjectKey, ObjectListing, ObjectReader, Storage, StorageError};
-use crate::config::Secret;
+use crate::config::S3Config;
+use crate::tls::{untrusted_certificate_hint, CaFile};
 
 /// Size of each part of a multipart upload, and the largest body sent as a
 /// single `PutObject`. Above S3's 5 MiB minimum part size; with S3's limit
@@ -46,21 +57,6 @@ pub const PARTS_IN_FLIGHT: usize = 2;
 /// S3's limit on the number of parts of one multipart upload.
 const MAX_PARTS: i32 = 10_000;
 
-/// Where the objects are and how to reach them.
-#[derive(Clone, Debug)]
-pub struct S3Options {
-    /// The service's base URL, e.g. `http://127.0.0.1:3900`; plain HTTP only.
-    pub endpoint: String,
-    /// The region to sign requests for (`garage` for Garage, `us-east-1`, ...).
-    pub region: String,
-    pub bucket: String,
-    pub access_key_id: String,
-    pub secret_access_key: Secret,
-    /// Prepended to every key: `""` for the bucket's root, or `/`-separated
-    /// segments such as `larder/chunks` (a trailing `/` is optional).
-    pub prefix: String,
-}
-
 /// Objects in one S3 bucket, under one key prefix.
 #[derive(Clone)]
 pub struct S3Storage {
@@ -68,64 +64,91 @@ pub struct S3Storage {
     bucket: String,
     /// Empty, or ending with `/`.
     prefix: String,
-    endpoint: String,
+    /// The configured endpoint, or none for AWS's own.
+    endpoint: Option<String>,
     region: String,
-    access_key_id: String,
+    path_style: bool,
+    /// The configured key's id; none when the SDK's chain provides them.
+    access_key_id: Option<String>,
 }
 
 impl fmt::Debug for S3Storage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The client and the secret key are left out on purpose: the secret
+        // The client and the credentials are left out on purpose: a secret
         // must never reach a log.
         f.debug_struct("S3Storage")
             .field("endpoint", &self.endpoint)
             .field("region", &self.region)
             .field("bucket", &self.bucket)
             .field("prefix", &self.prefix)
+            .field("path_style", &self.path_style)
             .field("access_key_id", &self.access_key_id)
             .finish_non_exhaustive()
     }
 }
 
 impl S3Storage {
-    /// Builds the client. Nothing is sent yet: an unreachable service or a
-    /// wrong key shows on the first request.
-    pub fn new(options: S3Options) -> Result<Self, StorageError> {
-        let prefix = normalise_prefix(&options.prefix)?;
-        if !options.endpoint.starts_with("http://") {
-            return Err(StorageError::Backend {
-                operation: "opening S3 storage",
-                key: options.bucket,
-                message: format!(
-                    "endpoint {:?} is not an http:// URL; this build has no TLS stack",
-                    options.endpoint
-                ),
-            });
+    /// Builds the client from `config`: reads and checks its CA file, and
+    /// resolves the region and, without a configured key, the credentials
+    /// through the SDK's chains. No request reaches S3 yet: an unreachable
+    /// service or a refused key shows on the first one (or in
+    /// [`Storage::check`]).
+    pub async fn new(config: &S3Config) -> Result<Self, StorageError> {
+        let prefix = normalise_prefix(&config.prefix)?;
+        let open_error = |message: String| StorageError::Backend {
+            operation: "opening S3 storage",
+            key: format!("bucket {}", config.bucket),
+            message,
+        };
+        let ca_file = CaFile::read_optional(config.ca_file.as_deref())
+            .map_err(|error| open_error(error_chain(&error)))?;
+        let http_client = https_client(ca_file.as_ref());
+        let mut loader =
+            aws_config::defaults(BehaviorVersion::latest()).http_client(http_client.clone());
+        if let Some(region) = &config.region {
+            loader = loader.region(Region::new(region.clone()));
         }
-        let credentials = Credentials::new(
-            &options.access_key_id,
-            options.secret_access_key.expose(),
-            None,
-            None,
-            "larder-config",
-        );
-        let config = aws_sdk_s3::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .endpoint_url(&options.endpoint)
-            .region(Region::new(options.region.clone()))
-            .credentials_provider(credentials)
-            // Virtual-hosted addressing needs DNS per bucket; self-hosted
-            // services are reached by one host name.
-            .force_path_style(true)
-            .http_client(aws_smithy_http_client::Builder::new().build_http())
-            .build();
+        if let Some((access_key_id, secret_access_key)) = config.static_key() {
+            loader = loader.credentials_provider(Credentials::new(
+                access_key_id,
+                secret_access_key.expose(),
+                None,
+                None,
+                "larder-config",
+            ));
+        }
+        let shared = loader.load().await;
+        let region = shared.region().cloned().ok_or_else(|| {
+            open_error(
+                "no region: set [storage] region, or AWS_REGION, or a profile's region".to_owned(),
+            )
+        })?;
+        let credentials = shared
+            .credentials_provider()
+            .ok_or_else(|| open_error("no credentials provider".to_owned()))?;
+        // Asked now, so that a deployment without any credentials fails at
+        // start with the chain's reason rather than on its first upload; the
+        // SDK caches them and refreshes them before they expire.
+        credentials.provide_credentials().await.map_err(|error| {
+            open_error(format!(
+                "no credentials: [storage] access-key-id and secret-access-key are unset, \
+                 and the AWS SDK's chain found none: {}",
+                one_line(&error_chain(&error))
+            ))
+        })?;
+        let path_style = config.path_style();
+        let mut builder = aws_sdk_s3::config::Builder::from(&shared).force_path_style(path_style);
+        if let Some(endpoint) = &config.endpoint {
+            builder = builder.endpoint_url(endpoint);
+        }
         Ok(Self {
-            client: Client::from_conf(config),
-            bucket: options.bucket,
+            client: Client::from_conf(builder.build()),
+            bucket: config.bucket.clone(),
             prefix,
-            endpoint: options.endpoint,
-            region: options.region,
-            access_key_id: options.access_key_id,
+            endpoint: config.endpoint.clone(),
+            region: region.to_string(),
+            path_style,
+            access_key_id: config.access_key_id.clone(),
         })
     }
 
@@ -325,6 +348,26 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The HTTP client of every S3 request: HTTP/1.1 or HTTP/2 over TLS with
+/// rustls on ring, trusting the system's roots and `ca_file`, or plain HTTP
+/// for an `http://` endpoint.
+fn https_client(ca_file: Option<&CaFile>) -> SharedHttpClient {
+    let mut trust_store = TrustStore::default();
+    if let Some(ca_file) = ca_file {
+        trust_store.add_pem_certificate(ca_file.pem().as_bytes());
+    }
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+        .tls_context(
+            TlsContext::builder()
+                .with_trust_store(trust_store)
+                .build()
+                // Building a context only stores what it is given.
+                .expect("a TLS context from a trust store"),
+        )
+        .build_https()
+}
+
 /// Uploads one part and returns what `CompleteMultipartUpload` needs of it.
 async fn upload_part(
     client: Client,
@@ -514,7 +557,7 @@ where
             message
         }
         (None, Some(status)) => format!("HTTP {status}"),
-        (None, None) => error_chain(error),
+        (None, None) => transport_error(error),
     };
     // 507 Insufficient Storage (MinIO's `XMinioStorageFull` comes with it):
     // the server has no room, which the push endpoints report as such.
@@ -545,6 +588,27 @@ fn error_chain(error: &(dyn StdError + 'static)) -> String {
         source = cause.source();
     }
     message
+}
+
+/// `text` on one line: the SDK lists what its credentials chain tried on
+/// lines of their own, which a log line or a CLI error should not split.
+fn one_line(text: &str) -> String {
+    let mut joined = String::new();
+    for line in text.lines().map(str::trim).filter(|line| !line.is_empty()) {
+        if !joined.is_empty() {
+            joined.push_str(if joined.ends_with(':') { " " } else { "; " });
+        }
+        joined.push_str(line);
+    }
+    joined
+}
+
+/// The causes of a request that got no answer, with a hint when the
+/// server's certificate was not trusted.
+fn transport_error(error: &(dyn StdError + 'static)) -> String {
+    let chain = error_chain(error);
+    let hint = untrusted_certificate_hint(&chain, "[storage] ca-file");
+    chain + &hint
 }
 
 /// An empty object body, for reads that start at or past the end.
@@ -666,7 +730,7 @@ impl Storage for S3Storage {
                 let message = match status_of(&error) {
                     // HeadBucket answers carry no body, so no error code.
                     Some(status) => format!("HTTP {status}"),
-                    None => error_chain(&error),
+                    None => transport_error(&error),
                 };
                 Err(StorageError::Backend {
                     operation: "S3 HeadBucket",
@@ -711,21 +775,29 @@ impl Storage for S3Storage {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::sync::{Arc, Mutex};
 
-    fn options(prefix: &str) -> S3Options {
-        S3Options {
-            endpoint: "http://127.0.0.1:1".to_owned(),
-            region: "garage".to_owned(),
+    use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef;
+    use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
+
+    use super::*;
+    use crate::config::Secret;
+
+    fn config(prefix: &str) -> S3Config {
+        S3Config {
+            endpoint: Some("http://127.0.0.1:1".to_owned()),
+            region: Some("garage".to_owned()),
             bucket: "b".to_owned(),
-            access_key_id: "GKexample".to_owned(),
-            secret_access_key: Secret::new("very-secret-value"),
+            access_key_id: Some("GKexample".to_owned()),
+            secret_access_key: Some(Secret::new("very-secret-value")),
             prefix: prefix.to_owned(),
+            force_path_style: None,
+            ca_file: None,
         }
     }
 
-    #[test]
-    fn prefixes_are_checked_and_end_with_a_slash() {
+    #[tokio::test]
+    async fn prefixes_are_checked_and_end_with_a_slash() {
         let key = ObjectKey::new("chunks/ab/c.zst").expect("key");
         for (prefix, name) in [
             ("", "chunks/ab/c.zst"),
@@ -733,28 +805,117 @@ mod tests {
             ("larder", "larder/chunks/ab/c.zst"),
             ("larder/x/", "larder/x/chunks/ab/c.zst"),
         ] {
-            let storage = S3Storage::new(options(prefix)).expect(prefix);
+            let storage = S3Storage::new(&config(prefix)).await.expect(prefix);
             assert_eq!(storage.object_name(&key), name);
         }
         for bad in ["../x", "a//b", "a b/"] {
             assert!(matches!(
-                S3Storage::new(options(bad)),
+                S3Storage::new(&config(bad)).await,
                 Err(StorageError::InvalidKey { .. })
             ));
         }
     }
 
-    #[test]
-    fn https_endpoints_are_refused_with_a_reason() {
-        let mut https = options("");
-        https.endpoint = "https://s3.example.com".to_owned();
-        let error = S3Storage::new(https).expect_err("no TLS stack");
-        assert!(error.to_string().contains("no TLS stack"), "{error}");
+    /// Records each request's URI and stops it before it is sent.
+    #[derive(Debug, Default)]
+    struct RecordUri(Arc<Mutex<Vec<String>>>);
+
+    impl Intercept for RecordUri {
+        fn name(&self) -> &'static str {
+            "RecordUri"
+        }
+
+        fn read_before_transmit(
+            &self,
+            context: &BeforeTransmitInterceptorContextRef<'_>,
+            _runtime_components: &RuntimeComponents,
+            _cfg: &mut ConfigBag,
+        ) -> Result<(), aws_sdk_s3::error::BoxError> {
+            let mut uris = self.0.lock().expect("an unpoisoned lock");
+            uris.push(context.request().uri().to_owned());
+            Err("recorded, not sent".into())
+        }
+    }
+
+    /// The URI the storage's client would send a `HeadObject` of `key` to.
+    async fn uri_of_a_request(config: &S3Config) -> String {
+        let storage = S3Storage::new(config).await.expect("storage");
+        let uris = Arc::new(Mutex::new(Vec::new()));
+        let client = Client::from_conf(
+            storage
+                .client
+                .config()
+                .to_builder()
+                .interceptor(RecordUri(uris.clone()))
+                .build(),
+        );
+        let stopped = client
+            .head_object()
+            .bucket(&storage.bucket)
+            .key("k")
+            .send()
+            .await;
+        assert!(stopped.is_err(), "the interceptor stops every request");
+        let uris = uris.lock().expect("an unpoisoned lock");
+        uris.first().cloned().expect("one request was recorded")
+    }
+
+    #[tokio::test]
+    async fn addressing_is_path_style_with_an_endpoint_and_virtual_hosted_on_aws() {
+        // A name that can be a host name's label: S3's rules send others
+        // path-style whatever the setting.
+        let mut s3 = S3Config {
+            bucket: "larder-bucket".to_owned(),
+            ..config("")
+        };
+        s3.endpoint = Some("https://s3.example.com".to_owned());
+        assert_eq!(
+            uri_of_a_request(&s3).await,
+            "https://s3.example.com/larder-bucket/k"
+        );
+        s3.force_path_style = Some(false);
+        assert_eq!(
+            uri_of_a_request(&s3).await,
+            "https://larder-bucket.s3.example.com/k"
+        );
+
+        let mut aws = s3.clone();
+        aws.force_path_style = None;
+        aws.endpoint = None;
+        aws.region = Some("eu-west-3".to_owned());
+        assert_eq!(
+            uri_of_a_request(&aws).await,
+            "https://larder-bucket.s3.eu-west-3.amazonaws.com/k"
+        );
+        aws.force_path_style = Some(true);
+        assert_eq!(
+            uri_of_a_request(&aws).await,
+            "https://s3.eu-west-3.amazonaws.com/larder-bucket/k"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unusable_ca_file_stops_the_opening() {
+        let mut s3 = config("");
+        s3.endpoint = Some("https://s3.example.com".to_owned());
+        s3.ca_file = Some("/nonexistent/ca.pem".into());
+        let error = S3Storage::new(&s3).await.expect_err("no such CA file");
+        let shown = error.to_string();
+        assert!(shown.contains("/nonexistent/ca.pem"), "{shown}");
+        assert!(shown.contains("No such file"), "{shown}");
     }
 
     #[test]
-    fn debug_never_shows_the_secret() {
-        let storage = S3Storage::new(options("p")).expect("storage");
+    fn multi_line_causes_become_one_line() {
+        assert_eq!(
+            one_line("no credentials. Attempted:\n  Environment: not set\n  Profile: none\n"),
+            "no credentials. Attempted: Environment: not set; Profile: none"
+        );
+    }
+
+    #[tokio::test]
+    async fn debug_never_shows_the_secret() {
+        let storage = S3Storage::new(&config("p")).await.expect("storage");
         let shown = format!("{storage:?}");
         assert!(!shown.contains("very-secret-value"), "{shown}");
         assert!(shown.contains("GKexample"), "{shown}");

@@ -64,7 +64,7 @@ impl Larder {
         self.config_home().join("larder/config.toml")
     }
 
-    fn nix_conf(&self) -> PathBuf {
+    pub(crate) fn nix_conf(&self) -> PathBuf {
         self.config_home().join("nix/nix.conf")
     }
 
@@ -138,7 +138,7 @@ impl Larder {
 
     /// Runs a command that must fail with exit status 1 and one line on
     /// stderr, `error: …` with no panic or backtrace; returns that line.
-    async fn fails(&self, args: &[&str]) -> String {
+    pub(crate) async fn fails(&self, args: &[&str]) -> String {
         let output = self.run(args).await;
         assert_error_output(args, &output)
     }
@@ -175,7 +175,7 @@ fn assert_error_output(args: &[&str], output: &Output) -> String {
     lines[0].to_owned()
 }
 
-fn text(bytes: &[u8]) -> String {
+pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
@@ -741,7 +741,7 @@ async fn use_writes_nix_conf_and_netrc_once_and_nix_substitutes_with_them() {
 
 /// A `nix` command of `env` whose only configuration, apart from the
 /// store and the experimental features, is the user file `nix_conf`.
-fn nix_with_user_conf(env: &NixEnv, nix_conf: &Path) -> std::process::Command {
+pub(crate) fn nix_with_user_conf(env: &NixEnv, nix_conf: &Path) -> std::process::Command {
     let mut command = env.command("nix");
     command
         .env("NIX_USER_CONF_FILES", nix_conf)
@@ -756,6 +756,36 @@ fn nix_with_user_conf(env: &NixEnv, nix_conf: &Path) -> std::process::Command {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     command
+}
+
+/// Has `puller`'s Nix build `wanted` into the store at `destination` with
+/// the user config `nix_conf` alone (what `larder use` wrote), so only the
+/// substituters there can provide them, and checks that every path of
+/// their closure arrived with the NAR it has in `source`'s store at
+/// `source_root`.
+pub(crate) fn assert_substitutes_the_same_nars(
+    puller: &NixEnv,
+    nix_conf: &Path,
+    destination: &Path,
+    source: &NixEnv,
+    source_root: &Path,
+    wanted: &[String],
+) {
+    let built = nix_with_user_conf(puller, nix_conf)
+        .arg("--store")
+        .arg(destination)
+        .args(["build", "--no-link"])
+        .args(wanted)
+        .output()
+        .expect("nix build");
+    assert!(built.status.success(), "{}", text(&built.stderr));
+    for path in source.closure(source_root, wanted).expect("closure") {
+        assert_eq!(
+            source.nar_hash(source_root, &path).expect("source hash"),
+            puller.nar_hash(destination, &path).unwrap_or_default(),
+            "{path} substituted with the same NAR"
+        );
+    }
 }
 
 #[tokio::test]

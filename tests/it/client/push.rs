@@ -11,7 +11,7 @@ use common::auth::Permission;
 use tests::nix::NixEnv;
 use tests::server::TestServer;
 
-use super::{blocking, nix_with_user_conf, server_view, store_config, text, Larder, HOUR};
+use super::{assert_substitutes_the_same_nars, blocking, server_view, store_config, Larder, HOUR};
 
 #[tokio::test]
 async fn push_a_closure_then_substitute_it_with_the_settings_use_wrote() {
@@ -109,32 +109,18 @@ async fn push_a_closure_then_substitute_it_with_the_settings_use_wrote() {
     let source_root = main.root.clone();
     // The environment comes back out: dropping it would delete the source
     // store, which the last push below still reads.
-    let (built, hashes, _env) = blocking(move || {
-        let built = nix_with_user_conf(&env, &nix_conf)
-            .arg("--store")
-            .arg(&destination)
-            .args(["build", "--no-link"])
-            .args(&wanted)
-            .output()
-            .expect("nix build");
-        let closure = env.closure(&source_root, &wanted).expect("closure");
-        let hashes: Vec<(String, String, String)> = closure
-            .iter()
-            .map(|path| {
-                (
-                    path.clone(),
-                    env.nar_hash(&source_root, path).expect("source hash"),
-                    env.nar_hash(&destination, path).unwrap_or_default(),
-                )
-            })
-            .collect();
-        (built, hashes, env)
+    let _env = blocking(move || {
+        assert_substitutes_the_same_nars(
+            &env,
+            &nix_conf,
+            &destination,
+            &env,
+            &source_root,
+            &wanted,
+        );
+        env
     })
     .await;
-    assert!(built.status.success(), "{}", text(&built.stderr));
-    for (path, source, substituted) in hashes {
-        assert_eq!(source, substituted, "{path} substituted with the same NAR");
-    }
 
     // Public: readable without a token.
     let top = &main.built[0];

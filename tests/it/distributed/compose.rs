@@ -3,7 +3,8 @@
 //! Dockerfile, each runs a real binary with only flags that binary accepts
 //! (its `--help` says which), and is configured only by `LARDER_…`
 //! variables the config knows, which together make a valid distributed
-//! config; nothing that scales has a fixed container name or host port.
+//! config; nothing that scales has a fixed container name or host port;
+//! Garage's image is the version the suite runs (`ops/install.sh`).
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -131,6 +132,24 @@ fn compose_yaml_passes_its_static_check() {
     let dockerfile = repo().join("Dockerfile");
     let stages = dockerfile_stages(&dockerfile);
 
+    // The Garage the stack runs is the one the suite tests.
+    let install = std::fs::read_to_string(repo().join("ops/install.sh")).expect("ops/install.sh");
+    let tested = install
+        .lines()
+        .find_map(|line| line.strip_prefix("readonly GARAGE_VERSION="))
+        .expect("ops/install.sh names its Garage version");
+    let image = format!("dxflrs/garage:v{tested}");
+    assert_eq!(
+        service(&compose, "garage")["image"].as_str(),
+        Some(image.as_str()),
+        "compose.yaml's Garage"
+    );
+    let dockerfile_text = std::fs::read_to_string(&dockerfile).expect("the Dockerfile");
+    assert!(
+        dockerfile_text.contains(&format!("FROM {image} AS garage")),
+        "the Dockerfile's Garage (garage-init) is not {image}"
+    );
+
     for (name, definition) in compose["services"].as_mapping().expect("services").iter() {
         let name = name.as_str().expect("a service name");
         if let Some(build) = definition.get("build") {
@@ -219,7 +238,7 @@ fn compose_yaml_passes_its_static_check() {
             "{name}: {config:?}"
         );
         assert!(
-            matches!(config.storage, StorageConfig::S3 { .. }),
+            matches!(config.storage, StorageConfig::S3(_)),
             "{name}: {config:?}"
         );
         assert!(

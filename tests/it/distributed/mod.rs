@@ -4,13 +4,15 @@
 //!
 //! `push` is the acceptance push (both protocols, to different API
 //! servers, substituted back and verified) and the poison message;
-//! `faults` kills workers and disturbs each service during pushes. Every
+//! `faults` kills workers and disturbs each service during pushes; `tls`
+//! runs a push with every service reached over TLS. Every
 //! test ends with [`assert_whole`]: nothing lost, nothing duplicated, no
 //! upload left stuck.
 
 mod compose;
 mod faults;
 mod push;
+mod tls;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

@@ -150,14 +150,7 @@ async fn retention_on_postgres_with_garage() {
     database.migrate().await.expect("migrating");
     let settings = services::S3Settings::from_env();
     let prefix = services::unique_name("gc");
-    let storage_config = StorageConfig::S3 {
-        endpoint: settings.endpoint,
-        region: settings.region,
-        bucket: settings.bucket,
-        access_key_id: settings.access_key_id,
-        secret_access_key: Secret::new(settings.secret_access_key),
-        prefix,
-    };
+    let storage_config = StorageConfig::S3(settings.storage_config(&prefix));
     let storage = common::storage::open(&storage_config)
         .await
         .expect("opening S3 storage");
