@@ -498,7 +498,9 @@ impl Cluster {
     }
 
     /// The number of messages waiting in `queue` of the cluster's virtual
-    /// host (0 when it does not exist).
+    /// host. Fails when the broker cannot say, including when the queue does
+    /// not exist: the workers declare each work queue with its dead-letter
+    /// queue, so a missing one is a fault, never "no messages".
     pub async fn queue_length(&self, queue: &str) -> u32 {
         let connection = amqp_connect_to(&self.amqp_url).await;
         let channel = connection.create_channel().await.expect("a channel");
@@ -513,7 +515,9 @@ impl Cluster {
             )
             .await;
         let _ = connection.close(200, "done").await;
-        declared.map_or(0, |queue| queue.message_count())
+        declared
+            .unwrap_or_else(|error| panic!("reading the length of queue {queue}: {error}"))
+            .message_count()
     }
 
     /// Stops every process with SIGTERM and checks that each exits cleanly
