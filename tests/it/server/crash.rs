@@ -186,9 +186,10 @@ async fn watch_until(
     }
 }
 
-/// After the restart: the upload ends `done`, its narinfo names the
-/// pushed NAR, the NAR served decompresses to exactly the pushed bytes, and
-/// staging holds nothing.
+/// After the restart: the upload ends `done`, its path is never served
+/// before that (nothing half-visible), its narinfo names the pushed NAR, the
+/// NAR served decompresses to exactly the pushed bytes, and staging holds
+/// nothing.
 async fn assert_completes(
     http: &reqwest::Client,
     server: &Crashable,
@@ -198,13 +199,28 @@ async fn assert_completes(
     nar: &[u8],
     staging: &Path,
 ) {
+    let hash = &store_path["/nix/store/".len()..][..32];
+    let fetch_narinfo = || {
+        http.get(format!("{}/{cache}/{hash}.narinfo", server.url))
+            .bearer_auth(&server.token)
+            .send()
+    };
     let deadline = Instant::now() + Duration::from_secs(180);
+    let mut polls_before_done = 0;
     loop {
+        // The narinfo is read before the status: a path served then must
+        // belong to an upload that is done by the status read after it,
+        // since the upload's end and its object are one transaction.
+        let served = fetch_narinfo()
+            .await
+            .expect("fetching the narinfo")
+            .status();
         let status = upload_status(http, server, upload_id).await;
-        match status["phase"].as_str() {
-            Some("done") => break,
-            Some("failed") => panic!("the upload failed after the restart: {status}"),
-            _ => {}
+        match (status["phase"].as_str(), served.as_u16()) {
+            (Some("done"), _) => break,
+            (Some("failed"), _) => panic!("the upload failed after the restart: {status}"),
+            (_, 404) => polls_before_done += 1,
+            (_, other) => panic!("the path answered {other} while its upload was {status}"),
         }
         assert!(
             Instant::now() < deadline,
@@ -212,13 +228,8 @@ async fn assert_completes(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let hash = &store_path["/nix/store/".len()..][..32];
-    let narinfo = http
-        .get(format!("{}/{cache}/{hash}.narinfo", server.url))
-        .bearer_auth(&server.token)
-        .send()
-        .await
-        .expect("fetching the narinfo");
+    eprintln!("the path was 404 at {polls_before_done} reads before its upload was done");
+    let narinfo = fetch_narinfo().await.expect("fetching the narinfo");
     assert_eq!(narinfo.status(), 200);
     let narinfo = narinfo.text().await.expect("the narinfo's text");
     let expected_hash = NarHash::from(Sha256Hash::digest(nar)).to_string();
