@@ -742,9 +742,20 @@ pub(crate) fn nix_copy_to(env: &NixEnv, root: &Path, url: &str, paths: &[String]
         .unwrap_or_else(|error| panic!("nix copy --to {url}: {error}"));
 }
 
+/// `nix copy --to` for each compression is acknowledged with one upload per
+/// path of the closure, each holding the pusher's signature and, staged, the
+/// NAR it names. No chunker runs, so every upload is still waiting with its
+/// staged NAR when it is checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nix_copy_to_is_acknowledged_for_zstd_xz_and_none() {
-    let server = server_with(no_wait()).await;
+    let server = TestServer::start(TestServerOptions {
+        ingest: no_wait(),
+        edit_config: Some(std::sync::Arc::new(|config| {
+            config.pipeline.chunk_concurrency = 0;
+        })),
+        ..TestServerOptions::default()
+    })
+    .await;
     for compression in ["zstd", "xz", "none"] {
         let cache = format!("nix-{compression}");
         server.create_cache(&cache, false).await;
@@ -789,12 +800,11 @@ async fn nix_copy_to_is_acknowledged_for_zstd_xz_and_none() {
                 !upload.metadata.sigs.is_empty(),
                 "the pusher's signature is kept"
             );
-            if !upload.phase.is_terminal() {
-                let staged = server.dir().join("storage").join(&upload.staged_key);
-                let nar = std::fs::read(&staged)
-                    .unwrap_or_else(|error| panic!("{compression}: {}: {error}", staged.display()));
-                assert_eq!(NarHash::from(Sha256Hash::digest(&nar)), upload.nar_hash);
-            }
+            assert_eq!(upload.phase, UploadPhase::Spooled, "{compression}");
+            let staged = server.dir().join("storage").join(&upload.staged_key);
+            let nar = std::fs::read(&staged)
+                .unwrap_or_else(|error| panic!("{compression}: {}: {error}", staged.display()));
+            assert_eq!(NarHash::from(Sha256Hash::digest(&nar)), upload.nar_hash);
         }
     }
 }
