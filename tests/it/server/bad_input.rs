@@ -424,16 +424,7 @@ async fn revoked_tokens_are_401() {
         .await
         .expect("revoking");
     // The refresher reloads the list every REVOCATION_REFRESH_INTERVAL.
-    let deadline = std::time::Instant::now()
-        + ingest_api::REVOCATION_REFRESH_INTERVAL
-        + std::time::Duration::from_secs(3);
-    while get(&server, &narinfo, Some(&revoked.token)).await.status() == StatusCode::OK {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the revocation never took effect"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    super::tokens::wait_until_refused(&server, &narinfo, &revoked.token).await;
     for path in [
         narinfo.as_str(),
         "/main/nix-cache-info",
