@@ -72,6 +72,70 @@ pub(super) async fn set_retention(database: &Database, cache: &str, retention: D
         .expect("setting a retention period");
 }
 
+/// How far [`age_objects`] moves last accesses back: far past any
+/// retention period the tests set.
+pub(super) const AGED: Duration = HOUR;
+
+/// Moves the last access of every object of `cache` back by [`AGED`], as
+/// if that much time had passed since: a retention period is then over
+/// without the test waiting for the clock.
+pub(super) async fn age_objects(database: &Database, cache: &str) {
+    let aged = sqlx::query(
+        "UPDATE objects SET last_accessed_at = last_accessed_at - $1 \
+         WHERE cache_id = (SELECT id FROM caches WHERE name = $2)",
+    )
+    .bind(i64::try_from(AGED.as_millis()).expect("an hour in milliseconds fits"))
+    .bind(cache)
+    .execute(database.pool())
+    .await
+    .expect("ageing objects");
+    assert!(aged.rows_affected() > 0, "{cache} has no objects to age");
+}
+
+/// Waits until the server has flushed an access to path `hash` of cache
+/// `cache_id` later than `after` (it flushes access times in batches) and
+/// returns the access time recorded.
+async fn flushed_access(
+    server: &TestServer,
+    cache_id: common::db::CacheId,
+    hash: &str,
+    after: Timestamp,
+) -> Timestamp {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let objects = server
+                .database()
+                .objects_of_cache(cache_id)
+                .await
+                .expect("objects");
+            let object = objects
+                .iter()
+                .find(|object| object.store_path_hash.as_str() == hash)
+                .expect("the fetched object");
+            if object.last_accessed_at > after {
+                return object.last_accessed_at;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the access was flushed")
+}
+
+/// Polls a narinfo until it answers 404: the server keeps narinfos it
+/// served in memory for `READ_CACHE_TIME_TO_LIVE`, which a separate
+/// collector cannot clear. A hang guard, not a bound on that time.
+async fn until_not_found(server: &TestServer, cache: &str, path: &str, token: &str) {
+    for _ in 0..300 {
+        match narinfo_status(server, cache, path, token).await {
+            StatusCode::NOT_FOUND => return,
+            StatusCode::OK => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => panic!("{cache}: {path}: {other}"),
+        }
+    }
+    panic!("{cache}: {path} still served 30 s after its collection");
+}
+
 async fn exists(storage: &dyn Storage, key: &ObjectKey) -> bool {
     storage.size(key).await.expect("storage size").is_some()
 }
@@ -103,9 +167,21 @@ async fn retention_on_sqlite_with_the_gc_scheduler_binary() {
     server
         .seed_path("lasting", plain_metadata(&path), &nar)
         .await;
+    let lasting = server
+        .database()
+        .cache_by_name(&"lasting".parse().expect("name"))
+        .await
+        .expect("lookup")
+        .expect("cache");
+    let lasting_pushed_at = server
+        .database()
+        .objects_of_cache(lasting.id)
+        .await
+        .expect("objects")[0]
+        .last_accessed_at;
     set_retention(server.database(), "brief", Duration::from_secs(1)).await;
-    // Let the retention period pass since the push (the last access).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The retention period passes since the push (the last access).
+    age_objects(server.database(), "brief").await;
 
     let log = run_gc_once(server.config_path()).await;
     assert!(log.contains("objects=1"), "{log}");
@@ -124,16 +200,15 @@ async fn retention_on_sqlite_with_the_gc_scheduler_binary() {
         );
     }
 
+    // The fetch above is an access: once the server has flushed it (a
+    // later flush would make the path fresh again), the retention passes.
+    let hash = &path["/nix/store/".len()..][..32];
+    flushed_access(&server, lasting.id, hash, lasting_pushed_at).await;
     set_retention(server.database(), "lasting", Duration::from_secs(1)).await;
-    // Past the retention, and past the server's read cache, which holds the
-    // narinfo served above (a separate collector cannot clear it).
-    tokio::time::sleep(ingest_api::READ_CACHE_TIME_TO_LIVE + Duration::from_millis(500)).await;
+    age_objects(server.database(), "lasting").await;
     let log = run_gc_once(server.config_path()).await;
     assert!(log.contains("nars=1"), "{log}");
-    assert_eq!(
-        narinfo_status(&server, "lasting", &path, &root).await,
-        StatusCode::NOT_FOUND
-    );
+    until_not_found(&server, "lasting", &path, &root).await;
     for key in &seeded.chunk_keys {
         assert!(!exists(server.storage(), key).await, "{key} still stored");
     }
@@ -212,7 +287,7 @@ async fn retention_on_postgres_with_garage() {
         keys = chunk_keys;
     }
     set_retention(&database, "brief", Duration::from_secs(1)).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    age_objects(&database, "brief").await;
 
     let log = run_gc_once(&config_path).await;
     assert!(log.contains("objects=1 nars=0 chunks=0"), "{log}");
@@ -226,7 +301,7 @@ async fn retention_on_postgres_with_garage() {
     }
 
     set_retention(&database, "lasting", Duration::from_secs(1)).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    age_objects(&database, "lasting").await;
     let log = run_gc_once(&config_path).await;
     let expected = format!("objects=1 nars=1 chunks={}", keys.len());
     assert!(log.contains(&expected), "{log}");
@@ -324,39 +399,20 @@ async fn a_recently_fetched_path_survives_an_untouched_one() {
         .await
         .expect("lookup")
         .expect("cache");
+    // Both were pushed long ago (past the retention), then one is fetched.
+    age_objects(server.database(), "lru").await;
     let pushed_at = server
         .database()
         .objects_of_cache(cache.id)
         .await
         .expect("objects")[0]
         .last_accessed_at;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(
         narinfo_status(&server, "lru", &fetched, &root).await,
         StatusCode::OK
     );
-
-    // The server flushes access times in batches: wait for this one.
     let fetched_hash = &fetched["/nix/store/".len()..][..32];
-    let accessed_at = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let objects = server
-                .database()
-                .objects_of_cache(cache.id)
-                .await
-                .expect("objects");
-            let object = objects
-                .iter()
-                .find(|object| object.store_path_hash.as_str() == fetched_hash)
-                .expect("the fetched object");
-            if object.last_accessed_at > pushed_at {
-                return object.last_accessed_at;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .expect("the access was flushed");
+    let accessed_at = flushed_access(&server, cache.id, fetched_hash, pushed_at).await;
 
     // Half a second after the access: 1 s retention keeps it, not the other.
     let now = accessed_at.saturating_add(Duration::from_millis(500));

@@ -9,7 +9,7 @@ use common::config::GcConfig;
 use common::duration::HumanDuration;
 use tests::server::{binary, TestServer, TestServerOptions};
 
-use super::end_to_end::{chunk_objects, run_gc_once, set_retention};
+use super::end_to_end::{age_objects, chunk_objects, run_gc_once, set_retention};
 use super::{fake_store_path, file_nar, plain_metadata};
 
 /// Paths to collect: enough, one row per round trip, for the run to last.
@@ -44,7 +44,7 @@ async fn fault_gc_killed_mid_run_leaves_a_state_the_next_run_completes() {
     }
     assert_eq!(count(&server, "SELECT COUNT(*) FROM chunks").await, PATHS);
     set_retention(server.database(), "mass", Duration::from_secs(1)).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    age_objects(server.database(), "mass").await;
 
     let mut collector = tokio::process::Command::new(binary("gc-scheduler"))
         .arg("--config")
