@@ -396,9 +396,10 @@ async fn fault_amqp_messages_survive_a_rabbitmq_restart_and_consumers_resume() {
 /// exist is a configuration error that retrying cannot fix.
 #[tokio::test]
 async fn amqp_errors_tell_an_unreachable_broker_from_a_misconfigured_one() {
-    // Port 1 is privileged and unused here: the connection is refused.
+    // A port held with nothing listening: the connection is refused.
+    let closed = tests::ports::HeldPort::new();
     let down = AmqpQueue::new(
-        "amqp://guest:guest@127.0.0.1:1/%2f",
+        &format!("amqp://guest:guest@{}/%2f", closed.address()),
         None,
         "larder-tests-down",
     );

@@ -401,10 +401,10 @@ async fn unusable_queue_entries_are_set_aside_and_the_rest_of_the_queue_flows() 
 async fn paths_queued_while_the_server_is_down_are_uploaded_when_it_is_back() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let config = dir.path().join("server.toml");
-    let address = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-        listener.local_addr().expect("its address").to_string()
-    };
+    // Held for the whole test: refused while the server is down, and the
+    // server's again when it comes back.
+    let port = tests::ports::HeldPort::new();
+    let address = port.address().to_string();
     let mut server = ServerProcess::start_listening(&config, &address, &[]);
     let token = server.wait_for(|line| {
         let rest = line.trim().strip_prefix("larder login local ")?;
@@ -721,8 +721,14 @@ async fn agent_and_queue_errors_are_one_clear_line_and_exit_status_1() {
     assert!(line.contains("already running"), "{line}");
     agent.stop().await;
 
+    let closed = tests::ports::HeldPort::new();
     larder
-        .ok(&["login", "down", "http://127.0.0.1:9/", "token"])
+        .ok(&[
+            "login",
+            "down",
+            &format!("http://{}/", closed.address()),
+            "token",
+        ])
         .await;
     let line = larder.fails(&["watch-store", "down:c"]).await;
     assert!(line.contains("cannot reach server \"down\""), "{line}");
