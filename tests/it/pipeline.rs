@@ -125,13 +125,18 @@ impl Rig {
         };
         let queue: Arc<dyn Queue> = match queue {
             QueueKind::Embedded => Arc::new(EmbeddedQueue::new()),
-            // A private virtual host is not needed: the pipeline's queue
-            // names are fixed, so this rig must be the only AMQP one.
-            QueueKind::Amqp => Arc::new(AmqpQueue::new(
-                &services::amqp_url(),
-                None,
-                &services::unique_name("pipeline-test"),
-            )),
+            // The pipeline's queue names are fixed: each rig gets a
+            // virtual host of its own, so that rigs running at once never
+            // take each other's jobs or dead letters.
+            QueueKind::Amqp => {
+                let vhost = services::unique_name("pipeline-test");
+                services::add_rabbitmq_vhost(&services::services_dir(), &vhost).await;
+                Arc::new(AmqpQueue::new(
+                    &tests::cluster::with_vhost(&services::amqp_url(), &vhost),
+                    None,
+                    &vhost,
+                ))
+            }
         };
         let stop = CancellationToken::new();
         let services = common::service::Services {

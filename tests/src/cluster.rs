@@ -553,7 +553,7 @@ impl Drop for Cluster {
 }
 
 /// `url` (`amqp://…/%2f`) on virtual host `vhost` instead.
-fn with_vhost(url: &str, vhost: &str) -> String {
+pub fn with_vhost(url: &str, vhost: &str) -> String {
     let authority_start = url.find("://").map_or(0, |index| index + 3);
     let base = match url[authority_start..].find('/') {
         Some(slash) => &url[..authority_start + slash],
