@@ -560,7 +560,8 @@ async fn redelivered_jobs_change_nothing(rig: &Rig) {
 
 async fn a_vanished_staged_nar_fails_its_upload_and_no_other(rig: &Rig) {
     let cache = rig.create_cache("vanish").await;
-    // This test's process records only this test's metrics.
+    // Exact deltas: this test's process records only this test's metrics.
+    tests::prometheus::assert_metrics_are_this_tests_own();
     let metrics_before = metrics_page();
     let mut dead_letters = rig
         .queue
