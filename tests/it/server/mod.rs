@@ -15,6 +15,7 @@ mod crash;
 mod isolation;
 mod nix_client;
 mod observability;
+mod parts;
 pub(crate) mod push;
 mod serving;
 mod tokens;
