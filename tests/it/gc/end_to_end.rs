@@ -11,8 +11,8 @@ use reqwest::StatusCode;
 use common::api::{DeletePathsRequest, DeletePathsResponse};
 use common::auth::Permission;
 use common::config::{
-    AuthConfig, DatabaseConfig, HttpConfig, IngestConfig, LogConfig, OpsConfig, PipelineConfig,
-    QueueConfig, QuotaConfig, Secret, ServerConfig, StorageConfig,
+    AuthConfig, DatabaseConfig, GcConfig, HttpConfig, IngestConfig, LogConfig, OpsConfig,
+    PipelineConfig, QueueConfig, QuotaConfig, Secret, ServerConfig, StorageConfig,
 };
 use common::db::{CacheKeypair, CacheUpdate, Database, NewCache, Timestamp};
 use common::duration::HumanDuration;
@@ -755,5 +755,77 @@ async fn reaping_removes_stale_uploads_staged_files_and_orphan_chunk_objects() {
     for key in &kept.chunk_keys {
         assert!(exists(storage, key).await, "{key} removed");
     }
+    server.stop().await;
+}
+
+/// The server's own periodic GC (no run started by the test) applies the
+/// server-wide `default-retention` to a cache that sets none, and not to a
+/// cache with a retention period of its own, nor to a path accessed within
+/// the default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_periodic_gc_applies_the_default_retention() {
+    let server = TestServer::start(TestServerOptions {
+        gc: GcConfig {
+            interval: HumanDuration::from_secs(1),
+            default_retention: Some(HumanDuration::from_secs(600)),
+            ..eager_gc()
+        },
+        ..TestServerOptions::default()
+    })
+    .await;
+    let root = server.root_token().await;
+    server.create_cache("defaulted", false).await;
+    server.create_cache("own", false).await;
+    set_retention(server.database(), "own", 30 * 24 * HOUR).await;
+    let old = fake_store_path("old");
+    let recent = fake_store_path("recent");
+    let kept = fake_store_path("kept");
+    server
+        .seed_path("defaulted", plain_metadata(&old), &file_nar(b"old"))
+        .await;
+    server
+        .seed_path("own", plain_metadata(&kept), &file_nar(b"kept"))
+        .await;
+    // Untouched for an hour: past the default retention of 10 minutes,
+    // within `own`'s 30 days.
+    age_objects(server.database(), "defaulted").await;
+    age_objects(server.database(), "own").await;
+    server
+        .seed_path("defaulted", plain_metadata(&recent), &file_nar(b"recent"))
+        .await;
+
+    // The server's loop removes the old path; the test runs no GC itself,
+    // and reads the database (a fetch would be an access, keeping the
+    // path). A hang guard only: the loop runs every second.
+    let paths_of = |cache: &'static str| {
+        let database = server.database().clone();
+        async move {
+            let cache = database
+                .cache_by_name(&cache.parse().expect("name"))
+                .await
+                .expect("lookup")
+                .expect("cache");
+            let objects = database.objects_of_cache(cache.id).await.expect("objects");
+            objects
+                .into_iter()
+                .map(|object| object.metadata.store_path)
+                .collect::<Vec<String>>()
+        }
+    };
+    let mut polls = 0;
+    while paths_of("defaulted").await.contains(&old) {
+        polls += 1;
+        assert!(
+            polls < 600,
+            "the periodic GC never removed the expired path"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(paths_of("defaulted").await, std::slice::from_ref(&recent));
+    assert_eq!(paths_of("own").await, std::slice::from_ref(&kept));
+    assert_eq!(
+        narinfo_status(&server, "defaulted", &recent, &root).await,
+        StatusCode::OK
+    );
     server.stop().await;
 }
