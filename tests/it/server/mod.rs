@@ -8,6 +8,7 @@
 //! (`TestServer::seed_path`), for exact control over chunks; `push` and
 //! `crash` push through the API and the real `nix copy`.
 
+mod attic_client;
 mod bad_input;
 mod cache_config;
 mod cli;
