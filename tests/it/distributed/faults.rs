@@ -210,10 +210,14 @@ async fn fault_sigkill_a_chunker_and_a_compressor_mid_job() {
         Arc::default(),
     ));
 
-    wait_for_phase(&cluster, UploadPhase::Chunking, 2).await;
-    cluster.kill("chunker-worker-1");
-    wait_for_phase(&cluster, UploadPhase::Compressing, 1).await;
-    cluster.kill("compressor-worker-1");
+    kill_mid_job(&mut cluster, "chunker-worker-1", UploadPhase::Chunking, 2).await;
+    kill_mid_job(
+        &mut cluster,
+        "compressor-worker-1",
+        UploadPhase::Compressing,
+        1,
+    )
+    .await;
     cluster.start_again("chunker-worker-1");
     cluster.start_again("compressor-worker-1");
 
@@ -224,6 +228,31 @@ async fn fault_sigkill_a_chunker_and_a_compressor_mid_job() {
         .substitute_and_verify(cluster.api(1), &token, CACHE)
         .await;
     cluster.stop();
+}
+
+/// How many times [`kill_mid_job`] may find its worker between jobs.
+const KILL_ATTEMPTS: u32 = 20;
+
+/// SIGKILLs worker `name` in the middle of a job: once `n` uploads are in
+/// `phase`, freezes it (SIGSTOP, so it finishes nothing meanwhile), asks
+/// RabbitMQ whether it holds a delivery, and kills it if it does; if it
+/// was between jobs, thaws it, says so, and tries again shortly (at most
+/// `KILL_ATTEMPTS` times). A kill between jobs would test nothing.
+async fn kill_mid_job(cluster: &mut Cluster, name: &str, phase: UploadPhase, n: usize) {
+    wait_for_phase(cluster, phase, n).await;
+    for attempt in 1..=KILL_ATTEMPTS {
+        cluster.freeze(name, true);
+        let held = cluster.unacknowledged_deliveries(name).await;
+        if held > 0 {
+            cluster.kill(name);
+            eprintln!("killed {name} holding {held} deliveries (attempt {attempt})");
+            return;
+        }
+        cluster.freeze(name, false);
+        eprintln!("{name} held no delivery when frozen (attempt {attempt}); trying again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{name} was between jobs at each of {KILL_ATTEMPTS} attempts");
 }
 
 /// Waits until at least `n` uploads are in `phase` at once.
