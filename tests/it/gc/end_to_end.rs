@@ -136,6 +136,15 @@ async fn until_not_found(server: &TestServer, cache: &str, path: &str, token: &s
     panic!("{cache}: {path} still served 30 s after its collection");
 }
 
+/// Cache `name`, which must exist.
+async fn cache_named(database: &Database, name: &str) -> common::db::Cache {
+    database
+        .cache_by_name(&name.parse().expect("a cache name"))
+        .await
+        .expect("looking the cache up")
+        .expect("the cache exists")
+}
+
 async fn exists(storage: &dyn Storage, key: &ObjectKey) -> bool {
     storage.size(key).await.expect("storage size").is_some()
 }
@@ -167,12 +176,7 @@ async fn retention_on_sqlite_with_the_gc_scheduler_binary() {
     server
         .seed_path("lasting", plain_metadata(&path), &nar)
         .await;
-    let lasting = server
-        .database()
-        .cache_by_name(&"lasting".parse().expect("name"))
-        .await
-        .expect("lookup")
-        .expect("cache");
+    let lasting = cache_named(server.database(), "lasting").await;
     let lasting_pushed_at = server
         .database()
         .objects_of_cache(lasting.id)
@@ -393,12 +397,7 @@ async fn a_recently_fetched_path_survives_an_untouched_one() {
         .seed_path("lru", plain_metadata(&untouched), &file_nar(b"untouched"))
         .await;
     set_retention(server.database(), "lru", Duration::from_secs(1)).await;
-    let cache = server
-        .database()
-        .cache_by_name(&"lru".parse().expect("name"))
-        .await
-        .expect("lookup")
-        .expect("cache");
+    let cache = cache_named(server.database(), "lru").await;
     // Both were pushed long ago (past the retention), then one is fetched.
     age_objects(server.database(), "lru").await;
     let pushed_at = server
@@ -800,11 +799,7 @@ async fn the_servers_periodic_gc_applies_the_default_retention() {
     let paths_of = |cache: &'static str| {
         let database = server.database().clone();
         async move {
-            let cache = database
-                .cache_by_name(&cache.parse().expect("name"))
-                .await
-                .expect("lookup")
-                .expect("cache");
+            let cache = cache_named(&database, cache).await;
             let objects = database.objects_of_cache(cache.id).await.expect("objects");
             objects
                 .into_iter()
