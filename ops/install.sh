@@ -2,8 +2,10 @@
 # Installs what Larder's test suite needs on a fresh Debian 12 machine, as root:
 #   - Debian packages: nix-bin (the real Nix client), rabbitmq-server,
 #     PostgreSQL (the `postgresql` package, 15 on Debian 12), zstd, openssl
-#     (ops/services.sh mints a throwaway CA with it) and nginx (the TLS
-#     terminator in front of Garage, and the reverse proxy of the TLS tests);
+#     (ops/services.sh mints a throwaway CA with it), nginx (the TLS
+#     terminator in front of Garage, and the reverse proxy of the TLS tests)
+#     and systemd (for `systemd-analyze verify` of the shipped unit files;
+#     nothing is run under it);
 #   - Garage 2.5.0 (S3), built from crates.io with `cargo install`;
 #   - cargo-nextest, the test runner.
 #
@@ -57,7 +59,7 @@ postgres_installed() {
 install_debian_packages() {
     local missing=()
     local package
-    for package in nix-bin rabbitmq-server zstd openssl nginx; do
+    for package in nix-bin rabbitmq-server zstd openssl nginx systemd; do
         package_installed "$package" || missing+=("$package")
     done
     postgres_installed || missing+=(postgresql)

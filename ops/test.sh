@@ -8,6 +8,11 @@
 #   ops/test.sh                          the whole suite, then `ops/fuzz.sh --total 60`
 #   ops/test.sh -E 'test(services)'      a subset: arguments go to nextest,
 #                                        and the fuzz run is skipped
+#   ops/test.sh -p common                one crate, with all its features (its
+#                                        feature-gated tests included)
+#
+# Every phase a run should have is checked for first: a missing script
+# fails the run before anything starts, rather than skipping its phase.
 #
 # Build artifacts go to $CARGO_TARGET_DIR, by default ~/.cache/larder/target,
 # outside the checkout, so a fresh clone (as in CI) reuses earlier builds.
@@ -39,6 +44,33 @@ print_timings() {
     printf '\n==> timings\n' >&2
     printf '    %s\n' "${timings[@]}" "$(printf '%-10s %4d s' total $((SECONDS - run_started)))" >&2
 }
+
+# A full run has every phase; a subset (arguments) no fuzz run.
+phase_scripts=(install.sh services.sh)
+if (($# == 0)); then
+    phase_scripts+=(fuzz.sh)
+fi
+for script in "${phase_scripts[@]}"; do
+    if [[ ! -f $repo/ops/$script ]]; then
+        printf 'ops/test.sh: ops/%s is missing: a phase of this run would not run\n' "$script" >&2
+        exit 1
+    fi
+done
+
+# `cargo nextest run --workspace` builds each crate with the features the
+# workspace enables on it; `-p CRATE` alone would build it with its
+# defaults and silently leave out its feature-gated tests (about half of
+# common's). A run that names packages enables all their features instead
+# (`--workspace` would override `-p`).
+nextest_args=(--workspace "$@")
+for argument in "$@"; do
+    case $argument in
+        -p | -p* | --package | --package=*)
+            nextest_args=("$@" --all-features)
+            break
+            ;;
+    esac
+done
 
 services_dir=
 cleanup() {
@@ -80,9 +112,9 @@ cargo build --workspace --bins
 export LARDER_TEST_BIN_DIR="$CARGO_TARGET_DIR/debug"
 phase_done build
 
-say "running the test suite (cargo nextest run --workspace $*)"
+say "running the test suite (cargo nextest run ${nextest_args[*]})"
 suite_status=0
-cargo nextest run --workspace "$@" || suite_status=$?
+cargo nextest run "${nextest_args[@]}" || suite_status=$?
 phase_done tests
 ((suite_status == 0)) || exit "$suite_status"
 

@@ -15,4 +15,5 @@ mod queue;
 mod server;
 mod services;
 mod storage;
+mod systemd;
 mod tls;

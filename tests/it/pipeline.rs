@@ -125,13 +125,18 @@ impl Rig {
         };
         let queue: Arc<dyn Queue> = match queue {
             QueueKind::Embedded => Arc::new(EmbeddedQueue::new()),
-            // A private virtual host is not needed: the pipeline's queue
-            // names are fixed, so this rig must be the only AMQP one.
-            QueueKind::Amqp => Arc::new(AmqpQueue::new(
-                &services::amqp_url(),
-                None,
-                &services::unique_name("pipeline-test"),
-            )),
+            // The pipeline's queue names are fixed: each rig gets a
+            // virtual host of its own, so that rigs running at once never
+            // take each other's jobs or dead letters.
+            QueueKind::Amqp => {
+                let vhost = services::unique_name("pipeline-test");
+                services::add_rabbitmq_vhost(&services::services_dir(), &vhost).await;
+                Arc::new(AmqpQueue::new(
+                    &tests::cluster::with_vhost(&services::amqp_url(), &vhost),
+                    None,
+                    &vhost,
+                ))
+            }
         };
         let stop = CancellationToken::new();
         let services = common::service::Services {
@@ -555,7 +560,8 @@ async fn redelivered_jobs_change_nothing(rig: &Rig) {
 
 async fn a_vanished_staged_nar_fails_its_upload_and_no_other(rig: &Rig) {
     let cache = rig.create_cache("vanish").await;
-    // This test's process records only this test's metrics.
+    // Exact deltas: this test's process records only this test's metrics.
+    tests::prometheus::assert_metrics_are_this_tests_own();
     let metrics_before = metrics_page();
     let mut dead_letters = rig
         .queue

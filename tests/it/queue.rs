@@ -14,10 +14,10 @@ use common::queue::{
 use common::tls::CaFile;
 use tests::services;
 
-/// How long to wait for a delivery that should come.
+/// How long to wait for a delivery that should come (a hang guard).
 const ARRIVAL: Duration = Duration::from_secs(10);
-/// How long to watch for a delivery that should not come.
-const QUIET: Duration = Duration::from_millis(400);
+/// The payload of the marker message [`assert_quiet`] publishes.
+const MARKER: &[u8] = b"marker";
 
 fn embedded() -> Arc<dyn Queue> {
     Arc::new(EmbeddedQueue::new())
@@ -53,11 +53,19 @@ async fn next(consumer: &mut Consumer) -> Delivery {
         .expect("the consumer stream is open")
 }
 
-/// Fails the test if a delivery arrives within [`QUIET`].
-async fn assert_quiet(consumer: &mut Consumer) {
-    if let Ok(delivery) = tokio::time::timeout(QUIET, consumer.next()).await {
-        panic!("expected no delivery, got {delivery:?}");
-    }
+/// Fails the test if `consumer` (which must have room for one more
+/// delivery) has anything to receive from queue `name` before a marker
+/// message published now: a message still due would come first. An event,
+/// not a window of time in which nothing happened to arrive.
+async fn assert_quiet(queue: &dyn Queue, name: &str, consumer: &mut Consumer) {
+    queue.publish(name, MARKER, "marker").await.unwrap();
+    let delivery = next(consumer).await;
+    assert_eq!(
+        delivery.payload(),
+        MARKER,
+        "expected no delivery before the marker, got {delivery:?}"
+    );
+    delivery.ack().await.unwrap();
 }
 
 /// Instantiates each behaviour for both backends.
@@ -148,7 +156,7 @@ async fn a_message_round_trips_with_its_trace_id_and_an_ack_removes_it(queue: Ar
 
     // Acked means gone, also for a new consumer.
     let mut consumer = queue.consume(&name, 4).await.unwrap();
-    assert_quiet(&mut consumer).await;
+    assert_quiet(&*queue, &name, &mut consumer).await;
 }
 
 async fn prefetch_bounds_the_unacked_deliveries_in_flight(queue: Arc<dyn Queue>) {
@@ -162,12 +170,14 @@ async fn prefetch_bounds_the_unacked_deliveries_in_flight(queue: Arc<dyn Queue>)
     let mut consumer = queue.consume(&name, 2).await.unwrap();
     let first = next(&mut consumer).await;
     let second = next(&mut consumer).await;
-    assert_quiet(&mut consumer).await;
+    // The broker's own count: the other three still wait there (without
+    // the bound, all five would have been handed out at once).
+    assert_eq!(queue.depth(&name).await.unwrap(), 3);
 
     // Settling one frees exactly one slot.
     first.ack().await.unwrap();
     let third = next(&mut consumer).await;
-    assert_quiet(&mut consumer).await;
+    assert_eq!(queue.depth(&name).await.unwrap(), 2);
 
     let payloads: Vec<_> = [&second, &third]
         .iter()
@@ -204,7 +214,7 @@ async fn retry_redelivers_after_the_delay_with_the_next_attempt(queue: Arc<dyn Q
     let delivery = next(&mut consumer).await;
     assert_eq!(delivery.attempt(), 3);
     delivery.ack().await.unwrap();
-    assert_quiet(&mut consumer).await;
+    assert_quiet(&*queue, &name, &mut consumer).await;
 }
 
 async fn dead_letter_moves_the_message_to_the_dead_letter_queue_with_its_reason(
@@ -218,7 +228,7 @@ async fn dead_letter_moves_the_message_to_the_dead_letter_queue_with_its_reason(
     let mut consumer = queue.consume(&name, 1).await.unwrap();
     let delivery = next(&mut consumer).await;
     delivery.dead_letter("staged file missing").await.unwrap();
-    assert_quiet(&mut consumer).await;
+    assert_quiet(&*queue, &name, &mut consumer).await;
 
     let mut dead_letters = queue.consume(&dead_letter_queue(&name), 1).await.unwrap();
     let dead = next(&mut dead_letters).await;
@@ -244,7 +254,7 @@ async fn unacked_deliveries_of_a_dropped_consumer_go_to_another_consumer(queue: 
         next(&mut crashing).await,
     ];
     let mut survivor = queue.consume(&name, 3).await.unwrap();
-    assert_quiet(&mut survivor).await;
+    assert_quiet(&*queue, &name, &mut survivor).await;
 
     // A crashed worker: its consumer and unsettled deliveries vanish.
     drop(held);
@@ -260,7 +270,7 @@ async fn unacked_deliveries_of_a_dropped_consumer_go_to_another_consumer(queue: 
     }
     payloads.sort();
     assert_eq!(payloads, [b"0".to_vec(), b"1".to_vec(), b"2".to_vec()]);
-    assert_quiet(&mut survivor).await;
+    assert_quiet(&*queue, &name, &mut survivor).await;
 }
 
 async fn two_concurrent_consumers_process_each_message_exactly_once(queue: Arc<dyn Queue>) {
@@ -299,8 +309,14 @@ async fn two_concurrent_consumers_process_each_message_exactly_once(queue: Arc<d
         per_worker[worker] += 1;
         *seen.entry(payload).or_default() += 1;
     }
-    // Nothing more arrives: no message is processed twice.
-    assert!(tokio::time::timeout(QUIET, receiver.recv()).await.is_err());
+    // Nothing more arrives before a marker published now: no message is
+    // processed twice.
+    queue.publish(&name, MARKER, "marker").await.unwrap();
+    let (_, after) = tokio::time::timeout(ARRIVAL, receiver.recv())
+        .await
+        .expect("the marker within the arrival timeout")
+        .expect("the workers are running");
+    assert_eq!(after, MARKER, "a message processed twice");
     assert_eq!(seen.len(), MESSAGES);
     assert!(seen.values().all(|&count| count == 1));
     assert!(
@@ -371,7 +387,7 @@ async fn fault_amqp_messages_survive_a_rabbitmq_restart_and_consumers_resume() {
     seen.sort();
     let expected: Vec<Vec<u8>> = (0..6).map(|n| format!("{n}").into_bytes()).collect();
     assert_eq!(seen, expected);
-    assert_quiet(&mut consumer).await;
+    assert_quiet(&*queue, &name, &mut consumer).await;
     drop(consumer);
     private.stop().await;
 }
@@ -380,9 +396,10 @@ async fn fault_amqp_messages_survive_a_rabbitmq_restart_and_consumers_resume() {
 /// exist is a configuration error that retrying cannot fix.
 #[tokio::test]
 async fn amqp_errors_tell_an_unreachable_broker_from_a_misconfigured_one() {
-    // Port 1 is privileged and unused here: the connection is refused.
+    // A port held with nothing listening: the connection is refused.
+    let closed = tests::ports::HeldPort::new();
     let down = AmqpQueue::new(
-        "amqp://guest:guest@127.0.0.1:1/%2f",
+        &format!("amqp://guest:guest@{}/%2f", closed.address()),
         None,
         "larder-tests-down",
     );

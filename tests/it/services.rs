@@ -374,3 +374,43 @@ fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
     bytes.truncate(len);
     bytes
 }
+
+/// `ops/test.sh` refuses to run when a phase it should run has no script,
+/// before anything starts: a full run without `ops/fuzz.sh`, any run
+/// without `ops/services.sh`. Run on a copy of `ops/` whose `install.sh`
+/// is a stub exiting 99, so a check that let the run go on shows as that
+/// status (and never starts a second suite).
+#[test]
+fn the_test_command_fails_when_a_phase_script_is_missing() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let run = |present: &[&str], args: &[&str]| {
+        let dir = tempfile::tempdir().expect("a directory");
+        let ops = dir.path().join("ops");
+        std::fs::create_dir(&ops).expect("ops/");
+        std::fs::copy(repo.join("ops/test.sh"), ops.join("test.sh")).expect("copying test.sh");
+        for script in present {
+            std::fs::write(ops.join(script), "exit 99\n").expect("a stub script");
+        }
+        let output = std::process::Command::new("bash")
+            .arg(ops.join("test.sh"))
+            .args(args)
+            .output()
+            .expect("running ops/test.sh");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (status, stderr) = run(&["install.sh", "services.sh"], &[]);
+    assert_eq!(status, Some(1), "{stderr}");
+    assert!(stderr.contains("ops/fuzz.sh is missing"), "{stderr}");
+    let (status, stderr) = run(&["install.sh", "fuzz.sh"], &["-E", "test(x)"]);
+    assert_eq!(status, Some(1), "{stderr}");
+    assert!(stderr.contains("ops/services.sh is missing"), "{stderr}");
+    // With every script there, the run goes on (to the stub install).
+    let (status, stderr) = run(&["install.sh", "services.sh", "fuzz.sh"], &[]);
+    assert_eq!(status, Some(99), "{stderr}");
+    // A subset needs no fuzz run.
+    let (status, stderr) = run(&["install.sh", "services.sh"], &["-E", "test(x)"]);
+    assert_eq!(status, Some(99), "{stderr}");
+}

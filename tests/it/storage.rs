@@ -623,9 +623,11 @@ async fn s3_errors_say_what_the_service_answered() {
     // The whole story is in the message; nothing repeats it as a source.
     assert!(std::error::Error::source(&error).is_none());
 
-    // No service at all: the cause chain, once.
+    // No service at all (a port held with nothing listening): the cause
+    // chain, once.
+    let closed = tests::ports::HeldPort::new();
     let unreachable = open_s3(&S3Config {
-        endpoint: Some("http://127.0.0.1:9".to_owned()),
+        endpoint: Some(format!("http://{}", closed.address())),
         region: Some("garage".to_owned()),
         bucket: "b".to_owned(),
         access_key_id: Some("GK0".to_owned()),

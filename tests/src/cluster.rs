@@ -28,7 +28,7 @@ use crate::process::{service_command, ServerProcess};
 use crate::server::{create_cache, record_token, token_builder, HttpApi};
 use crate::services::{
     self, add_rabbitmq_vhost, amqp_connect_to, fresh_postgres_database_on,
-    rabbitmq_connections_over_tls, unique_name, PrivateServices, S3Settings,
+    rabbitmq_connections_over_tls, services_ctl_in, unique_name, PrivateServices, S3Settings,
 };
 
 /// A random HS256 secret for a cluster's tokens (base64 of 32 bytes).
@@ -355,6 +355,75 @@ impl Cluster {
             .kill();
     }
 
+    /// Freezes (`SIGSTOP`) or thaws (`SIGCONT`) process `name`: while
+    /// frozen it finishes nothing, so what RabbitMQ says it holds stays
+    /// true until it is thawed or killed.
+    pub fn freeze(&self, name: &str, frozen: bool) {
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.pid(name).to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill {signal} {name}");
+    }
+
+    fn pid(&self, name: &str) -> u32 {
+        self.members
+            .get(name)
+            .and_then(|member| member.process.as_ref())
+            .unwrap_or_else(|| panic!("no running process {name} in the cluster"))
+            .id()
+    }
+
+    /// The deliveries that process `name` holds unacknowledged now, as
+    /// RabbitMQ counts them on the channels of that process's connections
+    /// (each service names its connections with its pid). A worker that
+    /// holds one is in the middle of a job. Takes a second or two
+    /// (`rabbitmqctl`): freeze the process first for an answer that stays
+    /// true.
+    pub async fn unacknowledged_deliveries(&self, name: &str) -> u64 {
+        let marker = format!("(pid {})", self.pid(name));
+        let connections: Vec<String> = self
+            .rabbitmqctl_json("list_connections", &["pid", "client_properties"])
+            .await
+            .into_iter()
+            .filter(|connection| {
+                connection["client_properties"]
+                    .to_string()
+                    .contains(&marker)
+            })
+            .filter_map(|connection| connection["pid"].as_str().map(str::to_owned))
+            .collect();
+        assert!(
+            !connections.is_empty(),
+            "{name} has no connection to RabbitMQ"
+        );
+        self.rabbitmqctl_json("list_channels", &["connection", "messages_unacknowledged"])
+            .await
+            .into_iter()
+            .filter(|channel| {
+                channel["connection"]
+                    .as_str()
+                    .is_some_and(|connection| connections.iter().any(|ours| ours == connection))
+            })
+            .map(|channel| {
+                channel["messages_unacknowledged"]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("an unacknowledged count in {channel}"))
+            })
+            .sum()
+    }
+
+    /// `rabbitmqctl LIST COLUMNS… --formatter json` on the cluster's broker.
+    async fn rabbitmqctl_json(&self, list: &str, columns: &[&str]) -> Vec<serde_json::Value> {
+        let mut args = vec!["rabbitmqctl", list];
+        args.extend(columns);
+        args.extend(["--formatter", "json"]);
+        let text = services_ctl_in(&self.rabbitmq_dir, &args).await;
+        serde_json::from_str(&text)
+            .unwrap_or_else(|error| panic!("rabbitmqctl {list}: {error}: {text}"))
+    }
+
     /// Starts process `name` again (after [`kill`](Self::kill)) and waits
     /// until it is ready.
     pub fn start_again(&mut self, name: &str) {
@@ -498,7 +567,9 @@ impl Cluster {
     }
 
     /// The number of messages waiting in `queue` of the cluster's virtual
-    /// host (0 when it does not exist).
+    /// host. Fails when the broker cannot say, including when the queue does
+    /// not exist: the workers declare each work queue with its dead-letter
+    /// queue, so a missing one is a fault, never "no messages".
     pub async fn queue_length(&self, queue: &str) -> u32 {
         let connection = amqp_connect_to(&self.amqp_url).await;
         let channel = connection.create_channel().await.expect("a channel");
@@ -513,7 +584,9 @@ impl Cluster {
             )
             .await;
         let _ = connection.close(200, "done").await;
-        declared.map_or(0, |queue| queue.message_count())
+        declared
+            .unwrap_or_else(|error| panic!("reading the length of queue {queue}: {error}"))
+            .message_count()
     }
 
     /// Stops every process with SIGTERM and checks that each exits cleanly
@@ -549,7 +622,7 @@ impl Drop for Cluster {
 }
 
 /// `url` (`amqp://…/%2f`) on virtual host `vhost` instead.
-fn with_vhost(url: &str, vhost: &str) -> String {
+pub fn with_vhost(url: &str, vhost: &str) -> String {
     let authority_start = url.find("://").map_or(0, |index| index + 3);
     let base = match url[authority_start..].find('/') {
         Some(slash) => &url[..authority_start + slash],

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod cluster;
 pub mod counting_storage;
 pub mod nix;
+pub mod ports;
 pub mod process;
 pub mod prometheus;
 pub mod server;

@@ -251,6 +251,21 @@ fn parse_value(text: &str) -> Result<f64, String> {
     }
 }
 
+/// Fails unless this test has its process to itself, which tests that
+/// compare Larder's process-wide metrics before and after (exact deltas, a
+/// gauge's peak) rely on: under `cargo test`, tests share one process and
+/// one registry, and another test's requests would move the figures.
+/// cargo-nextest, which `ops/test.sh` runs, starts each test in its own
+/// process and says so in `NEXTEST_EXECUTION_MODE`.
+pub fn assert_metrics_are_this_tests_own() {
+    let mode = std::env::var("NEXTEST_EXECUTION_MODE").unwrap_or_default();
+    assert_eq!(
+        mode, "process-per-test",
+        "this test reads the process-wide metrics registry, so it must run in \
+         a process of its own: run it with cargo-nextest (ops/test.sh)"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -69,6 +69,8 @@ fn secs(seconds: u64) -> HumanDuration {
 
 /// This process's metrics page: the server runs in it.
 fn metrics() -> Page {
+    // Exact figures (open connections): only this test's server may move them.
+    prometheus::assert_metrics_are_this_tests_own();
     prometheus::parse(&common::metrics::render()).expect("a valid metrics page")
 }
 

@@ -401,10 +401,10 @@ async fn unusable_queue_entries_are_set_aside_and_the_rest_of_the_queue_flows() 
 async fn paths_queued_while_the_server_is_down_are_uploaded_when_it_is_back() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let config = dir.path().join("server.toml");
-    let address = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-        listener.local_addr().expect("its address").to_string()
-    };
+    // Held for the whole test: refused while the server is down, and the
+    // server's again when it comes back.
+    let port = tests::ports::HeldPort::new();
+    let address = port.address().to_string();
     let mut server = ServerProcess::start_listening(&config, &address, &[]);
     let token = server.wait_for(|line| {
         let rest = line.trim().strip_prefix("larder login local ")?;
@@ -453,26 +453,64 @@ async fn paths_queued_while_the_server_is_down_are_uploaded_when_it_is_back() {
 async fn an_agent_killed_with_a_backlog_completes_it_after_a_restart() {
     let server = TestServer::sqlite().await;
     let token = server.root_token().await;
-    let setup = Setup::new().await;
+    let mut setup = Setup::new().await;
+    // The agent's `nix store dump-path` waits at a gate the test opens
+    // after the kill: the agent is killed in the middle of its first
+    // upload however fast it would be, with the whole backlog queued.
+    let gate = tempfile::tempdir().expect("a directory for the gate");
+    let real_nix = std::process::Command::new("sh")
+        .args(["-c", "command -v nix"])
+        .output()
+        .expect("finding nix");
+    let real_nix = String::from_utf8(real_nix.stdout).expect("a UTF-8 path");
+    let wrapper = gate.path().join("bin/nix");
+    std::fs::create_dir(gate.path().join("bin")).expect("bin/");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n\
+             case \" $* \" in *' store dump-path '*)\n\
+             \x20   : > '{gate}/dumping'\n\
+             \x20   while [ ! -e '{gate}/open' ]; do sleep 0.05; done ;;\n\
+             esac\n\
+             exec '{nix}' \"$@\"\n",
+            gate = gate.path().display(),
+            nix = real_nix.trim(),
+        ),
+    )
+    .expect("writing the nix wrapper");
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("making the wrapper executable");
+    let path = std::env::var("PATH").unwrap_or_default();
+    setup.larder.set_env(
+        "PATH",
+        &format!("{}:{path}", gate.path().join("bin").display()),
+    );
+
     let larder = &setup.larder;
     larder.ok(&["login", "local", &server.url(), &token]).await;
     larder.ok(&["cache", "create", "backlog"]).await;
     set_agent_settings(larder, "jobs = 1\n");
-    // One 64 MiB path keeps the first push busy while the agent is killed.
-    let paths = setup.add_paths("backlog", 25, 64 << 20).await;
+    let paths = setup.add_paths("backlog", 25, 0).await;
     let mut arguments = vec!["queue", "backlog"];
     arguments.extend(paths.iter().map(String::as_str));
     larder.ok(&arguments).await;
 
     let agent = Agent::start(larder).await;
+    let mut polls = 0;
+    while !gate.path().join("dumping").exists() {
+        polls += 1;
+        assert!(polls < 600, "the agent never started an upload");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     agent.kill().await;
     let view = queue_view(larder, &[]).await;
     assert!(!view.running);
-    assert!(
-        view.pending > 0,
-        "the backlog must be unfinished at the kill: {}",
-        view.text
-    );
+    assert_eq!(view.pending, paths.len(), "{}", view.text);
+    std::fs::write(gate.path().join("open"), b"").expect("opening the gate");
 
     // The killed agent's socket file is stale; a new agent replaces it.
     let agent = Agent::start(larder).await;
@@ -721,8 +759,14 @@ async fn agent_and_queue_errors_are_one_clear_line_and_exit_status_1() {
     assert!(line.contains("already running"), "{line}");
     agent.stop().await;
 
+    let closed = tests::ports::HeldPort::new();
     larder
-        .ok(&["login", "down", "http://127.0.0.1:9/", "token"])
+        .ok(&[
+            "login",
+            "down",
+            &format!("http://{}/", closed.address()),
+            "token",
+        ])
         .await;
     let line = larder.fails(&["watch-store", "down:c"]).await;
     assert!(line.contains("cannot reach server \"down\""), "{line}");

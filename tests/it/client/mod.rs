@@ -247,11 +247,12 @@ async fn login_writes_a_private_config_with_a_default_server() {
     assert!(info.contains("private"), "{info}");
 
     // --set-default moves the default: the second server is unreachable.
+    let closed = tests::ports::HeldPort::new();
     larder
         .ok(&[
             "login",
             "second",
-            "http://127.0.0.1:9/",
+            &format!("http://{}/", closed.address()),
             "other-token",
             "--set-default",
         ])
@@ -843,10 +844,10 @@ async fn errors_are_one_clear_line_and_exit_status_1() {
     let line = bad.fails(&["cache", "info", "exists"]).await;
     assert!(line.to_lowercase().contains("expired"), "{line}");
 
-    // Server unreachable: a port nothing listens on.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let address = closed.local_addr().expect("address");
-    drop(closed);
+    // Server unreachable: a port nothing listens on (held so, for the
+    // whole test).
+    let closed = tests::ports::HeldPort::new();
+    let address = closed.address();
     let mut offline = Larder::new();
     offline
         .ok(&["login", "down", &format!("http://{address}/"), "t"])

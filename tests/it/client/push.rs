@@ -7,6 +7,10 @@
 //! These need the push endpoints and the pipeline (issue #4): the server
 //! must accept `upload-path` and make the paths visible.
 
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
 use common::auth::Permission;
 use tests::nix::NixEnv;
 use tests::server::TestServer;
@@ -60,7 +64,19 @@ async fn push_a_closure_then_substitute_it_with_the_settings_use_wrote() {
     let mut arguments = vec!["push", "pushed", "-j", "3"];
     arguments.extend(main.paths.iter().map(String::as_str));
     arguments.extend(upstream.paths.iter().map(String::as_str));
-    let out = larder.ok(&arguments).await;
+    let (output, peak_connections) = peak_open_connections(larder.run(&arguments)).await;
+    let out = String::from_utf8_lossy(&output.stdout).into_owned();
+    let err = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "larder push: {out}{err}");
+    // `-j 3` uploads paths side by side: the server saw a second connection
+    // open while one was, which the client opens only for a request sent
+    // while its other connections were busy (one upload at a time reuses
+    // one connection).
+    assert!(
+        peak_connections >= 2,
+        "at most {peak_connections} connection open at once during `larder push -j 3`"
+    );
+    assert_progress_lines(&err, &closure);
     assert!(
         out.contains(&format!(
             "pushed {} paths, 0 already cached, {} from upstream",
@@ -184,4 +200,62 @@ async fn push_without_closure_and_without_waiting() {
         out.contains("pushed 2 paths, 1 already cached, 0 from upstream"),
         "{out}"
     );
+}
+
+/// Runs `push` (a `larder push`) while watching the server's open
+/// connections (the process-wide `larder_http_open_connections` gauge, which
+/// only this test's server moves); returns its output and the most
+/// connections seen open at once. Waits first until the connections of
+/// earlier commands are closed, so that only the push's count.
+async fn peak_open_connections(
+    push: impl std::future::Future<Output = std::process::Output>,
+) -> (std::process::Output, i64) {
+    tests::prometheus::assert_metrics_are_this_tests_own();
+    let open = common::metrics::larder().http_open_connections.clone();
+    let mut polls = 0;
+    while open.get() != 0 {
+        polls += 1;
+        assert!(polls < 3000, "connections of earlier commands never closed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let peak = Arc::new(AtomicI64::new(0));
+    let watcher = tokio::spawn({
+        let peak = peak.clone();
+        async move {
+            loop {
+                peak.fetch_max(open.get(), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    });
+    let output = push.await;
+    watcher.abort();
+    (output, peak.load(Ordering::Relaxed))
+}
+
+/// `larder push`'s progress on stderr (a pipe here, so finished lines
+/// only): one `[k/N] pushed PATH (…)` line per path uploaded, `k` counting
+/// up to `N`, the number of paths to upload, each path of `uploaded` once
+/// (by its base name).
+fn assert_progress_lines(stderr: &str, uploaded: &[String]) {
+    let pushed: Vec<(usize, usize, &str)> = stderr
+        .lines()
+        .filter_map(|line| {
+            let (counter, rest) = line.strip_prefix('[')?.split_once("] pushed ")?;
+            let (done, total) = counter.split_once('/')?;
+            let (path, _) = rest.split_once(" (")?;
+            Some((done.parse().ok()?, total.parse().ok()?, path))
+        })
+        .collect();
+    let counters: Vec<(usize, usize)> = pushed.iter().map(|&(k, n, _)| (k, n)).collect();
+    let expected: Vec<(usize, usize)> = (1..=uploaded.len()).map(|k| (k, uploaded.len())).collect();
+    assert_eq!(counters, expected, "progress lines:\n{stderr}");
+    let mut paths: Vec<&str> = pushed.iter().map(|&(_, _, path)| path).collect();
+    paths.sort_unstable();
+    let mut wanted: Vec<&str> = uploaded
+        .iter()
+        .map(|path| path.rsplit('/').next().unwrap_or(path))
+        .collect();
+    wanted.sort_unstable();
+    assert_eq!(paths, wanted, "progress lines:\n{stderr}");
 }

@@ -5,6 +5,8 @@
 //! a 4xx fails the test. Each test ends with [`assert_whole`] and a
 //! verified substitution.
 
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::api::UploadPathResult;
@@ -26,8 +28,14 @@ const SEND_ATTEMPTS: u32 = 30;
 const RESEND_AFTER: Duration = Duration::from_secs(2);
 
 /// Pushes `sources` in order through Attic's `upload-path` on `api`,
-/// sending a path again after a 5xx or a transport error.
-async fn push_retrying(api: ApiEndpoint, token: String, sources: Vec<SourcePath>) {
+/// sending a path again after a 5xx or a transport error; `answered` counts
+/// the requests that got an answer or were cut off, whatever the outcome.
+async fn push_retrying(
+    api: ApiEndpoint,
+    token: String,
+    sources: Vec<SourcePath>,
+    answered: Arc<AtomicU32>,
+) {
     for source in &sources {
         let info = attic_source_info(source, CACHE).to_string();
         let mut attempt = 0;
@@ -41,6 +49,7 @@ async fn push_retrying(api: ApiEndpoint, token: String, sources: Vec<SourcePath>
                 .body(source.nar.clone())
                 .send()
                 .await;
+            answered.fetch_add(1, Ordering::SeqCst);
             let failure = match sent {
                 Ok(response) if response.status() == StatusCode::OK => {
                     let result: UploadPathResult = response.json().await.expect("a push result");
@@ -74,32 +83,54 @@ async fn push_retrying(api: ApiEndpoint, token: String, sources: Vec<SourcePath>
     }
 }
 
-/// Waits until at least `n` uploads were acknowledged.
-async fn wait_for_uploads(cluster: &Cluster, n: usize) {
-    for _ in 0..600 {
-        if cluster.uploads().await.len() >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("fewer than {n} uploads after a minute");
-}
-
-/// Pushes a closure of 20 paths while `disturb` runs once 3 are
-/// acknowledged, then checks that everything arrived whole and can be
-/// substituted through the other API server.
-async fn push_through(cluster: &Cluster, disturb: impl std::future::Future<Output = ()>) {
+/// Pushes a closure of 20 paths through a stop and a start of `service`
+/// (of `private`), then checks that everything arrived whole and can be
+/// substituted through the other API server. Three paths are acknowledged
+/// before the stop; the other 17 are sent only once the service is down,
+/// and it comes back once the push has met the fault: the API answered (or
+/// cut off) one of those requests, or, with the database up, recorded an
+/// upload whose job it could not publish or store yet. So the fault always
+/// lands in the middle of the push, however fast the machine: no race
+/// between the push and the fault.
+async fn push_through(cluster: &Cluster, private: &PrivateServices, service: &str) {
     cluster.create_cache(CACHE, false).await;
     let token = pusher_token(cluster, &[CACHE]).await;
     let pushing = Pushing::new(20, &token).await;
+    let (before, during) = pushing.sources.split_at(3);
+    push_retrying(
+        cluster.api(0).clone(),
+        token.clone(),
+        before.to_vec(),
+        Arc::default(),
+    )
+    .await;
+    let recorded_before = cluster.uploads().await.len();
+    private.ctl(&format!("stop-{service}")).await;
+    let answered = Arc::new(AtomicU32::new(0));
     let push = tokio::spawn(push_retrying(
         cluster.api(0).clone(),
         token.clone(),
-        pushing.sources.clone(),
+        during.to_vec(),
+        answered.clone(),
     ));
-    wait_for_uploads(cluster, 3).await;
-    assert!(!push.is_finished(), "the push ended before the fault");
-    disturb.await;
+    // A hang guard only: an answer may wait for the API's own timeouts
+    // (the database pool's, or the wait for visibility).
+    let mut polls = 0;
+    loop {
+        if answered.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        if service != "postgres" && cluster.uploads().await.len() > recorded_before {
+            break;
+        }
+        polls += 1;
+        assert!(
+            polls < 1800,
+            "the push did not meet the fault in 3 minutes with {service} down"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    private.ctl(&format!("start-{service}")).await;
     push.await.expect("the push");
     assert_whole(cluster, &[(CACHE, &pushing.closure)], &[]).await;
     pushing
@@ -115,7 +146,7 @@ async fn fault_restart_rabbitmq_during_a_push() {
     let private = PrivateServices::start(&["rabbitmq"]).await;
     let services = ClusterServices::shared().with_private(&private);
     let mut cluster = Cluster::start(&services, ClusterOptions::default()).await;
-    push_through(&cluster, private.ctl("restart-rabbitmq")).await;
+    push_through(&cluster, &private, "rabbitmq").await;
     for worker in [
         "chunker-worker-1",
         "chunker-worker-2",
@@ -135,16 +166,11 @@ async fn fault_restart_rabbitmq_during_a_push() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fault_stop_garage_for_20_seconds_during_a_push() {
+async fn fault_stop_garage_during_a_push() {
     let private = PrivateServices::start(&["garage"]).await;
     let services = ClusterServices::shared().with_private(&private);
     let cluster = Cluster::start(&services, ClusterOptions::default()).await;
-    push_through(&cluster, async {
-        private.ctl("stop-garage").await;
-        tokio::time::sleep(Duration::from_secs(20)).await;
-        private.ctl("start-garage").await;
-    })
-    .await;
+    push_through(&cluster, &private, "garage").await;
     cluster.stop();
     private.stop().await;
 }
@@ -154,7 +180,7 @@ async fn fault_restart_postgres_during_a_push() {
     let private = PrivateServices::start(&["postgres"]).await;
     let services = ClusterServices::shared().with_private(&private);
     let cluster = Cluster::start(&services, ClusterOptions::default()).await;
-    push_through(&cluster, private.ctl("restart-postgres")).await;
+    push_through(&cluster, &private, "postgres").await;
     cluster.stop();
     private.stop().await;
 }
@@ -175,17 +201,23 @@ async fn fault_sigkill_a_chunker_and_a_compressor_mid_job() {
         cluster.api(0).clone(),
         token.clone(),
         sources[..1].to_vec(),
+        Arc::default(),
     ));
     let push_other = tokio::spawn(push_retrying(
         cluster.api(1).clone(),
         token.clone(),
         sources[1..].to_vec(),
+        Arc::default(),
     ));
 
-    wait_for_phase(&cluster, UploadPhase::Chunking, 2).await;
-    cluster.kill("chunker-worker-1");
-    wait_for_phase(&cluster, UploadPhase::Compressing, 1).await;
-    cluster.kill("compressor-worker-1");
+    kill_mid_job(&mut cluster, "chunker-worker-1", UploadPhase::Chunking, 2).await;
+    kill_mid_job(
+        &mut cluster,
+        "compressor-worker-1",
+        UploadPhase::Compressing,
+        1,
+    )
+    .await;
     cluster.start_again("chunker-worker-1");
     cluster.start_again("compressor-worker-1");
 
@@ -196,6 +228,31 @@ async fn fault_sigkill_a_chunker_and_a_compressor_mid_job() {
         .substitute_and_verify(cluster.api(1), &token, CACHE)
         .await;
     cluster.stop();
+}
+
+/// How many times [`kill_mid_job`] may find its worker between jobs.
+const KILL_ATTEMPTS: u32 = 20;
+
+/// SIGKILLs worker `name` in the middle of a job: once `n` uploads are in
+/// `phase`, freezes it (SIGSTOP, so it finishes nothing meanwhile), asks
+/// RabbitMQ whether it holds a delivery, and kills it if it does; if it
+/// was between jobs, thaws it, says so, and tries again shortly (at most
+/// `KILL_ATTEMPTS` times). A kill between jobs would test nothing.
+async fn kill_mid_job(cluster: &mut Cluster, name: &str, phase: UploadPhase, n: usize) {
+    wait_for_phase(cluster, phase, n).await;
+    for attempt in 1..=KILL_ATTEMPTS {
+        cluster.freeze(name, true);
+        let held = cluster.unacknowledged_deliveries(name).await;
+        if held > 0 {
+            cluster.kill(name);
+            eprintln!("killed {name} holding {held} deliveries (attempt {attempt})");
+            return;
+        }
+        cluster.freeze(name, false);
+        eprintln!("{name} held no delivery when frozen (attempt {attempt}); trying again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{name} was between jobs at each of {KILL_ATTEMPTS} attempts");
 }
 
 /// Waits until at least `n` uploads are in `phase` at once.

@@ -42,22 +42,22 @@ async fn pusher_token(cluster: &Cluster, caches: &[&str]) -> String {
 
 /// A pushing Nix environment with a closure of at least `n` referencing
 /// paths, their dumps for Attic's API, and the closure.
-struct Pushing {
+pub(crate) struct Pushing {
     env: NixEnv,
     root: PathBuf,
-    closure: Vec<String>,
-    sources: Vec<SourcePath>,
+    pub(crate) closure: Vec<String>,
+    pub(crate) sources: Vec<SourcePath>,
 }
 
 impl Pushing {
-    async fn new(n: usize, token: &str) -> Self {
+    pub(crate) async fn new(n: usize, token: &str) -> Self {
         Self::with_large_paths(n, &[], token).await
     }
 
     /// [`new`](Self::new), plus one path per entry of `large_mib` holding
     /// that many MiB of text-like bytes (cut into many chunks, and
     /// compressible like real data).
-    async fn with_large_paths(n: usize, large_mib: &[usize], token: &str) -> Self {
+    pub(crate) async fn with_large_paths(n: usize, large_mib: &[usize], token: &str) -> Self {
         let (env, root, mut paths) = pushing_env(n, token.to_owned()).await;
         let large_mib = large_mib.to_vec();
         blocking(move || {
@@ -87,10 +87,20 @@ impl Pushing {
 
     /// Substitutes the closure from `cache` on `api` into a fresh store,
     /// trusting only the cache's key, and runs `nix store verify` on it.
-    async fn substitute_and_verify(self, api: &impl HttpApi, token: &str, cache: &str) -> Self {
+    pub(crate) async fn substitute_and_verify(
+        self,
+        api: &impl HttpApi,
+        token: &str,
+        cache: &str,
+    ) -> Self {
         let public_key = public_key_of(api, token, cache).await;
-        let cache_url = api.cache_url(cache);
-        let cache = cache.to_owned();
+        self.substitute_from(api.cache_url(cache), public_key).await
+    }
+
+    /// Substitutes the closure from the binary cache at `cache_url` into a
+    /// fresh store, trusting only `public_key`, and runs `nix store verify`
+    /// on it.
+    pub(crate) async fn substitute_from(self, cache_url: String, public_key: String) -> Self {
         blocking(move || {
             let mut pushing = self;
             // The pushing Nix cached the narinfos it wrote, with its own
@@ -98,7 +108,7 @@ impl Pushing {
             pushing.env.add_config("narinfo-cache-positive-ttl", "0");
             let destination = pushing
                 .env
-                .path(&format!("substituted-{cache}-{}", rand::random::<u32>()));
+                .path(&format!("substituted-{}", rand::random::<u32>()));
             pushing
                 .env
                 .copy_from(&cache_url, &destination, &public_key, &pushing.closure)
@@ -107,7 +117,7 @@ impl Pushing {
                 .env
                 .store_verify(&cache_url, &public_key, &pushing.closure)
                 .expect("nix store verify");
-            assert!(verified.status.success(), "{cache}: {verified:?}");
+            assert!(verified.status.success(), "{cache_url}: {verified:?}");
             pushing
         })
         .await

@@ -340,13 +340,64 @@ async fn a_chunk_list_naming_a_claimed_chunk_is_refused(db: Database) {
     assert!(db.chunks_of_nar(nar.id).await.expect("chunks").is_empty());
 }
 
+/// How many rounds a race test may take to see each outcome
+/// `RACE_OUTCOMES_WANTED` times; a test that has not seen both by then fails,
+/// since it would not have tested the race.
+const RACE_ROUNDS: u32 = 400;
+const RACE_OUTCOMES_WANTED: u32 = 3;
+
+/// Spawns both sides of one round of a race, `a` first on even rounds and
+/// `b` first on odd ones, so that each side gets the head start half of the
+/// time and both outcomes come up.
+fn race<A, B>(
+    round: u32,
+    a: A,
+    b: B,
+) -> (
+    tokio::task::JoinHandle<A::Output>,
+    tokio::task::JoinHandle<B::Output>,
+)
+where
+    A: std::future::Future + Send + 'static,
+    A::Output: Send + 'static,
+    B: std::future::Future + Send + 'static,
+    B::Output: Send + 'static,
+{
+    if round.is_multiple_of(2) {
+        let a = tokio::spawn(a);
+        (a, tokio::spawn(b))
+    } else {
+        let b = tokio::spawn(b);
+        (tokio::spawn(a), b)
+    }
+}
+
+/// Fails unless a race test saw both of its outcomes: one that always went
+/// the same way proved nothing about the other.
+fn assert_both_outcomes_seen(first: (&str, u32), second: (&str, u32)) {
+    eprintln!("{}: {}, {}: {}", first.0, first.1, second.0, second.1);
+    assert!(
+        first.1 >= RACE_OUTCOMES_WANTED && second.1 >= RACE_OUTCOMES_WANTED,
+        "after {RACE_ROUNDS} rounds at most: {} {} times, {} {} times; \
+         the race was not exercised both ways",
+        first.0,
+        first.1,
+        second.0,
+        second.1,
+    );
+}
+
 /// Links a path to a valid, unreferenced NAR while GC deletes unreferenced
-/// NARs, many times over: either the link wins (the NAR stays, with the
-/// object) or GC does (the link finds no NAR and writes nothing).
+/// NARs, round after round until both outcomes were seen: either the link
+/// wins (the NAR stays, with the object) or GC does (the link finds no NAR
+/// and writes nothing).
 async fn a_nar_linked_while_it_is_collected_is_either_kept_or_not_linked(db: Database) {
     let cache = create_cache(&db, "race").await;
     let (mut linked, mut collected) = (0, 0);
-    for n in 0..40 {
+    for n in 0..RACE_ROUNDS {
+        if linked >= RACE_OUTCOMES_WANTED && collected >= RACE_OUTCOMES_WANTED {
+            break;
+        }
         let nar = valid_nar(&db, n, &[n], T0).await;
         let hash = path_hash(n);
         let path = LinkedPath {
@@ -354,13 +405,17 @@ async fn a_nar_linked_while_it_is_collected_is_either_kept_or_not_linked(db: Dat
             metadata: plain_metadata(&format!("/nix/store/{hash}-p")),
             created_by: None,
         };
-        let link = {
-            let db = db.clone();
-            tokio::spawn(async move { db.link_valid_nar(cache, &nar_hash(n), &path, at(1)).await })
-        };
-        let gc = {
-            let db = db.clone();
-            tokio::spawn(async move { db.delete_unreferenced_nars(&[nar]).await })
+        let (link, gc) = {
+            let (link_db, gc_db) = (db.clone(), db.clone());
+            race(
+                n,
+                async move {
+                    link_db
+                        .link_valid_nar(cache, &nar_hash(n), &path, at(1))
+                        .await
+                },
+                async move { gc_db.delete_unreferenced_nars(&[nar]).await },
+            )
         };
         let link = link.await.expect("join").expect("link");
         let deleted = gc.await.expect("join").expect("gc");
@@ -380,16 +435,20 @@ async fn a_nar_linked_while_it_is_collected_is_either_kept_or_not_linked(db: Dat
             assert!(object.is_none() && nar_row.is_none());
         }
     }
-    assert_eq!(linked + collected, 40);
+    assert_both_outcomes_seen(("linked", linked), ("collected", collected));
 }
 
-/// Records a NAR's chunk list while GC claims unlisted chunks, many times
-/// over: a recorded list never names a claimed chunk, and a refused one
+/// Records a NAR's chunk list while GC claims unlisted chunks, round after
+/// round until both outcomes were seen: a recorded list never names a claimed chunk, and a refused one
 /// is recorded after the chunks come back fresh.
 async fn a_chunk_list_recorded_while_its_chunks_are_claimed_never_names_a_claimed_chunk(
     db: Database,
 ) {
-    for n in 0..40u32 {
+    let (mut recorded_first, mut claimed_first) = (0, 0);
+    for n in 0..RACE_ROUNDS {
+        if recorded_first >= RACE_OUTCOMES_WANTED && claimed_first >= RACE_OUTCOMES_WANTED {
+            break;
+        }
         let new: Vec<NewChunk> = (0..3)
             .map(|i| NewChunk {
                 chunk_hash: chunk_hash(1000 * n + i),
@@ -402,13 +461,14 @@ async fn a_chunk_list_recorded_while_its_chunks_are_claimed_never_names_a_claime
             .await
             .expect("NAR");
         let ids: Vec<ChunkId> = chunks.iter().map(|chunk| chunk.id).collect();
-        let record = {
-            let (db, ids) = (db.clone(), ids.clone());
-            tokio::spawn(async move { db.set_nar_chunks(nar.id, &ids).await })
-        };
-        let claim = {
-            let (db, ids) = (db.clone(), ids.clone());
-            tokio::spawn(async move { db.claim_unreferenced_chunks(&ids, at(1)).await })
+        let (record, claim) = {
+            let (record_db, record_ids) = (db.clone(), ids.clone());
+            let (claim_db, claim_ids) = (db.clone(), ids.clone());
+            race(
+                n,
+                async move { record_db.set_nar_chunks(nar.id, &record_ids).await },
+                async move { claim_db.claim_unreferenced_chunks(&claim_ids, at(1)).await },
+            )
         };
         let recorded = record.await.expect("join");
         let claimed = claim.await.expect("join").expect("claim");
@@ -420,8 +480,12 @@ async fn a_chunk_list_recorded_while_its_chunks_are_claimed_never_names_a_claime
             "a recorded list names a claimed chunk"
         );
         match recorded {
-            Ok(()) => assert_eq!((claimed, listed.len()), (0, 3)),
+            Ok(()) => {
+                recorded_first += 1;
+                assert_eq!((claimed, listed.len()), (0, 3));
+            }
             Err(DbError::Conflict { .. }) => {
+                claimed_first += 1;
                 assert!(claimed > 0 && listed.is_empty());
                 // What the chunker's retry does: look the chunks up again.
                 let fresh = db.upsert_chunks(&new, at(2)).await.expect("upsert");
@@ -431,4 +495,8 @@ async fn a_chunk_list_recorded_while_its_chunks_are_claimed_never_names_a_claime
             Err(error) => panic!("recording the list: {error}"),
         }
     }
+    assert_both_outcomes_seen(
+        ("recorded before the claim", recorded_first),
+        ("claimed before the recording", claimed_first),
+    );
 }

@@ -11,8 +11,8 @@ use reqwest::StatusCode;
 use common::api::{DeletePathsRequest, DeletePathsResponse};
 use common::auth::Permission;
 use common::config::{
-    AuthConfig, DatabaseConfig, HttpConfig, IngestConfig, LogConfig, OpsConfig, PipelineConfig,
-    QueueConfig, QuotaConfig, Secret, ServerConfig, StorageConfig,
+    AuthConfig, DatabaseConfig, GcConfig, HttpConfig, IngestConfig, LogConfig, OpsConfig,
+    PipelineConfig, QueueConfig, QuotaConfig, Secret, ServerConfig, StorageConfig,
 };
 use common::db::{CacheKeypair, CacheUpdate, Database, NewCache, Timestamp};
 use common::duration::HumanDuration;
@@ -72,6 +72,79 @@ pub(super) async fn set_retention(database: &Database, cache: &str, retention: D
         .expect("setting a retention period");
 }
 
+/// How far [`age_objects`] moves last accesses back: far past any
+/// retention period the tests set.
+pub(super) const AGED: Duration = HOUR;
+
+/// Moves the last access of every object of `cache` back by [`AGED`], as
+/// if that much time had passed since: a retention period is then over
+/// without the test waiting for the clock.
+pub(super) async fn age_objects(database: &Database, cache: &str) {
+    let aged = sqlx::query(
+        "UPDATE objects SET last_accessed_at = last_accessed_at - $1 \
+         WHERE cache_id = (SELECT id FROM caches WHERE name = $2)",
+    )
+    .bind(i64::try_from(AGED.as_millis()).expect("an hour in milliseconds fits"))
+    .bind(cache)
+    .execute(database.pool())
+    .await
+    .expect("ageing objects");
+    assert!(aged.rows_affected() > 0, "{cache} has no objects to age");
+}
+
+/// Waits until the server has flushed an access to path `hash` of cache
+/// `cache_id` later than `after` (it flushes access times in batches) and
+/// returns the access time recorded.
+async fn flushed_access(
+    server: &TestServer,
+    cache_id: common::db::CacheId,
+    hash: &str,
+    after: Timestamp,
+) -> Timestamp {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let objects = server
+                .database()
+                .objects_of_cache(cache_id)
+                .await
+                .expect("objects");
+            let object = objects
+                .iter()
+                .find(|object| object.store_path_hash.as_str() == hash)
+                .expect("the fetched object");
+            if object.last_accessed_at > after {
+                return object.last_accessed_at;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the access was flushed")
+}
+
+/// Polls a narinfo until it answers 404: the server keeps narinfos it
+/// served in memory for `READ_CACHE_TIME_TO_LIVE`, which a separate
+/// collector cannot clear. A hang guard, not a bound on that time.
+async fn until_not_found(server: &TestServer, cache: &str, path: &str, token: &str) {
+    for _ in 0..300 {
+        match narinfo_status(server, cache, path, token).await {
+            StatusCode::NOT_FOUND => return,
+            StatusCode::OK => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => panic!("{cache}: {path}: {other}"),
+        }
+    }
+    panic!("{cache}: {path} still served 30 s after its collection");
+}
+
+/// Cache `name`, which must exist.
+async fn cache_named(database: &Database, name: &str) -> common::db::Cache {
+    database
+        .cache_by_name(&name.parse().expect("a cache name"))
+        .await
+        .expect("looking the cache up")
+        .expect("the cache exists")
+}
+
 async fn exists(storage: &dyn Storage, key: &ObjectKey) -> bool {
     storage.size(key).await.expect("storage size").is_some()
 }
@@ -103,9 +176,16 @@ async fn retention_on_sqlite_with_the_gc_scheduler_binary() {
     server
         .seed_path("lasting", plain_metadata(&path), &nar)
         .await;
+    let lasting = cache_named(server.database(), "lasting").await;
+    let lasting_pushed_at = server
+        .database()
+        .objects_of_cache(lasting.id)
+        .await
+        .expect("objects")[0]
+        .last_accessed_at;
     set_retention(server.database(), "brief", Duration::from_secs(1)).await;
-    // Let the retention period pass since the push (the last access).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The retention period passes since the push (the last access).
+    age_objects(server.database(), "brief").await;
 
     let log = run_gc_once(server.config_path()).await;
     assert!(log.contains("objects=1"), "{log}");
@@ -124,16 +204,15 @@ async fn retention_on_sqlite_with_the_gc_scheduler_binary() {
         );
     }
 
+    // The fetch above is an access: once the server has flushed it (a
+    // later flush would make the path fresh again), the retention passes.
+    let hash = &path["/nix/store/".len()..][..32];
+    flushed_access(&server, lasting.id, hash, lasting_pushed_at).await;
     set_retention(server.database(), "lasting", Duration::from_secs(1)).await;
-    // Past the retention, and past the server's read cache, which holds the
-    // narinfo served above (a separate collector cannot clear it).
-    tokio::time::sleep(ingest_api::READ_CACHE_TIME_TO_LIVE + Duration::from_millis(500)).await;
+    age_objects(server.database(), "lasting").await;
     let log = run_gc_once(server.config_path()).await;
     assert!(log.contains("nars=1"), "{log}");
-    assert_eq!(
-        narinfo_status(&server, "lasting", &path, &root).await,
-        StatusCode::NOT_FOUND
-    );
+    until_not_found(&server, "lasting", &path, &root).await;
     for key in &seeded.chunk_keys {
         assert!(!exists(server.storage(), key).await, "{key} still stored");
     }
@@ -212,7 +291,7 @@ async fn retention_on_postgres_with_garage() {
         keys = chunk_keys;
     }
     set_retention(&database, "brief", Duration::from_secs(1)).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    age_objects(&database, "brief").await;
 
     let log = run_gc_once(&config_path).await;
     assert!(log.contains("objects=1 nars=0 chunks=0"), "{log}");
@@ -226,7 +305,7 @@ async fn retention_on_postgres_with_garage() {
     }
 
     set_retention(&database, "lasting", Duration::from_secs(1)).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    age_objects(&database, "lasting").await;
     let log = run_gc_once(&config_path).await;
     let expected = format!("objects=1 nars=1 chunks={}", keys.len());
     assert!(log.contains(&expected), "{log}");
@@ -318,45 +397,21 @@ async fn a_recently_fetched_path_survives_an_untouched_one() {
         .seed_path("lru", plain_metadata(&untouched), &file_nar(b"untouched"))
         .await;
     set_retention(server.database(), "lru", Duration::from_secs(1)).await;
-    let cache = server
-        .database()
-        .cache_by_name(&"lru".parse().expect("name"))
-        .await
-        .expect("lookup")
-        .expect("cache");
+    let cache = cache_named(server.database(), "lru").await;
+    // Both were pushed long ago (past the retention), then one is fetched.
+    age_objects(server.database(), "lru").await;
     let pushed_at = server
         .database()
         .objects_of_cache(cache.id)
         .await
         .expect("objects")[0]
         .last_accessed_at;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(
         narinfo_status(&server, "lru", &fetched, &root).await,
         StatusCode::OK
     );
-
-    // The server flushes access times in batches: wait for this one.
     let fetched_hash = &fetched["/nix/store/".len()..][..32];
-    let accessed_at = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let objects = server
-                .database()
-                .objects_of_cache(cache.id)
-                .await
-                .expect("objects");
-            let object = objects
-                .iter()
-                .find(|object| object.store_path_hash.as_str() == fetched_hash)
-                .expect("the fetched object");
-            if object.last_accessed_at > pushed_at {
-                return object.last_accessed_at;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .expect("the access was flushed");
+    let accessed_at = flushed_access(&server, cache.id, fetched_hash, pushed_at).await;
 
     // Half a second after the access: 1 s retention keeps it, not the other.
     let now = accessed_at.saturating_add(Duration::from_millis(500));
@@ -699,5 +754,73 @@ async fn reaping_removes_stale_uploads_staged_files_and_orphan_chunk_objects() {
     for key in &kept.chunk_keys {
         assert!(exists(storage, key).await, "{key} removed");
     }
+    server.stop().await;
+}
+
+/// The server's own periodic GC (no run started by the test) applies the
+/// server-wide `default-retention` to a cache that sets none, and not to a
+/// cache with a retention period of its own, nor to a path accessed within
+/// the default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_periodic_gc_applies_the_default_retention() {
+    let server = TestServer::start(TestServerOptions {
+        gc: GcConfig {
+            interval: HumanDuration::from_secs(1),
+            default_retention: Some(HumanDuration::from_secs(600)),
+            ..eager_gc()
+        },
+        ..TestServerOptions::default()
+    })
+    .await;
+    let root = server.root_token().await;
+    server.create_cache("defaulted", false).await;
+    server.create_cache("own", false).await;
+    set_retention(server.database(), "own", 30 * 24 * HOUR).await;
+    let old = fake_store_path("old");
+    let recent = fake_store_path("recent");
+    let kept = fake_store_path("kept");
+    server
+        .seed_path("defaulted", plain_metadata(&old), &file_nar(b"old"))
+        .await;
+    server
+        .seed_path("own", plain_metadata(&kept), &file_nar(b"kept"))
+        .await;
+    // Untouched for an hour: past the default retention of 10 minutes,
+    // within `own`'s 30 days.
+    age_objects(server.database(), "defaulted").await;
+    age_objects(server.database(), "own").await;
+    server
+        .seed_path("defaulted", plain_metadata(&recent), &file_nar(b"recent"))
+        .await;
+
+    // The server's loop removes the old path; the test runs no GC itself,
+    // and reads the database (a fetch would be an access, keeping the
+    // path). A hang guard only: the loop runs every second.
+    let paths_of = |cache: &'static str| {
+        let database = server.database().clone();
+        async move {
+            let cache = cache_named(&database, cache).await;
+            let objects = database.objects_of_cache(cache.id).await.expect("objects");
+            objects
+                .into_iter()
+                .map(|object| object.metadata.store_path)
+                .collect::<Vec<String>>()
+        }
+    };
+    let mut polls = 0;
+    while paths_of("defaulted").await.contains(&old) {
+        polls += 1;
+        assert!(
+            polls < 600,
+            "the periodic GC never removed the expired path"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(paths_of("defaulted").await, std::slice::from_ref(&recent));
+    assert_eq!(paths_of("own").await, std::slice::from_ref(&kept));
+    assert_eq!(
+        narinfo_status(&server, "defaulted", &recent, &root).await,
+        StatusCode::OK
+    );
     server.stop().await;
 }

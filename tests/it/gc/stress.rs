@@ -22,6 +22,7 @@ use tests::nix::NixEnv;
 use tests::server::{TestServer, TestServerOptions};
 
 use super::{eager_gc, HOUR};
+use crate::server::push::nix_copy_to;
 
 const CACHES: [&str; 3] = ["brief", "left", "right"];
 
@@ -114,6 +115,7 @@ async fn heavy_gc_racing_pushes_never_breaks_an_advertised_path() {
     // while GC deletes NARs and chunks the other caches may share.
     let halves = [paths[..8].to_vec(), paths[4..].to_vec()];
     let env = Arc::new(env);
+    let mut repeated_copies = 0;
     for round in 0..4 {
         for (i, cache) in CACHES.iter().enumerate() {
             let subset = halves[(round + i) % 2].clone();
@@ -127,13 +129,16 @@ async fn heavy_gc_racing_pushes_never_breaks_an_advertised_path() {
             // in the middle of a copy to `brief`: that copy is repeated
             // (it uploads the reference again). The other caches keep
             // everything, so their copies must succeed at once.
+            // Each repeat is reported with the error that caused it.
             let attempts = if *cache == "brief" { 5 } else { 1 };
-            blocking(move || {
+            repeated_copies += blocking(move || {
                 let mut attempt = 1;
                 while let Err(error) = env.copy_to(&root, &url, &subset) {
                     assert!(attempt < attempts, "nix copy --to {url}: {error}");
+                    eprintln!("round {round}: nix copy --to {url} repeated after: {error}");
                     attempt += 1;
                 }
+                attempt - 1
             })
             .await;
         }
@@ -141,6 +146,20 @@ async fn heavy_gc_racing_pushes_never_breaks_an_advertised_path() {
     stop.cancel();
     let expired = collector.await.expect("the GC loop");
     assert!(expired > 0, "GC removed nothing while the pushes ran");
+    eprintln!("{repeated_copies} copies to brief were repeated; GC expired {expired} paths");
+
+    // `brief` may have lost everything to its retention by now: push a
+    // closure to it once more with GC stopped, so that every cache has
+    // something to verify below.
+    {
+        let (env, root, url) = (
+            env.clone(),
+            root.clone(),
+            format!("{}?compression=zstd", server.cache_url("brief")),
+        );
+        let subset = halves[0].clone();
+        blocking(move || nix_copy_to(&env, &root, &url, &subset)).await;
+    }
 
     // Whatever a cache advertises now downloads and verifies. A cache
     // with a retention period may have lost a path's references (GC is
@@ -149,9 +168,7 @@ async fn heavy_gc_racing_pushes_never_breaks_an_advertised_path() {
     // signature); the other caches' closures are substituted whole.
     for cache in CACHES {
         let listed = advertised(server.database(), cache).await;
-        if listed.is_empty() {
-            continue;
-        }
+        assert!(!listed.is_empty(), "{cache} advertises nothing to verify");
         let (env, key, url) = (
             env.clone(),
             public_key(&server, cache).await,

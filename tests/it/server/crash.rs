@@ -158,26 +158,25 @@ async fn upload_status(http: &reqwest::Client, server: &Crashable, upload_id: &s
 }
 
 /// Polls the upload until `aimed` accepts its status (with the number of
-/// chunk objects in `storage`) and returns that status; fails if the upload
-/// ends or a minute passes first.
+/// chunk objects in `storage`) and returns that status, or `None` if the
+/// upload ended first; fails if a minute passes first.
 async fn watch_until(
     http: &reqwest::Client,
     server: &Crashable,
     upload_id: &str,
     storage: &Path,
     aimed: impl Fn(&Value, usize) -> bool,
-) -> Value {
+) -> Option<Value> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let status = upload_status(http, server, upload_id).await;
         let chunk_objects = count_files(&storage.join("chunks"));
         if aimed(&status, chunk_objects) {
-            return status;
+            return Some(status);
         }
-        assert!(
-            !matches!(status["phase"].as_str(), Some("done" | "failed")),
-            "the upload ended before the crash could be aimed: {status}"
-        );
+        if matches!(status["phase"].as_str(), Some("done" | "failed")) {
+            return None;
+        }
         assert!(
             Instant::now() < deadline,
             "never reached the aimed state: {status}"
@@ -186,9 +185,10 @@ async fn watch_until(
     }
 }
 
-/// After the restart: the upload ends `done`, its narinfo names the
-/// pushed NAR, the NAR served decompresses to exactly the pushed bytes, and
-/// staging holds nothing.
+/// After the restart: the upload ends `done`, its path is never served
+/// before that (nothing half-visible), its narinfo names the pushed NAR, the
+/// NAR served decompresses to exactly the pushed bytes, and staging holds
+/// nothing.
 async fn assert_completes(
     http: &reqwest::Client,
     server: &Crashable,
@@ -198,13 +198,28 @@ async fn assert_completes(
     nar: &[u8],
     staging: &Path,
 ) {
+    let hash = &store_path["/nix/store/".len()..][..32];
+    let fetch_narinfo = || {
+        http.get(format!("{}/{cache}/{hash}.narinfo", server.url))
+            .bearer_auth(&server.token)
+            .send()
+    };
     let deadline = Instant::now() + Duration::from_secs(180);
+    let mut polls_before_done = 0;
     loop {
+        // The narinfo is read before the status: a path served then must
+        // belong to an upload that is done by the status read after it,
+        // since the upload's end and its object are one transaction.
+        let served = fetch_narinfo()
+            .await
+            .expect("fetching the narinfo")
+            .status();
         let status = upload_status(http, server, upload_id).await;
-        match status["phase"].as_str() {
-            Some("done") => break,
-            Some("failed") => panic!("the upload failed after the restart: {status}"),
-            _ => {}
+        match (status["phase"].as_str(), served.as_u16()) {
+            (Some("done"), _) => break,
+            (Some("failed"), _) => panic!("the upload failed after the restart: {status}"),
+            (_, 404) => polls_before_done += 1,
+            (_, other) => panic!("the path answered {other} while its upload was {status}"),
         }
         assert!(
             Instant::now() < deadline,
@@ -212,13 +227,8 @@ async fn assert_completes(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let hash = &store_path["/nix/store/".len()..][..32];
-    let narinfo = http
-        .get(format!("{}/{cache}/{hash}.narinfo", server.url))
-        .bearer_auth(&server.token)
-        .send()
-        .await
-        .expect("fetching the narinfo");
+    eprintln!("the path was 404 at {polls_before_done} reads before its upload was done");
+    let narinfo = fetch_narinfo().await.expect("fetching the narinfo");
     assert_eq!(narinfo.status(), 200);
     let narinfo = narinfo.text().await.expect("the narinfo's text");
     let expected_hash = NarHash::from(Sha256Hash::digest(nar)).to_string();
@@ -254,29 +264,53 @@ async fn assert_completes(
     );
 }
 
-/// One crash test: push, watch until `aimed`, SIGKILL, restart, check.
+/// How many times a crash test doubles its NAR when the upload ended before
+/// the kill could be aimed (a machine faster than the phase is long).
+const MAX_DOUBLINGS: u32 = 2;
+
+/// One crash test: push, watch until `aimed`, SIGKILL, restart, check. An
+/// upload that ends before it could be aimed at proves nothing, so the
+/// test starts over on a fresh server with a NAR twice as large, saying so,
+/// at most `MAX_DOUBLINGS` times; then it fails.
 async fn crash_and_recover(
     first_env: &[(&str, &str)],
     nar_mib: usize,
     aimed: impl Fn(&Value, usize) -> bool,
     describe: &str,
 ) {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let config = dir.path().join("server.toml");
-    let storage = dir.path().join("storage");
-    let staging = storage.join("staging");
     let http = reqwest::Client::new();
     let cache = "crash";
     let store_path = "/nix/store/0c4jgkhvx7mv2fjbksq7f2dmkbh8yh9a-crash-test";
-    let nar = text_nar(nar_mib << 20, 0xc4a5);
-
-    let server = Crashable::start(&config, first_env, None);
-    create_cache(&http, &server, cache).await;
-    let upload_id = push_no_wait(&http, &server, cache, store_path, &nar).await;
-    let seen = watch_until(&http, &server, &upload_id, &storage, &aimed).await;
-    let token = server.token.clone();
-    server.process.kill();
-    eprintln!("killed the server {describe}: {seen}");
+    let mut doublings = 0;
+    let (dir, nar, upload_id, token) = loop {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let config = dir.path().join("server.toml");
+        let storage = dir.path().join("storage");
+        let mib = nar_mib << doublings;
+        let nar = text_nar(mib << 20, 0xc4a5);
+        let server = Crashable::start(&config, first_env, None);
+        create_cache(&http, &server, cache).await;
+        let upload_id = push_no_wait(&http, &server, cache, store_path, &nar).await;
+        if let Some(seen) = watch_until(&http, &server, &upload_id, &storage, &aimed).await {
+            let token = server.token.clone();
+            server.process.kill();
+            eprintln!("killed the server {describe} ({mib} MiB NAR): {seen}");
+            break (dir, nar, upload_id, token);
+        }
+        server.process.stop();
+        assert!(
+            doublings < MAX_DOUBLINGS,
+            "the upload of a {mib} MiB NAR ended before the server could be killed {describe}"
+        );
+        doublings += 1;
+        eprintln!(
+            "the upload of a {mib} MiB NAR ended before the server could be killed {describe}: \
+             starting over with {} MiB",
+            mib * 2
+        );
+    };
+    let config = dir.path().join("server.toml");
+    let staging = dir.path().join("storage").join("staging");
 
     // Nothing is half-visible: the path is not served before it is done.
     let server = Crashable::start(&config, &[], Some(token));

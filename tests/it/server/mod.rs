@@ -8,6 +8,7 @@
 //! (`TestServer::seed_path`), for exact control over chunks; `push` and
 //! `crash` push through the API and the real `nix copy`.
 
+mod attic_client;
 mod bad_input;
 mod cache_config;
 mod cli;
@@ -15,6 +16,7 @@ mod crash;
 mod isolation;
 mod nix_client;
 mod observability;
+mod parts;
 pub(crate) mod push;
 mod serving;
 mod tokens;

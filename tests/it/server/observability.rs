@@ -110,6 +110,8 @@ async fn metrics_follow_a_push_a_substitution_and_a_deduplicated_push() {
     let nar_hash = NarHash::from(Sha256Hash::digest(&nar));
     let store_path = fake_store_path("observed");
     let base = server.url();
+    // Exact deltas: this test's process records only this test's metrics.
+    tests::prometheus::assert_metrics_are_this_tests_own();
     let before = scrape(server.http(), &base).await;
 
     // A push, waited for until visible.

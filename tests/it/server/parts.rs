@@ -1,0 +1,140 @@
+//! The one-machine server (`ingest-api`'s monolithic role, pipeline in
+//! process) on the real parts its documentation offers beside the defaults:
+//! RabbitMQ as its queue, and S3 (Garage) as its storage, read back after
+//! its own pipeline wrote the chunks. Every other `TestServer` runs on the
+//! embedded queue and local disk, and the read tests seed their chunks
+//! through the store layer; these push a closure through Attic's API and
+//! have the real Nix client substitute and verify it.
+
+use common::auth::Permission;
+use common::config::{QueueConfig, Secret, StorageConfig};
+use tests::server::{TestServer, TestServerOptions};
+use tests::services::{self, S3Settings};
+
+use super::push::attic_push;
+use super::HOUR;
+use crate::distributed::Pushing;
+
+/// Pushes a closure of a few paths, one of them 2 MiB (cut into several
+/// chunks), to a new cache of `server`, each path answered once visible,
+/// then substitutes it with Nix into a fresh store, trusting only the
+/// cache's key, and verifies it.
+async fn push_and_substitute(server: &TestServer, cache: &str) {
+    server.create_cache(cache, false).await;
+    let token = server
+        .mint(
+            "pusher",
+            HOUR,
+            &[(cache, &[Permission::Pull, Permission::Push])],
+        )
+        .await;
+    let pushing = Pushing::with_large_paths(3, &[2], &token).await;
+    attic_push(server, &token, cache, &pushing.sources).await;
+    pushing.substitute_and_verify(server, &token, cache).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monolithic_server_on_rabbitmq_runs_its_pipeline_through_the_broker() {
+    // A virtual host of its own: the pipeline's queue names are fixed.
+    let vhost = services::unique_name("monolithic");
+    services::add_rabbitmq_vhost(&services::services_dir(), &vhost).await;
+    let url = tests::cluster::with_vhost(&services::amqp_url(), &vhost);
+    let server = TestServer::start(TestServerOptions {
+        edit_config: Some(std::sync::Arc::new(move |config| {
+            config.queue = QueueConfig::Amqp {
+                url: Secret::new(url.clone()),
+                ca_file: None,
+            };
+        })),
+        ..TestServerOptions::default()
+    })
+    .await;
+    push_and_substitute(&server, "brokered").await;
+
+    // The jobs went through the broker: the work queues exist in the
+    // server's virtual host, drained, and nothing was dead-lettered (or
+    // waits in a retry queue, `QUEUE.retry.MS`, should a job have failed
+    // once).
+    let listed = services::services_ctl_in(
+        &services::services_dir(),
+        &[
+            "rabbitmqctl",
+            "list_queues",
+            "-p",
+            &vhost,
+            "--no-table-headers",
+            "name",
+            "messages",
+        ],
+    )
+    .await;
+    let queues: Vec<(&str, &str)> = listed
+        .lines()
+        .filter_map(|line| line.split_once('\t'))
+        .collect();
+    let mut work_queues: Vec<(&str, &str)> = queues
+        .iter()
+        .copied()
+        .filter(|(name, _)| !name.contains(".retry."))
+        .collect();
+    work_queues.sort_unstable();
+    assert_eq!(
+        work_queues,
+        [
+            ("larder.chunk", "0"),
+            ("larder.chunk.dead", "0"),
+            ("larder.compress", "0"),
+            ("larder.compress.dead", "0"),
+        ],
+        "{listed}"
+    );
+    assert!(
+        queues.iter().all(|(_, messages)| *messages == "0"),
+        "{listed}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_on_s3_serves_the_chunks_its_pipeline_wrote() {
+    let settings = S3Settings::from_env();
+    let prefix = format!("{}/", services::unique_name("server-s3"));
+    let storage = StorageConfig::S3(settings.storage_config(&prefix));
+    let server = TestServer::start(TestServerOptions {
+        edit_config: Some(std::sync::Arc::new(move |config| {
+            config.storage = storage.clone();
+        })),
+        ..TestServerOptions::default()
+    })
+    .await;
+    push_and_substitute(&server, "on-s3").await;
+
+    // What was served came from the bucket: one object per chunk row
+    // under the server's prefix, and nothing on local disk.
+    let chunk_rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chunks")
+        .fetch_one(server.database().pool())
+        .await
+        .expect("counting chunk rows");
+    let listed = settings
+        .client()
+        .list_objects_v2()
+        .bucket(&settings.bucket)
+        .prefix(format!("{prefix}chunks/"))
+        .send()
+        .await
+        .expect("listing the bucket");
+    assert!(
+        chunk_rows > 3,
+        "a 2 MiB path is several chunks: {chunk_rows}"
+    );
+    assert_eq!(
+        i64::try_from(listed.contents().len()).expect("a count"),
+        chunk_rows
+    );
+    assert_eq!(
+        tests::server::count_files(&server.dir().join("storage")),
+        0,
+        "the server wrote to local disk"
+    );
+    server.stop().await;
+}
