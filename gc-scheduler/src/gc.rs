@@ -228,12 +228,32 @@ pub async fn run_reap_loop(
     config: GcConfig,
     shutdown: CancellationToken,
 ) {
-    crate::repeat_every(config.reap_interval.as_duration(), &shutdown, || async {
-        let pass = reap_locked(&database, &*storage, &config, Timestamp::now());
-        if let Err(error) = pass.await {
+    repeat_logging_failures(
+        config.reap_interval.as_duration(),
+        &shutdown,
+        "reaping pass",
+        || reap_locked(&database, &*storage, &config, Timestamp::now()),
+    )
+    .await;
+}
+
+/// Runs `pass` every `period` (see [`crate::repeat_every`]) until
+/// `shutdown`; a pass that fails is logged, naming it `what`, and the next
+/// one tries again.
+async fn repeat_logging_failures<Pass, Run>(
+    period: Duration,
+    shutdown: &CancellationToken,
+    what: &str,
+    pass: Pass,
+) where
+    Pass: Fn() -> Run,
+    Run: std::future::Future<Output = Result<Option<GcReport>, GcError>>,
+{
+    crate::repeat_every(period, shutdown, || async {
+        if let Err(error) = pass().await {
             tracing::warn!(
                 error = format!("{:#}", anyhow::Error::new(error)),
-                "reaping pass failed; trying again next period"
+                "{what} failed; trying again next period"
             );
         }
     })
@@ -453,14 +473,8 @@ pub async fn run_gc_loop(
     config: GcConfig,
     shutdown: CancellationToken,
 ) {
-    crate::repeat_every(config.interval.as_duration(), &shutdown, || async {
-        let run = collect_garbage_locked(&database, &*storage, &config, Timestamp::now());
-        if let Err(error) = run.await {
-            tracing::warn!(
-                error = format!("{:#}", anyhow::Error::new(error)),
-                "GC run failed; trying again next period"
-            );
-        }
+    repeat_logging_failures(config.interval.as_duration(), &shutdown, "GC run", || {
+        collect_garbage_locked(&database, &*storage, &config, Timestamp::now())
     })
     .await;
 }
