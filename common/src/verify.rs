@@ -701,5 +701,7 @@ impl Decoder {
     }
 }
 
+#[cfg(any(test, feature = "verify-harness"))]
+pub mod harness;
 #[cfg(test)]
 mod tests;

@@ -12,79 +12,13 @@
 //! body. Seeds are small valid bodies of each encoding.
 #![no_main]
 
-use std::collections::VecDeque;
-
-use bytes::Bytes;
-use common::verify::{
-    Encoding, Expected, Limits, NarVerifier, Progress, Verified, VerifyError, RATIO_ALLOWANCE,
-};
+use common::verify::harness::run;
+use common::verify::{Encoding, Expected, Limits};
 use libfuzzer_sys::fuzz_target;
 
 /// The size limit: above what the ratio lets a fuzz input reach, so both
 /// bounds are exercised.
 const MAX_NAR_SIZE: u64 = 4 << 20;
-
-struct Outcome {
-    result: Result<Verified, VerifyError>,
-    output: Vec<u8>,
-}
-
-fn run(
-    encoding: Encoding,
-    expected: Expected,
-    limits: Limits,
-    body: &[u8],
-    mut frame_size: impl FnMut() -> usize,
-    max_output: usize,
-) -> Outcome {
-    let mut verifier = NarVerifier::new(encoding, expected, limits).expect("a decoder");
-    let mut rest = body;
-    let mut input = VecDeque::new();
-    let mut output = Vec::new();
-    let outcome = 'body: loop {
-        let end = rest.is_empty();
-        if !end {
-            let size = frame_size().clamp(1, rest.len());
-            input.push_back(Bytes::copy_from_slice(&rest[..size]));
-            rest = &rest[size..];
-        }
-        loop {
-            let mut out = Vec::new();
-            let progress = verifier.push(&mut input, end, &mut out, max_output);
-            let produced: usize = out.iter().map(Bytes::len).sum();
-            assert!(produced <= max_output);
-            for bytes in out {
-                output.extend_from_slice(&bytes);
-            }
-            let decoded = verifier.decoded();
-            assert_eq!(decoded, output.len() as u64);
-            assert!(decoded <= limits.max_nar_size);
-            assert!(verifier.consumed() <= body.len() as u64);
-            if let Some(declared) = expected.nar_size {
-                assert!(decoded <= declared);
-            }
-            if encoding == Encoding::Plain {
-                assert_eq!(decoded, verifier.consumed());
-            } else {
-                let bound = limits.max_decompression_ratio * verifier.consumed() + RATIO_ALLOWANCE;
-                assert!(decoded <= bound, "{decoded} bytes past the ratio bound {bound}");
-            }
-            match progress {
-                Err(error) => break 'body Err(error),
-                Ok(Progress::OutputFull) => {}
-                Ok(Progress::NeedInput) => {
-                    assert!(!end && input.is_empty());
-                    break;
-                }
-                Ok(Progress::Done) => break 'body Ok(()),
-            }
-        }
-    };
-    Outcome {
-        result: outcome.and_then(|()| verifier.finish()),
-        output,
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     let [encoding, shape, framing, body @ ..] = data else {

@@ -1,5 +1,6 @@
 use std::io::{Read, Write};
 
+use super::harness::{run, Run};
 use super::*;
 use crate::nix::nar::{NarEncoder, NarErrorKind};
 
@@ -65,73 +66,8 @@ fn encode(encoding: Encoding, nar: &[u8]) -> Vec<u8> {
     }
 }
 
-/// What a run of the verifier did.
-struct Run {
-    result: Result<Verified, VerifyError>,
-    /// Every byte handed out.
-    output: Vec<u8>,
-}
-
-/// Feeds `body` in frames of `frame_size` bytes, one frame per push, and
-/// pushes again while the output is full, as the server does; checks after
-/// every push that no more than `max_output` bytes came out and that the
-/// bounds held.
-fn run(
-    encoding: Encoding,
-    expected: Expected,
-    limits: Limits,
-    body: &[u8],
-    frame_size: usize,
-    max_output: usize,
-) -> Run {
-    let mut verifier = NarVerifier::new(encoding, expected, limits).expect("a decoder");
-    let mut frames = body.chunks(frame_size.max(1)).map(Bytes::copy_from_slice);
-    let mut input = VecDeque::new();
-    let mut output = Vec::new();
-    let outcome = 'body: loop {
-        let next = frames.next();
-        let end = next.is_none();
-        input.extend(next);
-        loop {
-            let mut out = Vec::new();
-            let progress = verifier.push(&mut input, end, &mut out, max_output);
-            let produced: usize = out.iter().map(Bytes::len).sum();
-            assert!(produced <= max_output, "{produced} > {max_output}");
-            for bytes in out {
-                output.extend_from_slice(&bytes);
-            }
-            let decoded = verifier.decoded();
-            assert_eq!(decoded, output.len() as u64);
-            assert!(decoded <= limits.max_nar_size);
-            if let Some(declared) = expected.nar_size {
-                assert!(
-                    decoded <= declared,
-                    "{decoded} past the declared {declared}"
-                );
-            }
-            if encoding != Encoding::Plain {
-                let bound = limits.max_decompression_ratio * verifier.consumed() + RATIO_ALLOWANCE;
-                assert!(decoded <= bound, "{decoded} past the ratio bound {bound}");
-            }
-            match progress {
-                Err(error) => break 'body Err(error),
-                Ok(Progress::OutputFull) => {}
-                Ok(Progress::NeedInput) => {
-                    assert!(!end && input.is_empty());
-                    break;
-                }
-                Ok(Progress::Done) => break 'body Ok(()),
-            }
-        }
-    };
-    Run {
-        result: outcome.and_then(|()| verifier.finish()),
-        output,
-    }
-}
-
 fn verify(encoding: Encoding, expected: Expected, limits: Limits, body: &[u8]) -> Run {
-    run(encoding, expected, limits, body, 16 * 1024, 1 << 20)
+    run(encoding, expected, limits, body, || 16 * 1024, 1 << 20)
 }
 
 const ENCODINGS: [Encoding; 3] = [Encoding::Plain, Encoding::Zstd, Encoding::Xz];
@@ -157,7 +93,14 @@ fn every_encoding_verifies_at_any_framing_and_output_bound() {
                         nar_hash: Some(NarHash::from(Sha256Hash::digest(nar))),
                         nar_size: Some(nar.len() as u64),
                     };
-                    let run = run(encoding, expected, GENEROUS, &body, frame_size, max_output);
+                    let run = run(
+                        encoding,
+                        expected,
+                        GENEROUS,
+                        &body,
+                        || frame_size,
+                        max_output,
+                    );
                     let case = format!("{encoding}, frames of {frame_size}, output {max_output}");
                     let verified = run.result.unwrap_or_else(|error| panic!("{case}: {error}"));
                     assert_eq!(verified.nar_size, nar.len() as u64, "{case}");
@@ -373,7 +316,7 @@ fn nothing_past_the_declared_nar_size_is_handed_out() {
             ..Expected::default()
         };
         for frame_size in [1000, 16 * 1024, usize::MAX] {
-            let run = run(encoding, expected, GENEROUS, &body, frame_size, 1 << 20);
+            let run = run(encoding, expected, GENEROUS, &body, || frame_size, 1 << 20);
             assert_eq!(
                 run.result,
                 Err(VerifyError::LongerThanDeclared { declared }),
