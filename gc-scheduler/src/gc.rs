@@ -149,9 +149,7 @@ pub async fn collect_garbage(
     now: Timestamp,
 ) -> Result<GcReport, GcError> {
     let started = Instant::now();
-    let mut report = GcReport::default();
-    reap::reap_uploads(database, storage, config, now, &mut report).await?;
-    reap::reap_staged_files(database, storage, config, now, &mut report).await?;
+    let mut report = reap(database, storage, config, now).await?;
     expire_objects(database, config, now, &mut report).await?;
     delete_unreferenced_nars(database, config, &mut report).await?;
     let linked_before = now.saturating_sub(config.orphan_grace.as_duration());
