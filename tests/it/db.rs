@@ -12,8 +12,8 @@ use std::time::Duration;
 use common::cache_name::CacheName;
 use common::chunking::{max_chunk_entries, MIN_CHUNK_SIZE};
 use common::db::{
-    migrations, Backend, Cache, CacheId, CacheKeypair, CacheScope, CacheStats, CacheUpdate,
-    ChunkLocation, Database, DbError, EncodedListing, NarId, NewCache, NewChunk, NewObject,
+    migrations, Backend, Cache, CacheId, CacheKeypair, CacheScope, CacheStats, CacheUpdate, Chunk,
+    ChunkLocation, Database, DbError, EncodedListing, Nar, NarId, NewCache, NewChunk, NewObject,
     NewUpload, ObjectMetadata, StagedFile, StoreState, StoredChunk, Timestamp, TokenRecord,
     UploadId, UploadPhase,
 };
@@ -1055,14 +1055,14 @@ async fn concurrent_writers_of_nars_sharing_chunks_all_succeed(t: TestDb) {
     assert_eq!(chunk_rows, 20);
 }
 
-async fn long_chunk_lists_round_trip(t: TestDb) {
-    // Longer than one batch of the store layer's multi-row statements.
-    let db = &t.db;
+/// A pending NAR listing `count` distinct 64 KiB chunks, with the chunks
+/// as asked for and as stored.
+async fn nar_of_distinct_chunks(db: &Database, count: u32) -> (Nar, Vec<NewChunk>, Vec<Chunk>) {
     let (nar, _) = db
         .insert_nar_pending(&nar_hash(1), 1 << 30, T0)
         .await
         .expect("NAR");
-    let new: Vec<NewChunk> = (0..1500_u32)
+    let new: Vec<NewChunk> = (0..count)
         .map(|i| NewChunk {
             chunk_hash: Sha256Hash::digest(&i.to_be_bytes()),
             chunk_size: 65_536,
@@ -1071,6 +1071,14 @@ async fn long_chunk_lists_round_trip(t: TestDb) {
     let chunks = db.upsert_chunks(&new, T0).await.expect("chunks");
     let ids: Vec<_> = chunks.iter().map(|chunk| chunk.id).collect();
     db.set_nar_chunks(nar.id, &ids).await.expect("chunk list");
+    (nar, new, chunks)
+}
+
+async fn long_chunk_lists_round_trip(t: TestDb) {
+    // Longer than one batch of the store layer's multi-row statements.
+    let db = &t.db;
+    let (nar, new, chunks) = nar_of_distinct_chunks(db, 1500).await;
+    let ids: Vec<_> = chunks.iter().map(|chunk| chunk.id).collect();
     let listed = db.chunks_of_nar(nar.id).await.expect("listing");
     assert_eq!(listed.len(), 1500);
     for (i, (entry, new)) in listed.iter().zip(&new).enumerate() {
@@ -1085,26 +1093,14 @@ async fn long_chunk_lists_round_trip(t: TestDb) {
 
 async fn chunk_lists_are_read_in_pages(t: TestDb) {
     let db = &t.db;
-    let (nar, _) = db
-        .insert_nar_pending(&nar_hash(1), 1 << 30, T0)
-        .await
-        .expect("NAR");
-    let new: Vec<NewChunk> = (0..700_u32)
-        .map(|i| NewChunk {
-            chunk_hash: Sha256Hash::digest(&i.to_be_bytes()),
-            chunk_size: 65_536,
-        })
-        .collect();
-    let chunks = db.upsert_chunks(&new, T0).await.expect("chunks");
-    let ids: Vec<_> = chunks.iter().map(|chunk| chunk.id).collect();
-    db.set_nar_chunks(nar.id, &ids).await.expect("chunk list");
+    let (nar, _, chunks) = nar_of_distinct_chunks(db, 700).await;
     let page = db
         .chunks_of_nar_from(nar.id, 100, 256)
         .await
         .expect("a page");
     let seqs: Vec<u32> = page.iter().map(|entry| entry.seq).collect();
     assert_eq!(seqs, (100..356).collect::<Vec<u32>>());
-    assert_eq!(page[0].chunk.id, ids[100]);
+    assert_eq!(page[0].chunk.id, chunks[100].id);
     let last = db
         .chunks_of_nar_from(nar.id, 650, 256)
         .await

@@ -315,10 +315,10 @@ async fn retention_on_postgres_with_garage() {
     assert!(chunk_objects(&*storage).await.is_empty());
 }
 
-/// Two collectors on one PostgreSQL database: while one holds the lock,
-/// the other skips its run.
-#[tokio::test]
-async fn a_second_collector_on_postgres_skips_its_run() {
+/// A fresh, migrated PostgreSQL database and local storage in a temporary
+/// directory (kept while the returned guard lives).
+async fn postgres_with_local_storage(
+) -> (Database, common::storage::LocalStorage, tempfile::TempDir) {
     let database = Database::connect(&services::fresh_postgres_database().await)
         .await
         .expect("connecting");
@@ -327,6 +327,14 @@ async fn a_second_collector_on_postgres_skips_its_run() {
     let storage = common::storage::LocalStorage::open(dir.path())
         .await
         .expect("storage");
+    (database, storage, dir)
+}
+
+/// Two collectors on one PostgreSQL database: while one holds the lock,
+/// the other skips its run.
+#[tokio::test]
+async fn a_second_collector_on_postgres_skips_its_run() {
+    let (database, storage, _dir) = postgres_with_local_storage().await;
     let held = GcLock::try_acquire(&database)
         .await
         .expect("locking")
@@ -350,14 +358,7 @@ async fn a_second_collector_on_postgres_skips_its_run() {
 /// second reaper skips its pass while another holds the reaping lock.
 #[tokio::test]
 async fn the_reaping_pass_has_its_own_lock_on_postgres() {
-    let database = Database::connect(&services::fresh_postgres_database().await)
-        .await
-        .expect("connecting");
-    database.migrate().await.expect("migrating");
-    let dir = tempfile::tempdir().expect("storage directory");
-    let storage = common::storage::LocalStorage::open(dir.path())
-        .await
-        .expect("storage");
+    let (database, storage, _dir) = postgres_with_local_storage().await;
     let collecting = GcLock::try_acquire(&database)
         .await
         .expect("locking")
