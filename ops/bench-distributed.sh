@@ -66,7 +66,6 @@ chmod 711 "$work"
 say "dumping the NAR of $nar_source"
 nix-store --dump "$nar_source" >"$work/large.nar"
 size=$(stat -c %s "$work/large.nar")
-mibps() { awk -v bytes="$1" -v s="$2" 'BEGIN { printf "%.1f", bytes / 1048576 / s }'; }
 
 # Creates cache `bench` on the server at $1 with token $2.
 create_cache() {

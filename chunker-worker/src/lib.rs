@@ -37,6 +37,7 @@
 use std::collections::HashSet;
 use std::io::{self, Read};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use fastcdc::v2020::StreamCDC;
@@ -50,7 +51,7 @@ use common::db::{
     ChunkId, Database, DbError, EncodedListing, NarId, NewChunk, StoreState, Timestamp, Upload,
     UploadId, UploadPhase,
 };
-use common::metrics::larder;
+use common::metrics::{larder, PushStage};
 use common::nix::nar::{NarError, NarReader};
 use common::nix::{NarHash, Sha256Hash};
 use common::queue::{publish_job, ChunkJob, ChunkRange, CompressJob, Queue, QueueError};
@@ -159,8 +160,11 @@ impl Chunker {
     async fn chunk_upload(&self, upload: &Upload, trace_id: &str) -> Result<(), JobError> {
         let database = &self.database;
         let staged = staged_object_key(&upload.staged_key)?;
-        let (nar, _) = database
-            .insert_nar_pending(&upload.nar_hash, upload.nar_size, Timestamp::now())
+        let (nar, _) = larder()
+            .timed(
+                PushStage::Database,
+                database.insert_nar_pending(&upload.nar_hash, upload.nar_size, Timestamp::now()),
+            )
             .await
             .map_err(|error| match error {
                 DbError::Conflict { .. } => JobError::Permanent(format!(
@@ -176,12 +180,18 @@ impl Chunker {
             )));
         }
         if upload.nar_id != Some(nar.id) {
-            database
-                .set_upload_nar(&upload.id, nar.id, Timestamp::now())
+            larder()
+                .timed(
+                    PushStage::Database,
+                    database.set_upload_nar(&upload.id, nar.id, Timestamp::now()),
+                )
                 .await?;
         }
-        database
-            .set_upload_phase(&upload.id, UploadPhase::Chunking, Timestamp::now())
+        larder()
+            .timed(
+                PushStage::Database,
+                database.set_upload_phase(&upload.id, UploadPhase::Chunking, Timestamp::now()),
+            )
             .await?;
         match nar.state {
             // Stored already (by any cache): nothing to cut or compress. It
@@ -197,10 +207,18 @@ impl Chunker {
                     .await?;
             }
         }
-        database
-            .set_upload_phase(&upload.id, UploadPhase::Compressing, Timestamp::now())
+        larder()
+            .timed(
+                PushStage::Database,
+                database.set_upload_phase(&upload.id, UploadPhase::Compressing, Timestamp::now()),
+            )
             .await?;
-        finalise_nar(database, &*self.storage, nar.id).await?;
+        larder()
+            .timed(
+                PushStage::Finalise,
+                finalise_nar(database, &*self.storage, nar.id),
+            )
+            .await?;
         if nar.state == StoreState::Valid {
             larder().chunks_deduplicated(u64::from(nar.n_chunks), nar.nar_size);
         }
@@ -337,9 +355,20 @@ impl Chunker {
         // Before the chunk list: a NAR can become valid only once its list
         // is recorded, so it never is without the listing it will have.
         if let Some(listing) = &cut.listing {
-            self.database.set_nar_listing(nar_id, listing).await?;
+            larder()
+                .timed(
+                    PushStage::Database,
+                    self.database.set_nar_listing(nar_id, listing),
+                )
+                .await?;
         }
-        match self.database.set_nar_chunks(nar_id, &chunk_ids).await {
+        let recorded = larder()
+            .timed(
+                PushStage::Database,
+                self.database.set_nar_chunks(nar_id, &chunk_ids),
+            )
+            .await;
+        match recorded {
             Ok(()) => Ok(()),
             // Another upload of the same NAR got it stored meanwhile.
             Err(DbError::Conflict { .. }) => match self.database.nar_by_id(nar_id).await? {
@@ -375,7 +404,12 @@ impl Chunker {
                 chunk_size: chunk.length,
             })
             .collect();
-        let rows = self.database.upsert_chunks(&new, Timestamp::now()).await?;
+        let rows = larder()
+            .timed(
+                PushStage::Database,
+                self.database.upsert_chunks(&new, Timestamp::now()),
+            )
+            .await?;
         let mut ranges = Vec::new();
         let (mut deduplicated, mut deduplicated_bytes) = (0, 0);
         for (row, chunk) in rows.iter().zip(batch) {
@@ -447,10 +481,49 @@ impl From<io::Error> for CutError {
 /// listing. A NAR declared smaller than [`ONE_CHUNK_BELOW`] is one chunk.
 /// Stops early, with an error, when the receiver has gone (the job
 /// failed) or the bytes are not a NAR.
-fn cut(
+fn cut(reader: impl Read, nar_size: u64, chunks: &mpsc::Sender<CutChunk>) -> Result<Cut, CutError> {
+    let started = Instant::now();
+    let mut reader = TimedReader {
+        inner: reader,
+        reading: Duration::ZERO,
+    };
+    let mut waiting = Duration::ZERO;
+    let cut = cut_timed(&mut reader, nar_size, chunks, &mut waiting);
+    // The stage is the cutting itself: reads and waits for the database
+    // (a full channel) count elsewhere.
+    let metrics = larder();
+    metrics.push_stage(PushStage::ReadStaged, reader.reading);
+    metrics.push_stage(
+        PushStage::Chunk,
+        started
+            .elapsed()
+            .saturating_sub(reader.reading)
+            .saturating_sub(waiting),
+    );
+    cut
+}
+
+/// A reader that adds up the time its reads take.
+struct TimedReader<R> {
+    inner: R,
+    reading: Duration,
+}
+
+impl<R: Read> Read for TimedReader<R> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        let started = Instant::now();
+        let read = self.inner.read(buffer);
+        self.reading += started.elapsed();
+        read
+    }
+}
+
+/// [`cut`], adding the time spent waiting for the receiver to `waiting`.
+fn cut_timed(
     mut reader: impl Read,
     nar_size: u64,
     chunks: &mpsc::Sender<CutChunk>,
+    waiting: &mut Duration,
 ) -> Result<Cut, CutError> {
     let mut nar = NarReader::with_listing_budget(LISTING_BUDGET);
     let mut send = |offset: u64, data: &[u8]| -> Result<(), CutError> {
@@ -460,9 +533,10 @@ fn cut(
             length: data.len() as u64,
             hash: Sha256Hash::digest(data),
         };
-        chunks
-            .blocking_send(chunk)
-            .map_err(|_| io::Error::other("chunking stopped: the job failed").into())
+        let started = Instant::now();
+        let sent = chunks.blocking_send(chunk);
+        *waiting += started.elapsed();
+        sent.map_err(|_| io::Error::other("chunking stopped: the job failed").into())
     };
     if nar_size < ONE_CHUNK_BELOW {
         // Read one byte past the limit, so that a staged file longer than

@@ -17,17 +17,17 @@
 //! uploads staged under that key are marked failed. Failures are settled by
 //! [`common::worker`]'s policy.
 
+use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
 use tokio_util::sync::CancellationToken;
 
 use common::config::{PipelineConfig, ServerConfig};
 use common::db::{Chunk, ChunkId, ChunkLocation, Database, DbError, NarId, StoreState, UploadId};
-use common::metrics::larder;
+use common::metrics::{larder, PushStage};
 use common::nix::Sha256Hash;
 use common::queue::{ChunkRange, CompressJob, QueueError};
 use common::service::{self, ServiceError, Services};
@@ -35,11 +35,6 @@ use common::storage::{ObjectKey, Storage, StorageError};
 use common::worker::{
     self, chunk_object_key, finalise_nar, staged_object_key, JobError, JobHandler,
 };
-
-/// Chunks of one job written at once: each is its own object, and on S3 a
-/// put is a round trip that mostly waits, so one at a time leaves the
-/// worker idle.
-const PUTS_IN_FLIGHT: usize = 4;
 
 /// The `compressor-worker` service: opens the database, storage and the shared
 /// queue the config names, then consumes compress jobs until `shutdown` (see
@@ -91,7 +86,9 @@ impl JobHandler for Compressor {
         // A chunk row that no longer exists, or that GC has claimed
         // (`deleting`), is replaced by a fresh row, which whoever replaces
         // it stores: skip it.
-        let rows = self.database.chunks_by_id(&ids).await?;
+        let rows = larder()
+            .timed(PushStage::Database, self.database.chunks_by_id(&ids))
+            .await?;
         let pending: Vec<(ChunkRange, Chunk)> = job
             .chunks
             .iter()
@@ -110,15 +107,22 @@ impl JobHandler for Compressor {
                 Err(error) => return Err(error),
             }
         }
-        let mut nars: BTreeSet<NarId> = self
-            .database
-            .pending_nars_of_chunks(&stored)
+        let mut nars: BTreeSet<NarId> = larder()
+            .timed(
+                PushStage::Database,
+                self.database.pending_nars_of_chunks(&stored),
+            )
             .await?
             .into_iter()
             .collect();
         nars.insert(NarId(job.nar_id));
         for nar in nars {
-            finalise_nar(&self.database, &*self.storage, nar).await?;
+            larder()
+                .timed(
+                    PushStage::Finalise,
+                    finalise_nar(&self.database, &*self.storage, nar),
+                )
+                .await?;
         }
         Ok(())
     }
@@ -154,7 +158,12 @@ impl Compressor {
         };
         let start = first.offset;
         let length = last.offset + last.length - start;
-        let bytes = self.storage.get_bytes(staged, start, length).await?;
+        let bytes = larder()
+            .timed(
+                PushStage::ReadStaged,
+                self.storage.get_bytes(staged, start, length),
+            )
+            .await?;
         let chunks: Vec<(Chunk, Bytes)> = run
             .iter()
             .map(|(range, chunk)| {
@@ -167,28 +176,46 @@ impl Compressor {
             .collect();
         let level = self.compression_level;
         // Hashing and compressing are CPU work, off the async threads.
-        let frames = tokio::task::spawn_blocking(move || compress_checked(chunks, level))
-            .await
-            .map_err(|error| {
-                JobError::Permanent(format!("the compressing thread failed: {error}"))
-            })??;
-        futures::stream::iter(frames)
-            .map(|(chunk, frame)| async move {
-                let key = chunk_object_key(&chunk.chunk_hash, chunk.id);
-                let location = ChunkLocation {
+        let frames = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let frames = compress_checked(chunks, level);
+            larder().push_stage(PushStage::Compress, started.elapsed());
+            frames
+        })
+        .await
+        .map_err(|error| {
+            JobError::Permanent(format!("the compressing thread failed: {error}"))
+        })??;
+        let mut objects = Vec::with_capacity(frames.len());
+        let mut locations = Vec::with_capacity(frames.len());
+        let mut sizes = Vec::with_capacity(frames.len());
+        for (chunk, frame) in frames {
+            sizes.push((chunk.chunk_size, frame.len() as u64));
+            let key = chunk_object_key(&chunk.chunk_hash, chunk.id);
+            locations.push((
+                chunk.id,
+                ChunkLocation {
                     object_key: key.to_string(),
                     offset: 0,
                     length: frame.len() as u64,
-                };
-                // The row says stored only once its object is.
-                self.storage.put(&key, frame).await?;
-                self.database.set_chunk_stored(chunk.id, &location).await?;
-                larder().chunk_stored(chunk.chunk_size, location.length);
-                Ok::<_, JobError>(chunk.id)
-            })
-            .buffer_unordered(PUTS_IN_FLIGHT)
-            .try_collect()
-            .await
+                },
+            ));
+            objects.push((key, frame));
+        }
+        // The rows say stored only once every object is.
+        larder()
+            .timed(PushStage::Store, self.storage.put_many(objects))
+            .await?;
+        larder()
+            .timed(
+                PushStage::Database,
+                self.database.set_chunks_stored(&locations),
+            )
+            .await?;
+        for (size, compressed) in sizes {
+            larder().chunk_stored(size, compressed);
+        }
+        Ok(locations.into_iter().map(|(id, _)| id).collect())
     }
 
     /// The staged NAR is gone (its upload finalised or reaped): fine if
@@ -249,12 +276,33 @@ fn compress_checked(
                     chunk.chunk_hash.to_hex(),
                 )));
             }
-            let frame = zstd::bulk::compress(&data, level).map_err(|error| {
+            let frame = compress_frame(&data, level).map_err(|error| {
                 JobError::Permanent(format!("compressing chunk {}: {error}", chunk.id))
             })?;
             Ok((chunk, Bytes::from(frame)))
         })
         .collect()
+}
+
+/// Compresses `data` into one zstd frame at `level` with this thread's
+/// compression context: a context is hundreds of KiB that zstd would
+/// otherwise allocate and clear for every 64 KiB chunk.
+fn compress_frame(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    thread_local! {
+        static CONTEXT: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+            const { RefCell::new(None) };
+    }
+    CONTEXT.with_borrow_mut(|context| {
+        let compressor = match context {
+            Some((context_level, compressor)) if *context_level == level => compressor,
+            _ => {
+                &mut context
+                    .insert((level, zstd::bulk::Compressor::new(level)?))
+                    .1
+            }
+        };
+        compressor.compress(data)
+    })
 }
 
 #[cfg(test)]

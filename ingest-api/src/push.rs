@@ -24,7 +24,7 @@ use common::db::{
     Cache, LinkedPath, NewUpload, ObjectMetadata, StagedFile, Timestamp, Upload, UploadId,
     UploadPhase,
 };
-use common::metrics::larder;
+use common::metrics::{larder, PushStage};
 use common::nix::{NarHash, StoreDir, StorePath, StorePathHash};
 use common::queue::{publish_job, ChunkJob};
 use common::storage::ObjectKey;
@@ -198,7 +198,9 @@ pub async fn await_upload(
     upload: Upload,
     wait: Duration,
 ) -> Result<UploadPathResult, ApiError> {
-    let upload = wait_until_visible(state, upload, wait).await?;
+    let upload = larder()
+        .timed(PushStage::Wait, wait_until_visible(state, upload, wait))
+        .await?;
     Ok(UploadPathResult {
         kind: UploadPathResultKind::Uploaded,
         upload_id: Some(upload.id.to_string()),

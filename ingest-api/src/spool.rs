@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::io::StreamReader;
 
 use common::config::IngestConfig;
+use common::metrics::{larder, PushStage};
 use common::storage::{ObjectKey, Storage};
 use common::verify::{Limits, NarVerifier, Progress, Verified, VerifyError};
 
@@ -193,8 +194,11 @@ pub async fn spool(
         ..door.limits
     };
     let (nar_sender, nar_receiver) = mpsc::channel::<io::Result<Bytes>>(OUTPUT_DEPTH);
+    let started = std::time::Instant::now();
     let verifying = async move {
         let verdict = check(door, limits, body, encoding, expected, &nar_sender).await;
+        let verified_after = started.elapsed();
+        larder().push_stage(PushStage::ReceiveVerify, verified_after);
         if let Err(rejection) = &verdict {
             // Storage must never see a clean end of a rejected NAR; it may
             // have gone already, and then there is nobody to tell.
@@ -206,7 +210,7 @@ pub async fn spool(
         }
         // The end of the stream storage reads.
         drop(nar_sender);
-        verdict
+        (verdict, verified_after)
     };
     let store = async {
         // Owned by this future, so that storage failing mid-write (a full
@@ -217,7 +221,13 @@ pub async fn spool(
         let mut reader = StreamReader::new(verified_bytes);
         storage.put_reader(&key, &mut reader).await
     };
-    let (verdict, stored) = tokio::join!(verifying, store);
+    let ((verdict, verified_after), stored) = tokio::join!(verifying, store);
+    // What storage took beyond the verifier: the write's tail, sync and
+    // rename.
+    larder().push_stage(
+        PushStage::Spool,
+        started.elapsed().saturating_sub(verified_after),
+    );
     let outcome = match (verdict, stored) {
         (Ok(verified), Ok(_)) => {
             return Ok(Spooled {

@@ -9,7 +9,7 @@
 //!    (new ones `pending`) as it cuts them, then
 //!    [`Database::set_nar_chunks`] with their ids in order, then
 //!    [`Database::mark_nar_valid_if_complete`].
-//! 2. compressor: [`Database::set_chunk_stored`] per new chunk, then
+//! 2. compressor: [`Database::set_chunks_stored`] per job's new chunks, then
 //!    [`Database::mark_nar_valid_if_complete`] for its NAR and each NAR of
 //!    [`Database::pending_nars_of_chunks`]: whichever step comes last
 //!    finalises the NAR.
@@ -617,53 +617,82 @@ impl Database {
             .map_err(query_error("committing a NAR's chunk list"))
     }
 
-    /// Marks a chunk stored at `location`. Idempotent: a chunk that is
-    /// already valid keeps its first location (the caller's copy is then
-    /// redundant). [`DbError::Conflict`] when GC has claimed it meanwhile.
+    /// Marks a chunk stored at `location`: [`set_chunks_stored`] of one.
+    ///
+    /// [`set_chunks_stored`]: Self::set_chunks_stored
     pub async fn set_chunk_stored(
         &self,
         chunk_id: ChunkId,
         location: &ChunkLocation,
     ) -> Result<Chunk> {
-        let sql = format!(
+        let mut chunks = self
+            .set_chunks_stored(&[(chunk_id, location.clone())])
+            .await?;
+        chunks.pop().ok_or_else(|| DbError::NotFound {
+            what: format!("chunk {chunk_id}"),
+        })
+    }
+
+    /// Marks chunks stored at their locations, in one transaction (a
+    /// compress job's chunks are one commit, not one each), and returns
+    /// their rows in the same order. Idempotent: a chunk that is already
+    /// valid keeps its first location (the caller's copy is then
+    /// redundant). [`DbError::Conflict`] when GC has claimed one of them
+    /// meanwhile, and then none is marked.
+    pub async fn set_chunks_stored(
+        &self,
+        stored: &[(ChunkId, ChunkLocation)],
+    ) -> Result<Vec<Chunk>> {
+        // Rows are locked in id order, so that two jobs sharing chunks
+        // cannot deadlock on PostgreSQL.
+        let mut order: Vec<usize> = (0..stored.len()).collect();
+        order.sort_by_key(|&i| stored[i].0);
+        let mut tx = self.begin_write().await?;
+        let mut chunks: Vec<Option<Chunk>> = vec![None; stored.len()];
+        let update = format!(
             "UPDATE chunks SET state = 'valid', object_key = $2, object_offset = $3, \
              object_length = $4 WHERE id = $1 AND state = 'pending' RETURNING {CHUNK_COLUMNS}"
         );
-        let row = sqlx::query(&sql)
-            .bind(chunk_id.0)
-            .bind(location.object_key.as_str())
-            .bind(to_i64("object offset", location.offset)?)
-            .bind(to_i64("object length", location.length)?)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(query_error("marking a chunk stored"))?;
-        if let Some(row) = row {
-            return chunk_from_row(&row);
-        }
-        let sql = format!("SELECT {CHUNK_COLUMNS} FROM chunks WHERE id = $1");
-        let row = sqlx::query(&sql)
-            .bind(chunk_id.0)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(query_error("looking up a chunk"))?;
-        let chunk = match row {
-            Some(row) => chunk_from_row(&row)?,
-            None => {
-                return Err(DbError::NotFound {
-                    what: format!("chunk {chunk_id}"),
-                })
+        let select = format!("SELECT {CHUNK_COLUMNS} FROM chunks WHERE id = $1");
+        for i in order {
+            let (chunk_id, location) = &stored[i];
+            let updated = sqlx::query(&update)
+                .bind(chunk_id.0)
+                .bind(location.object_key.as_str())
+                .bind(to_i64("object offset", location.offset)?)
+                .bind(to_i64("object length", location.length)?)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(query_error("marking a chunk stored"))?;
+            if let Some(row) = updated {
+                chunks[i] = Some(chunk_from_row(&row)?);
+                continue;
             }
-        };
-        match chunk.state {
-            StoreState::Valid => Ok(chunk),
-            StoreState::Deleting | StoreState::Pending => Err(DbError::Conflict {
-                what: format!(
-                    "chunk {} in state {}",
-                    chunk.chunk_hash.to_hex(),
-                    chunk.state
-                ),
-            }),
+            let row = sqlx::query(&select)
+                .bind(chunk_id.0)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(query_error("looking up a chunk"))?
+                .ok_or_else(|| DbError::NotFound {
+                    what: format!("chunk {chunk_id}"),
+                })?;
+            let chunk = chunk_from_row(&row)?;
+            if chunk.state != StoreState::Valid {
+                return Err(DbError::Conflict {
+                    what: format!(
+                        "chunk {} in state {}",
+                        chunk.chunk_hash.to_hex(),
+                        chunk.state
+                    ),
+                });
+            }
+            chunks[i] = Some(chunk);
         }
+        tx.commit()
+            .await
+            .map_err(query_error("committing stored chunks"))?;
+        // Every index was visited once.
+        Ok(chunks.into_iter().flatten().collect())
     }
 
     /// The pending NARs that list this chunk: the ones a compressor should

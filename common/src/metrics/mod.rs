@@ -94,6 +94,63 @@ impl FinalPhase {
     }
 }
 
+/// A stage of a push, label `stage` of `larder_push_stage_seconds`: where
+/// the time of a push goes, so that a slower push shows which stage
+/// regressed. Stages of one push overlap (compressors run while the
+/// chunker cuts), so their seconds add up to more than the push's wall
+/// time; each is the time spent *in* that stage by whoever ran it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushStage {
+    /// The door: reading the body, decoding and verifying it.
+    ReceiveVerify,
+    /// The door: what writing the verified NAR to staging takes after the
+    /// verifier is done (the tail of the write, its sync and rename).
+    Spool,
+    /// The API: waiting for a recorded upload to become visible.
+    Wait,
+    /// The workers: reading staged NAR bytes back from storage.
+    ReadStaged,
+    /// The chunker: FastCDC, chunk hashes and the NAR check over the staged
+    /// bytes.
+    Chunk,
+    /// The compressor: checking and compressing chunks.
+    Compress,
+    /// The compressor: writing chunk objects to storage.
+    Store,
+    /// The workers: database statements other than finalisation.
+    Database,
+    /// The workers: making a NAR valid and its waiting uploads visible.
+    Finalise,
+}
+
+impl PushStage {
+    pub const ALL: [PushStage; 9] = [
+        Self::ReceiveVerify,
+        Self::Spool,
+        Self::Wait,
+        Self::ReadStaged,
+        Self::Chunk,
+        Self::Compress,
+        Self::Store,
+        Self::Database,
+        Self::Finalise,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ReceiveVerify => "receive_verify",
+            Self::Spool => "spool",
+            Self::Wait => "wait",
+            Self::ReadStaged => "read_staged",
+            Self::Chunk => "chunk",
+            Self::Compress => "compress",
+            Self::Store => "store",
+            Self::Database => "database",
+            Self::Finalise => "finalise",
+        }
+    }
+}
+
 /// Every metric Larder records. Names and meanings are listed in the
 /// README's "Observability" section; keep the two in step.
 #[derive(Debug)]
@@ -134,6 +191,8 @@ pub struct LarderMetrics {
     gc_duration: Arc<Histogram>,
     gc_deleted: Arc<Family<Counter>>,
     gc_freed_bytes: Arc<Counter>,
+    /// One child per [`PushStage`], in the order of [`PushStage::ALL`].
+    push_stages: Vec<Arc<Histogram>>,
 }
 
 impl LarderMetrics {
@@ -293,7 +352,38 @@ impl LarderMetrics {
                     &[],
                 )
                 .with(&[]),
+            push_stages: {
+                let family = registry.histogram(
+                    "larder_push_stage_seconds",
+                    "Time spent in one stage of pushing (receive_verify, spool, wait, \
+                     read_staged, chunk, compress, store, database, finalise).",
+                    &["stage"],
+                    DURATION_BUCKETS,
+                );
+                PushStage::ALL
+                    .iter()
+                    .map(|stage| family.with(&[stage.as_str()]))
+                    .collect()
+            },
         }
+    }
+
+    /// `elapsed` spent in `stage` of a push.
+    pub fn push_stage(&self, stage: PushStage, elapsed: Duration) {
+        // ALL lists every variant in declaration order.
+        self.push_stages[stage as usize].observe(elapsed.as_secs_f64());
+    }
+
+    /// Runs `work`, counting the time until it completes as `stage`.
+    pub async fn timed<T>(
+        &self,
+        stage: PushStage,
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        let started = std::time::Instant::now();
+        let output = work.await;
+        self.push_stage(stage, started.elapsed());
+        output
     }
 
     /// The job counters of one queue, looked up once for a consume loop.
@@ -402,6 +492,7 @@ mod tests {
             "larder_gc_pass_duration_seconds",
             "larder_gc_deleted_total",
             "larder_gc_freed_bytes_total",
+            "larder_push_stage_seconds",
         ] {
             assert!(page.contains(&format!("# TYPE {name} ")), "{name} missing");
         }
@@ -417,5 +508,24 @@ mod tests {
         assert!(render().contains("larder_uploads_finished_total{phase=\"done\"}"));
         metrics.gc_deleted("chunks", 5);
         assert!(render().contains("larder_gc_deleted_total{kind=\"chunks\"} 5"));
+    }
+
+    #[test]
+    fn each_push_stage_has_its_own_child() {
+        for stage in PushStage::ALL {
+            let child = &larder().push_stages[stage as usize];
+            let before = child.sum();
+            larder().push_stage(stage, Duration::from_millis(250));
+            assert!(
+                (child.sum() - before - 0.25).abs() < 1e-9,
+                "{}",
+                stage.as_str()
+            );
+            let line = format!(
+                "larder_push_stage_seconds_count{{stage=\"{}\"}}",
+                stage.as_str()
+            );
+            assert!(render().contains(&line), "{line} missing");
+        }
     }
 }

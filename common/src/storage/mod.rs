@@ -18,7 +18,7 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::Stream;
+use futures::{Stream, StreamExt, TryStreamExt};
 use tokio::io::AsyncRead;
 
 pub use local::LocalStorage;
@@ -135,6 +135,9 @@ impl fmt::Display for ObjectKey {
     }
 }
 
+/// The most puts [`Storage::put_many`] has in flight by default.
+pub const PUTS_IN_FLIGHT: usize = 4;
+
 /// A place that keeps immutable objects by key.
 ///
 /// Objects are written whole and never modified; a `put` over an existing
@@ -145,6 +148,19 @@ impl fmt::Display for ObjectKey {
 pub trait Storage: Send + Sync + fmt::Debug {
     /// Stores `data` under `key`.
     async fn put(&self, key: &ObjectKey, data: Bytes) -> Result<(), StorageError>;
+
+    /// Stores several objects; when it returns `Ok`, every one is stored
+    /// as durably as by [`put`](Self::put). On an error some may be stored
+    /// and others not. The default puts [`PUTS_IN_FLIGHT`] at a time (on S3
+    /// each put is a round trip that mostly waits); local storage writes
+    /// them all and syncs once for the batch instead of once per object.
+    async fn put_many(&self, objects: Vec<(ObjectKey, Bytes)>) -> Result<(), StorageError> {
+        futures::stream::iter(objects)
+            .map(|(key, data)| async move { self.put(&key, data).await })
+            .buffer_unordered(PUTS_IN_FLIGHT)
+            .try_collect()
+            .await
+    }
 
     /// Stores everything `reader` yields under `key`, streaming, and returns
     /// the number of bytes written.
