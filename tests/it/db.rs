@@ -84,6 +84,7 @@ both_backends!(
     concurrent_pending_inserts_of_one_nar_hash_yield_one_row,
     chunks_and_nars_round_trip_in_order,
     chunk_rows_are_shared_between_nars,
+    a_batch_of_chunks_is_marked_stored_together_or_not_at_all,
     a_complete_nar_is_written_in_one_call,
     concurrent_writers_of_nars_sharing_chunks_all_succeed,
     long_chunk_lists_round_trip,
@@ -980,6 +981,61 @@ async fn chunk_rows_are_shared_between_nars(t: TestDb) {
     db.set_chunk_stored(revived[0].id, &location(10))
         .await
         .expect("storing the revived chunk");
+}
+
+/// A compress job's chunks are marked stored in one transaction: rows come
+/// back in the caller's order whatever order they are locked in, a valid
+/// one keeps its first location, and a batch naming a chunk that is gone
+/// marks none of the others (a retry of the job redoes them all).
+async fn a_batch_of_chunks_is_marked_stored_together_or_not_at_all(t: TestDb) {
+    let db = &t.db;
+    let new: Vec<NewChunk> = [7_u8, 2, 4, 6]
+        .iter()
+        .map(|&n| NewChunk {
+            chunk_hash: chunk_hash(n),
+            chunk_size: 1000 + u64::from(n),
+        })
+        .collect();
+    let chunks = db.upsert_chunks(&new, T0).await.expect("chunks");
+    db.set_chunk_stored(chunks[1].id, &location(2))
+        .await
+        .expect("storing one alone");
+
+    // Ids in descending order, so the id-ordered locking reorders them.
+    let batch = vec![
+        (chunks[2].id, location(4)),
+        (chunks[1].id, location(20)),
+        (chunks[0].id, location(7)),
+    ];
+    let stored = db.set_chunks_stored(&batch).await.expect("storing a batch");
+    let found: Vec<_> = stored
+        .iter()
+        .map(|chunk| (chunk.id, chunk.state, chunk.location.clone()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (chunks[2].id, StoreState::Valid, Some(location(4))),
+            (chunks[1].id, StoreState::Valid, Some(location(2))),
+            (chunks[0].id, StoreState::Valid, Some(location(7))),
+        ]
+    );
+
+    let error = db
+        .set_chunks_stored(&[
+            (chunks[3].id, location(6)),
+            (common::db::ChunkId(i64::MAX), location(1)),
+        ])
+        .await
+        .expect_err("a batch naming a missing chunk");
+    assert!(error.is_not_found(), "{error:?}");
+    let rows = db.chunks_by_id(&[chunks[3].id]).await.expect("lookup");
+    assert_eq!(
+        rows[0].state,
+        StoreState::Pending,
+        "nothing of the batch was kept"
+    );
+    assert_eq!(db.set_chunks_stored(&[]).await.expect("an empty batch"), []);
 }
 
 async fn a_complete_nar_is_written_in_one_call(t: TestDb) {

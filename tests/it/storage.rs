@@ -114,6 +114,7 @@ every_backend!(
     listing_streams_every_object_under_a_prefix_across_pages,
     heavy_a_streamed_40_mib_body_reads_back_identical,
     check_passes_and_leaves_nothing_behind,
+    a_batch_put_stores_every_object,
 );
 
 async fn check_passes_and_leaves_nothing_behind(storage: Arc<dyn Storage>) {
@@ -225,6 +226,26 @@ async fn whole_and_ranged_reads_return_exactly_the_stored_bytes(storage: Arc<dyn
         "empty object, range"
     );
     assert_eq!(storage.size(&empty).await.expect("size"), Some(0));
+}
+
+/// `put_many` (one sync for the batch on local storage) stores every
+/// object of the batch, in directories of its own or shared, and an empty
+/// batch is no error.
+async fn a_batch_put_stores_every_object(storage: Arc<dyn Storage>) {
+    let objects: Vec<(ObjectKey, Bytes)> = (0..12)
+        .map(|n| {
+            let data = Bytes::from(pattern(1000 + n * 37));
+            (key(&format!("chunks/{:02x}/batch-{n}.zst", n % 3)), data)
+        })
+        .collect();
+    storage
+        .put_many(objects.clone())
+        .await
+        .expect("a batch put");
+    for (key, data) in &objects {
+        assert_eq!(read(&*storage, key, 0, None).await, data.as_ref(), "{key}");
+    }
+    storage.put_many(Vec::new()).await.expect("an empty batch");
 }
 
 async fn size_reports_the_length_or_absence(storage: Arc<dyn Storage>) {
