@@ -68,6 +68,10 @@ pub const COMPRESS_JOB_BYTES: u64 = 4 << 20;
 /// the database beyond this.
 const CUT_AHEAD: usize = 256;
 
+/// The buffer the staged NAR is read through: 2 MiB, the most a local
+/// file read hands to one blocking thread (tokio's limit).
+const STAGED_READ_BUFFER: usize = 2 << 20;
+
 /// What a NAR's `.ls` listing may cost in memory while it is built (see
 /// `NarReader::with_listing_budget`): about 150,000 entries with short
 /// names. A NAR with a larger listing is stored without one, and its
@@ -293,7 +297,12 @@ impl Chunker {
         nar_id: NarId,
         trace_id: &str,
     ) -> Result<(), JobError> {
-        let reader = self.storage.get_range(staged, 0, None).await?;
+        // Large reads: on local storage each read is a hop to a blocking
+        // thread, and FastCDC asks for at most a chunk at a time.
+        let reader = tokio::io::BufReader::with_capacity(
+            STAGED_READ_BUFFER,
+            self.storage.get_range(staged, 0, None).await?,
+        );
         let (sender, mut receiver) = mpsc::channel(CUT_AHEAD);
         let nar_size = upload.nar_size;
         // Hashing and cutting are CPU work: a blocking thread reads the

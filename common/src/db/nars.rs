@@ -465,6 +465,22 @@ async fn check_chunks_not_claimed(
 }
 
 async fn mark_nar_valid_if_complete_on(connection: &mut Tx, nar_id: NarId) -> Result<bool> {
+    // Every compress job of a NAR ends here, so reading its whole chunk
+    // list each time would cost the square of its length. Compressors store
+    // a NAR's chunks about in list order, so a chunk still pending is
+    // usually among the last: read backwards, the list shows one after a
+    // few rows. Only when none shows does the complete check below run.
+    let unfinished = sqlx::query(
+        "SELECT nc.seq FROM nar_chunks nc JOIN chunks c ON c.id = nc.chunk_id \
+         WHERE nc.nar_id = $1 AND c.state <> 'valid' ORDER BY nc.seq DESC LIMIT 1",
+    )
+    .bind(nar_id.0)
+    .fetch_optional(&mut *connection)
+    .await
+    .map_err(query_error("looking for a NAR's unstored chunks"))?;
+    if unfinished.is_some() {
+        return Ok(false);
+    }
     // One statement, so two compressors finishing at once cannot both miss
     // the moment the last chunk became valid: each sees the other's commit
     // or waits for it.
