@@ -14,7 +14,6 @@
 use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
-use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
 use common::chunking::max_chunk_entries;
@@ -71,13 +70,12 @@ impl Chunker {
             // Every chunk of the NAR was needed and none was stored again.
             larder().chunks_deduplicated(u64::from(nar.n_chunks), nar.nar_size);
         }
-        let (nar_id, visible, others_waiting, unused) = match outcome {
+        let (visible, others_waiting, unused) = match outcome {
             InlineOutcome::Finished {
-                nar_id,
                 visible,
                 others_waiting,
                 unused,
-            } => (nar_id, visible, others_waiting, unused),
+            } => (visible, others_waiting, unused),
             InlineOutcome::NeedsContent | InlineOutcome::ChunksChanged => {
                 return Err(JobError::NotYet(format!(
                     "the chunks of NAR {} changed while it was being stored",
@@ -115,7 +113,7 @@ impl Chunker {
                 "upload visible"
             );
         }
-        if others_waiting {
+        if let Some(nar_id) = others_waiting {
             finalise_nar(database, &*self.storage, nar_id).await?;
         }
         Ok(())
@@ -125,21 +123,21 @@ impl Chunker {
     /// upload's hash and size.
     async fn cut_whole(&self, upload: &Upload) -> Result<CutNar, JobError> {
         let staged = staged_object_key(&upload.staged_key)?;
-        let mut reader = self.storage.get_range(&staged, 0, None).await?;
-        // One byte past the size, so that a staged file longer than its
-        // upload shows as a mismatch rather than being cut short.
-        let mut bytes = Vec::with_capacity(upload.nar_size as usize + 1);
-        (&mut reader)
-            .take(upload.nar_size + 1)
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(|source| {
-                JobError::Storage(StorageError::Io {
-                    key: staged.to_string(),
-                    source,
-                })
-            })?;
-        let bytes = Bytes::from(bytes);
+        // In one read (one blocking-pool hop for local storage, one request
+        // for S3). Bytes past the upload's size are not the NAR's: the
+        // hash below proves that these are.
+        let bytes = match self.storage.get_bytes(&staged, 0, upload.nar_size).await {
+            Err(StorageError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::UnexpectedEof =>
+            {
+                return Err(JobError::Permanent(format!(
+                    "the staged NAR {staged} is shorter than its upload ({} bytes): staging \
+                     storage corrupted it; push the path again",
+                    upload.nar_size
+                )))
+            }
+            read => read?,
+        };
         let nar_size = upload.nar_size;
         let data = bytes.clone();
         // Hashing, cutting and reading the NAR are CPU work.

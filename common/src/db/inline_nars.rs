@@ -31,7 +31,9 @@ use std::collections::BTreeMap;
 
 use super::error::{query_error, DbError, Result};
 use super::listings::EncodedListing;
-use super::nars::{chunk_from_row, nar_from_row, Chunk, ChunkLocation, CHUNK_COLUMNS, NAR, NAR_COLUMNS};
+use super::nars::{
+    chunk_from_row, nar_from_row, Chunk, ChunkLocation, CHUNK_COLUMNS, NAR, NAR_COLUMNS,
+};
 use super::objects::{upsert_counted_object_on, NewObject};
 use super::quota::{lock_cache_on, Charge};
 use super::row::{to_i64, u64_col};
@@ -68,11 +70,10 @@ pub enum InlineOutcome {
     /// this call finalised it, `false` when it had left already (failed,
     /// or done by an earlier attempt) or is gone with its cache.
     Finished {
-        nar_id: NarId,
         visible: bool,
-        /// Other uploads may be waiting on the NAR (it had a chunk list
+        /// A NAR other uploads may be waiting on (it had a chunk list
         /// recorded by the chunker's other path): finalise them too.
-        others_waiting: bool,
+        others_waiting: Option<NarId>,
         /// Locations the caller wrote that no row names (another worker
         /// stored those chunks first): delete them.
         unused: Vec<ChunkLocation>,
@@ -131,9 +132,8 @@ impl Database {
         let Some(mut cache) = lock_cache_on(&mut tx, self.backend, upload.cache_id).await? else {
             // The cache is gone, and its uploads with it.
             return Ok(InlineOutcome::Finished {
-                nar_id: NarId(0),
                 visible: false,
-                others_waiting: false,
+                others_waiting: None,
                 unused: Vec::new(),
             });
         };
@@ -223,9 +223,8 @@ impl Database {
             self.events.wake(&upload.id);
         }
         Ok(InlineOutcome::Finished {
-            nar_id: nar.id,
             visible,
-            others_waiting: nar.n_chunks > 0,
+            others_waiting: (nar.n_chunks > 0).then_some(nar.id),
             unused,
         })
     }

@@ -113,7 +113,8 @@ pub(crate) const NAR: NarColumns = NarColumns {
     created_at: "created_at",
 };
 
-pub(crate) const NAR_COLUMNS: &str = "id, nar_hash, nar_size, state, n_chunks, file_size, created_at";
+pub(crate) const NAR_COLUMNS: &str =
+    "id, nar_hash, nar_size, state, n_chunks, file_size, created_at";
 
 /// The names [`JOINED_NAR_SELECT`] gives the columns of `nars n`.
 pub(crate) const JOINED_NAR: NarColumns = NarColumns {

@@ -181,7 +181,9 @@ async fn listen(url: String, events: Weak<UploadEvents>, stop: CancellationToken
             match received {
                 Ok(Some(notification)) => match notification.payload().parse::<UploadId>() {
                     Ok(id) => events.wake(&id),
-                    Err(error) => tracing::warn!(%error, "ignoring a malformed upload notification"),
+                    Err(error) => {
+                        tracing::warn!(%error, "ignoring a malformed upload notification")
+                    }
                 },
                 // The connection was lost; the next call reconnects.
                 Ok(None) => events.wake_all(),

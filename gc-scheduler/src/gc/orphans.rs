@@ -9,7 +9,10 @@
 //! exists (in any state: a pending chunk's object may be written before its
 //! row says so, and a claimed chunk's object is level 3's to delete) and
 //! has the hash in its name. Row ids are never
-//! reused, so a deleted row never comes back to claim an old object.
+//! reused, so a deleted row never comes back to claim an old object. The
+//! chunks of small NARs, which the chunker writes before their rows exist,
+//! are named by content and upload id (`<sha256>-u<upload id>.zst`) and are
+//! referenced only as a row's recorded location.
 //! Objects younger than `orphan-grace` are left alone: a compressor may
 //! have just written one for a row it is about to update.
 //!

@@ -3,8 +3,8 @@
 
 use common::api::UploadPathResult;
 use common::config::IngestConfig;
-use common::duration::HumanDuration;
 use common::db::UploadPhase;
+use common::duration::HumanDuration;
 use common::queue::CHUNK_DEAD_LETTER_QUEUE;
 use tests::bench::{single_file_nar, Pusher};
 use tests::cluster::{Cluster, ClusterOptions, ClusterServices};
@@ -151,13 +151,23 @@ async fn distributed_a_waiting_push_is_woken_by_the_worker_that_finishes_it() {
     for api in 0..2 {
         let pusher = Pusher::new(&cluster.api(api).url(), &token, cache).expect("a client");
         let pushes = [
-            (format!("small-{api}"), pseudo_random(40 << 10, 11 + api as u64)),
-            (format!("large-{api}"), pseudo_random(3 << 20, 13 + api as u64)),
+            (
+                format!("small-{api}"),
+                pseudo_random(40 << 10, 11 + api as u64),
+            ),
+            (
+                format!("large-{api}"),
+                pseudo_random(3 << 20, 13 + api as u64),
+            ),
         ];
         for (name, contents) in pushes {
             let nar = single_file_nar(&contents).expect("a NAR");
             let (_, phase) = pusher.upload(&name, nar, None).await.expect("a push");
-            assert_eq!(phase.as_deref(), Some("done"), "{name} through API server {api}");
+            assert_eq!(
+                phase.as_deref(),
+                Some("done"),
+                "{name} through API server {api}"
+            );
         }
     }
     cluster.stop();

@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use common::auth::Permission;
 use common::config::IngestConfig;
-use common::duration::HumanDuration;
 use common::db::{Backend, Timestamp};
+use common::duration::HumanDuration;
 use common::nix::NarHash;
 use tests::bench::{single_file_nar, upload_info, Pusher};
 use tests::server::{pseudo_random, TestServer, TestServerOptions};
@@ -37,11 +37,7 @@ struct DatabaseCalls {
 }
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Counter {
-    fn on_event(
-        &self,
-        event: &tracing::Event<'_>,
-        _: tracing_subscriber::layer::Context<'_, S>,
-    ) {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
         let target = event.metadata().target();
         if target == "sqlx::query" {
             let mut summary = Summary(String::new());
@@ -83,8 +79,10 @@ fn count_database_calls() -> Arc<DatabaseCalls> {
     let filter = tracing_subscriber::filter::Targets::new()
         .with_target("sqlx::query", tracing::Level::TRACE)
         .with_target(common::db::WRITE_TRANSACTION_TARGET, tracing::Level::TRACE);
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_subscriber::Layer::with_filter(Counter(calls.clone()), filter));
+    let subscriber = tracing_subscriber::registry().with(tracing_subscriber::Layer::with_filter(
+        Counter(calls.clone()),
+        filter,
+    ));
     tracing::subscriber::set_global_default(subscriber)
         .expect("no other subscriber in this test's process");
     calls
