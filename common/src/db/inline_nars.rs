@@ -22,9 +22,11 @@
 //! chunk is ever unlisted; a chunk GC claimed (`deleting`) is never made
 //! valid again (the upsert skips such rows, and they are replaced by fresh
 //! rows, as `upsert_chunks` does); and the objects written before the
-//! commit are younger than `orphan-grace` until well after it, so the
-//! orphan sweep leaves them alone. A crash before the commit leaves the
-//! upload in flight (its job is done again) and at worst objects no row
+//! commit are named by the upload, which the orphan sweep counts as their
+//! owner while it is in flight ([`Database::uploads_in_flight`], asked
+//! before the recorded locations), whatever `orphan-grace` is. A crash
+//! before the commit leaves the upload in flight (its job is done again,
+//! writing the same keys) and, once it is failed or reaped, objects no row
 //! names, which the sweep removes.
 
 use std::collections::BTreeMap;
