@@ -53,10 +53,15 @@ impl Chunker {
         {
             return Err(another_size(upload));
         }
-        let mut outcome = match stored.as_ref().map(|nar| nar.state) {
-            Some(StoreState::Valid) => self.finish(upload, None).await?,
-            Some(StoreState::Deleting) => InlineOutcome::NarDeleting,
-            Some(StoreState::Pending) | None => InlineOutcome::NeedsContent,
+        let mut outcome = match &stored {
+            Some(nar) if nar.state == StoreState::Valid => {
+                // Before the commit, which wakes the waiting push: every
+                // chunk of the NAR was needed and none is stored again.
+                larder().chunks_deduplicated(u64::from(nar.n_chunks), nar.nar_size);
+                self.finish(upload, None).await?
+            }
+            Some(nar) if nar.state == StoreState::Deleting => InlineOutcome::NarDeleting,
+            _ => InlineOutcome::NeedsContent,
         };
         if outcome == InlineOutcome::NeedsContent {
             let cut = self.cut_whole(upload).await?;
@@ -66,9 +71,6 @@ impl Chunker {
                 listing: cut.found.listing.as_ref(),
             };
             outcome = self.finish(upload, Some(content)).await?;
-        } else if let Some(nar) = &stored {
-            // Every chunk of the NAR was needed and none was stored again.
-            larder().chunks_deduplicated(u64::from(nar.n_chunks), nar.nar_size);
         }
         let (visible, others_waiting, unused) = match outcome {
             InlineOutcome::Finished {
