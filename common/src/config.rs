@@ -327,7 +327,9 @@ impl Default for HttpConfig {
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct PipelineConfig {
     /// Chunk jobs one process works on at once; 0 takes none (they wait
-    /// for another process).
+    /// for another process). Several, since a chunk job of a small NAR
+    /// (which the chunker stores itself) mostly waits for storage and the
+    /// database to sync.
     pub chunk_concurrency: u32,
     /// Compress jobs one process works on at once; 0 takes none.
     pub compress_concurrency: u32,
@@ -351,7 +353,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Self {
-            chunk_concurrency: 1,
+            chunk_concurrency: 4,
             compress_concurrency: u32::try_from(cores).unwrap_or(1),
             compression_level: 3,
             job_attempts: 8,
