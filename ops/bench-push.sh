@@ -22,9 +22,12 @@
 #      chunk object) beside the two NARs compressed whole with
 #      `zstd -8 -T1`. Target: <= 1.10x (issue 14).
 #   3. N small paths (default 300; NARs of 10-500 KiB of real file contents
-#      from --small-source, default /usr/lib/python3.11) pushed with --jobs
-#      requests in flight (default 8), from the first request until the
-#      last path is visible. Target: >= 500 paths/s.
+#      from --small-source, default /usr/lib/python3.11), from the first
+#      request until the last path is visible, three ways, each into a fresh
+#      cache with NARs no other run pushed (ops/bench/small-paths.sh):
+#      bench_push's pusher with --jobs requests in flight (default 8),
+#      `larder push -j JOBS` and `nix copy --to` (zstd) of N store paths
+#      added to a chroot Nix store. Targets: >= 500 paths/s, nix copy >= 250.
 #   4. The door alone: a NAR holding NAR A's bytes as one file (so it is
 #      new to the server) pushed with `X-Larder-Wait: 0`, from request
 #      start until it is verified and spooled: MiB/s, beside single-threaded
@@ -84,7 +87,7 @@ fi
 install_tools curl:curl zstd:zstd openssl:openssl
 command -v nix-store >/dev/null || bash "$repo/ops/install.sh"
 
-release_binaries ingest-api tests -- ingest-api bench_push
+release_binaries ingest-api tests watcher-agent -- ingest-api bench_push larder
 
 server_pid=
 start_work_dir server_pid
@@ -163,8 +166,9 @@ stage_seconds >"$work/stages-after-a"
 "${push[@]}" --cache bench-large large "$work/b.nar" | sed 's/^LARGE_SECONDS_0=/LARGE_SECONDS_1=/' >"$work/large-b.vars"
 cat "$work/large-a.vars" "$work/large-b.vars" >"$work/large.vars"
 stored_after_a_and_b=$(stored_bytes)
-say "pushing $small small paths, $jobs at a time"
-"${push[@]}" --cache bench-small small "$small" "$jobs" "$small_source" >"$work/small.vars"
+# shellcheck source=ops/bench/small-paths.sh
+source "$repo/ops/bench/small-paths.sh"
+bench_small_paths "$work/small.vars"
 say "pushing a NAR of NAR A's bytes through the door alone (X-Larder-Wait: 0)"
 "${push[@]}" --cache bench-door door "$work/a.nar" >"$work/door.vars"
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -175,7 +179,8 @@ declare -A result
 while IFS='=' read -r key value; do
     [[ $key =~ ^[A-Z0-9_]+$ ]] && result[$key]=$value
 done < <(cat "$work/large.vars" "$work/small.vars" "$work/door.vars")
-for key in LARGE_SECONDS_0 LARGE_SECONDS_1 SMALL_SECONDS SMALL_BYTES DOOR_SECONDS DOOR_BYTES; do
+for key in LARGE_SECONDS_0 LARGE_SECONDS_1 SMALL_SECONDS SMALL_BYTES LARDER_PUSH_SECONDS \
+    NIX_COPY_SECONDS STORE_PATH_BYTES DOOR_SECONDS DOOR_BYTES; do
     [[ -n ${result[$key]:-} ]] || die "bench_push printed no $key"
 done
 
@@ -188,7 +193,10 @@ r_door=$(ratio "$door_mibps" "$openssl_mibps")
 zstd3_mibps=$(mibps "$size_a" "$zstd3_seconds")
 push_a_mibps=$(mibps "$size_a" "${result[LARGE_SECONDS_0]}")
 push_b_mibps=$(mibps "$size_b" "${result[LARGE_SECONDS_1]}")
-small_rate=$(awk -v n="$small" -v s="${result[SMALL_SECONDS]}" 'BEGIN { printf "%.0f", n / s }')
+per_second() { awk -v n="$small" -v s="$1" 'BEGIN { printf "%.0f", n / s }'; }
+small_rate=$(per_second "${result[SMALL_SECONDS]}")
+larder_push_rate=$(per_second "${result[LARDER_PUSH_SECONDS]}")
+nix_copy_rate=$(per_second "${result[NIX_COPY_SECONDS]}")
 r_push=$(ratio "$push_a_mibps" "$zstd3_mibps")
 r_store=$(ratio "$stored_after_a_and_b" "$((zstd8_a + zstd8_b))")
 at_most() { awk -v r="$1" -v t="$2" 'BEGIN { print (r <= t ? "met" : "MISSED") }'; }
@@ -200,7 +208,8 @@ report=$work/report.txt
     echo "machine: $(nproc) cores, $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r)"
     echo "larder: $(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD 2>/dev/null || echo '+changes'), release build, one machine (SQLite, local storage, in-process pipeline)"
     echo "NAR A: $large_a, $(mib_of "$size_a") MiB; NAR B: $large_b, $(mib_of "$size_b") MiB"
-    echo "small paths: $small NARs of 10-500 KiB from $small_source, $(mib_of "${result[SMALL_BYTES]}") MiB in all, $jobs in flight"
+    echo "small paths: $small NARs of 10-500 KiB from $small_source, $(mib_of "${result[SMALL_BYTES]}") MiB in all, $jobs in flight;" \
+        "store paths for larder push and nix copy: $small each, $(mib_of "${result[STORE_PATH_BYTES]}") MiB of NAR per set"
     echo "load average (1, 5, 15 min) before the pushes: $load_before; after: $load_after"
     echo
     printf '%-44s %12s %10s %8s  %s\n' "" figure ratio target ""
@@ -217,6 +226,10 @@ report=$work/report.txt
         "$r_store" "<= 1.10" "$(at_most "$r_store" 1.10) (ratio to zstd -8 whole)"
     printf '%-44s %12s %10s %8s  %s\n' "small paths visible per second" "$small_rate" "" ">= 500" \
         "$(verdict "$small_rate" 500)"
+    printf '%-44s %12s %10s %8s  %s\n' "  larder push -j $jobs, paths per second" "$larder_push_rate" "" ">= 500" \
+        "$(verdict "$larder_push_rate" 500)"
+    printf '%-44s %12s %10s %8s  %s\n' "  nix copy --to (zstd), paths per second" "$nix_copy_rate" "" ">= 250" \
+        "$(verdict "$nix_copy_rate" 250)"
     printf '%-44s %12s %10s %8s  %s\n' "server peak RSS MiB (VmHWM), whole run" "$(mib "$rss")" "" "<= 128" \
         "$(at_most "$(mib "$rss")" 128)"
     echo

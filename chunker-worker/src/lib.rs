@@ -29,6 +29,10 @@
 //! chunks are all stored already (the compressor finalises it otherwise).
 //! Failures are settled by [`common::worker`]'s policy.
 //!
+//! A NAR of at most [`INLINE_NAR_BYTES`] (a few chunks) takes none of
+//! these steps: the chunker stores it itself, in one transaction (module
+//! `inline`).
+//!
 //! Chunks cut that storage already holds (or that repeat earlier in the
 //! same NAR), and every chunk of a NAR found valid already, count in
 //! `larder_chunks_deduplicated_total` and its bytes; chunks republished
@@ -58,6 +62,10 @@ use common::queue::{publish_job, ChunkJob, ChunkRange, CompressJob, Queue, Queue
 use common::service::{self, ServiceError, Services};
 use common::storage::{ObjectKey, Storage, StorageError};
 use common::worker::{self, finalise_nar, staged_object_key, JobError, JobHandler};
+
+mod inline;
+
+pub use inline::INLINE_NAR_BYTES;
 
 /// About how many uncompressed bytes one compress job covers: enough to
 /// amortise a job's overhead, small enough that compressors start while
@@ -96,6 +104,7 @@ pub async fn run_with(
         database: services.database,
         storage: services.storage,
         queue: services.queue.clone(),
+        compression_level: config.compression_level,
     });
     worker::consume(
         services.queue,
@@ -113,6 +122,8 @@ pub struct Chunker {
     pub database: Database,
     pub storage: Arc<dyn Storage>,
     pub queue: Arc<dyn Queue>,
+    /// The zstd level of the chunks of small NARs, which it stores itself.
+    pub compression_level: i32,
 }
 
 #[async_trait]
@@ -129,7 +140,12 @@ impl JobHandler for Chunker {
         if upload.phase.is_terminal() {
             return Ok(());
         }
-        match self.chunk_upload(&upload, &job.trace_id).await {
+        let outcome = if upload.nar_size <= INLINE_NAR_BYTES {
+            self.store_inline(&upload).await
+        } else {
+            self.chunk_upload(&upload, &job.trace_id).await
+        };
+        match outcome {
             Err(JobError::Storage(StorageError::NotFound(key))) => {
                 self.staged_nar_missing(&upload, &key).await
             }
@@ -224,8 +240,11 @@ impl Chunker {
             )
             .await?;
         if nar.state == StoreState::Valid {
+            // Before the finalisation, which wakes the waiting push: its
+            // pusher then sees the count.
             larder().chunks_deduplicated(u64::from(nar.n_chunks), nar.nar_size);
         }
+        finalise_nar(database, &*self.storage, nar.id).await?;
         Ok(())
     }
 
@@ -343,24 +362,8 @@ impl Chunker {
         let cut = cutter
             .await
             .map_err(|error| JobError::Permanent(format!("the chunking thread failed: {error}")))?
-            .map_err(|error| match error {
-                CutError::Read(source) => JobError::Storage(StorageError::Io {
-                    key: staged.to_string(),
-                    source,
-                }),
-                CutError::NotANar(error) => JobError::Permanent(format!(
-                    "the staged NAR {staged} is no longer a valid NAR ({error}): staging \
-                     storage corrupted it; push the path again"
-                )),
-            })?;
-        if cut.size != upload.nar_size || cut.nar_hash != upload.nar_hash {
-            return Err(JobError::Permanent(format!(
-                "the staged NAR {staged} no longer matches its upload ({} bytes with hash \
-                 {}, expected {} bytes with hash {}): staging storage corrupted it; push the \
-                 path again",
-                cut.size, cut.nar_hash, upload.nar_size, upload.nar_hash,
-            )));
-        }
+            .map_err(|error| cut_error(staged, error))?;
+        check_cut(upload, staged, &cut)?;
         // Before the chunk list: a NAR can become valid only once its list
         // is recorded, so it never is without the listing it will have.
         if let Some(listing) = &cut.listing {
@@ -483,6 +486,33 @@ impl From<io::Error> for CutError {
     fn from(error: io::Error) -> Self {
         Self::Read(error)
     }
+}
+
+/// The job's failure for a cut that stopped.
+fn cut_error(staged: &ObjectKey, error: CutError) -> JobError {
+    match error {
+        CutError::Read(source) => JobError::Storage(StorageError::Io {
+            key: staged.to_string(),
+            source,
+        }),
+        CutError::NotANar(error) => JobError::Permanent(format!(
+            "the staged NAR {staged} is no longer a valid NAR ({error}): staging storage \
+             corrupted it; push the path again"
+        )),
+    }
+}
+
+/// Fails for good unless the staged NAR cut is the one the upload verified.
+fn check_cut(upload: &Upload, staged: &ObjectKey, cut: &Cut) -> Result<(), JobError> {
+    if cut.size != upload.nar_size || cut.nar_hash != upload.nar_hash {
+        return Err(JobError::Permanent(format!(
+            "the staged NAR {staged} no longer matches its upload ({} bytes with hash {}, \
+             expected {} bytes with hash {}): staging storage corrupted it; push the path \
+             again",
+            cut.size, cut.nar_hash, upload.nar_size, upload.nar_hash,
+        )));
+    }
+    Ok(())
 }
 
 /// Cuts `reader` into chunks, sending each (offset, length, SHA-256) to

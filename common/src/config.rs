@@ -191,6 +191,11 @@ pub struct IngestConfig {
     /// answering with the upload still in flight; `0 seconds` answers as
     /// soon as the upload is acknowledged (spooled and verified).
     pub wait_for_visible: HumanDuration,
+    /// How long a waiting push goes without reading its upload's row. A
+    /// push is woken when its upload leaves the pipeline (by the process
+    /// that finishes it, or through PostgreSQL's notifications from another
+    /// process), so this is only the safety net for a lost wake-up.
+    pub wait_recheck_interval: HumanDuration,
     /// The most NAR bytes a compressed upload (`nix copy` with
     /// `compression=zstd` or `xz`) may decode to per byte of its body read
     /// so far, beyond a fixed first MiB: a decompression bomb is refused
@@ -219,6 +224,11 @@ impl IngestConfig {
                 "ingest.max-decompression-ratio must be at least 1".into(),
             ));
         }
+        if self.wait_recheck_interval.as_duration().is_zero() {
+            return Err(ConfigError::Invalid(
+                "ingest.wait-recheck-interval must be longer than 0 seconds".into(),
+            ));
+        }
         if self.verify_threads == Some(0) {
             return Err(ConfigError::Invalid(
                 "ingest.verify-threads must be at least 1 (or absent: one per core)".into(),
@@ -236,6 +246,7 @@ impl Default for IngestConfig {
             max_narinfo_size: 1 << 20,
             require_proof_of_possession: true,
             wait_for_visible: HumanDuration::from_secs(120),
+            wait_recheck_interval: HumanDuration::from_secs(5),
             max_decompression_ratio: DEFAULT_MAX_DECOMPRESSION_RATIO,
             verify_threads: None,
         }
@@ -316,7 +327,9 @@ impl Default for HttpConfig {
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct PipelineConfig {
     /// Chunk jobs one process works on at once; 0 takes none (they wait
-    /// for another process).
+    /// for another process). Several, since a chunk job of a small NAR
+    /// (which the chunker stores itself) mostly waits for storage and the
+    /// database to sync.
     pub chunk_concurrency: u32,
     /// Compress jobs one process works on at once; 0 takes none.
     pub compress_concurrency: u32,
@@ -340,7 +353,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Self {
-            chunk_concurrency: 1,
+            chunk_concurrency: 4,
             compress_concurrency: u32::try_from(cores).unwrap_or(1),
             compression_level: 3,
             job_attempts: 8,

@@ -3,6 +3,12 @@
 //! spooled NAR, publishing its chunk job, and waiting until the path is
 //! visible.
 //!
+//! A waiting push does not poll: it registers for its upload's wake-up
+//! ([`common::db::Database::watch_upload`]) before the chunk job is
+//! published, and reads the row again when woken (by the pipeline in this
+//! process, or through PostgreSQL from another) or, as a safety net, every
+//! `[ingest] wait-recheck-interval`. The row is the truth.
+//!
 //! **A push is answered the same way whether or not another cache holds
 //! the NAR.** Every push is read whole, verified and spooled, and every one
 //! goes through the pipeline, whose chunker links a NAR that is already
@@ -22,7 +28,7 @@ use tracing::Instrument;
 use common::api::{UploadPathResult, UploadPathResultKind, WAIT_HEADER};
 use common::db::{
     Cache, LinkedPath, NewUpload, ObjectMetadata, StagedFile, Timestamp, Upload, UploadId,
-    UploadPhase,
+    UploadPhase, UploadWatch,
 };
 use common::metrics::{larder, PushStage};
 use common::nix::{NarHash, StoreDir, StorePath, StorePathHash};
@@ -35,11 +41,6 @@ use crate::error::ApiError;
 use crate::quota;
 use crate::spool;
 use crate::state::AppState;
-
-/// The first delay between two looks at an upload's row; it doubles up to
-/// [`MAX_POLL_INTERVAL`].
-const FIRST_POLL_INTERVAL: Duration = Duration::from_millis(20);
-const MAX_POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 /// A pushed path whose metadata has been validated against its cache.
 #[derive(Debug, Clone)]
@@ -198,9 +199,17 @@ pub async fn await_upload(
     upload: Upload,
     wait: Duration,
 ) -> Result<UploadPathResult, ApiError> {
-    let upload = larder()
-        .timed(PushStage::Wait, wait_until_visible(state, upload, wait))
-        .await?;
+    let watch = state.database.watch_upload(&upload.id);
+    // It may have left the pipeline before the watch began.
+    let upload = if wait.is_zero() {
+        upload
+    } else {
+        current(state, &upload.id).await?
+    };
+    answer(wait_until_visible(state, upload, &watch, wait).await?)
+}
+
+fn answer(upload: Upload) -> Result<UploadPathResult, ApiError> {
     Ok(UploadPathResult {
         kind: UploadPathResultKind::Uploaded,
         upload_id: Some(upload.id.to_string()),
@@ -243,6 +252,8 @@ async fn follow_new_upload(
             nar_size = upload.nar_size,
             "upload spooled"
         );
+        // Before the job exists, so that no wake-up can come before it.
+        let watch = state.database.watch_upload(&upload.id);
         let job = ChunkJob {
             upload_id: upload.id.to_string(),
             trace_id,
@@ -255,37 +266,34 @@ async fn follow_new_upload(
                 "could not publish a chunk job; the reconciler will retry"
             );
         }
-        await_upload(state, upload, wait).await
+        answer(wait_until_visible(state, upload, &watch, wait).await?)
     }
     .instrument(span)
     .await
 }
 
-/// Polls the upload's row until it is done or failed, or `wait` is over.
-/// A failed upload is an error carrying the pipeline's reason.
+/// Waits until the upload is done or failed, or `wait` is over: reads its
+/// row each time `watch` is woken, and at least every
+/// `wait-recheck-interval`. A failed upload is an error carrying the
+/// pipeline's reason.
 async fn wait_until_visible(
     state: &AppState,
     mut upload: Upload,
+    watch: &UploadWatch,
     wait: Duration,
 ) -> Result<Upload, ApiError> {
-    let deadline = Instant::now() + wait;
-    let mut interval = FIRST_POLL_INTERVAL;
+    let started = Instant::now();
+    let deadline = started + wait;
+    let recheck = state.ingest.wait_recheck_interval.as_duration();
     while !upload.phase.is_terminal() {
         let now = Instant::now();
         if now >= deadline {
             break;
         }
-        tokio::time::sleep(interval.min(deadline - now)).await;
-        interval = (interval * 2).min(MAX_POLL_INTERVAL);
-        upload = state
-            .database
-            .upload(&upload.id)
-            .await
-            .map_err(ApiError::internal)?
-            .ok_or_else(|| {
-                ApiError::UploadFailed("the upload was removed before it finished".to_owned())
-            })?;
+        watch.woken_within(recheck.min(deadline - now)).await;
+        upload = current(state, &upload.id).await?;
     }
+    larder().push_stage(PushStage::Wait, started.elapsed());
     if upload.phase == UploadPhase::Failed {
         return Err(ApiError::UploadFailed(
             upload
@@ -294,4 +302,16 @@ async fn wait_until_visible(
         ));
     }
     Ok(upload)
+}
+
+/// The upload's row as it is now.
+async fn current(state: &AppState, id: &UploadId) -> Result<Upload, ApiError> {
+    state
+        .database
+        .upload(id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| {
+            ApiError::UploadFailed("the upload was removed before it finished".to_owned())
+        })
 }

@@ -510,6 +510,7 @@ async fn redelivered_jobs_change_nothing(rig: &Rig) {
         database: rig.db.clone(),
         storage: rig.storage.clone(),
         queue: rig.queue.clone(),
+        compression_level: 3,
     };
     chunker
         .handle(&chunk_job(&upload))

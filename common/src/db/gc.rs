@@ -17,6 +17,10 @@
 //!   [`Database::upsert_chunks`]): a chunker records a NAR's chunk list only
 //!   once it has cut the whole NAR. Unlisted chunks past the grace are
 //!   claimed (`deleting`), their storage objects deleted, then their rows.
+//!   A small NAR's chunk rows are created listed, in the transaction that
+//!   finalises its upload ([`Database::finish_inline_upload`]); their
+//!   objects, written just before, belong to the upload while it is in
+//!   flight ([`Database::uploads_in_flight`]).
 //!
 //! # Races, and why they are safe
 //!
@@ -54,9 +58,9 @@ use super::error::{query_error, Result};
 use super::nars::{chunk_from_row, CHUNK_COLUMNS};
 use super::objects::Param;
 use super::push::{staged_file_from_row, StagedFile, STAGED_FILE_COLUMNS};
-use super::row::{chunk_hash_col, i64_col, opt_u64_col, string_col};
+use super::row::{chunk_hash_col, i64_col, opt_u64_col, parsed_col, string_col};
 use super::types::{CacheId, ChunkId, NarId, Timestamp};
-use super::uploads::IN_FLIGHT_PHASES_SQL;
+use super::uploads::{UploadId, IN_FLIGHT_PHASES_SQL};
 use super::{placeholders, Backend, Chunk, Database, MAX_IN_LIST};
 use crate::nix::{Sha256Hash, StorePathHash};
 
@@ -316,6 +320,33 @@ impl Database {
                     ChunkId(i64_col(row, "id")?),
                     chunk_hash_col(row, "chunk_hash")?,
                 );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Those of `ids` that are uploads still in the pipeline: the chunk
+    /// objects a chunker wrote for a small NAR before their rows exist
+    /// (named by the upload, `worker::inline_chunk_object_key`) are theirs
+    /// until the upload leaves the pipeline, in the transaction that
+    /// records their locations.
+    pub async fn uploads_in_flight(&self, ids: &[UploadId]) -> Result<HashSet<UploadId>> {
+        let mut out = HashSet::new();
+        for batch in ids.chunks(MAX_IN_LIST) {
+            let sql = format!(
+                "SELECT id FROM uploads WHERE id IN ({}) AND phase IN {IN_FLIGHT_PHASES_SQL}",
+                placeholders(1, batch.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for id in batch {
+                query = query.bind(id.as_str());
+            }
+            let rows = query
+                .fetch_all(&self.pool)
+                .await
+                .map_err(query_error("looking up uploads in flight"))?;
+            for row in &rows {
+                out.insert(parsed_col(row, "id")?);
             }
         }
         Ok(out)

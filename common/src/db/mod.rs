@@ -57,6 +57,7 @@
 mod caches;
 mod error;
 mod gc;
+mod inline_nars;
 mod listings;
 pub mod migrations;
 mod nars;
@@ -67,10 +68,12 @@ mod row;
 mod stats;
 mod tokens;
 mod types;
+mod upload_events;
 mod uploads;
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, AnyQueryResult};
@@ -81,6 +84,7 @@ pub use caches::{
 };
 pub use error::{DbError, Result};
 pub use gc::CacheRetention;
+pub use inline_nars::{InlineChunk, InlineContent, InlineOutcome};
 pub use listings::EncodedListing;
 pub use nars::{Chunk, ChunkLocation, Nar, NarChunk, NewChunk, StoredChunk};
 pub use objects::{NewObject, Object, ObjectMetadata, ObjectWithNar};
@@ -89,9 +93,15 @@ pub use quota::{CacheUsage, QuotaDefaults, QuotaStatus, UsageCorrection};
 pub use stats::CacheStats;
 pub use tokens::TokenRecord;
 pub use types::{CacheId, CacheKeypair, ChunkId, NarId, ObjectId, StoreState, Timestamp};
+pub use upload_events::UploadWatch;
 pub use uploads::{NewUpload, Upload, UploadId, UploadPhase};
 
 use error::query_error;
+use upload_events::UploadEvents;
+
+/// The `tracing` target of the event each write transaction begins with
+/// (at trace level): what lets a test count a path's transactions.
+pub const WRITE_TRANSACTION_TARGET: &str = "larder::db::write_transaction";
 
 /// Run on every new SQLite connection. Foreign keys must be on for the
 /// cascades and the restrictions of the schema. The busy timeout is how
@@ -154,6 +164,9 @@ pub struct Database {
     backend: Backend,
     /// What caches without a quota of their own are held to.
     quota: QuotaDefaults,
+    /// This process's waiters for uploads leaving the pipeline, shared by
+    /// every clone.
+    events: Arc<UploadEvents>,
 }
 
 impl fmt::Debug for Database {
@@ -173,6 +186,7 @@ impl Database {
     /// [`Database::migrate`].
     pub async fn connect(url: &str) -> Result<Self> {
         let backend = Backend::from_url(url)?;
+        let events = Arc::new(UploadEvents::new(backend, url));
         sqlx::any::install_default_drivers();
         let mut options = AnyPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
@@ -210,6 +224,7 @@ impl Database {
             pool,
             backend,
             quota: QuotaDefaults::default(),
+            events,
         })
     }
 
@@ -244,6 +259,15 @@ impl Database {
         Ok(())
     }
 
+    /// Registers for the wake-ups of upload `id` leaving the pipeline (done,
+    /// failed or removed), from this process or, on PostgreSQL, any other
+    /// (see `upload_events`). Register before the upload can leave, or read
+    /// its row once after registering. Must be called within a tokio
+    /// runtime (on PostgreSQL the first call starts a listening task).
+    pub fn watch_upload(&self, id: &UploadId) -> UploadWatch {
+        self.events.watch(id)
+    }
+
     /// Closes every connection, waiting for those in use to be returned.
     pub async fn close(&self) {
         self.pool.close().await;
@@ -263,6 +287,7 @@ impl Database {
     /// first and writes later can fail with SQLITE_BUSY at the write,
     /// without waiting, when another connection wrote in between.
     pub(crate) async fn begin_write(&self) -> Result<Transaction<'static, Any>> {
+        tracing::trace!(target: WRITE_TRANSACTION_TARGET, "beginning a write transaction");
         let begun = match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
             Backend::Postgres => self.pool.begin().await,

@@ -103,7 +103,7 @@ pub(crate) struct NarColumns {
     created_at: &'static str,
 }
 
-const NAR: NarColumns = NarColumns {
+pub(crate) const NAR: NarColumns = NarColumns {
     id: "id",
     nar_hash: "nar_hash",
     nar_size: "nar_size",
@@ -113,7 +113,8 @@ const NAR: NarColumns = NarColumns {
     created_at: "created_at",
 };
 
-const NAR_COLUMNS: &str = "id, nar_hash, nar_size, state, n_chunks, file_size, created_at";
+pub(crate) const NAR_COLUMNS: &str =
+    "id, nar_hash, nar_size, state, n_chunks, file_size, created_at";
 
 /// The names [`JOINED_NAR_SELECT`] gives the columns of `nars n`.
 pub(crate) const JOINED_NAR: NarColumns = NarColumns {

@@ -102,14 +102,17 @@ fn object_from_row(row: &AnyRow) -> Result<Object> {
 /// new NAR's size, less the replaced one's). Growth is admitted as
 /// `charge` says: checked against the quota (possibly evicting other
 /// paths, never this one), or already admitted (an upload's bytes, counted
-/// since it was recorded). What [`Database::upsert_object`],
-/// [`Database::link_valid_nar`] and upload finalisation share.
+/// since it was recorded). `pending_delta` changes the cache's pending
+/// bytes in the same statement (an upload's, leaving the pipeline). What
+/// [`Database::upsert_object`], [`Database::link_valid_nar`] and upload
+/// finalisation share.
 pub(crate) async fn upsert_counted_object_on(
     connection: &mut sqlx::AnyConnection,
     cache: &mut LockedCache,
     charge: Charge,
     new: &NewObject,
     nar_size: u64,
+    pending_delta: i64,
     at: Timestamp,
 ) -> Result<Object> {
     let replaced = object_nar_size_on(connection, cache.id, &new.store_path_hash)
@@ -127,7 +130,7 @@ pub(crate) async fn upsert_counted_object_on(
         .await?;
     }
     let object = upsert_object_on(connection, cache.id, new, at).await?;
-    adjust_usage_on(connection, cache, growth, 0).await?;
+    adjust_usage_on(connection, cache, growth, pending_delta).await?;
     Ok(object)
 }
 
@@ -298,6 +301,7 @@ impl Database {
             Charge::Checked(self.quota),
             new,
             nar_size,
+            0,
             at,
         )
         .await?;

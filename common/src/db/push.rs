@@ -233,6 +233,7 @@ impl Database {
             Charge::Checked(self.quota),
             &new,
             nar.nar_size,
+            0,
             at,
         )
         .await?;

@@ -25,6 +25,7 @@ use super::row::{
     string_col, time_col, to_i64, to_json, u32_col, u64_col,
 };
 use super::types::{CacheId, NarId, StoreState, Timestamp};
+use super::upload_events::announce_on;
 use super::{affected, Database};
 use crate::cache_name::CacheName;
 use crate::nix::{NarHash, StorePathHash};
@@ -487,9 +488,11 @@ impl Database {
         };
         let nar_size = to_i64("NAR size", u64_col(&row, "nar_size")?)?;
         adjust_usage_on(&mut tx, &mut cache, 0, -nar_size).await?;
+        announce_on(&mut tx, self.backend, id).await?;
         tx.commit()
             .await
             .map_err(query_error("committing an upload's new phase"))?;
+        self.events.wake(id);
         Ok(true)
     }
 
@@ -634,11 +637,28 @@ impl Database {
             }
             _ => return Err(conflict("whose NAR is not valid")),
         };
+        let sql = format!(
+            "UPDATE uploads SET phase = 'done', updated_at = $2 \
+             WHERE id = $1 AND phase IN {IN_FLIGHT_PHASES_SQL}"
+        );
+        let left = affected(
+            &sqlx::query(&sql)
+                .bind(id.as_str())
+                .bind(at.unix_millis())
+                .execute(&mut *tx)
+                .await
+                .map_err(query_error("marking an upload done"))?,
+        );
         let new = NewObject {
             store_path_hash: upload.store_path_hash,
             nar_id,
             metadata: upload.metadata.clone(),
             created_by: upload.created_by.clone(),
+        };
+        let pending = if left {
+            -to_i64("NAR size", upload.nar_size)?
+        } else {
+            0
         };
         let object = upsert_counted_object_on(
             &mut tx,
@@ -646,26 +666,19 @@ impl Database {
             Charge::AlreadyAdmitted,
             &new,
             nar_size,
+            pending,
             at,
         )
         .await?;
-        let sql = format!(
-            "UPDATE uploads SET phase = 'done', updated_at = $2 \
-             WHERE id = $1 AND phase IN {IN_FLIGHT_PHASES_SQL}"
-        );
-        let left = sqlx::query(&sql)
-            .bind(id.as_str())
-            .bind(at.unix_millis())
-            .execute(&mut *tx)
-            .await
-            .map_err(query_error("marking an upload done"))?;
-        if affected(&left) {
-            let pending = to_i64("NAR size", upload.nar_size)?;
-            adjust_usage_on(&mut tx, &mut cache, 0, -pending).await?;
+        if left {
+            announce_on(&mut tx, self.backend, id).await?;
         }
         tx.commit()
             .await
             .map_err(query_error("committing a finalised upload"))?;
+        if left {
+            self.events.wake(id);
+        }
         Ok(object)
     }
 
@@ -692,10 +705,14 @@ impl Database {
         if !phase.is_terminal() {
             let pending = to_i64("NAR size", u64_col(&row, "nar_size")?)?;
             adjust_usage_on(&mut tx, &mut cache, 0, -pending).await?;
+            announce_on(&mut tx, self.backend, id).await?;
         }
         tx.commit()
             .await
             .map_err(query_error("committing a deleted upload"))?;
+        if !phase.is_terminal() {
+            self.events.wake(id);
+        }
         Ok(true)
     }
 

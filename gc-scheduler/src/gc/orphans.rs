@@ -9,7 +9,15 @@
 //! exists (in any state: a pending chunk's object may be written before its
 //! row says so, and a claimed chunk's object is level 3's to delete) and
 //! has the hash in its name. Row ids are never
-//! reused, so a deleted row never comes back to claim an old object.
+//! reused, so a deleted row never comes back to claim an old object. The
+//! chunks of small NARs, which the chunker writes before their rows exist,
+//! are named by content and upload id (`<sha256>-u<upload id>.zst`): such an
+//! object is referenced while its upload is in the pipeline, and then only
+//! as a row's recorded location. The upload leaves the pipeline in the
+//! transaction that records the locations, so the uploads are looked up
+//! first and the locations after: an object whose upload was no longer in
+//! flight at the first query has its location recorded by the second, if
+//! it ever will.
 //! Objects younger than `orphan-grace` are left alone: a compressor may
 //! have just written one for a row it is about to update.
 //!
@@ -27,7 +35,7 @@ use std::time::SystemTime;
 use futures::TryStreamExt;
 
 use common::config::GcConfig;
-use common::db::{ChunkId, Database, Timestamp};
+use common::db::{ChunkId, Database, Timestamp, UploadId};
 use common::storage::{ListedObject, ObjectKey, Storage};
 
 use super::{delete_objects, GcError, GcReport};
@@ -35,12 +43,21 @@ use super::{delete_objects, GcError, GcReport};
 /// The storage prefix of chunk objects.
 const CHUNKS_PREFIX: &str = "chunks";
 
-/// The chunk hash (lowercase hex) and row id a chunk object's key names,
-/// if it is one.
-fn parse_chunk_key(key: &ObjectKey) -> Option<(&str, ChunkId)> {
+/// Whose a chunk object is, by its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ChunkKeyOwner {
+    /// The chunk row of this id (a compressor's object).
+    Row(ChunkId),
+    /// The upload of this id (a small NAR's chunk, written by the chunker).
+    Upload(UploadId),
+}
+
+/// The chunk hash (lowercase hex) and the owner a chunk object's key
+/// names, if it is one.
+fn parse_chunk_key(key: &ObjectKey) -> Option<(&str, ChunkKeyOwner)> {
     let name = key.as_str().strip_prefix("chunks/")?;
     let (directory, file) = name.split_once('/')?;
-    let (hash, id) = file.strip_suffix(".zst")?.split_once('-')?;
+    let (hash, owner) = file.strip_suffix(".zst")?.split_once('-')?;
     let is_hex = hash.len() == 64
         && hash
             .bytes()
@@ -48,8 +65,11 @@ fn parse_chunk_key(key: &ObjectKey) -> Option<(&str, ChunkId)> {
     if !is_hex || directory.len() != 2 || !hash.starts_with(directory) {
         return None;
     }
-    let id = id.parse::<i64>().ok().filter(|id| *id > 0)?;
-    Some((hash, ChunkId(id)))
+    let owner = match owner.strip_prefix('u') {
+        Some(upload) => ChunkKeyOwner::Upload(upload.parse().ok()?),
+        None => ChunkKeyOwner::Row(ChunkId(owner.parse::<i64>().ok().filter(|id| *id > 0)?)),
+    };
+    Some((hash, owner))
 }
 
 /// What a sweep looks for: the objects under one prefix that no row names.
@@ -131,15 +151,31 @@ async fn unreferenced_staged_objects(
         .collect())
 }
 
-/// The objects of `page` that no chunk row names.
+/// The objects of `page` that no chunk row names and no upload in flight
+/// owns. The uploads first (see the module documentation).
 async fn unreferenced_chunk_objects(
     database: &Database,
     page: Vec<ListedObject>,
 ) -> Result<Vec<ListedObject>, GcError> {
-    let ids: Vec<ChunkId> = page
+    let owners: Vec<ChunkKeyOwner> = page
         .iter()
         .filter_map(|object| parse_chunk_key(&object.key))
-        .map(|(_, id)| id)
+        .map(|(_, owner)| owner)
+        .collect();
+    let uploads: Vec<UploadId> = owners
+        .iter()
+        .filter_map(|owner| match owner {
+            ChunkKeyOwner::Upload(id) => Some(id.clone()),
+            ChunkKeyOwner::Row(_) => None,
+        })
+        .collect();
+    let in_flight = database.uploads_in_flight(&uploads).await?;
+    let ids: Vec<ChunkId> = owners
+        .iter()
+        .filter_map(|owner| match owner {
+            ChunkKeyOwner::Row(id) => Some(*id),
+            ChunkKeyOwner::Upload(_) => None,
+        })
         .collect();
     let rows = database.chunk_hashes(&ids).await?;
     let keys: Vec<&str> = page.iter().map(|object| object.key.as_str()).collect();
@@ -147,9 +183,11 @@ async fn unreferenced_chunk_objects(
     Ok(page
         .into_iter()
         .filter(|object| {
-            let named_by_id = parse_chunk_key(&object.key)
-                .is_some_and(|(hash, id)| rows.get(&id).is_some_and(|row| row.to_hex() == hash));
-            !named_by_id && !located.contains(object.key.as_str())
+            let owned = parse_chunk_key(&object.key).is_some_and(|(hash, owner)| match owner {
+                ChunkKeyOwner::Row(id) => rows.get(&id).is_some_and(|row| row.to_hex() == hash),
+                ChunkKeyOwner::Upload(id) => in_flight.contains(&id),
+            });
+            !owned && !located.contains(object.key.as_str())
         })
         .collect())
 }
@@ -158,19 +196,29 @@ async fn unreferenced_chunk_objects(
 mod tests {
     use super::*;
     use common::nix::Sha256Hash;
-    use common::worker::chunk_object_key;
+    use common::worker::{chunk_object_key, inline_chunk_object_key};
 
     #[test]
     fn chunk_keys_parse_back_and_strangers_do_not() {
         let hash = Sha256Hash::digest(b"bytes");
         let key = chunk_object_key(&hash, ChunkId(17));
         let hex = hash.to_hex();
-        assert_eq!(parse_chunk_key(&key), Some((hex.as_str(), ChunkId(17))));
+        assert_eq!(
+            parse_chunk_key(&key),
+            Some((hex.as_str(), ChunkKeyOwner::Row(ChunkId(17))))
+        );
+        let upload = UploadId::random();
+        let key = inline_chunk_object_key(&hash, &upload);
+        assert_eq!(
+            parse_chunk_key(&key),
+            Some((hex.as_str(), ChunkKeyOwner::Upload(upload)))
+        );
         for stranger in [
             format!("chunks/{}/{hex}-17.zst.tmp-0011", &hex[..2]),
             format!("chunks/00/{hex}-17.zst"),
             format!("chunks/{}/{hex}.zst", &hex[..2]),
             format!("chunks/{}/{hex}-x.zst", &hex[..2]),
+            format!("chunks/{}/{hex}-u17.zst", &hex[..2]),
             "chunks/ab/cd.zst".to_owned(),
         ] {
             let key = ObjectKey::new(stranger.as_str()).expect("valid key");

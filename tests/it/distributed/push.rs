@@ -2,10 +2,13 @@
 //! and a poison message.
 
 use common::api::UploadPathResult;
+use common::config::IngestConfig;
 use common::db::UploadPhase;
+use common::duration::HumanDuration;
 use common::queue::CHUNK_DEAD_LETTER_QUEUE;
+use tests::bench::{single_file_nar, Pusher};
 use tests::cluster::{Cluster, ClusterOptions, ClusterServices};
-use tests::server::HttpApi;
+use tests::server::{pseudo_random, HttpApi};
 
 use super::{assert_whole, pusher_token, Pushing};
 use crate::server::ok_json;
@@ -121,5 +124,51 @@ async fn distributed_a_poison_message_is_dead_lettered_and_its_upload_failed() {
     )
     .await;
     assert_eq!(status["phase"], "failed", "{status}");
+    cluster.stop();
+}
+
+/// In this topology no API server finalises an upload: a worker process
+/// does, and its `NOTIFY` through PostgreSQL wakes the push waiting in the
+/// API process. The API servers read a waiting upload's row only when woken
+/// (their safety net is an hour) and wait up to a minute, so a push
+/// answered `done` was woken by the worker that finished it: a small NAR
+/// (stored by a chunker itself) and a large one (by compressors), through
+/// each API server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distributed_a_waiting_push_is_woken_by_the_worker_that_finishes_it() {
+    let options = ClusterOptions {
+        ingest: IngestConfig {
+            wait_for_visible: HumanDuration::from_secs(60),
+            wait_recheck_interval: HumanDuration::from_secs(3600),
+            ..IngestConfig::default()
+        },
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start(&ClusterServices::shared(), options).await;
+    let cache = "woken";
+    cluster.create_cache(cache, false).await;
+    let token = pusher_token(&cluster, &[cache]).await;
+    for api in 0..2 {
+        let pusher = Pusher::new(&cluster.api(api).url(), &token, cache).expect("a client");
+        let pushes = [
+            (
+                format!("small-{api}"),
+                pseudo_random(40 << 10, 11 + api as u64),
+            ),
+            (
+                format!("large-{api}"),
+                pseudo_random(3 << 20, 13 + api as u64),
+            ),
+        ];
+        for (name, contents) in pushes {
+            let nar = single_file_nar(&contents).expect("a NAR");
+            let (_, phase) = pusher.upload(&name, nar, None).await.expect("a push");
+            assert_eq!(
+                phase.as_deref(),
+                Some("done"),
+                "{name} through API server {api}"
+            );
+        }
+    }
     cluster.stop();
 }

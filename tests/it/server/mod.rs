@@ -19,6 +19,7 @@ mod observability;
 mod parts;
 pub(crate) mod push;
 mod serving;
+mod small_paths;
 mod tokens;
 
 use std::path::Path;

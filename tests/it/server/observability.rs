@@ -106,7 +106,10 @@ async fn metrics_follow_a_push_a_substitution_and_a_deduplicated_push() {
         )
         .await;
     // Several FastCDC chunks (16/64/256 KiB), none repeated.
-    let nar = file_nar(&pseudo_random(600 * 1024, 5));
+    // Larger than a NAR the chunker stores itself, so that compress jobs
+    // run too.
+    let size = usize::try_from(chunker_worker::INLINE_NAR_BYTES).expect("1 MiB") + (600 << 10);
+    let nar = file_nar(&pseudo_random(size, 5));
     let nar_hash = NarHash::from(Sha256Hash::digest(&nar));
     let store_path = fake_store_path("observed");
     let base = server.url();
