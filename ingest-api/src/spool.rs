@@ -256,31 +256,30 @@ async fn spool_in_jobs(
 ) -> Result<Verified, SpoolError> {
     let mut writer = Some(writer);
     let verdict = check(checked, body, Output::Writer(&mut writer)).await;
-    let writer = match (verdict, writer) {
+    match (verdict, writer) {
         (Ok(verified), Some(writer)) => {
-            return match tokio::task::spawn_blocking(move || writer.commit()).await {
+            match tokio::task::spawn_blocking(move || writer.commit()).await {
                 Ok(Ok(_)) => Ok(verified),
                 Ok(Err(error)) => Err(SpoolError::Refused(ApiError::internal(error))),
                 Err(error) => Err(SpoolError::Refused(ApiError::internal(anyhow::anyhow!(
                     "committing a staged NAR failed: {error}"
                 )))),
-            };
+            }
         }
-        (Ok(_), None) => {
-            return Err(SpoolError::Refused(ApiError::internal(anyhow::anyhow!(
-                "a verified NAR's staging writer was lost"
-            ))))
+        // Each job hands the writer back with its result.
+        (Ok(_), None) => Err(SpoolError::Refused(ApiError::internal(anyhow::anyhow!(
+            "a verified NAR's staging writer was lost"
+        )))),
+        (Err(rejection), writer) => {
+            // Dropping the writer removes its file: a blocking call, made
+            // on a blocking thread (and awaited, so that nothing is left
+            // when the answer goes out).
+            if let Some(writer) = writer {
+                let _ = tokio::task::spawn_blocking(move || drop(writer)).await;
+            }
+            Err(rejection.into_spool_error())
         }
-        (Err(rejection), writer) => (rejection, writer),
-    };
-    let (rejection, writer) = writer;
-    // Dropping the writer removes its file: a blocking call, made on a
-    // blocking thread (and awaited, so that nothing is left when the
-    // answer goes out).
-    if let Some(writer) = writer {
-        let _ = tokio::task::spawn_blocking(move || drop(writer)).await;
     }
-    Err(rejection.into_spool_error())
 }
 
 /// Spools through [`Storage::put_reader`] (S3's multipart upload), fed by
@@ -672,12 +671,19 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_zstd_body_is_stored_uncompressed_and_checked_against_its_name() {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        // Several jobs' worth of input and output.
-        let nar = file_nar(
-            &(0..3_000_000u32)
-                .map(|i| (i % 251) as u8)
-                .collect::<Vec<_>>(),
-        );
+        // Several jobs' worth of input and output, compressible within the
+        // decompression-ratio bound.
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let contents: Vec<u8> = (0..3_000_000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                // Few distinct bytes: compressible, but not a bomb.
+                (state % 16) as u8
+            })
+            .collect();
+        let nar = file_nar(&contents);
         let compressed = zstd::bulk::compress(&nar, 3).expect("zstd");
         for (way, storage) in both_ways(dir.path()).await {
             let expected = Expected {
