@@ -9,10 +9,11 @@
 //! [`BATCH_SIZE`], to [`common::verify::NarVerifier`], which does the CPU
 //! work (decoding, SHA-256, grammar) as short jobs on a bounded pool
 //! ([`Door`]), each producing at most [`JOB_OUTPUT`] bytes. Where storage
-//! hands out a blocking writer (local files), the job that verified the
-//! bytes also writes them, so a megabyte costs one thread hop rather than
-//! one per write and per channel; elsewhere (S3) the task sends each job's
-//! output to storage's `put_reader` and waits for it to take them. Either
+//! hands out a blocking writer (local files), a blocking job of its own
+//! writes each job's output while the next is verified, so a megabyte
+//! costs a thread hop for each rather than one per write and per channel;
+//! elsewhere (S3) the task sends each job's output to storage's
+//! `put_reader` and waits for it to take them. Either
 //! way storage's pace holds back the body, and memory per upload is a few
 //! batches and job outputs, whatever the NAR's size. A rejected body never
 //! completes a staged object (the writer is dropped uncommitted, or the
@@ -244,19 +245,28 @@ struct Checked<'a> {
     expected: Expected,
 }
 
-/// Spools through a storage writer that the verification jobs write to
-/// themselves: one thread hop per job, none per write. The object is
-/// committed (flushed and put under its key) only after the verdict, on a
-/// blocking thread but outside the pool's permits: it waits for the disk,
+/// Spools through a storage writer driven from blocking threads: each
+/// job's output is written by a blocking job of its own while the next
+/// verification job runs, so that hashing and writing use both cores (one
+/// thread hop per megabyte for each, none per write). The object is
+/// committed (flushed and put under its key) only after the verdict. Writes
+/// and the commit run outside the pool's permits: they wait for the disk,
 /// not the CPU.
 async fn spool_in_jobs(
     checked: Checked<'_>,
     body: BodyStream,
     writer: Box<dyn BlockingWriter>,
 ) -> Result<Verified, SpoolError> {
-    let mut writer = Some(writer);
-    let verdict = check(checked, body, Output::Writer(&mut writer)).await;
-    match (verdict, writer) {
+    let mut staging = Staging {
+        idle: Some(writer),
+        writing: None,
+    };
+    let verdict = check(checked, body, Output::Writer(&mut staging)).await;
+    // The last write's outcome decides before the verdict: a NAR is only
+    // as good as its staged copy.
+    let written = staging.settle().await;
+    let verdict = written.and(verdict);
+    match (verdict, staging.idle) {
         (Ok(verified), Some(writer)) => {
             match tokio::task::spawn_blocking(move || writer.commit()).await {
                 Ok(Ok(_)) => Ok(verified),
@@ -266,7 +276,7 @@ async fn spool_in_jobs(
                 )))),
             }
         }
-        // Each job hands the writer back with its result.
+        // Each write hands the writer back with its result.
         (Ok(_), None) => Err(SpoolError::Refused(ApiError::internal(anyhow::anyhow!(
             "a verified NAR's staging writer was lost"
         )))),
@@ -347,11 +357,57 @@ struct Batch {
 
 /// Where verified bytes go.
 enum Output<'a> {
-    /// Written by the verification job that produced them; `None` only
-    /// while a job holds the writer (or after a job failed with it).
-    Writer(&'a mut Option<Box<dyn BlockingWriter>>),
+    /// Written by a blocking job, one job's output at a time.
+    Writer(&'a mut Staging),
     /// Sent to storage's reader, waiting for it to take them.
     Channel(&'a mpsc::Sender<io::Result<Bytes>>),
+}
+
+/// A staging writer and the write in progress, if any: at most one at a
+/// time, so writes land in order and at most one job's output waits.
+struct Staging {
+    /// The writer, when no write holds it.
+    idle: Option<Box<dyn BlockingWriter>>,
+    writing: Option<tokio::task::JoinHandle<WriteOutcome>>,
+}
+
+/// A finished write: the writer back, and whether the bytes were written.
+type WriteOutcome = (
+    Box<dyn BlockingWriter>,
+    Result<(), common::storage::StorageError>,
+);
+
+impl Staging {
+    /// Waits for the write in progress, taking the writer back.
+    async fn settle(&mut self) -> Result<(), Rejection> {
+        let Some(writing) = self.writing.take() else {
+            return Ok(());
+        };
+        let (writer, written) = writing.await.map_err(|error| {
+            Rejection::Internal(anyhow::anyhow!("a staging write failed: {error}"))
+        })?;
+        self.idle = Some(writer);
+        written.map_err(Rejection::Storage)
+    }
+
+    /// Writes `verified` on a blocking thread, once the write before it is
+    /// done.
+    async fn write(&mut self, verified: Vec<Bytes>) -> Result<(), Rejection> {
+        self.settle().await?;
+        if verified.is_empty() {
+            return Ok(());
+        }
+        let Some(mut writer) = self.idle.take() else {
+            return Err(Rejection::Internal(anyhow::anyhow!(
+                "the staging writer was lost"
+            )));
+        };
+        self.writing = Some(tokio::task::spawn_blocking(move || {
+            let written = verified.iter().try_for_each(|bytes| writer.write(bytes));
+            (writer, written)
+        }));
+        Ok(())
+    }
 }
 
 /// The whole check: the body read ahead in batches while the verifier
@@ -464,31 +520,20 @@ async fn verify_batches(
             }
         }
         let mut job_input = std::mem::take(&mut input);
-        let mut writer = match &mut output {
-            Output::Writer(slot) => slot.take(),
-            Output::Channel(_) => None,
-        };
-        let (returned, job_input, verified, writer, progress) = door
+        let (returned, job_input, verified, progress) = door
             .run(move || {
                 let mut verified = Vec::new();
-                let mut progress = verifier
-                    .push(&mut job_input, end, &mut verified, JOB_OUTPUT)
-                    .map_err(Rejection::Refused);
-                if let (Ok(_), Some(writer)) = (&progress, &mut writer) {
-                    if let Err(error) = verified
-                        .drain(..)
-                        .try_for_each(|bytes| writer.write(&bytes))
-                    {
-                        progress = Err(Rejection::Storage(error));
-                    }
-                }
-                (verifier, job_input, verified, writer, progress)
+                let progress = verifier.push(&mut job_input, end, &mut verified, JOB_OUTPUT);
+                (verifier, job_input, verified, progress)
             })
             .await?;
         verifier = returned;
         input = job_input;
+        let progress = progress.map_err(Rejection::Refused);
         match &mut output {
-            Output::Writer(slot) => **slot = writer,
+            // Bytes before a refusal are not worth writing.
+            Output::Writer(staging) if progress.is_ok() => staging.write(verified).await?,
+            Output::Writer(_) => {}
             Output::Channel(sender) => {
                 for bytes in verified {
                     sender
