@@ -137,6 +137,7 @@ impl MakeTokenArgs {
 }
 
 fn main() -> ExitCode {
+    common::service::bound_malloc_arenas();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

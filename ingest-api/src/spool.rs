@@ -8,17 +8,23 @@
 //! the body asynchronously and hands what has arrived, in batches of up to
 //! [`BATCH_SIZE`], to [`common::verify::NarVerifier`], which does the CPU
 //! work (decoding, SHA-256, grammar) as short jobs on a bounded pool
-//! ([`Door`]), each producing at most [`JOB_OUTPUT`] bytes; the task then
-//! sends them to storage and waits for it to take them, so storage's pace
-//! holds back the body. Memory per upload is a few batches and job
-//! outputs, whatever the NAR's size. A rejected body ends the stream it
-//! feeds to storage with an error, so storage never completes an object for
-//! it, and whatever was written is deleted before the answer.
+//! ([`Door`]), each producing at most [`JOB_OUTPUT`] bytes. Where storage
+//! hands out a blocking writer (local files), a blocking job of its own
+//! writes each job's output while the next is verified, so a megabyte
+//! costs a thread hop for each rather than one per write and per channel;
+//! elsewhere (S3) the task sends each job's output to storage's
+//! `put_reader` and waits for it to take them. Either
+//! way storage's pace holds back the body, and memory per upload is a few
+//! batches and job outputs, whatever the NAR's size. A rejected body never
+//! completes a staged object (the writer is dropped uncommitted, or the
+//! stream storage reads ends with an error), and whatever was written is
+//! deleted before the answer.
 
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::body::Body;
 use bytes::Bytes;
@@ -28,7 +34,7 @@ use tokio_util::io::StreamReader;
 
 use common::config::IngestConfig;
 use common::metrics::{larder, PushStage};
-use common::storage::{ObjectKey, Storage};
+use common::storage::{BlockingWriter, ObjectKey, Storage};
 use common::verify::{Limits, NarVerifier, Progress, Verified, VerifyError};
 
 pub use common::verify::{Encoding, Expected};
@@ -39,9 +45,9 @@ use crate::error::ApiError;
 pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, axum::Error>> + Send>>;
 
 /// The most body bytes one verification job takes: what has already
-/// arrived, up to this, so that a fast upload is not a thread hop per
-/// network frame.
-const BATCH_SIZE: usize = 256 * 1024;
+/// arrived, up to this, so that a fast upload is a thread hop per megabyte
+/// rather than per network frame.
+const BATCH_SIZE: usize = 1 << 20;
 
 /// The most NAR bytes one verification job hands out; a compressed batch
 /// that decodes to more takes several jobs, each waiting for storage first.
@@ -50,7 +56,7 @@ const JOB_OUTPUT: usize = 1 << 20;
 /// Batches read ahead of the verifier.
 const INPUT_DEPTH: usize = 2;
 
-/// Verified slices waiting for storage.
+/// Verified slices waiting for storage's reader (S3's `put_reader`).
 const OUTPUT_DEPTH: usize = 4;
 
 /// The request body as a stream.
@@ -79,11 +85,12 @@ pub fn staging_key() -> ObjectKey {
 ///
 /// The pool is tokio's blocking pool behind a semaphore of
 /// `[ingest] verify-threads` permits, rather than threads of its own: a job
-/// holds a permit and a thread only while it computes (never while its
-/// upload waits for the network or for storage, which the request's task
-/// does asynchronously), so verification occupies at most that many of the
-/// pool's threads and the rest stay free for storage I/O (`tokio::fs`) and
-/// the pipeline, however many uploads are open. Permits are handed out in
+/// holds a permit and a thread only while it computes and writes its
+/// output to a local file (never while its upload waits for the network or
+/// for a remote storage, which the request's task does asynchronously), so
+/// verification occupies at most that many of the pool's threads and the
+/// rest stay free for other storage I/O and the pipeline, however many
+/// uploads are open. Permits are handed out in
 /// arrival order, so a busy upload cannot starve a quiet one, and no second
 /// pool with its own queue is needed.
 #[derive(Debug, Clone)]
@@ -133,6 +140,8 @@ enum Rejection {
     Unreadable { encoding: Encoding, error: String },
     /// Storage stopped taking bytes; its own error says why.
     StorageGone,
+    /// Storage failed to write a job's output.
+    Storage(common::storage::StorageError),
     /// A bug or a server failure.
     Internal(anyhow::Error),
 }
@@ -150,7 +159,19 @@ impl Rejection {
             Self::StorageGone => {
                 ApiError::internal(anyhow::anyhow!("storage stopped reading a staged NAR"))
             }
+            // Kept as the storage error, which the caller tells apart (a
+            // full disk is a 507).
+            Self::Storage(error) => ApiError::internal(error),
             Self::Internal(error) => ApiError::Internal(error),
+        }
+    }
+
+    fn into_spool_error(self) -> SpoolError {
+        match self {
+            Self::Refused(VerifyError::NarTooLarge { limit }) => {
+                SpoolError::PastBound { bound: limit }
+            }
+            rejection => SpoolError::Refused(rejection.into_api_error()),
         }
     }
 }
@@ -193,12 +214,105 @@ pub async fn spool(
         max_nar_size: bound.min(door.limits.max_nar_size),
         ..door.limits
     };
+    let checked = Checked {
+        door,
+        limits,
+        encoding,
+        expected,
+    };
+    let outcome = match storage.blocking_writer(&key).await {
+        Ok(Some(writer)) => spool_in_jobs(checked, body, writer).await,
+        Ok(None) => spool_through_reader(checked, body, storage.as_ref(), &key).await,
+        Err(error) => Err(SpoolError::Refused(ApiError::internal(error))),
+    };
+    match outcome {
+        Ok(verified) => Ok(Spooled {
+            key,
+            nar_hash: verified.nar_hash,
+            nar_size: verified.nar_size,
+        }),
+        Err(error) => {
+            discard(storage.as_ref(), &key).await;
+            Err(error)
+        }
+    }
+}
+
+/// What a body is checked against.
+#[derive(Clone, Copy)]
+struct Checked<'a> {
+    door: &'a Door,
+    limits: Limits,
+    encoding: Encoding,
+    expected: Expected,
+}
+
+/// Spools through a storage writer driven from blocking threads: each
+/// job's output is written by a blocking job of its own while the next
+/// verification job runs, so that hashing and writing use both cores (one
+/// thread hop per megabyte for each, none per write). The object is
+/// committed (flushed and put under its key) only after the verdict. Writes
+/// and the commit run outside the pool's permits: they wait for the disk,
+/// not the CPU.
+async fn spool_in_jobs(
+    checked: Checked<'_>,
+    body: BodyStream,
+    writer: Box<dyn BlockingWriter>,
+) -> Result<Verified, SpoolError> {
+    let mut staging = Staging {
+        idle: Some(writer),
+        writing: None,
+    };
+    let started = Instant::now();
+    let verdict = check(checked, body, Output::Writer(&mut staging)).await;
+    let verified_at = record_verdict_time(started);
+    // The last write's outcome decides before the verdict: a NAR is only
+    // as good as its staged copy.
+    let written = staging.settle().await;
+    let verdict = written.and(verdict);
+    match (verdict, staging.idle) {
+        (Ok(verified), Some(writer)) => {
+            let committed = tokio::task::spawn_blocking(move || writer.commit()).await;
+            larder().push_stage(PushStage::Spool, verified_at.elapsed());
+            match committed {
+                Ok(Ok(_)) => Ok(verified),
+                Ok(Err(error)) => Err(SpoolError::Refused(ApiError::internal(error))),
+                Err(error) => Err(SpoolError::Refused(ApiError::internal(anyhow::anyhow!(
+                    "committing a staged NAR failed: {error}"
+                )))),
+            }
+        }
+        // Each write hands the writer back with its result.
+        (Ok(_), None) => Err(SpoolError::Refused(ApiError::internal(anyhow::anyhow!(
+            "a verified NAR's staging writer was lost"
+        )))),
+        (Err(rejection), writer) => {
+            // Dropping the writer removes its file: a blocking call, made
+            // on a blocking thread (and awaited, so that nothing is left
+            // when the answer goes out).
+            if let Some(writer) = writer {
+                let _ = tokio::task::spawn_blocking(move || drop(writer)).await;
+            }
+            Err(rejection.into_spool_error())
+        }
+    }
+}
+
+/// Spools through [`Storage::put_reader`] (S3's multipart upload), fed by
+/// a channel that the request's task fills with each job's output,
+/// waiting for storage to take it, so that storage's pace holds back the
+/// body.
+async fn spool_through_reader(
+    checked: Checked<'_>,
+    body: BodyStream,
+    storage: &dyn Storage,
+    key: &ObjectKey,
+) -> Result<Verified, SpoolError> {
     let (nar_sender, nar_receiver) = mpsc::channel::<io::Result<Bytes>>(OUTPUT_DEPTH);
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let verifying = async move {
-        let verdict = check(door, limits, body, encoding, expected, &nar_sender).await;
-        let verified_after = started.elapsed();
-        larder().push_stage(PushStage::ReceiveVerify, verified_after);
+        let verdict = check(checked, body, Output::Channel(&nar_sender)).await;
+        let verified_at = record_verdict_time(started);
         if let Err(rejection) = &verdict {
             // Storage must never see a clean end of a rejected NAR; it may
             // have gone already, and then there is nobody to tell.
@@ -210,7 +324,7 @@ pub async fn spool(
         }
         // The end of the stream storage reads.
         drop(nar_sender);
-        (verdict, verified_after)
+        (verdict, verified_at)
     };
     let store = async {
         // Owned by this future, so that storage failing mid-write (a full
@@ -219,33 +333,26 @@ pub async fn spool(
         let mut nar_receiver = nar_receiver;
         let verified_bytes = futures::stream::poll_fn(|cx| nar_receiver.poll_recv(cx));
         let mut reader = StreamReader::new(verified_bytes);
-        storage.put_reader(&key, &mut reader).await
+        storage.put_reader(key, &mut reader).await
     };
-    let ((verdict, verified_after), stored) = tokio::join!(verifying, store);
-    // What storage took beyond the verifier: the write's tail, sync and
-    // rename.
-    larder().push_stage(
-        PushStage::Spool,
-        started.elapsed().saturating_sub(verified_after),
-    );
-    let outcome = match (verdict, stored) {
-        (Ok(verified), Ok(_)) => {
-            return Ok(Spooled {
-                key,
-                nar_hash: verified.nar_hash,
-                nar_size: verified.nar_size,
-            })
-        }
+    let ((verdict, verified_at), stored) = tokio::join!(verifying, store);
+    larder().push_stage(PushStage::Spool, verified_at.elapsed());
+    match (verdict, stored) {
+        (Ok(verified), Ok(_)) => Ok(verified),
         (Ok(_) | Err(Rejection::StorageGone), Err(error)) => {
-            SpoolError::Refused(ApiError::internal(error))
+            Err(SpoolError::Refused(ApiError::internal(error)))
         }
-        (Err(Rejection::Refused(VerifyError::NarTooLarge { limit })), _) => {
-            SpoolError::PastBound { bound: limit }
-        }
-        (Err(rejection), _) => SpoolError::Refused(rejection.into_api_error()),
-    };
-    discard(storage.as_ref(), &key).await;
-    Err(outcome)
+        (Err(rejection), _) => Err(rejection.into_spool_error()),
+    }
+}
+
+/// Counts the time from `started` (the body's first read) to now as the
+/// door's `receive_verify` stage, and returns now: from there on, what
+/// storage takes is the `spool` stage.
+fn record_verdict_time(started: Instant) -> Instant {
+    let now = Instant::now();
+    larder().push_stage(PushStage::ReceiveVerify, now - started);
+    now
 }
 
 /// Deletes a staged object that will not be used; a failure is logged (the
@@ -267,20 +374,72 @@ struct Batch {
     failure: Option<axum::Error>,
 }
 
+/// Where verified bytes go.
+enum Output<'a> {
+    /// Written by a blocking job, one job's output at a time.
+    Writer(&'a mut Staging),
+    /// Sent to storage's reader, waiting for it to take them.
+    Channel(&'a mpsc::Sender<io::Result<Bytes>>),
+}
+
+/// A staging writer and the write in progress, if any: at most one at a
+/// time, so writes land in order and at most one job's output waits.
+struct Staging {
+    /// The writer, when no write holds it.
+    idle: Option<Box<dyn BlockingWriter>>,
+    writing: Option<tokio::task::JoinHandle<WriteOutcome>>,
+}
+
+/// A finished write: the writer back, and whether the bytes were written.
+type WriteOutcome = (
+    Box<dyn BlockingWriter>,
+    Result<(), common::storage::StorageError>,
+);
+
+impl Staging {
+    /// Waits for the write in progress, taking the writer back.
+    async fn settle(&mut self) -> Result<(), Rejection> {
+        let Some(writing) = self.writing.take() else {
+            return Ok(());
+        };
+        let (writer, written) = writing.await.map_err(|error| {
+            Rejection::Internal(anyhow::anyhow!("a staging write failed: {error}"))
+        })?;
+        self.idle = Some(writer);
+        written.map_err(Rejection::Storage)
+    }
+
+    /// Writes `verified` on a blocking thread, once the write before it is
+    /// done.
+    async fn write(&mut self, verified: Vec<Bytes>) -> Result<(), Rejection> {
+        self.settle().await?;
+        if verified.is_empty() {
+            return Ok(());
+        }
+        let Some(mut writer) = self.idle.take() else {
+            return Err(Rejection::Internal(anyhow::anyhow!(
+                "the staging writer was lost"
+            )));
+        };
+        self.writing = Some(tokio::task::spawn_blocking(move || {
+            let written = verified.iter().try_for_each(|bytes| writer.write(bytes));
+            (writer, written)
+        }));
+        Ok(())
+    }
+}
+
 /// The whole check: the body read ahead in batches while the verifier
 /// works through them, both on this task, until the verdict. Verified
 /// bytes go to `output`.
 async fn check(
-    door: &Door,
-    limits: Limits,
+    checked: Checked<'_>,
     body: BodyStream,
-    encoding: Encoding,
-    expected: Expected,
-    output: &mpsc::Sender<io::Result<Bytes>>,
+    output: Output<'_>,
 ) -> Result<Verified, Rejection> {
     let (batch_sender, batch_receiver) = mpsc::channel(INPUT_DEPTH);
     let reading = read_batches(body, batch_sender);
-    let verifying = verify_batches(door, limits, batch_receiver, encoding, expected, output);
+    let verifying = verify_batches(checked, batch_receiver, output);
     tokio::pin!(reading, verifying);
     let mut read_all = false;
     loop {
@@ -334,17 +493,19 @@ async fn read_batches(mut body: BodyStream, sender: mpsc::Sender<Batch>) {
     }
 }
 
-/// Feeds the batches to a [`NarVerifier`] held to `limits`, one pool job
-/// at a time, and each job's output to `output`, waiting for it to be
-/// taken.
+/// Feeds the batches to a [`NarVerifier`], one pool job at a time, and
+/// each job's output to `output`.
 async fn verify_batches(
-    door: &Door,
-    limits: Limits,
+    checked: Checked<'_>,
     mut batches: mpsc::Receiver<Batch>,
-    encoding: Encoding,
-    expected: Expected,
-    output: &mpsc::Sender<io::Result<Bytes>>,
+    mut output: Output<'_>,
 ) -> Result<Verified, Rejection> {
+    let Checked {
+        door,
+        limits,
+        encoding,
+        expected,
+    } = checked;
     let mut verifier = NarVerifier::new(encoding, expected, limits)
         .map_err(|error| Rejection::Internal(anyhow::Error::new(error)))?;
     let mut input = VecDeque::new();
@@ -387,13 +548,21 @@ async fn verify_batches(
             .await?;
         verifier = returned;
         input = job_input;
-        for bytes in verified {
-            output
-                .send(Ok(bytes))
-                .await
-                .map_err(|_| Rejection::StorageGone)?;
+        let progress = progress.map_err(Rejection::Refused);
+        match &mut output {
+            // Bytes before a refusal are not worth writing.
+            Output::Writer(staging) if progress.is_ok() => staging.write(verified).await?,
+            Output::Writer(_) => {}
+            Output::Channel(sender) => {
+                for bytes in verified {
+                    sender
+                        .send(Ok(bytes))
+                        .await
+                        .map_err(|_| Rejection::StorageGone)?;
+                }
+            }
         }
-        match progress.map_err(Rejection::Refused)? {
+        match progress? {
             Progress::OutputFull => output_pending = true,
             Progress::NeedInput => output_pending = false,
             Progress::Done => return verifier.finish().map_err(Rejection::Refused),
@@ -468,7 +637,71 @@ mod tests {
     use super::*;
     use common::nix::nar::NarEncoder;
     use common::nix::{NarHash, Sha256Hash};
-    use common::storage::LocalStorage;
+    use common::storage::{LocalStorage, ObjectListing, ObjectReader, StorageError};
+    use tokio::io::AsyncRead;
+
+    /// Local storage without its blocking writer, so that the door spools
+    /// through `put_reader` as it does to S3.
+    #[derive(Debug)]
+    struct ReaderOnly(LocalStorage);
+
+    #[async_trait::async_trait]
+    impl Storage for ReaderOnly {
+        async fn put(&self, key: &ObjectKey, data: Bytes) -> Result<(), StorageError> {
+            self.0.put(key, data).await
+        }
+
+        async fn put_reader(
+            &self,
+            key: &ObjectKey,
+            reader: &mut (dyn AsyncRead + Send + Unpin),
+        ) -> Result<u64, StorageError> {
+            self.0.put_reader(key, reader).await
+        }
+
+        async fn get_range(
+            &self,
+            key: &ObjectKey,
+            offset: u64,
+            length: Option<u64>,
+        ) -> Result<ObjectReader, StorageError> {
+            self.0.get_range(key, offset, length).await
+        }
+
+        async fn size(&self, key: &ObjectKey) -> Result<Option<u64>, StorageError> {
+            self.0.size(key).await
+        }
+
+        async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError> {
+            self.0.delete(key).await
+        }
+
+        fn list(&self, prefix: &ObjectKey) -> ObjectListing {
+            self.0.list(prefix)
+        }
+
+        async fn check(&self) -> Result<(), StorageError> {
+            self.0.check().await
+        }
+    }
+
+    /// Local storage under `root` twice: as it is (the door writes in its
+    /// verification jobs) and through `put_reader` alone (as to S3).
+    async fn both_ways(root: &std::path::Path) -> [(&'static str, Arc<dyn Storage>); 2] {
+        let local = LocalStorage::open(root).await.expect("storage");
+        assert!(
+            local
+                .blocking_writer(&staging_key())
+                .await
+                .expect("a writer")
+                .is_some(),
+            "local storage has a blocking writer"
+        );
+        [
+            ("blocking writer", Arc::new(local.clone())),
+            ("put_reader", Arc::new(ReaderOnly(local))),
+        ]
+    }
 
     fn door(max_nar_size: u64) -> Door {
         Door::new(&IngestConfig {
@@ -502,57 +735,114 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_zstd_body_is_stored_uncompressed_and_checked_against_its_name() {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let storage: Arc<dyn Storage> =
-            Arc::new(LocalStorage::open(dir.path()).await.expect("storage"));
-        let nar = file_nar(&vec![7u8; 300_000]);
+        // Several jobs' worth of input and output, compressible within the
+        // decompression-ratio bound.
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let contents: Vec<u8> = (0..3_000_000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                // Few distinct bytes: compressible, but not a bomb.
+                (state % 16) as u8
+            })
+            .collect();
+        let nar = file_nar(&contents);
         let compressed = zstd::bulk::compress(&nar, 3).expect("zstd");
-        let expected = Expected {
-            file_hash: Some(Sha256Hash::digest(&compressed)),
-            ..Expected::default()
-        };
-        let spooled = spool(
-            &door(1 << 30),
-            storage.clone(),
-            framed(&compressed),
-            Encoding::Zstd,
-            expected,
-            u64::MAX,
-        )
-        .await
-        .expect("a valid upload");
-        assert_eq!(spooled.nar_hash, NarHash::from(Sha256Hash::digest(&nar)));
-        let stored = storage
-            .get_bytes(&spooled.key, 0, nar.len() as u64)
+        for (way, storage) in both_ways(dir.path()).await {
+            let expected = Expected {
+                file_hash: Some(Sha256Hash::digest(&compressed)),
+                ..Expected::default()
+            };
+            let spooled = spool(
+                &door(1 << 30),
+                storage.clone(),
+                framed(&compressed),
+                Encoding::Zstd,
+                expected,
+                u64::MAX,
+            )
             .await
-            .expect("the staged NAR");
-        assert_eq!(stored.as_ref(), nar.as_slice());
+            .expect("a valid upload");
+            assert_eq!(
+                spooled.nar_hash,
+                NarHash::from(Sha256Hash::digest(&nar)),
+                "{way}"
+            );
+            let stored = storage
+                .get_bytes(&spooled.key, 0, nar.len() as u64)
+                .await
+                .expect("the staged NAR");
+            assert_eq!(stored.as_ref(), nar.as_slice(), "{way}");
+            assert_eq!(
+                storage.size(&spooled.key).await.expect("a size"),
+                Some(nar.len() as u64),
+                "{way}"
+            );
+            storage.delete(&spooled.key).await.expect("deleting it");
 
-        // The same bytes under another name: rejected, nothing kept.
-        let wrong = Expected {
-            file_hash: Some(Sha256Hash::digest(b"other")),
-            ..Expected::default()
-        };
-        let error = spool(
-            &door(1 << 30),
-            storage.clone(),
-            framed(&compressed),
-            Encoding::Zstd,
-            wrong,
-            u64::MAX,
-        )
-        .await
-        .map_err(ApiError::from)
-        .expect_err("a wrong file hash");
-        assert!(matches!(error, ApiError::BadRequest(_)), "{error}");
-        assert_eq!(staged_objects(dir.path()).await, 1);
+            // The same bytes under another name: rejected, nothing kept.
+            let wrong = Expected {
+                file_hash: Some(Sha256Hash::digest(b"other")),
+                ..Expected::default()
+            };
+            let error = spool(
+                &door(1 << 30),
+                storage.clone(),
+                framed(&compressed),
+                Encoding::Zstd,
+                wrong,
+                u64::MAX,
+            )
+            .await
+            .map_err(ApiError::from)
+            .expect_err("a wrong file hash");
+            assert!(matches!(error, ApiError::BadRequest(_)), "{way}: {error}");
+            assert_eq!(staged_objects(dir.path()).await, 0, "{way}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_plain_body_is_stored_as_sent() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let nar = file_nar(
+            &(0..5_000_000u32)
+                .map(|i| (i % 241) as u8)
+                .collect::<Vec<_>>(),
+        );
+        for (way, storage) in both_ways(dir.path()).await {
+            let expected = Expected {
+                nar_hash: Some(NarHash::from(Sha256Hash::digest(&nar))),
+                nar_size: Some(nar.len() as u64),
+                ..Expected::default()
+            };
+            let spooled = spool(
+                &door(1 << 30),
+                storage.clone(),
+                framed(&nar),
+                Encoding::Plain,
+                expected,
+                u64::MAX,
+            )
+            .await
+            .expect("a valid upload");
+            assert_eq!(spooled.nar_size, nar.len() as u64, "{way}");
+            let stored = storage
+                .get_bytes(&spooled.key, 0, nar.len() as u64)
+                .await
+                .expect("the staged NAR");
+            assert_eq!(stored.as_ref(), nar.as_slice(), "{way}");
+            assert_eq!(staged_objects(dir.path()).await, 1, "{way}: the NAR alone");
+            storage.delete(&spooled.key).await.expect("deleting it");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bad_bodies_leave_nothing() {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let storage: Arc<dyn Storage> =
-            Arc::new(LocalStorage::open(dir.path()).await.expect("storage"));
-        let nar = file_nar(&vec![1u8; 100_000]);
+        // Longer than a job, so that some of it is written before the end
+        // shows what is wrong.
+        let nar = file_nar(&vec![1u8; 3_000_000]);
         let cases: Vec<(&str, Vec<u8>, Expected, u64)> = vec![
             (
                 "truncated",
@@ -567,7 +857,12 @@ mod tests {
                 Expected::default(),
                 1 << 30,
             ),
-            ("over the limit", nar.clone(), Expected::default(), 50_000),
+            (
+                "over the limit",
+                nar.clone(),
+                Expected::default(),
+                2_000_000,
+            ),
             (
                 "wrong size",
                 nar.clone(),
@@ -577,28 +872,39 @@ mod tests {
                 },
                 1 << 30,
             ),
+            (
+                "wrong hash",
+                nar.clone(),
+                Expected {
+                    nar_hash: Some(NarHash::from(Sha256Hash::digest(b"other"))),
+                    ..Expected::default()
+                },
+                1 << 30,
+            ),
         ];
-        for (case, body, expected, limit) in cases {
-            let error = spool(
-                &door(limit),
-                storage.clone(),
-                framed(&body),
-                Encoding::Plain,
-                expected,
-                u64::MAX,
-            )
-            .await
-            .map_err(ApiError::from)
-            .expect_err(case);
-            assert!(
-                matches!(
-                    error,
-                    ApiError::BadRequest(_) | ApiError::PayloadTooLarge(_)
-                ),
-                "{case}: {error}"
-            );
+        for (way, storage) in both_ways(dir.path()).await {
+            for (case, body, expected, limit) in &cases {
+                let error = spool(
+                    &door(*limit),
+                    storage.clone(),
+                    framed(body),
+                    Encoding::Plain,
+                    *expected,
+                    u64::MAX,
+                )
+                .await
+                .map_err(ApiError::from)
+                .expect_err(case);
+                assert!(
+                    matches!(
+                        error,
+                        ApiError::BadRequest(_) | ApiError::PayloadTooLarge(_)
+                    ),
+                    "{way}, {case}: {error}"
+                );
+                assert_eq!(staged_objects(dir.path()).await, 0, "{way}, {case}");
+            }
         }
-        assert_eq!(staged_objects(dir.path()).await, 0);
     }
 
     /// A body that sends `first` and then nothing, never ending: a client
@@ -648,8 +954,8 @@ mod tests {
                     })
                 })
                 .collect();
-            // Every upload has begun its staged object (and so has read its
-            // first frame); a generous bound only guards against a hang.
+            // Every upload has begun its staged object; a generous bound
+            // only guards against a hang.
             let started = async {
                 while staged_objects(dir.path()).await < 16 {
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;

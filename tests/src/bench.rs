@@ -30,11 +30,25 @@ impl Pusher {
         })
     }
 
+    /// The `upload-path` metadata of `nar` as the path named `name` in this
+    /// pusher's cache (see [`upload_info`]).
+    pub fn info(&self, name: &str, nar: &[u8]) -> UploadPathNarInfo {
+        upload_info(&self.cache, name, nar)
+    }
+
     /// Pushes one NAR as the store path `/nix/store/<hash>-<name>` (the
     /// hash from [`store_path_hash_for`]) and returns once the path is
     /// visible.
     pub async fn push(&self, name: &str, nar: Vec<u8>) -> Result<()> {
-        let (upload_id, phase) = self.upload(name, nar, None).await?;
+        self.push_as(&self.info(name, &nar), nar).await
+    }
+
+    /// [`push`](Self::push) with the metadata computed beforehand, so that
+    /// a timed push does not include hashing the NAR on the client (Nix
+    /// and `larder push` know a path's NarHash before they send it).
+    pub async fn push_as(&self, info: &UploadPathNarInfo, nar: Vec<u8>) -> Result<()> {
+        let name = info.store_path.as_str();
+        let (upload_id, phase) = self.upload(info, nar, None).await?;
         match (phase.as_deref(), upload_id) {
             // Answered once visible (or linked at once, on a server
             // without proof of possession).
@@ -48,16 +62,16 @@ impl Pusher {
     /// and returns the upload's id and phase from the answer.
     pub async fn upload(
         &self,
-        name: &str,
+        info: &UploadPathNarInfo,
         nar: Vec<u8>,
         wait: Option<&str>,
     ) -> Result<(Option<String>, Option<String>)> {
-        let info = upload_info(&self.cache, name, &nar);
+        let name = info.store_path.as_str();
         let mut request = self
             .http
             .put(format!("{}/_api/v1/upload-path", self.url))
             .bearer_auth(&self.token)
-            .header(NAR_INFO_HEADER, serde_json::to_string(&info)?);
+            .header(NAR_INFO_HEADER, serde_json::to_string(info)?);
         if let Some(wait) = wait {
             request = request.header("X-Larder-Wait", wait);
         }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use common::storage::{ObjectKey, ObjectListing, ObjectReader, Storage, StorageError};
+use common::storage::{
+    BlockingWriter, ObjectKey, ObjectListing, ObjectReader, Storage, StorageError,
+};
 use tokio::io::AsyncRead;
 
 /// Counts reads (ranged or whole) and size lookups; writes, deletes and
@@ -56,6 +58,13 @@ impl Storage for CountingStorage {
         reader: &mut (dyn AsyncRead + Send + Unpin),
     ) -> Result<u64, StorageError> {
         self.inner.put_reader(key, reader).await
+    }
+
+    async fn blocking_writer(
+        &self,
+        key: &ObjectKey,
+    ) -> Result<Option<Box<dyn BlockingWriter>>, StorageError> {
+        self.inner.blocking_writer(key).await
     }
 
     async fn get_range(

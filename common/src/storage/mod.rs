@@ -170,6 +170,19 @@ pub trait Storage: Send + Sync + fmt::Debug {
         reader: &mut (dyn AsyncRead + Send + Unpin),
     ) -> Result<u64, StorageError>;
 
+    /// A writer of `key` driven by blocking calls, where the backend writes
+    /// with blocking calls anyway (local files): a caller that produces the
+    /// bytes on a blocking thread (the door's verification jobs) then writes
+    /// them there too, with no thread hop per write. `None` where the
+    /// backend's writes are asynchronous (S3): use
+    /// [`put_reader`](Self::put_reader) then.
+    async fn blocking_writer(
+        &self,
+        _key: &ObjectKey,
+    ) -> Result<Option<Box<dyn BlockingWriter>>, StorageError> {
+        Ok(None)
+    }
+
     /// Reads `length` bytes from `offset` (the whole object from `offset`
     /// when `length` is `None`).
     async fn get_range(
@@ -226,6 +239,20 @@ pub trait Storage: Send + Sync + fmt::Debug {
     async fn available_bytes(&self) -> Result<Option<u64>, StorageError> {
         Ok(None)
     }
+}
+
+/// An object being written with blocking calls (from
+/// [`Storage::blocking_writer`]), on a thread that may block: a blocking
+/// pool's, never an async worker's. It appears under its key, whole, only
+/// once [`commit`](Self::commit) succeeds; dropped before that, it removes
+/// what it wrote.
+pub trait BlockingWriter: Send + fmt::Debug {
+    /// Appends `bytes` to the object.
+    fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError>;
+
+    /// Makes the object durable and puts it under its key, replacing any
+    /// object there, and returns its size.
+    fn commit(self: Box<Self>) -> Result<u64, StorageError>;
 }
 
 /// Opens the storage a server config names: what every service process

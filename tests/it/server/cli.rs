@@ -542,3 +542,47 @@ fn admin_commands_need_an_existing_config() {
         assert!(!missing.exists(), "{args:?} created a config");
     }
 }
+
+/// The environment of the running process `pid`, as `NAME=value` strings.
+fn environment_of(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .expect("reading the process's environment")
+        .split(|&byte| byte == 0)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| String::from_utf8_lossy(entry).into_owned())
+        .collect()
+}
+
+/// glibc reads its malloc settings only at start, so the server runs
+/// itself again (the same process) with at most two malloc arenas, unless
+/// its operator chose `GLIBC_TUNABLES` already.
+#[test]
+fn the_server_runs_with_two_malloc_arenas_unless_its_operator_chose() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let config = dir.path().join("server.toml");
+    for (given, expected) in [
+        (None, "GLIBC_TUNABLES=glibc.malloc.arena_max=2"),
+        (
+            Some("glibc.malloc.arena_max=4"),
+            "GLIBC_TUNABLES=glibc.malloc.arena_max=4",
+        ),
+    ] {
+        let mut command = ingest_api_command();
+        command
+            .env_remove("GLIBC_TUNABLES")
+            .arg("--config")
+            .arg(&config)
+            .args(["--listen", "127.0.0.1:0"]);
+        if let Some(tunables) = given {
+            command.env("GLIBC_TUNABLES", tunables);
+        }
+        let mut server = ServerProcess::spawn("ingest-api", command);
+        server.serving_address();
+        let tunables: Vec<String> = environment_of(server.id())
+            .into_iter()
+            .filter(|entry| entry.starts_with("GLIBC_TUNABLES="))
+            .collect();
+        assert_eq!(tunables, [expected], "started with {given:?}");
+        server.stop();
+    }
+}

@@ -71,9 +71,9 @@ async fn push_large(pusher: &Pusher, files: &[PathBuf]) -> Result<()> {
     for (index, file) in files.iter().enumerate() {
         let nar = std::fs::read(file)?;
         let size = nar.len();
-        let name = format!("bench-large-{index}");
+        let info = pusher.info(&format!("bench-large-{index}"), &nar);
         let started = Instant::now();
-        pusher.push(&name, nar).await?;
+        pusher.push_as(&info, nar).await?;
         let seconds = started.elapsed().as_secs_f64();
         eprintln!(
             "bench_push: {} ({:.0} MiB) visible after {seconds:.2} s",
@@ -88,8 +88,9 @@ async fn push_large(pusher: &Pusher, files: &[PathBuf]) -> Result<()> {
 async fn push_door(pusher: &Pusher, file: &Path) -> Result<()> {
     let nar = single_file_nar(&std::fs::read(file)?)?;
     let size = nar.len();
+    let info = pusher.info("bench-door", &nar);
     let started = Instant::now();
-    let (_, phase) = pusher.upload("bench-door", nar, Some("0")).await?;
+    let (_, phase) = pusher.upload(&info, nar, Some("0")).await?;
     let seconds = started.elapsed().as_secs_f64();
     if phase.as_deref() == Some("failed") {
         return Err("the door push failed".into());
