@@ -331,7 +331,10 @@ pub struct PipelineConfig {
     /// (which the chunker stores itself) mostly waits for storage and the
     /// database to sync.
     pub chunk_concurrency: u32,
-    /// Compress jobs one process works on at once; 0 takes none.
+    /// Compress jobs one process works on at once; 0 takes none. Two per
+    /// core by default: a job waits for storage and the database to sync
+    /// about as long as it compresses, and another job's compression fills
+    /// that wait.
     pub compress_concurrency: u32,
     /// The zstd level of each stored chunk.
     pub compression_level: i32,
@@ -354,7 +357,7 @@ impl Default for PipelineConfig {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Self {
             chunk_concurrency: 4,
-            compress_concurrency: u32::try_from(cores).unwrap_or(1),
+            compress_concurrency: u32::try_from(cores.saturating_mul(2)).unwrap_or(2),
             compression_level: 3,
             job_attempts: 8,
             stuck_after: HumanDuration::from_secs(10 * 60),
