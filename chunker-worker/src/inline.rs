@@ -21,10 +21,12 @@ use common::db::{
     ChunkLocation, DbError, InlineChunk, InlineContent, InlineOutcome, StoreState, Timestamp,
     Upload,
 };
-use common::metrics::{larder, FinalPhase};
+use common::metrics::larder;
 use common::nix::Sha256Hash;
 use common::storage::{ObjectKey, StorageError};
-use common::worker::{finalise_nar, inline_chunk_object_key, staged_object_key, JobError};
+use common::worker::{
+    finalise_nar, inline_chunk_object_key, staged_object_key, upload_made_visible, JobError,
+};
 
 use crate::{cut, Chunker, Cut, CutChunk, CutError};
 
@@ -99,21 +101,7 @@ impl Chunker {
             }
         }
         if visible {
-            let now = Timestamp::now();
-            larder().upload_finished(
-                FinalPhase::Done,
-                Some(common::worker::upload_latency(upload.created_at, now)),
-            );
-            // After the commit: a crash in between leaves a staged file of
-            // a done upload, which the reaper removes.
-            self.storage
-                .delete(&staged_object_key(&upload.staged_key)?)
-                .await?;
-            tracing::info!(
-                upload = %upload.id,
-                trace_id = upload.trace_id.as_deref().unwrap_or(""),
-                "upload visible"
-            );
+            upload_made_visible(&*self.storage, upload, Timestamp::now()).await?;
         }
         if let Some(nar_id) = others_waiting {
             finalise_nar(database, &*self.storage, nar_id).await?;

@@ -32,7 +32,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::db::{ChunkId, Database, DbError, NarId, Timestamp, UploadId};
+use crate::db::{ChunkId, Database, DbError, NarId, Timestamp, Upload, UploadId};
 use crate::metrics::{larder, FinalPhase, JobMetrics};
 use crate::nix::Sha256Hash;
 use crate::queue::{Delivery, Job, Queue, QueueError};
@@ -324,34 +324,44 @@ pub async fn finalise_nar(
         match database.finalise_upload(&upload.id, now).await {
             // Two workers finalising the same NAR at once may both count
             // an upload; metrics tolerate that, the database does not.
-            Ok(_) => larder().upload_finished(
-                FinalPhase::Done,
-                Some(upload_latency(upload.created_at, now)),
-            ),
+            Ok(_) => upload_made_visible(storage, &upload, now).await?,
             // Failed meanwhile (the reconciler gave up on it): it stays so.
             Err(error) if error.is_conflict() => {
                 tracing::warn!(upload = %upload.id, %error, "not finalising an upload");
-                continue;
             }
             Err(error) => return Err(error.into()),
         }
-        // After the commit: a crash in between leaves a staged file of a
-        // done upload, which the reaper removes.
-        storage
-            .delete(&staged_object_key(&upload.staged_key)?)
-            .await?;
-        tracing::info!(
-            upload = %upload.id,
-            trace_id = upload.trace_id.as_deref().unwrap_or(""),
-            "upload visible"
-        );
     }
     Ok(true)
 }
 
+/// What follows the commit that made `upload`'s path visible at
+/// `finished`: it counts as done, and its staged NAR is deleted (a crash
+/// in between leaves a staged file of a done upload, which the reaper
+/// removes).
+pub async fn upload_made_visible(
+    storage: &dyn Storage,
+    upload: &Upload,
+    finished: Timestamp,
+) -> Result<(), JobError> {
+    larder().upload_finished(
+        FinalPhase::Done,
+        Some(upload_latency(upload.created_at, finished)),
+    );
+    storage
+        .delete(&staged_object_key(&upload.staged_key)?)
+        .await?;
+    tracing::info!(
+        upload = %upload.id,
+        trace_id = upload.trace_id.as_deref().unwrap_or(""),
+        "upload visible"
+    );
+    Ok(())
+}
+
 /// The time from `created` to `finished`; zero if the clocks of the
 /// machines that stamped them disagree the wrong way.
-pub fn upload_latency(created: Timestamp, finished: Timestamp) -> Duration {
+fn upload_latency(created: Timestamp, finished: Timestamp) -> Duration {
     let millis = finished.unix_millis().saturating_sub(created.unix_millis());
     Duration::from_millis(u64::try_from(millis).unwrap_or(0))
 }

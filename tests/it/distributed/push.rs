@@ -162,7 +162,10 @@ async fn distributed_a_waiting_push_is_woken_by_the_worker_that_finishes_it() {
         ];
         for (name, contents) in pushes {
             let nar = single_file_nar(&contents).expect("a NAR");
-            let (_, phase) = pusher.upload(&pusher.info(&name, &nar), nar, None).await.expect("a push");
+            let (_, phase) = pusher
+                .upload(&pusher.info(&name, &nar), nar, None)
+                .await
+                .expect("a push");
             assert_eq!(
                 phase.as_deref(),
                 Some("done"),

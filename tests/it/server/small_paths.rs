@@ -104,7 +104,10 @@ fn small_nar(index: usize) -> Vec<u8> {
 /// Pushes a path with the server's own wait and asserts it was answered
 /// `done`: the push waited until visible, woken or not.
 async fn push_visible(pusher: &Pusher, name: &str, nar: Vec<u8>) {
-    let (_, phase) = pusher.upload(&pusher.info(name, &nar), nar, None).await.expect("a push");
+    let (_, phase) = pusher
+        .upload(&pusher.info(name, &nar), nar, None)
+        .await
+        .expect("a push");
     assert_eq!(phase.as_deref(), Some("done"), "{name}");
 }
 
