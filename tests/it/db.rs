@@ -13,9 +13,9 @@ use common::cache_name::CacheName;
 use common::chunking::{max_chunk_entries, MIN_CHUNK_SIZE};
 use common::db::{
     migrations, Backend, Cache, CacheId, CacheKeypair, CacheScope, CacheStats, CacheUpdate, Chunk,
-    ChunkLocation, Database, DbError, EncodedListing, Nar, NarId, NewCache, NewChunk, NewObject,
-    NewUpload, ObjectMetadata, StagedFile, StoreState, StoredChunk, Timestamp, TokenRecord,
-    UploadId, UploadPhase,
+    ChunkId, ChunkLocation, Database, DbError, EncodedListing, Nar, NarId, NewCache, NewChunk,
+    NewObject, NewUpload, ObjectMetadata, StagedFile, StoreState, StoredChunk, Timestamp,
+    TokenRecord, UploadId, UploadPhase,
 };
 use common::nix::nar::{ListingNode, NarListing};
 use common::nix::{NarHash, Sha256Hash, StoreDir, StorePathHash};
@@ -158,6 +158,18 @@ fn location(n: u8) -> ChunkLocation {
         offset: 0,
         length: 100 + u64::from(n),
     }
+}
+
+/// Marks one chunk stored: `set_chunks_stored` of one, the row it returns.
+async fn set_chunk_stored(
+    db: &Database,
+    chunk_id: ChunkId,
+    location: &ChunkLocation,
+) -> Result<Chunk, DbError> {
+    let mut rows = db
+        .set_chunks_stored(&[(chunk_id, location.clone())])
+        .await?;
+    Ok(rows.pop().expect("one row per chunk marked"))
 }
 
 fn stored_chunk(n: u8) -> StoredChunk {
@@ -534,7 +546,7 @@ async fn an_object_is_hidden_while_its_nar_is_pending(t: TestDb) {
         None
     );
 
-    db.set_chunk_stored(chunks[0].id, &location(1))
+    set_chunk_stored(db, chunks[0].id, &location(1))
         .await
         .expect("stored");
     assert!(db
@@ -815,8 +827,7 @@ async fn chunks_and_nars_round_trip_in_order(t: TestDb) {
 
     // Store all but the last: not complete yet.
     for (chunk, &n) in chunks.iter().zip(&order).take(4) {
-        let stored = db
-            .set_chunk_stored(chunk.id, &location(n))
+        let stored = set_chunk_stored(db, chunk.id, &location(n))
             .await
             .expect("stored");
         assert_eq!(stored.state, StoreState::Valid);
@@ -826,13 +837,12 @@ async fn chunks_and_nars_round_trip_in_order(t: TestDb) {
             .expect("finalising"));
     }
     // Storing a valid chunk again keeps its first location.
-    let again = db
-        .set_chunk_stored(chunks[0].id, &location(200))
+    let again = set_chunk_stored(db, chunks[0].id, &location(200))
         .await
         .expect("stored again");
     assert_eq!(again.location, Some(location(5)));
 
-    db.set_chunk_stored(chunks[4].id, &location(1))
+    set_chunk_stored(db, chunks[4].id, &location(1))
         .await
         .expect("stored");
     assert!(db
@@ -872,8 +882,7 @@ async fn chunks_and_nars_round_trip_in_order(t: TestDb) {
         .await
         .expect_err("a missing NAR");
     assert!(error.is_not_found(), "{error:?}");
-    let error = db
-        .set_chunk_stored(common::db::ChunkId(i64::MAX), &location(1))
+    let error = set_chunk_stored(db, common::db::ChunkId(i64::MAX), &location(1))
         .await
         .expect_err("a missing chunk");
     assert!(error.is_not_found(), "{error:?}");
@@ -912,7 +921,7 @@ async fn chunk_rows_are_shared_between_nars(t: TestDb) {
     db.set_nar_chunks(second.id, &[chunks[0].id, chunks[1].id])
         .await
         .expect("chunk list");
-    db.set_chunk_stored(chunks[1].id, &location(4))
+    set_chunk_stored(db, chunks[1].id, &location(4))
         .await
         .expect("stored");
     assert!(db
@@ -973,12 +982,11 @@ async fn chunk_rows_are_shared_between_nars(t: TestDb) {
     );
     // GC's late attempt to record the old row stored fails; the new one
     // is stored normally.
-    assert!(db
-        .set_chunk_stored(claimed_id, &location(9))
+    assert!(set_chunk_stored(db, claimed_id, &location(9))
         .await
         .expect_err("the claimed row is gone")
         .is_not_found());
-    db.set_chunk_stored(revived[0].id, &location(10))
+    set_chunk_stored(db, revived[0].id, &location(10))
         .await
         .expect("storing the revived chunk");
 }
@@ -997,7 +1005,7 @@ async fn a_batch_of_chunks_is_marked_stored_together_or_not_at_all(t: TestDb) {
         })
         .collect();
     let chunks = db.upsert_chunks(&new, T0).await.expect("chunks");
-    db.set_chunk_stored(chunks[1].id, &location(2))
+    set_chunk_stored(db, chunks[1].id, &location(2))
         .await
         .expect("storing one alone");
 
@@ -1646,7 +1654,7 @@ async fn finalising_an_upload_makes_its_object_visible(t: TestDb) {
     db.set_nar_chunks(nar.id, &[chunks[0].id])
         .await
         .expect("chunk list");
-    db.set_chunk_stored(chunks[0].id, &location(1))
+    set_chunk_stored(db, chunks[0].id, &location(1))
         .await
         .expect("stored");
     assert!(db

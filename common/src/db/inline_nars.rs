@@ -32,9 +32,10 @@
 use std::collections::BTreeMap;
 
 use super::error::{query_error, DbError, Result};
-use super::listings::EncodedListing;
+use super::listings::{set_nar_listing_on, EncodedListing};
 use super::nars::{
-    chunk_from_row, nar_from_row, Chunk, ChunkLocation, CHUNK_COLUMNS, NAR, NAR_COLUMNS,
+    chunk_from_row, insert_chunk_list_on, nar_from_row, Chunk, ChunkLocation, CHUNK_COLUMNS, NAR,
+    NAR_COLUMNS,
 };
 use super::objects::{upsert_counted_object_on, NewObject};
 use super::quota::{lock_cache_on, Charge};
@@ -333,15 +334,7 @@ async fn store_content_on(
     }
 
     if let Some(listing) = content.listing {
-        sqlx::query(
-            "INSERT INTO nar_listings (nar_id, listing) VALUES ($1, $2) \
-             ON CONFLICT (nar_id) DO UPDATE SET listing = excluded.listing",
-        )
-        .bind(nar_id.0)
-        .bind(listing.as_bytes())
-        .execute(&mut *connection)
-        .await
-        .map_err(query_error("recording a NAR's listing"))?;
+        set_nar_listing_on(connection, nar_id, listing).await?;
     }
     if earlier_list > 0 {
         sqlx::query("DELETE FROM nar_chunks WHERE nar_id = $1")
@@ -350,24 +343,7 @@ async fn store_content_on(
             .await
             .map_err(query_error("clearing a NAR's chunk list"))?;
     }
-    let numbered: Vec<(usize, &ChunkId)> = ids.iter().enumerate().collect();
-    // Two bind parameters per row, plus the NAR id.
-    for batch in numbered.chunks(MAX_IN_LIST / 2) {
-        let values = (0..batch.len())
-            .map(|i| format!("($1, ${}, ${})", 2 * i + 2, 2 * i + 3))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let sql = format!("INSERT INTO nar_chunks (nar_id, seq, chunk_id) VALUES {values}");
-        let mut insert = sqlx::query(&sql).bind(nar_id.0);
-        for (seq, id) in batch {
-            // At most `max_chunk_entries` entries, checked above.
-            insert = insert.bind(*seq as i64).bind(id.0);
-        }
-        insert
-            .execute(&mut *connection)
-            .await
-            .map_err(query_error("recording a NAR's chunk list"))?;
-    }
+    insert_chunk_list_on(connection, nar_id, &ids).await?;
     // The row is locked by this transaction (its upsert above), so it is
     // still pending.
     let made_valid = sqlx::query(

@@ -56,25 +56,35 @@ impl EncodedListing {
     }
 }
 
+/// [`Database::set_nar_listing`] on a connection or in a transaction.
+pub(super) async fn set_nar_listing_on(
+    connection: &mut sqlx::AnyConnection,
+    nar_id: NarId,
+    listing: &EncodedListing,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO nar_listings (nar_id, listing) VALUES ($1, $2) \
+         ON CONFLICT (nar_id) DO UPDATE SET listing = excluded.listing",
+    )
+    .bind(nar_id.0)
+    .bind(listing.as_bytes())
+    .execute(connection)
+    .await
+    .map_err(constraint_error(
+        "recording a NAR's listing",
+        || format!("listing of NAR {nar_id}"),
+        || format!("NAR {nar_id}"),
+    ))?;
+    Ok(())
+}
+
 impl Database {
     /// Records the listing of a NAR, replacing an earlier one (a job done
     /// again computes the same listing of the same bytes).
     /// [`super::DbError::NotFound`] when the NAR has gone.
     pub async fn set_nar_listing(&self, nar_id: NarId, listing: &EncodedListing) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO nar_listings (nar_id, listing) VALUES ($1, $2) \
-             ON CONFLICT (nar_id) DO UPDATE SET listing = excluded.listing",
-        )
-        .bind(nar_id.0)
-        .bind(listing.as_bytes())
-        .execute(&self.pool)
-        .await
-        .map_err(constraint_error(
-            "recording a NAR's listing",
-            || format!("listing of NAR {nar_id}"),
-            || format!("NAR {nar_id}"),
-        ))?;
-        Ok(())
+        let mut connection = self.acquire().await?;
+        set_nar_listing_on(&mut connection, nar_id, listing).await
     }
 
     /// The stored listing of a NAR, if it has one.

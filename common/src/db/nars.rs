@@ -387,6 +387,18 @@ async fn set_nar_chunks_on(
         .execute(&mut *connection)
         .await
         .map_err(query_error("clearing a NAR's chunk list"))?;
+    insert_chunk_list_on(connection, nar_id, chunk_ids).await
+}
+
+/// Inserts `chunk_ids` as the chunk list of a NAR that has none (any
+/// earlier list deleted by the caller), in batches within the bind
+/// parameter limit. The caller has bounded the list's length by the NAR's
+/// size.
+pub(super) async fn insert_chunk_list_on(
+    connection: &mut Tx,
+    nar_id: NarId,
+    chunk_ids: &[ChunkId],
+) -> Result<()> {
     // Two bind parameters per row, plus the NAR id.
     let entries: Vec<(usize, &ChunkId)> = chunk_ids.iter().enumerate().collect();
     for batch in entries.chunks(MAX_IN_LIST / 2) {
@@ -397,7 +409,7 @@ async fn set_nar_chunks_on(
         let sql = format!("INSERT INTO nar_chunks (nar_id, seq, chunk_id) VALUES {values}");
         let mut insert = sqlx::query(&sql).bind(nar_id.0);
         for (seq, chunk_id) in batch {
-            // `seq` < `n_chunks`, which fits a u32 (checked above).
+            // Bounded by `max_chunk_entries` of the NAR's size, far below i64.
             insert = insert.bind(*seq as i64).bind(chunk_id.0);
         }
         insert
@@ -632,22 +644,6 @@ impl Database {
         tx.commit()
             .await
             .map_err(query_error("committing a NAR's chunk list"))
-    }
-
-    /// Marks a chunk stored at `location`: [`set_chunks_stored`] of one.
-    ///
-    /// [`set_chunks_stored`]: Self::set_chunks_stored
-    pub async fn set_chunk_stored(
-        &self,
-        chunk_id: ChunkId,
-        location: &ChunkLocation,
-    ) -> Result<Chunk> {
-        let mut chunks = self
-            .set_chunks_stored(&[(chunk_id, location.clone())])
-            .await?;
-        chunks.pop().ok_or_else(|| DbError::NotFound {
-            what: format!("chunk {chunk_id}"),
-        })
     }
 
     /// Marks chunks stored at their locations, in one transaction (a
