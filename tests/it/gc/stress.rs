@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -94,29 +95,44 @@ async fn heavy_gc_racing_pushes_never_breaks_an_advertised_path() {
     // GC in a loop, as fast as it goes, until the pushes are done.
     let stop = CancellationToken::new();
     let storage: Arc<dyn Storage> = Arc::new(server.storage().clone());
+    let expired = Arc::new(AtomicU64::new(0));
     let collector = tokio::spawn({
-        let (database, storage, stop) = (server.database().clone(), storage.clone(), stop.clone());
+        let (database, storage, stop, expired) = (
+            server.database().clone(),
+            storage.clone(),
+            stop.clone(),
+            expired.clone(),
+        );
         async move {
-            let mut expired = 0;
             while !stop.is_cancelled() {
                 let report =
                     collect_garbage_locked(&database, &*storage, &eager_gc(), Timestamp::now())
                         .await
                         .expect("a GC run")
                         .expect("the only collector");
-                expired += report.objects;
+                expired.fetch_add(report.objects, Ordering::Relaxed);
             }
-            expired
         }
     });
 
-    // Overlapping closures, four rounds, each to every cache: `brief`
+    // Overlapping closures, rounds of them, each to every cache: `brief`
     // loses its paths within a second, so later rounds push them again
-    // while GC deletes NARs and chunks the other caches may share.
+    // while GC deletes NARs and chunks the other caches may share. At
+    // least four rounds, and on until GC has expired some of `brief`'s
+    // paths (pushes can be quicker than its retention): the race this
+    // test is about needs both.
     let halves = [paths[..8].to_vec(), paths[4..].to_vec()];
     let env = Arc::new(env);
     let mut repeated_copies = 0;
-    for round in 0..4 {
+    for round in 0.. {
+        if round >= 4 && expired.load(Ordering::Relaxed) > 0 {
+            break;
+        }
+        // A hang guard: a second's retention expires within a few rounds.
+        assert!(
+            round < 200,
+            "GC expired nothing in {round} rounds of pushes"
+        );
         for (i, cache) in CACHES.iter().enumerate() {
             let subset = halves[(round + i) % 2].clone();
             let (env, root, url) = (
@@ -144,7 +160,8 @@ async fn heavy_gc_racing_pushes_never_breaks_an_advertised_path() {
         }
     }
     stop.cancel();
-    let expired = collector.await.expect("the GC loop");
+    collector.await.expect("the GC loop");
+    let expired = expired.load(Ordering::Relaxed);
     assert!(expired > 0, "GC removed nothing while the pushes ran");
     eprintln!("{repeated_copies} copies to brief were repeated; GC expired {expired} paths");
 
