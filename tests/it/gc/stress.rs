@@ -167,7 +167,11 @@ async fn heavy_gc_racing_pushes_never_breaks_an_advertised_path() {
 
     // `brief` may have lost everything to its retention by now: push a
     // closure to it once more with GC stopped, so that every cache has
-    // something to verify below.
+    // something to verify below. First the server's memory of narinfos it
+    // rendered before GC's last deletions must lapse (this collector runs
+    // beside the server and cannot clear it): Nix would take such a
+    // narinfo for a path still there and not push it.
+    tokio::time::sleep(ingest_api::READ_CACHE_TIME_TO_LIVE).await;
     {
         let (env, root, url) = (
             env.clone(),
