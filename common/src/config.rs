@@ -404,6 +404,16 @@ pub struct GcConfig {
     pub orphan_grace: HumanDuration,
     /// How often the read path writes the access times it collected.
     pub access_flush_interval: HumanDuration,
+    /// A pack whose live chunks fill less than this percentage of it is
+    /// compacted: its live chunks are copied into a new pack and the old
+    /// one deleted after `orphan-grace`. 0 turns compaction of sparse packs
+    /// off (small packs are still merged).
+    pub compact_below_percent: u32,
+    /// The most live chunk bytes one GC run copies while compacting and
+    /// merging packs (and repacking per-chunk objects of an older store),
+    /// so that a run's storage traffic stays bounded; the rest waits for
+    /// the next run. `gc-scheduler --repack` has no such bound.
+    pub compact_bytes_per_run: ByteSize,
     /// Rows handled per database round trip.
     pub page_size: u32,
     /// Storage deletes in flight at once.
@@ -432,6 +442,11 @@ impl GcConfig {
         if self.delete_concurrency == 0 {
             return zero("delete-concurrency");
         }
+        if self.compact_below_percent > 100 {
+            return Err(ConfigError::Invalid(
+                "gc.compact-below-percent must be at most 100".to_owned(),
+            ));
+        }
         Ok(())
     }
 }
@@ -447,6 +462,8 @@ impl Default for GcConfig {
             reap_interval: HumanDuration::from_secs(60),
             orphan_grace: HumanDuration::from_secs(60 * 60),
             access_flush_interval: HumanDuration::from_secs(5),
+            compact_below_percent: 50,
+            compact_bytes_per_run: ByteSize::new(1 << 30),
             page_size: 1000,
             delete_concurrency: 16,
         }

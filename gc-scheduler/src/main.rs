@@ -1,5 +1,6 @@
 //! The `gc-scheduler` binary: a thin shell around the `gc_scheduler`
 //! library. `--once` runs one pass and exits (for cron and tests);
+//! `--repack` moves chunks into packs (see the library) and exits;
 //! otherwise it reconciles and collects on their intervals until SIGINT or
 //! SIGTERM.
 
@@ -22,8 +23,14 @@ struct Cli {
 
     /// Run one pass now (reconcile, then collect garbage), print what it
     /// did, and exit.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "repack")]
     once: bool,
+
+    /// Move the chunks of every one-chunk object (a store written before
+    /// packs) and of every sparse or small pack into new packs, print what
+    /// it did, and exit. The old objects are deleted by later GC runs.
+    #[arg(long)]
+    repack: bool,
 }
 
 fn main() -> ExitCode {
@@ -34,6 +41,16 @@ fn main() -> ExitCode {
             &cli.service,
             |config, _shutdown| async move {
                 println!("{}", gc_scheduler::run_once(&config).await?);
+                Ok::<(), gc_scheduler::Error>(())
+            },
+        );
+    }
+    if cli.repack {
+        return run_service(
+            "gc-scheduler",
+            &cli.service,
+            |config, _shutdown| async move {
+                println!("{}", gc_scheduler::run_repack(&config).await?);
                 Ok::<(), gc_scheduler::Error>(())
             },
         );

@@ -191,6 +191,8 @@ pub struct LarderMetrics {
     gc_duration: Arc<Histogram>,
     gc_deleted: Arc<Family<Counter>>,
     gc_freed_bytes: Arc<Counter>,
+    gc_packs_compacted: Arc<Counter>,
+    gc_compacted_bytes: Arc<Counter>,
     /// One child per [`PushStage`], in the order of [`PushStage::ALL`].
     push_stages: Vec<Arc<Histogram>>,
 }
@@ -352,6 +354,21 @@ impl LarderMetrics {
                     &[],
                 )
                 .with(&[]),
+            gc_packs_compacted: registry
+                .counter(
+                    "larder_gc_packs_compacted_total",
+                    "Packs (and per-chunk objects of an older store) whose live chunks \
+                     garbage collection moved into new packs.",
+                    &[],
+                )
+                .with(&[]),
+            gc_compacted_bytes: registry
+                .counter(
+                    "larder_gc_compacted_bytes_total",
+                    "Bytes garbage collection wrote into new packs while compacting.",
+                    &[],
+                )
+                .with(&[]),
             push_stages: {
                 let family = registry.histogram(
                     "larder_push_stage_seconds",
@@ -446,6 +463,13 @@ impl LarderMetrics {
     /// Garbage collection freed `bytes` bytes of storage.
     pub fn gc_freed_bytes(&self, bytes: u64) {
         self.gc_freed_bytes.inc_by(bytes);
+    }
+
+    /// Garbage collection compacted `packs` packs into new ones of `bytes`
+    /// bytes in all.
+    pub fn gc_compacted(&self, packs: u64, bytes: u64) {
+        self.gc_packs_compacted.inc_by(packs);
+        self.gc_compacted_bytes.inc_by(bytes);
     }
 }
 

@@ -8,6 +8,7 @@
 //! caller (GC, reaper, retrying worker) must be idempotent.
 
 mod local;
+pub mod pack;
 #[cfg(feature = "storage-s3")]
 mod s3;
 

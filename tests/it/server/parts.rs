@@ -109,17 +109,22 @@ async fn a_server_on_s3_serves_the_chunks_its_pipeline_wrote() {
     .await;
     push_and_substitute(&server, "on-s3").await;
 
-    // What was served came from the bucket: one object per chunk row
-    // under the server's prefix, and nothing on local disk.
+    // What was served came from the bucket: the packs the chunk rows
+    // point into, under the server's prefix, and nothing on local disk.
     let chunk_rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chunks")
         .fetch_one(server.database().pool())
         .await
         .expect("counting chunk rows");
+    let mut chunk_keys: Vec<String> = sqlx::query_scalar("SELECT DISTINCT object_key FROM chunks")
+        .fetch_all(server.database().pool())
+        .await
+        .expect("listing chunk objects");
+    chunk_keys.sort();
     let listed = settings
         .client()
         .list_objects_v2()
         .bucket(&settings.bucket)
-        .prefix(format!("{prefix}chunks/"))
+        .prefix(format!("{prefix}packs/"))
         .send()
         .await
         .expect("listing the bucket");
@@ -127,10 +132,13 @@ async fn a_server_on_s3_serves_the_chunks_its_pipeline_wrote() {
         chunk_rows > 3,
         "a 2 MiB path is several chunks: {chunk_rows}"
     );
-    assert_eq!(
-        i64::try_from(listed.contents().len()).expect("a count"),
-        chunk_rows
-    );
+    let mut stored: Vec<String> = listed
+        .contents()
+        .iter()
+        .filter_map(|object| object.key()?.strip_prefix(&prefix).map(str::to_owned))
+        .collect();
+    stored.sort();
+    assert_eq!(stored, chunk_keys, "the chunks' packs, all in the bucket");
     assert_eq!(
         tests::server::count_files(&server.dir().join("storage")),
         0,
