@@ -156,7 +156,8 @@ impl Database {
         limit: u32,
     ) -> Result<Vec<PackUse>> {
         let rows = sqlx::query(&format!(
-            "SELECT {PACK_COLUMNS}, COALESCE(SUM(c.object_length), 0) AS live_bytes \
+            "SELECT {PACK_COLUMNS}, \
+             CAST(COALESCE(SUM(c.object_length), 0) AS BIGINT) AS live_bytes \
              FROM packs p LEFT JOIN chunks c ON c.object_key = p.object_key AND c.state = 'valid' \
              WHERE p.id > $1 AND p.retired_at IS NULL \
              GROUP BY p.id, p.object_key, p.size, p.created_at, p.retired_at \
