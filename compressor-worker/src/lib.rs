@@ -38,11 +38,13 @@ use common::nix::Sha256Hash;
 use common::queue::{ChunkRange, CompressJob, QueueError};
 use common::service::{self, ServiceError, Services};
 use common::storage::pack::{PackWriter, PackedRange};
-use common::storage::{ObjectKey, Storage, StorageError};
+use common::storage::{ObjectKey, ObjectReader, Storage, StorageError};
 use common::worker::{self, finalise_nar, staged_object_key, JobError, JobHandler};
+use tokio::io::AsyncReadExt;
 
-/// The most staged bytes read (and held, with their frames) at once: a
-/// job's pack can be ten times that, and is written as it grows.
+/// The most staged bytes held (with their frames) at once: a job's pack can
+/// be eight times that, and is written as it grows. A run of adjacent
+/// ranges is still one read (one request on S3), taken this much at a time.
 const READ_PIECE_BYTES: u64 = 4 << 20;
 
 /// The `compressor-worker` service: opens the database, storage and the shared
@@ -170,16 +172,35 @@ impl Compressor {
         }
         let mut pack = PackWriter::create(&*self.storage).await?;
         let mut packed: Vec<(Chunk, PackedRange)> = Vec::with_capacity(pending.len());
+        let mut run: Option<(u64, ObjectReader)> = None;
         for piece in read_pieces(pending, READ_PIECE_BYTES) {
             let start = piece[0].0.offset;
             let (last, _) = piece[piece.len() - 1];
-            let bytes = larder()
-                .timed(
-                    PushStage::ReadStaged,
-                    self.storage
-                        .get_bytes(staged, start, last.offset + last.length - start),
-                )
-                .await?;
+            let length = last.offset + last.length - start;
+            // Adjacent pieces come from one ranged read of their whole run
+            // (one request on S3), taken a piece at a time.
+            let reader = match &mut run {
+                Some((next, reader)) if *next == start => reader,
+                _ => {
+                    let run_length = run_length(pending, start);
+                    let reader = larder()
+                        .timed(
+                            PushStage::ReadStaged,
+                            self.storage.get_range(staged, start, Some(run_length)),
+                        )
+                        .await?;
+                    &mut run.insert((start, reader)).1
+                }
+            };
+            let mut bytes = vec![0; length as usize];
+            larder()
+                .timed(PushStage::ReadStaged, reader.read_exact(&mut bytes))
+                .await
+                .map_err(|error| StorageError::io(staged, error))?;
+            if let Some((next, _)) = &mut run {
+                *next = start + length;
+            }
+            let bytes = Bytes::from(bytes);
             let chunks: Vec<(Chunk, Bytes)> = piece
                 .iter()
                 .map(|(range, chunk)| {
@@ -265,6 +286,19 @@ impl Compressor {
              push the path again"
         )))
     }
+}
+
+/// The bytes from `start` to the end of the run of adjacent ranges of
+/// `chunks` (in job order) that begins there.
+fn run_length(chunks: &[(ChunkRange, Chunk)], start: u64) -> u64 {
+    let mut end = start;
+    for (range, _) in chunks.iter().skip_while(|(range, _)| range.offset != start) {
+        if range.offset != end {
+            break;
+        }
+        end += range.length;
+    }
+    end - start
 }
 
 /// Splits `chunks` (in job order) into pieces whose byte ranges follow each
@@ -386,6 +420,10 @@ mod tests {
         // A chunk bigger than the bound is a piece of its own.
         assert_eq!(pieces(15), [vec![1, 2], vec![3, 4], vec![5], vec![6]]);
         assert!(read_pieces(&[], 15).is_empty());
+        // Each piece's run is read whole, once.
+        assert_eq!(run_length(&chunks, 0), 15);
+        assert_eq!(run_length(&chunks, 30), 30);
+        assert_eq!(run_length(&chunks, 36), 24);
     }
 
     #[test]
