@@ -236,18 +236,17 @@ impl Chunker {
                 database.set_upload_phase(&upload.id, UploadPhase::Compressing, Timestamp::now()),
             )
             .await?;
+        if nar.state == StoreState::Valid {
+            // Before the finalisation, which wakes the waiting push: its
+            // pusher then sees the count.
+            larder().chunks_deduplicated(u64::from(nar.n_chunks), nar.nar_size);
+        }
         larder()
             .timed(
                 PushStage::Finalise,
                 finalise_nar(database, &*self.storage, nar.id),
             )
             .await?;
-        if nar.state == StoreState::Valid {
-            // Before the finalisation, which wakes the waiting push: its
-            // pusher then sees the count.
-            larder().chunks_deduplicated(u64::from(nar.n_chunks), nar.nar_size);
-        }
-        finalise_nar(database, &*self.storage, nar.id).await?;
         Ok(())
     }
 

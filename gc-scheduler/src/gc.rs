@@ -22,7 +22,7 @@
 //!    run left are finished first.
 //! 5. **Packs** (module [`packs`]): those no chunk row names any more are
 //!    deleted (retired ones once retired for `orphan-grace`, and at least
-//!    [`RETIRED_PACK_GRACE`]), then
+//!    [`PACK_GRACE`]), then
 //!    compaction copies the live chunks of sparse and small packs (and of
 //!    one-chunk objects) into new packs, at most `compact-bytes-per-run`,
 //!    and retires the old ones.
@@ -30,7 +30,9 @@
 //!    are older than `orphan-grace` (module [`orphans`]): written by a
 //!    compressor that crashed, or that lost its chunk to GC, before its row
 //!    pointed at them. The grace keeps a compressor's fresh object safe.
-//!    Likewise packs under `packs/` that no pack row names.
+//!    Likewise packs under `packs/` that no pack row names, older than
+//!    `orphan-grace` and at least [`PACK_GRACE`] (a writer records its pack
+//!    after writing it; with no name to go by, only age protects it).
 //!    Likewise staged NARs under `staging/` that no upload or staged file
 //!    names, older than `stuck-upload-deadline` (a crashed spool's: a
 //!    spooled object may be dated from when its upload began, and no
@@ -62,7 +64,7 @@ mod orphans;
 mod packs;
 mod reap;
 
-pub use packs::{RETIRED_PACK_GRACE, SMALL_PACK_BYTES};
+pub use packs::{PACK_GRACE, SMALL_PACK_BYTES};
 
 use std::time::{Duration, Instant};
 

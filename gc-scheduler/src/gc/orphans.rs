@@ -86,8 +86,9 @@ fn parse_chunk_key(key: &ObjectKey) -> Option<(&str, ChunkKeyOwner)> {
 pub(super) enum Sweep {
     /// `chunks/`: named by a chunk row; grace `orphan-grace`.
     Chunks,
-    /// `packs/`: named by a pack row; grace `orphan-grace` (a pack is
-    /// written before the transaction that records it).
+    /// `packs/`: named by a pack row; grace `orphan-grace`, at least
+    /// `PACK_GRACE` (a pack is written before the transaction that
+    /// records it, and its name says nothing of its writer).
     Packs,
     /// `staging/`: named by an upload or a staged file; grace
     /// `stuck-upload-deadline` (a spooled NAR is written before the row
@@ -106,7 +107,8 @@ impl Sweep {
 
     fn grace(self, config: &GcConfig) -> std::time::Duration {
         match self {
-            Self::Chunks | Self::Packs => config.orphan_grace.as_duration(),
+            Self::Chunks => config.orphan_grace.as_duration(),
+            Self::Packs => super::packs::pack_grace(config),
             Self::Staging => config.stuck_upload_deadline.as_duration(),
         }
     }

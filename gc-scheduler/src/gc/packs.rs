@@ -18,7 +18,7 @@
 //! - frames are copied byte for byte, so a NAR's served size and every
 //!   byte offset in it stay the same;
 //! - a retired pack is deleted only once it has been retired for
-//!   `orphan-grace` (and at least [`RETIRED_PACK_GRACE`]): a download that read a chunk's old location just
+//!   `orphan-grace` (and at least [`PACK_GRACE`]): a download that read a chunk's old location just
 //!   before the move still finds the bytes there;
 //! - a pack is deleted only while no chunk row names it, checked again when
 //!   its row is deleted; nothing ever points a chunk into an existing pack.
@@ -39,13 +39,21 @@ pub const SMALL_PACK_BYTES: u64 = 4 << 20;
 /// The most bytes compaction reads from a source in one request.
 const READ_PIECE_BYTES: u64 = 8 << 20;
 
-/// How long a retired pack stays at least, whatever `orphan-grace` says: a
-/// download reads a page of its NAR's chunk locations, then their bytes as
-/// its client takes them, so a location it holds can be minutes old.
-pub const RETIRED_PACK_GRACE: Duration = Duration::from_secs(15 * 60);
+/// How long a pack no chunk row names stays at least, retired or never
+/// recorded, whatever `orphan-grace` says: a download reads a page of its
+/// NAR's chunk locations, then their bytes as its client takes them, so a
+/// location it holds can be minutes old; and a writer records its pack
+/// only after writing all of it.
+pub const PACK_GRACE: Duration = Duration::from_secs(15 * 60);
+
+/// How long GC leaves a pack no chunk row names: `orphan-grace`, and at
+/// least [`PACK_GRACE`].
+pub fn pack_grace(config: &GcConfig) -> Duration {
+    config.orphan_grace.as_duration().max(PACK_GRACE)
+}
 
 /// Deletes the objects of packs no chunk names (retired ones once retired
-/// for `orphan-grace`, and at least [`RETIRED_PACK_GRACE`]), then their
+/// for [`pack_grace`]), then their
 /// rows.
 pub(super) async fn delete_empty_packs(
     database: &Database,
@@ -54,8 +62,7 @@ pub(super) async fn delete_empty_packs(
     now: Timestamp,
     report: &mut GcReport,
 ) -> Result<(), GcError> {
-    let retired_before =
-        now.saturating_sub(config.orphan_grace.as_duration().max(RETIRED_PACK_GRACE));
+    let retired_before = now.saturating_sub(pack_grace(config));
     let mut after = 0;
     loop {
         let page = database

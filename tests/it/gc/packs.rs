@@ -8,15 +8,14 @@ use std::time::Duration;
 
 use common::config::GcConfig;
 use common::db::{Backend, Timestamp};
-use common::duration::HumanDuration;
 use common::nix::StorePathHash;
 use common::storage::{ObjectKey, Storage};
-use gc_scheduler::gc::{collect_garbage_locked, GcReport, RETIRED_PACK_GRACE};
+use gc_scheduler::gc::{collect_garbage_locked, GcReport, PACK_GRACE};
 use tests::bench::{single_file_nar, store_path_hash_for, Pusher};
 use tests::server::{pseudo_random, TestServer, TestServerOptions};
 
+use super::eager_gc;
 use super::end_to_end::chunk_objects;
-use super::{eager_gc, HOUR};
 use crate::server::{fake_store_path, plain_metadata};
 
 const MIB: usize = 1 << 20;
@@ -193,7 +192,7 @@ async fn compaction_beside_uploads_and_downloads(backend: Backend) {
         soon.packs_deleted, 0,
         "nothing retired goes within its grace"
     );
-    let later = Timestamp::now().saturating_add(RETIRED_PACK_GRACE + Duration::from_secs(60));
+    let later = Timestamp::now().saturating_add(PACK_GRACE + Duration::from_secs(60));
     let report = gc_at(&server, later).await;
     assert!(
         report.packs_deleted >= retired.len() as u64,
@@ -209,7 +208,7 @@ async fn compaction_beside_uploads_and_downloads(backend: Backend) {
 
 /// A path gone, its pack goes whole in the next run; a pack object no row
 /// names (a writer that crashed before recording it) goes once older than
-/// `orphan-grace`.
+/// `orphan-grace` and `PACK_GRACE`.
 async fn empty_and_unrecorded_packs_are_deleted(backend: Backend) {
     let server = server_on(backend).await;
     let cache = server.create_cache("brief", false).await;
@@ -235,11 +234,8 @@ async fn empty_and_unrecorded_packs_are_deleted(backend: Backend) {
         .put(&stray, bytes::Bytes::from_static(b"frames"))
         .await
         .expect("a stray pack");
-    let graceful = GcConfig {
-        orphan_grace: HumanDuration::from_secs(3600),
-        ..eager_gc()
-    };
-    let fresh = gc_with(&server, &graceful, Timestamp::now()).await;
+    // Even with no orphan-grace, a pack is kept for PACK_GRACE.
+    let fresh = gc_at(&server, Timestamp::now()).await;
     assert_eq!(fresh.orphans_removed, 0, "{fresh:?}");
     assert_eq!(
         chunk_objects(server.storage()).await,
@@ -248,8 +244,8 @@ async fn empty_and_unrecorded_packs_are_deleted(backend: Backend) {
     );
     let aged = gc_with(
         &server,
-        &graceful,
-        Timestamp::now().saturating_add(HOUR + Duration::from_secs(60)),
+        &eager_gc(),
+        Timestamp::now().saturating_add(PACK_GRACE + Duration::from_secs(60)),
     )
     .await;
     assert_eq!(aged.orphans_removed, 1, "{aged:?}");
@@ -306,7 +302,7 @@ async fn a_store_of_per_chunk_objects_is_repacked(backend: Backend) {
         0,
         "every chunk is in a pack: {printed}"
     );
-    let later = Timestamp::now().saturating_add(RETIRED_PACK_GRACE + Duration::from_secs(60));
+    let later = Timestamp::now().saturating_add(PACK_GRACE + Duration::from_secs(60));
     gc_at(&server, later).await;
     storage_matches_pack_rows(&server).await;
     let hash = &old_path["/nix/store/".len()..][..32];
