@@ -556,6 +556,13 @@ pub struct S3Config {
     /// system's roots (which `SSL_CERT_FILE` replaces): a private CA's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// A local directory for staged NARs (pushes between the door and the
+    /// pipeline) instead of the bucket: every pushed byte is then uploaded
+    /// to S3 once, in packs, rather than three times more (staged, read
+    /// back twice). Only for the single-machine server: workers on other
+    /// machines read what the door staged, so a shared queue refuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staging_path: Option<PathBuf>,
 }
 
 impl S3Config {
@@ -683,6 +690,14 @@ impl ServerConfig {
         }
         if let StorageConfig::S3(s3) = &self.storage {
             s3.validate()?;
+            if s3.staging_path.is_some() && self.queue.is_shared() {
+                return Err(ConfigError::Invalid(
+                    "storage.staging-path keeps staged NARs on this machine, where workers of \
+                     a shared queue cannot read them: use it only with the embedded queue \
+                     (the single-machine server)"
+                        .into(),
+                ));
+            }
         }
         self.gc.validate()?;
         self.http.validate()?;
@@ -1089,6 +1104,34 @@ mod tests {
         }
     }
 
+    /// Local staging works only where the door and the workers share a
+    /// machine: with the embedded queue, not a shared one.
+    #[test]
+    fn local_staging_needs_the_embedded_queue() {
+        let text = MINIMAL.replace(
+            "type = \"local\"\n        path = \"/var/lib/larder/storage\"",
+            "type = \"s3\"\n        bucket = \"larder\"\n        \
+             staging-path = \"/var/lib/larder/staging\"",
+        );
+        let config = load(&text, &[]).expect("with the embedded queue");
+        let StorageConfig::S3(s3) = &config.storage else {
+            panic!("expected S3 storage: {:?}", config.storage);
+        };
+        assert_eq!(
+            s3.staging_path.as_deref(),
+            Some(Path::new("/var/lib/larder/staging"))
+        );
+        let error = load(
+            &text,
+            &[
+                ("LARDER_QUEUE__TYPE", "amqp"),
+                ("LARDER_QUEUE__URL", "amqp://mq:5672/%2f"),
+            ],
+        )
+        .expect_err("a shared queue");
+        assert!(error.to_string().contains("staging-path"), "{error}");
+    }
+
     #[test]
     fn s3_storage_is_read_from_the_file_and_environment() {
         let text = MINIMAL.replace(
@@ -1116,6 +1159,7 @@ mod tests {
                 prefix: String::new(),
                 force_path_style: None,
                 ca_file: None,
+                staging_path: None,
             }
         );
         assert!(s3.path_style(), "an endpoint means path-style by default");
