@@ -326,9 +326,7 @@ impl Chunker {
         let cutter =
             tokio::task::spawn_blocking(move || cut(SyncIoBridge::new(reader), nar_size, &sender));
 
-        let mut chunk_ids: Vec<ChunkId> = Vec::new();
-        let mut published: HashSet<ChunkId> = HashSet::new();
-        let mut job = PackJob::default();
+        let mut listed = ListedSoFar::default();
         let mut batch: Vec<CutChunk> = Vec::new();
         let mut batch_bytes = 0;
         while let Some(chunk) = receiver.recv().await {
@@ -337,29 +335,14 @@ impl Chunker {
             if batch_bytes >= LOOKUP_BATCH_BYTES {
                 let batch = std::mem::take(&mut batch);
                 batch_bytes = 0;
-                self.record_batch(
-                    &batch,
-                    staged,
-                    nar_id,
-                    trace_id,
-                    &mut chunk_ids,
-                    &mut published,
-                    &mut job,
-                )
-                .await?;
+                self.record_batch(&batch, staged, nar_id, trace_id, &mut listed)
+                    .await?;
             }
         }
-        self.record_batch(
-            &batch,
-            staged,
-            nar_id,
-            trace_id,
-            &mut chunk_ids,
-            &mut published,
-            &mut job,
-        )
-        .await?;
-        self.publish(nar_id, staged, job.ranges, trace_id).await?;
+        self.record_batch(&batch, staged, nar_id, trace_id, &mut listed)
+            .await?;
+        self.publish(nar_id, staged, listed.job.ranges, trace_id)
+            .await?;
         let cut = cutter
             .await
             .map_err(|error| JobError::Permanent(format!("the chunking thread failed: {error}")))?
@@ -378,7 +361,7 @@ impl Chunker {
         let recorded = larder()
             .timed(
                 PushStage::Database,
-                self.database.set_nar_chunks(nar_id, &chunk_ids),
+                self.database.set_nar_chunks(nar_id, &listed.chunk_ids),
             )
             .await;
         match recorded {
@@ -397,17 +380,15 @@ impl Chunker {
 
     /// Looks up or creates a batch of chunks, appends their ids to the
     /// NAR's list, and adds those not yet stored (each chunk once per NAR)
-    /// to `job`, publishing it whenever it is full.
-    #[allow(clippy::too_many_arguments)]
+    /// to the compress job being gathered, publishing it whenever it is
+    /// full.
     async fn record_batch(
         &self,
         batch: &[CutChunk],
         staged: &ObjectKey,
         nar_id: NarId,
         trace_id: &str,
-        chunk_ids: &mut Vec<ChunkId>,
-        published: &mut HashSet<ChunkId>,
-        job: &mut PackJob,
+        listed: &mut ListedSoFar,
     ) -> Result<(), JobError> {
         if batch.is_empty() {
             return Ok(());
@@ -428,9 +409,9 @@ impl Chunker {
         let mut full_jobs = Vec::new();
         let (mut deduplicated, mut deduplicated_bytes) = (0, 0);
         for (row, chunk) in rows.iter().zip(batch) {
-            chunk_ids.push(row.id);
-            if row.state != StoreState::Valid && published.insert(row.id) {
-                full_jobs.extend(job.add(ChunkRange {
+            listed.chunk_ids.push(row.id);
+            if row.state != StoreState::Valid && listed.published.insert(row.id) {
+                full_jobs.extend(listed.job.add(ChunkRange {
                     chunk_id: row.id.0,
                     offset: chunk.offset,
                     length: chunk.length,
@@ -467,6 +448,15 @@ impl Chunker {
         publish_job(&*self.queue, &job).await?;
         Ok(())
     }
+}
+
+/// What cutting a NAR has recorded so far: its chunk list, the chunks sent
+/// to compressors, and the compress job being gathered.
+#[derive(Debug, Default)]
+struct ListedSoFar {
+    chunk_ids: Vec<ChunkId>,
+    published: HashSet<ChunkId>,
+    job: PackJob,
 }
 
 /// The new chunks of a NAR being gathered into one compress job, whose
