@@ -4,15 +4,17 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::config::GcConfig;
+use common::config::{GcConfig, StorageConfig};
 use common::db::{Backend, Timestamp};
 use common::nix::StorePathHash;
 use common::storage::{ObjectKey, Storage};
 use gc_scheduler::gc::{collect_garbage_locked, GcReport, PACK_GRACE};
 use tests::bench::{single_file_nar, store_path_hash_for, Pusher};
 use tests::server::{pseudo_random, TestServer, TestServerOptions};
+use tests::services;
 
 use super::eager_gc;
 use super::end_to_end::chunk_objects;
@@ -20,13 +22,86 @@ use crate::server::{fake_store_path, plain_metadata};
 
 const MIB: usize = 1 << 20;
 
-async fn server_on(backend: Backend) -> TestServer {
-    TestServer::start(TestServerOptions {
-        backend,
-        gc: eager_gc(),
-        ..TestServerOptions::default()
-    })
-    .await
+/// Where a test's server keeps its chunks.
+#[derive(Debug, Clone, Copy)]
+enum Store {
+    Local,
+    Garage,
+}
+
+/// A server with eager GC settings, and the storage its config names
+/// (opened again here, as `gc-scheduler` would).
+struct Rig {
+    server: TestServer,
+    storage: Arc<dyn Storage>,
+}
+
+impl Rig {
+    async fn start(backend: Backend, store: Store) -> Self {
+        let edit_config: Option<tests::server::ConfigEdit> = match store {
+            Store::Local => None,
+            Store::Garage => {
+                let prefix = format!("{}/", services::unique_name("packs"));
+                let storage =
+                    StorageConfig::S3(services::S3Settings::from_env().storage_config(&prefix));
+                Some(Arc::new(move |config| config.storage = storage.clone()))
+            }
+        };
+        let server = TestServer::start(TestServerOptions {
+            backend,
+            gc: eager_gc(),
+            edit_config,
+            ..TestServerOptions::default()
+        })
+        .await;
+        let storage = common::storage::open(&server.config().storage)
+            .await
+            .expect("opening the server's storage");
+        Self { server, storage }
+    }
+
+    /// One GC run with the tests' eager settings at `now`.
+    async fn gc_at(&self, now: Timestamp) -> GcReport {
+        self.gc_with(&eager_gc(), now).await
+    }
+
+    async fn gc_with(&self, config: &GcConfig, now: Timestamp) -> GcReport {
+        collect_garbage_locked(self.server.database(), &*self.storage, config, now)
+            .await
+            .expect("a GC run")
+            .expect("the only collector")
+    }
+
+    async fn chunk_objects(&self) -> Vec<ObjectKey> {
+        chunk_objects(&*self.storage).await
+    }
+
+    /// Storage holds exactly the packs recorded, and every chunk is in one.
+    async fn storage_matches_pack_rows(&self) {
+        let stored: BTreeSet<String> = self
+            .chunk_objects()
+            .await
+            .into_iter()
+            .map(|key| key.to_string())
+            .collect();
+        let recorded: BTreeSet<String> = self
+            .server
+            .database()
+            .packs()
+            .await
+            .expect("packs")
+            .into_iter()
+            .map(|pack| pack.object_key)
+            .collect();
+        assert_eq!(stored, recorded, "storage holds the recorded packs only");
+        let located: Vec<String> = sqlx::query_scalar("SELECT DISTINCT object_key FROM chunks")
+            .fetch_all(self.server.database().pool())
+            .await
+            .expect("chunk locations");
+        for key in located {
+            assert!(recorded.contains(&key), "chunk in {key}, no pack row");
+        }
+    }
 }
 
 /// A NAR of one file: `shared` then `own`.
@@ -63,45 +138,9 @@ async fn download(server: &TestServer, token: &str, cache: &str, name: &str) -> 
     zstd::stream::decode_all(&compressed[..]).expect("a zstd stream")
 }
 
-/// One GC run with the tests' eager settings at `now`.
-async fn gc_at(server: &TestServer, now: Timestamp) -> GcReport {
-    gc_with(server, &eager_gc(), now).await
-}
-
-async fn gc_with(server: &TestServer, config: &GcConfig, now: Timestamp) -> GcReport {
-    collect_garbage_locked(server.database(), server.storage(), config, now)
-        .await
-        .expect("a GC run")
-        .expect("the only collector")
-}
-
-/// Storage holds exactly the packs recorded, and every chunk is in one.
-async fn storage_matches_pack_rows(server: &TestServer) {
-    let stored: BTreeSet<String> = chunk_objects(server.storage())
-        .await
-        .into_iter()
-        .map(|key| key.to_string())
-        .collect();
-    let recorded: BTreeSet<String> = server
-        .database()
-        .packs()
-        .await
-        .expect("packs")
-        .into_iter()
-        .map(|pack| pack.object_key)
-        .collect();
-    assert_eq!(stored, recorded, "storage holds the recorded packs only");
-    let located: Vec<String> = sqlx::query_scalar("SELECT DISTINCT object_key FROM chunks")
-        .fetch_all(server.database().pool())
-        .await
-        .expect("chunk locations");
-    for key in located {
-        assert!(recorded.contains(&key), "chunk in {key}, no pack row");
-    }
-}
-
-async fn compaction_beside_uploads_and_downloads(backend: Backend) {
-    let server = server_on(backend).await;
+async fn compaction_beside_uploads_and_downloads(backend: Backend, store: Store) {
+    let rig = Rig::start(backend, store).await;
+    let server = &rig.server;
     server.create_cache("gone", false).await;
     server.create_cache("kept", false).await;
     let token = server.root_token().await;
@@ -137,7 +176,7 @@ async fn compaction_beside_uploads_and_downloads(backend: Backend) {
     let downloader = async {
         while !stop.load(Ordering::Relaxed) {
             assert_eq!(
-                download(&server, &token, "kept", "y").await,
+                download(server, &token, "kept", "y").await,
                 y,
                 "Y as pushed"
             );
@@ -160,7 +199,7 @@ async fn compaction_beside_uploads_and_downloads(backend: Backend) {
     let collector = async {
         let mut compacted = 0;
         for _ in 0..4 {
-            compacted += gc_at(&server, Timestamp::now()).await.packs_compacted;
+            compacted += rig.gc_at(Timestamp::now()).await.packs_compacted;
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
         stop.store(true, Ordering::Relaxed);
@@ -187,30 +226,31 @@ async fn compaction_beside_uploads_and_downloads(backend: Backend) {
     );
 
     // Retired packs stay for their grace, then go; everything still reads.
-    let soon = gc_at(&server, Timestamp::now()).await;
+    let soon = rig.gc_at(Timestamp::now()).await;
     assert_eq!(
         soon.packs_deleted, 0,
         "nothing retired goes within its grace"
     );
     let later = Timestamp::now().saturating_add(PACK_GRACE + Duration::from_secs(60));
-    let report = gc_at(&server, later).await;
+    let report = rig.gc_at(later).await;
     assert!(
         report.packs_deleted >= retired.len() as u64,
         "{report:?} for {retired:?}"
     );
-    assert_eq!(download(&server, &token, "kept", "y").await, y);
+    assert_eq!(download(server, &token, "kept", "y").await, y);
     for (name, z) in &pushed {
-        assert_eq!(&download(&server, &token, "kept", name).await, z, "{name}");
+        assert_eq!(&download(server, &token, "kept", name).await, z, "{name}");
     }
-    storage_matches_pack_rows(&server).await;
-    server.stop().await;
+    rig.storage_matches_pack_rows().await;
+    rig.server.stop().await;
 }
 
 /// A path gone, its pack goes whole in the next run; a pack object no row
 /// names (a writer that crashed before recording it) goes once older than
 /// `orphan-grace` and `PACK_GRACE`.
-async fn empty_and_unrecorded_packs_are_deleted(backend: Backend) {
-    let server = server_on(backend).await;
+async fn empty_and_unrecorded_packs_are_deleted(backend: Backend, store: Store) {
+    let rig = Rig::start(backend, store).await;
+    let server = &rig.server;
     let cache = server.create_cache("brief", false).await;
     let token = server.root_token().await;
     let pusher = Pusher::new(&server.url(), &token, "brief").expect("a pusher");
@@ -224,42 +264,42 @@ async fn empty_and_unrecorded_packs_are_deleted(backend: Backend) {
         .delete_objects(cache.id, &[hash])
         .await
         .expect("deleting the path");
-    let report = gc_at(&server, Timestamp::now()).await;
+    let report = rig.gc_at(Timestamp::now()).await;
     assert_eq!(report.packs_deleted, 1, "{report:?}");
-    assert!(chunk_objects(server.storage()).await.is_empty());
+    assert!(rig.chunk_objects().await.is_empty());
 
     let stray = ObjectKey::new("packs/ab/left-by-a-crash.pack").expect("a key");
-    server
-        .storage()
+    rig.storage
         .put(&stray, bytes::Bytes::from_static(b"frames"))
         .await
         .expect("a stray pack");
     // Even with no orphan-grace, a pack is kept for PACK_GRACE.
-    let fresh = gc_at(&server, Timestamp::now()).await;
+    let fresh = rig.gc_at(Timestamp::now()).await;
     assert_eq!(fresh.orphans_removed, 0, "{fresh:?}");
     assert_eq!(
-        chunk_objects(server.storage()).await,
+        rig.chunk_objects().await,
         [stray.clone()],
         "the stray pack waits out orphan-grace"
     );
-    let aged = gc_with(
-        &server,
-        &eager_gc(),
-        Timestamp::now().saturating_add(PACK_GRACE + Duration::from_secs(60)),
-    )
-    .await;
+    let aged = rig
+        .gc_with(
+            &eager_gc(),
+            Timestamp::now().saturating_add(PACK_GRACE + Duration::from_secs(60)),
+        )
+        .await;
     assert_eq!(aged.orphans_removed, 1, "{aged:?}");
-    assert!(chunk_objects(server.storage()).await.is_empty());
+    assert!(rig.chunk_objects().await.is_empty());
     assert!(server.database().packs().await.expect("packs").is_empty());
-    server.stop().await;
+    rig.server.stop().await;
 }
 
 /// A store written before packs (one object per chunk, as `seed_path`
 /// writes them) beside packed paths: `gc-scheduler --repack` moves every
 /// chunk into packs, the old objects go after their grace, and every path
 /// still reads.
-async fn a_store_of_per_chunk_objects_is_repacked(backend: Backend) {
-    let server = server_on(backend).await;
+async fn a_store_of_per_chunk_objects_is_repacked(backend: Backend, store: Store) {
+    let rig = Rig::start(backend, store).await;
+    let server = &rig.server;
     server.create_cache("old", false).await;
     let token = server.root_token().await;
     let old_path = fake_store_path("before-packs");
@@ -303,8 +343,8 @@ async fn a_store_of_per_chunk_objects_is_repacked(backend: Backend) {
         "every chunk is in a pack: {printed}"
     );
     let later = Timestamp::now().saturating_add(PACK_GRACE + Duration::from_secs(60));
-    gc_at(&server, later).await;
-    storage_matches_pack_rows(&server).await;
+    rig.gc_at(later).await;
+    rig.storage_matches_pack_rows().await;
     let hash = &old_path["/nix/store/".len()..][..32];
     let narinfo = server
         .http()
@@ -330,35 +370,40 @@ async fn a_store_of_per_chunk_objects_is_repacked(backend: Backend) {
         "the old path reads from its pack"
     );
     assert_eq!(
-        download(&server, &token, "old", "after-packs").await,
+        download(server, &token, "old", "after-packs").await,
         nar_of(&pseudo_random(MIB, 92), b"")
     );
-    server.stop().await;
+    rig.server.stop().await;
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(common::db::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(common::db::Backend::Postgres).await;
-                }
-            )*
-        }
+macro_rules! rigs {
+    ($($module:ident: $backend:ident, $store:ident => [$($name:ident),* $(,)?];)*) => {
+        $(
+            mod $module {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $name() {
+                        super::$name(common::db::Backend::$backend, super::Store::$store).await;
+                    }
+                )*
+            }
+        )*
     };
 }
 
-on_both_backends!(
-    compaction_beside_uploads_and_downloads,
-    empty_and_unrecorded_packs_are_deleted,
-    a_store_of_per_chunk_objects_is_repacked,
+rigs!(
+    sqlite_local: Sqlite, Local => [
+        compaction_beside_uploads_and_downloads,
+        empty_and_unrecorded_packs_are_deleted,
+        a_store_of_per_chunk_objects_is_repacked,
+    ];
+    postgres_local: Postgres, Local => [
+        compaction_beside_uploads_and_downloads,
+        empty_and_unrecorded_packs_are_deleted,
+        a_store_of_per_chunk_objects_is_repacked,
+    ];
+    postgres_garage: Postgres, Garage => [
+        compaction_beside_uploads_and_downloads,
+        empty_and_unrecorded_packs_are_deleted,
+    ];
 );
