@@ -149,8 +149,10 @@ for cache in bench-large bench-small bench-door bench-again; do
 done
 
 # The bytes of every stored chunk object.
+# Bytes of chunk data in storage: packs (and one-chunk objects, had a
+# store from before packs been given).
 stored_bytes() {
-    find "$storage/chunks" -type f -printf '%s\n' 2>/dev/null | awk '{ s += $1 } END { print s + 0 }'
+    find "$storage/packs" "$storage/chunks" -type f -printf '%s\n' 2>/dev/null | awk '{ s += $1 } END { print s + 0 }'
 }
 
 # --- the pushes --------------------------------------------------------------
