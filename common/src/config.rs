@@ -408,6 +408,15 @@ pub struct GcConfig {
     pub page_size: u32,
     /// Storage deletes in flight at once.
     pub delete_concurrency: u32,
+    /// How often a scrub pass (every stored chunk read back, decompressed
+    /// and checked against its hash; damaged ones withdrawn) starts on its
+    /// own. Absent (the default): only `gc-scheduler --scrub` scrubs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scrub_interval: Option<HumanDuration>,
+    /// The most stored bytes a scrub reads per second, averaged over its
+    /// pass, so that it cannot starve serving of disk or network; `0`: no
+    /// limit.
+    pub scrub_bytes_per_second: ByteSize,
 }
 
 impl GcConfig {
@@ -432,6 +441,12 @@ impl GcConfig {
         if self.delete_concurrency == 0 {
             return zero("delete-concurrency");
         }
+        if self
+            .scrub_interval
+            .is_some_and(|interval| interval.as_secs() == 0)
+        {
+            return zero("scrub-interval");
+        }
         Ok(())
     }
 }
@@ -449,6 +464,8 @@ impl Default for GcConfig {
             access_flush_interval: HumanDuration::from_secs(5),
             page_size: 1000,
             delete_concurrency: 16,
+            scrub_interval: None,
+            scrub_bytes_per_second: ByteSize::new(64 << 20),
         }
     }
 }

@@ -159,8 +159,9 @@ pub fn check_after_read_failure(
     true
 }
 
-/// The object a read error says is missing or too short, if it says so.
-fn damage_evidence(error: &StorageError) -> Option<ObjectKey> {
+/// The object a read error says is missing or too short, if it says so:
+/// the errors worth a look at the object ([`check_object`]).
+pub fn damage_evidence(error: &StorageError) -> Option<ObjectKey> {
     match error {
         StorageError::NotFound(key) => Some(key.clone()),
         StorageError::Io { key, source } if source.kind() == std::io::ErrorKind::UnexpectedEof => {

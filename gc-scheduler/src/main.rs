@@ -1,5 +1,6 @@
 //! The `gc-scheduler` binary: a thin shell around the `gc_scheduler`
-//! library. `--once` runs one pass and exits (for cron and tests);
+//! library. `--once` runs one pass and exits (for cron and tests), and
+//! `--scrub` one scrub pass;
 //! otherwise it reconciles and collects on their intervals until SIGINT or
 //! SIGTERM.
 
@@ -22,8 +23,14 @@ struct Cli {
 
     /// Run one pass now (reconcile, then collect garbage), print what it
     /// did, and exit.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "scrub")]
     once: bool,
+
+    /// Run one scrub pass now (read every stored chunk back and check it
+    /// against its hash; withdraw the NARs of damaged ones until their
+    /// paths are pushed again), print what it found, and exit.
+    #[arg(long)]
+    scrub: bool,
 }
 
 fn main() -> ExitCode {
@@ -34,6 +41,19 @@ fn main() -> ExitCode {
             &cli.service,
             |config, _shutdown| async move {
                 println!("{}", gc_scheduler::run_once(&config).await?);
+                Ok::<(), gc_scheduler::Error>(())
+            },
+        );
+    }
+    if cli.scrub {
+        return run_service(
+            "gc-scheduler",
+            &cli.service,
+            |config, _shutdown| async move {
+                match gc_scheduler::run_scrub(&config).await? {
+                    Some(report) => println!("{report}"),
+                    None => println!("scrubbed: nothing (another gc-scheduler is scrubbing)"),
+                }
                 Ok::<(), gc_scheduler::Error>(())
             },
         );

@@ -32,7 +32,7 @@
 
 use super::error::{query_error, Result};
 use super::nars::{chunk_from_row, Chunk, ChunkLocation, CHUNK_COLUMNS};
-use super::row::{nar_hash_col, to_i64};
+use super::row::{nar_hash_col, string_col, to_i64};
 use super::types::ChunkId;
 use super::{placeholders, Database, MAX_IN_LIST};
 use crate::nix::NarHash;
@@ -92,6 +92,24 @@ impl Database {
             .await
             .map_err(query_error("listing the chunks of an object"))?;
         rows.iter().map(chunk_from_row).collect()
+    }
+
+    /// The objects holding valid chunks whose keys sort after `after`, at
+    /// most `limit`, in key order: the scrub's walk, a page at a time,
+    /// along the index of chunks by object key.
+    pub async fn stored_object_keys(&self, after: &str, limit: u32) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT object_key FROM chunks WHERE object_key > $1 AND state = 'valid' \
+             ORDER BY object_key LIMIT $2",
+        )
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_error("listing stored objects"))?;
+        rows.iter()
+            .map(|row| string_col(row, "object_key"))
+            .collect()
     }
 
     /// Marks chunks damaged (see the module documentation): each chunk

@@ -1,3 +1,6 @@
-//! Issue #16's integrity part: the damage model on both backends (`db`).
+//! Issue #16's integrity part: the damage model on both backends (`db`),
+//! and damage found by the scrub or a download, withdrawn, then healed by
+//! pushes through both protocols, end to end (`heal`).
 
 mod db;
+mod heal;
