@@ -861,6 +861,29 @@ mod tests {
     }
 
     #[test]
+    fn scrubbing_is_off_by_default_paced_and_refuses_a_zero_interval() {
+        let config = load(MINIMAL, &[]).expect("valid config");
+        assert_eq!(config.gc.scrub_interval, None);
+        assert_eq!(config.gc.scrub_bytes_per_second, ByteSize::new(64 << 20));
+
+        let text = format!(
+            "{MINIMAL}\n[gc]\nscrub-interval = \"7 days\"\nscrub-bytes-per-second = \"200 MiB\"\n"
+        );
+        let config = load(&text, &[]).expect("valid config");
+        assert_eq!(
+            config.gc.scrub_interval,
+            Some(HumanDuration::from_secs(7 * 24 * 60 * 60))
+        );
+        assert_eq!(config.gc.scrub_bytes_per_second, ByteSize::new(200 << 20));
+        let unlimited = load(MINIMAL, &[("LARDER_GC__SCRUB_BYTES_PER_SECOND", "0")])
+            .expect("no limit is a valid choice");
+        assert_eq!(unlimited.gc.scrub_bytes_per_second.bytes(), 0);
+
+        let error = load(MINIMAL, &[("LARDER_GC__SCRUB_INTERVAL", "0s")]).expect_err("zero");
+        assert!(error.to_string().contains("gc.scrub-interval"), "{error}");
+    }
+
+    #[test]
     fn http_limits_have_defaults_and_refuse_zero() {
         let config = load(MINIMAL, &[]).expect("valid config");
         assert_eq!(config.http, HttpConfig::default());
