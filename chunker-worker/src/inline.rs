@@ -1,7 +1,8 @@
 //! Small NARs, which the chunker stores itself: a NAR of at most
 //! [`INLINE_NAR_BYTES`] (a few chunks) is read whole, cut and checked as
-//! any other, its new chunks compressed and written here, and the rest is
-//! one transaction ([`Database::finish_inline_upload`]): chunk rows,
+//! any other, its new chunks compressed and written here into one pack,
+//! and the rest is one transaction ([`Database::finish_inline_upload`]):
+//! the pack's row, chunk rows,
 //! listing, chunk list, the NAR made valid and the upload's path made
 //! visible. No compress job, and two transactions per path (the door's
 //! and this one) instead of a dozen, which is what a push of many small
@@ -18,15 +19,14 @@ use tokio::sync::mpsc;
 
 use common::chunking::max_chunk_entries;
 use common::db::{
-    ChunkId, ChunkLocation, DbError, InlineChunk, InlineContent, InlineOutcome, StoreState,
-    Timestamp, Upload,
+    ChunkId, ChunkLocation, DbError, InlineChunk, InlineContent, InlineOutcome, NewPack,
+    StoreState, Timestamp, Upload,
 };
 use common::metrics::larder;
 use common::nix::Sha256Hash;
-use common::storage::{ObjectKey, StorageError};
-use common::worker::{
-    finalise_nar, inline_chunk_object_key, staged_object_key, upload_made_visible, JobError,
-};
+use common::storage::pack::{PackWriter, PackedRange};
+use common::storage::StorageError;
+use common::worker::{finalise_nar, staged_object_key, upload_made_visible, JobError};
 
 use crate::{cut, Chunker, Cut, CutChunk, CutError};
 
@@ -67,19 +67,19 @@ impl Chunker {
         };
         if outcome == InlineOutcome::NeedsContent {
             let cut = self.cut_whole(upload).await?;
-            let chunks = self.store_new_chunks(upload, &cut).await?;
+            let (chunks, pack) = self.store_new_chunks(&cut).await?;
             let content = InlineContent {
                 chunks: &chunks,
+                pack: pack.as_ref(),
                 listing: cut.found.listing.as_ref(),
             };
             outcome = self.finish(upload, Some(content)).await?;
         }
-        let (visible, others_waiting, unused) = match outcome {
+        let (visible, others_waiting) = match outcome {
             InlineOutcome::Finished {
                 visible,
                 others_waiting,
-                unused,
-            } => (visible, others_waiting, unused),
+            } => (visible, others_waiting),
             InlineOutcome::NeedsContent | InlineOutcome::ChunksChanged => {
                 return Err(JobError::NotYet(format!(
                     "the chunks of NAR {} changed while it was being stored",
@@ -93,13 +93,6 @@ impl Chunker {
                 )))
             }
         };
-        for location in unused {
-            // Another worker stored these chunks first; the sweep of
-            // orphans would remove them too, an hour later.
-            if let Err(error) = self.delete_object(&location.object_key).await {
-                tracing::warn!(key = location.object_key, %error, "could not delete an unused chunk object");
-            }
-        }
         if visible {
             upload_made_visible(&*self.storage, upload, Timestamp::now()).await?;
         }
@@ -167,14 +160,13 @@ impl Chunker {
         })
     }
 
-    /// Compresses and writes the chunks of `cut` that are not stored, each
-    /// under its content and the upload's id, and returns the NAR's chunk
-    /// list with their locations.
+    /// Compresses the chunks of `cut` that are not stored into one new
+    /// pack, and returns the NAR's chunk list with their locations in it,
+    /// and the pack (none when every chunk was stored).
     async fn store_new_chunks(
         &self,
-        upload: &Upload,
         cut: &CutNar,
-    ) -> Result<Vec<InlineChunk>, JobError> {
+    ) -> Result<(Vec<InlineChunk>, Option<NewPack>), JobError> {
         let hashes: Vec<Sha256Hash> = cut
             .chunks
             .iter()
@@ -205,30 +197,36 @@ impl Chunker {
             }
         }
         larder().chunks_deduplicated(deduplicated, deduplicated_bytes);
-        let level = self.compression_level;
-        let frames = tokio::task::spawn_blocking(move || compress_all(to_store, level))
-            .await
-            .map_err(|error| {
-                JobError::Permanent(format!("the compressing thread failed: {error}"))
-            })??;
         let mut locations: HashMap<Sha256Hash, ChunkLocation> = HashMap::new();
-        let puts = frames.into_iter().map(|(hash, size, frame)| {
-            let key = inline_chunk_object_key(&hash, &upload.id);
-            async move {
-                let location = ChunkLocation {
-                    object_key: key.to_string(),
-                    offset: 0,
-                    length: frame.len() as u64,
-                };
-                self.storage.put(&key, frame).await?;
-                Ok::<_, JobError>((hash, size, location))
+        let mut pack = None;
+        if !to_store.is_empty() {
+            let writer = PackWriter::create(&*self.storage).await?;
+            let level = self.compression_level;
+            // Compressing and (on local storage) writing are blocking work.
+            let (writer, placed) =
+                tokio::task::spawn_blocking(move || pack_all(writer, to_store, level))
+                    .await
+                    .map_err(|error| {
+                        JobError::Permanent(format!("the compressing thread failed: {error}"))
+                    })??;
+            let (key, size) = writer.finish(&*self.storage).await?;
+            for (hash, chunk_size, range) in placed {
+                larder().chunk_stored(chunk_size, range.length);
+                locations.insert(
+                    hash,
+                    ChunkLocation {
+                        object_key: key.to_string(),
+                        offset: range.offset,
+                        length: range.length,
+                    },
+                );
             }
-        });
-        for (hash, size, location) in futures::future::try_join_all(puts).await? {
-            larder().chunk_stored(size, location.length);
-            locations.insert(hash, location);
+            pack = Some(NewPack {
+                object_key: key.to_string(),
+                size,
+            });
         }
-        Ok(cut
+        let chunks = cut
             .chunks
             .iter()
             .map(|chunk| InlineChunk {
@@ -236,7 +234,8 @@ impl Chunker {
                 chunk_size: chunk.length,
                 location: locations.get(&chunk.hash).cloned(),
             })
-            .collect())
+            .collect();
+        Ok((chunks, pack))
     }
 
     /// [`Database::finish_inline_upload`], a conflict being final: the
@@ -258,14 +257,6 @@ impl Chunker {
             outcome => Ok(outcome?),
         }
     }
-
-    async fn delete_object(&self, key: &str) -> Result<(), JobError> {
-        let key = ObjectKey::new(key).map_err(|error| {
-            JobError::Permanent(format!("invalid chunk object key {key:?}: {error}"))
-        })?;
-        self.storage.delete(&key).await?;
-        Ok(())
-    }
 }
 
 fn another_size(upload: &Upload) -> JobError {
@@ -276,20 +267,22 @@ fn another_size(upload: &Upload) -> JobError {
 }
 
 /// Compresses each chunk into one zstd frame at `level`, with one context
-/// for them all: `(hash, uncompressed size, frame)`.
-fn compress_all(
+/// for them all, appended to `pack`: `(hash, uncompressed size, where its
+/// frame is)` for each.
+#[allow(clippy::type_complexity)]
+fn pack_all(
+    mut pack: PackWriter,
     chunks: Vec<(Sha256Hash, Bytes)>,
     level: i32,
-) -> Result<Vec<(Sha256Hash, u64, Bytes)>, JobError> {
+) -> Result<(PackWriter, Vec<(Sha256Hash, u64, PackedRange)>), JobError> {
     let mut compressor = zstd::bulk::Compressor::new(level)
         .map_err(|error| JobError::Permanent(format!("starting zstd: {error}")))?;
-    chunks
-        .into_iter()
-        .map(|(hash, data)| {
-            let frame = compressor.compress(&data).map_err(|error| {
-                JobError::Permanent(format!("compressing chunk {}: {error}", hash.to_hex()))
-            })?;
-            Ok((hash, data.len() as u64, Bytes::from(frame)))
-        })
-        .collect()
+    let mut placed = Vec::with_capacity(chunks.len());
+    for (hash, data) in chunks {
+        let frame = compressor.compress(&data).map_err(|error| {
+            JobError::Permanent(format!("compressing chunk {}: {error}", hash.to_hex()))
+        })?;
+        placed.push((hash, data.len() as u64, pack.append(&frame)?));
+    }
+    Ok((pack, placed))
 }

@@ -21,8 +21,10 @@
 //!   reader, which hashes it (to check that staging still holds what the
 //!   API verified) and builds its `.ls` listing within a budget.
 //!   Chunks are looked up and created in batches of about
-//!   [`COMPRESS_JOB_BYTES`], and each batch's new chunks go out as one
-//!   [`CompressJob`] at once, so compression overlaps cutting. Then the
+//!   [`LOOKUP_BATCH_BYTES`], and the new ones go out in [`CompressJob`]s of
+//!   about one pack each (`PACK_TARGET_BYTES` of chunk data: the
+//!   compressor writes a job's frames into one pack object) as soon as
+//!   there are that many, so compression overlaps cutting. Then the
 //!   listing is stored (compressed) and the chunk list recorded, in that
 //!   order, so a NAR that becomes valid already has its listing: the read
 //!   path serves `.ls` from it and never reads the NAR for it.
@@ -62,6 +64,7 @@ use common::nix::nar::{NarError, NarReader};
 use common::nix::{NarHash, Sha256Hash};
 use common::queue::{publish_job, ChunkJob, ChunkRange, CompressJob, Queue, QueueError};
 use common::service::{self, ServiceError, Services};
+use common::storage::pack::PACK_TARGET_BYTES;
 use common::storage::{ObjectKey, Storage, StorageError};
 use common::worker::{self, finalise_nar, staged_object_key, JobError, JobHandler};
 
@@ -69,10 +72,10 @@ mod inline;
 
 pub use inline::INLINE_NAR_BYTES;
 
-/// About how many uncompressed bytes one compress job covers: enough to
-/// amortise a job's overhead, small enough that compressors start while
-/// the chunker is still cutting, and that a job's bytes fit in memory.
-pub const COMPRESS_JOB_BYTES: u64 = 4 << 20;
+/// About how many bytes of cut chunks are looked up and created in the
+/// database at once: few round trips, and compress jobs go out while the
+/// chunker is still cutting.
+const LOOKUP_BATCH_BYTES: u64 = 4 << 20;
 
 /// Chunks cut but not yet recorded, at most: the cutting thread waits for
 /// the database beyond this.
@@ -235,18 +238,17 @@ impl Chunker {
                 database.set_upload_phase(&upload.id, UploadPhase::Compressing, Timestamp::now()),
             )
             .await?;
+        if nar.state == StoreState::Valid {
+            // Before the finalisation, which wakes the waiting push: its
+            // pusher then sees the count.
+            larder().chunks_deduplicated(u64::from(nar.n_chunks), nar.nar_size);
+        }
         larder()
             .timed(
                 PushStage::Finalise,
                 finalise_nar(database, &*self.storage, nar.id),
             )
             .await?;
-        if nar.state == StoreState::Valid {
-            // Before the finalisation, which wakes the waiting push: its
-            // pusher then sees the count.
-            larder().chunks_deduplicated(u64::from(nar.n_chunks), nar.nar_size);
-        }
-        finalise_nar(database, &*self.storage, nar.id).await?;
         Ok(())
     }
 
@@ -293,18 +295,13 @@ impl Chunker {
                 upload.nar_hash, upload.nar_size
             )));
         }
-        let mut batch = Vec::new();
-        let mut batch_bytes = 0;
+        let mut job = PackJob::default();
         for range in missing {
-            batch_bytes += range.length;
-            batch.push(range);
-            if batch_bytes >= COMPRESS_JOB_BYTES {
-                self.publish(nar_id, staged, std::mem::take(&mut batch), trace_id)
-                    .await?;
-                batch_bytes = 0;
+            if let Some(full) = job.add(range) {
+                self.publish(nar_id, staged, full, trace_id).await?;
             }
         }
-        self.publish(nar_id, staged, batch, trace_id).await
+        self.publish(nar_id, staged, job.ranges, trace_id).await
     }
 
     /// Streams the staged NAR through FastCDC, records its chunks and
@@ -331,36 +328,23 @@ impl Chunker {
         let cutter =
             tokio::task::spawn_blocking(move || cut(SyncIoBridge::new(reader), nar_size, &sender));
 
-        let mut chunk_ids: Vec<ChunkId> = Vec::new();
-        let mut published: HashSet<ChunkId> = HashSet::new();
+        let mut listed = ListedSoFar::default();
         let mut batch: Vec<CutChunk> = Vec::new();
         let mut batch_bytes = 0;
         while let Some(chunk) = receiver.recv().await {
             batch_bytes += chunk.length;
             batch.push(chunk);
-            if batch_bytes >= COMPRESS_JOB_BYTES {
+            if batch_bytes >= LOOKUP_BATCH_BYTES {
                 let batch = std::mem::take(&mut batch);
                 batch_bytes = 0;
-                self.record_batch(
-                    &batch,
-                    staged,
-                    nar_id,
-                    trace_id,
-                    &mut chunk_ids,
-                    &mut published,
-                )
-                .await?;
+                self.record_batch(&batch, staged, nar_id, trace_id, &mut listed)
+                    .await?;
             }
         }
-        self.record_batch(
-            &batch,
-            staged,
-            nar_id,
-            trace_id,
-            &mut chunk_ids,
-            &mut published,
-        )
-        .await?;
+        self.record_batch(&batch, staged, nar_id, trace_id, &mut listed)
+            .await?;
+        self.publish(nar_id, staged, listed.job.ranges, trace_id)
+            .await?;
         let cut = cutter
             .await
             .map_err(|error| JobError::Permanent(format!("the chunking thread failed: {error}")))?
@@ -379,7 +363,7 @@ impl Chunker {
         let recorded = larder()
             .timed(
                 PushStage::Database,
-                self.database.set_nar_chunks(nar_id, &chunk_ids),
+                self.database.set_nar_chunks(nar_id, &listed.chunk_ids),
             )
             .await;
         match recorded {
@@ -397,16 +381,16 @@ impl Chunker {
     }
 
     /// Looks up or creates a batch of chunks, appends their ids to the
-    /// NAR's list, and publishes one compress job for those not yet stored
-    /// (each chunk once per NAR).
+    /// NAR's list, and adds those not yet stored (each chunk once per NAR)
+    /// to the compress job being gathered, publishing it whenever it is
+    /// full.
     async fn record_batch(
         &self,
         batch: &[CutChunk],
         staged: &ObjectKey,
         nar_id: NarId,
         trace_id: &str,
-        chunk_ids: &mut Vec<ChunkId>,
-        published: &mut HashSet<ChunkId>,
+        listed: &mut ListedSoFar,
     ) -> Result<(), JobError> {
         if batch.is_empty() {
             return Ok(());
@@ -424,16 +408,16 @@ impl Chunker {
                 self.database.upsert_chunks(&new, Timestamp::now()),
             )
             .await?;
-        let mut ranges = Vec::new();
+        let mut full_jobs = Vec::new();
         let (mut deduplicated, mut deduplicated_bytes) = (0, 0);
         for (row, chunk) in rows.iter().zip(batch) {
-            chunk_ids.push(row.id);
-            if row.state != StoreState::Valid && published.insert(row.id) {
-                ranges.push(ChunkRange {
+            listed.chunk_ids.push(row.id);
+            if row.state != StoreState::Valid && listed.published.insert(row.id) {
+                full_jobs.extend(listed.job.add(ChunkRange {
                     chunk_id: row.id.0,
                     offset: chunk.offset,
                     length: chunk.length,
-                });
+                }));
             } else {
                 // Stored already, or earlier in this NAR.
                 deduplicated += 1;
@@ -441,7 +425,10 @@ impl Chunker {
             }
         }
         larder().chunks_deduplicated(deduplicated, deduplicated_bytes);
-        self.publish(nar_id, staged, ranges, trace_id).await
+        for ranges in full_jobs {
+            self.publish(nar_id, staged, ranges, trace_id).await?;
+        }
+        Ok(())
     }
 
     async fn publish(
@@ -462,6 +449,36 @@ impl Chunker {
         };
         publish_job(&*self.queue, &job).await?;
         Ok(())
+    }
+}
+
+/// What cutting a NAR has recorded so far: its chunk list, the chunks sent
+/// to compressors, and the compress job being gathered.
+#[derive(Debug, Default)]
+struct ListedSoFar {
+    chunk_ids: Vec<ChunkId>,
+    published: HashSet<ChunkId>,
+    job: PackJob,
+}
+
+/// The new chunks of a NAR being gathered into one compress job, whose
+/// frames become one pack.
+#[derive(Debug, Default)]
+struct PackJob {
+    ranges: Vec<ChunkRange>,
+    bytes: u64,
+}
+
+impl PackJob {
+    /// Adds a chunk; once the job holds [`PACK_TARGET_BYTES`], returns its
+    /// chunks and starts over.
+    fn add(&mut self, range: ChunkRange) -> Option<Vec<ChunkRange>> {
+        self.bytes += range.length;
+        self.ranges.push(range);
+        (self.bytes >= PACK_TARGET_BYTES).then(|| {
+            self.bytes = 0;
+            std::mem::take(&mut self.ranges)
+        })
     }
 }
 

@@ -404,6 +404,16 @@ pub struct GcConfig {
     pub orphan_grace: HumanDuration,
     /// How often the read path writes the access times it collected.
     pub access_flush_interval: HumanDuration,
+    /// A pack whose live chunks fill less than this percentage of it is
+    /// compacted: its live chunks are copied into a new pack and the old
+    /// one deleted after `orphan-grace`. 0 turns compaction of sparse packs
+    /// off (small packs are still merged).
+    pub compact_below_percent: u32,
+    /// The most live chunk bytes one GC run copies while compacting and
+    /// merging packs (and repacking per-chunk objects of an older store),
+    /// so that a run's storage traffic stays bounded; the rest waits for
+    /// the next run. `gc-scheduler --repack` has no such bound.
+    pub compact_bytes_per_run: ByteSize,
     /// Rows handled per database round trip.
     pub page_size: u32,
     /// Storage deletes in flight at once.
@@ -447,6 +457,11 @@ impl GcConfig {
         {
             return zero("scrub-interval");
         }
+        if self.compact_below_percent > 100 {
+            return Err(ConfigError::Invalid(
+                "gc.compact-below-percent must be at most 100".to_owned(),
+            ));
+        }
         Ok(())
     }
 }
@@ -462,6 +477,8 @@ impl Default for GcConfig {
             reap_interval: HumanDuration::from_secs(60),
             orphan_grace: HumanDuration::from_secs(60 * 60),
             access_flush_interval: HumanDuration::from_secs(5),
+            compact_below_percent: 50,
+            compact_bytes_per_run: ByteSize::new(1 << 30),
             page_size: 1000,
             delete_concurrency: 16,
             scrub_interval: None,
@@ -556,6 +573,13 @@ pub struct S3Config {
     /// system's roots (which `SSL_CERT_FILE` replaces): a private CA's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// A local directory for staged NARs (pushes between the door and the
+    /// pipeline) instead of the bucket: every pushed byte is then uploaded
+    /// to S3 once, in packs, rather than three times more (staged, read
+    /// back twice). Only for the single-machine server: workers on other
+    /// machines read what the door staged, so a shared queue refuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staging_path: Option<PathBuf>,
 }
 
 impl S3Config {
@@ -683,6 +707,14 @@ impl ServerConfig {
         }
         if let StorageConfig::S3(s3) = &self.storage {
             s3.validate()?;
+            if s3.staging_path.is_some() && self.queue.is_shared() {
+                return Err(ConfigError::Invalid(
+                    "storage.staging-path keeps staged NARs on this machine, where workers of \
+                     a shared queue cannot read them: use it only with the embedded queue \
+                     (the single-machine server)"
+                        .into(),
+                ));
+            }
         }
         self.gc.validate()?;
         self.http.validate()?;
@@ -1112,6 +1144,34 @@ mod tests {
         }
     }
 
+    /// Local staging works only where the door and the workers share a
+    /// machine: with the embedded queue, not a shared one.
+    #[test]
+    fn local_staging_needs_the_embedded_queue() {
+        let text = MINIMAL.replace(
+            "type = \"local\"\n        path = \"/var/lib/larder/storage\"",
+            "type = \"s3\"\n        bucket = \"larder\"\n        \
+             staging-path = \"/var/lib/larder/staging\"",
+        );
+        let config = load(&text, &[]).expect("with the embedded queue");
+        let StorageConfig::S3(s3) = &config.storage else {
+            panic!("expected S3 storage: {:?}", config.storage);
+        };
+        assert_eq!(
+            s3.staging_path.as_deref(),
+            Some(Path::new("/var/lib/larder/staging"))
+        );
+        let error = load(
+            &text,
+            &[
+                ("LARDER_QUEUE__TYPE", "amqp"),
+                ("LARDER_QUEUE__URL", "amqp://mq:5672/%2f"),
+            ],
+        )
+        .expect_err("a shared queue");
+        assert!(error.to_string().contains("staging-path"), "{error}");
+    }
+
     #[test]
     fn s3_storage_is_read_from_the_file_and_environment() {
         let text = MINIMAL.replace(
@@ -1139,6 +1199,7 @@ mod tests {
                 prefix: String::new(),
                 force_path_style: None,
                 ca_file: None,
+                staging_path: None,
             }
         );
         assert!(s3.path_style(), "an endpoint means path-style by default");

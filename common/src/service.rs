@@ -245,38 +245,54 @@ pub fn open_shared_queue(
 
 /// A token cancelled on the first SIGTERM or Ctrl-C (the signals an init
 /// system or an operator stops a service with). A second signal is left to
-/// its default action, so a stuck shutdown can still be interrupted.
+/// its default action, so a stuck shutdown can still be interrupted. The
+/// handlers are installed before this returns, so a signal that arrives
+/// at any later moment (say, just after the service says it is serving)
+/// is a graceful shutdown, never the default action's death.
 pub fn shutdown_on_signal() -> CancellationToken {
     let shutdown = CancellationToken::new();
     let cancel = shutdown.clone();
+    let signal = termination_signal();
     tokio::spawn(async move {
-        termination_signal().await;
+        signal.await;
         tracing::info!("shutting down: letting running work finish");
         cancel.cancel();
     });
     shutdown
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn termination_signal() {
-    let ctrl_c = async {
-        // If the handler cannot be installed, Ctrl-C still kills the process.
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on Ctrl-C or SIGTERM; the handlers are installed when it is
+/// called, not when it is first polled. Must be called within a tokio
+/// runtime.
+pub fn termination_signal() -> impl std::future::Future<Output = ()> + Send {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        // A handler that cannot be installed leaves that signal's default
+        // action, which still ends the process.
+        let terminate = signal(SignalKind::terminate()).ok();
+        let interrupt = signal(SignalKind::interrupt()).ok();
+        async move {
+            let received = |signal: Option<tokio::signal::unix::Signal>| async move {
+                match signal {
+                    Some(mut signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = received(terminate) => {}
+                () = received(interrupt) => {}
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
+    {
+        async {
+            // If the handler cannot be installed, Ctrl-C still kills the process.
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

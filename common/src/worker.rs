@@ -276,29 +276,15 @@ fn settled(result: Result<(), QueueError>) {
     }
 }
 
-/// Where a chunk's zstd frame is stored: by content and row id, so that
-/// repeated puts of one chunk write the same object, while a chunk revived
-/// after GC claimed it (a new row) never shares a key with the object GC
-/// is deleting.
+/// Where a compressor of a version before packs stored a chunk's zstd
+/// frame, as an object of its own: by content and row id. GC still deletes
+/// such objects of a chunk claimed while pending, and its orphan sweep
+/// reads these names (and those of small NARs' chunks, `…-u<upload
+/// id>.zst`).
 pub fn chunk_object_key(chunk_hash: &Sha256Hash, chunk_id: ChunkId) -> ObjectKey {
     let hex = chunk_hash.to_hex();
     ObjectKey::new(format!("chunks/{}/{hex}-{chunk_id}.zst", &hex[..2]))
         .expect("hex digits and a decimal id make a valid key")
-}
-
-/// Where the chunker stores a chunk of a small NAR itself (see
-/// `chunker_worker`'s inline path): by content and the id of the upload
-/// that wrote it. Its row does not exist yet when the object is written, so
-/// the row's id cannot be in the name; the upload's id is as unique (it
-/// writes a chunk once, and a later write by the same upload, a retry,
-/// holds the same bytes), so a chunk revived after GC claimed it still
-/// never shares a key with the object GC is deleting. Such a key names no
-/// row id, so the sweep of orphans keeps it only while a row records it as
-/// its location.
-pub fn inline_chunk_object_key(chunk_hash: &Sha256Hash, upload: &UploadId) -> ObjectKey {
-    let hex = chunk_hash.to_hex();
-    ObjectKey::new(format!("chunks/{}/{hex}-u{upload}.zst", &hex[..2]))
-        .expect("hex digits and an upload id (hex digits) make a valid key")
 }
 
 /// The staged NAR's key, as an upload row or a job names it.
@@ -386,13 +372,6 @@ mod tests {
         let key = chunk_object_key(&hash, ChunkId(42));
         assert_eq!(key.as_str(), format!("chunks/{}/{hex}-42.zst", &hex[..2]));
         assert_ne!(key, chunk_object_key(&hash, ChunkId(43)));
-        let upload = UploadId::random();
-        let inline = inline_chunk_object_key(&hash, &upload);
-        assert_eq!(
-            inline.as_str(),
-            format!("chunks/{}/{hex}-u{upload}.zst", &hex[..2])
-        );
-        assert_ne!(inline, inline_chunk_object_key(&hash, &UploadId::random()));
     }
 
     #[test]

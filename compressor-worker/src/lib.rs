@@ -1,15 +1,18 @@
-//! Consumes compress jobs: one zstd frame per chunk written to storage by
-//! content, and the finalisation that makes a NAR visible.
+//! Consumes compress jobs: the new chunks of a NAR compressed into one
+//! pack object, and the finalisation that makes a NAR visible.
 //!
-//! For each [`CompressJob`] the [`Compressor`] skips the chunks that are
-//! valid already (a redelivered job, or another NAR's job stored them),
-//! reads the others' byte ranges from the staged NAR (adjacent ranges in
-//! one read), checks each against its row's SHA-256 and size, compresses
-//! each into its own zstd frame at `compression_level` on a blocking
-//! thread, puts it under its content-and-id key
-//! ([`common::worker::chunk_object_key`]) and marks the chunk stored. Then
-//! it tries to finalise the job's NAR and every other pending NAR that
-//! lists one of the chunks it stored. Each chunk written counts in
+//! For each [`CompressJob`] (up to `common::storage::pack::PACK_TARGET_BYTES`
+//! of new chunks, as the chunker cuts them) the [`Compressor`] skips the
+//! chunks that are valid already (a redelivered job, or another NAR's job
+//! stored them), reads the others' byte ranges from the staged NAR
+//! (adjacent ranges in one read, a few MiB at a time), checks each against
+//! its row's SHA-256 and size, compresses each into its own zstd frame at
+//! `compression_level` on a blocking thread and appends it to a new pack
+//! ([`PackWriter`]: written in place on local storage, one put on S3).
+//! Once the pack is durable, one transaction records it and marks its
+//! chunks stored at their ranges (`Database::set_chunks_stored`). Then it
+//! tries to finalise the job's NAR and every other pending NAR that lists
+//! one of the chunks it stored. Each chunk written counts in
 //! `larder_chunks_stored_total` and its bytes.
 //!
 //! If the staged NAR has vanished, the chunks that became valid meanwhile
@@ -18,7 +21,7 @@
 //! [`common::worker`]'s policy.
 
 use std::cell::RefCell;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -26,15 +29,23 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use common::config::{PipelineConfig, ServerConfig};
-use common::db::{Chunk, ChunkId, ChunkLocation, Database, DbError, NarId, StoreState, UploadId};
+use common::db::{
+    Chunk, ChunkId, ChunkLocation, Database, DbError, NarId, NewPack, StoreState, Timestamp,
+    UploadId,
+};
 use common::metrics::{larder, PushStage};
 use common::nix::Sha256Hash;
 use common::queue::{ChunkRange, CompressJob, QueueError};
 use common::service::{self, ServiceError, Services};
-use common::storage::{ObjectKey, Storage, StorageError};
-use common::worker::{
-    self, chunk_object_key, finalise_nar, staged_object_key, JobError, JobHandler,
-};
+use common::storage::pack::{PackWriter, PackedRange};
+use common::storage::{ObjectKey, ObjectReader, Storage, StorageError};
+use common::worker::{self, finalise_nar, staged_object_key, JobError, JobHandler};
+use tokio::io::AsyncReadExt;
+
+/// The most staged bytes held (with their frames) at once: a job's pack can
+/// be eight times that, and is written as it grows. A run of adjacent
+/// ranges is still one read (one request on S3), taken this much at a time.
+const READ_PIECE_BYTES: u64 = 4 << 20;
 
 /// The `compressor-worker` service: opens the database, storage and the shared
 /// queue the config names, then consumes compress jobs until `shutdown` (see
@@ -86,27 +97,27 @@ impl JobHandler for Compressor {
         // A chunk row that no longer exists, or that GC has claimed
         // (`deleting`), is replaced by a fresh row, which whoever replaces
         // it stores: skip it.
-        let rows = larder()
+        let rows: HashMap<ChunkId, Chunk> = larder()
             .timed(PushStage::Database, self.database.chunks_by_id(&ids))
-            .await?;
+            .await?
+            .into_iter()
+            .map(|row| (row.id, row))
+            .collect();
         let pending: Vec<(ChunkRange, Chunk)> = job
             .chunks
             .iter()
             .filter_map(|range| {
-                let row = rows.iter().find(|row| row.id.0 == range.chunk_id)?;
+                let row = rows.get(&ChunkId(range.chunk_id))?;
                 (row.state == StoreState::Pending).then(|| (*range, row.clone()))
             })
             .collect();
-        let mut stored = Vec::with_capacity(pending.len());
-        for run in adjacent_runs(&pending) {
-            match self.store_run(&staged, run).await {
-                Ok(ids) => stored.extend(ids),
-                Err(JobError::Storage(StorageError::NotFound(key))) => {
-                    return self.staged_nar_missing(job, &key, &ids).await;
-                }
-                Err(error) => return Err(error),
+        let stored = match self.store_pack(&staged, &pending).await {
+            Ok(stored) => stored,
+            Err(JobError::Storage(StorageError::NotFound(key))) if key == staged => {
+                return self.staged_nar_missing(job, &staged, &ids).await;
             }
-        }
+            Err(error) => return Err(error),
+        };
         let mut nars: BTreeSet<NarId> = larder()
             .timed(
                 PushStage::Database,
@@ -146,74 +157,113 @@ impl JobHandler for Compressor {
 }
 
 impl Compressor {
-    /// Reads one run of adjacent ranges, then checks, compresses and stores
-    /// each chunk of it. Returns the ids of the chunks stored.
-    async fn store_run(
+    /// Reads the chunks from the staged NAR a piece at a time (adjacent
+    /// ranges together, at most [`READ_PIECE_BYTES`]), checks each and
+    /// appends its frame to one new pack on a blocking thread, makes the
+    /// pack durable, then records it with its chunks stored in one
+    /// transaction. Returns the ids of the chunks stored.
+    async fn store_pack(
         &self,
         staged: &ObjectKey,
-        run: &[(ChunkRange, Chunk)],
+        pending: &[(ChunkRange, Chunk)],
     ) -> Result<Vec<ChunkId>, JobError> {
-        let (Some((first, _)), Some((last, _))) = (run.first(), run.last()) else {
+        if pending.is_empty() {
             return Ok(Vec::new());
-        };
-        let start = first.offset;
-        let length = last.offset + last.length - start;
-        let bytes = larder()
-            .timed(
-                PushStage::ReadStaged,
-                self.storage.get_bytes(staged, start, length),
-            )
+        }
+        let mut pack = PackWriter::create(&*self.storage).await?;
+        let mut packed: Vec<(Chunk, PackedRange)> = Vec::with_capacity(pending.len());
+        let mut run: Option<(u64, ObjectReader)> = None;
+        for piece in read_pieces(pending, READ_PIECE_BYTES) {
+            let start = piece[0].0.offset;
+            let (last, _) = piece[piece.len() - 1];
+            let length = last.offset + last.length - start;
+            // Adjacent pieces come from one ranged read of their whole run
+            // (one request on S3), taken a piece at a time.
+            let reader = match &mut run {
+                Some((next, reader)) if *next == start => reader,
+                _ => {
+                    let run_length = run_length(pending, start);
+                    let reader = larder()
+                        .timed(
+                            PushStage::ReadStaged,
+                            self.storage.get_range(staged, start, Some(run_length)),
+                        )
+                        .await?;
+                    &mut run.insert((start, reader)).1
+                }
+            };
+            let mut bytes = vec![0; length as usize];
+            larder()
+                .timed(PushStage::ReadStaged, reader.read_exact(&mut bytes))
+                .await
+                .map_err(|error| StorageError::io(staged, error))?;
+            if let Some((next, _)) = &mut run {
+                *next = start + length;
+            }
+            let bytes = Bytes::from(bytes);
+            let chunks: Vec<(Chunk, Bytes)> = piece
+                .iter()
+                .map(|(range, chunk)| {
+                    let from = (range.offset - start) as usize;
+                    (
+                        chunk.clone(),
+                        bytes.slice(from..from + range.length as usize),
+                    )
+                })
+                .collect();
+            let level = self.compression_level;
+            // Hashing, compressing and (on local storage) writing are
+            // blocking work, off the async threads.
+            let (returned, placed) = tokio::task::spawn_blocking(move || {
+                let started = std::time::Instant::now();
+                let frames = compress_checked(chunks, level)?;
+                larder().push_stage(PushStage::Compress, started.elapsed());
+                let started = std::time::Instant::now();
+                let mut placed = Vec::with_capacity(frames.len());
+                for (chunk, frame) in frames {
+                    let range = pack.append(&frame)?;
+                    placed.push((chunk, range));
+                }
+                larder().push_stage(PushStage::Store, started.elapsed());
+                Ok::<_, JobError>((pack, placed))
+            })
+            .await
+            .map_err(|error| {
+                JobError::Permanent(format!("the compressing thread failed: {error}"))
+            })??;
+            pack = returned;
+            packed.extend(placed);
+        }
+        // The rows say stored only once the pack is durable.
+        let (key, size) = larder()
+            .timed(PushStage::Store, pack.finish(&*self.storage))
             .await?;
-        let chunks: Vec<(Chunk, Bytes)> = run
+        let new_pack = NewPack {
+            object_key: key.to_string(),
+            size,
+        };
+        let locations: Vec<(ChunkId, ChunkLocation)> = packed
             .iter()
-            .map(|(range, chunk)| {
-                let from = (range.offset - start) as usize;
+            .map(|(chunk, range)| {
                 (
-                    chunk.clone(),
-                    bytes.slice(from..from + range.length as usize),
+                    chunk.id,
+                    ChunkLocation {
+                        object_key: new_pack.object_key.clone(),
+                        offset: range.offset,
+                        length: range.length,
+                    },
                 )
             })
             .collect();
-        let level = self.compression_level;
-        // Hashing and compressing are CPU work, off the async threads.
-        let frames = tokio::task::spawn_blocking(move || {
-            let started = std::time::Instant::now();
-            let frames = compress_checked(chunks, level);
-            larder().push_stage(PushStage::Compress, started.elapsed());
-            frames
-        })
-        .await
-        .map_err(|error| {
-            JobError::Permanent(format!("the compressing thread failed: {error}"))
-        })??;
-        let mut objects = Vec::with_capacity(frames.len());
-        let mut locations = Vec::with_capacity(frames.len());
-        let mut sizes = Vec::with_capacity(frames.len());
-        for (chunk, frame) in frames {
-            sizes.push((chunk.chunk_size, frame.len() as u64));
-            let key = chunk_object_key(&chunk.chunk_hash, chunk.id);
-            locations.push((
-                chunk.id,
-                ChunkLocation {
-                    object_key: key.to_string(),
-                    offset: 0,
-                    length: frame.len() as u64,
-                },
-            ));
-            objects.push((key, frame));
-        }
-        // The rows say stored only once every object is.
-        larder()
-            .timed(PushStage::Store, self.storage.put_many(objects))
-            .await?;
         larder()
             .timed(
                 PushStage::Database,
-                self.database.set_chunks_stored(&locations),
+                self.database
+                    .set_chunks_stored(&new_pack, &locations, Timestamp::now()),
             )
             .await?;
-        for (size, compressed) in sizes {
-            larder().chunk_stored(size, compressed);
+        for (chunk, range) in &packed {
+            larder().chunk_stored(chunk.chunk_size, range.length);
         }
         Ok(locations.into_iter().map(|(id, _)| id).collect())
     }
@@ -238,20 +288,42 @@ impl Compressor {
     }
 }
 
-/// Splits `chunks` (in job order) into runs whose byte ranges follow each
-/// other, each read from storage in one request.
-fn adjacent_runs(chunks: &[(ChunkRange, Chunk)]) -> Vec<&[(ChunkRange, Chunk)]> {
-    let mut runs = Vec::new();
-    let mut start = 0;
-    for i in 1..=chunks.len() {
-        let breaks = i == chunks.len()
-            || chunks[i].0.offset != chunks[i - 1].0.offset + chunks[i - 1].0.length;
-        if breaks {
-            runs.push(&chunks[start..i]);
-            start = i;
+/// The bytes from `start` to the end of the run of adjacent ranges of
+/// `chunks` (in job order) that begins there.
+fn run_length(chunks: &[(ChunkRange, Chunk)], start: u64) -> u64 {
+    let mut end = start;
+    for (range, _) in chunks.iter().skip_while(|(range, _)| range.offset != start) {
+        if range.offset != end {
+            break;
         }
+        end += range.length;
     }
-    runs
+    end - start
+}
+
+/// Splits `chunks` (in job order) into pieces whose byte ranges follow each
+/// other, each read from storage in one request: at most `max_bytes`, or
+/// one chunk if that is bigger.
+fn read_pieces(chunks: &[(ChunkRange, Chunk)], max_bytes: u64) -> Vec<&[(ChunkRange, Chunk)]> {
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (i, (range, _)) in chunks.iter().enumerate() {
+        let follows = i > start && {
+            let previous = chunks[i - 1].0;
+            range.offset == previous.offset + previous.length
+        };
+        if i > start && (!follows || bytes + range.length > max_bytes) {
+            pieces.push(&chunks[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += range.length;
+    }
+    if start < chunks.len() {
+        pieces.push(&chunks[start..]);
+    }
+    pieces
 }
 
 /// Checks each chunk's bytes against its row and compresses them into one
@@ -308,7 +380,6 @@ fn compress_frame(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::db::Timestamp;
 
     fn entry(id: i64, offset: u64, length: u64) -> (ChunkRange, Chunk) {
         let data = vec![id as u8; length as usize];
@@ -330,19 +401,29 @@ mod tests {
     }
 
     #[test]
-    fn adjacent_ranges_form_one_run() {
+    fn adjacent_ranges_are_read_together_up_to_a_bound() {
         let chunks = [
             entry(1, 0, 10),
             entry(2, 10, 5),
             entry(3, 30, 5),
             entry(4, 35, 1),
+            entry(5, 36, 20),
+            entry(6, 56, 4),
         ];
-        let runs: Vec<Vec<i64>> = adjacent_runs(&chunks)
-            .iter()
-            .map(|run| run.iter().map(|(range, _)| range.chunk_id).collect())
-            .collect();
-        assert_eq!(runs, [vec![1, 2], vec![3, 4]]);
-        assert!(adjacent_runs(&[]).is_empty());
+        let pieces = |max_bytes| -> Vec<Vec<i64>> {
+            read_pieces(&chunks, max_bytes)
+                .iter()
+                .map(|piece| piece.iter().map(|(range, _)| range.chunk_id).collect())
+                .collect()
+        };
+        assert_eq!(pieces(1000), [vec![1, 2], vec![3, 4, 5, 6]]);
+        // A chunk bigger than the bound is a piece of its own.
+        assert_eq!(pieces(15), [vec![1, 2], vec![3, 4], vec![5], vec![6]]);
+        assert!(read_pieces(&[], 15).is_empty());
+        // Each piece's run is read whole, once.
+        assert_eq!(run_length(&chunks, 0), 15);
+        assert_eq!(run_length(&chunks, 30), 30);
+        assert_eq!(run_length(&chunks, 36), 24);
     }
 
     #[test]

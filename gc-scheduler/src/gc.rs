@@ -16,18 +16,28 @@
 //!    period (or `default-retention`; neither means keep forever).
 //! 3. **NARs** no object points at and no upload in flight uses.
 //! 4. **Chunks** no NAR lists and no chunker looked up for `orphan-grace`:
-//!    claimed (`deleting`), deleted from storage (a missing object counts
-//!    as deleted), then their rows. Claimed chunks a crashed run left are
-//!    finished first.
-//! 5. **Orphan objects** under `chunks/` that no chunk row names and that
+//!    claimed (`deleting`), then their rows deleted (a chunk in an object of
+//!    its own, from a store written before packs, has that object deleted
+//!    first; a missing object counts as deleted). Claimed chunks a crashed
+//!    run left are finished first.
+//! 5. **Packs** (module [`packs`]): those no chunk row names any more are
+//!    deleted (retired ones once retired for `orphan-grace`, and at least
+//!    [`PACK_GRACE`]), then
+//!    compaction copies the live chunks of sparse and small packs (and of
+//!    one-chunk objects) into new packs, at most `compact-bytes-per-run`,
+//!    and retires the old ones.
+//! 6. **Orphan objects** under `chunks/` that no chunk row names and that
 //!    are older than `orphan-grace` (module [`orphans`]): written by a
 //!    compressor that crashed, or that lost its chunk to GC, before its row
 //!    pointed at them. The grace keeps a compressor's fresh object safe.
+//!    Likewise packs under `packs/` that no pack row names, older than
+//!    `orphan-grace` and at least [`PACK_GRACE`] (a writer records its pack
+//!    after writing it; with no name to go by, only age protects it).
 //!    Likewise staged NARs under `staging/` that no upload or staged file
 //!    names, older than `stuck-upload-deadline` (a crashed spool's: a
 //!    spooled object may be dated from when its upload began, and no
 //!    upload takes longer than that without counting as stuck).
-//! 6. **Quota usage**: every cache's counted usage is summed again from its
+//! 7. **Quota usage**: every cache's counted usage is summed again from its
 //!    objects, uploads in flight and staged files, and corrected where it
 //!    drifted (`Database::recompute_usage`; each correction is logged).
 //!
@@ -51,7 +61,10 @@
 //! other's work.
 
 mod orphans;
+mod packs;
 mod reap;
+
+pub use packs::{PACK_GRACE, SMALL_PACK_BYTES};
 
 use std::time::{Duration, Instant};
 
@@ -64,6 +77,7 @@ use common::config::GcConfig;
 use common::db::{Backend, Chunk, ChunkId, Database, DbError, NarId, Timestamp};
 use common::integrity::IntegrityError;
 use common::metrics::larder;
+use common::storage::pack::is_pack_key;
 use common::storage::{ObjectKey, Storage, StorageError};
 use common::worker::chunk_object_key;
 
@@ -103,10 +117,20 @@ pub struct GcReport {
     pub objects: u64,
     /// NAR rows deleted.
     pub nars: u64,
-    /// Chunks deleted from storage and database.
+    /// Chunks deleted from the database (and, for a chunk in an object of
+    /// its own, from storage; a packed chunk's bytes go with its pack).
     pub chunks: u64,
-    /// Bytes of storage freed: chunk objects and orphans (their stored
-    /// size); the staged NARs of reaped uploads and files are not counted.
+    /// Packs deleted from storage and database: no chunk was left in them.
+    pub packs_deleted: u64,
+    /// Packs (and per-chunk objects of an older store) whose live chunks
+    /// compaction moved into new packs; they are deleted once retired for
+    /// `orphan-grace`.
+    pub packs_compacted: u64,
+    /// Bytes compaction wrote into new packs.
+    pub bytes_compacted: u64,
+    /// Bytes of storage freed: packs, per-chunk objects and orphans (their
+    /// stored size); the staged NARs of reaped uploads and files are not
+    /// counted.
     pub bytes_freed: u64,
     /// Upload rows deleted (finished past the deadline, or stuck).
     pub uploads_reaped: u64,
@@ -130,6 +154,7 @@ impl GcReport {
             ("objects", self.objects),
             ("nars", self.nars),
             ("chunks", self.chunks),
+            ("packs", self.packs_deleted),
             ("uploads", self.uploads_reaped),
             ("staged_files", self.staged_files_reaped),
             ("orphans", self.orphans_removed),
@@ -137,6 +162,7 @@ impl GcReport {
             metrics.gc_deleted(kind, count);
         }
         metrics.gc_freed_bytes(self.bytes_freed);
+        metrics.gc_compacted(self.packs_compacted, self.bytes_compacted);
     }
 
     fn log(&self) {
@@ -144,6 +170,9 @@ impl GcReport {
             objects = self.objects,
             nars = self.nars,
             chunks = self.chunks,
+            packs_deleted = self.packs_deleted,
+            packs_compacted = self.packs_compacted,
+            bytes_compacted = self.bytes_compacted,
             bytes_freed = self.bytes_freed,
             uploads_reaped = self.uploads_reaped,
             staged_files_reaped = self.staged_files_reaped,
@@ -170,7 +199,14 @@ pub async fn collect_garbage(
     let linked_before = now.saturating_sub(config.orphan_grace.as_duration());
     claim_unreferenced_chunks(database, config, linked_before).await?;
     delete_claimed_chunks(database, storage, config, &mut report).await?;
-    for sweep in [orphans::Sweep::Chunks, orphans::Sweep::Staging] {
+    packs::delete_empty_packs(database, storage, config, now, &mut report).await?;
+    let budget = packs::Budget::Bytes(config.compact_bytes_per_run.bytes());
+    packs::compact_packs(database, storage, config, budget, now, &mut report).await?;
+    for sweep in [
+        orphans::Sweep::Chunks,
+        orphans::Sweep::Packs,
+        orphans::Sweep::Staging,
+    ] {
         orphans::remove_orphans(sweep, database, storage, config, now, &mut report).await?;
     }
     for correction in database.recompute_usage().await? {
@@ -352,14 +388,24 @@ async fn delete_claimed_chunks(
         let Some(last) = page.last().map(|chunk| chunk.id) else {
             return Ok(());
         };
-        let keys: Vec<ObjectKey> = page
+        // A packed chunk's bytes go with its pack, once it is empty.
+        let unpacked: Vec<&Chunk> = page
             .iter()
-            .map(claimed_chunk_key)
+            .filter(|chunk| {
+                !chunk
+                    .location
+                    .as_ref()
+                    .is_some_and(|location| is_pack_key(&location.object_key))
+            })
+            .collect();
+        let keys: Vec<ObjectKey> = unpacked
+            .iter()
+            .map(|chunk| claimed_chunk_key(chunk))
             .collect::<Result<_, _>>()?;
         delete_objects(storage, keys, config.delete_concurrency).await?;
         let ids: Vec<ChunkId> = page.iter().map(|chunk| chunk.id).collect();
         report.chunks += database.delete_claimed_chunks(&ids).await?;
-        report.bytes_freed += page
+        report.bytes_freed += unpacked
             .iter()
             .filter_map(|chunk| chunk.location.as_ref())
             .map(|location| location.length)
@@ -368,8 +414,9 @@ async fn delete_claimed_chunks(
     }
 }
 
-/// Where a claimed chunk's bytes are: its recorded location, or, for a
-/// chunk claimed while pending, where a compressor would have put them.
+/// Where a claimed chunk's own object is: its recorded location, or, for a
+/// chunk claimed while pending, where a compressor of a version before
+/// packs would have put it.
 fn claimed_chunk_key(chunk: &Chunk) -> Result<ObjectKey, StorageError> {
     match &chunk.location {
         Some(location) => ObjectKey::new(location.object_key.as_str()),
@@ -467,12 +514,43 @@ pub async fn collect_garbage_locked(
     config: &GcConfig,
     now: Timestamp,
 ) -> Result<Option<GcReport>, GcError> {
+    run_locked(database, collect_garbage(database, storage, config, now)).await
+}
+
+/// Compaction alone and to the end, under the GC lock (`gc-scheduler
+/// --repack`): the one-chunk objects of a store written before packs, and
+/// every sparse or small pack, go into new packs, whatever
+/// `compact-bytes-per-run` says. What it retires is deleted by the GC runs
+/// after `orphan-grace`. `None` when another process was collecting.
+pub async fn repack_locked(
+    database: &Database,
+    storage: &dyn Storage,
+    config: &GcConfig,
+    now: Timestamp,
+) -> Result<Option<GcReport>, GcError> {
+    let repack = async {
+        let started = Instant::now();
+        let mut report = GcReport::default();
+        let budget = packs::Budget::Unbounded;
+        packs::compact_packs(database, storage, config, budget, now, &mut report).await?;
+        report.duration = started.elapsed();
+        Ok(report)
+    };
+    run_locked(database, repack).await
+}
+
+/// Runs `pass` under the GC lock, then logs its report and adds it to the
+/// GC metrics; `None` when another process holds the lock.
+async fn run_locked(
+    database: &Database,
+    pass: impl std::future::Future<Output = Result<GcReport, GcError>>,
+) -> Result<Option<GcReport>, GcError> {
     let Some(lock) = GcLock::try_acquire(database).await? else {
         tracing::info!("another gc-scheduler holds the GC lock; skipping this run");
         return Ok(None);
     };
     let started = Instant::now();
-    let result = collect_garbage(database, storage, config, now).await;
+    let result = pass.await;
     lock.release().await;
     larder().gc_pass(started.elapsed(), result.is_ok());
     let report = result?;

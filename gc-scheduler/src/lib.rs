@@ -153,12 +153,16 @@ impl std::fmt::Display for OnceReport {
         match self.collected {
             Some(report) => write!(
                 f,
-                "collected: {} objects, {} NARs, {} chunks, {} bytes freed, {} uploads and {} \
-                 staged files reaped, {} orphan objects removed, in {} ms",
+                "collected: {} objects, {} NARs, {} chunks, {} packs, {} bytes freed, {} packs \
+                 compacted into {} bytes, {} uploads and {} staged files reaped, {} orphan \
+                 objects removed, in {} ms",
                 report.objects,
                 report.nars,
                 report.chunks,
+                report.packs_deleted,
                 report.bytes_freed,
+                report.packs_compacted,
+                report.bytes_compacted,
                 report.uploads_reaped,
                 report.staged_files_reaped,
                 report.orphans_removed,
@@ -200,6 +204,26 @@ pub async fn run_scrub(config: &ServerConfig) -> Result<Option<ScrubReport>, Err
     let scrubbed = scrub::scrub_locked(&database, &*storage, &config.gc).await;
     database.close().await;
     Ok(scrubbed?)
+}
+
+/// `gc-scheduler --repack`: every per-chunk object and every sparse or
+/// small pack into new packs (see [`gc::repack_locked`]). Returns what it
+/// printed.
+pub async fn run_repack(config: &ServerConfig) -> Result<String, Error> {
+    let database = open_database(config).await.map_err(ServiceError::from)?;
+    let storage = common::storage::open(&config.storage).await?;
+    let repacked = gc::repack_locked(&database, &*storage, &config.gc, Timestamp::now()).await;
+    database.close().await;
+    Ok(match repacked? {
+        Some(report) => format!(
+            "repacked: {} objects into new packs of {} bytes, in {} ms; the old objects are \
+             deleted by GC runs once retired for orphan-grace",
+            report.packs_compacted,
+            report.bytes_compacted,
+            report.duration.as_millis()
+        ),
+        None => "repacked: nothing (another gc-scheduler holds the GC lock)".to_owned(),
+    })
 }
 
 /// What one pass did.

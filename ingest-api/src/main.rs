@@ -243,6 +243,8 @@ async fn serve(
     first_start: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     init_logging(config.log.format);
+    // Installed first: a SIGTERM from here on is a graceful shutdown.
+    let signal = termination_signal();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -259,6 +261,6 @@ async fn serve(
         );
         println!();
     }
-    server.run_until(termination_signal()).await?;
+    server.run_until(signal).await?;
     Ok(())
 }

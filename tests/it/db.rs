@@ -14,7 +14,7 @@ use common::chunking::{max_chunk_entries, MIN_CHUNK_SIZE};
 use common::db::{
     migrations, Backend, Cache, CacheId, CacheKeypair, CacheScope, CacheStats, CacheUpdate, Chunk,
     ChunkId, ChunkLocation, Database, DbError, EncodedListing, Nar, NarId, NewCache, NewChunk,
-    NewObject, NewUpload, ObjectMetadata, StagedFile, StoreState, StoredChunk, Timestamp,
+    NewObject, NewPack, NewUpload, ObjectMetadata, StagedFile, StoreState, StoredChunk, Timestamp,
     TokenRecord, UploadId, UploadPhase,
 };
 use common::nix::nar::{ListingNode, NarListing};
@@ -160,14 +160,19 @@ fn location(n: u8) -> ChunkLocation {
     }
 }
 
-/// Marks one chunk stored: `set_chunks_stored` of one, the row it returns.
+/// Marks one chunk stored: `set_chunks_stored` of one, in a pack of its
+/// own, the row it returns.
 async fn set_chunk_stored(
     db: &Database,
     chunk_id: ChunkId,
     location: &ChunkLocation,
 ) -> Result<Chunk, DbError> {
+    let pack = NewPack {
+        object_key: location.object_key.clone(),
+        size: location.offset + location.length,
+    };
     let mut rows = db
-        .set_chunks_stored(&[(chunk_id, location.clone())])
+        .set_chunks_stored(&pack, &[(chunk_id, location.clone())], T0)
         .await?;
     Ok(rows.pop().expect("one row per chunk marked"))
 }
@@ -1010,12 +1015,24 @@ async fn a_batch_of_chunks_is_marked_stored_together_or_not_at_all(t: TestDb) {
         .expect("storing one alone");
 
     // Ids in descending order, so the id-ordered locking reorders them.
+    let pack = NewPack {
+        object_key: "packs/ab/batch.pack".to_owned(),
+        size: 300,
+    };
+    let at = |offset| ChunkLocation {
+        object_key: pack.object_key.clone(),
+        offset,
+        length: 100,
+    };
     let batch = vec![
-        (chunks[2].id, location(4)),
-        (chunks[1].id, location(20)),
-        (chunks[0].id, location(7)),
+        (chunks[2].id, at(0)),
+        (chunks[1].id, at(100)),
+        (chunks[0].id, at(200)),
     ];
-    let stored = db.set_chunks_stored(&batch).await.expect("storing a batch");
+    let stored = db
+        .set_chunks_stored(&pack, &batch, T0)
+        .await
+        .expect("storing a batch");
     let found: Vec<_> = stored
         .iter()
         .map(|chunk| (chunk.id, chunk.state, chunk.location.clone()))
@@ -1023,17 +1040,39 @@ async fn a_batch_of_chunks_is_marked_stored_together_or_not_at_all(t: TestDb) {
     assert_eq!(
         found,
         [
-            (chunks[2].id, StoreState::Valid, Some(location(4))),
+            (chunks[2].id, StoreState::Valid, Some(at(0))),
             (chunks[1].id, StoreState::Valid, Some(location(2))),
-            (chunks[0].id, StoreState::Valid, Some(location(7))),
+            (chunks[0].id, StoreState::Valid, Some(at(200))),
         ]
     );
 
+    let lost = NewPack {
+        object_key: "packs/cd/lost.pack".to_owned(),
+        size: 100,
+    };
     let error = db
-        .set_chunks_stored(&[
-            (chunks[3].id, location(6)),
-            (common::db::ChunkId(i64::MAX), location(1)),
-        ])
+        .set_chunks_stored(
+            &lost,
+            &[
+                (
+                    chunks[3].id,
+                    ChunkLocation {
+                        object_key: lost.object_key.clone(),
+                        offset: 0,
+                        length: 100,
+                    },
+                ),
+                (
+                    common::db::ChunkId(i64::MAX),
+                    ChunkLocation {
+                        object_key: lost.object_key.clone(),
+                        offset: 0,
+                        length: 100,
+                    },
+                ),
+            ],
+            T0,
+        )
         .await
         .expect_err("a batch naming a missing chunk");
     assert!(error.is_not_found(), "{error:?}");
@@ -1043,7 +1082,24 @@ async fn a_batch_of_chunks_is_marked_stored_together_or_not_at_all(t: TestDb) {
         StoreState::Pending,
         "nothing of the batch was kept"
     );
-    assert_eq!(db.set_chunks_stored(&[]).await.expect("an empty batch"), []);
+    let packs: Vec<String> = db
+        .packs()
+        .await
+        .expect("packs")
+        .into_iter()
+        .map(|pack| pack.object_key)
+        .collect();
+    assert!(packs.contains(&pack.object_key), "{packs:?}");
+    assert!(
+        !packs.contains(&lost.object_key),
+        "the failed batch's pack is not recorded: {packs:?}"
+    );
+    assert_eq!(
+        db.set_chunks_stored(&pack, &[], T0)
+            .await
+            .expect("an empty batch"),
+        []
+    );
 }
 
 async fn a_complete_nar_is_written_in_one_call(t: TestDb) {

@@ -294,6 +294,7 @@ impl S3Settings {
             prefix: prefix.to_owned(),
             force_path_style: None,
             ca_file: None,
+            staging_path: None,
         }
     }
 

@@ -352,10 +352,23 @@ impl Database {
         Ok(out)
     }
 
-    /// The keys among `keys` that some chunk row records as its location.
+    /// The keys among `keys` that some chunk row records as its location,
+    /// or that a pack row names (a per-chunk object compaction retired,
+    /// which waits out its grace as a pack).
     pub async fn chunk_object_keys_in_use(&self, keys: &[&str]) -> Result<HashSet<String>> {
         self.keys_named(keys, "looking up chunk object keys", |list| {
-            format!("SELECT object_key FROM chunks WHERE object_key IN ({list})")
+            format!(
+                "SELECT object_key FROM chunks WHERE object_key IN ({list}) \
+                 UNION SELECT object_key FROM packs WHERE object_key IN ({list})"
+            )
+        })
+        .await
+    }
+
+    /// The keys among `keys` that a pack row names.
+    pub async fn pack_keys_recorded(&self, keys: &[&str]) -> Result<HashSet<String>> {
+        self.keys_named(keys, "looking up pack keys", |list| {
+            format!("SELECT object_key FROM packs WHERE object_key IN ({list})")
         })
         .await
     }

@@ -6,10 +6,9 @@
 //!
 //! The chunker looks up the NAR ([`Database::nar_by_hash`]) and, unless it
 //! is valid, the chunks ([`Database::chunks_by_hash`]); writes the frames
-//! of the chunks not stored yet under keys of their own (content and
-//! upload id, [`crate::worker::inline_chunk_object_key`]); then
+//! of the chunks not stored yet into one pack object; then
 //! [`Database::finish_inline_upload`] does the rest at once, under the
-//! upload's cache lock: the NAR row, its chunk rows (new ones created
+//! upload's cache lock: the pack row, the NAR row, its chunk rows (new ones created
 //! `valid` at the caller's locations, pending ones made valid there, valid
 //! ones kept as they are), its listing, its chunk list, the NAR made valid,
 //! and the upload finalised (its object created, its bytes moved from the
@@ -21,12 +20,10 @@
 //! rows this writes are listed by the NAR in the same commit, so no fresh
 //! chunk is ever unlisted; a chunk GC claimed (`deleting`) is never made
 //! valid again (the upsert skips such rows, and they are replaced by fresh
-//! rows, as `upsert_chunks` does); and the objects written before the
-//! commit are named by the upload, which the orphan sweep counts as their
-//! owner while it is in flight ([`Database::uploads_in_flight`], asked
-//! before the recorded locations), whatever `orphan-grace` is. A crash
-//! before the commit leaves the upload in flight (its job is done again,
-//! writing the same keys) and, once it is failed or reaped, objects no row
+//! rows, as `upsert_chunks` does); and the pack written before the commit
+//! has no row until it, like any pack, so the orphan sweep leaves it alone
+//! for `orphan-grace`. A crash before the commit leaves the upload in
+//! flight (its job is done again, writing a new pack) and a pack no row
 //! names, which the sweep removes.
 
 use std::collections::BTreeMap;
@@ -38,6 +35,7 @@ use super::nars::{
     NAR_COLUMNS,
 };
 use super::objects::{upsert_counted_object_on, NewObject};
+use super::packs::{insert_pack_on, NewPack};
 use super::quota::{lock_cache_on, Charge};
 use super::row::{to_i64, u64_col};
 use super::types::{ChunkId, NarId, StoreState, Timestamp};
@@ -61,6 +59,9 @@ pub struct InlineChunk {
 #[derive(Debug, Clone, Copy)]
 pub struct InlineContent<'a> {
     pub chunks: &'a [InlineChunk],
+    /// The pack holding the frames the caller wrote (the chunks given with
+    /// a location); `None` when it wrote none.
+    pub pack: Option<&'a NewPack>,
     /// Its `.ls` listing; `None` when it was over the chunker's budget.
     pub listing: Option<&'a EncodedListing>,
 }
@@ -77,9 +78,6 @@ pub enum InlineOutcome {
         /// A NAR other uploads may be waiting on (it had a chunk list
         /// recorded by the chunker's other path): finalise them too.
         others_waiting: Option<NarId>,
-        /// Locations the caller wrote that no row names (another worker
-        /// stored those chunks first): delete them.
-        unused: Vec<ChunkLocation>,
     },
     /// The NAR is not stored and no content was given: cut it and call
     /// again with it.
@@ -137,7 +135,6 @@ impl Database {
             return Ok(InlineOutcome::Finished {
                 visible: false,
                 others_waiting: None,
-                unused: Vec::new(),
             });
         };
         // One statement that creates the row or returns (and, on
@@ -165,7 +162,6 @@ impl Database {
                 ),
             });
         }
-        let mut unused = Vec::new();
         match nar.state {
             StoreState::Deleting => return Ok(InlineOutcome::NarDeleting),
             StoreState::Valid => {}
@@ -173,11 +169,10 @@ impl Database {
                 let Some(content) = content else {
                     return Ok(InlineOutcome::NeedsContent);
                 };
-                match store_content_on(&mut tx, nar.id, nar.nar_size, nar.n_chunks, content, at)
+                if !store_content_on(&mut tx, nar.id, nar.nar_size, nar.n_chunks, content, at)
                     .await?
                 {
-                    Some(left_over) => unused = left_over,
-                    None => return Ok(InlineOutcome::ChunksChanged),
+                    return Ok(InlineOutcome::ChunksChanged);
                 }
             }
         }
@@ -228,14 +223,15 @@ impl Database {
         Ok(InlineOutcome::Finished {
             visible,
             others_waiting: (nar.n_chunks > 0).then_some(nar.id),
-            unused,
         })
     }
 }
 
-/// Writes a pending NAR's chunks, listing and chunk list and makes it
-/// valid. Returns the given locations no row took, or `None` (to be rolled
-/// back) when a chunk given without a location is not valid.
+/// Records the caller's pack and writes a pending NAR's chunks, listing
+/// and chunk list and makes it valid. Returns `false` (to be rolled back)
+/// when a chunk given without a location is not valid. A frame the caller
+/// wrote for a chunk another worker stored first stays dead bytes in its
+/// pack, for compaction.
 async fn store_content_on(
     connection: &mut sqlx::AnyConnection,
     nar_id: NarId,
@@ -243,7 +239,7 @@ async fn store_content_on(
     earlier_list: u32,
     content: InlineContent<'_>,
     at: Timestamp,
-) -> Result<Option<Vec<ChunkLocation>>> {
+) -> Result<bool> {
     let entries = content.chunks;
     let most = max_chunk_entries(nar_size);
     if entries.is_empty() || entries.len() as u64 > most {
@@ -279,6 +275,9 @@ async fn store_content_on(
         }
     }
     let distinct: Vec<(String, &InlineChunk)> = distinct.into_iter().collect();
+    if let Some(pack) = content.pack {
+        insert_pack_on(connection, pack, at).await?;
+    }
     let mut rows = upsert_inline_chunks_on(connection, &distinct, at).await?;
     if rows.len() < distinct.len() {
         // Some are claimed by GC (`deleting`): replace them with fresh
@@ -302,10 +301,9 @@ async fn store_content_on(
             .map_err(query_error("replacing chunks claimed by GC"))?;
         rows.extend(upsert_inline_chunks_on(connection, &claimed, at).await?);
     }
-    let mut unused = Vec::new();
     for (hash, given) in &distinct {
         let Some(row) = rows.get(hash) else {
-            return Ok(None);
+            return Ok(false);
         };
         if row.chunk_size != given.chunk_size {
             return Err(DbError::Conflict {
@@ -316,12 +314,7 @@ async fn store_content_on(
             });
         }
         if row.state != StoreState::Valid || row.location.is_none() {
-            return Ok(None);
-        }
-        if let Some(location) = &given.location {
-            if row.location.as_ref() != Some(location) {
-                unused.push(location.clone());
-            }
+            return Ok(false);
         }
     }
     let mut file_size: u64 = 0;
@@ -361,7 +354,7 @@ async fn store_content_on(
             what: format!("NAR {nar_id} changed state while being stored"),
         });
     }
-    Ok(Some(unused))
+    Ok(true)
 }
 
 /// Inserts or updates chunk rows by hash, in one statement per batch: a

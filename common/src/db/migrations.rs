@@ -57,6 +57,12 @@ const MIGRATIONS: &[Embedded] = &[
         sqlite: include_str!("../../migrations/sqlite/0005_nar_listings.sql"),
         postgres: include_str!("../../migrations/postgres/0005_nar_listings.sql"),
     },
+    Embedded {
+        version: 6,
+        description: "packs",
+        sqlite: include_str!("../../migrations/sqlite/0006_packs.sql"),
+        postgres: include_str!("../../migrations/postgres/0006_packs.sql"),
+    },
 ];
 
 /// The file names the embedded list stands for, per backend directory, so

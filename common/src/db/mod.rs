@@ -13,6 +13,8 @@
 //!   `seq` order, with its `.ls` listing in `nar_listings`.
 //! - `chunks`: global, by SHA-256 of the uncompressed bytes, each with the
 //!   byte range of a storage object that holds its compressed frame.
+//! - `packs`: the storage objects that hold many chunks' frames, with
+//!   their sizes and whether compaction retired them (module `packs`).
 //! - `uploads`: the ingest pipeline's state per pushed path.
 //! - `tokens`: minted tokens, for listing and revocation.
 //!
@@ -63,6 +65,7 @@ mod listings;
 pub mod migrations;
 mod nars;
 mod objects;
+mod packs;
 mod push;
 mod quota;
 mod row;
@@ -90,6 +93,7 @@ pub use inline_nars::{InlineChunk, InlineContent, InlineOutcome};
 pub use listings::EncodedListing;
 pub use nars::{Chunk, ChunkLocation, Nar, NarChunk, NewChunk, StoredChunk};
 pub use objects::{NewObject, Object, ObjectMetadata, ObjectWithNar};
+pub use packs::{ChunkMove, LocatedChunk, NewPack, Pack, PackUse};
 pub use push::{LinkedPath, StagedFile};
 pub use quota::{CacheUsage, QuotaDefaults, QuotaStatus, UsageCorrection};
 pub use stats::CacheStats;

@@ -23,6 +23,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use sqlx::any::AnyRow;
 
 use super::error::{constraint_error, query_error, DbError, Result};
+use super::packs::{insert_pack_on, NewPack};
 use super::row::{
     chunk_hash_col, i64_col, nar_hash_col, opt_string_col, opt_u64_col, state_col, time_col,
     to_i64, u32_col, u64_col,
@@ -646,21 +647,29 @@ impl Database {
             .map_err(query_error("committing a NAR's chunk list"))
     }
 
-    /// Marks chunks stored at their locations, in one transaction (a
-    /// compress job's chunks are one commit, not one each), and returns
-    /// their rows in the same order. Idempotent: a chunk that is already
-    /// valid keeps its first location (the caller's copy is then
-    /// redundant). [`DbError::Conflict`] when GC has claimed one of them
-    /// meanwhile, and then none is marked.
+    /// Records `pack`, an object just made durable, and marks chunks
+    /// stored at their locations in it, in one transaction (a compress
+    /// job's chunks are one commit, not one each), and returns their rows
+    /// in the same order. Every location must be in `pack`. Idempotent: a
+    /// chunk that is already valid keeps its first location (the caller's
+    /// copy is then dead bytes in its pack, which compaction drops).
+    /// [`DbError::Conflict`] when GC has claimed one of them meanwhile, and
+    /// then nothing is recorded.
     pub async fn set_chunks_stored(
         &self,
+        pack: &NewPack,
         stored: &[(ChunkId, ChunkLocation)],
+        at: Timestamp,
     ) -> Result<Vec<Chunk>> {
+        debug_assert!(stored
+            .iter()
+            .all(|(_, location)| location.object_key == pack.object_key));
         // Rows are locked in id order, so that two jobs sharing chunks
         // cannot deadlock on PostgreSQL.
         let mut order: Vec<usize> = (0..stored.len()).collect();
         order.sort_by_key(|&i| stored[i].0);
         let mut tx = self.begin_write().await?;
+        insert_pack_on(&mut tx, pack, at).await?;
         let mut chunks: Vec<Option<Chunk>> = vec![None; stored.len()];
         let update = format!(
             "UPDATE chunks SET state = 'valid', object_key = $2, object_offset = $3, \

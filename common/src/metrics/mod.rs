@@ -197,6 +197,8 @@ pub struct LarderMetrics {
     scrub_chunks_checked: Arc<Counter>,
     scrub_bytes_read: Arc<Counter>,
     scrub_chunks_unreadable: Arc<Counter>,
+    gc_packs_compacted: Arc<Counter>,
+    gc_compacted_bytes: Arc<Counter>,
     /// One child per [`PushStage`], in the order of [`PushStage::ALL`].
     push_stages: Vec<Arc<Histogram>>,
 }
@@ -398,6 +400,21 @@ impl LarderMetrics {
                     &[],
                 )
                 .with(&[]),
+            gc_packs_compacted: registry
+                .counter(
+                    "larder_gc_packs_compacted_total",
+                    "Packs (and per-chunk objects of an older store) whose live chunks \
+                     garbage collection moved into new packs.",
+                    &[],
+                )
+                .with(&[]),
+            gc_compacted_bytes: registry
+                .counter(
+                    "larder_gc_compacted_bytes_total",
+                    "Bytes garbage collection wrote into new packs while compacting.",
+                    &[],
+                )
+                .with(&[]),
             push_stages: {
                 let family = registry.histogram(
                     "larder_push_stage_seconds",
@@ -514,6 +531,13 @@ impl LarderMetrics {
         self.scrub_chunks_checked.inc_by(chunks);
         self.scrub_bytes_read.inc_by(bytes);
         self.scrub_chunks_unreadable.inc_by(unreadable);
+    }
+
+    /// Garbage collection compacted `packs` packs into new ones of `bytes`
+    /// bytes in all.
+    pub fn gc_compacted(&self, packs: u64, bytes: u64) {
+        self.gc_packs_compacted.inc_by(packs);
+        self.gc_compacted_bytes.inc_by(bytes);
     }
 }
 

@@ -9,6 +9,9 @@
 
 mod local;
 #[cfg(feature = "storage-s3")]
+mod local_staging;
+pub mod pack;
+#[cfg(feature = "storage-s3")]
 mod s3;
 
 use std::fmt;
@@ -22,6 +25,8 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use tokio::io::AsyncRead;
 
 pub use local::LocalStorage;
+#[cfg(feature = "storage-s3")]
+pub use local_staging::{LocalStaging, STAGING_PREFIX};
 #[cfg(feature = "storage-s3")]
 pub use s3::{S3Storage, PARTS_IN_FLIGHT, PART_SIZE};
 
@@ -264,7 +269,13 @@ pub async fn open(
     use crate::config::StorageConfig;
     Ok(match config {
         StorageConfig::Local { path } => std::sync::Arc::new(LocalStorage::open(path).await?),
-        StorageConfig::S3(s3) => std::sync::Arc::new(S3Storage::new(s3).await?),
+        StorageConfig::S3(s3) => match &s3.staging_path {
+            Some(path) => std::sync::Arc::new(LocalStaging::new(
+                S3Storage::new(s3).await?,
+                LocalStorage::open(path).await?,
+            )),
+            None => std::sync::Arc::new(S3Storage::new(s3).await?),
+        },
     })
 }
 

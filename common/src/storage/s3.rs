@@ -793,6 +793,7 @@ mod tests {
             prefix: prefix.to_owned(),
             force_path_style: None,
             ca_file: None,
+            staging_path: None,
         }
     }
 

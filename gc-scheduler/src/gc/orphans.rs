@@ -1,5 +1,13 @@
-//! Objects in storage that no row names: chunk objects, and staged NARs.
+//! Objects in storage that no row names: chunk objects, packs, and staged
+//! NARs.
 //!
+//! A pack (`packs/…`) is written before the transaction that records its
+//! row and points chunks into it; one whose writer crashed or whose
+//! transaction failed has no row, and is deleted once older than
+//! `orphan-grace`.
+//!
+//! The rest of this paragraph is about the one-chunk objects of stores
+//! written before packs, and of workers of such a version still running.
 //! A compressor puts a chunk's object (`chunks/<2 hex>/<sha256>-<id>.zst`)
 //! before it records the location in the row; if it dies in between and
 //! the row is gone by the next attempt (GC claimed the chunk, or a revival
@@ -36,6 +44,7 @@ use futures::TryStreamExt;
 
 use common::config::GcConfig;
 use common::db::{ChunkId, Database, Timestamp, UploadId};
+use common::storage::pack::PACK_PREFIX;
 use common::storage::{ListedObject, ObjectKey, Storage};
 
 use super::{delete_objects, GcError, GcReport};
@@ -77,6 +86,10 @@ fn parse_chunk_key(key: &ObjectKey) -> Option<(&str, ChunkKeyOwner)> {
 pub(super) enum Sweep {
     /// `chunks/`: named by a chunk row; grace `orphan-grace`.
     Chunks,
+    /// `packs/`: named by a pack row; grace `orphan-grace`, at least
+    /// `PACK_GRACE` (a pack is written before the transaction that
+    /// records it, and its name says nothing of its writer).
+    Packs,
     /// `staging/`: named by an upload or a staged file; grace
     /// `stuck-upload-deadline` (a spooled NAR is written before the row
     /// that names it).
@@ -87,6 +100,7 @@ impl Sweep {
     fn prefix(self) -> &'static str {
         match self {
             Self::Chunks => CHUNKS_PREFIX,
+            Self::Packs => PACK_PREFIX,
             Self::Staging => "staging",
         }
     }
@@ -94,6 +108,7 @@ impl Sweep {
     fn grace(self, config: &GcConfig) -> std::time::Duration {
         match self {
             Self::Chunks => config.orphan_grace.as_duration(),
+            Self::Packs => super::packs::pack_grace(config),
             Self::Staging => config.stuck_upload_deadline.as_duration(),
         }
     }
@@ -125,6 +140,7 @@ pub(super) async fn remove_orphans(
             let page = std::mem::take(&mut page);
             let orphans = match sweep {
                 Sweep::Chunks => unreferenced_chunk_objects(database, page).await?,
+                Sweep::Packs => unrecorded_packs(database, page).await?,
                 Sweep::Staging => unreferenced_staged_objects(database, page).await?,
             };
             report.orphans_removed += orphans.len() as u64;
@@ -148,6 +164,19 @@ async fn unreferenced_staged_objects(
     Ok(page
         .into_iter()
         .filter(|object| !named.contains(object.key.as_str()))
+        .collect())
+}
+
+/// The objects of `page` that no pack row names.
+async fn unrecorded_packs(
+    database: &Database,
+    page: Vec<ListedObject>,
+) -> Result<Vec<ListedObject>, GcError> {
+    let keys: Vec<&str> = page.iter().map(|object| object.key.as_str()).collect();
+    let recorded = database.pack_keys_recorded(&keys).await?;
+    Ok(page
+        .into_iter()
+        .filter(|object| !recorded.contains(object.key.as_str()))
         .collect())
 }
 
@@ -196,7 +225,7 @@ async fn unreferenced_chunk_objects(
 mod tests {
     use super::*;
     use common::nix::Sha256Hash;
-    use common::worker::{chunk_object_key, inline_chunk_object_key};
+    use common::worker::chunk_object_key;
 
     #[test]
     fn chunk_keys_parse_back_and_strangers_do_not() {
@@ -208,7 +237,10 @@ mod tests {
             Some((hex.as_str(), ChunkKeyOwner::Row(ChunkId(17))))
         );
         let upload = UploadId::random();
-        let key = inline_chunk_object_key(&hash, &upload);
+        // How a chunker of a version before packs named a small NAR's
+        // chunk.
+        let key = ObjectKey::new(format!("chunks/{}/{hex}-u{upload}.zst", &hex[..2]))
+            .expect("a valid key");
         assert_eq!(
             parse_chunk_key(&key),
             Some((hex.as_str(), ChunkKeyOwner::Upload(upload)))

@@ -149,10 +149,16 @@ async fn exists(storage: &dyn Storage, key: &ObjectKey) -> bool {
     storage.size(key).await.expect("storage size").is_some()
 }
 
+/// Every object that holds chunk data: packs, and the one-chunk objects of
+/// stores written before packs (which `seed_path` writes).
 pub(super) async fn chunk_objects(storage: &dyn Storage) -> Vec<ObjectKey> {
-    let prefix = ObjectKey::new("chunks").expect("key");
-    let listed: Vec<_> = storage.list(&prefix).try_collect().await.expect("listing");
-    listed.into_iter().map(|object| object.key).collect()
+    let mut keys = Vec::new();
+    for prefix in ["chunks", "packs"] {
+        let prefix = ObjectKey::new(prefix).expect("key");
+        let listed: Vec<_> = storage.list(&prefix).try_collect().await.expect("listing");
+        keys.extend(listed.into_iter().map(|object| object.key));
+    }
+    keys
 }
 
 fn gc_server_options() -> TestServerOptions {

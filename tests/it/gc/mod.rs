@@ -2,11 +2,13 @@
 //! including their races with the pipeline (`db`), and GC end to end
 //! through the server and the real `gc-scheduler` binary: retention,
 //! access times and path deletion (`end_to_end`), GC racing real `nix
-//! copy` pushes (`stress`) and a collector killed mid-run (`fault`).
+//! copy` pushes (`stress`), a collector killed mid-run (`fault`), and packs:
+//! compaction beside uploads and downloads, repacking (`packs`).
 
 mod db;
 mod end_to_end;
 mod fault;
+mod packs;
 mod stress;
 
 use std::time::Duration;

@@ -4,7 +4,7 @@
 
 use common::db::{
     Backend, CacheId, CacheKeypair, ChunkId, ChunkLocation, DamagedChunk, Database, NarId,
-    NewCache, NewObject, StoreState, StoredChunk, Timestamp,
+    NewCache, NewObject, NewPack, StoreState, StoredChunk, Timestamp,
 };
 use common::nix::{NarHash, Sha256Hash, StorePathHash};
 use tempfile::TempDir;
@@ -304,9 +304,13 @@ async fn storing_the_chunk_again_brings_its_nars_back(db: Database) {
         offset: 0,
         length: 120,
     };
+    let pack = NewPack {
+        object_key: moved.object_key.clone(),
+        size: moved.length,
+    };
     store
         .db
-        .set_chunks_stored(&[(id, moved)])
+        .set_chunks_stored(&pack, &[(id, moved)], T0)
         .await
         .expect("storing");
     let pending = store.db.pending_nars_of_chunks(&[id]).await.expect("NARs");

@@ -170,8 +170,8 @@ async fn watch_until(
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let status = upload_status(http, server, upload_id).await;
-        let chunk_objects = count_files(&storage.join("chunks"));
-        if aimed(&status, chunk_objects) {
+        let packs = count_files(&storage.join("packs"));
+        if aimed(&status, packs) {
             return Some(status);
         }
         if matches!(status["phase"].as_str(), Some("done" | "failed")) {
@@ -346,17 +346,18 @@ async fn fault_server_killed_while_chunking_resumes_the_upload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_server_killed_while_compressing_resumes_the_upload() {
-    // One slow compressor (zstd level 19) keeps compression going long
-    // enough to land the kill between the first and the last chunk.
+    // One slow compressor (zstd level 15) keeps compression going long
+    // enough to land the kill between the first pack and the last: a
+    // 64 MiB NAR is two compress jobs, each one pack.
     crash_and_recover(
         &[
             ("LARDER_PIPELINE__COMPRESS_CONCURRENCY", "1"),
-            ("LARDER_PIPELINE__COMPRESSION_LEVEL", "19"),
+            ("LARDER_PIPELINE__COMPRESSION_LEVEL", "15"),
         ],
-        32,
-        // Still compressing, with at least one chunk object written: past
-        // the first chunk, before the last one was recorded.
-        |status, chunk_objects| status["phase"] == "compressing" && chunk_objects > 0,
+        64,
+        // Still compressing, with at least one pack written: past the
+        // first compress job, before the last one was recorded.
+        |status, packs| status["phase"] == "compressing" && packs > 0,
         "while compressing",
     )
     .await;

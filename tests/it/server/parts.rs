@@ -109,17 +109,22 @@ async fn a_server_on_s3_serves_the_chunks_its_pipeline_wrote() {
     .await;
     push_and_substitute(&server, "on-s3").await;
 
-    // What was served came from the bucket: one object per chunk row
-    // under the server's prefix, and nothing on local disk.
+    // What was served came from the bucket: the packs the chunk rows
+    // point into, under the server's prefix, and nothing on local disk.
     let chunk_rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chunks")
         .fetch_one(server.database().pool())
         .await
         .expect("counting chunk rows");
+    let mut chunk_keys: Vec<String> = sqlx::query_scalar("SELECT DISTINCT object_key FROM chunks")
+        .fetch_all(server.database().pool())
+        .await
+        .expect("listing chunk objects");
+    chunk_keys.sort();
     let listed = settings
         .client()
         .list_objects_v2()
         .bucket(&settings.bucket)
-        .prefix(format!("{prefix}chunks/"))
+        .prefix(format!("{prefix}packs/"))
         .send()
         .await
         .expect("listing the bucket");
@@ -127,14 +132,61 @@ async fn a_server_on_s3_serves_the_chunks_its_pipeline_wrote() {
         chunk_rows > 3,
         "a 2 MiB path is several chunks: {chunk_rows}"
     );
-    assert_eq!(
-        i64::try_from(listed.contents().len()).expect("a count"),
-        chunk_rows
-    );
+    let mut stored: Vec<String> = listed
+        .contents()
+        .iter()
+        .filter_map(|object| object.key()?.strip_prefix(&prefix).map(str::to_owned))
+        .collect();
+    stored.sort();
+    assert_eq!(stored, chunk_keys, "the chunks' packs, all in the bucket");
     assert_eq!(
         tests::server::count_files(&server.dir().join("storage")),
         0,
         "the server wrote to local disk"
+    );
+    server.stop().await;
+}
+
+/// `[storage] staging-path`: the same server on S3 stages pushed NARs in a
+/// local directory, so the bucket only ever receives packs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_on_s3_with_local_staging_keeps_staged_nars_out_of_the_bucket() {
+    let settings = S3Settings::from_env();
+    let prefix = format!("{}/", services::unique_name("server-s3-staging"));
+    let staging = tempfile::tempdir().expect("a staging directory");
+    let mut s3 = settings.storage_config(&prefix);
+    s3.staging_path = Some(staging.path().to_owned());
+    let storage = StorageConfig::S3(s3);
+    let server = TestServer::start(TestServerOptions {
+        edit_config: Some(std::sync::Arc::new(move |config| {
+            config.storage = storage.clone();
+        })),
+        ..TestServerOptions::default()
+    })
+    .await;
+    push_and_substitute(&server, "staged-locally").await;
+
+    let listed = settings
+        .client()
+        .list_objects_v2()
+        .bucket(&settings.bucket)
+        .prefix(&prefix)
+        .send()
+        .await
+        .expect("listing the bucket");
+    let keys: Vec<&str> = listed
+        .contents()
+        .iter()
+        .filter_map(|object| object.key()?.strip_prefix(&prefix))
+        .collect();
+    assert!(!keys.is_empty(), "the chunks are in the bucket");
+    assert!(
+        keys.iter().all(|key| key.starts_with("packs/")),
+        "only packs in the bucket: {keys:?}"
+    );
+    assert!(
+        staging.path().join("staging").is_dir(),
+        "the pushes were staged in the local directory"
     );
     server.stop().await;
 }

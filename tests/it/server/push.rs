@@ -471,7 +471,7 @@ async fn a_stored_nar_is_linked_by_the_pipeline_after_proof_of_possession() {
 
     // The right body: acknowledged like any push (the answer must not say
     // that another cache holds the NAR), then linked by the pipeline.
-    let chunks_before = chunk_objects(&server);
+    let chunks_before = packs_stored(&server);
     let result: UploadPathResult =
         ok_json(upload(&server, Some(&token), &info, &nar, Form::Header).await).await;
     assert_eq!(result.kind, UploadPathResultKind::Uploaded);
@@ -489,11 +489,7 @@ async fn a_stored_nar_is_linked_by_the_pipeline_after_proof_of_possession() {
         Some(seeded.nar.id),
         "linked to the stored NAR"
     );
-    assert_eq!(
-        chunk_objects(&server),
-        chunks_before,
-        "nothing stored again"
-    );
+    assert_eq!(packs_stored(&server), chunks_before, "nothing stored again");
     assert!(staging_files(&server).is_empty(), "nothing left staged");
     let narinfo = get(
         &server,
@@ -843,9 +839,9 @@ async fn pipeline_settles(server: &TestServer) {
     panic!("uploads did not finish within a minute");
 }
 
-/// The number of chunk objects in the server's storage.
-fn chunk_objects(server: &TestServer) -> usize {
-    count_files(&server.dir().join("storage").join("chunks"))
+/// The number of packs (chunk data objects) in the server's storage.
+fn packs_stored(server: &TestServer) -> usize {
+    count_files(&server.dir().join("storage").join("packs"))
 }
 
 /// Attic's `X-Attic-Nar-Info` for `source` in `cache`.
@@ -999,13 +995,15 @@ async fn heavy_pipeline_a_closure_with_a_large_path_through_both_protocols() {
         .await;
         pipeline_settles(&server).await;
         if stored_after_first_push == 0 {
-            stored_after_first_push = chunk_objects(&server);
-            assert!(
-                stored_after_first_push > 100,
-                "{stored_after_first_push} chunks"
-            );
+            stored_after_first_push = packs_stored(&server);
+            let chunks: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chunks")
+                .fetch_one(server.database().pool())
+                .await
+                .expect("counting chunks");
+            assert!(chunks > 100, "{chunks} chunks");
+            assert!(stored_after_first_push > 0, "the chunks are in packs");
         } else {
-            assert_eq!(chunk_objects(&server), stored_after_first_push, "{cache}");
+            assert_eq!(packs_stored(&server), stored_after_first_push, "{cache}");
         }
     }
     // Attic's API, to two more caches.
@@ -1021,7 +1019,7 @@ async fn heavy_pipeline_a_closure_with_a_large_path_through_both_protocols() {
     };
     for cache in ["via-attic", "via-attic-again"] {
         attic_push(&server, &token, cache, &sources).await;
-        assert_eq!(chunk_objects(&server), stored_after_first_push, "{cache}");
+        assert_eq!(packs_stored(&server), stored_after_first_push, "{cache}");
     }
 
     // The pushing Nix cached the narinfos it wrote (with its own URLs):
