@@ -172,9 +172,10 @@ impl Database {
 
     /// Withdraws every valid NAR that lists a chunk that is not valid,
     /// returning their hashes: what closes the race described in the module
-    /// documentation. One statement; it walks the chunks that are not
-    /// valid (few: those of uploads in flight, and damaged ones) through
-    /// the index of chunk lists by chunk.
+    /// documentation. One statement: a scan of the chunks table for those
+    /// that are not valid (few: those of uploads in flight, and damaged
+    /// ones), then the index of chunk lists by chunk; cheap beside a scrub
+    /// pass, which reads every stored byte.
     pub async fn withdraw_incomplete_nars(&self) -> Result<Vec<NarHash>> {
         let rows = sqlx::query(
             "UPDATE nars SET state = 'pending', file_size = NULL WHERE state = 'valid' AND id IN \
