@@ -19,8 +19,8 @@ use tokio::sync::mpsc;
 
 use common::chunking::max_chunk_entries;
 use common::db::{
-    ChunkLocation, DbError, InlineChunk, InlineContent, InlineOutcome, NewPack, StoreState,
-    Timestamp, Upload,
+    ChunkId, ChunkLocation, DbError, InlineChunk, InlineContent, InlineOutcome, NewPack,
+    StoreState, Timestamp, Upload,
 };
 use common::metrics::larder;
 use common::nix::Sha256Hash;
@@ -98,6 +98,19 @@ impl Chunker {
         }
         if let Some(nar_id) = others_waiting {
             finalise_nar(database, &*self.storage, nar_id).await?;
+            // A chunk list recorded before means the NAR was stored before
+            // and withdrawn (a chunk of it found damaged): the chunks just
+            // stored again may complete other withdrawn NARs too, as the
+            // compressor's do. A few chunks, and a rare case.
+            let chunks: Vec<ChunkId> = database
+                .chunks_of_nar(nar_id)
+                .await?
+                .into_iter()
+                .map(|entry| entry.chunk.id)
+                .collect();
+            for other in database.pending_nars_of_chunks(&chunks).await? {
+                finalise_nar(database, &*self.storage, other).await?;
+            }
         }
         Ok(())
     }

@@ -8,8 +8,10 @@
 //!   at once (its object made visible, its staged NAR deleted), after
 //!   passing through the same phases as any other upload.
 //! - NAR `deleting` (GC is removing it): tried again later.
-//! - chunk list already recorded (a redelivered or republished job, or a
-//!   second upload of a NAR being stored): compress jobs are published
+//! - chunk list already recorded (a redelivered or republished job, a
+//!   second upload of a NAR being stored, or a push of a NAR withdrawn
+//!   because a chunk of it was found damaged, see `common::integrity`):
+//!   compress jobs are published
 //!   again for the chunks not yet valid, with their byte ranges computed
 //!   from the recorded list; the staged NAR is not read.
 //! - otherwise the staged NAR is streamed from storage (memory bounded by

@@ -418,6 +418,15 @@ pub struct GcConfig {
     pub page_size: u32,
     /// Storage deletes in flight at once.
     pub delete_concurrency: u32,
+    /// How often a scrub pass (every stored chunk read back, decompressed
+    /// and checked against its hash; damaged ones withdrawn) starts on its
+    /// own. Absent (the default): only `gc-scheduler --scrub` scrubs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scrub_interval: Option<HumanDuration>,
+    /// The most stored bytes a scrub reads per second, averaged over its
+    /// pass, so that it cannot starve serving of disk or network; `0`: no
+    /// limit.
+    pub scrub_bytes_per_second: ByteSize,
 }
 
 impl GcConfig {
@@ -441,6 +450,12 @@ impl GcConfig {
         }
         if self.delete_concurrency == 0 {
             return zero("delete-concurrency");
+        }
+        if self
+            .scrub_interval
+            .is_some_and(|interval| interval.as_secs() == 0)
+        {
+            return zero("scrub-interval");
         }
         if self.compact_below_percent > 100 {
             return Err(ConfigError::Invalid(
@@ -466,6 +481,8 @@ impl Default for GcConfig {
             compact_bytes_per_run: ByteSize::new(1 << 30),
             page_size: 1000,
             delete_concurrency: 16,
+            scrub_interval: None,
+            scrub_bytes_per_second: ByteSize::new(64 << 20),
         }
     }
 }
@@ -873,6 +890,29 @@ mod tests {
             error.to_string().contains("gc.delete-concurrency"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn scrubbing_is_off_by_default_paced_and_refuses_a_zero_interval() {
+        let config = load(MINIMAL, &[]).expect("valid config");
+        assert_eq!(config.gc.scrub_interval, None);
+        assert_eq!(config.gc.scrub_bytes_per_second, ByteSize::new(64 << 20));
+
+        let text = format!(
+            "{MINIMAL}\n[gc]\nscrub-interval = \"7 days\"\nscrub-bytes-per-second = \"200 MiB\"\n"
+        );
+        let config = load(&text, &[]).expect("valid config");
+        assert_eq!(
+            config.gc.scrub_interval,
+            Some(HumanDuration::from_secs(7 * 24 * 60 * 60))
+        );
+        assert_eq!(config.gc.scrub_bytes_per_second, ByteSize::new(200 << 20));
+        let unlimited = load(MINIMAL, &[("LARDER_GC__SCRUB_BYTES_PER_SECOND", "0")])
+            .expect("no limit is a valid choice");
+        assert_eq!(unlimited.gc.scrub_bytes_per_second.bytes(), 0);
+
+        let error = load(MINIMAL, &[("LARDER_GC__SCRUB_INTERVAL", "0s")]).expect_err("zero");
+        assert!(error.to_string().contains("gc.scrub-interval"), "{error}");
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub mod config;
 #[cfg(feature = "db")]
 pub mod db;
 pub mod duration;
+#[cfg(feature = "integrity")]
+pub mod integrity;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod nix;

@@ -75,6 +75,7 @@ use tokio_util::sync::CancellationToken;
 
 use common::config::GcConfig;
 use common::db::{Backend, Chunk, ChunkId, Database, DbError, NarId, Timestamp};
+use common::integrity::IntegrityError;
 use common::metrics::larder;
 use common::storage::pack::is_pack_key;
 use common::storage::{ObjectKey, Storage, StorageError};
@@ -87,12 +88,26 @@ const GC_LOCK_KEY: i64 = 0x6c61_7264_6572_6763;
 /// The advisory lock key of the reaping pass ("larder-rp" in ASCII).
 const REAP_LOCK_KEY: i64 = 0x6c61_7264_6572_7270;
 
+/// The advisory lock key of scrubbing ("larder-sc" in ASCII).
+const SCRUB_LOCK_KEY: i64 = 0x6c61_7264_6572_7363;
+
 #[derive(Debug, thiserror::Error)]
 pub enum GcError {
     #[error("database")]
     Database(#[from] DbError),
     #[error("storage")]
     Storage(#[from] StorageError),
+    #[error("a checking thread failed")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl From<IntegrityError> for GcError {
+    fn from(error: IntegrityError) -> Self {
+        match error {
+            IntegrityError::Database(error) => Self::Database(error),
+            IntegrityError::Storage(error) => Self::Storage(error),
+        }
+    }
 }
 
 /// What one run did. Every count is of things removed by this run.
@@ -441,6 +456,11 @@ impl GcLock {
     /// it.
     pub async fn try_acquire_reaping(database: &Database) -> Result<Option<Self>, GcError> {
         Self::try_acquire_key(database, REAP_LOCK_KEY).await
+    }
+
+    /// Takes the scrub's lock, or `None` when another process holds it.
+    pub async fn try_acquire_scrubbing(database: &Database) -> Result<Option<Self>, GcError> {
+        Self::try_acquire_key(database, SCRUB_LOCK_KEY).await
     }
 
     async fn try_acquire_key(database: &Database, key: i64) -> Result<Option<Self>, GcError> {

@@ -1,6 +1,6 @@
 //! Garbage collection on three levels (objects, NARs, chunks) with reaping
-//! of stale uploads (module [`gc`]), and the reconciler that re-publishes
-//! stuck jobs.
+//! of stale uploads (module [`gc`]), scrubbing of stored chunks (module
+//! [`scrub`]), and the reconciler that re-publishes stuck jobs.
 //!
 //! The reconciler: queues are not the truth (the embedded
 //! queue forgets everything with its process; a broker may lose a message
@@ -13,6 +13,7 @@
 //! `failed` with a reason, and can be pushed again.
 
 pub mod gc;
+pub mod scrub;
 
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ use common::service::{open_database, open_queue, ServiceError, Services};
 use common::storage::StorageError;
 
 use crate::gc::{GcError, GcReport};
+use crate::scrub::ScrubReport;
 
 /// The name this service goes by in logs and broker connections.
 const SERVICE: &str = "gc-scheduler";
@@ -118,7 +120,13 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<()
         config.gc.clone(),
         shutdown.clone(),
     );
-    tokio::join!(reconciler, collector, reaper);
+    let scrubber = scrub::run_scrub_loop(
+        services.database.clone(),
+        services.storage.clone(),
+        config.gc.clone(),
+        shutdown.clone(),
+    );
+    tokio::join!(reconciler, collector, reaper, scrubber);
     ops.stop().await?;
     Ok(())
 }
@@ -186,6 +194,16 @@ pub async fn run_once(config: &ServerConfig) -> Result<OnceReport, Error> {
         reconciled,
         collected: collected?,
     })
+}
+
+/// One scrub pass now (`gc-scheduler --scrub`), under the scrub lock:
+/// `None` when another process was scrubbing.
+pub async fn run_scrub(config: &ServerConfig) -> Result<Option<ScrubReport>, Error> {
+    let database = open_database(config).await.map_err(ServiceError::from)?;
+    let storage = common::storage::open(&config.storage).await?;
+    let scrubbed = scrub::scrub_locked(&database, &*storage, &config.gc).await;
+    database.close().await;
+    Ok(scrubbed?)
 }
 
 /// `gc-scheduler --repack`: every per-chunk object and every sparse or

@@ -1,6 +1,7 @@
 //! The `gc-scheduler` binary: a thin shell around the `gc_scheduler`
 //! library. `--once` runs one pass and exits (for cron and tests);
 //! `--repack` moves chunks into packs (see the library) and exits;
+//! `--scrub` runs one scrub pass and exits;
 //! otherwise it reconciles and collects on their intervals until SIGINT or
 //! SIGTERM.
 
@@ -23,14 +24,20 @@ struct Cli {
 
     /// Run one pass now (reconcile, then collect garbage), print what it
     /// did, and exit.
-    #[arg(long, conflicts_with = "repack")]
+    #[arg(long, conflicts_with_all = ["repack", "scrub"])]
     once: bool,
 
     /// Move the chunks of every one-chunk object (a store written before
     /// packs) and of every sparse or small pack into new packs, print what
     /// it did, and exit. The old objects are deleted by later GC runs.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "scrub")]
     repack: bool,
+
+    /// Run one scrub pass now (read every stored chunk back and check it
+    /// against its hash; withdraw the NARs of damaged ones until their
+    /// paths are pushed again), print what it found, and exit.
+    #[arg(long)]
+    scrub: bool,
 }
 
 fn main() -> ExitCode {
@@ -51,6 +58,19 @@ fn main() -> ExitCode {
             &cli.service,
             |config, _shutdown| async move {
                 println!("{}", gc_scheduler::run_repack(&config).await?);
+                Ok::<(), gc_scheduler::Error>(())
+            },
+        );
+    }
+    if cli.scrub {
+        return run_service(
+            "gc-scheduler",
+            &cli.service,
+            |config, _shutdown| async move {
+                match gc_scheduler::run_scrub(&config).await? {
+                    Some(report) => println!("{report}"),
+                    None => println!("scrubbed: nothing (another gc-scheduler is scrubbing)"),
+                }
                 Ok::<(), gc_scheduler::Error>(())
             },
         );

@@ -77,9 +77,15 @@ impl InProcessPipeline {
             gc.clone(),
             stop.clone(),
         ));
+        let scrubber = tokio::spawn(gc_scheduler::scrub::run_scrub_loop(
+            state.database.clone(),
+            state.storage.clone(),
+            gc.clone(),
+            stop.clone(),
+        ));
         Self {
             stop,
-            tasks: vec![chunker, compressor, reconciler, collector, reaper],
+            tasks: vec![chunker, compressor, reconciler, collector, reaper, scrubber],
         }
     }
 

@@ -9,6 +9,7 @@ mod client;
 mod db;
 mod distributed;
 mod gc;
+mod integrity;
 mod nix_formats;
 mod pipeline;
 mod queue;

@@ -57,6 +57,7 @@
 //! statements (`INSERT … ON CONFLICT`, conditional `UPDATE`s).
 
 mod caches;
+mod damage;
 mod error;
 mod gc;
 mod inline_nars;
@@ -85,6 +86,7 @@ use sqlx::{Any, AnyPool, Transaction};
 pub use caches::{
     Cache, CacheScope, CacheUpdate, NewCache, DEFAULT_PRIORITY, DEFAULT_UPSTREAM_CACHE_KEY_NAMES,
 };
+pub use damage::{DamagedChunk, Withdrawal};
 pub use error::{DbError, Result};
 pub use gc::CacheRetention;
 pub use inline_nars::{InlineChunk, InlineContent, InlineOutcome};

@@ -354,7 +354,9 @@ impl Database {
     ///
     /// An upload that is `done` does not count: its object exists, unless
     /// the path was deleted since, and then it is missing again. A `failed`
-    /// upload does not count either, so the client retries.
+    /// upload does not count either, so the client retries. Nor does an
+    /// object whose NAR is not `valid`: its path was withdrawn (a chunk of
+    /// it was found damaged, see `damage`) and a push heals it.
     pub async fn missing_store_path_hashes(
         &self,
         cache_id: CacheId,
@@ -364,8 +366,8 @@ impl Database {
         for batch in hashes.chunks(MAX_IN_LIST) {
             let list = placeholders(2, batch.len());
             let sql = format!(
-                "SELECT store_path_hash FROM objects \
-                 WHERE cache_id = $1 AND store_path_hash IN ({list}) \
+                "SELECT o.store_path_hash FROM objects o JOIN nars n ON n.id = o.nar_id \
+                 WHERE o.cache_id = $1 AND o.store_path_hash IN ({list}) AND n.state = 'valid' \
                  UNION \
                  SELECT store_path_hash FROM uploads \
                  WHERE cache_id = $1 AND phase IN {IN_FLIGHT_PHASES_SQL} \

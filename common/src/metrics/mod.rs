@@ -191,6 +191,12 @@ pub struct LarderMetrics {
     gc_duration: Arc<Histogram>,
     gc_deleted: Arc<Family<Counter>>,
     gc_freed_bytes: Arc<Counter>,
+    damaged_chunks: Arc<Family<Counter>>,
+    withdrawn_nars: Arc<Counter>,
+    scrub_passes: Arc<Family<Counter>>,
+    scrub_chunks_checked: Arc<Counter>,
+    scrub_bytes_read: Arc<Counter>,
+    scrub_chunks_unreadable: Arc<Counter>,
     gc_packs_compacted: Arc<Counter>,
     gc_compacted_bytes: Arc<Counter>,
     /// One child per [`PushStage`], in the order of [`PushStage::ALL`].
@@ -354,6 +360,46 @@ impl LarderMetrics {
                     &[],
                 )
                 .with(&[]),
+            damaged_chunks: registry.counter(
+                "larder_damaged_chunks_total",
+                "Chunks found missing or corrupt in storage and withdrawn, by what found them \
+                 (scrub or read).",
+                &["found_by"],
+            ),
+            withdrawn_nars: registry
+                .counter(
+                    "larder_withdrawn_nars_total",
+                    "NARs withdrawn (no longer served) because a chunk of theirs was damaged.",
+                    &[],
+                )
+                .with(&[]),
+            scrub_passes: registry.counter(
+                "larder_scrub_passes_total",
+                "Scrub passes, by outcome (ok or error).",
+                &["outcome"],
+            ),
+            scrub_chunks_checked: registry
+                .counter(
+                    "larder_scrub_chunks_checked_total",
+                    "Chunks a scrub read, decompressed and checked against their hash.",
+                    &[],
+                )
+                .with(&[]),
+            scrub_bytes_read: registry
+                .counter(
+                    "larder_scrub_bytes_read_total",
+                    "Stored (compressed) bytes a scrub read.",
+                    &[],
+                )
+                .with(&[]),
+            scrub_chunks_unreadable: registry
+                .counter(
+                    "larder_scrub_chunks_unreadable_total",
+                    "Chunks a scrub could not check because storage failed to answer (not \
+                     counted as damage; the next pass tries again).",
+                    &[],
+                )
+                .with(&[]),
             gc_packs_compacted: registry
                 .counter(
                     "larder_gc_packs_compacted_total",
@@ -465,6 +511,28 @@ impl LarderMetrics {
         self.gc_freed_bytes.inc_by(bytes);
     }
 
+    /// `chunks` chunks found damaged by `found_by` (`scrub` or `read`)
+    /// were withdrawn, and with them `nars` NARs.
+    pub fn damage_withdrawn(&self, found_by: &'static str, chunks: u64, nars: u64) {
+        self.damaged_chunks.with(&[found_by]).inc_by(chunks);
+        self.withdrawn_nars.inc_by(nars);
+    }
+
+    /// A scrub pass ended; `succeeded` is false when it stopped on an
+    /// error.
+    pub fn scrub_pass(&self, succeeded: bool) {
+        let outcome = if succeeded { "ok" } else { "error" };
+        self.scrub_passes.with(&[outcome]).inc();
+    }
+
+    /// A scrub read `bytes` stored bytes and checked `chunks` chunks in
+    /// them; `unreadable` more could not be read.
+    pub fn scrub_progress(&self, chunks: u64, bytes: u64, unreadable: u64) {
+        self.scrub_chunks_checked.inc_by(chunks);
+        self.scrub_bytes_read.inc_by(bytes);
+        self.scrub_chunks_unreadable.inc_by(unreadable);
+    }
+
     /// Garbage collection compacted `packs` packs into new ones of `bytes`
     /// bytes in all.
     pub fn gc_compacted(&self, packs: u64, bytes: u64) {
@@ -516,6 +584,12 @@ mod tests {
             "larder_gc_pass_duration_seconds",
             "larder_gc_deleted_total",
             "larder_gc_freed_bytes_total",
+            "larder_damaged_chunks_total",
+            "larder_withdrawn_nars_total",
+            "larder_scrub_passes_total",
+            "larder_scrub_chunks_checked_total",
+            "larder_scrub_bytes_read_total",
+            "larder_scrub_chunks_unreadable_total",
             "larder_push_stage_seconds",
         ] {
             assert!(page.contains(&format!("# TYPE {name} ")), "{name} missing");

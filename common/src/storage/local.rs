@@ -57,6 +57,7 @@ impl LocalStorage {
             written: 0,
             unflushed: 0,
             flushing: None,
+            hole_at_end: false,
             committed: false,
         })
     }
@@ -102,6 +103,9 @@ struct LocalWriter {
     unflushed: u64,
     /// The background flush in progress, if any: at most one per object.
     flushing: Option<tokio::task::JoinHandle<()>>,
+    /// Whether the last bytes were skipped as a hole, so that the file's
+    /// length must be set at the commit.
+    hole_at_end: bool,
     committed: bool,
 }
 
@@ -137,19 +141,66 @@ impl LocalWriter {
     }
 }
 
+/// The unit of holes in written files: a whole block of zeros at a
+/// multiple of this offset is skipped rather than written. The page size,
+/// and the block size of common file systems.
+const HOLE_BLOCK: u64 = 4096;
+
+/// What a hole reads as.
+static ZERO_BLOCK: [u8; HOLE_BLOCK as usize] = [0; HOLE_BLOCK as usize];
+
+/// How `bytes`, written at `position` of a file, split into runs to write
+/// and runs to skip: `(length, is_hole)` in order, alternating. A hole is
+/// whole [`HOLE_BLOCK`]s of zeros at block boundaries; everything else is
+/// written, so a file with no long runs of zeros is written as one run.
+fn hole_runs(position: u64, bytes: &[u8]) -> Vec<(usize, bool)> {
+    let mut runs: Vec<(usize, bool)> = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let to_boundary = (HOLE_BLOCK - (position + at as u64) % HOLE_BLOCK) as usize;
+        let piece = &bytes[at..(at + to_boundary).min(bytes.len())];
+        // A slice comparison is a `memcmp`: fast in every build.
+        let hole = piece == ZERO_BLOCK.as_slice();
+        match runs.last_mut() {
+            Some((length, was_hole)) if *was_hole == hole => *length += piece.len(),
+            _ => runs.push((piece.len(), hole)),
+        }
+        at += piece.len();
+    }
+    runs
+}
+
 impl BlockingWriter for LocalWriter {
+    /// Writes `bytes`, leaving whole blocks of zeros as holes (see
+    /// [`hole_runs`]): a NAR of a disk image or a sparse file takes the
+    /// room of its data in staging, not of its size.
     fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
-        use std::io::Write;
-        self.file
-            .write_all(bytes)
-            .map_err(|source| StorageError::io(&self.key, source))?;
-        self.written += bytes.len() as u64;
+        use std::io::{Seek, SeekFrom, Write};
+        let mut at = 0;
+        for (length, hole) in hole_runs(self.written, bytes) {
+            let done = if hole {
+                // Bounded by the write's length, far below i64.
+                self.file.seek(SeekFrom::Current(length as i64)).map(drop)
+            } else {
+                self.file.write_all(&bytes[at..at + length])
+            };
+            done.map_err(|source| StorageError::io(&self.key, source))?;
+            at += length;
+            self.written += length as u64;
+            self.hole_at_end = hole;
+        }
         self.unflushed += bytes.len() as u64;
         self.flush_in_background();
         Ok(())
     }
 
     fn commit(mut self: Box<Self>) -> Result<u64, StorageError> {
+        if self.hole_at_end {
+            // A hole at the end is not there until the file's length says so.
+            self.file
+                .set_len(self.written)
+                .map_err(|source| StorageError::io(&self.key, source))?;
+        }
         self.file
             .sync_data()
             .and_then(|()| std::fs::rename(&self.temporary, &self.path))
@@ -628,6 +679,63 @@ mod tests {
         assert_eq!(names_in(&dir.path().join("staging")), vec!["u1.nar"]);
         let read = storage.get_range(&key, 0, None).await.expect("get");
         assert!(read_all(read).await == data, "the committed object");
+    }
+
+    #[test]
+    fn holes_are_whole_blocks_of_zeros_at_block_boundaries() {
+        let block = HOLE_BLOCK as usize;
+        assert!(hole_runs(0, &[]).is_empty());
+        assert_eq!(hole_runs(0, &vec![0; 3 * block]), [(3 * block, true)]);
+        assert_eq!(hole_runs(0, &vec![7; 3 * block]), [(3 * block, false)]);
+        // Zeros not covering a whole aligned block are written.
+        assert_eq!(hole_runs(1, &vec![0; block]), [(block, false)]);
+        assert_eq!(
+            hole_runs(1, &vec![0; 2 * block]),
+            [(block - 1, false), (block, true), (1, false)]
+        );
+        let mut mixed = vec![0; 4 * block];
+        mixed[block + 5] = 1;
+        assert_eq!(
+            hole_runs(0, &mixed),
+            [(block, true), (block, false), (2 * block, true)]
+        );
+    }
+
+    #[tokio::test]
+    async fn runs_of_zeros_are_holes_that_read_back_as_zeros() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = LocalStorage::open(dir.path()).await.expect("open");
+        let key = ObjectKey::new("staging/sparse.nar").expect("key");
+        let mut data = vec![0u8; 64 << 20];
+        data[..10].copy_from_slice(b"nix-archiv");
+        data[(32 << 20) + 3] = 9;
+        let mut writer = storage
+            .blocking_writer(&key)
+            .await
+            .expect("a writer")
+            .expect("local storage writes blocking");
+        let expected = data.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            // Pieces of odd lengths, ending in a hole.
+            for piece in data.chunks(1_000_003) {
+                writer.write(piece)?;
+            }
+            writer.commit()
+        })
+        .await
+        .expect("the writing thread")
+        .expect("writing");
+        assert_eq!(written, 64 << 20);
+        let path = dir.path().join("staging/sparse.nar");
+        let metadata = std::fs::metadata(&path).expect("metadata");
+        assert_eq!(metadata.len(), 64 << 20);
+        assert!(
+            metadata.blocks() * 512 < 1 << 20,
+            "{} bytes allocated for 64 MiB of mostly zeros",
+            metadata.blocks() * 512
+        );
+        assert!(std::fs::read(&path).expect("reading") == expected);
     }
 
     #[tokio::test]

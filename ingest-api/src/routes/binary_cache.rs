@@ -308,10 +308,10 @@ fn nar_body(
 ) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
     let nar_hash = nar.nar_hash;
     let mut recent = RecentFrames {
-        storage,
+        storage: storage.clone(),
         frames: VecDeque::with_capacity(RECENT_FRAMES),
     };
-    chunk_locations(database, nar)
+    chunk_locations(database.clone(), nar)
         .map_ok(move |location| recent.frame(location))
         .try_buffered(NAR_READ_AHEAD)
         .map_err(move |error| {
@@ -319,6 +319,12 @@ fn nar_body(
                 &error,
                 NarBodyError::Storage { source, .. } if matches!(**source, StorageError::NotFound(_))
             );
+            // A missing or short object withdraws the NARs of the chunks in
+            // it (this one included), so that Nix's retry finds the path
+            // gone and a push heals it.
+            if let NarBodyError::Storage { source, .. } = &error {
+                common::integrity::check_after_read_failure(&database, &storage, source);
+            }
             let error = anyhow::Error::new(error);
             if missing {
                 tracing::error!(

@@ -31,7 +31,8 @@ use tests::nix::{cache_files, file_cache_url, symlink, write_file, NixEnv};
 use tests::server::{pseudo_random, TestServer, TestServerOptions, SEED_CHUNK_SIZE};
 
 use crate::server::push::{
-    all_uploads, blocking, hash_of, nix_narinfo, nix_put, public_key_of, pushing_env, staging_files,
+    all_uploads, attic_push, blocking, hash_of, nix_narinfo, nix_put, public_key_of, pushing_env,
+    staging_files,
 };
 use crate::server::{
     api_error, fake_store_path, file_nar, get, ok_bytes, ok_json, plain_metadata, source_paths,
@@ -227,9 +228,10 @@ async fn a_nar_of_repeated_chunks_costs_a_handful_of_storage_reads() {
 /// A chunk object deleted from storage under a valid NAR: the download's
 /// connection breaks (before its head, or with its body short of its
 /// Content-Length), never a complete response, and `nix copy --from`
-/// fails rather than accept the path. Once the chunk is back, both
-/// succeed. (Before, storage was asked about every chunk first and the
-/// answer was a 503.)
+/// fails rather than accept the path. The download withdraws the path
+/// (its narinfo answers 404), and once it is pushed again both succeed.
+/// (Before, storage was asked about every chunk first and the answer was
+/// a 503.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nar_missing_a_chunk_is_cut_short_and_nix_refuses_it() {
     let server = TestServer::sqlite().await;
@@ -304,7 +306,31 @@ async fn a_nar_missing_a_chunk_is_cut_short_and_nix_refuses_it() {
     };
     assert!(copied.is_err(), "nix copy --from took a NAR cut short");
 
+    // Withdrawn by the download (on a task of its own: a hang guard).
+    let narinfo_path = format!("/holey/{}.narinfo", hash_of(&path));
+    let mut withdrawn = false;
+    for _ in 0..300 {
+        if get(&server, &narinfo_path, Some(&token)).await.status() == StatusCode::NOT_FOUND {
+            withdrawn = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(withdrawn, "the path is still advertised 30 s after the cut");
+    // Putting the object back does not bring it back: a push does.
     std::fs::write(&missing_file, saved).expect("restoring the chunk object");
+    assert_eq!(
+        get(&server, &narinfo_path, Some(&token)).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    let pusher = server
+        .mint(
+            "pusher",
+            HOUR,
+            &[("holey", &[Permission::Pull, Permission::Push])],
+        )
+        .await;
+    attic_push(&server, &pusher, "holey", std::slice::from_ref(&source)).await;
     let whole = ok_bytes(get(&server, &nar_path, Some(&token)).await).await;
     assert_eq!(
         zstd::stream::decode_all(whole.as_slice()).expect("zstd frames"),
@@ -312,7 +338,7 @@ async fn a_nar_missing_a_chunk_is_cut_short_and_nix_refuses_it() {
     );
     blocking(move || env.copy_from(&cache_url, &env.path("dest-2"), &key, &[path]))
         .await
-        .expect("nix copy --from once the chunk is back");
+        .expect("nix copy --from once the path is pushed again");
 }
 
 async fn concurrent_nix_copies_of_one_closure_both_succeed(backend: Backend) {

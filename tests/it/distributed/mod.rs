@@ -85,6 +85,23 @@ impl Pushing {
         .await
     }
 
+    /// `nix copy --to cache_url` of the closure. Nix skips the paths it
+    /// believes the cache has, asking the cache (not its own memory of
+    /// the narinfos it wrote before): what a push to heal withdrawn paths
+    /// does.
+    pub(crate) async fn copy_to(self, cache_url: String) -> Self {
+        blocking(move || {
+            let mut pushing = self;
+            pushing.env.add_config("narinfo-cache-positive-ttl", "0");
+            pushing
+                .env
+                .copy_to(&pushing.root, &cache_url, &pushing.closure)
+                .unwrap_or_else(|error| panic!("nix copy --to {cache_url}: {error}"));
+            pushing
+        })
+        .await
+    }
+
     /// Substitutes the closure from `cache` on `api` into a fresh store,
     /// trusting only the cache's key, and runs `nix store verify` on it.
     pub(crate) async fn substitute_and_verify(
