@@ -1,0 +1,818 @@
+//! The body of a NAR download: its chunks' zstd frames, in order, read
+//! from storage as the body is sent, whole or from a byte range.
+//!
+//! Frames that lie next to each other in one storage object (a pack, where
+//! a NAR's new chunks are written in order) are read with one ranged read,
+//! streamed: frames are split out of it as its bytes arrive, so a read of
+//! many MiB costs one storage request and a buffer. The first read of a
+//! body is small and each next one may be twice as large, up to
+//! [`MAX_READ_BYTES`], so that the first byte goes out after one short
+//! read whatever the NAR's size, and a large NAR costs a few dozen
+//! requests per GiB. [`READS_IN_FLIGHT`] reads are opened ahead of the one
+//! being sent, each in its own task, so that storage latency overlaps the
+//! network. A chunk repeated nearby (a NAR of zeros is one chunk listed
+//! thousands of times) is read once and sent again from memory.
+//!
+//! Memory per download is bounded whatever the NAR: a page of the chunk
+//! list, the plans of the reads in flight (at most [`MAX_READ_FRAMES`]
+//! frames each), a buffer of about [`READ_BUFFER`] per read and the
+//! [`RECENT_FRAMES`] frames remembered.
+//!
+//! Nothing is read until the body is polled, and nothing checks every
+//! chunk first: the database's `valid` state is the truth. A read that
+//! fails (a chunk's object missing from storage, an object shorter than its
+//! frames, a chunk list that disagrees with its NAR row) ends the body with
+//! an error, which makes hyper drop the connection: the client sees a
+//! download cut short, never a complete response with wrong bytes.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::stream::{self, BoxStream, Stream, StreamExt, TryStreamExt};
+use futures::{FutureExt, TryFutureExt};
+use tokio::io::AsyncReadExt;
+use tokio_util::task::AbortOnDropHandle;
+
+use common::db::{ChunkId, ChunkLocation, Database, DbError, Nar, NarId, StoreState};
+use common::nix::NarHash;
+use common::storage::{ObjectKey, ObjectReader, Storage, StorageError};
+
+/// Entries of a NAR's chunk list read per database round trip while it
+/// streams: the list of a NAR of any length is read in bounded memory.
+const CHUNK_LIST_PAGE: u32 = 1024;
+
+/// Entries summed per database round trip when seeking to the start of a
+/// range (see [`Database::seek_nar_chunks`]); the body then walks at most
+/// this many entries by their lengths, without reading them, to reach it.
+const SEEK_PAGE: u32 = 8192;
+
+/// The first ranged read of a body covers at most this many bytes; each
+/// next one at most twice the one before, up to [`MAX_READ_BYTES`].
+const FIRST_READ_BYTES: u64 = 1 << 20;
+
+/// The most bytes one ranged read covers: a GiB of frames in at least 32
+/// storage requests, and never a read so long that its connection idles
+/// for minutes while a slow client catches up.
+const MAX_READ_BYTES: u64 = 32 << 20;
+
+/// The most frames one ranged read covers, bounding the memory of its plan
+/// when frames are tiny (chunks that compress to almost nothing).
+const MAX_READ_FRAMES: usize = 8192;
+
+/// The most entries of one remembered frame sent as one planned step, so
+/// that a long run of one chunk is sent while its list is still being read.
+const MAX_REPEATS: u32 = CHUNK_LIST_PAGE;
+
+/// Ranged reads opened (and their first [`READ_BUFFER`] read) ahead of the
+/// one being sent.
+const READS_IN_FLIGHT: usize = 4;
+
+/// How much of a ranged read is taken from storage at a time.
+const READ_BUFFER: usize = 256 << 10;
+
+/// How many distinct frames a download remembers after sending them, so
+/// that a chunk repeated nearby is read from storage once, not once per
+/// entry.
+const RECENT_FRAMES: usize = 4;
+
+/// Bytes `first..=last` of a NAR's served file (its frames concatenated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteRange {
+    pub first: u64,
+    pub last: u64,
+}
+
+impl ByteRange {
+    pub fn len(&self) -> u64 {
+        self.last - self.first + 1
+    }
+}
+
+/// Why a NAR's body stopped before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum NarBodyError {
+    #[error("reading the chunk list")]
+    Database(#[source] DbError),
+    #[error("the chunk list does not match the NAR row: {0}")]
+    ChunkList(String),
+    /// Reading frames failed; `chunks` are the chunks whose frames the
+    /// failed read was to return.
+    #[error("reading bytes {offset}..{end} of object {key}", end = offset + length)]
+    Storage {
+        key: String,
+        offset: u64,
+        length: u64,
+        chunks: Vec<ChunkId>,
+        #[source]
+        source: StorageError,
+    },
+    /// The frame a planned repeat refers to was not remembered: a bug in
+    /// this module, caught rather than sending wrong bytes.
+    #[error("frame at {0:?} was to be remembered but was not")]
+    FrameForgotten(ChunkLocation),
+}
+
+impl NarBodyError {
+    /// Whether the failure is data missing from storage.
+    pub fn is_missing_data(&self) -> bool {
+        matches!(
+            self,
+            Self::Storage {
+                source: StorageError::NotFound(_),
+                ..
+            }
+        )
+    }
+}
+
+/// The body of `nar`, or of `range` of it: its frames in order, read as it
+/// is sent. The first error is logged and ends the body with an error, so
+/// that hyper drops the connection.
+pub fn nar_body(
+    database: Database,
+    storage: Arc<dyn Storage>,
+    nar: Nar,
+    range: Option<ByteRange>,
+) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    let nar_hash = nar.nar_hash;
+    frames(database, storage, nar, range).map_err(move |error| log_failure(&nar_hash, error))
+}
+
+/// Logs why a body stopped, and turns it into the error that aborts the
+/// connection.
+fn log_failure(nar_hash: &NarHash, error: NarBodyError) -> std::io::Error {
+    let missing = error.is_missing_data();
+    let error = anyhow::Error::new(error);
+    if missing {
+        tracing::error!(
+            %nar_hash,
+            error = format!("{error:#}"),
+            "data of a valid NAR is missing from storage; aborting its download"
+        );
+    } else {
+        tracing::error!(
+            %nar_hash,
+            error = format!("{error:#}"),
+            "reading a NAR failed mid-stream; aborting its download"
+        );
+    }
+    std::io::Error::other(error)
+}
+
+fn frames(
+    database: Database,
+    storage: Arc<dyn Storage>,
+    nar: Nar,
+    range: Option<ByteRange>,
+) -> BoxStream<'static, Result<Bytes, NarBodyError>> {
+    let file_size = nar.file_size.unwrap_or(0);
+    let range = range.unwrap_or(ByteRange {
+        first: 0,
+        last: file_size.saturating_sub(1),
+    });
+    let start = async move {
+        // Where the range starts in the chunk list: the first entry, or
+        // (for a range further in) a nearby one found by summing lengths.
+        let (seq, offset) = if range.first == 0 {
+            (0, 0)
+        } else {
+            database
+                .seek_nar_chunks(nar.id, range.first, SEEK_PAGE)
+                .await
+                .map_err(NarBodyError::Database)?
+        };
+        let entries = chunk_entries(database, &nar, seq, offset);
+        let planner = Planner::new(range.first - offset, range.len());
+        let pieces = plan(entries, planner)
+            .map_ok(move |piece| open(storage.clone(), piece))
+            .try_buffered(READS_IN_FLIGHT);
+        Ok::<_, NarBodyError>(send(pieces))
+    };
+    start.try_flatten_stream().boxed()
+}
+
+/// One entry of a chunk list, as the body needs it.
+struct Entry {
+    chunk_id: ChunkId,
+    location: ChunkLocation,
+}
+
+/// A NAR's chunk list from entry `seq` (which starts at served byte
+/// `offset`) on, read from the database a page at a time. Checked against
+/// the NAR row as it goes: exactly `n_chunks` entries, numbered in order,
+/// each chunk stored, their frames adding up to `file_size` (the size
+/// already promised to the client). A list that ends early (GC deleted the
+/// NAR meanwhile) is an error, not a short body.
+fn chunk_entries(
+    database: Database,
+    nar: &Nar,
+    seq: u32,
+    offset: u64,
+) -> impl Stream<Item = Result<Entry, NarBodyError>> + Send + 'static {
+    struct Cursor {
+        database: Database,
+        nar_id: NarId,
+        n_chunks: u32,
+        file_size: Option<u64>,
+        next_seq: u32,
+        bytes: u64,
+    }
+    let cursor = Cursor {
+        database,
+        nar_id: nar.id,
+        n_chunks: nar.n_chunks,
+        file_size: nar.file_size,
+        next_seq: seq,
+        bytes: offset,
+    };
+    stream::try_unfold(cursor, |mut cursor| async move {
+        if cursor.next_seq == cursor.n_chunks {
+            if Some(cursor.bytes) != cursor.file_size {
+                return Err(NarBodyError::ChunkList(format!(
+                    "its frames add up to {} bytes, not {:?}",
+                    cursor.bytes, cursor.file_size
+                )));
+            }
+            return Ok(None);
+        }
+        let page = cursor
+            .database
+            .chunks_of_nar_from(cursor.nar_id, cursor.next_seq, CHUNK_LIST_PAGE)
+            .await
+            .map_err(NarBodyError::Database)?;
+        if page.is_empty() {
+            return Err(NarBodyError::ChunkList(format!(
+                "it ends after {} of {} entries",
+                cursor.next_seq, cursor.n_chunks
+            )));
+        }
+        let mut entries = Vec::with_capacity(page.len());
+        for entry in page {
+            if entry.seq != cursor.next_seq || entry.seq >= cursor.n_chunks {
+                return Err(NarBodyError::ChunkList(format!(
+                    "entry {} where {} of {} was expected",
+                    entry.seq, cursor.next_seq, cursor.n_chunks
+                )));
+            }
+            let location = match (entry.chunk.state, entry.chunk.location) {
+                (StoreState::Valid, Some(location)) => location,
+                (state, _) => {
+                    return Err(NarBodyError::ChunkList(format!(
+                        "entry {} is a chunk in state {state}",
+                        entry.seq
+                    )))
+                }
+            };
+            cursor.bytes += location.length;
+            cursor.next_seq += 1;
+            entries.push(Entry {
+                chunk_id: entry.chunk.id,
+                location,
+            });
+        }
+        Ok(Some((entries, cursor)))
+    })
+    .map_ok(|page| stream::iter(page.into_iter().map(Ok)))
+    .try_flatten()
+}
+
+/// A step of the body, planned from the chunk list before it is read.
+#[derive(Debug, PartialEq, Eq)]
+enum Piece {
+    /// One ranged read of an object, sent as it arrives.
+    Read(ReadPlan),
+    /// A frame sent earlier in this body (and remembered), sent `count`
+    /// more times.
+    Repeat {
+        location: ChunkLocation,
+        count: u32,
+    },
+}
+
+/// Bytes `offset..offset + length` of `key`: consecutive segments, each a
+/// frame or, at the ends of a range, part of one.
+#[derive(Debug, PartialEq, Eq)]
+struct ReadPlan {
+    key: String,
+    offset: u64,
+    length: u64,
+    segments: Vec<Segment>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Segment {
+    chunk_id: ChunkId,
+    length: u64,
+    /// A whole frame (remembered once sent), not part of one.
+    whole: bool,
+}
+
+/// Turns a chunk list into [`Piece`]s: coalesces frames that are adjacent
+/// in one object into one read, turns entries repeating a recently sent
+/// frame into repeats, and cuts the list to the requested bytes.
+struct Planner {
+    /// Bytes of the list still to pass over before the first one sent.
+    skip: u64,
+    /// Bytes still to send.
+    remaining: u64,
+    /// The locations of the last [`RECENT_FRAMES`] distinct whole frames
+    /// planned as reads, oldest first. The sender remembers the same
+    /// frames, in the same order, as it sends them.
+    recent: VecDeque<ChunkLocation>,
+    /// The piece being extended.
+    pending: Option<Piece>,
+    /// The most bytes of the read being planned.
+    read_cap: u64,
+}
+
+impl Planner {
+    fn new(skip: u64, length: u64) -> Self {
+        Self {
+            skip,
+            remaining: length,
+            recent: VecDeque::with_capacity(RECENT_FRAMES),
+            pending: None,
+            read_cap: FIRST_READ_BYTES,
+        }
+    }
+
+    /// Whether every byte to send is planned.
+    fn is_done(&self) -> bool {
+        self.remaining == 0
+    }
+
+    /// Takes the next entry of the list; returns a piece when the entry
+    /// cannot extend the one being planned, which is then complete.
+    fn push(&mut self, entry: Entry) -> Option<Piece> {
+        let Entry { chunk_id, location } = entry;
+        if self.remaining == 0 {
+            return None;
+        }
+        if self.skip >= location.length {
+            self.skip -= location.length;
+            return None;
+        }
+        let start = std::mem::take(&mut self.skip);
+        let length = (location.length - start).min(self.remaining);
+        self.remaining -= length;
+        let whole = start == 0 && length == location.length;
+        if whole && self.recent.contains(&location) {
+            if let Some(Piece::Repeat {
+                location: repeated,
+                count,
+            }) = &mut self.pending
+            {
+                if *repeated == location && *count < MAX_REPEATS {
+                    *count += 1;
+                    return None;
+                }
+            }
+            return self.start(Piece::Repeat { location, count: 1 });
+        }
+        let offset = location.offset + start;
+        let segment = Segment {
+            chunk_id,
+            length,
+            whole,
+        };
+        if whole {
+            if self.recent.len() == RECENT_FRAMES {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(location.clone());
+        }
+        if let Some(Piece::Read(read)) = &mut self.pending {
+            if read.key == location.object_key
+                && read.offset + read.length == offset
+                && read.length + length <= self.read_cap
+                && read.segments.len() < MAX_READ_FRAMES
+            {
+                read.length += length;
+                read.segments.push(segment);
+                return None;
+            }
+        }
+        self.start(Piece::Read(ReadPlan {
+            key: location.object_key,
+            offset,
+            length,
+            segments: vec![segment],
+        }))
+    }
+
+    /// Starts planning `piece`; returns the one planned before it.
+    fn start(&mut self, piece: Piece) -> Option<Piece> {
+        let done = self.pending.replace(piece);
+        if let Some(Piece::Read(_)) = done {
+            self.read_cap = (self.read_cap * 2).min(MAX_READ_BYTES);
+        }
+        done
+    }
+
+    /// The last piece, once the list (or the range) has ended.
+    fn finish(&mut self) -> Option<Piece> {
+        self.pending.take()
+    }
+}
+
+/// The pieces of a body, planned from its entries as they are read.
+fn plan(
+    entries: impl Stream<Item = Result<Entry, NarBodyError>> + Send + 'static,
+    planner: Planner,
+) -> impl Stream<Item = Result<Piece, NarBodyError>> + Send + 'static {
+    stream::try_unfold(
+        (entries.boxed(), planner),
+        |(mut entries, mut planner)| async move {
+            loop {
+                // Once every byte is planned, the rest of the list is not read.
+                let entry = if planner.is_done() {
+                    None
+                } else {
+                    entries.try_next().await?
+                };
+                let Some(entry) = entry else {
+                    return Ok(planner.finish().map(|piece| (piece, (entries, planner))));
+                };
+                if let Some(piece) = planner.push(entry) {
+                    return Ok(Some((piece, (entries, planner))));
+                }
+            }
+        },
+    )
+}
+
+/// A piece ready to send: a read opened with its first bytes in, or a
+/// repeat.
+enum Opened {
+    Read {
+        key: ObjectKey,
+        plan: ReadPlan,
+        reader: ObjectReader,
+        buffer: BytesMut,
+        /// The segment being sent, and how much of it is sent.
+        segment: usize,
+        sent_of_segment: u64,
+        /// Where in the object the next byte of the segment is.
+        position: u64,
+    },
+    Repeat {
+        location: ChunkLocation,
+        count: u32,
+    },
+}
+
+/// Starts a piece: a read is opened, and its first [`READ_BUFFER`] read,
+/// in a task of its own, so that it makes progress while earlier pieces
+/// are sent (and stops when the body is dropped).
+fn open(
+    storage: Arc<dyn Storage>,
+    piece: Piece,
+) -> futures::future::BoxFuture<'static, Result<Opened, NarBodyError>> {
+    match piece {
+        Piece::Repeat { location, count } => {
+            futures::future::ready(Ok(Opened::Repeat { location, count })).boxed()
+        }
+        Piece::Read(plan) => {
+            let task = AbortOnDropHandle::new(tokio::spawn(async move {
+                let opened = async {
+                    let key = ObjectKey::new(plan.key.as_str())?;
+                    let mut reader = storage
+                        .get_range(&key, plan.offset, Some(plan.length))
+                        .await?;
+                    let mut buffer = BytesMut::new();
+                    fill(&key, &mut reader, &mut buffer, 1).await?;
+                    Ok((key, reader, buffer))
+                }
+                .await;
+                match opened {
+                    Ok((key, reader, buffer)) => Ok(Opened::Read {
+                        key,
+                        position: plan.offset,
+                        plan,
+                        reader,
+                        buffer,
+                        segment: 0,
+                        sent_of_segment: 0,
+                    }),
+                    Err(source) => Err(storage_error(&plan, source)),
+                }
+            }));
+            task.map(|joined| match joined {
+                Ok(opened) => opened,
+                // The task is aborted only when this future is dropped,
+                // and it does not panic; a panic is a bug, reported as one.
+                Err(join_error) => std::panic::resume_unwind(join_error.into_panic()),
+            })
+            .boxed()
+        }
+    }
+}
+
+fn storage_error(plan: &ReadPlan, source: StorageError) -> NarBodyError {
+    NarBodyError::Storage {
+        key: plan.key.clone(),
+        offset: plan.offset,
+        length: plan.length,
+        chunks: plan
+            .segments
+            .iter()
+            .map(|segment| segment.chunk_id)
+            .collect(),
+        source,
+    }
+}
+
+/// Reads from `reader` until `buffer` holds at least `wanted` bytes, in
+/// reads of about [`READ_BUFFER`]; an object that ends first is too short
+/// for the frames it is said to hold.
+async fn fill(
+    key: &ObjectKey,
+    reader: &mut ObjectReader,
+    buffer: &mut BytesMut,
+    wanted: u64,
+) -> Result<(), StorageError> {
+    while (buffer.len() as u64) < wanted {
+        // Bounded by a frame's length (`wanted`) or READ_BUFFER.
+        let missing = usize::try_from(wanted).unwrap_or(usize::MAX) - buffer.len();
+        buffer.reserve(missing.max(READ_BUFFER));
+        let read = reader
+            .read_buf(buffer)
+            .await
+            .map_err(|source| StorageError::io(key, source))?;
+        if read == 0 {
+            return Err(StorageError::Io {
+                key: key.to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the object ends before the frames it is said to hold",
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The frames a download sent last, by location: the same ones, in the
+/// same order, as the [`Planner`]'s `recent`.
+struct RecentFrames(VecDeque<(ChunkLocation, Bytes)>);
+
+impl RecentFrames {
+    fn remember(&mut self, location: ChunkLocation, frame: Bytes) {
+        if self.0.len() == RECENT_FRAMES {
+            self.0.pop_front();
+        }
+        self.0.push_back((location, frame));
+    }
+
+    fn get(&self, location: &ChunkLocation) -> Option<&Bytes> {
+        self.0
+            .iter()
+            .find(|(seen, _)| seen == location)
+            .map(|(_, frame)| frame)
+    }
+}
+
+/// Sends the opened pieces in order: a read's bytes as they arrive (each
+/// whole frame as one buffer, remembered), a repeat's frame again.
+fn send(
+    pieces: impl Stream<Item = Result<Opened, NarBodyError>> + Send + 'static,
+) -> impl Stream<Item = Result<Bytes, NarBodyError>> + Send + 'static {
+    struct Sender<P> {
+        pieces: P,
+        current: Option<Opened>,
+        recent: RecentFrames,
+    }
+    let sender = Sender {
+        pieces: pieces.boxed(),
+        current: None,
+        recent: RecentFrames(VecDeque::with_capacity(RECENT_FRAMES)),
+    };
+    stream::try_unfold(sender, |mut sender| async move {
+        loop {
+            if let Some(current) = &mut sender.current {
+                if let Some(bytes) = next_bytes(current, &mut sender.recent).await? {
+                    return Ok(Some((bytes, sender)));
+                }
+                sender.current = None;
+            }
+            match sender.pieces.try_next().await? {
+                Some(opened) => sender.current = Some(opened),
+                None => return Ok(None),
+            }
+        }
+    })
+}
+
+/// The next bytes of an opened piece, or `None` once it is all sent.
+async fn next_bytes(
+    opened: &mut Opened,
+    recent: &mut RecentFrames,
+) -> Result<Option<Bytes>, NarBodyError> {
+    match opened {
+        Opened::Repeat { location, count } => {
+            if *count == 0 {
+                return Ok(None);
+            }
+            *count -= 1;
+            recent
+                .get(location)
+                .cloned()
+                .map(Some)
+                .ok_or_else(|| NarBodyError::FrameForgotten(location.clone()))
+        }
+        Opened::Read {
+            key,
+            plan,
+            reader,
+            buffer,
+            segment,
+            sent_of_segment,
+            position,
+        } => {
+            let Some(&current) = plan.segments.get(*segment) else {
+                return Ok(None);
+            };
+            let left = current.length - *sent_of_segment;
+            // A whole frame is sent as one buffer (and remembered); part of
+            // one, as it arrives.
+            let wanted = if current.whole { left } else { 1 };
+            if let Err(source) = fill(key, reader, buffer, wanted).await {
+                return Err(storage_error(plan, source));
+            }
+            let take = usize::try_from(left)
+                .unwrap_or(usize::MAX)
+                .min(buffer.len());
+            let bytes = buffer.split_to(take).freeze();
+            if current.whole {
+                recent.remember(
+                    ChunkLocation {
+                        object_key: plan.key.clone(),
+                        offset: *position,
+                        length: current.length,
+                    },
+                    bytes.clone(),
+                );
+            }
+            *position += take as u64;
+            *sent_of_segment += take as u64;
+            if *sent_of_segment == current.length {
+                *segment += 1;
+                *sent_of_segment = 0;
+            }
+            Ok(Some(bytes))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: i64, key: &str, offset: u64, length: u64) -> Entry {
+        Entry {
+            chunk_id: ChunkId(id),
+            location: ChunkLocation {
+                object_key: key.to_owned(),
+                offset,
+                length,
+            },
+        }
+    }
+
+    fn run(mut planner: Planner, entries: Vec<Entry>) -> Vec<Piece> {
+        let mut pieces = Vec::new();
+        for entry in entries {
+            if planner.is_done() {
+                break;
+            }
+            pieces.extend(planner.push(entry));
+        }
+        pieces.extend(planner.finish());
+        pieces
+    }
+
+    fn read_of(piece: &Piece) -> (&str, u64, u64, usize) {
+        match piece {
+            Piece::Read(read) => (
+                read.key.as_str(),
+                read.offset,
+                read.length,
+                read.segments.len(),
+            ),
+            Piece::Repeat { .. } => panic!("a read expected, not {piece:?}"),
+        }
+    }
+
+    #[test]
+    fn adjacent_frames_of_one_object_are_one_read() {
+        let entries = vec![
+            entry(1, "packs/a", 0, 100),
+            entry(2, "packs/a", 100, 50),
+            entry(3, "packs/a", 150, 70),
+            // Not adjacent: a gap, another object, then adjacent again.
+            entry(4, "packs/a", 300, 10),
+            entry(5, "packs/b", 310, 10),
+            entry(6, "packs/b", 320, 10),
+        ];
+        let pieces = run(Planner::new(0, 250), entries);
+        let reads: Vec<_> = pieces.iter().map(read_of).collect();
+        assert_eq!(
+            reads,
+            [
+                ("packs/a", 0, 220, 3),
+                ("packs/a", 300, 10, 1),
+                ("packs/b", 310, 20, 2)
+            ]
+        );
+    }
+
+    #[test]
+    fn reads_grow_from_a_small_first_one_to_the_cap() {
+        let frame = 64 << 10;
+        let count = (3 * MAX_READ_BYTES / frame) as i64;
+        let entries = (0..count)
+            .map(|i| entry(i, "packs/a", i as u64 * frame, frame))
+            .collect();
+        let pieces = run(Planner::new(0, count as u64 * frame), entries);
+        let lengths: Vec<u64> = pieces.iter().map(|piece| read_of(piece).2).collect();
+        assert_eq!(lengths[0], FIRST_READ_BYTES);
+        assert_eq!(lengths[1], 2 * FIRST_READ_BYTES);
+        assert!(lengths.iter().all(|length| *length <= MAX_READ_BYTES));
+        assert_eq!(lengths.iter().sum::<u64>(), count as u64 * frame);
+        // 96 MiB: 1 + 2 + 4 + 8 + 16 + 32 + 32 + 1.
+        assert_eq!(lengths.len(), 8, "{lengths:?}");
+    }
+
+    #[test]
+    fn tiny_frames_are_bounded_per_read() {
+        let count = MAX_READ_FRAMES as i64 + 5;
+        let entries = (0..count).map(|i| entry(i, "packs/a", i as u64, 1)).collect();
+        let pieces = run(Planner::new(0, count as u64), entries);
+        let frames: Vec<usize> = pieces.iter().map(|piece| read_of(piece).3).collect();
+        assert_eq!(frames, [MAX_READ_FRAMES, 5]);
+    }
+
+    #[test]
+    fn a_repeated_frame_is_read_once_and_repeated_in_bounded_steps() {
+        let count = 3 * MAX_REPEATS as i64 + 2;
+        let entries = (0..count).map(|i| entry(i, "chunks/z", 0, 20)).collect();
+        let pieces = run(Planner::new(0, count as u64 * 20), entries);
+        assert_eq!(read_of(&pieces[0]), ("chunks/z", 0, 20, 1));
+        let repeats: Vec<u32> = pieces[1..]
+            .iter()
+            .map(|piece| match piece {
+                Piece::Repeat { count, .. } => *count,
+                Piece::Read(_) => panic!("a repeat expected, not {piece:?}"),
+            })
+            .collect();
+        assert_eq!(repeats, [MAX_REPEATS, MAX_REPEATS, MAX_REPEATS, 1]);
+    }
+
+    #[test]
+    fn a_range_skips_whole_frames_unread_and_cuts_the_ends() {
+        let entries = vec![
+            entry(1, "packs/a", 0, 100),
+            entry(2, "packs/a", 100, 100),
+            entry(3, "packs/a", 200, 100),
+            entry(4, "packs/a", 300, 100),
+            entry(5, "packs/a", 400, 100),
+        ];
+        // Bytes 150..=349: half of the second frame, the third, half of
+        // the fourth; the fifth is never looked at.
+        let pieces = run(Planner::new(150, 200), entries);
+        match &pieces[..] {
+            [Piece::Read(read)] => {
+                assert_eq!((read.offset, read.length), (150, 200));
+                let segments: Vec<(u64, bool)> = read
+                    .segments
+                    .iter()
+                    .map(|segment| (segment.length, segment.whole))
+                    .collect();
+                assert_eq!(segments, [(50, false), (100, true), (50, false)]);
+            }
+            other => panic!("one read expected: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_partial_frame_is_not_taken_for_a_repeat() {
+        // The same chunk three times; the range starts inside the first.
+        let entries = (0..3).map(|i| entry(i, "chunks/z", 0, 100)).collect();
+        let pieces = run(Planner::new(40, 260), entries);
+        assert_eq!(read_of(&pieces[0]), ("chunks/z", 40, 60, 1));
+        assert_eq!(read_of(&pieces[1]), ("chunks/z", 0, 100, 1));
+        assert_eq!(
+            pieces[2],
+            Piece::Repeat {
+                location: ChunkLocation {
+                    object_key: "chunks/z".to_owned(),
+                    offset: 0,
+                    length: 100
+                },
+                count: 1
+            }
+        );
+        assert_eq!(pieces.len(), 3);
+    }
+}
