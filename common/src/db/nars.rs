@@ -844,7 +844,12 @@ impl Database {
             })
             .collect();
         let rows = upsert_chunks_on(&mut tx, &new_chunks, at).await?;
+        // A chunk listed many times (a NAR of zeros) is stored once.
+        let mut marked = std::collections::HashSet::new();
         for (row, stored) in rows.iter().zip(chunks) {
+            if !marked.insert(row.id) {
+                continue;
+            }
             sqlx::query(
                 "UPDATE chunks SET state = 'valid', object_key = $2, object_offset = $3, \
                  object_length = $4 WHERE id = $1 AND state = 'pending'",
