@@ -14,6 +14,7 @@
 //! bench_push --url URL --token TOKEN --cache NAME large NAR_FILE...
 //! bench_push --url URL --token TOKEN --cache NAME small COUNT JOBS SOURCE_DIR
 //! bench_push --url URL --token TOKEN --cache NAME door FILE
+//! bench_push make-nar OUT SOURCE_DIR MIB
 //! ```
 //!
 //! `large` pushes each NAR file as one path, one after the other, and
@@ -25,12 +26,18 @@
 //! one regular file (so it is new to the server) with `X-Larder-Wait: 0`,
 //! which the server answers once the NAR is verified and spooled, and
 //! prints `DOOR_SECONDS=…` and `DOOR_BYTES=…` (the NAR's size).
+//! `large` also prints each NAR's URL relative to its cache,
+//! `LARGE_NAR_URL_<i>=nar/….nar.zst`. `make-nar` writes to OUT a NAR of one
+//! regular file holding the first MIB MiB of the regular files under
+//! SOURCE_DIR (real data, which compresses as real data does), for
+//! `ops/bench-s3.sh`.
 //! Output on stdout: `KEY=VALUE` lines; progress on stderr.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use common::nix::Sha256Hash;
 use tests::server::pseudo_random;
 
 use tests::bench::{single_file_nar, Pusher, Result};
@@ -72,6 +79,7 @@ async fn push_large(pusher: &Pusher, files: &[PathBuf]) -> Result<()> {
         let nar = std::fs::read(file)?;
         let size = nar.len();
         let info = pusher.info(&format!("bench-large-{index}"), &nar);
+        let url = format!("nar/{}.nar.zst", Sha256Hash::digest(&nar).to_base32());
         let started = Instant::now();
         pusher.push_as(&info, nar).await?;
         let seconds = started.elapsed().as_secs_f64();
@@ -81,6 +89,7 @@ async fn push_large(pusher: &Pusher, files: &[PathBuf]) -> Result<()> {
             size as f64 / f64::from(1 << 20)
         );
         println!("LARGE_SECONDS_{index}={seconds:.3}");
+        println!("LARGE_NAR_URL_{index}={url}");
     }
     Ok(())
 }
@@ -157,14 +166,29 @@ fn usage() -> ! {
     eprintln!(
         "usage: bench_push --url URL --token TOKEN --cache NAME large NAR_FILE...\n       \
          bench_push --url URL --token TOKEN --cache NAME small COUNT JOBS SOURCE_DIR\n       \
-         bench_push --url URL --token TOKEN --cache NAME door FILE"
+         bench_push --url URL --token TOKEN --cache NAME door FILE\n       \
+         bench_push make-nar OUT SOURCE_DIR MIB"
     );
     std::process::exit(2)
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let mut args = std::env::args().skip(1);
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    if let [mode, out, source, mib] = &all[..] {
+        if mode == "make-nar" {
+            let Ok(mib) = mib.parse::<usize>() else {
+                usage()
+            };
+            let contents = real_bytes(Path::new(source), mib << 20)?;
+            if contents.len() < mib << 20 {
+                return Err(format!("{source} holds fewer than {mib} MiB of files").into());
+            }
+            std::fs::write(out, single_file_nar(&contents)?)?;
+            return Ok(());
+        }
+    }
+    let mut args = all.into_iter();
     let (mut url, mut token, mut cache) = (None, None, None);
     let mut rest = Vec::new();
     while let Some(arg) = args.next() {
