@@ -445,22 +445,34 @@ fn plan(
 /// A piece ready to send: a read opened with its first bytes in, or a
 /// repeat.
 enum Opened {
-    Read {
-        key: ObjectKey,
-        plan: ReadPlan,
-        reader: ObjectReader,
-        buffer: BytesMut,
-        /// The segment being sent, and how much of it is sent.
-        segment: usize,
-        sent_of_segment: u64,
-        /// Where in the object the next byte of the segment is.
-        position: u64,
-    },
+    Read(OpenRead),
     Repeat {
         location: ChunkLocation,
         count: u32,
     },
 }
+
+/// A ranged read being sent.
+struct OpenRead {
+    storage: Arc<dyn Storage>,
+    key: ObjectKey,
+    plan: ReadPlan,
+    reader: ObjectReader,
+    /// Bytes read and not sent yet.
+    buffer: BytesMut,
+    /// The segment being sent, and how much of it is sent.
+    segment: usize,
+    sent_of_segment: u64,
+    /// Where in the object the next byte to send is.
+    position: u64,
+    /// How many times the read was resumed after failing mid-way.
+    resumed: u32,
+}
+
+/// How many times a ranged read that fails mid-way (a connection an object
+/// store closed while the read waited its turn behind a slow client) is
+/// resumed from where it stopped before the body fails.
+const READ_RESUMES: u32 = 2;
 
 /// Starts a piece: a read is opened, and its first [`READ_BUFFER`] read,
 /// in a task of its own, so that it makes progress while earlier pieces
@@ -486,7 +498,8 @@ fn open(
                 }
                 .await;
                 match opened {
-                    Ok((key, reader, buffer)) => Ok(Opened::Read {
+                    Ok((key, reader, buffer)) => Ok(Opened::Read(OpenRead {
+                        storage,
                         key,
                         position: plan.offset,
                         plan,
@@ -494,7 +507,8 @@ fn open(
                         buffer,
                         segment: 0,
                         sent_of_segment: 0,
-                    }),
+                        resumed: 0,
+                    })),
                     Err(source) => Err(storage_error(&plan, source)),
                 }
             }));
@@ -553,6 +567,97 @@ async fn fill(
     Ok(())
 }
 
+impl OpenRead {
+    /// Fills the buffer to `wanted` bytes; a read that fails mid-way for a
+    /// reason other than the object being gone (or too short) is opened
+    /// again where it stopped, up to [`READ_RESUMES`] times.
+    async fn fill(&mut self, wanted: u64) -> Result<(), NarBodyError> {
+        loop {
+            let error = match fill(&self.key, &mut self.reader, &mut self.buffer, wanted).await {
+                Ok(()) => return Ok(()),
+                Err(error) => error,
+            };
+            let resumable = matches!(&error, StorageError::Io { source, .. }
+                if source.kind() != std::io::ErrorKind::UnexpectedEof)
+                || matches!(error, StorageError::Backend { .. });
+            if !resumable || self.resumed == READ_RESUMES {
+                return Err(storage_error(&self.plan, error));
+            }
+            self.resumed += 1;
+            let from = self.position + self.buffer.len() as u64;
+            let end = self.plan.offset + self.plan.length;
+            tracing::warn!(
+                key = %self.key,
+                from,
+                error = format!("{:#}", anyhow::Error::new(error)),
+                "a ranged read failed mid-way; resuming it"
+            );
+            self.reader = self
+                .storage
+                .get_range(&self.key, from, Some(end - from))
+                .await
+                .map_err(|source| storage_error(&self.plan, source))?;
+        }
+    }
+
+    /// The next bytes to send, or `None` once the read is all sent: part
+    /// of a frame (at the ends of a range) as it arrives, or as many whole
+    /// frames as are read, in one buffer, the last few remembered.
+    async fn next_bytes(
+        &mut self,
+        recent: &mut RecentFrames,
+    ) -> Result<Option<Bytes>, NarBodyError> {
+        let Some(&current) = self.plan.segments.get(self.segment) else {
+            return Ok(None);
+        };
+        let left = current.length - self.sent_of_segment;
+        if !current.whole {
+            self.fill(1).await?;
+            let take = usize::try_from(left)
+                .unwrap_or(usize::MAX)
+                .min(self.buffer.len());
+            self.position += take as u64;
+            self.sent_of_segment += take as u64;
+            if self.sent_of_segment == current.length {
+                self.segment += 1;
+                self.sent_of_segment = 0;
+            }
+            return Ok(Some(self.buffer.split_to(take).freeze()));
+        }
+        self.fill(left).await?;
+        // The current frame and the whole frames after it already read.
+        let (mut end, mut total) = (self.segment, 0_u64);
+        while let Some(segment) = self.plan.segments.get(end) {
+            if !segment.whole || total + segment.length > self.buffer.len() as u64 {
+                break;
+            }
+            total += segment.length;
+            end += 1;
+        }
+        // `total` is at most the buffer's length.
+        let run = self.buffer.split_to(total as usize).freeze();
+        let frames = &self.plan.segments[self.segment..end];
+        let mut at = 0_u64;
+        for (index, frame) in frames.iter().enumerate() {
+            // Only the last RECENT_FRAMES stay remembered.
+            if index + RECENT_FRAMES >= frames.len() {
+                recent.remember(
+                    ChunkLocation {
+                        object_key: self.plan.key.clone(),
+                        offset: self.position + at,
+                        length: frame.length,
+                    },
+                    run.slice(at as usize..(at + frame.length) as usize),
+                );
+            }
+            at += frame.length;
+        }
+        self.position += total;
+        self.segment = end;
+        Ok(Some(run))
+    }
+}
+
 /// The frames a download sent last, by location: the same ones, in the
 /// same order, as the [`Planner`]'s `recent`.
 struct RecentFrames(VecDeque<(ChunkLocation, Bytes)>);
@@ -573,8 +678,8 @@ impl RecentFrames {
     }
 }
 
-/// Sends the opened pieces in order: a read's bytes as they arrive (each
-/// whole frame as one buffer, remembered), a repeat's frame again.
+/// Sends the opened pieces in order: a read's bytes as they arrive, a
+/// repeat's frame again.
 fn send(
     pieces: impl Stream<Item = Result<Opened, NarBodyError>> + Send + 'static,
 ) -> impl Stream<Item = Result<Bytes, NarBodyError>> + Send + 'static {
@@ -590,11 +695,15 @@ fn send(
     };
     stream::try_unfold(sender, |mut sender| async move {
         loop {
-            if let Some(current) = &mut sender.current {
-                if let Some(bytes) = next_bytes(current, &mut sender.recent).await? {
-                    return Ok(Some((bytes, sender)));
+            let next = match &mut sender.current {
+                Some(Opened::Read(read)) => read.next_bytes(&mut sender.recent).await?,
+                Some(Opened::Repeat { location, count }) => {
+                    repeat(&sender.recent, location, count)?
                 }
-                sender.current = None;
+                None => None,
+            };
+            if let Some(bytes) = next {
+                return Ok(Some((bytes, sender)));
             }
             match sender.pieces.try_next().await? {
                 Some(opened) => sender.current = Some(opened),
@@ -604,65 +713,30 @@ fn send(
     })
 }
 
-/// The next bytes of an opened piece, or `None` once it is all sent.
-async fn next_bytes(
-    opened: &mut Opened,
-    recent: &mut RecentFrames,
+/// The next copies of a remembered frame, `None` once `count` are sent:
+/// as many in one buffer as fit in about [`READ_BUFFER`], since a repeated
+/// frame is often tiny (zeros compress to a few dozen bytes).
+fn repeat(
+    recent: &RecentFrames,
+    location: &ChunkLocation,
+    count: &mut u32,
 ) -> Result<Option<Bytes>, NarBodyError> {
-    match opened {
-        Opened::Repeat { location, count } => {
-            if *count == 0 {
-                return Ok(None);
-            }
-            *count -= 1;
-            recent
-                .get(location)
-                .cloned()
-                .map(Some)
-                .ok_or_else(|| NarBodyError::FrameForgotten(location.clone()))
-        }
-        Opened::Read {
-            key,
-            plan,
-            reader,
-            buffer,
-            segment,
-            sent_of_segment,
-            position,
-        } => {
-            let Some(&current) = plan.segments.get(*segment) else {
-                return Ok(None);
-            };
-            let left = current.length - *sent_of_segment;
-            // A whole frame is sent as one buffer (and remembered); part of
-            // one, as it arrives.
-            let wanted = if current.whole { left } else { 1 };
-            if let Err(source) = fill(key, reader, buffer, wanted).await {
-                return Err(storage_error(plan, source));
-            }
-            let take = usize::try_from(left)
-                .unwrap_or(usize::MAX)
-                .min(buffer.len());
-            let bytes = buffer.split_to(take).freeze();
-            if current.whole {
-                recent.remember(
-                    ChunkLocation {
-                        object_key: plan.key.clone(),
-                        offset: *position,
-                        length: current.length,
-                    },
-                    bytes.clone(),
-                );
-            }
-            *position += take as u64;
-            *sent_of_segment += take as u64;
-            if *sent_of_segment == current.length {
-                *segment += 1;
-                *sent_of_segment = 0;
-            }
-            Ok(Some(bytes))
-        }
+    if *count == 0 {
+        return Ok(None);
     }
+    let frame = recent
+        .get(location)
+        .ok_or_else(|| NarBodyError::FrameForgotten(location.clone()))?;
+    let copies = (READ_BUFFER / frame.len().max(1)).clamp(1, *count as usize);
+    *count -= copies as u32;
+    if copies == 1 {
+        return Ok(Some(frame.clone()));
+    }
+    let mut out = BytesMut::with_capacity(copies * frame.len());
+    for _ in 0..copies {
+        out.extend_from_slice(frame);
+    }
+    Ok(Some(out.freeze()))
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 //! bench_push --url URL --token TOKEN --cache NAME large NAR_FILE...
 //! bench_push --url URL --token TOKEN --cache NAME small COUNT JOBS SOURCE_DIR
 //! bench_push --url URL --token TOKEN --cache NAME door FILE
+//! bench_push --url URL --token TOKEN --cache NAME download NAR_URL COUNT
 //! bench_push make-nar OUT SOURCE_DIR MIB
 //! ```
 //!
@@ -29,8 +30,11 @@
 //! `large` also prints each NAR's URL relative to its cache,
 //! `LARGE_NAR_URL_<i>=nar/….nar.zst`. `make-nar` writes to OUT a NAR of one
 //! regular file holding the first MIB MiB of the regular files under
-//! SOURCE_DIR (real data, which compresses as real data does), for
-//! `ops/bench-s3.sh`.
+//! SOURCE_DIR (real data, which compresses as real data does), and
+//! `download` fetches NAR_URL (relative to the cache) COUNT times, one after
+//! the other, printing `DOWNLOAD_FIRST_BYTE_MS_<i>=…` (to the first byte
+//! of the body, not of the head), `DOWNLOAD_BYTES_<i>=…` and
+//! `DOWNLOAD_SECONDS_<i>=…`, for `ops/bench-s3.sh`.
 //! Output on stdout: `KEY=VALUE` lines; progress on stderr.
 
 use std::path::{Path, PathBuf};
@@ -167,6 +171,7 @@ fn usage() -> ! {
         "usage: bench_push --url URL --token TOKEN --cache NAME large NAR_FILE...\n       \
          bench_push --url URL --token TOKEN --cache NAME small COUNT JOBS SOURCE_DIR\n       \
          bench_push --url URL --token TOKEN --cache NAME door FILE\n       \
+         bench_push --url URL --token TOKEN --cache NAME download NAR_URL COUNT\n       \
          bench_push make-nar OUT SOURCE_DIR MIB"
     );
     std::process::exit(2)
@@ -215,6 +220,21 @@ async fn main() -> Result<()> {
             push_small(pusher, count, jobs, Path::new(source)).await
         }
         Some((mode, [file])) if mode == "door" => push_door(&pusher, Path::new(file)).await,
+        Some((mode, [url, count])) if mode == "download" => {
+            let Ok(count) = count.parse::<usize>() else {
+                usage()
+            };
+            for index in 0..count {
+                let (first_byte, bytes, total) = pusher.download(url).await?;
+                println!(
+                    "DOWNLOAD_FIRST_BYTE_MS_{index}={:.1}",
+                    first_byte.as_secs_f64() * 1000.0
+                );
+                println!("DOWNLOAD_BYTES_{index}={bytes}");
+                println!("DOWNLOAD_SECONDS_{index}={:.3}", total.as_secs_f64());
+            }
+            Ok(())
+        }
         _ => usage(),
     }
 }
