@@ -741,7 +741,196 @@ fn repeat(
 
 #[cfg(test)]
 mod tests {
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::task::{Context, Poll};
+
+    use async_trait::async_trait;
+    use common::storage::{LocalStorage, ObjectListing};
+    use tokio::io::{AsyncRead, ReadBuf};
+
     use super::*;
+
+    /// Local storage whose ranged reads break after `break_after` bytes,
+    /// the first `breaks` times: a connection closed mid-read.
+    #[derive(Debug)]
+    struct Breaking {
+        inner: LocalStorage,
+        break_after: u64,
+        breaks: AtomicU32,
+        reads: AtomicU32,
+    }
+
+    /// A reader that fails once `left` bytes are read.
+    struct BreakingReader {
+        inner: ObjectReader,
+        left: u64,
+    }
+
+    impl AsyncRead for BreakingReader {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            if self.left == 0 {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "connection reset",
+                )));
+            }
+            let limit = usize::try_from(self.left).unwrap_or(usize::MAX).min(buf.remaining());
+            let mut bytes = vec![0; limit];
+            let mut limited = ReadBuf::new(&mut bytes);
+            let polled = Pin::new(&mut self.inner).poll_read(cx, &mut limited);
+            let read = limited.filled().len();
+            buf.put_slice(&bytes[..read]);
+            self.left -= read as u64;
+            polled
+        }
+    }
+
+    #[async_trait]
+    impl Storage for Breaking {
+        async fn put(&self, key: &ObjectKey, data: Bytes) -> Result<(), StorageError> {
+            self.inner.put(key, data).await
+        }
+        async fn put_reader(
+            &self,
+            key: &ObjectKey,
+            reader: &mut (dyn AsyncRead + Send + Unpin),
+        ) -> Result<u64, StorageError> {
+            self.inner.put_reader(key, reader).await
+        }
+        async fn get_range(
+            &self,
+            key: &ObjectKey,
+            offset: u64,
+            length: Option<u64>,
+        ) -> Result<ObjectReader, StorageError> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            let inner = self.inner.get_range(key, offset, length).await?;
+            let broken = self
+                .breaks
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1))
+                .is_ok();
+            Ok(if broken {
+                Box::pin(BreakingReader {
+                    inner,
+                    left: self.break_after,
+                })
+            } else {
+                inner
+            })
+        }
+        async fn size(&self, key: &ObjectKey) -> Result<Option<u64>, StorageError> {
+            self.inner.size(key).await
+        }
+        async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError> {
+            self.inner.delete(key).await
+        }
+        fn list(&self, prefix: &ObjectKey) -> ObjectListing {
+            self.inner.list(prefix)
+        }
+        async fn check(&self) -> Result<(), StorageError> {
+            self.inner.check().await
+        }
+    }
+
+    /// One object of `frames` frames of `frame` bytes each (frame `i`
+    /// filled with byte `i`), read through [`Breaking`].
+    async fn packed_object(frames: u8, frame: u64, breaks: u32) -> (tempfile::TempDir, Arc<Breaking>) {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let inner = LocalStorage::open(dir.path()).await.expect("local storage");
+        let bytes: Vec<u8> = (0..frames)
+            .flat_map(|i| std::iter::repeat_n(i, frame as usize))
+            .collect();
+        inner
+            .put(&ObjectKey::new("packs/p").expect("a key"), Bytes::from(bytes))
+            .await
+            .expect("storing the pack");
+        let storage = Arc::new(Breaking {
+            inner,
+            break_after: frame * 3 + 7,
+            breaks: AtomicU32::new(breaks),
+            reads: AtomicU32::new(0),
+        });
+        (dir, storage)
+    }
+
+    /// The body of `entries` (or of `skip..skip + length` of them), from
+    /// `storage`, as `send` makes it.
+    async fn body(
+        storage: Arc<dyn Storage>,
+        entries: Vec<Entry>,
+        skip: u64,
+        length: u64,
+    ) -> Result<Vec<u8>, NarBodyError> {
+        let pieces = plan(stream::iter(entries.into_iter().map(Ok)), Planner::new(skip, length))
+            .map_ok(move |piece| open(storage.clone(), piece))
+            .try_buffered(READS_IN_FLIGHT);
+        let parts: Vec<Bytes> = send(pieces).try_collect().await?;
+        Ok(parts.concat())
+    }
+
+    #[tokio::test]
+    async fn frames_repeats_and_ranges_come_out_in_order() {
+        let frame = 1000;
+        let (_dir, storage) = packed_object(20, frame, 0).await;
+        // Frames 0..20 in order, then frame 3 twice, then 18 and 19 again.
+        let mut order: Vec<u64> = (0..20).collect();
+        order.extend([3, 3, 18, 19]);
+        let entries = || {
+            order
+                .iter()
+                .map(|&i| entry(i as i64, "packs/p", i * frame, frame))
+                .collect::<Vec<_>>()
+        };
+        let expected: Vec<u8> = order
+            .iter()
+            .flat_map(|&i| std::iter::repeat_n(i as u8, frame as usize))
+            .collect();
+        let whole = body(storage.clone(), entries(), 0, expected.len() as u64)
+            .await
+            .expect("the body");
+        assert!(whole == expected, "the whole body");
+        for (first, length) in [(0, 1), (999, 2), (2500, 17_000), (19_999, 4001), (23_999, 1)] {
+            let part = body(storage.clone(), entries(), first, length)
+                .await
+                .expect("the range");
+            let (first, length) = (first as usize, length as usize);
+            assert!(part[..] == expected[first..first + length], "{first}+{length}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_read_broken_mid_way_is_resumed_where_it_stopped() {
+        // Ten frames: one read (under FIRST_READ_BYTES), which breaks
+        // every 300,007 bytes as many times as asked.
+        let frame = 100_000;
+        let entries = || (0..10).map(|i| entry(i, "packs/p", i as u64 * frame, frame)).collect();
+        let expected: Vec<u8> = (0..10_u8)
+            .flat_map(|i| std::iter::repeat_n(i, frame as usize))
+            .collect();
+
+        let (_dir, storage) = packed_object(10, frame, READ_RESUMES).await;
+        let whole = body(storage.clone(), entries(), 0, 10 * frame)
+            .await
+            .expect("the body, read again where it broke");
+        assert!(whole == expected, "the body read again is not the object");
+        assert_eq!(storage.reads.load(Ordering::SeqCst), 1 + READ_RESUMES);
+
+        let (_dir, storage) = packed_object(10, frame, READ_RESUMES + 1).await;
+        match body(storage.clone(), entries(), 0, 10 * frame).await {
+            Err(NarBodyError::Storage {
+                source: StorageError::Io { .. },
+                chunks,
+                ..
+            }) => assert_eq!(chunks.len(), 10),
+            Err(other) => panic!("not the read's error: {other:?}"),
+            Ok(body) => panic!("a read that keeps breaking sent a body of {} bytes", body.len()),
+        }
+    }
 
     fn entry(id: i64, key: &str, offset: u64, length: u64) -> Entry {
         Entry {
