@@ -181,19 +181,24 @@ pub async fn seed_packed_nar(
         if !next_fits {
             let key = format!("packs/{}.pack", Sha256Hash::digest(&pack).to_hex());
             storage
-                .put(&ObjectKey::new(key.as_str())?, Bytes::from(std::mem::take(&mut pack)))
+                .put(
+                    &ObjectKey::new(key.as_str())?,
+                    Bytes::from(std::mem::take(&mut pack)),
+                )
                 .await?;
-            chunks.extend(in_pack.drain(..).map(|(chunk_hash, chunk_size, offset, length)| {
-                StoredChunk {
-                    chunk_hash,
-                    chunk_size,
-                    location: ChunkLocation {
-                        object_key: key.clone(),
-                        offset,
-                        length,
-                    },
-                }
-            }));
+            chunks.extend(
+                in_pack
+                    .drain(..)
+                    .map(|(chunk_hash, chunk_size, offset, length)| StoredChunk {
+                        chunk_hash,
+                        chunk_size,
+                        location: ChunkLocation {
+                            object_key: key.clone(),
+                            offset,
+                            length,
+                        },
+                    }),
+            );
         }
     }
     record_seeded_nar(

@@ -96,33 +96,32 @@ pub enum NarBodyError {
     Database(#[source] DbError),
     #[error("the chunk list does not match the NAR row: {0}")]
     ChunkList(String),
-    /// Reading frames failed; `chunks` are the chunks whose frames the
-    /// failed read was to return.
-    #[error("reading bytes {offset}..{end} of object {key}", end = offset + length)]
-    Storage {
-        key: String,
-        offset: u64,
-        length: u64,
-        chunks: Vec<ChunkId>,
-        #[source]
-        source: StorageError,
-    },
+    /// Reading frames failed.
+    #[error(transparent)]
+    Storage(Box<ReadFailure>),
     /// The frame a planned repeat refers to was not remembered: a bug in
     /// this module, caught rather than sending wrong bytes.
     #[error("frame at {0:?} was to be remembered but was not")]
     FrameForgotten(ChunkLocation),
 }
 
+/// A ranged read that failed; `chunks` are the chunks whose frames it was
+/// to return.
+#[derive(Debug, thiserror::Error)]
+#[error("reading bytes {offset}..{end} of object {key}", end = offset + length)]
+pub struct ReadFailure {
+    pub key: String,
+    pub offset: u64,
+    pub length: u64,
+    pub chunks: Vec<ChunkId>,
+    #[source]
+    pub source: StorageError,
+}
+
 impl NarBodyError {
     /// Whether the failure is data missing from storage.
     pub fn is_missing_data(&self) -> bool {
-        matches!(
-            self,
-            Self::Storage {
-                source: StorageError::NotFound(_),
-                ..
-            }
-        )
+        matches!(self, Self::Storage(failure) if matches!(failure.source, StorageError::NotFound(_)))
     }
 }
 
@@ -284,10 +283,7 @@ enum Piece {
     Read(ReadPlan),
     /// A frame sent earlier in this body (and remembered), sent `count`
     /// more times.
-    Repeat {
-        location: ChunkLocation,
-        count: u32,
-    },
+    Repeat { location: ChunkLocation, count: u32 },
 }
 
 /// Bytes `offset..offset + length` of `key`: consecutive segments, each a
@@ -446,10 +442,7 @@ fn plan(
 /// repeat.
 enum Opened {
     Read(OpenRead),
-    Repeat {
-        location: ChunkLocation,
-        count: u32,
-    },
+    Repeat { location: ChunkLocation, count: u32 },
 }
 
 /// A ranged read being sent.
@@ -524,7 +517,7 @@ fn open(
 }
 
 fn storage_error(plan: &ReadPlan, source: StorageError) -> NarBodyError {
-    NarBodyError::Storage {
+    NarBodyError::Storage(Box::new(ReadFailure {
         key: plan.key.clone(),
         offset: plan.offset,
         length: plan.length,
@@ -534,7 +527,7 @@ fn storage_error(plan: &ReadPlan, source: StorageError) -> NarBodyError {
             .map(|segment| segment.chunk_id)
             .collect(),
         source,
-    }
+    }))
 }
 
 /// Reads from `reader` until `buffer` holds at least `wanted` bytes, in
@@ -779,7 +772,9 @@ mod tests {
                     "connection reset",
                 )));
             }
-            let limit = usize::try_from(self.left).unwrap_or(usize::MAX).min(buf.remaining());
+            let limit = usize::try_from(self.left)
+                .unwrap_or(usize::MAX)
+                .min(buf.remaining());
             let mut bytes = vec![0; limit];
             let mut limited = ReadBuf::new(&mut bytes);
             let polled = Pin::new(&mut self.inner).poll_read(cx, &mut limited);
@@ -812,7 +807,9 @@ mod tests {
             let inner = self.inner.get_range(key, offset, length).await?;
             let broken = self
                 .breaks
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1))
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                    left.checked_sub(1)
+                })
                 .is_ok();
             Ok(if broken {
                 Box::pin(BreakingReader {
@@ -839,14 +836,21 @@ mod tests {
 
     /// One object of `frames` frames of `frame` bytes each (frame `i`
     /// filled with byte `i`), read through [`Breaking`].
-    async fn packed_object(frames: u8, frame: u64, breaks: u32) -> (tempfile::TempDir, Arc<Breaking>) {
+    async fn packed_object(
+        frames: u8,
+        frame: u64,
+        breaks: u32,
+    ) -> (tempfile::TempDir, Arc<Breaking>) {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let inner = LocalStorage::open(dir.path()).await.expect("local storage");
         let bytes: Vec<u8> = (0..frames)
             .flat_map(|i| std::iter::repeat_n(i, frame as usize))
             .collect();
         inner
-            .put(&ObjectKey::new("packs/p").expect("a key"), Bytes::from(bytes))
+            .put(
+                &ObjectKey::new("packs/p").expect("a key"),
+                Bytes::from(bytes),
+            )
             .await
             .expect("storing the pack");
         let storage = Arc::new(Breaking {
@@ -866,9 +870,12 @@ mod tests {
         skip: u64,
         length: u64,
     ) -> Result<Vec<u8>, NarBodyError> {
-        let pieces = plan(stream::iter(entries.into_iter().map(Ok)), Planner::new(skip, length))
-            .map_ok(move |piece| open(storage.clone(), piece))
-            .try_buffered(READS_IN_FLIGHT);
+        let pieces = plan(
+            stream::iter(entries.into_iter().map(Ok)),
+            Planner::new(skip, length),
+        )
+        .map_ok(move |piece| open(storage.clone(), piece))
+        .try_buffered(READS_IN_FLIGHT);
         let parts: Vec<Bytes> = send(pieces).try_collect().await?;
         Ok(parts.concat())
     }
@@ -894,12 +901,21 @@ mod tests {
             .await
             .expect("the body");
         assert!(whole == expected, "the whole body");
-        for (first, length) in [(0, 1), (999, 2), (2500, 17_000), (19_999, 4001), (23_999, 1)] {
+        for (first, length) in [
+            (0, 1),
+            (999, 2),
+            (2500, 17_000),
+            (19_999, 4001),
+            (23_999, 1),
+        ] {
             let part = body(storage.clone(), entries(), first, length)
                 .await
                 .expect("the range");
             let (first, length) = (first as usize, length as usize);
-            assert!(part[..] == expected[first..first + length], "{first}+{length}");
+            assert!(
+                part[..] == expected[first..first + length],
+                "{first}+{length}"
+            );
         }
     }
 
@@ -908,7 +924,11 @@ mod tests {
         // Ten frames: one read (under FIRST_READ_BYTES), which breaks
         // every 300,007 bytes as many times as asked.
         let frame = 100_000;
-        let entries = || (0..10).map(|i| entry(i, "packs/p", i as u64 * frame, frame)).collect();
+        let entries = || {
+            (0..10)
+                .map(|i| entry(i, "packs/p", i as u64 * frame, frame))
+                .collect()
+        };
         let expected: Vec<u8> = (0..10_u8)
             .flat_map(|i| std::iter::repeat_n(i, frame as usize))
             .collect();
@@ -922,13 +942,18 @@ mod tests {
 
         let (_dir, storage) = packed_object(10, frame, READ_RESUMES + 1).await;
         match body(storage.clone(), entries(), 0, 10 * frame).await {
-            Err(NarBodyError::Storage {
-                source: StorageError::Io { .. },
-                chunks,
-                ..
-            }) => assert_eq!(chunks.len(), 10),
+            Err(NarBodyError::Storage(failure)) => {
+                assert!(
+                    matches!(failure.source, StorageError::Io { .. }),
+                    "{failure:?}"
+                );
+                assert_eq!(failure.chunks.len(), 10);
+            }
             Err(other) => panic!("not the read's error: {other:?}"),
-            Ok(body) => panic!("a read that keeps breaking sent a body of {} bytes", body.len()),
+            Ok(body) => panic!(
+                "a read that keeps breaking sent a body of {} bytes",
+                body.len()
+            ),
         }
     }
 
@@ -1010,7 +1035,9 @@ mod tests {
     #[test]
     fn tiny_frames_are_bounded_per_read() {
         let count = MAX_READ_FRAMES as i64 + 5;
-        let entries = (0..count).map(|i| entry(i, "packs/a", i as u64, 1)).collect();
+        let entries = (0..count)
+            .map(|i| entry(i, "packs/a", i as u64, 1))
+            .collect();
         let pieces = run(Planner::new(0, count as u64), entries);
         let frames: Vec<usize> = pieces.iter().map(|piece| read_of(piece).3).collect();
         assert_eq!(frames, [MAX_READ_FRAMES, 5]);

@@ -76,12 +76,11 @@ async fn assert_partial(
 /// whole body.
 async fn check_ranges(server: &TestServer, cache: &str, token: &str, seeded: &SeededPath) {
     let url = server.url_of(&format!("/{cache}/{}", seeded.nar_url()));
-    let token = Some(token);
 
     let whole = server
         .http()
         .get(&url)
-        .bearer_auth(token.unwrap_or_default())
+        .bearer_auth(token)
         .send()
         .await
         .expect("GET");
@@ -93,7 +92,7 @@ async fn check_ranges(server: &TestServer, cache: &str, token: &str, seeded: &Se
 
     // HEAD answers as the whole GET would, with or without a Range.
     for range in [None, Some("bytes=0-9")] {
-        let mut request = server.http().head(&url).bearer_auth(token.unwrap_or_default());
+        let mut request = server.http().head(&url).bearer_auth(token);
         if let Some(range) = range {
             request = request.header(RANGE, range);
         }
@@ -111,22 +110,34 @@ async fn check_ranges(server: &TestServer, cache: &str, token: &str, seeded: &Se
     let ranges = [
         ("bytes=0-0".to_owned(), 0, 0),
         ("bytes=0-99".to_owned(), 0, 99),
-        (format!("bytes={}-{}", frame - 10, frame + 10), frame - 10, frame + 10),
+        (
+            format!("bytes={}-{}", frame - 10, frame + 10),
+            frame - 10,
+            frame + 10,
+        ),
         (format!("bytes={}-{}", 100, 3 * frame), 100, 3 * frame),
         (format!("bytes={}-", size - 1), size - 1, size - 1),
         (format!("bytes={}-", size / 2), size / 2, size - 1),
-        (format!("bytes={}-{}", size / 3, size * 10), size / 3, size - 1),
+        (
+            format!("bytes={}-{}", size / 3, size * 10),
+            size / 3,
+            size - 1,
+        ),
         ("bytes=-1".to_owned(), size - 1, size - 1),
         (format!("bytes=-{}", frame + 7), size - frame - 7, size - 1),
         (format!("bytes=-{}", size * 2), 0, size - 1),
     ];
     for (range, first, last) in &ranges {
-        assert_partial(server, &url, token, &served, (range, *first, *last)).await;
+        assert_partial(server, &url, Some(token), &served, (range, *first, *last)).await;
     }
 
     // Nothing selected: 416 with the size, as a JSON error.
-    for range in [format!("bytes={size}-"), "bytes=9-5".to_owned(), "bytes=-0".to_owned()] {
-        let response = get_range(server, &url, token, &range, None).await;
+    for range in [
+        format!("bytes={size}-"),
+        "bytes=9-5".to_owned(),
+        "bytes=-0".to_owned(),
+    ] {
+        let response = get_range(server, &url, Some(token), &range, None).await;
         assert_eq!(
             header(&response, CONTENT_RANGE),
             Some(format!("bytes */{size}")),
@@ -143,7 +154,7 @@ async fn check_ranges(server: &TestServer, cache: &str, token: &str, seeded: &Se
         ("bytes=x-", None),
         ("bytes=0-9", Some("\"some-etag\"")),
     ] {
-        let response = get_range(server, &url, token, range, if_range).await;
+        let response = get_range(server, &url, Some(token), range, if_range).await;
         assert_eq!(response.status(), StatusCode::OK, "{range} {if_range:?}");
         assert_eq!(header(&response, CONTENT_RANGE), None);
         let body = response.bytes().await.expect("the whole body");
@@ -289,14 +300,7 @@ async fn identical_chunks_are_served(server: TestServer) {
         (size - 7, size - 1),
     ] {
         let before = server.storage_requests().requests();
-        let response = get_range(
-            &server,
-            &url,
-            None,
-            &format!("bytes={first}-{last}"),
-            None,
-        )
-        .await;
+        let response = get_range(&server, &url, None, &format!("bytes={first}-{last}"), None).await;
         assert_eq!(response.status(), StatusCode::PARTIAL_CONTENT);
         assert_eq!(
             header(&response, CONTENT_RANGE),

@@ -40,7 +40,15 @@ type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 /// The kinds of request counted, in the order they are printed.
 const KINDS: [&str; 9] = [
-    "GET", "GET_RANGE", "LIST", "HEAD", "PUT", "PUT_PART", "POST", "DELETE", "OTHER",
+    "GET",
+    "GET_RANGE",
+    "LIST",
+    "HEAD",
+    "PUT",
+    "PUT_PART",
+    "POST",
+    "DELETE",
+    "OTHER",
 ];
 
 struct Proxy {
@@ -126,16 +134,19 @@ impl Proxy {
                 }
                 text(StatusCode::OK, "reset\n".to_owned())
             }
-            (&Method::PUT, _) if path.starts_with("/delay/") => match path["/delay/".len()..]
-                .parse::<u64>()
-            {
-                Ok(ms) => {
-                    self.delay_ms.store(ms, Ordering::Relaxed);
-                    text(StatusCode::OK, format!("delay {ms} ms\n"))
+            (&Method::PUT, _) if path.starts_with("/delay/") => {
+                match path["/delay/".len()..].parse::<u64>() {
+                    Ok(ms) => {
+                        self.delay_ms.store(ms, Ordering::Relaxed);
+                        text(StatusCode::OK, format!("delay {ms} ms\n"))
+                    }
+                    Err(error) => text(StatusCode::BAD_REQUEST, format!("bad delay: {error}\n")),
                 }
-                Err(error) => text(StatusCode::BAD_REQUEST, format!("bad delay: {error}\n")),
-            },
-            _ => text(StatusCode::NOT_FOUND, "GET /counts, POST /reset, PUT /delay/N\n".to_owned()),
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "GET /counts, POST /reset, PUT /delay/N\n".to_owned(),
+            ),
         }
     }
 }
@@ -191,7 +202,8 @@ fn argument(args: &[String], name: &str) -> Option<String> {
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: s3_proxy --listen ADDR --control ADDR --upstream http://HOST:PORT [--delay-ms N]";
+    let usage =
+        "usage: s3_proxy --listen ADDR --control ADDR --upstream http://HOST:PORT [--delay-ms N]";
     let listen: SocketAddr = argument(&args, "--listen").ok_or(usage)?.parse()?;
     let control: SocketAddr = argument(&args, "--control").ok_or(usage)?.parse()?;
     let upstream: Uri = argument(&args, "--upstream").ok_or(usage)?.parse()?;
@@ -210,7 +222,10 @@ async fn main() -> Result<(), Error> {
     });
     let listener = TcpListener::bind(listen).await?;
     let control_listener = TcpListener::bind(control).await?;
-    eprintln!("s3_proxy: {listen} -> {}, control on {control}", proxy.upstream);
+    eprintln!(
+        "s3_proxy: {listen} -> {}, control on {control}",
+        proxy.upstream
+    );
     let forwarding = {
         let proxy = proxy.clone();
         serve(listener, move |request| {
