@@ -7,8 +7,8 @@
 # timing.
 #
 #   ops/bench-s3.sh [--nar-mib N] [--nar-source DIR] [--delay-ms N]
-#                   [--downloads N] [--ingest-api PATH] [--out FILE]
-#                   [--no-build] [--keep]
+#                   [--downloads N] [--ingest-api PATH] [--perf DIR]
+#                   [--out FILE] [--no-build] [--keep]
 #
 # What it reports, in one run:
 #   1. S3 requests per GiB pushed (target <= 64): a NAR of --nar-mib MiB
@@ -39,6 +39,9 @@
 # each server is checked: it decompresses to the NAR pushed. Every process
 # started here is stopped on the way out, by pid, also on failure.
 #
+# --perf DIR records a CPU profile of the server (`perf record -g -F 499`)
+# during each series of downloads, into DIR/{local,s3,s3nodelay}.data, and
+# writes `perf report --no-children` of each beside it (.txt).
 # --ingest-api PATH measures another build of the server (e.g. one of
 # `main`, for a before/after comparison); the other binaries are this
 # checkout's release builds (made unless --no-build). The result table goes
@@ -58,6 +61,7 @@ nar_source=$HOME/.rustup/toolchains
 delay_ms=25
 downloads=3
 server_bin=
+perf_dir=
 out=
 build=1
 keep=0
@@ -69,6 +73,7 @@ while (($#)); do
         --delay-ms) delay_ms=${2:?}; shift 2 ;;
         --downloads) downloads=${2:?}; shift 2 ;;
         --ingest-api) server_bin=${2:?}; shift 2 ;;
+        --perf) perf_dir=${2:?}; shift 2 ;;
         --out) out=${2:?}; shift 2 ;;
         --no-build) build=0; shift ;;
         --keep) keep=1; shift ;;
@@ -86,6 +91,11 @@ if [[ -z $out ]]; then
 fi
 
 install_tools curl:curl zstd:zstd sqlite3:sqlite3
+if [[ -n $perf_dir ]]; then
+    command -v perf >/dev/null || die "--perf needs perf (linux-perf)"
+    mkdir -p "$perf_dir"
+    perf_dir=$(cd "$perf_dir" && pwd)
+fi
 
 release_binaries ingest-api tests -- ingest-api bench_push s3_proxy
 server_bin=${server_bin:-$bin/ingest-api}
@@ -213,13 +223,25 @@ check_download() {
     [[ $sha == "$nar_sha" ]] || die "the NAR served by $url decompresses to sha256 $sha, not $nar_sha"
 }
 
-# Downloads the NAR $downloads times from SERVER (after one warm-up) into
-# variables prefixed with PREFIX.
+# Downloads the NAR $downloads times from the server at URL, whose pid is
+# PID (after one warm-up), into variables prefixed with PREFIX; with
+# --perf, profiles the server meanwhile.
 downloads() {
-    local url=$1 token=$2 prefix=$3
+    local url=$1 token=$2 pid=$3 prefix=$4 perf_pid=
     "$bin/bench_push" --url "$url" --token "$token" --cache "$cache" download "$nar_url" 1 >/dev/null
+    if [[ -n $perf_dir ]]; then
+        perf record -q -g -F 499 -p "$pid" -o "$perf_dir/${prefix%_}.data" 2>"$perf_dir/${prefix%_}.log" &
+        perf_pid=$!
+        sleep 0.5
+    fi
     "$bin/bench_push" --url "$url" --token "$token" --cache "$cache" download "$nar_url" "$downloads" \
         >"$work/$prefix.vars"
+    if [[ -n $perf_pid ]]; then
+        kill -INT "$perf_pid"
+        wait "$perf_pid" || true
+        perf report -i "$perf_dir/${prefix%_}.data" --no-children --stdio --percent-limit 1.5 \
+            >"$perf_dir/${prefix%_}.txt" 2>/dev/null || true
+    fi
     read_vars "$work/$prefix.vars" "$prefix"
 }
 
@@ -230,7 +252,7 @@ file_bytes=$(curl -sfI -H "Authorization: Bearer $s3_token" "$s3_url/$cache/$nar
     tr -d '\r' | awk 'tolower($1) == "content-length:" { print $2 }')
 
 say "downloading from local storage"
-downloads "$local_url" "$local_token" local_
+downloads "$local_url" "$local_token" "$local_server_pid" local_
 
 say "one download from S3 with ${delay_ms} ms per request, requests counted"
 set_delay "$delay_ms"
@@ -240,11 +262,11 @@ counts >"$work/counts-serve"
 read_vars "$work/counts-serve" serve_
 
 say "downloading from S3 with ${delay_ms} ms per request"
-downloads "$s3_url" "$s3_token" s3_
+downloads "$s3_url" "$s3_token" "$s3_server_pid" s3_
 set_delay 0
 
 say "downloading from S3 without delay"
-downloads "$s3_url" "$s3_token" s3nodelay_
+downloads "$s3_url" "$s3_token" "$s3_server_pid" s3nodelay_
 
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 

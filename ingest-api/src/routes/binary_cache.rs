@@ -263,6 +263,13 @@ async fn serve_nar(
             "NAR {nar_hash} is valid but has no file size"
         ))
     })?;
+    // A valid NAR has at least one frame, of at least one byte.
+    let whole = file_size
+        .checked_sub(1)
+        .map(|last| ByteRange { first: 0, last })
+        .ok_or_else(|| {
+            ApiError::internal(anyhow::anyhow!("NAR {nar_hash} is valid but has no bytes"))
+        })?;
     let range = match range.map(|value| parse_range(value.as_bytes(), file_size)) {
         None | Some(RangeRequest::Ignored) => None,
         Some(RangeRequest::Satisfiable(range)) => Some(range),
@@ -274,7 +281,7 @@ async fn serve_nar(
         state.database.clone(),
         state.storage.clone(),
         nar,
-        range,
+        range.unwrap_or(whole),
     ));
     let mut response = Response::new(body);
     let headers = response.headers_mut();

@@ -125,14 +125,14 @@ impl NarBodyError {
     }
 }
 
-/// The body of `nar`, or of `range` of it: its frames in order, read as it
-/// is sent. The first error is logged and ends the body with an error, so
-/// that hyper drops the connection.
+/// The bytes `range` of the body of `nar` (its frames in order), read as
+/// they are sent. The first error is logged and ends the body with an
+/// error, so that hyper drops the connection.
 pub fn nar_body(
     database: Database,
     storage: Arc<dyn Storage>,
     nar: Nar,
-    range: Option<ByteRange>,
+    range: ByteRange,
 ) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
     let nar_hash = nar.nar_hash;
     frames(database, storage, nar, range).map_err(move |error| log_failure(&nar_hash, error))
@@ -163,13 +163,8 @@ fn frames(
     database: Database,
     storage: Arc<dyn Storage>,
     nar: Nar,
-    range: Option<ByteRange>,
+    range: ByteRange,
 ) -> BoxStream<'static, Result<Bytes, NarBodyError>> {
-    let file_size = nar.file_size.unwrap_or(0);
-    let range = range.unwrap_or(ByteRange {
-        first: 0,
-        last: file_size.saturating_sub(1),
-    });
     let start = async move {
         // Where the range starts in the chunk list: the first entry, or
         // (for a range further in) a nearby one found by summing lengths.
