@@ -12,10 +12,12 @@ use common::config::StorageConfig;
 use common::db::Backend;
 use reqwest::header::{ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, IF_RANGE, RANGE};
 use reqwest::StatusCode;
+use tests::nix::{write_file, NixEnv};
 use tests::server::{pseudo_random, SeededPath, TestServer, TestServerOptions, SEED_CHUNK_SIZE};
 use tests::services::{self, S3Settings};
 
-use super::{api_error, fake_store_path, file_nar, plain_metadata, HOUR};
+use super::push::{blocking, public_key_of};
+use super::{api_error, fake_store_path, file_nar, plain_metadata, source_paths, HOUR};
 
 fn header(response: &reqwest::Response, name: reqwest::header::HeaderName) -> Option<String> {
     response
@@ -245,6 +247,58 @@ async fn packed_frames_are_served_with_few_ranged_reads() {
     let tail = response.bytes().await.expect("the tail");
     assert_eq!(tail[..], body[body.len() - 10..]);
     assert_eq!(server.storage_requests().requests() - before, 1);
+}
+
+/// Nix substitutes a path whose NAR is stored in packs (read with ranged
+/// reads across pack boundaries) and checks its hash: the bytes served are
+/// the NAR, whatever the layout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nix_substitutes_a_packed_nar() {
+    let server = TestServer::sqlite().await;
+    server.create_cache("packed", false).await;
+    let token = server
+        .mint("reader", HOUR, &[("packed", &[Permission::Pull])])
+        .await;
+    let (env, path, source) = {
+        let token = token.clone();
+        blocking(move || {
+            let mut env = NixEnv::new().expect("a Nix environment");
+            let root = env.path("store");
+            let tree = env.path("tree");
+            std::fs::create_dir_all(&tree).expect("creating the tree");
+            write_file(
+                &tree.join("blob.bin"),
+                &pseudo_random(40 * SEED_CHUNK_SIZE, 19),
+                false,
+            )
+            .expect("writing the blob");
+            write_file(&tree.join("run.sh"), b"#!/bin/sh\necho packed\n", true)
+                .expect("writing a script");
+            let path = env.add_path(&root, &tree).expect("adding the tree");
+            let source = source_paths(&env, &root, std::slice::from_ref(&path))
+                .pop()
+                .expect("one path");
+            env.use_netrc("127.0.0.1", &token).expect("a netrc");
+            (env, path, source)
+        })
+        .await
+    };
+    // Packs of about 1.5 MiB: the first read (1 MiB) and the later ones
+    // end inside packs and at their boundaries.
+    let seeded = server
+        .seed_packed_path(
+            "packed",
+            source.metadata.clone(),
+            &source.nar,
+            24 * SEED_CHUNK_SIZE,
+        )
+        .await;
+    assert!(seeded.nar.n_chunks > 40);
+    let key = public_key_of(&server, &token, "packed").await;
+    let cache_url = server.cache_url("packed");
+    blocking(move || env.copy_from(&cache_url, &env.path("dest"), &key, &[path]))
+        .await
+        .expect("nix copy --from a packed NAR");
 }
 
 const IDENTICAL_CHUNKS: usize = 300_000;
