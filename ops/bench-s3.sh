@@ -106,6 +106,8 @@ s3_server_pid=
 local_server_pid=
 start_work_dir s3_server_pid local_server_pid proxy_pid
 services=$work/services
+# services.sh checks that its service users could reach the directory.
+chmod 711 "$work"
 before_cleanup() {
     [[ -f $services/env ]] && bash "$repo/ops/services.sh" stop "$services" >/dev/null 2>&1
 }
@@ -137,7 +139,7 @@ set_delay() { curl -sf -X PUT "$control/delay/$1" >/dev/null; }
 # the second argument is `s3`; sets the variables named by the third and
 # fourth arguments to its pid and URL.
 start_server() {
-    local dir=$1 storage=$2 port
+    local dir=$1 storage=$2 listen_port
     mkdir -p "$dir"
     "$server_bin" --config "$dir/server.toml" --mode migrate >/dev/null
     if [[ $storage == s3 ]]; then
@@ -153,12 +155,12 @@ start_server() {
             !skip { print }' "$dir/server.toml" >"$dir/server.toml.new"
         mv "$dir/server.toml.new" "$dir/server.toml"
     fi
-    pick_port port
+    pick_port listen_port
     LARDER_INGEST__WAIT_FOR_VISIBLE="30 minutes" RUST_LOG=warn \
-        "$server_bin" --config "$dir/server.toml" --listen "$HOST:$port" >"$dir/server.log" 2>&1 &
+        "$server_bin" --config "$dir/server.toml" --listen "$HOST:$listen_port" >"$dir/server.log" 2>&1 &
     printf -v "$3" '%s' "$!"
-    printf -v "$4" '%s' "http://$HOST:$port"
-    wait_http "http://$HOST:$port/" "$!" "$dir/server.log"
+    printf -v "$4" '%s' "http://$HOST:$listen_port"
+    wait_http "http://$HOST:$listen_port/" "$!" "$dir/server.log"
 }
 
 start_server "$work/s3" s3 s3_server_pid s3_url

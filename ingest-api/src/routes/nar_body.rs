@@ -8,9 +8,9 @@
 //! body is small and each next one may be twice as large, up to
 //! [`MAX_READ_BYTES`], so that the first byte goes out after one short
 //! read whatever the NAR's size, and a large NAR costs a few dozen
-//! requests per GiB. [`READS_IN_FLIGHT`] reads are opened ahead of the one
-//! being sent, each in its own task, so that storage latency overlaps the
-//! network. A chunk repeated nearby (a NAR of zeros is one chunk listed
+//! requests per GiB. Reads are opened ahead of the one being sent, each in
+//! its own task, so that storage latency overlaps the network: up to
+//! [`READ_AHEAD_BYTES`] of them, and at most [`READS_IN_FLIGHT`]. A chunk repeated nearby (a NAR of zeros is one chunk listed
 //! thousands of times) is read once and sent again from memory.
 //!
 //! Memory per download is bounded whatever the NAR: a page of the chunk
@@ -64,9 +64,15 @@ const MAX_READ_FRAMES: usize = 8192;
 /// that a long run of one chunk is sent while its list is still being read.
 const MAX_REPEATS: u32 = CHUNK_LIST_PAGE;
 
-/// Ranged reads opened (and their first [`READ_BUFFER`] read) ahead of the
-/// one being sent.
-const READS_IN_FLIGHT: usize = 4;
+/// The most ranged reads opened (and their first [`READ_BUFFER`] read)
+/// ahead of the one being sent: many when reads are short (one object per
+/// chunk, as stores written before packs have: 32 reads of ~40 KiB on S3
+/// at 25 ms each are ~50 MB/s), few when they are long.
+const READS_IN_FLIGHT: usize = 32;
+
+/// Reads are opened ahead until their planned lengths add up to this (or
+/// [`READS_IN_FLIGHT`] are open): two or three of the longest reads.
+const READ_AHEAD_BYTES: u64 = 64 << 20;
 
 /// How much of a ranged read is taken from storage at a time.
 const READ_BUFFER: usize = 256 << 10;
@@ -178,10 +184,7 @@ fn frames(
         };
         let entries = chunk_entries(database, &nar, seq, offset);
         let planner = Planner::new(range.first - offset, range.len());
-        let pieces = plan(entries, planner)
-            .map_ok(move |piece| open(storage.clone(), piece))
-            .try_buffered(READS_IN_FLIGHT);
-        Ok::<_, NarBodyError>(send(pieces))
+        Ok::<_, NarBodyError>(send(Ahead::new(plan(entries, planner), storage)))
     };
     start.try_flatten_stream().boxed()
 }
@@ -511,6 +514,65 @@ fn open(
     }
 }
 
+/// The pieces of a body, each opened as soon as it is planned, as far
+/// ahead of the one being sent as [`READ_AHEAD_BYTES`] and
+/// [`READS_IN_FLIGHT`] allow.
+struct Ahead {
+    pieces: BoxStream<'static, Result<Piece, NarBodyError>>,
+    storage: Arc<dyn Storage>,
+    /// Oldest first, with the bytes each one's read covers.
+    in_flight: VecDeque<(
+        u64,
+        futures::future::BoxFuture<'static, Result<Opened, NarBodyError>>,
+    )>,
+    /// The sum of those bytes.
+    bytes: u64,
+    planned_all: bool,
+}
+
+impl Ahead {
+    fn new(
+        pieces: impl Stream<Item = Result<Piece, NarBodyError>> + Send + 'static,
+        storage: Arc<dyn Storage>,
+    ) -> Self {
+        Self {
+            pieces: pieces.boxed(),
+            storage,
+            in_flight: VecDeque::new(),
+            bytes: 0,
+            planned_all: false,
+        }
+    }
+
+    /// The next piece, opened; `None` after the last.
+    async fn next(&mut self) -> Result<Option<Opened>, NarBodyError> {
+        while !self.planned_all
+            && self.in_flight.len() < READS_IN_FLIGHT
+            && (self.in_flight.is_empty() || self.bytes < READ_AHEAD_BYTES)
+        {
+            match self.pieces.try_next().await? {
+                Some(piece) => {
+                    let bytes = match &piece {
+                        Piece::Read(read) => read.length,
+                        Piece::Repeat { .. } => 0,
+                    };
+                    self.bytes += bytes;
+                    self.in_flight
+                        .push_back((bytes, open(self.storage.clone(), piece)));
+                }
+                None => self.planned_all = true,
+            }
+        }
+        match self.in_flight.pop_front() {
+            Some((bytes, opened)) => {
+                self.bytes -= bytes;
+                opened.await.map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+}
+
 fn storage_error(plan: &ReadPlan, source: StorageError) -> NarBodyError {
     NarBodyError::Storage(Box::new(ReadFailure {
         key: plan.key.clone(),
@@ -668,16 +730,14 @@ impl RecentFrames {
 
 /// Sends the opened pieces in order: a read's bytes as they arrive, a
 /// repeat's frame again.
-fn send(
-    pieces: impl Stream<Item = Result<Opened, NarBodyError>> + Send + 'static,
-) -> impl Stream<Item = Result<Bytes, NarBodyError>> + Send + 'static {
-    struct Sender<P> {
-        pieces: P,
+fn send(pieces: Ahead) -> impl Stream<Item = Result<Bytes, NarBodyError>> + Send + 'static {
+    struct Sender {
+        pieces: Ahead,
         current: Option<Opened>,
         recent: RecentFrames,
     }
     let sender = Sender {
-        pieces: pieces.boxed(),
+        pieces,
         current: None,
         recent: RecentFrames(VecDeque::with_capacity(RECENT_FRAMES)),
     };
@@ -693,7 +753,7 @@ fn send(
             if let Some(bytes) = next {
                 return Ok(Some((bytes, sender)));
             }
-            match sender.pieces.try_next().await? {
+            match sender.pieces.next().await? {
                 Some(opened) => sender.current = Some(opened),
                 None => return Ok(None),
             }
@@ -868,10 +928,8 @@ mod tests {
         let pieces = plan(
             stream::iter(entries.into_iter().map(Ok)),
             Planner::new(skip, length),
-        )
-        .map_ok(move |piece| open(storage.clone(), piece))
-        .try_buffered(READS_IN_FLIGHT);
-        let parts: Vec<Bytes> = send(pieces).try_collect().await?;
+        );
+        let parts: Vec<Bytes> = send(Ahead::new(pieces, storage)).try_collect().await?;
         Ok(parts.concat())
     }
 
