@@ -480,6 +480,14 @@ fn open(
             let task = AbortOnDropHandle::new(tokio::spawn(async move {
                 let opened = async {
                     let key = ObjectKey::new(plan.key.as_str())?;
+                    // A short read (one chunk of a store without packs)
+                    // in one call: on local storage one blocking job,
+                    // where a stream would take three (open, seek, read).
+                    if plan.length <= READ_BUFFER as u64 {
+                        let bytes = storage.get_bytes(&key, plan.offset, plan.length).await?;
+                        let reader: ObjectReader = Box::pin(tokio::io::empty());
+                        return Ok((key, reader, BytesMut::from(bytes)));
+                    }
                     let mut reader = storage
                         .get_range(&key, plan.offset, Some(plan.length))
                         .await?;
