@@ -7,8 +7,8 @@
 # timing.
 #
 #   ops/bench-s3.sh [--nar-mib N] [--nar-source DIR] [--delay-ms N]
-#                   [--downloads N] [--ingest-api PATH] [--perf DIR]
-#                   [--out FILE] [--no-build] [--keep]
+#                   [--downloads N] [--pack-mib N] [--ingest-api PATH]
+#                   [--perf DIR] [--out FILE] [--no-build] [--keep]
 #
 # What it reports, in one run:
 #   1. S3 requests per GiB pushed (target <= 64): a NAR of --nar-mib MiB
@@ -26,6 +26,12 @@
 #      second), the median of --downloads; also the compressed bytes/s.
 #   5. Stored bytes and objects against the per-chunk layout (one object
 #      per chunk), from the database's chunk rows and the storage itself.
+# 1-4 are measured twice: for the NAR as the push pipeline stored it, and
+# for the same kind of NAR (the same files behind a different first line)
+# seeded through the store layer with its frames in pack objects of
+# --pack-mib MiB (default 32; 0 skips it), the layout issue 16's packs
+# give: the read path's figures for packed storage, whatever the push
+# pipeline writes so far.
 # The load average is reported: figures measured on a busy machine wobble.
 #
 # How: a fresh directory under /tmp holds everything. Garage starts there
@@ -62,6 +68,7 @@ delay_ms=25
 downloads=3
 server_bin=
 perf_dir=
+pack_mib=32
 out=
 build=1
 keep=0
@@ -74,6 +81,7 @@ while (($#)); do
         --downloads) downloads=${2:?}; shift 2 ;;
         --ingest-api) server_bin=${2:?}; shift 2 ;;
         --perf) perf_dir=${2:?}; shift 2 ;;
+        --pack-mib) pack_mib=${2:?}; shift 2 ;;
         --out) out=${2:?}; shift 2 ;;
         --no-build) build=0; shift ;;
         --keep) keep=1; shift ;;
@@ -84,6 +92,7 @@ for number in "$nar_mib" "$downloads"; do
     [[ $number =~ ^[1-9][0-9]*$ ]] || die "expected a positive whole number, got '$number'"
 done
 [[ $delay_ms =~ ^[0-9]+$ ]] || die "--delay-ms: expected a whole number, got '$delay_ms'"
+[[ $pack_mib =~ ^[0-9]+$ ]] || die "--pack-mib: expected a whole number, got '$pack_mib'"
 [[ -d $nar_source ]] || die "--nar-source $nar_source is not a directory"
 started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 if [[ -z $out ]]; then
@@ -247,36 +256,34 @@ downloads() {
     read_vars "$work/$prefix.vars" "$prefix"
 }
 
-say "checking both servers' NAR"
-check_download "$s3_url" "$s3_token"
-check_download "$local_url" "$local_token"
-file_bytes=$(curl -sfI -H "Authorization: Bearer $s3_token" "$s3_url/$cache/$nar_url" |
-    tr -d '\r' | awk 'tolower($1) == "content-length:" { print $2 }')
+# Measures the NAR at $nar_url (which decompresses to $nar_sha) on both
+# servers, into variables prefixed with LAYOUT: local downloads, one
+# counted download from S3 with the delay, downloads from S3 with and
+# without it.
+measure() {
+    local layout=$1
+    say "$layout: checking both servers' NAR"
+    check_download "$s3_url" "$s3_token"
+    check_download "$local_url" "$local_token"
+    v[${layout}file_bytes]=$(curl -sfI -H "Authorization: Bearer $s3_token" "$s3_url/$cache/$nar_url" |
+        tr -d '\r' | awk 'tolower($1) == "content-length:" { print $2 }')
 
-say "downloading from local storage"
-downloads "$local_url" "$local_token" "$local_server_pid" local_
+    say "$layout: downloading from local storage"
+    downloads "$local_url" "$local_token" "$local_server_pid" "${layout}local_"
 
-say "one download from S3 with ${delay_ms} ms per request, requests counted"
-set_delay "$delay_ms"
-reset_counts
-"$bin/bench_push" --url "$s3_url" --token "$s3_token" --cache "$cache" download "$nar_url" 1 >/dev/null
-counts >"$work/counts-serve"
-read_vars "$work/counts-serve" serve_
+    say "$layout: one download from S3 with ${delay_ms} ms per request, requests counted"
+    set_delay "$delay_ms"
+    reset_counts
+    "$bin/bench_push" --url "$s3_url" --token "$s3_token" --cache "$cache" download "$nar_url" 1 >/dev/null
+    counts >"$work/counts-serve"
+    read_vars "$work/counts-serve" "${layout}serve_"
 
-say "downloading from S3 with ${delay_ms} ms per request"
-downloads "$s3_url" "$s3_token" "$s3_server_pid" s3_
-set_delay 0
+    say "$layout: downloading from S3 with ${delay_ms} ms per request"
+    downloads "$s3_url" "$s3_token" "$s3_server_pid" "${layout}s3_"
+    set_delay 0
 
-say "downloading from S3 without delay"
-downloads "$s3_url" "$s3_token" "$s3_server_pid" s3nodelay_
-
-load_after=$(cut -d' ' -f1-3 /proc/loadavg)
-
-# The median over the downloads of FIELD (FIRST_BYTE_MS, SECONDS) of PREFIX.
-median_of() {
-    local i values=
-    for ((i = 0; i < downloads; i++)); do values+="${v[${1}DOWNLOAD_${2}_$i]} "; done
-    median <<<"$values"
+    say "$layout: downloading from S3 without delay"
+    downloads "$s3_url" "$s3_token" "$s3_server_pid" "${layout}s3nodelay_"
 }
 
 # --- what is stored ------------------------------------------------------------
@@ -295,20 +302,34 @@ local_disk_kib=$(du -sk --exclude=staging "$work/local/storage" | cut -f1)
 per_chunk_disk_kib=$(sqlite3 "$work/local/server.db" \
     "SELECT COALESCE(SUM((object_length + 4095) / 4096 * 4), 0) FROM chunks WHERE state = 'valid'")
 
+measure pushed_
+
+if ((pack_mib > 0)); then
+    say "seeding the same kind of NAR in packs of $pack_mib MiB into both servers"
+    for server in s3 local; do
+        "$bin/bench_push" seed-packed "$work/$server/server.toml" "$cache" "$nar_source" "$nar_mib" \
+            "$pack_mib" >"$work/packed-$server.vars"
+        read_vars "$work/packed-$server.vars" "packed_${server}_"
+    done
+    [[ ${v[packed_s3_PACKED_NAR_URL]} == "${v[packed_local_PACKED_NAR_URL]}" ]] ||
+        die "the two servers were seeded with different NARs"
+    nar_url=${v[packed_s3_PACKED_NAR_URL]}
+    nar_sha=${v[packed_s3_PACKED_NAR_SHA256]}
+    measure packed_
+fi
+
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# The median over the downloads of FIELD (FIRST_BYTE_MS, SECONDS) of PREFIX.
+median_of() {
+    local i values=
+    for ((i = 0; i < downloads; i++)); do values+="${v[${1}DOWNLOAD_${2}_$i]} "; done
+    median <<<"$values"
+}
+
 # --- report --------------------------------------------------------------------
 
 per_gib() { awk -v n="$1" -v g="$gib_of_nar" 'BEGIN { printf "%.1f", n / g }'; }
-push_requests=${v[push_TOTAL]}
-serve_requests=${v[serve_TOTAL]}
-ttfb_local=$(median_of local_ FIRST_BYTE_MS)
-ttfb_s3=$(median_of s3_ FIRST_BYTE_MS)
-ttfb_s3_nodelay=$(median_of s3nodelay_ FIRST_BYTE_MS)
-seconds_s3=$(median_of s3_ SECONDS)
-seconds_local=$(median_of local_ SECONDS)
-seconds_s3_nodelay=$(median_of s3nodelay_ SECONDS)
-round_trips=$(awk -v t="$ttfb_s3" -v d="$delay_ms" 'BEGIN { printf "%.1f", (d > 0 ? t / d : 0) }')
-nar_mibps_s3=$(mibps "$nar_bytes" "$seconds_s3")
-file_mibps_s3=$(mibps "$file_bytes" "$seconds_s3")
 at_most() { awk -v a="$1" -v t="$2" 'BEGIN { print (a <= t ? "met" : "MISSED") }'; }
 kinds() {
     local prefix=$1 kind out=
@@ -317,32 +338,56 @@ kinds() {
     done
     echo "${out%, }"
 }
+row() { printf '%-50s %12s %10s  %s\n' "$@"; }
+push_requests=${v[push_TOTAL]}
+
+# The figures of one LAYOUT (pushed_, packed_).
+layout_report() {
+    local l=$1 serve_requests ttfb_local ttfb_s3 ttfb_s3_nodelay seconds_s3 seconds_local
+    local seconds_s3_nodelay round_trips nar_mibps_s3 file_mibps_s3
+    serve_requests=${v[${l}serve_TOTAL]}
+    ttfb_local=$(median_of "${l}local_" FIRST_BYTE_MS)
+    ttfb_s3=$(median_of "${l}s3_" FIRST_BYTE_MS)
+    ttfb_s3_nodelay=$(median_of "${l}s3nodelay_" FIRST_BYTE_MS)
+    seconds_s3=$(median_of "${l}s3_" SECONDS)
+    seconds_local=$(median_of "${l}local_" SECONDS)
+    seconds_s3_nodelay=$(median_of "${l}s3nodelay_" SECONDS)
+    round_trips=$(awk -v t="$ttfb_s3" -v d="$delay_ms" 'BEGIN { printf "%.1f", (d > 0 ? t / d : 0) }')
+    nar_mibps_s3=$(mibps "$nar_bytes" "$seconds_s3")
+    file_mibps_s3=$(mibps "${v[${l}file_bytes]}" "$seconds_s3")
+    row "S3 requests per GiB served" "$(per_gib "$serve_requests")" "<= 64" \
+        "$(at_most "$(per_gib "$serve_requests")" 64)"
+    row "time to first byte, local storage (ms)" "$ttfb_local" "<= 50" "$(at_most "$ttfb_local" 50)"
+    row "time to first byte, S3 + ${delay_ms} ms (round trips)" "$round_trips" "<= 3" \
+        "$(at_most "$round_trips" 3)"
+    row "one stream, S3 + ${delay_ms} ms (MiB/s of NAR)" "$nar_mibps_s3" ">= 100" \
+        "$(verdict "$nar_mibps_s3" 100)"
+    echo "  served as ${v[${l}file_bytes]} bytes of frames; S3 requests for one download: $serve_requests ($(kinds "${l}serve_"))"
+    echo "  time to first byte (ms, median of $downloads): local $ttfb_local, S3 + ${delay_ms} ms $ttfb_s3, S3 without delay $ttfb_s3_nodelay"
+    echo "  one stream (MiB/s of NAR): local $(mibps "$nar_bytes" "$seconds_local"), S3 + ${delay_ms} ms $nar_mibps_s3 ($file_mibps_s3 MiB/s as sent), S3 without delay $(mibps "$nar_bytes" "$seconds_s3_nodelay")"
+}
 
 report=$work/report.txt
 {
     echo "Larder S3 benchmark, $started_at"
     echo "machine: $(nproc) cores, $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r)"
     echo "larder: $(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD -- ingest-api common 2>/dev/null || echo '+changes'), server binary $server_bin"
-    echo "NAR: one file of the first $nar_mib MiB of files under $nar_source, $nar_bytes bytes, served as $file_bytes bytes of zstd frames"
+    echo "NAR: one file of the first $nar_mib MiB of files under $nar_source, $nar_bytes bytes"
     echo "S3: Garage 1 node on loopback behind s3_proxy; ${delay_ms} ms added to every request while serving (none while pushing)"
     echo "load average (1, 5, 15 min) before the runs: $load_before; after: $load_after (above ~1 means other work shared the $(nproc) cores)"
     echo
-    printf '%-46s %14s %10s  %s\n' "" value target ""
-    printf '%-46s %14s %10s  %s\n' "S3 requests per GiB pushed" "$(per_gib "$push_requests")" "<= 64" \
+    row "" value target ""
+    row "S3 requests per GiB pushed" "$(per_gib "$push_requests")" "<= 64" \
         "$(at_most "$(per_gib "$push_requests")" 64)"
-    printf '%-46s %14s %10s  %s\n' "S3 requests per GiB served" "$(per_gib "$serve_requests")" "<= 64" \
-        "$(at_most "$(per_gib "$serve_requests")" 64)"
-    printf '%-46s %14s %10s  %s\n' "time to first byte, local storage (ms)" "$ttfb_local" "<= 50" \
-        "$(at_most "$ttfb_local" 50)"
-    printf '%-46s %14s %10s  %s\n' "time to first byte, S3 + ${delay_ms} ms (round trips)" "$round_trips" "<= 3" \
-        "$(at_most "$round_trips" 3)"
-    printf '%-46s %14s %10s  %s\n' "one stream, S3 + ${delay_ms} ms (MiB/s of NAR)" "$nar_mibps_s3" ">= 100" \
-        "$(verdict "$nar_mibps_s3" 100)"
+    echo "  push, S3 requests: $push_requests ($(kinds push_)); visible after ${v[push_s3_LARGE_SECONDS_0]} s on S3, ${v[push_local_LARGE_SECONDS_0]} s on local storage"
     echo
-    echo "push, S3 requests: $push_requests ($(kinds push_)); visible after ${v[push_s3_LARGE_SECONDS_0]} s on S3, ${v[push_local_LARGE_SECONDS_0]} s on local storage"
-    echo "serve, S3 requests for one download: $serve_requests ($(kinds serve_))"
-    echo "time to first byte (ms, median of $downloads): local $ttfb_local, S3 + ${delay_ms} ms $ttfb_s3, S3 without delay $ttfb_s3_nodelay"
-    echo "one stream (MiB/s of NAR): local $(mibps "$nar_bytes" "$seconds_local"), S3 + ${delay_ms} ms $nar_mibps_s3 ($file_mibps_s3 MiB/s as sent), S3 without delay $(mibps "$nar_bytes" "$seconds_s3_nodelay")"
+    echo "The NAR as the push pipeline stored it:"
+    layout_report pushed_
+    if ((pack_mib > 0)); then
+        echo
+        echo "The same kind of NAR seeded in packs of $pack_mib MiB (64 KiB chunks; the read path on packed storage):"
+        layout_report packed_
+    fi
     echo
     echo "stored (S3 server): $s3_chunks chunks in $s3_objects objects, $s3_frame_bytes bytes of frames; one object per chunk would be $s3_chunks objects"
     echo "stored (local server): $local_chunks chunks in $local_objects objects ($local_files files), ${local_disk_kib} KiB on disk; one file per chunk would take ${per_chunk_disk_kib} KiB in 4 KiB blocks"

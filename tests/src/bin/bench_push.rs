@@ -16,6 +16,7 @@
 //! bench_push --url URL --token TOKEN --cache NAME door FILE
 //! bench_push --url URL --token TOKEN --cache NAME download NAR_URL COUNT
 //! bench_push make-nar OUT SOURCE_DIR MIB
+//! bench_push seed-packed CONFIG CACHE SOURCE_DIR MIB PACK_MIB
 //! ```
 //!
 //! `large` pushes each NAR file as one path, one after the other, and
@@ -34,7 +35,15 @@
 //! `download` fetches NAR_URL (relative to the cache) COUNT times, one after
 //! the other, printing `DOWNLOAD_FIRST_BYTE_MS_<i>=…` (to the first byte
 //! of the body, not of the head), `DOWNLOAD_BYTES_<i>=…` and
-//! `DOWNLOAD_SECONDS_<i>=…`, for `ops/bench-s3.sh`.
+//! `DOWNLOAD_SECONDS_<i>=…`, for `ops/bench-s3.sh`. `seed-packed` writes
+//! a NAR of one file (the line `packed`, then the first MIB MiB of the
+//! regular files under SOURCE_DIR: the same data as `make-nar`'s, in
+//! other chunks) as the path `bench-packed` of CACHE straight through the
+//! store layer of the server whose config is CONFIG (its database and
+//! storage, local or S3), cut into 64 KiB chunks whose frames are written
+//! in pack objects of PACK_MIB MiB (the layout of issue #16's packs), and
+//! prints `PACKED_NAR_URL=…` and `PACKED_NAR_SHA256=…`: a packed NAR to
+//! read back before the push pipeline writes packs itself.
 //! Output on stdout: `KEY=VALUE` lines; progress on stderr.
 
 use std::path::{Path, PathBuf};
@@ -166,13 +175,58 @@ async fn push_small(pusher: Arc<Pusher>, count: usize, jobs: usize, source: &Pat
     Ok(())
 }
 
+async fn seed_packed(config: &Path, cache: &str, nar: &[u8], pack_bytes: usize) -> Result<()> {
+    let config = common::config::ServerConfig::load(config)?;
+    let database = common::db::Database::connect(config.database.url.expose()).await?;
+    let storage = common::storage::open(&config.storage).await?;
+    let cache = database
+        .cache_by_name(&cache.parse()?)
+        .await?
+        .ok_or_else(|| format!("no cache {cache}"))?;
+    let hash = tests::bench::store_path_hash_for("bench-packed");
+    let store_path_hash = common::nix::StorePathHash::parse(&hash)?;
+    let metadata = common::db::ObjectMetadata {
+        store_path: format!("{}/{hash}-bench-packed", cache.store_dir.as_str()),
+        references: Vec::new(),
+        deriver: None,
+        system: None,
+        sigs: Vec::new(),
+        ca: None,
+    };
+    let started = Instant::now();
+    let (row, _) = tests::server::seed_packed_nar(
+        &database,
+        storage.as_ref(),
+        cache.id,
+        store_path_hash,
+        metadata,
+        "bench-push",
+        nar,
+        pack_bytes,
+    )
+    .await?;
+    eprintln!(
+        "bench_push: seeded {} chunks in packs of {} MiB in {:.1?}",
+        row.n_chunks,
+        pack_bytes >> 20,
+        started.elapsed()
+    );
+    println!(
+        "PACKED_NAR_URL=nar/{}.nar.zst",
+        row.nar_hash.sha256().to_base32()
+    );
+    println!("PACKED_NAR_SHA256={}", row.nar_hash.sha256().to_hex());
+    Ok(())
+}
+
 fn usage() -> ! {
     eprintln!(
         "usage: bench_push --url URL --token TOKEN --cache NAME large NAR_FILE...\n       \
          bench_push --url URL --token TOKEN --cache NAME small COUNT JOBS SOURCE_DIR\n       \
          bench_push --url URL --token TOKEN --cache NAME door FILE\n       \
          bench_push --url URL --token TOKEN --cache NAME download NAR_URL COUNT\n       \
-         bench_push make-nar OUT SOURCE_DIR MIB"
+         bench_push make-nar OUT SOURCE_DIR MIB\n       \
+         bench_push seed-packed CONFIG CACHE SOURCE_DIR MIB PACK_MIB"
     );
     std::process::exit(2)
 }
@@ -191,6 +245,17 @@ async fn main() -> Result<()> {
             }
             std::fs::write(out, single_file_nar(&contents)?)?;
             return Ok(());
+        }
+    }
+    if let [mode, config, cache, source, mib, pack_mib] = &all[..] {
+        if mode == "seed-packed" {
+            let (Ok(mib), Ok(pack_mib)) = (mib.parse::<usize>(), pack_mib.parse::<usize>()) else {
+                usage()
+            };
+            let mut contents = b"packed\n".to_vec();
+            contents.extend(real_bytes(Path::new(source), mib << 20)?);
+            let nar = single_file_nar(&contents)?;
+            return seed_packed(Path::new(config), cache, &nar, pack_mib << 20).await;
         }
     }
     let mut args = all.into_iter();
