@@ -10,8 +10,9 @@
 //! read whatever the NAR's size, and a large NAR costs a few dozen
 //! requests per GiB. Reads are opened ahead of the one being sent, each in
 //! its own task, so that storage latency overlaps the network: up to
-//! [`READ_AHEAD_BYTES`] of them, and at most [`READS_IN_FLIGHT`]. A chunk repeated nearby (a NAR of zeros is one chunk listed
-//! thousands of times) is read once and sent again from memory.
+//! [`READ_AHEAD_BYTES`] of them, and at most [`READS_IN_FLIGHT`]. A chunk
+//! repeated nearby (a NAR of zeros is one chunk listed thousands of times)
+//! is read once and sent again from memory.
 //!
 //! Memory per download is bounded whatever the NAR: a page of the chunk
 //! list, the plans of the reads in flight (at most [`MAX_READ_FRAMES`]
