@@ -16,8 +16,9 @@
 //!
 //! Memory per download is bounded whatever the NAR: a page of the chunk
 //! list, the plans of the reads in flight (at most [`MAX_READ_FRAMES`]
-//! frames each), a buffer of about [`READ_BUFFER`] per read and the
-//! [`RECENT_FRAMES`] frames remembered.
+//! frames each), a buffer of at most [`READ_BUFFER`] (or one frame) per
+//! read in flight (about 8 MiB at most) and the [`RECENT_FRAMES`] frames
+//! remembered.
 //!
 //! Nothing is read until the body is polled, and nothing checks every
 //! chunk first: the database's `valid` state is the truth. A read that
