@@ -79,6 +79,16 @@ const READ_AHEAD_BYTES: u64 = 64 << 20;
 /// How much of a ranged read is taken from storage at a time.
 const READ_BUFFER: usize = 256 << 10;
 
+/// How many frames seen repeated a download keeps besides the recent ones
+/// (copied, so that they pin no read buffer): a chunk of zeros repeated
+/// all through a NAR, between other frames, stays remembered.
+const HOT_FRAMES: usize = 4;
+
+/// How many locations of whole frames read a download's plan remembers,
+/// to tell a frame read a second time (which is then kept among the hot
+/// ones) from a new one.
+const SEEN_FRAMES: usize = 256;
+
 /// How many distinct frames a download remembers after sending them, so
 /// that a chunk repeated nearby is read from storage once, not once per
 /// entry.
@@ -296,12 +306,71 @@ struct ReadPlan {
     segments: Vec<Segment>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Segment {
-    chunk_id: ChunkId,
-    length: u64,
-    /// A whole frame (remembered once sent), not part of one.
-    whole: bool,
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    /// The next `length` bytes of the read's object: a whole frame
+    /// (remembered once sent) or part of one.
+    Object {
+        chunk_id: ChunkId,
+        length: u64,
+        whole: bool,
+        /// A whole frame read before in this body and forgotten since:
+        /// kept among the hot frames once sent.
+        again: bool,
+    },
+    /// A frame sent earlier and remembered, sent again here: a repeated
+    /// chunk between frames of the read, which does not end it.
+    Remembered(ChunkLocation),
+}
+
+/// The frames a download remembers, by location: the last
+/// [`RECENT_FRAMES`] distinct whole frames sent from storage, and the last
+/// [`HOT_FRAMES`] of those seen repeated. The [`Planner`] (with `()`) and
+/// the sender (with the bytes) make the same calls in the same order, so
+/// the sender holds every frame the planner counted on.
+struct Memory<T> {
+    recent: VecDeque<(ChunkLocation, T)>,
+    hot: VecDeque<(ChunkLocation, T)>,
+}
+
+impl<T: Clone> Memory<T> {
+    fn new() -> Self {
+        Self {
+            recent: VecDeque::with_capacity(RECENT_FRAMES),
+            hot: VecDeque::with_capacity(HOT_FRAMES),
+        }
+    }
+
+    fn find(&self, location: &ChunkLocation) -> Option<&T> {
+        self.hot
+            .iter()
+            .chain(&self.recent)
+            .find(|(seen, _)| seen == location)
+            .map(|(_, frame)| frame)
+    }
+
+    /// A whole frame sent from storage.
+    fn fresh(&mut self, location: ChunkLocation, frame: T) {
+        if self.recent.len() == RECENT_FRAMES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((location, frame));
+    }
+
+    /// A remembered frame sent again: kept among the hot ones, made a
+    /// copy of by `keep`.
+    fn repeated(&mut self, location: &ChunkLocation, keep: impl FnOnce(&T) -> T) {
+        if self.hot.iter().any(|(seen, _)| seen == location) {
+            return;
+        }
+        let Some(frame) = self.find(location).map(keep) else {
+            return;
+        };
+        if self.hot.len() == HOT_FRAMES {
+            self.hot.pop_front();
+        }
+        self.hot.push_back((location.clone(), frame));
+    }
 }
 
 /// Turns a chunk list into [`Piece`]s: coalesces frames that are adjacent
@@ -312,10 +381,10 @@ struct Planner {
     skip: u64,
     /// Bytes still to send.
     remaining: u64,
-    /// The locations of the last [`RECENT_FRAMES`] distinct whole frames
-    /// planned as reads, oldest first. The sender remembers the same
-    /// frames, in the same order, as it sends them.
-    recent: VecDeque<ChunkLocation>,
+    /// What the sender will remember at each point of the plan.
+    memory: Memory<()>,
+    /// The last [`SEEN_FRAMES`] whole frames planned as reads.
+    seen: VecDeque<ChunkLocation>,
     /// The piece being extended.
     pending: Option<Piece>,
     /// The most bytes of the read being planned.
@@ -327,7 +396,8 @@ impl Planner {
         Self {
             skip,
             remaining: length,
-            recent: VecDeque::with_capacity(RECENT_FRAMES),
+            memory: Memory::new(),
+            seen: VecDeque::with_capacity(SEEN_FRAMES),
             pending: None,
             read_cap: FIRST_READ_BYTES,
         }
@@ -353,30 +423,41 @@ impl Planner {
         let length = (location.length - start).min(self.remaining);
         self.remaining -= length;
         let whole = start == 0 && length == location.length;
-        if whole && self.recent.contains(&location) {
-            if let Some(Piece::Repeat {
-                location: repeated,
-                count,
-            }) = &mut self.pending
-            {
-                if *repeated == location && *count < MAX_REPEATS {
+        if whole && self.memory.find(&location).is_some() {
+            self.memory.repeated(&location, |()| ());
+            match &mut self.pending {
+                Some(Piece::Repeat {
+                    location: repeated,
+                    count,
+                }) if *repeated == location && *count < MAX_REPEATS => {
                     *count += 1;
                     return None;
                 }
+                Some(Piece::Read(read)) if read.segments.len() < MAX_READ_FRAMES => {
+                    read.segments.push(Segment::Remembered(location));
+                    return None;
+                }
+                _ => return self.start(Piece::Repeat { location, count: 1 }),
             }
-            return self.start(Piece::Repeat { location, count: 1 });
         }
         let offset = location.offset + start;
-        let segment = Segment {
+        let again = whole && self.seen.contains(&location);
+        let segment = Segment::Object {
             chunk_id,
             length,
             whole,
+            again,
         };
         if whole {
-            if self.recent.len() == RECENT_FRAMES {
-                self.recent.pop_front();
+            self.memory.fresh(location.clone(), ());
+            if again {
+                self.memory.repeated(&location, |()| ());
+            } else {
+                if self.seen.len() == SEEN_FRAMES {
+                    self.seen.pop_front();
+                }
+                self.seen.push_back(location.clone());
             }
-            self.recent.push_back(location.clone());
         }
         if let Some(Piece::Read(read)) = &mut self.pending {
             if read.key == location.object_key
@@ -591,7 +672,10 @@ fn storage_error(plan: &ReadPlan, source: StorageError) -> NarBodyError {
         chunks: plan
             .segments
             .iter()
-            .map(|segment| segment.chunk_id)
+            .filter_map(|segment| match segment {
+                Segment::Object { chunk_id, .. } => Some(*chunk_id),
+                Segment::Remembered(_) => None,
+            })
             .collect(),
         source,
     }))
@@ -661,24 +745,31 @@ impl OpenRead {
     }
 
     /// The next bytes to send, or `None` once the read is all sent: part
-    /// of a frame (at the ends of a range) as it arrives, or as many whole
-    /// frames as are read, in one buffer, the last few remembered.
+    /// of a frame (at the ends of a range) as it arrives, a remembered
+    /// frame, or as many whole frames as are read, in one buffer, each
+    /// remembered.
     async fn next_bytes(
         &mut self,
-        recent: &mut RecentFrames,
+        memory: &mut Memory<Bytes>,
     ) -> Result<Option<Bytes>, NarBodyError> {
-        let Some(&current) = self.plan.segments.get(self.segment) else {
-            return Ok(None);
+        let (length, whole) = match self.plan.segments.get(self.segment) {
+            None => return Ok(None),
+            Some(Segment::Remembered(location)) => {
+                let frame = remembered(memory, location)?;
+                self.segment += 1;
+                return Ok(Some(frame));
+            }
+            Some(Segment::Object { length, whole, .. }) => (*length, *whole),
         };
-        let left = current.length - self.sent_of_segment;
-        if !current.whole {
+        let left = length - self.sent_of_segment;
+        if !whole {
             self.fill(1).await?;
             let take = usize::try_from(left)
                 .unwrap_or(usize::MAX)
                 .min(self.buffer.len());
             self.position += take as u64;
             self.sent_of_segment += take as u64;
-            if self.sent_of_segment == current.length {
+            if self.sent_of_segment == length {
                 self.segment += 1;
                 self.sent_of_segment = 0;
             }
@@ -687,30 +778,37 @@ impl OpenRead {
         self.fill(left).await?;
         // The current frame and the whole frames after it already read.
         let (mut end, mut total) = (self.segment, 0_u64);
-        while let Some(segment) = self.plan.segments.get(end) {
-            if !segment.whole || total + segment.length > self.buffer.len() as u64 {
+        while let Some(Segment::Object {
+            length,
+            whole: true,
+            ..
+        }) = self.plan.segments.get(end)
+        {
+            if total + length > self.buffer.len() as u64 {
                 break;
             }
-            total += segment.length;
+            total += length;
             end += 1;
         }
         // `total` is at most the buffer's length.
         let run = self.buffer.split_to(total as usize).freeze();
-        let frames = &self.plan.segments[self.segment..end];
         let mut at = 0_u64;
-        for (index, frame) in frames.iter().enumerate() {
-            // Only the last RECENT_FRAMES stay remembered.
-            if index + RECENT_FRAMES >= frames.len() {
-                recent.remember(
-                    ChunkLocation {
-                        object_key: self.plan.key.clone(),
-                        offset: self.position + at,
-                        length: frame.length,
-                    },
-                    run.slice(at as usize..(at + frame.length) as usize),
+        for segment in &self.plan.segments[self.segment..end] {
+            if let Segment::Object { length, again, .. } = segment {
+                let location = ChunkLocation {
+                    object_key: self.plan.key.clone(),
+                    offset: self.position + at,
+                    length: *length,
+                };
+                memory.fresh(
+                    location.clone(),
+                    run.slice(at as usize..(at + length) as usize),
                 );
+                if *again {
+                    memory.repeated(&location, |frame| Bytes::copy_from_slice(frame));
+                }
+                at += length;
             }
-            at += frame.length;
         }
         self.position += total;
         self.segment = end;
@@ -718,24 +816,15 @@ impl OpenRead {
     }
 }
 
-/// The frames a download sent last, by location: the same ones, in the
-/// same order, as the [`Planner`]'s `recent`.
-struct RecentFrames(VecDeque<(ChunkLocation, Bytes)>);
-
-impl RecentFrames {
-    fn remember(&mut self, location: ChunkLocation, frame: Bytes) {
-        if self.0.len() == RECENT_FRAMES {
-            self.0.pop_front();
-        }
-        self.0.push_back((location, frame));
-    }
-
-    fn get(&self, location: &ChunkLocation) -> Option<&Bytes> {
-        self.0
-            .iter()
-            .find(|(seen, _)| seen == location)
-            .map(|(_, frame)| frame)
-    }
+/// A remembered frame, sent again: kept among the hot frames as a copy of
+/// its own (not a slice pinning a read buffer).
+fn remembered(memory: &mut Memory<Bytes>, location: &ChunkLocation) -> Result<Bytes, NarBodyError> {
+    let frame = memory
+        .find(location)
+        .cloned()
+        .ok_or_else(|| NarBodyError::FrameForgotten(location.clone()))?;
+    memory.repeated(location, |frame| Bytes::copy_from_slice(frame));
+    Ok(frame)
 }
 
 /// Sends the opened pieces in order: a read's bytes as they arrive, a
@@ -744,19 +833,19 @@ fn send(pieces: Ahead) -> impl Stream<Item = Result<Bytes, NarBodyError>> + Send
     struct Sender {
         pieces: Ahead,
         current: Option<Opened>,
-        recent: RecentFrames,
+        memory: Memory<Bytes>,
     }
     let sender = Sender {
         pieces,
         current: None,
-        recent: RecentFrames(VecDeque::with_capacity(RECENT_FRAMES)),
+        memory: Memory::new(),
     };
     stream::try_unfold(sender, |mut sender| async move {
         loop {
             let next = match &mut sender.current {
-                Some(Opened::Read(read)) => read.next_bytes(&mut sender.recent).await?,
+                Some(Opened::Read(read)) => read.next_bytes(&mut sender.memory).await?,
                 Some(Opened::Repeat { location, count }) => {
-                    repeat(&sender.recent, location, count)?
+                    repeat(&mut sender.memory, location, count)?
                 }
                 None => None,
             };
@@ -775,16 +864,14 @@ fn send(pieces: Ahead) -> impl Stream<Item = Result<Bytes, NarBodyError>> + Send
 /// as many in one buffer as fit in about [`READ_BUFFER`], since a repeated
 /// frame is often tiny (zeros compress to a few dozen bytes).
 fn repeat(
-    recent: &RecentFrames,
+    memory: &mut Memory<Bytes>,
     location: &ChunkLocation,
     count: &mut u32,
 ) -> Result<Option<Bytes>, NarBodyError> {
     if *count == 0 {
         return Ok(None);
     }
-    let frame = recent
-        .get(location)
-        .ok_or_else(|| NarBodyError::FrameForgotten(location.clone()))?;
+    let frame = remembered(memory, location)?;
     let copies = (READ_BUFFER / frame.len().max(1)).clamp(1, *count as usize);
     *count -= copies as u32;
     if copies == 1 {
@@ -792,7 +879,7 @@ fn repeat(
     }
     let mut out = BytesMut::with_capacity(copies * frame.len());
     for _ in 0..copies {
-        out.extend_from_slice(frame);
+        out.extend_from_slice(&frame);
     }
     Ok(Some(out.freeze()))
 }
@@ -1108,10 +1195,21 @@ mod tests {
 
     #[test]
     fn a_repeated_frame_is_read_once_and_repeated_in_bounded_steps() {
-        let count = 3 * MAX_REPEATS as i64 + 2;
+        let count = (MAX_READ_FRAMES + 2 * MAX_REPEATS as usize + 1) as i64;
         let entries = (0..count).map(|i| entry(i, "chunks/z", 0, 20)).collect();
         let pieces = run(Planner::new(0, count as u64 * 20), entries);
-        assert_eq!(read_of(&pieces[0]), ("chunks/z", 0, 20, 1));
+        // One read of the frame, the read's segments filled with repeats
+        // of it, then repeats in steps.
+        match &pieces[0] {
+            Piece::Read(read) => {
+                assert_eq!((read.offset, read.length), (0, 20));
+                assert_eq!(read.segments.len(), MAX_READ_FRAMES);
+                assert!(read.segments[1..]
+                    .iter()
+                    .all(|segment| matches!(segment, Segment::Remembered(_))));
+            }
+            other => panic!("a read expected, not {other:?}"),
+        }
         let repeats: Vec<u32> = pieces[1..]
             .iter()
             .map(|piece| match piece {
@@ -1119,7 +1217,33 @@ mod tests {
                 Piece::Read(_) => panic!("a repeat expected, not {piece:?}"),
             })
             .collect();
-        assert_eq!(repeats, [MAX_REPEATS, MAX_REPEATS, MAX_REPEATS, 1]);
+        assert_eq!(repeats, [MAX_REPEATS, MAX_REPEATS, 1]);
+    }
+
+    #[test]
+    fn a_chunk_repeated_between_frames_of_a_pack_is_read_twice_at_most() {
+        // A pack's frames with the zero chunk (stored in another object)
+        // every third entry: more than RECENT_FRAMES fresh frames apart.
+        let mut entries = vec![entry(0, "packs/zero", 500, 20)];
+        for i in 0..30_u64 {
+            entries.push(entry(i as i64 + 1, "packs/a", i * 100, 100));
+            if i % 6 == 5 {
+                entries.push(entry(0, "packs/zero", 500, 20));
+            }
+        }
+        let length = entries.iter().map(|entry| entry.location.length).sum();
+        let pieces = run(Planner::new(0, length), entries);
+        let reads: Vec<_> = pieces.iter().map(read_of).collect();
+        // Read again once (the second time, it is kept), then never.
+        assert_eq!(
+            reads,
+            [
+                ("packs/zero", 500, 20, 1),
+                ("packs/a", 0, 600, 6),
+                ("packs/zero", 500, 20, 1),
+                ("packs/a", 600, 2400, 28)
+            ]
+        );
     }
 
     #[test]
@@ -1140,7 +1264,10 @@ mod tests {
                 let segments: Vec<(u64, bool)> = read
                     .segments
                     .iter()
-                    .map(|segment| (segment.length, segment.whole))
+                    .map(|segment| match segment {
+                        Segment::Object { length, whole, .. } => (*length, *whole),
+                        Segment::Remembered(_) => panic!("no repeats here"),
+                    })
                     .collect();
                 assert_eq!(segments, [(50, false), (100, true), (50, false)]);
             }
@@ -1154,18 +1281,18 @@ mod tests {
         let entries = (0..3).map(|i| entry(i, "chunks/z", 0, 100)).collect();
         let pieces = run(Planner::new(40, 260), entries);
         assert_eq!(read_of(&pieces[0]), ("chunks/z", 40, 60, 1));
-        assert_eq!(read_of(&pieces[1]), ("chunks/z", 0, 100, 1));
-        assert_eq!(
-            pieces[2],
-            Piece::Repeat {
-                location: ChunkLocation {
-                    object_key: "chunks/z".to_owned(),
-                    offset: 0,
-                    length: 100
-                },
-                count: 1
+        match &pieces[1] {
+            Piece::Read(read) => {
+                assert_eq!((read.offset, read.length), (0, 100));
+                assert!(matches!(
+                    read.segments[0],
+                    Segment::Object { whole: true, .. }
+                ));
+                assert!(matches!(read.segments[1], Segment::Remembered(_)));
+                assert_eq!(read.segments.len(), 2);
             }
-        );
-        assert_eq!(pieces.len(), 3);
+            other => panic!("a read expected, not {other:?}"),
+        }
+        assert_eq!(pieces.len(), 2);
     }
 }
