@@ -12,7 +12,9 @@
 //! its own task, so that storage latency overlaps the network: up to
 //! [`READ_AHEAD_BYTES`] of them, and at most [`READS_IN_FLIGHT`]. A chunk
 //! repeated nearby (a NAR of zeros is one chunk listed thousands of times)
-//! is read once and sent again from memory.
+//! is read once and sent again from memory, and one repeated between other
+//! frames (runs of zeros in a disk image) is read at most twice, then kept,
+//! without splitting the read it sits in.
 //!
 //! Memory per download is bounded whatever the NAR: a page of the chunk
 //! list, the plans of the reads in flight (at most [`MAX_READ_FRAMES`]
