@@ -63,6 +63,10 @@ pub enum ApiError {
     /// nothing wrong, and Nix and `larder push` retry it later.
     #[error("{0}")]
     InsufficientStorage(String),
+    /// A `Range` that selects no byte of a NAR of `size` bytes (answered
+    /// with `Content-Range: bytes */size`).
+    #[error("the requested range selects no byte of the {size} bytes of this NAR")]
+    RangeNotSatisfiable { size: u64 },
     #[error("no such endpoint")]
     NoSuchEndpoint,
     #[error("method not allowed here")]
@@ -94,6 +98,7 @@ impl ApiError {
             Self::TooManyUploads(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::PayloadTooLarge(_) | Self::QuotaExceeded(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
+            Self::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -115,6 +120,7 @@ impl ApiError {
             Self::TooManyUploads(_) => "TooManyUploads",
             Self::QuotaExceeded(_) => "QuotaExceeded",
             Self::InsufficientStorage(_) => "InsufficientStorage",
+            Self::RangeNotSatisfiable { .. } => "RangeNotSatisfiable",
             Self::NoSuchEndpoint => "NoSuchEndpoint",
             Self::MethodNotAllowed => "MethodNotAllowed",
             Self::Internal(_) => "InternalServerError",
@@ -149,6 +155,12 @@ impl IntoResponse for ApiError {
             message,
         };
         let mut response = (status, axum::Json(body)).into_response();
+        if let Self::RangeNotSatisfiable { size } = self {
+            // Digits and ASCII: always a valid header value.
+            if let Ok(value) = HeaderValue::try_from(format!("bytes */{size}")) {
+                response.headers_mut().insert(header::CONTENT_RANGE, value);
+            }
+        }
         if status == StatusCode::TOO_MANY_REQUESTS {
             response
                 .headers_mut()

@@ -30,6 +30,30 @@ impl Pusher {
         })
     }
 
+    /// Downloads `url` (relative to this pusher's cache, such as
+    /// `nar/….nar.zst`) once and returns the time to the first byte of its
+    /// body, the bytes received and the seconds the whole download took.
+    pub async fn download(&self, url: &str) -> Result<(Duration, u64, Duration)> {
+        let started = std::time::Instant::now();
+        let mut response = self
+            .http
+            .get(format!("{}/{}/{url}", self.url, self.cache))
+            .bearer_auth(&self.token)
+            .send()
+            .await?
+            .error_for_status()?;
+        let mut first_byte = None;
+        let mut bytes = 0_u64;
+        while let Some(chunk) = response.chunk().await? {
+            if !chunk.is_empty() && first_byte.is_none() {
+                first_byte = Some(started.elapsed());
+            }
+            bytes += chunk.len() as u64;
+        }
+        let first_byte = first_byte.ok_or("the download had an empty body")?;
+        Ok((first_byte, bytes, started.elapsed()))
+    }
+
     /// The `upload-path` metadata of `nar` as the path named `name` in this
     /// pusher's cache (see [`upload_info`]).
     pub fn info(&self, name: &str, nar: &[u8]) -> UploadPathNarInfo {

@@ -136,6 +136,94 @@ pub async fn seed_nar(
     for slice in nar.chunks(SEED_CHUNK_SIZE) {
         chunks.push(store_seed_chunk(storage, slice).await?);
     }
+    record_seeded_nar(
+        database,
+        cache_id,
+        store_path_hash,
+        metadata,
+        created_by,
+        nar,
+        &chunks,
+    )
+    .await
+}
+
+/// [`seed_nar`] with the NAR's frames written into pack objects
+/// (`packs/<sha256 hex of the pack>.pack`) of at most `pack_bytes` each
+/// (or one frame, when a frame is larger), in order, each chunk's location
+/// a range of its pack: the layout of packed storage (issue #16).
+#[allow(clippy::too_many_arguments)]
+pub async fn seed_packed_nar(
+    database: &Database,
+    storage: &dyn Storage,
+    cache_id: CacheId,
+    store_path_hash: StorePathHash,
+    metadata: ObjectMetadata,
+    created_by: &str,
+    nar: &[u8],
+    pack_bytes: usize,
+) -> Result<(Nar, Vec<ObjectKey>), SeedError> {
+    let mut chunks: Vec<StoredChunk> = Vec::new();
+    let mut pack: Vec<u8> = Vec::new();
+    // Chunks of the pack being filled: their hash, size, offset and length.
+    let mut in_pack: Vec<(Sha256Hash, u64, u64, u64)> = Vec::new();
+    let mut slices = nar.chunks(SEED_CHUNK_SIZE).peekable();
+    while let Some(slice) = slices.next() {
+        let frame = zstd::bulk::compress(slice, SEED_ZSTD_LEVEL)?;
+        in_pack.push((
+            Sha256Hash::digest(slice),
+            slice.len() as u64,
+            pack.len() as u64,
+            frame.len() as u64,
+        ));
+        pack.extend_from_slice(&frame);
+        let next_fits = slices.peek().is_some_and(|_| pack.len() < pack_bytes);
+        if !next_fits {
+            let key = format!("packs/{}.pack", Sha256Hash::digest(&pack).to_hex());
+            storage
+                .put(
+                    &ObjectKey::new(key.as_str())?,
+                    Bytes::from(std::mem::take(&mut pack)),
+                )
+                .await?;
+            chunks.extend(
+                in_pack
+                    .drain(..)
+                    .map(|(chunk_hash, chunk_size, offset, length)| StoredChunk {
+                        chunk_hash,
+                        chunk_size,
+                        location: ChunkLocation {
+                            object_key: key.clone(),
+                            offset,
+                            length,
+                        },
+                    }),
+            );
+        }
+    }
+    record_seeded_nar(
+        database,
+        cache_id,
+        store_path_hash,
+        metadata,
+        created_by,
+        nar,
+        &chunks,
+    )
+    .await
+}
+
+/// The rows of a seeded NAR whose chunks are stored: NAR hash and listing
+/// from its bytes, then [`record_seeded`].
+async fn record_seeded_nar(
+    database: &Database,
+    cache_id: CacheId,
+    store_path_hash: StorePathHash,
+    metadata: ObjectMetadata,
+    created_by: &str,
+    nar: &[u8],
+    chunks: &[StoredChunk],
+) -> Result<(Nar, Vec<ObjectKey>), SeedError> {
     let nar_hash = NarHash::from(Sha256Hash::digest(nar));
     let listing = match read_nar(nar, true) {
         Ok(summary) => summary
@@ -151,11 +239,11 @@ pub async fn seed_nar(
         metadata,
         created_by,
         (nar_hash, nar.len() as u64),
-        &chunks,
+        chunks,
         listing.as_ref(),
     )
     .await?;
-    Ok((nar_row, seed_chunk_keys(&chunks)?))
+    Ok((nar_row, seed_chunk_keys(chunks)?))
 }
 
 /// Compresses one slice into a zstd frame and stores it under
@@ -260,6 +348,9 @@ pub struct TestServer {
     ops_address: Option<SocketAddr>,
     database: Database,
     storage: Arc<LocalStorage>,
+    /// The configured storage (local, or S3 when the config says so),
+    /// uncounted: where seeding writes.
+    seed_storage: Arc<dyn Storage>,
     /// What the server asked of storage, when counted.
     storage_requests: Option<Arc<CountingStorage>>,
     signing_key: TokenSigningKey,
@@ -369,6 +460,7 @@ impl TestServer {
             .unwrap_or_else(|error| {
                 panic!("opening the server's storage: {}", error_chain(&error))
             });
+        let seed_storage = served_storage.clone();
         let storage_requests = options
             .count_storage
             .then(|| Arc::new(CountingStorage::new(served_storage.clone())));
@@ -414,6 +506,7 @@ impl TestServer {
             ops_address,
             database,
             storage,
+            seed_storage,
             storage_requests,
             signing_key,
             http,
@@ -550,12 +643,42 @@ impl TestServer {
 
         let (nar_row, chunk_keys) = seed_nar(
             &self.database,
-            self.storage.as_ref(),
+            self.seed_storage.as_ref(),
             cache.id,
             store_path_hash,
             metadata,
             "test-seed",
             nar,
+        )
+        .await
+        .unwrap_or_else(|error| panic!("seeding {store_path_hash}: {error}"));
+        SeededPath {
+            store_path_hash,
+            nar: nar_row,
+            chunk_keys,
+        }
+    }
+
+    /// [`seed_path`](Self::seed_path) with the NAR's frames in pack
+    /// objects of at most `pack_bytes` (see [`seed_packed_nar`]).
+    pub async fn seed_packed_path(
+        &self,
+        cache: &str,
+        metadata: ObjectMetadata,
+        nar: &[u8],
+        pack_bytes: usize,
+    ) -> SeededPath {
+        let cache = self.cache_row(cache).await;
+        let store_path_hash = store_path_hash_of(&metadata);
+        let (nar_row, chunk_keys) = seed_packed_nar(
+            &self.database,
+            self.seed_storage.as_ref(),
+            cache.id,
+            store_path_hash,
+            metadata,
+            "test-seed",
+            nar,
+            pack_bytes,
         )
         .await
         .unwrap_or_else(|error| panic!("seeding {store_path_hash}: {error}"));
@@ -580,7 +703,7 @@ impl TestServer {
     ) -> SeededPath {
         let cache = self.cache_row(cache).await;
         let store_path_hash = store_path_hash_of(&metadata);
-        let stored = store_seed_chunk(self.storage.as_ref(), chunk)
+        let stored = store_seed_chunk(self.seed_storage.as_ref(), chunk)
             .await
             .unwrap_or_else(|error| panic!("storing the chunk: {error}"));
         let nar_hash = NarHash::from(Sha256Hash::digest(

@@ -611,6 +611,56 @@ impl Database {
             .collect()
     }
 
+    /// Where the served byte `offset` of a NAR falls in its chunk list:
+    /// the `seq` of an entry at or before the one holding it, and the
+    /// served offset at which that entry starts. A reader seeking there
+    /// then skips at most `page` entries by their lengths.
+    ///
+    /// The list is summed by the database, `page` entries per statement
+    /// (only the count and the sum come back), so seeking costs about
+    /// `offset / (page × average frame)` round trips of bounded work and no
+    /// storage read; at most `n_chunks / page + 1` of them. An entry whose
+    /// chunk has no location (no longer stored) is an error: its length is
+    /// unknown, so no byte past it can be placed.
+    pub async fn seek_nar_chunks(
+        &self,
+        nar_id: NarId,
+        offset: u64,
+        page: u32,
+    ) -> Result<(u32, u64)> {
+        let sql = "SELECT COUNT(*) AS entries, COUNT(len) AS located, \
+                   CAST(COALESCE(SUM(len), 0) AS BIGINT) AS bytes FROM (\
+                   SELECT c.object_length AS len FROM nar_chunks nc \
+                   JOIN chunks c ON c.id = nc.chunk_id WHERE nc.nar_id = $1 AND nc.seq >= $2 \
+                   ORDER BY nc.seq LIMIT $3) page";
+        let (mut seq, mut start) = (0_u32, 0_u64);
+        loop {
+            let row = sqlx::query(sql)
+                .bind(nar_id.0)
+                .bind(i64::from(seq))
+                .bind(i64::from(page))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(query_error("summing a page of a NAR's chunk list"))?;
+            let entries = u32_col(&row, "entries")?;
+            if u32_col(&row, "located")? != entries {
+                return Err(DbError::NotFound {
+                    what: format!(
+                        "the location of a chunk listed by NAR {nar_id} from entry {seq} on"
+                    ),
+                });
+            }
+            let bytes = u64_col(&row, "bytes")?;
+            // Past this page only if the whole page ends at or before the
+            // offset and more entries may follow.
+            if entries < page || start + bytes > offset {
+                return Ok((seq, start));
+            }
+            seq += entries;
+            start += bytes;
+        }
+    }
+
     pub async fn chunk_by_hash(&self, chunk_hash: &Sha256Hash) -> Result<Option<Chunk>> {
         let sql = format!("SELECT {CHUNK_COLUMNS} FROM chunks WHERE chunk_hash = $1");
         let row = sqlx::query(&sql)
@@ -803,7 +853,12 @@ impl Database {
             })
             .collect();
         let rows = upsert_chunks_on(&mut tx, &new_chunks, at).await?;
+        // A chunk listed many times (a NAR of zeros) is stored once.
+        let mut marked = std::collections::HashSet::new();
         for (row, stored) in rows.iter().zip(chunks) {
+            if !marked.insert(row.id) {
+                continue;
+            }
             sqlx::query(
                 "UPDATE chunks SET state = 'valid', object_key = $2, object_offset = $3, \
                  object_length = $4 WHERE id = $1 AND state = 'pending'",

@@ -8,49 +8,36 @@
 //!
 //! What a read costs is bounded by what it returns. A NAR's headers need
 //! one database lookup (its row holds its served size), so a `HEAD` costs
-//! that and no more; its body walks the chunk list a page at a time and
-//! reads each frame from storage, a few ahead, once per run of repeats.
-//! The database's `valid` state is the truth: storage is not asked about
-//! every chunk first, and a chunk found missing mid-stream aborts the
-//! connection (an error in the body, never a complete 200 cut short), so
-//! that Nix retries or tries another cache. A `.ls` listing is read from
-//! the database, where the chunker stored it, never recomputed.
+//! that and no more; its body (`nar_body`) walks the chunk list a page at
+//! a time and reads frames from storage in a few long ranged reads. A
+//! `Range` request is answered 206 with those bytes alone (Nix resumes an
+//! interrupted download with one); reaching its start sums frame lengths
+//! in the database, without reading storage. The database's `valid` state
+//! is the truth: storage is not asked about every chunk first, and data
+//! found missing mid-stream aborts the connection (an error in the body,
+//! never a complete answer cut short), so that Nix retries or tries
+//! another cache. A `.ls` listing is read from the database, where the
+//! chunker stored it, never recomputed.
 
-use std::collections::{BTreeSet, VecDeque};
-use std::sync::Arc;
+use std::collections::BTreeSet;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures::future::{BoxFuture, Shared};
-use futures::stream::{self, Stream, TryStreamExt};
-use futures::FutureExt;
 
 use common::cache_name::CacheName;
-use common::db::{Cache, ChunkLocation, Database, DbError, Nar, NarId, ObjectWithNar, StoreState};
+use common::db::{Cache, NarId, ObjectWithNar};
 use common::nix::cache_info::NixCacheInfo;
 use common::nix::narinfo::{Compression, NarInfo};
 use common::nix::{base32, NarHash, Sha256Hash, StorePath, StorePathHash};
-use common::storage::{ObjectKey, Storage, StorageError};
 
+use super::nar_body::{nar_body, ByteRange};
 use crate::access::Caller;
 use crate::error::ApiError;
 use crate::extract::ApiPath;
 use crate::state::{AppState, ServedCache};
-
-/// How many chunk frames of a NAR are read ahead of the one being sent.
-const NAR_READ_AHEAD: usize = 4;
-
-/// Entries of a NAR's chunk list read per database round trip while it
-/// streams: the list of a NAR of any length is read in bounded memory.
-const CHUNK_LIST_PAGE: u32 = 1024;
-
-/// How many distinct frames a NAR download remembers after reading them,
-/// so that a chunk repeated nearby (a NAR of zeros is one chunk, listed
-/// once per 16 KiB at most) is read from storage once, not once per entry.
-const RECENT_FRAMES: usize = 4;
 
 const NAR_EXTENSION: &str = ".nar.zst";
 
@@ -222,14 +209,44 @@ fn signed_narinfo(served: &ServedCache, found: &ObjectWithNar) -> Result<NarInfo
     Ok(narinfo)
 }
 
-/// `GET|HEAD /{cache}/nar/{nar hash}.nar.zst`: the NAR's chunks, each a
-/// zstd frame, concatenated. The headers cost one database lookup; the
-/// body is read as it is sent (see the module documentation), and a chunk
-/// missing from storage aborts it.
+/// `GET /{cache}/nar/{nar hash}.nar.zst`: the NAR's chunks, each a zstd
+/// frame, concatenated; or one byte range of that (`Range: bytes=…`,
+/// answered 206). The headers cost one database lookup; the body is read
+/// as it is sent (see [`nar_body`]), and data missing from storage aborts
+/// it.
 pub async fn nar(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath((cache, file)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    // A range is only honoured unconditionally: `If-Range` names a
+    // validator, and NAR answers carry none, so it never matches.
+    let range = if headers.contains_key(header::IF_RANGE) {
+        None
+    } else {
+        headers.get(header::RANGE)
+    };
+    serve_nar(state, caller, cache, file, range).await
+}
+
+/// The NAR answer without its body's bytes, for `HEAD` (whose `Range`
+/// means nothing: a `HEAD` answers as the whole `GET` would).
+pub async fn nar_head(
+    state: AppState,
+    caller: Caller,
+    cache: String,
+    file: String,
+) -> Result<Response, ApiError> {
+    serve_nar(state, caller, cache, file, None).await
+}
+
+async fn serve_nar(
+    state: AppState,
+    caller: Caller,
+    cache: String,
+    file: String,
+    range: Option<&HeaderValue>,
 ) -> Result<Response, ApiError> {
     let name = parse_cache_name(&cache)?;
     let nar_hash = parse_nar_file_name(&file)?;
@@ -241,23 +258,123 @@ pub async fn nar(
         .map_err(ApiError::internal)?
         .ok_or(ApiError::NoSuchPath)?;
     state.access_log.record_nar(served.cache.id, nar.id);
-    let content_length = nar.file_size.ok_or_else(|| {
+    let file_size = nar.file_size.ok_or_else(|| {
         ApiError::internal(anyhow::anyhow!(
             "NAR {nar_hash} is valid but has no file size"
         ))
     })?;
-    let body = nar_body(state.database.clone(), state.storage.clone(), nar);
-    Ok((
-        [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/x-nix-nar"),
-            ),
-            (header::CONTENT_LENGTH, HeaderValue::from(content_length)),
-        ],
-        Body::from_stream(body),
-    )
-        .into_response())
+    // A valid NAR has at least one frame, of at least one byte.
+    let whole = file_size
+        .checked_sub(1)
+        .map(|last| ByteRange { first: 0, last })
+        .ok_or_else(|| {
+            ApiError::internal(anyhow::anyhow!("NAR {nar_hash} is valid but has no bytes"))
+        })?;
+    let range = match range.map(|value| parse_range(value.as_bytes(), file_size)) {
+        None | Some(RangeRequest::Ignored) => None,
+        Some(RangeRequest::Satisfiable(range)) => Some(range),
+        Some(RangeRequest::Unsatisfiable) => {
+            return Err(ApiError::RangeNotSatisfiable { size: file_size })
+        }
+    };
+    let body = Body::from_stream(nar_body(
+        state.database.clone(),
+        state.storage.clone(),
+        nar,
+        range.unwrap_or(whole),
+    ));
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-nix-nar"),
+    );
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    match range {
+        None => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(file_size));
+        }
+        Some(range) => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(range.len()));
+            let content_range = format!("bytes {}-{}/{file_size}", range.first, range.last);
+            // Digits, '-', '/' and a space: always a valid header value.
+            headers.insert(
+                header::CONTENT_RANGE,
+                HeaderValue::try_from(content_range).map_err(ApiError::internal)?,
+            );
+            *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+        }
+    }
+    Ok(response)
+}
+
+/// What a `Range` header asks of a NAR of a given size.
+#[derive(Debug, PartialEq, Eq)]
+enum RangeRequest {
+    /// Not a single byte range in a form this server reads (another unit,
+    /// several ranges, bad syntax): the whole NAR is sent, as RFC 9110
+    /// allows.
+    Ignored,
+    /// One range, cut to the NAR's end.
+    Satisfiable(ByteRange),
+    /// One range that selects no byte of the NAR: a 416.
+    Unsatisfiable,
+}
+
+/// Reads `bytes=FIRST-LAST`, `bytes=FIRST-` or `bytes=-SUFFIX` (RFC 9110
+/// §14.1.2) against a NAR of `size` bytes (never 0: a NAR has at least one
+/// frame).
+fn parse_range(value: &[u8], size: u64) -> RangeRequest {
+    let Ok(value) = std::str::from_utf8(value) else {
+        return RangeRequest::Ignored;
+    };
+    let Some((unit, spec)) = value.split_once('=') else {
+        return RangeRequest::Ignored;
+    };
+    if !unit.trim().eq_ignore_ascii_case("bytes") || spec.contains(',') {
+        return RangeRequest::Ignored;
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return RangeRequest::Ignored;
+    };
+    // Digits only; a number too long for u64 is past any NAR's end.
+    let number = |text: &str| {
+        (!text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| text.parse::<u64>().unwrap_or(u64::MAX))
+    };
+    match (number(first), last.is_empty(), number(last)) {
+        (Some(first), true, _) => {
+            if first >= size {
+                RangeRequest::Unsatisfiable
+            } else {
+                RangeRequest::Satisfiable(ByteRange {
+                    first,
+                    last: size - 1,
+                })
+            }
+        }
+        (Some(first), false, Some(last)) => {
+            if last < first || first >= size {
+                RangeRequest::Unsatisfiable
+            } else {
+                RangeRequest::Satisfiable(ByteRange {
+                    first,
+                    last: last.min(size - 1),
+                })
+            }
+        }
+        (None, false, Some(suffix)) if first.is_empty() => {
+            if suffix == 0 {
+                RangeRequest::Unsatisfiable
+            } else {
+                RangeRequest::Satisfiable(ByteRange {
+                    first: size - suffix.min(size),
+                    last: size - 1,
+                })
+            }
+        }
+        _ => RangeRequest::Ignored,
+    }
 }
 
 /// `<52 base-32 characters>.nar.zst`, anything else is a 400: names are
@@ -278,185 +395,6 @@ fn parse_nar_file_name(file: &str) -> Result<NarHash, ApiError> {
         .map_err(|_| invalid())
 }
 
-/// Why a NAR's body stopped before its end. Cloneable, so that a frame
-/// read once can be handed to every repeat of its chunk.
-#[derive(Debug, Clone, thiserror::Error)]
-enum NarBodyError {
-    #[error("reading the chunk list")]
-    Database(#[source] Arc<DbError>),
-    #[error("the chunk list does not match the NAR row: {0}")]
-    ChunkList(String),
-    #[error("reading chunk object {key}")]
-    Storage {
-        key: String,
-        #[source]
-        source: Arc<StorageError>,
-    },
-}
-
-/// The body of a NAR: its chunks' frames in order, read as it is sent,
-/// [`NAR_READ_AHEAD`] frames ahead (so that storage latency overlaps the
-/// network) with memory bounded by those and [`RECENT_FRAMES`]. Nothing is
-/// read until the body is polled, so a `HEAD` reads nothing. The first
-/// error is logged and ends the body with an error, which makes hyper drop
-/// the connection: the client sees a download cut short, never a
-/// complete response.
-fn nar_body(
-    database: Database,
-    storage: Arc<dyn Storage>,
-    nar: Nar,
-) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
-    let nar_hash = nar.nar_hash;
-    let mut recent = RecentFrames {
-        storage: storage.clone(),
-        frames: VecDeque::with_capacity(RECENT_FRAMES),
-    };
-    chunk_locations(database.clone(), nar)
-        .map_ok(move |location| recent.frame(location))
-        .try_buffered(NAR_READ_AHEAD)
-        .map_err(move |error| {
-            let missing = matches!(
-                &error,
-                NarBodyError::Storage { source, .. } if matches!(**source, StorageError::NotFound(_))
-            );
-            // A missing or short object withdraws the NARs of the chunks in
-            // it (this one included), so that Nix's retry finds the path
-            // gone and a push heals it.
-            if let NarBodyError::Storage { source, .. } = &error {
-                common::integrity::check_after_read_failure(&database, &storage, source);
-            }
-            let error = anyhow::Error::new(error);
-            if missing {
-                tracing::error!(
-                    %nar_hash,
-                    error = format!("{error:#}"),
-                    "a chunk of a valid NAR is missing from storage; aborting its download"
-                );
-            } else {
-                tracing::error!(
-                    %nar_hash,
-                    error = format!("{error:#}"),
-                    "reading a NAR failed mid-stream; aborting its download"
-                );
-            }
-            std::io::Error::other(error)
-        })
-}
-
-/// Where each chunk of a NAR is, in order, read from the database a page
-/// at a time. Checked against the NAR row as it goes: exactly `n_chunks`
-/// entries, numbered in order, each chunk stored, their frames adding up
-/// to `file_size` (the Content-Length already sent). A list that ends
-/// early (GC deleted the NAR meanwhile) is an error, not a short body.
-fn chunk_locations(
-    database: Database,
-    nar: Nar,
-) -> impl Stream<Item = Result<ChunkLocation, NarBodyError>> + Send + 'static {
-    struct Cursor {
-        database: Database,
-        nar_id: NarId,
-        n_chunks: u32,
-        file_size: Option<u64>,
-        next_seq: u32,
-        bytes: u64,
-    }
-    let cursor = Cursor {
-        database,
-        nar_id: nar.id,
-        n_chunks: nar.n_chunks,
-        file_size: nar.file_size,
-        next_seq: 0,
-        bytes: 0,
-    };
-    stream::try_unfold(cursor, |mut cursor| async move {
-        if cursor.next_seq == cursor.n_chunks {
-            if Some(cursor.bytes) != cursor.file_size {
-                return Err(NarBodyError::ChunkList(format!(
-                    "its frames add up to {} bytes, not {:?}",
-                    cursor.bytes, cursor.file_size
-                )));
-            }
-            return Ok(None);
-        }
-        let page = cursor
-            .database
-            .chunks_of_nar_from(cursor.nar_id, cursor.next_seq, CHUNK_LIST_PAGE)
-            .await
-            .map_err(|error| NarBodyError::Database(Arc::new(error)))?;
-        if page.is_empty() {
-            return Err(NarBodyError::ChunkList(format!(
-                "it ends after {} of {} entries",
-                cursor.next_seq, cursor.n_chunks
-            )));
-        }
-        let mut locations = Vec::with_capacity(page.len());
-        for entry in page {
-            if entry.seq != cursor.next_seq || entry.seq >= cursor.n_chunks {
-                return Err(NarBodyError::ChunkList(format!(
-                    "entry {} where {} of {} was expected",
-                    entry.seq, cursor.next_seq, cursor.n_chunks
-                )));
-            }
-            let location = match (entry.chunk.state, entry.chunk.location) {
-                (StoreState::Valid, Some(location)) => location,
-                (state, _) => {
-                    return Err(NarBodyError::ChunkList(format!(
-                        "entry {} is a chunk in state {state}",
-                        entry.seq
-                    )))
-                }
-            };
-            cursor.bytes += location.length;
-            cursor.next_seq += 1;
-            locations.push(location);
-        }
-        Ok(Some((locations, cursor)))
-    })
-    .map_ok(|page| stream::iter(page.into_iter().map(Ok)))
-    .try_flatten()
-}
-
-/// A chunk frame being read, or read: shared by every entry that repeats
-/// the chunk while it is remembered.
-type Frame = Shared<BoxFuture<'static, Result<Bytes, NarBodyError>>>;
-
-/// The frames a download read last, by location.
-struct RecentFrames {
-    storage: Arc<dyn Storage>,
-    /// Oldest first, at most [`RECENT_FRAMES`].
-    frames: VecDeque<(ChunkLocation, Frame)>,
-}
-
-impl RecentFrames {
-    /// The frame at `location`: one remembered, or a new read (which is
-    /// remembered in place of the oldest).
-    fn frame(&mut self, location: ChunkLocation) -> Frame {
-        if let Some((_, frame)) = self.frames.iter().find(|(seen, _)| *seen == location) {
-            return frame.clone();
-        }
-        let storage = self.storage.clone();
-        let read = location.clone();
-        let frame = async move {
-            let storage_error = |source| NarBodyError::Storage {
-                key: read.object_key.clone(),
-                source: Arc::new(source),
-            };
-            let key = ObjectKey::new(read.object_key.as_str()).map_err(storage_error)?;
-            storage
-                .get_bytes(&key, read.offset, read.length)
-                .await
-                .map_err(storage_error)
-        }
-        .boxed()
-        .shared();
-        if self.frames.len() == RECENT_FRAMES {
-            self.frames.pop_front();
-        }
-        self.frames.push_back((location, frame.clone()));
-        frame
-    }
-}
-
 /// The `.ls` listing of a NAR, as the chunker stored it. A NAR without one
 /// (stored before listings were kept, or with a listing over the chunker's
 /// budget) is a 404, as for a path that is not there: Nix reads that as
@@ -473,4 +411,71 @@ async fn nar_listing(state: &AppState, nar_id: NarId) -> Result<Vec<u8>, ApiErro
         .await
         .map_err(ApiError::internal)?
         .map_err(ApiError::internal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(first: u64, last: u64) -> RangeRequest {
+        RangeRequest::Satisfiable(ByteRange { first, last })
+    }
+
+    #[test]
+    fn single_byte_ranges_are_read_and_cut_to_the_end() {
+        let size = 1000;
+        for (header, expected) in [
+            ("bytes=0-0", range(0, 0)),
+            ("bytes=0-999", range(0, 999)),
+            ("bytes=10-19", range(10, 19)),
+            ("bytes=500-", range(500, 999)),
+            ("bytes=500-5000", range(500, 999)),
+            ("bytes=-1", range(999, 999)),
+            ("bytes=-1000", range(0, 999)),
+            ("bytes=-5000", range(0, 999)),
+            ("Bytes = 1-2", range(1, 2)),
+            ("bytes=1-99999999999999999999999", range(1, 999)),
+        ] {
+            assert_eq!(parse_range(header.as_bytes(), size), expected, "{header}");
+        }
+    }
+
+    #[test]
+    fn ranges_selecting_nothing_are_unsatisfiable() {
+        for header in [
+            "bytes=1000-",
+            "bytes=1000-1000",
+            "bytes=5-4",
+            "bytes=-0",
+            "bytes=99999999999999999999999-",
+        ] {
+            assert_eq!(
+                parse_range(header.as_bytes(), 1000),
+                RangeRequest::Unsatisfiable,
+                "{header}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_forms_are_ignored_and_the_whole_nar_is_sent() {
+        for header in [
+            "bytes=0-1,5-6",
+            "items=0-1",
+            "bytes=",
+            "bytes=-",
+            "bytes=a-b",
+            "bytes=1",
+            "bytes=+1-2",
+            "bytes=--1",
+            "0-1",
+        ] {
+            assert_eq!(
+                parse_range(header.as_bytes(), 1000),
+                RangeRequest::Ignored,
+                "{header}"
+            );
+        }
+        assert_eq!(parse_range(b"bytes=\xff-1", 1000), RangeRequest::Ignored);
+    }
 }

@@ -4,6 +4,7 @@ mod binary_cache;
 mod cache_config;
 mod delete_paths;
 mod landing;
+mod nar_body;
 mod push_attic;
 mod push_nix;
 mod uploads;

@@ -114,7 +114,7 @@ pub async fn head_nar(
             return Err(ApiError::NoSuchPath);
         }
     }
-    binary_cache::nar(State(state), caller, ApiPath((cache, file))).await
+    binary_cache::nar_head(state, caller, cache, file).await
 }
 
 /// Whether the staged file is still usable: its NAR is in staging (a

@@ -14,6 +14,9 @@
 //! bench_push --url URL --token TOKEN --cache NAME large NAR_FILE...
 //! bench_push --url URL --token TOKEN --cache NAME small COUNT JOBS SOURCE_DIR
 //! bench_push --url URL --token TOKEN --cache NAME door FILE
+//! bench_push --url URL --token TOKEN --cache NAME download NAR_URL COUNT
+//! bench_push make-nar OUT SOURCE_DIR MIB
+//! bench_push seed-packed CONFIG CACHE SOURCE_DIR MIB PACK_MIB
 //! ```
 //!
 //! `large` pushes each NAR file as one path, one after the other, and
@@ -25,12 +28,29 @@
 //! one regular file (so it is new to the server) with `X-Larder-Wait: 0`,
 //! which the server answers once the NAR is verified and spooled, and
 //! prints `DOOR_SECONDS=…` and `DOOR_BYTES=…` (the NAR's size).
+//! `large` also prints each NAR's URL relative to its cache,
+//! `LARGE_NAR_URL_<i>=nar/….nar.zst`. `make-nar` writes to OUT a NAR of one
+//! regular file holding the first MIB MiB of the regular files under
+//! SOURCE_DIR (real data, which compresses as real data does), and
+//! `download` fetches NAR_URL (relative to the cache) COUNT times, one after
+//! the other, printing `DOWNLOAD_FIRST_BYTE_MS_<i>=…` (to the first byte
+//! of the body, not of the head), `DOWNLOAD_BYTES_<i>=…` and
+//! `DOWNLOAD_SECONDS_<i>=…`, for `ops/bench-s3.sh`. `seed-packed` writes
+//! a NAR of one file (the line `packed`, then the first MIB MiB of the
+//! regular files under SOURCE_DIR: the same data as `make-nar`'s, in
+//! other chunks) as the path `bench-packed` of CACHE straight through the
+//! store layer of the server whose config is CONFIG (its database and
+//! storage, local or S3), cut into 64 KiB chunks whose frames are written
+//! in pack objects of PACK_MIB MiB (the layout of issue #16's packs), and
+//! prints `PACKED_NAR_URL=…` and `PACKED_NAR_SHA256=…`: a packed NAR to
+//! read back before the push pipeline writes packs itself.
 //! Output on stdout: `KEY=VALUE` lines; progress on stderr.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use common::nix::Sha256Hash;
 use tests::server::pseudo_random;
 
 use tests::bench::{single_file_nar, Pusher, Result};
@@ -72,6 +92,7 @@ async fn push_large(pusher: &Pusher, files: &[PathBuf]) -> Result<()> {
         let nar = std::fs::read(file)?;
         let size = nar.len();
         let info = pusher.info(&format!("bench-large-{index}"), &nar);
+        let url = format!("nar/{}.nar.zst", Sha256Hash::digest(&nar).to_base32());
         let started = Instant::now();
         pusher.push_as(&info, nar).await?;
         let seconds = started.elapsed().as_secs_f64();
@@ -81,6 +102,7 @@ async fn push_large(pusher: &Pusher, files: &[PathBuf]) -> Result<()> {
             size as f64 / f64::from(1 << 20)
         );
         println!("LARGE_SECONDS_{index}={seconds:.3}");
+        println!("LARGE_NAR_URL_{index}={url}");
     }
     Ok(())
 }
@@ -153,18 +175,90 @@ async fn push_small(pusher: Arc<Pusher>, count: usize, jobs: usize, source: &Pat
     Ok(())
 }
 
+async fn seed_packed(config: &Path, cache: &str, nar: &[u8], pack_bytes: usize) -> Result<()> {
+    let config = common::config::ServerConfig::load(config)?;
+    let database = common::db::Database::connect(config.database.url.expose()).await?;
+    let storage = common::storage::open(&config.storage).await?;
+    let cache = database
+        .cache_by_name(&cache.parse()?)
+        .await?
+        .ok_or_else(|| format!("no cache {cache}"))?;
+    let hash = tests::bench::store_path_hash_for("bench-packed");
+    let store_path_hash = common::nix::StorePathHash::parse(&hash)?;
+    let metadata = common::db::ObjectMetadata {
+        store_path: format!("{}/{hash}-bench-packed", cache.store_dir.as_str()),
+        references: Vec::new(),
+        deriver: None,
+        system: None,
+        sigs: Vec::new(),
+        ca: None,
+    };
+    let started = Instant::now();
+    let (row, _) = tests::server::seed_packed_nar(
+        &database,
+        storage.as_ref(),
+        cache.id,
+        store_path_hash,
+        metadata,
+        "bench-push",
+        nar,
+        pack_bytes,
+    )
+    .await?;
+    eprintln!(
+        "bench_push: seeded {} chunks in packs of {} MiB in {:.1?}",
+        row.n_chunks,
+        pack_bytes >> 20,
+        started.elapsed()
+    );
+    println!(
+        "PACKED_NAR_URL=nar/{}.nar.zst",
+        row.nar_hash.sha256().to_base32()
+    );
+    println!("PACKED_NAR_SHA256={}", row.nar_hash.sha256().to_hex());
+    Ok(())
+}
+
 fn usage() -> ! {
     eprintln!(
         "usage: bench_push --url URL --token TOKEN --cache NAME large NAR_FILE...\n       \
          bench_push --url URL --token TOKEN --cache NAME small COUNT JOBS SOURCE_DIR\n       \
-         bench_push --url URL --token TOKEN --cache NAME door FILE"
+         bench_push --url URL --token TOKEN --cache NAME door FILE\n       \
+         bench_push --url URL --token TOKEN --cache NAME download NAR_URL COUNT\n       \
+         bench_push make-nar OUT SOURCE_DIR MIB\n       \
+         bench_push seed-packed CONFIG CACHE SOURCE_DIR MIB PACK_MIB"
     );
     std::process::exit(2)
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let mut args = std::env::args().skip(1);
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    if let [mode, out, source, mib] = &all[..] {
+        if mode == "make-nar" {
+            let Ok(mib) = mib.parse::<usize>() else {
+                usage()
+            };
+            let contents = real_bytes(Path::new(source), mib << 20)?;
+            if contents.len() < mib << 20 {
+                return Err(format!("{source} holds fewer than {mib} MiB of files").into());
+            }
+            std::fs::write(out, single_file_nar(&contents)?)?;
+            return Ok(());
+        }
+    }
+    if let [mode, config, cache, source, mib, pack_mib] = &all[..] {
+        if mode == "seed-packed" {
+            let (Ok(mib), Ok(pack_mib)) = (mib.parse::<usize>(), pack_mib.parse::<usize>()) else {
+                usage()
+            };
+            let mut contents = b"packed\n".to_vec();
+            contents.extend(real_bytes(Path::new(source), mib << 20)?);
+            let nar = single_file_nar(&contents)?;
+            return seed_packed(Path::new(config), cache, &nar, pack_mib << 20).await;
+        }
+    }
+    let mut args = all.into_iter();
     let (mut url, mut token, mut cache) = (None, None, None);
     let mut rest = Vec::new();
     while let Some(arg) = args.next() {
@@ -191,6 +285,21 @@ async fn main() -> Result<()> {
             push_small(pusher, count, jobs, Path::new(source)).await
         }
         Some((mode, [file])) if mode == "door" => push_door(&pusher, Path::new(file)).await,
+        Some((mode, [url, count])) if mode == "download" => {
+            let Ok(count) = count.parse::<usize>() else {
+                usage()
+            };
+            for index in 0..count {
+                let (first_byte, bytes, total) = pusher.download(url).await?;
+                println!(
+                    "DOWNLOAD_FIRST_BYTE_MS_{index}={:.1}",
+                    first_byte.as_secs_f64() * 1000.0
+                );
+                println!("DOWNLOAD_BYTES_{index}={bytes}");
+                println!("DOWNLOAD_SECONDS_{index}={:.3}", total.as_secs_f64());
+            }
+            Ok(())
+        }
         _ => usage(),
     }
 }
