@@ -278,7 +278,7 @@ async fn empty_and_unrecorded_packs_are_deleted(backend: Backend, store: Store) 
     assert_eq!(fresh.orphans_removed, 0, "{fresh:?}");
     assert_eq!(
         rig.chunk_objects().await,
-        [stray.clone()],
+        std::slice::from_ref(&stray),
         "the stray pack waits out orphan-grace"
     );
     let aged = rig
@@ -323,7 +323,7 @@ async fn a_store_of_per_chunk_objects_is_repacked(backend: Backend, store: Store
             count
         }
     };
-    assert!(unpacked(&server).await > 1, "the seeded path is per chunk");
+    assert!(unpacked(server).await > 1, "the seeded path is per chunk");
 
     let output = tokio::process::Command::new(tests::server::binary("gc-scheduler"))
         .arg("--config")
@@ -338,7 +338,7 @@ async fn a_store_of_per_chunk_objects_is_repacked(backend: Backend, store: Store
         "{output:?}"
     );
     assert_eq!(
-        unpacked(&server).await,
+        unpacked(server).await,
         0,
         "every chunk is in a pack: {printed}"
     );
