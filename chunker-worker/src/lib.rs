@@ -22,7 +22,7 @@
 //!   API verified) and builds its `.ls` listing within a budget.
 //!   Chunks are looked up and created in batches of about
 //!   [`LOOKUP_BATCH_BYTES`], and the new ones go out in [`CompressJob`]s of
-//!   about one pack each (`PACK_TARGET_BYTES` of chunk data: the
+//!   about one pack each (`[pipeline] pack-size` of chunk data: the
 //!   compressor writes a job's frames into one pack object) as soon as
 //!   there are that many, so compression overlaps cutting. Then the
 //!   listing is stored (compressed) and the chunk list recorded, in that
@@ -64,7 +64,6 @@ use common::nix::nar::{NarError, NarReader};
 use common::nix::{NarHash, Sha256Hash};
 use common::queue::{publish_job, ChunkJob, ChunkRange, CompressJob, Queue, QueueError};
 use common::service::{self, ServiceError, Services};
-use common::storage::pack::PACK_TARGET_BYTES;
 use common::storage::{ObjectKey, Storage, StorageError};
 use common::worker::{self, finalise_nar, staged_object_key, JobError, JobHandler};
 
@@ -110,6 +109,7 @@ pub async fn run_with(
         storage: services.storage,
         queue: services.queue.clone(),
         compression_level: config.compression_level,
+        pack_size: config.pack_size.bytes(),
     });
     worker::consume(
         services.queue,
@@ -129,6 +129,8 @@ pub struct Chunker {
     pub queue: Arc<dyn Queue>,
     /// The zstd level of the chunks of small NARs, which it stores itself.
     pub compression_level: i32,
+    /// New chunk data per compress job (`[pipeline] pack-size`).
+    pub pack_size: u64,
 }
 
 #[async_trait]
@@ -295,7 +297,7 @@ impl Chunker {
                 upload.nar_hash, upload.nar_size
             )));
         }
-        let mut job = PackJob::default();
+        let mut job = PackJob::new(self.pack_size);
         for range in missing {
             if let Some(full) = job.add(range) {
                 self.publish(nar_id, staged, full, trace_id).await?;
@@ -328,7 +330,7 @@ impl Chunker {
         let cutter =
             tokio::task::spawn_blocking(move || cut(SyncIoBridge::new(reader), nar_size, &sender));
 
-        let mut listed = ListedSoFar::default();
+        let mut listed = ListedSoFar::new(self.pack_size);
         let mut batch: Vec<CutChunk> = Vec::new();
         let mut batch_bytes = 0;
         while let Some(chunk) = receiver.recv().await {
@@ -454,28 +456,47 @@ impl Chunker {
 
 /// What cutting a NAR has recorded so far: its chunk list, the chunks sent
 /// to compressors, and the compress job being gathered.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct ListedSoFar {
     chunk_ids: Vec<ChunkId>,
     published: HashSet<ChunkId>,
     job: PackJob,
 }
 
+impl ListedSoFar {
+    fn new(pack_size: u64) -> Self {
+        Self {
+            chunk_ids: Vec::new(),
+            published: HashSet::new(),
+            job: PackJob::new(pack_size),
+        }
+    }
+}
+
 /// The new chunks of a NAR being gathered into one compress job, whose
 /// frames become one pack.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct PackJob {
     ranges: Vec<ChunkRange>,
     bytes: u64,
+    pack_size: u64,
 }
 
 impl PackJob {
-    /// Adds a chunk; once the job holds [`PACK_TARGET_BYTES`], returns its
+    fn new(pack_size: u64) -> Self {
+        Self {
+            ranges: Vec::new(),
+            bytes: 0,
+            pack_size,
+        }
+    }
+
+    /// Adds a chunk; once the job holds `pack_size` bytes, returns its
     /// chunks and starts over.
     fn add(&mut self, range: ChunkRange) -> Option<Vec<ChunkRange>> {
         self.bytes += range.length;
         self.ranges.push(range);
-        (self.bytes >= PACK_TARGET_BYTES).then(|| {
+        (self.bytes >= self.pack_size).then(|| {
             self.bytes = 0;
             std::mem::take(&mut self.ranges)
         })

@@ -338,6 +338,11 @@ pub struct PipelineConfig {
     pub compress_concurrency: u32,
     /// The zstd level of each stored chunk.
     pub compression_level: i32,
+    /// How much new chunk data (uncompressed) one compress job, and so one
+    /// pack object, holds: fewer, larger packs cost fewer storage
+    /// requests; smaller ones spread a NAR over more compressors and bound
+    /// what a compressor buffers for S3 (one pack per job in progress).
+    pub pack_size: ByteSize,
     /// Deliveries of a job that fails for a passing reason (database,
     /// storage or queue unreachable) before its uploads are marked failed;
     /// the waits between them double from one second up to a minute.
@@ -359,6 +364,7 @@ impl Default for PipelineConfig {
             chunk_concurrency: 4,
             compress_concurrency: u32::try_from(cores.saturating_mul(2)).unwrap_or(2),
             compression_level: 3,
+            pack_size: ByteSize::new(32 << 20),
             job_attempts: 8,
             stuck_after: HumanDuration::from_secs(10 * 60),
             max_upload_attempts: 5,
@@ -717,6 +723,13 @@ impl ServerConfig {
             }
         }
         self.gc.validate()?;
+        let pack_size = self.pipeline.pack_size.bytes();
+        if !(1 << 20..=1 << 30).contains(&pack_size) {
+            return Err(ConfigError::Invalid(format!(
+                "pipeline.pack-size must be between 1 MiB and 1 GiB, not {}",
+                self.pipeline.pack_size
+            )));
+        }
         self.http.validate()?;
         self.ingest.validate()?;
         if let QueueConfig::Amqp { url, ca_file } = &self.queue {
@@ -1141,6 +1154,16 @@ mod tests {
             .expect_err(url);
             assert!(error.to_string().contains(expected), "{error}");
             assert!(!error.to_string().contains("hunter2"), "{error}");
+        }
+    }
+
+    #[test]
+    fn pack_size_is_bounded() {
+        let config = load(MINIMAL, &[("LARDER_PIPELINE__PACK_SIZE", "4 MiB")]).expect("4 MiB");
+        assert_eq!(config.pipeline.pack_size.bytes(), 4 << 20);
+        for bad in ["512 KiB", "2 GiB"] {
+            let error = load(MINIMAL, &[("LARDER_PIPELINE__PACK_SIZE", bad)]).expect_err(bad);
+            assert!(error.to_string().contains("pipeline.pack-size"), "{error}");
         }
     }
 

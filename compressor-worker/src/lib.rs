@@ -1,8 +1,8 @@
 //! Consumes compress jobs: the new chunks of a NAR compressed into one
 //! pack object, and the finalisation that makes a NAR visible.
 //!
-//! For each [`CompressJob`] (up to `common::storage::pack::PACK_TARGET_BYTES`
-//! of new chunks, as the chunker cuts them) the [`Compressor`] skips the
+//! For each [`CompressJob`] (up to `[pipeline] pack-size` of new chunks, as
+//! the chunker cuts them) the [`Compressor`] skips the
 //! chunks that are valid already (a redelivered job, or another NAR's job
 //! stored them), reads the others' byte ranges from the staged NAR
 //! (adjacent ranges in one read, a few MiB at a time), checks each against

@@ -531,6 +531,7 @@ async fn redelivered_jobs_change_nothing(rig: &Rig) {
         storage: rig.storage.clone(),
         queue: rig.queue.clone(),
         compression_level: 3,
+        pack_size: 32 << 20,
     };
     chunker
         .handle(&chunk_job(&upload))

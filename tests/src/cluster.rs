@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::auth::{Permission, TokenSigningKey};
+use common::byte_size::ByteSize;
 use common::config::{
     AuthConfig, DatabaseConfig, GcConfig, HttpConfig, IngestConfig, LogConfig, OpsConfig,
     PipelineConfig, QueueConfig, QuotaConfig, S3Config, Secret, ServerConfig, StorageConfig,
@@ -135,6 +136,9 @@ impl Default for ClusterOptions {
                 stuck_after: HumanDuration::from_secs(15),
                 max_upload_attempts: 20,
                 reconcile_interval: HumanDuration::from_secs(1),
+                // Several compress jobs per pushed path, so that a fault
+                // test finds compressors in the middle of one.
+                pack_size: ByteSize::new(4 << 20),
                 ..PipelineConfig::default()
             },
             ingest: IngestConfig::default(),

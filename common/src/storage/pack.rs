@@ -19,7 +19,8 @@ pub const PACK_PREFIX: &str = "packs";
 /// How much uncompressed chunk data goes into one pack when there is that
 /// much to store: about 28 MiB of frames at zstd level 3, so a GiB of new
 /// NAR costs about 37 puts, and a pack buffered for S3 stays a bounded
-/// part of a worker's memory.
+/// part of a worker's memory. GC's compaction writes packs of this size;
+/// the pipeline's `[pipeline] pack-size` defaults to it.
 pub const PACK_TARGET_BYTES: u64 = 32 << 20;
 
 /// A fresh, unique pack key: random, so that two writers never share one
