@@ -7,14 +7,19 @@
 # timing.
 #
 #   ops/bench-s3.sh [--nar-mib N] [--nar-source DIR] [--delay-ms N]
-#                   [--downloads N] [--pack-mib N] [--ingest-api PATH]
-#                   [--perf DIR] [--out FILE] [--no-build] [--keep]
+#                   [--downloads N] [--pack-mib N] [--staging local|s3]
+#                   [--ingest-api PATH] [--perf DIR] [--out FILE]
+#                   [--no-build] [--keep]
 #
 # What it reports, in one run:
 #   1. S3 requests per GiB pushed (target <= 64): a NAR of --nar-mib MiB
 #      (default 2048) pushed through Attic's `upload-path` until visible,
 #      every request counted, by kind (staging the upload, reading it back,
-#      storing chunks, deleting the staged copy), with no added delay.
+#      storing chunks, deleting the staged copy), with no added delay. By
+#      default the S3 server stages in a local directory (`[storage]
+#      staging-path`, as a single-machine server on S3 should), so only
+#      packs reach the bucket; --staging s3 stages in the bucket, as the
+#      distributed topology must.
 #   2. S3 requests per GiB served (target <= 64): one download of that NAR,
 #      with the delay.
 #   3. Time to first byte of that NAR's body (target <= 3 round trips on
@@ -69,6 +74,7 @@ downloads=3
 server_bin=
 perf_dir=
 pack_mib=32
+staging=local
 out=
 build=1
 keep=0
@@ -82,6 +88,7 @@ while (($#)); do
         --ingest-api) server_bin=${2:?}; shift 2 ;;
         --perf) perf_dir=${2:?}; shift 2 ;;
         --pack-mib) pack_mib=${2:?}; shift 2 ;;
+        --staging) staging=${2:?}; shift 2 ;;
         --out) out=${2:?}; shift 2 ;;
         --no-build) build=0; shift ;;
         --keep) keep=1; shift ;;
@@ -93,6 +100,7 @@ for number in "$nar_mib" "$downloads"; do
 done
 [[ $delay_ms =~ ^[0-9]+$ ]] || die "--delay-ms: expected a whole number, got '$delay_ms'"
 [[ $pack_mib =~ ^[0-9]+$ ]] || die "--pack-mib: expected a whole number, got '$pack_mib'"
+[[ $staging == local || $staging == s3 ]] || die "--staging: expected local or s3, got '$staging'"
 [[ -d $nar_source ]] || die "--nar-source $nar_source is not a directory"
 started_at=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 if [[ -z $out ]]; then
@@ -153,13 +161,17 @@ start_server() {
     "$server_bin" --config "$dir/server.toml" --mode migrate >/dev/null
     if [[ $storage == s3 ]]; then
         # The [storage] section written on first start, replaced.
+        local staging_line=
+        [[ $staging == local ]] && staging_line="staging-path = \"$dir/staging\""
         awk -v endpoint="http://$HOST:$proxy_port" -v region="$LARDER_TEST_S3_REGION" \
+            -v staging_line="$staging_line" \
             -v bucket="$LARDER_TEST_S3_BUCKET" -v key="$LARDER_TEST_S3_ACCESS_KEY_ID" \
             -v secret="$LARDER_TEST_S3_SECRET_ACCESS_KEY" '
             /^\[storage\]$/ { print; print "type = \"s3\""; print "endpoint = \"" endpoint "\"";
                 print "region = \"" region "\""; print "bucket = \"" bucket "\"";
                 print "access-key-id = \"" key "\""; print "secret-access-key = \"" secret "\"";
-                print "prefix = \"bench-s3/\""; skip = 1; next }
+                print "prefix = \"bench-s3/\"";
+                if (staging_line != "") print staging_line; skip = 1; next }
             /^\[/ { skip = 0 }
             !skip { print }' "$dir/server.toml" >"$dir/server.toml.new"
         mv "$dir/server.toml.new" "$dir/server.toml"
@@ -211,7 +223,7 @@ read_vars() {
     done <"$1"
 }
 
-say "pushing the NAR to the S3 server (requests counted, no delay)"
+say "pushing the NAR to the S3 server (staging: $staging; requests counted, no delay)"
 reset_counts
 "$bin/bench_push" --url "$s3_url" --token "$s3_token" --cache "$cache" large "$nar" >"$work/push-s3.vars"
 # The staged copy is deleted right after the path is visible.
@@ -373,7 +385,7 @@ report=$work/report.txt
     echo "machine: $(nproc) cores, $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r)"
     echo "larder: $(git -C "$repo" rev-parse --short HEAD)$(git -C "$repo" diff --quiet HEAD -- ingest-api common 2>/dev/null || echo '+changes'), server binary $server_bin"
     echo "NAR: one file of the first $nar_mib MiB of files under $nar_source, $nar_bytes bytes"
-    echo "S3: Garage 1 node on loopback behind s3_proxy; ${delay_ms} ms added to every request while serving (none while pushing)"
+    echo "S3: Garage 1 node on loopback behind s3_proxy; ${delay_ms} ms added to every request while serving (none while pushing); staging: $staging"
     echo "load average (1, 5, 15 min) before the runs: $load_before; after: $load_after (above ~1 means other work shared the $(nproc) cores)"
     echo
     row "" value target ""
