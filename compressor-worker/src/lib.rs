@@ -38,7 +38,7 @@ use common::nix::Sha256Hash;
 use common::queue::{ChunkRange, CompressJob, QueueError};
 use common::service::{self, ServiceError, Services};
 use common::storage::pack::{PackWriter, PackedRange};
-use common::storage::{ObjectKey, ObjectReader, Storage, StorageError};
+use common::storage::{adjacent_runs, ObjectKey, ObjectReader, Storage, StorageError};
 use common::worker::{self, finalise_nar, staged_object_key, JobError, JobHandler};
 use tokio::io::AsyncReadExt;
 
@@ -305,25 +305,9 @@ fn run_length(chunks: &[(ChunkRange, Chunk)], start: u64) -> u64 {
 /// other, each read from storage in one request: at most `max_bytes`, or
 /// one chunk if that is bigger.
 fn read_pieces(chunks: &[(ChunkRange, Chunk)], max_bytes: u64) -> Vec<&[(ChunkRange, Chunk)]> {
-    let mut pieces = Vec::new();
-    let mut start = 0;
-    let mut bytes = 0;
-    for (i, (range, _)) in chunks.iter().enumerate() {
-        let follows = i > start && {
-            let previous = chunks[i - 1].0;
-            range.offset == previous.offset + previous.length
-        };
-        if i > start && (!follows || bytes + range.length > max_bytes) {
-            pieces.push(&chunks[start..i]);
-            start = i;
-            bytes = 0;
-        }
-        bytes += range.length;
-    }
-    if start < chunks.len() {
-        pieces.push(&chunks[start..]);
-    }
-    pieces
+    adjacent_runs(chunks, max_bytes, |(range, _)| {
+        Some((range.offset, range.length))
+    })
 }
 
 /// Checks each chunk's bytes against its row and compresses them into one

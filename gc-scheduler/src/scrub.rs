@@ -44,7 +44,7 @@ use common::db::{Chunk, DamagedChunk, Database};
 use common::integrity::{self, FoundBy};
 use common::metrics::larder;
 use common::nix::Sha256Hash;
-use common::storage::{ObjectKey, Storage};
+use common::storage::{adjacent_runs, ObjectKey, Storage};
 
 use crate::gc::{GcError, GcLock};
 
@@ -288,25 +288,12 @@ async fn scrub_object(
 /// adjacent frames, each at most [`RUN_BYTES`] unless one frame alone is
 /// larger.
 fn runs(chunks: &[Chunk]) -> Vec<&[Chunk]> {
-    let mut runs = Vec::new();
-    let mut first = 0;
-    for i in 1..=chunks.len() {
-        let ends_here = match (chunks.get(i), span(&chunks[first..i])) {
-            (None, _) => true,
-            (Some(next), (start, length)) => match &next.location {
-                Some(location) => {
-                    location.offset != start + length
-                        || length.saturating_add(location.length) > RUN_BYTES
-                }
-                None => true,
-            },
-        };
-        if ends_here {
-            runs.push(&chunks[first..i]);
-            first = i;
-        }
-    }
-    runs
+    adjacent_runs(chunks, RUN_BYTES, |chunk| {
+        chunk
+            .location
+            .as_ref()
+            .map(|location| (location.offset, location.length))
+    })
 }
 
 /// The byte range a run covers in its object: `(start, length)`.

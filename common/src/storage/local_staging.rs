@@ -38,17 +38,12 @@ impl<Kept: Storage> LocalStaging<Kept> {
     }
 
     fn route(&self, key: &ObjectKey) -> &dyn Storage {
-        if is_staged(key.as_str()) {
+        if super::is_under(key.as_str(), STAGING_PREFIX) {
             &self.staging
         } else {
             &self.kept
         }
     }
-}
-
-fn is_staged(key: &str) -> bool {
-    key.strip_prefix(STAGING_PREFIX)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 #[async_trait]
@@ -152,14 +147,5 @@ mod tests {
         assert_eq!(storage.size(&staged).await.unwrap(), None);
         assert_eq!(storage.size(&pack).await.unwrap(), Some(6));
         assert!(storage.blocking_writer(&staged).await.unwrap().is_some());
-    }
-
-    #[test]
-    fn only_keys_under_staging_are_staged() {
-        assert!(is_staged("staging/abc.nar"));
-        assert!(is_staged("staging"));
-        assert!(!is_staged("stagingx/abc.nar"));
-        assert!(!is_staged("packs/ab/c.pack"));
-        assert!(!is_staged("chunks/ab/c.zst"));
     }
 }

@@ -279,6 +279,52 @@ pub async fn open(
     })
 }
 
+/// Whether `key` lies in the "directory" `prefix`: its first segment, or
+/// segments, are `prefix`.
+pub fn is_under(key: &str, prefix: &str) -> bool {
+    key.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// Splits `items`, ranges of one object in offset order, into runs of
+/// adjacent ranges to be read with one request each: a run ends where the
+/// next range does not start at its end, or would take it past
+/// `max_bytes` (a range longer than that is a run of its own). `range`
+/// gives an item's `(offset, length)`; an item without one is a run of its
+/// own.
+pub fn adjacent_runs<T>(
+    items: &[T],
+    max_bytes: u64,
+    range: impl Fn(&T) -> Option<(u64, u64)>,
+) -> Vec<&[T]> {
+    let mut runs = Vec::new();
+    let mut first = 0;
+    // Where the run being built starts and ends; `None` after an item
+    // without a range.
+    let mut span: Option<(u64, u64)> = None;
+    for (i, item) in items.iter().enumerate() {
+        let next = range(item);
+        let joins = match (span, next) {
+            (Some((start, end)), Some((offset, length))) => {
+                offset == end && end - start + length <= max_bytes
+            }
+            _ => false,
+        };
+        if i > first && !joins {
+            runs.push(&items[first..i]);
+            first = i;
+        }
+        span = next.map(|(offset, length)| match span {
+            Some((start, _)) if joins => (start, offset + length),
+            _ => (offset, offset + length),
+        });
+    }
+    if first < items.len() {
+        runs.push(&items[first..]);
+    }
+    runs
+}
+
 /// The error for a ranged read past the end of an object.
 fn short_object(key: &ObjectKey, offset: u64, length: u64) -> StorageError {
     StorageError::Io {
@@ -296,6 +342,30 @@ fn short_object(key: &ObjectKey, offset: u64, length: u64) -> StorageError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adjacent_ranges_make_runs_up_to_a_bound() {
+        let ranges = [
+            Some((0, 10)),
+            Some((10, 5)),
+            Some((30, 5)),
+            Some((35, 1)),
+            None,
+            Some((36, 20)),
+            Some((56, 4)),
+        ];
+        let runs = |max_bytes| -> Vec<usize> {
+            adjacent_runs(&ranges, max_bytes, |range| *range)
+                .iter()
+                .map(|run| run.len())
+                .collect()
+        };
+        assert_eq!(runs(1000), [2, 2, 1, 2]);
+        assert_eq!(runs(15), [2, 2, 1, 1, 1]);
+        assert!(adjacent_runs(&[] as &[Option<(u64, u64)>], 15, |range| *range).is_empty());
+        assert!(is_under("staging/a.nar", "staging") && is_under("staging", "staging"));
+        assert!(!is_under("stagingx/a", "staging") && !is_under("packs/a", "staging"));
+    }
 
     #[test]
     fn keys_are_plain_relative_paths() {

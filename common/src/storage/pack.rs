@@ -34,8 +34,7 @@ pub fn new_pack_key() -> ObjectKey {
 /// Whether `key` names a pack (as opposed to the one-chunk objects of a
 /// store written before packs existed).
 pub fn is_pack_key(key: &str) -> bool {
-    key.strip_prefix(PACK_PREFIX)
-        .is_some_and(|rest| rest.starts_with('/'))
+    super::is_under(key, PACK_PREFIX)
 }
 
 /// A pack being written. Its appends are blocking calls: call them from a

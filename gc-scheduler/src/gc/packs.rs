@@ -28,7 +28,7 @@ use std::time::Duration;
 use common::config::GcConfig;
 use common::db::{ChunkId, ChunkMove, Database, LocatedChunk, NewPack, Timestamp};
 use common::storage::pack::{PackWriter, PACK_TARGET_BYTES};
-use common::storage::{ObjectKey, Storage, StorageError};
+use common::storage::{adjacent_runs, ObjectKey, Storage, StorageError};
 
 use super::{delete_objects, GcError, GcReport};
 
@@ -311,18 +311,7 @@ async fn copy_source(
 /// Splits chunks of one object, by offset, into pieces of adjacent frames
 /// of at most [`READ_PIECE_BYTES`] (or one frame, if bigger).
 fn adjacent_pieces(chunks: &[LocatedChunk]) -> Vec<&[LocatedChunk]> {
-    let mut pieces = Vec::new();
-    let mut start = 0;
-    for i in 1..=chunks.len() {
-        let split = i == chunks.len() || {
-            let (previous, next) = (&chunks[i - 1].location, &chunks[i].location);
-            next.offset != previous.offset + previous.length
-                || next.offset + next.length - chunks[start].location.offset > READ_PIECE_BYTES
-        };
-        if split {
-            pieces.push(&chunks[start..i]);
-            start = i;
-        }
-    }
-    pieces
+    adjacent_runs(chunks, READ_PIECE_BYTES, |chunk| {
+        Some((chunk.location.offset, chunk.location.length))
+    })
 }
