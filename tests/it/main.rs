@@ -8,6 +8,7 @@ mod abuse;
 mod client;
 mod db;
 mod distributed;
+mod fresh_db;
 mod gc;
 mod integrity;
 mod nix_formats;

@@ -4,54 +4,14 @@
 use std::collections::BTreeMap;
 
 use common::db::{
-    Backend, CacheId, CacheKeypair, ChunkId, ChunkLocation, Database, DbError, LinkedPath, NarId,
-    NewCache, NewChunk, NewObject, NewUpload, StoreState, StoredChunk, Timestamp,
+    CacheId, CacheKeypair, ChunkId, ChunkLocation, Database, DbError, LinkedPath, NarId, NewCache,
+    NewChunk, NewObject, NewUpload, StoreState, StoredChunk, Timestamp,
 };
 use common::nix::{NarHash, Sha256Hash, StorePathHash};
-use tempfile::TempDir;
-use tests::services;
+
+use crate::fresh_db::both_backends;
 
 use super::plain_metadata;
-
-struct TestDb {
-    db: Database,
-    _dir: Option<TempDir>,
-}
-
-async fn open(backend: Backend) -> TestDb {
-    let (url, dir) = match backend {
-        Backend::Sqlite => {
-            let dir = tempfile::tempdir().expect("creating a temporary directory");
-            let url = format!("sqlite:{}", dir.path().join("gc.sqlite").display());
-            (url, Some(dir))
-        }
-        Backend::Postgres => (services::fresh_postgres_database().await, None),
-    };
-    let db = Database::connect(&url).await.expect("connecting");
-    db.migrate().await.expect("migrating");
-    TestDb { db, _dir: dir }
-}
-
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name(super::open(common::db::Backend::Sqlite).await.db).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name(super::open(common::db::Backend::Postgres).await.db).await;
-                }
-            )*
-        }
-    };
-}
 
 both_backends!(
     objects_expire_by_last_access_per_cache,
