@@ -586,6 +586,13 @@ pub struct S3Config {
     /// machines read what the door staged, so a shared queue refuses it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staging_path: Option<PathBuf>,
+    /// How long one request may wait for the service's answer, beyond the
+    /// time its body takes to send at 1 MiB/s, before it is given up and
+    /// retried (the SDK's standard retries). Unset: 30 seconds. Without a
+    /// bound, one request the service never answers holds its push (or
+    /// GC run) forever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_timeout: Option<HumanDuration>,
 }
 
 impl S3Config {
@@ -1223,6 +1230,7 @@ mod tests {
                 force_path_style: None,
                 ca_file: None,
                 staging_path: None,
+                request_timeout: None,
             }
         );
         assert!(s3.path_style(), "an endpoint means path-style by default");

@@ -664,6 +664,126 @@ async fn s3_errors_say_what_the_service_answered() {
     assert!(message.starts_with("S3 HeadObject of "), "{message}");
 }
 
+/// `tests/src/bin/s3_proxy` in front of the harness's Garage, stopped when
+/// dropped: its S3 address and its control address.
+struct StallingProxy {
+    _child: tokio::process::Child,
+    s3: std::net::SocketAddr,
+    control: std::net::SocketAddr,
+    _ports: [tests::ports::HeldPort; 2],
+}
+
+impl StallingProxy {
+    async fn start() -> Self {
+        let ports = [tests::ports::HeldPort::new(), tests::ports::HeldPort::new()];
+        let (s3, control) = (ports[0].address(), ports[1].address());
+        let child = tokio::process::Command::new(tests::server::binary("s3_proxy"))
+            .args([
+                "--listen",
+                &s3.to_string(),
+                "--control",
+                &control.to_string(),
+            ])
+            .args(["--upstream", &S3Settings::from_env().endpoint])
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting s3_proxy");
+        let proxy = Self {
+            _child: child,
+            s3,
+            control,
+            _ports: ports,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while proxy.control("GET", "/counts").await.is_none() {
+            assert!(Instant::now() < deadline, "s3_proxy did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        proxy
+    }
+
+    /// Sends a control request; its answer, or none if the proxy is not up.
+    async fn control(&self, method: &str, path: &str) -> Option<String> {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("a method");
+        let response = reqwest::Client::new()
+            .request(method, format!("http://{}{path}", self.control))
+            .send()
+            .await
+            .ok()?;
+        assert!(response.status().is_success(), "{path}: {response:?}");
+        response.text().await.ok()
+    }
+
+    /// How many requests of `kind` the proxy has seen.
+    async fn count(&self, kind: &str) -> u64 {
+        let counts = self.control("GET", "/counts").await.expect("the counts");
+        counts
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{kind}=")))
+            .and_then(|count| count.parse().ok())
+            .unwrap_or_else(|| panic!("no {kind} in {counts}"))
+    }
+}
+
+/// A request the service never answers (a hung connection, an overloaded
+/// gateway) fails after `request-timeout` and is sent again, so that the
+/// operation completes instead of holding its push forever: for a part of
+/// a multipart upload, a whole-object put, a size query and a ranged read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_a_request_left_unanswered_is_sent_again_after_the_request_timeout() {
+    let proxy = StallingProxy::start().await;
+    let storage = open_s3(&S3Config {
+        endpoint: Some(format!("http://{}", proxy.s3)),
+        request_timeout: Some(common::duration::HumanDuration::from_secs(1)),
+        ..S3Settings::from_env().storage_config(&services::unique_name("storage-test"))
+    })
+    .await;
+    // A hang guard far above the timeouts, so a regression fails here
+    // rather than at the test runner's limit.
+    let guard = Duration::from_secs(120);
+
+    let big = key("staging/stalled-part.nar");
+    let data = random_bytes(2 * PART_SIZE + 1, 21);
+    proxy.control("PUT", "/stall/PUT_PART/1").await;
+    let written = tokio::time::timeout(
+        guard,
+        storage.put_reader(&big, &mut Trickle::new(data.clone())),
+    )
+    .await
+    .expect("the multipart upload hung")
+    .expect("put_reader despite an unanswered part");
+    assert_eq!(written, data.len() as u64);
+    assert_eq!(
+        proxy.count("PUT_PART").await,
+        4,
+        "three parts, one sent twice"
+    );
+
+    let small = key("packs/00/stalled-put.pack");
+    proxy.control("PUT", "/stall/PUT/1").await;
+    tokio::time::timeout(guard, storage.put(&small, Bytes::from_static(b"pack")))
+        .await
+        .expect("the put hung")
+        .expect("put despite an unanswered request");
+    assert_eq!(proxy.count("PUT").await, 2, "one put, sent twice");
+
+    proxy.control("PUT", "/stall/HEAD/1").await;
+    let size = tokio::time::timeout(guard, storage.size(&big))
+        .await
+        .expect("the size query hung")
+        .expect("size despite an unanswered request");
+    assert_eq!(size, Some(data.len() as u64));
+    assert_eq!(proxy.count("HEAD").await, 2);
+
+    proxy.control("PUT", "/stall/GET_RANGE/1").await;
+    let bytes = tokio::time::timeout(guard, read(&storage, &big, PART_SIZE as u64, Some(1000)))
+        .await
+        .expect("the ranged read hung");
+    assert_eq!(bytes, data[PART_SIZE..PART_SIZE + 1000]);
+    assert_eq!(proxy.count("GET_RANGE").await, 2);
+    assert_eq!(read(&storage, &big, 0, None).await, data);
+}
+
 /// The multipart uploads pending under `name`.
 async fn pending_uploads(settings: &S3Settings, name: &str) -> usize {
     settings

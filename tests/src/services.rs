@@ -295,6 +295,7 @@ impl S3Settings {
             force_path_style: None,
             ca_file: None,
             staging_path: None,
+            request_timeout: None,
         }
     }
 

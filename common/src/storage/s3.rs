@@ -25,11 +25,12 @@
 
 use std::error::Error as StdError;
 use std::fmt;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use aws_config::BehaviorVersion;
 use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{Credentials, ProvideCredentials, Region, SharedHttpClient};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
@@ -57,6 +58,21 @@ pub const PARTS_IN_FLIGHT: usize = 2;
 /// S3's limit on the number of parts of one multipart upload.
 const MAX_PARTS: i32 = 10_000;
 
+/// How long a request waits for the service's answer when `[storage]
+/// request-timeout` is unset.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The slowest upload allowed for: a request with a body may also take the
+/// time its body needs at this rate (8 s more for a part, 32 s for a pack).
+const SLOWEST_UPLOAD_BYTES_PER_SECOND: u64 = 1024 * 1024;
+
+/// How many request timeouts `CompleteMultipartUpload` may take: the
+/// service assembles the whole object before it answers.
+const COMPLETION_TIMEOUTS: u32 = 10;
+
+/// The time a TCP (and TLS) connection may take to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Objects in one S3 bucket, under one key prefix.
 #[derive(Clone)]
 pub struct S3Storage {
@@ -70,6 +86,8 @@ pub struct S3Storage {
     path_style: bool,
     /// The configured key's id; none when the SDK's chain provides them.
     access_key_id: Option<String>,
+    /// How long a request waits for an answer (see [`S3Config`]).
+    request_timeout: Duration,
 }
 
 impl fmt::Debug for S3Storage {
@@ -137,7 +155,17 @@ impl S3Storage {
             ))
         })?;
         let path_style = config.path_style();
-        let mut builder = aws_sdk_s3::config::Builder::from(&shared).force_path_style(path_style);
+        let request_timeout = config
+            .request_timeout
+            .map_or(DEFAULT_REQUEST_TIMEOUT, |timeout| timeout.as_duration());
+        // Every attempt is bounded, so that a request the service never
+        // answers fails and is retried (the SDK's standard retries count a
+        // timeout as transient) instead of holding its caller forever. A
+        // streamed GET's body is not covered: its reader's errors are the
+        // caller's to handle.
+        let mut builder = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(path_style)
+            .timeout_config(attempt_timeouts(request_timeout));
         if let Some(endpoint) = &config.endpoint {
             builder = builder.endpoint_url(endpoint);
         }
@@ -149,6 +177,7 @@ impl S3Storage {
             region: region.to_string(),
             path_style,
             access_key_id: config.access_key_id.clone(),
+            request_timeout,
         })
     }
 
@@ -164,11 +193,14 @@ impl S3Storage {
 
     /// Sends `body` as one `PutObject`.
     async fn put_object(&self, key: &ObjectKey, body: Bytes) -> Result<(), StorageError> {
+        let length = body.len();
         self.client
             .put_object()
             .bucket(&self.bucket)
             .key(self.object_name(key))
             .body(ByteStream::from(body))
+            .customize()
+            .config_override(sending_timeouts(self.request_timeout, length))
             .send()
             .await
             .map_err(|error| backend_error("S3 PutObject", key, &error))?;
@@ -271,6 +303,7 @@ impl S3Storage {
                 key.clone(),
                 part_number,
                 part,
+                self.request_timeout,
             ));
         }
         while !parts.is_empty() {
@@ -287,6 +320,11 @@ impl S3Storage {
                 CompletedMultipartUpload::builder()
                     .set_parts(Some(completed))
                     .build(),
+            )
+            .customize()
+            .config_override(
+                aws_sdk_s3::config::Builder::new()
+                    .timeout_config(attempt_timeouts(self.request_timeout * COMPLETION_TIMEOUTS)),
             )
             .send()
             .await
@@ -368,6 +406,25 @@ fn https_client(ca_file: Option<&CaFile>) -> SharedHttpClient {
         .build_https()
 }
 
+/// Every request's timeouts: opening a connection, and one attempt, from
+/// sending to the whole answer (for a streamed GET, to its headers).
+fn attempt_timeouts(attempt: Duration) -> TimeoutConfig {
+    TimeoutConfig::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .operation_attempt_timeout(attempt)
+        .build()
+}
+
+/// The config override for a request sending `body_bytes`: the answer's
+/// wait plus the body's time at [`SLOWEST_UPLOAD_BYTES_PER_SECOND`]. (The
+/// connect timeout stays as it was, so the SDK keeps using one connection
+/// pool.)
+fn sending_timeouts(request_timeout: Duration, body_bytes: usize) -> aws_sdk_s3::config::Builder {
+    let sending =
+        Duration::from_secs_f64(body_bytes as f64 / SLOWEST_UPLOAD_BYTES_PER_SECOND as f64);
+    aws_sdk_s3::config::Builder::new().timeout_config(attempt_timeouts(request_timeout + sending))
+}
+
 /// Uploads one part and returns what `CompleteMultipartUpload` needs of it.
 async fn upload_part(
     client: Client,
@@ -377,7 +434,9 @@ async fn upload_part(
     key: ObjectKey,
     part_number: i32,
     body: Bytes,
+    request_timeout: Duration,
 ) -> Result<CompletedPart, StorageError> {
+    let length = body.len();
     let output = client
         .upload_part()
         .bucket(bucket)
@@ -386,6 +445,8 @@ async fn upload_part(
         .part_number(part_number)
         .checksum_algorithm(ChecksumAlgorithm::Crc32)
         .body(ByteStream::from(body))
+        .customize()
+        .config_override(sending_timeouts(request_timeout, length))
         .send()
         .await
         .map_err(|error| backend_error("S3 UploadPart", &key, &error))?;
@@ -794,6 +855,7 @@ mod tests {
             force_path_style: None,
             ca_file: None,
             staging_path: None,
+            request_timeout: None,
         }
     }
 

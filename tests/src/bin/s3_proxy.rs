@@ -15,8 +15,11 @@
 //! proxy forwards as it came). The control listener answers `GET /counts`
 //! with `KEY=VALUE` lines (`GET`, `GET_RANGE`, `LIST`, `HEAD`, `PUT`,
 //! `PUT_PART`, `POST`, `DELETE`, `OTHER`, `TOTAL`, `DELAY_MS`), `POST
-//! /reset` zeroes the counts, and `PUT /delay/N` sets the delay to N ms
-//! for requests that arrive from then on.
+//! /reset` zeroes the counts, `PUT /delay/N` sets the delay to N ms
+//! for requests that arrive from then on, and `PUT /stall/KIND/N` makes
+//! the next N requests of that kind go unanswered: their bodies are read,
+//! then nothing is sent until the client gives up (a service that hangs,
+//! for the tests of request timeouts).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -55,6 +58,8 @@ struct Proxy {
     upstream: Uri,
     client: Client<HttpConnector, Incoming>,
     counts: [AtomicU64; KINDS.len()],
+    /// Requests of each kind still to leave unanswered.
+    stalls: [AtomicU64; KINDS.len()],
     delay_ms: AtomicU64,
 }
 
@@ -82,7 +87,19 @@ impl Proxy {
     }
 
     async fn forward(&self, mut request: Request<Incoming>) -> Response<ProxyBody> {
-        self.counts[Self::kind(&request)].fetch_add(1, Ordering::Relaxed);
+        let kind = Self::kind(&request);
+        self.counts[kind].fetch_add(1, Ordering::Relaxed);
+        let stalled = self.stalls[kind]
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                left.checked_sub(1)
+            })
+            .is_ok();
+        if stalled {
+            // The whole body is taken, so the client waits for an answer,
+            // not to send; the future is dropped when it hangs up.
+            let _ = request.into_body().collect().await;
+            return std::future::pending().await;
+        }
         let delay = self.delay_ms.load(Ordering::Relaxed);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -143,9 +160,29 @@ impl Proxy {
                     Err(error) => text(StatusCode::BAD_REQUEST, format!("bad delay: {error}\n")),
                 }
             }
+            (&Method::PUT, _) if path.starts_with("/stall/") => {
+                let stall = path["/stall/".len()..]
+                    .split_once('/')
+                    .and_then(|(kind, n)| {
+                        Some((
+                            KINDS.iter().position(|known| *known == kind)?,
+                            n.parse::<u64>().ok()?,
+                        ))
+                    });
+                match stall {
+                    Some((kind, n)) => {
+                        self.stalls[kind].store(n, Ordering::Relaxed);
+                        text(StatusCode::OK, format!("stalling {n} {}\n", KINDS[kind]))
+                    }
+                    None => text(
+                        StatusCode::BAD_REQUEST,
+                        format!("PUT /stall/KIND/N, KIND one of {KINDS:?}\n"),
+                    ),
+                }
+            }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "GET /counts, POST /reset, PUT /delay/N\n".to_owned(),
+                "GET /counts, POST /reset, PUT /delay/N, PUT /stall/KIND/N\n".to_owned(),
             ),
         }
     }
@@ -218,6 +255,7 @@ async fn main() -> Result<(), Error> {
         upstream,
         client: Client::builder(TokioExecutor::new()).build_http(),
         counts: Default::default(),
+        stalls: Default::default(),
         delay_ms: AtomicU64::new(delay_ms),
     });
     let listener = TcpListener::bind(listen).await?;
