@@ -210,16 +210,25 @@ async fn fault_sigkill_a_chunker_and_a_compressor_mid_job() {
         Arc::default(),
     ));
 
-    kill_mid_job(&mut cluster, "chunker-worker-1", UploadPhase::Chunking, 2).await;
-    kill_mid_job(
+    let chunker = kill_mid_job(
         &mut cluster,
-        "compressor-worker-1",
-        UploadPhase::Compressing,
+        &["chunker-worker-1", "chunker-worker-2"],
+        UploadPhase::Chunking,
+        2,
+    )
+    .await;
+    // Compress jobs go out while a NAR is still being cut, so the gate is
+    // the other chunker at work, not a path done with cutting (by then
+    // most of its compress jobs are done too).
+    let compressor = kill_mid_job(
+        &mut cluster,
+        &["compressor-worker-1", "compressor-worker-2"],
+        UploadPhase::Chunking,
         1,
     )
     .await;
-    cluster.start_again("chunker-worker-1");
-    cluster.start_again("compressor-worker-1");
+    cluster.start_again(chunker);
+    cluster.start_again(compressor);
 
     push.await.expect("the push");
     push_other.await.expect("the other push");
@@ -230,29 +239,37 @@ async fn fault_sigkill_a_chunker_and_a_compressor_mid_job() {
     cluster.stop();
 }
 
-/// How many times [`kill_mid_job`] may find its worker between jobs.
-const KILL_ATTEMPTS: u32 = 20;
+/// How many times [`kill_mid_job`] may find every worker between jobs.
+const KILL_ATTEMPTS: u32 = 100;
 
-/// SIGKILLs worker `name` in the middle of a job: once `n` uploads are in
-/// `phase`, freezes it (SIGSTOP, so it finishes nothing meanwhile), asks
-/// RabbitMQ whether it holds a delivery, and kills it if it does; if it
-/// was between jobs, thaws it, says so, and tries again shortly (at most
-/// `KILL_ATTEMPTS` times). A kill between jobs would test nothing.
-async fn kill_mid_job(cluster: &mut Cluster, name: &str, phase: UploadPhase, n: usize) {
+/// SIGKILLs one of `workers` (all of one kind) in the middle of a job, and
+/// returns its name: once `n` uploads are in `phase`, freezes each in turn
+/// (SIGSTOP, so it finishes nothing meanwhile), asks RabbitMQ whether it
+/// holds a delivery, and kills the first that does; one between jobs is
+/// thawed. When all were between jobs, it says so and tries again shortly
+/// (at most `KILL_ATTEMPTS` times). A kill between jobs would test nothing.
+async fn kill_mid_job<'a>(
+    cluster: &mut Cluster,
+    workers: &[&'a str],
+    phase: UploadPhase,
+    n: usize,
+) -> &'a str {
     wait_for_phase(cluster, phase, n).await;
     for attempt in 1..=KILL_ATTEMPTS {
-        cluster.freeze(name, true);
-        let held = cluster.unacknowledged_deliveries(name).await;
-        if held > 0 {
-            cluster.kill(name);
-            eprintln!("killed {name} holding {held} deliveries (attempt {attempt})");
-            return;
+        for &name in workers {
+            cluster.freeze(name, true);
+            let held = cluster.unacknowledged_deliveries(name).await;
+            if held > 0 {
+                cluster.kill(name);
+                eprintln!("killed {name} holding {held} deliveries (attempt {attempt})");
+                return name;
+            }
+            cluster.freeze(name, false);
         }
-        cluster.freeze(name, false);
-        eprintln!("{name} held no delivery when frozen (attempt {attempt}); trying again");
+        eprintln!("{workers:?} held no delivery when frozen (attempt {attempt}); trying again");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("{name} was between jobs at each of {KILL_ATTEMPTS} attempts");
+    panic!("{workers:?} were between jobs at each of {KILL_ATTEMPTS} attempts");
 }
 
 /// Waits until at least `n` uploads are in `phase` at once.
