@@ -296,14 +296,12 @@ impl S3Storage {
             written += part.len() as u64;
             // Spawned, so parts upload while the next one is read.
             parts.spawn(upload_part(
-                self.client.clone(),
-                self.bucket.clone(),
+                self.clone(),
                 name.to_owned(),
                 upload_id.to_owned(),
                 key.clone(),
                 part_number,
                 part,
-                self.request_timeout,
             ));
         }
         while !parts.is_empty() {
@@ -427,26 +425,25 @@ fn sending_timeouts(request_timeout: Duration, body_bytes: usize) -> aws_sdk_s3:
 
 /// Uploads one part and returns what `CompleteMultipartUpload` needs of it.
 async fn upload_part(
-    client: Client,
-    bucket: String,
+    storage: S3Storage,
     name: String,
     upload_id: String,
     key: ObjectKey,
     part_number: i32,
     body: Bytes,
-    request_timeout: Duration,
 ) -> Result<CompletedPart, StorageError> {
     let length = body.len();
-    let output = client
+    let output = storage
+        .client
         .upload_part()
-        .bucket(bucket)
+        .bucket(storage.bucket)
         .key(name)
         .upload_id(upload_id)
         .part_number(part_number)
         .checksum_algorithm(ChecksumAlgorithm::Crc32)
         .body(ByteStream::from(body))
         .customize()
-        .config_override(sending_timeouts(request_timeout, length))
+        .config_override(sending_timeouts(storage.request_timeout, length))
         .send()
         .await
         .map_err(|error| backend_error("S3 UploadPart", &key, &error))?;
