@@ -89,6 +89,7 @@ both_backends!(
     concurrent_writers_of_nars_sharing_chunks_all_succeed,
     long_chunk_lists_round_trip,
     chunk_lists_are_read_in_pages,
+    each_entry_names_the_next_use_of_its_chunk,
     a_chunk_list_is_bounded_by_its_nar_size,
     listings_are_stored_once_and_go_with_their_nar,
     a_staged_file_is_kept_once_and_claimed_once,
@@ -1231,6 +1232,36 @@ async fn chunk_lists_are_read_in_pages(t: TestDb) {
         .await
         .expect("past the end")
         .is_empty());
+}
+
+/// Every entry of a recorded list names the next entry with the same
+/// chunk (what a download keeps a frame in memory for), across the store
+/// layer's insert batches.
+async fn each_entry_names_the_next_use_of_its_chunk(t: TestDb) {
+    let db = &t.db;
+    let (nar, _) = db
+        .insert_nar_pending(&nar_hash(1), 1 << 30, T0)
+        .await
+        .expect("NAR");
+    let new: Vec<NewChunk> = (0..3_u32)
+        .map(|i| NewChunk {
+            chunk_hash: Sha256Hash::digest(&i.to_be_bytes()),
+            chunk_size: 65_536,
+        })
+        .collect();
+    let chunks = db.upsert_chunks(&new, T0).await.expect("chunks");
+    // Chunk 0 at 0, 1 and 1500; chunk 1 at 2 and 1498; chunk 2 elsewhere.
+    let mut order = vec![0, 0, 1];
+    order.extend(std::iter::repeat_n(2, 1495));
+    order.extend([1, 2, 0]);
+    let ids: Vec<_> = order.iter().map(|&i| chunks[i].id).collect();
+    db.set_nar_chunks(nar.id, &ids).await.expect("chunk list");
+    let listed = db.chunks_of_nar(nar.id).await.expect("listing");
+    let next_uses: Vec<Option<u32>> = listed.iter().map(|entry| entry.next_use).collect();
+    assert_eq!(next_uses[..4], [Some(1), Some(1500), Some(1498), Some(4)]);
+    assert_eq!(next_uses[1496], Some(1497));
+    assert_eq!(next_uses[1497], Some(1499));
+    assert_eq!(next_uses[1498..], [None, None, None]);
 }
 
 /// A chunk list can have at most one entry per minimum chunk size of its

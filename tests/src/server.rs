@@ -13,6 +13,7 @@
 //!
 //! Binaries for command-line tests are found by [`binary`].
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -151,7 +152,9 @@ pub async fn seed_nar(
 /// [`seed_nar`] with the NAR's frames written into pack objects
 /// (`packs/<sha256 hex of the pack>.pack`) of at most `pack_bytes` each
 /// (or one frame, when a frame is larger), in order, each chunk's location
-/// a range of its pack: the layout of packed storage (issue #16).
+/// a range of its pack: the layout of packed storage (issue #16). As in
+/// the pipeline, a chunk the NAR repeats is written once, at its first
+/// use.
 #[allow(clippy::too_many_arguments)]
 pub async fn seed_packed_nar(
     database: &Database,
@@ -163,44 +166,46 @@ pub async fn seed_packed_nar(
     nar: &[u8],
     pack_bytes: usize,
 ) -> Result<(Nar, Vec<ObjectKey>), SeedError> {
-    let mut chunks: Vec<StoredChunk> = Vec::new();
+    // Each slice's hash and size, and its frame's place: the index of its
+    // pack in `keys`, then the offset and length in it.
+    let mut slices: Vec<(Sha256Hash, u64, (usize, u64, u64))> = Vec::new();
+    let mut written: HashMap<Sha256Hash, (usize, u64, u64)> = HashMap::new();
+    let mut keys: Vec<String> = Vec::new();
     let mut pack: Vec<u8> = Vec::new();
-    // Chunks of the pack being filled: their hash, size, offset and length.
-    let mut in_pack: Vec<(Sha256Hash, u64, u64, u64)> = Vec::new();
-    let mut slices = nar.chunks(SEED_CHUNK_SIZE).peekable();
-    while let Some(slice) = slices.next() {
-        let frame = zstd::bulk::compress(slice, SEED_ZSTD_LEVEL)?;
-        in_pack.push((
-            Sha256Hash::digest(slice),
-            slice.len() as u64,
-            pack.len() as u64,
-            frame.len() as u64,
-        ));
-        pack.extend_from_slice(&frame);
-        let next_fits = slices.peek().is_some_and(|_| pack.len() < pack_bytes);
-        if !next_fits {
-            let key = format!("packs/{}.pack", Sha256Hash::digest(&pack).to_hex());
-            storage
-                .put(
-                    &ObjectKey::new(key.as_str())?,
-                    Bytes::from(std::mem::take(&mut pack)),
-                )
-                .await?;
-            chunks.extend(
-                in_pack
-                    .drain(..)
-                    .map(|(chunk_hash, chunk_size, offset, length)| StoredChunk {
-                        chunk_hash,
-                        chunk_size,
-                        location: ChunkLocation {
-                            object_key: key.clone(),
-                            offset,
-                            length,
-                        },
-                    }),
-            );
-        }
+    for slice in nar.chunks(SEED_CHUNK_SIZE) {
+        let chunk_hash = Sha256Hash::digest(slice);
+        let place = match written.get(&chunk_hash) {
+            Some(place) => *place,
+            None => {
+                if !pack.is_empty() && pack.len() >= pack_bytes {
+                    keys.push(put_seed_pack(storage, std::mem::take(&mut pack)).await?);
+                }
+                let frame = zstd::bulk::compress(slice, SEED_ZSTD_LEVEL)?;
+                let place = (keys.len(), pack.len() as u64, frame.len() as u64);
+                pack.extend_from_slice(&frame);
+                written.insert(chunk_hash, place);
+                place
+            }
+        };
+        slices.push((chunk_hash, slice.len() as u64, place));
     }
+    if !pack.is_empty() {
+        keys.push(put_seed_pack(storage, pack).await?);
+    }
+    let chunks: Vec<StoredChunk> = slices
+        .into_iter()
+        .map(
+            |(chunk_hash, chunk_size, (pack, offset, length))| StoredChunk {
+                chunk_hash,
+                chunk_size,
+                location: ChunkLocation {
+                    object_key: keys[pack].clone(),
+                    offset,
+                    length,
+                },
+            },
+        )
+        .collect();
     record_seeded_nar(
         database,
         cache_id,
@@ -248,6 +253,15 @@ async fn record_seeded_nar(
 
 /// Compresses one slice into a zstd frame and stores it under
 /// `chunks/<sha256 hex>.zst`.
+/// Stores a seeded pack under the hash of its bytes; returns its key.
+async fn put_seed_pack(storage: &dyn Storage, pack: Vec<u8>) -> Result<String, SeedError> {
+    let key = format!("packs/{}.pack", Sha256Hash::digest(&pack).to_hex());
+    storage
+        .put(&ObjectKey::new(key.as_str())?, Bytes::from(pack))
+        .await?;
+    Ok(key)
+}
+
 async fn store_seed_chunk(storage: &dyn Storage, slice: &[u8]) -> Result<StoredChunk, SeedError> {
     let chunk_hash = Sha256Hash::digest(slice);
     let compressed = zstd::bulk::compress(slice, SEED_ZSTD_LEVEL)?;

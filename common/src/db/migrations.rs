@@ -63,6 +63,12 @@ const MIGRATIONS: &[Embedded] = &[
         sqlite: include_str!("../../migrations/sqlite/0006_packs.sql"),
         postgres: include_str!("../../migrations/postgres/0006_packs.sql"),
     },
+    Embedded {
+        version: 7,
+        description: "next_use",
+        sqlite: include_str!("../../migrations/sqlite/0007_next_use.sql"),
+        postgres: include_str!("../../migrations/postgres/0007_next_use.sql"),
+    },
 ];
 
 /// The file names the embedded list stands for, per backend directory, so

@@ -25,8 +25,8 @@ use sqlx::any::AnyRow;
 use super::error::{constraint_error, query_error, DbError, Result};
 use super::packs::{insert_pack_on, NewPack};
 use super::row::{
-    chunk_hash_col, i64_col, nar_hash_col, opt_string_col, opt_u64_col, state_col, time_col,
-    to_i64, u32_col, u64_col,
+    chunk_hash_col, i64_col, nar_hash_col, opt_string_col, opt_u32_col, opt_u64_col, state_col,
+    time_col, to_i64, u32_col, u64_col,
 };
 use super::types::{CacheId, ChunkId, NarId, StoreState, Timestamp};
 use super::{placeholders, Backend, Database, MAX_IN_LIST};
@@ -76,6 +76,9 @@ pub struct Chunk {
 pub struct NarChunk {
     pub seq: u32,
     pub chunk: Chunk,
+    /// The `seq` of the list's next entry with the same chunk, if any
+    /// (`None` too for lists recorded before this was kept).
+    pub next_use: Option<u32>,
 }
 
 /// A chunk the chunker found, to look up or create.
@@ -400,18 +403,24 @@ pub(super) async fn insert_chunk_list_on(
     nar_id: NarId,
     chunk_ids: &[ChunkId],
 ) -> Result<()> {
-    // Two bind parameters per row, plus the NAR id.
-    let entries: Vec<(usize, &ChunkId)> = chunk_ids.iter().enumerate().collect();
-    for batch in entries.chunks(MAX_IN_LIST / 2) {
+    let next_uses = next_uses(chunk_ids);
+    // Three bind parameters per row, plus the NAR id.
+    let entries: Vec<(usize, (&ChunkId, Option<usize>))> =
+        chunk_ids.iter().zip(next_uses).enumerate().collect();
+    for batch in entries.chunks(MAX_IN_LIST / 3) {
         let values = (0..batch.len())
-            .map(|i| format!("($1, ${}, ${})", 2 * i + 2, 2 * i + 3))
+            .map(|i| format!("($1, ${}, ${}, ${})", 3 * i + 2, 3 * i + 3, 3 * i + 4))
             .collect::<Vec<_>>()
             .join(", ");
-        let sql = format!("INSERT INTO nar_chunks (nar_id, seq, chunk_id) VALUES {values}");
+        let sql =
+            format!("INSERT INTO nar_chunks (nar_id, seq, chunk_id, next_use) VALUES {values}");
         let mut insert = sqlx::query(&sql).bind(nar_id.0);
-        for (seq, chunk_id) in batch {
+        for (seq, (chunk_id, next_use)) in batch {
             // Bounded by `max_chunk_entries` of the NAR's size, far below i64.
-            insert = insert.bind(*seq as i64).bind(chunk_id.0);
+            insert = insert
+                .bind(*seq as i64)
+                .bind(chunk_id.0)
+                .bind(next_use.map(|seq| seq as i64));
         }
         insert
             .execute(&mut *connection)
@@ -423,6 +432,17 @@ pub(super) async fn insert_chunk_list_on(
             ))?;
     }
     Ok(())
+}
+
+/// For each entry of a chunk list, the index of the next entry with the
+/// same chunk, if any.
+fn next_uses(chunk_ids: &[ChunkId]) -> Vec<Option<usize>> {
+    let mut next_uses = vec![None; chunk_ids.len()];
+    let mut later: HashMap<ChunkId, usize> = HashMap::new();
+    for (seq, chunk_id) in chunk_ids.iter().enumerate().rev() {
+        next_uses[seq] = later.insert(*chunk_id, seq);
+    }
+    next_uses
 }
 
 /// Fails with [`DbError::Conflict`] unless every chunk of the list exists
@@ -590,7 +610,7 @@ impl Database {
         limit: u32,
     ) -> Result<Vec<NarChunk>> {
         let sql = format!(
-            "SELECT nc.seq, {CHUNK_COLUMNS_C} FROM nar_chunks nc \
+            "SELECT nc.seq, nc.next_use, {CHUNK_COLUMNS_C} FROM nar_chunks nc \
              JOIN chunks c ON c.id = nc.chunk_id WHERE nc.nar_id = $1 AND nc.seq >= $2 \
              ORDER BY nc.seq LIMIT $3"
         );
@@ -606,6 +626,7 @@ impl Database {
                 Ok(NarChunk {
                     seq: u32_col(row, "seq")?,
                     chunk: chunk_from_row(row)?,
+                    next_use: opt_u32_col(row, "next_use")?,
                 })
             })
             .collect()

@@ -46,6 +46,14 @@ pub(crate) fn u32_col(row: &AnyRow, column: &'static str) -> Result<u32> {
     u32::try_from(value).map_err(|_| corrupt(column, format!("value {value} out of range")))
 }
 
+pub(crate) fn opt_u32_col(row: &AnyRow, column: &'static str) -> Result<Option<u32>> {
+    opt_i64_col(row, column)?
+        .map(|value| {
+            u32::try_from(value).map_err(|_| corrupt(column, format!("value {value} out of range")))
+        })
+        .transpose()
+}
+
 pub(crate) fn i32_col(row: &AnyRow, column: &'static str) -> Result<i32> {
     let value = i64_col(row, column)?;
     i32::try_from(value).map_err(|_| corrupt(column, format!("value {value} out of range")))

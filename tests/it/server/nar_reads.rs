@@ -249,6 +249,60 @@ async fn packed_frames_are_served_with_few_ranged_reads() {
     assert_eq!(server.storage_requests().requests() - before, 1);
 }
 
+/// A NAR that lists chunks again far from their first use (the same file
+/// twice in a closure's NAR) is served from its pack with the same few
+/// reads as one without repeats: each repeated frame is kept from its
+/// first use to its next, instead of being read again and cutting the
+/// pack's read in two each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_listed_again_far_on_are_not_read_again() {
+    let server = TestServer::start(TestServerOptions {
+        count_storage: true,
+        ..TestServerOptions::default()
+    })
+    .await;
+    server.create_cache("repeats", true).await;
+    // 100 slices of incompressible data, the NAR's slices 60, 62, …, 98
+    // made copies of slices 5, 7, …, 43: twenty repeats, each between new
+    // frames, 55 frames (3.5 MiB) after its first use.
+    let mut contents = pseudo_random(100 * SEED_CHUNK_SIZE, 20);
+    let header = file_nar(&contents)
+        .windows(64)
+        .position(|window| window == &contents[..64])
+        .expect("the contents in the NAR");
+    for i in 0..20 {
+        let (from, to) = (
+            (2 * i + 5) * SEED_CHUNK_SIZE,
+            (60 + 2 * i) * SEED_CHUNK_SIZE,
+        );
+        contents.copy_within(from - header..from - header + SEED_CHUNK_SIZE, to - header);
+    }
+    let nar = file_nar(&contents);
+    let seeded = server
+        .seed_packed_path(
+            "repeats",
+            plain_metadata(&fake_store_path("repeats")),
+            &nar,
+            64 << 20,
+        )
+        .await;
+    assert_eq!(seeded.nar.n_chunks, 101);
+    let url = server.url_of(&format!("/repeats/{}", seeded.nar_url()));
+    let before = server.storage_requests().requests();
+    let body = super::ok_bytes(server.http().get(&url).send().await.expect("GET")).await;
+    let reads = server.storage_requests().requests() - before;
+    assert_eq!(
+        zstd::stream::decode_all(body.as_slice()).expect("zstd frames"),
+        nar
+    );
+    // 1 + 2 + 4 MiB cover the 81 distinct frames (5.1 MiB); read again,
+    // the twenty repeats would cost forty more.
+    assert!(
+        (1..=3).contains(&reads),
+        "{reads} storage requests for 101 entries of 81 frames in one pack"
+    );
+}
+
 /// Nix substitutes a path whose NAR is stored in packs (read with ranged
 /// reads across pack boundaries) and checks its hash: the bytes served are
 /// the NAR, whatever the layout.
