@@ -1364,7 +1364,7 @@ mod tests {
             state ^= state >> 7;
             state ^= state << 17;
             order.push(state % 24);
-            if state % 5 == 0 {
+            if state.is_multiple_of(5) {
                 // A run of the same chunk: one repeat piece.
                 order.extend([state % 24; 3]);
             }
