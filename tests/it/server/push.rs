@@ -21,7 +21,7 @@ use common::nix::{NarHash, Sha256Hash};
 use reqwest::header::AUTHORIZATION;
 use reqwest::{Method, Response, StatusCode};
 use serde_json::json;
-use tests::nix::NixEnv;
+use tests::nix::{NixEnv, NixVersion};
 use tests::server::{count_files, HttpApi, TestServer, TestServerOptions};
 
 use super::{
@@ -895,9 +895,21 @@ pub(crate) async fn public_key_of(server: &impl HttpApi, token: &str, cache: &st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipeline_nix_copy_to_then_substitute_and_verify() {
+    nix_copy_to_then_substitute_and_verify(NixVersion::Debian).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_current_nix_copy_to_then_substitute_and_verify() {
+    nix_copy_to_then_substitute_and_verify(NixVersion::Current).await;
+}
+
+/// `version` pushes a closure Nix 2.8 made with `nix copy --to`, then
+/// substitutes and verifies it.
+async fn nix_copy_to_then_substitute_and_verify(version: NixVersion) {
     let server = server_with(IngestConfig::default()).await;
     let token = push_token(&server).await;
-    let (env, root, paths) = pushing_env(6, token.clone()).await;
+    let (mut env, root, paths) = pushing_env(6, token.clone()).await;
+    env.set_version(version).expect("the Nix version");
     let url = format!("{}?compression=zstd", server.cache_url(CACHE));
     let public_key = public_key_of(&server, &token, CACHE).await;
     let cache_url = server.cache_url(CACHE);
