@@ -79,6 +79,18 @@ impl NixVersion {
     }
 }
 
+impl NixVersion {
+    /// `PATH` for a program that runs `nix` itself (the `larder` client,
+    /// the agent): this version's programs first.
+    pub fn path_variable(self) -> String {
+        let inherited = std::env::var("PATH").unwrap_or_default();
+        match self.bin_dir() {
+            None => inherited,
+            Some(dir) => format!("{}:{inherited}", dir.display()),
+        }
+    }
+}
+
 /// An isolated Nix environment in its own temporary directory, deleted on
 /// drop (set `LARDER_KEEP_NIX_ENV=1` to keep it for debugging).
 #[derive(Debug)]
@@ -240,20 +252,6 @@ impl NixEnv {
     pub fn set_version(&mut self, version: NixVersion) -> Result<()> {
         self.version = version;
         self.check_nix()
-    }
-
-    /// `PATH` for a program that runs `nix` itself (the `larder` client,
-    /// the agent): this version's programs first.
-    pub fn path_variable(&self) -> std::ffi::OsString {
-        let inherited = std::env::var_os("PATH").unwrap_or_default();
-        match self.version.bin_dir() {
-            None => inherited,
-            Some(dir) => {
-                let mut paths = vec![dir];
-                paths.extend(std::env::split_paths(&inherited));
-                std::env::join_paths(paths).unwrap_or(inherited)
-            }
-        }
     }
 
     fn check_nix(&self) -> Result<()> {
