@@ -81,12 +81,20 @@ impl NixVersion {
 
 impl NixVersion {
     /// `PATH` for a program that runs `nix` itself (the `larder` client,
-    /// the agent): this version's programs first.
+    /// the agent): this version's programs first. Panics when they are
+    /// missing, rather than let 2.8 further on the path stand in for them.
     pub fn path_variable(self) -> String {
         let inherited = std::env::var("PATH").unwrap_or_default();
         match self.bin_dir() {
             None => inherited,
-            Some(dir) => format!("{}:{inherited}", dir.display()),
+            Some(dir) => {
+                assert!(
+                    dir.join("nix").exists(),
+                    "no current Nix at {} (ops/install.sh installs it)",
+                    dir.display()
+                );
+                format!("{}:{inherited}", dir.display())
+            }
         }
     }
 }
@@ -390,29 +398,33 @@ impl NixEnv {
 
     /// Makes a key pair with `nix key generate-secret`; the secret key file
     /// is written under the environment.
+    /// The public key of the secret key in `secret_key_file`
+    /// (`nix key convert-secret-to-public`).
+    pub fn public_key(&self, secret_key_file: &Path) -> Result<String> {
+        let file = std::fs::File::open(secret_key_file)
+            .map_err(io_error(format!("opening {}", secret_key_file.display())))?;
+        let output = self
+            .command("nix")
+            .args(["key", "convert-secret-to-public"])
+            .stdin(file)
+            .output()
+            .map_err(io_error("running `nix key convert-secret-to-public`"))?;
+        if !output.status.success() {
+            return Err(error(format!(
+                "`nix key convert-secret-to-public` failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+
     pub fn keygen(&self, key_name: &str) -> Result<NixKeyPair> {
         let secret_key =
             self.run_text("nix", &["key", "generate-secret", "--key-name", key_name])?;
         let secret_key_file = self.path(&format!("{key_name}.secret"));
         std::fs::write(&secret_key_file, &secret_key)
             .map_err(io_error(format!("writing {}", secret_key_file.display())))?;
-        let public_key = {
-            let file = std::fs::File::open(&secret_key_file)
-                .map_err(io_error(format!("opening {}", secret_key_file.display())))?;
-            let output = self
-                .command("nix")
-                .args(["key", "convert-secret-to-public"])
-                .stdin(file)
-                .output()
-                .map_err(io_error("running `nix key convert-secret-to-public`"))?;
-            if !output.status.success() {
-                return Err(error(format!(
-                    "`nix key convert-secret-to-public` failed: {}",
-                    String::from_utf8_lossy(&output.stderr).trim()
-                )));
-            }
-            String::from_utf8_lossy(&output.stdout).trim().to_owned()
-        };
+        let public_key = self.public_key(&secret_key_file)?;
         Ok(NixKeyPair {
             secret_key_file,
             secret_key,

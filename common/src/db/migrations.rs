@@ -69,6 +69,12 @@ const MIGRATIONS: &[Embedded] = &[
         sqlite: include_str!("../../migrations/sqlite/0007_next_use.sql"),
         postgres: include_str!("../../migrations/postgres/0007_next_use.sql"),
     },
+    Embedded {
+        version: 9,
+        description: "nar_file_names",
+        sqlite: include_str!("../../migrations/sqlite/0009_nar_file_names.sql"),
+        postgres: include_str!("../../migrations/postgres/0009_nar_file_names.sql"),
+    },
 ];
 
 /// The file names the embedded list stands for, per backend directory, so

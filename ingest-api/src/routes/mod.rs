@@ -5,6 +5,7 @@ mod cache_config;
 mod delete_paths;
 mod landing;
 mod nar_body;
+mod nar_transcode;
 mod push_attic;
 mod push_nix;
 mod uploads;
