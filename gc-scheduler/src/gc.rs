@@ -135,6 +135,9 @@ pub struct GcReport {
     /// Names pushers gave NAR files (served for their own cached
     /// narinfos) whose NAR their cache no longer has, deleted.
     pub nar_file_names: u64,
+    /// Realisations (content-addressed derivations' outputs) whose output
+    /// path their cache no longer has, deleted.
+    pub realisations: u64,
     /// Upload rows deleted (finished past the deadline, or stuck).
     pub uploads_reaped: u64,
     /// Staged files (Nix's `PUT nar/…`) no narinfo claimed, deleted.
@@ -161,6 +164,7 @@ impl GcReport {
             ("uploads", self.uploads_reaped),
             ("staged_files", self.staged_files_reaped),
             ("nar_file_names", self.nar_file_names),
+            ("realisations", self.realisations),
             ("orphans", self.orphans_removed),
         ] {
             metrics.gc_deleted(kind, count);
@@ -181,6 +185,7 @@ impl GcReport {
             uploads_reaped = self.uploads_reaped,
             staged_files_reaped = self.staged_files_reaped,
             nar_file_names = self.nar_file_names,
+            realisations = self.realisations,
             orphans_removed = self.orphans_removed,
             usage_corrected = self.usage_corrected,
             duration_ms = self.duration.as_millis() as u64,
@@ -189,9 +194,9 @@ impl GcReport {
     }
 }
 
-/// How long a pushed NAR file's name is kept before GC may find its NAR
-/// gone: the name is recorded when the narinfo is, before the pipeline has
-/// made the path's object.
+/// How long a pushed NAR file's name or a realisation is kept before GC
+/// may find its NAR or path gone: each may be recorded before the pipeline
+/// has made the path's object.
 const NAR_FILE_NAME_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 /// One full pass; see the module documentation. `now` is the clock every
@@ -209,6 +214,7 @@ pub async fn collect_garbage(
     let named_before =
         now.saturating_sub(NAR_FILE_NAME_GRACE.max(config.orphan_grace.as_duration()));
     report.nar_file_names = database.delete_stale_nar_file_names(named_before).await?;
+    report.realisations = database.delete_stale_realisations(named_before).await?;
     let linked_before = now.saturating_sub(config.orphan_grace.as_duration());
     claim_unreferenced_chunks(database, config, linked_before).await?;
     delete_claimed_chunks(database, storage, config, &mut report).await?;

@@ -75,6 +75,12 @@ const MIGRATIONS: &[Embedded] = &[
         sqlite: include_str!("../../migrations/sqlite/0009_nar_file_names.sql"),
         postgres: include_str!("../../migrations/postgres/0009_nar_file_names.sql"),
     },
+    Embedded {
+        version: 10,
+        description: "realisations",
+        sqlite: include_str!("../../migrations/sqlite/0010_realisations.sql"),
+        postgres: include_str!("../../migrations/postgres/0010_realisations.sql"),
+    },
 ];
 
 /// The file names the embedded list stands for, per backend directory, so

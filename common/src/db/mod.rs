@@ -17,6 +17,9 @@
 //!   their sizes and whether compaction retired them (module `packs`).
 //! - `uploads`: the ingest pipeline's state per pushed path.
 //! - `tokens`: minted tokens, for listing and revocation.
+//! - `realisations`: per cache, which output path a content-addressed
+//!   derivation's output built to (module `realisations`); and
+//!   `nar_file_names`, per cache, the names pushers gave NAR files.
 //!
 //! NARs and chunks carry a [`StoreState`]: `pending` while the pipeline
 //! stores them, `valid` when complete, `deleting` once GC has claimed them.
@@ -68,6 +71,7 @@ mod objects;
 mod packs;
 mod push;
 mod quota;
+mod realisations;
 mod row;
 mod stats;
 mod tokens;

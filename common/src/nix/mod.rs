@@ -11,6 +11,7 @@ pub mod hash;
 pub mod nar;
 pub mod nar_file;
 pub mod narinfo;
+pub mod realisation;
 pub mod signing;
 pub mod store_path;
 

@@ -27,7 +27,6 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
-use common::cache_name::CacheName;
 use common::db::{Cache, NarId, ObjectWithNar};
 use common::nix::cache_info::NixCacheInfo;
 use common::nix::nar_file::{NarFileCompression, NarFileName};
@@ -36,16 +35,13 @@ use common::nix::{NarHash, StorePath, StorePathHash};
 
 use super::nar_body::{nar_body, ByteRange};
 use super::nar_transcode::transcode;
+use super::parse_cache_name;
 use crate::access::Caller;
 use crate::error::ApiError;
 use crate::extract::ApiPath;
 use crate::state::{AppState, ServedCache};
 
 const NAR_EXTENSION: &str = ".nar.zst";
-
-fn parse_cache_name(name: &str) -> Result<CacheName, ApiError> {
-    name.parse().map_err(ApiError::bad_request)
-}
 
 fn text_response(content_type: &'static str, body: String) -> Response {
     (

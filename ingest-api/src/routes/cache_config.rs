@@ -28,16 +28,13 @@ use common::db::{Cache, CacheKeypair, CacheUpdate, DbError, NewCache};
 use common::nix::signing::SecretKey;
 use common::nix::StoreDir;
 
+use super::parse_cache_name;
 use crate::access::Caller;
 use crate::endpoint::public_endpoint;
 use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiPath};
 use crate::quota::record_error;
 use crate::state::AppState;
-
-fn parse_cache_name(name: &str) -> Result<CacheName, ApiError> {
-    name.parse().map_err(ApiError::bad_request)
-}
 
 /// `GET`: for anyone who may see the cache (public, or any permission on it).
 pub async fn get(

@@ -8,6 +8,7 @@ mod nar_body;
 mod nar_transcode;
 mod push_attic;
 mod push_nix;
+mod realisations;
 mod uploads;
 
 use axum::handler::Handler;
@@ -15,10 +16,17 @@ use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post, put};
 use axum::Router;
 
+use common::cache_name::CacheName;
+
 use crate::error::ApiError;
 use crate::http_metrics::{self, MeteredRoutes, RouteMetrics, UNMATCHED_ROUTE};
 use crate::state::AppState;
 use crate::upload_slots::{hold_slot, WhenBusy};
+
+/// A cache name from a path, or a 400.
+fn parse_cache_name(name: &str) -> Result<CacheName, ApiError> {
+    name.parse().map_err(ApiError::bad_request)
+}
 
 /// Every route of the server, each with its HTTP metrics. `GET` routes
 /// also answer `HEAD`. The ops routes (`/metrics`, `/healthz`, `/readyz`,
@@ -60,6 +68,10 @@ pub fn router(state: AppState) -> Router {
                 .put(push_nix::put_nar.layer(upload_slot(WhenBusy::Wait))),
         )
         .metered_route("/{cache}/log/{drv}", put(push_nix::put_log))
+        .metered_route(
+            "/{cache}/realisations/{file}",
+            get(realisations::get).put(realisations::put),
+        )
         .metered_route(
             "/{cache}/{file}",
             get(binary_cache::root_file).put(push_nix::put_root_file),

@@ -13,11 +13,11 @@ use common::api::{
     NAR_INFO_PREAMBLE_SIZE_HEADER,
 };
 use common::auth::Permission;
-use common::cache_name::CacheName;
 use common::db::Cache;
 use common::nix::StorePathHash;
 use common::upload_info::{CheckedUploadInfo, UploadInfoError};
 
+use super::parse_cache_name;
 use crate::access::Caller;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
@@ -25,10 +25,6 @@ use crate::push::{self, PushedPath};
 use crate::quota::Room;
 use crate::spool::{self, BodyStream, Encoding, Expected};
 use crate::state::AppState;
-
-fn parse_cache_name(name: &str) -> Result<CacheName, ApiError> {
-    name.parse().map_err(ApiError::bad_request)
-}
 
 fn parse_hash(hash: &str) -> Result<StorePathHash, ApiError> {
     StorePathHash::parse(hash).map_err(ApiError::bad_request)

@@ -37,6 +37,7 @@ use common::nix::{StorePath, StorePathHash};
 use common::storage::ObjectKey;
 use common::upload_info::PathFields;
 
+use super::parse_cache_name;
 use crate::access::Caller;
 use crate::error::ApiError;
 use crate::extract::ApiPath;
@@ -45,10 +46,6 @@ use crate::quota::{self, Room};
 use crate::routes::binary_cache;
 use crate::spool::{self, Encoding, Expected};
 use crate::state::AppState;
-
-fn parse_cache_name(name: &str) -> Result<CacheName, ApiError> {
-    name.parse().map_err(ApiError::bad_request)
-}
 
 /// A NAR file name as Nix gives it, with the encoding its extension
 /// names.

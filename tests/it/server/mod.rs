@@ -19,6 +19,7 @@ mod nix_client;
 mod observability;
 mod parts;
 pub(crate) mod push;
+mod realisations;
 mod serving;
 mod small_paths;
 mod tokens;

@@ -1,0 +1,296 @@
+//! Realisations of content-addressed derivations (issue #15): a current
+//! Nix builds a CA derivation, pushes it and its realisation with
+//! `nix copy --to`, and another, with an empty store and Larder as its only
+//! source, substitutes the derivation's output, checking the realisation's
+//! signature by the cache's key; bad realisation uploads are refused with
+//! nothing stored, and GC drops a realisation whose path is gone.
+
+use std::time::Duration;
+
+use common::auth::Permission;
+use common::db::Timestamp;
+use reqwest::StatusCode;
+use tests::nix::{NixEnv, NixVersion};
+use tests::server::TestServer;
+
+use super::push::{blocking, public_key_of};
+use super::HOUR;
+
+/// A CA derivation whose output differs per run (the chroot's store is
+/// shared by every run on the machine).
+fn ca_derivation(salt: &str) -> String {
+    format!(
+        r#"derivation {{
+  name = "larder-ca-{salt}";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "echo content-addressed {salt} > $out" ];
+  PATH = "/usr/bin:/bin";
+  __contentAddressed = true;
+  outputHashMode = "recursive";
+  outputHashAlgo = "sha256";
+}}"#
+    )
+}
+
+/// An environment of the current Nix with content-addressed derivations
+/// on, building (when `builds`) in the chroot's own store: a current Nix
+/// cannot build into a chroot store.
+fn ca_env(builds: bool) -> NixEnv {
+    let mut env = NixEnv::with_version(NixVersion::Current).expect("a current Nix");
+    env.add_config("experimental-features", "nix-command ca-derivations");
+    if builds {
+        env.add_config("store", "local");
+        env.add_config("sandbox", "false");
+    }
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn current_nix_substitutes_a_content_addressed_output_from_its_realisation() {
+    let server = TestServer::sqlite().await;
+    server.create_cache("ca", false).await;
+    let token = server
+        .mint(
+            "pusher",
+            HOUR,
+            &[("ca", &[Permission::Pull, Permission::Push])],
+        )
+        .await;
+    let public_key = public_key_of(&server, &token, "ca").await;
+    let cache_url = server.cache_url("ca");
+    let salt = format!("{:016x}", rand::random::<u64>());
+    let (drv, out) = {
+        let (token, cache_url) = (token.clone(), cache_url.clone());
+        blocking(move || {
+            let mut builder = ca_env(true);
+            builder.use_netrc("127.0.0.1", &token).expect("a netrc");
+            let file = builder.path("ca.nix");
+            std::fs::write(&file, ca_derivation(&salt)).expect("writing the derivation");
+            let file = file.to_str().expect("UTF-8").to_owned();
+            let drv = builder
+                .run_text("nix", &["eval", "--raw", "--file", &file, "drvPath"])
+                .expect("the derivation's path");
+            let out = builder
+                .run_text(
+                    "nix",
+                    &["build", "--file", &file, "--no-link", "--print-out-paths"],
+                )
+                .expect("building the CA derivation");
+            // The derivation itself too: whoever substitutes its output
+            // from the cache alone reads it there.
+            let output = format!("{drv}^out");
+            builder
+                .run("nix", &["copy", "--to", &cache_url, &drv, &output])
+                .expect("nix copy --to of the derivation and its output");
+            (drv, out)
+        })
+        .await
+    };
+
+    let substituted = {
+        let (token, cache_url, public_key) = (token.clone(), cache_url.clone(), public_key.clone());
+        let output = format!("{drv}^out");
+        let out = out.clone();
+        blocking(move || {
+            let mut client = ca_env(false);
+            client.use_netrc("127.0.0.1", &token).expect("a netrc");
+            let fresh = client.path("fresh");
+            let fresh_arg = fresh.to_str().expect("UTF-8").to_owned();
+            // Signatures checked: the realisation's by the cache's key.
+            client
+                .run(
+                    "nix",
+                    &[
+                        "copy",
+                        "--from",
+                        &cache_url,
+                        "--to",
+                        &fresh_arg,
+                        "--option",
+                        "trusted-public-keys",
+                        &public_key,
+                        &output,
+                    ],
+                )
+                .expect("substituting the output from the cache alone");
+            client
+                .run_text(
+                    "nix",
+                    &[
+                        "path-info",
+                        "--json",
+                        "--json-format",
+                        "1",
+                        "--store",
+                        &fresh_arg,
+                        &out,
+                    ],
+                )
+                .expect("the substituted output")
+        })
+        .await
+    };
+    assert!(substituted.contains(&out), "{substituted}");
+
+    // Served with the cache's signature beside the pusher's (none here).
+    let id = server.database().pool().clone();
+    let drv_output: String = sqlx::query_scalar("SELECT drv_output FROM realisations")
+        .fetch_one(&id)
+        .await
+        .expect("the realisation's row");
+    let response = server
+        .http()
+        .get(server.url_of(&format!("/ca/realisations/{drv_output}.doi")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("GET realisation");
+    assert_eq!(response.status(), StatusCode::OK);
+    let served: serde_json::Value = response.json().await.expect("JSON");
+    let key_name = public_key.split(':').next().expect("a key name");
+    assert!(
+        served["signatures"]
+            .as_array()
+            .expect("signatures")
+            .iter()
+            .any(|signature| signature
+                .as_str()
+                .is_some_and(|s| s.starts_with(&format!("{key_name}:")))),
+        "{served}"
+    );
+
+    // The path gone from the cache, the realisation is no longer served,
+    // and GC (a day on) deletes it.
+    let cache = server
+        .database()
+        .cache_by_name(&"ca".parse().expect("a name"))
+        .await
+        .expect("the cache")
+        .expect("it exists");
+    let hash =
+        common::nix::StorePathHash::parse(&out["/nix/store/".len().."/nix/store/".len() + 32])
+            .expect("a path hash");
+    server
+        .database()
+        .delete_objects(cache.id, &[hash])
+        .await
+        .expect("deleting the output");
+    let response = server
+        .http()
+        .get(server.url_of(&format!("/ca/realisations/{drv_output}.doi")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("GET realisation");
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let report = gc_scheduler::gc::collect_garbage(
+        server.database(),
+        &*common::storage::open(&server.config().storage)
+            .await
+            .expect("the server's storage"),
+        &common::config::GcConfig::default(),
+        Timestamp::now().saturating_add(Duration::from_secs(2 * 24 * 3600)),
+    )
+    .await
+    .expect("a GC run");
+    assert_eq!(report.realisations, 1, "{report:?}");
+}
+
+/// Bad realisation uploads: each a 4xx, and nothing stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_realisation_uploads_are_refused_with_nothing_stored() {
+    let server = TestServer::sqlite().await;
+    server.create_cache("ca", false).await;
+    let pusher = server
+        .mint(
+            "pusher",
+            HOUR,
+            &[("ca", &[Permission::Pull, Permission::Push])],
+        )
+        .await;
+    let reader = server
+        .mint("reader", HOUR, &[("ca", &[Permission::Pull])])
+        .await;
+    let id = "sha256:ff51cc5099788a082b91d8622142fcfa2179092fa2cbf4f7976a2c1514f5ba94!out";
+    let good = format!(
+        r#"{{"dependentRealisations":{{}},"id":"{id}","outPath":"7x36ylfb9id6m7jmhnqqd5d3jb6gm06m-ca-test","signatures":[]}}"#
+    );
+    let put = |token: Option<&str>, file: String, body: String| {
+        let mut request = server
+            .http()
+            .put(server.url_of(&format!("/ca/realisations/{file}")));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move { request.body(body).send().await.expect("PUT") }
+    };
+    let cases = [
+        (
+            Some(reader.as_str()),
+            format!("{id}.doi"),
+            good.clone(),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            None,
+            format!("{id}.doi"),
+            good.clone(),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            Some(pusher.as_str()),
+            format!("{id}.doi"),
+            "{not json".to_owned(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Some(pusher.as_str()),
+            "sha256:abc!out.doi".to_owned(),
+            good.clone(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Some(pusher.as_str()),
+            format!("{}.doi", id.replace("!out", "!dev")),
+            good.clone(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Some(pusher.as_str()),
+            format!("{id}.doi"),
+            good.replace("7x36ylfb9id6m7jmhnqqd5d3jb6gm06m-ca-test", "not a path"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Some(pusher.as_str()),
+            format!("{id}.doi"),
+            "x".repeat(100_000),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+    ];
+    for (token, file, body, status) in cases {
+        let response = put(token, file.clone(), body).await;
+        assert_eq!(response.status(), status, "{file}");
+        let error: serde_json::Value = response.json().await.expect("a JSON error");
+        assert!(error["message"].is_string(), "{error}");
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM realisations")
+        .fetch_one(server.database().pool())
+        .await
+        .expect("counting realisations");
+    assert_eq!(rows, 0);
+    // A good one is stored, but not served while the cache lacks its path.
+    assert_eq!(
+        put(Some(&pusher), format!("{id}.doi"), good).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let response = server
+        .http()
+        .get(server.url_of(&format!("/ca/realisations/{id}.doi")))
+        .bearer_auth(&pusher)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+}
