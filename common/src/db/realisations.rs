@@ -8,7 +8,7 @@ use super::error::{query_error, Result};
 use super::row::{json_col, string_col, to_json};
 use super::types::{CacheId, Timestamp};
 use super::Database;
-use crate::nix::realisation::{DrvOutputId, Realisation};
+use crate::nix::realisation::{Realisation, RealisationKey};
 use crate::nix::StorePath;
 
 impl Database {
@@ -27,7 +27,7 @@ impl Database {
              dependent = excluded.dependent, sigs = excluded.sigs, created_at = excluded.created_at",
         )
         .bind(cache_id.0)
-        .bind(realisation.id.as_str())
+        .bind(realisation.key.stored())
         .bind(realisation.out_path.hash().as_str())
         .bind(realisation.out_path.to_string())
         .bind(to_json("dependent realisations", &realisation.dependent)?)
@@ -39,12 +39,12 @@ impl Database {
         Ok(())
     }
 
-    /// A cache's realisation of `id`, if it has one and holds its output
+    /// A cache's realisation of `key`, if it has one and holds its output
     /// path.
     pub async fn realisation(
         &self,
         cache_id: CacheId,
-        id: &DrvOutputId,
+        key: &RealisationKey,
     ) -> Result<Option<Realisation>> {
         let row = sqlx::query(
             "SELECT r.out_path, r.dependent, r.sigs FROM realisations r \
@@ -52,7 +52,7 @@ impl Database {
              WHERE r.cache_id = $1 AND r.drv_output = $2",
         )
         .bind(cache_id.0)
-        .bind(id.as_str())
+        .bind(key.stored())
         .fetch_optional(&self.pool)
         .await
         .map_err(query_error("looking up a realisation"))?;
@@ -66,7 +66,7 @@ impl Database {
         )?;
         let dependent: BTreeMap<String, String> = json_col(&row, "dependent")?;
         Ok(Some(Realisation {
-            id: id.clone(),
+            key: key.clone(),
             out_path,
             dependent,
             signatures: json_col(&row, "sigs")?,

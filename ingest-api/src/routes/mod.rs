@@ -73,6 +73,10 @@ pub fn router(state: AppState) -> Router {
             get(realisations::get).put(realisations::put),
         )
         .metered_route(
+            "/{cache}/build-trace-v2/{drv}/{file}",
+            get(realisations::get_build_trace).put(realisations::put_build_trace),
+        )
+        .metered_route(
             "/{cache}/{file}",
             get(binary_cache::root_file).put(push_nix::put_root_file),
         )

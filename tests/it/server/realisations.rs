@@ -294,3 +294,87 @@ async fn bad_realisation_uploads_are_refused_with_nothing_stored() {
         .expect("GET");
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
 }
+
+/// Nix 2.35's layout (`build-trace-v2/<drv>/<output>.doi`, keyed by the
+/// derivation's path, signatures as objects), which no Nix in the suite
+/// writes: stored as uploaded, served only while the cache holds the path,
+/// with the cache's signature over 2.35's fingerprint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_build_trace_layout_is_stored_and_served_signed() {
+    let server = TestServer::sqlite().await;
+    server.create_cache("ca", false).await;
+    let pusher = server
+        .mint(
+            "pusher",
+            HOUR,
+            &[("ca", &[Permission::Pull, Permission::Push])],
+        )
+        .await;
+    let public_key = public_key_of(&server, &pusher, "ca").await;
+    let out = super::fake_store_path("ca-output");
+    let out_name = &out["/nix/store/".len()..];
+    let drv = format!(
+        "{}.drv",
+        &super::fake_store_path("ca-output")["/nix/store/".len()..]
+    );
+    let url = server.url_of(&format!("/ca/build-trace-v2/{drv}/out.doi"));
+    let body = format!(r#"{{"outPath":"{out_name}","signatures":[]}}"#);
+    let put = server
+        .http()
+        .put(&url)
+        .bearer_auth(&pusher)
+        .body(body.clone())
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(put.status(), StatusCode::NO_CONTENT);
+    let get = || async {
+        server
+            .http()
+            .get(&url)
+            .bearer_auth(&pusher)
+            .send()
+            .await
+            .expect("GET")
+    };
+    assert_eq!(get().await.status(), StatusCode::NOT_FOUND, "no path yet");
+    server
+        .seed_path("ca", super::plain_metadata(&out), &super::file_nar(b"ca"))
+        .await;
+    let response = get().await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let served: serde_json::Value = response.json().await.expect("JSON");
+    assert_eq!(served["outPath"], out_name);
+    let signature = &served["signatures"][0];
+    let signature = common::nix::Signature::parse(&format!(
+        "{}:{}",
+        signature["keyName"].as_str().expect("a key name"),
+        signature["sig"].as_str().expect("a signature")
+    ))
+    .expect("a signature");
+    let fingerprint = format!(
+        r#"{{"key":{{"drvPath":"{drv}","outputName":"out"}},"value":{{"outPath":"{out_name}"}}}}"#
+    );
+    let key: common::nix::PublicKey = public_key.parse().expect("the cache's public key");
+    assert!(key.verify(fingerprint.as_bytes(), &signature), "{served}");
+    // Not a derivation, or no `.doi`: a 400, nothing stored.
+    for bad in [
+        format!("/ca/build-trace-v2/{out_name}/out.doi"),
+        format!("/ca/build-trace-v2/{drv}/out"),
+    ] {
+        let response = server
+            .http()
+            .put(server.url_of(&bad))
+            .bearer_auth(&pusher)
+            .body(body.clone())
+            .send()
+            .await
+            .expect("PUT");
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{bad}");
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM realisations")
+        .fetch_one(server.database().pool())
+        .await
+        .expect("counting realisations");
+    assert_eq!(rows, 1);
+}
