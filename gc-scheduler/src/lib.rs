@@ -153,10 +153,11 @@ impl std::fmt::Display for OnceReport {
         match self.collected {
             Some(report) => write!(
                 f,
-                "collected: {} objects, {} NARs, {} chunks, {} packs, {} bytes freed, {} packs \
+                "collected: {} objects, {} logs, {} NARs, {} chunks, {} packs, {} bytes freed, {} packs \
                  compacted into {} bytes, {} uploads and {} staged files reaped, {} orphan \
                  objects removed, in {} ms",
                 report.objects,
+                report.logs,
                 report.nars,
                 report.chunks,
                 report.packs_deleted,

@@ -69,6 +69,12 @@ const MIGRATIONS: &[Embedded] = &[
         sqlite: include_str!("../../migrations/sqlite/0007_next_use.sql"),
         postgres: include_str!("../../migrations/postgres/0007_next_use.sql"),
     },
+    Embedded {
+        version: 8,
+        description: "build_logs",
+        sqlite: include_str!("../../migrations/sqlite/0008_build_logs.sql"),
+        postgres: include_str!("../../migrations/postgres/0008_build_logs.sql"),
+    },
 ];
 
 /// The file names the embedded list stands for, per backend directory, so
