@@ -706,18 +706,6 @@ async fn logs_are_served_replaced_collected_and_deleted_on_postgres() {
     logs_are_served_replaced_collected_and_deleted(Backend::Postgres).await;
 }
 
-/// A derivation whose builder prints a salted line to its log.
-fn logging_derivation(env: &NixEnv, salt: &str) -> std::path::PathBuf {
-    let file = env.path("logging.nix");
-    let nix = format!(
-        "derivation {{ name = \"logging\"; system = builtins.currentSystem; \
-         builder = \"/bin/sh\"; PATH = \"/usr/bin:/bin\"; \
-         args = [ \"-c\" \"echo building {salt}; echo to stderr {salt} >&2; echo {salt} > $out\" ]; }}\n"
-    );
-    write_file(&file, nix.as_bytes(), false).expect("writing the derivation");
-    file
-}
-
 /// The real Nix 2.8: `nix store copy-log --to` the server, then `nix log
 /// --store` it prints the log (of the output, whose deriver names it); and `nix copy --to '…?index-debug-info=true'`
 /// of a path with a `lib/debug/.build-id` file writes its debug-info entry,
@@ -742,17 +730,9 @@ async fn nix_copies_a_build_log_and_reads_it_back() {
             env.use_netrc("127.0.0.1", &token).expect("a netrc");
             let store = env.path("store");
             let store_arg = store.to_str().expect("UTF-8").to_owned();
-            let file = logging_derivation(&env, &salt);
-            let file_arg = file.to_str().expect("UTF-8");
-            let drv = env
-                .run_text("nix-instantiate", &["--store", &store_arg, file_arg])
-                .expect("instantiating");
-            let output = env
-                .run_text(
-                    "nix-build",
-                    &["--store", &store_arg, file_arg, "--no-out-link"],
-                )
-                .expect("building");
+            let (drv, output) = env
+                .build_logging_derivation(&store, &salt)
+                .expect("building a derivation that logs");
             env.run(
                 "nix",
                 &[
