@@ -174,7 +174,6 @@ impl GcReport {
     fn log(&self) {
         tracing::info!(
             objects = self.objects,
-            logs = self.logs,
             nars = self.nars,
             chunks = self.chunks,
             packs_deleted = self.packs_deleted,
@@ -185,6 +184,7 @@ impl GcReport {
             staged_files_reaped = self.staged_files_reaped,
             orphans_removed = self.orphans_removed,
             usage_corrected = self.usage_corrected,
+            logs = self.logs,
             duration_ms = self.duration.as_millis() as u64,
             "GC run finished"
         );

@@ -153,11 +153,10 @@ impl std::fmt::Display for OnceReport {
         match self.collected {
             Some(report) => write!(
                 f,
-                "collected: {} objects, {} logs, {} NARs, {} chunks, {} packs, {} bytes freed, {} packs \
+                "collected: {} objects, {} NARs, {} chunks, {} packs, {} bytes freed, {} packs \
                  compacted into {} bytes, {} uploads and {} staged files reaped, {} orphan \
-                 objects removed, in {} ms",
+                 objects removed, {} build logs and debug-info entries expired, in {} ms",
                 report.objects,
-                report.logs,
                 report.nars,
                 report.chunks,
                 report.packs_deleted,
@@ -167,6 +166,7 @@ impl std::fmt::Display for OnceReport {
                 report.uploads_reaped,
                 report.staged_files_reaped,
                 report.orphans_removed,
+                report.logs,
                 report.duration.as_millis()
             ),
             None => write!(
