@@ -707,7 +707,7 @@ async fn logs_are_served_replaced_collected_and_deleted_on_postgres() {
 }
 
 /// The real Nix 2.8: `nix store copy-log --to` the server, then `nix log
-/// --store` it prints the log (of the output, whose deriver names it); and `nix copy --to '…?index-debug-info=true'`
+/// --store` prints it, given the derivation or its output; and `nix copy --to '…?index-debug-info=true'`
 /// of a path with a `lib/debug/.build-id` file writes its debug-info entry,
 /// which the server then serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -740,10 +740,22 @@ async fn nix_copies_a_build_log_and_reads_it_back() {
                 ],
             )
             .expect("nix store copy-log --to the server");
-            // The output's narinfo names its deriver, which is how `nix
-            // log` finds the log in a binary cache: Nix 2.8 reads a `.drv`
-            // installable from the store it is given, and `nix copy` of a
-            // `.drv` copies its outputs, not the derivation.
+            // `nix log --store URL DRV` reads the derivation from that
+            // store (`--derivation` copies it rather than its outputs);
+            // `nix log --store URL OUTPUT` finds it as the output's Deriver.
+            env.run(
+                "nix",
+                &[
+                    "copy",
+                    "--derivation",
+                    "--store",
+                    &store_arg,
+                    "--to",
+                    &url,
+                    &drv,
+                ],
+            )
+            .expect("nix copy --derivation --to the server");
             env.copy_to(&store, &url, std::slice::from_ref(&output))
                 .expect("nix copy --to the server");
             // Read from another machine: the pushing Nix has cached the
@@ -751,8 +763,12 @@ async fn nix_copies_a_build_log_and_reads_it_back() {
             let mut reader = NixEnv::new().expect("a Nix environment");
             reader.use_netrc("127.0.0.1", &token).expect("a netrc");
             let printed = reader
+                .run_text("nix", &["log", "--store", &url, &drv])
+                .expect("nix log --store the server DRV");
+            let by_output = reader
                 .run_text("nix", &["log", "--store", &url, &output])
                 .expect("nix log --store the server OUTPUT");
+            assert_eq!(by_output, printed);
             (drv, printed)
         })
         .await
