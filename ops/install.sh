@@ -7,7 +7,13 @@
 #     and systemd (for `systemd-analyze verify` of the shipped unit files;
 #     nothing is run under it);
 #   - Garage 2.5.0 (S3), built from crates.io with `cargo install`;
-#   - cargo-nextest, the test runner.
+#   - cargo-nextest, the test runner;
+#   - a current Nix (Debian sid's nix-bin, 2.34) beside Debian 12's 2.8: a
+#     minimal sid root made with debootstrap in $LARDER_CACHE_DIR/nix-current
+#     (about 3 minutes, once per machine), and wrappers in its `bin/`
+#     (`nix`, `nix-store`, …) that run the chroot's programs with /proc,
+#     /dev and /tmp mounted into it (mounted on first use), so that paths
+#     under /tmp mean the same on both sides. See ../shared/nix-current.md.
 #
 # Idempotent and quiet: what is already there is skipped, `apt-get update`
 # runs only when a package is missing, and nothing is printed on success
@@ -96,6 +102,77 @@ install_nextest() {
     run_logged nextest cargo install cargo-nextest --locked
 }
 
+# The current Nix: Debian sid's nix-bin in a chroot, with host-side
+# wrappers. Skipped when the chroot's nix answers with the version expected.
+install_current_nix() {
+    local dir=$CACHE_DIR/nix-current
+    local root=$dir/root
+    if [[ -x $dir/bin/nix ]] && [[ $("$dir/bin/nix" --version 2>/dev/null) == "nix (Nix) 2."* ]]; then
+        return 0
+    fi
+    [[ $EUID -eq 0 ]] || die "a current Nix is missing; run as root to install it"
+    package_installed debootstrap || {
+        run_logged apt-update apt-get -q -y -o DPkg::Lock::Timeout=600 update
+        run_logged apt-install bash "$(dirname "${BASH_SOURCE[0]}")/apt-install.sh" debootstrap
+    }
+    say "installing a current Nix (Debian sid's nix-bin) in a chroot under $dir (about 3 minutes)"
+    local started=$SECONDS mirror
+    mirror=$(awk '/^URIs:/ { print $2; exit }' /etc/apt/sources.list.d/debian.sources 2>/dev/null)
+    mirror=${mirror:-http://deb.debian.org/debian}
+    rm -rf "$root.new"
+    mkdir -p "$dir"
+    # (The mirror may serve a snapshot whose Release file is past its
+    # Valid-Until on this machine's clock: apt inside is told not to mind.)
+    # debootstrap fails at the end, leaving nix-bin unconfigured: its
+    # libdbd-sqlite3-perl needs the virtual package perl-dbdabi-94, which
+    # apt inside the root then resolves. Any other failure leaves no apt.
+    debootstrap --variant=minbase --include=nix-bin,ca-certificates \
+        sid "$root.new" "$mirror" >"$log_dir/debootstrap.log" 2>&1 || true
+    if [[ ! -x $root.new/usr/bin/apt-get ]]; then
+        say "error: debootstrap of Debian sid failed; last lines of its output:"
+        tail -n 40 "$log_dir/debootstrap.log" | sed 's/^/    /' >&2
+        exit 1
+    fi
+    run_logged nix-configure chroot "$root.new" /bin/sh -c "
+        echo 'deb $mirror sid main' > /etc/apt/sources.list &&
+        apt-get -q -o Acquire::Check-Valid-Until=false update &&
+        DEBIAN_FRONTEND=noninteractive apt-get -q -y install -f &&
+        DEBIAN_FRONTEND=noninteractive apt-get -q -y install nix-bin libdbi-perl && apt-get clean"
+    # An old root may have the host's /tmp and /dev mounted inside: those go
+    # first, and nothing is deleted while any is still there.
+    local mount
+    for mount in tmp dev proc; do
+        ! mountpoint -q "$root/$mount" || umount -R "$root/$mount" ||
+            die "could not unmount $root/$mount; unmount it, then run this again"
+    done
+    rm -rf "$root"
+    mv "$root.new" "$root"
+    mkdir -p "$dir/bin"
+    cat >"$dir/bin/nix-chroot" <<WRAPPER
+#!/bin/sh
+# Runs the program of the current Nix named as this script is (a symlink
+# per program), inside $root, from the same working directory, with the
+# caller's environment. Mounts /proc, /dev and /tmp into the root first if
+# they are not (once per boot; under a lock, since tests start many at once).
+root='$root'
+if ! mountpoint -q "\$root/tmp"; then
+    flock "\$root.lock" sh -c '
+        mountpoint -q "\$0/proc" || mount -t proc proc "\$0/proc"
+        mountpoint -q "\$0/dev" || mount --rbind /dev "\$0/dev"
+        mountpoint -q "\$0/tmp" || mount --rbind /tmp "\$0/tmp"' "\$root" || exit 1
+fi
+exec chroot "\$root" /bin/sh -c 'cd "\$0" 2>/dev/null || cd /; PATH=/usr/bin:/bin; exec "\$@"' \
+    "\$PWD" "/usr/bin/\$(basename "\$0")" "\$@"
+WRAPPER
+    chmod 755 "$dir/bin/nix-chroot"
+    local program
+    for program in nix nix-store nix-build nix-instantiate nix-env nix-hash; do
+        ln -sf nix-chroot "$dir/bin/$program"
+    done
+    say "current Nix installed: $("$dir/bin/nix" --version) in $((SECONDS - started)) s"
+}
+
 install_debian_packages
 install_garage
 install_nextest
+install_current_nix

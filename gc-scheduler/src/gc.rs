@@ -137,6 +137,9 @@ pub struct GcReport {
     /// stored size); the staged NARs of reaped uploads and files are not
     /// counted.
     pub bytes_freed: u64,
+    /// Names pushers gave NAR files (served for their own cached
+    /// narinfos) whose NAR their cache no longer has, deleted.
+    pub nar_file_names: u64,
     /// Upload rows deleted (finished past the deadline, or stuck).
     pub uploads_reaped: u64,
     /// Staged files (Nix's `PUT nar/…`) no narinfo claimed, deleted.
@@ -163,6 +166,7 @@ impl GcReport {
             ("packs", self.packs_deleted),
             ("uploads", self.uploads_reaped),
             ("staged_files", self.staged_files_reaped),
+            ("nar_file_names", self.nar_file_names),
             ("orphans", self.orphans_removed),
         ] {
             metrics.gc_deleted(kind, count);
@@ -182,6 +186,7 @@ impl GcReport {
             bytes_freed = self.bytes_freed,
             uploads_reaped = self.uploads_reaped,
             staged_files_reaped = self.staged_files_reaped,
+            nar_file_names = self.nar_file_names,
             orphans_removed = self.orphans_removed,
             usage_corrected = self.usage_corrected,
             logs = self.logs,
@@ -190,6 +195,11 @@ impl GcReport {
         );
     }
 }
+
+/// How long a pushed NAR file's name is kept before GC may find its NAR
+/// gone: the name is recorded when the narinfo is, before the pipeline has
+/// made the path's object.
+const NAR_FILE_NAME_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 /// One full pass; see the module documentation. `now` is the clock every
 /// deadline and retention period is measured from.
@@ -203,6 +213,9 @@ pub async fn collect_garbage(
     let mut report = reap(database, storage, config, now).await?;
     expire_objects(database, config, now, &mut report).await?;
     delete_unreferenced_nars(database, config, &mut report).await?;
+    let named_before =
+        now.saturating_sub(NAR_FILE_NAME_GRACE.max(config.orphan_grace.as_duration()));
+    report.nar_file_names = database.delete_stale_nar_file_names(named_before).await?;
     let linked_before = now.saturating_sub(config.orphan_grace.as_duration());
     claim_unreferenced_chunks(database, config, linked_before).await?;
     delete_claimed_chunks(database, storage, config, &mut report).await?;

@@ -167,9 +167,13 @@ peak_rss_kib() {
     echo "$total"
 }
 
-# The median of the numbers on stdin, separated by spaces or lines.
+# The median of the numbers on stdin, separated by spaces or lines, to three
+# decimals without trailing zeros (a download of about a second must not
+# round to 1.0).
 median() {
-    tr -s ' ' '\n' | sed '/^$/d' | sort -g | awk '{ v[NR] = $1 } END { printf "%.1f\n", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+    tr -s ' ' '\n' | sed '/^$/d' | sort -g | awk '{ v[NR] = $1 } END {
+        m = sprintf("%.3f", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2)
+        sub(/0+$/, "", m); sub(/\.$/, "", m); print m }'
 }
 
 # MiB per second of BYTES bytes in SECONDS seconds.

@@ -1,5 +1,8 @@
-//! Driving the real Nix client (Debian's `nix-bin` 2.8) from tests, fully
-//! isolated from the machine's Nix configuration and from `/nix`.
+//! Driving the real Nix client from tests, fully isolated from the
+//! machine's Nix configuration and from `/nix`: Debian 12's `nix-bin` 2.8
+//! ([`NixVersion::Debian`]), or a current one ([`NixVersion::Current`],
+//! Debian sid's, which `ops/install.sh` puts in a chroot with wrappers that
+//! run it on host paths under /tmp).
 //!
 //! Every command runs with its own `HOME`, XDG directories, an empty
 //! `NIX_CONF_DIR`, no `NIX_REMOTE`, and a `NIX_CONFIG` that names a default
@@ -44,10 +47,63 @@ fn io_error(what: impl fmt::Display) -> impl FnOnce(std::io::Error) -> NixError 
     move |source| error(format!("{what}: {source}"))
 }
 
+/// Which Nix client a test drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NixVersion {
+    /// Debian 12's `nix-bin`, 2.8, found on `PATH`.
+    Debian,
+    /// A current Nix (2.3x): the programs in `$LARDER_TEST_NIX_CURRENT`,
+    /// by default `$LARDER_CACHE_DIR/nix-current/bin` (or
+    /// `~/.cache/larder/nix-current/bin`), where `ops/install.sh` puts it.
+    /// It cannot build into a chroot store: make stores with
+    /// [`NixVersion::Debian`] and copy or substitute with this one.
+    Current,
+}
+
+impl NixVersion {
+    /// Where this version's programs are; `None` for the ones on `PATH`.
+    pub fn bin_dir(self) -> Option<PathBuf> {
+        match self {
+            Self::Debian => None,
+            Self::Current => Some(match std::env::var_os("LARDER_TEST_NIX_CURRENT") {
+                Some(dir) => PathBuf::from(dir),
+                None => std::env::var_os("LARDER_CACHE_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| {
+                        PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                            .join(".cache/larder")
+                    })
+                    .join("nix-current/bin"),
+            }),
+        }
+    }
+}
+
+impl NixVersion {
+    /// `PATH` for a program that runs `nix` itself (the `larder` client,
+    /// the agent): this version's programs first. Panics when they are
+    /// missing, rather than let 2.8 further on the path stand in for them.
+    pub fn path_variable(self) -> String {
+        let inherited = std::env::var("PATH").unwrap_or_default();
+        match self.bin_dir() {
+            None => inherited,
+            Some(dir) => {
+                assert!(
+                    dir.join("nix").exists(),
+                    "no current Nix at {} (ops/install.sh installs it)",
+                    dir.display()
+                );
+                format!("{}:{inherited}", dir.display())
+            }
+        }
+    }
+}
+
 /// An isolated Nix environment in its own temporary directory, deleted on
 /// drop (set `LARDER_KEEP_NIX_ENV=1` to keep it for debugging).
 #[derive(Debug)]
 pub struct NixEnv {
+    version: NixVersion,
     dir: tempfile::TempDir,
     nix_config: String,
     /// Extra environment variables of every command (`set_env`).
@@ -126,7 +182,13 @@ pub fn physical_path(root: &Path, store_path: &str) -> PathBuf {
 
 impl NixEnv {
     /// Makes the environment and checks that a Nix 2.x client is on `PATH`.
+    /// An environment driving Debian's Nix 2.8.
     pub fn new() -> Result<Self> {
+        Self::with_version(NixVersion::Debian)
+    }
+
+    /// An environment driving `version`.
+    pub fn with_version(version: NixVersion) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("larder-nix-")
             .tempdir()
@@ -167,6 +229,7 @@ impl NixEnv {
             eprintln!("keeping Nix environment {}", dir.path().display());
         }
         let env = Self {
+            version,
             dir,
             nix_config,
             variables: Vec::new(),
@@ -186,6 +249,19 @@ impl NixEnv {
         self.root().join(name)
     }
 
+    /// The Nix this environment drives.
+    pub fn version(&self) -> NixVersion {
+        self.version
+    }
+
+    /// Drives `version` from now on, with the same directory, stores and
+    /// settings: a store made with Nix 2.8 (which can build into a chroot
+    /// store) is then pushed or copied by a current Nix.
+    pub fn set_version(&mut self, version: NixVersion) -> Result<()> {
+        self.version = version;
+        self.check_nix()
+    }
+
     fn check_nix(&self) -> Result<()> {
         let output = self
             .command("nix")
@@ -193,14 +269,27 @@ impl NixEnv {
             .output()
             .map_err(|source| {
                 error(format!(
-                    "the real Nix client is required but `nix --version` could not run ({source}); \
-                     install it with `apt-get install nix-bin` (ops/install.sh does)"
+                    "the real Nix client ({:?}) is required but `nix --version` could not run \
+                     ({source}); ops/install.sh installs both versions",
+                    self.version
                 ))
             })?;
         let version = String::from_utf8_lossy(&output.stdout);
-        if !output.status.success() || !version.contains("(Nix) 2.") {
+        // "nix (Nix) 2.34.8": the minor version, so that a test meant for a
+        // current Nix cannot pass on 2.8 through a misplaced wrapper.
+        let minor = version
+            .trim()
+            .strip_prefix("nix (Nix) 2.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|minor| minor.parse::<u32>().ok());
+        let expected = match self.version {
+            NixVersion::Debian => minor.is_some(),
+            NixVersion::Current => minor.is_some_and(|minor| minor >= 20),
+        };
+        if !output.status.success() || !expected {
             return Err(error(format!(
-                "`nix --version` did not report Nix 2.x: {} {}",
+                "`nix --version` of {:?} did not report the Nix expected: {} {}",
+                self.version,
                 version.trim(),
                 String::from_utf8_lossy(&output.stderr).trim()
             )));
@@ -211,7 +300,10 @@ impl NixEnv {
     /// A command for a Nix program with the isolated environment set.
     pub fn command(&self, program: &str) -> Command {
         let root = self.root();
-        let mut command = Command::new(program);
+        let mut command = match self.version.bin_dir() {
+            None => Command::new(program),
+            Some(dir) => Command::new(dir.join(program)),
+        };
         command
             .env("HOME", root.join("home"))
             .env("XDG_CACHE_HOME", root.join("cache"))
@@ -306,29 +398,33 @@ impl NixEnv {
 
     /// Makes a key pair with `nix key generate-secret`; the secret key file
     /// is written under the environment.
+    /// The public key of the secret key in `secret_key_file`
+    /// (`nix key convert-secret-to-public`).
+    pub fn public_key(&self, secret_key_file: &Path) -> Result<String> {
+        let file = std::fs::File::open(secret_key_file)
+            .map_err(io_error(format!("opening {}", secret_key_file.display())))?;
+        let output = self
+            .command("nix")
+            .args(["key", "convert-secret-to-public"])
+            .stdin(file)
+            .output()
+            .map_err(io_error("running `nix key convert-secret-to-public`"))?;
+        if !output.status.success() {
+            return Err(error(format!(
+                "`nix key convert-secret-to-public` failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+
     pub fn keygen(&self, key_name: &str) -> Result<NixKeyPair> {
         let secret_key =
             self.run_text("nix", &["key", "generate-secret", "--key-name", key_name])?;
         let secret_key_file = self.path(&format!("{key_name}.secret"));
         std::fs::write(&secret_key_file, &secret_key)
             .map_err(io_error(format!("writing {}", secret_key_file.display())))?;
-        let public_key = {
-            let file = std::fs::File::open(&secret_key_file)
-                .map_err(io_error(format!("opening {}", secret_key_file.display())))?;
-            let output = self
-                .command("nix")
-                .args(["key", "convert-secret-to-public"])
-                .stdin(file)
-                .output()
-                .map_err(io_error("running `nix key convert-secret-to-public`"))?;
-            if !output.status.success() {
-                return Err(error(format!(
-                    "`nix key convert-secret-to-public` failed: {}",
-                    String::from_utf8_lossy(&output.stderr).trim()
-                )));
-            }
-            String::from_utf8_lossy(&output.stdout).trim().to_owned()
-        };
+        let public_key = self.public_key(&secret_key_file)?;
         Ok(NixKeyPair {
             secret_key_file,
             secret_key,

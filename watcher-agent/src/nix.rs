@@ -74,6 +74,48 @@ enum RawPathInfos {
     ByPath(BTreeMap<String, Option<RawPathInfo>>),
 }
 
+/// `nix path-info --json` asking for the format this code reads: format 1
+/// (full store paths, SRI hashes), named with `--json-format 1` on Nix
+/// 2.33 and later, which otherwise warn that a bare `--json` will become an
+/// error; earlier versions (and Lix) know no such flag and print format 1.
+async fn path_info_json() -> Command {
+    let mut command = nix_command();
+    command.args(["path-info", "--json"]);
+    if takes_json_format().await {
+        command.args(["--json-format", "1"]);
+    }
+    command
+}
+
+/// Whether this machine's Nix takes `--json-format`, asked once per
+/// process (`nix --version`); when it cannot tell, it assumes not.
+async fn takes_json_format() -> bool {
+    static TAKES: tokio::sync::OnceCell<bool> = tokio::sync::OnceCell::const_new();
+    *TAKES
+        .get_or_init(|| async {
+            let output = nix_command()
+                .arg("--version")
+                .stdin(Stdio::null())
+                .output()
+                .await;
+            output.is_ok_and(|output| {
+                nix_version(&String::from_utf8_lossy(&output.stdout))
+                    .is_some_and(|version| version >= (2, 33))
+            })
+        })
+        .await
+}
+
+/// The (major, minor) version of CppNix from its `nix --version` line
+/// (`nix (Nix) 2.34.8`); `None` for anything else, Lix's `nix (Lix, like
+/// Nix) 2.91.1` included, whose numbers do not follow Nix's.
+fn nix_version(line: &str) -> Option<(u32, u32)> {
+    let mut numbers = line.trim().strip_prefix("nix (Nix) ")?.split('.');
+    let major = numbers.next()?.parse().ok()?;
+    let minor = numbers.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 /// A `nix` command with the new CLI enabled, whatever the user's config
 /// says.
 fn nix_command() -> Command {
@@ -89,8 +131,7 @@ pub async fn path_infos(
     paths: &[String],
     closure: bool,
 ) -> Result<Vec<PathInfo>, NixError> {
-    let mut command = nix_command();
-    command.args(["path-info", "--json"]);
+    let mut command = path_info_json().await;
     if closure {
         command.arg("--recursive");
     }
@@ -154,8 +195,8 @@ fn parse_path_infos(store_dir: &StoreDir, json: &[u8]) -> Result<Vec<PathInfo>, 
 /// lists an invalid path as `{"path": …, "valid": false}`, later versions
 /// as `"…": null`.
 pub async fn valid_paths(paths: &[String]) -> Result<HashSet<String>, NixError> {
-    let mut command = nix_command();
-    command.args(["path-info", "--json", "--"]).args(paths);
+    let mut command = path_info_json().await;
+    command.arg("--").args(paths);
     let shown = format!("nix path-info --json {}", paths.join(" "));
     let stdout = run(command, &shown).await?;
     parse_validity(&stdout).map_err(|reason| NixError::BadOutput {
@@ -314,6 +355,18 @@ mod tests {
 
     const A: &str = "/nix/store/0vlfq2frv35f2ckxvcmjrlklygj8g3g3-a";
     const B: &str = "/nix/store/1gq3ydp1jmlnrcw1pj0hqxz5jcdqch4v-b";
+
+    #[test]
+    fn only_cppnix_version_lines_give_a_version() {
+        assert_eq!(nix_version("nix (Nix) 2.8.0\n"), Some((2, 8)));
+        assert_eq!(nix_version("nix (Nix) 2.34.8"), Some((2, 34)));
+        assert_eq!(
+            nix_version("nix (Nix) 2.33.0pre20251001_abc"),
+            Some((2, 33))
+        );
+        assert_eq!(nix_version("nix (Lix, like Nix) 2.91.1"), None);
+        assert_eq!(nix_version(""), None);
+    }
 
     #[test]
     fn nix_2_8_json_parses() {

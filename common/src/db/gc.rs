@@ -92,6 +92,24 @@ fn chunk_unreferenced(linked_before: usize) -> String {
 }
 
 impl Database {
+    /// Deletes the pushed NAR file names (migration 0009) recorded before
+    /// `recorded_before` whose NAR their cache no longer serves; returns
+    /// how many went. A name recorded later may belong to an upload still
+    /// in the pipeline, whose object does not exist yet.
+    pub async fn delete_stale_nar_file_names(&self, recorded_before: Timestamp) -> Result<u64> {
+        let deleted = sqlx::query(
+            "DELETE FROM nar_file_names WHERE created_at < $1 AND NOT EXISTS (\
+             SELECT 1 FROM objects o JOIN nars n ON n.id = o.nar_id \
+             WHERE o.cache_id = nar_file_names.cache_id AND n.nar_hash = nar_file_names.nar_hash)",
+        )
+        .bind(recorded_before.unix_millis())
+        .execute(&self.pool)
+        .await
+        .map_err(query_error("deleting stale pushed NAR file names"))?
+        .rows_affected();
+        Ok(deleted)
+    }
+
     /// Every cache with its retention period.
     pub async fn cache_retentions(&self) -> Result<Vec<CacheRetention>> {
         let rows = sqlx::query("SELECT id, retention_period_secs FROM caches ORDER BY id")

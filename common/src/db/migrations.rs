@@ -75,6 +75,12 @@ const MIGRATIONS: &[Embedded] = &[
         sqlite: include_str!("../../migrations/sqlite/0008_build_logs.sql"),
         postgres: include_str!("../../migrations/postgres/0008_build_logs.sql"),
     },
+    Embedded {
+        version: 9,
+        description: "nar_file_names",
+        sqlite: include_str!("../../migrations/sqlite/0009_nar_file_names.sql"),
+        postgres: include_str!("../../migrations/postgres/0009_nar_file_names.sql"),
+    },
 ];
 
 /// The file names the embedded list stands for, per backend directory, so

@@ -333,11 +333,44 @@ impl Database {
         };
         let staged_size = to_i64("NAR size", u64_col(&claimed, "nar_size")?)?;
         adjust_usage_on(&mut tx, &mut cache, 0, -staged_size).await?;
+        // The pusher's Nix keeps the narinfo it wrote, naming this file:
+        // the file name stays served for the NAR (see migration 0009).
+        sqlx::query(
+            "INSERT INTO nar_file_names (cache_id, file_name, nar_hash, created_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (cache_id, file_name) \
+             DO UPDATE SET nar_hash = excluded.nar_hash, created_at = excluded.created_at",
+        )
+        .bind(new.cache_id.0)
+        .bind(file_name)
+        .bind(new.nar_hash.to_string())
+        .bind(at.unix_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(query_error("recording a pushed NAR file's name"))?;
         let upload = create_upload_on(&mut tx, &mut cache, self.quota, new, at).await?;
         tx.commit()
             .await
             .map_err(query_error("committing an upload of a staged file"))?;
         Ok(Some(upload))
+    }
+
+    /// The NAR a file name a pusher gave stands for in a cache (see
+    /// migration 0009), if any; whether the cache still serves it is the
+    /// caller's to check.
+    pub async fn nar_of_pushed_file(
+        &self,
+        cache_id: CacheId,
+        file_name: &str,
+    ) -> Result<Option<NarHash>> {
+        let row = sqlx::query(
+            "SELECT nar_hash FROM nar_file_names WHERE cache_id = $1 AND file_name = $2",
+        )
+        .bind(cache_id.0)
+        .bind(file_name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query_error("looking up a pushed NAR file's name"))?;
+        row.map(|row| nar_hash_col(&row, "nar_hash")).transpose()
     }
 
     /// The latest upload in flight of this path and NAR in a cache, if

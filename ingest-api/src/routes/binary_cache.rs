@@ -30,10 +30,12 @@ use bytes::Bytes;
 use common::cache_name::CacheName;
 use common::db::{Cache, NarId, ObjectWithNar};
 use common::nix::cache_info::NixCacheInfo;
+use common::nix::nar_file::{NarFileCompression, NarFileName};
 use common::nix::narinfo::{Compression, NarInfo};
-use common::nix::{base32, NarHash, Sha256Hash, StorePath, StorePathHash};
+use common::nix::{NarHash, StorePath, StorePathHash};
 
 use super::nar_body::{nar_body, ByteRange};
+use super::nar_transcode::transcode;
 use crate::access::Caller;
 use crate::error::ApiError;
 use crate::extract::ApiPath;
@@ -249,15 +251,64 @@ async fn serve_nar(
     range: Option<&HeaderValue>,
 ) -> Result<Response, ApiError> {
     let name = parse_cache_name(&cache)?;
-    let nar_hash = parse_nar_file_name(&file)?;
+    let file_name = NarFileName::parse(&file).map_err(ApiError::bad_request)?;
     let served = state.readable_cache(&caller, &name).await?;
-    let nar = state
-        .database
-        .valid_nar_in_cache(served.cache.id, &nar_hash)
-        .await
-        .map_err(ApiError::internal)?
-        .ok_or(ApiError::NoSuchPath)?;
+    let valid_in_cache = |nar_hash: NarHash| {
+        let database = state.database.clone();
+        let cache_id = served.cache.id;
+        async move {
+            database
+                .valid_nar_in_cache(cache_id, &nar_hash)
+                .await
+                .map_err(ApiError::internal)
+        }
+    };
+    // Larder's own name (the NAR hash, `.nar.zst`), else a name a pusher
+    // gave the NAR it uploaded to this cache (see `nar_transcode`).
+    let own = match file_name.compression() {
+        NarFileCompression::Zstd => valid_in_cache(NarHash::from(*file_name.file_hash())).await?,
+        NarFileCompression::None | NarFileCompression::Xz => None,
+    };
+    let nar = match own {
+        Some(nar) => nar,
+        None => {
+            let pushed = state
+                .database
+                .nar_of_pushed_file(served.cache.id, &file)
+                .await
+                .map_err(ApiError::internal)?
+                .ok_or(ApiError::NoSuchPath)?;
+            valid_in_cache(pushed).await?.ok_or(ApiError::NoSuchPath)?
+        }
+    };
+    let nar_hash = nar.nar_hash;
     state.access_log.record_nar(served.cache.id, nar.id);
+    if file_name.compression() != NarFileCompression::Zstd {
+        // Decompressed (and for `.nar.xz` compressed again): no ranges,
+        // and for xz no length known before the end.
+        let whole = nar
+            .file_size
+            .and_then(|size| size.checked_sub(1))
+            .map(|last| ByteRange { first: 0, last });
+        let whole = whole.ok_or_else(|| {
+            ApiError::internal(anyhow::anyhow!("NAR {nar_hash} is valid but has no bytes"))
+        })?;
+        let nar_size = nar.nar_size;
+        let frames = nar_body(state.database.clone(), state.storage.clone(), nar, whole);
+        let mut response = Response::new(Body::from_stream(transcode(
+            Box::pin(frames),
+            file_name.compression(),
+        )));
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-nix-nar"),
+        );
+        if file_name.compression() == NarFileCompression::None {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(nar_size));
+        }
+        return Ok(response);
+    }
     let file_size = nar.file_size.ok_or_else(|| {
         ApiError::internal(anyhow::anyhow!(
             "NAR {nar_hash} is valid but has no file size"
@@ -375,24 +426,6 @@ fn parse_range(value: &[u8], size: u64) -> RangeRequest {
         }
         _ => RangeRequest::Ignored,
     }
-}
-
-/// `<52 base-32 characters>.nar.zst`, anything else is a 400: names are
-/// checked before any lookup, so the answer never depends on what exists.
-fn parse_nar_file_name(file: &str) -> Result<NarHash, ApiError> {
-    let invalid = || {
-        ApiError::bad_request(format!(
-            "invalid NAR file name {:?}: expected <nix-base32 NAR hash>{NAR_EXTENSION}",
-            file.chars().take(80).collect::<String>()
-        ))
-    };
-    let digest = file.strip_suffix(NAR_EXTENSION).ok_or_else(invalid)?;
-    if digest.len() != base32::encoded_len(32) {
-        return Err(invalid());
-    }
-    Sha256Hash::from_base32(digest)
-        .map(NarHash::from)
-        .map_err(|_| invalid())
 }
 
 /// The `.ls` listing of a NAR, as the chunker stored it. A NAR without one

@@ -6,6 +6,7 @@ mod delete_paths;
 mod landing;
 mod logs;
 mod nar_body;
+mod nar_transcode;
 mod push_attic;
 mod push_nix;
 mod uploads;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tests::nix::{write_file, NixEnv};
+use tests::nix::{write_file, NixEnv, NixVersion};
 use tests::process::ServerProcess;
 use tests::server::{binary, TestServer};
 
@@ -206,10 +206,17 @@ pub(super) struct Setup {
 
 impl Setup {
     pub(super) async fn new() -> Self {
+        Self::with_version(NixVersion::Debian).await
+    }
+
+    /// A setup whose `larder` (and agent) run `version`'s `nix`; the paths
+    /// are still added by Nix 2.8.
+    pub(super) async fn with_version(version: NixVersion) -> Self {
         let env = blocking(|| NixEnv::new().expect("a Nix environment")).await;
         let root = env.path("store");
         let mut larder = Larder::new();
         larder.set_env("NIX_CONFIG", &store_config(&root));
+        larder.set_env("PATH", &version.path_variable());
         Self {
             env,
             root,
@@ -251,9 +258,20 @@ impl Setup {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_path_queued_twice_is_uploaded_once_and_status_shows_the_queue() {
+    a_path_queued_twice_is_uploaded_once(NixVersion::Debian).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn current_nix_a_path_queued_twice_is_uploaded_once_and_status_shows_the_queue() {
+    a_path_queued_twice_is_uploaded_once(NixVersion::Current).await;
+}
+
+/// The agent, reading the store through `version`, uploads a path queued
+/// twice once; `queue status` shows the queue before it runs.
+async fn a_path_queued_twice_is_uploaded_once(version: NixVersion) {
     let server = TestServer::sqlite().await;
     let token = server.root_token().await;
-    let setup = Setup::new().await;
+    let setup = Setup::with_version(version).await;
     let larder = &setup.larder;
     larder.ok(&["login", "local", &server.url(), &token]).await;
     larder.ok(&["cache", "create", "twice"]).await;

@@ -7,12 +7,13 @@
 //! These need the push endpoints and the pipeline (issue #4): the server
 //! must accept `upload-path` and make the paths visible.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::auth::Permission;
-use tests::nix::NixEnv;
+use tests::nix::{NixEnv, NixVersion};
 use tests::server::TestServer;
 
 use super::{assert_substitutes_the_same_nars, blocking, server_view, store_config, Larder, HOUR};
@@ -169,6 +170,17 @@ async fn push_a_closure_then_substitute_it_with_the_settings_use_wrote() {
 
 #[tokio::test]
 async fn push_without_closure_and_without_waiting() {
+    push_without_closure_and_without_waiting_on(NixVersion::Debian).await;
+}
+
+#[tokio::test]
+async fn current_nix_push_without_closure_and_without_waiting() {
+    push_without_closure_and_without_waiting_on(NixVersion::Current).await;
+}
+
+/// `larder push` reading the store through `version` (the store is made by
+/// Nix 2.8): without the closure, then with it; no warning from Nix.
+async fn push_without_closure_and_without_waiting_on(version: NixVersion) {
     let server = TestServer::sqlite().await;
     let salt = format!("alone-{:016x}", rand::random::<u64>());
     let (_env, store) = blocking(move || {
@@ -182,18 +194,63 @@ async fn push_without_closure_and_without_waiting() {
     let root_token = server.root_token().await;
     let mut larder = Larder::new();
     larder.set_env("NIX_CONFIG", &store_config(&store.root));
+    // `nix` is a script that writes down its arguments, then runs the
+    // version's own: which `path-info` flags the client passed.
+    let recorder = tempfile::tempdir().expect("a directory");
+    let calls = recorder.path().join("calls");
+    let real_nix = match version.bin_dir() {
+        Some(dir) => dir.join("nix"),
+        None => PathBuf::from("/usr/bin/nix"),
+    };
+    let shim = recorder.path().join("nix");
+    std::fs::write(
+        &shim,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> '{}'\nexec '{}' \"$@\"\n",
+            calls.display(),
+            real_nix.display()
+        ),
+    )
+    .expect("writing the recording nix");
+    std::fs::set_permissions(&shim, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("making it executable");
+    larder.set_env(
+        "PATH",
+        &format!("{}:{}", recorder.path().display(), version.path_variable()),
+    );
     larder
         .ok(&["login", "local", &server.url(), &root_token])
         .await;
     larder.ok(&["cache", "create", "alone"]).await;
     let top = store.built[0].as_str();
-    let out = larder
-        .ok(&["push", "alone", top, "--no-closure", "--no-wait"])
+    let output = larder
+        .run(&["push", "alone", top, "--no-closure", "--no-wait"])
         .await;
+    let (out, err) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(output.status.success(), "{out}{err}");
     assert!(
         out.contains("pushed 1 paths, 0 already cached, 0 from upstream"),
         "{out}"
     );
+    // Format 1 asked for by name where Nix takes the flag (2.33 on, which
+    // warn that a bare `--json` will become an error), and not before.
+    let path_infos: Vec<String> = std::fs::read_to_string(&calls)
+        .expect("the recorded calls")
+        .lines()
+        .filter(|call| call.contains("path-info"))
+        .map(str::to_owned)
+        .collect();
+    assert!(!path_infos.is_empty(), "no nix path-info call");
+    for call in &path_infos {
+        assert_eq!(
+            call.contains("--json-format 1"),
+            version == NixVersion::Current,
+            "{call}"
+        );
+    }
     // The rest of the closure is still missing.
     let out = larder.ok(&["push", "alone", top, "--no-wait"]).await;
     assert!(

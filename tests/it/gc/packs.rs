@@ -7,9 +7,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::byte_size::ByteSize;
 use common::config::{GcConfig, StorageConfig};
 use common::db::{Backend, Timestamp};
 use common::nix::StorePathHash;
+use common::storage::pack::PACK_TARGET_BYTES;
 use common::storage::{ObjectKey, Storage};
 use gc_scheduler::gc::{collect_garbage_locked, GcReport, PACK_GRACE};
 use tests::bench::{single_file_nar, store_path_hash_for, Pusher};
@@ -38,19 +40,31 @@ struct Rig {
 
 impl Rig {
     async fn start(backend: Backend, store: Store) -> Self {
-        let edit_config: Option<tests::server::ConfigEdit> = match store {
+        Self::with_pack_size(backend, store, PACK_TARGET_BYTES).await
+    }
+
+    /// A rig whose compress jobs (and so packs) take `pack_size` bytes of
+    /// new chunks.
+    async fn with_pack_size(backend: Backend, store: Store, pack_size: u64) -> Self {
+        let storage = match store {
             Store::Local => None,
             Store::Garage => {
                 let prefix = format!("{}/", services::unique_name("packs"));
-                let storage =
-                    StorageConfig::S3(services::S3Settings::from_env().storage_config(&prefix));
-                Some(Arc::new(move |config| config.storage = storage.clone()))
+                Some(StorageConfig::S3(
+                    services::S3Settings::from_env().storage_config(&prefix),
+                ))
             }
         };
+        let edit_config: tests::server::ConfigEdit = Arc::new(move |config| {
+            if let Some(storage) = &storage {
+                config.storage = storage.clone();
+            }
+            config.pipeline.pack_size = ByteSize::new(pack_size);
+        });
         let server = TestServer::start(TestServerOptions {
             backend,
             gc: eager_gc(),
-            edit_config,
+            edit_config: Some(edit_config),
             ..TestServerOptions::default()
         })
         .await;
@@ -139,17 +153,37 @@ async fn download(server: &TestServer, token: &str, cache: &str, name: &str) -> 
 }
 
 async fn compaction_beside_uploads_and_downloads(backend: Backend, store: Store) {
-    let rig = Rig::start(backend, store).await;
+    compaction_of_a_third_live_pack(backend, store, MIB).await;
+}
+
+/// The same with a pack of 96 MiB, 32 of them copied by compaction while
+/// 64 MiB downloads run across the move (read ahead in many ranged reads,
+/// some planned before it and read after it).
+async fn heavy_compaction_of_large_packs_beside_uploads_and_downloads(
+    backend: Backend,
+    store: Store,
+) {
+    compaction_of_a_third_live_pack(backend, store, 32 * MIB).await;
+}
+
+/// A pack of `3 × unit` bytes whose live chunks fall to a third is
+/// compacted while uploads and downloads of what shares it go on; every
+/// download is whole and right, before, during and after, and the old pack
+/// goes after its grace.
+async fn compaction_of_a_third_live_pack(backend: Backend, store: Store, unit: usize) {
+    // One pack per NAR: X's 3 units fit in one compress job.
+    let rig = Rig::with_pack_size(backend, store, 4 * unit as u64).await;
     let server = &rig.server;
     server.create_cache("gone", false).await;
     server.create_cache("kept", false).await;
     let token = server.root_token().await;
     let to = |cache: &str| Pusher::new(&server.url(), &token, cache).expect("a pusher");
 
-    // X: 3 MiB in one pack. Y shares X's first MiB and adds one of its own.
-    let shared = pseudo_random(MIB, 71);
-    let x = nar_of(&shared, &pseudo_random(2 * MIB, 72));
-    let y = nar_of(&shared, &pseudo_random(MIB, 73));
+    // X: 3 units in one pack. Y shares X's first unit and adds one of its
+    // own.
+    let shared = pseudo_random(unit, 71);
+    let x = nar_of(&shared, &pseudo_random(2 * unit, 72));
+    let y = nar_of(&shared, &pseudo_random(unit, 73));
     to("gone").push("x", x).await.expect("pushing X");
     to("kept").push("y", y.clone()).await.expect("pushing Y");
     let packs_before = server.database().packs().await.expect("packs");
@@ -394,6 +428,7 @@ macro_rules! rigs {
 rigs!(
     sqlite_local: Sqlite, Local => [
         compaction_beside_uploads_and_downloads,
+        heavy_compaction_of_large_packs_beside_uploads_and_downloads,
         empty_and_unrecorded_packs_are_deleted,
         a_store_of_per_chunk_objects_is_repacked,
     ];
@@ -405,5 +440,6 @@ rigs!(
     postgres_garage: Postgres, Garage => [
         compaction_beside_uploads_and_downloads,
         empty_and_unrecorded_packs_are_deleted,
+        heavy_compaction_of_large_packs_beside_uploads_and_downloads,
     ];
 );

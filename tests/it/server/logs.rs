@@ -758,8 +758,7 @@ async fn nix_copies_a_build_log_and_reads_it_back() {
             .expect("nix copy --derivation --to the server");
             env.copy_to(&store, &url, std::slice::from_ref(&output))
                 .expect("nix copy --to the server");
-            // Read from another machine: the pushing Nix has cached the
-            // narinfos it wrote, naming NAR files by FileHash (README).
+            // Read as another machine would, with no cache of its own.
             let mut reader = NixEnv::new().expect("a Nix environment");
             reader.use_netrc("127.0.0.1", &token).expect("a netrc");
             let printed = reader

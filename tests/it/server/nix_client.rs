@@ -8,7 +8,7 @@ use common::api::CacheConfig;
 use common::auth::Permission;
 use common::db::Backend;
 use reqwest::{Method, StatusCode};
-use tests::nix::{cache_files, file_cache_url, symlink, write_file, NixEnv};
+use tests::nix::{cache_files, file_cache_url, symlink, write_file, NixEnv, NixVersion};
 use tests::server::{TestServer, SEED_CHUNK_SIZE};
 
 use super::{api_error, get, ok_bytes, ok_json, send, source_paths, HOUR};
@@ -40,7 +40,12 @@ async fn blocking<T: Send + 'static>(step: impl FnOnce() -> T + Send + 'static) 
         .expect("the Nix step panicked")
 }
 
-async fn nix_substitutes_a_private_closure_with_signatures_required(backend: Backend) {
+/// The closure is made by Nix 2.8 (a current Nix cannot build into a
+/// chroot store); `version` substitutes and verifies it.
+async fn nix_substitutes_a_private_closure_with_signatures_required(
+    backend: Backend,
+    version: NixVersion,
+) {
     let server = TestServer::on(backend).await;
     let salt = format!("closure-{:016x}", rand::random::<u64>());
     let (source_env, store, paths) = blocking(move || {
@@ -129,7 +134,7 @@ async fn nix_substitutes_a_private_closure_with_signatures_required(backend: Bac
         let public_key = public_key.clone();
         let paths = paths.clone();
         blocking(move || {
-            let mut client = NixEnv::new().expect("a Nix environment");
+            let mut client = NixEnv::with_version(version).expect("a Nix environment");
             client
                 .use_netrc("127.0.0.1", &token)
                 .expect("writing the netrc");
@@ -167,7 +172,7 @@ async fn nix_substitutes_a_private_closure_with_signatures_required(backend: Bac
     // A fresh client (no narinfo disk cache) verifies every path against
     // the cache: signatures by the cache's key, and each NAR re-hashed.
     let verify = blocking(move || {
-        let mut verifier = NixEnv::new().expect("a Nix environment");
+        let mut verifier = NixEnv::with_version(version).expect("a Nix environment");
         verifier
             .use_netrc("127.0.0.1", &token)
             .expect("writing the netrc");
@@ -186,12 +191,26 @@ async fn nix_substitutes_a_private_closure_with_signatures_required(backend: Bac
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_nix_substitutes_a_private_closure_with_signatures_required() {
-    nix_substitutes_a_private_closure_with_signatures_required(Backend::Sqlite).await;
+    nix_substitutes_a_private_closure_with_signatures_required(Backend::Sqlite, NixVersion::Debian)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_nix_substitutes_a_private_closure_with_signatures_required() {
-    nix_substitutes_a_private_closure_with_signatures_required(Backend::Postgres).await;
+    nix_substitutes_a_private_closure_with_signatures_required(
+        Backend::Postgres,
+        NixVersion::Debian,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn current_nix_substitutes_a_private_closure_with_signatures_required() {
+    nix_substitutes_a_private_closure_with_signatures_required(
+        Backend::Sqlite,
+        NixVersion::Current,
+    )
+    .await;
 }
 
 /// The server's `.ls` of a multi-chunk NAR is byte for byte the one

@@ -17,11 +17,11 @@ use common::auth::Permission;
 use common::config::IngestConfig;
 use common::db::{Timestamp, Upload, UploadPhase};
 use common::duration::HumanDuration;
-use common::nix::{NarHash, Sha256Hash};
+use common::nix::{NarHash, Sha256Hash, StorePathHash};
 use reqwest::header::AUTHORIZATION;
 use reqwest::{Method, Response, StatusCode};
 use serde_json::json;
-use tests::nix::NixEnv;
+use tests::nix::{NixEnv, NixVersion};
 use tests::server::{count_files, HttpApi, TestServer, TestServerOptions};
 
 use super::{
@@ -895,29 +895,118 @@ pub(crate) async fn public_key_of(server: &impl HttpApi, token: &str, cache: &st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipeline_nix_copy_to_then_substitute_and_verify() {
+    nix_copy_to_then_substitute_and_verify(NixVersion::Debian).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_current_nix_copy_to_then_substitute_and_verify() {
+    nix_copy_to_then_substitute_and_verify(NixVersion::Current).await;
+}
+
+/// `version` pushes a closure Nix 2.8 made with `nix copy --to`, in each
+/// compression Nix writes, then substitutes it on the same machine (into
+/// another store, its narinfo disk cache kept: the narinfos it wrote, naming
+/// its own files) and verifies it with a fresh cache. A path the pusher
+/// substitutes again is served under the name and compression its own
+/// narinfo says, and that name goes once GC finds the NAR gone.
+async fn nix_copy_to_then_substitute_and_verify(version: NixVersion) {
     let server = server_with(IngestConfig::default()).await;
-    let token = push_token(&server).await;
-    let (env, root, paths) = pushing_env(6, token.clone()).await;
-    let url = format!("{}?compression=zstd", server.cache_url(CACHE));
-    let public_key = public_key_of(&server, &token, CACHE).await;
-    let cache_url = server.cache_url(CACHE);
-    blocking(move || {
-        nix_copy_to(&env, &root, &url, &paths);
-        // The pushing Nix cached the narinfos it wrote, with its own URLs
-        // and compression, which name files this server never serves (it
-        // stores NARs its own way): a later substitution by the same user
-        // must ask the server again.
-        let mut env = env;
-        env.add_config("narinfo-cache-positive-ttl", "0");
-        let destination = env.path("destination");
-        env.copy_from(&cache_url, &destination, &public_key, &paths)
-            .expect("substituting what was pushed");
-        let verified = env
-            .store_verify(&cache_url, &public_key, &paths)
-            .expect("nix store verify");
-        assert!(verified.status.success(), "{verified:?}");
-    })
-    .await;
+    for compression in ["xz", "zstd", "none"] {
+        let cache = format!("own-{compression}");
+        server.create_cache(&cache, false).await;
+        let token = server
+            .mint(
+                "pusher",
+                HOUR,
+                &[(&cache, &[Permission::Pull, Permission::Push])],
+            )
+            .await;
+        let (mut env, root, paths) = pushing_env(6, token.clone()).await;
+        env.set_version(version).expect("the Nix version");
+        let url = format!("{}?compression={compression}", server.cache_url(&cache));
+        let public_key = public_key_of(&server, &token, &cache).await;
+        let cache_url = server.cache_url(&cache);
+        let paths = blocking(move || {
+            nix_copy_to(&env, &root, &url, &paths);
+            // The narinfos Nix cached are the ones it wrote, with its own
+            // signature (the pusher's key) and not the cache's: a machine
+            // trusts the key it signs its builds with.
+            let pusher_key = env
+                .public_key(&env.path("pusher-1.secret"))
+                .expect("the pusher's public key");
+            let trusted = format!("{public_key} {pusher_key}");
+            let destination = env.path("destination");
+            env.copy_from(&cache_url, &destination, &trusted, &paths)
+                .unwrap_or_else(|error| {
+                    panic!("{compression}: the pusher substituting its own push: {error}")
+                });
+            // A fresh narinfo cache: Larder's own narinfos and NAR names.
+            let mut verifier = NixEnv::with_version(version).expect("a Nix environment");
+            verifier.use_netrc("127.0.0.1", &token).expect("a netrc");
+            let verified = verifier
+                .store_verify(&cache_url, &public_key, &paths)
+                .expect("nix store verify");
+            assert!(verified.status.success(), "{compression}: {verified:?}");
+            paths
+        })
+        .await;
+        // The names the pusher gave its NAR files are Larder's to serve
+        // only while the cache serves the NARs.
+        let names: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM nar_file_names n JOIN caches c ON c.id = n.cache_id \
+             WHERE c.name = $1",
+        )
+        .bind(&cache)
+        .fetch_one(server.database().pool())
+        .await
+        .expect("counting names");
+        assert_eq!(names as usize, paths.len(), "{compression}");
+    }
+    // The paths gone from a cache, GC (a day on: a name is kept that long,
+    // since it is recorded before its path's object exists) deletes their
+    // names there and only there.
+    let gone = server
+        .database()
+        .cache_by_name(&"own-xz".parse().expect("a name"))
+        .await
+        .expect("the cache")
+        .expect("it exists");
+    let hashes: Vec<StorePathHash> =
+        sqlx::query_scalar::<_, String>("SELECT store_path_hash FROM objects WHERE cache_id = $1")
+            .bind(gone.id.0)
+            .fetch_all(server.database().pool())
+            .await
+            .expect("the cache's paths")
+            .iter()
+            .map(|hash| StorePathHash::parse(hash).expect("a path hash"))
+            .collect();
+    server
+        .database()
+        .delete_objects(gone.id, &hashes)
+        .await
+        .expect("deleting the paths");
+    let later = Timestamp::now().saturating_add(Duration::from_secs(2 * 24 * 3600));
+    let report = gc_scheduler::gc::collect_garbage(
+        server.database(),
+        &*common::storage::open(&server.config().storage)
+            .await
+            .expect("the server's storage"),
+        &common::config::GcConfig::default(),
+        later,
+    )
+    .await
+    .expect("a GC run");
+    assert_eq!(report.nar_file_names, hashes.len() as u64, "{report:?}");
+    let left: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT cache_id, COUNT(*) FROM nar_file_names GROUP BY cache_id ORDER BY cache_id",
+    )
+    .fetch_all(server.database().pool())
+    .await
+    .expect("counting names");
+    assert!(
+        left.iter().all(|(cache_id, _)| *cache_id != gone.id.0) && left.len() == 2,
+        "{left:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
