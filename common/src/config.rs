@@ -179,6 +179,11 @@ pub struct IngestConfig {
     pub max_preamble_size: u64,
     /// The largest narinfo accepted by `PUT /{cache}/{hash}.narinfo`.
     pub max_narinfo_size: u64,
+    /// The largest build log (decoded bytes) accepted by
+    /// `PUT /{cache}/log/<drv>`, and the largest decoded `.ls` listing a
+    /// compressed `PUT <hash>.ls` may carry; more is refused with a 413 and
+    /// nothing is stored.
+    pub max_log_size: u64,
     /// Whether attaching a NAR that is already stored to another cache
     /// requires the client to stream it (and the server to verify its
     /// hash). Without it, knowing a NAR's hash and size would be enough to
@@ -244,6 +249,7 @@ impl Default for IngestConfig {
             max_nar_size: 64 << 30,
             max_preamble_size: 1 << 20,
             max_narinfo_size: 1 << 20,
+            max_log_size: 64 << 20,
             require_proof_of_possession: true,
             wait_for_visible: HumanDuration::from_secs(120),
             wait_recheck_interval: HumanDuration::from_secs(5),

@@ -701,6 +701,7 @@ impl Decoder {
     }
 }
 
+pub mod encoded;
 #[cfg(any(test, feature = "verify-harness"))]
 pub mod harness;
 #[cfg(test)]

@@ -13,7 +13,9 @@
 //!    ([`reap`], [`run_reap_loop`]): it is a few indexed queries, and an
 //!    unclaimed NAR file should not wait for the next full run.
 //! 2. **Objects**: per cache, those not accessed for the cache's retention
-//!    period (or `default-retention`; neither means keep forever).
+//!    period (or `default-retention`; neither means keep forever); with the
+//!    same period, build logs and debug-info entries not uploaded (again)
+//!    for that long (they are rows only: nothing in storage).
 //! 3. **NARs** no object points at and no upload in flight uses.
 //! 4. **Chunks** no NAR lists and no chunker looked up for `orphan-grace`:
 //!    claimed (`deleting`), then their rows deleted (a chunk in an object of
@@ -115,6 +117,9 @@ impl From<IntegrityError> for GcError {
 pub struct GcReport {
     /// Objects removed from their caches, their retention having passed.
     pub objects: u64,
+    /// Build logs and debug-info entries removed from their caches, their
+    /// retention having passed since they were uploaded.
+    pub logs: u64,
     /// NAR rows deleted.
     pub nars: u64,
     /// Chunks deleted from the database (and, for a chunk in an object of
@@ -158,6 +163,7 @@ impl GcReport {
         let metrics = larder();
         for (kind, count) in [
             ("objects", self.objects),
+            ("logs", self.logs),
             ("nars", self.nars),
             ("chunks", self.chunks),
             ("packs", self.packs_deleted),
@@ -188,6 +194,7 @@ impl GcReport {
             realisations = self.realisations,
             orphans_removed = self.orphans_removed,
             usage_corrected = self.usage_corrected,
+            logs = self.logs,
             duration_ms = self.duration.as_millis() as u64,
             "GC run finished"
         );
@@ -329,7 +336,10 @@ async fn repeat_logging_failures<Pass, Run>(
 }
 
 /// Level 1: objects whose cache's retention (or the default) has passed
-/// since their last access.
+/// since their last access, and build logs and debug-info entries whose
+/// retention has passed since their upload. A log's age counts from its
+/// upload, not from reads: reads of logs are rare and not recorded, and a
+/// path rebuilt and pushed again brings its log again.
 async fn expire_objects(
     database: &Database,
     config: &GcConfig,
@@ -347,6 +357,15 @@ async fn expire_objects(
                 .delete_expired_objects(cache.cache_id, accessed_before, config.page_size)
                 .await?;
             report.objects += deleted;
+            if deleted < u64::from(config.page_size) {
+                break;
+            }
+        }
+        loop {
+            let deleted = database
+                .delete_expired_logs(cache.cache_id, accessed_before, config.page_size)
+                .await?;
+            report.logs += deleted;
             if deleted < u64::from(config.page_size) {
                 break;
             }

@@ -155,7 +155,7 @@ impl std::fmt::Display for OnceReport {
                 f,
                 "collected: {} objects, {} NARs, {} chunks, {} packs, {} bytes freed, {} packs \
                  compacted into {} bytes, {} uploads and {} staged files reaped, {} orphan \
-                 objects removed, in {} ms",
+                 objects removed, {} build logs and debug-info entries expired, in {} ms",
                 report.objects,
                 report.nars,
                 report.chunks,
@@ -166,6 +166,7 @@ impl std::fmt::Display for OnceReport {
                 report.uploads_reaped,
                 report.staged_files_reaped,
                 report.orphans_removed,
+                report.logs,
                 report.duration.as_millis()
             ),
             None => write!(

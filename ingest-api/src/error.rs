@@ -31,6 +31,9 @@ pub enum ApiError {
     /// The path is not in the cache (or its upload is not complete yet).
     #[error("no such path in this cache")]
     NoSuchPath,
+    /// No such build log or debug-info entry in the cache.
+    #[error("no such file in this cache")]
+    NoSuchFile,
     /// No such upload, or not one the caller may follow: the same answer.
     #[error("no such upload, or you are not allowed to see it")]
     NoSuchUpload,
@@ -49,6 +52,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// A `Content-Encoding` the server does not decode.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// Past a limit on concurrent uploads (the message names it); answered
     /// with `Retry-After` before any of the body is read.
     #[error("{0}")]
@@ -89,14 +95,17 @@ impl ApiError {
         match self {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::NoSuchCache | Self::NoSuchPath | Self::NoSuchUpload | Self::NoSuchEndpoint => {
-                StatusCode::NOT_FOUND
-            }
+            Self::NoSuchCache
+            | Self::NoSuchPath
+            | Self::NoSuchFile
+            | Self::NoSuchUpload
+            | Self::NoSuchEndpoint => StatusCode::NOT_FOUND,
             Self::UploadFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::CacheAlreadyExists | Self::Conflict(_) => StatusCode::CONFLICT,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::TooManyUploads(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::PayloadTooLarge(_) | Self::QuotaExceeded(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             Self::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -111,12 +120,14 @@ impl ApiError {
             Self::Forbidden(_) => "Forbidden",
             Self::NoSuchCache => "NoSuchCache",
             Self::NoSuchPath => "NoSuchPath",
+            Self::NoSuchFile => "NoSuchFile",
             Self::NoSuchUpload => "NoSuchUpload",
             Self::UploadFailed(_) => "UploadFailed",
             Self::CacheAlreadyExists => "CacheAlreadyExists",
             Self::Conflict(_) => "Conflict",
             Self::BadRequest(_) => "BadRequest",
             Self::PayloadTooLarge(_) => "PayloadTooLarge",
+            Self::UnsupportedMediaType(_) => "UnsupportedMediaType",
             Self::TooManyUploads(_) => "TooManyUploads",
             Self::QuotaExceeded(_) => "QuotaExceeded",
             Self::InsufficientStorage(_) => "InsufficientStorage",

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderValue};
 use bytes::Bytes;
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::{mpsc, Semaphore};
@@ -35,6 +36,7 @@ use tokio_util::io::StreamReader;
 use common::config::IngestConfig;
 use common::metrics::{larder, PushStage};
 use common::storage::{BlockingWriter, ObjectKey, Storage};
+use common::verify::encoded::{BodyDecodeError, BodyDecoder, BodyLimits, ContentEncoding};
 use common::verify::{Limits, NarVerifier, Progress, Verified, VerifyError};
 
 pub use common::verify::{Encoding, Expected};
@@ -591,6 +593,88 @@ pub async fn read_small_body(body: Body, limit: u64, what: &str) -> Result<Bytes
         collected.extend_from_slice(&frame);
     }
     Ok(collected.into())
+}
+
+/// The `Content-Encoding` of a small upload (narinfo, `.ls`, build log,
+/// debug info): a name this server does not decode is a 415, answered
+/// before anything is looked up or read.
+pub fn content_encoding(headers: &HeaderMap) -> Result<ContentEncoding, ApiError> {
+    ContentEncoding::parse(
+        headers
+            .get(header::CONTENT_ENCODING)
+            .map(HeaderValue::as_bytes),
+    )
+    .map_err(|error| ApiError::UnsupportedMediaType(error.to_string()))
+}
+
+/// The limit on one kind of small upload: its decoded size, and what sets
+/// it (`[ingest] max-log-size`), named in the 413.
+#[derive(Debug, Clone, Copy)]
+pub struct SmallBodyLimit {
+    pub bytes: u64,
+    pub setting: &'static str,
+}
+
+/// Reads a small upload whole and decodes it from `encoding`: at most
+/// `limit` decoded bytes, and as for NARs at most
+/// `[ingest] max-decompression-ratio` decoded bytes per body byte (plus
+/// 1 MiB). The body is read asynchronously; decoding runs on the door's
+/// pool in jobs of at most [`JOB_OUTPUT`] bytes, like a NAR's. Past a limit
+/// is a 413, a body that does not decode a 400 (`what` names the upload in
+/// both); nothing is kept either way.
+pub async fn read_encoded_body(
+    door: &Door,
+    encoding: ContentEncoding,
+    body: Body,
+    limit: SmallBodyLimit,
+    what: &str,
+) -> Result<Bytes, ApiError> {
+    let limits = BodyLimits {
+        max_size: limit.bytes,
+        max_decompression_ratio: door.limits.max_decompression_ratio,
+    };
+    let refused = |error: BodyDecodeError| {
+        let message = format!("the {what} was refused: {error}");
+        if error.is_too_large() {
+            ApiError::PayloadTooLarge(format!("{message} ({})", limit.setting))
+        } else {
+            ApiError::BadRequest(message)
+        }
+    };
+    let sent = read_small_body(body, limits.max_body_size(encoding), what)
+        .await
+        .map_err(|error| match error {
+            ApiError::PayloadTooLarge(message) => {
+                ApiError::PayloadTooLarge(format!("{message} ({})", limit.setting))
+            }
+            other => other,
+        })?;
+    if encoding == ContentEncoding::Identity {
+        return Ok(sent);
+    }
+    let mut decoder = BodyDecoder::new(encoding, sent, limits).map_err(refused)?;
+    loop {
+        let (returned, outcome) = door
+            .run(move || {
+                let outcome = decoder.step(JOB_OUTPUT);
+                (decoder, outcome)
+            })
+            .await
+            .map_err(Rejection::into_api_error)?;
+        decoder = returned;
+        if outcome.map_err(refused)? {
+            return Ok(decoder.finish().into());
+        }
+    }
+}
+
+/// Runs one CPU job of a small upload (compressing a log to store it) on
+/// the door's pool.
+pub async fn run_on_door<T: Send + 'static>(
+    door: &Door,
+    job: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    door.run(job).await.map_err(Rejection::into_api_error)
 }
 
 /// Reads and drops a body Larder accepts but does not keep.

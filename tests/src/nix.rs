@@ -458,6 +458,29 @@ impl NixEnv {
         self.run("nix", &args).map(|_| ())
     }
 
+    /// Builds, in the chroot store at `store`, a derivation whose builder
+    /// prints `building SALT` to stdout and `to stderr SALT` to stderr (its
+    /// build log); returns the derivation's path and its output's.
+    pub fn build_logging_derivation(&self, store: &Path, salt: &str) -> Result<(String, String)> {
+        if salt.contains(['"', '\\', '$', '\'', '\n', ' ']) {
+            return Err(error(format!("salt {salt:?} must not need quoting")));
+        }
+        let file = store.with_extension(format!("logging-{salt}.nix"));
+        let nix = format!(
+            "derivation {{ name = \"logging\"; system = builtins.currentSystem; \
+             builder = \"/bin/sh\"; PATH = \"/usr/bin:/bin\"; \
+             args = [ \"-c\" \"echo building {salt}; echo to stderr {salt} >&2; echo {salt} > $out\" ]; }}\n"
+        );
+        write_file(&file, nix.as_bytes(), false)?;
+        let (store_arg, file_arg) = (utf8(store)?, utf8(&file)?);
+        let drv = self.run_text("nix-instantiate", &["--store", store_arg, file_arg])?;
+        let output = self.run_text(
+            "nix-build",
+            &["--store", store_arg, file_arg, "--no-out-link"],
+        )?;
+        Ok((drv, output))
+    }
+
     /// `nix copy` of `paths` (and their closure) from a binary cache URL
     /// into the chroot store at `destination`, trusting only
     /// `trusted_public_key` (signatures are required, as for any client).

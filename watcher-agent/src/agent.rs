@@ -628,6 +628,8 @@ async fn push_group(
         // Acknowledged uploads are the server's to finish (it resumes them
         // after a crash); waiting would only hold up the queue.
         wait: false,
+        // Build logs are `larder push --logs`'s; the agent pushes paths.
+        logs: false,
     };
     Ok(push(&client, &group.cache, paths, &options).await?)
 }

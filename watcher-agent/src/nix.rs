@@ -292,6 +292,22 @@ async fn run(mut command: Command, shown: &str) -> Result<Vec<u8>, NixError> {
     Ok(output.stdout)
 }
 
+/// The build log the local store keeps for derivation `drv_path` (a full
+/// path), or `None` when it has none (never built here, its log removed,
+/// the derivation itself gone): `nix log`, asked of the local store only,
+/// never of substituters, whose logs are theirs to serve.
+pub async fn read_log(drv_path: &str) -> Result<Option<Vec<u8>>, NixError> {
+    let output = nix_command()
+        .args(["log", "--option", "substituters", "", drv_path])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(NixError::NotRunnable)?;
+    // Nix says why in words only ("build log of … is not available", "path
+    // … is not valid"): any failure means there is no log to push.
+    Ok(output.status.success().then_some(output.stdout))
+}
+
 /// `nix store dump-path PATH` with its NAR on a pipe: the caller streams
 /// `stdout` and then checks the exit status with [`finish_dump`].
 pub fn spawn_dump(full_path: &str) -> Result<Child, NixError> {

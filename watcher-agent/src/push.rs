@@ -15,6 +15,10 @@
 //! 5. Unless `--no-wait`, each upload waits until its path is visible: the
 //!    server holds the answer until then (up to its `wait-for-visible`),
 //!    and the client polls the upload's status past that.
+//! 6. With `--logs`, the build log of each path uploaded (its deriver's,
+//!    from the local store's `nix log`) goes to `{cache}/log/<drv>`; a path
+//!    without a deriver or a log is skipped quietly, and a log the server
+//!    refuses is reported and skipped: the paths are pushed by then.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
@@ -109,6 +113,8 @@ pub struct PushOptions {
     pub jobs: usize,
     /// Wait until every pushed path is visible.
     pub wait: bool,
+    /// Also upload the build logs of the paths uploaded.
+    pub logs: bool,
 }
 
 /// What a push did, for the summary line.
@@ -117,6 +123,8 @@ pub struct PushSummary {
     pub pushed: usize,
     pub already_cached: usize,
     pub from_upstream: usize,
+    /// Build logs uploaded (`--logs`), if asked for.
+    pub logs: Option<usize>,
 }
 
 impl std::fmt::Display for PushSummary {
@@ -125,7 +133,11 @@ impl std::fmt::Display for PushSummary {
             f,
             "pushed {} paths, {} already cached, {} from upstream",
             self.pushed, self.already_cached, self.from_upstream
-        )
+        )?;
+        if let Some(logs) = self.logs {
+            write!(f, ", {logs} build logs")?;
+        }
+        Ok(())
     }
 }
 
@@ -171,6 +183,7 @@ pub async fn push(
         pushed: to_upload.len(),
         already_cached: cached.len(),
         from_upstream: from_upstream.len(),
+        logs: options.logs.then_some(0),
     };
     if !to_upload.is_empty() {
         eprintln!(
@@ -179,10 +192,49 @@ pub async fn push(
             summary.already_cached,
             summary.from_upstream
         );
+        let derivers: Vec<StorePath> = to_upload
+            .iter()
+            .filter_map(|info| info.deriver.clone())
+            .collect();
         summary.pushed =
             upload_in_dependency_order(client, cache, &store_dir, to_upload, options).await?;
+        if options.logs {
+            summary.logs = Some(upload_logs(client, cache, &store_dir, &derivers).await?);
+        }
     }
     Ok(summary)
+}
+
+/// Uploads the build log of each derivation that has one in the local
+/// store; returns how many went. Several outputs of one derivation share
+/// its log, which goes once.
+async fn upload_logs(
+    client: &ApiClient,
+    cache: &CacheName,
+    store_dir: &StoreDir,
+    derivers: &[StorePath],
+) -> Result<usize, PushError> {
+    let unique: std::collections::BTreeSet<&StorePath> = derivers.iter().collect();
+    let mut uploaded = 0;
+    for drv in unique {
+        let full_path = store_dir.display_path(drv);
+        let Some(log) = nix::read_log(&full_path).await? else {
+            continue;
+        };
+        let base_name = drv.to_base_name();
+        let request = client
+            .request(Method::PUT, &format!("{cache}/log/{base_name}"))
+            .header(CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(log);
+        match client
+            .send(request, &format!("uploading the build log of {full_path}"))
+            .await
+        {
+            Ok(_) => uploaded += 1,
+            Err(error) => eprintln!("warning: {error}; the log is skipped"),
+        }
+    }
+    Ok(uploaded)
 }
 
 async fn missing_paths(

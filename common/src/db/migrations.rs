@@ -70,6 +70,12 @@ const MIGRATIONS: &[Embedded] = &[
         postgres: include_str!("../../migrations/postgres/0007_next_use.sql"),
     },
     Embedded {
+        version: 8,
+        description: "build_logs",
+        sqlite: include_str!("../../migrations/sqlite/0008_build_logs.sql"),
+        postgres: include_str!("../../migrations/postgres/0008_build_logs.sql"),
+    },
+    Embedded {
         version: 9,
         description: "nar_file_names",
         sqlite: include_str!("../../migrations/sqlite/0009_nar_file_names.sql"),

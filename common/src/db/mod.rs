@@ -59,6 +59,7 @@
 //! COMMITTED; the queries that must be race-free under it are single
 //! statements (`INSERT … ON CONFLICT`, conditional `UPDATE`s).
 
+mod build_logs;
 mod caches;
 mod damage;
 mod error;
@@ -87,6 +88,7 @@ use std::time::Duration;
 use sqlx::any::{AnyPoolOptions, AnyQueryResult};
 use sqlx::{Any, AnyPool, Transaction};
 
+pub use build_logs::EncodedLog;
 pub use caches::{
     Cache, CacheScope, CacheUpdate, NewCache, DEFAULT_PRIORITY, DEFAULT_UPSTREAM_CACHE_KEY_NAMES,
 };

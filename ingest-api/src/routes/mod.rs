@@ -4,6 +4,7 @@ mod binary_cache;
 mod cache_config;
 mod delete_paths;
 mod landing;
+mod logs;
 mod nar_body;
 mod nar_transcode;
 mod push_attic;
@@ -67,7 +68,11 @@ pub fn router(state: AppState) -> Router {
                 .head(push_nix::head_nar)
                 .put(push_nix::put_nar.layer(upload_slot(WhenBusy::Wait))),
         )
-        .metered_route("/{cache}/log/{drv}", put(push_nix::put_log))
+        .metered_route("/{cache}/log/{drv}", get(logs::get_log).put(logs::put_log))
+        .metered_route(
+            "/{cache}/debuginfo/{build_id}",
+            get(logs::get_debug_info).put(logs::put_debug_info),
+        )
         .metered_route(
             "/{cache}/realisations/{file}",
             get(realisations::get).put(realisations::put),

@@ -1,7 +1,12 @@
 //! Nix's own upload protocol, so that `nix copy --to http://HOST/CACHE`
 //! pushes with a push token in netrc: `PUT nix-cache-info`, `HEAD` and
 //! `PUT nar/<file>`, `PUT <hash>.narinfo`, and the accepted-and-dropped
-//! `PUT <hash>.ls` and `PUT log/<drv>`.
+//! `PUT <hash>.ls` (build logs and debug info: module `logs`).
+//!
+//! Narinfos and `.ls` listings may come with a `Content-Encoding` (Nix ≥
+//! 2.33's `narinfo-compression` and `ls-compression`): they are decoded
+//! under the same kind of bounds as NARs (`spool::read_encoded_body`); an
+//! encoding the server does not know is a 415, answered before any lookup.
 //!
 //! Nix sends each NAR (compressed as `?compression=` says) before the
 //! narinfo that names it. A NAR file is verified as it streams in (the
@@ -33,9 +38,10 @@ use common::auth::Permission;
 use common::cache_name::CacheName;
 use common::db::{Cache, StagedFile, Timestamp};
 use common::nix::nar_file::{NarFileCompression, NarFileName, PushedNarInfo};
-use common::nix::{StorePath, StorePathHash};
+use common::nix::StorePathHash;
 use common::storage::ObjectKey;
 use common::upload_info::PathFields;
+use common::verify::encoded::ContentEncoding;
 
 use super::parse_cache_name;
 use crate::access::Caller;
@@ -44,7 +50,7 @@ use crate::extract::ApiPath;
 use crate::push::{self, check_text, PushedPath};
 use crate::quota::{self, Room};
 use crate::routes::binary_cache;
-use crate::spool::{self, Encoding, Expected};
+use crate::spool::{self, Encoding, Expected, SmallBodyLimit};
 use crate::state::AppState;
 
 /// A NAR file name as Nix gives it, with the encoding its extension
@@ -228,34 +234,30 @@ pub async fn put_root_file(
     let parse_hash = |hash: &str| StorePathHash::parse(hash).map_err(ApiError::bad_request);
     if let Some(hash) = file.strip_suffix(".narinfo") {
         let hash = parse_hash(hash)?;
-        let result = put_narinfo(&state, &caller, &headers, &name, hash, body).await?;
+        let encoding = spool::content_encoding(&headers)?;
+        let result = put_narinfo(&state, &caller, &headers, &name, hash, encoding, body).await?;
         Ok(Json(result).into_response())
     } else if let Some(hash) = file.strip_suffix(".ls") {
         parse_hash(hash)?;
+        let encoding = spool::content_encoding(&headers)?;
         state
             .cache_with_permission(&caller, &name, Permission::Push)
             .await?;
-        spool::drain(body).await?;
+        if encoding == ContentEncoding::Identity {
+            spool::drain(body).await?;
+        } else {
+            // Decoded only to be checked, as bounded as a log (a listing of
+            // 64 MiB lists some 600,000 files); dropped all the same.
+            let limit = SmallBodyLimit {
+                bytes: state.ingest.max_log_size,
+                setting: "[ingest] max-log-size",
+            };
+            spool::read_encoded_body(&state.door, encoding, body, limit, ".ls listing").await?;
+        }
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
         Err(ApiError::NoSuchEndpoint)
     }
-}
-
-/// `PUT /{cache}/log/{drv}`: build logs are accepted and dropped.
-pub async fn put_log(
-    State(state): State<AppState>,
-    caller: Caller,
-    ApiPath((cache, drv)): ApiPath<(String, String)>,
-    body: Body,
-) -> Result<StatusCode, ApiError> {
-    let name = parse_cache_name(&cache)?;
-    StorePath::from_base_name(&drv).map_err(ApiError::bad_request)?;
-    state
-        .cache_with_permission(&caller, &name, Permission::Push)
-        .await?;
-    spool::drain(body).await?;
-    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn put_narinfo(
@@ -264,13 +266,18 @@ async fn put_narinfo(
     headers: &HeaderMap,
     name: &CacheName,
     hash: StorePathHash,
+    encoding: ContentEncoding,
     body: Body,
 ) -> Result<UploadPathResult, ApiError> {
     let wait = push::requested_wait(state, headers)?;
     let cache = state
         .cache_with_permission(caller, name, Permission::Push)
         .await?;
-    let text = spool::read_small_body(body, state.ingest.max_narinfo_size, "narinfo").await?;
+    let limit = SmallBodyLimit {
+        bytes: state.ingest.max_narinfo_size,
+        setting: "[ingest] max-narinfo-size",
+    };
+    let text = spool::read_encoded_body(&state.door, encoding, body, limit, "narinfo").await?;
     let pushed =
         PushedNarInfo::parse(&text, &cache.store_dir, &hash).map_err(ApiError::bad_request)?;
     let narinfo = &pushed.narinfo;

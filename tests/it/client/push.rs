@@ -316,3 +316,68 @@ fn assert_progress_lines(stderr: &str, uploaded: &[String]) {
     wanted.sort_unstable();
     assert_eq!(paths, wanted, "progress lines:\n{stderr}");
 }
+
+/// `larder push --logs` uploads the build log of each path it uploads
+/// (its deriver's, from the local store), skips quietly a path with no
+/// deriver, and without `--logs` uploads none.
+#[tokio::test]
+async fn push_with_logs_uploads_the_build_logs_of_the_paths_it_pushes() {
+    let server = TestServer::sqlite().await;
+    let salt = format!("logged-{:016x}", rand::random::<u64>());
+    let (env, root, drv, output, source) = {
+        let salt = salt.clone();
+        blocking(move || {
+            let env = NixEnv::new().expect("a Nix environment");
+            let root = env.path("source");
+            let (drv, output) = env
+                .build_logging_derivation(&root, &salt)
+                .expect("building a derivation that logs");
+            let tree = env.path("plain");
+            std::fs::create_dir_all(&tree).expect("a source directory");
+            tests::nix::write_file(&tree.join("file"), salt.as_bytes(), false)
+                .expect("a source file");
+            let source = env.add_path(&root, &tree).expect("a source path");
+            (env, root, drv, output, source)
+        })
+        .await
+    };
+    let root_token = server.root_token().await;
+    let mut larder = Larder::new();
+    larder.set_env("NIX_CONFIG", &store_config(&root));
+    larder
+        .ok(&["login", "local", &server.url(), &root_token])
+        .await;
+    larder.ok(&["cache", "create", "logged"]).await;
+    let drv_base = drv.trim_start_matches("/nix/store/");
+    let log_of = || async {
+        server
+            .http()
+            .get(server.cache_url(&format!("logged/log/{drv_base}")))
+            .bearer_auth(&root_token)
+            .send()
+            .await
+            .expect("GET log")
+    };
+
+    let out = larder.ok(&["push", "logged", &source]).await;
+    assert!(out.contains("pushed 1 paths"), "{out}");
+    assert!(!out.contains("build logs"), "{out}");
+
+    let output_arguments = ["push", "logged", "--logs", &output, &source];
+    let ran = larder.run(&output_arguments).await;
+    let (out, err) = (
+        String::from_utf8_lossy(&ran.stdout),
+        String::from_utf8_lossy(&ran.stderr),
+    );
+    assert!(ran.status.success(), "{out}{err}");
+    assert!(
+        out.contains("pushed 1 paths, 1 already cached, 0 from upstream, 1 build logs"),
+        "{out}"
+    );
+    assert!(!err.contains("warning"), "{err}");
+    let response = log_of().await;
+    assert_eq!(response.status(), 200);
+    let log = response.text().await.expect("the log");
+    assert!(log.contains(&format!("building {salt}")), "{log}");
+    drop(env);
+}

@@ -236,6 +236,10 @@ struct PushArgs {
     /// Return once the server has the uploads, before they are visible.
     #[arg(long)]
     no_wait: bool,
+    /// Also upload the build logs of the paths uploaded (their derivers'
+    /// logs in the local store; paths without one are skipped).
+    #[arg(long)]
+    logs: bool,
 }
 
 fn main() -> ExitCode {
@@ -606,6 +610,7 @@ async fn push_command(args: PushArgs) -> anyhow::Result<()> {
         ignore_upstream_filter: args.ignore_upstream_cache_filter,
         jobs: usize::from(args.jobs),
         wait: !args.no_wait,
+        logs: args.logs,
     };
     let summary = push(&client, &args.cache.cache, &args.paths, &options).await?;
     println!("{summary}");
