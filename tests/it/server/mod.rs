@@ -230,3 +230,22 @@ pub(crate) fn source_paths(env: &NixEnv, root: &Path, paths: &[String]) -> Vec<S
         })
         .collect()
 }
+
+/// One GC pass over `server`'s database and storage with the default
+/// settings, two days from now: past the day GC leaves a pushed file's
+/// name or a realisation (each may be recorded before its path's object).
+pub(crate) async fn gc_two_days_on(
+    server: &tests::server::TestServer,
+) -> gc_scheduler::gc::GcReport {
+    let storage = common::storage::open(&server.config().storage)
+        .await
+        .expect("the server's storage");
+    gc_scheduler::gc::collect_garbage(
+        server.database(),
+        &*storage,
+        &common::config::GcConfig::default(),
+        common::db::Timestamp::now().saturating_add(std::time::Duration::from_secs(2 * 24 * 3600)),
+    )
+    .await
+    .expect("a GC run")
+}

@@ -985,17 +985,7 @@ async fn nix_copy_to_then_substitute_and_verify(version: NixVersion) {
         .delete_objects(gone.id, &hashes)
         .await
         .expect("deleting the paths");
-    let later = Timestamp::now().saturating_add(Duration::from_secs(2 * 24 * 3600));
-    let report = gc_scheduler::gc::collect_garbage(
-        server.database(),
-        &*common::storage::open(&server.config().storage)
-            .await
-            .expect("the server's storage"),
-        &common::config::GcConfig::default(),
-        later,
-    )
-    .await
-    .expect("a GC run");
+    let report = super::gc_two_days_on(&server).await;
     assert_eq!(report.nar_file_names, hashes.len() as u64, "{report:?}");
     let left: Vec<(i64, i64)> = sqlx::query_as(
         "SELECT cache_id, COUNT(*) FROM nar_file_names GROUP BY cache_id ORDER BY cache_id",

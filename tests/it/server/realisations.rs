@@ -5,10 +5,7 @@
 //! signature by the cache's key; bad realisation uploads are refused with
 //! nothing stored, and GC drops a realisation whose path is gone.
 
-use std::time::Duration;
-
 use common::auth::Permission;
-use common::db::Timestamp;
 use reqwest::StatusCode;
 use tests::nix::{NixEnv, NixVersion};
 use tests::server::TestServer;
@@ -46,8 +43,8 @@ fn ca_env(builds: bool) -> NixEnv {
     env
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn current_nix_substitutes_a_content_addressed_output_from_its_realisation() {
+/// A server with a private cache `ca`, and a token that may push to it.
+async fn server_with_pusher() -> (TestServer, String) {
     let server = TestServer::sqlite().await;
     server.create_cache("ca", false).await;
     let token = server
@@ -57,6 +54,12 @@ async fn current_nix_substitutes_a_content_addressed_output_from_its_realisation
             &[("ca", &[Permission::Pull, Permission::Push])],
         )
         .await;
+    (server, token)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn current_nix_substitutes_a_content_addressed_output_from_its_realisation() {
+    let (server, token) = server_with_pusher().await;
     let public_key = public_key_of(&server, &token, "ca").await;
     let cache_url = server.cache_url("ca");
     let salt = format!("{:016x}", rand::random::<u64>());
@@ -184,31 +187,14 @@ async fn current_nix_substitutes_a_content_addressed_output_from_its_realisation
         .await
         .expect("GET realisation");
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
-    let report = gc_scheduler::gc::collect_garbage(
-        server.database(),
-        &*common::storage::open(&server.config().storage)
-            .await
-            .expect("the server's storage"),
-        &common::config::GcConfig::default(),
-        Timestamp::now().saturating_add(Duration::from_secs(2 * 24 * 3600)),
-    )
-    .await
-    .expect("a GC run");
+    let report = super::gc_two_days_on(&server).await;
     assert_eq!(report.realisations, 1, "{report:?}");
 }
 
 /// Bad realisation uploads: each a 4xx, and nothing stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_realisation_uploads_are_refused_with_nothing_stored() {
-    let server = TestServer::sqlite().await;
-    server.create_cache("ca", false).await;
-    let pusher = server
-        .mint(
-            "pusher",
-            HOUR,
-            &[("ca", &[Permission::Pull, Permission::Push])],
-        )
-        .await;
+    let (server, pusher) = server_with_pusher().await;
     let reader = server
         .mint("reader", HOUR, &[("ca", &[Permission::Pull])])
         .await;
@@ -301,15 +287,7 @@ async fn bad_realisation_uploads_are_refused_with_nothing_stored() {
 /// with the cache's signature over 2.35's fingerprint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_build_trace_layout_is_stored_and_served_signed() {
-    let server = TestServer::sqlite().await;
-    server.create_cache("ca", false).await;
-    let pusher = server
-        .mint(
-            "pusher",
-            HOUR,
-            &[("ca", &[Permission::Pull, Permission::Push])],
-        )
-        .await;
+    let (server, pusher) = server_with_pusher().await;
     let public_key = public_key_of(&server, &pusher, "ca").await;
     let out = super::fake_store_path("ca-output");
     let out_name = &out["/nix/store/".len()..];
