@@ -456,15 +456,55 @@ impl SpoolDir {
             }
             Err(error) => return Err(error.into()),
         }
-        match rustix::fs::mkdirat(&self.fd, name, Mode::from_raw_mode(0o700)) {
-            // Another writer made it first.
-            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-            Err(error) => return Err(error.into()),
-        }
+        self.create_owned_directory(name)?;
         let fd = rustix::fs::openat(&self.fd, name, directory_flags(), Mode::empty())?;
-        let dir = Self { fd, path };
-        self.give_to_owner(&dir.fd)?;
-        Ok(dir)
+        Ok(Self { fd, path })
+    }
+
+    /// Creates the directory `name`, already given to this directory's
+    /// owner when it appears: made under a temporary name, given away, then
+    /// renamed into place. Made in place and given away after, it would be
+    /// root's for a moment when root runs `larder queue` (the hook, or a
+    /// status query), and an agent running as the owner opening it just
+    /// then would be refused and stop. Another writer having made it first
+    /// is fine.
+    fn create_owned_directory(&self, name: &std::ffi::OsStr) -> std::io::Result<()> {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let unique = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let temporary = format!(
+            ".{}.{}.{unique}.tmp",
+            name.to_string_lossy(),
+            std::process::id()
+        );
+        rustix::fs::mkdirat(&self.fd, temporary.as_str(), Mode::from_raw_mode(0o700))?;
+        let result = (|| -> std::io::Result<()> {
+            let made = rustix::fs::openat(
+                &self.fd,
+                temporary.as_str(),
+                directory_flags(),
+                Mode::empty(),
+            )?;
+            self.give_to_owner(&made)?;
+            match rustix::fs::renameat_with(
+                &self.fd,
+                temporary.as_str(),
+                &self.fd,
+                name,
+                rustix::fs::RenameFlags::NOREPLACE,
+            ) {
+                Ok(()) => Ok(()),
+                // Another writer made it first.
+                Err(rustix::io::Errno::EXIST) => {
+                    rustix::fs::unlinkat(&self.fd, temporary.as_str(), AtFlags::REMOVEDIR)?;
+                    Ok(())
+                }
+                Err(error) => Err(error.into()),
+            }
+        })();
+        if result.is_err() {
+            let _ = rustix::fs::unlinkat(&self.fd, temporary.as_str(), AtFlags::REMOVEDIR);
+        }
+        result
     }
 
     /// `pending/` or `failed/` of the spool directory.

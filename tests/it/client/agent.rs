@@ -44,15 +44,17 @@ impl Agent {
             .args(args)
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit());
-        Self::spawn_command(larder, command, status_args).await
+        Self::spawn_command(larder, command, status_args, None).await
     }
 
     /// Starts `command` (an agent, however it is run) and waits until
-    /// `larder queue status ARGS2` reports an agent on the queue.
+    /// `larder queue status ARGS2` reports an agent on the queue. If it
+    /// exits first, the panic shows `log` (where its stderr went), if any.
     pub(super) async fn spawn_command(
         larder: &Larder,
         mut command: tokio::process::Command,
         status_args: &[&str],
+        log: Option<&std::path::Path>,
     ) -> Self {
         let program = format!("{:?}", command.as_std().get_program());
         let child = command
@@ -69,7 +71,10 @@ impl Agent {
                 return agent;
             }
             if let Ok(Some(status)) = agent.child.try_wait() {
-                panic!("{program} exited with {status} before it was ready");
+                let logged = log
+                    .map(|log| std::fs::read_to_string(log).unwrap_or_default())
+                    .unwrap_or_default();
+                panic!("{program} exited with {status} before it was ready\n{logged}");
             }
             assert!(Instant::now() < deadline, "{program} never became ready");
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -190,7 +190,7 @@ impl AgentUser {
             )
             .stdout(Stdio::inherit())
             .stderr(std::fs::File::create(log).expect("creating the agent's log"));
-        Agent::spawn_command(larder, command, &[]).await
+        Agent::spawn_command(larder, command, &[], Some(log)).await
     }
 }
 
