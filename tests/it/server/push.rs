@@ -904,7 +904,8 @@ async fn pipeline_current_nix_copy_to_then_substitute_and_verify() {
 }
 
 /// `version` pushes a closure Nix 2.8 made with `nix copy --to`, in each
-/// compression Nix writes, then substitutes it on the same machine (into
+/// compression Nix writes (a current Nix compressing its narinfos and `.ls`
+/// listings too), then substitutes it on the same machine (into
 /// another store, its narinfo disk cache kept: the narinfos it wrote, naming
 /// its own files) and verifies it with a fresh cache. A path the pusher
 /// substitutes again is served under the name and compression its own
@@ -923,7 +924,22 @@ async fn nix_copy_to_then_substitute_and_verify(version: NixVersion) {
             .await;
         let (mut env, root, paths) = pushing_env(6, token.clone()).await;
         env.set_version(version).expect("the Nix version");
-        let url = format!("{}?compression={compression}", server.cache_url(&cache));
+        // A current Nix (2.33 on) also compresses the narinfo and the `.ls`
+        // listing it uploads (sent with a `Content-Encoding`), each in its
+        // own way here.
+        let extra = match (version, compression) {
+            (NixVersion::Current, "xz") => {
+                "&narinfo-compression=xz&ls-compression=br&write-nar-listing=true"
+            }
+            (NixVersion::Current, "zstd") => {
+                "&narinfo-compression=zstd&ls-compression=gzip&write-nar-listing=true"
+            }
+            _ => "",
+        };
+        let url = format!(
+            "{}?compression={compression}{extra}",
+            server.cache_url(&cache)
+        );
         let public_key = public_key_of(&server, &token, &cache).await;
         let cache_url = server.cache_url(&cache);
         let paths = blocking(move || {
