@@ -420,6 +420,15 @@ fn open_or_create_path(path: &Path) -> std::io::Result<SpoolDir> {
     Ok(parent)
 }
 
+/// A hidden name to create `name` under before renaming it into place: the
+/// process id and a counter keep concurrent writers (several hook calls,
+/// the agent) off each other's temporary files.
+fn temporary_name(name: &str) -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let unique = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!(".{name}.{}.{unique}.tmp", std::process::id())
+}
+
 impl SpoolDir {
     /// Opens an existing directory; it must not be a symlink.
     fn open(path: &Path) -> std::io::Result<Self> {
@@ -469,13 +478,7 @@ impl SpoolDir {
     /// then would be refused and stop. Another writer having made it first
     /// is fine.
     fn create_owned_directory(&self, name: &std::ffi::OsStr) -> std::io::Result<()> {
-        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let unique = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let temporary = format!(
-            ".{}.{}.{unique}.tmp",
-            name.to_string_lossy(),
-            std::process::id()
-        );
+        let temporary = temporary_name(&name.to_string_lossy());
         rustix::fs::mkdirat(&self.fd, temporary.as_str(), Mode::from_raw_mode(0o700))?;
         let result = (|| -> std::io::Result<()> {
             let made = rustix::fs::openat(
@@ -548,11 +551,7 @@ impl SpoolDir {
     /// Writes `contents` to `name` through a synced temporary file and a
     /// rename; the file belongs to this directory's owner.
     fn write_synced(&self, name: &str, contents: &[u8]) -> Result<(), SpoolError> {
-        // The process id and a counter keep concurrent writers (several
-        // hook calls, the agent) off each other's temporary files.
-        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let unique = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let temporary = format!(".{name}.{}.{unique}.tmp", std::process::id());
+        let temporary = temporary_name(name);
         let result = (|| -> std::io::Result<()> {
             let fd = rustix::fs::openat(
                 &self.fd,

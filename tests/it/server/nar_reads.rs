@@ -203,6 +203,35 @@ async fn nar_ranges_are_answered_206_with_their_bytes() {
     check_ranges(&server, "ranged", &token, &packed).await;
 }
 
+/// Seeds `nar` into a new public cache `cache` with its frames in one pack,
+/// downloads it whole and checks that it decodes to `nar`. Returns the
+/// NAR's chunk count, its URL, the body and how many storage requests the
+/// download made.
+async fn download_packed(
+    server: &TestServer,
+    cache: &str,
+    nar: &[u8],
+) -> (u32, String, Vec<u8>, u64) {
+    server.create_cache(cache, true).await;
+    let seeded = server
+        .seed_packed_path(
+            cache,
+            plain_metadata(&fake_store_path(cache)),
+            nar,
+            64 << 20,
+        )
+        .await;
+    let url = server.url_of(&format!("/{cache}/{}", seeded.nar_url()));
+    let before = server.storage_requests().requests();
+    let body = super::ok_bytes(server.http().get(&url).send().await.expect("GET")).await;
+    let reads = server.storage_requests().requests() - before;
+    assert!(
+        zstd::stream::decode_all(body.as_slice()).expect("zstd frames") == nar,
+        "the NAR served is the one seeded"
+    );
+    (seeded.nar.n_chunks, url, body, reads)
+}
+
 /// A NAR whose frames are packed in one object is read with a handful of
 /// ranged reads (the first small, each next one twice as long), not one
 /// per chunk, and comes out byte for byte.
@@ -213,27 +242,10 @@ async fn packed_frames_are_served_with_few_ranged_reads() {
         ..TestServerOptions::default()
     })
     .await;
-    server.create_cache("packed", true).await;
     // 12 MiB of incompressible data: 192 frames of a little over 64 KiB.
     let nar = file_nar(&pseudo_random(192 * SEED_CHUNK_SIZE, 18));
-    let seeded = server
-        .seed_packed_path(
-            "packed",
-            plain_metadata(&fake_store_path("packed")),
-            &nar,
-            64 << 20,
-        )
-        .await;
-    assert_eq!(seeded.nar.n_chunks, 193);
-    let url = server.url_of(&format!("/packed/{}", seeded.nar_url()));
-
-    let before = server.storage_requests().requests();
-    let body = super::ok_bytes(server.http().get(&url).send().await.expect("GET")).await;
-    let reads = server.storage_requests().requests() - before;
-    assert_eq!(
-        zstd::stream::decode_all(body.as_slice()).expect("zstd frames"),
-        nar
-    );
+    let (n_chunks, url, body, reads) = download_packed(&server, "packed", &nar).await;
+    assert_eq!(n_chunks, 193);
     // 1 + 2 + 4 + 8 MiB cover the 12 MiB of frames.
     assert!(
         (1..=4).contains(&reads),
@@ -261,7 +273,6 @@ async fn chunks_listed_again_far_on_are_not_read_again() {
         ..TestServerOptions::default()
     })
     .await;
-    server.create_cache("repeats", true).await;
     // 100 slices of incompressible data, the NAR's slices 60, 62, …, 98
     // made copies of slices 5, 7, …, 43: twenty repeats, each between new
     // frames, 55 frames (3.5 MiB) after its first use.
@@ -278,23 +289,8 @@ async fn chunks_listed_again_far_on_are_not_read_again() {
         contents.copy_within(from - header..from - header + SEED_CHUNK_SIZE, to - header);
     }
     let nar = file_nar(&contents);
-    let seeded = server
-        .seed_packed_path(
-            "repeats",
-            plain_metadata(&fake_store_path("repeats")),
-            &nar,
-            64 << 20,
-        )
-        .await;
-    assert_eq!(seeded.nar.n_chunks, 101);
-    let url = server.url_of(&format!("/repeats/{}", seeded.nar_url()));
-    let before = server.storage_requests().requests();
-    let body = super::ok_bytes(server.http().get(&url).send().await.expect("GET")).await;
-    let reads = server.storage_requests().requests() - before;
-    assert_eq!(
-        zstd::stream::decode_all(body.as_slice()).expect("zstd frames"),
-        nar
-    );
+    let (n_chunks, _, _, reads) = download_packed(&server, "repeats", &nar).await;
+    assert_eq!(n_chunks, 101);
     // 1 + 2 + 4 MiB cover the 81 distinct frames (5.1 MiB); read again,
     // the twenty repeats would cost forty more.
     assert!(

@@ -137,18 +137,20 @@ async fn current_nix_substitutes_a_content_addressed_output_from_its_realisation
     assert!(substituted.contains(&out), "{substituted}");
 
     // Served with the cache's signature beside the pusher's (none here).
-    let id = server.database().pool().clone();
     let drv_output: String = sqlx::query_scalar("SELECT drv_output FROM realisations")
-        .fetch_one(&id)
+        .fetch_one(server.database().pool())
         .await
         .expect("the realisation's row");
-    let response = server
-        .http()
-        .get(server.url_of(&format!("/ca/realisations/{drv_output}.doi")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .expect("GET realisation");
+    let get_realisation = || async {
+        server
+            .http()
+            .get(server.url_of(&format!("/ca/realisations/{drv_output}.doi")))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("GET realisation")
+    };
+    let response = get_realisation().await;
     assert_eq!(response.status(), StatusCode::OK);
     let served: serde_json::Value = response.json().await.expect("JSON");
     let key_name = public_key.split(':').next().expect("a key name");
@@ -179,14 +181,7 @@ async fn current_nix_substitutes_a_content_addressed_output_from_its_realisation
         .delete_objects(cache.id, &[hash])
         .await
         .expect("deleting the output");
-    let response = server
-        .http()
-        .get(server.url_of(&format!("/ca/realisations/{drv_output}.doi")))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .expect("GET realisation");
-    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert_eq!(get_realisation().await.status(), StatusCode::NOT_FOUND);
     let report = super::gc_two_days_on(&server).await;
     assert_eq!(report.realisations, 1, "{report:?}");
 }
