@@ -107,15 +107,24 @@ install_nextest() {
 install_current_nix() {
     local dir=$CACHE_DIR/nix-current
     local root=$dir/root
-    if [[ -x $dir/bin/nix ]] && [[ $("$dir/bin/nix" --version 2>/dev/null) == "nix (Nix) 2."* ]]; then
-        return 0
+    if [[ ! -x $root/usr/bin/nix ]]; then
+        install_current_nix_root "$dir" "$root"
     fi
+    # The wrappers are written every time, so that a root installed by an
+    # older version of this script gets the current ones.
+    write_current_nix_wrappers "$dir" "$root"
+    [[ $("$dir/bin/nix" --version 2>/dev/null) == "nix (Nix) 2."* ]] ||
+        die "the current Nix under $dir does not run: $("$dir/bin/nix" --version 2>&1 | tail -n 1)"
+}
+
+install_current_nix_root() {
+    local dir=$1 root=$2
     [[ $EUID -eq 0 ]] || die "a current Nix is missing; run as root to install it"
     package_installed debootstrap || {
         run_logged apt-update apt-get -q -y -o DPkg::Lock::Timeout=600 update
         run_logged apt-install bash "$(dirname "${BASH_SOURCE[0]}")/apt-install.sh" debootstrap
     }
-    say "installing a current Nix (Debian sid's nix-bin) in a chroot under $dir (about 3 minutes)"
+    say "installing a current Nix (Debian sid's nix-bin) in a root under $dir (about 3 minutes)"
     local started=$SECONDS mirror
     mirror=$(awk '/^URIs:/ { print $2; exit }' /etc/apt/sources.list.d/debian.sources 2>/dev/null)
     mirror=${mirror:-http://deb.debian.org/debian}
@@ -138,8 +147,9 @@ install_current_nix() {
         apt-get -q -o Acquire::Check-Valid-Until=false update &&
         DEBIAN_FRONTEND=noninteractive apt-get -q -y install -f &&
         DEBIAN_FRONTEND=noninteractive apt-get -q -y install nix-bin libdbi-perl && apt-get clean"
-    # An old root may have the host's /tmp and /dev mounted inside: those go
-    # first, and nothing is deleted while any is still there.
+    # A root made by an older version of this script may still have the
+    # host's /tmp and /dev mounted inside: those go first, and nothing is
+    # deleted while any is still there.
     local mount
     for mount in tmp dev proc; do
         ! mountpoint -q "$root/$mount" || umount -R "$root/$mount" ||
@@ -147,29 +157,50 @@ install_current_nix() {
     done
     rm -rf "$root"
     mv "$root.new" "$root"
-    mkdir -p "$dir/bin"
-    cat >"$dir/bin/nix-chroot" <<WRAPPER
+    say "current Nix installed in $((SECONDS - started)) s"
+}
+
+# bin/nix-chroot runs the current Nix's program named as it is called (a
+# symlink per program) inside the root, in a mount namespace of its own
+# whose root the root is made with pivot_root, not chroot: the kernel
+# refuses user namespaces to a chrooted process, and Nix's build sandbox
+# needs one. /proc, /dev and /tmp (where the tests' stores are) are the
+# host's; so are the directories NIX_CHROOT_SHARE names (colon-separated,
+# at the same paths), for a post-build-hook and the programs it runs.
+# Nothing is mounted on the host: the mounts end with the program.
+write_current_nix_wrappers() {
+    local dir=$1 root=$2
+    mkdir -p "$dir/bin" "$root/.host"
+    cat >"$dir/bin/nix-chroot.new" <<WRAPPER
 #!/bin/sh
-# Runs the program of the current Nix named as this script is (a symlink
-# per program), inside $root, from the same working directory, with the
-# caller's environment. Mounts /proc, /dev and /tmp into the root first if
-# they are not (once per boot; under a lock, since tests start many at once).
-root='$root'
-if ! mountpoint -q "\$root/tmp"; then
-    flock "\$root.lock" sh -c '
-        mountpoint -q "\$0/proc" || mount -t proc proc "\$0/proc"
-        mountpoint -q "\$0/dev" || mount --rbind /dev "\$0/dev"
-        mountpoint -q "\$0/tmp" || mount --rbind /tmp "\$0/tmp"' "\$root" || exit 1
-fi
-exec chroot "\$root" /bin/sh -c 'cd "\$0" 2>/dev/null || cd /; PATH=/usr/bin:/bin; exec "\$@"' \
-    "\$PWD" "/usr/bin/\$(basename "\$0")" "\$@"
+# Written by ops/install.sh (write_current_nix_wrappers), which says why.
+exec unshare --mount --propagation private /bin/sh -e -c '
+root=\$1 program=\$2 cwd=\$3
+shift 3
+mount --bind "\$root" "\$root"
+mount -t proc proc "\$root/proc"
+mount --rbind /dev "\$root/dev"
+mount --rbind /tmp "\$root/tmp"
+IFS=:
+for shared in \${NIX_CHROOT_SHARE:-}; do
+    [ -n "\$shared" ] || continue
+    mkdir -p "\$root\$shared"
+    mount --rbind "\$shared" "\$root\$shared"
+done
+unset IFS
+cd "\$root"
+pivot_root . .host
+umount -l /.host
+cd "\$cwd" 2>/dev/null || cd /
+PATH=/usr/bin:/bin exec "\$program" "\$@"' \\
+    nix-chroot '$root' "/usr/bin/\$(basename "\$0")" "\$PWD" "\$@"
 WRAPPER
-    chmod 755 "$dir/bin/nix-chroot"
+    chmod 755 "$dir/bin/nix-chroot.new"
+    mv "$dir/bin/nix-chroot.new" "$dir/bin/nix-chroot"
     local program
     for program in nix nix-store nix-build nix-instantiate nix-env nix-hash; do
         ln -sf nix-chroot "$dir/bin/$program"
     done
-    say "current Nix installed: $("$dir/bin/nix" --version) in $((SECONDS - started)) s"
 }
 
 install_debian_packages

@@ -55,8 +55,8 @@ pub enum NixVersion {
     /// A current Nix (2.3x): the programs in `$LARDER_TEST_NIX_CURRENT`,
     /// by default `$LARDER_CACHE_DIR/nix-current/bin` (or
     /// `~/.cache/larder/nix-current/bin`), where `ops/install.sh` puts it.
-    /// It cannot build into a chroot store: make stores with
-    /// [`NixVersion::Debian`] and copy or substitute with this one.
+    /// They run in a root of their own that shares the host's /tmp, where
+    /// every environment and store of these tests is.
     Current,
 }
 
@@ -80,6 +80,21 @@ impl NixVersion {
 }
 
 impl NixVersion {
+    /// `extra-sandbox-paths` under which test derivations' builders (`/bin/sh`,
+    /// programs on `PATH=/usr/bin:/bin`) run in the build sandbox. Nix 2.8
+    /// has no `/bin/sh` of its own there: the host's `/usr/bin` stands in
+    /// for `/bin`. A current Nix brings `/bin/sh` by default (Debian sets
+    /// `sandbox-paths = /bin/sh=/usr/bin/bash-static`), and must not be
+    /// given `/bin` as well: it would create its `/bin/sh` mount point
+    /// inside that bind mount, through the `sh` symlink, emptying the
+    /// root's `dash`.
+    pub fn extra_sandbox_paths(self) -> &'static str {
+        match self {
+            Self::Debian => "/bin=/usr/bin /lib=/usr/lib /lib64=/usr/lib64 /usr",
+            Self::Current => "/lib=/usr/lib /lib64=/usr/lib64 /usr",
+        }
+    }
+
     /// `PATH` for a program that runs `nix` itself (the `larder` client,
     /// the agent): this version's programs first. Panics when they are
     /// missing, rather than let 2.8 further on the path stand in for them.
@@ -97,6 +112,61 @@ impl NixVersion {
             }
         }
     }
+}
+
+/// Declares a test that drives Nix once under each version the suite
+/// tests: a module named as the test, with the tests `under_nix_2_8` and
+/// `under_current_nix`, which run the body with `version` set. Every
+/// attribute given (`#[tokio::test(…)]` or `#[test]`, doc comments) is put
+/// on both. The body sees the enclosing module's items through
+/// `use super::*`.
+///
+/// ```ignore
+/// tests::under_each_nix! {
+///     #[tokio::test]
+///     async fn nix_substitutes(version: NixVersion) {
+///         let env = NixEnv::with_version(version).expect("a Nix environment");
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! under_each_nix {
+    ($(#[$attribute:meta])* async fn $name:ident($version:ident: NixVersion) $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            async fn body($version: $crate::nix::NixVersion) $body
+
+            $(#[$attribute])*
+            async fn under_nix_2_8() {
+                body($crate::nix::NixVersion::Debian).await
+            }
+
+            $(#[$attribute])*
+            async fn under_current_nix() {
+                body($crate::nix::NixVersion::Current).await
+            }
+        }
+    };
+    ($(#[$attribute:meta])* fn $name:ident($version:ident: NixVersion) -> $output:ty $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            fn body($version: $crate::nix::NixVersion) -> $output $body
+
+            $(#[$attribute])*
+            fn under_nix_2_8() -> $output {
+                body($crate::nix::NixVersion::Debian)
+            }
+
+            $(#[$attribute])*
+            fn under_current_nix() -> $output {
+                body($crate::nix::NixVersion::Current)
+            }
+        }
+    };
 }
 
 /// An isolated Nix environment in its own temporary directory, deleted on
@@ -181,13 +251,7 @@ pub fn physical_path(root: &Path, store_path: &str) -> PathBuf {
 }
 
 impl NixEnv {
-    /// Makes the environment and checks that a Nix 2.x client is on `PATH`.
-    /// An environment driving Debian's Nix 2.8.
-    pub fn new() -> Result<Self> {
-        Self::with_version(NixVersion::Debian)
-    }
-
-    /// An environment driving `version`.
+    /// An environment driving `version`, checked to run.
     pub fn with_version(version: NixVersion) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("larder-nix-")
@@ -205,8 +269,8 @@ impl NixEnv {
         // - substituters empty: otherwise every build first spends seconds
         //   trying to reach cache.nixos.org.
         // - build-users-group empty: build as the calling user.
-        // - A chroot store forces the sandbox, which has no /bin/sh: bring
-        //   the host's in.
+        // - A chroot store forces the sandbox: bring the programs in (see
+        //   NixVersion::extra_sandbox_paths).
         // - narinfo-cache-negative-ttl 0: a 404 is otherwise remembered for
         //   an hour, across tests that share nothing else.
         let nix_config = format!(
@@ -215,12 +279,13 @@ impl NixEnv {
              substituters =\n\
              build-users-group =\n\
              sandbox = true\n\
-             extra-sandbox-paths = /bin=/usr/bin /lib=/usr/lib /lib64=/usr/lib64 /usr\n\
+             extra-sandbox-paths = {}\n\
              narinfo-cache-negative-ttl = 0\n\
              connect-timeout = 5\n\
              fsync-metadata = false\n\
              warn-dirty = false",
-            root.join("default-store").display()
+            root.join("default-store").display(),
+            version.extra_sandbox_paths()
         );
         let mut dir = dir;
         let keep = std::env::var_os("LARDER_KEEP_NIX_ENV").is_some();
@@ -252,14 +317,6 @@ impl NixEnv {
     /// The Nix this environment drives.
     pub fn version(&self) -> NixVersion {
         self.version
-    }
-
-    /// Drives `version` from now on, with the same directory, stores and
-    /// settings: a store made with Nix 2.8 (which can build into a chroot
-    /// store) is then pushed or copied by a current Nix.
-    pub fn set_version(&mut self, version: NixVersion) -> Result<()> {
-        self.version = version;
-        self.check_nix()
     }
 
     fn check_nix(&self) -> Result<()> {
@@ -396,8 +453,36 @@ impl NixEnv {
         })
     }
 
-    /// Makes a key pair with `nix key generate-secret`; the secret key file
-    /// is written under the environment.
+    /// `nix path-info --json` of `paths` in the chroot store at `root`, as
+    /// one object per path with its `path` field, in the order Nix prints
+    /// them: Nix 2.8 prints such a list; a current Nix is asked for format 1
+    /// (an object keyed by path), made into that list here.
+    pub fn path_infos(&self, root: &Path, paths: &[String]) -> Result<Vec<serde_json::Value>> {
+        let mut args = vec!["path-info", "--json"];
+        if self.version == NixVersion::Current {
+            args.extend(["--json-format", "1"]);
+        }
+        args.extend(["--store", utf8(root)?]);
+        args.extend(paths.iter().map(String::as_str));
+        let json = self.run_text("nix", &args)?;
+        let parsed: serde_json::Value = serde_json::from_str(&json)
+            .map_err(|cause| error(format!("nix path-info printed {json}: {cause}")))?;
+        match parsed {
+            serde_json::Value::Array(infos) => Ok(infos),
+            serde_json::Value::Object(by_path) => by_path
+                .into_iter()
+                .map(|(path, mut info)| match info.as_object_mut() {
+                    Some(fields) => {
+                        fields.insert("path".to_owned(), serde_json::Value::String(path));
+                        Ok(info)
+                    }
+                    None => Err(error(format!("nix path-info: {path} is not valid: {json}"))),
+                })
+                .collect(),
+            _ => Err(error(format!("nix path-info printed {json}"))),
+        }
+    }
+
     /// The public key of the secret key in `secret_key_file`
     /// (`nix key convert-secret-to-public`).
     pub fn public_key(&self, secret_key_file: &Path) -> Result<String> {
@@ -738,6 +823,19 @@ impl NixEnv {
 fn utf8(path: &Path) -> Result<&str> {
     path.to_str()
         .ok_or_else(|| error(format!("{} is not UTF-8", path.display())))
+}
+
+/// Whether `ours` is the `.ls` listing `nix_wrote`, written by `version`:
+/// byte for byte against Nix 2.8, whose key order Larder's listings follow;
+/// as JSON documents against a current Nix, which sorts the keys.
+pub fn same_listing(version: NixVersion, ours: &[u8], nix_wrote: &[u8]) -> bool {
+    match version {
+        NixVersion::Debian => ours == nix_wrote,
+        NixVersion::Current => {
+            let parse = |bytes| serde_json::from_slice::<serde_json::Value>(bytes).ok();
+            parse(ours).is_some() && parse(ours) == parse(nix_wrote)
+        }
+    }
 }
 
 /// Writes a file, optionally executable (mode 0755).

@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::process::Stdio;
 
-use common::nix::{NarHash, StoreDir, StorePath, StorePathHash};
+use base64::Engine as _;
+use common::nix::{base32, NarHash, StoreDir, StorePath, StorePathHash};
 use serde::Deserialize;
 use tokio::process::{Child, Command};
 
@@ -47,16 +48,23 @@ impl PathInfo {
     }
 }
 
-/// One entry of `nix path-info --json`, in the spelling of Nix 2.8 (an
-/// array of objects with a `path` field) and later versions (an object
-/// keyed by path, without it).
+/// One entry of `nix path-info --json`, in any of its spellings: Nix 2.8's
+/// (an array of objects with a `path` field, an invalid path marked
+/// `"valid": false`), format 1 of later versions (an object keyed by full
+/// path, an invalid path `null`), or format 2 (`--json-format 2`: keyed by
+/// base name under `info`, references and deriver as base names too, the
+/// content address structured).
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RawPathInfo {
     #[serde(default)]
     path: Option<String>,
-    nar_hash: String,
-    nar_size: u64,
+    #[serde(default)]
+    valid: Option<bool>,
+    #[serde(default)]
+    nar_hash: Option<String>,
+    #[serde(default)]
+    nar_size: Option<u64>,
     #[serde(default)]
     references: Vec<String>,
     #[serde(default)]
@@ -64,14 +72,92 @@ struct RawPathInfo {
     #[serde(default)]
     signatures: Vec<String>,
     #[serde(default)]
-    ca: Option<String>,
+    ca: Option<RawContentAddress>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawContentAddress {
+    /// `fixed:r:sha256:<base-32>`, as in a narinfo (format 1).
+    Text(String),
+    /// `{"method": "nar", "hash": "sha256-<base64>"}` (format 2).
+    Structured { method: String, hash: String },
+}
+
+impl RawContentAddress {
+    /// The narinfo spelling of this content address.
+    fn into_narinfo_text(self) -> Result<String, String> {
+        let (method, hash) = match self {
+            Self::Text(text) => return Ok(text),
+            Self::Structured { method, hash } => (method, hash),
+        };
+        let prefix = match method.as_str() {
+            "text" => "text:",
+            "flat" => "fixed:",
+            "nar" => "fixed:r:",
+            "git" => "fixed:git:",
+            other => return Err(format!("unknown content-addressing method {other:?}")),
+        };
+        let (algorithm, digest) = hash
+            .split_once('-')
+            .ok_or_else(|| format!("{hash:?} is not an SRI hash"))?;
+        let expected_len = match algorithm {
+            "md5" => 16,
+            "sha1" => 20,
+            "sha256" => 32,
+            "sha512" => 64,
+            other => return Err(format!("unknown hash algorithm {other:?}")),
+        };
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(digest)
+            .ok()
+            .filter(|bytes| bytes.len() == expected_len)
+            .ok_or_else(|| format!("{hash:?} is not a valid {algorithm} hash"))?;
+        Ok(format!("{prefix}{algorithm}:{}", base32::encode(&bytes)))
+    }
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum RawPathInfos {
+    #[serde(rename_all = "camelCase")]
+    Version2 {
+        info: BTreeMap<String, Option<RawPathInfo>>,
+        store_dir: String,
+    },
     List(Vec<RawPathInfo>),
     ByPath(BTreeMap<String, Option<RawPathInfo>>),
+}
+
+/// The entries of `nix path-info --json` output in any spelling, keyed by
+/// full store path, with `None` for an invalid path.
+fn path_info_entries(json: &[u8]) -> Result<Vec<(String, Option<RawPathInfo>)>, String> {
+    let raw: RawPathInfos = serde_json::from_slice(json).map_err(|error| error.to_string())?;
+    match raw {
+        RawPathInfos::List(list) => list
+            .into_iter()
+            .map(|info| {
+                let path = info.path.clone().ok_or("an entry has no \"path\"")?;
+                let valid = info.valid != Some(false);
+                Ok((path, valid.then_some(info)))
+            })
+            .collect(),
+        RawPathInfos::ByPath(map) => Ok(map.into_iter().collect()),
+        RawPathInfos::Version2 { info, store_dir } => {
+            let full = |name: &str| format!("{store_dir}/{name}");
+            Ok(info
+                .into_iter()
+                .map(|(name, info)| {
+                    let info = info.map(|info| RawPathInfo {
+                        references: info.references.iter().map(|name| full(name)).collect(),
+                        deriver: info.deriver.as_deref().map(full),
+                        ..info
+                    });
+                    (full(&name), info)
+                })
+                .collect())
+        }
+    }
 }
 
 /// `nix path-info --json` asking for the format this code reads: format 1
@@ -149,35 +235,24 @@ pub async fn path_infos(
 }
 
 fn parse_path_infos(store_dir: &StoreDir, json: &[u8]) -> Result<Vec<PathInfo>, String> {
-    let raw: RawPathInfos = serde_json::from_slice(json).map_err(|error| error.to_string())?;
-    let entries: Vec<(String, RawPathInfo)> = match raw {
-        RawPathInfos::List(list) => list
-            .into_iter()
-            .map(|info| {
-                let path = info.path.clone().ok_or("an entry has no \"path\"")?;
-                Ok((path, info))
-            })
-            .collect::<Result<_, String>>()?,
-        RawPathInfos::ByPath(map) => map
-            .into_iter()
-            .map(|(path, info)| {
-                info.map(|info| (path.clone(), info))
-                    .ok_or_else(|| format!("{path} is not a valid path in the store"))
-            })
-            .collect::<Result<_, String>>()?,
-    };
     let parse = |path: &str| {
         store_dir
             .parse_path(path)
             .map_err(|error| error.to_string())
     };
-    entries
+    path_info_entries(json)?
         .into_iter()
         .map(|(path, raw)| {
+            let raw = raw.ok_or_else(|| format!("{path} is not a valid path in the store"))?;
+            let nar_hash = raw
+                .nar_hash
+                .ok_or_else(|| format!("{path} has no \"narHash\""))?;
             Ok(PathInfo {
                 path: parse(&path)?,
-                nar_hash: NarHash::parse(&raw.nar_hash).map_err(|error| error.to_string())?,
-                nar_size: raw.nar_size,
+                nar_hash: NarHash::parse(&nar_hash).map_err(|error| error.to_string())?,
+                nar_size: raw
+                    .nar_size
+                    .ok_or_else(|| format!("{path} has no \"narSize\""))?,
                 references: raw
                     .references
                     .iter()
@@ -185,15 +260,16 @@ fn parse_path_infos(store_dir: &StoreDir, json: &[u8]) -> Result<Vec<PathInfo>, 
                     .collect::<Result<_, _>>()?,
                 deriver: raw.deriver.as_deref().map(parse).transpose()?,
                 signatures: raw.signatures,
-                ca: raw.ca,
+                ca: raw
+                    .ca
+                    .map(RawContentAddress::into_narinfo_text)
+                    .transpose()?,
             })
         })
         .collect()
 }
 
-/// Which of `paths` (full store paths) are valid in the store. Nix 2.8
-/// lists an invalid path as `{"path": …, "valid": false}`, later versions
-/// as `"…": null`.
+/// Which of `paths` (full store paths) are valid in the store.
 pub async fn valid_paths(paths: &[String]) -> Result<HashSet<String>, NixError> {
     let mut command = path_info_json().await;
     command.arg("--").args(paths);
@@ -206,24 +282,10 @@ pub async fn valid_paths(paths: &[String]) -> Result<HashSet<String>, NixError> 
 }
 
 fn parse_validity(json: &[u8]) -> Result<HashSet<String>, String> {
-    let value: serde_json::Value =
-        serde_json::from_slice(json).map_err(|error| error.to_string())?;
-    let is_valid = |info: &serde_json::Value| {
-        info.is_object() && info.get("valid") != Some(&serde_json::Value::Bool(false))
-    };
-    match value {
-        serde_json::Value::Array(list) => Ok(list
-            .iter()
-            .filter(|info| is_valid(info))
-            .filter_map(|info| info.get("path")?.as_str().map(str::to_owned))
-            .collect()),
-        serde_json::Value::Object(map) => Ok(map
-            .into_iter()
-            .filter(|(_, info)| is_valid(info))
-            .map(|(path, _)| path)
-            .collect()),
-        _ => Err("expected a JSON array or object".to_owned()),
-    }
+    Ok(path_info_entries(json)?
+        .into_iter()
+        .filter_map(|(path, info)| info.map(|_| path))
+        .collect())
 }
 
 /// The directory on disk that holds the store's paths: `/nix/store` for
@@ -264,12 +326,17 @@ pub async fn physical_store_dir() -> Result<PathBuf, NixError> {
         })
 }
 
-/// The root directory a store URI puts `/nix/store` under.
+/// The root directory a store URI puts `/nix/store` under. Nix 2.8 shows
+/// a chroot store as its path (`/tmp/root`) or `local?root=/tmp/root`; a
+/// current Nix as `local:///tmp/root` or `local://?root=/tmp/root`.
 fn store_root(uri: &str) -> Option<PathBuf> {
     let (scheme, query) = uri.split_once('?').unwrap_or((uri, ""));
     let root_param = query.split('&').find_map(|pair| pair.strip_prefix("root="));
     match scheme {
-        "auto" | "daemon" | "local" | "" => Some(PathBuf::from(root_param.unwrap_or("/"))),
+        "auto" | "daemon" | "local" | "local://" | "" => {
+            Some(PathBuf::from(root_param.unwrap_or("/")))
+        }
+        _ if scheme.starts_with("local:///") => Some(PathBuf::from(&scheme["local://".len()..])),
         _ if scheme.starts_with("unix://") => Some(PathBuf::from("/")),
         _ if scheme.starts_with('/') => Some(PathBuf::from(scheme)),
         _ => None,
@@ -409,6 +476,8 @@ mod tests {
         assert_eq!(root("daemon").as_deref(), Some("/"));
         assert_eq!(root("/tmp/x").as_deref(), Some("/tmp/x"));
         assert_eq!(root("local?root=/tmp/y&x=1").as_deref(), Some("/tmp/y"));
+        assert_eq!(root("local:///tmp/z").as_deref(), Some("/tmp/z"));
+        assert_eq!(root("local://?root=/tmp/w").as_deref(), Some("/tmp/w"));
         assert_eq!(root("ssh://host"), None);
     }
 
@@ -424,5 +493,88 @@ mod tests {
         );
         let invalid = format!(r#"{{"{A}":null}}"#);
         assert!(parse_path_infos(&StoreDir::default(), invalid.as_bytes()).is_err());
+    }
+
+    /// The same four paths (an input-addressed output, its derivation, a
+    /// recursive and a flat content-addressed source) and an invalid path,
+    /// as Nix 2.34 prints them in format 1 and in format 2 (with a reference
+    /// and a signature added to the source by hand).
+    const FORMAT_1: &str = r#"{"/nix/store/00000000000000000000000000000000-x":null,"/nix/store/0pqyvyw21p553pf74czgvqks0vjaqp0l-t1":{"ca":null,"deriver":"/nix/store/257g5944d78w0sppjaj74h6sjp642vbp-t1.drv","narHash":"sha256-EFUdrtf6Rn0LWIJufrmg8q99aT3jGfLvd1//zaJEufY=","narSize":120,"references":[],"registrationTime":1796646799,"signatures":[],"storeDir":"/nix/store","ultimate":true,"version":1},"/nix/store/257g5944d78w0sppjaj74h6sjp642vbp-t1.drv":{"ca":"text:sha256:07s1spr3yclhrz5k0b8spblwgy4vqhdh7jrps170s8bgpn4d1bdn","deriver":null,"narHash":"sha256-3Iw63BIWhKVKgO28GvFOpegBUyI3Ghy9vxdg7iGoUG4=","narSize":360,"references":[],"registrationTime":1796646799,"signatures":[],"storeDir":"/nix/store","ultimate":false,"version":1},"/nix/store/rkf79g8l9nv68w00j1z80zjn9aw7szx3-flat.txt":{"ca":"fixed:sha256:1xk2hhjr0f2n4adj1h688wlz59xpl86y1r8bd2pjasg8gy16mikb","deriver":null,"narHash":"sha256-9ghaZFx/EaQcb/iSvPSo4YWuRiQyJzTrcjW1PHdJ6MM=","narSize":120,"references":[],"registrationTime":1796646950,"signatures":[],"storeDir":"/nix/store","ultimate":false,"version":1},"/nix/store/yx6zyqqwqi4vzssch0gpw20pmycsy9s8-src":{"ca":"fixed:r:sha256:18l2zj8v9v7ywhnxhbvn50dldj0h6nzfi1nii2xd79nkj6ivx2cm","deriver":null,"narHash":"sha256-lYm+o5HTptO6iNGG6L41EMhGGyh2L9gt5P7stJH8gqI=","narSize":288,"references":["/nix/store/rkf79g8l9nv68w00j1z80zjn9aw7szx3-flat.txt"],"registrationTime":1796646950,"signatures":["test-1:c2ln"],"storeDir":"/nix/store","ultimate":false,"version":1}}"#;
+    const FORMAT_2: &str = r#"{"info":{"00000000000000000000000000000000-x":null,"0pqyvyw21p553pf74czgvqks0vjaqp0l-t1":{"ca":null,"deriver":"257g5944d78w0sppjaj74h6sjp642vbp-t1.drv","narHash":"sha256-EFUdrtf6Rn0LWIJufrmg8q99aT3jGfLvd1//zaJEufY=","narSize":120,"references":[],"registrationTime":1796646799,"signatures":[],"storeDir":"/nix/store","ultimate":true,"version":2},"257g5944d78w0sppjaj74h6sjp642vbp-t1.drv":{"ca":{"hash":"sha256-tq3QiL1vIQ1O0DfLAxvEm/jH6boaLTDLz5AyP/LVQR8=","method":"text"},"deriver":null,"narHash":"sha256-3Iw63BIWhKVKgO28GvFOpegBUyI3Ghy9vxdg7iGoUG4=","narSize":360,"references":[],"registrationTime":1796646799,"signatures":[],"storeDir":"/nix/store","ultimate":false,"version":2},"rkf79g8l9nv68w00j1z80zjn9aw7szx3-flat.txt":{"ca":{"hash":"sha256-a8Zqgn/oaSWvaAvl4A2it6fyKUfIwCCbIlY4kCWEYvY=","method":"flat"},"deriver":null,"narHash":"sha256-9ghaZFx/EaQcb/iSvPSo4YWuRiQyJzTrcjW1PHdJ6MM=","narSize":120,"references":[],"registrationTime":1796646950,"signatures":[],"storeDir":"/nix/store","ultimate":false,"version":2},"yx6zyqqwqi4vzssch0gpw20pmycsy9s8-src":{"ca":{"hash":"sha256-lYm+o5HTptO6iNGG6L41EMhGGyh2L9gt5P7stJH8gqI=","method":"nar"},"deriver":null,"narHash":"sha256-lYm+o5HTptO6iNGG6L41EMhGGyh2L9gt5P7stJH8gqI=","narSize":288,"references":["rkf79g8l9nv68w00j1z80zjn9aw7szx3-flat.txt"],"registrationTime":1796646950,"signatures":["test-1:c2ln"],"storeDir":"/nix/store","ultimate":false,"version":2}},"storeDir":"/nix/store","version":2}"#;
+
+    #[test]
+    fn format_2_reads_as_format_1() {
+        let valid = |json: &str| {
+            let without_invalid: serde_json::Value = {
+                let mut value: serde_json::Value = serde_json::from_str(json).expect("JSON");
+                let map = match value.get("info") {
+                    Some(_) => &mut value["info"],
+                    None => &mut value,
+                };
+                map.as_object_mut()
+                    .expect("an object")
+                    .retain(|_, info| !info.is_null());
+                value
+            };
+            parse_path_infos(&StoreDir::default(), without_invalid.to_string().as_bytes())
+                .expect("parses")
+        };
+        let (first, second) = (valid(FORMAT_1), valid(FORMAT_2));
+        assert_eq!(first.len(), 4);
+        assert_eq!(first, second);
+        let source = second
+            .iter()
+            .find(|info| info.path.to_string().ends_with("-src"))
+            .expect("the source");
+        assert_eq!(
+            source.references[0].to_string(),
+            "rkf79g8l9nv68w00j1z80zjn9aw7szx3-flat.txt"
+        );
+        assert_eq!(source.signing_key_names().collect::<Vec<_>>(), ["test-1"]);
+
+        let only_valid = HashSet::from(
+            [
+                "0pqyvyw21p553pf74czgvqks0vjaqp0l-t1",
+                "257g5944d78w0sppjaj74h6sjp642vbp-t1.drv",
+                "rkf79g8l9nv68w00j1z80zjn9aw7szx3-flat.txt",
+                "yx6zyqqwqi4vzssch0gpw20pmycsy9s8-src",
+            ]
+            .map(|name| format!("/nix/store/{name}")),
+        );
+        assert_eq!(
+            parse_validity(FORMAT_1.as_bytes()).expect("parses"),
+            only_valid
+        );
+        assert_eq!(
+            parse_validity(FORMAT_2.as_bytes()).expect("parses"),
+            only_valid
+        );
+        // An invalid path asked for is an error, in either format.
+        assert!(parse_path_infos(&StoreDir::default(), FORMAT_2.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn structured_content_addresses_in_narinfo_spelling() {
+        let text = |method: &str, hash: &str| {
+            RawContentAddress::Structured {
+                method: method.to_owned(),
+                hash: hash.to_owned(),
+            }
+            .into_narinfo_text()
+        };
+        // sha1 and sha512 occur in fixed-output derivations (fetchurl). The
+        // SHA-1 of nothing, in base 32 as `nix-hash --to-base32` spells it.
+        assert_eq!(
+            text("nar", "sha1-2jmj7l5rSw0yVb/vlWAYkK/YBwk=").as_deref(),
+            Ok("fixed:r:sha1:143xibwh31h9bvxzalr0sjvbbvpa6ffs")
+        );
+        assert!(
+            text("git", "sha256-lYm+o5HTptO6iNGG6L41EMhGGyh2L9gt5P7stJH8gqI=")
+                .is_ok_and(|text| text.starts_with("fixed:git:sha256:"))
+        );
+        assert!(text("nar", "sha256-AAAA").is_err(), "a short digest");
+        assert!(text("nar", "sha3-AAAA").is_err(), "an unknown algorithm");
+        assert!(text("other", "sha1-2jmj7l5rSw0yVb/vlWAYkK/YBwk=").is_err());
+        assert!(text("nar", "no dash").is_err());
     }
 }

@@ -16,7 +16,7 @@ use common::config::HttpConfig;
 use common::duration::HumanDuration;
 use common::nix::Sha256Hash;
 use reqwest::StatusCode;
-use tests::nix::{write_file, NixEnv};
+use tests::nix::{write_file, NixEnv, NixVersion};
 use tests::prometheus::{self, Page};
 use tests::server::{TestServer, TestServerOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -445,73 +445,76 @@ fn independent_paths(env: &NixEnv, root: &Path, n: usize, salt: &str) -> Vec<Str
         .collect()
 }
 
-/// `larder push -j 4` with a per-token limit of 1, its slot held by a
-/// stalled upload of the same token: its uploads are refused with 429
-/// until the stalled one ends, and the push succeeds by retrying. The
-/// refusals are counted by the server. Without the limit there is no
-/// refusal to wait for.
-#[tokio::test]
-async fn larder_push_with_more_jobs_than_the_limit_succeeds_by_retrying() {
-    let server = server_with(|http| http.max_concurrent_uploads_per_token = 1).await;
-    let token = cache_and_token(&server, "pusher").await;
-    let salt = format!("{:016x}", rand::random::<u64>());
-    let (env, root, paths) = blocking(move || {
-        let env = NixEnv::new().expect("a Nix environment");
-        let root = env.path("store");
-        let paths = independent_paths(&env, &root, 6, &salt);
-        (env, root, paths)
-    })
-    .await;
-
-    let mut larder = Larder::new();
-    larder.set_env("NIX_CONFIG", &store_config(&root));
-    larder.ok(&["login", "local", &server.url(), &token]).await;
-
-    let stalled = stalled_upload_path(&server, &token).await;
-    wait_for("the stalled upload to be read", |page| {
-        body_bytes_read(page, UPLOAD_PATH) > 0.0
-    })
-    .await;
-    let mut arguments = vec!["push", CACHE, "-j", "4"];
-    arguments.extend(paths.iter().map(String::as_str));
-    let release = async {
-        wait_for("a push refused with 429", |page| {
-            answers(page, UPLOAD_PATH, "429") > 0.0
+tests::under_each_nix! {
+    /// `larder push -j 4` with a per-token limit of 1, its slot held by a
+    /// stalled upload of the same token: its uploads are refused with 429
+    /// until the stalled one ends, and the push succeeds by retrying. The
+    /// refusals are counted by the server. Without the limit there is no
+    /// refusal to wait for.
+    #[tokio::test]
+    async fn larder_push_with_more_jobs_than_the_limit_succeeds_by_retrying(version: NixVersion) {
+        let server = server_with(|http| http.max_concurrent_uploads_per_token = 1).await;
+        let token = cache_and_token(&server, "pusher").await;
+        let salt = format!("{:016x}", rand::random::<u64>());
+        let (env, root, paths) = blocking(move || {
+            let env = NixEnv::with_version(version).expect("a Nix environment");
+            let root = env.path("store");
+            let paths = independent_paths(&env, &root, 6, &salt);
+            (env, root, paths)
         })
         .await;
-        drop(stalled);
-    };
-    let (output, ()) = tokio::join!(larder.run(&arguments), release);
-    let (out, err) = (
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr),
-    );
-    assert!(output.status.success(), "larder push failed: {out}{err}");
-    assert!(out.contains("pushed 6 paths"), "{out}");
-    assert!(answers(&metrics(), UPLOAD_PATH, "429") > 0.0);
-    // The client read the refusal and the wait it asked for.
-    assert!(err.contains("in 2.") || err.contains("in 3."), "{err}");
-    assert!(err.contains("max-concurrent-uploads-per-token"), "{err}");
-    for path in &paths {
-        let hash = &path["/nix/store/".len().."/nix/store/".len() + 32];
-        let response = server
-            .http()
-            .get(server.cache_url(&format!("{CACHE}/{hash}.narinfo")))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .expect("GET narinfo");
-        assert_eq!(response.status(), StatusCode::OK, "{path}");
+
+        let mut larder = Larder::with_nix(version);
+        larder.set_env("NIX_CONFIG", &store_config(&root));
+        larder.ok(&["login", "local", &server.url(), &token]).await;
+
+        let stalled = stalled_upload_path(&server, &token).await;
+        wait_for("the stalled upload to be read", |page| {
+            body_bytes_read(page, UPLOAD_PATH) > 0.0
+        })
+        .await;
+        let mut arguments = vec!["push", CACHE, "-j", "4"];
+        arguments.extend(paths.iter().map(String::as_str));
+        let release = async {
+            wait_for("a push refused with 429", |page| {
+                answers(page, UPLOAD_PATH, "429") > 0.0
+            })
+            .await;
+            drop(stalled);
+        };
+        let (output, ()) = tokio::join!(larder.run(&arguments), release);
+        let (out, err) = (
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+        );
+        assert!(output.status.success(), "larder push failed: {out}{err}");
+        assert!(out.contains("pushed 6 paths"), "{out}");
+        assert!(answers(&metrics(), UPLOAD_PATH, "429") > 0.0);
+        // The client read the refusal and the wait it asked for.
+        assert!(err.contains("in 2.") || err.contains("in 3."), "{err}");
+        assert!(err.contains("max-concurrent-uploads-per-token"), "{err}");
+        for path in &paths {
+            let hash = &path["/nix/store/".len().."/nix/store/".len() + 32];
+            let response = server
+                .http()
+                .get(server.cache_url(&format!("{CACHE}/{hash}.narinfo")))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .expect("GET narinfo");
+            assert_eq!(response.status(), StatusCode::OK, "{path}");
+        }
+        drop(env);
     }
-    drop(env);
 }
 
-/// `nix copy` (Nix 2.8, two uploads at once on this machine) to a cache
+/// `nix copy` (`version`; two uploads at once on this machine) to a cache
 /// whose token may run one upload, that slot held by a stalled `PUT
 /// nar/…`, with `http.upload-slot-wait` set as `edit` says. Returns once
 /// `nix copy` ended, with its paths; `release` says when to end the
 /// stalled upload.
 async fn nix_copy_past_the_limit(
+    version: NixVersion,
     edit: impl Fn(&mut HttpConfig) + Send + Sync + 'static,
     release_when: (&'static str, fn(&Page) -> bool),
 ) -> (TestServer, String, Vec<String>, Result<(), String>) {
@@ -532,7 +535,7 @@ async fn nix_copy_past_the_limit(
     let host = server.address().ip().to_string();
     let netrc_token = token.clone();
     let copy = blocking(move || {
-        let mut env = NixEnv::new().expect("a Nix environment");
+        let mut env = NixEnv::with_version(version).expect("a Nix environment");
         env.use_netrc(&host, &netrc_token).expect("a netrc");
         let root = env.path("store");
         let paths = independent_paths(&env, &root, 4, &salt);
@@ -563,42 +566,48 @@ async fn assert_served(server: &TestServer, token: &str, paths: &[String]) {
     }
 }
 
-/// `nix copy` with more uploads than its token's limit: Nix's PUTs wait
-/// for the slot without sending their bodies, and the copy succeeds once
-/// the slot frees. Without the limit nothing ever waits.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nix_copy_with_more_uploads_than_the_limit_waits_and_succeeds() {
-    let (server, token, paths, copied) = nix_copy_past_the_limit(
-        |_| {},
-        ("a Nix upload waiting for a slot", |page| {
-            page.value("larder_upload_slots_waiting", &[]) > 0.0
-        }),
-    )
-    .await;
-    copied.expect("nix copy past the limit");
-    assert_eq!(
-        answers(&metrics(), NAR_ROUTE, "429"),
-        0.0,
-        "Nix's uploads waited"
-    );
-    assert_served(&server, &token, &paths).await;
+tests::under_each_nix! {
+    /// `nix copy` with more uploads than its token's limit: Nix's PUTs wait
+    /// for the slot without sending their bodies, and the copy succeeds once
+    /// the slot frees. Without the limit nothing ever waits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nix_copy_with_more_uploads_than_the_limit_waits_and_succeeds(version: NixVersion) {
+        let (server, token, paths, copied) = nix_copy_past_the_limit(
+            version,
+            |_| {},
+            ("a Nix upload waiting for a slot", |page| {
+                page.value("larder_upload_slots_waiting", &[]) > 0.0
+            }),
+        )
+        .await;
+        copied.expect("nix copy past the limit");
+        assert_eq!(
+            answers(&metrics(), NAR_ROUTE, "429"),
+            0.0,
+            "Nix's uploads waited"
+        );
+        assert_served(&server, &token, &paths).await;
+    }
 }
 
-/// The same with no waiting (`upload-slot-wait = 0`): Nix 2.8 gets a 429
-/// before it sent its body (it waits for `100 Continue`, which the server
-/// sends only when it reads the body), retries, and its retried PUT
-/// carries the whole NAR. Without the limit there is no 429 to wait for.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nix_copy_retries_a_429_sent_before_its_body() {
-    let (server, token, paths, copied) = nix_copy_past_the_limit(
-        |http| http.upload_slot_wait = secs(0),
-        ("a Nix upload refused with 429", |page| {
-            answers(page, NAR_ROUTE, "429") > 0.0
-        }),
-    )
-    .await;
-    copied.expect("nix copy retrying past the limit");
-    assert_served(&server, &token, &paths).await;
+tests::under_each_nix! {
+    /// The same with no waiting (`upload-slot-wait = 0`): Nix 2.8 gets a 429
+    /// before it sent its body (it waits for `100 Continue`, which the server
+    /// sends only when it reads the body), retries, and its retried PUT
+    /// carries the whole NAR. Without the limit there is no 429 to wait for.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nix_copy_retries_a_429_sent_before_its_body(version: NixVersion) {
+        let (server, token, paths, copied) = nix_copy_past_the_limit(
+            version,
+            |http| http.upload_slot_wait = secs(0),
+            ("a Nix upload refused with 429", |page| {
+                answers(page, NAR_ROUTE, "429") > 0.0
+            }),
+        )
+        .await;
+        copied.expect("nix copy retrying past the limit");
+        assert_served(&server, &token, &paths).await;
+    }
 }
 
 /// A shutdown with a stalled upload open ends within the grace period

@@ -204,202 +204,204 @@ async fn status_of(server: &TestServer, token: &str, path: &str) -> StatusCode {
         .status()
 }
 
-/// Issue #12's acceptance: pushes past a quota get 413 on every route, and
-/// the cache's existing paths still substitute with real Nix and verify.
-/// Without the defence, the over-quota pushes would be answered 200/204
-/// (and the usage would grow past the quota).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pushes_past_a_quota_get_413_and_the_caches_paths_still_substitute() {
-    let server = TestServer::sqlite().await;
-    let storage = server.dir().join("storage");
-    server.create_cache("tenant", false).await;
-    server.create_cache("neighbour", false).await;
-    let tenant = tenant_token(&server, "tenant").await;
-    let neighbour = tenant_token(&server, "neighbour").await;
-    let operator = operator_token(&server).await;
+tests::under_each_nix! {
+    /// Issue #12's acceptance: pushes past a quota get 413 on every route, and
+    /// the cache's existing paths still substitute with real Nix and verify.
+    /// Without the defence, the over-quota pushes would be answered 200/204
+    /// (and the usage would grow past the quota).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pushes_past_a_quota_get_413_and_the_caches_paths_still_substitute(version: NixVersion) {
+        let server = TestServer::sqlite().await;
+        let storage = server.dir().join("storage");
+        server.create_cache("tenant", false).await;
+        server.create_cache("neighbour", false).await;
+        let tenant = tenant_token(&server, "tenant").await;
+        let neighbour = tenant_token(&server, "neighbour").await;
+        let operator = operator_token(&server).await;
 
-    // The tenant's closure, pushed by real Nix while there is no quota.
-    let (env, root, paths) = pushing_env(3, tenant.clone()).await;
-    let url = format!("{}?compression=zstd", server.cache_url("tenant"));
-    let (env, root, closure) = {
-        let url = url.clone();
-        blocking(move || {
-            nix_copy_to(&env, &root, &url, &paths);
-            let closure = env.closure(&root, &paths).expect("the closure");
-            (env, root, closure)
-        })
-        .await
-    };
-    let held = usage(&server, &tenant, "tenant").await;
-    assert_eq!(held.quota_bytes, None, "no quota yet");
-    assert_eq!(held.pending_bytes, 0);
-    assert!(held.paths_bytes > 0);
+        // The tenant's closure, pushed by real Nix while there is no quota.
+        let (env, root, paths) = pushing_env(version, 3, tenant.clone()).await;
+        let url = format!("{}?compression=zstd", server.cache_url("tenant"));
+        let (env, root, closure) = {
+            let url = url.clone();
+            blocking(move || {
+                nix_copy_to(&env, &root, &url, &paths);
+                let closure = env.closure(&root, &paths).expect("the closure");
+                (env, root, closure)
+            })
+            .await
+        };
+        let held = usage(&server, &tenant, "tenant").await;
+        assert_eq!(held.quota_bytes, None, "no quota yet");
+        assert_eq!(held.pending_bytes, 0);
+        assert!(held.paths_bytes > 0);
 
-    // The operator caps the cache at 1 KiB more than it holds.
-    let quota = held.used_bytes + 1024;
-    set_quota(&server, &operator, "tenant", quota).await;
-    assert_eq!(
-        usage(&server, &tenant, "tenant").await.quota_bytes,
-        Some(quota)
-    );
-    // The tenant cannot lift its own quota.
-    let response = server
-        .http()
-        .patch(server.url_of(&format!("{CONFIG}/tenant")))
-        .bearer_auth(&tenant)
-        .json(&json!({"storage_quota": "Unlimited"}))
-        .send()
-        .await
-        .expect("PATCH");
-    expect_error(response, StatusCode::FORBIDDEN).await;
-
-    // Attic's upload-path of a NAR larger than the room: refused before
-    // the body is read, with the quota, the usage and the push's size.
-    let big = file_nar(&pseudo_random(8192, 1));
-    let big_path = fake_store_path("too-big");
-    let error = expect_quota_exceeded(
-        attic_upload(&server, &tenant, "tenant", &big_path, &big, false).await,
-    )
-    .await;
-    for part in [
-        "tenant".to_owned(),
-        format!("{quota} bytes"),
-        format!("{} bytes", held.used_bytes),
-        format!("{} bytes", big.len()),
-    ] {
-        assert!(
-            error.message.contains(&part),
-            "{part:?} in {}",
-            error.message
+        // The operator caps the cache at 1 KiB more than it holds.
+        let quota = held.used_bytes + 1024;
+        set_quota(&server, &operator, "tenant", quota).await;
+        assert_eq!(
+            usage(&server, &tenant, "tenant").await.quota_bytes,
+            Some(quota)
         );
-    }
-    assert_nothing_staged(&server, &storage, &tenant, "tenant").await;
+        // The tenant cannot lift its own quota.
+        let response = server
+            .http()
+            .patch(server.url_of(&format!("{CONFIG}/tenant")))
+            .bearer_auth(&tenant)
+            .json(&json!({"storage_quota": "Unlimited"}))
+            .send()
+            .await
+            .expect("PATCH");
+        expect_error(response, StatusCode::FORBIDDEN).await;
 
-    // Nix's PUT nar of the same: it may write no more than the room.
-    expect_quota_exceeded(
-        nix_put(
+        // Attic's upload-path of a NAR larger than the room: refused before
+        // the body is read, with the quota, the usage and the push's size.
+        let big = file_nar(&pseudo_random(8192, 1));
+        let big_path = fake_store_path("too-big");
+        let error = expect_quota_exceeded(
+            attic_upload(&server, &tenant, "tenant", &big_path, &big, false).await,
+        )
+        .await;
+        for part in [
+            "tenant".to_owned(),
+            format!("{quota} bytes"),
+            format!("{} bytes", held.used_bytes),
+            format!("{} bytes", big.len()),
+        ] {
+            assert!(
+                error.message.contains(&part),
+                "{part:?} in {}",
+                error.message
+            );
+        }
+        assert_nothing_staged(&server, &storage, &tenant, "tenant").await;
+
+        // Nix's PUT nar of the same: it may write no more than the room.
+        expect_quota_exceeded(
+            nix_put(
+                &server,
+                &tenant,
+                &nar_file_path("tenant", &big),
+                big.clone(),
+            )
+            .await,
+        )
+        .await;
+        assert_nothing_staged(&server, &storage, &tenant, "tenant").await;
+
+        // The real `nix copy` of a new path: refused, and it says so.
+        let env = {
+            let url = url.clone();
+            blocking(move || {
+                let input = env.path("over-quota");
+                std::fs::create_dir_all(&input).expect("a directory");
+                std::fs::write(input.join("data"), pseudo_random(16 << 10, 2)).expect("a file");
+                let new_path = env.add_path(&root, &input).expect("adding a path");
+                let error = env
+                    .copy_to(&root, &url, &[new_path.trim().to_owned()])
+                    .expect_err("nix copy over the quota fails");
+                assert!(error.to_string().contains("413"), "{error}");
+                env
+            })
+            .await
+        };
+        assert_nothing_staged(&server, &storage, &tenant, "tenant").await;
+
+        // A dedup link: another tenant holds the NAR, but a path linked to it
+        // counts in full in this cache.
+        let shared_path = fake_store_path("shared");
+        let stored: UploadPathResult =
+            attic_upload(&server, &neighbour, "neighbour", &shared_path, &big, false)
+                .await
+                .json()
+                .await
+                .expect("the neighbour's push");
+        assert_eq!(stored.phase, "done");
+        expect_quota_exceeded(
+            attic_upload(&server, &tenant, "tenant", &shared_path, &big, false).await,
+        )
+        .await;
+        assert_eq!(
+            status_of(
+                &server,
+                &tenant,
+                &format!("/tenant/{}.narinfo", hash_of(&shared_path))
+            )
+            .await,
+            StatusCode::NOT_FOUND
+        );
+        assert_nothing_staged(&server, &storage, &tenant, "tenant").await;
+
+        // Nix's narinfo: a NAR file staged within the room, then the quota
+        // lowered below the usage; the narinfo claiming it is refused. The
+        // staged NAR stays waiting (and counted) for a retry once there is room,
+        // until the reaper takes it.
+        let small = file_nar(b"small enough to fit");
+        let small_path = fake_store_path("small");
+        let response = nix_put(
             &server,
             &tenant,
-            &nar_file_path("tenant", &big),
-            big.clone(),
+            &nar_file_path("tenant", &small),
+            small.clone(),
         )
-        .await,
-    )
-    .await;
-    assert_nothing_staged(&server, &storage, &tenant, "tenant").await;
-
-    // The real `nix copy` of a new path: refused, and it says so.
-    let env = {
-        let url = url.clone();
-        blocking(move || {
-            let input = env.path("over-quota");
-            std::fs::create_dir_all(&input).expect("a directory");
-            std::fs::write(input.join("data"), pseudo_random(16 << 10, 2)).expect("a file");
-            let new_path = env.add_path(&root, &input).expect("adding a path");
-            let error = env
-                .copy_to(&root, &url, &[new_path.trim().to_owned()])
-                .expect_err("nix copy over the quota fails");
-            assert!(error.to_string().contains("413"), "{error}");
-            env
-        })
+        .await;
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+        assert_eq!(
+            usage(&server, &tenant, "tenant").await.pending_bytes,
+            small.len() as u64,
+            "a staged NAR file counts"
+        );
+        set_quota(&server, &operator, "tenant", held.used_bytes).await;
+        expect_quota_exceeded(
+            nix_put(
+                &server,
+                &tenant,
+                &format!("/tenant/{}.narinfo", hash_of(&small_path)),
+                narinfo(&small_path, &small).into_bytes(),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(
+            usage(&server, &tenant, "tenant").await.pending_bytes,
+            small.len() as u64,
+            "the refused narinfo's NAR file still waits"
+        );
+        let local_storage = LocalStorage::open(&storage).await.expect("the storage");
+        let past_deadline = Timestamp::now().saturating_add(HOUR);
+        let reaped = gc_scheduler::gc::reap(
+            server.database(),
+            &local_storage,
+            &GcConfig::default(),
+            past_deadline,
+        )
         .await
-    };
-    assert_nothing_staged(&server, &storage, &tenant, "tenant").await;
+        .expect("a reaping pass");
+        assert_eq!(reaped.staged_files_reaped, 1);
+        assert_nothing_staged(&server, &storage, &tenant, "tenant").await;
 
-    // A dedup link: another tenant holds the NAR, but a path linked to it
-    // counts in full in this cache.
-    let shared_path = fake_store_path("shared");
-    let stored: UploadPathResult =
-        attic_upload(&server, &neighbour, "neighbour", &shared_path, &big, false)
-            .await
-            .json()
-            .await
-            .expect("the neighbour's push");
-    assert_eq!(stored.phase, "done");
-    expect_quota_exceeded(
-        attic_upload(&server, &tenant, "tenant", &shared_path, &big, false).await,
-    )
-    .await;
-    assert_eq!(
-        status_of(
-            &server,
-            &tenant,
-            &format!("/tenant/{}.narinfo", hash_of(&shared_path))
-        )
-        .await,
-        StatusCode::NOT_FOUND
-    );
-    assert_nothing_staged(&server, &storage, &tenant, "tenant").await;
-
-    // Nix's narinfo: a NAR file staged within the room, then the quota
-    // lowered below the usage; the narinfo claiming it is refused. The
-    // staged NAR stays waiting (and counted) for a retry once there is room,
-    // until the reaper takes it.
-    let small = file_nar(b"small enough to fit");
-    let small_path = fake_store_path("small");
-    let response = nix_put(
-        &server,
-        &tenant,
-        &nar_file_path("tenant", &small),
-        small.clone(),
-    )
-    .await;
-    assert_eq!(response.status(), StatusCode::NO_CONTENT);
-    assert_eq!(
-        usage(&server, &tenant, "tenant").await.pending_bytes,
-        small.len() as u64,
-        "a staged NAR file counts"
-    );
-    set_quota(&server, &operator, "tenant", held.used_bytes).await;
-    expect_quota_exceeded(
-        nix_put(
-            &server,
-            &tenant,
-            &format!("/tenant/{}.narinfo", hash_of(&small_path)),
-            narinfo(&small_path, &small).into_bytes(),
-        )
-        .await,
-    )
-    .await;
-    assert_eq!(
-        usage(&server, &tenant, "tenant").await.pending_bytes,
-        small.len() as u64,
-        "the refused narinfo's NAR file still waits"
-    );
-    let local_storage = LocalStorage::open(&storage).await.expect("the storage");
-    let past_deadline = Timestamp::now().saturating_add(HOUR);
-    let reaped = gc_scheduler::gc::reap(
-        server.database(),
-        &local_storage,
-        &GcConfig::default(),
-        past_deadline,
-    )
-    .await
-    .expect("a reaping pass");
-    assert_eq!(reaped.staged_files_reaped, 1);
-    assert_nothing_staged(&server, &storage, &tenant, "tenant").await;
-
-    // Nothing stored was touched: the same usage, and real Nix substitutes
-    // the whole closure from the cache and verifies it.
-    assert_eq!(
-        usage(&server, &tenant, "tenant").await.used_bytes,
-        held.used_bytes
-    );
-    let public_key = public_key_of(&server, &tenant, "tenant").await;
-    let cache_url = server.cache_url("tenant");
-    blocking(move || {
-        let mut env = env;
-        // The pushing Nix cached the narinfos it wrote.
-        env.add_config("narinfo-cache-positive-ttl", "0");
-        let destination = env.path("destination");
-        env.copy_from(&cache_url, &destination, &public_key, &closure)
-            .expect("substituting the cache's paths");
-        let verified = env
-            .store_verify(&cache_url, &public_key, &closure)
-            .expect("nix store verify");
-        assert!(verified.status.success(), "{verified:?}");
-    })
-    .await;
+        // Nothing stored was touched: the same usage, and real Nix substitutes
+        // the whole closure from the cache and verifies it.
+        assert_eq!(
+            usage(&server, &tenant, "tenant").await.used_bytes,
+            held.used_bytes
+        );
+        let public_key = public_key_of(&server, &tenant, "tenant").await;
+        let cache_url = server.cache_url("tenant");
+        blocking(move || {
+            let mut env = env;
+            // The pushing Nix cached the narinfos it wrote.
+            env.add_config("narinfo-cache-positive-ttl", "0");
+            let destination = env.path("destination");
+            env.copy_from(&cache_url, &destination, &public_key, &closure)
+                .expect("substituting the cache's paths");
+            let verified = env
+                .store_verify(&cache_url, &public_key, &closure)
+                .expect("nix store verify");
+            assert!(verified.status.success(), "{verified:?}");
+        })
+        .await;
+    }
 }
 
 /// Many pushes at once into a cache with room for five: exactly five are

@@ -27,7 +27,7 @@ use common::duration::HumanDuration;
 use common::nix::{Sha256Hash, StorePathHash};
 use reqwest::header::CONTENT_LENGTH;
 use reqwest::StatusCode;
-use tests::nix::{cache_files, file_cache_url, symlink, write_file, NixEnv};
+use tests::nix::{cache_files, file_cache_url, symlink, write_file, NixEnv, NixVersion};
 use tests::server::{pseudo_random, TestServer, TestServerOptions, SEED_CHUNK_SIZE};
 
 use crate::server::push::{
@@ -67,93 +67,97 @@ fn make_tree(dir: &Path, seed: u64) {
     symlink("share/blob.bin", &dir.join("link")).expect("making a symlink");
 }
 
-/// The `.ls` of a path pushed with `nix copy` is served from what the
-/// chunker stored: asking for it makes no storage request at all, and it
-/// is still served, byte for byte what Nix writes, once every chunk object
-/// of its NAR is gone. (Computing it on demand, as before, read and
-/// decompressed every chunk: both checks would fail, the second with a
-/// 503.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_listing_is_served_without_reading_the_nar() {
-    let server = TestServer::start(TestServerOptions {
-        count_storage: true,
-        ..TestServerOptions::default()
-    })
-    .await;
-    server.create_cache("listed", false).await;
-    let token = server
-        .mint(
-            "lister",
-            HOUR,
-            &[("listed", &[Permission::Pull, Permission::Push])],
-        )
-        .await;
-    let url = format!("{}?compression=zstd", server.cache_url("listed"));
-    let (path, expected) = {
-        let token = token.clone();
-        blocking(move || {
-            let mut env = NixEnv::new().expect("a Nix environment");
-            let root = env.path("store");
-            let tree = env.path("tree");
-            make_tree(&tree, 0x1ead);
-            let path = env.add_path(&root, &tree).expect("adding the tree");
-            let file_cache = env.path("file-cache");
-            env.copy_to(
-                &root,
-                &file_cache_url(&file_cache, "write-nar-listing=true&compression=none"),
-                std::slice::from_ref(&path),
-            )
-            .expect("nix copy to a file:// cache with listings");
-            let listings = cache_files(&file_cache, ".ls").expect("listing the cache");
-            let expected = std::fs::read(&listings[0]).expect("reading Nix's .ls");
-            env.use_netrc("127.0.0.1", &token).expect("a netrc");
-            env.copy_to(&root, &url, std::slice::from_ref(&path))
-                .expect("nix copy to the server");
-            (path, expected)
+tests::under_each_nix! {
+    /// The `.ls` of a path pushed with `nix copy` is served from what the
+    /// chunker stored: asking for it makes no storage request at all, and it
+    /// is still served, byte for byte what Nix writes, once every chunk object
+    /// of its NAR is gone. (Computing it on demand, as before, read and
+    /// decompressed every chunk: both checks would fail, the second with a
+    /// 503.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_listing_is_served_without_reading_the_nar(version: NixVersion) {
+        let server = TestServer::start(TestServerOptions {
+            count_storage: true,
+            ..TestServerOptions::default()
         })
-        .await
-    };
-    let hash = hash_of(&path);
-    let listing_path = format!("/listed/{hash}.ls");
-
-    let before = server.storage_requests().requests();
-    let listing = ok_bytes(get(&server, &listing_path, Some(&token)).await).await;
-    assert_eq!(
-        String::from_utf8_lossy(&listing),
-        String::from_utf8_lossy(&expected)
-    );
-    assert_eq!(
-        server.storage_requests().requests(),
-        before,
-        "answering .ls asked storage for something"
-    );
-
-    // Every chunk object of the NAR gone: the listing is still there.
-    let cache = cache_row(&server, "listed").await;
-    let found = server
-        .database()
-        .find_object(
-            cache.id,
-            &StorePathHash::parse(&hash).expect("a store path hash"),
-        )
-        .await
-        .expect("looking up the path")
-        .expect("the path is visible");
-    let chunks = server
-        .database()
-        .chunks_of_nar(found.nar.id)
-        .await
-        .expect("the chunk list");
-    assert!(chunks.len() >= 3, "{} chunks", chunks.len());
-    for entry in &chunks {
-        let location = entry.chunk.location.as_ref().expect("a stored chunk");
-        let key = common::storage::ObjectKey::new(location.object_key.as_str()).expect("a key");
-        common::storage::Storage::delete(server.storage(), &key)
+        .await;
+        server.create_cache("listed", false).await;
+        let token = server
+            .mint(
+                "lister",
+                HOUR,
+                &[("listed", &[Permission::Pull, Permission::Push])],
+            )
+            .await;
+        let url = format!("{}?compression=zstd", server.cache_url("listed"));
+        let (path, expected) = {
+            let token = token.clone();
+            blocking(move || {
+                let mut env = NixEnv::with_version(version).expect("a Nix environment");
+                let root = env.path("store");
+                let tree = env.path("tree");
+                make_tree(&tree, 0x1ead);
+                let path = env.add_path(&root, &tree).expect("adding the tree");
+                let file_cache = env.path("file-cache");
+                env.copy_to(
+                    &root,
+                    &file_cache_url(&file_cache, "write-nar-listing=true&compression=none"),
+                    std::slice::from_ref(&path),
+                )
+                .expect("nix copy to a file:// cache with listings");
+                let listings = cache_files(&file_cache, ".ls").expect("listing the cache");
+                let expected = std::fs::read(&listings[0]).expect("reading Nix's .ls");
+                env.use_netrc("127.0.0.1", &token).expect("a netrc");
+                env.copy_to(&root, &url, std::slice::from_ref(&path))
+                    .expect("nix copy to the server");
+                (path, expected)
+            })
             .await
-            .expect("deleting a chunk object");
+        };
+        let hash = hash_of(&path);
+        let listing_path = format!("/listed/{hash}.ls");
+
+        let before = server.storage_requests().requests();
+        let listing = ok_bytes(get(&server, &listing_path, Some(&token)).await).await;
+        assert!(
+            tests::nix::same_listing(version, &listing, &expected),
+            "{}\nNix wrote:\n{}",
+            String::from_utf8_lossy(&listing),
+            String::from_utf8_lossy(&expected)
+        );
+        assert_eq!(
+            server.storage_requests().requests(),
+            before,
+            "answering .ls asked storage for something"
+        );
+
+        // Every chunk object of the NAR gone: the listing is still there.
+        let cache = cache_row(&server, "listed").await;
+        let found = server
+            .database()
+            .find_object(
+                cache.id,
+                &StorePathHash::parse(&hash).expect("a store path hash"),
+            )
+            .await
+            .expect("looking up the path")
+            .expect("the path is visible");
+        let chunks = server
+            .database()
+            .chunks_of_nar(found.nar.id)
+            .await
+            .expect("the chunk list");
+        assert!(chunks.len() >= 3, "{} chunks", chunks.len());
+        for entry in &chunks {
+            let location = entry.chunk.location.as_ref().expect("a stored chunk");
+            let key = common::storage::ObjectKey::new(location.object_key.as_str()).expect("a key");
+            common::storage::Storage::delete(server.storage(), &key)
+                .await
+                .expect("deleting a chunk object");
+        }
+        let again = ok_bytes(get(&server, &listing_path, Some(&token)).await).await;
+        assert_eq!(again, listing);
     }
-    let again = ok_bytes(get(&server, &listing_path, Some(&token)).await).await;
-    assert_eq!(again, expected);
 }
 
 /// A NAR of 100,000 entries that all name one chunk (what FastCDC makes of
@@ -225,123 +229,125 @@ async fn a_nar_of_repeated_chunks_costs_a_handful_of_storage_reads() {
     );
 }
 
-/// A chunk object deleted from storage under a valid NAR: the download's
-/// connection breaks (before its head, or with its body short of its
-/// Content-Length), never a complete response, and `nix copy --from`
-/// fails rather than accept the path. The download withdraws the path
-/// (its narinfo answers 404), and once it is pushed again both succeed.
-/// (Before, storage was asked about every chunk first and the answer was
-/// a 503.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_nar_missing_a_chunk_is_cut_short_and_nix_refuses_it() {
-    let server = TestServer::sqlite().await;
-    server.create_cache("holey", false).await;
-    let token = server
-        .mint("reader", HOUR, &[("holey", &[Permission::Pull])])
-        .await;
-    let (env, path, source) = {
-        let token = token.clone();
-        blocking(move || {
-            let mut env = NixEnv::new().expect("a Nix environment");
-            let root = env.path("store");
-            let tree = env.path("tree");
-            make_tree(&tree, 0x401e);
-            let path = env.add_path(&root, &tree).expect("adding the tree");
-            let source = source_paths(&env, &root, std::slice::from_ref(&path))
-                .pop()
-                .expect("one path");
-            env.use_netrc("127.0.0.1", &token).expect("a netrc");
-            (Arc::new(env), path, source)
-        })
-        .await
-    };
-    let seeded = server
-        .seed_path("holey", source.metadata.clone(), &source.nar)
-        .await;
-    assert!(seeded.chunk_keys.len() >= 4);
-    let key = public_key_of(&server, &token, "holey").await;
-    let nar_path = format!("/holey/{}", seeded.nar_url());
+tests::under_each_nix! {
+    /// A chunk object deleted from storage under a valid NAR: the download's
+    /// connection breaks (before its head, or with its body short of its
+    /// Content-Length), never a complete response, and `nix copy --from`
+    /// fails rather than accept the path. The download withdraws the path
+    /// (its narinfo answers 404), and once it is pushed again both succeed.
+    /// (Before, storage was asked about every chunk first and the answer was
+    /// a 503.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_nar_missing_a_chunk_is_cut_short_and_nix_refuses_it(version: NixVersion) {
+        let server = TestServer::sqlite().await;
+        server.create_cache("holey", false).await;
+        let token = server
+            .mint("reader", HOUR, &[("holey", &[Permission::Pull])])
+            .await;
+        let (env, path, source) = {
+            let token = token.clone();
+            blocking(move || {
+                let mut env = NixEnv::with_version(version).expect("a Nix environment");
+                let root = env.path("store");
+                let tree = env.path("tree");
+                make_tree(&tree, 0x401e);
+                let path = env.add_path(&root, &tree).expect("adding the tree");
+                let source = source_paths(&env, &root, std::slice::from_ref(&path))
+                    .pop()
+                    .expect("one path");
+                env.use_netrc("127.0.0.1", &token).expect("a netrc");
+                (Arc::new(env), path, source)
+            })
+            .await
+        };
+        let seeded = server
+            .seed_path("holey", source.metadata.clone(), &source.nar)
+            .await;
+        assert!(seeded.chunk_keys.len() >= 4);
+        let key = public_key_of(&server, &token, "holey").await;
+        let nar_path = format!("/holey/{}", seeded.nar_url());
 
-    // The third chunk: the first two may be sent before it is missed.
-    let missing = &seeded.chunk_keys[2];
-    let missing_file = server.dir().join("storage").join(missing.as_str());
-    let saved = std::fs::read(&missing_file).expect("reading the chunk object");
-    std::fs::remove_file(&missing_file).expect("deleting the chunk object");
+        // The third chunk: the first two may be sent before it is missed.
+        let missing = &seeded.chunk_keys[2];
+        let missing_file = server.dir().join("storage").join(missing.as_str());
+        let saved = std::fs::read(&missing_file).expect("reading the chunk object");
+        std::fs::remove_file(&missing_file).expect("deleting the chunk object");
 
-    // The connection drops: before the head reaches the client (the first
-    // frames and the error can come in one poll of the body, and hyper
-    // then closes without flushing), or after some of the body.
-    let sent = server
-        .http()
-        .get(server.url_of(&nar_path))
-        .bearer_auth(&token)
-        .send()
-        .await;
-    if let Ok(mut response) = sent {
-        assert_eq!(response.status(), StatusCode::OK);
-        let content_length = response.content_length().expect("a Content-Length");
-        let (mut received, mut broken) = (0_u64, false);
-        loop {
-            match response.chunk().await {
-                Ok(Some(bytes)) => received += bytes.len() as u64,
-                Ok(None) => break,
-                Err(_) => {
-                    broken = true;
-                    break;
+        // The connection drops: before the head reaches the client (the first
+        // frames and the error can come in one poll of the body, and hyper
+        // then closes without flushing), or after some of the body.
+        let sent = server
+            .http()
+            .get(server.url_of(&nar_path))
+            .bearer_auth(&token)
+            .send()
+            .await;
+        if let Ok(mut response) = sent {
+            assert_eq!(response.status(), StatusCode::OK);
+            let content_length = response.content_length().expect("a Content-Length");
+            let (mut received, mut broken) = (0_u64, false);
+            loop {
+                match response.chunk().await {
+                    Ok(Some(bytes)) => received += bytes.len() as u64,
+                    Ok(None) => break,
+                    Err(_) => {
+                        broken = true;
+                        break;
+                    }
                 }
             }
+            assert!(broken, "the body ended cleanly after {received} bytes");
+            assert!(
+                received < content_length,
+                "{received} of {content_length} bytes"
+            );
         }
-        assert!(broken, "the body ended cleanly after {received} bytes");
-        assert!(
-            received < content_length,
-            "{received} of {content_length} bytes"
+
+        let cache_url = server.cache_url("holey");
+        let copied = {
+            let (env, cache_url, key, path) =
+                (env.clone(), cache_url.clone(), key.clone(), path.clone());
+            blocking(move || env.copy_from(&cache_url, &env.path("dest-1"), &key, &[path])).await
+        };
+        assert!(copied.is_err(), "nix copy --from took a NAR cut short");
+
+        // Withdrawn by the download (on a task of its own: a hang guard).
+        let narinfo_path = format!("/holey/{}.narinfo", hash_of(&path));
+        let mut withdrawn = false;
+        for _ in 0..300 {
+            if get(&server, &narinfo_path, Some(&token)).await.status() == StatusCode::NOT_FOUND {
+                withdrawn = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(withdrawn, "the path is still advertised 30 s after the cut");
+        // Putting the object back does not bring it back: a push does.
+        std::fs::write(&missing_file, saved).expect("restoring the chunk object");
+        assert_eq!(
+            get(&server, &narinfo_path, Some(&token)).await.status(),
+            StatusCode::NOT_FOUND
         );
+        let pusher = server
+            .mint(
+                "pusher",
+                HOUR,
+                &[("holey", &[Permission::Pull, Permission::Push])],
+            )
+            .await;
+        attic_push(&server, &pusher, "holey", std::slice::from_ref(&source)).await;
+        let whole = ok_bytes(get(&server, &nar_path, Some(&token)).await).await;
+        assert_eq!(
+            zstd::stream::decode_all(whole.as_slice()).expect("zstd frames"),
+            source.nar
+        );
+        blocking(move || env.copy_from(&cache_url, &env.path("dest-2"), &key, &[path]))
+            .await
+            .expect("nix copy --from once the path is pushed again");
     }
-
-    let cache_url = server.cache_url("holey");
-    let copied = {
-        let (env, cache_url, key, path) =
-            (env.clone(), cache_url.clone(), key.clone(), path.clone());
-        blocking(move || env.copy_from(&cache_url, &env.path("dest-1"), &key, &[path])).await
-    };
-    assert!(copied.is_err(), "nix copy --from took a NAR cut short");
-
-    // Withdrawn by the download (on a task of its own: a hang guard).
-    let narinfo_path = format!("/holey/{}.narinfo", hash_of(&path));
-    let mut withdrawn = false;
-    for _ in 0..300 {
-        if get(&server, &narinfo_path, Some(&token)).await.status() == StatusCode::NOT_FOUND {
-            withdrawn = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(withdrawn, "the path is still advertised 30 s after the cut");
-    // Putting the object back does not bring it back: a push does.
-    std::fs::write(&missing_file, saved).expect("restoring the chunk object");
-    assert_eq!(
-        get(&server, &narinfo_path, Some(&token)).await.status(),
-        StatusCode::NOT_FOUND
-    );
-    let pusher = server
-        .mint(
-            "pusher",
-            HOUR,
-            &[("holey", &[Permission::Pull, Permission::Push])],
-        )
-        .await;
-    attic_push(&server, &pusher, "holey", std::slice::from_ref(&source)).await;
-    let whole = ok_bytes(get(&server, &nar_path, Some(&token)).await).await;
-    assert_eq!(
-        zstd::stream::decode_all(whole.as_slice()).expect("zstd frames"),
-        source.nar
-    );
-    blocking(move || env.copy_from(&cache_url, &env.path("dest-2"), &key, &[path]))
-        .await
-        .expect("nix copy --from once the path is pushed again");
 }
 
-async fn concurrent_nix_copies_of_one_closure_both_succeed(backend: Backend) {
+async fn concurrent_nix_copies_of_one_closure_both_succeed(backend: Backend, version: NixVersion) {
     let server = TestServer::on(backend).await;
     server.create_cache("shared", false).await;
     let token = server
@@ -351,7 +357,7 @@ async fn concurrent_nix_copies_of_one_closure_both_succeed(backend: Backend) {
             &[("shared", &[Permission::Pull, Permission::Push])],
         )
         .await;
-    let (env, root, paths) = pushing_env(16, token.clone()).await;
+    let (env, root, paths) = pushing_env(version, 16, token.clone()).await;
     let env = Arc::new(env);
     let cache_url = server.cache_url("shared");
     let url = format!("{cache_url}?compression=zstd");
@@ -428,19 +434,23 @@ fn copy_with_own_disk_cache(
     }
 }
 
-/// Two `nix copy` of one closure into one cache at once, path after path:
-/// they PUT the same NAR files and narinfos, skip files the other staged,
-/// and claim files the other PUT. Both must succeed. (Before, a narinfo took its staged
-/// file before its upload committed and a second PUT of a file replaced
-/// the first's: one of the two ended with a 400, "PUT it first".)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_nix_copies_of_one_closure_into_one_cache_both_succeed_on_sqlite() {
-    concurrent_nix_copies_of_one_closure_both_succeed(Backend::Sqlite).await;
+tests::under_each_nix! {
+    /// Two `nix copy` of one closure into one cache at once, path after path:
+    /// they PUT the same NAR files and narinfos, skip files the other staged,
+    /// and claim files the other PUT. Both must succeed. (Before, a narinfo took its staged
+    /// file before its upload committed and a second PUT of a file replaced
+    /// the first's: one of the two ended with a 400, "PUT it first".)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_nix_copies_of_one_closure_into_one_cache_both_succeed_on_sqlite(version: NixVersion) {
+        concurrent_nix_copies_of_one_closure_both_succeed(Backend::Sqlite, version).await;
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_nix_copies_of_one_closure_into_one_cache_both_succeed_on_postgres() {
-    concurrent_nix_copies_of_one_closure_both_succeed(Backend::Postgres).await;
+tests::under_each_nix! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_nix_copies_of_one_closure_into_one_cache_both_succeed_on_postgres(version: NixVersion) {
+        concurrent_nix_copies_of_one_closure_both_succeed(Backend::Postgres, version).await;
+    }
 }
 
 /// `PUT nar/<FileHash>.nar` of `nar` into `cache`, answered 204.

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use tests::nix::NixVersion;
 use tests::server::{binary, TestServer};
 
 use super::agent::{
@@ -205,7 +206,7 @@ fn owner(path: &Path) -> (u32, u32) {
 async fn an_agent_running_as_a_user_uploads_what_roots_hook_queued() {
     let server = TestServer::sqlite().await;
     let token = server.root_token().await;
-    let setup = Setup::new().await;
+    let setup = Setup::with_version(NixVersion::Debian).await;
     let larder = &setup.larder;
     let user = AgentUser::new(larder, &server, &token, "shared").await;
     let paths = setup.add_paths("shared", 3, 0).await;
@@ -247,7 +248,7 @@ async fn an_agent_running_as_a_user_uploads_what_roots_hook_queued() {
 async fn an_agent_that_cannot_change_its_queue_logs_each_entry_once_and_goes_on() {
     let server = TestServer::sqlite().await;
     let token = server.root_token().await;
-    let setup = Setup::new().await;
+    let setup = Setup::with_version(NixVersion::Debian).await;
     let larder = &setup.larder;
     let user = AgentUser::new(larder, &server, &token, "stuck").await;
     let paths = setup.add_paths("stuck", 3, 0).await;

@@ -20,7 +20,7 @@ use common::api::{CacheConfig, CacheQuota, QuotaPolicy, RetentionPeriodConfig};
 use common::auth::Permission;
 use common::cache_name::CacheName;
 use common::db::ObjectMetadata;
-use tests::nix::NixEnv;
+use tests::nix::{NixEnv, NixVersion};
 use tests::server::{binary, expired_token, TestServer};
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -54,6 +54,13 @@ impl Larder {
                 ("NIX_CONFIG".to_owned(), nix_config),
             ],
         }
+    }
+
+    /// A user whose `larder` (and agent) run `version`'s `nix`.
+    pub(crate) fn with_nix(version: NixVersion) -> Self {
+        let mut larder = Self::new();
+        larder.set_env("PATH", &version.path_variable());
+        larder
     }
 
     fn config_home(&self) -> PathBuf {
@@ -579,11 +586,9 @@ async fn quotas_are_set_with_flags_and_info_shows_usage_against_them() {
 /// The metadata and NAR of a path in the chroot store at `root`, as the
 /// push pipeline would record them.
 fn path_for_seeding(env: &NixEnv, root: &Path, path: &str) -> (ObjectMetadata, Vec<u8>) {
-    let root_arg = root.to_str().expect("UTF-8");
-    let json = env
-        .run_text("nix", &["path-info", "--json", "--store", root_arg, path])
+    let infos = env
+        .path_infos(root, &[path.to_owned()])
         .expect("nix path-info");
-    let infos: serde_json::Value = serde_json::from_str(&json).expect("JSON");
     let info = &infos[0];
     let base = |full: &str| full.trim_start_matches("/nix/store/").to_owned();
     let list = |key: &str| -> Vec<String> {
@@ -611,133 +616,135 @@ fn path_for_seeding(env: &NixEnv, root: &Path, path: &str) -> (ObjectMetadata, V
     (metadata, nar)
 }
 
-#[tokio::test]
-async fn use_writes_nix_conf_and_netrc_once_and_nix_substitutes_with_them() {
-    let server = TestServer::sqlite().await;
-    let salt = format!("use-{:016x}", rand::random::<u64>());
-    let (env, store) = blocking(move || {
-        let env = NixEnv::new().expect("a Nix environment");
-        let store = env
-            .make_store(&env.path("source"), 3, &salt)
-            .expect("a store with a built path");
-        (env, store)
-    })
-    .await;
-    assert_eq!(
-        store.built.len(),
-        1,
-        "one input-addressed path needs a signature"
-    );
-    let root = server.root_token().await;
-    let mut larder = Larder::new();
-    larder.ok(&["login", "local", &server.url(), &root]).await;
-    larder.ok(&["cache", "create", "usable"]).await;
-    for path in &store.paths {
-        let (metadata, nar) = path_for_seeding(&env, &store.root, path);
-        server.seed_path("usable", metadata, &nar).await;
-    }
-
-    // The user's own nix.conf: no cache.nixos.org (offline tests).
-    std::fs::create_dir_all(larder.nix_conf().parent().expect("a directory")).expect("mkdir");
-    std::fs::write(larder.nix_conf(), "substituters =\n").expect("writing nix.conf");
-    // Nix is given a pull-only token, as a user would be.
-    let pull = server
-        .mint("puller", HOUR, &[("usable", &[Permission::Pull])])
+tests::under_each_nix! {
+    #[tokio::test]
+    async fn use_writes_nix_conf_and_netrc_once_and_nix_substitutes_with_them(version: NixVersion) {
+        let server = TestServer::sqlite().await;
+        let salt = format!("use-{:016x}", rand::random::<u64>());
+        let (env, store) = blocking(move || {
+            let env = NixEnv::with_version(version).expect("a Nix environment");
+            let store = env
+                .make_store(&env.path("source"), 3, &salt)
+                .expect("a store with a built path");
+            (env, store)
+        })
         .await;
-    larder.set_env("LARDER_TOKEN", &pull);
+        assert_eq!(
+            store.built.len(),
+            1,
+            "one input-addressed path needs a signature"
+        );
+        let root = server.root_token().await;
+        let mut larder = Larder::with_nix(version);
+        larder.ok(&["login", "local", &server.url(), &root]).await;
+        larder.ok(&["cache", "create", "usable"]).await;
+        for path in &store.paths {
+            let (metadata, nar) = path_for_seeding(&env, &store.root, path);
+            server.seed_path("usable", metadata, &nar).await;
+        }
 
-    let out = larder.ok(&["use", "usable"]).await;
-    let public_key = server_view(&server, "usable", &root)
-        .await
-        .public_key
-        .expect("a key");
-    let substituter = format!("{}/usable", server.url());
-    assert!(
-        out.contains(&substituter) && out.contains(&public_key),
-        "{out}"
-    );
-    let nix_conf = std::fs::read_to_string(larder.nix_conf()).expect("nix.conf");
-    assert_eq!(
-        nix_conf,
-        format!(
-            "substituters =\nextra-substituters = {substituter}\n\
-             extra-trusted-public-keys = {public_key}\nnetrc-file = {}\n",
-            larder.netrc().display()
-        )
-    );
-    let netrc = std::fs::read_to_string(larder.netrc()).expect("netrc");
-    assert_eq!(netrc, format!("machine 127.0.0.1 password {pull}\n"));
-    let mode = std::fs::metadata(larder.netrc())
-        .expect("netrc")
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o600);
+        // The user's own nix.conf: no cache.nixos.org (offline tests).
+        std::fs::create_dir_all(larder.nix_conf().parent().expect("a directory")).expect("mkdir");
+        std::fs::write(larder.nix_conf(), "substituters =\n").expect("writing nix.conf");
+        // Nix is given a pull-only token, as a user would be.
+        let pull = server
+            .mint("puller", HOUR, &[("usable", &[Permission::Pull])])
+            .await;
+        larder.set_env("LARDER_TOKEN", &pull);
 
-    // Twice changes nothing.
-    let again = larder.ok(&["use", "usable"]).await;
-    assert!(again.contains("nothing changed"), "{again}");
-    assert_eq!(
-        std::fs::read_to_string(larder.nix_conf()).expect("nix.conf"),
-        nix_conf
-    );
-    assert_eq!(
-        std::fs::read_to_string(larder.netrc()).expect("netrc"),
-        netrc
-    );
-
-    // Nix, reading only that nix.conf, substitutes the closure into a fresh
-    // store: the substituter, the key (the built path needs a signature)
-    // and the netrc (the cache is private) all come from what `use` wrote.
-    let nix_conf_path = larder.nix_conf();
-    let top = store.built[0].clone();
-    let destination = env.path("destination");
-    let (shown, realised) = blocking(move || {
-        let shown = nix_with_user_conf(&env, &nix_conf_path)
-            .args(["show-config"])
-            .output()
-            .expect("nix show-config");
-        let realised = nix_with_user_conf(&env, &nix_conf_path)
-            .arg("--store")
-            .arg(&destination)
-            .args(["build", "--no-link", &top])
-            .output()
-            .expect("nix build");
-        let valid = env
-            .output(
-                "nix-store",
-                &[
-                    "--store",
-                    destination.to_str().expect("UTF-8"),
-                    "--check-validity",
-                    &top,
-                ],
+        let out = larder.ok(&["use", "usable"]).await;
+        let public_key = server_view(&server, "usable", &root)
+            .await
+            .public_key
+            .expect("a key");
+        let substituter = format!("{}/usable", server.url());
+        assert!(
+            out.contains(&substituter) && out.contains(&public_key),
+            "{out}"
+        );
+        let nix_conf = std::fs::read_to_string(larder.nix_conf()).expect("nix.conf");
+        assert_eq!(
+            nix_conf,
+            format!(
+                "substituters =\nextra-substituters = {substituter}\n\
+                 extra-trusted-public-keys = {public_key}\nnetrc-file = {}\n",
+                larder.netrc().display()
             )
-            .expect("nix-store --check-validity");
-        (shown, (realised, valid))
-    })
-    .await;
-    let shown = text(&shown.stdout);
-    assert!(
-        shown
-            .lines()
-            .any(|line| line.starts_with("substituters = ") && line.contains(&substituter)),
-        "{shown}"
-    );
-    assert!(shown.contains(&public_key), "{shown}");
-    let (realised, valid) = realised;
-    assert!(realised.status.success(), "{}", text(&realised.stderr));
-    assert!(valid.status.success(), "{}", text(&valid.stderr));
+        );
+        let netrc = std::fs::read_to_string(larder.netrc()).expect("netrc");
+        assert_eq!(netrc, format!("machine 127.0.0.1 password {pull}\n"));
+        let mode = std::fs::metadata(larder.netrc())
+            .expect("netrc")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
 
-    // A new token replaces the old netrc entry rather than adding one.
-    let newer = server
-        .mint("puller-2", HOUR, &[("usable", &[Permission::Pull])])
+        // Twice changes nothing.
+        let again = larder.ok(&["use", "usable"]).await;
+        assert!(again.contains("nothing changed"), "{again}");
+        assert_eq!(
+            std::fs::read_to_string(larder.nix_conf()).expect("nix.conf"),
+            nix_conf
+        );
+        assert_eq!(
+            std::fs::read_to_string(larder.netrc()).expect("netrc"),
+            netrc
+        );
+
+        // Nix, reading only that nix.conf, substitutes the closure into a fresh
+        // store: the substituter, the key (the built path needs a signature)
+        // and the netrc (the cache is private) all come from what `use` wrote.
+        let nix_conf_path = larder.nix_conf();
+        let top = store.built[0].clone();
+        let destination = env.path("destination");
+        let (shown, realised) = blocking(move || {
+            let shown = nix_with_user_conf(&env, &nix_conf_path)
+                .args(["show-config"])
+                .output()
+                .expect("nix show-config");
+            let realised = nix_with_user_conf(&env, &nix_conf_path)
+                .arg("--store")
+                .arg(&destination)
+                .args(["build", "--no-link", &top])
+                .output()
+                .expect("nix build");
+            let valid = env
+                .output(
+                    "nix-store",
+                    &[
+                        "--store",
+                        destination.to_str().expect("UTF-8"),
+                        "--check-validity",
+                        &top,
+                    ],
+                )
+                .expect("nix-store --check-validity");
+            (shown, (realised, valid))
+        })
         .await;
-    larder.set_env("LARDER_TOKEN", &newer);
-    larder.ok(&["use", "usable"]).await;
-    assert_eq!(
-        std::fs::read_to_string(larder.netrc()).expect("netrc"),
-        format!("machine 127.0.0.1 password {newer}\n")
-    );
+        let shown = text(&shown.stdout);
+        assert!(
+            shown
+                .lines()
+                .any(|line| line.starts_with("substituters = ") && line.contains(&substituter)),
+            "{shown}"
+        );
+        assert!(shown.contains(&public_key), "{shown}");
+        let (realised, valid) = realised;
+        assert!(realised.status.success(), "{}", text(&realised.stderr));
+        assert!(valid.status.success(), "{}", text(&valid.stderr));
+
+        // A new token replaces the old netrc entry rather than adding one.
+        let newer = server
+            .mint("puller-2", HOUR, &[("usable", &[Permission::Pull])])
+            .await;
+        larder.set_env("LARDER_TOKEN", &newer);
+        larder.ok(&["use", "usable"]).await;
+        assert_eq!(
+            std::fs::read_to_string(larder.netrc()).expect("netrc"),
+            format!("machine 127.0.0.1 password {newer}\n")
+        );
+    }
 }
 
 /// A `nix` command of `env` whose only configuration, apart from the
@@ -803,89 +810,91 @@ async fn use_of_a_public_cache_writes_no_netrc() {
     assert!(!larder.netrc().exists());
 }
 
-#[tokio::test]
-async fn errors_are_one_clear_line_and_exit_status_1() {
-    let server = TestServer::sqlite().await;
-    server.create_cache("exists", false).await;
-    let root = server.root_token().await;
-    let larder = Larder::new();
+tests::under_each_nix! {
+    #[tokio::test]
+    async fn errors_are_one_clear_line_and_exit_status_1(version: NixVersion) {
+        let server = TestServer::sqlite().await;
+        server.create_cache("exists", false).await;
+        let root = server.root_token().await;
+        let larder = Larder::with_nix(version);
 
-    // No server configured yet.
-    let line = larder.fails(&["cache", "info", "exists"]).await;
-    assert!(line.contains("no server is configured"), "{line}");
-    larder.ok(&["login", "local", &server.url(), &root]).await;
+        // No server configured yet.
+        let line = larder.fails(&["cache", "info", "exists"]).await;
+        assert!(line.contains("no server is configured"), "{line}");
+        larder.ok(&["login", "local", &server.url(), &root]).await;
 
-    // Unknown server.
-    let line = larder.fails(&["cache", "info", "elsewhere:exists"]).await;
-    assert_eq!(
-        line,
-        "error: no server named \"elsewhere\" is configured (add it with `larder login elsewhere URL TOKEN`)"
-    );
+        // Unknown server.
+        let line = larder.fails(&["cache", "info", "elsewhere:exists"]).await;
+        assert_eq!(
+            line,
+            "error: no server named \"elsewhere\" is configured (add it with `larder login elsewhere URL TOKEN`)"
+        );
 
-    // Missing cache (the server's message, shown as is).
-    let line = larder.fails(&["cache", "info", "missing"]).await;
-    assert_eq!(
-        line,
-        "error: server \"local\": no such cache, or you are not allowed to see it"
-    );
-    let line = larder.fails(&["use", "missing"]).await;
-    assert!(line.contains("no such cache"), "{line}");
+        // Missing cache (the server's message, shown as is).
+        let line = larder.fails(&["cache", "info", "missing"]).await;
+        assert_eq!(
+            line,
+            "error: server \"local\": no such cache, or you are not allowed to see it"
+        );
+        let line = larder.fails(&["use", "missing"]).await;
+        assert!(line.contains("no such cache"), "{line}");
 
-    // Bad token.
-    let mut bad = Larder::new();
-    bad.ok(&["login", "local", &server.url(), "garbage"]).await;
-    let line = bad.fails(&["cache", "info", "exists"]).await;
-    assert!(line.starts_with("error: server \"local\": "), "{line}");
-    assert!(line.to_lowercase().contains("token"), "{line}");
+        // Bad token.
+        let mut bad = Larder::with_nix(version);
+        bad.ok(&["login", "local", &server.url(), "garbage"]).await;
+        let line = bad.fails(&["cache", "info", "exists"]).await;
+        assert!(line.starts_with("error: server \"local\": "), "{line}");
+        assert!(line.to_lowercase().contains("token"), "{line}");
 
-    // Expired token.
-    let expired = expired_token(server.signing_key(), &[("*", &Permission::ALL)]);
-    bad.set_env("LARDER_TOKEN", &expired);
-    let line = bad.fails(&["cache", "info", "exists"]).await;
-    assert!(line.to_lowercase().contains("expired"), "{line}");
+        // Expired token.
+        let expired = expired_token(server.signing_key(), &[("*", &Permission::ALL)]);
+        bad.set_env("LARDER_TOKEN", &expired);
+        let line = bad.fails(&["cache", "info", "exists"]).await;
+        assert!(line.to_lowercase().contains("expired"), "{line}");
 
-    // Server unreachable: a port nothing listens on (held so, for the
-    // whole test).
-    let closed = tests::ports::HeldPort::new();
-    let address = closed.address();
-    let mut offline = Larder::new();
-    offline
-        .ok(&["login", "down", &format!("http://{address}/"), "t"])
-        .await;
-    let line = offline.fails(&["cache", "info", "exists"]).await;
-    assert!(
-        line.starts_with(&format!(
-            "error: cannot reach server \"down\" at http://{address}/: "
-        )),
-        "{line}"
-    );
-    assert!(line.to_lowercase().contains("refused"), "{line}");
-    offline.set_env("LARDER_TOKEN", "t");
-    let line = offline.fails(&["push", "exists", "/nix/store/x"]).await;
-    assert!(line.contains("cannot reach server"), "{line}");
+        // Server unreachable: a port nothing listens on (held so, for the
+        // whole test).
+        let closed = tests::ports::HeldPort::new();
+        let address = closed.address();
+        let mut offline = Larder::with_nix(version);
+        offline
+            .ok(&["login", "down", &format!("http://{address}/"), "t"])
+            .await;
+        let line = offline.fails(&["cache", "info", "exists"]).await;
+        assert!(
+            line.starts_with(&format!(
+                "error: cannot reach server \"down\" at http://{address}/: "
+            )),
+            "{line}"
+        );
+        assert!(line.to_lowercase().contains("refused"), "{line}");
+        offline.set_env("LARDER_TOKEN", "t");
+        let line = offline.fails(&["push", "exists", "/nix/store/x"]).await;
+        assert!(line.contains("cannot reach server"), "{line}");
 
-    // Pushing to a missing cache, or a path the store does not have.
-    let line = larder.fails(&["push", "missing", "/nix/store/x"]).await;
-    assert!(line.contains("no such cache"), "{line}");
-    let line = larder
-        .fails(&[
-            "push",
-            "exists",
-            "/nix/store/00000000000000000000000000000000-absent",
-        ])
-        .await;
-    assert!(line.contains("nix path-info"), "{line}");
+        // Pushing to a missing cache, or a path the store does not have.
+        let line = larder.fails(&["push", "missing", "/nix/store/x"]).await;
+        assert!(line.contains("no such cache"), "{line}");
+        let line = larder
+            .fails(&[
+                "push",
+                "exists",
+                "/nix/store/00000000000000000000000000000000-absent",
+            ])
+            .await;
+        assert!(line.contains("nix path-info"), "{line}");
 
-    // Bad input never reaches the server.
-    let line = larder.fails(&["login", "bad", "ftp://x/"]).await;
-    assert!(line.contains("scheme"), "{line}");
-    let output = larder.run(&["cache", "info", "_api"]).await;
-    assert_eq!(
-        output.status.code(),
-        Some(2),
-        "clap rejects bad cache names"
-    );
-    assert!(text(&output.stderr).contains("must start with a letter"));
+        // Bad input never reaches the server.
+        let line = larder.fails(&["login", "bad", "ftp://x/"]).await;
+        assert!(line.contains("scheme"), "{line}");
+        let output = larder.run(&["cache", "info", "_api"]).await;
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "clap rejects bad cache names"
+        );
+        assert!(text(&output.stderr).contains("must start with a letter"));
+    }
 }
 
 /// A hostile (or broken) Larder server, for `larder use`: real HTTP on a

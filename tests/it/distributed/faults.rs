@@ -8,6 +8,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tests::nix::NixVersion;
 
 use common::api::UploadPathResult;
 use common::db::UploadPhase;
@@ -92,10 +93,15 @@ async fn push_retrying(
 /// upload whose job it could not publish or store yet. So the fault always
 /// lands in the middle of the push, however fast the machine: no race
 /// between the push and the fault.
-async fn push_through(cluster: &Cluster, private: &PrivateServices, service: &str) {
+async fn push_through(
+    cluster: &Cluster,
+    private: &PrivateServices,
+    service: &str,
+    version: NixVersion,
+) {
     cluster.create_cache(CACHE, false).await;
     let token = pusher_token(cluster, &[CACHE]).await;
-    let pushing = Pushing::new(20, &token).await;
+    let pushing = Pushing::new(20, &token, version).await;
     let (before, during) = pushing.sources.split_at(3);
     push_retrying(
         cluster.api(0).clone(),
@@ -138,105 +144,113 @@ async fn push_through(cluster: &Cluster, private: &PrivateServices, service: &st
         .await;
 }
 
-/// Every worker loses its broker connection and subscribes again by
-/// itself; publishing (the API's chunk jobs, the chunkers' compress jobs)
-/// connects again too.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fault_restart_rabbitmq_during_a_push() {
-    let private = PrivateServices::start(&["rabbitmq"]).await;
-    let services = ClusterServices::shared().with_private(&private);
-    let mut cluster = Cluster::start(&services, ClusterOptions::default()).await;
-    push_through(&cluster, &private, "rabbitmq").await;
-    for worker in [
-        "chunker-worker-1",
-        "chunker-worker-2",
-        "compressor-worker-1",
-        "compressor-worker-2",
-    ] {
-        let messages = cluster.log_messages(worker);
-        assert!(
-            messages
-                .iter()
-                .any(|message| message == "queue consumer subscribed again"),
-            "{worker} did not notice the restart: {messages:?}"
-        );
+tests::under_each_nix! {
+    /// Every worker loses its broker connection and subscribes again by
+    /// itself; publishing (the API's chunk jobs, the chunkers' compress jobs)
+    /// connects again too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fault_restart_rabbitmq_during_a_push(version: NixVersion) {
+        let private = PrivateServices::start(&["rabbitmq"]).await;
+        let services = ClusterServices::shared().with_private(&private);
+        let mut cluster = Cluster::start(&services, ClusterOptions::default()).await;
+        push_through(&cluster, &private, "rabbitmq", version).await;
+        for worker in [
+            "chunker-worker-1",
+            "chunker-worker-2",
+            "compressor-worker-1",
+            "compressor-worker-2",
+        ] {
+            let messages = cluster.log_messages(worker);
+            assert!(
+                messages
+                    .iter()
+                    .any(|message| message == "queue consumer subscribed again"),
+                "{worker} did not notice the restart: {messages:?}"
+            );
+        }
+        cluster.stop();
+        private.stop().await;
     }
-    cluster.stop();
-    private.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fault_stop_garage_during_a_push() {
-    let private = PrivateServices::start(&["garage"]).await;
-    let services = ClusterServices::shared().with_private(&private);
-    let cluster = Cluster::start(&services, ClusterOptions::default()).await;
-    push_through(&cluster, &private, "garage").await;
-    cluster.stop();
-    private.stop().await;
+tests::under_each_nix! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fault_stop_garage_during_a_push(version: NixVersion) {
+        let private = PrivateServices::start(&["garage"]).await;
+        let services = ClusterServices::shared().with_private(&private);
+        let cluster = Cluster::start(&services, ClusterOptions::default()).await;
+        push_through(&cluster, &private, "garage", version).await;
+        cluster.stop();
+        private.stop().await;
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fault_restart_postgres_during_a_push() {
-    let private = PrivateServices::start(&["postgres"]).await;
-    let services = ClusterServices::shared().with_private(&private);
-    let cluster = Cluster::start(&services, ClusterOptions::default()).await;
-    push_through(&cluster, &private, "postgres").await;
-    cluster.stop();
-    private.stop().await;
+tests::under_each_nix! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fault_restart_postgres_during_a_push(version: NixVersion) {
+        let private = PrivateServices::start(&["postgres"]).await;
+        let services = ClusterServices::shared().with_private(&private);
+        let cluster = Cluster::start(&services, ClusterOptions::default()).await;
+        push_through(&cluster, &private, "postgres", version).await;
+        cluster.stop();
+        private.stop().await;
+    }
 }
 
-/// Two large paths keep both chunkers, then both compressors busy; one of
-/// each is SIGKILLed in the middle of its job and started again. Its
-/// deliveries go back to the queue and are done again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fault_sigkill_a_chunker_and_a_compressor_mid_job() {
-    let mut cluster = Cluster::start(&ClusterServices::shared(), ClusterOptions::default()).await;
-    cluster.create_cache(CACHE, false).await;
-    let token = pusher_token(&cluster, &[CACHE]).await;
-    let pushing = Pushing::with_large_paths(4, &[24, 24], &token).await;
-    // The large paths first, so both chunkers take one at once.
-    let mut sources = pushing.sources.clone();
-    sources.sort_by_key(|source| std::cmp::Reverse(source.nar.len()));
-    let push = tokio::spawn(push_retrying(
-        cluster.api(0).clone(),
-        token.clone(),
-        sources[..1].to_vec(),
-        Arc::default(),
-    ));
-    let push_other = tokio::spawn(push_retrying(
-        cluster.api(1).clone(),
-        token.clone(),
-        sources[1..].to_vec(),
-        Arc::default(),
-    ));
+tests::under_each_nix! {
+    /// Two large paths keep both chunkers, then both compressors busy; one of
+    /// each is SIGKILLed in the middle of its job and started again. Its
+    /// deliveries go back to the queue and are done again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fault_sigkill_a_chunker_and_a_compressor_mid_job(version: NixVersion) {
+        let mut cluster = Cluster::start(&ClusterServices::shared(), ClusterOptions::default()).await;
+        cluster.create_cache(CACHE, false).await;
+        let token = pusher_token(&cluster, &[CACHE]).await;
+        let pushing = Pushing::with_large_paths(4, &[24, 24], &token, version).await;
+        // The large paths first, so both chunkers take one at once.
+        let mut sources = pushing.sources.clone();
+        sources.sort_by_key(|source| std::cmp::Reverse(source.nar.len()));
+        let push = tokio::spawn(push_retrying(
+            cluster.api(0).clone(),
+            token.clone(),
+            sources[..1].to_vec(),
+            Arc::default(),
+        ));
+        let push_other = tokio::spawn(push_retrying(
+            cluster.api(1).clone(),
+            token.clone(),
+            sources[1..].to_vec(),
+            Arc::default(),
+        ));
 
-    let chunker = kill_mid_job(
-        &mut cluster,
-        &["chunker-worker-1", "chunker-worker-2"],
-        UploadPhase::Chunking,
-        2,
-    )
-    .await;
-    // Compress jobs go out while a NAR is still being cut, so the gate is
-    // the other chunker at work, not a path done with cutting (by then
-    // most of its compress jobs are done too).
-    let compressor = kill_mid_job(
-        &mut cluster,
-        &["compressor-worker-1", "compressor-worker-2"],
-        UploadPhase::Chunking,
-        1,
-    )
-    .await;
-    cluster.start_again(chunker);
-    cluster.start_again(compressor);
-
-    push.await.expect("the push");
-    push_other.await.expect("the other push");
-    assert_whole(&cluster, &[(CACHE, &pushing.closure)], &[]).await;
-    pushing
-        .substitute_and_verify(cluster.api(1), &token, CACHE)
+        let chunker = kill_mid_job(
+            &mut cluster,
+            &["chunker-worker-1", "chunker-worker-2"],
+            UploadPhase::Chunking,
+            2,
+        )
         .await;
-    cluster.stop();
+        // Compress jobs go out while a NAR is still being cut, so the gate is
+        // the other chunker at work, not a path done with cutting (by then
+        // most of its compress jobs are done too).
+        let compressor = kill_mid_job(
+            &mut cluster,
+            &["compressor-worker-1", "compressor-worker-2"],
+            UploadPhase::Chunking,
+            1,
+        )
+        .await;
+        cluster.start_again(chunker);
+        cluster.start_again(compressor);
+
+        push.await.expect("the push");
+        push_other.await.expect("the other push");
+        assert_whole(&cluster, &[(CACHE, &pushing.closure)], &[]).await;
+        pushing
+            .substitute_and_verify(cluster.api(1), &token, CACHE)
+            .await;
+        cluster.stop();
+    }
 }
 
 /// How many times [`kill_mid_job`] may find every worker between jobs.

@@ -22,7 +22,7 @@ use common::auth::Permission;
 use common::db::{Upload, UploadPhase};
 use common::queue::{CHUNK_DEAD_LETTER_QUEUE, COMPRESS_DEAD_LETTER_QUEUE};
 use tests::cluster::Cluster;
-use tests::nix::NixEnv;
+use tests::nix::{NixEnv, NixVersion};
 use tests::server::HttpApi;
 
 use crate::server::push::{blocking, public_key_of, pushing_env};
@@ -40,7 +40,7 @@ async fn pusher_token(cluster: &Cluster, caches: &[&str]) -> String {
     cluster.mint("pusher", &grants).await
 }
 
-/// A pushing Nix environment with a closure of at least `n` referencing
+/// A pushing environment of a Nix version with a closure of at least `n` referencing
 /// paths, their dumps for Attic's API, and the closure.
 pub(crate) struct Pushing {
     env: NixEnv,
@@ -50,15 +50,20 @@ pub(crate) struct Pushing {
 }
 
 impl Pushing {
-    pub(crate) async fn new(n: usize, token: &str) -> Self {
-        Self::with_large_paths(n, &[], token).await
+    pub(crate) async fn new(n: usize, token: &str, version: NixVersion) -> Self {
+        Self::with_large_paths(n, &[], token, version).await
     }
 
     /// [`new`](Self::new), plus one path per entry of `large_mib` holding
     /// that many MiB of text-like bytes (cut into many chunks, and
     /// compressible like real data).
-    pub(crate) async fn with_large_paths(n: usize, large_mib: &[usize], token: &str) -> Self {
-        let (env, root, mut paths) = pushing_env(n, token.to_owned()).await;
+    pub(crate) async fn with_large_paths(
+        n: usize,
+        large_mib: &[usize],
+        token: &str,
+        version: NixVersion,
+    ) -> Self {
+        let (env, root, mut paths) = pushing_env(version, n, token.to_owned()).await;
         let large_mib = large_mib.to_vec();
         blocking(move || {
             for (index, mib) in large_mib.into_iter().enumerate() {

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use tests::nix::NixVersion;
 
 use bytes::Bytes;
 use reqwest::StatusCode;
@@ -224,14 +225,18 @@ fn count_in(report: &str, label: &str) -> u64 {
 /// first cache heals them (for both caches: the store is global); Nix then
 /// substitutes the closure from the second cache and verifies it, and a
 /// second scrub finds nothing.
-async fn scrub_withdraws_missing_objects_and_nix_copy_heals(backend: Backend, chunks: Chunks) {
+async fn scrub_withdraws_missing_objects_and_nix_copy_heals(
+    backend: Backend,
+    chunks: Chunks,
+    version: NixVersion,
+) {
     let server = server(backend, chunks, IngestConfig::default()).await;
     let storage = storage_of(&server).await;
     let (first, second) = ("first", "second");
     server.create_cache(first, false).await;
     server.create_cache(second, false).await;
     let token = token_for(&server, &[first, second]).await;
-    let pushing = Pushing::with_large_paths(3, &[2], &token).await;
+    let pushing = Pushing::with_large_paths(3, &[2], &token, version).await;
     let pushing = pushing
         .copy_to(format!("{}?compression=zstd", server.cache_url(first)))
         .await;
@@ -351,26 +356,34 @@ async fn scrub_withdraws_missing_objects_and_nix_copy_heals(backend: Backend, ch
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_local_scrub_withdraws_missing_objects_and_nix_copy_heals() {
-    scrub_withdraws_missing_objects_and_nix_copy_heals(Backend::Sqlite, Chunks::Local).await;
+tests::under_each_nix! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_local_scrub_withdraws_missing_objects_and_nix_copy_heals(version: NixVersion) {
+        scrub_withdraws_missing_objects_and_nix_copy_heals(Backend::Sqlite, Chunks::Local, version).await;
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_garage_scrub_withdraws_missing_objects_and_nix_copy_heals() {
-    scrub_withdraws_missing_objects_and_nix_copy_heals(Backend::Postgres, Chunks::Garage).await;
+tests::under_each_nix! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_garage_scrub_withdraws_missing_objects_and_nix_copy_heals(version: NixVersion) {
+        scrub_withdraws_missing_objects_and_nix_copy_heals(Backend::Postgres, Chunks::Garage, version).await;
+    }
 }
 
 /// Bytes corrupted in place (same length, so nothing but decoding can
 /// tell) are found by the scrub library; the path is withdrawn, and
 /// Attic's `upload-path` heals it with a full pass through the pipeline.
-async fn scrub_withdraws_corrupt_frames_and_attic_upload_heals(backend: Backend, chunks: Chunks) {
+async fn scrub_withdraws_corrupt_frames_and_attic_upload_heals(
+    backend: Backend,
+    chunks: Chunks,
+    version: NixVersion,
+) {
     let server = server(backend, chunks, IngestConfig::default()).await;
     let storage = storage_of(&server).await;
     let cache = "corrupt";
     server.create_cache(cache, false).await;
     let token = token_for(&server, &[cache]).await;
-    let pushing = Pushing::with_large_paths(2, &[2], &token).await;
+    let pushing = Pushing::with_large_paths(2, &[2], &token, version).await;
     attic_push(&server, &token, cache, &pushing.sources).await;
     let large = pushing
         .sources
@@ -444,14 +457,18 @@ async fn scrub_withdraws_corrupt_frames_and_attic_upload_heals(backend: Backend,
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_local_scrub_withdraws_corrupt_frames_and_attic_upload_heals() {
-    scrub_withdraws_corrupt_frames_and_attic_upload_heals(Backend::Sqlite, Chunks::Local).await;
+tests::under_each_nix! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_local_scrub_withdraws_corrupt_frames_and_attic_upload_heals(version: NixVersion) {
+        scrub_withdraws_corrupt_frames_and_attic_upload_heals(Backend::Sqlite, Chunks::Local, version).await;
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_garage_scrub_withdraws_corrupt_frames_and_attic_upload_heals() {
-    scrub_withdraws_corrupt_frames_and_attic_upload_heals(Backend::Postgres, Chunks::Garage).await;
+tests::under_each_nix! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_garage_scrub_withdraws_corrupt_frames_and_attic_upload_heals(version: NixVersion) {
+        scrub_withdraws_corrupt_frames_and_attic_upload_heals(Backend::Postgres, Chunks::Garage, version).await;
+    }
 }
 
 /// A NAR download that reaches a chunk missing from storage is cut short

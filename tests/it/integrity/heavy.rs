@@ -28,7 +28,7 @@ use common::nix::nar::NarEncoder;
 use common::nix::narinfo::{Compression, NarInfo};
 use common::nix::{NarHash, Sha256Hash, StoreDir, StorePath, StorePathHash};
 use common::storage::{ObjectKey, Storage};
-use tests::nix::NixEnv;
+use tests::nix::{NixEnv, NixVersion};
 use tests::server::{TestServer, TestServerOptions};
 use tests::services::{self, S3Settings};
 
@@ -131,6 +131,7 @@ async fn objects_under(storage: &dyn Storage, prefix: &str) -> Vec<String> {
 async fn an_eight_gib_nar_is_pushed_substituted_verified_and_collected(
     backend: Backend,
     on_garage: bool,
+    version: NixVersion,
 ) {
     // Local storage on tmpfs: the door reserves room by a NAR's size
     // before its bytes arrive (it cannot know they are zeros), and the
@@ -192,7 +193,7 @@ async fn an_eight_gib_nar_is_pushed_substituted_verified_and_collected(
     let (env, path) = {
         let token = token.clone();
         blocking(move || {
-            let mut env = NixEnv::new().expect("a Nix environment");
+            let mut env = NixEnv::with_version(version).expect("a Nix environment");
             env.use_netrc("127.0.0.1", &token).expect("a netrc");
             let source = env.path("source-cache");
             let path = zeros_binary_cache(&source);
@@ -343,12 +344,16 @@ async fn an_eight_gib_nar_is_pushed_substituted_verified_and_collected(
     panic!("the collected path is still served");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn heavy_sqlite_local_an_eight_gib_nar_is_pushed_substituted_verified_and_collected() {
-    an_eight_gib_nar_is_pushed_substituted_verified_and_collected(Backend::Sqlite, false).await;
+tests::under_each_nix! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn heavy_sqlite_local_an_eight_gib_nar_is_pushed_substituted_verified_and_collected(version: NixVersion) {
+        an_eight_gib_nar_is_pushed_substituted_verified_and_collected(Backend::Sqlite, false, version).await;
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn heavy_postgres_garage_an_eight_gib_nar_is_pushed_substituted_verified_and_collected() {
-    an_eight_gib_nar_is_pushed_substituted_verified_and_collected(Backend::Postgres, true).await;
+tests::under_each_nix! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn heavy_postgres_garage_an_eight_gib_nar_is_pushed_substituted_verified_and_collected(version: NixVersion) {
+        an_eight_gib_nar_is_pushed_substituted_verified_and_collected(Backend::Postgres, true, version).await;
+    }
 }

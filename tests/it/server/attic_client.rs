@@ -274,117 +274,119 @@ fn hash_of(source: &SourcePath) -> String {
     source.path["/nix/store/".len()..][..32].to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_attic_client_logs_in_creates_pushes_and_uses_a_cache() {
-    const CACHE: &str = "attic";
-    let server = TestServer::sqlite().await;
-    let token = server
-        .mint(
-            "attic-user",
-            HOUR,
-            &[(
+tests::under_each_nix! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_attic_client_logs_in_creates_pushes_and_uses_a_cache(version: NixVersion) {
+        const CACHE: &str = "attic";
+        let server = TestServer::sqlite().await;
+        let token = server
+            .mint(
+                "attic-user",
+                HOUR,
+                &[(
+                    CACHE,
+                    &[
+                        Permission::Pull,
+                        Permission::Push,
+                        Permission::CreateCache,
+                        Permission::ConfigureCache,
+                    ],
+                )],
+            )
+            .await;
+        // `attic login local URL TOKEN`.
+        let login = format!(
+            "default-server = \"local\"\n\n[servers.local]\nendpoint = \"{}\"\ntoken = \"{token}\"\n",
+            server.url()
+        );
+        let mut client = AtticClient::from_login_config(&login);
+
+        // `attic cache create attic --upstream-cache-key-name upstream.example-1`.
+        client
+            .create_cache(
                 CACHE,
-                &[
-                    Permission::Pull,
-                    Permission::Push,
-                    Permission::CreateCache,
-                    Permission::ConfigureCache,
-                ],
-            )],
-        )
-        .await;
-    // `attic login local URL TOKEN`.
-    let login = format!(
-        "default-server = \"local\"\n\n[servers.local]\nendpoint = \"{}\"\ntoken = \"{token}\"\n",
-        server.url()
-    );
-    let mut client = AtticClient::from_login_config(&login);
+                &CreateCacheRequest {
+                    keypair: "Generate",
+                    is_public: false,
+                    store_dir: "/nix/store".to_owned(),
+                    priority: 41,
+                    upstream_cache_key_names: vec!["upstream.example-1".to_owned()],
+                },
+            )
+            .await;
 
-    // `attic cache create attic --upstream-cache-key-name upstream.example-1`.
-    client
-        .create_cache(
-            CACHE,
-            &CreateCacheRequest {
-                keypair: "Generate",
-                is_public: false,
-                store_dir: "/nix/store".to_owned(),
-                priority: 41,
-                upstream_cache_key_names: vec!["upstream.example-1".to_owned()],
-            },
-        )
-        .await;
-
-    // `attic push attic PATHS…`: the cache's config, with every field
-    // Attic's client reads, then the API endpoint it names.
-    let pushing = Pushing::new(6, &token).await;
-    let config = client.cache_config(CACHE).await;
-    assert_eq!(config.is_public, Some(false));
-    assert_eq!(config.store_dir.as_deref(), Some("/nix/store"));
-    assert_eq!(config.priority, Some(41));
-    assert_eq!(
-        config.upstream_cache_key_names,
-        Some(vec!["upstream.example-1".to_owned()])
-    );
-    let public_key = config.public_key.expect("a public key");
-    assert!(public_key.starts_with("attic-"), "{public_key}");
-    let api_endpoint = config.api_endpoint.expect("an API endpoint");
-    assert_eq!(api_endpoint.trim_end_matches('/'), server.url());
-    client.set_endpoint(&api_endpoint);
-    let upstream = config.upstream_cache_key_names.unwrap_or_default();
-    let candidates: Vec<&SourcePath> = pushing
-        .sources
-        .iter()
-        .filter(|source| {
-            !source.metadata.sigs.iter().any(|sig| {
-                sig.split_once(':')
-                    .is_some_and(|(name, _)| upstream.iter().any(|key| key == name))
+        // `attic push attic PATHS…`: the cache's config, with every field
+        // Attic's client reads, then the API endpoint it names.
+        let pushing = Pushing::new(6, &token, version).await;
+        let config = client.cache_config(CACHE).await;
+        assert_eq!(config.is_public, Some(false));
+        assert_eq!(config.store_dir.as_deref(), Some("/nix/store"));
+        assert_eq!(config.priority, Some(41));
+        assert_eq!(
+            config.upstream_cache_key_names,
+            Some(vec!["upstream.example-1".to_owned()])
+        );
+        let public_key = config.public_key.expect("a public key");
+        assert!(public_key.starts_with("attic-"), "{public_key}");
+        let api_endpoint = config.api_endpoint.expect("an API endpoint");
+        assert_eq!(api_endpoint.trim_end_matches('/'), server.url());
+        client.set_endpoint(&api_endpoint);
+        let upstream = config.upstream_cache_key_names.unwrap_or_default();
+        let candidates: Vec<&SourcePath> = pushing
+            .sources
+            .iter()
+            .filter(|source| {
+                !source.metadata.sigs.iter().any(|sig| {
+                    sig.split_once(':')
+                        .is_some_and(|(name, _)| upstream.iter().any(|key| key == name))
+                })
             })
-        })
-        .collect();
-    assert_eq!(candidates.len(), pushing.sources.len());
-    let missing = client
-        .missing_paths(
-            CACHE,
-            candidates.iter().map(|source| hash_of(source)).collect(),
-        )
-        .await;
-    assert_eq!(missing.len(), candidates.len(), "{missing:?}");
+            .collect();
+        assert_eq!(candidates.len(), pushing.sources.len());
+        let missing = client
+            .missing_paths(
+                CACHE,
+                candidates.iter().map(|source| hash_of(source)).collect(),
+            )
+            .await;
+        assert_eq!(missing.len(), candidates.len(), "{missing:?}");
 
-    // Every missing path at once, dependents before what they reference
-    // (Attic's client keeps no order), half of them with a preamble.
-    let uploads = candidates
-        .iter()
-        .rev()
-        .filter(|source| missing.contains(&hash_of(source)))
-        .enumerate()
-        .map(|(index, source)| {
-            let client = client.clone();
-            let info = nar_info(CACHE, source);
-            let nar = source.nar.clone();
-            tokio::spawn(async move { client.upload_path(&info, nar, index % 2 == 0).await })
-        })
-        .collect::<Vec<_>>();
-    for upload in uploads {
-        let result = upload
-            .await
-            .expect("an upload task")
-            .expect("an UploadPathResult body");
-        assert_eq!(result.kind, UploadPathResultKind::Uploaded);
+        // Every missing path at once, dependents before what they reference
+        // (Attic's client keeps no order), half of them with a preamble.
+        let uploads = candidates
+            .iter()
+            .rev()
+            .filter(|source| missing.contains(&hash_of(source)))
+            .enumerate()
+            .map(|(index, source)| {
+                let client = client.clone();
+                let info = nar_info(CACHE, source);
+                let nar = source.nar.clone();
+                tokio::spawn(async move { client.upload_path(&info, nar, index % 2 == 0).await })
+            })
+            .collect::<Vec<_>>();
+        for upload in uploads {
+            let result = upload
+                .await
+                .expect("an upload task")
+                .expect("an UploadPathResult body");
+            assert_eq!(result.kind, UploadPathResultKind::Uploaded);
+        }
+        // Pushing again: nothing is missing.
+        let missing = client
+            .missing_paths(
+                CACHE,
+                candidates.iter().map(|source| hash_of(source)).collect(),
+            )
+            .await;
+        assert!(missing.is_empty(), "{missing:?}");
+
+        // `attic use attic`: nix.conf gets the substituter endpoint and the
+        // public key; Nix substitutes the closure with exactly those.
+        let config = client.cache_config(CACHE).await;
+        let substituter = config.substituter_endpoint.expect("a substituter endpoint");
+        assert_eq!(config.public_key.as_deref(), Some(public_key.as_str()));
+        pushing.substitute_from(substituter, public_key).await;
+        server.stop().await;
     }
-    // Pushing again: nothing is missing.
-    let missing = client
-        .missing_paths(
-            CACHE,
-            candidates.iter().map(|source| hash_of(source)).collect(),
-        )
-        .await;
-    assert!(missing.is_empty(), "{missing:?}");
-
-    // `attic use attic`: nix.conf gets the substituter endpoint and the
-    // public key; Nix substitutes the closure with exactly those.
-    let config = client.cache_config(CACHE).await;
-    let substituter = config.substituter_endpoint.expect("a substituter endpoint");
-    assert_eq!(config.public_key.as_deref(), Some(public_key.as_str()));
-    pushing.substitute_from(substituter, public_key).await;
-    server.stop().await;
 }

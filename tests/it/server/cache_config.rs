@@ -29,325 +29,327 @@ async fn narinfo_signed_by(server: &TestServer, token: &str, hash: &str, key: &s
     narinfo.verify(&[key], &store_dir)
 }
 
-#[tokio::test]
-async fn caches_are_created_read_changed_rekeyed_and_destroyed() {
-    let server = TestServer::sqlite().await;
-    let creator = server
-        .mint(
-            "creator",
-            HOUR,
-            &[("team-*", &[Permission::CreateCache, Permission::Pull])],
+tests::under_each_nix! {
+    #[tokio::test]
+    async fn caches_are_created_read_changed_rekeyed_and_destroyed(version: NixVersion) {
+        let server = TestServer::sqlite().await;
+        let creator = server
+            .mint(
+                "creator",
+                HOUR,
+                &[("team-*", &[Permission::CreateCache, Permission::Pull])],
+            )
+            .await;
+
+        // Create: defaults filled in, a generated key named after the cache.
+        let created: CacheConfig = ok_json(
+            send(
+                &server,
+                Method::POST,
+                CONFIG,
+                Some(&creator),
+                Some(serde_json::json!({"keypair": "Generate", "is_public": false, "priority": 45})),
+            )
+            .await,
         )
         .await;
-
-    // Create: defaults filled in, a generated key named after the cache.
-    let created: CacheConfig = ok_json(
-        send(
-            &server,
-            Method::POST,
-            CONFIG,
-            Some(&creator),
-            Some(serde_json::json!({"keypair": "Generate", "is_public": false, "priority": 45})),
-        )
-        .await,
-    )
-    .await;
-    let first_key = created.public_key.clone().expect("a public key");
-    assert!(first_key.starts_with("team-cfg-1:"), "{first_key}");
-    assert_eq!(created.is_public, Some(false));
-    assert_eq!(created.priority, Some(45));
-    assert_eq!(created.store_dir.as_deref(), Some("/nix/store"));
-    assert_eq!(
-        created.retention_period,
-        Some(RetentionPeriodConfig::Global)
-    );
-    assert_eq!(
-        created.upstream_cache_key_names,
-        Some(vec!["cache.nixos.org-1".to_owned()])
-    );
-    let host = server.address().to_string();
-    assert_eq!(
-        created.api_endpoint.as_deref(),
-        Some(format!("http://{host}/").as_str())
-    );
-    assert_eq!(
-        created.substituter_endpoint.as_deref(),
-        Some(format!("http://{host}/team-cfg").as_str())
-    );
-    // A second create of the same name: 409, and the first cache stands.
-    let (error, _) = api_error(
-        send(
-            &server,
-            Method::POST,
-            CONFIG,
-            Some(&creator),
-            Some(serde_json::json!({})),
-        )
-        .await,
-        StatusCode::CONFLICT,
-    )
-    .await;
-    assert_eq!(error.error, "CacheAlreadyExists");
-    // Outside the pattern: forbidden, and nothing created.
-    let (error, _) = api_error(
-        send(
-            &server,
-            Method::POST,
-            "/_api/v1/cache-config/other",
-            Some(&creator),
-            Some(serde_json::json!({})),
-        )
-        .await,
-        StatusCode::FORBIDDEN,
-    )
-    .await;
-    assert_eq!(error.error, "Forbidden");
-
-    // GET returns the same; the public key verifies what is served.
-    let read: CacheConfig = ok_json(get(&server, CONFIG, Some(&creator)).await).await;
-    assert_eq!(read, created);
-    let seeded = server
-        .seed_path(
-            "team-cfg",
-            plain_metadata(&fake_store_path("signed")),
-            &file_nar(b"signed"),
-        )
-        .await;
-    let hash = seeded.store_path_hash.to_string();
-    assert!(narinfo_signed_by(&server, &creator, &hash, &first_key).await);
-    let info = String::from_utf8(
-        ok_bytes(get(&server, "/team-cfg/nix-cache-info", Some(&creator)).await).await,
-    )
-    .expect("text");
-    assert!(info.contains("Priority: 45\n"), "{info}");
-
-    // configure_cache alone: every field but the retention period.
-    let configurer = server
-        .mint(
-            "configurer",
-            HOUR,
-            &[("team-cfg", &[Permission::ConfigureCache])],
-        )
-        .await;
-    let changed: CacheConfig = ok_json(
-        patch(
-            &server,
-            &configurer,
-            serde_json::json!({
-                "is_public": true,
-                "priority": 30,
-                "upstream_cache_key_names": ["upstream-1", "other-2"],
-                "store_dir": "/nix/store",
-            }),
-        )
-        .await,
-    )
-    .await;
-    assert_eq!(changed.is_public, Some(true));
-    assert_eq!(changed.priority, Some(30));
-    assert_eq!(
-        changed.upstream_cache_key_names,
-        Some(vec!["upstream-1".to_owned(), "other-2".to_owned()])
-    );
-    assert_eq!(changed.public_key.as_deref(), Some(first_key.as_str()));
-    // Public now: anonymous callers read it.
-    let info =
-        String::from_utf8(ok_bytes(get(&server, "/team-cfg/nix-cache-info", None).await).await)
-            .expect("text");
-    assert!(info.contains("Priority: 30\n"), "{info}");
-    let (error, _) = api_error(
-        patch(
-            &server,
-            &configurer,
-            serde_json::json!({"retention_period": {"Period": 3600}}),
-        )
-        .await,
-        StatusCode::FORBIDDEN,
-    )
-    .await;
-    assert!(
-        error.message.contains("configure_cache_retention"),
-        "{}",
-        error.message
-    );
-    // Both at once need both.
-    api_error(
-        patch(
-            &server,
-            &configurer,
-            serde_json::json!({"is_public": false, "retention_period": "Global"}),
-        )
-        .await,
-        StatusCode::FORBIDDEN,
-    )
-    .await;
-
-    // configure_cache_retention alone: the retention period only.
-    let retainer = server
-        .mint(
-            "retainer",
-            HOUR,
-            &[("team-cfg", &[Permission::ConfigureCacheRetention])],
-        )
-        .await;
-    let changed: CacheConfig = ok_json(
-        patch(
-            &server,
-            &retainer,
-            serde_json::json!({"retention_period": {"Period": 86400}}),
-        )
-        .await,
-    )
-    .await;
-    assert_eq!(
-        changed.retention_period,
-        Some(RetentionPeriodConfig::Period(86400))
-    );
-    assert_eq!(
-        changed.is_public,
-        Some(true),
-        "the retention change changed nothing else"
-    );
-    for body in [
-        serde_json::json!({"is_public": false}),
-        serde_json::json!({"priority": 1}),
-        serde_json::json!({"keypair": "Generate"}),
-        serde_json::json!({}),
-    ] {
+        let first_key = created.public_key.clone().expect("a public key");
+        assert!(first_key.starts_with("team-cfg-1:"), "{first_key}");
+        assert_eq!(created.is_public, Some(false));
+        assert_eq!(created.priority, Some(45));
+        assert_eq!(created.store_dir.as_deref(), Some("/nix/store"));
+        assert_eq!(
+            created.retention_period,
+            Some(RetentionPeriodConfig::Global)
+        );
+        assert_eq!(
+            created.upstream_cache_key_names,
+            Some(vec!["cache.nixos.org-1".to_owned()])
+        );
+        let host = server.address().to_string();
+        assert_eq!(
+            created.api_endpoint.as_deref(),
+            Some(format!("http://{host}/").as_str())
+        );
+        assert_eq!(
+            created.substituter_endpoint.as_deref(),
+            Some(format!("http://{host}/team-cfg").as_str())
+        );
+        // A second create of the same name: 409, and the first cache stands.
         let (error, _) = api_error(
-            patch(&server, &retainer, body.clone()).await,
+            send(
+                &server,
+                Method::POST,
+                CONFIG,
+                Some(&creator),
+                Some(serde_json::json!({})),
+            )
+            .await,
+            StatusCode::CONFLICT,
+        )
+        .await;
+        assert_eq!(error.error, "CacheAlreadyExists");
+        // Outside the pattern: forbidden, and nothing created.
+        let (error, _) = api_error(
+            send(
+                &server,
+                Method::POST,
+                "/_api/v1/cache-config/other",
+                Some(&creator),
+                Some(serde_json::json!({})),
+            )
+            .await,
             StatusCode::FORBIDDEN,
         )
         .await;
-        assert_eq!(error.error, "Forbidden", "{body}");
-    }
-    let changed: CacheConfig = ok_json(
-        patch(
-            &server,
-            &retainer,
-            serde_json::json!({"retention_period": "Global"}),
-        )
-        .await,
-    )
-    .await;
-    assert_eq!(
-        changed.retention_period,
-        Some(RetentionPeriodConfig::Global)
-    );
+        assert_eq!(error.error, "Forbidden");
 
-    // Regenerating the key: a new key name and key, and the served
-    // signatures follow it.
-    let rekeyed: CacheConfig = ok_json(
-        patch(
-            &server,
-            &configurer,
-            serde_json::json!({"keypair": "Generate"}),
+        // GET returns the same; the public key verifies what is served.
+        let read: CacheConfig = ok_json(get(&server, CONFIG, Some(&creator)).await).await;
+        assert_eq!(read, created);
+        let seeded = server
+            .seed_path(
+                "team-cfg",
+                plain_metadata(&fake_store_path("signed")),
+                &file_nar(b"signed"),
+            )
+            .await;
+        let hash = seeded.store_path_hash.to_string();
+        assert!(narinfo_signed_by(&server, &creator, &hash, &first_key).await);
+        let info = String::from_utf8(
+            ok_bytes(get(&server, "/team-cfg/nix-cache-info", Some(&creator)).await).await,
         )
-        .await,
-    )
-    .await;
-    let second_key = rekeyed.public_key.clone().expect("a public key");
-    assert!(second_key.starts_with("team-cfg-2:"), "{second_key}");
-    assert_ne!(second_key, first_key);
-    assert!(narinfo_signed_by(&server, &creator, &hash, &second_key).await);
-    assert!(!narinfo_signed_by(&server, &creator, &hash, &first_key).await);
-
-    // Importing a key made by `nix key generate-secret`.
-    let nix_key = tokio::task::spawn_blocking(|| {
-        NixEnv::new()
-            .expect("a Nix environment")
-            .keygen("imported-1")
-            .expect("nix key generate-secret")
-    })
-    .await
-    .expect("the Nix step");
-    let imported: CacheConfig = ok_json(
-        patch(
-            &server,
-            &configurer,
-            serde_json::json!({"keypair": {"Keypair": nix_key.secret_key}}),
-        )
-        .await,
-    )
-    .await;
-    assert_eq!(
-        imported.public_key.as_deref(),
-        Some(nix_key.public_key.as_str())
-    );
-    assert!(narinfo_signed_by(&server, &creator, &hash, &nix_key.public_key).await);
-    assert!(!narinfo_signed_by(&server, &creator, &hash, &second_key).await);
-    // The secret never comes back.
-    let read = String::from_utf8(ok_bytes(get(&server, CONFIG, Some(&creator)).await).await)
         .expect("text");
-    let secret_part = nix_key.secret_key.split_once(':').expect("name:key").1;
-    assert!(!read.contains(secret_part), "{read}");
+        assert!(info.contains("Priority: 45\n"), "{info}");
 
-    // Destroying needs destroy_cache; it removes the cache and its paths.
-    let (error, _) = api_error(
-        send(&server, Method::DELETE, CONFIG, Some(&configurer), None).await,
-        StatusCode::FORBIDDEN,
-    )
-    .await;
-    assert!(error.message.contains("destroy_cache"), "{}", error.message);
-    let destroyer = server
-        .mint(
-            "destroyer",
-            HOUR,
-            &[("team-cfg", &[Permission::DestroyCache, Permission::Pull])],
+        // configure_cache alone: every field but the retention period.
+        let configurer = server
+            .mint(
+                "configurer",
+                HOUR,
+                &[("team-cfg", &[Permission::ConfigureCache])],
+            )
+            .await;
+        let changed: CacheConfig = ok_json(
+            patch(
+                &server,
+                &configurer,
+                serde_json::json!({
+                    "is_public": true,
+                    "priority": 30,
+                    "upstream_cache_key_names": ["upstream-1", "other-2"],
+                    "store_dir": "/nix/store",
+                }),
+            )
+            .await,
         )
         .await;
-    let cache_id = server
-        .database()
-        .cache_by_name(&"team-cfg".parse().expect("a cache name"))
-        .await
-        .expect("looking up")
-        .expect("the cache")
-        .id;
-    let response = send(&server, Method::DELETE, CONFIG, Some(&destroyer), None).await;
-    assert_eq!(response.status(), StatusCode::NO_CONTENT);
-    assert!(server
-        .database()
-        .cache_by_name(&"team-cfg".parse().expect("a cache name"))
-        .await
-        .expect("looking up")
-        .is_none());
-    assert!(server
-        .database()
-        .objects_of_cache(cache_id)
-        .await
-        .expect("listing objects")
-        .is_empty());
-    for path in [
-        CONFIG.to_owned(),
-        format!("/team-cfg/{hash}.narinfo"),
-        format!("/team-cfg/{}", seeded.nar_url()),
-    ] {
+        assert_eq!(changed.is_public, Some(true));
+        assert_eq!(changed.priority, Some(30));
+        assert_eq!(
+            changed.upstream_cache_key_names,
+            Some(vec!["upstream-1".to_owned(), "other-2".to_owned()])
+        );
+        assert_eq!(changed.public_key.as_deref(), Some(first_key.as_str()));
+        // Public now: anonymous callers read it.
+        let info =
+            String::from_utf8(ok_bytes(get(&server, "/team-cfg/nix-cache-info", None).await).await)
+                .expect("text");
+        assert!(info.contains("Priority: 30\n"), "{info}");
         let (error, _) = api_error(
-            get(&server, &path, Some(&destroyer)).await,
+            patch(
+                &server,
+                &configurer,
+                serde_json::json!({"retention_period": {"Period": 3600}}),
+            )
+            .await,
+            StatusCode::FORBIDDEN,
+        )
+        .await;
+        assert!(
+            error.message.contains("configure_cache_retention"),
+            "{}",
+            error.message
+        );
+        // Both at once need both.
+        api_error(
+            patch(
+                &server,
+                &configurer,
+                serde_json::json!({"is_public": false, "retention_period": "Global"}),
+            )
+            .await,
+            StatusCode::FORBIDDEN,
+        )
+        .await;
+
+        // configure_cache_retention alone: the retention period only.
+        let retainer = server
+            .mint(
+                "retainer",
+                HOUR,
+                &[("team-cfg", &[Permission::ConfigureCacheRetention])],
+            )
+            .await;
+        let changed: CacheConfig = ok_json(
+            patch(
+                &server,
+                &retainer,
+                serde_json::json!({"retention_period": {"Period": 86400}}),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(
+            changed.retention_period,
+            Some(RetentionPeriodConfig::Period(86400))
+        );
+        assert_eq!(
+            changed.is_public,
+            Some(true),
+            "the retention change changed nothing else"
+        );
+        for body in [
+            serde_json::json!({"is_public": false}),
+            serde_json::json!({"priority": 1}),
+            serde_json::json!({"keypair": "Generate"}),
+            serde_json::json!({}),
+        ] {
+            let (error, _) = api_error(
+                patch(&server, &retainer, body.clone()).await,
+                StatusCode::FORBIDDEN,
+            )
+            .await;
+            assert_eq!(error.error, "Forbidden", "{body}");
+        }
+        let changed: CacheConfig = ok_json(
+            patch(
+                &server,
+                &retainer,
+                serde_json::json!({"retention_period": "Global"}),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(
+            changed.retention_period,
+            Some(RetentionPeriodConfig::Global)
+        );
+
+        // Regenerating the key: a new key name and key, and the served
+        // signatures follow it.
+        let rekeyed: CacheConfig = ok_json(
+            patch(
+                &server,
+                &configurer,
+                serde_json::json!({"keypair": "Generate"}),
+            )
+            .await,
+        )
+        .await;
+        let second_key = rekeyed.public_key.clone().expect("a public key");
+        assert!(second_key.starts_with("team-cfg-2:"), "{second_key}");
+        assert_ne!(second_key, first_key);
+        assert!(narinfo_signed_by(&server, &creator, &hash, &second_key).await);
+        assert!(!narinfo_signed_by(&server, &creator, &hash, &first_key).await);
+
+        // Importing a key made by `nix key generate-secret`.
+        let nix_key = tokio::task::spawn_blocking(move || {
+            NixEnv::with_version(version)
+                .expect("a Nix environment")
+                .keygen("imported-1")
+                .expect("nix key generate-secret")
+        })
+        .await
+        .expect("the Nix step");
+        let imported: CacheConfig = ok_json(
+            patch(
+                &server,
+                &configurer,
+                serde_json::json!({"keypair": {"Keypair": nix_key.secret_key}}),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(
+            imported.public_key.as_deref(),
+            Some(nix_key.public_key.as_str())
+        );
+        assert!(narinfo_signed_by(&server, &creator, &hash, &nix_key.public_key).await);
+        assert!(!narinfo_signed_by(&server, &creator, &hash, &second_key).await);
+        // The secret never comes back.
+        let read = String::from_utf8(ok_bytes(get(&server, CONFIG, Some(&creator)).await).await)
+            .expect("text");
+        let secret_part = nix_key.secret_key.split_once(':').expect("name:key").1;
+        assert!(!read.contains(secret_part), "{read}");
+
+        // Destroying needs destroy_cache; it removes the cache and its paths.
+        let (error, _) = api_error(
+            send(&server, Method::DELETE, CONFIG, Some(&configurer), None).await,
+            StatusCode::FORBIDDEN,
+        )
+        .await;
+        assert!(error.message.contains("destroy_cache"), "{}", error.message);
+        let destroyer = server
+            .mint(
+                "destroyer",
+                HOUR,
+                &[("team-cfg", &[Permission::DestroyCache, Permission::Pull])],
+            )
+            .await;
+        let cache_id = server
+            .database()
+            .cache_by_name(&"team-cfg".parse().expect("a cache name"))
+            .await
+            .expect("looking up")
+            .expect("the cache")
+            .id;
+        let response = send(&server, Method::DELETE, CONFIG, Some(&destroyer), None).await;
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+        assert!(server
+            .database()
+            .cache_by_name(&"team-cfg".parse().expect("a cache name"))
+            .await
+            .expect("looking up")
+            .is_none());
+        assert!(server
+            .database()
+            .objects_of_cache(cache_id)
+            .await
+            .expect("listing objects")
+            .is_empty());
+        for path in [
+            CONFIG.to_owned(),
+            format!("/team-cfg/{hash}.narinfo"),
+            format!("/team-cfg/{}", seeded.nar_url()),
+        ] {
+            let (error, _) = api_error(
+                get(&server, &path, Some(&destroyer)).await,
+                StatusCode::NOT_FOUND,
+            )
+            .await;
+            assert_eq!(error.error, "NoSuchCache", "{path}");
+        }
+        // Destroying again: the cache is gone.
+        let (error, _) = api_error(
+            send(&server, Method::DELETE, CONFIG, Some(&destroyer), None).await,
             StatusCode::NOT_FOUND,
         )
         .await;
-        assert_eq!(error.error, "NoSuchCache", "{path}");
-    }
-    // Destroying again: the cache is gone.
-    let (error, _) = api_error(
-        send(&server, Method::DELETE, CONFIG, Some(&destroyer), None).await,
-        StatusCode::NOT_FOUND,
-    )
-    .await;
-    assert_eq!(error.error, "NoSuchCache");
-    // The name is free again.
-    ok_json::<CacheConfig>(
-        send(
-            &server,
-            Method::POST,
-            CONFIG,
-            Some(&creator),
-            Some(serde_json::json!({})),
+        assert_eq!(error.error, "NoSuchCache");
+        // The name is free again.
+        ok_json::<CacheConfig>(
+            send(
+                &server,
+                Method::POST,
+                CONFIG,
+                Some(&creator),
+                Some(serde_json::json!({})),
+            )
+            .await,
         )
-        .await,
-    )
-    .await;
+        .await;
+    }
 }
 
 /// With `api-endpoint` set (a server behind a reverse proxy), cache

@@ -706,123 +706,125 @@ async fn logs_are_served_replaced_collected_and_deleted_on_postgres() {
     logs_are_served_replaced_collected_and_deleted(Backend::Postgres).await;
 }
 
-/// The real Nix 2.8: `nix store copy-log --to` the server, then `nix log
-/// --store` prints it, given the derivation or its output; and `nix copy --to '…?index-debug-info=true'`
-/// of a path with a `lib/debug/.build-id` file writes its debug-info entry,
-/// which the server then serves.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nix_copies_a_build_log_and_reads_it_back() {
-    let server = TestServer::start(TestServerOptions::default()).await;
-    server.create_cache("nixlogs", false).await;
-    let token = server
-        .mint(
-            "nix",
-            HOUR,
-            &[("nixlogs", &[Permission::Pull, Permission::Push])],
+tests::under_each_nix! {
+    /// The real Nix 2.8: `nix store copy-log --to` the server, then `nix log
+    /// --store` prints it, given the derivation or its output; and `nix copy --to '…?index-debug-info=true'`
+    /// of a path with a `lib/debug/.build-id` file writes its debug-info entry,
+    /// which the server then serves.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nix_copies_a_build_log_and_reads_it_back(version: NixVersion) {
+        let server = TestServer::start(TestServerOptions::default()).await;
+        server.create_cache("nixlogs", false).await;
+        let token = server
+            .mint(
+                "nix",
+                HOUR,
+                &[("nixlogs", &[Permission::Pull, Permission::Push])],
+            )
+            .await;
+        let url = server.cache_url("nixlogs");
+        let salt = format!("salt-{:016x}", rand::random::<u64>());
+        let (drv, printed) = {
+            let (token, url, salt) = (token.clone(), url.clone(), salt.clone());
+            blocking(move || {
+                let mut env = NixEnv::with_version(version).expect("a Nix environment");
+                env.use_netrc("127.0.0.1", &token).expect("a netrc");
+                let store = env.path("store");
+                let store_arg = store.to_str().expect("UTF-8").to_owned();
+                let (drv, output) = env
+                    .build_logging_derivation(&store, &salt)
+                    .expect("building a derivation that logs");
+                env.run(
+                    "nix",
+                    &[
+                        "store", "copy-log", "--store", &store_arg, "--to", &url, &drv,
+                    ],
+                )
+                .expect("nix store copy-log --to the server");
+                // `nix log --store URL DRV` reads the derivation from that
+                // store (`--derivation` copies it rather than its outputs);
+                // `nix log --store URL OUTPUT` finds it as the output's Deriver.
+                env.run(
+                    "nix",
+                    &[
+                        "copy",
+                        "--derivation",
+                        "--store",
+                        &store_arg,
+                        "--to",
+                        &url,
+                        &drv,
+                    ],
+                )
+                .expect("nix copy --derivation --to the server");
+                env.copy_to(&store, &url, std::slice::from_ref(&output))
+                    .expect("nix copy --to the server");
+                // Read as another machine would, with no cache of its own.
+                let mut reader = NixEnv::with_version(version).expect("a Nix environment");
+                reader.use_netrc("127.0.0.1", &token).expect("a netrc");
+                let printed = reader
+                    .run_text("nix", &["log", "--store", &url, &drv])
+                    .expect("nix log --store the server DRV");
+                let by_output = reader
+                    .run_text("nix", &["log", "--store", &url, &output])
+                    .expect("nix log --store the server OUTPUT");
+                assert_eq!(by_output, printed);
+                (drv, printed)
+            })
+            .await
+        };
+        assert!(printed.contains(&format!("building {salt}")), "{printed}");
+        assert!(printed.contains(&format!("to stderr {salt}")), "{printed}");
+        let base = drv.trim_start_matches("/nix/store/");
+        assert!(stored_log(&server, "nixlogs", base).await.is_some());
+
+        // The debug-info index.
+        let build_id: String = rand::random::<[u8; 20]>()
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        let member = format!(
+            "lib/debug/.build-id/{}/{}.debug",
+            &build_id[..2],
+            &build_id[2..]
+        );
+        let pushed = {
+            let (token, url, member) = (token.clone(), url.clone(), member.clone());
+            blocking(move || {
+                let mut env = NixEnv::with_version(version).expect("a Nix environment");
+                env.use_netrc("127.0.0.1", &token).expect("a netrc");
+                let tree = env.path("with-debug");
+                let debug_file = tree.join(&member);
+                std::fs::create_dir_all(debug_file.parent().expect("a parent"))
+                    .expect("the .build-id directory");
+                write_file(&debug_file, b"not really ELF", false).expect("a debug file");
+                let store = env.path("store");
+                let path = env.add_path(&store, &tree).expect("adding the tree");
+                env.copy_to(
+                    &store,
+                    &format!("{url}?index-debug-info=true&compression=xz"),
+                    std::slice::from_ref(&path),
+                )
+                .expect("nix copy --to with index-debug-info");
+                path
+            })
+            .await
+        };
+        // Named as Nix names it: `<build id>.debug`.
+        let served = get(
+            &server,
+            &format!("/nixlogs/debuginfo/{build_id}.debug"),
+            Some(&token),
         )
         .await;
-    let url = server.cache_url("nixlogs");
-    let salt = format!("salt-{:016x}", rand::random::<u64>());
-    let (drv, printed) = {
-        let (token, url, salt) = (token.clone(), url.clone(), salt.clone());
-        blocking(move || {
-            let mut env = NixEnv::new().expect("a Nix environment");
-            env.use_netrc("127.0.0.1", &token).expect("a netrc");
-            let store = env.path("store");
-            let store_arg = store.to_str().expect("UTF-8").to_owned();
-            let (drv, output) = env
-                .build_logging_derivation(&store, &salt)
-                .expect("building a derivation that logs");
-            env.run(
-                "nix",
-                &[
-                    "store", "copy-log", "--store", &store_arg, "--to", &url, &drv,
-                ],
-            )
-            .expect("nix store copy-log --to the server");
-            // `nix log --store URL DRV` reads the derivation from that
-            // store (`--derivation` copies it rather than its outputs);
-            // `nix log --store URL OUTPUT` finds it as the output's Deriver.
-            env.run(
-                "nix",
-                &[
-                    "copy",
-                    "--derivation",
-                    "--store",
-                    &store_arg,
-                    "--to",
-                    &url,
-                    &drv,
-                ],
-            )
-            .expect("nix copy --derivation --to the server");
-            env.copy_to(&store, &url, std::slice::from_ref(&output))
-                .expect("nix copy --to the server");
-            // Read as another machine would, with no cache of its own.
-            let mut reader = NixEnv::new().expect("a Nix environment");
-            reader.use_netrc("127.0.0.1", &token).expect("a netrc");
-            let printed = reader
-                .run_text("nix", &["log", "--store", &url, &drv])
-                .expect("nix log --store the server DRV");
-            let by_output = reader
-                .run_text("nix", &["log", "--store", &url, &output])
-                .expect("nix log --store the server OUTPUT");
-            assert_eq!(by_output, printed);
-            (drv, printed)
-        })
-        .await
-    };
-    assert!(printed.contains(&format!("building {salt}")), "{printed}");
-    assert!(printed.contains(&format!("to stderr {salt}")), "{printed}");
-    let base = drv.trim_start_matches("/nix/store/");
-    assert!(stored_log(&server, "nixlogs", base).await.is_some());
-
-    // The debug-info index.
-    let build_id: String = rand::random::<[u8; 20]>()
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect();
-    let member = format!(
-        "lib/debug/.build-id/{}/{}.debug",
-        &build_id[..2],
-        &build_id[2..]
-    );
-    let pushed = {
-        let (token, url, member) = (token.clone(), url.clone(), member.clone());
-        blocking(move || {
-            let mut env = NixEnv::new().expect("a Nix environment");
-            env.use_netrc("127.0.0.1", &token).expect("a netrc");
-            let tree = env.path("with-debug");
-            let debug_file = tree.join(&member);
-            std::fs::create_dir_all(debug_file.parent().expect("a parent"))
-                .expect("the .build-id directory");
-            write_file(&debug_file, b"not really ELF", false).expect("a debug file");
-            let store = env.path("store");
-            let path = env.add_path(&store, &tree).expect("adding the tree");
-            env.copy_to(
-                &store,
-                &format!("{url}?index-debug-info=true&compression=xz"),
-                std::slice::from_ref(&path),
-            )
-            .expect("nix copy --to with index-debug-info");
-            path
-        })
-        .await
-    };
-    // Named as Nix names it: `<build id>.debug`.
-    let served = get(
-        &server,
-        &format!("/nixlogs/debuginfo/{build_id}.debug"),
-        Some(&token),
-    )
-    .await;
-    assert_eq!(served.status(), StatusCode::OK, "{pushed}");
-    let info: serde_json::Value = served.json().await.expect("JSON");
-    assert_eq!(info["member"], member.as_str(), "{info}");
-    assert!(
-        info["archive"]
-            .as_str()
-            .is_some_and(|archive| archive.starts_with("../nar/")),
-        "{info}"
-    );
+        assert_eq!(served.status(), StatusCode::OK, "{pushed}");
+        let info: serde_json::Value = served.json().await.expect("JSON");
+        assert_eq!(info["member"], member.as_str(), "{info}");
+        assert!(
+            info["archive"]
+                .as_str()
+                .is_some_and(|archive| archive.starts_with("../nar/")),
+            "{info}"
+        );
+    }
 }

@@ -169,12 +169,8 @@ pub(crate) struct SourcePath {
 /// for the metadata and `nix-store --dump` for each NAR, checking that the
 /// dump matches the recorded hash and size.
 pub(crate) fn source_paths(env: &NixEnv, root: &Path, paths: &[String]) -> Vec<SourcePath> {
-    let root_arg = root.to_str().expect("a UTF-8 store root");
-    let mut args = vec!["path-info", "--json", "--store", root_arg];
-    args.extend(paths.iter().map(String::as_str));
-    let json = env.run_text("nix", &args).expect("nix path-info --json");
-    let mut infos: Vec<serde_json::Value> = serde_json::from_str(&json).expect("path-info JSON");
-    assert_eq!(infos.len(), paths.len(), "{json}");
+    let mut infos = env.path_infos(root, paths).expect("nix path-info --json");
+    assert_eq!(infos.len(), paths.len(), "{infos:?}");
     // Nix lists them sorted; callers get them in the order they asked.
     let position =
         |info: &serde_json::Value| paths.iter().position(|path| info["path"] == path.as_str());

@@ -299,56 +299,58 @@ async fn chunks_listed_again_far_on_are_not_read_again() {
     );
 }
 
-/// Nix substitutes a path whose NAR is stored in packs (read with ranged
-/// reads across pack boundaries) and checks its hash: the bytes served are
-/// the NAR, whatever the layout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nix_substitutes_a_packed_nar() {
-    let server = TestServer::sqlite().await;
-    server.create_cache("packed", false).await;
-    let token = server
-        .mint("reader", HOUR, &[("packed", &[Permission::Pull])])
-        .await;
-    let (env, path, source) = {
-        let token = token.clone();
-        blocking(move || {
-            let mut env = NixEnv::new().expect("a Nix environment");
-            let root = env.path("store");
-            let tree = env.path("tree");
-            std::fs::create_dir_all(&tree).expect("creating the tree");
-            write_file(
-                &tree.join("blob.bin"),
-                &pseudo_random(40 * SEED_CHUNK_SIZE, 19),
-                false,
+tests::under_each_nix! {
+    /// Nix substitutes a path whose NAR is stored in packs (read with ranged
+    /// reads across pack boundaries) and checks its hash: the bytes served are
+    /// the NAR, whatever the layout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nix_substitutes_a_packed_nar(version: NixVersion) {
+        let server = TestServer::sqlite().await;
+        server.create_cache("packed", false).await;
+        let token = server
+            .mint("reader", HOUR, &[("packed", &[Permission::Pull])])
+            .await;
+        let (env, path, source) = {
+            let token = token.clone();
+            blocking(move || {
+                let mut env = NixEnv::with_version(version).expect("a Nix environment");
+                let root = env.path("store");
+                let tree = env.path("tree");
+                std::fs::create_dir_all(&tree).expect("creating the tree");
+                write_file(
+                    &tree.join("blob.bin"),
+                    &pseudo_random(40 * SEED_CHUNK_SIZE, 19),
+                    false,
+                )
+                .expect("writing the blob");
+                write_file(&tree.join("run.sh"), b"#!/bin/sh\necho packed\n", true)
+                    .expect("writing a script");
+                let path = env.add_path(&root, &tree).expect("adding the tree");
+                let source = source_paths(&env, &root, std::slice::from_ref(&path))
+                    .pop()
+                    .expect("one path");
+                env.use_netrc("127.0.0.1", &token).expect("a netrc");
+                (env, path, source)
+            })
+            .await
+        };
+        // Packs of about 1.5 MiB: the first read (1 MiB) and the later ones
+        // end inside packs and at their boundaries.
+        let seeded = server
+            .seed_packed_path(
+                "packed",
+                source.metadata.clone(),
+                &source.nar,
+                24 * SEED_CHUNK_SIZE,
             )
-            .expect("writing the blob");
-            write_file(&tree.join("run.sh"), b"#!/bin/sh\necho packed\n", true)
-                .expect("writing a script");
-            let path = env.add_path(&root, &tree).expect("adding the tree");
-            let source = source_paths(&env, &root, std::slice::from_ref(&path))
-                .pop()
-                .expect("one path");
-            env.use_netrc("127.0.0.1", &token).expect("a netrc");
-            (env, path, source)
-        })
-        .await
-    };
-    // Packs of about 1.5 MiB: the first read (1 MiB) and the later ones
-    // end inside packs and at their boundaries.
-    let seeded = server
-        .seed_packed_path(
-            "packed",
-            source.metadata.clone(),
-            &source.nar,
-            24 * SEED_CHUNK_SIZE,
-        )
-        .await;
-    assert!(seeded.nar.n_chunks > 40);
-    let key = public_key_of(&server, &token, "packed").await;
-    let cache_url = server.cache_url("packed");
-    blocking(move || env.copy_from(&cache_url, &env.path("dest"), &key, &[path]))
-        .await
-        .expect("nix copy --from a packed NAR");
+            .await;
+        assert!(seeded.nar.n_chunks > 40);
+        let key = public_key_of(&server, &token, "packed").await;
+        let cache_url = server.cache_url("packed");
+        blocking(move || env.copy_from(&cache_url, &env.path("dest"), &key, &[path]))
+            .await
+            .expect("nix copy --from a packed NAR");
+    }
 }
 
 const IDENTICAL_CHUNKS: usize = 300_000;

@@ -40,8 +40,8 @@ async fn blocking<T: Send + 'static>(step: impl FnOnce() -> T + Send + 'static) 
         .expect("the Nix step panicked")
 }
 
-/// The closure is made by Nix 2.8 (a current Nix cannot build into a
-/// chroot store); `version` substitutes and verifies it.
+/// `version` makes a closure, then substitutes it from the cache and
+/// verifies it against the cache.
 async fn nix_substitutes_a_private_closure_with_signatures_required(
     backend: Backend,
     version: NixVersion,
@@ -49,7 +49,7 @@ async fn nix_substitutes_a_private_closure_with_signatures_required(
     let server = TestServer::on(backend).await;
     let salt = format!("closure-{:016x}", rand::random::<u64>());
     let (source_env, store, paths) = blocking(move || {
-        let env = NixEnv::new().expect("a Nix environment");
+        let env = NixEnv::with_version(version).expect("a Nix environment");
         let store = env
             .make_store(&env.path("source"), 12, &salt)
             .expect("making a store of 12 referencing paths");
@@ -189,84 +189,76 @@ async fn nix_substitutes_a_private_closure_with_signatures_required(
     drop(source_env);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_nix_substitutes_a_private_closure_with_signatures_required() {
-    nix_substitutes_a_private_closure_with_signatures_required(Backend::Sqlite, NixVersion::Debian)
+tests::under_each_nix! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_nix_substitutes_a_private_closure_with_signatures_required(version: NixVersion) {
+        nix_substitutes_a_private_closure_with_signatures_required(Backend::Sqlite, version).await;
+    }
+}
+
+tests::under_each_nix! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_nix_substitutes_a_private_closure_with_signatures_required(version: NixVersion) {
+        nix_substitutes_a_private_closure_with_signatures_required(Backend::Postgres, version).await;
+    }
+}
+
+tests::under_each_nix! {
+    /// The server's `.ls` of a multi-chunk NAR is byte for byte the one
+    /// `nix copy --to 'file://…?write-nar-listing=true'` writes for that path.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn listing_equals_the_one_nix_writes(version: NixVersion) {
+        let server = TestServer::sqlite().await;
+        let (env, root, path, expected) = blocking(move || {
+            let env = NixEnv::with_version(version).expect("a Nix environment");
+            let root = env.path("store");
+            let tree = env.path("tree");
+            make_multi_chunk_tree(&tree, 0x115);
+            let path = env.add_path(&root, &tree).expect("adding the tree");
+            let cache_dir = env.path("file-cache");
+            env.copy_to(
+                &root,
+                &file_cache_url(&cache_dir, "write-nar-listing=true&compression=none"),
+                std::slice::from_ref(&path),
+            )
+            .expect("nix copy to a file:// cache with listings");
+            let listings = cache_files(&cache_dir, ".ls").expect("listing the cache");
+            assert_eq!(listings.len(), 1, "{listings:?}");
+            let expected = std::fs::read(&listings[0]).expect("reading Nix's .ls");
+            (env, root, path, expected)
+        })
         .await;
-}
+        let source = source_paths(&env, &root, std::slice::from_ref(&path))
+            .pop()
+            .expect("one path");
+        server.create_cache("listed", false).await;
+        let seeded = server
+            .seed_path("listed", source.metadata, &source.nar)
+            .await;
+        assert!(seeded.nar.n_chunks >= 3, "{} chunks", seeded.nar.n_chunks);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_nix_substitutes_a_private_closure_with_signatures_required() {
-    nix_substitutes_a_private_closure_with_signatures_required(
-        Backend::Postgres,
-        NixVersion::Debian,
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn current_nix_substitutes_a_private_closure_with_signatures_required() {
-    nix_substitutes_a_private_closure_with_signatures_required(
-        Backend::Sqlite,
-        NixVersion::Current,
-    )
-    .await;
-}
-
-/// The server's `.ls` of a multi-chunk NAR is byte for byte the one
-/// `nix copy --to 'file://…?write-nar-listing=true'` writes for that path.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn listing_equals_the_one_nix_writes() {
-    let server = TestServer::sqlite().await;
-    let (env, root, path, expected) = blocking(|| {
-        let env = NixEnv::new().expect("a Nix environment");
-        let root = env.path("store");
-        let tree = env.path("tree");
-        make_multi_chunk_tree(&tree, 0x115);
-        let path = env.add_path(&root, &tree).expect("adding the tree");
-        let cache_dir = env.path("file-cache");
-        env.copy_to(
-            &root,
-            &file_cache_url(&cache_dir, "write-nar-listing=true&compression=none"),
-            std::slice::from_ref(&path),
+        let token = server
+            .mint("lister", HOUR, &[("listed", &[Permission::Pull])])
+            .await;
+        let response = get(
+            &server,
+            &format!("/listed/{}.ls", seeded.store_path_hash),
+            Some(&token),
         )
-        .expect("nix copy to a file:// cache with listings");
-        let listings = cache_files(&cache_dir, ".ls").expect("listing the cache");
-        assert_eq!(listings.len(), 1, "{listings:?}");
-        let expected = std::fs::read(&listings[0]).expect("reading Nix's .ls");
-        (env, root, path, expected)
-    })
-    .await;
-    let source = source_paths(&env, &root, std::slice::from_ref(&path))
-        .pop()
-        .expect("one path");
-    server.create_cache("listed", false).await;
-    let seeded = server
-        .seed_path("listed", source.metadata, &source.nar)
         .await;
-    assert!(seeded.nar.n_chunks >= 3, "{} chunks", seeded.nar.n_chunks);
-
-    let token = server
-        .mint("lister", HOUR, &[("listed", &[Permission::Pull])])
-        .await;
-    let response = get(
-        &server,
-        &format!("/listed/{}.ls", seeded.store_path_hash),
-        Some(&token),
-    )
-    .await;
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    let listing = ok_bytes(response).await;
-    assert_eq!(content_type, "application/json");
-    assert_eq!(
-        String::from_utf8_lossy(&listing),
-        String::from_utf8_lossy(&expected),
-        "the .ls of {path}"
-    );
-    assert_eq!(listing, expected);
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let listing = ok_bytes(response).await;
+        assert_eq!(content_type, "application/json");
+        assert!(
+            tests::nix::same_listing(version, &listing, &expected),
+            "the .ls of {path}: {}\nNix wrote:\n{}",
+            String::from_utf8_lossy(&listing),
+            String::from_utf8_lossy(&expected)
+        );
+    }
 }

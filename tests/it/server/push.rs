@@ -723,11 +723,15 @@ pub(crate) async fn blocking<T: Send + 'static>(step: impl FnOnce() -> T + Send 
         .expect("the Nix step panicked")
 }
 
-/// A Nix environment with a store of `n` referencing paths, signed by a
-/// pusher key, and a netrc with `token` for the server.
-pub(crate) async fn pushing_env(n: usize, token: String) -> (NixEnv, PathBuf, Vec<String>) {
+/// An environment of `version` with a store of `n` referencing paths,
+/// signed by a pusher key, and a netrc with `token` for the server.
+pub(crate) async fn pushing_env(
+    version: NixVersion,
+    n: usize,
+    token: String,
+) -> (NixEnv, PathBuf, Vec<String>) {
     blocking(move || {
-        let mut env = NixEnv::new().expect("a Nix environment");
+        let mut env = NixEnv::with_version(version).expect("a Nix environment");
         let salt = format!("push-{:016x}", rand::random::<u64>());
         let store = env
             .make_store(&env.path("source"), n, &salt)
@@ -747,69 +751,71 @@ pub(crate) fn nix_copy_to(env: &NixEnv, root: &Path, url: &str, paths: &[String]
         .unwrap_or_else(|error| panic!("nix copy --to {url}: {error}"));
 }
 
-/// `nix copy --to` for each compression is acknowledged with one upload per
-/// path of the closure, each holding the pusher's signature and, staged, the
-/// NAR it names. No chunker runs, so every upload is still waiting with its
-/// staged NAR when it is checked.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nix_copy_to_is_acknowledged_for_zstd_xz_and_none() {
-    let server = TestServer::start(TestServerOptions {
-        ingest: no_wait(),
-        edit_config: Some(std::sync::Arc::new(|config| {
-            config.pipeline.chunk_concurrency = 0;
-        })),
-        ..TestServerOptions::default()
-    })
-    .await;
-    for compression in ["zstd", "xz", "none"] {
-        let cache = format!("nix-{compression}");
-        server.create_cache(&cache, false).await;
-        let token = server
-            .mint(
-                "nix",
-                HOUR,
-                &[(&cache, &[Permission::Pull, Permission::Push])],
-            )
-            .await;
-        let (env, root, paths) = pushing_env(4, token).await;
-        let url = format!("{}?compression={compression}", server.cache_url(&cache));
-        let closure = {
-            let (root, paths, url) = (root.clone(), paths.clone(), url.clone());
-            blocking(move || {
-                nix_copy_to(&env, &root, &url, &paths);
-                env.closure(&root, &paths).expect("the closure")
-            })
-            .await
-        };
-        let cache_row = server
-            .database()
-            .cache_by_name(&cache.parse().expect("a name"))
-            .await
-            .expect("the cache")
-            .expect("it exists");
-        let uploads: Vec<Upload> = all_uploads(&server)
-            .await
-            .into_iter()
-            .filter(|upload| upload.cache_id == cache_row.id)
-            .collect();
-        let mut pushed: Vec<&str> = uploads
-            .iter()
-            .map(|upload| upload.metadata.store_path.as_str())
-            .collect();
-        pushed.sort_unstable();
-        let mut expected: Vec<&str> = closure.iter().map(String::as_str).collect();
-        expected.sort_unstable();
-        assert_eq!(pushed, expected, "{compression}: one upload per path");
-        for upload in &uploads {
-            assert!(
-                !upload.metadata.sigs.is_empty(),
-                "the pusher's signature is kept"
-            );
-            assert_eq!(upload.phase, UploadPhase::Spooled, "{compression}");
-            let staged = server.dir().join("storage").join(&upload.staged_key);
-            let nar = std::fs::read(&staged)
-                .unwrap_or_else(|error| panic!("{compression}: {}: {error}", staged.display()));
-            assert_eq!(NarHash::from(Sha256Hash::digest(&nar)), upload.nar_hash);
+tests::under_each_nix! {
+    /// `nix copy --to` for each compression is acknowledged with one upload per
+    /// path of the closure, each holding the pusher's signature and, staged, the
+    /// NAR it names. No chunker runs, so every upload is still waiting with its
+    /// staged NAR when it is checked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nix_copy_to_is_acknowledged_for_zstd_xz_and_none(version: NixVersion) {
+        let server = TestServer::start(TestServerOptions {
+            ingest: no_wait(),
+            edit_config: Some(std::sync::Arc::new(|config| {
+                config.pipeline.chunk_concurrency = 0;
+            })),
+            ..TestServerOptions::default()
+        })
+        .await;
+        for compression in ["zstd", "xz", "none"] {
+            let cache = format!("nix-{compression}");
+            server.create_cache(&cache, false).await;
+            let token = server
+                .mint(
+                    "nix",
+                    HOUR,
+                    &[(&cache, &[Permission::Pull, Permission::Push])],
+                )
+                .await;
+            let (env, root, paths) = pushing_env(version, 4, token).await;
+            let url = format!("{}?compression={compression}", server.cache_url(&cache));
+            let closure = {
+                let (root, paths, url) = (root.clone(), paths.clone(), url.clone());
+                blocking(move || {
+                    nix_copy_to(&env, &root, &url, &paths);
+                    env.closure(&root, &paths).expect("the closure")
+                })
+                .await
+            };
+            let cache_row = server
+                .database()
+                .cache_by_name(&cache.parse().expect("a name"))
+                .await
+                .expect("the cache")
+                .expect("it exists");
+            let uploads: Vec<Upload> = all_uploads(&server)
+                .await
+                .into_iter()
+                .filter(|upload| upload.cache_id == cache_row.id)
+                .collect();
+            let mut pushed: Vec<&str> = uploads
+                .iter()
+                .map(|upload| upload.metadata.store_path.as_str())
+                .collect();
+            pushed.sort_unstable();
+            let mut expected: Vec<&str> = closure.iter().map(String::as_str).collect();
+            expected.sort_unstable();
+            assert_eq!(pushed, expected, "{compression}: one upload per path");
+            for upload in &uploads {
+                assert!(
+                    !upload.metadata.sigs.is_empty(),
+                    "the pusher's signature is kept"
+                );
+                assert_eq!(upload.phase, UploadPhase::Spooled, "{compression}");
+                let staged = server.dir().join("storage").join(&upload.staged_key);
+                let nar = std::fs::read(&staged)
+                    .unwrap_or_else(|error| panic!("{compression}: {}: {error}", staged.display()));
+                assert_eq!(NarHash::from(Sha256Hash::digest(&nar)), upload.nar_hash);
+            }
         }
     }
 }
@@ -893,247 +899,243 @@ pub(crate) async fn public_key_of(server: &impl HttpApi, token: &str, cache: &st
     config.public_key.expect("a public key")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pipeline_nix_copy_to_then_substitute_and_verify() {
-    nix_copy_to_then_substitute_and_verify(NixVersion::Debian).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pipeline_current_nix_copy_to_then_substitute_and_verify() {
-    nix_copy_to_then_substitute_and_verify(NixVersion::Current).await;
-}
-
-/// `version` pushes a closure Nix 2.8 made with `nix copy --to`, in each
-/// compression Nix writes (a current Nix compressing its narinfos and `.ls`
-/// listings too), then substitutes it on the same machine (into
-/// another store, its narinfo disk cache kept: the narinfos it wrote, naming
-/// its own files) and verifies it with a fresh cache. A path the pusher
-/// substitutes again is served under the name and compression its own
-/// narinfo says, and that name goes once GC finds the NAR gone.
-async fn nix_copy_to_then_substitute_and_verify(version: NixVersion) {
-    let server = server_with(IngestConfig::default()).await;
-    for compression in ["xz", "zstd", "none"] {
-        let cache = format!("own-{compression}");
-        server.create_cache(&cache, false).await;
-        let token = server
-            .mint(
-                "pusher",
-                HOUR,
-                &[(&cache, &[Permission::Pull, Permission::Push])],
-            )
+tests::under_each_nix! {
+    /// `version` pushes a closure with `nix copy --to`, in each
+    /// compression Nix writes (a current Nix compressing its narinfos and `.ls`
+    /// listings too), then substitutes it on the same machine (into
+    /// another store, its narinfo disk cache kept: the narinfos it wrote, naming
+    /// its own files) and verifies it with a fresh cache. A path the pusher
+    /// substitutes again is served under the name and compression its own
+    /// narinfo says, and that name goes once GC finds the NAR gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pipeline_nix_copy_to_then_substitute_and_verify(version: NixVersion) {
+        let server = server_with(IngestConfig::default()).await;
+        for compression in ["xz", "zstd", "none"] {
+            let cache = format!("own-{compression}");
+            server.create_cache(&cache, false).await;
+            let token = server
+                .mint(
+                    "pusher",
+                    HOUR,
+                    &[(&cache, &[Permission::Pull, Permission::Push])],
+                )
+                .await;
+            let (env, root, paths) = pushing_env(version, 6, token.clone()).await;
+            // A current Nix (2.33 on) also compresses the narinfo and the `.ls`
+            // listing it uploads (sent with a `Content-Encoding`), each in its
+            // own way here.
+            let extra = match (version, compression) {
+                (NixVersion::Current, "xz") => {
+                    "&narinfo-compression=xz&ls-compression=br&write-nar-listing=true"
+                }
+                (NixVersion::Current, "zstd") => {
+                    "&narinfo-compression=zstd&ls-compression=gzip&write-nar-listing=true"
+                }
+                _ => "",
+            };
+            let url = format!(
+                "{}?compression={compression}{extra}",
+                server.cache_url(&cache)
+            );
+            let public_key = public_key_of(&server, &token, &cache).await;
+            let cache_url = server.cache_url(&cache);
+            let paths = blocking(move || {
+                nix_copy_to(&env, &root, &url, &paths);
+                // The narinfos Nix cached are the ones it wrote, with its own
+                // signature (the pusher's key) and not the cache's: a machine
+                // trusts the key it signs its builds with.
+                let pusher_key = env
+                    .public_key(&env.path("pusher-1.secret"))
+                    .expect("the pusher's public key");
+                let trusted = format!("{public_key} {pusher_key}");
+                let destination = env.path("destination");
+                env.copy_from(&cache_url, &destination, &trusted, &paths)
+                    .unwrap_or_else(|error| {
+                        panic!("{compression}: the pusher substituting its own push: {error}")
+                    });
+                // A fresh narinfo cache: Larder's own narinfos and NAR names.
+                let mut verifier = NixEnv::with_version(version).expect("a Nix environment");
+                verifier.use_netrc("127.0.0.1", &token).expect("a netrc");
+                let verified = verifier
+                    .store_verify(&cache_url, &public_key, &paths)
+                    .expect("nix store verify");
+                assert!(verified.status.success(), "{compression}: {verified:?}");
+                paths
+            })
             .await;
-        let (mut env, root, paths) = pushing_env(6, token.clone()).await;
-        env.set_version(version).expect("the Nix version");
-        // A current Nix (2.33 on) also compresses the narinfo and the `.ls`
-        // listing it uploads (sent with a `Content-Encoding`), each in its
-        // own way here.
-        let extra = match (version, compression) {
-            (NixVersion::Current, "xz") => {
-                "&narinfo-compression=xz&ls-compression=br&write-nar-listing=true"
-            }
-            (NixVersion::Current, "zstd") => {
-                "&narinfo-compression=zstd&ls-compression=gzip&write-nar-listing=true"
-            }
-            _ => "",
-        };
-        let url = format!(
-            "{}?compression={compression}{extra}",
-            server.cache_url(&cache)
-        );
-        let public_key = public_key_of(&server, &token, &cache).await;
-        let cache_url = server.cache_url(&cache);
-        let paths = blocking(move || {
-            nix_copy_to(&env, &root, &url, &paths);
-            // The narinfos Nix cached are the ones it wrote, with its own
-            // signature (the pusher's key) and not the cache's: a machine
-            // trusts the key it signs its builds with.
-            let pusher_key = env
-                .public_key(&env.path("pusher-1.secret"))
-                .expect("the pusher's public key");
-            let trusted = format!("{public_key} {pusher_key}");
-            let destination = env.path("destination");
-            env.copy_from(&cache_url, &destination, &trusted, &paths)
-                .unwrap_or_else(|error| {
-                    panic!("{compression}: the pusher substituting its own push: {error}")
-                });
-            // A fresh narinfo cache: Larder's own narinfos and NAR names.
-            let mut verifier = NixEnv::with_version(version).expect("a Nix environment");
-            verifier.use_netrc("127.0.0.1", &token).expect("a netrc");
-            let verified = verifier
-                .store_verify(&cache_url, &public_key, &paths)
-                .expect("nix store verify");
-            assert!(verified.status.success(), "{compression}: {verified:?}");
-            paths
-        })
-        .await;
-        // The names the pusher gave its NAR files are Larder's to serve
-        // only while the cache serves the NARs.
-        let names: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM nar_file_names n JOIN caches c ON c.id = n.cache_id \
-             WHERE c.name = $1",
+            // The names the pusher gave its NAR files are Larder's to serve
+            // only while the cache serves the NARs.
+            let names: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM nar_file_names n JOIN caches c ON c.id = n.cache_id \
+                 WHERE c.name = $1",
+            )
+            .bind(&cache)
+            .fetch_one(server.database().pool())
+            .await
+            .expect("counting names");
+            assert_eq!(names as usize, paths.len(), "{compression}");
+        }
+        // The paths gone from a cache, GC (a day on: a name is kept that long,
+        // since it is recorded before its path's object exists) deletes their
+        // names there and only there.
+        let gone = server
+            .database()
+            .cache_by_name(&"own-xz".parse().expect("a name"))
+            .await
+            .expect("the cache")
+            .expect("it exists");
+        let hashes: Vec<StorePathHash> =
+            sqlx::query_scalar::<_, String>("SELECT store_path_hash FROM objects WHERE cache_id = $1")
+                .bind(gone.id.0)
+                .fetch_all(server.database().pool())
+                .await
+                .expect("the cache's paths")
+                .iter()
+                .map(|hash| StorePathHash::parse(hash).expect("a path hash"))
+                .collect();
+        server
+            .database()
+            .delete_objects(gone.id, &hashes)
+            .await
+            .expect("deleting the paths");
+        let report = crate::server::gc_two_days_on(&server).await;
+        assert_eq!(report.nar_file_names, hashes.len() as u64, "{report:?}");
+        let left: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT cache_id, COUNT(*) FROM nar_file_names GROUP BY cache_id ORDER BY cache_id",
         )
-        .bind(&cache)
-        .fetch_one(server.database().pool())
+        .fetch_all(server.database().pool())
         .await
         .expect("counting names");
-        assert_eq!(names as usize, paths.len(), "{compression}");
+        assert!(
+            left.iter().all(|(cache_id, _)| *cache_id != gone.id.0) && left.len() == 2,
+            "{left:?}"
+        );
     }
-    // The paths gone from a cache, GC (a day on: a name is kept that long,
-    // since it is recorded before its path's object exists) deletes their
-    // names there and only there.
-    let gone = server
-        .database()
-        .cache_by_name(&"own-xz".parse().expect("a name"))
-        .await
-        .expect("the cache")
-        .expect("it exists");
-    let hashes: Vec<StorePathHash> =
-        sqlx::query_scalar::<_, String>("SELECT store_path_hash FROM objects WHERE cache_id = $1")
-            .bind(gone.id.0)
-            .fetch_all(server.database().pool())
-            .await
-            .expect("the cache's paths")
-            .iter()
-            .map(|hash| StorePathHash::parse(hash).expect("a path hash"))
-            .collect();
-    server
-        .database()
-        .delete_objects(gone.id, &hashes)
-        .await
-        .expect("deleting the paths");
-    let report = super::gc_two_days_on(&server).await;
-    assert_eq!(report.nar_file_names, hashes.len() as u64, "{report:?}");
-    let left: Vec<(i64, i64)> = sqlx::query_as(
-        "SELECT cache_id, COUNT(*) FROM nar_file_names GROUP BY cache_id ORDER BY cache_id",
-    )
-    .fetch_all(server.database().pool())
-    .await
-    .expect("counting names");
-    assert!(
-        left.iter().all(|(cache_id, _)| *cache_id != gone.id.0) && left.len() == 2,
-        "{left:?}"
-    );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pipeline_attic_push_then_substitute() {
-    let server = server_with(IngestConfig::default()).await;
-    let token = push_token(&server).await;
-    let (env, root, paths) = pushing_env(5, token.clone()).await;
-    let (env, root, closure) = blocking(move || {
-        let closure = env.closure(&root, &paths).expect("the closure");
-        (env, root, closure)
-    })
-    .await;
-    let sources = source_paths(&env, &root, &closure);
-    // Dependencies first, as a client pushes them.
-    attic_push(&server, &token, CACHE, &sources).await;
-    pipeline_settles(&server).await;
-    let public_key = public_key_of(&server, &token, CACHE).await;
-    let cache_url = server.cache_url(CACHE);
-    blocking(move || {
-        let destination = env.path("destination");
-        env.copy_from(&cache_url, &destination, &public_key, &closure)
-            .expect("substituting what was pushed");
-    })
-    .await;
-}
-
-/// Issue #4's end-to-end acceptance: a closure of 20 referencing paths
-/// plus a 50 MiB path, pushed by the real `nix copy --to` with zstd and
-/// with none, and through Attic's API, each into its own cache; a fresh
-/// store substitutes the whole closure from each cache trusting only that
-/// cache's key, and `nix store verify` passes against each. Every push
-/// after the first stores no new chunk object: the dedup is global.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn heavy_pipeline_a_closure_with_a_large_path_through_both_protocols() {
-    let server = server_with(IngestConfig::default()).await;
-    let caches = ["via-zstd", "via-none", "via-attic", "via-attic-again"];
-    for cache in caches {
-        server.create_cache(cache, false).await;
-    }
-    let grants: Vec<(&str, &[Permission])> = caches
-        .iter()
-        .map(|cache| (*cache, &[Permission::Pull, Permission::Push][..]))
-        .collect();
-    let token = server.mint("pusher", HOUR, &grants).await;
-
-    let (env, root, paths) = pushing_env(20, token.clone()).await;
-    let (mut env, root, closure) = blocking(move || {
-        // 50 MiB of text-like bytes (words from a small alphabet), so the
-        // NAR is cut into many chunks and compresses like real data.
-        let large = env.path("large-input");
-        std::fs::create_dir_all(&large).expect("a directory");
-        let words: Vec<u8> = tests::server::pseudo_random(50 << 20, 0x1a29e)
-            .into_iter()
-            .map(|byte| b"abcdefgh ijklmnop\n"[usize::from(byte) % 18])
-            .collect();
-        std::fs::write(large.join("data.txt"), &words).expect("writing the large file");
-        let large_path = env.add_path(&root, &large).expect("adding the large path");
-        let mut paths = paths;
-        paths.push(large_path.trim().to_owned());
-        let closure = env.closure(&root, &paths).expect("the closure");
-        (env, root, closure)
-    })
-    .await;
-    assert!(closure.len() >= 21, "{closure:?}");
-
-    // Nix's own protocol: zstd first (all chunks new), then none.
-    let mut stored_after_first_push = 0;
-    for (cache, compression) in [("via-zstd", "zstd"), ("via-none", "none")] {
-        let url = format!("{}?compression={compression}", server.cache_url(cache));
-        let (root_copy, closure_copy) = (root.clone(), closure.clone());
-        env = blocking(move || {
-            nix_copy_to(&env, &root_copy, &url, &closure_copy);
-            env
+tests::under_each_nix! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pipeline_attic_push_then_substitute(version: NixVersion) {
+        let server = server_with(IngestConfig::default()).await;
+        let token = push_token(&server).await;
+        let (env, root, paths) = pushing_env(version, 5, token.clone()).await;
+        let (env, root, closure) = blocking(move || {
+            let closure = env.closure(&root, &paths).expect("the closure");
+            (env, root, closure)
         })
         .await;
+        let sources = source_paths(&env, &root, &closure);
+        // Dependencies first, as a client pushes them.
+        attic_push(&server, &token, CACHE, &sources).await;
         pipeline_settles(&server).await;
-        if stored_after_first_push == 0 {
-            stored_after_first_push = packs_stored(&server);
-            let chunks: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chunks")
-                .fetch_one(server.database().pool())
-                .await
-                .expect("counting chunks");
-            assert!(chunks > 100, "{chunks} chunks");
-            assert!(stored_after_first_push > 0, "the chunks are in packs");
-        } else {
+        let public_key = public_key_of(&server, &token, CACHE).await;
+        let cache_url = server.cache_url(CACHE);
+        blocking(move || {
+            let destination = env.path("destination");
+            env.copy_from(&cache_url, &destination, &public_key, &closure)
+                .expect("substituting what was pushed");
+        })
+        .await;
+    }
+}
+
+tests::under_each_nix! {
+    /// Issue #4's end-to-end acceptance: a closure of 20 referencing paths
+    /// plus a 50 MiB path, pushed by the real `nix copy --to` with zstd and
+    /// with none, and through Attic's API, each into its own cache; a fresh
+    /// store substitutes the whole closure from each cache trusting only that
+    /// cache's key, and `nix store verify` passes against each. Every push
+    /// after the first stores no new chunk object: the dedup is global.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn heavy_pipeline_a_closure_with_a_large_path_through_both_protocols(version: NixVersion) {
+        let server = server_with(IngestConfig::default()).await;
+        let caches = ["via-zstd", "via-none", "via-attic", "via-attic-again"];
+        for cache in caches {
+            server.create_cache(cache, false).await;
+        }
+        let grants: Vec<(&str, &[Permission])> = caches
+            .iter()
+            .map(|cache| (*cache, &[Permission::Pull, Permission::Push][..]))
+            .collect();
+        let token = server.mint("pusher", HOUR, &grants).await;
+
+        let (env, root, paths) = pushing_env(version, 20, token.clone()).await;
+        let (mut env, root, closure) = blocking(move || {
+            // 50 MiB of text-like bytes (words from a small alphabet), so the
+            // NAR is cut into many chunks and compresses like real data.
+            let large = env.path("large-input");
+            std::fs::create_dir_all(&large).expect("a directory");
+            let words: Vec<u8> = tests::server::pseudo_random(50 << 20, 0x1a29e)
+                .into_iter()
+                .map(|byte| b"abcdefgh ijklmnop\n"[usize::from(byte) % 18])
+                .collect();
+            std::fs::write(large.join("data.txt"), &words).expect("writing the large file");
+            let large_path = env.add_path(&root, &large).expect("adding the large path");
+            let mut paths = paths;
+            paths.push(large_path.trim().to_owned());
+            let closure = env.closure(&root, &paths).expect("the closure");
+            (env, root, closure)
+        })
+        .await;
+        assert!(closure.len() >= 21, "{closure:?}");
+
+        // Nix's own protocol: zstd first (all chunks new), then none.
+        let mut stored_after_first_push = 0;
+        for (cache, compression) in [("via-zstd", "zstd"), ("via-none", "none")] {
+            let url = format!("{}?compression={compression}", server.cache_url(cache));
+            let (root_copy, closure_copy) = (root.clone(), closure.clone());
+            env = blocking(move || {
+                nix_copy_to(&env, &root_copy, &url, &closure_copy);
+                env
+            })
+            .await;
+            pipeline_settles(&server).await;
+            if stored_after_first_push == 0 {
+                stored_after_first_push = packs_stored(&server);
+                let chunks: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chunks")
+                    .fetch_one(server.database().pool())
+                    .await
+                    .expect("counting chunks");
+                assert!(chunks > 100, "{chunks} chunks");
+                assert!(stored_after_first_push > 0, "the chunks are in packs");
+            } else {
+                assert_eq!(packs_stored(&server), stored_after_first_push, "{cache}");
+            }
+        }
+        // Attic's API, to two more caches.
+        let sources = {
+            let (root, closure) = (root.clone(), closure.clone());
+            let (env_back, sources) = blocking(move || {
+                let sources = source_paths(&env, &root, &closure);
+                (env, sources)
+            })
+            .await;
+            env = env_back;
+            sources
+        };
+        for cache in ["via-attic", "via-attic-again"] {
+            attic_push(&server, &token, cache, &sources).await;
             assert_eq!(packs_stored(&server), stored_after_first_push, "{cache}");
         }
-    }
-    // Attic's API, to two more caches.
-    let sources = {
-        let (root, closure) = (root.clone(), closure.clone());
-        let (env_back, sources) = blocking(move || {
-            let sources = source_paths(&env, &root, &closure);
-            (env, sources)
-        })
-        .await;
-        env = env_back;
-        sources
-    };
-    for cache in ["via-attic", "via-attic-again"] {
-        attic_push(&server, &token, cache, &sources).await;
-        assert_eq!(packs_stored(&server), stored_after_first_push, "{cache}");
-    }
 
-    // The pushing Nix cached the narinfos it wrote (with its own URLs):
-    // substitutions must ask the server.
-    env.add_config("narinfo-cache-positive-ttl", "0");
-    for cache in caches {
-        let public_key = public_key_of(&server, &token, cache).await;
-        let cache_url = server.cache_url(cache);
-        let closure = closure.clone();
-        env = blocking(move || {
-            let destination = env.path(&format!("substituted-{cache}"));
-            env.copy_from(&cache_url, &destination, &public_key, &closure)
-                .unwrap_or_else(|error| panic!("substituting from {cache}: {error}"));
-            let verified = env
-                .store_verify(&cache_url, &public_key, &closure)
-                .expect("nix store verify");
-            assert!(verified.status.success(), "{cache}: {verified:?}");
-            env
-        })
-        .await;
+        // The pushing Nix cached the narinfos it wrote (with its own URLs):
+        // substitutions must ask the server.
+        env.add_config("narinfo-cache-positive-ttl", "0");
+        for cache in caches {
+            let public_key = public_key_of(&server, &token, cache).await;
+            let cache_url = server.cache_url(cache);
+            let closure = closure.clone();
+            env = blocking(move || {
+                let destination = env.path(&format!("substituted-{cache}"));
+                env.copy_from(&cache_url, &destination, &public_key, &closure)
+                    .unwrap_or_else(|error| panic!("substituting from {cache}: {error}"));
+                let verified = env
+                    .store_verify(&cache_url, &public_key, &closure)
+                    .expect("nix store verify");
+                assert!(verified.status.success(), "{cache}: {verified:?}");
+                env
+            })
+            .await;
+        }
     }
 }

@@ -279,143 +279,145 @@ async fn wait_until_proxied(client: &reqwest::Client, url: &str) {
 /// The size of the path pushed alongside the small ones, in MiB.
 const LARGE_MIB: usize = 100;
 
-/// Through the recipe's nginx, over https only:
-/// - `larder` refuses the server's certificate until `SSL_CERT_FILE` names
-///   the CA, then logs in, creates caches and pushes a closure with a
-///   100 MiB path (the NAR streamed as an uncompressed body: nginx's
-///   default 1 MiB limit would refuse it);
-/// - `nix copy --to https://…?compression=none` pushes the same closure into
-///   another cache, 100 MiB PUT included;
-/// - `larder use` writes the https substituter (the server's `api-endpoint`)
-///   and the netrc, and Nix substitutes the closure with exactly those
-///   settings, signatures required, into a fresh store, NAR for NAR.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn heavy_push_and_pull_through_the_nginx_recipe_over_https() {
-    let proxy = blocking(Proxy::start).await;
-    let server = TestServer::start(TestServerOptions {
-        api_endpoint: Some(proxy.url()),
-        ..TestServerOptions::default()
-    })
-    .await;
-    proxy.point_at(&server.address().to_string());
-    let https = https_client();
-    wait_until_proxied(&https, &proxy.url()).await;
-    let ca = services::tls_ca_file();
-    let ca = ca.to_str().expect("a UTF-8 path").to_owned();
-
-    let (via_larder, via_nix) = ("via-larder", "via-nix");
-    let root_token = server.root_token().await;
-    let salt = format!("{:016x}", rand::random::<u64>());
-    let (mut env, root, paths) = blocking(move || {
-        let env = NixEnv::new().expect("a Nix environment");
-        let root = env.path("source");
-        let mut paths = env
-            .make_store(&root, 5, &format!("proxy-{salt}"))
-            .expect("a closure of referencing paths")
-            .paths;
-        let input = env.path("large-input");
-        std::fs::create_dir_all(&input).expect("a directory");
-        let words: Vec<u8> =
-            tests::server::pseudo_random(LARGE_MIB << 20, rand::random::<u64>() | 1)
-                .into_iter()
-                .map(|byte| b"abcdefgh ijklmnop\n"[usize::from(byte) % 18])
-                .collect();
-        std::fs::write(input.join("data.txt"), &words).expect("writing the large file");
-        paths.push(env.add_path(&root, &input).expect("adding the large path"));
-        (env, root, paths)
-    })
-    .await;
-    let closure = env.closure(&root, &paths).expect("the closure");
-
-    let mut larder = Larder::new();
-    larder.set_env("NIX_CONFIG", &store_config(&root));
-    larder
-        .ok(&["login", "proxied", &proxy.url(), &root_token])
+tests::under_each_nix! {
+    /// Through the recipe's nginx, over https only:
+    /// - `larder` refuses the server's certificate until `SSL_CERT_FILE` names
+    ///   the CA, then logs in, creates caches and pushes a closure with a
+    ///   100 MiB path (the NAR streamed as an uncompressed body: nginx's
+    ///   default 1 MiB limit would refuse it);
+    /// - `nix copy --to https://…?compression=none` pushes the same closure into
+    ///   another cache, 100 MiB PUT included;
+    /// - `larder use` writes the https substituter (the server's `api-endpoint`)
+    ///   and the netrc, and Nix substitutes the closure with exactly those
+    ///   settings, signatures required, into a fresh store, NAR for NAR.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn heavy_push_and_pull_through_the_nginx_recipe_over_https(version: NixVersion) {
+        let proxy = blocking(Proxy::start).await;
+        let server = TestServer::start(TestServerOptions {
+            api_endpoint: Some(proxy.url()),
+            ..TestServerOptions::default()
+        })
         .await;
-    let refused = larder.fails(&["cache", "create", via_larder]).await;
-    assert!(refused.contains("certificate"), "{refused}");
-    larder.set_env("SSL_CERT_FILE", &ca);
-    larder.ok(&["cache", "create", via_larder]).await;
-    larder.ok(&["cache", "create", via_nix]).await;
-    let info = larder.ok(&["cache", "info", via_nix]).await;
-    assert!(
-        info.contains(&format!("{}{via_nix}", proxy.url())),
-        "{info}"
-    );
+        proxy.point_at(&server.address().to_string());
+        let https = https_client();
+        wait_until_proxied(&https, &proxy.url()).await;
+        let ca = services::tls_ca_file();
+        let ca = ca.to_str().expect("a UTF-8 path").to_owned();
 
-    let mut push = vec!["push", via_larder];
-    push.extend(paths.iter().map(String::as_str));
-    let out = larder.ok(&push).await;
-    assert!(
-        out.contains(&format!("pushed {} paths, 0 already cached", closure.len())),
-        "{out}"
-    );
-
-    let pusher = server
-        .mint(
-            "pusher",
-            HOUR,
-            &[(via_nix, &[Permission::Pull, Permission::Push])],
-        )
+        let (via_larder, via_nix) = ("via-larder", "via-nix");
+        let root_token = server.root_token().await;
+        let salt = format!("{:016x}", rand::random::<u64>());
+        let (mut env, root, paths) = blocking(move || {
+            let env = NixEnv::with_version(version).expect("a Nix environment");
+            let root = env.path("source");
+            let mut paths = env
+                .make_store(&root, 5, &format!("proxy-{salt}"))
+                .expect("a closure of referencing paths")
+                .paths;
+            let input = env.path("large-input");
+            std::fs::create_dir_all(&input).expect("a directory");
+            let words: Vec<u8> =
+                tests::server::pseudo_random(LARGE_MIB << 20, rand::random::<u64>() | 1)
+                    .into_iter()
+                    .map(|byte| b"abcdefgh ijklmnop\n"[usize::from(byte) % 18])
+                    .collect();
+            std::fs::write(input.join("data.txt"), &words).expect("writing the large file");
+            paths.push(env.add_path(&root, &input).expect("adding the large path"));
+            (env, root, paths)
+        })
         .await;
-    env.use_netrc("localhost", &pusher).expect("a netrc");
-    env.set_env("NIX_SSL_CERT_FILE", &ca);
-    let url = format!("{}{via_nix}?compression=none", proxy.url());
-    let (env, wanted) = blocking(move || {
-        env.copy_to(&root, &url, &paths)
-            .unwrap_or_else(|error| panic!("nix copy --to {url}: {error}"));
-        (env, (root, paths))
-    })
-    .await;
-    let (root, paths) = wanted;
+        let closure = env.closure(&root, &paths).expect("the closure");
 
-    // The large path is stored whole in both caches.
-    let large = paths.last().expect("the large path").clone();
-    let hash = &large["/nix/store/".len().."/nix/store/".len() + 32];
-    for cache in [via_larder, via_nix] {
-        let narinfo = https
-            .get(format!("{}{cache}/{hash}.narinfo", proxy.url()))
-            .bearer_auth(&root_token)
-            .send()
-            .await
-            .expect("GET narinfo through the proxy");
-        assert_eq!(narinfo.status(), 200, "{cache}");
-        let narinfo = narinfo.text().await.expect("the narinfo");
-        let size: u64 = narinfo
-            .lines()
-            .find_map(|line| line.strip_prefix("NarSize: "))
-            .and_then(|size| size.parse().ok())
-            .unwrap_or_else(|| panic!("{cache}: no NarSize in {narinfo}"));
-        assert!(size > (LARGE_MIB as u64) << 20, "{cache}: NarSize {size}");
+        let mut larder = Larder::with_nix(version);
+        larder.set_env("NIX_CONFIG", &store_config(&root));
+        larder
+            .ok(&["login", "proxied", &proxy.url(), &root_token])
+            .await;
+        let refused = larder.fails(&["cache", "create", via_larder]).await;
+        assert!(refused.contains("certificate"), "{refused}");
+        larder.set_env("SSL_CERT_FILE", &ca);
+        larder.ok(&["cache", "create", via_larder]).await;
+        larder.ok(&["cache", "create", via_nix]).await;
+        let info = larder.ok(&["cache", "info", via_nix]).await;
+        assert!(
+            info.contains(&format!("{}{via_nix}", proxy.url())),
+            "{info}"
+        );
+
+        let mut push = vec!["push", via_larder];
+        push.extend(paths.iter().map(String::as_str));
+        let out = larder.ok(&push).await;
+        assert!(
+            out.contains(&format!("pushed {} paths, 0 already cached", closure.len())),
+            "{out}"
+        );
+
+        let pusher = server
+            .mint(
+                "pusher",
+                HOUR,
+                &[(via_nix, &[Permission::Pull, Permission::Push])],
+            )
+            .await;
+        env.use_netrc("localhost", &pusher).expect("a netrc");
+        env.set_env("NIX_SSL_CERT_FILE", &ca);
+        let url = format!("{}{via_nix}?compression=none", proxy.url());
+        let (env, wanted) = blocking(move || {
+            env.copy_to(&root, &url, &paths)
+                .unwrap_or_else(|error| panic!("nix copy --to {url}: {error}"));
+            (env, (root, paths))
+        })
+        .await;
+        let (root, paths) = wanted;
+
+        // The large path is stored whole in both caches.
+        let large = paths.last().expect("the large path").clone();
+        let hash = &large["/nix/store/".len().."/nix/store/".len() + 32];
+        for cache in [via_larder, via_nix] {
+            let narinfo = https
+                .get(format!("{}{cache}/{hash}.narinfo", proxy.url()))
+                .bearer_auth(&root_token)
+                .send()
+                .await
+                .expect("GET narinfo through the proxy");
+            assert_eq!(narinfo.status(), 200, "{cache}");
+            let narinfo = narinfo.text().await.expect("the narinfo");
+            let size: u64 = narinfo
+                .lines()
+                .find_map(|line| line.strip_prefix("NarSize: "))
+                .and_then(|size| size.parse().ok())
+                .unwrap_or_else(|| panic!("{cache}: no NarSize in {narinfo}"));
+            assert!(size > (LARGE_MIB as u64) << 20, "{cache}: NarSize {size}");
+        }
+
+        // A pull-only user: `use`, then Nix with exactly what `use` wrote.
+        let puller = server
+            .mint("puller", HOUR, &[(via_nix, &[Permission::Pull])])
+            .await;
+        let mut user = Larder::with_nix(version);
+        user.set_env("LARDER_TOKEN", &puller);
+        user.set_env("SSL_CERT_FILE", &ca);
+        user.ok(&["login", "proxied", &proxy.url()]).await;
+        std::fs::create_dir_all(user.nix_conf().parent().expect("a directory")).expect("mkdir");
+        std::fs::write(user.nix_conf(), "substituters =\n").expect("writing nix.conf");
+        user.ok(&["use", via_nix]).await;
+        let written = std::fs::read_to_string(user.nix_conf()).expect("nix.conf");
+        assert!(
+            written.contains(&format!("{}{via_nix}", proxy.url())),
+            "{written}"
+        );
+
+        // Another machine's Nix, as it were: the pushing Nix cached the
+        // narinfos it wrote, with its own file names, and would not ask.
+        let nix_conf = user.nix_conf();
+        blocking(move || {
+            let mut puller = NixEnv::with_version(version).expect("a Nix environment");
+            puller.set_env("NIX_SSL_CERT_FILE", &ca);
+            let destination = puller.path("destination");
+            assert_substitutes_the_same_nars(&puller, &nix_conf, &destination, &env, &root, &paths);
+        })
+        .await;
+        drop(proxy);
+        server.stop().await;
     }
-
-    // A pull-only user: `use`, then Nix with exactly what `use` wrote.
-    let puller = server
-        .mint("puller", HOUR, &[(via_nix, &[Permission::Pull])])
-        .await;
-    let mut user = Larder::new();
-    user.set_env("LARDER_TOKEN", &puller);
-    user.set_env("SSL_CERT_FILE", &ca);
-    user.ok(&["login", "proxied", &proxy.url()]).await;
-    std::fs::create_dir_all(user.nix_conf().parent().expect("a directory")).expect("mkdir");
-    std::fs::write(user.nix_conf(), "substituters =\n").expect("writing nix.conf");
-    user.ok(&["use", via_nix]).await;
-    let written = std::fs::read_to_string(user.nix_conf()).expect("nix.conf");
-    assert!(
-        written.contains(&format!("{}{via_nix}", proxy.url())),
-        "{written}"
-    );
-
-    // Another machine's Nix, as it were: the pushing Nix cached the
-    // narinfos it wrote, with its own file names, and would not ask.
-    let nix_conf = user.nix_conf();
-    blocking(move || {
-        let mut puller = NixEnv::new().expect("a Nix environment");
-        puller.set_env("NIX_SSL_CERT_FILE", &ca);
-        let destination = puller.path("destination");
-        assert_substitutes_the_same_nars(&puller, &nix_conf, &destination, &env, &root, &paths);
-    })
-    .await;
-    drop(proxy);
-    server.stop().await;
 }
