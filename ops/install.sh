@@ -161,44 +161,57 @@ install_current_nix_root() {
 }
 
 # bin/nix-chroot runs the current Nix's program named as it is called (a
-# symlink per program) inside the root, in a mount namespace of its own
-# whose root the root is made with pivot_root, not chroot: the kernel
-# refuses user namespaces to a chrooted process, and Nix's build sandbox
-# needs one. /proc, /dev and /tmp (where the tests' stores are) are the
-# host's; so are the directories NIX_CHROOT_SHARE names (colon-separated,
-# at the same paths), for a post-build-hook and the programs it runs.
-# Nothing is mounted on the host: the mounts end with the program.
+# symlink per program) inside the root next to bin/, in a mount namespace of
+# its own whose root the root is made with pivot_root, not chroot: the
+# kernel refuses user namespaces to a chrooted process, and Nix's build
+# sandbox needs one. A user other than root gets a user namespace too, in
+# which it is root (mapped to itself): the agent's own user in the suite.
+# /proc, /dev and /tmp (where the tests' stores are) are the host's; so are
+# the directories NIX_CHROOT_SHARE names (colon-separated, at the same
+# paths), for a post-build-hook and the programs it runs. Nothing is
+# mounted on the host: the mounts end with the program. The root is found
+# from the wrapper's own path, so that the directory may also be reached
+# through a bind mount (root's home is closed to other users).
 write_current_nix_wrappers() {
     local dir=$1 root=$2
     mkdir -p "$dir/bin" "$root/.host"
-    cat >"$dir/bin/nix-chroot.new" <<WRAPPER
+    cat >"$dir/bin/nix-chroot.new" <<'WRAPPER'
 #!/bin/sh
 # Written by ops/install.sh (write_current_nix_wrappers), which says why.
-exec unshare --mount --propagation private /bin/sh -e -c '
-root=\$1 program=\$2 cwd=\$3
+wrapper=$(readlink -f "$0") || exit 1
+root=${wrapper%/bin/*}/root
+if [ "$(id -u)" -eq 0 ]; then
+    namespaces=--mount
+else
+    namespaces='--user --map-root-user --mount'
+fi
+# shellcheck disable=SC2086 # the namespaces are separate words
+exec unshare $namespaces --propagation private /bin/sh -e -c '
+root=$1 program=$2 cwd=$3
 shift 3
-mount --bind "\$root" "\$root"
-mount -t proc proc "\$root/proc"
-mount --rbind /dev "\$root/dev"
-mount --rbind /tmp "\$root/tmp"
+mount --bind "$root" "$root"
+mount --rbind /proc "$root/proc"
+mount --rbind /dev "$root/dev"
+mount --rbind /tmp "$root/tmp"
 IFS=:
-for shared in \${NIX_CHROOT_SHARE:-}; do
-    [ -n "\$shared" ] || continue
-    mkdir -p "\$root\$shared"
-    mount --rbind "\$shared" "\$root\$shared"
+for shared in ${NIX_CHROOT_SHARE:-}; do
+    [ -n "$shared" ] || continue
+    mkdir -p "$root$shared"
+    mount --rbind "$shared" "$root$shared"
 done
 unset IFS
-cd "\$root"
+cd "$root"
 pivot_root . .host
-umount -l /.host
-cd "\$cwd" 2>/dev/null || cd /
-PATH=/usr/bin:/bin exec "\$program" "\$@"' \\
-    nix-chroot '$root' "/usr/bin/\$(basename "\$0")" "\$PWD" "\$@"
+# (In a user namespace the host mounts are locked in place: they stay.)
+umount -l /.host 2>/dev/null || true
+cd "$cwd" 2>/dev/null || cd /
+PATH=/usr/bin:/bin exec "$program" "$@"' \
+    nix-chroot "$root" "/usr/bin/$(basename "$0")" "$PWD" "$@"
 WRAPPER
     chmod 755 "$dir/bin/nix-chroot.new"
     mv "$dir/bin/nix-chroot.new" "$dir/bin/nix-chroot"
     local program
-    for program in nix nix-store nix-build nix-instantiate nix-env nix-hash; do
+    for program in nix nix-store nix-build nix-instantiate nix-env nix-hash nix-daemon; do
         ln -sf nix-chroot "$dir/bin/$program"
     done
 }

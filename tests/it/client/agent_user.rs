@@ -8,7 +8,7 @@
 //! systemd's `StateDirectory=` makes it) holding the queue, named in the
 //! config's `[agent] spool-dir`, which root's hook reads too. The binaries
 //! are copied where that user can run them (the build directory is under
-//! root's home).
+//! root's home), and so is the current Nix reached (bind-mounted).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -86,6 +86,58 @@ impl NixDaemon {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         daemon
+    }
+}
+
+/// Where the agent's user runs a version's Nix from: Debian's, on `PATH`;
+/// the current one's directory (under root's home, which that user cannot
+/// enter) bind-mounted into a directory it can, until dropped.
+struct NixForAgentUser {
+    /// `PATH` for the agent.
+    path: String,
+    /// The directory holding the mount, and the mount point.
+    mount: Option<(tempfile::TempDir, PathBuf)>,
+}
+
+impl NixForAgentUser {
+    fn new(version: NixVersion) -> Self {
+        let inherited = std::env::var("PATH").unwrap_or_default();
+        let Some(bin_dir) = version.bin_dir() else {
+            return Self {
+                path: inherited,
+                mount: None,
+            };
+        };
+        let nix_dir = bin_dir.parent().expect("the current Nix's directory");
+        let dir = tempfile::Builder::new()
+            .prefix("larder-nix-for-agent-")
+            .tempdir()
+            .expect("a directory");
+        set_mode(dir.path(), 0o755);
+        let mount_point = dir.path().join("nix-current");
+        std::fs::create_dir(&mount_point).expect("a mount point");
+        let status = std::process::Command::new("mount")
+            .arg("--bind")
+            .arg(nix_dir)
+            .arg(&mount_point)
+            .status()
+            .expect("running mount");
+        assert!(status.success(), "mount --bind {}", nix_dir.display());
+        Self {
+            path: format!("{}:{inherited}", mount_point.join("bin").display()),
+            mount: Some((dir, mount_point)),
+        }
+    }
+}
+
+impl Drop for NixForAgentUser {
+    fn drop(&mut self) {
+        if let Some((_, mount_point)) = &self.mount {
+            let _ = std::process::Command::new("umount")
+                .arg("--lazy")
+                .arg(mount_point)
+                .status();
+        }
     }
 }
 
@@ -167,9 +219,15 @@ impl AgentUser {
     }
 
     /// Starts the agent as the unprivileged user (setpriv execs it, so the
-    /// pid is the agent's own), talking to the store through `daemon`,
-    /// its log going to `log`.
-    async fn start_agent(&self, larder: &Larder, daemon: &NixDaemon, log: &Path) -> Agent {
+    /// pid is the agent's own) with `nix`'s Nix, talking to the store
+    /// through `daemon`, its log going to `log`.
+    async fn start_agent(
+        &self,
+        larder: &Larder,
+        daemon: &NixDaemon,
+        log: &Path,
+        nix: &NixForAgentUser,
+    ) -> Agent {
         let mut command = larder.command("setpriv");
         command
             .args([
@@ -179,6 +237,7 @@ impl AgentUser {
                 "--",
             ])
             .arg(self.bin_dir.join("watcher-agent"))
+            .env("PATH", &nix.path)
             // Through the daemon, reading the store's files directly as on
             // a real install (here they are under the chroot's root).
             .env(
@@ -202,101 +261,107 @@ fn owner(path: &Path) -> (u32, u32) {
     (metadata.uid(), metadata.gid())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_running_as_a_user_uploads_what_roots_hook_queued() {
-    let server = TestServer::sqlite().await;
-    let token = server.root_token().await;
-    let setup = Setup::with_version(NixVersion::Debian).await;
-    let larder = &setup.larder;
-    let user = AgentUser::new(larder, &server, &token, "shared").await;
-    let paths = setup.add_paths("shared", 3, 0).await;
+tests::under_each_nix! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_agent_running_as_a_user_uploads_what_roots_hook_queued(version: NixVersion) {
+        let server = TestServer::sqlite().await;
+        let token = server.root_token().await;
+        let setup = Setup::with_version(version).await;
+        let larder = &setup.larder;
+        let user = AgentUser::new(larder, &server, &token, "shared").await;
+        let paths = setup.add_paths("shared", 3, 0).await;
 
-    // Root's hook runs first, before the agent ever did: it creates the
-    // queue, for the agent's user.
-    user.hook(&paths[..2]).await;
-    let pending = user.spool_dir.join("pending");
-    let entries: Vec<PathBuf> = std::fs::read_dir(&pending)
-        .expect("the queue root made")
-        .map(|entry| entry.expect("listing").path())
-        .collect();
-    assert_eq!(entries.len(), 2, "{entries:?}");
-    // Root's files, given to the state directory's owner: without that the
-    // agent could not read them (mode 0600) nor even list the queue.
-    for path in [&user.spool_dir, &pending, &user.spool_dir.join("failed")]
-        .into_iter()
-        .chain(&entries)
-    {
-        assert_eq!(owner(path), (AGENT_UID, AGENT_GID), "{}", path.display());
+        // Root's hook runs first, before the agent ever did: it creates the
+        // queue, for the agent's user.
+        user.hook(&paths[..2]).await;
+        let pending = user.spool_dir.join("pending");
+        let entries: Vec<PathBuf> = std::fs::read_dir(&pending)
+            .expect("the queue root made")
+            .map(|entry| entry.expect("listing").path())
+            .collect();
+        assert_eq!(entries.len(), 2, "{entries:?}");
+        // Root's files, given to the state directory's owner: without that the
+        // agent could not read them (mode 0600) nor even list the queue.
+        for path in [&user.spool_dir, &pending, &user.spool_dir.join("failed")]
+            .into_iter()
+            .chain(&entries)
+        {
+            assert_eq!(owner(path), (AGENT_UID, AGENT_GID), "{}", path.display());
+        }
+        assert_eq!(owner(&user.state_dir), (AGENT_UID, AGENT_GID));
+
+        let daemon_dir = larder.dir.path().join("daemon");
+        std::fs::create_dir(&daemon_dir).expect("a directory for the daemon's socket");
+        let daemon = NixDaemon::start(&setup, daemon_dir.join("socket")).await;
+        let nix = NixForAgentUser::new(version);
+        let log = larder.dir.path().join("agent.log");
+        let agent = user.start_agent(larder, &daemon, &log, &nix).await;
+        // Queued while the agent runs, too.
+        user.hook(&paths[2..]).await;
+        let view = drained(larder, &[]).await;
+        let logged = std::fs::read_to_string(&log).unwrap_or_default();
+        assert_eq!(view.failed, 0, "{}\nagent log:\n{logged}", view.text);
+        assert_served(&server.url(), "shared", &token, &paths).await;
+        agent.stop().await;
     }
-    assert_eq!(owner(&user.state_dir), (AGENT_UID, AGENT_GID));
-
-    let daemon_dir = larder.dir.path().join("daemon");
-    std::fs::create_dir(&daemon_dir).expect("a directory for the daemon's socket");
-    let daemon = NixDaemon::start(&setup, daemon_dir.join("socket")).await;
-    let log = larder.dir.path().join("agent.log");
-    let agent = user.start_agent(larder, &daemon, &log).await;
-    // Queued while the agent runs, too.
-    user.hook(&paths[2..]).await;
-    let view = drained(larder, &[]).await;
-    let logged = std::fs::read_to_string(&log).unwrap_or_default();
-    assert_eq!(view.failed, 0, "{}\nagent log:\n{logged}", view.text);
-    assert_served(&server.url(), "shared", &token, &paths).await;
-    agent.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_that_cannot_change_its_queue_logs_each_entry_once_and_goes_on() {
-    let server = TestServer::sqlite().await;
-    let token = server.root_token().await;
-    let setup = Setup::with_version(NixVersion::Debian).await;
-    let larder = &setup.larder;
-    let user = AgentUser::new(larder, &server, &token, "stuck").await;
-    let paths = setup.add_paths("stuck", 3, 0).await;
-    let daemon_dir = larder.dir.path().join("daemon");
-    std::fs::create_dir(&daemon_dir).expect("a directory for the daemon's socket");
-    let daemon = NixDaemon::start(&setup, daemon_dir.join("socket")).await;
-    let log = larder.dir.path().join("agent.log");
-    let agent = user.start_agent(larder, &daemon, &log).await;
+tests::under_each_nix! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_agent_that_cannot_change_its_queue_logs_each_entry_once_and_goes_on(version: NixVersion) {
+        let server = TestServer::sqlite().await;
+        let token = server.root_token().await;
+        let setup = Setup::with_version(version).await;
+        let larder = &setup.larder;
+        let user = AgentUser::new(larder, &server, &token, "stuck").await;
+        let paths = setup.add_paths("stuck", 3, 0).await;
+        let daemon_dir = larder.dir.path().join("daemon");
+        std::fs::create_dir(&daemon_dir).expect("a directory for the daemon's socket");
+        let daemon = NixDaemon::start(&setup, daemon_dir.join("socket")).await;
+        let nix = NixForAgentUser::new(version);
+        let log = larder.dir.path().join("agent.log");
+        let agent = user.start_agent(larder, &daemon, &log, &nix).await;
 
-    // pending/ is the agent's user's but not writable to it: nothing in it
-    // can be moved or removed by the agent (root still writes there).
-    let pending = user.spool_dir.join("pending");
-    set_mode(&pending, 0o555);
-    let garbage = pending.join("garbage.json");
-    std::fs::write(&garbage, b"not JSON").expect("an unusable entry");
-    // Each hook call wakes the agent for a round; each path being served
-    // shows that a round went by with the unusable file still there and
-    // the earlier paths uploaded but still pending.
-    for path in &paths {
-        user.hook(std::slice::from_ref(path)).await;
-        assert_served(&server.url(), "stuck", &token, std::slice::from_ref(path)).await;
+        // pending/ is the agent's user's but not writable to it: nothing in it
+        // can be moved or removed by the agent (root still writes there).
+        let pending = user.spool_dir.join("pending");
+        set_mode(&pending, 0o555);
+        let garbage = pending.join("garbage.json");
+        std::fs::write(&garbage, b"not JSON").expect("an unusable entry");
+        // Each hook call wakes the agent for a round; each path being served
+        // shows that a round went by with the unusable file still there and
+        // the earlier paths uploaded but still pending.
+        for path in &paths {
+            user.hook(std::slice::from_ref(path)).await;
+            assert_served(&server.url(), "stuck", &token, std::slice::from_ref(path)).await;
+        }
+        let view = queue_view(larder, &[]).await;
+        assert_eq!(view.failed, 1, "{}", view.text);
+        assert!(
+            view.text.contains("garbage.json") && view.text.contains("not a queue entry"),
+            "{}",
+            view.text
+        );
+        agent.stop().await;
+
+        // Once per file, not once per round: without that, every round logs the
+        // unusable file again, and re-pushes the unremovable paths at once, in
+        // a tight loop that logs each failed removal again.
+        let logged = std::fs::read_to_string(&log).expect("the agent's log");
+        let count = |needle: &str| logged.lines().filter(|line| line.contains(needle)).count();
+        assert_eq!(
+            count("cannot move an unusable queue entry to failed/"),
+            1,
+            "{logged}"
+        );
+        assert_eq!(count("garbage.json"), 1, "{logged}");
+        assert_eq!(
+            count("removing an uploaded path from the queue"),
+            paths.len(),
+            "{logged}"
+        );
+        // The entries stay for an agent that can remove them.
+        let view = queue_view(larder, &[]).await;
+        assert_eq!(view.pending, paths.len(), "{}", view.text);
     }
-    let view = queue_view(larder, &[]).await;
-    assert_eq!(view.failed, 1, "{}", view.text);
-    assert!(
-        view.text.contains("garbage.json") && view.text.contains("not a queue entry"),
-        "{}",
-        view.text
-    );
-    agent.stop().await;
-
-    // Once per file, not once per round: without that, every round logs the
-    // unusable file again, and re-pushes the unremovable paths at once, in
-    // a tight loop that logs each failed removal again.
-    let logged = std::fs::read_to_string(&log).expect("the agent's log");
-    let count = |needle: &str| logged.lines().filter(|line| line.contains(needle)).count();
-    assert_eq!(
-        count("cannot move an unusable queue entry to failed/"),
-        1,
-        "{logged}"
-    );
-    assert_eq!(count("garbage.json"), 1, "{logged}");
-    assert_eq!(
-        count("removing an uploaded path from the queue"),
-        paths.len(),
-        "{logged}"
-    );
-    // The entries stay for an agent that can remove them.
-    let view = queue_view(larder, &[]).await;
-    assert_eq!(view.pending, paths.len(), "{}", view.text);
 }

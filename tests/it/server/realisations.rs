@@ -1,5 +1,5 @@
-//! Realisations of content-addressed derivations (issue #15): a current
-//! Nix builds a CA derivation, pushes it and its realisation with
+//! Realisations of content-addressed derivations (issue #15): Nix (2.8
+//! and a current one) builds a CA derivation, pushes it and its realisation with
 //! `nix copy --to`, and another, with an empty store and Larder as its only
 //! source, substitutes the derivation's output, checking the realisation's
 //! signature by the cache's key; bad realisation uploads are refused with
@@ -36,6 +36,18 @@ fn ca_env(version: NixVersion) -> NixEnv {
     env
 }
 
+/// What `nix copy` is given to copy the output of the CA derivation `drv`
+/// (written in `file`) with its realisation: its path and `DRV^out` on a
+/// current Nix (the derivation itself too, so that whoever substitutes the
+/// output from the cache alone reads it there); the expression on Nix 2.8,
+/// which names a derivation's output neither `DRV^out` nor `DRV!out`.
+fn ca_installables(version: NixVersion, file: &str, drv: &str) -> Vec<String> {
+    match version {
+        NixVersion::Debian => vec!["--file".to_owned(), file.to_owned()],
+        NixVersion::Current => vec![drv.to_owned(), format!("{drv}^out")],
+    }
+}
+
 /// A server with a private cache `ca`, and a token that may push to it.
 async fn server_with_pusher() -> (TestServer, String) {
     let server = TestServer::sqlite().await;
@@ -50,123 +62,124 @@ async fn server_with_pusher() -> (TestServer, String) {
     (server, token)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn current_nix_substitutes_a_content_addressed_output_from_its_realisation() {
-    // Nix 2.8's `nix copy` takes neither `DRV^out` nor `DRV!out`.
-    let version = NixVersion::Current;
-    let (server, token) = server_with_pusher().await;
-    let public_key = public_key_of(&server, &token, "ca").await;
-    let cache_url = server.cache_url("ca");
-    let salt = format!("{:016x}", rand::random::<u64>());
-    let (drv, out) = {
-        let (token, cache_url) = (token.clone(), cache_url.clone());
-        blocking(move || {
-            let mut builder = ca_env(version);
-            builder.use_netrc("127.0.0.1", &token).expect("a netrc");
-            let file = builder.path("ca.nix");
-            std::fs::write(&file, ca_derivation(&salt)).expect("writing the derivation");
-            let file = file.to_str().expect("UTF-8").to_owned();
-            let drv = builder
-                .run_text("nix", &["eval", "--raw", "--file", &file, "drvPath"])
-                .expect("the derivation's path");
-            // (`nix-build`: Nix 2.8's `nix build` cannot print the path.)
-            let out = builder
-                .run_text("nix-build", &["--no-out-link", &file])
-                .expect("building the CA derivation");
-            // The derivation itself too: whoever substitutes its output
-            // from the cache alone reads it there.
-            let output = format!("{drv}^out");
-            builder
-                .run("nix", &["copy", "--to", &cache_url, &drv, &output])
-                .expect("nix copy --to of the derivation and its output");
-            (drv, out)
-        })
-        .await
-    };
-
-    let substituted = {
-        let (token, cache_url, public_key) = (token.clone(), cache_url.clone(), public_key.clone());
-        let output = format!("{drv}^out");
-        let out = out.clone();
-        blocking(move || {
-            let mut client = ca_env(version);
-            client.use_netrc("127.0.0.1", &token).expect("a netrc");
-            let fresh = client.path("fresh");
-            let fresh_arg = fresh.to_str().expect("UTF-8").to_owned();
-            // Signatures checked: the realisation's by the cache's key.
-            client
-                .run(
-                    "nix",
-                    &[
-                        "copy",
-                        "--from",
-                        &cache_url,
-                        "--to",
-                        &fresh_arg,
-                        "--option",
-                        "trusted-public-keys",
-                        &public_key,
-                        &output,
-                    ],
-                )
-                .expect("substituting the output from the cache alone");
-            client
-                .path_infos(&fresh, std::slice::from_ref(&out))
-                .expect("the substituted output")
-        })
-        .await
-    };
-    assert_eq!(substituted.len(), 1, "{substituted:?}");
-    assert_eq!(substituted[0]["path"], out.as_str(), "{substituted:?}");
-
-    // Served with the cache's signature beside the pusher's (none here).
-    let drv_output: String = sqlx::query_scalar("SELECT drv_output FROM realisations")
-        .fetch_one(server.database().pool())
-        .await
-        .expect("the realisation's row");
-    let get_realisation = || async {
-        server
-            .http()
-            .get(server.url_of(&format!("/ca/realisations/{drv_output}.doi")))
-            .bearer_auth(&token)
-            .send()
+tests::under_each_nix! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nix_substitutes_a_content_addressed_output_from_its_realisation(version: NixVersion) {
+        let (server, token) = server_with_pusher().await;
+        let public_key = public_key_of(&server, &token, "ca").await;
+        let cache_url = server.cache_url("ca");
+        let salt = format!("{:016x}", rand::random::<u64>());
+        let (drv, out) = {
+            let (token, cache_url, salt) = (token.clone(), cache_url.clone(), salt.clone());
+            blocking(move || {
+                let mut builder = ca_env(version);
+                builder.use_netrc("127.0.0.1", &token).expect("a netrc");
+                let file = builder.path("ca.nix");
+                std::fs::write(&file, ca_derivation(&salt)).expect("writing the derivation");
+                let file = file.to_str().expect("UTF-8").to_owned();
+                let drv = builder
+                    .run_text("nix", &["eval", "--raw", "--file", &file, "drvPath"])
+                    .expect("the derivation's path");
+                // (`nix-build`: Nix 2.8's `nix build` cannot print the path.)
+                let out = builder
+                    .run_text("nix-build", &["--no-out-link", &file])
+                    .expect("building the CA derivation");
+                let mut copy = vec!["copy", "--to", &cache_url];
+                let installables = ca_installables(version, &file, &drv);
+                copy.extend(installables.iter().map(String::as_str));
+                builder
+                    .run("nix", &copy)
+                    .expect("nix copy --to of the derivation's output");
+                (drv, out)
+            })
             .await
-            .expect("GET realisation")
-    };
-    let response = get_realisation().await;
-    assert_eq!(response.status(), StatusCode::OK);
-    let served: serde_json::Value = response.json().await.expect("JSON");
-    let key_name = public_key.split(':').next().expect("a key name");
-    assert!(
-        served["signatures"]
-            .as_array()
-            .expect("signatures")
-            .iter()
-            .any(|signature| signature
-                .as_str()
-                .is_some_and(|s| s.starts_with(&format!("{key_name}:")))),
-        "{served}"
-    );
+        };
 
-    // The path gone from the cache, the realisation is no longer served,
-    // and GC (a day on) deletes it.
-    let cache = server
-        .database()
-        .cache_by_name(&"ca".parse().expect("a name"))
-        .await
-        .expect("the cache")
-        .expect("it exists");
-    let hash =
-        common::nix::StorePathHash::parse(&out["/nix/store/".len().."/nix/store/".len() + 32])
-            .expect("a path hash");
-    server
-        .database()
-        .delete_objects(cache.id, &[hash])
-        .await
-        .expect("deleting the output");
-    assert_eq!(get_realisation().await.status(), StatusCode::NOT_FOUND);
-    let report = crate::server::gc_two_days_on(&server).await;
-    assert_eq!(report.realisations, 1, "{report:?}");
+        let substituted = {
+            let (token, cache_url, public_key) = (token.clone(), cache_url.clone(), public_key.clone());
+            let out = out.clone();
+            blocking(move || {
+                let mut client = ca_env(version);
+                client.use_netrc("127.0.0.1", &token).expect("a netrc");
+                let file = client.path("ca.nix");
+                std::fs::write(&file, ca_derivation(&salt)).expect("writing the derivation");
+                let file = file.to_str().expect("UTF-8").to_owned();
+                let fresh = client.path("fresh");
+                let fresh_arg = fresh.to_str().expect("UTF-8").to_owned();
+                // Signatures checked: the realisation's by the cache's key.
+                let mut copy = vec![
+                    "copy",
+                    "--from",
+                    &cache_url,
+                    "--to",
+                    &fresh_arg,
+                    "--option",
+                    "trusted-public-keys",
+                    &public_key,
+                ];
+                let installables = ca_installables(version, &file, &drv);
+                copy.extend(installables.iter().map(String::as_str));
+                client
+                    .run("nix", &copy)
+                    .expect("substituting the output from the cache alone");
+                client
+                    .path_infos(&fresh, std::slice::from_ref(&out))
+                    .expect("the substituted output")
+            })
+            .await
+        };
+        assert_eq!(substituted.len(), 1, "{substituted:?}");
+        assert_eq!(substituted[0]["path"], out.as_str(), "{substituted:?}");
+
+        // Served with the cache's signature beside the pusher's (none here).
+        let drv_output: String = sqlx::query_scalar("SELECT drv_output FROM realisations")
+            .fetch_one(server.database().pool())
+            .await
+            .expect("the realisation's row");
+        let get_realisation = || async {
+            server
+                .http()
+                .get(server.url_of(&format!("/ca/realisations/{drv_output}.doi")))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .expect("GET realisation")
+        };
+        let response = get_realisation().await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let served: serde_json::Value = response.json().await.expect("JSON");
+        let key_name = public_key.split(':').next().expect("a key name");
+        assert!(
+            served["signatures"]
+                .as_array()
+                .expect("signatures")
+                .iter()
+                .any(|signature| signature
+                    .as_str()
+                    .is_some_and(|s| s.starts_with(&format!("{key_name}:")))),
+            "{served}"
+        );
+
+        // The path gone from the cache, the realisation is no longer served,
+        // and GC (a day on) deletes it.
+        let cache = server
+            .database()
+            .cache_by_name(&"ca".parse().expect("a name"))
+            .await
+            .expect("the cache")
+            .expect("it exists");
+        let hash =
+            common::nix::StorePathHash::parse(&out["/nix/store/".len().."/nix/store/".len() + 32])
+                .expect("a path hash");
+        server
+            .database()
+            .delete_objects(cache.id, &[hash])
+            .await
+            .expect("deleting the output");
+        assert_eq!(get_realisation().await.status(), StatusCode::NOT_FOUND);
+        let report = crate::server::gc_two_days_on(&server).await;
+        assert_eq!(report.realisations, 1, "{report:?}");
+    }
 }
 
 /// Bad realisation uploads: each a 4xx, and nothing stored.
