@@ -710,7 +710,7 @@ impl NixEnv {
     /// the tests using these stores are about what a Nix does with them
     /// (copy, push, substitute, verify), not about building. Builds by the
     /// current Nix are tested where the build is the point: the
-    /// post-build-hook and content-addressed derivations.
+    /// post-build-hook, build logs and content-addressed derivations.
     pub fn make_store(&self, store: &Path, n: usize, salt: &str) -> Result<TestStore> {
         let nix_2_8;
         let maker = match self.version {
