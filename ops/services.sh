@@ -343,7 +343,7 @@ stop_rabbitmq() {
     [[ -n ${LARDER_TEST_RABBITMQ_PID_FILE:-} ]] || return 0
     local pid_file=$LARDER_TEST_RABBITMQ_PID_FILE pid=
     [[ -s $pid_file ]] && pid=$(<"$pid_file")
-    if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+    if [[ -n $pid ]] && started_here "$pid"; then
         # SIGTERM to the Erlang VM is a clean shutdown (init:stop): durable
         # queues and persistent messages survive, as with `rabbitmqctl stop`,
         # without the CLI's own VM start-up (seconds on a busy machine).
@@ -432,7 +432,7 @@ stop_postgres() {
     [[ -n ${LARDER_TEST_POSTGRES_DATA_DIR:-} ]] || return 0
     local pid_file=$LARDER_TEST_POSTGRES_DATA_DIR/postmaster.pid pid=
     [[ -s $pid_file ]] && pid=$(head -n 1 "$pid_file")
-    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
+    [[ -n $pid ]] && started_here "$pid" || return 0
     # Fast shutdown: open connections are cut, as a fault test expects.
     pg_ctl_command
     if ! "${PG_CTL[@]}" -m fast -w -t "$STOP_TIMEOUT" stop >>"$DIR/postgres/pg_ctl.log" 2>&1; then
@@ -620,13 +620,27 @@ stop_s3_tls() {
 
 # --- stopping --------------------------------------------------------------------
 
+# Whether PID is a running process started for DIR, not merely a pid a pid
+# file names: a pid file outlives its process, and with pid_max at 32768 and
+# the suite starting thousands of processes, its pid is soon another's (a
+# test's Nix build, say), which a bare `kill` would then stop or kill. Each
+# service carries the mark in its environment, except nginx, which
+# overwrites that area with its process title: nginx is known by its prefix
+# (-p) in that title instead. A zombie has neither.
+started_here() {
+    grep -qzxF "LARDER_SERVICES_MARK=$DIR" "/proc/$1/environ" 2>/dev/null && return 0
+    local title
+    title=$(tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline") || return 1
+    [[ $title == *" -p $DIR/s3-tls "* ]]
+}
+
 # Stops the process whose pid FILE holds (none if FILE is unset, empty or
 # absent): SIGTERM, then wait_for_exit.
 stop_pid_file() {
     local file=$1 pid
     [[ -n $file && -s $file ]] || return 0
     pid=$(<"$file")
-    if kill -0 "$pid" 2>/dev/null; then
+    if started_here "$pid"; then
         kill -TERM "$pid" 2>/dev/null || true
         wait_for_exit "$pid"
     fi
@@ -635,7 +649,7 @@ stop_pid_file() {
 # Waits up to STOP_TIMEOUT for PID to exit, then kills it.
 wait_for_exit() {
     local pid=$1 deadline=$((SECONDS + STOP_TIMEOUT))
-    while kill -0 "$pid" 2>/dev/null; do
+    while started_here "$pid"; do
         if ((SECONDS >= deadline)); then
             say "pid $pid still running after $STOP_TIMEOUT s; killing it"
             kill -KILL "$pid" 2>/dev/null || true
