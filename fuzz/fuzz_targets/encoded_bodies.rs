@@ -10,20 +10,11 @@ use common::verify::encoded::{BodyDecoder, BodyLimits, ContentEncoding};
 use common::verify::RATIO_ALLOWANCE;
 use libfuzzer_sys::fuzz_target;
 
-const ENCODINGS: [ContentEncoding; 6] = [
-    ContentEncoding::Identity,
-    ContentEncoding::Gzip,
-    ContentEncoding::Zstd,
-    ContentEncoding::Xz,
-    ContentEncoding::Brotli,
-    ContentEncoding::Bzip2,
-];
-
 fuzz_target!(|data: &[u8]| {
     let Some((&pick, body)) = data.split_first() else {
         return;
     };
-    let encoding = ENCODINGS[usize::from(pick) % ENCODINGS.len()];
+    let encoding = ContentEncoding::ALL[usize::from(pick) % ContentEncoding::ALL.len()];
     let limits = BodyLimits {
         max_size: 4 << 20,
         max_decompression_ratio: 10,

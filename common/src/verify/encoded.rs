@@ -52,6 +52,16 @@ pub enum ContentEncoding {
 pub struct UnsupportedEncoding(pub String);
 
 impl ContentEncoding {
+    /// Every encoding decoded here, identity first.
+    pub const ALL: [Self; 6] = [
+        Self::Identity,
+        Self::Gzip,
+        Self::Zstd,
+        Self::Xz,
+        Self::Brotli,
+        Self::Bzip2,
+    ];
+
     /// The encoding a header value names (absent: identity). Names are
     /// matched without regard to case; a list of several encodings is
     /// refused like any unknown name.
@@ -372,22 +382,13 @@ mod tests {
     /// 4, `MLEN - 1` = 16, `ISUNCOMPRESSED`), then an empty last one.
     const BROTLI_STREAM: &[u8] = b"\x00\x01\x10hello, build log\n\x03";
 
-    const ALL: [ContentEncoding; 6] = [
-        ContentEncoding::Identity,
-        ContentEncoding::Gzip,
-        ContentEncoding::Zstd,
-        ContentEncoding::Xz,
-        ContentEncoding::Brotli,
-        ContentEncoding::Bzip2,
-    ];
-
     #[test]
     fn parses_what_nix_sends_and_refuses_the_rest() {
         let parse = |text: &str| ContentEncoding::parse(Some(text.as_bytes()));
         assert_eq!(ContentEncoding::parse(None), Ok(ContentEncoding::Identity));
         assert_eq!(parse("none"), Ok(ContentEncoding::Identity));
         assert_eq!(parse("Identity"), Ok(ContentEncoding::Identity));
-        for encoding in ALL {
+        for encoding in ContentEncoding::ALL {
             assert_eq!(parse(encoding.name()), Ok(encoding));
         }
         assert_eq!(parse(" ZSTD "), Ok(ContentEncoding::Zstd));
@@ -400,7 +401,7 @@ mod tests {
 
     #[test]
     fn every_encoding_round_trips() {
-        for encoding in ALL {
+        for encoding in ContentEncoding::ALL {
             let data = BROTLI_TEXT;
             let decoded = decode_body(encoding, compress(encoding, data).into(), LIMITS).unwrap();
             assert_eq!(decoded, data, "{encoding}");
@@ -410,7 +411,10 @@ mod tests {
     #[test]
     fn large_bodies_decode_in_bounded_steps() {
         let data: Vec<u8> = (0..300_000u32).flat_map(|n| n.to_le_bytes()).collect();
-        for encoding in ALL.into_iter().filter(|e| *e != ContentEncoding::Brotli) {
+        for encoding in ContentEncoding::ALL
+            .into_iter()
+            .filter(|e| *e != ContentEncoding::Brotli)
+        {
             let limits = BodyLimits {
                 max_size: 2 << 20,
                 ..LIMITS
@@ -431,7 +435,10 @@ mod tests {
 
     #[test]
     fn garbage_and_truncation_are_decode_errors() {
-        for encoding in ALL.into_iter().filter(|e| *e != ContentEncoding::Identity) {
+        for encoding in ContentEncoding::ALL
+            .into_iter()
+            .filter(|e| *e != ContentEncoding::Identity)
+        {
             let garbage = decode_body(
                 encoding,
                 Bytes::from_static(b"not compressed at all"),
@@ -454,7 +461,10 @@ mod tests {
     #[test]
     fn size_and_ratio_limits_refuse_before_keeping_bytes() {
         let zeros = vec![0u8; 4 << 20];
-        for encoding in ALL.into_iter().filter(|e| *e != ContentEncoding::Brotli) {
+        for encoding in ContentEncoding::ALL
+            .into_iter()
+            .filter(|e| *e != ContentEncoding::Brotli)
+        {
             let body: Bytes = compress(encoding, &zeros).into();
             let small = BodyLimits {
                 max_size: 3 << 20,
