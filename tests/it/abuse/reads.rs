@@ -35,7 +35,7 @@ use crate::server::push::{
     staging_files,
 };
 use crate::server::{
-    api_error, fake_store_path, file_nar, get, ok_bytes, ok_json, plain_metadata, source_paths,
+    api_error, fake_store_path, file_nar, get, ok_bytes, ok_json, one_path_env, plain_metadata,
 };
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -244,22 +244,9 @@ tests::under_each_nix! {
         let token = server
             .mint("reader", HOUR, &[("holey", &[Permission::Pull])])
             .await;
-        let (env, path, source) = {
-            let token = token.clone();
-            blocking(move || {
-                let mut env = NixEnv::with_version(version).expect("a Nix environment");
-                let root = env.path("store");
-                let tree = env.path("tree");
-                make_tree(&tree, 0x401e);
-                let path = env.add_path(&root, &tree).expect("adding the tree");
-                let source = source_paths(&env, &root, std::slice::from_ref(&path))
-                    .pop()
-                    .expect("one path");
-                env.use_netrc("127.0.0.1", &token).expect("a netrc");
-                (Arc::new(env), path, source)
-            })
-            .await
-        };
+        let (env, path, source) =
+            one_path_env(version, &token, |tree| make_tree(tree, 0x401e)).await;
+        let env = Arc::new(env);
         let seeded = server
             .seed_path("holey", source.metadata.clone(), &source.nar)
             .await;

@@ -34,7 +34,7 @@ use common::nix::nar::NarEncoder;
 use common::nix::{NarHash, StorePathHash};
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{Method, Response, StatusCode};
-use tests::nix::NixEnv;
+use tests::nix::{NixEnv, NixVersion};
 use tests::server::{HttpApi, RawResponse};
 
 pub(crate) const HOUR: Duration = Duration::from_secs(3600);
@@ -163,6 +163,30 @@ pub(crate) struct SourcePath {
     /// `sha256:<base32>` as the source store recorded it.
     pub(crate) nar_hash: String,
     pub(crate) nar: Vec<u8>,
+}
+
+/// An environment of `version` whose store holds one path, the tree
+/// `make_tree` writes into the directory it is given, read back as a
+/// [`SourcePath`], with a netrc giving `token` to the server.
+pub(crate) async fn one_path_env(
+    version: NixVersion,
+    token: &str,
+    make_tree: impl FnOnce(&Path) + Send + 'static,
+) -> (NixEnv, String, SourcePath) {
+    let token = token.to_owned();
+    push::blocking(move || {
+        let mut env = NixEnv::with_version(version).expect("a Nix environment");
+        let root = env.path("store");
+        let tree = env.path("tree");
+        make_tree(&tree);
+        let path = env.add_path(&root, &tree).expect("adding the tree");
+        let source = source_paths(&env, &root, std::slice::from_ref(&path))
+            .pop()
+            .expect("one path");
+        env.use_netrc("127.0.0.1", &token).expect("a netrc");
+        (env, path, source)
+    })
+    .await
 }
 
 /// Reads `paths` of the chroot store at `root`: `nix path-info --json`

@@ -12,12 +12,12 @@ use common::config::StorageConfig;
 use common::db::Backend;
 use reqwest::header::{ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, IF_RANGE, RANGE};
 use reqwest::StatusCode;
-use tests::nix::{write_file, NixEnv};
+use tests::nix::write_file;
 use tests::server::{pseudo_random, SeededPath, TestServer, TestServerOptions, SEED_CHUNK_SIZE};
 use tests::services::{self, S3Settings};
 
 use super::push::{blocking, public_key_of};
-use super::{api_error, fake_store_path, file_nar, plain_metadata, source_paths, HOUR};
+use super::{api_error, fake_store_path, file_nar, one_path_env, plain_metadata, HOUR};
 
 fn header(response: &reqwest::Response, name: reqwest::header::HeaderName) -> Option<String> {
     response
@@ -310,30 +310,18 @@ tests::under_each_nix! {
         let token = server
             .mint("reader", HOUR, &[("packed", &[Permission::Pull])])
             .await;
-        let (env, path, source) = {
-            let token = token.clone();
-            blocking(move || {
-                let mut env = NixEnv::with_version(version).expect("a Nix environment");
-                let root = env.path("store");
-                let tree = env.path("tree");
-                std::fs::create_dir_all(&tree).expect("creating the tree");
-                write_file(
-                    &tree.join("blob.bin"),
-                    &pseudo_random(40 * SEED_CHUNK_SIZE, 19),
-                    false,
-                )
-                .expect("writing the blob");
-                write_file(&tree.join("run.sh"), b"#!/bin/sh\necho packed\n", true)
-                    .expect("writing a script");
-                let path = env.add_path(&root, &tree).expect("adding the tree");
-                let source = source_paths(&env, &root, std::slice::from_ref(&path))
-                    .pop()
-                    .expect("one path");
-                env.use_netrc("127.0.0.1", &token).expect("a netrc");
-                (env, path, source)
-            })
-            .await
-        };
+        let (env, path, source) = one_path_env(version, &token, |tree| {
+            std::fs::create_dir_all(tree).expect("creating the tree");
+            write_file(
+                &tree.join("blob.bin"),
+                &pseudo_random(40 * SEED_CHUNK_SIZE, 19),
+                false,
+            )
+            .expect("writing the blob");
+            write_file(&tree.join("run.sh"), b"#!/bin/sh\necho packed\n", true)
+                .expect("writing a script");
+        })
+        .await;
         // Packs of about 1.5 MiB: the first read (1 MiB) and the later ones
         // end inside packs and at their boundaries.
         let seeded = server
