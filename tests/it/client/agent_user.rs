@@ -219,15 +219,16 @@ impl AgentUser {
     }
 
     /// Starts the agent as the unprivileged user (setpriv execs it, so the
-    /// pid is the agent's own) with `nix`'s Nix, talking to the store
-    /// through `daemon`, its log going to `log`.
-    async fn start_agent(
-        &self,
-        larder: &Larder,
-        daemon: &NixDaemon,
-        log: &Path,
-        nix: &NixForAgentUser,
-    ) -> Agent {
+    /// pid is the agent's own) with `version`'s Nix, talking to the store
+    /// of `setup` through a `nix-daemon` of that version, its log going to
+    /// `agent.log` in the user's directory.
+    async fn start_agent(&self, setup: &Setup, version: NixVersion) -> RunningAgent {
+        let larder = &setup.larder;
+        let daemon_dir = larder.dir.path().join("daemon");
+        std::fs::create_dir(&daemon_dir).expect("a directory for the daemon's socket");
+        let daemon = NixDaemon::start(setup, daemon_dir.join("socket")).await;
+        let nix = NixForAgentUser::new(version);
+        let log = larder.dir.path().join("agent.log");
         let mut command = larder.command("setpriv");
         command
             .args([
@@ -249,9 +250,24 @@ impl AgentUser {
                 ),
             )
             .stdout(Stdio::inherit())
-            .stderr(std::fs::File::create(log).expect("creating the agent's log"));
-        Agent::spawn_command(larder, command, &[], Some(log)).await
+            .stderr(std::fs::File::create(&log).expect("creating the agent's log"));
+        let agent = Agent::spawn_command(larder, command, &[], Some(&log)).await;
+        RunningAgent {
+            agent,
+            log,
+            _daemon: daemon,
+            _nix: nix,
+        }
     }
+}
+
+/// The agent running as its user, with what it needs while it runs
+/// (dropped after it, in field order).
+struct RunningAgent {
+    agent: Agent,
+    log: PathBuf,
+    _daemon: NixDaemon,
+    _nix: NixForAgentUser,
 }
 
 /// The owner and group of a path (not following a symlink).
@@ -290,19 +306,14 @@ tests::under_each_nix! {
         }
         assert_eq!(owner(&user.state_dir), (AGENT_UID, AGENT_GID));
 
-        let daemon_dir = larder.dir.path().join("daemon");
-        std::fs::create_dir(&daemon_dir).expect("a directory for the daemon's socket");
-        let daemon = NixDaemon::start(&setup, daemon_dir.join("socket")).await;
-        let nix = NixForAgentUser::new(version);
-        let log = larder.dir.path().join("agent.log");
-        let agent = user.start_agent(larder, &daemon, &log, &nix).await;
+        let running = user.start_agent(&setup, version).await;
         // Queued while the agent runs, too.
         user.hook(&paths[2..]).await;
         let view = drained(larder, &[]).await;
-        let logged = std::fs::read_to_string(&log).unwrap_or_default();
+        let logged = std::fs::read_to_string(&running.log).unwrap_or_default();
         assert_eq!(view.failed, 0, "{}\nagent log:\n{logged}", view.text);
         assert_served(&server.url(), "shared", &token, &paths).await;
-        agent.stop().await;
+        running.agent.stop().await;
     }
 }
 
@@ -315,12 +326,7 @@ tests::under_each_nix! {
         let larder = &setup.larder;
         let user = AgentUser::new(larder, &server, &token, "stuck").await;
         let paths = setup.add_paths("stuck", 3, 0).await;
-        let daemon_dir = larder.dir.path().join("daemon");
-        std::fs::create_dir(&daemon_dir).expect("a directory for the daemon's socket");
-        let daemon = NixDaemon::start(&setup, daemon_dir.join("socket")).await;
-        let nix = NixForAgentUser::new(version);
-        let log = larder.dir.path().join("agent.log");
-        let agent = user.start_agent(larder, &daemon, &log, &nix).await;
+        let running = user.start_agent(&setup, version).await;
 
         // pending/ is the agent's user's but not writable to it: nothing in it
         // can be moved or removed by the agent (root still writes there).
@@ -342,12 +348,12 @@ tests::under_each_nix! {
             "{}",
             view.text
         );
-        agent.stop().await;
+        running.agent.stop().await;
 
         // Once per file, not once per round: without that, every round logs the
         // unusable file again, and re-pushes the unremovable paths at once, in
         // a tight loop that logs each failed removal again.
-        let logged = std::fs::read_to_string(&log).expect("the agent's log");
+        let logged = std::fs::read_to_string(&running.log).expect("the agent's log");
         let count = |needle: &str| logged.lines().filter(|line| line.contains(needle)).count();
         assert_eq!(
             count("cannot move an unusable queue entry to failed/"),
