@@ -6,6 +6,7 @@
 //! `nix store copy-log --to` and reads it back with `nix log --store`, and
 //! writes the debug-info index with `index-debug-info=true`.
 
+use super::content_type;
 use std::io::Write;
 
 use common::auth::Permission;
@@ -14,7 +15,7 @@ use common::db::{Backend, CacheId, CacheUpdate, Timestamp};
 use common::duration::HumanDuration;
 use common::nix::Sha256Hash;
 use gc_scheduler::gc::collect_garbage;
-use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE};
+use reqwest::header::CONTENT_ENCODING;
 use reqwest::{Method, Response, StatusCode};
 use tests::nix::{write_file, NixEnv};
 use tests::server::{HttpApi, TestServer, TestServerOptions};
@@ -168,12 +169,7 @@ async fn rows_of(server: &TestServer, table: &str, cache: CacheId) -> i64 {
 async fn text_of(response: Response) -> String {
     let status = response.status();
     let url = response.url().clone();
-    let content_type = response
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let content_type = content_type(&response);
     let body = response.text().await.expect("a text body");
     assert_eq!(status, StatusCode::OK, "{url}: {body}");
     assert!(

@@ -85,18 +85,23 @@ pub(crate) async fn ok_json<T: serde::de::DeserializeOwned>(response: Response) 
         .unwrap_or_else(|error| panic!("{error}: {}", String::from_utf8_lossy(&body)))
 }
 
+/// The response's `Content-Type` (empty when absent or not text).
+pub(crate) fn content_type(response: &Response) -> String {
+    response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
 /// Asserts an API error: the status, a JSON content type, and a body of
 /// the documented shape whose `code` repeats the status. Returns the body
 /// with the raw bytes, for comparisons between answers.
 pub(crate) async fn api_error(response: Response, status: StatusCode) -> (ErrorResponse, Vec<u8>) {
     let url = response.url().clone();
     let actual = response.status();
-    let content_type = response
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let content_type = content_type(&response);
     let body = response.bytes().await.expect("reading the body").to_vec();
     let text = excerpt(&body);
     assert_eq!(actual, status, "{url}: {text}");

@@ -2,6 +2,7 @@
 //! from a private cache with signatures required, `nix store verify`
 //! against the cache, and `.ls` listings equal to the ones Nix writes.
 
+use super::content_type;
 use std::path::Path;
 
 use common::api::CacheConfig;
@@ -246,12 +247,7 @@ tests::under_each_nix! {
             Some(&token),
         )
         .await;
-        let content_type = response
-            .headers()
-            .get("content-type")
-            .and_then(|value| value.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
+        let content_type = content_type(&response);
         let listing = ok_bytes(response).await;
         assert_eq!(content_type, "application/json");
         assert!(

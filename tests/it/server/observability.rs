@@ -4,6 +4,7 @@
 //! storage or the database is unreachable. `serve_ops`, which the workers
 //! and gc-scheduler run, serves the same three routes on a listener.
 
+use super::content_type;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,12 +34,7 @@ async fn scrape(http: &reqwest::Client, base: &str) -> Page {
         .await
         .expect("GET /metrics");
     assert_eq!(response.status(), StatusCode::OK);
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let content_type = content_type(&response);
     assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
     let text = response.text().await.expect("reading /metrics");
     prometheus::parse(&text).unwrap_or_else(|why| panic!("{why}\n{text}"))
