@@ -148,11 +148,15 @@ for cache in bench-large bench-small bench-door bench-again; do
     [[ $code == 200 || $code == 201 ]] || die "creating $cache answered $code: $(cat "$work/create.json")"
 done
 
-# The bytes of every stored chunk object.
 # Bytes of chunk data in storage: packs (and one-chunk objects, had a
-# store from before packs been given).
+# store from before packs been given). Either directory may not exist.
 stored_bytes() {
-    find "$storage/packs" "$storage/chunks" -type f -printf '%s\n' 2>/dev/null | awk '{ s += $1 } END { print s + 0 }'
+    local dirs=() dir
+    for dir in "$storage/packs" "$storage/chunks"; do
+        [[ -d $dir ]] && dirs+=("$dir")
+    done
+    ((${#dirs[@]})) || { echo 0; return; }
+    find "${dirs[@]}" -type f -printf '%s\n' | awk '{ s += $1 } END { print s + 0 }'
 }
 
 # --- the pushes --------------------------------------------------------------
