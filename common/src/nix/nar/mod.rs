@@ -22,7 +22,8 @@ mod write;
 
 pub use listing::{ListingNode, NarListing};
 pub use read::{
-    read_nar, NarError, NarErrorKind, NarReader, NarSummary, ReadNarError, LISTING_NODE_COST,
+    read_nar, NarError, NarErrorKind, NarReader, NarShape, NarSummary, ReadNarError,
+    UnhashedNarReader, LISTING_NODE_COST,
 };
 #[cfg(unix)]
 pub use write::dump_path;

@@ -168,11 +168,10 @@ struct OpenDirectory {
     entries: Vec<(Vec<u8>, ListingNode)>,
 }
 
-/// The push-based reader. Call [`update`](Self::update) with each chunk,
-/// then [`finish`](Self::finish). After the first error every call returns
-/// that error again.
+/// The grammar (and the listing) of a NAR, fed bytes in order: what
+/// [`NarReader`] and [`UnhashedNarReader`] share.
 #[derive(Debug)]
-pub struct NarReader {
+struct NarGrammar {
     expect: Expect,
     phase: Phase,
     /// Bytes consumed so far.
@@ -195,8 +194,55 @@ pub struct NarReader {
     /// What the listing may still cost (see [`LISTING_NODE_COST`]) before
     /// it is given up.
     listing_budget: usize,
-    hasher: Sha256Hasher,
     error: Option<NarError>,
+}
+
+/// The push-based reader. Call [`update`](Self::update) with each chunk,
+/// then [`finish`](Self::finish). After the first error every call returns
+/// that error again.
+#[derive(Debug)]
+pub struct NarReader {
+    grammar: NarGrammar,
+    hasher: Sha256Hasher,
+}
+
+/// A NAR's size and (when asked for) listing, from an
+/// [`UnhashedNarReader`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NarShape {
+    pub nar_size: u64,
+    pub listing: Option<NarListing>,
+}
+
+/// [`NarReader`] without the SHA-256: for bytes verified already whose copy
+/// is checked by cheaper means (the chunker reading a staged NAR back,
+/// against the checksum the API recorded as it wrote it), where hashing
+/// again would cost as much CPU as the rest of the reading.
+#[derive(Debug)]
+pub struct UnhashedNarReader {
+    grammar: NarGrammar,
+}
+
+impl UnhashedNarReader {
+    /// A reader that builds the listing within `budget`, as
+    /// [`NarReader::with_listing_budget`].
+    pub fn with_listing_budget(budget: usize) -> Self {
+        Self {
+            grammar: NarGrammar::with_listing_budget(budget),
+        }
+    }
+
+    /// Feeds the next chunk of the archive.
+    pub fn update(&mut self, data: &[u8]) -> Result<(), NarError> {
+        self.grammar.update(data)
+    }
+
+    /// Ends the archive: checks that it is complete and returns its size
+    /// and listing.
+    pub fn finish(self) -> Result<NarShape, NarError> {
+        let (nar_size, listing) = self.grammar.finish()?;
+        Ok(NarShape { nar_size, listing })
+    }
 }
 
 impl Default for NarReader {
@@ -209,23 +255,8 @@ impl NarReader {
     /// A reader that validates and hashes.
     pub fn new() -> Self {
         Self {
-            expect: Expect::Magic,
-            phase: Phase::Length { filled: 0 },
-            offset: 0,
-            token_start: 0,
-            length: [0; 8],
-            token_len: 0,
-            token: Vec::with_capacity(64),
-            executable: false,
-            contents_size: 0,
-            contents_offset: 0,
-            directories: Vec::new(),
-            root: None,
-            target: Vec::new(),
-            want_listing: false,
-            listing_budget: 0,
+            grammar: NarGrammar::new(),
             hasher: Sha256Hasher::new(),
-            error: None,
         }
     }
 
@@ -244,28 +275,80 @@ impl NarReader {
     /// six for names made of control characters, its rendered size).
     pub fn with_listing_budget(budget: usize) -> Self {
         Self {
+            grammar: NarGrammar::with_listing_budget(budget),
+            hasher: Sha256Hasher::new(),
+        }
+    }
+
+    /// The number of bytes fed so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.grammar.offset
+    }
+
+    /// Whether the archive is complete (more bytes would be an error).
+    pub fn is_complete(&self) -> bool {
+        self.grammar.is_complete()
+    }
+
+    /// Feeds the next chunk of the archive.
+    pub fn update(&mut self, data: &[u8]) -> Result<(), NarError> {
+        if self.grammar.error.is_none() {
+            self.hasher.update(data);
+        }
+        self.grammar.update(data)
+    }
+
+    /// Ends the archive: checks that it is complete and returns its hash,
+    /// size and (when asked for) listing.
+    pub fn finish(self) -> Result<NarSummary, NarError> {
+        let (_, listing) = self.grammar.finish()?;
+        let (hash, nar_size) = self.hasher.finish();
+        Ok(NarSummary {
+            nar_hash: NarHash::new(hash),
+            nar_size,
+            listing,
+        })
+    }
+}
+
+impl NarGrammar {
+    fn new() -> Self {
+        Self {
+            expect: Expect::Magic,
+            phase: Phase::Length { filled: 0 },
+            offset: 0,
+            token_start: 0,
+            length: [0; 8],
+            token_len: 0,
+            token: Vec::with_capacity(64),
+            executable: false,
+            contents_size: 0,
+            contents_offset: 0,
+            directories: Vec::new(),
+            root: None,
+            target: Vec::new(),
+            want_listing: false,
+            listing_budget: 0,
+            error: None,
+        }
+    }
+
+    fn with_listing_budget(budget: usize) -> Self {
+        Self {
             want_listing: true,
             listing_budget: budget,
             ..Self::new()
         }
     }
 
-    /// The number of bytes fed so far.
-    pub fn bytes_read(&self) -> u64 {
-        self.offset
-    }
-
-    /// Whether the archive is complete (more bytes would be an error).
-    pub fn is_complete(&self) -> bool {
+    fn is_complete(&self) -> bool {
         self.error.is_none() && self.expect == Expect::End
     }
 
-    /// Feeds the next chunk of the archive.
-    pub fn update(&mut self, data: &[u8]) -> Result<(), NarError> {
+    fn update(&mut self, data: &[u8]) -> Result<(), NarError> {
         if let Some(error) = &self.error {
             return Err(error.clone());
         }
-        self.hasher.update(data);
         let result = self.consume(data);
         if let Err(error) = &result {
             self.error = Some(error.clone());
@@ -273,9 +356,8 @@ impl NarReader {
         result
     }
 
-    /// Ends the archive: checks that it is complete and returns its hash,
-    /// size and (when asked for) listing.
-    pub fn finish(self) -> Result<NarSummary, NarError> {
+    /// Checks that the archive is complete; its size and listing.
+    fn finish(self) -> Result<(u64, Option<NarListing>), NarError> {
         if let Some(error) = self.error {
             return Err(error);
         }
@@ -287,12 +369,7 @@ impl NarReader {
                 },
             });
         }
-        let (hash, nar_size) = self.hasher.finish();
-        Ok(NarSummary {
-            nar_hash: NarHash::new(hash),
-            nar_size,
-            listing: self.root.map(|root| NarListing { root }),
-        })
+        Ok((self.offset, self.root.map(|root| NarListing { root })))
     }
 
     fn fail<T>(&self, offset: u64, kind: NarErrorKind) -> Result<T, NarError> {
