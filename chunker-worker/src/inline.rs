@@ -28,7 +28,7 @@ use common::storage::pack::{PackWriter, PackedRange};
 use common::storage::StorageError;
 use common::worker::{finalise_nar, staged_object_key, upload_made_visible, JobError};
 
-use crate::{cut, Chunker, Cut, CutChunk, CutError};
+use crate::{cut, Chunker, Cut, CutChunk, CutError, StagedDigest};
 
 /// The largest NAR the chunker stores itself; larger ones are cut as
 /// they stream and compressed by compress jobs. A few chunks: one
@@ -135,13 +135,14 @@ impl Chunker {
             read => read?,
         };
         let nar_size = upload.nar_size;
+        let expected = StagedDigest::of(upload);
         let data = bytes.clone();
         // Hashing, cutting and reading the NAR are CPU work.
         let (chunks, found) = tokio::task::spawn_blocking(move || {
             // Room for every chunk the NAR can have, so that no send waits.
             let capacity = usize::try_from(max_chunk_entries(nar_size)).unwrap_or(usize::MAX) + 1;
             let (sender, mut receiver) = mpsc::channel(capacity.min(1 << 16));
-            let found = cut(&data[..], nar_size, &sender)?;
+            let found = cut(&data[..], nar_size, expected, &sender)?;
             drop(sender);
             let mut chunks = Vec::new();
             while let Ok(chunk) = receiver.try_recv() {

@@ -18,8 +18,10 @@
 //!   the largest chunk) and cut with FastCDC 16/64/256 KiB (NARs under
 //!   64 KiB are one chunk; the sizes are `common::chunking`'s), each chunk
 //!   hashed with SHA-256, while the whole goes through the strict NAR
-//!   reader, which hashes it (to check that staging still holds what the
-//!   API verified) and builds its `.ls` listing within a budget.
+//!   reader, which builds its `.ls` listing within a budget, and a CRC-32
+//!   checked against the one the API recorded as it wrote the staged copy
+//!   (so that staging still holds what the API verified; uploads recorded
+//!   before the CRC was kept are hashed whole instead, see [`StagedDigest`]).
 //!   Chunks are looked up and created in batches of about
 //!   [`LOOKUP_BATCH_BYTES`], and the new ones go out in [`CompressJob`]s of
 //!   about one pack each (`[pipeline] pack-size` of chunk data: the
@@ -60,7 +62,7 @@ use common::db::{
     UploadId, UploadPhase,
 };
 use common::metrics::{larder, PushStage};
-use common::nix::nar::{NarError, NarReader};
+use common::nix::nar::{NarError, NarListing, NarReader, UnhashedNarReader};
 use common::nix::{NarHash, Sha256Hash};
 use common::queue::{publish_job, ChunkJob, ChunkRange, CompressJob, Queue, QueueError};
 use common::service::{self, ServiceError, Services};
@@ -181,6 +183,8 @@ struct CutChunk {
     offset: u64,
     length: u64,
     hash: Sha256Hash,
+    /// Of the same bytes, for the compressor's check (`ChunkRange::crc32`).
+    crc32: u32,
 }
 
 impl Chunker {
@@ -287,6 +291,8 @@ impl Chunker {
                     chunk_id: chunk.id.0,
                     offset,
                     length: chunk.chunk_size,
+                    // Not read here: the compressor checks by SHA-256.
+                    crc32: None,
                 });
             }
             offset += chunk.chunk_size;
@@ -325,10 +331,12 @@ impl Chunker {
         );
         let (sender, mut receiver) = mpsc::channel(CUT_AHEAD);
         let nar_size = upload.nar_size;
+        let expected = StagedDigest::of(upload);
         // Hashing and cutting are CPU work: a blocking thread reads the
         // stream through a bridge and hands chunks over.
-        let cutter =
-            tokio::task::spawn_blocking(move || cut(SyncIoBridge::new(reader), nar_size, &sender));
+        let cutter = tokio::task::spawn_blocking(move || {
+            cut(SyncIoBridge::new(reader), nar_size, expected, &sender)
+        });
 
         let mut listed = ListedSoFar::new(self.pack_size);
         let mut batch: Vec<CutChunk> = Vec::new();
@@ -419,6 +427,7 @@ impl Chunker {
                     chunk_id: row.id.0,
                     offset: chunk.offset,
                     length: chunk.length,
+                    crc32: Some(chunk.crc32),
                 }));
             } else {
                 // Stored already, or earlier in this NAR.
@@ -503,9 +512,94 @@ impl PackJob {
     }
 }
 
+/// What a staged NAR read back is checked against, so that a NAR is never
+/// stored from a staged copy that is not the one the API verified: the
+/// CRC-32 the API recorded as it wrote the copy, or, for an upload recorded
+/// before the CRC was kept, the NAR hash (a second SHA-256 of the whole,
+/// which costs as much CPU as cutting it). A CRC is enough here: it guards
+/// against storage losing or damaging bytes, not against a sender, whose
+/// bytes the API's SHA-256 verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StagedDigest {
+    Crc32(u32),
+    NarHash(NarHash),
+}
+
+impl StagedDigest {
+    /// What `upload`'s staged copy must read back as.
+    fn of(upload: &Upload) -> Self {
+        match upload.staged_crc32 {
+            Some(crc32) => Self::Crc32(crc32),
+            None => Self::NarHash(upload.nar_hash),
+        }
+    }
+}
+
+impl std::fmt::Display for StagedDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Crc32(crc32) => write!(f, "CRC-32 {crc32:08x}"),
+            Self::NarHash(hash) => write!(f, "hash {hash}"),
+        }
+    }
+}
+
+/// The strict NAR reader over a staged copy, computing the kind of
+/// [`StagedDigest`] it will be checked against.
+enum StagedReader {
+    Crc32(UnhashedNarReader, crc32fast::Hasher),
+    NarHash(NarReader),
+}
+
+impl StagedReader {
+    fn new(expected: StagedDigest) -> Self {
+        match expected {
+            StagedDigest::Crc32(_) => Self::Crc32(
+                UnhashedNarReader::with_listing_budget(LISTING_BUDGET),
+                crc32fast::Hasher::new(),
+            ),
+            StagedDigest::NarHash(_) => {
+                Self::NarHash(NarReader::with_listing_budget(LISTING_BUDGET))
+            }
+        }
+    }
+
+    fn update(&mut self, data: &[u8]) -> Result<(), NarError> {
+        match self {
+            Self::Crc32(reader, crc32) => {
+                crc32.update(data);
+                reader.update(data)
+            }
+            Self::NarHash(reader) => reader.update(data),
+        }
+    }
+
+    /// The NAR's digest, size and listing.
+    fn finish(self) -> Result<(StagedDigest, u64, Option<NarListing>), NarError> {
+        Ok(match self {
+            Self::Crc32(reader, crc32) => {
+                let shape = reader.finish()?;
+                (
+                    StagedDigest::Crc32(crc32.finalize()),
+                    shape.nar_size,
+                    shape.listing,
+                )
+            }
+            Self::NarHash(reader) => {
+                let summary = reader.finish()?;
+                (
+                    StagedDigest::NarHash(summary.nar_hash),
+                    summary.nar_size,
+                    summary.listing,
+                )
+            }
+        })
+    }
+}
+
 /// What cutting a staged NAR found besides its chunks.
 struct Cut {
-    nar_hash: NarHash,
+    digest: StagedDigest,
     size: u64,
     /// Its `.ls` listing, compressed; none when it was over
     /// [`LISTING_BUDGET`].
@@ -544,30 +638,36 @@ fn cut_error(staged: &ObjectKey, error: CutError) -> JobError {
 
 /// Fails for good unless the staged NAR cut is the one the upload verified.
 fn check_cut(upload: &Upload, staged: &ObjectKey, cut: &Cut) -> Result<(), JobError> {
-    if cut.size != upload.nar_size || cut.nar_hash != upload.nar_hash {
+    let expected = StagedDigest::of(upload);
+    if cut.size != upload.nar_size || cut.digest != expected {
         return Err(JobError::Permanent(format!(
-            "the staged NAR {staged} no longer matches its upload ({} bytes with hash {}, \
-             expected {} bytes with hash {}): staging storage corrupted it; push the path \
+            "the staged NAR {staged} no longer matches its upload ({} bytes with {}, \
+             expected {} bytes with {expected}): staging storage corrupted it; push the path \
              again",
-            cut.size, cut.nar_hash, upload.nar_size, upload.nar_hash,
+            cut.size, cut.digest, upload.nar_size,
         )));
     }
     Ok(())
 }
 
 /// Cuts `reader` into chunks, sending each (offset, length, SHA-256) to
-/// `chunks`, while the strict NAR reader hashes the whole and builds its
-/// listing. A NAR declared smaller than [`ONE_CHUNK_BELOW`] is one chunk.
-/// Stops early, with an error, when the receiver has gone (the job
-/// failed) or the bytes are not a NAR.
-fn cut(reader: impl Read, nar_size: u64, chunks: &mpsc::Sender<CutChunk>) -> Result<Cut, CutError> {
+/// `chunks`, while the strict NAR reader builds its listing and the whole
+/// is digested the way `expected` was. A NAR declared smaller than
+/// [`ONE_CHUNK_BELOW`] is one chunk. Stops early, with an error, when the
+/// receiver has gone (the job failed) or the bytes are not a NAR.
+fn cut(
+    reader: impl Read,
+    nar_size: u64,
+    expected: StagedDigest,
+    chunks: &mpsc::Sender<CutChunk>,
+) -> Result<Cut, CutError> {
     let started = Instant::now();
     let mut reader = TimedReader {
         inner: reader,
         reading: Duration::ZERO,
     };
     let mut waiting = Duration::ZERO;
-    let cut = cut_timed(&mut reader, nar_size, chunks, &mut waiting);
+    let cut = cut_timed(&mut reader, nar_size, expected, chunks, &mut waiting);
     // The stage is the cutting itself: reads and waits for the database
     // (a full channel) count elsewhere.
     let metrics = larder();
@@ -601,16 +701,18 @@ impl<R: Read> Read for TimedReader<R> {
 fn cut_timed(
     mut reader: impl Read,
     nar_size: u64,
+    expected: StagedDigest,
     chunks: &mpsc::Sender<CutChunk>,
     waiting: &mut Duration,
 ) -> Result<Cut, CutError> {
-    let mut nar = NarReader::with_listing_budget(LISTING_BUDGET);
+    let mut nar = StagedReader::new(expected);
     let mut send = |offset: u64, data: &[u8]| -> Result<(), CutError> {
         nar.update(data).map_err(CutError::NotANar)?;
         let chunk = CutChunk {
             offset,
             length: data.len() as u64,
             hash: Sha256Hash::digest(data),
+            crc32: crc32fast::hash(data),
         };
         let started = Instant::now();
         let sent = chunks.blocking_send(chunk);
@@ -634,8 +736,8 @@ fn cut_timed(
             send(chunk.offset, &chunk.data)?;
         }
     }
-    let summary = nar.finish().map_err(CutError::NotANar)?;
-    let listing = summary.listing.and_then(|listing| {
+    let (digest, size, listing) = nar.finish().map_err(CutError::NotANar)?;
+    let listing = listing.and_then(|listing| {
         EncodedListing::encode(&listing)
             .inspect_err(
                 |error| tracing::warn!(%error, "could not compress a NAR listing; storing none"),
@@ -643,8 +745,8 @@ fn cut_timed(
             .ok()
     });
     Ok(Cut {
-        nar_hash: summary.nar_hash,
-        size: summary.nar_size,
+        digest,
+        size,
         listing,
     })
 }
@@ -655,9 +757,19 @@ mod tests {
 
     use super::*;
 
+    /// Cuts `data` as an upload recorded without a CRC is cut.
     fn cut_all(data: &[u8], declared: u64) -> Result<(Vec<CutChunk>, Cut), CutError> {
+        let unchecked = StagedDigest::NarHash(NarHash::new(Sha256Hash::digest(b"")));
+        cut_expecting(data, declared, unchecked)
+    }
+
+    fn cut_expecting(
+        data: &[u8],
+        declared: u64,
+        expected: StagedDigest,
+    ) -> Result<(Vec<CutChunk>, Cut), CutError> {
         let (sender, mut receiver) = mpsc::channel(1 << 16);
-        let cut = cut(data, declared, &sender)?;
+        let cut = cut(data, declared, expected, &sender)?;
         drop(sender);
         let mut out = Vec::new();
         while let Ok(chunk) = receiver.try_recv() {
@@ -691,20 +803,24 @@ mod tests {
     }
 
     /// The hash, size and listing JSON the reference reader finds.
-    fn expected(nar: &[u8]) -> (NarHash, u64, Vec<u8>) {
+    fn expected(nar: &[u8]) -> (StagedDigest, u64, Vec<u8>) {
         let summary = read_nar(nar, true).expect("a valid NAR");
         let listing = summary.listing.expect("a listing").to_json();
-        (summary.nar_hash, summary.nar_size, listing)
+        (
+            StagedDigest::NarHash(summary.nar_hash),
+            summary.nar_size,
+            listing,
+        )
     }
 
-    fn found(cut: &Cut) -> (NarHash, u64, Vec<u8>) {
+    fn found(cut: &Cut) -> (StagedDigest, u64, Vec<u8>) {
         let listing = cut
             .listing
             .as_ref()
             .expect("a listing within the budget")
             .decode()
             .expect("decoding the listing");
-        (cut.nar_hash, cut.size, listing)
+        (cut.digest, cut.size, listing)
     }
 
     #[test]
@@ -736,6 +852,30 @@ mod tests {
         assert_eq!(offset, nar.len() as u64);
         assert!(chunks.len() > 10, "{} chunks", chunks.len());
         assert!(chunks.len() as u64 <= common::chunking::max_chunk_entries(offset));
+    }
+
+    #[test]
+    fn a_staged_copy_with_a_crc_is_checked_by_its_crc_and_cut_the_same() {
+        let nar = nar_of(&noise(3 << 20));
+        let recorded = StagedDigest::Crc32(crc32fast::hash(&nar));
+        let (by_crc, cut) = cut_expecting(&nar, nar.len() as u64, recorded).expect("cutting");
+        let (by_hash, _) = cut_all(&nar, nar.len() as u64).expect("cutting");
+        assert_eq!(cut.digest, recorded);
+        let (_, size, listing) = expected(&nar);
+        assert_eq!((cut.size, found(&cut).2), (size, listing));
+        let ranges = |chunks: &[CutChunk]| -> Vec<_> {
+            chunks
+                .iter()
+                .map(|c| (c.offset, c.length, c.hash))
+                .collect()
+        };
+        assert_eq!(ranges(&by_crc), ranges(&by_hash));
+
+        // One byte changed in the staged copy: its CRC differs.
+        let mut damaged = nar.clone();
+        damaged[1 << 20] ^= 1;
+        let (_, cut) = cut_expecting(&damaged, nar.len() as u64, recorded).expect("cutting");
+        assert_ne!(cut.digest, recorded);
     }
 
     #[test]

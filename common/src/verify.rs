@@ -120,6 +120,10 @@ impl Limits {
 pub struct Verified {
     pub nar_hash: NarHash,
     pub nar_size: u64,
+    /// The CRC-32 of the NAR bytes handed out: of what staging holds once
+    /// they are written. The chunker checks the staged copy against it
+    /// instead of hashing the NAR again.
+    pub crc32: u32,
 }
 
 /// Why a body was refused. [`VerifyError::is_too_large`] tells the limits
@@ -231,6 +235,8 @@ struct Checks {
     /// it is not hashed twice.
     file_hasher: Option<Sha256Hasher>,
     nar: NarReader,
+    /// The CRC-32 of the NAR bytes handed out (`Verified::crc32`).
+    crc32: crc32fast::Hasher,
     /// Body bytes consumed so far.
     consumed: u64,
     /// NAR bytes decoded (and handed out) so far.
@@ -284,6 +290,7 @@ impl NarVerifier {
                 limits,
                 file_hasher: (encoding != Encoding::Plain).then(Sha256Hasher::new),
                 nar: NarReader::new(),
+                crc32: crc32fast::Hasher::new(),
                 consumed: 0,
                 decoded: 0,
             },
@@ -380,6 +387,7 @@ impl NarVerifier {
         Ok(Verified {
             nar_hash: summary.nar_hash,
             nar_size: summary.nar_size,
+            crc32: checks.crc32.finalize(),
         })
     }
 }
@@ -413,6 +421,7 @@ impl Checks {
                 .min(max_output - produced);
             let slice = frame.split_to(n);
             self.nar.update(&slice)?;
+            self.crc32.update(&slice);
             self.consumed += n as u64;
             self.decoded += n as u64;
             produced += n;
@@ -487,6 +496,7 @@ impl Checks {
                     buffer.truncate(start);
                     return Err(error.into());
                 }
+                self.crc32.update(&buffer[start..]);
                 self.decoded += step.written as u64;
             }
             if let Some(failure) = step.failure {

@@ -201,14 +201,15 @@ impl Compressor {
                 *next = start + length;
             }
             let bytes = Bytes::from(bytes);
-            let chunks: Vec<(Chunk, Bytes)> = piece
+            let chunks: Vec<StagedChunk> = piece
                 .iter()
                 .map(|(range, chunk)| {
                     let from = (range.offset - start) as usize;
-                    (
-                        chunk.clone(),
-                        bytes.slice(from..from + range.length as usize),
-                    )
+                    StagedChunk {
+                        chunk: chunk.clone(),
+                        crc32: range.crc32,
+                        data: bytes.slice(from..from + range.length as usize),
+                    }
                 })
                 .collect();
             let level = self.compression_level;
@@ -310,32 +311,64 @@ fn read_pieces(chunks: &[(ChunkRange, Chunk)], max_bytes: u64) -> Vec<&[(ChunkRa
     })
 }
 
-/// Checks each chunk's bytes against its row and compresses them into one
-/// zstd frame each.
-fn compress_checked(
-    chunks: Vec<(Chunk, Bytes)>,
-    level: i32,
-) -> Result<Vec<(Chunk, Bytes)>, JobError> {
+/// A chunk's bytes as read back from its staged NAR.
+struct StagedChunk {
+    chunk: Chunk,
+    /// What the chunker's CRC-32 of them was, if the job says.
+    crc32: Option<u32>,
+    data: Bytes,
+}
+
+impl StagedChunk {
+    /// Fails for good unless the bytes are the chunk's. A chunk stored
+    /// under the wrong hash would corrupt every NAR that shares it, so the
+    /// bytes are checked: against the CRC-32 the chunker took of the bytes
+    /// it computed the chunk's SHA-256 of, when the job carries it (a tenth
+    /// of the CPU of a SHA-256), else against the SHA-256 itself.
+    fn check(&self) -> Result<(), JobError> {
+        let Self { chunk, crc32, data } = self;
+        let size_matches = data.len() as u64 == chunk.chunk_size;
+        let (matches, found, expected) = match crc32 {
+            Some(expected) => {
+                let found = crc32fast::hash(data);
+                (
+                    size_matches && found == *expected,
+                    format!("CRC-32 {found:08x}"),
+                    format!("CRC-32 {expected:08x}"),
+                )
+            }
+            None => {
+                let found = Sha256Hash::digest(data);
+                (
+                    size_matches && found == chunk.chunk_hash,
+                    format!("hash {}", found.to_hex()),
+                    format!("hash {}", chunk.chunk_hash.to_hex()),
+                )
+            }
+        };
+        if matches {
+            return Ok(());
+        }
+        Err(JobError::Permanent(format!(
+            "the staged bytes of chunk {} do not match it ({} bytes with {found}, expected {} \
+             bytes with {expected}): staging storage corrupted them; push the path again",
+            chunk.id,
+            data.len(),
+            chunk.chunk_size,
+        )))
+    }
+}
+
+/// Checks each chunk's bytes and compresses them into one zstd frame each.
+fn compress_checked(chunks: Vec<StagedChunk>, level: i32) -> Result<Vec<(Chunk, Bytes)>, JobError> {
     chunks
         .into_iter()
-        .map(|(chunk, data)| {
-            let hash = Sha256Hash::digest(&data);
-            if hash != chunk.chunk_hash || data.len() as u64 != chunk.chunk_size {
-                return Err(JobError::Permanent(format!(
-                    "the staged bytes of chunk {} do not match it ({} bytes with hash {}, \
-                     expected {} bytes with hash {}): staging storage corrupted them; push the \
-                     path again",
-                    chunk.id,
-                    data.len(),
-                    hash.to_hex(),
-                    chunk.chunk_size,
-                    chunk.chunk_hash.to_hex(),
-                )));
-            }
-            let frame = compress_frame(&data, level).map_err(|error| {
-                JobError::Permanent(format!("compressing chunk {}: {error}", chunk.id))
+        .map(|staged| {
+            staged.check()?;
+            let frame = compress_frame(&staged.data, level).map_err(|error| {
+                JobError::Permanent(format!("compressing chunk {}: {error}", staged.chunk.id))
             })?;
-            Ok((chunk, Bytes::from(frame)))
+            Ok((staged.chunk, Bytes::from(frame)))
         })
         .collect()
 }
@@ -372,6 +405,7 @@ mod tests {
                 chunk_id: id,
                 offset,
                 length,
+                crc32: Some(crc32fast::hash(&data)),
             },
             Chunk {
                 id: ChunkId(id),
@@ -414,12 +448,28 @@ mod tests {
     fn frames_decompress_to_checked_bytes_and_mismatches_are_permanent() {
         let (_, chunk) = entry(7, 0, 1000);
         let data = Bytes::from(vec![7u8; 1000]);
-        let frames = compress_checked(vec![(chunk.clone(), data.clone())], 3).expect("compressing");
-        let restored = zstd::bulk::decompress(&frames[0].1, 1000).expect("decompressing");
-        assert_eq!(restored, data);
+        let staged = |crc32, data: &Bytes| StagedChunk {
+            chunk: chunk.clone(),
+            crc32,
+            data: data.clone(),
+        };
+        let good_crc32 = Some(crc32fast::hash(&data));
+        for crc32 in [None, good_crc32] {
+            let frames = compress_checked(vec![staged(crc32, &data)], 3).expect("compressing");
+            let restored = zstd::bulk::decompress(&frames[0].1, 1000).expect("decompressing");
+            assert_eq!(restored, data);
+        }
 
-        let error = compress_checked(vec![(chunk, Bytes::from(vec![8u8; 1000]))], 3)
-            .expect_err("corrupted bytes");
-        assert!(error.is_permanent(), "{error:?}");
+        let corrupted = Bytes::from(vec![8u8; 1000]);
+        let cut_short = data.slice(..999);
+        for (crc32, data) in [
+            (None, &corrupted),
+            (good_crc32, &corrupted),
+            (None, &cut_short),
+            (Some(crc32fast::hash(&cut_short)), &cut_short),
+        ] {
+            let error = compress_checked(vec![staged(crc32, data)], 3).expect_err("bad bytes");
+            assert!(error.is_permanent(), "{error:?}");
+        }
     }
 }

@@ -33,13 +33,12 @@ use common::db::{
 use common::metrics::{larder, PushStage};
 use common::nix::{NarHash, StoreDir, StorePath, StorePathHash};
 use common::queue::{publish_job, ChunkJob};
-use common::storage::ObjectKey;
 use common::upload_info::PathFields;
 
 use crate::access::Caller;
 use crate::error::ApiError;
 use crate::quota;
-use crate::spool;
+use crate::spool::{self, Spooled};
 use crate::state::AppState;
 
 /// A pushed path whose metadata has been validated against its cache.
@@ -150,14 +149,20 @@ pub async fn record_upload(
     cache: &Cache,
     caller: &Caller,
     path: PushedPath,
-    staged_key: ObjectKey,
+    spooled: Spooled,
     wait: Duration,
 ) -> Result<UploadPathResult, ApiError> {
-    let new = new_upload(cache, caller, path, staged_key.as_str());
+    let new = new_upload(
+        cache,
+        caller,
+        path,
+        spooled.key.as_str(),
+        Some(spooled.crc32),
+    );
     let upload = match state.database.create_upload(&new, Timestamp::now()).await {
         Ok(upload) => upload,
         Err(error) => {
-            spool::discard(state.storage.as_ref(), &staged_key).await;
+            spool::discard(state.storage.as_ref(), &spooled.key).await;
             return Err(quota::record_error(&cache.name, error));
         }
     };
@@ -177,7 +182,7 @@ pub async fn record_staged_file_upload(
     file: &StagedFile,
     wait: Duration,
 ) -> Result<Option<UploadPathResult>, ApiError> {
-    let new = new_upload(cache, caller, path, &file.staged_key);
+    let new = new_upload(cache, caller, path, &file.staged_key, file.staged_crc32);
     let claimed = state
         .database
         .claim_staged_file(&new, &file.file_name, Timestamp::now())
@@ -217,9 +222,15 @@ fn answer(upload: Upload) -> Result<UploadPathResult, ApiError> {
     })
 }
 
-/// The upload row for `path`, its NAR staged at `staged_key`, with a fresh
-/// trace id.
-fn new_upload(cache: &Cache, caller: &Caller, path: PushedPath, staged_key: &str) -> NewUpload {
+/// The upload row for `path`, its NAR staged at `staged_key` with that
+/// CRC-32, with a fresh trace id.
+fn new_upload(
+    cache: &Cache,
+    caller: &Caller,
+    path: PushedPath,
+    staged_key: &str,
+    staged_crc32: Option<u32>,
+) -> NewUpload {
     NewUpload {
         cache_id: cache.id,
         store_path_hash: path.store_path_hash,
@@ -227,6 +238,7 @@ fn new_upload(cache: &Cache, caller: &Caller, path: PushedPath, staged_key: &str
         nar_size: path.nar_size,
         metadata: path.metadata,
         staged_key: staged_key.to_owned(),
+        staged_crc32,
         trace_id: Some(UploadId::random().to_string()),
         created_by: caller.subject().map(str::to_owned),
     }

@@ -72,6 +72,8 @@ pub struct Spooled {
     pub key: ObjectKey,
     pub nar_hash: common::nix::NarHash,
     pub nar_size: u64,
+    /// The CRC-32 of the staged bytes, recorded with them for the chunker.
+    pub crc32: u32,
 }
 
 /// A fresh staging key, `staging/<32 random lowercase hex>.nar`.
@@ -232,6 +234,7 @@ pub async fn spool(
             key,
             nar_hash: verified.nar_hash,
             nar_size: verified.nar_size,
+            crc32: verified.crc32,
         }),
         Err(error) => {
             discard(storage.as_ref(), &key).await;

@@ -212,6 +212,7 @@ fn new_upload(cache_id: CacheId, hash: StorePathHash, n: u8) -> NewUpload {
         nar_size: 4096,
         metadata: metadata(&hash),
         staged_key: format!("staging/{hash}.nar"),
+        staged_crc32: Some(u32::from(n) << 24 | 0xab_cdef),
         trace_id: Some("trace-1".to_owned()),
         created_by: Some("alice".to_owned()),
     }
@@ -1371,6 +1372,7 @@ fn staged_file(cache_id: CacheId, key: &str, at: Timestamp) -> StagedFile {
         cache_id,
         file_name: "x.nar.zst".to_owned(),
         staged_key: key.to_owned(),
+        staged_crc32: Some(0xfedc_ba98),
         nar_hash: nar_hash(1),
         nar_size: 4096,
         created_at: at,
@@ -1400,6 +1402,7 @@ async fn a_staged_file_is_kept_once_and_claimed_once(t: TestDb) {
         .expect("lookup")
         .expect("the staged file");
     assert_eq!(kept.staged_key, "staging/first.nar");
+    assert_eq!(kept.staged_crc32, Some(0xfedc_ba98));
     assert_eq!(kept.created_at, at(5), "its wait starts again");
 
     // A claim naming another copy than the one recorded claims nothing.
@@ -1485,6 +1488,7 @@ async fn uploads_move_forward_through_their_phases(t: TestDb) {
     assert_eq!(upload.nar_size, 4096);
     assert_eq!(upload.metadata, new.metadata);
     assert_eq!(upload.staged_key, new.staged_key);
+    assert_eq!(upload.staged_crc32, new.staged_crc32);
     assert_eq!(upload.nar_id, None);
     assert_eq!(upload.error, None);
     assert_eq!(upload.attempts, 0);

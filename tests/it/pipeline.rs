@@ -204,6 +204,7 @@ impl Rig {
                 ca: None,
             },
             staged_key,
+            staged_crc32: Some(crc32fast::hash(nar)),
             trace_id: Some(hex_id()),
             created_by: Some("tests".to_owned()),
         };
@@ -545,6 +546,7 @@ async fn redelivered_jobs_change_nothing(rig: &Rig) {
                 chunk_id: entry.chunk.id.0,
                 offset,
                 length: entry.chunk.chunk_size,
+                crc32: None,
             };
             offset += entry.chunk.chunk_size;
             range

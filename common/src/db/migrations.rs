@@ -87,6 +87,12 @@ const MIGRATIONS: &[Embedded] = &[
         sqlite: include_str!("../../migrations/sqlite/0010_realisations.sql"),
         postgres: include_str!("../../migrations/postgres/0010_realisations.sql"),
     },
+    Embedded {
+        version: 11,
+        description: "staged_crc32",
+        sqlite: include_str!("../../migrations/sqlite/0011_staged_crc32.sql"),
+        postgres: include_str!("../../migrations/postgres/0011_staged_crc32.sql"),
+    },
 ];
 
 /// The file names the embedded list stands for, per backend directory, so

@@ -19,7 +19,7 @@ use super::error::{constraint_error, query_error, Result};
 use super::nars::{nar_from_row, JOINED_NAR, JOINED_NAR_SELECT};
 use super::objects::{upsert_counted_object_on, NewObject, Object, ObjectMetadata};
 use super::quota::{adjust_usage_on, lock_cache_on, lock_existing_cache_on, make_room_on, Charge};
-use super::row::{i64_col, nar_hash_col, string_col, time_col, to_i64, u64_col};
+use super::row::{i64_col, nar_hash_col, opt_u32_col, string_col, time_col, to_i64, u64_col};
 use super::types::{CacheId, Timestamp};
 use super::{Backend, Database, Nar};
 use crate::nix::{NarHash, StorePathHash};
@@ -33,19 +33,23 @@ pub struct StagedFile {
     pub file_name: String,
     /// Where the uncompressed NAR sits in staging storage.
     pub staged_key: String,
+    /// The CRC-32 of the staged bytes, as the API wrote them; `None` for
+    /// files staged before it was kept.
+    pub staged_crc32: Option<u32>,
     pub nar_hash: NarHash,
     pub nar_size: u64,
     pub created_at: Timestamp,
 }
 
 pub(crate) const STAGED_FILE_COLUMNS: &str =
-    "cache_id, file_name, staged_key, nar_hash, nar_size, created_at";
+    "cache_id, file_name, staged_key, staged_crc32, nar_hash, nar_size, created_at";
 
 pub(crate) fn staged_file_from_row(row: &AnyRow) -> Result<StagedFile> {
     Ok(StagedFile {
         cache_id: CacheId(i64_col(row, "cache_id")?),
         file_name: string_col(row, "file_name")?,
         staged_key: string_col(row, "staged_key")?,
+        staged_crc32: opt_u32_col(row, "staged_crc32")?,
         nar_hash: nar_hash_col(row, "nar_hash")?,
         nar_size: u64_col(row, "nar_size")?,
         created_at: time_col(row, "created_at")?,
@@ -90,12 +94,13 @@ impl Database {
             None => {
                 make_room_on(&mut tx, &mut cache, self.quota, file.nar_size, None).await?;
                 sqlx::query(
-                    "INSERT INTO staged_files (cache_id, file_name, staged_key, nar_hash, \
-                     nar_size, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                    "INSERT INTO staged_files (cache_id, file_name, staged_key, staged_crc32, \
+                     nar_hash, nar_size, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 )
                 .bind(file.cache_id.0)
                 .bind(file.file_name.as_str())
                 .bind(file.staged_key.as_str())
+                .bind(file.staged_crc32.map(i64::from))
                 .bind(file.nar_hash.to_string())
                 .bind(to_i64("NAR size", file.nar_size)?)
                 .bind(file.created_at.unix_millis())

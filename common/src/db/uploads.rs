@@ -21,8 +21,8 @@ use super::quota::{
     QuotaDefaults,
 };
 use super::row::{
-    i64_col, json_col, nar_hash_col, opt_i64_col, opt_string_col, parsed_col, store_path_hash_col,
-    string_col, time_col, to_i64, to_json, u32_col, u64_col,
+    i64_col, json_col, nar_hash_col, opt_i64_col, opt_string_col, opt_u32_col, parsed_col,
+    store_path_hash_col, string_col, time_col, to_i64, to_json, u32_col, u64_col,
 };
 use super::types::{CacheId, NarId, StoreState, Timestamp};
 use super::upload_events::announce_on;
@@ -175,6 +175,8 @@ pub struct NewUpload {
     pub metadata: ObjectMetadata,
     /// Where the spooled NAR sits in staging storage.
     pub staged_key: String,
+    /// The CRC-32 of the staged bytes, as the API wrote them.
+    pub staged_crc32: Option<u32>,
     pub trace_id: Option<String>,
     /// The `sub` of the pushing token.
     pub created_by: Option<String>,
@@ -191,6 +193,9 @@ pub struct Upload {
     pub metadata: ObjectMetadata,
     pub phase: UploadPhase,
     pub staged_key: String,
+    /// The CRC-32 of the staged bytes, as the API wrote them; `None` for
+    /// uploads recorded before it was kept.
+    pub staged_crc32: Option<u32>,
     /// Set once the upload is linked to its NAR row.
     pub nar_id: Option<NarId>,
     /// Why it failed, readable by the user.
@@ -204,8 +209,8 @@ pub struct Upload {
 }
 
 const UPLOAD_COLUMNS: &str = "id, cache_id, store_path_hash, nar_hash, nar_size, \
-    object_metadata, phase, staged_key, nar_id, error, attempts, trace_id, created_by, \
-    created_at, updated_at";
+    object_metadata, phase, staged_key, staged_crc32, nar_id, error, attempts, trace_id, \
+    created_by, created_at, updated_at";
 
 fn upload_from_row(row: &AnyRow) -> Result<Upload> {
     Ok(Upload {
@@ -217,6 +222,7 @@ fn upload_from_row(row: &AnyRow) -> Result<Upload> {
         metadata: json_col(row, "object_metadata")?,
         phase: parsed_col(row, "phase")?,
         staged_key: string_col(row, "staged_key")?,
+        staged_crc32: opt_u32_col(row, "staged_crc32")?,
         nar_id: opt_i64_col(row, "nar_id")?.map(NarId),
         error: opt_string_col(row, "error")?,
         attempts: u32_col(row, "attempts")?,
@@ -250,9 +256,9 @@ async fn create_upload_on(
     let id = UploadId::random();
     let sql = format!(
         "INSERT INTO uploads (id, cache_id, store_path_hash, nar_hash, nar_size, \
-         object_metadata, phase, staged_key, attempts, trace_id, created_by, created_at, \
-         updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, 'spooled', $7, 0, $8, $9, $10, $10) \
+         object_metadata, phase, staged_key, staged_crc32, attempts, trace_id, created_by, \
+         created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, 'spooled', $7, $8, 0, $9, $10, $11, $11) \
          RETURNING {UPLOAD_COLUMNS}"
     );
     let row = sqlx::query(&sql)
@@ -263,6 +269,7 @@ async fn create_upload_on(
         .bind(to_i64("NAR size", new.nar_size)?)
         .bind(to_json("object metadata", &new.metadata)?)
         .bind(new.staged_key.as_str())
+        .bind(new.staged_crc32.map(i64::from))
         .bind(new.trace_id.as_deref())
         .bind(new.created_by.as_deref())
         .bind(at.unix_millis())

@@ -123,6 +123,13 @@ pub struct ChunkRange {
     pub chunk_id: i64,
     pub offset: u64,
     pub length: u64,
+    /// The CRC-32 of the bytes the chunker cut (and took the chunk's
+    /// SHA-256 of): the compressor checks what it reads back against it
+    /// instead of hashing the chunk again. Absent for ranges computed from
+    /// a recorded chunk list, and in jobs from versions before it, which
+    /// are checked by SHA-256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc32: Option<u32>,
 }
 
 impl Job for CompressJob {
@@ -407,18 +414,29 @@ mod tests {
         let job = CompressJob {
             nar_id: 7,
             staged_key: "staging/x.nar".to_owned(),
-            chunks: vec![ChunkRange {
-                chunk_id: 1,
-                offset: 0,
-                length: 10,
-            }],
+            chunks: vec![
+                ChunkRange {
+                    chunk_id: 1,
+                    offset: 0,
+                    length: 10,
+                    crc32: None,
+                },
+                ChunkRange {
+                    chunk_id: 2,
+                    offset: 10,
+                    length: 5,
+                    crc32: Some(7),
+                },
+            ],
             trace_id: "t".to_owned(),
         };
         let json = serde_json::to_string(&job).unwrap();
+        // Without a CRC, a range is what versions before it wrote and read.
         assert_eq!(
             json,
-            r#"{"nar_id":7,"staged_key":"staging/x.nar","chunks":[{"chunk_id":1,"offset":0,"length":10}],"trace_id":"t"}"#
+            r#"{"nar_id":7,"staged_key":"staging/x.nar","chunks":[{"chunk_id":1,"offset":0,"length":10},{"chunk_id":2,"offset":10,"length":5,"crc32":7}],"trace_id":"t"}"#
         );
+        assert_eq!(serde_json::from_str::<CompressJob>(&json).unwrap(), job);
         let job = ChunkJob {
             upload_id: "u".to_owned(),
             trace_id: "t".to_owned(),

@@ -114,7 +114,7 @@ pub async fn upload_path(
     )
     .await
     .map_err(|error| room.spool_error(limit, error))?;
-    let result = push::record_upload(&state, &cache, &caller, path, spooled.key, wait).await?;
+    let result = push::record_upload(&state, &cache, &caller, path, spooled, wait).await?;
     Ok(Json(result))
 }
 

@@ -195,6 +195,7 @@ pub async fn put_nar(
         cache_id: cache.id,
         file_name: file,
         staged_key: spooled.key.as_str().to_owned(),
+        staged_crc32: Some(spooled.crc32),
         nar_hash: spooled.nar_hash,
         nar_size: spooled.nar_size,
         created_at: Timestamp::now(),

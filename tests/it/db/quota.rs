@@ -59,6 +59,7 @@ fn staged(cache_id: CacheId, name: &str, nar_size: u64) -> StagedFile {
         cache_id,
         file_name: format!("{name}.nar.zst"),
         staged_key: format!("staging/{name}-{nar_size}.nar"),
+        staged_crc32: None,
         nar_hash: nar_hash(200),
         nar_size,
         created_at: T0,

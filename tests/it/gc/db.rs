@@ -183,6 +183,7 @@ async fn a_nar_is_kept_while_an_object_or_an_upload_in_flight_holds_it(db: Datab
                 nar_size: 1000,
                 metadata: plain_metadata(&format!("/nix/store/{hash}-p2")),
                 staged_key: "staging/u.nar".to_owned(),
+                staged_crc32: None,
                 trace_id: None,
                 created_by: None,
             },
