@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::config::{S3Config, Secret};
+use common::storage::pack::PackWriter;
 use common::storage::{LocalStorage, ObjectKey, S3Storage, Storage, StorageError, PART_SIZE};
 use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
@@ -115,6 +116,8 @@ every_backend!(
     heavy_a_streamed_40_mib_body_reads_back_identical,
     check_passes_and_leaves_nothing_behind,
     a_batch_put_stores_every_object,
+    a_finished_pack_reads_back_at_its_ranges_and_a_dropped_one_is_not_stored,
+    a_file_is_put_whole,
 );
 
 async fn check_passes_and_leaves_nothing_behind(storage: Arc<dyn Storage>) {
@@ -226,6 +229,68 @@ async fn whole_and_ranged_reads_return_exactly_the_stored_bytes(storage: Arc<dyn
         "empty object, range"
     );
     assert_eq!(storage.size(&empty).await.expect("size"), Some(0));
+}
+
+/// A pack's frames read back at the ranges its appends answered once it is
+/// finished (on S3, from a temporary file put in one request, past the
+/// file's 1 MiB write buffer here); a pack dropped unfinished was never
+/// stored.
+async fn a_finished_pack_reads_back_at_its_ranges_and_a_dropped_one_is_not_stored(
+    storage: Arc<dyn Storage>,
+) {
+    let frames: Vec<Vec<u8>> = (0..40).map(|n| pattern(50_000 + n * 1013)).collect();
+    let total: u64 = frames.iter().map(|frame| frame.len() as u64).sum();
+    let pack = PackWriter::create(&*storage)
+        .await
+        .expect("starting a pack");
+    let key = pack.key().clone();
+    let appended = frames.clone();
+    let (pack, ranges) = tokio::task::spawn_blocking(move || {
+        let mut pack = pack;
+        let ranges: Vec<_> = appended
+            .iter()
+            .map(|frame| pack.append(frame).expect("appending"))
+            .collect();
+        (pack, ranges)
+    })
+    .await
+    .expect("the appending thread");
+    assert_eq!(
+        pack.finish(&*storage).await.expect("finishing"),
+        (key.clone(), total)
+    );
+    for (frame, range) in frames.iter().zip(&ranges) {
+        assert_eq!(
+            read(&*storage, &key, range.offset, Some(range.length)).await,
+            *frame
+        );
+    }
+    assert_eq!(storage.size(&key).await.expect("size"), Some(total));
+
+    let dropped = PackWriter::create(&*storage)
+        .await
+        .expect("starting a pack");
+    let dropped_key = dropped.key().clone();
+    tokio::task::spawn_blocking(move || {
+        let mut dropped = dropped;
+        dropped.append(b"a frame").expect("appending");
+    })
+    .await
+    .expect("the appending thread");
+    assert_eq!(storage.size(&dropped_key).await.expect("size"), None);
+}
+
+/// `put_file` stores a file's bytes whole (S3: streamed from disk).
+async fn a_file_is_put_whole(storage: Arc<dyn Storage>) {
+    let data = pattern(3 << 20);
+    let file = tempfile::NamedTempFile::new().expect("a temporary file");
+    std::fs::write(file.path(), &data).expect("writing it");
+    let key = key("packs/ab/put-file.pack");
+    storage
+        .put_file(&key, file.path(), data.len() as u64)
+        .await
+        .expect("putting the file");
+    assert_eq!(read(&*storage, &key, 0, None).await, data);
 }
 
 /// `put_many` (one sync for the batch on local storage) stores every

@@ -14,6 +14,8 @@
 //! bucket; room (`available_bytes`) is the local directory's, since that
 //! is what a push fills first.
 
+use std::path::Path;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::io::AsyncRead;
@@ -50,6 +52,10 @@ impl<Kept: Storage> LocalStaging<Kept> {
 impl<Kept: Storage> Storage for LocalStaging<Kept> {
     async fn put(&self, key: &ObjectKey, data: Bytes) -> Result<(), StorageError> {
         self.route(key).put(key, data).await
+    }
+
+    async fn put_file(&self, key: &ObjectKey, path: &Path, size: u64) -> Result<(), StorageError> {
+        self.route(key).put_file(key, path, size).await
     }
 
     async fn put_reader(

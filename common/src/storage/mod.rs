@@ -16,6 +16,7 @@ mod s3;
 
 use std::fmt;
 use std::io;
+use std::path::Path;
 use std::pin::Pin;
 use std::time::SystemTime;
 
@@ -165,6 +166,24 @@ pub trait Storage: Send + Sync + fmt::Debug {
             .buffer_unordered(PUTS_IN_FLIGHT)
             .try_collect()
             .await
+    }
+
+    /// Stores the file at `path`, `size` bytes, under `key`, streamed from
+    /// disk in one request where the backend can (S3): how a pack spilled to
+    /// a temporary file is stored (`pack::PackWriter`), so that it is never
+    /// held in memory whole. The default reads the file into memory and
+    /// [`put`](Self::put)s it.
+    async fn put_file(&self, key: &ObjectKey, path: &Path, size: u64) -> Result<(), StorageError> {
+        let data = tokio::fs::read(path)
+            .await
+            .map_err(|error| StorageError::io(key, error))?;
+        if data.len() as u64 != size {
+            return Err(StorageError::io(
+                key,
+                io::Error::other(format!("expected {size} bytes in {}", path.display())),
+            ));
+        }
+        self.put(key, Bytes::from(data)).await
     }
 
     /// Stores everything `reader` yields under `key`, streaming, and returns

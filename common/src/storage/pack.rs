@@ -4,23 +4,30 @@
 //!
 //! A [`PackWriter`] appends frames from a blocking thread and says where
 //! each one landed; [`PackWriter::finish`] makes the whole object durable
-//! under a fresh key (`packs/<2 hex>/<32 hex>.pack`). Nothing here knows what
+//! under a fresh key (`packs/<2 hex>/<32 hex>.pack`). Where storage has no
+//! blocking writer (S3), the frames go to a temporary file first
+//! (`std::env::temp_dir()`, so `TMPDIR`), put in one request when the pack
+//! is finished: a pack never sits in memory, so a worker's memory does not
+//! grow with `[pipeline] pack-size` times the jobs it runs at once. Nothing here knows what
 //! a frame holds: the database records which chunk sits at which range,
 //! and only after `finish` returned (see `common::db`'s `packs` table).
 
 use std::fmt;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+
+use bytes::Bytes;
+use tempfile::TempPath;
 
 use super::{BlockingWriter, ObjectKey, Storage, StorageError};
-use bytes::Bytes;
 
 /// The first segment of every pack's key.
 pub const PACK_PREFIX: &str = "packs";
 
 /// How much uncompressed chunk data goes into one pack when there is that
 /// much to store: about 28 MiB of frames at zstd level 3, so a GiB of new
-/// NAR costs about 37 puts, and a pack buffered for S3 stays a bounded
-/// part of a worker's memory. GC's compaction writes packs of this size;
-/// the pipeline's `[pipeline] pack-size` defaults to it.
+/// NAR costs about 37 puts. GC's compaction writes packs of this size; the
+/// pipeline's `[pipeline] pack-size` defaults to it.
 pub const PACK_TARGET_BYTES: u64 = 32 << 20;
 
 /// A fresh, unique pack key: random, so that two writers never share one
@@ -46,11 +53,16 @@ pub struct PackWriter {
 }
 
 enum Sink {
-    /// Written in place as frames come (local files): no copy in memory.
+    /// Written in place as frames come (local files).
     Blocking(Box<dyn BlockingWriter>),
-    /// Collected, then put in one request (S3): one put per pack.
-    Memory(Vec<u8>),
+    /// Written to a temporary file, made at the first append (on the
+    /// appending blocking thread), then put in one request (S3): one put
+    /// per pack. Dropping it deletes the file.
+    Spilled(Option<(BufWriter<File>, TempPath)>),
 }
+
+/// The buffer between appended frames and a spilled pack's file.
+const SPILL_BUFFER: usize = 1 << 20;
 
 impl fmt::Debug for PackWriter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -74,7 +86,7 @@ impl PackWriter {
         let key = new_pack_key();
         let sink = match storage.blocking_writer(&key).await? {
             Some(writer) => Sink::Blocking(writer),
-            None => Sink::Memory(Vec::new()),
+            None => Sink::Spilled(None),
         };
         Ok(Self { key, size: 0, sink })
     }
@@ -92,7 +104,19 @@ impl PackWriter {
     pub fn append(&mut self, frame: &[u8]) -> Result<PackedRange, StorageError> {
         match &mut self.sink {
             Sink::Blocking(writer) => writer.write(frame)?,
-            Sink::Memory(buffer) => buffer.extend_from_slice(frame),
+            Sink::Spilled(spill) => {
+                let (file, _) = match spill {
+                    Some(spill) => spill,
+                    None => {
+                        let (file, path) = tempfile::NamedTempFile::with_prefix("larder-pack-")
+                            .map_err(|error| StorageError::io(&self.key, error))?
+                            .into_parts();
+                        spill.insert((BufWriter::with_capacity(SPILL_BUFFER, file), path))
+                    }
+                };
+                file.write_all(frame)
+                    .map_err(|error| StorageError::io(&self.key, error))?;
+            }
         }
         let range = PackedRange {
             offset: self.size,
@@ -104,21 +128,34 @@ impl PackWriter {
 
     /// Makes the pack durable under its key and returns the key and size.
     /// Dropped without this, a pack leaves nothing behind (local files) or
-    /// was never written (S3).
+    /// was never written (S3; its temporary file is deleted).
     pub async fn finish(self, storage: &dyn Storage) -> Result<(ObjectKey, u64), StorageError> {
         let Self { key, size, sink } = self;
+        let blocking = |key: &ObjectKey, error: tokio::task::JoinError| StorageError::Io {
+            key: key.to_string(),
+            source: std::io::Error::other(format!("the writing thread failed: {error}")),
+        };
         match sink {
             Sink::Blocking(writer) => {
                 tokio::task::spawn_blocking(move || writer.commit())
                     .await
-                    .map_err(|error| StorageError::Io {
-                        key: key.to_string(),
-                        source: std::io::Error::other(format!(
-                            "the writing thread failed: {error}"
-                        )),
-                    })??;
+                    .map_err(|error| blocking(&key, error))??;
             }
-            Sink::Memory(buffer) => storage.put(&key, Bytes::from(buffer)).await?,
+            Sink::Spilled(None) => storage.put(&key, Bytes::new()).await?,
+            Sink::Spilled(Some((file, path))) => {
+                let flushing_key = key.clone();
+                let path = tokio::task::spawn_blocking(move || {
+                    file.into_inner()
+                        .map_err(|error| StorageError::io(&flushing_key, error.into_error()))?;
+                    Ok::<_, StorageError>(path)
+                })
+                .await
+                .map_err(|error| blocking(&key, error))??;
+                let put = storage.put_file(&key, &path, size).await;
+                // Deleting the file is a blocking call.
+                tokio::task::spawn_blocking(move || drop(path));
+                put?;
+            }
         }
         Ok((key, size))
     }

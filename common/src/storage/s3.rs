@@ -25,17 +25,20 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use aws_config::BehaviorVersion;
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::RequestChecksumCalculation;
 use aws_sdk_s3::config::{Credentials, ProvideCredentials, Region, SharedHttpClient};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
+use base64::prelude::{Engine as _, BASE64_STANDARD};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::task::JoinSet;
@@ -417,6 +420,19 @@ fn attempt_timeouts(attempt: Duration) -> TimeoutConfig {
 /// wait plus the body's time at [`SLOWEST_UPLOAD_BYTES_PER_SECOND`]. (The
 /// connect timeout stays as it was, so the SDK keeps using one connection
 /// pool.)
+/// The CRC-32 of the file at `path` (blocking).
+fn file_crc32(path: &Path) -> std::io::Result<u32> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buffer = vec![0; 1 << 20];
+    loop {
+        match std::io::Read::read(&mut file, &mut buffer)? {
+            0 => return Ok(hasher.finalize()),
+            n => hasher.update(&buffer[..n]),
+        }
+    }
+}
+
 fn sending_timeouts(request_timeout: Duration, body_bytes: usize) -> aws_sdk_s3::config::Builder {
     let sending =
         Duration::from_secs_f64(body_bytes as f64 / SLOWEST_UPLOAD_BYTES_PER_SECOND as f64);
@@ -678,6 +694,45 @@ fn empty_reader() -> ObjectReader {
 impl Storage for S3Storage {
     async fn put(&self, key: &ObjectKey, data: Bytes) -> Result<(), StorageError> {
         self.put_object(key, data).await
+    }
+
+    async fn put_file(&self, key: &ObjectKey, path: &Path, size: u64) -> Result<(), StorageError> {
+        // A body streamed from disk is not signed up front, so the request
+        // carries the file's CRC-32 in a header for the service to check
+        // (left to itself, the SDK would send it as the trailer of a
+        // chunked body, which Garage refuses as an invalid signature).
+        let crc32 = {
+            let path = path.to_owned();
+            tokio::task::spawn_blocking(move || file_crc32(&path))
+                .await
+                .map_err(|error| StorageError::io(key, std::io::Error::other(error)))?
+                .map_err(|error| StorageError::io(key, error))?
+        };
+        // Read from the path again for each attempt, so a retry resends it.
+        let body = ByteStream::read_from()
+            .path(path)
+            .length(Length::Exact(size))
+            .build()
+            .await
+            .map_err(|error| StorageError::io(key, std::io::Error::other(error)))?;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.object_name(key))
+            .body(body)
+            .checksum_crc32(BASE64_STANDARD.encode(crc32.to_be_bytes()))
+            .customize()
+            .config_override(
+                sending_timeouts(
+                    self.request_timeout,
+                    usize::try_from(size).unwrap_or(usize::MAX),
+                )
+                .request_checksum_calculation(RequestChecksumCalculation::WhenRequired),
+            )
+            .send()
+            .await
+            .map_err(|error| backend_error("S3 PutObject", key, &error))?;
+        Ok(())
     }
 
     async fn put_reader(
