@@ -13,7 +13,8 @@
 # Figures: push MiB/s of NAR until visible for each topology; the
 # distributed push beside the one-machine one (target >= 0.7x); 2
 # compressors beside 1; peak RSS (VmHWM) of every process (target <= 128
-# MiB each). The NAR (default: this machine's Rust 1.95 toolchain `lib/`,
+# MiB each); the CPU seconds each command on the machine used during each
+# push (the services' share included: they run on the same cores). The NAR (default: this machine's Rust 1.95 toolchain `lib/`,
 # as ops/bench-push.sh uses) is pushed into a fresh database each time, so
 # nothing is deduplicated. `bench_push` (tests/src/bin/bench_push.rs)
 # does the pushing. The table goes to stdout and to --out (default
@@ -105,7 +106,7 @@ server_pid=
 # --- distributed -----------------------------------------------------------------
 
 bash "$repo/ops/services.sh" start "$work/services"
-declare -A seconds rss_lines
+declare -A seconds rss_lines cpu_lines
 for compressors in 1 2; do
     cluster=$work/cluster-$compressors
     clusters+=("$cluster")
@@ -119,7 +120,11 @@ for compressors in 1 2; do
         --pull bench --push bench --create-cache bench | tail -n 1)
     api=${LARDER_CLUSTER_API_URLS%% *}
     create_cache "$api" "$token"
+    cpu_ticks_by_process >"$work/cpu-before"
     seconds[$compressors]=$(push_seconds "$api" "$token")
+    cpu_ticks_by_process >"$work/cpu-after"
+    cpu_lines[$compressors]=$(cpu_seconds_between "$work/cpu-before" "$work/cpu-after" |
+        awk '{ printf "  %-42s %12s\n", $1 " CPU seconds", $2 }')
     lines=
     for entry in $LARDER_CLUSTER_PIDS; do
         lines+="$(printf '  %-42s %12s' "${entry%=*} peak RSS MiB" "$(mib "$(peak_rss_kib "${entry#*=}")")")"$'\n'
@@ -150,10 +155,12 @@ report=$work/report.txt
         "$(verdict "$r_dist" 0.7) (ratio to one machine)"
     printf '%-44s %12s %10s %8s  %s\n' "2 compressors / 1 compressor" "" "$r_scale" "" ""
     printf '%-44s %12s\n' "one-machine server peak RSS MiB" "$(mib "$one_rss")"
-    echo "distributed, 1 compressor:"
-    printf '%s' "${rss_lines[1]}"
-    echo "distributed, 2 compressors:"
-    printf '%s' "${rss_lines[2]}"
+    for compressors in 1 2; do
+        echo "distributed, $compressors compressor(s):"
+        printf '%s' "${rss_lines[$compressors]}"
+        echo "  CPU seconds during the push, by command (every process on the machine):"
+        printf '%s\n' "${cpu_lines[$compressors]}"
+    done
     printf '%-44s %12s %10s %8s  %s\n' "largest distributed peak RSS MiB" "$max_rss" "" "<= 128" \
         "$(awk -v r="$max_rss" 'BEGIN { print (r <= 128 ? "met" : "MISSED") }')"
 } >"$report"

@@ -157,6 +157,35 @@ cpu_ticks() {
     echo "$total"
 }
 
+# utime + stime in clock ticks of every process now running: "pid command
+# ticks" lines. Processes a service forks per connection (PostgreSQL's
+# backends) are there too.
+cpu_ticks_by_process() {
+    local stat
+    for stat in /proc/[0-9]*/stat; do
+        cat "$stat" 2>/dev/null || true
+    done | awk '{
+        # The command is in parentheses and may hold spaces; utime and
+        # stime are the 12th and 13th fields after it.
+        first = index($0, "("); last = match($0, /\) [^)]*$/)
+        command = substr($0, first + 1, last - first - 1); gsub(/[ \/:-].*/, "", command)
+        split(substr($0, last + 2), rest, " ")
+        print $1, command, rest[12] + rest[13]
+    }'
+}
+
+# The CPU seconds used between two cpu_ticks_by_process snapshots (files)
+# by the processes running at the second, summed by command (a process
+# started in between counts whole), the busiest first, those over 0.05 s.
+cpu_seconds_between() {
+    local hertz
+    hertz=$(getconf CLK_TCK)
+    awk -v hz="$hertz" 'NR == FNR { before[$1] = $3; next }
+        { used[$2] += $3 - ($1 in before ? before[$1] : 0) }
+        END { for (c in used) if (used[c] / hz > 0.05) printf "%s %.2f\n", c, used[c] / hz }' \
+        "$1" "$2" | sort -k2 -rn
+}
+
 # VmHWM in KiB, summed over the given pids.
 peak_rss_kib() {
     local pid total=0 value
