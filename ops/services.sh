@@ -461,6 +461,10 @@ db_engine = "sqlite"
 metadata_fsync = false
 data_fsync = false
 replication_factor = 1
+# Larder's packs are zstd frames already, and its staged NARs are read back
+# within seconds and deleted: compressing them again only costs CPU, a
+# quarter of Garage's in a distributed push (issue #14).
+compression_level = "none"
 rpc_bind_addr = "$HOST:$rpc_port"
 rpc_public_addr = "$HOST:$rpc_port"
 rpc_secret = "$(random_hex 32)"
