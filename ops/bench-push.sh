@@ -28,6 +28,8 @@
 #      bench_push's pusher with --jobs requests in flight (default 8),
 #      `larder push -j JOBS` and `nix copy --to` (zstd) of N store paths
 #      added to a chroot Nix store. Targets: >= 500 paths/s, nix copy >= 250.
+#      The server's time per request of each route during each of the
+#      three is reported too.
 #   4. The door alone: a NAR holding NAR A's bytes as one file (so it is
 #      new to the server) pushed with `X-Larder-Wait: 0`, from request
 #      start until it is verified and spooled: MiB/s, beside single-threaded
@@ -178,7 +180,7 @@ cat "$work/large-a.vars" "$work/large-b.vars" >"$work/large.vars"
 stored_after_a_and_b=$(stored_bytes)
 # shellcheck source=ops/bench/small-paths.sh
 source "$repo/ops/bench/small-paths.sh"
-bench_small_paths "$work/small.vars"
+bench_small_paths "$work/small.vars" "$work/small-routes.txt"
 # Before the door push, whose new NAR the pipeline goes on storing after
 # its answer.
 say "pushing NAR A again, into a second cache (proof of possession)"
@@ -258,6 +260,10 @@ report=$work/report.txt
     # Both list the stages in the order the server renders them.
     paste -d' ' "$work/stages-before" "$work/stages-after-a" |
         awk '{ printf "  %-16s %8.2f s\n", $1, $4 - $2 }'
+    echo
+    echo "the server's time per request, by route, during each small-path push (from a"
+    echo "request's arrival to its answer's last byte; a push waits for visibility):"
+    cat "$work/small-routes.txt"
 } >"$report"
 
 mkdir -p "$(dirname "$out")"

@@ -15,9 +15,12 @@
 # larder), work, HOST, larder (the server's URL), token (push and
 # create-cache on bench-*), small (N), jobs (JOBS), small_source (a
 # directory of real files) and started_at; it defines `bench_small_paths
-# VARS_FILE`, which writes SMALL_SECONDS, SMALL_BYTES, LARDER_PUSH_SECONDS,
-# NIX_COPY_SECONDS and STORE_PATH_BYTES (the NAR bytes of each set of store
-# paths) as KEY=VALUE lines.
+# VARS_FILE ROUTES_FILE`, which writes SMALL_SECONDS, SMALL_BYTES,
+# LARDER_PUSH_SECONDS, NIX_COPY_SECONDS and STORE_PATH_BYTES (the NAR bytes
+# of each set of store paths) as KEY=VALUE lines to VARS_FILE, and to
+# ROUTES_FILE the server's time per request of each route during each of
+# the three pushes (from larder_http_request_duration_seconds), so that a
+# slower small path shows which request became slower.
 
 # Makes N directories under DIR of real files from $small_source, 10-500
 # KiB each (whole files, the last one cut), each with a file naming the
@@ -70,12 +73,38 @@ small_seconds_of() {
     awk -v a="$start" -v b="$end" 'BEGIN { printf "%.3f", b - a }'
 }
 
+# The server's request durations so far: "route method count seconds"
+# lines, one per route and method.
+request_seconds() {
+    curl -sf "$larder/metrics" | awk '
+        /^larder_http_request_duration_seconds_(sum|count)\{/ {
+            match($0, /route="[^"]*"/); route = substr($0, RSTART + 7, RLENGTH - 8)
+            match($0, /method="[^"]*"/); method = substr($0, RSTART + 8, RLENGTH - 9)
+            key = route " " method
+            if ($0 ~ /_sum\{/) sum[key] = $NF; else count[key] = $NF
+        }
+        END { for (k in count) print k, count[k], sum[k] }' | sort
+}
+
+# Prints, under the heading $1, the requests answered between the
+# request_seconds snapshots $2 and $3: route, method, requests, and the
+# server's milliseconds per request.
+request_times_between() {
+    echo "$1"
+    local keyed='{ print $1 "|" $2, $3, $4 }'
+    LC_ALL=C join -j 1 -a 2 -e 0 -o 0,1.2,1.3,2.2,2.3 \
+        <(awk "$keyed" "$2" | LC_ALL=C sort -k1,1) <(awk "$keyed" "$3" | LC_ALL=C sort -k1,1) |
+        awk '{ n = $4 - $2; if (n > 0) { split($1, rm, "|"); printf "  %-34s %-5s %6d requests %8.2f ms each\n", rm[1], rm[2], n, ($5 - $3) / n * 1000 } }'
+}
+
 bench_small_paths() {
-    local vars=$1 client=$work/small-client store=$work/small-store
+    local vars=$1 routes=$2 client=$work/small-client store=$work/small-store
     local larder_paths nix_paths nar_bytes cache status
     say "pushing $small small paths with bench_push, $jobs at a time"
+    request_seconds >"$work/requests-0"
     "$bin/bench_push" --url "$larder" --token "$token" --cache bench-small \
         small "$small" "$jobs" "$small_source" >"$vars"
+    request_seconds >"$work/requests-1"
 
     # The clients' own home, config and chroot store, in a subshell so that
     # none of it reaches the rest of the benchmark.
@@ -113,6 +142,7 @@ netrc-file = $client/netrc"
             2>"$client/larder-push.err") || status=$?
         ((status == 0)) || die "larder push failed: $(tail -n 5 "$client/larder-push.err")"
         echo "LARDER_PUSH_SECONDS=$seconds"
+        request_seconds >"$work/requests-2"
 
         say "copying $small other store paths with nix copy --to (zstd)"
         seconds=$(small_seconds_of nix copy --to "$larder/bench-nix?compression=zstd" \
@@ -120,5 +150,11 @@ netrc-file = $client/netrc"
         ((status == 0)) || die "nix copy failed: $(tail -n 5 "$client/nix-copy.err")"
         echo "NIX_COPY_SECONDS=$seconds"
         echo "STORE_PATH_BYTES=$nar_bytes"
+        request_seconds >"$work/requests-3"
     ) >>"$vars"
+    {
+        request_times_between "bench_push's small paths:" "$work/requests-0" "$work/requests-1"
+        request_times_between "larder push:" "$work/requests-1" "$work/requests-2"
+        request_times_between "nix copy --to:" "$work/requests-2" "$work/requests-3"
+    } >"$routes"
 }
