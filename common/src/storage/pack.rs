@@ -8,9 +8,11 @@
 //! blocking writer (S3), the frames go to a temporary file first
 //! (`std::env::temp_dir()`, so `TMPDIR`), put in one request when the pack
 //! is finished: a pack never sits in memory, so a worker's memory does not
-//! grow with `[pipeline] pack-size` times the jobs it runs at once. Nothing here knows what
-//! a frame holds: the database records which chunk sits at which range,
-//! and only after `finish` returned (see `common::db`'s `packs` table).
+//! grow with `[pipeline] pack-size` times the jobs it runs at once.
+//!
+//! Nothing here knows what a frame holds: the database records which chunk
+//! sits at which range, and only after `finish` returned (see
+//! `common::db`'s `packs` table).
 
 use std::fmt;
 use std::fs::File;

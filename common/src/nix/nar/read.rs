@@ -1,6 +1,7 @@
 //! A strict, push-based NAR reader: feed it byte slices of any size as they
 //! arrive and it validates the archive without blocking or buffering file
-//! contents, hashing it on the way and, on request, building its listing.
+//! contents, hashing it on the way ([`NarReader`]; [`UnhashedNarReader`]
+//! leaves the hash out) and, on request, building its listing.
 //!
 //! Memory is bounded by the nesting depth ([`MAX_DEPTH`]) times the longest
 //! name ([`MAX_NAME_LEN`]), plus the listing when one is asked for (which
