@@ -545,7 +545,9 @@ impl std::fmt::Display for StagedDigest {
 }
 
 /// The strict NAR reader over a staged copy, computing the kind of
-/// [`StagedDigest`] it will be checked against.
+/// [`StagedDigest`] it will be checked against. Fed a chunk at a time with
+/// the chunk's CRC-32, which the whole NAR's is combined from (no second
+/// pass over the bytes).
 enum StagedReader {
     Crc32(UnhashedNarReader, crc32fast::Hasher),
     NarHash(NarReader),
@@ -564,13 +566,13 @@ impl StagedReader {
         }
     }
 
-    fn update(&mut self, data: &[u8]) -> Result<(), NarError> {
+    fn update(&mut self, chunk: &[u8], chunk_crc32: &crc32fast::Hasher) -> Result<(), NarError> {
         match self {
             Self::Crc32(reader, crc32) => {
-                crc32.update(data);
-                reader.update(data)
+                crc32.combine(chunk_crc32);
+                reader.update(chunk)
             }
-            Self::NarHash(reader) => reader.update(data),
+            Self::NarHash(reader) => reader.update(chunk),
         }
     }
 
@@ -707,12 +709,14 @@ fn cut_timed(
 ) -> Result<Cut, CutError> {
     let mut nar = StagedReader::new(expected);
     let mut send = |offset: u64, data: &[u8]| -> Result<(), CutError> {
-        nar.update(data).map_err(CutError::NotANar)?;
+        let mut crc32 = crc32fast::Hasher::new();
+        crc32.update(data);
+        nar.update(data, &crc32).map_err(CutError::NotANar)?;
         let chunk = CutChunk {
             offset,
             length: data.len() as u64,
             hash: Sha256Hash::digest(data),
-            crc32: crc32fast::hash(data),
+            crc32: crc32.finalize(),
         };
         let started = Instant::now();
         let sent = chunks.blocking_send(chunk);

@@ -328,27 +328,30 @@ impl StagedChunk {
     fn check(&self) -> Result<(), JobError> {
         let Self { chunk, crc32, data } = self;
         let size_matches = data.len() as u64 == chunk.chunk_size;
-        let (matches, found, expected) = match crc32 {
+        // What was found and expected, worded only for a mismatch.
+        let mismatch = match crc32 {
             Some(expected) => {
                 let found = crc32fast::hash(data);
-                (
-                    size_matches && found == *expected,
-                    format!("CRC-32 {found:08x}"),
-                    format!("CRC-32 {expected:08x}"),
-                )
+                (!size_matches || found != *expected).then(|| {
+                    (
+                        format!("CRC-32 {found:08x}"),
+                        format!("CRC-32 {expected:08x}"),
+                    )
+                })
             }
             None => {
                 let found = Sha256Hash::digest(data);
-                (
-                    size_matches && found == chunk.chunk_hash,
-                    format!("hash {}", found.to_hex()),
-                    format!("hash {}", chunk.chunk_hash.to_hex()),
-                )
+                (!size_matches || found != chunk.chunk_hash).then(|| {
+                    (
+                        format!("hash {}", found.to_hex()),
+                        format!("hash {}", chunk.chunk_hash.to_hex()),
+                    )
+                })
             }
         };
-        if matches {
+        let Some((found, expected)) = mismatch else {
             return Ok(());
-        }
+        };
         Err(JobError::Permanent(format!(
             "the staged bytes of chunk {} do not match it ({} bytes with {found}, expected {} \
              bytes with {expected}): staging storage corrupted them; push the path again",
