@@ -280,16 +280,26 @@ async fn a_finished_pack_reads_back_at_its_ranges_and_a_dropped_one_is_not_store
     assert_eq!(storage.size(&dropped_key).await.expect("size"), None);
 }
 
-/// `put_file` stores a file's bytes whole (S3: streamed from disk).
+/// `put_file` stores a file's bytes whole (S3: streamed from disk), and
+/// only if they have the CRC-32 given.
 async fn a_file_is_put_whole(storage: Arc<dyn Storage>) {
     let data = pattern(3 << 20);
     let file = tempfile::NamedTempFile::new().expect("a temporary file");
     std::fs::write(file.path(), &data).expect("writing it");
     let key = key("packs/ab/put-file.pack");
     storage
-        .put_file(&key, file.path(), data.len() as u64)
+        .put_file(&key, file.path(), data.len() as u64, crc32fast::hash(&data))
         .await
         .expect("putting the file");
+    assert_eq!(read(&*storage, &key, 0, None).await, data);
+
+    // A file that is not what its writer's CRC says is refused, and the
+    // object keeps what it held.
+    let wrong = crc32fast::hash(&data) ^ 1;
+    storage
+        .put_file(&key, file.path(), data.len() as u64, wrong)
+        .await
+        .expect_err("a file whose CRC-32 does not match");
     assert_eq!(read(&*storage, &key, 0, None).await, data);
 }
 

@@ -54,8 +54,14 @@ impl<Kept: Storage> Storage for LocalStaging<Kept> {
         self.route(key).put(key, data).await
     }
 
-    async fn put_file(&self, key: &ObjectKey, path: &Path, size: u64) -> Result<(), StorageError> {
-        self.route(key).put_file(key, path, size).await
+    async fn put_file(
+        &self,
+        key: &ObjectKey,
+        path: &Path,
+        size: u64,
+        crc32: u32,
+    ) -> Result<(), StorageError> {
+        self.route(key).put_file(key, path, size, crc32).await
     }
 
     async fn put_reader(

@@ -168,19 +168,30 @@ pub trait Storage: Send + Sync + fmt::Debug {
             .await
     }
 
-    /// Stores the file at `path`, `size` bytes, under `key`, streamed from
-    /// disk in one request where the backend can (S3): how a pack spilled to
-    /// a temporary file is stored (`pack::PackWriter`), so that it is never
-    /// held in memory whole. The default reads the file into memory and
+    /// Stores the file at `path`, `size` bytes with CRC-32 `crc32` (as its
+    /// writer computed them), under `key`, streamed from disk in one request
+    /// where the backend can (S3, which sends the CRC for the service to
+    /// check): how a pack spilled to a temporary file is stored
+    /// (`pack::PackWriter`), so that it is never held in memory whole. The
+    /// default reads the file into memory, checks its size and CRC, and
     /// [`put`](Self::put)s it.
-    async fn put_file(&self, key: &ObjectKey, path: &Path, size: u64) -> Result<(), StorageError> {
+    async fn put_file(
+        &self,
+        key: &ObjectKey,
+        path: &Path,
+        size: u64,
+        crc32: u32,
+    ) -> Result<(), StorageError> {
         let data = tokio::fs::read(path)
             .await
             .map_err(|error| StorageError::io(key, error))?;
-        if data.len() as u64 != size {
+        if data.len() as u64 != size || crc32fast::hash(&data) != crc32 {
             return Err(StorageError::io(
                 key,
-                io::Error::other(format!("expected {size} bytes in {}", path.display())),
+                io::Error::other(format!(
+                    "{} is not the {size} bytes with CRC-32 {crc32:08x} written to it",
+                    path.display()
+                )),
             ));
         }
         self.put(key, Bytes::from(data)).await

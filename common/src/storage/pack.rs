@@ -60,7 +60,15 @@ enum Sink {
     /// Written to a temporary file, made at the first append (on the
     /// appending blocking thread), then put in one request (S3): one put
     /// per pack. Dropping it deletes the file.
-    Spilled(Option<(BufWriter<File>, TempPath)>),
+    Spilled(Option<Spill>),
+}
+
+/// A pack's temporary file, and the CRC-32 of what was written to it (the
+/// put sends it, so the file is read once, by the put).
+struct Spill {
+    file: BufWriter<File>,
+    path: TempPath,
+    crc32: crc32fast::Hasher,
 }
 
 /// The buffer between appended frames and a spilled pack's file.
@@ -107,17 +115,24 @@ impl PackWriter {
         match &mut self.sink {
             Sink::Blocking(writer) => writer.write(frame)?,
             Sink::Spilled(spill) => {
-                let (file, _) = match spill {
+                let spill = match spill {
                     Some(spill) => spill,
                     None => {
                         let (file, path) = tempfile::NamedTempFile::with_prefix("larder-pack-")
                             .map_err(|error| StorageError::io(&self.key, error))?
                             .into_parts();
-                        spill.insert((BufWriter::with_capacity(SPILL_BUFFER, file), path))
+                        spill.insert(Spill {
+                            file: BufWriter::with_capacity(SPILL_BUFFER, file),
+                            path,
+                            crc32: crc32fast::Hasher::new(),
+                        })
                     }
                 };
-                file.write_all(frame)
+                spill
+                    .file
+                    .write_all(frame)
                     .map_err(|error| StorageError::io(&self.key, error))?;
+                spill.crc32.update(frame);
             }
         }
         let range = PackedRange {
@@ -144,7 +159,7 @@ impl PackWriter {
                     .map_err(|error| blocking(&key, error))??;
             }
             Sink::Spilled(None) => storage.put(&key, Bytes::new()).await?,
-            Sink::Spilled(Some((file, path))) => {
+            Sink::Spilled(Some(Spill { file, path, crc32 })) => {
                 let flushing_key = key.clone();
                 let path = tokio::task::spawn_blocking(move || {
                     file.into_inner()
@@ -153,7 +168,7 @@ impl PackWriter {
                 })
                 .await
                 .map_err(|error| blocking(&key, error))??;
-                let put = storage.put_file(&key, &path, size).await;
+                let put = storage.put_file(&key, &path, size, crc32.finalize()).await;
                 // Deleting the file is a blocking call.
                 tokio::task::spawn_blocking(move || drop(path));
                 put?;

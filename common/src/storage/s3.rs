@@ -420,19 +420,6 @@ fn attempt_timeouts(attempt: Duration) -> TimeoutConfig {
 /// wait plus the body's time at [`SLOWEST_UPLOAD_BYTES_PER_SECOND`]. (The
 /// connect timeout stays as it was, so the SDK keeps using one connection
 /// pool.)
-/// The CRC-32 of the file at `path` (blocking).
-fn file_crc32(path: &Path) -> std::io::Result<u32> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = crc32fast::Hasher::new();
-    let mut buffer = vec![0; 1 << 20];
-    loop {
-        match std::io::Read::read(&mut file, &mut buffer)? {
-            0 => return Ok(hasher.finalize()),
-            n => hasher.update(&buffer[..n]),
-        }
-    }
-}
-
 fn sending_timeouts(request_timeout: Duration, body_bytes: usize) -> aws_sdk_s3::config::Builder {
     let sending =
         Duration::from_secs_f64(body_bytes as f64 / SLOWEST_UPLOAD_BYTES_PER_SECOND as f64);
@@ -696,18 +683,17 @@ impl Storage for S3Storage {
         self.put_object(key, data).await
     }
 
-    async fn put_file(&self, key: &ObjectKey, path: &Path, size: u64) -> Result<(), StorageError> {
+    async fn put_file(
+        &self,
+        key: &ObjectKey,
+        path: &Path,
+        size: u64,
+        crc32: u32,
+    ) -> Result<(), StorageError> {
         // A body streamed from disk is not signed up front, so the request
         // carries the file's CRC-32 in a header for the service to check
         // (left to itself, the SDK would send it as the trailer of a
         // chunked body, which Garage refuses as an invalid signature).
-        let crc32 = {
-            let path = path.to_owned();
-            tokio::task::spawn_blocking(move || file_crc32(&path))
-                .await
-                .map_err(|error| StorageError::io(key, std::io::Error::other(error)))?
-                .map_err(|error| StorageError::io(key, error))?
-        };
         // Read from the path again for each attempt, so a retry resends it.
         let body = ByteStream::read_from()
             .path(path)
