@@ -119,16 +119,23 @@ use upload_events::UploadEvents;
 /// (at trace level): what lets a test count a path's transactions.
 pub const WRITE_TRANSACTION_TARGET: &str = "larder::db::write_transaction";
 
-/// Run on every new SQLite connection. Foreign keys must be on for the
-/// cascades and the restrictions of the schema. The busy timeout is how
-/// long a connection waits for the write lock before failing with
-/// "database is locked": writes are short, so a 10 s wait means a stuck
-/// writer, and the error is then better than hanging. (Both happen to be
-/// sqlx's defaults too; set here so the guarantee does not rest on them.)
-const SQLITE_CONNECTION_PRAGMAS: &str = "PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;";
-
-/// The busy timeout above, for the writer turns of [`Database::begin_write`].
+/// How long a SQLite connection waits for the write lock before failing
+/// with "database is locked" (the `busy_timeout` of every connection, and
+/// the longest wait for a writer turn in [`Database::begin_write`]):
+/// writes are short, so a 10 s wait means a stuck writer, and the error is
+/// then better than hanging.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Run on every new SQLite connection. Foreign keys must be on for the
+/// cascades and the restrictions of the schema; the busy timeout is
+/// [`SQLITE_BUSY_TIMEOUT`]. (Both happen to be sqlx's defaults too; set
+/// here so the guarantee does not rest on them.)
+fn sqlite_connection_pragmas() -> String {
+    format!(
+        "PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {};",
+        SQLITE_BUSY_TIMEOUT.as_millis()
+    )
+}
 
 /// How long a caller waits for a free pooled connection.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -226,7 +233,8 @@ impl Database {
                 }
                 options = options.after_connect(|connection, _| {
                     Box::pin(async move {
-                        sqlx::Executor::execute(connection, SQLITE_CONNECTION_PRAGMAS).await?;
+                        sqlx::Executor::execute(connection, sqlite_connection_pragmas().as_str())
+                            .await?;
                         Ok(())
                     })
                 });
