@@ -145,16 +145,7 @@ wait_http() {
 
 # utime + stime, in clock ticks, of the given pids together.
 cpu_ticks() {
-    local pid total=0 fields
-    for pid in "$@"; do
-        # Field 2 (the command) is in parentheses and may hold spaces:
-        # take what follows the last ')'. utime and stime are then the
-        # 12th and 13th fields.
-        fields=$(sed 's/.*) //' "/proc/$pid/stat") || continue
-        read -r -a parts <<<"$fields"
-        total=$((total + parts[11] + parts[12]))
-    done
-    echo "$total"
+    cpu_ticks_by_process | awk -v pids=" $* " 'index(pids, " " $1 " ") { total += $3 } END { print total + 0 }'
 }
 
 # utime + stime in clock ticks of every process now running: "pid command
