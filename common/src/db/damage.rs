@@ -162,9 +162,7 @@ impl Database {
                     withdrawal.nars.push(nar_hash_col(row, "nar_hash")?);
                 }
             }
-            tx.commit()
-                .await
-                .map_err(query_error("committing damaged chunks"))?;
+            tx.commit("committing damaged chunks").await?;
             withdrawal.chunks += marked.len() as u64;
         }
         Ok(withdrawal)

@@ -2,6 +2,8 @@
 //! HTTP layer maps [`DbError::NotFound`] and [`DbError::Conflict`] to 404 and
 //! 409, and workers ask [`DbError::is_transient`] whether to retry.
 
+use std::sync::Arc;
+
 use sqlx::error::ErrorKind;
 
 /// What went wrong in a store-layer call.
@@ -48,6 +50,15 @@ pub enum DbError {
         #[source]
         source: sqlx::Error,
     },
+    /// The SQLite group commit that held this transaction's writes failed
+    /// (see `writer`), so none of them were written: `source` is the error
+    /// the group met, shared by its members.
+    #[error("database error while {context} (in a group commit)")]
+    GroupCommit {
+        context: &'static str,
+        #[source]
+        source: Arc<sqlx::Error>,
+    },
 }
 
 impl DbError {
@@ -56,9 +67,11 @@ impl DbError {
     /// failure or deadlock.
     pub fn is_transient(&self) -> bool {
         let source = match self {
-            Self::Query { source, .. } => source,
             Self::Migrate(sqlx::migrate::MigrateError::Execute(source)) => source,
-            _ => return false,
+            _ => match self.query_source() {
+                Some(source) => source,
+                None => return false,
+            },
         };
         match source {
             sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
@@ -81,6 +94,15 @@ impl DbError {
         }
     }
 
+    /// The driver's error of a failed query or commit.
+    fn query_source(&self) -> Option<&sqlx::Error> {
+        match self {
+            Self::Query { source, .. } => Some(source),
+            Self::GroupCommit { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+
     /// Whether this is [`DbError::NotFound`].
     pub fn is_not_found(&self) -> bool {
         matches!(self, Self::NotFound { .. })
@@ -89,11 +111,7 @@ impl DbError {
     /// Whether the database's own disk is full: SQLite's `SQLITE_FULL`,
     /// PostgreSQL's `disk_full` (53100).
     pub fn is_disk_full(&self) -> bool {
-        let Self::Query {
-            source: sqlx::Error::Database(error),
-            ..
-        } = self
-        else {
+        let Some(sqlx::Error::Database(error)) = self.query_source() else {
             return false;
         };
         let code = error.code();

@@ -214,9 +214,7 @@ impl Database {
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(query_error("deleting unreferenced NARs"))?;
-            tx.commit()
-                .await
-                .map_err(query_error("committing deleted NARs"))?;
+            tx.commit("committing deleted NARs").await?;
             for row in &rows {
                 deleted.push(NarId(i64_col(row, "id")?));
             }
@@ -273,9 +271,7 @@ impl Database {
                 .execute(&mut *tx)
                 .await
                 .map_err(query_error("claiming unreferenced chunks"))?;
-            tx.commit()
-                .await
-                .map_err(query_error("committing claimed chunks"))?;
+            tx.commit("committing claimed chunks").await?;
             claimed += result.rows_affected();
         }
         Ok(claimed)

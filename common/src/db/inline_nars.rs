@@ -214,9 +214,7 @@ impl Database {
                 true
             }
         };
-        tx.commit()
-            .await
-            .map_err(query_error("committing a small NAR"))?;
+        tx.commit("committing a small NAR").await?;
         if visible {
             self.events.wake(&upload.id);
         }

@@ -55,10 +55,9 @@
 //! SQLite runs in WAL mode (readers never block the writer) with foreign
 //! keys on and a busy timeout; write transactions start with
 //! `BEGIN IMMEDIATE`, so two writers queue instead of failing to upgrade a
-//! read lock. A process's write transactions queue for a turn in memory
-//! first (`begin_write`), which hands the lock straight to the next writer:
-//! queueing on the busy timeout alone left the lock idle while waiters
-//! slept (issue #14: 300 small paths took 1.38 s with it, 1.17 s without). PostgreSQL uses an ordinary pool at READ
+//! read lock. A process's write transactions take turns in memory and
+//! commit in groups while others wait (module `writer`). PostgreSQL uses
+//! an ordinary pool at READ
 //! COMMITTED; the queries that must be race-free under it are single
 //! statements (`INSERT … ON CONFLICT`, conditional `UPDATE`s).
 
@@ -82,6 +81,7 @@ mod tokens;
 mod types;
 mod upload_events;
 mod uploads;
+mod writer;
 
 use std::borrow::Cow;
 use std::fmt;
@@ -89,8 +89,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, AnyQueryResult};
-use sqlx::{Any, AnyConnection, AnyPool, Transaction};
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use sqlx::{Any, AnyPool};
 
 pub use build_logs::EncodedLog;
 pub use caches::{
@@ -111,13 +110,11 @@ pub use tokens::TokenRecord;
 pub use types::{CacheId, CacheKeypair, ChunkId, NarId, ObjectId, StoreState, Timestamp};
 pub use upload_events::UploadWatch;
 pub use uploads::{NewUpload, Upload, UploadId, UploadPhase};
+pub use writer::WRITE_TRANSACTION_TARGET;
 
 use error::query_error;
 use upload_events::UploadEvents;
-
-/// The `tracing` target of the event each write transaction begins with
-/// (at trace level): what lets a test count a path's transactions.
-pub const WRITE_TRANSACTION_TARGET: &str = "larder::db::write_transaction";
+use writer::SqliteWriter;
 
 /// How long a SQLite connection waits for the write lock before failing
 /// with "database is locked" (the `busy_timeout` of every connection, and
@@ -193,12 +190,9 @@ pub struct Database {
     /// This process's waiters for uploads leaving the pipeline, shared by
     /// every clone.
     events: Arc<UploadEvents>,
-    /// SQLite's write transactions take turns here before `BEGIN
-    /// IMMEDIATE`, so that a writer waiting for another is handed the lock
-    /// when it is released instead of polling for it from SQLite's busy
-    /// handler, which sleeps 1, 2, 5, 10, … ms between tries and leaves the
-    /// lock idle meanwhile. Shared by every clone.
-    sqlite_writer: Arc<Mutex<()>>,
+    /// SQLite's writer turn and group commit (module `writer`). Shared by
+    /// every clone.
+    sqlite_writer: Arc<SqliteWriter>,
 }
 
 impl fmt::Debug for Database {
@@ -258,7 +252,7 @@ impl Database {
             backend,
             quota: QuotaDefaults::default(),
             events,
-            sqlite_writer: Arc::new(Mutex::new(())),
+            sqlite_writer: Arc::default(),
         })
     }
 
@@ -314,64 +308,6 @@ impl Database {
             .acquire()
             .await
             .map_err(query_error("acquiring a connection"))
-    }
-
-    /// Starts a transaction that will write. On SQLite it takes the write
-    /// lock at once (`BEGIN IMMEDIATE`): a deferred transaction that reads
-    /// first and writes later can fail with SQLITE_BUSY at the write,
-    /// without waiting, when another connection wrote in between.
-    pub(crate) async fn begin_write(&self) -> Result<WriteTransaction> {
-        tracing::trace!(target: WRITE_TRANSACTION_TARGET, "beginning a write transaction");
-        let (begun, turn) = match self.backend {
-            Backend::Sqlite => {
-                // Past the busy timeout a writer goes on without its turn
-                // and meets SQLite's own wait (and its error), as it would
-                // without turns: a turn never waits forever.
-                let turn = tokio::time::timeout(
-                    SQLITE_BUSY_TIMEOUT,
-                    Arc::clone(&self.sqlite_writer).lock_owned(),
-                )
-                .await
-                .ok();
-                (self.pool.begin_with("BEGIN IMMEDIATE").await, turn)
-            }
-            Backend::Postgres => (self.pool.begin().await, None),
-        };
-        let transaction = begun.map_err(query_error("starting a transaction"))?;
-        Ok(WriteTransaction {
-            transaction,
-            _turn: turn,
-        })
-    }
-}
-
-/// A write transaction from [`Database::begin_write`]: on SQLite it holds
-/// this process's writer turn until it is committed or dropped.
-pub(crate) struct WriteTransaction {
-    // Declared first, so dropped first: an uncommitted transaction's
-    // rollback is sent before the turn passes on (a writer that begins
-    // before it is done meets SQLite's short busy wait).
-    transaction: Transaction<'static, Any>,
-    _turn: Option<OwnedMutexGuard<()>>,
-}
-
-impl WriteTransaction {
-    pub(crate) async fn commit(self) -> std::result::Result<(), sqlx::Error> {
-        self.transaction.commit().await
-    }
-}
-
-impl std::ops::Deref for WriteTransaction {
-    type Target = AnyConnection;
-
-    fn deref(&self) -> &AnyConnection {
-        &self.transaction
-    }
-}
-
-impl std::ops::DerefMut for WriteTransaction {
-    fn deref_mut(&mut self) -> &mut AnyConnection {
-        &mut self.transaction
     }
 }
 

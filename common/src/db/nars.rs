@@ -701,9 +701,7 @@ impl Database {
     pub async fn upsert_chunks(&self, chunks: &[NewChunk], at: Timestamp) -> Result<Vec<Chunk>> {
         let mut tx = self.begin_write().await?;
         let out = upsert_chunks_on(&mut tx, chunks, at).await?;
-        tx.commit()
-            .await
-            .map_err(query_error("committing chunks"))?;
+        tx.commit("committing chunks").await?;
         Ok(out)
     }
 
@@ -713,9 +711,7 @@ impl Database {
     pub async fn set_nar_chunks(&self, nar_id: NarId, chunk_ids: &[ChunkId]) -> Result<()> {
         let mut tx = self.begin_write().await?;
         set_nar_chunks_on(&mut tx, self.backend, nar_id, chunk_ids).await?;
-        tx.commit()
-            .await
-            .map_err(query_error("committing a NAR's chunk list"))
+        tx.commit("committing a NAR's chunk list").await
     }
 
     /// Records `pack`, an object just made durable, and marks chunks
@@ -781,9 +777,7 @@ impl Database {
             }
             chunks[i] = Some(chunk);
         }
-        tx.commit()
-            .await
-            .map_err(query_error("committing stored chunks"))?;
+        tx.commit("committing stored chunks").await?;
         // Every index was visited once.
         Ok(chunks.into_iter().flatten().collect())
     }
@@ -905,9 +899,7 @@ impl Database {
             .ok_or_else(|| DbError::NotFound {
                 what: format!("NAR {nar_hash}"),
             })?;
-        tx.commit()
-            .await
-            .map_err(query_error("committing a complete NAR"))?;
+        tx.commit("committing a complete NAR").await?;
         Ok(nar)
     }
 

@@ -305,9 +305,7 @@ impl Database {
             at,
         )
         .await?;
-        tx.commit()
-            .await
-            .map_err(query_error("committing an object"))?;
+        tx.commit("committing an object").await?;
         Ok(object)
     }
 
@@ -342,9 +340,7 @@ impl Database {
             return Ok(Vec::new());
         };
         let deleted = delete_counted_objects_on(&mut tx, &mut cache, condition, params).await?;
-        tx.commit()
-            .await
-            .map_err(query_error("committing deleted objects"))?;
+        tx.commit("committing deleted objects").await?;
         Ok(deleted)
     }
 

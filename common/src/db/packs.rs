@@ -276,9 +276,7 @@ impl Database {
             .await
             .map_err(query_error("retiring a pack"))?;
         }
-        tx.commit()
-            .await
-            .map_err(query_error("committing a compaction"))?;
+        tx.commit("committing a compaction").await?;
         Ok(moved)
     }
 

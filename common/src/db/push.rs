@@ -115,9 +115,7 @@ impl Database {
                 file.staged_key.clone()
             }
         };
-        tx.commit()
-            .await
-            .map_err(query_error("committing a staged file"))?;
+        tx.commit("committing a staged file").await?;
         Ok(recorded)
     }
 
@@ -170,9 +168,7 @@ impl Database {
         if let Some(file) = &taken {
             adjust_usage_on(&mut tx, &mut cache, 0, -to_i64("NAR size", file.nar_size)?).await?;
         }
-        tx.commit()
-            .await
-            .map_err(query_error("committing a taken staged file"))?;
+        tx.commit("committing a taken staged file").await?;
         Ok(taken)
     }
 
@@ -242,9 +238,7 @@ impl Database {
             at,
         )
         .await?;
-        tx.commit()
-            .await
-            .map_err(query_error("committing a linked path"))?;
+        tx.commit("committing a linked path").await?;
         Ok(Some((object, nar)))
     }
 }

@@ -497,9 +497,7 @@ impl Database {
                     actual,
                 });
             }
-            tx.commit()
-                .await
-                .map_err(query_error("committing a cache's usage"))?;
+            tx.commit("committing a cache's usage").await?;
         }
         Ok(corrections)
     }

@@ -302,9 +302,7 @@ impl Database {
         let mut tx = self.begin_write().await?;
         let mut cache = lock_existing_cache_on(&mut tx, self.backend, new.cache_id).await?;
         let upload = create_upload_on(&mut tx, &mut cache, self.quota, new, at).await?;
-        tx.commit()
-            .await
-            .map_err(query_error("committing an upload"))?;
+        tx.commit("committing an upload").await?;
         Ok(upload)
     }
 
@@ -355,9 +353,7 @@ impl Database {
         .await
         .map_err(query_error("recording a pushed NAR file's name"))?;
         let upload = create_upload_on(&mut tx, &mut cache, self.quota, new, at).await?;
-        tx.commit()
-            .await
-            .map_err(query_error("committing an upload of a staged file"))?;
+        tx.commit("committing an upload of a staged file").await?;
         Ok(Some(upload))
     }
 
@@ -529,9 +525,7 @@ impl Database {
         let nar_size = to_i64("NAR size", u64_col(&row, "nar_size")?)?;
         adjust_usage_on(&mut tx, &mut cache, 0, -nar_size).await?;
         announce_on(&mut tx, self.backend, id).await?;
-        tx.commit()
-            .await
-            .map_err(query_error("committing an upload's new phase"))?;
+        tx.commit("committing an upload's new phase").await?;
         self.events.wake(id);
         Ok(true)
     }
@@ -713,9 +707,7 @@ impl Database {
         if left {
             announce_on(&mut tx, self.backend, id).await?;
         }
-        tx.commit()
-            .await
-            .map_err(query_error("committing a finalised upload"))?;
+        tx.commit("committing a finalised upload").await?;
         if left {
             self.events.wake(id);
         }
@@ -747,9 +739,7 @@ impl Database {
             adjust_usage_on(&mut tx, &mut cache, 0, -pending).await?;
             announce_on(&mut tx, self.backend, id).await?;
         }
-        tx.commit()
-            .await
-            .map_err(query_error("committing a deleted upload"))?;
+        tx.commit("committing a deleted upload").await?;
         if !phase.is_terminal() {
             self.events.wake(id);
         }
