@@ -5,7 +5,9 @@
 //!    `cache.nixos.org-1`) are skipped: anyone can fetch them upstream.
 //! 3. The server says which of the rest it is missing.
 //! 4. Those are uploaded, each only after the references it has in the same
-//!    push, with up to `jobs` uploads at once. A NAR streams from
+//!    push, with up to `jobs` uploads at once. Small NARs (at most
+//!    [`EXPORT_MAX_NAR`]) are read ahead, many to one `nix-store --export`
+//!    in batches of bounded size; a larger NAR streams from its own
 //!    `nix store dump-path` to the socket through a small buffer, so memory
 //!    does not grow with the NAR. Transient failures (unreachable, 5xx)
 //!    are retried with exponential backoff; a 429 (the server's limit on
@@ -24,6 +26,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use common::api::{
     GetMissingPathsRequest, GetMissingPathsResponse, UploadPathNarInfo, UploadPathResult,
     UploadStatus, NAR_INFO_HEADER, PHASE_DONE, PHASE_FAILED, WAIT_HEADER,
@@ -270,6 +273,11 @@ async fn missing_paths(
 
 /// Uploads every path after the references it has among `paths`, with at
 /// most `options.jobs` uploads at once. Returns how many were uploaded.
+///
+/// A path of at most [`EXPORT_MAX_NAR`] bytes is read ahead with others
+/// from one `nix-store --export` ([`nix::export_nars`]), one batch at a
+/// time while uploads run; a larger one streams from its own
+/// `nix store dump-path` as it uploads.
 async fn upload_in_dependency_order(
     client: &ApiClient,
     cache: &CacheName,
@@ -293,41 +301,116 @@ async fn upload_in_dependency_order(
             }
         }
     }
-    let mut ready: VecDeque<usize> = (0..paths.len())
-        .filter(|&i| unfinished_references[i] == 0)
-        .collect();
+    let mut ready = Ready::default();
+    for i in (0..paths.len()).filter(|&i| unfinished_references[i] == 0) {
+        ready.push(i, &paths[i]);
+    }
     let progress = Progress::new(paths.len());
     let jobs = options.jobs.max(1);
     let mut running = JoinSet::new();
+    let mut exports = JoinSet::new();
     let mut uploaded = 0;
     while uploaded < paths.len() {
+        if exports.is_empty() && ready.exported.len() < jobs && !ready.small.is_empty() {
+            let batch = ready.export_batch(&paths);
+            let asked: Vec<(String, u64)> = batch
+                .iter()
+                .map(|&i| (store_dir.display_path(&paths[i].path), paths[i].nar_size))
+                .collect();
+            exports.spawn(async move {
+                let nars = nix::export_nars(&asked).await?;
+                Ok::<_, PushError>(batch.into_iter().zip(nars).collect::<Vec<_>>())
+            });
+        }
         while running.len() < jobs {
-            let Some(i) = ready.pop_front() else { break };
+            let Some((i, exported)) = ready.next_upload() else {
+                break;
+            };
             let upload = UploadTask {
                 client: client.clone(),
                 cache: cache.clone(),
                 full_path: store_dir.display_path(&paths[i].path),
                 info: paths[i].clone(),
+                exported,
                 wait: options.wait,
                 progress: progress.clone(),
             };
             running.spawn(async move { upload.run().await.map(|()| i) });
         }
         // The references form a DAG (Nix guarantees it), so while paths
-        // remain something is running or ready.
-        let Some(finished) = running.join_next().await else {
-            break;
-        };
-        let i = finished??;
-        uploaded += 1;
-        for &dependent in &dependents[i] {
-            unfinished_references[dependent] -= 1;
-            if unfinished_references[dependent] == 0 {
-                ready.push_back(dependent);
+        // remain something is running, exporting or ready.
+        tokio::select! {
+            Some(finished) = running.join_next() => {
+                let i = finished??;
+                uploaded += 1;
+                for &dependent in &dependents[i] {
+                    unfinished_references[dependent] -= 1;
+                    if unfinished_references[dependent] == 0 {
+                        ready.push(dependent, &paths[dependent]);
+                    }
+                }
             }
+            Some(exported) = exports.join_next() => ready.exported.extend(exported??),
+            else => break,
         }
     }
     Ok(uploaded)
+}
+
+/// The largest NAR read ahead by `nix-store --export` rather than streamed
+/// from `nix store dump-path`.
+const EXPORT_MAX_NAR: u64 = 1 << 20;
+/// At most this many NAR bytes, and this many paths, in one export.
+const EXPORT_BATCH_BYTES: u64 = 8 << 20;
+const EXPORT_BATCH_PATHS: usize = 256;
+
+/// Paths whose references are all uploaded.
+#[derive(Default)]
+struct Ready {
+    /// Small ones still to export.
+    small: VecDeque<usize>,
+    /// Small ones exported, with their NARs.
+    exported: VecDeque<(usize, Bytes)>,
+    /// Large ones, streamed as they upload.
+    large: VecDeque<usize>,
+}
+
+impl Ready {
+    fn push(&mut self, i: usize, info: &PathInfo) {
+        if info.nar_size <= EXPORT_MAX_NAR {
+            self.small.push_back(i);
+        } else {
+            self.large.push_back(i);
+        }
+    }
+
+    /// The next small paths to export: at least one, and no more than the
+    /// batch bounds allow.
+    fn export_batch(&mut self, paths: &[PathInfo]) -> Vec<usize> {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while let Some(&i) = self.small.front() {
+            let size = paths[i].nar_size;
+            if !batch.is_empty()
+                && (bytes + size > EXPORT_BATCH_BYTES || batch.len() == EXPORT_BATCH_PATHS)
+            {
+                break;
+            }
+            bytes += size;
+            batch.push(i);
+            self.small.pop_front();
+        }
+        batch
+    }
+
+    /// The next path to upload: an exported one first (its NAR is held in
+    /// memory), then a large one.
+    fn next_upload(&mut self) -> Option<(usize, Option<Bytes>)> {
+        if let Some((i, nar)) = self.exported.pop_front() {
+            return Some((i, Some(nar)));
+        }
+        self.large.pop_front().map(|i| (i, None))
+    }
 }
 
 /// `wait` plus up to half of it again, chosen at random, so that uploads
@@ -347,6 +430,9 @@ struct UploadTask {
     cache: CacheName,
     full_path: String,
     info: PathInfo,
+    /// Its NAR, when exported ahead; `None` to stream it from
+    /// `nix store dump-path`.
+    exported: Option<Bytes>,
     wait: bool,
     progress: Progress,
 }
@@ -429,27 +515,37 @@ impl UploadTask {
             })
         })?;
 
-        let mut child = nix::spawn_dump(&self.full_path).map_err(dump_error)?;
-        let Some(stdout) = child.stdout.take() else {
-            return Err(dump_error(NixError::BadOutput {
-                command: format!("nix store dump-path {}", self.full_path),
-                reason: "no output pipe".to_owned(),
-            }));
-        };
         let upload = self
             .progress
             .started(&self.info.path.to_string(), self.info.nar_size);
         let sent = upload.sent.clone();
-        let body = ReaderStream::with_capacity(stdout, STREAM_BUFFER).inspect_ok(move |bytes| {
-            sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        });
+        let (body, dump) = match &self.exported {
+            Some(nar) => {
+                sent.fetch_add(nar.len() as u64, Ordering::Relaxed);
+                (reqwest::Body::from(nar.clone()), None)
+            }
+            None => {
+                let mut child = nix::spawn_dump(&self.full_path).map_err(dump_error)?;
+                let Some(stdout) = child.stdout.take() else {
+                    return Err(dump_error(NixError::BadOutput {
+                        command: format!("nix store dump-path {}", self.full_path),
+                        reason: "no output pipe".to_owned(),
+                    }));
+                };
+                let body =
+                    ReaderStream::with_capacity(stdout, STREAM_BUFFER).inspect_ok(move |bytes| {
+                        sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    });
+                (reqwest::Body::wrap_stream(body), Some(child))
+            }
+        };
         let mut request = self
             .client
             .request(Method::PUT, "_api/v1/upload-path")
             .header(NAR_INFO_HEADER, nar_info)
             .header(CONTENT_TYPE, "application/x-nix-nar")
             .header(CONTENT_LENGTH, self.info.nar_size)
-            .body(reqwest::Body::wrap_stream(body));
+            .body(body);
         if !self.wait {
             request = request.header(WAIT_HEADER, "0");
         }
@@ -468,7 +564,10 @@ impl UploadTask {
             }
             Err(error) => Err(error),
         };
-        let dumped = nix::finish_dump(child, &self.full_path).await;
+        let dumped = match dump {
+            Some(child) => nix::finish_dump(child, &self.full_path).await,
+            None => Ok(()),
+        };
         match (answer, dumped) {
             (Ok(result), Ok(())) => {
                 self.progress.finished(upload);

@@ -200,6 +200,35 @@ async fn upload_count(server: &TestServer, path: &str) -> i64 {
         .expect("counting uploads")
 }
 
+/// Writes `nix` and `nix-store` wrappers into `bin` (made here; put it
+/// first on `PATH`) that run the shell `script` before each NAR dump
+/// (`nix store dump-path`, `nix-store --export`; its arguments are `$*`),
+/// then the real program.
+pub(super) fn wrap_nar_dumps(bin: &std::path::Path, script: &str) {
+    std::fs::create_dir_all(bin).expect("a directory for the wrappers");
+    for (program, dumping) in [("nix", "store dump-path"), ("nix-store", "--export")] {
+        let real = std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {program}")])
+            .output()
+            .unwrap_or_else(|error| panic!("finding {program}: {error}"));
+        let real = String::from_utf8(real.stdout).expect("a UTF-8 path");
+        let wrapper = bin.join(program);
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\ncase \" $* \" in *' {dumping} '*)\n{script}\n;;\nesac\nexec '{real}' \"$@\"\n",
+                real = real.trim(),
+            ),
+        )
+        .expect("writing a wrapper");
+        std::fs::set_permissions(
+            &wrapper,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("making a wrapper executable");
+    }
+}
+
 /// A Nix environment with a chroot store, and a `larder` user whose `nix`
 /// uses that store.
 pub(super) struct Setup {
@@ -471,36 +500,18 @@ tests::under_each_nix! {
         let server = TestServer::sqlite().await;
         let token = server.root_token().await;
         let mut setup = Setup::with_version(version).await;
-        // The agent's `nix store dump-path` waits at a gate the test opens
-        // after the kill: the agent is killed in the middle of its first
-        // upload however fast it would be, with the whole backlog queued.
+        // The agent's NAR dumps wait at a gate the test opens after the
+        // kill: the agent is killed in the middle of its first upload
+        // however fast it would be, with the whole backlog queued.
         let gate = tempfile::tempdir().expect("a directory for the gate");
-        let real_nix = std::process::Command::new("sh")
-            .args(["-c", "command -v nix"])
-            .output()
-            .expect("finding nix");
-        let real_nix = String::from_utf8(real_nix.stdout).expect("a UTF-8 path");
-        let wrapper = gate.path().join("bin/nix");
-        std::fs::create_dir(gate.path().join("bin")).expect("bin/");
-        std::fs::write(
-            &wrapper,
-            format!(
-                "#!/bin/sh\n\
-                 case \" $* \" in *' store dump-path '*)\n\
-                 \x20   : > '{gate}/dumping'\n\
-                 \x20   while [ ! -e '{gate}/open' ]; do sleep 0.05; done ;;\n\
-                 esac\n\
-                 exec '{nix}' \"$@\"\n",
-                gate = gate.path().display(),
-                nix = real_nix.trim(),
+        wrap_nar_dumps(
+            &gate.path().join("bin"),
+            &format!(
+                ": > '{gate}/dumping'\n\
+                 while [ ! -e '{gate}/open' ]; do sleep 0.05; done",
+                gate = gate.path().display()
             ),
-        )
-        .expect("writing the nix wrapper");
-        std::fs::set_permissions(
-            &wrapper,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .expect("making the wrapper executable");
+        );
         let path = std::env::var("PATH").unwrap_or_default();
         setup.larder.set_env(
             "PATH",

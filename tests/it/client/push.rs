@@ -16,6 +16,7 @@ use common::auth::Permission;
 use tests::nix::{NixEnv, NixVersion};
 use tests::server::TestServer;
 
+use super::agent::{assert_served, wrap_nar_dumps, Setup};
 use super::{assert_substitutes_the_same_nars, blocking, server_view, store_config, Larder, HOUR};
 
 tests::under_each_nix! {
@@ -376,5 +377,56 @@ tests::under_each_nix! {
         let log = response.text().await.expect("the log");
         assert!(log.contains(&format!("building {salt}")), "{log}");
         drop(env);
+    }
+}
+
+tests::under_each_nix! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn small_paths_are_exported_in_batches_and_large_ones_streamed(version: NixVersion) {
+        let server = TestServer::sqlite().await;
+        let token = server.root_token().await;
+        let mut setup = Setup::with_version(version).await;
+        // Every dump the client starts is written down.
+        let recorded = tempfile::tempdir().expect("a directory for the wrappers");
+        let log = recorded.path().join("dumps");
+        wrap_nar_dumps(
+            &recorded.path().join("bin"),
+            &format!("echo \"$*\" >> '{}'", log.display()),
+        );
+        let path = std::env::var("PATH").unwrap_or_default();
+        setup.larder.set_env(
+            "PATH",
+            &format!("{}:{path}", recorded.path().join("bin").display()),
+        );
+        // The first path's NAR is 3 MiB, over the 1 MiB the client exports;
+        // the other eleven are a few hundred bytes each.
+        let paths = setup.add_paths("mixed", 12, 3 << 20).await;
+        let larder = &setup.larder;
+        larder.ok(&["login", "local", &server.url(), &token]).await;
+        larder.ok(&["cache", "create", "mixed"]).await;
+        let mut arguments = vec!["push", "mixed", "-j", "4"];
+        arguments.extend(paths.iter().map(String::as_str));
+        let out = larder.ok(&arguments).await;
+        assert!(out.contains("pushed 12 paths"), "{out}");
+        // The server took each upload only with its NarHash and NarSize
+        // right, so every path served is every NAR cut right.
+        assert_served(&server.url(), "mixed", &token, &paths).await;
+
+        let dumps = std::fs::read_to_string(&log).expect("the recorded dumps");
+        let streamed: Vec<&str> = dumps
+            .lines()
+            .filter(|line| line.contains("store dump-path"))
+            .collect();
+        assert_eq!(streamed.len(), 1, "{dumps}");
+        assert!(streamed[0].ends_with(&paths[0]), "{dumps}");
+        let exported: Vec<&str> = dumps
+            .lines()
+            .filter(|line| line.contains("--export"))
+            .collect();
+        // Eleven small paths, all ready at once, fit one export.
+        assert_eq!(exported.len(), 1, "{dumps}");
+        for small in &paths[1..] {
+            assert!(exported[0].contains(small.as_str()), "{small}: {dumps}");
+        }
     }
 }
