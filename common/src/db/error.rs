@@ -63,15 +63,16 @@ pub enum DbError {
 
 impl DbError {
     /// Whether retrying the same call later may succeed: a lost connection,
-    /// an exhausted pool, a busy SQLite file or a PostgreSQL serialisation
-    /// failure or deadlock.
+    /// an exhausted pool, a busy SQLite file, a PostgreSQL serialisation
+    /// failure or deadlock, or a failed group commit.
     pub fn is_transient(&self) -> bool {
         let source = match self {
+            Self::Query { source, .. } => source,
             Self::Migrate(sqlx::migrate::MigrateError::Execute(source)) => source,
-            _ => match self.query_source() {
-                Some(source) => source,
-                None => return false,
-            },
+            // The call's own work was done; what failed is the commit it
+            // shared, which a retry does not share again.
+            Self::GroupCommit { .. } => return true,
+            _ => return false,
         };
         match source {
             sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
@@ -94,15 +95,6 @@ impl DbError {
         }
     }
 
-    /// The driver's error of a failed query or commit.
-    fn query_source(&self) -> Option<&sqlx::Error> {
-        match self {
-            Self::Query { source, .. } => Some(source),
-            Self::GroupCommit { source, .. } => Some(source),
-            _ => None,
-        }
-    }
-
     /// Whether this is [`DbError::NotFound`].
     pub fn is_not_found(&self) -> bool {
         matches!(self, Self::NotFound { .. })
@@ -111,7 +103,12 @@ impl DbError {
     /// Whether the database's own disk is full: SQLite's `SQLITE_FULL`,
     /// PostgreSQL's `disk_full` (53100).
     pub fn is_disk_full(&self) -> bool {
-        let Some(sqlx::Error::Database(error)) = self.query_source() else {
+        let source = match self {
+            Self::Query { source, .. } => source,
+            Self::GroupCommit { source, .. } => &**source,
+            _ => return false,
+        };
+        let sqlx::Error::Database(error) = source else {
             return false;
         };
         let code = error.code();

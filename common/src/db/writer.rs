@@ -177,15 +177,12 @@ impl Database {
             ));
         };
         let (group, savepoint) = match guard.take() {
-            Some(mut group) => {
-                let savepoint = sqlx::query(BEGIN_MEMBER)
-                    .execute(&mut *group.transaction)
-                    .await;
-                if let Err(error) = savepoint {
+            Some(group) => match member_statement(&mut guard, group, BEGIN_MEMBER).await {
+                Ok(group) => (group, true),
+                Err((group, error)) => {
                     return Err(commit_error("joining a group commit", group.fail(error)));
                 }
-                (group, true)
-            }
+            },
             None => {
                 let transaction = self
                     .pool
@@ -239,19 +236,17 @@ impl WriteTransaction {
             .group
             .take()
             .expect("a transaction's group is taken when it ends");
-        let Some(turn) = self.turn.take() else {
+        let Some(mut turn) = self.turn.take() else {
             return group
                 .commit()
                 .await
                 .map_err(|error| commit_error(context, error));
         };
         if turn.savepoint {
-            let released = sqlx::query(END_MEMBER)
-                .execute(&mut *group.transaction)
-                .await;
-            if let Err(error) = released {
-                return Err(commit_error(context, group.fail(error)));
-            }
+            group = match member_statement(&mut turn.guard, group, END_MEMBER).await {
+                Ok(group) => group,
+                Err((group, error)) => return Err(commit_error(context, group.fail(error))),
+            };
         }
         if turn.writer.keeps_open(&group) {
             let (told, outcome) = oneshot::channel();
@@ -273,8 +268,24 @@ impl WriteTransaction {
                 }),
             };
         }
-        let committed = group.commit().await;
-        drop(turn);
+        let committed = if group.parked.is_empty() {
+            group.commit().await
+        } else {
+            // Parked members wait on this `COMMIT`: it runs to its end, and
+            // the turn passes on after it, even if this caller is cancelled
+            // meanwhile.
+            let guard = turn.guard;
+            let committing = tokio::spawn(async move {
+                let committed = group.commit().await;
+                drop(guard);
+                committed
+            });
+            committing.await.unwrap_or_else(|error| {
+                Err(Arc::new(sqlx::Error::Protocol(format!(
+                    "the group commit's task failed: {error}"
+                ))))
+            })
+        };
         committed.map_err(|error| commit_error(context, error))
     }
 }
@@ -312,6 +323,44 @@ impl SqliteWriter {
         } else if let Err(error) = group.commit().await {
             tracing::warn!(%error, "a group commit failed");
         }
+    }
+}
+
+/// Runs one of a member's own statements (`SAVEPOINT`, `RELEASE`) on a
+/// group others are parked in. Should the caller be cancelled meanwhile,
+/// the group goes back to the turn's slot rather than being rolled back
+/// with the parked members' work (which would fail their pushes for
+/// another's disconnect): a savepoint left open there is harmless (the
+/// next member's nests in it, and the group's `COMMIT` ends both), and the
+/// next member or the group's watchdog commits it.
+async fn member_statement(
+    slot: &mut OwnedMutexGuard<Option<OpenGroup>>,
+    group: OpenGroup,
+    statement: &'static str,
+) -> std::result::Result<OpenGroup, (OpenGroup, sqlx::Error)> {
+    struct PutBack<'a> {
+        slot: &'a mut Option<OpenGroup>,
+        group: Option<OpenGroup>,
+    }
+    impl Drop for PutBack<'_> {
+        fn drop(&mut self) {
+            if let Some(group) = self.group.take() {
+                *self.slot = Some(group);
+            }
+        }
+    }
+    let mut held = PutBack {
+        slot,
+        group: Some(group),
+    };
+    let group = held.group.as_mut().expect("held until the statement ends");
+    let outcome = sqlx::query(statement)
+        .execute(&mut *group.transaction)
+        .await;
+    let group = held.group.take().expect("held until the statement ends");
+    match outcome {
+        Ok(_) => Ok(group),
+        Err(error) => Err((group, error)),
     }
 }
 
@@ -506,6 +555,48 @@ mod tests {
             .expect("the watchdog's commit");
         assert!(started.elapsed() >= STRANDED_GROUP_AFTER);
         db.sqlite_writer.waiting.fetch_sub(1, Ordering::SeqCst);
+        assert_eq!(keys(&db).await, vec![1]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_member_cancelled_in_its_own_statement_leaves_the_group_to_commit() {
+        let (db, _dir) = sqlite().await;
+        let mut first = db.begin_write().await.expect("a writer");
+        insert(&mut first, 1).await.expect("inserting 1");
+        // A waiter, so that the first parks in the group.
+        db.sqlite_writer.waiting.fetch_add(1, Ordering::SeqCst);
+        let parked = tokio::spawn(async move { first.commit("committing 1").await });
+        let mut turn = loop {
+            let turn = Arc::clone(&db.sqlite_writer.turn).lock_owned().await;
+            if turn.is_some() {
+                break turn;
+            }
+            drop(turn);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        db.sqlite_writer.waiting.fetch_sub(1, Ordering::SeqCst);
+        // A member's statement (a slow one here, where a real member's
+        // is a `SAVEPOINT` or `RELEASE`) cancelled on the way, as a
+        // request whose client went away.
+        const SLOW: &str = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c \
+                            WHERE x < 3000000) SELECT count(*) FROM c";
+        let group = turn.take().expect("the parked group");
+        let id = group.id;
+        let cancelled = tokio::time::timeout(
+            Duration::from_millis(10),
+            member_statement(&mut turn, group, SLOW),
+        )
+        .await;
+        assert!(cancelled.is_err(), "the slow statement finished in 10 ms");
+        // The group is back, with the first's work in it, and is committed
+        // (by its watchdog: nobody else comes).
+        assert_eq!(turn.as_ref().map(|group| group.id), Some(id));
+        drop(turn);
+        let committed = tokio::time::timeout(Duration::from_secs(10), parked)
+            .await
+            .expect("the group commits within 10 s")
+            .expect("the parked writer panicked");
+        committed.expect("the group commit");
         assert_eq!(keys(&db).await, vec![1]);
     }
 
