@@ -29,7 +29,12 @@
 //!
 //! A group that its waiters abandoned (a waiting request cancelled, say)
 //! would hold the write lock with nobody to commit it: each group has a
-//! watchdog task that commits it after [`STRANDED_GROUP_AFTER`].
+//! watchdog task that commits it after [`STRANDED_GROUP_AFTER`]. Nor does
+//! a cancelled member take the others down: the `COMMIT` of a group with
+//! parked members runs in a task of its own, and a member cancelled during
+//! its `SAVEPOINT` or `RELEASE` puts the group back for the next
+//! ([`member_statement`]). Any failure the parked members share is
+//! [`DbError::GroupCommit`], which is transient.
 //!
 //! PostgreSQL has concurrent writers and commits each transaction alone.
 
