@@ -200,11 +200,11 @@ async fn upload_count(server: &TestServer, path: &str) -> i64 {
         .expect("counting uploads")
 }
 
-/// Writes `nix` and `nix-store` wrappers into `bin` (made here; put it
-/// first on `PATH`) that run the shell `script` before each NAR dump
+/// Writes `nix` and `nix-store` wrappers into `bin` (made here), first on
+/// `larder`'s `PATH`, that run the shell `script` before each NAR dump
 /// (`nix store dump-path`, `nix-store --export`; its arguments are `$*`),
 /// then the real program.
-pub(super) fn wrap_nar_dumps(bin: &std::path::Path, script: &str) {
+pub(super) fn wrap_nar_dumps(larder: &mut Larder, bin: &Path, script: &str) {
     std::fs::create_dir_all(bin).expect("a directory for the wrappers");
     for (program, dumping) in [("nix", "store dump-path"), ("nix-store", "--export")] {
         let real = std::process::Command::new("sh")
@@ -227,6 +227,8 @@ pub(super) fn wrap_nar_dumps(bin: &std::path::Path, script: &str) {
         )
         .expect("making a wrapper executable");
     }
+    let path = std::env::var("PATH").unwrap_or_default();
+    larder.set_env("PATH", &format!("{}:{path}", bin.display()));
 }
 
 /// A Nix environment with a chroot store, and a `larder` user whose `nix`
@@ -505,17 +507,13 @@ tests::under_each_nix! {
         // however fast it would be, with the whole backlog queued.
         let gate = tempfile::tempdir().expect("a directory for the gate");
         wrap_nar_dumps(
+            &mut setup.larder,
             &gate.path().join("bin"),
             &format!(
                 ": > '{gate}/dumping'\n\
                  while [ ! -e '{gate}/open' ]; do sleep 0.05; done",
                 gate = gate.path().display()
             ),
-        );
-        let path = std::env::var("PATH").unwrap_or_default();
-        setup.larder.set_env(
-            "PATH",
-            &format!("{}:{path}", gate.path().join("bin").display()),
         );
 
         let larder = &setup.larder;

@@ -390,13 +390,9 @@ tests::under_each_nix! {
         let recorded = tempfile::tempdir().expect("a directory for the wrappers");
         let log = recorded.path().join("dumps");
         wrap_nar_dumps(
+            &mut setup.larder,
             &recorded.path().join("bin"),
             &format!("echo \"$*\" >> '{}'", log.display()),
-        );
-        let path = std::env::var("PATH").unwrap_or_default();
-        setup.larder.set_env(
-            "PATH",
-            &format!("{}:{path}", recorded.path().join("bin").display()),
         );
         // The first path's NAR is 3 MiB, over the 1 MiB the client exports;
         // the other eleven are a few hundred bytes each.
