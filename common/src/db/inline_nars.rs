@@ -128,7 +128,7 @@ impl Database {
         content: Option<InlineContent<'_>>,
         at: Timestamp,
     ) -> Result<InlineOutcome> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_groupable_write().await?;
         // The cache first: the one lock order (see `quota`).
         let Some(mut cache) = lock_cache_on(&mut tx, self.backend, upload.cache_id).await? else {
             // The cache is gone, and its uploads with it.

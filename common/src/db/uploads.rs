@@ -299,7 +299,7 @@ impl Database {
     /// otherwise, with nothing written. [`DbError::NotFound`] when the
     /// cache has gone.
     pub async fn create_upload(&self, new: &NewUpload, at: Timestamp) -> Result<Upload> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_groupable_write().await?;
         let mut cache = lock_existing_cache_on(&mut tx, self.backend, new.cache_id).await?;
         let upload = create_upload_on(&mut tx, &mut cache, self.quota, new, at).await?;
         tx.commit("committing an upload").await?;

@@ -25,7 +25,16 @@
 //!
 //! The members run one after another on one connection, so the group is
 //! the serial order of its members: a member sees the earlier members'
-//! writes exactly as it would after their commits.
+//! writes exactly as it would after their commits. Not so its caller, if
+//! the member ends without committing: what it read is not committed yet,
+//! and other connections do not see it. So only the transactions whose
+//! callers then act on nothing they read share groups
+//! ([`Database::begin_groupable_write`]: recording an upload, storing a
+//! small NAR, the two of every small path); any other
+//! ([`Database::begin_write`]) commits an open group before it begins.
+//! (Found by two `nix copy`s of one path: the second's narinfo found the
+//! staged file claimed by the first, a parked member, and looked up that
+//! claim through another connection.)
 //!
 //! A group that its waiters abandoned (a waiting request cancelled, say)
 //! would hold the write lock with nobody to commit it: each group has a
@@ -148,9 +157,26 @@ impl Database {
     /// Starts a transaction that will write. On SQLite it takes the write
     /// lock at once (`BEGIN IMMEDIATE`): a deferred transaction that reads
     /// first and writes later can fail with SQLITE_BUSY at the write,
-    /// without waiting, when another connection wrote in between. On SQLite
-    /// it may join an open group (see the module documentation).
+    /// without waiting, when another connection wrote in between.
+    ///
+    /// It never shares a group: an open one is committed before it begins,
+    /// so whatever it reads is committed, and a caller may act on it
+    /// through other connections even when the transaction ends without
+    /// committing (see [`Database::begin_groupable_write`]).
     pub(crate) async fn begin_write(&self) -> Result<WriteTransaction> {
+        self.begin(Grouping::Alone).await
+    }
+
+    /// [`Database::begin_write`] for a transaction that may join, and
+    /// leave open, a group commit (see the module documentation). Only
+    /// for a transaction whose caller, when it ends without committing,
+    /// does not act on what it read: it may have read earlier members'
+    /// writes, which are not committed until the group is.
+    pub(crate) async fn begin_groupable_write(&self) -> Result<WriteTransaction> {
+        self.begin(Grouping::Shared).await
+    }
+
+    async fn begin(&self, grouping: Grouping) -> Result<WriteTransaction> {
         tracing::trace!(target: WRITE_TRANSACTION_TARGET, "beginning a write transaction");
         let alone = |transaction| WriteTransaction {
             group: Some(OpenGroup {
@@ -181,6 +207,15 @@ impl Database {
                 transaction.map_err(query_error("starting a transaction"))?,
             ));
         };
+        if grouping == Grouping::Alone {
+            if let Some(group) = guard.take() {
+                // Its members are told the outcome; a task, so that the
+                // `COMMIT` runs to its end even if this caller is cancelled.
+                if let Ok(Err(error)) = tokio::spawn(group.commit()).await {
+                    tracing::warn!(%error, "a group commit failed");
+                }
+            }
+        }
         let (group, savepoint) = match guard.take() {
             Some(group) => match member_statement(&mut guard, group, BEGIN_MEMBER).await {
                 Ok(group) => (group, true),
@@ -209,9 +244,21 @@ impl Database {
                 guard,
                 writer: Arc::clone(writer),
                 savepoint,
+                grouping,
             }),
         })
     }
+}
+
+/// Whether a SQLite write transaction may share a group commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Grouping {
+    /// Never: an open group is committed before it begins, and it commits
+    /// alone.
+    Alone,
+    /// It may join an open group and, finishing while others wait, leave
+    /// it open for them.
+    Shared,
 }
 
 /// A write transaction from [`Database::begin_write`]. Dropped without
@@ -230,6 +277,7 @@ struct Turn {
     /// Whether it works in a savepoint: it joined a group whose earlier
     /// members are parked in it.
     savepoint: bool,
+    grouping: Grouping,
 }
 
 impl WriteTransaction {
@@ -253,7 +301,7 @@ impl WriteTransaction {
                 Err((group, error)) => return Err(commit_error(context, group.fail(error))),
             };
         }
-        if turn.writer.keeps_open(&group) {
+        if turn.grouping == Grouping::Shared && turn.writer.keeps_open(&group) {
             let (told, outcome) = oneshot::channel();
             if group.parked.is_empty() {
                 turn.writer.watch_for_stranding(group.id);
@@ -494,7 +542,7 @@ mod tests {
             .map(|k| {
                 let db = db.clone();
                 tokio::spawn(async move {
-                    let mut tx = db.begin_write().await?;
+                    let mut tx = db.begin_groupable_write().await?;
                     insert(&mut tx, k).await.map_err(query_error("inserting"))?;
                     tx.commit("committing a key").await
                 })
@@ -514,12 +562,12 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_member_that_fails_undoes_only_its_own_work() {
         let (db, _dir) = sqlite().await;
-        let mut first = db.begin_write().await.expect("the first writer");
+        let mut first = db.begin_groupable_write().await.expect("the first writer");
         insert(&mut first, 1).await.expect("inserting 1");
         let second = tokio::spawn({
             let db = db.clone();
             async move {
-                let mut tx = db.begin_write().await.expect("the second writer");
+                let mut tx = db.begin_groupable_write().await.expect("the second writer");
                 assert!(tx.turn.as_ref().is_some_and(|turn| turn.savepoint));
                 insert(&mut tx, 2).await.expect("inserting 2");
                 // A key the first writer holds: this member fails, and is
@@ -539,16 +587,46 @@ mod tests {
         assert_eq!(groups_begun(&db), 1, "both ran in one transaction");
 
         // The turn is free again, and the next writer begins a group.
-        let mut third = db.begin_write().await.expect("the third writer");
+        let mut third = db.begin_groupable_write().await.expect("the third writer");
         insert(&mut third, 3).await.expect("inserting 3");
         third.commit("committing 3").await.expect("committing 3");
         assert_eq!(keys(&db).await, vec![1, 3]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_writer_that_shares_no_group_commits_the_open_one_first() {
+        let (db, _dir) = sqlite().await;
+        let mut first = db.begin_groupable_write().await.expect("a writer");
+        insert(&mut first, 1).await.expect("inserting 1");
+        let alone = tokio::spawn({
+            let db = db.clone();
+            async move {
+                let mut tx = db.begin_write().await.expect("a writer alone");
+                // What it can see, others can: the group it found is
+                // committed. (The case that needs it: a `nix copy`'s
+                // narinfo finds its staged file claimed by a group member,
+                // then looks up that claim through another connection.)
+                let seen = keys(&db).await;
+                insert(&mut tx, 2).await.expect("inserting 2");
+                tx.commit("committing 2").await.expect("committing 2");
+                seen
+            }
+        });
+        until_waiting(&db, 1).await;
+        // The waiter shares no group, but the first cannot tell: it parks.
+        first
+            .commit("committing 1")
+            .await
+            .expect("the group commit");
+        assert_eq!(alone.await.expect("the writer panicked"), vec![1]);
+        assert_eq!(keys(&db).await, vec![1, 2]);
+        assert_eq!(groups_begun(&db), 2, "the second began its own");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_group_whose_waiter_went_away_is_committed_by_its_watchdog() {
         let (db, _dir) = sqlite().await;
-        let mut tx = db.begin_write().await.expect("a writer");
+        let mut tx = db.begin_groupable_write().await.expect("a writer");
         insert(&mut tx, 1).await.expect("inserting 1");
         // A waiter that never takes its turn (as a cancelled request's
         // would, had it gone after this transaction decided to park).
@@ -566,7 +644,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_member_cancelled_in_its_own_statement_leaves_the_group_to_commit() {
         let (db, _dir) = sqlite().await;
-        let mut first = db.begin_write().await.expect("a writer");
+        let mut first = db.begin_groupable_write().await.expect("a writer");
         insert(&mut first, 1).await.expect("inserting 1");
         // A waiter, so that the first parks in the group.
         db.sqlite_writer.waiting.fetch_add(1, Ordering::SeqCst);
@@ -608,10 +686,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_cancelled_wait_for_the_turn_is_not_counted() {
         let (db, _dir) = sqlite().await;
-        let holder = db.begin_write().await.expect("a writer");
+        let holder = db.begin_groupable_write().await.expect("a writer");
         let waiter = tokio::spawn({
             let db = db.clone();
-            async move { db.begin_write().await.map(|_| ()) }
+            async move { db.begin_groupable_write().await.map(|_| ()) }
         });
         until_waiting(&db, 1).await;
         waiter.abort();
