@@ -125,6 +125,15 @@ struct OpenGroup {
 }
 
 impl OpenGroup {
+    fn new(id: u64, transaction: Transaction<'static, Any>) -> Self {
+        Self {
+            id,
+            transaction,
+            parked: Vec::new(),
+            began: Instant::now(),
+        }
+    }
+
     /// Commits the group and tells every parked member the outcome.
     async fn commit(self) -> GroupOutcome {
         let outcome = self.transaction.commit().await.map_err(Arc::new);
@@ -178,20 +187,13 @@ impl Database {
 
     async fn begin(&self, grouping: Grouping) -> Result<WriteTransaction> {
         tracing::trace!(target: WRITE_TRANSACTION_TARGET, "beginning a write transaction");
-        let alone = |transaction| WriteTransaction {
-            group: Some(OpenGroup {
-                id: 0,
-                transaction,
-                parked: Vec::new(),
-                began: Instant::now(),
-            }),
-            turn: None,
-        };
         if self.backend == Backend::Postgres {
-            let transaction = self.pool.begin().await;
-            return Ok(alone(
-                transaction.map_err(query_error("starting a transaction"))?,
-            ));
+            let transaction = self
+                .pool
+                .begin()
+                .await
+                .map_err(query_error("starting a transaction"))?;
+            return Ok(WriteTransaction::alone(transaction));
         }
         let writer = &self.sqlite_writer;
         let turn = {
@@ -202,40 +204,28 @@ impl Database {
             // Past the busy timeout a writer goes on without its turn and
             // meets SQLite's own wait (and its error), as it would without
             // turns: a turn never waits forever.
-            let transaction = self.pool.begin_with("BEGIN IMMEDIATE").await;
-            return Ok(alone(
-                transaction.map_err(query_error("starting a transaction"))?,
-            ));
+            return Ok(WriteTransaction::alone(self.begin_immediate().await?));
         };
-        if grouping == Grouping::Alone {
-            if let Some(group) = guard.take() {
-                // Its members are told the outcome; a task, so that the
-                // `COMMIT` runs to its end even if this caller is cancelled.
-                if let Ok(Err(error)) = tokio::spawn(group.commit()).await {
-                    tracing::warn!(%error, "a group commit failed");
+        let (group, savepoint) = match (guard.take(), grouping) {
+            (Some(group), Grouping::Shared) => {
+                match member_statement(&mut guard, group, BEGIN_MEMBER).await {
+                    Ok(group) => (group, true),
+                    Err((group, error)) => {
+                        return Err(commit_error("joining a group commit", group.fail(error)));
+                    }
                 }
             }
-        }
-        let (group, savepoint) = match guard.take() {
-            Some(group) => match member_statement(&mut guard, group, BEGIN_MEMBER).await {
-                Ok(group) => (group, true),
-                Err((group, error)) => {
-                    return Err(commit_error("joining a group commit", group.fail(error)));
+            (open, _) => {
+                if let Some(group) = open {
+                    // Its members are told the outcome; a task, so that the
+                    // `COMMIT` runs to its end even if this caller is
+                    // cancelled.
+                    if let Ok(Err(error)) = tokio::spawn(group.commit()).await {
+                        tracing::warn!(%error, "a group commit failed");
+                    }
                 }
-            },
-            None => {
-                let transaction = self
-                    .pool
-                    .begin_with("BEGIN IMMEDIATE")
-                    .await
-                    .map_err(query_error("starting a transaction"))?;
-                let group = OpenGroup {
-                    id: writer.groups.fetch_add(1, Ordering::Relaxed),
-                    transaction,
-                    parked: Vec::new(),
-                    began: Instant::now(),
-                };
-                (group, false)
+                let id = writer.groups.fetch_add(1, Ordering::Relaxed);
+                (OpenGroup::new(id, self.begin_immediate().await?), false)
             }
         };
         Ok(WriteTransaction {
@@ -247,6 +237,14 @@ impl Database {
                 grouping,
             }),
         })
+    }
+
+    /// A SQLite transaction holding the write lock from its start.
+    async fn begin_immediate(&self) -> Result<Transaction<'static, Any>> {
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(query_error("starting a transaction"))
     }
 }
 
@@ -281,6 +279,15 @@ struct Turn {
 }
 
 impl WriteTransaction {
+    /// A transaction that shares no group and holds no turn: PostgreSQL's,
+    /// or a SQLite writer's that went on without its turn.
+    fn alone(transaction: Transaction<'static, Any>) -> Self {
+        Self {
+            group: Some(OpenGroup::new(0, transaction)),
+            turn: None,
+        }
+    }
+
     /// Commits, or, on SQLite while other writers wait, joins the group
     /// commit: returns once the `COMMIT` that holds this transaction's
     /// work has succeeded or failed. `context` says what was committed.
