@@ -306,6 +306,113 @@ pub struct UploadStatus {
     pub updated_at: i64,
 }
 
+/// `GET /_api/v1/cache-stats/{cache}`: what one cache holds and what it
+/// costs to store, for any token with a permission on the cache.
+///
+/// Every figure depends on this cache's paths alone, never on what other
+/// caches hold: how many of its chunks another cache shares would tell a
+/// tenant what someone else stored (for the same reason quotas count
+/// deduplicated bytes in full). So `stored_bytes` is what the cache would
+/// take in storage by itself: each distinct chunk its paths use, counted
+/// once, at its compressed size. How storage is shared between caches is
+/// in [`ServerStats`], for the operator. Times are Unix seconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CacheStats {
+    pub cache: String,
+    /// Store paths in the cache.
+    pub paths: u64,
+    /// The NarSize of its paths, summed: what clients download, before
+    /// compression.
+    pub nar_bytes: u64,
+    /// The compressed chunks its paths use, each distinct chunk once.
+    pub stored_bytes: u64,
+    /// `nar_bytes / stored_bytes`: compression and deduplication within the
+    /// cache; absent while nothing is stored.
+    pub dedup_ratio: Option<f64>,
+    /// When its newest path was pushed; absent for an empty cache.
+    pub last_push: Option<u64>,
+    /// When a path of it was last fetched (recorded in batches, so up to a
+    /// minute behind); absent for an empty cache.
+    pub last_access: Option<u64>,
+}
+
+/// One cache in [`ServerStats`]: its own figures and how its stored bytes
+/// are shared with other caches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SharedCacheStats {
+    #[serde(flatten)]
+    pub stats: CacheStats,
+    /// Of `stored_bytes`, the chunks no other cache uses.
+    pub unique_bytes: u64,
+    /// Of `stored_bytes`, the chunks other caches use too.
+    pub shared_bytes: u64,
+    /// Its share of storage: each chunk's compressed size divided evenly
+    /// among the caches using it. The caches' shares add up to the
+    /// server's `referenced_bytes`.
+    pub attributed_bytes: u64,
+}
+
+/// `GET /_api/v1/cache-stats`: the whole server, for an operator (a token
+/// with `configure_cache_quota` on every cache, `*`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerStats {
+    /// Store paths in all caches (a path in two caches counts twice).
+    pub paths: u64,
+    /// Their NarSize, summed: what the caches hold logically.
+    pub nar_bytes: u64,
+    /// Every stored chunk's compressed size, each chunk once: referenced
+    /// or not yet collected.
+    pub stored_bytes: u64,
+    /// The chunks some cache's paths use.
+    pub referenced_bytes: u64,
+    /// `nar_bytes / stored_bytes`: compression and deduplication across
+    /// every cache.
+    pub dedup_ratio: Option<f64>,
+    pub caches: Vec<SharedCacheStats>,
+}
+
+/// A token as the token API shows it: its claims, never the token string.
+/// Times are Unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// The token's id, by which it is revoked.
+    pub jti: String,
+    /// Who it was minted for.
+    pub subject: String,
+    pub issued_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<u64>,
+    pub expires_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<u64>,
+    /// Permission names by cache-name pattern, as in the token's claims.
+    pub caches: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+/// `GET /_api/v1/tokens`: the tokens the caller manages, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenList {
+    pub tokens: Vec<TokenInfo>,
+}
+
+/// `POST /_api/v1/tokens`: mint a token, never granting more than the
+/// caller's own token nor outliving it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MintTokenRequest {
+    pub subject: String,
+    /// Seconds from now.
+    pub valid_for_secs: u64,
+    /// Permission names by cache-name pattern.
+    pub caches: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+/// The answer to [`MintTokenRequest`]: the token, shown this once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MintTokenResponse {
+    pub token: String,
+    pub info: TokenInfo,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -76,6 +76,11 @@ impl fmt::Display for CacheName {
 pub struct CacheNamePattern(String);
 
 impl CacheNamePattern {
+    /// `*`: every cache name.
+    pub fn everything() -> Self {
+        Self("*".to_owned())
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -89,6 +94,18 @@ impl CacheNamePattern {
 
     pub fn matches(&self, name: &CacheName) -> bool {
         wildcard_match(self.0.as_bytes(), name.as_str().as_bytes())
+    }
+
+    /// Whether every name `other` matches, this pattern matches too.
+    ///
+    /// Decided by matching `other`'s text, its `*`s taken as characters:
+    /// a name never contains `*`, so only a `*` of this pattern can take
+    /// one in, and whatever a `*` of `other` stands for then falls inside
+    /// that star's span. It answers `false` for some pairs whose languages
+    /// do nest only through a union (`a*` is not covered by `ab*` and `a`
+    /// together), which errs on the side of refusing.
+    pub fn covers(&self, other: &CacheNamePattern) -> bool {
+        wildcard_match(self.0.as_bytes(), other.0.as_bytes())
     }
 }
 
@@ -177,6 +194,44 @@ fn wildcard_match_counting(pattern: &[u8], text: &[u8]) -> (bool, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pattern(s: &str) -> CacheNamePattern {
+        s.parse().expect("valid test pattern")
+    }
+
+    #[test]
+    fn a_pattern_covers_the_patterns_whose_names_it_all_matches() {
+        for (wider, narrower) in [
+            ("*", "*"),
+            ("*", "alice-*"),
+            ("*", "prod"),
+            ("alice-*", "alice-ci-*"),
+            ("alice-*", "alice-*"),
+            ("alice-*", "alice-ci"),
+            ("*-ci", "team-*-ci"),
+            ("a*b", "a*x*b"),
+            ("prod", "prod"),
+        ] {
+            assert!(
+                pattern(wider).covers(&pattern(narrower)),
+                "{wider} ⊇ {narrower}"
+            );
+        }
+        for (not_wider, other) in [
+            ("alice-*", "*"),
+            ("alice-*", "alic*"),
+            ("alice-*", "*-alice"),
+            ("prod", "prod*"),
+            ("prod", "prod-1"),
+            ("*-ci", "*"),
+            ("a*b", "a*"),
+        ] {
+            assert!(
+                !pattern(not_wider).covers(&pattern(other)),
+                "{not_wider} must not cover {other}"
+            );
+        }
+    }
 
     fn name(s: &str) -> CacheName {
         s.parse().expect("valid test cache name")

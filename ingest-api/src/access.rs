@@ -174,6 +174,24 @@ impl AppState {
             .ok_or_else(|| caller.hidden_cache())
     }
 
+    /// The cache, if the caller holds any permission on it: what only its
+    /// tenants may learn (its statistics), not every reader of a public
+    /// cache.
+    pub async fn tenant_cache(&self, caller: &Caller, name: &CacheName) -> Result<Cache, ApiError> {
+        let cache = self.visible_cache(caller, name).await?;
+        if caller.knows_of(name) {
+            return Ok(cache);
+        }
+        // Found although the token grants nothing on it: a public cache,
+        // whose existence is no secret.
+        Err(match caller.claims {
+            None => ApiError::Unauthorized(format!(
+                "cache {name} is public, but this needs a token with a permission on it"
+            )),
+            Some(_) => ApiError::Forbidden(format!("your token grants nothing on cache {name}")),
+        })
+    }
+
     /// The cache, if the caller holds `permission` on it. A caller who may
     /// see the cache but lacks the permission gets a 403 that says so; one
     /// who may not see it gets the same answer as for a missing cache.

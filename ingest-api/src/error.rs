@@ -37,6 +37,9 @@ pub enum ApiError {
     /// No such upload, or not one the caller may follow: the same answer.
     #[error("no such upload, or you are not allowed to see it")]
     NoSuchUpload,
+    /// No such token, or not one the caller manages: the same answer.
+    #[error("no such token, or you are not allowed to manage it")]
+    NoSuchToken,
     /// The pipeline gave up on an upload; the reason is the pipeline's.
     /// A 4xx, not a 5xx: Nix 2.8 re-sends a PUT that got a 5xx without its
     /// body, and the client can do nothing better than push again.
@@ -99,6 +102,7 @@ impl ApiError {
             | Self::NoSuchPath
             | Self::NoSuchFile
             | Self::NoSuchUpload
+            | Self::NoSuchToken
             | Self::NoSuchEndpoint => StatusCode::NOT_FOUND,
             Self::UploadFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::CacheAlreadyExists | Self::Conflict(_) => StatusCode::CONFLICT,
@@ -122,6 +126,7 @@ impl ApiError {
             Self::NoSuchPath => "NoSuchPath",
             Self::NoSuchFile => "NoSuchFile",
             Self::NoSuchUpload => "NoSuchUpload",
+            Self::NoSuchToken => "NoSuchToken",
             Self::UploadFailed(_) => "UploadFailed",
             Self::CacheAlreadyExists => "CacheAlreadyExists",
             Self::Conflict(_) => "Conflict",

@@ -209,12 +209,14 @@ impl Server {
             quota: config.quota.clone(),
             door: spool::Door::new(&config.ingest),
             verifier,
+            token_key: signing_key.clone(),
             api_endpoint: config
                 .api_endpoint
                 .as_deref()
                 .map(endpoint::with_trailing_slash),
             served_caches: ServedCaches::new(READ_CACHE_TIME_TO_LIVE, READ_CACHE_CAPACITY),
             narinfos: TtlCache::new(READ_CACHE_TIME_TO_LIVE, READ_CACHE_CAPACITY),
+            cache_stats: TtlCache::new(routes::STATS_TIME_TO_LIVE, READ_CACHE_CAPACITY),
             access_log: Arc::default(),
             upload_slots: UploadSlots::new(&config.http),
         });

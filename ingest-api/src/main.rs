@@ -101,6 +101,10 @@ struct MakeTokenArgs {
     /// permission: tenants normally do not get it).
     #[arg(long, value_name = "PATTERN")]
     configure_cache_quota: Vec<CacheNamePattern>,
+    /// Caches for which the token may list, mint (within its own
+    /// permissions) and revoke tokens through the API.
+    #[arg(long, value_name = "PATTERN")]
+    manage_tokens: Vec<CacheNamePattern>,
     /// Print the claims the token would carry, unsigned, instead of minting it.
     #[arg(long)]
     dump_claims: bool,
@@ -120,6 +124,7 @@ impl MakeTokenArgs {
             ),
             (Permission::DestroyCache, self.destroy_cache),
             (Permission::ConfigureCacheQuota, self.configure_cache_quota),
+            (Permission::ManageTokens, self.manage_tokens),
         ];
         TokenRequest {
             subject: self.sub,

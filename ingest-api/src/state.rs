@@ -1,12 +1,13 @@
 //! What every request handler shares: the database, storage, the job
-//! queue, the token verifier and the public endpoint.
+//! queue, the token verifier and key, and the public endpoint.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
-use common::auth::TokenVerifier;
+use common::api::CacheStats;
+use common::auth::{TokenSigningKey, TokenVerifier};
 use common::cache_name::CacheName;
 use common::config::{IngestConfig, QuotaConfig};
 use common::db::{Cache, CacheId, CacheScope, Database};
@@ -37,6 +38,8 @@ pub struct Shared {
     /// The upload verifier's limits and bounded CPU pool.
     pub door: Door,
     pub verifier: TokenVerifier,
+    /// Mints the tokens the token API hands out.
+    pub token_key: TokenSigningKey,
     /// The configured public base URL (with a trailing `/`), if any;
     /// otherwise URLs are derived from each request's `Host`.
     pub api_endpoint: Option<String>,
@@ -44,6 +47,8 @@ pub struct Shared {
     pub served_caches: ServedCaches,
     /// Rendered, signed narinfos by cache and store-path hash.
     pub narinfos: TtlCache<(CacheId, StorePathHash), Bytes>,
+    /// Each cache's statistics, for `routes::stats::STATS_TIME_TO_LIVE`.
+    pub cache_stats: TtlCache<CacheId, CacheStats>,
     /// Narinfo and NAR fetches, flushed to `objects.last_accessed_at` in
     /// batches.
     pub access_log: Arc<AccessLog>,

@@ -72,7 +72,7 @@ pub async fn list(config: &ServerConfig) -> Result<String, ServerError> {
         "JTI", "SUBJECT", "ISSUED", "EXPIRES"
     );
     let now = SystemTime::now();
-    for token in database.list_tokens().await? {
+    for token in database.list_tokens(None).await? {
         let status = match token.revoked_at {
             Some(at) => format!("revoked {}", format_rfc3339(at.into())),
             None if SystemTime::from(token.expires_at) < now => "expired".to_owned(),

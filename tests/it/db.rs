@@ -1814,7 +1814,7 @@ async fn tokens_are_recorded_listed_and_revoked(t: TestDb) {
     assert!(error.is_conflict(), "{error:?}");
 
     assert_eq!(
-        db.list_tokens().await.expect("listing"),
+        db.list_tokens(None).await.expect("listing"),
         [bob.clone(), alice.clone()]
     );
     assert_eq!(
@@ -1926,6 +1926,8 @@ async fn per_cache_stats_count_logical_and_stored_bytes(t: TestDb) {
             object_count: 3,
             logical_bytes: 80_000,
             stored_bytes: 101 + 102 + 103,
+            last_push: Some(T0),
+            last_access: Some(T0),
         }
     );
     let bob_stats = db.per_cache_stats(bob.id).await.expect("stats");
@@ -1935,12 +1937,40 @@ async fn per_cache_stats_count_logical_and_stored_bytes(t: TestDb) {
             object_count: 1,
             logical_bytes: 20_000,
             stored_bytes: 102 + 103,
+            last_push: Some(T0),
+            last_access: Some(T0),
         }
     );
     assert_eq!(bob_stats.dedup_ratio(), Some(20_000.0 / 205.0));
     let empty_stats = db.per_cache_stats(empty.id).await.expect("stats");
     assert_eq!(empty_stats, CacheStats::default());
     assert_eq!(empty_stats.dedup_ratio(), None);
+
+    // The server's view: chunks 2 and 3 are shared, so each cache is
+    // attributed half of them.
+    let server = db.server_stats().await.expect("server stats");
+    assert_eq!(server.stored_bytes, 101 + 102 + 103);
+    assert_eq!(server.referenced_bytes, 101 + 102 + 103);
+    let shares = server
+        .caches
+        .iter()
+        .map(|cache| {
+            (
+                cache.name.as_str(),
+                cache.stats.stored_bytes,
+                cache.unique_bytes,
+                cache.attributed_bytes,
+            )
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(
+        shares,
+        [
+            ("alice", 306, 101, 101.0 + 205.0 / 2.0),
+            ("bob", 205, 0, 205.0 / 2.0),
+            ("empty", 0, 0, 0.0),
+        ]
+    );
 }
 
 // Quota usage, with the fixtures above.

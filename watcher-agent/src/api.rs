@@ -6,7 +6,10 @@
 
 use std::time::Duration;
 
-use common::api::{CacheConfig, CreateCacheRequest, ErrorResponse};
+use common::api::{
+    CacheConfig, CacheStats, CreateCacheRequest, ErrorResponse, MintTokenRequest,
+    MintTokenResponse, ServerStats, TokenInfo, TokenList,
+};
 use common::cache_name::CacheName;
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, RETRY_AFTER};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
@@ -217,6 +220,48 @@ impl ApiClient {
         self.send(request, &format!("destroying cache {cache}"))
             .await
             .map(drop)
+    }
+
+    pub async fn cache_stats(&self, cache: &CacheName) -> Result<CacheStats, ApiError> {
+        self.get_json(
+            &format!("_api/v1/cache-stats/{cache}"),
+            &format!("reading the statistics of cache {cache}"),
+        )
+        .await
+    }
+
+    pub async fn server_stats(&self) -> Result<ServerStats, ApiError> {
+        self.get_json("_api/v1/cache-stats", "reading the server's statistics")
+            .await
+    }
+
+    pub async fn whoami(&self) -> Result<TokenInfo, ApiError> {
+        self.get_json("_api/v1/whoami", "reading your token").await
+    }
+
+    /// The tokens this client's token manages (and itself), optionally
+    /// only those of one subject.
+    pub async fn list_tokens(&self, subject: Option<&str>) -> Result<TokenList, ApiError> {
+        let mut request = self.request(Method::GET, "_api/v1/tokens");
+        if let Some(subject) = subject {
+            request = request.query(&[("subject", subject)]);
+        }
+        self.json(request, "listing tokens").await
+    }
+
+    pub async fn mint_token(
+        &self,
+        request: &MintTokenRequest,
+    ) -> Result<MintTokenResponse, ApiError> {
+        self.post_json("_api/v1/tokens", request, "minting a token")
+            .await
+    }
+
+    /// Revokes a token by its id, which the caller has checked is hex (so
+    /// that it stays one path segment).
+    pub async fn revoke_token(&self, jti: &str) -> Result<TokenInfo, ApiError> {
+        let request = self.request(Method::DELETE, &format!("_api/v1/tokens/{jti}"));
+        self.json(request, &format!("revoking token {jti}")).await
     }
 
     /// Removes paths from a cache, in requests of at most

@@ -6,6 +6,7 @@ use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use super::claims::Claims;
+use super::delegation::DelegationDenied;
 use super::keys::TokenSigningKey;
 use super::permissions::Permissions;
 use crate::cache_name::CacheNamePattern;
@@ -25,6 +26,10 @@ pub enum MintError {
         format_unix_seconds(MAX_UNIX_SECONDS)
     )]
     ValidityTooLong,
+    /// Minted by another token ([`TokenBuilder::mint_by`]): more than it may
+    /// grant.
+    #[error(transparent)]
+    Delegation(#[from] DelegationDenied),
     #[error("cannot sign token: {0}")]
     Signing(String),
 }
@@ -117,6 +122,18 @@ impl TokenBuilder {
         self.mint_at(key, SystemTime::now())
     }
 
+    /// Mints the token now on behalf of the token `minter`, which must
+    /// cover it ([`Claims::check_delegation`]).
+    pub fn mint_by(
+        &self,
+        key: &TokenSigningKey,
+        minter: &Claims,
+    ) -> Result<MintedToken, MintError> {
+        let claims = self.claims_at(SystemTime::now())?;
+        minter.check_delegation(&claims)?;
+        sign(key, claims)
+    }
+
     /// Mints the token as if it were `now`: tests use it to make tokens
     /// that have already expired.
     pub fn mint_at(
@@ -124,12 +141,15 @@ impl TokenBuilder {
         key: &TokenSigningKey,
         now: SystemTime,
     ) -> Result<MintedToken, MintError> {
-        let claims = self.claims_at(now)?;
-        let token = key
-            .sign(&claims)
-            .map_err(|error| MintError::Signing(error.to_string()))?;
-        Ok(MintedToken { token, claims })
+        sign(key, self.claims_at(now)?)
     }
+}
+
+fn sign(key: &TokenSigningKey, claims: Claims) -> Result<MintedToken, MintError> {
+    let token = key
+        .sign(&claims)
+        .map_err(|error| MintError::Signing(error.to_string()))?;
+    Ok(MintedToken { token, claims })
 }
 
 /// 128 random bits in hex: unique without coordination, and unguessable,

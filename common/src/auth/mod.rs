@@ -17,6 +17,10 @@
 //! 4. **Authorising**: [`Claims::permissions_for`] resolves what the token
 //!    may do on one cache: an exact cache name in the token wins over all
 //!    patterns, otherwise the matching patterns add up.
+//! 5. **Delegating** (`delegation`): a token with `manage_tokens` lists,
+//!    mints and revokes the tokens its patterns cover;
+//!    [`Claims::check_delegation`] keeps what it mints within its own
+//!    permissions and lifetime.
 //!
 //! The claim JSON is a wire contract; [`Claims`] documents it.
 //!
@@ -27,6 +31,7 @@
 
 mod claims;
 mod credentials;
+mod delegation;
 mod keys;
 mod mint;
 mod permissions;
@@ -35,6 +40,7 @@ mod verify;
 
 pub use claims::{Claims, PermissionDenied};
 pub use credentials::{parse_authorization, CredentialsError};
+pub use delegation::DelegationDenied;
 pub use keys::{
     KeyError, TokenAlgorithm, TokenSigningKey, TokenVerifyingKey, MIN_HS256_SECRET_BYTES,
     MIN_RSA_BITS,

@@ -36,11 +36,14 @@ pub enum Permission {
     /// Set a cache's storage quota. Meant for operators: a tenant who could
     /// set its own quota would have none.
     ConfigureCacheQuota,
+    /// List, mint and revoke tokens for the caches the pattern covers, never
+    /// granting more than the minting token holds (see `auth::delegation`).
+    ManageTokens,
 }
 
 impl Permission {
     /// Every permission, in wire order.
-    pub const ALL: [Permission; 8] = [
+    pub const ALL: [Permission; 9] = [
         Permission::Pull,
         Permission::Push,
         Permission::Delete,
@@ -49,6 +52,7 @@ impl Permission {
         Permission::ConfigureCacheRetention,
         Permission::DestroyCache,
         Permission::ConfigureCacheQuota,
+        Permission::ManageTokens,
     ];
 
     /// The name used in token claims; a stable wire contract.
@@ -62,10 +66,11 @@ impl Permission {
             Permission::ConfigureCacheRetention => "configure_cache_retention",
             Permission::DestroyCache => "destroy_cache",
             Permission::ConfigureCacheQuota => "configure_cache_quota",
+            Permission::ManageTokens => "manage_tokens",
         }
     }
 
-    const fn bit(self) -> u8 {
+    const fn bit(self) -> u16 {
         1 << self as u8
     }
 
@@ -85,7 +90,7 @@ impl fmt::Display for Permission {
 
 /// A permission name that Larder does not know.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown permission {0:?}: expected one of pull, push, delete, create_cache, configure_cache, configure_cache_retention, destroy_cache, configure_cache_quota")]
+#[error("unknown permission {0:?}: expected one of pull, push, delete, create_cache, configure_cache, configure_cache_retention, destroy_cache, configure_cache_quota, manage_tokens")]
 pub struct UnknownPermission(pub String);
 
 impl FromStr for Permission {
@@ -98,7 +103,7 @@ impl FromStr for Permission {
 
 /// A set of [`Permission`]s, as a bit set.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Permissions(u8);
+pub struct Permissions(u16);
 
 impl Permissions {
     pub const NONE: Permissions = Permissions(0);
@@ -114,6 +119,11 @@ impl Permissions {
 
     pub const fn contains(self, permission: Permission) -> bool {
         self.0 & permission.bit() != 0
+    }
+
+    /// Whether every permission of `other` is in this set.
+    pub const fn contains_all(self, other: Permissions) -> bool {
+        self.0 & other.0 == other.0
     }
 
     pub const fn is_empty(self) -> bool {
@@ -315,7 +325,7 @@ mod tests {
         let all = serde_json::to_string(&Permissions::ALL).expect("serialises");
         assert_eq!(
             all,
-            r#"["pull","push","delete","create_cache","configure_cache","configure_cache_retention","destroy_cache","configure_cache_quota"]"#
+            r#"["pull","push","delete","create_cache","configure_cache","configure_cache_retention","destroy_cache","configure_cache_quota","manage_tokens"]"#
         );
         assert_eq!(
             serde_json::from_str::<Permissions>(&all).expect("deserialises"),

@@ -105,7 +105,7 @@ pub use objects::{NewObject, Object, ObjectMetadata, ObjectWithNar};
 pub use packs::{ChunkMove, LocatedChunk, NewPack, Pack, PackUse};
 pub use push::{LinkedPath, StagedFile};
 pub use quota::{CacheUsage, QuotaDefaults, QuotaStatus, UsageCorrection};
-pub use stats::CacheStats;
+pub use stats::{dedup_ratio, CacheStats, ServerStats, SharedCacheStats};
 pub use tokens::TokenRecord;
 pub use types::{CacheId, CacheKeypair, ChunkId, NarId, ObjectId, StoreState, Timestamp};
 pub use upload_events::UploadWatch;

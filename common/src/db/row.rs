@@ -41,6 +41,11 @@ pub(crate) fn opt_u64_col(row: &AnyRow, column: &'static str) -> Result<Option<u
         .transpose()
 }
 
+pub(crate) fn f64_col(row: &AnyRow, column: &'static str) -> Result<f64> {
+    row.try_get::<f64, _>(column)
+        .map_err(|source| decode_error(column, source))
+}
+
 pub(crate) fn u32_col(row: &AnyRow, column: &'static str) -> Result<u32> {
     let value = i64_col(row, column)?;
     u32::try_from(value).map_err(|_| corrupt(column, format!("value {value} out of range")))

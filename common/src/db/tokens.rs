@@ -72,10 +72,15 @@ impl Database {
         row.as_ref().map(token_from_row).transpose()
     }
 
-    /// Every recorded token, oldest first.
-    pub async fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
-        let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY issued_at, jti");
+    /// Every recorded token, or every one minted for `subject`, oldest
+    /// first.
+    pub async fn list_tokens(&self, subject: Option<&str>) -> Result<Vec<TokenRecord>> {
+        let sql = format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE $1 IS NULL OR sub = $1 \
+             ORDER BY issued_at, jti"
+        );
         let rows = sqlx::query(&sql)
+            .bind(subject)
             .fetch_all(&self.pool)
             .await
             .map_err(query_error("listing tokens"))?;

@@ -10,11 +10,13 @@ mod nar_transcode;
 mod push_attic;
 mod push_nix;
 mod realisations;
+mod stats;
+mod tokens;
 mod uploads;
 
 use axum::handler::Handler;
 use axum::middleware::from_fn_with_state;
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 
 use common::cache_name::CacheName;
@@ -23,6 +25,8 @@ use crate::error::ApiError;
 use crate::http_metrics::{self, MeteredRoutes, RouteMetrics, UNMATCHED_ROUTE};
 use crate::state::AppState;
 use crate::upload_slots::{hold_slot, WhenBusy};
+
+pub use stats::STATS_TIME_TO_LIVE;
 
 /// A cache name from a path, or a 400.
 fn parse_cache_name(name: &str) -> Result<CacheName, ApiError> {
@@ -48,6 +52,11 @@ pub fn router(state: AppState) -> Router {
                 .patch(cache_config::configure)
                 .delete(cache_config::destroy),
         )
+        .metered_route("/_api/v1/cache-stats", get(stats::server))
+        .metered_route("/_api/v1/cache-stats/{cache}", get(stats::cache))
+        .metered_route("/_api/v1/whoami", get(tokens::whoami))
+        .metered_route("/_api/v1/tokens", get(tokens::list).post(tokens::mint))
+        .metered_route("/_api/v1/tokens/{jti}", delete(tokens::revoke))
         .metered_route(
             "/_api/v1/get-missing-paths",
             post(push_attic::get_missing_paths),

@@ -253,7 +253,7 @@ async fn migrate_mode_creates_the_schema_and_exits() {
     .expect("writing the config");
     let database = Database::connect(&url).await.expect("connecting");
     assert!(
-        database.list_tokens().await.is_err(),
+        database.list_tokens(None).await.is_err(),
         "no schema before migrating"
     );
     for _ in 0..2 {
@@ -270,7 +270,7 @@ async fn migrate_mode_creates_the_schema_and_exits() {
     }
     assert_eq!(
         database
-            .list_tokens()
+            .list_tokens(None)
             .await
             .expect("the tokens table")
             .len(),
@@ -474,7 +474,7 @@ async fn make_token_dump_claims_prints_the_claims_unsigned() {
     // Nothing was minted, so nothing was recorded.
     assert!(server
         .database()
-        .list_tokens()
+        .list_tokens(None)
         .await
         .expect("listing tokens")
         .is_empty());
@@ -505,7 +505,7 @@ async fn make_token_dump_claims_prints_the_claims_unsigned() {
     }
     assert!(server
         .database()
-        .list_tokens()
+        .list_tokens(None)
         .await
         .expect("listing tokens")
         .is_empty());

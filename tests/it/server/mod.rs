@@ -23,6 +23,8 @@ pub(crate) mod push;
 mod realisations;
 mod serving;
 mod small_paths;
+mod stats;
+mod token_api;
 mod tokens;
 
 use std::path::Path;

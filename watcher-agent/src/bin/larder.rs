@@ -11,11 +11,12 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use common::api::{
-    CacheConfig, CacheQuota, CreateCacheRequest, KeypairConfig, QuotaPolicy, RetentionPeriodConfig,
-    StorageUsage,
+    CacheConfig, CacheQuota, CacheStats, CreateCacheRequest, KeypairConfig, MintTokenRequest,
+    QuotaPolicy, RetentionPeriodConfig, StorageUsage, TokenInfo,
 };
 use common::byte_size::ByteSize;
 use common::duration::HumanDuration;
+use common::time::format_unix_seconds;
 use watcher_agent::api::ApiClient;
 use watcher_agent::config::{self, config_path, CacheRef, ClientConfig, Token};
 use watcher_agent::nix_conf::{
@@ -65,6 +66,83 @@ enum Command {
     /// Push every new store path to a cache as it appears, in the
     /// foreground, until Ctrl-C.
     WatchStore(WatchStoreArgs),
+    /// Show, list, mint and revoke API tokens (minting and listing others'
+    /// need the manage-tokens permission).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The server's statistics: every cache and how they share storage
+    /// (needs configure-cache-quota on every cache, an operator's token).
+    Stats {
+        #[command(flatten)]
+        server: ServerArg,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ServerArg {
+    /// The server, by the name given to `larder login` [default: the
+    /// default server]
+    #[arg(long, value_name = "NAME")]
+    server: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Show the token in use: its subject, id, validity and permissions.
+    Whoami {
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// List the tokens you manage, and your own.
+    List {
+        /// Only the tokens minted for this subject.
+        #[arg(long)]
+        subject: Option<String>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Mint a token (printed alone on the last line) with at most your own
+    /// permissions, expiring no later than your own token.
+    Create {
+        /// Who the token is for (shown in listings).
+        subject: String,
+        /// How long it is valid, e.g. '30d' or '3 months'.
+        #[arg(long, value_name = "DURATION")]
+        validity: HumanDuration,
+        /// Permissions on caches matching a pattern, e.g.
+        /// 'alice-*=pull,push' (repeatable). Permissions: pull, push,
+        /// delete, create-cache, configure-cache, configure-cache-retention,
+        /// destroy-cache, configure-cache-quota, manage-tokens.
+        #[arg(long = "grant", value_name = "PATTERN=PERMISSIONS", required = true, value_parser = parse_grant)]
+        grants: Vec<(String, Vec<String>)>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Revoke a token by its id (as `larder token list` shows it); every
+    /// server of the deployment refuses it within seconds.
+    Revoke {
+        jti: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+}
+
+/// `PATTERN=PERMISSIONS`: the pattern and the permission names, which the
+/// server checks.
+fn parse_grant(text: &str) -> Result<(String, Vec<String>), String> {
+    let (pattern, permissions) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not PATTERN=PERMISSIONS, e.g. 'alice-*=pull,push'"))?;
+    let pattern = pattern.trim();
+    pattern
+        .parse::<common::cache_name::CacheNamePattern>()
+        .map_err(|error| error.to_string())?;
+    let permissions = permissions
+        .split(',')
+        .map(|name| name.trim().replace('-', "_"))
+        .filter(|name| !name.is_empty())
+        .collect::<Vec<_>>();
+    Ok((pattern.to_owned(), permissions))
 }
 
 #[derive(Debug, Args)]
@@ -277,6 +355,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Push(args) => push_command(args).await,
         Command::Queue(args) => queue_command(args).await,
         Command::WatchStore(args) => watch_store(args).await,
+        Command::Token(command) => token_command(command).await,
+        Command::Stats { server } => server_stats(&server).await,
     }
 }
 
@@ -292,6 +372,157 @@ fn login(name: &str, url: &str, token: Option<String>, set_default: bool) -> any
         println!("logged in to {name} ({endpoint})");
     }
     Ok(())
+}
+
+/// The API client for a server named by `--server`, or the default one.
+fn client_of(server: &ServerArg) -> anyhow::Result<ApiClient> {
+    let config = ClientConfig::load(&config_path()?)?;
+    ApiClient::new(config.server(server.server.as_deref())?)
+}
+
+async fn token_command(command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Whoami { server } => {
+            let token = client_of(&server)?.whoami().await?;
+            print_token(&token);
+        }
+        TokenCommand::List { subject, server } => {
+            let list = client_of(&server)?.list_tokens(subject.as_deref()).await?;
+            println!(
+                "{:<32}  {:<20}  {:<20}  {:<24}  CACHES",
+                "JTI", "SUBJECT", "EXPIRES", "STATUS"
+            );
+            for token in &list.tokens {
+                println!(
+                    "{:<32}  {:<20}  {:<20}  {:<24}  {}",
+                    token.jti,
+                    token.subject,
+                    format_unix_seconds(token.expires_at),
+                    token_status(token),
+                    grants_line(token)
+                );
+            }
+        }
+        TokenCommand::Create {
+            subject,
+            validity,
+            grants,
+            server,
+        } => {
+            let request = MintTokenRequest {
+                subject,
+                valid_for_secs: validity.as_secs(),
+                caches: grants.into_iter().collect(),
+            };
+            let minted = client_of(&server)?.mint_token(&request).await?;
+            print_token(&minted.info);
+            println!("{}", minted.token);
+        }
+        TokenCommand::Revoke { jti, server } => {
+            if jti.is_empty() || !jti.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+                bail!("{jti:?} is not a token id: ids are hexadecimal, as `larder token list` shows them");
+            }
+            let revoked = client_of(&server)?.revoke_token(&jti).await?;
+            println!("revoked token {} of {}", revoked.jti, revoked.subject);
+        }
+    }
+    Ok(())
+}
+
+fn print_token(token: &TokenInfo) {
+    let mut rows = vec![
+        ("Subject", token.subject.clone()),
+        ("Token id", token.jti.clone()),
+        ("Issued", format_unix_seconds(token.issued_at)),
+    ];
+    if let Some(not_before) = token.not_before {
+        rows.push(("Valid from", format_unix_seconds(not_before)));
+    }
+    rows.push(("Expires", format_unix_seconds(token.expires_at)));
+    rows.push(("Status", token_status(token)));
+    for (label, value) in rows {
+        println!("{label:>10}: {value}");
+    }
+    for (pattern, permissions) in &token.caches {
+        println!("{:>10}: {pattern} = {}", "Cache", permissions.join(","));
+    }
+}
+
+fn token_status(token: &TokenInfo) -> String {
+    match token.revoked_at {
+        Some(at) => format!("revoked {}", format_unix_seconds(at)),
+        None if token.expires_at <= now_millis() / 1000 => "expired".to_owned(),
+        None => "valid".to_owned(),
+    }
+}
+
+/// `alice-*=pull,push shared=pull`.
+fn grants_line(token: &TokenInfo) -> String {
+    token
+        .caches
+        .iter()
+        .map(|(pattern, permissions)| format!("{pattern}={}", permissions.join(",")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+async fn server_stats(server: &ServerArg) -> anyhow::Result<()> {
+    let stats = client_of(server)?.server_stats().await?;
+    println!(
+        "{} paths, {} of NARs stored in {} ({}); {} of it used by some cache",
+        stats.paths,
+        size(stats.nar_bytes),
+        size(stats.stored_bytes),
+        ratio_line(stats.dedup_ratio),
+        size(stats.referenced_bytes),
+    );
+    println!(
+        "{:<24}  {:>8}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}",
+        "CACHE", "PATHS", "NARS", "STORED", "UNIQUE", "SHARED", "ATTRIBUTED"
+    );
+    for cache in &stats.caches {
+        println!(
+            "{:<24}  {:>8}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}",
+            cache.stats.cache,
+            cache.stats.paths,
+            size(cache.stats.nar_bytes),
+            size(cache.stats.stored_bytes),
+            size(cache.unique_bytes),
+            size(cache.shared_bytes),
+            size(cache.attributed_bytes),
+        );
+    }
+    Ok(())
+}
+
+/// `5.2× smaller`, or what an empty store has.
+fn ratio_line(ratio: Option<f64>) -> String {
+    match ratio {
+        Some(ratio) => format!("{ratio:.2}× smaller"),
+        None => "nothing stored".to_owned(),
+    }
+}
+
+/// A cache's statistics under its info, for a caller who may see them.
+fn print_stats(stats: &CacheStats) {
+    let when = |time: Option<u64>| time.map_or_else(|| "never".to_owned(), format_unix_seconds);
+    let rows = [
+        ("Paths", stats.paths.to_string()),
+        ("NAR bytes", size(stats.nar_bytes)),
+        (
+            "Stored",
+            format!(
+                "{} ({})",
+                size(stats.stored_bytes),
+                ratio_line(stats.dedup_ratio)
+            ),
+        ),
+        ("Last push", when(stats.last_push)),
+        ("Last access", when(stats.last_access)),
+    ];
+    for (label, value) in rows {
+        println!("{label:>20}: {value}");
+    }
 }
 
 /// The API client for the server a cache argument names.
@@ -360,6 +591,10 @@ async fn cache_command(command: CacheCommand) -> anyhow::Result<()> {
             let client = client_for(&cache)?;
             let config = client.cache_config(&cache.cache).await?;
             print_info(&cache, &config);
+            // Usage is reported to tenants only; so are statistics.
+            if config.storage_usage.is_some() {
+                print_stats(&client.cache_stats(&cache.cache).await?);
+            }
         }
         CacheCommand::DeletePath { cache, paths } => delete_paths(&cache, &paths).await?,
     }
