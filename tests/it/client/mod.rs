@@ -10,6 +10,7 @@
 mod agent;
 mod agent_user;
 mod push;
+mod tokens;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
