@@ -110,6 +110,17 @@ pub enum KeypairConfig {
     Keypair(String),
 }
 
+/// A step of a signing-key rotation (a Larder addition). Rotating in two
+/// steps lets clients trust the next public key while the current one
+/// still signs, so that none of them sees an untrusted narinfo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyRotation {
+    /// Generate the next key; from now on it signs beside the current one.
+    Start,
+    /// The next key becomes the current one; the old key is dropped.
+    Finish,
+}
+
 /// `GET /_api/v1/cache-config/{cache}`: a cache's configuration. In a
 /// `PATCH`, every field is optional and only those present change.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +134,11 @@ pub struct CacheConfig {
     /// The cache's public key, `name:base64`, for `trusted-public-keys`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<String>,
+    /// During a key rotation, the next key's public half: what the cache
+    /// serves is signed by both keys until the rotation finishes, so
+    /// clients should trust both. (A Larder addition.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub is_public: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -148,9 +164,14 @@ pub struct CacheConfig {
     /// `PATCH`. (A Larder addition.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_usage: Option<StorageUsage>,
-    /// Only in a `PATCH`: regenerate or import the key pair.
+    /// Only in a `PATCH`: regenerate or import the key pair, at once
+    /// (refused during a rotation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keypair: Option<KeypairConfig>,
+    /// Only in a `PATCH`: start or finish a key rotation; not together
+    /// with `keypair`. (A Larder addition.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_rotation: Option<KeyRotation>,
 }
 
 /// `POST /_api/v1/cache-config/{cache}`: create a cache. Attic's client
@@ -466,6 +487,29 @@ mod tests {
             Ok(QuotaPolicy::EvictLru)
         );
         assert!("lru".parse::<QuotaPolicy>().is_err());
+    }
+
+    #[test]
+    fn key_rotation_fields_are_left_out_when_absent() {
+        let json = serde_json::to_value(CacheConfig {
+            public_key: Some("c-1:k".to_owned()),
+            ..CacheConfig::default()
+        })
+        .expect("json");
+        assert_eq!(json, serde_json::json!({"public_key": "c-1:k"}));
+        let patch: CacheConfig =
+            serde_json::from_str(r#"{"key_rotation":"Start"}"#).expect("parse");
+        assert_eq!(patch.key_rotation, Some(KeyRotation::Start));
+        let shown = CacheConfig {
+            next_public_key: Some("c-2:k".to_owned()),
+            key_rotation: Some(KeyRotation::Finish),
+            ..CacheConfig::default()
+        };
+        let json = serde_json::to_value(&shown).expect("json");
+        assert_eq!(
+            json,
+            serde_json::json!({"next_public_key": "c-2:k", "key_rotation": "Finish"})
+        );
     }
 
     #[test]

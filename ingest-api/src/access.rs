@@ -24,10 +24,9 @@ use axum::http::request::Parts;
 use common::auth::{Claims, Permission};
 use common::cache_name::CacheName;
 use common::db::{Cache, CacheScope};
-use common::nix::signing::SecretKey;
 
 use crate::error::ApiError;
-use crate::state::{AppState, ServedCache};
+use crate::state::{AppState, ServedCache, SigningKeys};
 
 /// The authenticated caller, or an anonymous one. Credentials that are
 /// present but invalid, expired or revoked reject the request with a 401:
@@ -148,12 +147,8 @@ impl AppState {
             // take no room.
             return Ok(None);
         };
-        let key = SecretKey::parse(cache.keypair.expose_secret()).map_err(|error| {
-            ApiError::internal(anyhow::anyhow!(
-                "cache {name} has an invalid signing key: {error}"
-            ))
-        })?;
-        let served = Arc::new(ServedCache { cache, key });
+        let keys = SigningKeys::of(&cache)?;
+        let served = Arc::new(ServedCache { cache, keys });
         memory.insert(name.clone(), served.clone());
         Ok(Some(served))
     }

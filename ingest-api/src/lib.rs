@@ -44,7 +44,7 @@ use common::service::{open_database, open_queue, open_shared_queue, ServiceError
 use common::storage::{Storage, StorageError};
 
 pub use routes::router;
-pub use state::{AppState, ServedCache, ServedCaches, Shared};
+pub use state::{AppState, ServedCache, ServedCaches, Shared, SigningKeys};
 use ttl_cache::TtlCache;
 use upload_slots::UploadSlots;
 

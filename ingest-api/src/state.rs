@@ -10,13 +10,14 @@ use common::api::CacheStats;
 use common::auth::{TokenSigningKey, TokenVerifier};
 use common::cache_name::CacheName;
 use common::config::{IngestConfig, QuotaConfig};
-use common::db::{Cache, CacheId, CacheScope, Database};
+use common::db::{Cache, CacheId, CacheKeypair, CacheScope, Database};
 use common::nix::signing::SecretKey;
 use common::nix::StorePathHash;
 use common::queue::Queue;
 use common::storage::Storage;
 
 use crate::access_log::AccessLog;
+use crate::error::ApiError;
 use crate::spool::Door;
 use crate::ttl_cache::TtlCache;
 use crate::upload_slots::UploadSlots;
@@ -56,12 +57,45 @@ pub struct Shared {
     pub upload_slots: UploadSlots,
 }
 
-/// A cache as the read path needs it: its row and its parsed secret key,
-/// so a narinfo request neither queries the cache nor re-parses the key.
+/// A cache as the read path needs it: its row and its parsed secret keys,
+/// so a narinfo request neither queries the cache nor re-parses a key.
 #[derive(Debug)]
 pub struct ServedCache {
     pub cache: Cache,
-    pub key: SecretKey,
+    pub keys: SigningKeys,
+}
+
+/// A cache's parsed signing keys: the current one and, during a key
+/// rotation, the next one, which signs beside it so that a client trusting
+/// either public key accepts what the cache serves.
+#[derive(Debug)]
+pub struct SigningKeys {
+    pub current: SecretKey,
+    pub next: Option<SecretKey>,
+}
+
+impl SigningKeys {
+    /// The cache's keys; a stored key that does not parse is the server's
+    /// fault (keys are checked before they are stored), so a 500.
+    pub fn of(cache: &Cache) -> Result<Self, ApiError> {
+        let parse = |keypair: &CacheKeypair| {
+            SecretKey::parse(keypair.expose_secret()).map_err(|error| {
+                ApiError::internal(anyhow::anyhow!(
+                    "cache {} has an invalid signing key: {error}",
+                    cache.name
+                ))
+            })
+        };
+        Ok(Self {
+            current: parse(&cache.keypair)?,
+            next: cache.next_keypair.as_ref().map(parse).transpose()?,
+        })
+    }
+
+    /// Every key that signs, the current one first.
+    pub fn iter(&self) -> impl Iterator<Item = &SecretKey> {
+        std::iter::once(&self.current).chain(&self.next)
+    }
 }
 
 /// The read path's cache rows, kept apart by the [`CacheScope`] they were

@@ -74,6 +74,7 @@ macro_rules! both_backends {
 both_backends!(
     migrations_apply_to_an_empty_database_and_rerun_cleanly,
     caches_are_created_read_updated_listed_and_deleted,
+    a_key_rotation_is_stored_and_key_changes_apply_only_to_the_keys_read,
     a_public_scope_finds_a_private_cache_no_more_than_a_missing_one,
     cache_names_are_unique,
     destroying_a_cache_cascades_to_its_objects_and_uploads,
@@ -415,6 +416,92 @@ async fn caches_are_created_read_updated_listed_and_deleted(t: TestDb) {
 
 /// The lookup the server makes for a caller whose token grants nothing on
 /// a name: a private cache is as absent as a missing one.
+async fn a_key_rotation_is_stored_and_key_changes_apply_only_to_the_keys_read(t: TestDb) {
+    let db = &t.db;
+    let name = cache_name("rotating");
+    let created = create_cache(db, "rotating").await;
+    assert_eq!(created.next_keypair, None);
+    let next = keypair("rotating-next");
+    let current = created.keypair.clone();
+
+    // Started from the keys as read: the next key is stored beside the
+    // current one, and any other update leaves it alone.
+    let started = db
+        .update_cache(
+            &name,
+            &CacheUpdate {
+                next_keypair: Some(Some(next.clone())),
+                if_keys_are: Some((current.clone(), None)),
+                ..CacheUpdate::default()
+            },
+        )
+        .await
+        .expect("starting a rotation");
+    assert_eq!(started.keypair, current);
+    assert_eq!(started.next_keypair, Some(next.clone()));
+    let updated = db
+        .update_cache(
+            &name,
+            &CacheUpdate {
+                priority: Some(7),
+                ..CacheUpdate::default()
+            },
+        )
+        .await
+        .expect("updating");
+    assert_eq!(updated.next_keypair, Some(next.clone()));
+
+    // A change decided from keys read before the rotation started (a
+    // second start racing the first) writes nothing.
+    let stale = db
+        .update_cache(
+            &name,
+            &CacheUpdate {
+                next_keypair: Some(Some(keypair("rotating-other"))),
+                priority: Some(1),
+                if_keys_are: Some((current.clone(), None)),
+                ..CacheUpdate::default()
+            },
+        )
+        .await
+        .expect_err("the keys changed");
+    assert!(matches!(stale, DbError::Changed { .. }), "{stale:?}");
+    assert_eq!(
+        db.cache_by_name(&name).await.expect("by name"),
+        Some(updated)
+    );
+
+    // Finishing: the next key becomes the current one.
+    let finished = db
+        .update_cache(
+            &name,
+            &CacheUpdate {
+                keypair: Some(next.clone()),
+                next_keypair: Some(None),
+                if_keys_are: Some((current.clone(), Some(next.clone()))),
+                ..CacheUpdate::default()
+            },
+        )
+        .await
+        .expect("finishing the rotation");
+    assert_eq!(finished.keypair, next);
+    assert_eq!(finished.next_keypair, None);
+
+    // A guarded update of a missing cache is still "not found".
+    let missing = db
+        .update_cache(
+            &cache_name("nope"),
+            &CacheUpdate {
+                next_keypair: Some(Some(keypair("nope"))),
+                if_keys_are: Some((keypair("nope"), None)),
+                ..CacheUpdate::default()
+            },
+        )
+        .await
+        .expect_err("no such cache");
+    assert!(matches!(missing, DbError::NotFound { .. }), "{missing:?}");
+}
+
 async fn a_public_scope_finds_a_private_cache_no_more_than_a_missing_one(t: TestDb) {
     let db = &t.db;
     let private = create_cache(db, "private").await;

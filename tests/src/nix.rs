@@ -517,6 +517,63 @@ impl NixEnv {
         })
     }
 
+    /// A key pair made by `nix-store --generate-binary-cache-key`, the
+    /// files a cache operator has (the secret one written without a final
+    /// newline), as Nix 2.8 and a current Nix both write them.
+    pub fn generate_binary_cache_key(&self, key_name: &str) -> Result<NixKeyPair> {
+        let secret_key_file = self.path(&format!("{key_name}.sk"));
+        let public_key_file = self.path(&format!("{key_name}.pk"));
+        self.run(
+            "nix-store",
+            &[
+                "--generate-binary-cache-key",
+                key_name,
+                utf8(&secret_key_file)?,
+                utf8(&public_key_file)?,
+            ],
+        )?;
+        let read = |file: &Path| {
+            std::fs::read_to_string(file)
+                .map(|text| text.trim().to_owned())
+                .map_err(io_error(format!("reading {}", file.display())))
+        };
+        Ok(NixKeyPair {
+            secret_key: read(&secret_key_file)?,
+            public_key: read(&public_key_file)?,
+            secret_key_file,
+        })
+    }
+
+    /// `nix-store --realise` of `paths` into the chroot store at
+    /// `destination`, substituting from `cache_url` only, with signatures
+    /// required and only `public_keys` trusted. Returns the raw output:
+    /// tests assert on success and on failure.
+    pub fn substitute_trusting(
+        &self,
+        destination: &Path,
+        cache_url: &str,
+        public_keys: &[&str],
+        paths: &[String],
+    ) -> Result<Output> {
+        let trusted = public_keys.join(" ");
+        let mut args = vec![
+            "--store",
+            utf8(destination)?,
+            "--realise",
+            "--option",
+            "require-sigs",
+            "true",
+            "--option",
+            "substituters",
+            cache_url,
+            "--option",
+            "trusted-public-keys",
+            trusted.as_str(),
+        ];
+        args.extend(paths.iter().map(String::as_str));
+        self.output("nix-store", &args)
+    }
+
     /// `nix-store --dump` of a filesystem path (for a store path, pass its
     /// physical path: `--store` does not apply to `--dump`).
     pub fn dump(&self, path: &Path) -> Result<Vec<u8>> {

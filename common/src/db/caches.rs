@@ -12,8 +12,8 @@ use sqlx::any::AnyRow;
 use super::error::{constraint_error, query_error, DbError, Result};
 use super::quota::{quota_columns, quota_from_row};
 use super::row::{
-    bool_col, i32_col, i64_col, json_col, opt_u64_col, parsed_col, string_col, time_col, to_i64,
-    to_json,
+    bool_col, i32_col, i64_col, json_col, opt_string_col, opt_u64_col, parsed_col, string_col,
+    time_col, to_i64, to_json,
 };
 use super::types::{CacheId, CacheKeypair, Timestamp};
 use super::{affected, Database};
@@ -59,7 +59,11 @@ pub struct Cache {
     /// [`Database::cache_usage`]).
     pub quota: CacheQuota,
     pub quota_policy: QuotaPolicy,
+    /// The key that signs what the cache serves.
     pub keypair: CacheKeypair,
+    /// The key a rotation in progress moves to: while set, it signs
+    /// beside `keypair`, so that clients may trust either public key.
+    pub next_keypair: Option<CacheKeypair>,
     pub created_at: Timestamp,
 }
 
@@ -109,13 +113,22 @@ pub struct CacheUpdate {
     pub retention_period: Option<Option<Duration>>,
     pub quota: Option<CacheQuota>,
     pub quota_policy: Option<QuotaPolicy>,
-    /// A regenerated key pair.
+    /// A new current key pair (regenerated, imported, or the next key
+    /// when a rotation finishes).
     pub keypair: Option<CacheKeypair>,
+    /// `Some(Some(key))` starts a rotation to `key`; `Some(None)` clears
+    /// the next key (a rotation finished).
+    pub next_keypair: Option<Option<CacheKeypair>>,
+    /// The update applies only if the cache's keys are still these
+    /// (current, next), else [`DbError::Changed`]: a key change decided
+    /// from an earlier read (start or finish a rotation, replace the key)
+    /// must not silently undo one that another request made in between.
+    pub if_keys_are: Option<(CacheKeypair, Option<CacheKeypair>)>,
 }
 
 const CACHE_COLUMNS: &str = "id, name, is_public, store_dir, priority, \
     upstream_cache_key_names, retention_period_secs, quota_kind, quota_bytes, quota_policy, \
-    keypair, created_at";
+    keypair, next_keypair, created_at";
 
 fn cache_from_row(row: &AnyRow) -> Result<Cache> {
     Ok(Cache {
@@ -129,6 +142,7 @@ fn cache_from_row(row: &AnyRow) -> Result<Cache> {
         quota: quota_from_row(row)?,
         quota_policy: parsed_col(row, "quota_policy")?,
         keypair: CacheKeypair::new(string_col(row, "keypair")?),
+        next_keypair: opt_string_col(row, "next_keypair")?.map(CacheKeypair::new),
         created_at: time_col(row, "created_at")?,
     })
 }
@@ -213,11 +227,13 @@ impl Database {
     }
 
     /// Applies `update` in one statement and returns the updated cache;
-    /// [`DbError::NotFound`] when there is no such cache.
+    /// [`DbError::NotFound`] when there is no such cache,
+    /// [`DbError::Changed`] when its keys are no longer `if_keys_are`.
     pub async fn update_cache(&self, name: &CacheName, update: &CacheUpdate) -> Result<Cache> {
         // COALESCE keeps a column when its parameter is NULL; the retention
         // period and the quota's bytes need a separate flag because NULL is
-        // also a value they can be set to.
+        // also a value they can be set to, and so does the next key pair.
+        // NULL keys compare equal through COALESCE (a key is never empty).
         let sql = format!(
             "UPDATE caches SET \
              is_public = COALESCE($2, is_public), \
@@ -228,8 +244,11 @@ impl Database {
              keypair = COALESCE($8, keypair), \
              quota_kind = COALESCE($9, quota_kind), \
              quota_bytes = CASE WHEN $10 = 1 THEN $11 ELSE quota_bytes END, \
-             quota_policy = COALESCE($12, quota_policy) \
-             WHERE name = $1 RETURNING {CACHE_COLUMNS}"
+             quota_policy = COALESCE($12, quota_policy), \
+             next_keypair = CASE WHEN $13 = 1 THEN $14 ELSE next_keypair END \
+             WHERE name = $1 AND ($15 = 0 \
+             OR (keypair = $16 AND COALESCE(next_keypair, '') = COALESCE($17, ''))) \
+             RETURNING {CACHE_COLUMNS}"
         );
         let upstream = update
             .upstream_cache_key_names
@@ -247,6 +266,20 @@ impl Database {
             }
             None => (None, 0, None),
         };
+        let (set_next, next) = match &update.next_keypair {
+            Some(next) => (1_i64, next.as_ref().map(CacheKeypair::expose_secret)),
+            None => (0, None),
+        };
+        let (guarded, (guard_current, guard_next)) = match &update.if_keys_are {
+            Some((current, next)) => (
+                1_i64,
+                (
+                    Some(current.expose_secret()),
+                    next.as_ref().map(CacheKeypair::expose_secret),
+                ),
+            ),
+            None => (0, (None, None)),
+        };
         let row = sqlx::query(&sql)
             .bind(name.as_str())
             .bind(update.is_public)
@@ -260,11 +293,23 @@ impl Database {
             .bind(set_quota)
             .bind(quota_bytes)
             .bind(update.quota_policy.map(QuotaPolicy::as_str))
+            .bind(set_next)
+            .bind(next)
+            .bind(guarded)
+            .bind(guard_current)
+            .bind(guard_next)
             .fetch_optional(&self.pool)
             .await
             .map_err(query_error("updating a cache"))?;
         match row {
             Some(row) => cache_from_row(&row),
+            // No row: either no such cache or, under a guard, keys that
+            // changed; a second look tells which.
+            None if update.if_keys_are.is_some() && self.cache_by_name(name).await?.is_some() => {
+                Err(DbError::Changed {
+                    what: format!("the signing keys of cache {:?}", name.as_str()),
+                })
+            }
             None => Err(DbError::NotFound {
                 what: format!("cache {:?}", name.as_str()),
             }),

@@ -16,6 +16,10 @@ pub enum DbError {
     /// A row with the same unique key already exists.
     #[error("{what} already exists")]
     Conflict { what: String },
+    /// A conditional update found the row changed since its caller read
+    /// it (another request got there first); nothing was written.
+    #[error("{what} changed since it was read")]
+    Changed { what: String },
     /// Adding `requested` bytes to a cache that uses `used` would exceed its
     /// quota of `quota` bytes (and, under eviction, removing every other
     /// path would not make room). Nothing was written.

@@ -93,6 +93,12 @@ const MIGRATIONS: &[Embedded] = &[
         sqlite: include_str!("../../migrations/sqlite/0011_staged_crc32.sql"),
         postgres: include_str!("../../migrations/postgres/0011_staged_crc32.sql"),
     },
+    Embedded {
+        version: 12,
+        description: "next_keypair",
+        sqlite: include_str!("../../migrations/sqlite/0012_next_keypair.sql"),
+        postgres: include_str!("../../migrations/postgres/0012_next_keypair.sql"),
+    },
 ];
 
 /// The file names the embedded list stands for, per backend directory, so

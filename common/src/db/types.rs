@@ -162,13 +162,18 @@ impl CacheKeypair {
     pub fn expose_secret(&self) -> &str {
         &self.0
     }
+
+    /// The key's name (the text before `:`), which is public: it names the
+    /// key in `trusted-public-keys` and in signatures.
+    pub fn key_name(&self) -> &str {
+        self.0.split_once(':').map_or("?", |(name, _)| name)
+    }
 }
 
 impl fmt::Debug for CacheKeypair {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The key name (before ':') is public and helps debugging.
-        let name = self.0.split_once(':').map_or("?", |(name, _)| name);
-        write!(f, "CacheKeypair({name}:<redacted>)")
+        // The key name is public and helps debugging.
+        write!(f, "CacheKeypair({}:<redacted>)", self.key_name())
     }
 }
 

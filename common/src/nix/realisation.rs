@@ -237,11 +237,12 @@ impl Realisation {
         }
     }
 
-    /// The `.doi` file served: the pusher's signatures, and `key`'s over
-    /// the fingerprint when given, in the realisation's layout.
-    pub fn render(&self, key: Option<&SecretKey>) -> String {
+    /// The `.doi` file served: the pusher's signatures, and each of
+    /// `keys`' over the fingerprint (the cache's, two during a key
+    /// rotation), in the realisation's layout.
+    pub fn render<'k>(&self, keys: impl IntoIterator<Item = &'k SecretKey>) -> String {
         let mut signatures: Vec<String> = self.signatures.clone();
-        if let Some(key) = key {
+        for key in keys {
             let own = key.sign(self.fingerprint().as_bytes()).to_string();
             if !signatures.contains(&own) {
                 signatures.push(own);
@@ -361,6 +362,20 @@ mod tests {
             assert!(key
                 .to_public()
                 .verify(realisation.fingerprint().as_bytes(), &signature));
+        }
+        // During a key rotation, both keys sign.
+        let next = SecretKey::generate("cache-2").expect("a key");
+        for (layout, written) in [(old_key(), WRITTEN), (new_key(), WRITTEN_V2)] {
+            let realisation = Realisation::parse(&layout, written.as_bytes()).expect("parses");
+            let rendered = realisation.render([&key, &next]);
+            let served = Realisation::parse(&layout, rendered.as_bytes()).expect("parses back");
+            assert_eq!(served.signatures.len(), 2, "{rendered}");
+            for (key, signature) in [&key, &next].into_iter().zip(&served.signatures) {
+                let signature = Signature::parse(signature).expect("a signature");
+                assert!(key
+                    .to_public()
+                    .verify(realisation.fingerprint().as_bytes(), &signature));
+            }
         }
         // The new layout's signatures are objects.
         let realisation = Realisation::parse(&new_key(), WRITTEN_V2.as_bytes()).expect("parses");

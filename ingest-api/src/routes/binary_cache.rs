@@ -154,7 +154,8 @@ fn nar_url(nar_hash: &NarHash) -> String {
     format!("nar/{}{NAR_EXTENSION}", nar_hash.sha256().to_base32())
 }
 
-/// The narinfo of an object, with the pusher's signatures and the cache's.
+/// The narinfo of an object, with the pusher's signatures and the cache's
+/// (its current key's and, during a key rotation, its next key's).
 fn signed_narinfo(served: &ServedCache, found: &ObjectWithNar) -> Result<NarInfo, ApiError> {
     let cache = &served.cache;
     let object = &found.object;
@@ -203,7 +204,9 @@ fn signed_narinfo(served: &ServedCache, found: &ObjectWithNar) -> Result<NarInfo
         signatures,
         ca: metadata.ca.clone(),
     };
-    narinfo.sign(&served.key, &cache.store_dir);
+    for key in served.keys.iter() {
+        narinfo.sign(key, &cache.store_dir);
+    }
     Ok(narinfo)
 }
 

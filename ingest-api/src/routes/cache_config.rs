@@ -2,8 +2,8 @@
 //! caches, wire-compatible with Attic's API.
 //!
 //! Each change is checked against the permission bit it needs: visibility,
-//! priority, store directory, upstream keys, the key pair and the quota
-//! policy need `configure_cache`; the retention period needs
+//! priority, store directory, upstream keys, the key pair, key rotations
+//! and the quota policy need `configure_cache`; the retention period needs
 //! `configure_cache_retention`; the storage quota needs
 //! `configure_cache_quota` (an operator's permission: a quota its tenant
 //! could lift is no quota); creating and destroying need their own.
@@ -11,6 +11,12 @@
 //! The quota, its policy and the cache's usage are shown only to callers
 //! whose token grants something on the cache, not to anonymous readers of
 //! a public cache.
+//!
+//! A signing key is replaced either at once (`keypair`: clients trusting
+//! the old public key stop trusting the cache) or in a rotation
+//! (`key_rotation`: `Start` adds a next key that signs beside the current
+//! one, `Finish` makes it the current key), so that clients can be given
+//! the next public key before the old one stops signing.
 
 use std::time::Duration;
 
@@ -20,7 +26,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use common::api::{
-    CacheConfig, CacheQuota, CreateCacheRequest, KeypairConfig, RetentionPeriodConfig, StorageUsage,
+    CacheConfig, CacheQuota, CreateCacheRequest, KeyRotation, KeypairConfig, RetentionPeriodConfig,
+    StorageUsage,
 };
 use common::auth::Permission;
 use common::cache_name::CacheName;
@@ -34,7 +41,7 @@ use crate::endpoint::public_endpoint;
 use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiPath};
 use crate::quota::record_error;
-use crate::state::AppState;
+use crate::state::{AppState, SigningKeys};
 
 /// `GET`: for anyone who may see the cache (public, or any permission on it).
 pub async fn get(
@@ -113,6 +120,7 @@ pub async fn configure(
         || patch.priority.is_some()
         || patch.upstream_cache_key_names.is_some()
         || patch.keypair.is_some()
+        || patch.key_rotation.is_some()
         || patch.quota_policy.is_some();
     let changes_retention = patch.retention_period.is_some();
     let changes_quota = patch.storage_quota.is_some();
@@ -148,6 +156,11 @@ pub async fn configure(
     if let Some(store_dir) = &store_dir {
         check_store_dir_change(&state, &cache, store_dir).await?;
     }
+    let new_keys = rekey(&cache, patch.keypair.as_ref(), patch.key_rotation)?;
+    let (keypair, next_keypair) = match new_keys.clone() {
+        Some((current, next)) => (Some(current), Some(next)),
+        None => (None, None),
+    };
     let update = CacheUpdate {
         is_public: patch.is_public,
         store_dir,
@@ -160,11 +173,12 @@ pub async fn configure(
             RetentionPeriodConfig::Global => None,
             RetentionPeriodConfig::Period(seconds) => Some(Duration::from_secs(seconds)),
         }),
-        keypair: patch
-            .keypair
-            .as_ref()
-            .map(|keypair| keypair_from(keypair, &name, Some(&cache)))
-            .transpose()?,
+        keypair,
+        next_keypair,
+        // The new keys were decided from the keys read above.
+        if_keys_are: new_keys
+            .is_some()
+            .then(|| (cache.keypair.clone(), cache.next_keypair.clone())),
         quota: patch.storage_quota.map(validate_quota).transpose()?,
         quota_policy: patch.quota_policy,
     };
@@ -175,10 +189,23 @@ pub async fn configure(
         .map_err(|error| match error {
             // Destroyed between the check and the update.
             DbError::NotFound { .. } => ApiError::NoSuchCache,
+            DbError::Changed { .. } => ApiError::Conflict(format!(
+                "the signing keys of cache {name} changed while this request was handled; \
+                 read the cache's configuration again and retry"
+            )),
             other => ApiError::internal(other),
         })?;
     state.forget_cached_reads();
     tracing::info!(cache = %cache.name, by = caller.subject(), "cache reconfigured");
+    if new_keys.is_some() {
+        tracing::info!(
+            cache = %cache.name,
+            by = caller.subject(),
+            key = cache.keypair.key_name(),
+            next_key = cache.next_keypair.as_ref().map(CacheKeypair::key_name),
+            "signing keys changed"
+        );
+    }
     Ok(Json(describe(&state, &headers, &cache, true).await?))
 }
 
@@ -232,16 +259,12 @@ async fn describe(
         None
     };
     let endpoint = public_endpoint(state, headers);
-    let key = SecretKey::parse(cache.keypair.expose_secret()).map_err(|error| {
-        ApiError::internal(anyhow::anyhow!(
-            "cache {} has an invalid key: {error}",
-            cache.name
-        ))
-    })?;
+    let keys = SigningKeys::of(cache)?;
     Ok(CacheConfig {
         substituter_endpoint: Some(format!("{endpoint}{}", cache.name)),
         api_endpoint: Some(endpoint),
-        public_key: Some(key.to_public().to_string()),
+        public_key: Some(keys.current.to_public().to_string()),
+        next_public_key: keys.next.map(|key| key.to_public().to_string()),
         is_public: Some(cache.is_public),
         store_dir: Some(cache.store_dir.to_string()),
         priority: Some(cache.priority),
@@ -254,6 +277,7 @@ async fn describe(
         quota_policy: tenant.then_some(cache.quota_policy),
         storage_usage: usage,
         keypair: None,
+        key_rotation: None,
     })
 }
 
@@ -331,6 +355,48 @@ fn validate_key_names(names: Vec<String>) -> Result<Vec<String>, ApiError> {
     Ok(names)
 }
 
+/// The cache's keys after a patch's key change, `(current, next)`, or
+/// `None` when the patch changes neither. A replaced key (`keypair`) takes
+/// effect at once; a rotation's `Start` keeps the current key and adds a
+/// generated next one, its `Finish` makes the next key the current one and
+/// drops the old. Replacing the key or starting a rotation while one is in
+/// progress, and finishing none, are conflicts with the cache's state (409);
+/// a patch asking for both a replacement and a rotation step is malformed
+/// (400).
+fn rekey(
+    cache: &Cache,
+    keypair: Option<&KeypairConfig>,
+    rotation: Option<KeyRotation>,
+) -> Result<Option<(CacheKeypair, Option<CacheKeypair>)>, ApiError> {
+    let name = &cache.name;
+    match (keypair, rotation, &cache.next_keypair) {
+        (None, None, _) => Ok(None),
+        (Some(_), Some(_), _) => Err(ApiError::bad_request(
+            "`keypair` and `key_rotation` cannot be changed in one request: \
+             replace the key, or rotate it",
+        )),
+        (Some(_), None, Some(next)) => Err(ApiError::Conflict(format!(
+            "cache {name} is rotating its signing key to {}: finish the rotation \
+             (`key_rotation: Finish`) before replacing the key",
+            next.key_name()
+        ))),
+        (Some(config), None, None) => Ok(Some((keypair_from(config, name, Some(cache))?, None))),
+        (None, Some(KeyRotation::Start), Some(next)) => Err(ApiError::Conflict(format!(
+            "cache {name} is already rotating its signing key to {}: finish that rotation first",
+            next.key_name()
+        ))),
+        (None, Some(KeyRotation::Start), None) => Ok(Some((
+            cache.keypair.clone(),
+            Some(keypair_from(&KeypairConfig::Generate, name, Some(cache))?),
+        ))),
+        (None, Some(KeyRotation::Finish), None) => Err(ApiError::Conflict(format!(
+            "cache {name} has no key rotation in progress to finish: start one first \
+             (`key_rotation: Start`)"
+        ))),
+        (None, Some(KeyRotation::Finish), Some(next)) => Ok(Some((next.clone(), None))),
+    }
+}
+
 /// A generated or imported key pair. Generated keys are named
 /// `<cache>-<n>`, with `n` one more than the key being replaced, so that
 /// clients holding the old public key see a different key name rather than
@@ -341,13 +407,18 @@ fn keypair_from(
     current: Option<&Cache>,
 ) -> Result<CacheKeypair, ApiError> {
     let key = match config {
-        KeypairConfig::Keypair(secret) => SecretKey::parse(secret)
-            .map_err(|error| ApiError::bad_request(format!("invalid secret key: {error}")))?,
+        KeypairConfig::Keypair(secret) => SecretKey::parse(secret).map_err(|error| {
+            ApiError::bad_request(format!(
+                "invalid imported signing key: {error} (expected a Nix secret key, \
+                 `name:base64`, as `nix-store --generate-binary-cache-key` writes it)"
+            ))
+        })?,
         KeypairConfig::Generate => {
             let generation = current
-                .and_then(|cache| SecretKey::parse(cache.keypair.expose_secret()).ok())
-                .and_then(|key| {
-                    key.name()
+                .and_then(|current| {
+                    current
+                        .keypair
+                        .key_name()
                         .strip_prefix(&format!("{cache}-"))
                         .and_then(|n| n.parse::<u64>().ok())
                 })
@@ -356,4 +427,125 @@ fn keypair_from(
         }
     };
     Ok(CacheKeypair::new(key.to_nix_secret_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use common::api::{CacheQuota, QuotaPolicy};
+    use common::db::{CacheId, Timestamp};
+
+    use super::*;
+
+    fn key(name: &str) -> CacheKeypair {
+        CacheKeypair::new(
+            SecretKey::generate(name)
+                .expect("a key")
+                .to_nix_secret_string(),
+        )
+    }
+
+    fn cache(current: CacheKeypair, next: Option<CacheKeypair>) -> Cache {
+        Cache {
+            id: CacheId(1),
+            name: "team".parse().expect("a cache name"),
+            is_public: false,
+            store_dir: StoreDir::default(),
+            priority: 41,
+            upstream_cache_key_names: Vec::new(),
+            retention_period: None,
+            quota: CacheQuota::Global,
+            quota_policy: QuotaPolicy::Refuse,
+            keypair: current,
+            next_keypair: next,
+            created_at: Timestamp::from_unix_millis(0),
+        }
+    }
+
+    fn status(result: Result<Option<(CacheKeypair, Option<CacheKeypair>)>, ApiError>) -> u16 {
+        result
+            .expect_err("refused")
+            .into_response()
+            .status()
+            .as_u16()
+    }
+
+    #[test]
+    fn a_rotation_adds_the_next_generation_then_makes_it_current() {
+        let idle = cache(key("team-3"), None);
+        assert!(rekey(&idle, None, None).expect("no change").is_none());
+
+        let (current, next) = rekey(&idle, None, Some(KeyRotation::Start))
+            .expect("started")
+            .expect("a change");
+        assert_eq!(current, idle.keypair, "the current key keeps signing");
+        let next = next.expect("a next key");
+        assert_eq!(next.key_name(), "team-4");
+
+        let rotating = cache(current.clone(), Some(next.clone()));
+        let (finished, none) = rekey(&rotating, None, Some(KeyRotation::Finish))
+            .expect("finished")
+            .expect("a change");
+        assert_eq!(finished, next);
+        assert_eq!(none, None);
+        // Reading the keys changes nothing.
+        assert!(rekey(&rotating, None, None).expect("no change").is_none());
+    }
+
+    #[test]
+    fn a_replaced_key_takes_effect_at_once_outside_a_rotation() {
+        let idle = cache(key("team-1"), None);
+        let (current, next) = rekey(&idle, Some(&KeypairConfig::Generate), None)
+            .expect("replaced")
+            .expect("a change");
+        assert_eq!(current.key_name(), "team-2");
+        assert_eq!(next, None);
+        // An imported key with another naming scheme: the next generated
+        // key starts the cache's own scheme.
+        let imported = cache(key("cachix-team-1"), None);
+        let (_, next) = rekey(&imported, None, Some(KeyRotation::Start))
+            .expect("started")
+            .expect("a change");
+        assert_eq!(next.expect("a next key").key_name(), "team-1");
+    }
+
+    #[test]
+    fn what_the_rotation_state_forbids_is_a_conflict_and_both_at_once_malformed() {
+        let idle = cache(key("team-1"), None);
+        let rotating = cache(key("team-1"), Some(key("team-2")));
+        assert_eq!(status(rekey(&idle, None, Some(KeyRotation::Finish))), 409);
+        assert_eq!(
+            status(rekey(&rotating, None, Some(KeyRotation::Start))),
+            409
+        );
+        assert_eq!(
+            status(rekey(&rotating, Some(&KeypairConfig::Generate), None)),
+            409
+        );
+        for cache in [&idle, &rotating] {
+            for rotation in [KeyRotation::Start, KeyRotation::Finish] {
+                assert_eq!(
+                    status(rekey(cache, Some(&KeypairConfig::Generate), Some(rotation))),
+                    400
+                );
+            }
+        }
+        let imported = rekey(
+            &idle,
+            Some(&KeypairConfig::Keypair("not-a-key".into())),
+            None,
+        );
+        assert_eq!(status(imported), 400);
+        let public_only = KeypairConfig::Keypair(
+            SecretKey::generate("x-1")
+                .expect("a key")
+                .to_public()
+                .to_string(),
+        );
+        let refused = rekey(&idle, Some(&public_only), None).expect_err("a public key");
+        assert!(
+            matches!(&refused, ApiError::BadRequest(message)
+                if message.contains("expected 64") && message.contains("nix-store")),
+            "{refused:?}"
+        );
+    }
 }

@@ -82,7 +82,7 @@ async fn serve(
         .ok_or(ApiError::NoSuchPath)?;
     Ok((
         [(header::CONTENT_TYPE, "application/json")],
-        realisation.render(Some(&served.key)),
+        realisation.render(served.keys.iter()),
     )
         .into_response())
 }

@@ -5,10 +5,12 @@
 //!
 //! `push` is in its own module: it needs the push endpoints and pipeline;
 //! so is the `watcher-agent` with `larder queue` and `watch-store`, and
-//! the agent run as an unprivileged user beside root's post-build-hook.
+//! the agent run as an unprivileged user beside root's post-build-hook;
+//! and `keys`, signing-key import and rotation (issue #18).
 
 mod agent;
 mod agent_user;
+mod keys;
 mod push;
 mod tokens;
 
@@ -1026,6 +1028,13 @@ async fn use_refuses_server_values_that_would_inject_configuration_and_writes_no
             "evil-1:AAAA".to_owned(),
             "public key",
             "expected 32",
+        ),
+        // The next key of a rotation is checked like the current one.
+        (
+            "next_public_key",
+            format!("{evil_key}\ntrusted-users = evil"),
+            "public key",
+            "control character",
         ),
     ];
     for (field, value, what, reason) in hostile {

@@ -263,6 +263,8 @@ async fn json_of_the_wrong_types_is_400() {
         serde_json::json!({"retention_period": {"Period": -5}}),
         serde_json::json!({"retention_period": "Forever"}),
         serde_json::json!({"retention_period": {"Period": "1 day"}}),
+        serde_json::json!({"key_rotation": "Rotate"}),
+        serde_json::json!({"key_rotation": true}),
     ];
     let cases = bodies
         .iter()

@@ -213,6 +213,7 @@ tests::under_each_nix! {
             serde_json::json!({"is_public": false}),
             serde_json::json!({"priority": 1}),
             serde_json::json!({"keypair": "Generate"}),
+            serde_json::json!({"key_rotation": "Start"}),
             serde_json::json!({}),
         ] {
             let (error, _) = api_error(

@@ -14,6 +14,7 @@ mod cache_config;
 mod cli;
 mod crash;
 mod isolation;
+mod key_rotation;
 mod logs;
 mod nar_reads;
 mod nix_client;

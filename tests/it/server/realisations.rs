@@ -275,7 +275,8 @@ async fn bad_realisation_uploads_are_refused_with_nothing_stored() {
 /// Nix 2.35's layout (`build-trace-v2/<drv>/<output>.doi`, keyed by the
 /// derivation's path, signatures as objects), which no Nix in the suite
 /// writes: stored as uploaded, served only while the cache holds the path,
-/// with the cache's signature over 2.35's fingerprint.
+/// with the cache's signature over 2.35's fingerprint (and, during a key
+/// rotation, the next key's beside it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_build_trace_layout_is_stored_and_served_signed() {
     let (server, pusher) = server_with_pusher().await;
@@ -326,6 +327,42 @@ async fn the_build_trace_layout_is_stored_and_served_signed() {
     );
     let key: common::nix::PublicKey = public_key.parse().expect("the cache's public key");
     assert!(key.verify(fingerprint.as_bytes(), &signature), "{served}");
+    // During a key rotation the next key signs too (issue #18).
+    let root = server.root_token().await;
+    let rotating: common::api::CacheConfig = super::ok_json(
+        super::send(
+            &server,
+            reqwest::Method::PATCH,
+            "/_api/v1/cache-config/ca",
+            Some(&root),
+            Some(serde_json::json!({"key_rotation": "Start"})),
+        )
+        .await,
+    )
+    .await;
+    let served: serde_json::Value = get().await.json().await.expect("JSON");
+    let signers: Vec<common::nix::Signature> = served["signatures"]
+        .as_array()
+        .expect("signatures")
+        .iter()
+        .map(|signature| {
+            common::nix::Signature::parse(&format!(
+                "{}:{}",
+                signature["keyName"].as_str().expect("a key name"),
+                signature["sig"].as_str().expect("a signature")
+            ))
+            .expect("a signature")
+        })
+        .collect();
+    let keys = [
+        public_key.as_str(),
+        rotating.next_public_key.as_deref().expect("a next key"),
+    ];
+    assert_eq!(signers.len(), keys.len(), "{served}");
+    for (key, signature) in keys.iter().zip(&signers) {
+        let key: common::nix::PublicKey = key.parse().expect("a public key");
+        assert!(key.verify(fingerprint.as_bytes(), signature), "{served}");
+    }
     // Not a derivation, or no `.doi`: a 400, nothing stored.
     for bad in [
         format!("/ca/build-trace-v2/{out_name}/out.doi"),

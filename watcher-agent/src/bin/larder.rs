@@ -5,14 +5,14 @@
 //! (2 for a command line clap rejects).
 
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use common::api::{
-    CacheConfig, CacheQuota, CacheStats, CreateCacheRequest, KeypairConfig, MintTokenRequest,
-    QuotaPolicy, RetentionPeriodConfig, StorageUsage, TokenInfo,
+    CacheConfig, CacheQuota, CacheStats, CreateCacheRequest, KeyRotation, KeypairConfig,
+    MintTokenRequest, QuotaPolicy, RetentionPeriodConfig, StorageUsage, TokenInfo,
 };
 use common::byte_size::ByteSize;
 use common::duration::HumanDuration;
@@ -196,13 +196,22 @@ struct WatchStoreArgs {
 
 #[derive(Debug, Subcommand)]
 enum CacheCommand {
-    /// Create a cache with a fresh signing key.
+    /// Create a cache with a fresh signing key (or an imported one).
     Create {
         cache: CacheRef,
         #[command(flatten)]
         settings: CacheSettings,
+        /// Sign with this Nix secret key (`name:base64`, as
+        /// `nix-store --generate-binary-cache-key` writes it) instead of a
+        /// new one: clients that trust its public key keep working, e.g.
+        /// when moving a cache from Cachix or Attic.
+        #[arg(long, value_name = "FILE")]
+        import_key: Option<PathBuf>,
     },
     /// Change a cache's settings; only the ones given change.
+    #[command(group(clap::ArgGroup::new("key_change").args([
+        "regenerate_keypair", "rotate_key", "finish_rotation", "import_key",
+    ])))]
     Configure {
         cache: CacheRef,
         #[command(flatten)]
@@ -221,10 +230,25 @@ enum CacheCommand {
         /// configure-cache-quota permission).
         #[arg(long, conflicts_with = "quota")]
         reset_quota: bool,
-        /// Replace the signing key with a new one (clients must `use` the
-        /// cache again to trust it).
+        /// Replace the signing key with a new one at once (clients must
+        /// `use` the cache again to trust it; --rotate-key breaks none).
         #[arg(long)]
         regenerate_keypair: bool,
+        /// Start a key rotation: a new key signs beside the current one, so
+        /// clients can trust it (`larder use` again) before
+        /// --finish-rotation retires the old key.
+        #[arg(long)]
+        rotate_key: bool,
+        /// Finish the key rotation in progress: the new key becomes the
+        /// only one; clients that trust only the old key stop trusting the
+        /// cache.
+        #[arg(long)]
+        finish_rotation: bool,
+        /// Replace the signing key at once with this Nix secret key
+        /// (`name:base64`, as `nix-store --generate-binary-cache-key`
+        /// writes it).
+        #[arg(long, value_name = "FILE")]
+        import_key: Option<PathBuf>,
     },
     /// Destroy a cache and every path in it.
     Destroy {
@@ -534,10 +558,18 @@ fn client_for(cache: &CacheRef) -> anyhow::Result<ApiClient> {
 
 async fn cache_command(command: CacheCommand) -> anyhow::Result<()> {
     match command {
-        CacheCommand::Create { cache, settings } => {
+        CacheCommand::Create {
+            cache,
+            settings,
+            import_key,
+        } => {
+            let keypair = match import_key {
+                Some(file) => KeypairConfig::Keypair(read_secret_key(&file)?),
+                None => KeypairConfig::Generate,
+            };
             let client = client_for(&cache)?;
             let request = CreateCacheRequest {
-                keypair: KeypairConfig::Generate,
+                keypair,
                 is_public: settings.visibility().unwrap_or(false),
                 store_dir: None,
                 priority: settings.priority,
@@ -556,7 +588,20 @@ async fn cache_command(command: CacheCommand) -> anyhow::Result<()> {
             reset_retention_period,
             reset_quota,
             regenerate_keypair,
+            rotate_key,
+            finish_rotation,
+            import_key,
         } => {
+            // clap lets at most one of the four through.
+            let keypair = match import_key {
+                Some(file) => Some(KeypairConfig::Keypair(read_secret_key(&file)?)),
+                None => regenerate_keypair.then_some(KeypairConfig::Generate),
+            };
+            let key_rotation = match (rotate_key, finish_rotation) {
+                (true, _) => Some(KeyRotation::Start),
+                (_, true) => Some(KeyRotation::Finish),
+                _ => None,
+            };
             let patch = CacheConfig {
                 is_public: settings.visibility(),
                 priority: settings.priority,
@@ -568,7 +613,8 @@ async fn cache_command(command: CacheCommand) -> anyhow::Result<()> {
                     (None, true) => Some(RetentionPeriodConfig::Global),
                     (None, false) => None,
                 },
-                keypair: regenerate_keypair.then_some(KeypairConfig::Generate),
+                keypair,
+                key_rotation,
                 ..CacheConfig::default()
             };
             if patch == CacheConfig::default() {
@@ -577,6 +623,18 @@ async fn cache_command(command: CacheCommand) -> anyhow::Result<()> {
             let client = client_for(&cache)?;
             let configured = client.configure_cache(&cache.cache, &patch).await?;
             println!("configured cache {cache}");
+            match key_rotation {
+                Some(KeyRotation::Start) => println!(
+                    "started a key rotation: both keys sign now; have clients trust the next \
+                     public key (`larder use {cache}` again), then run \
+                     `larder cache configure {cache} --finish-rotation`"
+                ),
+                Some(KeyRotation::Finish) => println!(
+                    "finished the key rotation: only the new key signs; clients that trust \
+                     only the old key no longer accept the cache's paths"
+                ),
+                None => {}
+            }
             print_info(&cache, &configured);
         }
         CacheCommand::Destroy { cache, no_confirm } => {
@@ -599,6 +657,22 @@ async fn cache_command(command: CacheCommand) -> anyhow::Result<()> {
         CacheCommand::DeletePath { cache, paths } => delete_paths(&cache, &paths).await?,
     }
     Ok(())
+}
+
+/// The Nix secret key in `file` (`name:base64`), checked here so that a
+/// wrong file fails before anything is sent. Error messages never show
+/// the file's contents: they may be a secret.
+fn read_secret_key(file: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the secret key file {}", file.display()))?;
+    let key = common::nix::signing::SecretKey::parse(text.trim()).with_context(|| {
+        format!(
+            "{} does not hold a Nix secret key (`name:base64`, as \
+             `nix-store --generate-binary-cache-key` writes it)",
+            file.display()
+        )
+    })?;
+    Ok(key.to_nix_secret_string())
 }
 
 /// `larder cache delete-path`: every path's hash is checked before
@@ -654,7 +728,7 @@ fn confirm_destroy(cache: &CacheRef) -> anyhow::Result<()> {
 
 fn print_info(cache: &CacheRef, config: &CacheConfig) {
     let unknown = || "(not reported)".to_owned();
-    let rows = [
+    let mut rows = vec![
         ("Cache", cache.to_string()),
         (
             "Public key",
@@ -723,6 +797,15 @@ fn print_info(cache: &CacheRef, config: &CacheConfig) {
             },
         ),
     ];
+    if let Some(next) = &config.next_public_key {
+        rows.insert(
+            2,
+            (
+                "Next public key",
+                format!("{next} (key rotation in progress: both keys sign)"),
+            ),
+        );
+    }
     for (label, value) in rows {
         println!("{label:>20}: {value}");
     }
@@ -759,13 +842,21 @@ async fn use_cache(cache: &CacheRef) -> anyhow::Result<()> {
     let substituter = config
         .substituter_endpoint
         .context("the server did not report the cache's substituter endpoint")?;
-    let public_key = config
-        .public_key
-        .context("the server did not report the cache's public key")?;
+    // During a key rotation both keys sign: trusting both keeps this
+    // client working when the rotation finishes.
+    let public_keys: Vec<String> = std::iter::once(
+        config
+            .public_key
+            .context("the server did not report the cache's public key")?,
+    )
+    .chain(config.next_public_key)
+    .collect();
     // Everything the files will hold is checked before either is touched:
     // a refused value writes nothing.
     let host = check_substituter(&substituter)?;
-    check_public_key(&public_key)?;
+    for public_key in &public_keys {
+        check_public_key(public_key)?;
+    }
     let private = !config.is_public.unwrap_or(false);
     let token = if private {
         let token = client.server().token.clone().with_context(|| {
@@ -791,9 +882,11 @@ async fn use_cache(cache: &CacheRef) -> anyhow::Result<()> {
         println!("{shown_conf}: added {substituter} to extra-substituters");
         conf_changed = true;
     }
-    if conf.add_to_list("trusted-public-keys", &public_key) {
-        println!("{shown_conf}: added {public_key} to extra-trusted-public-keys");
-        conf_changed = true;
+    for public_key in &public_keys {
+        if conf.add_to_list("trusted-public-keys", public_key) {
+            println!("{shown_conf}: added {public_key} to extra-trusted-public-keys");
+            conf_changed = true;
+        }
     }
 
     let mut netrc_note = None;
