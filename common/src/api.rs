@@ -434,6 +434,63 @@ pub struct MintTokenResponse {
     pub info: TokenInfo,
 }
 
+/// One event of the audit log. `at` is in Unix milliseconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// Increasing with time: pass the last one seen as `before` for the
+    /// next page.
+    pub id: i64,
+    pub at: i64,
+    /// The cache acted on; absent for token changes.
+    pub cache: Option<String>,
+    /// The token's subject and id (`jti`); absent for anonymous changes,
+    /// and the id for pushes recorded before it was kept.
+    pub subject: Option<String>,
+    pub jti: Option<String>,
+    /// `push`, `delete`, `cache-create`, `cache-configure` (key rotations
+    /// included), `cache-destroy`, `token-mint` or `token-revoke`.
+    pub action: String,
+    /// What it was about: a store path, the settings changed, a token.
+    pub detail: serde_json::Value,
+}
+
+/// `GET /_api/v1/audit/{cache}` and `GET /_api/v1/audit`: a page of
+/// events, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditPage {
+    pub events: Vec<AuditEvent>,
+    /// The `before` of the next (older) page; absent on the last one.
+    pub next_before: Option<i64>,
+}
+
+/// `POST /_api/v1/purge/{cache}`: the paths one subject or one token
+/// pushed (the last push of each path counts), pushed at or after `since`
+/// (Unix seconds) if given. A dry run unless `dry_run` is `false`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgeRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pushed_by: Option<String>,
+    /// A token's id (`jti`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
+    #[serde(default = "dry_run_by_default")]
+    pub dry_run: bool,
+}
+
+fn dry_run_by_default() -> bool {
+    true
+}
+
+/// The answer to a [`PurgeRequest`]: the store paths matched (a dry run)
+/// or deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgeResponse {
+    pub dry_run: bool,
+    pub paths: Vec<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

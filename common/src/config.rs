@@ -439,6 +439,9 @@ pub struct GcConfig {
     /// pass, so that it cannot starve serving of disk or network; `0`: no
     /// limit.
     pub scrub_bytes_per_second: ByteSize,
+    /// How long the audit log keeps an event (who pushed, deleted,
+    /// configured or minted what); older events are deleted by GC runs.
+    pub audit_retention: HumanDuration,
 }
 
 impl GcConfig {
@@ -495,6 +498,7 @@ impl Default for GcConfig {
             delete_concurrency: 16,
             scrub_interval: None,
             scrub_bytes_per_second: ByteSize::new(64 << 20),
+            audit_retention: HumanDuration::from_secs(365 * 24 * 60 * 60),
         }
     }
 }

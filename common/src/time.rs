@@ -1,6 +1,6 @@
 //! Time helpers without a date-time dependency: Unix seconds to and from
-//! `SystemTime` (JWT NumericDates), and an RFC 3339 rendering for error
-//! messages and listings.
+//! `SystemTime` (JWT NumericDates), and RFC 3339 in UTC: rendered for
+//! error messages and listings, read back for command lines.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -37,6 +37,58 @@ pub fn format_unix_seconds(unix_seconds: u64) -> String {
         second_of_day / 60 % 60,
         second_of_day % 60
     )
+}
+
+/// Reads what [`format_unix_seconds`] writes (`2025-01-31T12:00:00Z`), or
+/// a date alone (`2025-01-31`: its first second, UTC), as Unix seconds;
+/// `None` for anything else, including dates that do not exist and times
+/// before 1970.
+pub fn parse_rfc3339_utc(text: &str) -> Option<u64> {
+    let full = if text.len() == 10 {
+        format!("{text}T00:00:00Z")
+    } else {
+        text.to_owned()
+    };
+    let bytes = full.as_bytes();
+    let separators = [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'Z'),
+    ];
+    if bytes.len() != 20 || separators.iter().any(|&(at, byte)| bytes[at] != byte) {
+        return None;
+    }
+    let number = |from: usize, to: usize| -> Option<u64> {
+        let digits = &full[from..to];
+        digits
+            .bytes()
+            .all(|byte| byte.is_ascii_digit())
+            .then(|| digits.parse().ok())
+            .flatten()
+    };
+    let (year, month, day) = (number(0, 4)?, number(5, 7)?, number(8, 10)?);
+    let (hour, minute, second) = (number(11, 13)?, number(14, 16)?, number(17, 19)?);
+    if year < 1970 || !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+        return None;
+    }
+    let seconds = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second;
+    // Rendering it back rejects 25:00, 02-30 and their like.
+    (format_unix_seconds(seconds) == full).then_some(seconds)
+}
+
+/// Days from 1970-01-01 to a proleptic Gregorian date of 1970 or later:
+/// [`civil_from_days`] backwards.
+fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year / 400;
+    let year_of_era = year - era * 400;
+    let march_month = if month > 2 { month - 3 } else { month + 9 };
+    let day_of_year = (153 * march_month + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
 }
 
 /// The proleptic Gregorian date `days` after 1970-01-01. Works in 400-year
@@ -76,6 +128,36 @@ mod tests {
             format_unix_seconds(MAX_UNIX_SECONDS),
             "9999-12-31T23:59:59Z"
         );
+    }
+
+    #[test]
+    fn parses_what_it_formats_and_nothing_else() {
+        for seconds in [
+            0,
+            951_782_400,
+            1_735_689_599,
+            4_102_444_800,
+            MAX_UNIX_SECONDS,
+        ] {
+            assert_eq!(
+                parse_rfc3339_utc(&format_unix_seconds(seconds)),
+                Some(seconds)
+            );
+        }
+        assert_eq!(parse_rfc3339_utc("2000-02-29"), Some(951_782_400));
+        for bad in [
+            "2023-02-29",
+            "2024-12-31T24:00:00Z",
+            "2024-13-01",
+            "1969-12-31T23:59:59Z",
+            "2024-12-31T23:59:59",
+            "2024-12-31 23:59:59Z",
+            "+024-12-31",
+            "yesterday",
+            "",
+        ] {
+            assert_eq!(parse_rfc3339_utc(bad), None, "{bad}");
+        }
     }
 
     #[test]

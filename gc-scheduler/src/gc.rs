@@ -15,7 +15,9 @@
 //! 2. **Objects**: per cache, those not accessed for the cache's retention
 //!    period (or `default-retention`; neither means keep forever); with the
 //!    same period, build logs and debug-info entries not uploaded (again)
-//!    for that long (they are rows only: nothing in storage).
+//!    for that long (they are rows only: nothing in storage). Then the
+//!    names of NAR files and realisations whose paths are gone, and the
+//!    audit log's events older than `audit-retention`.
 //! 3. **NARs** no object points at and no upload in flight uses.
 //! 4. **Chunks** no NAR lists and no chunker looked up for `orphan-grace`:
 //!    claimed (`deleting`), then their rows deleted (a chunk in an object of
@@ -143,6 +145,8 @@ pub struct GcReport {
     /// Realisations (content-addressed derivations' outputs) whose output
     /// path their cache no longer has, deleted.
     pub realisations: u64,
+    /// Audit-log events older than `audit-retention`, deleted.
+    pub audit_events: u64,
     /// Upload rows deleted (finished past the deadline, or stuck).
     pub uploads_reaped: u64,
     /// Staged files (Nix's `PUT nar/…`) no narinfo claimed, deleted.
@@ -171,6 +175,7 @@ impl GcReport {
             ("staged_files", self.staged_files_reaped),
             ("nar_file_names", self.nar_file_names),
             ("realisations", self.realisations),
+            ("audit_events", self.audit_events),
             ("orphans", self.orphans_removed),
         ] {
             metrics.gc_deleted(kind, count);
@@ -192,6 +197,7 @@ impl GcReport {
             staged_files_reaped = self.staged_files_reaped,
             nar_file_names = self.nar_file_names,
             realisations = self.realisations,
+            audit_events = self.audit_events,
             orphans_removed = self.orphans_removed,
             usage_corrected = self.usage_corrected,
             logs = self.logs,
@@ -222,6 +228,9 @@ pub async fn collect_garbage(
         now.saturating_sub(NAR_FILE_NAME_GRACE.max(config.orphan_grace.as_duration()));
     report.nar_file_names = database.delete_stale_nar_file_names(named_before).await?;
     report.realisations = database.delete_stale_realisations(named_before).await?;
+    report.audit_events = database
+        .delete_expired_audit_events(now.saturating_sub(config.audit_retention.as_duration()))
+        .await?;
     let linked_before = now.saturating_sub(config.orphan_grace.as_duration());
     claim_unreferenced_chunks(database, config, linked_before).await?;
     delete_claimed_chunks(database, storage, config, &mut report).await?;

@@ -23,7 +23,7 @@ use axum::http::request::Parts;
 
 use common::auth::{Claims, Permission};
 use common::cache_name::CacheName;
-use common::db::{Cache, CacheScope};
+use common::db::{Actor, Cache, CacheScope};
 
 use crate::error::ApiError;
 use crate::state::{AppState, ServedCache, SigningKeys};
@@ -56,6 +56,15 @@ impl Caller {
     /// The token's subject, recorded as who pushed or changed something.
     pub fn subject(&self) -> Option<&str> {
         self.claims.as_ref().map(|claims| claims.sub.as_str())
+    }
+
+    /// Who the audit log and the rows a request writes name: the token's
+    /// subject and id.
+    pub fn actor(&self) -> Actor {
+        Actor {
+            subject: self.claims.as_ref().map(|claims| claims.sub.clone()),
+            jti: self.claims.as_ref().map(|claims| claims.jti.clone()),
+        }
     }
 
     pub fn claims(&self) -> Option<&Claims> {

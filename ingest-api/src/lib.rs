@@ -9,6 +9,7 @@
 
 mod access;
 mod access_log;
+mod audit;
 mod endpoint;
 pub mod error;
 mod extract;

@@ -116,7 +116,7 @@ pub async fn link_to_stored_nar(
     let linked = LinkedPath {
         store_path_hash: path.store_path_hash,
         metadata: path.metadata.clone(),
-        created_by: caller.subject().map(str::to_owned),
+        created_by: caller.actor(),
     };
     let Some((_, nar)) = state
         .database
@@ -240,7 +240,7 @@ fn new_upload(
         staged_key: staged_key.to_owned(),
         staged_crc32,
         trace_id: Some(UploadId::random().to_string()),
-        created_by: caller.subject().map(str::to_owned),
+        created_by: caller.actor(),
     }
 }
 

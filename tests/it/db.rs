@@ -12,10 +12,10 @@ use std::time::Duration;
 use common::cache_name::CacheName;
 use common::chunking::{max_chunk_entries, MIN_CHUNK_SIZE};
 use common::db::{
-    migrations, Backend, Cache, CacheId, CacheKeypair, CacheScope, CacheStats, CacheUpdate, Chunk,
-    ChunkId, ChunkLocation, Database, DbError, EncodedListing, Nar, NarId, NewCache, NewChunk,
-    NewObject, NewPack, NewUpload, ObjectMetadata, StagedFile, StoreState, StoredChunk, Timestamp,
-    TokenRecord, UploadId, UploadPhase,
+    migrations, Actor, Backend, Cache, CacheId, CacheKeypair, CacheScope, CacheStats, CacheUpdate,
+    Chunk, ChunkId, ChunkLocation, Database, DbError, EncodedListing, Nar, NarId, NewCache,
+    NewChunk, NewObject, NewPack, NewUpload, ObjectMetadata, StagedFile, StoreState, StoredChunk,
+    Timestamp, TokenRecord, UploadId, UploadPhase,
 };
 use common::nix::nar::{ListingNode, NarListing};
 use common::nix::{NarHash, Sha256Hash, StoreDir, StorePathHash};
@@ -201,7 +201,10 @@ fn new_object(hash: StorePathHash, nar_id: NarId) -> NewObject {
         store_path_hash: hash,
         nar_id,
         metadata: metadata(&hash),
-        created_by: Some("alice".to_owned()),
+        created_by: Actor {
+            subject: Some("alice".to_owned()),
+            jti: None,
+        },
     }
 }
 
@@ -215,7 +218,10 @@ fn new_upload(cache_id: CacheId, hash: StorePathHash, n: u8) -> NewUpload {
         staged_key: format!("staging/{hash}.nar"),
         staged_crc32: Some(u32::from(n) << 24 | 0xab_cdef),
         trace_id: Some("trace-1".to_owned()),
-        created_by: Some("alice".to_owned()),
+        created_by: Actor {
+            subject: Some("alice".to_owned()),
+            jti: None,
+        },
     }
 }
 
@@ -717,7 +723,7 @@ async fn upserting_an_object_replaces_its_metadata(t: TestDb) {
     replacement.metadata.sigs = vec!["other-1:c2ln".to_owned()];
     replacement.metadata.ca =
         Some("fixed:r:sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s".to_owned());
-    replacement.created_by = Some("bob".to_owned());
+    replacement.created_by.subject = Some("bob".to_owned());
     let second = db
         .upsert_object(cache.id, &replacement, at(60))
         .await
@@ -725,7 +731,7 @@ async fn upserting_an_object_replaces_its_metadata(t: TestDb) {
     assert_eq!(second.id, first.id, "one row per path and cache");
     assert_eq!(second.nar_id, second_nar);
     assert_eq!(second.metadata, replacement.metadata);
-    assert_eq!(second.created_by.as_deref(), Some("bob"));
+    assert_eq!(second.created_by.subject.as_deref(), Some("bob"));
     assert_eq!(second.created_at, at(0), "the creation time is kept");
     assert_eq!(second.last_accessed_at, at(60));
     assert_eq!(
@@ -1580,7 +1586,7 @@ async fn uploads_move_forward_through_their_phases(t: TestDb) {
     assert_eq!(upload.error, None);
     assert_eq!(upload.attempts, 0);
     assert_eq!(upload.trace_id.as_deref(), Some("trace-1"));
-    assert_eq!(upload.created_by.as_deref(), Some("alice"));
+    assert_eq!(upload.created_by.subject.as_deref(), Some("alice"));
     assert_eq!((upload.created_at, upload.updated_at), (at(0), at(0)));
     assert_eq!(
         db.upload(&upload.id).await.expect("reading").as_ref(),
@@ -1847,7 +1853,7 @@ async fn finalising_an_upload_makes_its_object_visible(t: TestDb) {
     assert_eq!(object.store_path_hash, path_hash(1));
     assert_eq!(object.nar_id, nar.id);
     assert_eq!(object.metadata, metadata(&path_hash(1)));
-    assert_eq!(object.created_by.as_deref(), Some("alice"));
+    assert_eq!(object.created_by.subject.as_deref(), Some("alice"));
     let found = db
         .find_object(cache.id, &path_hash(1))
         .await

@@ -17,7 +17,7 @@ use chunker_worker::Chunker;
 use common::cache_name::CacheName;
 use common::config::PipelineConfig;
 use common::db::{
-    Cache, CacheKeypair, ChunkId, Database, NewCache, NewUpload, ObjectMetadata, StoreState,
+    Actor, Cache, CacheKeypair, ChunkId, Database, NewCache, NewUpload, ObjectMetadata, StoreState,
     Timestamp, Upload, UploadId, UploadPhase,
 };
 use common::nix::nar::NarEncoder;
@@ -206,7 +206,10 @@ impl Rig {
             staged_key,
             staged_crc32: Some(crc32fast::hash(nar)),
             trace_id: Some(hex_id()),
-            created_by: Some("tests".to_owned()),
+            created_by: Actor {
+                subject: Some("tests".to_owned()),
+                jti: None,
+            },
         };
         self.db
             .create_upload(&new, Timestamp::now())

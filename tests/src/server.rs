@@ -30,8 +30,8 @@ use common::config::{
     PipelineConfig, QueueConfig, QuotaConfig, Secret, ServerConfig, StorageConfig,
 };
 use common::db::{
-    Backend, Cache, CacheId, CacheKeypair, ChunkLocation, Database, EncodedListing, Nar, NewCache,
-    NewObject, ObjectMetadata, StoredChunk, Timestamp, TokenRecord,
+    Actor, Backend, Cache, CacheId, CacheKeypair, ChunkLocation, Database, EncodedListing, Nar,
+    NewCache, NewObject, ObjectMetadata, StoredChunk, Timestamp, TokenRecord,
 };
 use common::nix::nar::read_nar;
 use common::nix::{NarHash, SecretKey, Sha256Hash, StorePathHash};
@@ -312,7 +312,10 @@ async fn record_seeded(
                 store_path_hash,
                 nar_id: nar_row.id,
                 metadata,
-                created_by: Some(created_by.to_owned()),
+                created_by: Actor {
+                    subject: Some(created_by.to_owned()),
+                    jti: None,
+                },
             },
             Timestamp::now(),
         )

@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use common::api::{
-    CacheConfig, CacheStats, CreateCacheRequest, ErrorResponse, MintTokenRequest,
-    MintTokenResponse, ServerStats, TokenInfo, TokenList,
+    AuditPage, CacheConfig, CacheStats, CreateCacheRequest, ErrorResponse, MintTokenRequest,
+    MintTokenResponse, PurgeRequest, PurgeResponse, ServerStats, TokenInfo, TokenList,
 };
 use common::cache_name::CacheName;
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, RETRY_AFTER};
@@ -233,6 +233,36 @@ impl ApiClient {
     pub async fn server_stats(&self) -> Result<ServerStats, ApiError> {
         self.get_json("_api/v1/cache-stats", "reading the server's statistics")
             .await
+    }
+
+    /// A page of a cache's audit log.
+    pub async fn audit(
+        &self,
+        cache: &CacheName,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<AuditPage, ApiError> {
+        let mut request = self
+            .request(Method::GET, &format!("_api/v1/audit/{cache}"))
+            .query(&[("limit", limit)]);
+        if let Some(before) = before {
+            request = request.query(&[("before", before)]);
+        }
+        self.json(request, &format!("reading the audit log of cache {cache}"))
+            .await
+    }
+
+    pub async fn purge(
+        &self,
+        cache: &CacheName,
+        request: &PurgeRequest,
+    ) -> Result<PurgeResponse, ApiError> {
+        self.post_json(
+            &format!("_api/v1/purge/{cache}"),
+            request,
+            &format!("purging cache {cache}"),
+        )
+        .await
     }
 
     pub async fn whoami(&self) -> Result<TokenInfo, ApiError> {

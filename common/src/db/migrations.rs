@@ -99,6 +99,12 @@ const MIGRATIONS: &[Embedded] = &[
         sqlite: include_str!("../../migrations/sqlite/0012_next_keypair.sql"),
         postgres: include_str!("../../migrations/postgres/0012_next_keypair.sql"),
     },
+    Embedded {
+        version: 13,
+        description: "audit",
+        sqlite: include_str!("../../migrations/sqlite/0013_audit.sql"),
+        postgres: include_str!("../../migrations/postgres/0013_audit.sql"),
+    },
 ];
 
 /// The file names the embedded list stands for, per backend directory, so

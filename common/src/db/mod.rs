@@ -61,6 +61,7 @@
 //! COMMITTED; the queries that must be race-free under it are single
 //! statements (`INSERT … ON CONFLICT`, conditional `UPDATE`s).
 
+mod audit;
 mod build_logs;
 mod caches;
 mod damage;
@@ -91,6 +92,7 @@ use std::time::Duration;
 use sqlx::any::{AnyPoolOptions, AnyQueryResult};
 use sqlx::{Any, AnyPool};
 
+pub use audit::{AuditAction, AuditEvent, NewAuditEvent};
 pub use build_logs::EncodedLog;
 pub use caches::{
     Cache, CacheScope, CacheUpdate, NewCache, DEFAULT_PRIORITY, DEFAULT_UPSTREAM_CACHE_KEY_NAMES,
@@ -101,13 +103,13 @@ pub use gc::CacheRetention;
 pub use inline_nars::{InlineChunk, InlineContent, InlineOutcome};
 pub use listings::EncodedListing;
 pub use nars::{Chunk, ChunkLocation, Nar, NarChunk, NewChunk, StoredChunk};
-pub use objects::{NewObject, Object, ObjectMetadata, ObjectWithNar};
+pub use objects::{NewObject, Object, ObjectMetadata, ObjectWithNar, PushedBy};
 pub use packs::{ChunkMove, LocatedChunk, NewPack, Pack, PackUse};
 pub use push::{LinkedPath, StagedFile};
 pub use quota::{CacheUsage, QuotaDefaults, QuotaStatus, UsageCorrection};
 pub use stats::{dedup_ratio, CacheStats, ServerStats, SharedCacheStats};
 pub use tokens::TokenRecord;
-pub use types::{CacheId, CacheKeypair, ChunkId, NarId, ObjectId, StoreState, Timestamp};
+pub use types::{Actor, CacheId, CacheKeypair, ChunkId, NarId, ObjectId, StoreState, Timestamp};
 pub use upload_events::UploadWatch;
 pub use uploads::{NewUpload, Upload, UploadId, UploadPhase};
 pub use writer::WRITE_TRANSACTION_TARGET;

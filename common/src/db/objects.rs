@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 
+use super::audit::record_push_on;
 use super::error::{constraint_error, query_error, DbError, Result};
 use super::nars::{nar_from_row, JOINED_NAR, JOINED_NAR_SELECT};
 use super::quota::{
@@ -18,7 +19,7 @@ use super::row::{
     i64_col, json_col, opt_string_col, store_path_hash_col, string_col, time_col, to_i64, to_json,
     u64_col,
 };
-use super::types::{CacheId, NarId, ObjectId, Timestamp};
+use super::types::{Actor, CacheId, NarId, ObjectId, Timestamp};
 use super::uploads::IN_FLIGHT_PHASES_SQL;
 use super::{placeholders, Database, Nar, MAX_IN_LIST};
 use crate::nix::StorePathHash;
@@ -45,8 +46,8 @@ pub struct NewObject {
     pub store_path_hash: StorePathHash,
     pub nar_id: NarId,
     pub metadata: ObjectMetadata,
-    /// The `sub` of the token that pushed it.
-    pub created_by: Option<String>,
+    /// The token that pushed it.
+    pub created_by: Actor,
 }
 
 /// An object row.
@@ -59,7 +60,15 @@ pub struct Object {
     pub metadata: ObjectMetadata,
     pub created_at: Timestamp,
     pub last_accessed_at: Timestamp,
-    pub created_by: Option<String>,
+    /// The token that pushed it last.
+    pub created_by: Actor,
+}
+
+/// Whose pushes a purge finds: a token's subject, or one token by id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushedBy {
+    Subject(String),
+    Token(String),
 }
 
 /// An object and the NAR it points at: everything a narinfo needs.
@@ -70,12 +79,13 @@ pub struct ObjectWithNar {
 }
 
 const OBJECT_COLUMNS: &str = "id, cache_id, store_path_hash, store_path, nar_id, \
-    path_references, deriver, system, sigs, ca, created_at, last_accessed_at, created_by";
+    path_references, deriver, system, sigs, ca, created_at, last_accessed_at, created_by, \
+    created_by_jti";
 
 /// [`OBJECT_COLUMNS`] qualified with the alias `o`, for joins.
 const OBJECT_COLUMNS_O: &str = "o.id, o.cache_id, o.store_path_hash, o.store_path, o.nar_id, \
     o.path_references, o.deriver, o.system, o.sigs, o.ca, o.created_at, o.last_accessed_at, \
-    o.created_by";
+    o.created_by, o.created_by_jti";
 
 fn object_from_row(row: &AnyRow) -> Result<Object> {
     Ok(Object {
@@ -93,7 +103,10 @@ fn object_from_row(row: &AnyRow) -> Result<Object> {
         },
         created_at: time_col(row, "created_at")?,
         last_accessed_at: time_col(row, "last_accessed_at")?,
-        created_by: opt_string_col(row, "created_by")?,
+        created_by: Actor {
+            subject: opt_string_col(row, "created_by")?,
+            jti: opt_string_col(row, "created_by_jti")?,
+        },
     })
 }
 
@@ -131,6 +144,11 @@ pub(crate) async fn upsert_counted_object_on(
     }
     let object = upsert_object_on(connection, cache.id, new, at).await?;
     adjust_usage_on(connection, cache, growth, pending_delta).await?;
+    let detail = serde_json::json!({
+        "store_path": new.metadata.store_path,
+        "nar_size": nar_size,
+    });
+    record_push_on(connection, cache.id, &new.created_by, &detail, at).await?;
     Ok(object)
 }
 
@@ -211,13 +229,14 @@ async fn upsert_object_on(
     // the original creation time.
     let sql = format!(
         "INSERT INTO objects (cache_id, store_path_hash, store_path, nar_id, path_references, \
-         deriver, system, sigs, ca, created_at, last_accessed_at, created_by) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11) \
+         deriver, system, sigs, ca, created_at, last_accessed_at, created_by, created_by_jti) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $11, $12) \
          ON CONFLICT (cache_id, store_path_hash) DO UPDATE SET \
          store_path = excluded.store_path, nar_id = excluded.nar_id, \
          path_references = excluded.path_references, deriver = excluded.deriver, \
          system = excluded.system, sigs = excluded.sigs, ca = excluded.ca, \
-         last_accessed_at = excluded.last_accessed_at, created_by = excluded.created_by \
+         last_accessed_at = excluded.last_accessed_at, created_by = excluded.created_by, \
+         created_by_jti = excluded.created_by_jti \
          RETURNING {OBJECT_COLUMNS}"
     );
     let metadata = &new.metadata;
@@ -232,7 +251,8 @@ async fn upsert_object_on(
         .bind(to_json("signatures", &metadata.sigs)?)
         .bind(metadata.ca.as_deref())
         .bind(at.unix_millis())
-        .bind(new.created_by.as_deref())
+        .bind(new.created_by.subject.as_deref())
+        .bind(new.created_by.jti.as_deref())
         .fetch_one(&mut *connection)
         .await
         .map_err(constraint_error(
@@ -307,6 +327,41 @@ impl Database {
         .await?;
         tx.commit("committing an object").await?;
         Ok(object)
+    }
+
+    /// The paths of a cache whose last push was `by`'s, and which entered
+    /// the cache at or after `since` (its first push: a push again keeps
+    /// the creation time), as hashes and store paths, oldest first.
+    pub async fn objects_pushed_by(
+        &self,
+        cache_id: CacheId,
+        by: &PushedBy,
+        since: Option<Timestamp>,
+    ) -> Result<Vec<(StorePathHash, String)>> {
+        let (column, value) = match by {
+            PushedBy::Subject(subject) => ("created_by", subject),
+            PushedBy::Token(jti) => ("created_by_jti", jti),
+        };
+        let sql = format!(
+            "SELECT store_path_hash, store_path FROM objects \
+             WHERE cache_id = $1 AND {column} = $2 AND created_at >= $3 \
+             ORDER BY created_at, id"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(cache_id.0)
+            .bind(value.as_str())
+            .bind(since.map_or(i64::MIN, Timestamp::unix_millis))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("finding the paths a token pushed"))?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    store_path_hash_col(row, "store_path_hash")?,
+                    string_col(row, "store_path")?,
+                ))
+            })
+            .collect()
     }
 
     /// Deletes a path from a cache; whether it was there. Its NAR stays

@@ -20,7 +20,7 @@ use super::nars::{nar_from_row, JOINED_NAR, JOINED_NAR_SELECT};
 use super::objects::{upsert_counted_object_on, NewObject, Object, ObjectMetadata};
 use super::quota::{adjust_usage_on, lock_cache_on, lock_existing_cache_on, make_room_on, Charge};
 use super::row::{i64_col, nar_hash_col, opt_u32_col, string_col, time_col, to_i64, u64_col};
-use super::types::{CacheId, Timestamp};
+use super::types::{Actor, CacheId, Timestamp};
 use super::{Backend, Database, Nar};
 use crate::nix::{NarHash, StorePathHash};
 
@@ -61,8 +61,8 @@ pub(crate) fn staged_file_from_row(row: &AnyRow) -> Result<StagedFile> {
 pub struct LinkedPath {
     pub store_path_hash: StorePathHash,
     pub metadata: ObjectMetadata,
-    /// The `sub` of the pushing token.
-    pub created_by: Option<String>,
+    /// The pushing token.
+    pub created_by: Actor,
 }
 
 impl Database {

@@ -218,3 +218,12 @@ mod tests {
         assert!("gone".parse::<StoreState>().is_err());
     }
 }
+
+/// Who did something: the subject and id (`jti`) of the token used. Both
+/// are `None` for an anonymous or internal change, and the id for rows
+/// written before it was kept (migration 0013).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Actor {
+    pub subject: Option<String>,
+    pub jti: Option<String>,
+}

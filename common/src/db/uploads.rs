@@ -24,7 +24,7 @@ use super::row::{
     i64_col, json_col, nar_hash_col, opt_i64_col, opt_string_col, opt_u32_col, parsed_col,
     store_path_hash_col, string_col, time_col, to_i64, to_json, u32_col, u64_col,
 };
-use super::types::{CacheId, NarId, StoreState, Timestamp};
+use super::types::{Actor, CacheId, NarId, StoreState, Timestamp};
 use super::upload_events::announce_on;
 use super::{affected, Database};
 use crate::cache_name::CacheName;
@@ -178,8 +178,8 @@ pub struct NewUpload {
     /// The CRC-32 of the staged bytes, as the API wrote them.
     pub staged_crc32: Option<u32>,
     pub trace_id: Option<String>,
-    /// The `sub` of the pushing token.
-    pub created_by: Option<String>,
+    /// The pushing token.
+    pub created_by: Actor,
 }
 
 /// An upload row.
@@ -203,14 +203,14 @@ pub struct Upload {
     /// How often its job was (re)published.
     pub attempts: u32,
     pub trace_id: Option<String>,
-    pub created_by: Option<String>,
+    pub created_by: Actor,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
 
 const UPLOAD_COLUMNS: &str = "id, cache_id, store_path_hash, nar_hash, nar_size, \
     object_metadata, phase, staged_key, staged_crc32, nar_id, error, attempts, trace_id, \
-    created_by, created_at, updated_at";
+    created_by, created_by_jti, created_at, updated_at";
 
 fn upload_from_row(row: &AnyRow) -> Result<Upload> {
     Ok(Upload {
@@ -227,7 +227,10 @@ fn upload_from_row(row: &AnyRow) -> Result<Upload> {
         error: opt_string_col(row, "error")?,
         attempts: u32_col(row, "attempts")?,
         trace_id: opt_string_col(row, "trace_id")?,
-        created_by: opt_string_col(row, "created_by")?,
+        created_by: Actor {
+            subject: opt_string_col(row, "created_by")?,
+            jti: opt_string_col(row, "created_by_jti")?,
+        },
         created_at: time_col(row, "created_at")?,
         updated_at: time_col(row, "updated_at")?,
     })
@@ -257,8 +260,8 @@ async fn create_upload_on(
     let sql = format!(
         "INSERT INTO uploads (id, cache_id, store_path_hash, nar_hash, nar_size, \
          object_metadata, phase, staged_key, staged_crc32, attempts, trace_id, created_by, \
-         created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, 'spooled', $7, $8, 0, $9, $10, $11, $11) \
+         created_by_jti, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, 'spooled', $7, $8, 0, $9, $10, $11, $12, $12) \
          RETURNING {UPLOAD_COLUMNS}"
     );
     let row = sqlx::query(&sql)
@@ -271,7 +274,8 @@ async fn create_upload_on(
         .bind(new.staged_key.as_str())
         .bind(new.staged_crc32.map(i64::from))
         .bind(new.trace_id.as_deref())
-        .bind(new.created_by.as_deref())
+        .bind(new.created_by.subject.as_deref())
+        .bind(new.created_by.jti.as_deref())
         .bind(at.unix_millis())
         .fetch_one(&mut *connection)
         .await

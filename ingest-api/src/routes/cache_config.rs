@@ -31,12 +31,13 @@ use common::api::{
 };
 use common::auth::Permission;
 use common::cache_name::CacheName;
-use common::db::{Cache, CacheKeypair, CacheUpdate, DbError, NewCache};
+use common::db::{AuditAction, Cache, CacheKeypair, CacheUpdate, DbError, NewCache};
 use common::nix::signing::SecretKey;
 use common::nix::StoreDir;
 
 use super::parse_cache_name;
 use crate::access::Caller;
+use crate::audit;
 use crate::endpoint::public_endpoint;
 use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiPath};
@@ -103,6 +104,18 @@ pub async fn create(
     };
     state.forget_cached_reads();
     tracing::info!(cache = %cache.name, by = caller.subject(), "cache created");
+    let detail = serde_json::json!({
+        "is_public": cache.is_public,
+        "key": cache.keypair.key_name(),
+    });
+    audit::record(
+        &state,
+        &caller,
+        Some(&cache),
+        AuditAction::CacheCreate,
+        [detail],
+    )
+    .await;
     Ok(Json(describe(&state, &headers, &cache, true).await?))
 }
 
@@ -115,6 +128,7 @@ pub async fn configure(
     ApiJson(patch): ApiJson<CacheConfig>,
 ) -> Result<Json<CacheConfig>, ApiError> {
     let name = parse_cache_name(&cache)?;
+    let changes = audited_changes(&patch);
     let changes_configuration = patch.is_public.is_some()
         || patch.store_dir.is_some()
         || patch.priority.is_some()
@@ -206,6 +220,23 @@ pub async fn configure(
             "signing keys changed"
         );
     }
+    let mut detail = serde_json::json!({ "changes": changes });
+    if new_keys.is_some() {
+        detail["key"] = cache.keypair.key_name().into();
+        detail["next_key"] = cache
+            .next_keypair
+            .as_ref()
+            .map(CacheKeypair::key_name)
+            .into();
+    }
+    audit::record(
+        &state,
+        &caller,
+        Some(&cache),
+        AuditAction::CacheConfigure,
+        [detail],
+    )
+    .await;
     Ok(Json(describe(&state, &headers, &cache, true).await?))
 }
 
@@ -217,7 +248,7 @@ pub async fn destroy(
     ApiPath(cache): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let name = parse_cache_name(&cache)?;
-    state
+    let destroyed = state
         .cache_with_permission(&caller, &name, Permission::DestroyCache)
         .await?;
     if !state
@@ -230,6 +261,15 @@ pub async fn destroy(
     }
     state.forget_cached_reads();
     tracing::info!(cache = %name, by = caller.subject(), "cache destroyed");
+    let detail = serde_json::json!({});
+    audit::record(
+        &state,
+        &caller,
+        Some(&destroyed),
+        AuditAction::CacheDestroy,
+        [detail],
+    )
+    .await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -279,6 +319,16 @@ async fn describe(
         keypair: None,
         key_rotation: None,
     })
+}
+
+/// What a patch asks to change, for the audit log: the patch as sent,
+/// with an imported secret key replaced by `"Imported"`.
+fn audited_changes(patch: &CacheConfig) -> serde_json::Value {
+    let mut changes = serde_json::to_value(patch).unwrap_or_default();
+    if let Some(KeypairConfig::Keypair(_)) = patch.keypair {
+        changes["keypair"] = "Imported".into();
+    }
+    changes
 }
 
 /// A quota the store can hold: at most `i64::MAX` bytes.

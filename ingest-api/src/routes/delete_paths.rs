@@ -12,9 +12,11 @@ use axum::Json;
 use common::api::{DeletePathsRequest, DeletePathsResponse};
 use common::auth::Permission;
 use common::cache_name::CacheName;
+use common::db::AuditAction;
 use common::nix::StorePathHash;
 
 use crate::access::Caller;
+use crate::audit;
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::state::AppState;
@@ -50,6 +52,10 @@ pub async fn delete_paths(
         .into_iter()
         .collect();
     state.forget_cached_reads();
+    let details = deleted
+        .iter()
+        .map(|hash| serde_json::json!({ "store_path_hash": hash.to_string() }));
+    audit::record(&state, &caller, Some(&cache), AuditAction::Delete, details).await;
     tracing::info!(
         cache = %name,
         by = caller.subject(),

@@ -1,5 +1,6 @@
 //! The HTTP surface: one module per protocol, assembled into one router.
 
+mod audit;
 mod binary_cache;
 mod cache_config;
 mod delete_paths;
@@ -54,6 +55,9 @@ pub fn router(state: AppState) -> Router {
         )
         .metered_route("/_api/v1/cache-stats", get(stats::server))
         .metered_route("/_api/v1/cache-stats/{cache}", get(stats::cache))
+        .metered_route("/_api/v1/audit", get(audit::all_events))
+        .metered_route("/_api/v1/audit/{cache}", get(audit::cache_events))
+        .metered_route("/_api/v1/purge/{cache}", post(audit::purge))
         .metered_route("/_api/v1/whoami", get(tokens::whoami))
         .metered_route("/_api/v1/tokens", get(tokens::list).post(tokens::mint))
         .metered_route("/_api/v1/tokens/{jti}", delete(tokens::revoke))

@@ -27,8 +27,9 @@ use crate::state::AppState;
 /// How old a cache's figures may be when served again.
 pub const STATS_TIME_TO_LIVE: Duration = Duration::from_secs(10);
 
-/// The permission on every cache (`*`) that makes a token an operator's
-/// for the server-wide figures: the one meant for operators alone.
+/// The permission on every cache (`*`) that makes a token an operator's,
+/// for the server-wide figures and audit log: the one meant for operators
+/// alone.
 const OPERATOR_PERMISSION: Permission = Permission::ConfigureCacheQuota;
 
 /// `GET /_api/v1/cache-stats/{cache}`.
@@ -57,19 +58,7 @@ pub async fn server(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<Json<api::ServerStats>, ApiError> {
-    let is_operator = caller.claims().is_some_and(|claims| {
-        claims.grants_on_every(&CacheNamePattern::everything(), OPERATOR_PERMISSION.into())
-    });
-    if !is_operator {
-        let message = format!(
-            "the server's statistics need a token with {} on every cache (*)",
-            OPERATOR_PERMISSION.name()
-        );
-        return Err(match caller.claims() {
-            None => ApiError::Unauthorized(message),
-            Some(_) => ApiError::Forbidden(message),
-        });
-    }
+    require_operator(&caller, "the server's statistics")?;
     let stats = state
         .database
         .server_stats()
@@ -96,6 +85,25 @@ pub async fn server(
         dedup_ratio: dedup_ratio(nar_bytes, stats.stored_bytes),
         caches,
     }))
+}
+
+/// Checks that the caller is an operator: its token grants
+/// [`OPERATOR_PERMISSION`] on every cache. `what` names what needs it.
+pub(super) fn require_operator(caller: &Caller, what: &str) -> Result<(), ApiError> {
+    let is_operator = caller.claims().is_some_and(|claims| {
+        claims.grants_on_every(&CacheNamePattern::everything(), OPERATOR_PERMISSION.into())
+    });
+    if is_operator {
+        return Ok(());
+    }
+    let message = format!(
+        "only a token with {} on every cache (*) may read {what}",
+        OPERATOR_PERMISSION.name()
+    );
+    Err(match caller.claims() {
+        None => ApiError::Unauthorized(message),
+        Some(_) => ApiError::Forbidden(message),
+    })
 }
 
 fn api_stats(name: &CacheName, stats: &CacheStats) -> api::CacheStats {

@@ -21,10 +21,11 @@ use serde::Deserialize;
 use common::api::{MintTokenRequest, MintTokenResponse, TokenInfo, TokenList};
 use common::auth::{Claims, MintError, Permissions, TokenBuilder};
 use common::cache_name::CacheNamePattern;
-use common::db::{DbError, Timestamp, TokenRecord};
+use common::db::{AuditAction, DbError, Timestamp, TokenRecord};
 use common::time::unix_seconds;
 
 use crate::access::Caller;
+use crate::audit;
 use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::state::AppState;
@@ -83,6 +84,13 @@ pub async fn mint(
     crate::tokens::record(&state.database, &minted)
         .await
         .map_err(ApiError::internal)?;
+    let detail = serde_json::json!({
+        "token": minted.claims.jti,
+        "subject": minted.claims.sub,
+        "expires_at": minted.claims.exp,
+        "caches": minted.claims.caches,
+    });
+    audit::record(&state, &caller, None, AuditAction::TokenMint, [detail]).await;
     tracing::info!(
         jti = %minted.claims.jti,
         subject = %minted.claims.sub,
@@ -103,7 +111,7 @@ pub async fn revoke(
     caller: Caller,
     ApiPath(jti): ApiPath<String>,
 ) -> Result<Json<TokenInfo>, ApiError> {
-    let caller = signed_in(&caller)?;
+    let revoker = signed_in(&caller)?;
     let record = state
         .database
         .token(&jti)
@@ -111,7 +119,7 @@ pub async fn revoke(
         .map_err(ApiError::internal)?
         .ok_or(ApiError::NoSuchToken)?;
     let claims = recorded_claims(&record)?;
-    if !is_visible_to(caller, &claims) {
+    if !is_visible_to(revoker, &claims) {
         return Err(ApiError::NoSuchToken);
     }
     let revoked = match state
@@ -125,7 +133,9 @@ pub async fn revoke(
     };
     // Here at once; other replicas on their next reload.
     state.verifier.revocations().revoke(jti.clone());
-    tracing::info!(%jti, subject = %claims.sub, by = %caller.sub, by_jti = %caller.jti, "token revoked");
+    tracing::info!(%jti, subject = %claims.sub, by = %revoker.sub, by_jti = %revoker.jti, "token revoked");
+    let detail = serde_json::json!({ "token": jti, "subject": claims.sub });
+    audit::record(&state, &caller, None, AuditAction::TokenRevoke, [detail]).await;
     Ok(Json(token_info(&claims, revoked.revoked_at)))
 }
 

@@ -1,11 +1,12 @@
-//! `larder token …`, `larder stats` and the statistics in `larder cache
-//! info`, against the real server.
+//! `larder token …`, `larder stats`, the statistics in `larder cache
+//! info`, and `larder cache audit` and `purge`, against the real server.
 
 use common::auth::Permission;
 use tests::server::TestServer;
 
 use super::{Larder, HOUR};
-use crate::server::{fake_store_path, file_nar, plain_metadata};
+use crate::server::push::{hash_of, push_visible};
+use crate::server::{fake_store_path, file_nar, get, plain_metadata};
 
 /// The value of a `Label: value` line of `larder`'s output.
 fn field<'a>(output: &'a str, label: &str) -> &'a str {
@@ -166,4 +167,104 @@ async fn cache_info_shows_a_tenants_figures_and_stats_the_servers() {
     assert_eq!(field(&info, "Paths"), "1");
     let line = puller.fails(&["stats"]).await;
     assert!(line.contains("configure_cache_quota"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_audit_and_purge_list_and_delete_what_a_subject_pushed() {
+    let server = TestServer::sqlite().await;
+    server.create_cache("team", false).await;
+    let ci = server
+        .mint("ci", HOUR, &[("team", &[Permission::Push])])
+        .await;
+    let dev = server
+        .mint("dev", HOUR, &[("team", &[Permission::Push])])
+        .await;
+    let [from_ci, from_dev] = ["from-ci", "from-dev"].map(fake_store_path);
+    for (token, store_path) in [(&ci, &from_ci), (&dev, &from_dev)] {
+        let nar = file_nar(store_path.as_bytes());
+        push_visible(&server, token, "team", store_path, &nar).await;
+    }
+    let owner = Larder::new();
+    let token = server
+        .mint(
+            "owner",
+            HOUR,
+            &[(
+                "team",
+                &[
+                    Permission::Pull,
+                    Permission::Delete,
+                    Permission::ConfigureCache,
+                ],
+            )],
+        )
+        .await;
+    owner.ok(&["login", "local", &server.url(), &token]).await;
+
+    let audit = owner.ok(&["cache", "audit", "team"]).await;
+    let pushes = audit
+        .lines()
+        .filter(|line| line.contains(" push "))
+        .collect::<Vec<_>>();
+    assert_eq!(pushes.len(), 2, "{audit}");
+    assert!(
+        pushes[0].contains(" dev ") && pushes[0].contains(&from_dev),
+        "{audit}"
+    );
+    assert!(
+        pushes[1].contains(" ci ") && pushes[1].contains(&from_ci),
+        "{audit}"
+    );
+
+    // A dry run by default: listed, still served.
+    let output = owner
+        .run(&["cache", "purge", "team", "--pushed-by", "ci"])
+        .await;
+    assert!(output.status.success());
+    assert_eq!(super::text(&output.stdout).trim(), from_ci);
+    assert!(super::text(&output.stderr).contains("would be deleted"));
+    let status = |store_path: &str| {
+        let path = format!("/team/{}.narinfo", hash_of(store_path));
+        let (server, token) = (&server, token.clone());
+        async move { get(server, &path, Some(&token)).await.status().as_u16() }
+    };
+    assert_eq!(status(&from_ci).await, 200);
+    let out = owner
+        .ok(&[
+            "cache",
+            "purge",
+            "team",
+            "--pushed-by",
+            "ci",
+            "--since",
+            "1 day",
+            "--yes",
+        ])
+        .await;
+    assert_eq!(out.trim(), from_ci);
+    assert_eq!(status(&from_ci).await, 404);
+    assert_eq!(status(&from_dev).await, 200);
+    let audit = owner.ok(&["cache", "audit", "team", "--limit", "1"]).await;
+    assert!(
+        audit.contains(" delete ") && audit.contains(&from_ci),
+        "{audit}"
+    );
+
+    for args in [
+        &["cache", "purge", "team"][..],
+        &["cache", "purge", "team", "--pushed-by", "a", "--token", "b"],
+        &[
+            "cache",
+            "purge",
+            "team",
+            "--pushed-by",
+            "a",
+            "--since",
+            "last week",
+        ],
+        &["cache", "audit", "team", "--limit", "0"],
+    ] {
+        let output = owner.run(args).await;
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+    }
 }

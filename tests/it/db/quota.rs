@@ -6,8 +6,8 @@
 
 use common::api::{CacheQuota, QuotaPolicy};
 use common::db::{
-    CacheId, CacheUpdate, CacheUsage, Database, DbError, LinkedPath, QuotaDefaults, StagedFile,
-    UploadPhase,
+    Actor, CacheId, CacheUpdate, CacheUsage, Database, DbError, LinkedPath, QuotaDefaults,
+    StagedFile, UploadPhase,
 };
 use common::nix::StorePathHash;
 
@@ -71,7 +71,7 @@ fn linked(n: u8) -> LinkedPath {
     LinkedPath {
         store_path_hash: hash,
         metadata: metadata(&hash),
-        created_by: None,
+        created_by: Actor::default(),
     }
 }
 

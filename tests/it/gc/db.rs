@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use common::db::{
-    CacheId, CacheKeypair, ChunkId, ChunkLocation, Database, DbError, LinkedPath, NarId, NewCache,
-    NewChunk, NewObject, NewUpload, StoreState, StoredChunk, Timestamp,
+    Actor, CacheId, CacheKeypair, ChunkId, ChunkLocation, Database, DbError, LinkedPath, NarId,
+    NewCache, NewChunk, NewObject, NewUpload, StoreState, StoredChunk, Timestamp,
 };
 use common::nix::{NarHash, Sha256Hash, StorePathHash};
 
@@ -82,7 +82,7 @@ fn new_object(n: u32, nar_id: NarId) -> NewObject {
         store_path_hash: hash,
         nar_id,
         metadata: plain_metadata(&format!("/nix/store/{hash}-p{n}")),
-        created_by: None,
+        created_by: Actor::default(),
     }
 }
 
@@ -185,7 +185,7 @@ async fn a_nar_is_kept_while_an_object_or_an_upload_in_flight_holds_it(db: Datab
                 staged_key: "staging/u.nar".to_owned(),
                 staged_crc32: None,
                 trace_id: None,
-                created_by: None,
+                created_by: Actor::default(),
             },
             T0,
         )
@@ -364,7 +364,7 @@ async fn a_nar_linked_while_it_is_collected_is_either_kept_or_not_linked(db: Dat
         let path = LinkedPath {
             store_path_hash: hash,
             metadata: plain_metadata(&format!("/nix/store/{hash}-p")),
-            created_by: None,
+            created_by: Actor::default(),
         };
         let (link, gc) = {
             let (link_db, gc_db) = (db.clone(), db.clone());

@@ -14,7 +14,7 @@ use common::config::{
     AuthConfig, DatabaseConfig, GcConfig, HttpConfig, IngestConfig, LogConfig, OpsConfig,
     PipelineConfig, QueueConfig, QuotaConfig, Secret, ServerConfig, StorageConfig,
 };
-use common::db::{CacheKeypair, CacheUpdate, Database, NewCache, Timestamp};
+use common::db::{Actor, CacheKeypair, CacheUpdate, Database, NewCache, Timestamp};
 use common::duration::HumanDuration;
 use common::nix::signing::SecretKey;
 use common::storage::{ObjectKey, Storage};
@@ -677,7 +677,7 @@ async fn reaping_removes_stale_uploads_staged_files_and_orphan_chunk_objects() {
                     staged_key: staged(name).to_string(),
                     staged_crc32: None,
                     trace_id: None,
-                    created_by: None,
+                    created_by: Actor::default(),
                 },
                 now,
             )

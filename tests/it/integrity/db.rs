@@ -3,7 +3,7 @@
 //! alone, and how storing the chunks again brings the NARs back.
 
 use common::db::{
-    CacheId, CacheKeypair, ChunkId, ChunkLocation, DamagedChunk, Database, NarId, NewCache,
+    Actor, CacheId, CacheKeypair, ChunkId, ChunkLocation, DamagedChunk, Database, NarId, NewCache,
     NewObject, NewPack, StoreState, StoredChunk, Timestamp,
 };
 use common::nix::{NarHash, Sha256Hash, StorePathHash};
@@ -83,7 +83,7 @@ impl Store {
             store_path_hash: hash,
             nar_id: nar,
             metadata: plain_metadata(&format!("/nix/store/{hash}-p{n}")),
-            created_by: None,
+            created_by: Actor::default(),
         };
         self.db
             .upsert_object(self.cache, &object, T0)

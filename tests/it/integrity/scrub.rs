@@ -10,7 +10,7 @@ use bytes::Bytes;
 use reqwest::StatusCode;
 
 use common::config::GcConfig;
-use common::db::{Backend, NewObject, StoreState, StoredChunk, Timestamp};
+use common::db::{Actor, Backend, NewObject, StoreState, StoredChunk, Timestamp};
 use common::duration::HumanDuration;
 use common::nix::{NarHash, Sha256Hash, StorePathHash};
 use common::storage::{ObjectKey, Storage};
@@ -64,7 +64,7 @@ async fn packed_paths(server: &TestServer) -> (ObjectKey, Vec<u8>, Vec<(u64, u64
             store_path_hash: StorePathHash::parse(&hash_of(&path)).expect("a hash"),
             nar_id: nar.id,
             metadata: plain_metadata(&path),
-            created_by: None,
+            created_by: Actor::default(),
         };
         server
             .database()

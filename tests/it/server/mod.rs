@@ -9,6 +9,7 @@
 //! `crash` push through the API and the real `nix copy`.
 
 mod attic_client;
+mod audit;
 mod bad_input;
 mod cache_config;
 mod cli;

@@ -111,6 +111,29 @@ pub(crate) async fn upload(
     request.send().await.expect("sending upload-path")
 }
 
+/// Pushes `store_path` holding `nar` into `cache` through `upload-path`,
+/// waiting (the server's default) until it is visible.
+pub(crate) async fn push_visible(
+    server: &impl HttpApi,
+    token: &str,
+    cache: &str,
+    store_path: &str,
+    nar: &[u8],
+) {
+    let info = attic_info(cache, store_path, nar);
+    let response = server
+        .http()
+        .put(server.url_of("/_api/v1/upload-path"))
+        .header(AUTHORIZATION, format!("Bearer {token}"))
+        .header("X-Attic-Nar-Info", info.to_string())
+        .body(nar.to_vec())
+        .send()
+        .await
+        .expect("sending upload-path");
+    let result: serde_json::Value = ok_json(response).await;
+    assert_eq!(result["phase"], "done", "{result}");
+}
+
 pub(crate) async fn all_uploads(server: &TestServer) -> Vec<Upload> {
     server
         .database()

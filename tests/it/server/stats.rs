@@ -8,11 +8,10 @@ use std::path::Path;
 use common::api::{CacheStats, ServerStats};
 use common::auth::Permission;
 use common::db::Backend;
-use reqwest::header::AUTHORIZATION;
 use reqwest::StatusCode;
 use tests::server::{pseudo_random, TestServer};
 
-use super::push::attic_info;
+use super::push::push_visible;
 use super::{api_error, fake_store_path, file_nar, get, ok_json, HOUR};
 
 /// The bytes of every pack file under `dir`.
@@ -40,18 +39,7 @@ fn pack_bytes(dir: &Path) -> u64 {
 async fn push(server: &TestServer, token: &str, cache: &str, name: &str, nar: &[u8]) -> u64 {
     let packs = server.dir().join("storage/packs");
     let before = pack_bytes(&packs);
-    let info = attic_info(cache, &fake_store_path(name), nar);
-    let response = server
-        .http()
-        .put(server.url_of("/_api/v1/upload-path"))
-        .header(AUTHORIZATION, format!("Bearer {token}"))
-        .header("X-Attic-Nar-Info", info.to_string())
-        .body(nar.to_vec())
-        .send()
-        .await
-        .expect("sending upload-path");
-    let result: serde_json::Value = ok_json(response).await;
-    assert_eq!(result["phase"], "done", "{result}");
+    push_visible(server, token, cache, &fake_store_path(name), nar).await;
     pack_bytes(&packs) - before
 }
 

@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use common::api::{
     CacheConfig, CacheQuota, CacheStats, CreateCacheRequest, KeyRotation, KeypairConfig,
-    MintTokenRequest, QuotaPolicy, RetentionPeriodConfig, StorageUsage, TokenInfo,
+    MintTokenRequest, PurgeRequest, QuotaPolicy, RetentionPeriodConfig, StorageUsage, TokenInfo,
 };
 use common::byte_size::ByteSize;
 use common::duration::HumanDuration;
@@ -268,6 +268,55 @@ enum CacheCommand {
         #[arg(required = true, value_name = "PATHS")]
         paths: Vec<String>,
     },
+    /// Show who pushed, deleted or changed what, newest first. Needs
+    /// configure-cache permission.
+    Audit {
+        cache: CacheRef,
+        /// Events to show.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+        /// Only events older than this one (the ID column), for the next page.
+        #[arg(long, value_name = "ID")]
+        before: Option<i64>,
+    },
+    /// Delete every path one subject or one token pushed (by default only
+    /// list them). Needs delete permission.
+    Purge {
+        cache: CacheRef,
+        /// The subject whose tokens pushed the paths.
+        #[arg(
+            long,
+            value_name = "SUBJECT",
+            required_unless_present = "token",
+            conflicts_with = "token"
+        )]
+        pushed_by: Option<String>,
+        /// The id of the token that pushed them (`larder token list`).
+        #[arg(long, value_name = "JTI")]
+        token: Option<String>,
+        /// Only paths that entered the cache at or after this time: an
+        /// RFC 3339 time in UTC ('2026-12-01T08:00:00Z'), a date
+        /// ('2026-12-01'), or a duration ago ('2 days').
+        #[arg(long, value_name = "TIME", value_parser = parse_since)]
+        since: Option<u64>,
+        /// Delete them; without it, only list them.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// A time in Unix seconds: RFC 3339 in UTC, a date, or a duration before
+/// now.
+fn parse_since(text: &str) -> Result<u64, String> {
+    if let Some(seconds) = common::time::parse_rfc3339_utc(text.trim()) {
+        return Ok(seconds);
+    }
+    let ago: HumanDuration = text.parse().map_err(|_| {
+        format!(
+            "{text:?} is neither a time ('2026-12-01T08:00:00Z', '2026-12-01') nor a duration ago ('2 days')"
+        )
+    })?;
+    Ok((now_millis() / 1000).saturating_sub(ago.as_secs()))
 }
 
 #[derive(Debug, Args)]
@@ -655,6 +704,37 @@ async fn cache_command(command: CacheCommand) -> anyhow::Result<()> {
             }
         }
         CacheCommand::DeletePath { cache, paths } => delete_paths(&cache, &paths).await?,
+        CacheCommand::Audit {
+            cache,
+            limit,
+            before,
+        } => audit(&cache, limit, before).await?,
+        CacheCommand::Purge {
+            cache,
+            pushed_by,
+            token,
+            since,
+            yes,
+        } => {
+            let request = PurgeRequest {
+                pushed_by,
+                token,
+                since,
+                dry_run: !yes,
+            };
+            let answer = client_for(&cache)?.purge(&cache.cache, &request).await?;
+            for path in &answer.paths {
+                println!("{path}");
+            }
+            if answer.dry_run {
+                eprintln!(
+                    "{} path(s) would be deleted from cache {cache}; run again with --yes to delete them",
+                    answer.paths.len()
+                );
+            } else {
+                eprintln!("deleted {} path(s) from cache {cache}", answer.paths.len());
+            }
+        }
     }
     Ok(())
 }
@@ -673,6 +753,33 @@ fn read_secret_key(file: &Path) -> anyhow::Result<String> {
         )
     })?;
     Ok(key.to_nix_secret_string())
+}
+
+/// `larder cache audit`: one page of events, newest first.
+async fn audit(cache: &CacheRef, limit: u32, before: Option<i64>) -> anyhow::Result<()> {
+    let page = client_for(cache)?
+        .audit(&cache.cache, limit, before)
+        .await?;
+    println!(
+        "{:<10}  {:<20}  {:<16}  {:<20}  {:<32}  DETAIL",
+        "ID", "TIME", "ACTION", "SUBJECT", "TOKEN"
+    );
+    for event in &page.events {
+        let at = u64::try_from(event.at / 1000).unwrap_or(0);
+        println!(
+            "{:<10}  {:<20}  {:<16}  {:<20}  {:<32}  {}",
+            event.id,
+            format_unix_seconds(at),
+            event.action,
+            event.subject.as_deref().unwrap_or("-"),
+            event.jti.as_deref().unwrap_or("-"),
+            event.detail
+        );
+    }
+    if let Some(before) = page.next_before {
+        eprintln!("older events: --before {before}");
+    }
+    Ok(())
 }
 
 /// `larder cache delete-path`: every path's hash is checked before
