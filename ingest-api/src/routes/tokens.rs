@@ -30,6 +30,11 @@ use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::state::AppState;
 
+/// The longest subject a minted token may carry.
+const MAX_SUBJECT_LEN: usize = 256;
+/// The most cache patterns a minted token may name.
+const MAX_PATTERNS: usize = 64;
+
 /// `GET /_api/v1/whoami`: the caller's own token.
 pub async fn whoami(caller: Caller) -> Result<Json<TokenInfo>, ApiError> {
     Ok(Json(token_info(signed_in(&caller)?, None)))
@@ -155,6 +160,19 @@ fn is_visible_to(caller: &Claims, token: &Claims) -> bool {
 /// permission or a bad pattern is a 400, not skipped as a token's own
 /// claims would be.
 fn builder_for(request: &MintTokenRequest) -> Result<TokenBuilder, ApiError> {
+    // A token travels in every request's headers: its claims stay small.
+    if request.subject.len() > MAX_SUBJECT_LEN {
+        return Err(ApiError::bad_request(format!(
+            "the subject is {} bytes long: at most {MAX_SUBJECT_LEN}",
+            request.subject.len()
+        )));
+    }
+    if request.caches.len() > MAX_PATTERNS {
+        return Err(ApiError::bad_request(format!(
+            "the token names {} cache patterns: at most {MAX_PATTERNS}",
+            request.caches.len()
+        )));
+    }
     let mut builder = TokenBuilder::new(
         request.subject.clone(),
         Duration::from_secs(request.valid_for_secs),

@@ -191,6 +191,16 @@ async fn minting_is_capped_by_the_callers_permissions() {
             "no permission",
         ),
         (
+            json!({"subject": "x".repeat(257), "valid_for_secs": 60, "caches": {"alice-ci": ["pull"]}}),
+            StatusCode::BAD_REQUEST,
+            "at most 256",
+        ),
+        (
+            json!({"subject": "x", "valid_for_secs": 60, "caches": (0..65).map(|n| (format!("alice-{n}"), vec!["pull"])).collect::<BTreeMap<_, _>>()}),
+            StatusCode::BAD_REQUEST,
+            "at most 64",
+        ),
+        (
             json!({"subject": "x", "caches": {}}),
             StatusCode::BAD_REQUEST,
             "valid_for_secs",
