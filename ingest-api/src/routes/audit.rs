@@ -5,7 +5,7 @@
 //! run, deletes) the paths one subject or one token pushed, for holders of
 //! `delete` on the cache.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use axum::extract::State;
 use axum::Json;
@@ -13,13 +13,13 @@ use serde::Deserialize;
 
 use common::api::{self, AuditPage, PurgeRequest, PurgeResponse};
 use common::auth::Permission;
-use common::db::{AuditAction, AuditEvent, PushedBy, Timestamp};
+use common::db::{AuditEvent, PushedBy, Timestamp};
 use common::time::system_time;
 
+use super::delete_paths::delete_recorded;
 use super::parse_cache_name;
 use super::stats::require_operator;
 use crate::access::Caller;
-use crate::audit;
 use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiPath, ApiQuery};
 use crate::state::AppState;
@@ -145,23 +145,20 @@ pub async fn purge(
         }));
     }
     let hashes = found.iter().map(|(hash, _)| *hash).collect::<Vec<_>>();
-    let deleted: HashSet<_> = state
-        .database
-        .delete_objects(cache.id, &hashes)
-        .await
-        .map_err(ApiError::internal)?
-        .into_iter()
-        .collect();
-    state.forget_cached_reads();
+    let store_paths = found.iter().cloned().collect::<HashMap<_, _>>();
+    let deleted = delete_recorded(
+        &state,
+        &caller,
+        &cache,
+        &hashes,
+        |hash| serde_json::json!({ "store_path": store_paths.get(hash), "purge": true }),
+    )
+    .await?;
     let paths = found
         .into_iter()
         .filter(|(hash, _)| deleted.contains(hash))
         .map(|(_, path)| path)
         .collect::<Vec<_>>();
-    let details = paths
-        .iter()
-        .map(|path| serde_json::json!({ "store_path": path, "purge": true }));
-    audit::record(&state, &caller, Some(&cache), AuditAction::Delete, details).await;
     tracing::info!(cache = %name, by = caller.subject(), deleted = paths.len(), "paths purged");
     Ok(Json(PurgeResponse {
         dry_run: false,

@@ -12,7 +12,7 @@ use axum::Json;
 use common::api::{DeletePathsRequest, DeletePathsResponse};
 use common::auth::Permission;
 use common::cache_name::CacheName;
-use common::db::AuditAction;
+use common::db::{AuditAction, Cache};
 use common::nix::StorePathHash;
 
 use crate::access::Caller;
@@ -23,6 +23,29 @@ use crate::state::AppState;
 
 /// Paths one request may name; a client deletes more in several requests.
 pub const MAX_PATHS_PER_REQUEST: usize = 10_000;
+
+/// Deletes these paths from `cache` for `caller`, forgets what the read
+/// path cached and records each deletion, its detail made by `detail`;
+/// returns the paths that were there.
+pub(super) async fn delete_recorded(
+    state: &AppState,
+    caller: &Caller,
+    cache: &Cache,
+    hashes: &[StorePathHash],
+    detail: impl Fn(&StorePathHash) -> serde_json::Value,
+) -> Result<HashSet<StorePathHash>, ApiError> {
+    let deleted: HashSet<StorePathHash> = state
+        .database
+        .delete_objects(cache.id, hashes)
+        .await
+        .map_err(ApiError::internal)?
+        .into_iter()
+        .collect();
+    state.forget_cached_reads();
+    let details = deleted.iter().map(detail);
+    audit::record(state, caller, Some(cache), AuditAction::Delete, details).await;
+    Ok(deleted)
+}
 
 pub async fn delete_paths(
     State(state): State<AppState>,
@@ -44,18 +67,14 @@ pub async fn delete_paths(
     let cache = state
         .cache_with_permission(&caller, &name, Permission::Delete)
         .await?;
-    let deleted: HashSet<StorePathHash> = state
-        .database
-        .delete_objects(cache.id, &hashes)
-        .await
-        .map_err(ApiError::internal)?
-        .into_iter()
-        .collect();
-    state.forget_cached_reads();
-    let details = deleted
-        .iter()
-        .map(|hash| serde_json::json!({ "store_path_hash": hash.to_string() }));
-    audit::record(&state, &caller, Some(&cache), AuditAction::Delete, details).await;
+    let deleted = delete_recorded(
+        &state,
+        &caller,
+        &cache,
+        &hashes,
+        |hash| serde_json::json!({ "store_path_hash": hash.to_string() }),
+    )
+    .await?;
     tracing::info!(
         cache = %name,
         by = caller.subject(),

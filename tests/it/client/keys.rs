@@ -11,6 +11,7 @@ use tests::server::TestServer;
 use super::{
     assert_substitutes_the_same_nars, blocking, path_for_seeding, server_view, text, Larder, HOUR,
 };
+use crate::server::store_with_a_built_path;
 use common::auth::Permission;
 
 /// A Nix environment of `version` with a store of three paths, one of
@@ -21,16 +22,7 @@ async fn seeded_store(
     server: &TestServer,
     cache: &str,
 ) -> (NixEnv, tests::nix::TestStore) {
-    let salt = format!("keys-{:016x}", rand::random::<u64>());
-    let (env, store) = blocking(move || {
-        let env = NixEnv::with_version(version).expect("a Nix environment");
-        let store = env
-            .make_store(&env.path("source"), 3, &salt)
-            .expect("a store with a built path");
-        (env, store)
-    })
-    .await;
-    assert_eq!(store.built.len(), 1, "a path that needs a signature");
+    let (env, store) = store_with_a_built_path(version, "keys").await;
     for path in &store.paths {
         let (metadata, nar) = path_for_seeding(&env, &store.root, path);
         server.seed_path(cache, metadata, &nar).await;

@@ -26,6 +26,8 @@ use common::db::ObjectMetadata;
 use tests::nix::{NixEnv, NixVersion};
 use tests::server::{binary, expired_token, TestServer};
 
+use crate::server::store_with_a_built_path;
+
 const HOUR: Duration = Duration::from_secs(3600);
 
 /// A user of the `larder` binary with their own home and config.
@@ -623,20 +625,7 @@ tests::under_each_nix! {
     #[tokio::test]
     async fn use_writes_nix_conf_and_netrc_once_and_nix_substitutes_with_them(version: NixVersion) {
         let server = TestServer::sqlite().await;
-        let salt = format!("use-{:016x}", rand::random::<u64>());
-        let (env, store) = blocking(move || {
-            let env = NixEnv::with_version(version).expect("a Nix environment");
-            let store = env
-                .make_store(&env.path("source"), 3, &salt)
-                .expect("a store with a built path");
-            (env, store)
-        })
-        .await;
-        assert_eq!(
-            store.built.len(),
-            1,
-            "one input-addressed path needs a signature"
-        );
+        let (env, store) = store_with_a_built_path(version, "use").await;
         let root = server.root_token().await;
         let mut larder = Larder::with_nix(version);
         larder.ok(&["login", "local", &server.url(), &root]).await;

@@ -18,6 +18,7 @@ use tests::server::TestServer;
 
 use super::agent::{assert_served, wrap_nar_dumps, Setup};
 use super::{assert_substitutes_the_same_nars, blocking, server_view, store_config, Larder, HOUR};
+use crate::server::store_with_a_built_path;
 
 tests::under_each_nix! {
     #[tokio::test]
@@ -177,15 +178,7 @@ tests::under_each_nix! {
     #[tokio::test]
     async fn push_without_closure_and_without_waiting(version: NixVersion) {
         let server = TestServer::sqlite().await;
-        let salt = format!("alone-{:016x}", rand::random::<u64>());
-        let (_env, store) = blocking(move || {
-            let env = NixEnv::with_version(version).expect("a Nix environment");
-            let store = env
-                .make_store(&env.path("source"), 3, &salt)
-                .expect("three paths");
-            (env, store)
-        })
-        .await;
+        let (_env, store) = store_with_a_built_path(version, "alone").await;
         let root_token = server.root_token().await;
         let mut larder = Larder::with_nix(version);
         larder.set_env("NIX_CONFIG", &store_config(&store.root));

@@ -13,6 +13,7 @@ use tests::nix::{NixEnv, NixVersion};
 use tests::server::TestServer;
 
 use super::push::blocking;
+use super::store_with_a_built_path;
 use super::{api_error, get, ok_bytes, ok_json, send, source_paths, HOUR};
 
 const CONFIG: &str = "/_api/v1/cache-config/rotating";
@@ -80,16 +81,7 @@ tests::under_each_nix! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn during_a_rotation_either_key_is_trusted_and_after_it_only_the_new_one(version: NixVersion) {
         let server = TestServer::sqlite().await;
-        let salt = format!("rotation-{:016x}", rand::random::<u64>());
-        let (source_env, store) = blocking(move || {
-            let env = NixEnv::with_version(version).expect("a Nix environment");
-            let store = env
-                .make_store(&env.path("source"), 3, &salt)
-                .expect("a store with a built path");
-            (env, store)
-        })
-        .await;
-        assert_eq!(store.built.len(), 1, "an input-addressed path needs a signature");
+        let (source_env, store) = store_with_a_built_path(version, "rotation").await;
         let root = server.root_token().await;
         let created: CacheConfig = ok_json(
             send(

@@ -198,6 +198,27 @@ pub(crate) async fn one_path_env(
     .await
 }
 
+/// A Nix environment of `version` with a chroot store of three paths under
+/// `source`, one of them built (input-addressed, so substituting it needs
+/// a trusted signature). `label` and a random salt keep each test's paths
+/// its own.
+pub(crate) async fn store_with_a_built_path(
+    version: NixVersion,
+    label: &str,
+) -> (NixEnv, tests::nix::TestStore) {
+    let salt = format!("{label}-{:016x}", rand::random::<u64>());
+    let (env, store) = push::blocking(move || {
+        let env = NixEnv::with_version(version).expect("a Nix environment");
+        let store = env
+            .make_store(&env.path("source"), 3, &salt)
+            .expect("a store with a built path");
+        (env, store)
+    })
+    .await;
+    assert_eq!(store.built.len(), 1, "a path that needs a signature");
+    (env, store)
+}
+
 /// Reads `paths` of the chroot store at `root`: `nix path-info --json`
 /// for the metadata and `nix-store --dump` for each NAR, checking that the
 /// dump matches the recorded hash and size.
