@@ -9,6 +9,7 @@
 
 mod agent;
 mod agent_user;
+mod pins;
 mod push;
 mod tokens;
 

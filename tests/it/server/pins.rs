@@ -349,6 +349,17 @@ async fn default_policy_and_explicit_deletion_on_postgres() {
     default_policy_and_explicit_deletion(Backend::Postgres).await;
 }
 
+/// A request the API refuses: method, URL, token, body, and the status
+/// and error name expected.
+type Refusal<'a> = (
+    Method,
+    &'a str,
+    Option<&'a str>,
+    Option<serde_json::Value>,
+    StatusCode,
+    &'a str,
+);
+
 async fn pin_api_refusals(backend: Backend) {
     let server = TestServer::on(backend).await;
     server.create_cache("team", false).await;
@@ -366,14 +377,7 @@ async fn pin_api_refusals(backend: Backend) {
     let absent = fake_store_path("absent");
     let create = |name: &str, path: &str, keep: serde_json::Value| json!({"name": name, "store_path_hash": hash_of(path), "keep": keep});
     let forever = json!("forever");
-    let cases: Vec<(
-        Method,
-        &str,
-        Option<&str>,
-        Option<serde_json::Value>,
-        StatusCode,
-        &str,
-    )> = vec![
+    let cases: Vec<Refusal> = vec![
         (
             Method::POST,
             "/_api/v1/pins/team",
