@@ -186,7 +186,6 @@ impl GcReport {
     fn log(&self) {
         tracing::info!(
             objects = self.objects,
-            pin_revisions = self.pin_revisions,
             nars = self.nars,
             chunks = self.chunks,
             packs_deleted = self.packs_deleted,
@@ -200,6 +199,7 @@ impl GcReport {
             orphans_removed = self.orphans_removed,
             usage_corrected = self.usage_corrected,
             logs = self.logs,
+            pin_revisions = self.pin_revisions,
             duration_ms = self.duration.as_millis() as u64,
             "GC run finished"
         );
