@@ -424,10 +424,10 @@ pub struct CreatePinRequest {
     pub name: String,
     /// The root's store path hash; the cache must hold the path.
     pub store_path_hash: String,
-    /// Which revisions are kept, from now on; the default keeps the newest
-    /// only (see [`KeepPolicy`]).
-    #[serde(default)]
-    pub keep: KeepPolicy,
+    /// Which revisions are kept, from now on. Absent: the pin's own
+    /// policy, or for a new pin [`KeepPolicy::DEFAULT`], the newest only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<KeepPolicy>,
 }
 
 /// A pin as the pin API shows it. Times are Unix seconds.

@@ -193,11 +193,13 @@ async fn pins_on(
 }
 
 impl Database {
-    /// Pins the path `hash` of a cache under `name` with policy `keep`:
-    /// creates the pin, or adds a revision to it (none when its newest
-    /// revision already roots at `hash`, so that a retried CI job does not
-    /// push older revisions out), makes `keep` its policy and drops the
-    /// revisions it no longer keeps. `None` when the cache does not hold
+    /// Pins the path `hash` of a cache under `name`: creates the pin, or
+    /// adds a revision to it (none when its newest revision already roots
+    /// at `hash`, so that a retried CI job does not push older revisions
+    /// out), makes `keep` its policy if given (a new pin without one gets
+    /// [`KeepPolicy::DEFAULT`]; an existing one keeps its own, so that a
+    /// pin without flags never silently drops what `--forever` kept) and
+    /// drops the revisions its policy no longer keeps. `None` when the cache does not hold
     /// the path. The cache's row lock makes this and GC's deletions take
     /// turns (see the module documentation).
     pub async fn pin_path(
@@ -205,7 +207,7 @@ impl Database {
         cache_id: CacheId,
         name: &PinName,
         hash: &StorePathHash,
-        keep: KeepPolicy,
+        keep: Option<KeepPolicy>,
         created_by: Option<&str>,
         at: Timestamp,
     ) -> Result<Option<Pin>> {
@@ -223,24 +225,25 @@ impl Database {
             return Ok(None);
         };
         let store_path = string_col(&object, "store_path")?;
-        let (kind, value) = keep_columns(keep);
-        let pin_id = i64_col(
-            &sqlx::query(
-                "INSERT INTO pins (cache_id, name, keep_kind, keep_value, created_at) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (cache_id, name) DO UPDATE \
-                 SET keep_kind = excluded.keep_kind, keep_value = excluded.keep_value \
-                 RETURNING id",
-            )
-            .bind(cache_id.0)
-            .bind(name.as_str())
-            .bind(kind)
-            .bind(value)
-            .bind(at.unix_millis())
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(query_error("recording a pin"))?,
-            "id",
-        )?;
+        let (kind, value) = keep_columns(keep.unwrap_or_default());
+        let pin = sqlx::query(
+            "INSERT INTO pins (cache_id, name, keep_kind, keep_value, created_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (cache_id, name) DO UPDATE SET \
+             keep_kind = CASE WHEN $6 = 1 THEN excluded.keep_kind ELSE pins.keep_kind END, \
+             keep_value = CASE WHEN $6 = 1 THEN excluded.keep_value ELSE pins.keep_value END \
+             RETURNING id, keep_kind, keep_value",
+        )
+        .bind(cache_id.0)
+        .bind(name.as_str())
+        .bind(kind)
+        .bind(value)
+        .bind(at.unix_millis())
+        .bind(i64::from(keep.is_some()))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(query_error("recording a pin"))?;
+        let pin_id = i64_col(&pin, "id")?;
+        let keep = keep_from_row(&pin)?;
         let newest = sqlx::query(
             "SELECT revision, store_path_hash FROM pin_revisions WHERE pin_id = $1 \
              ORDER BY revision DESC LIMIT 1",

@@ -65,7 +65,7 @@ pub async fn create(
         pin = %name,
         revision = newest,
         path = %hash,
-        keep = %request.keep,
+        keep = %pin.keep,
         by = caller.subject(),
         "path pinned"
     );

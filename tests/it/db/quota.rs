@@ -524,7 +524,7 @@ async fn eviction_never_takes_a_pinned_closure(t: TestDb) {
             cache.id,
             &"release".parse().expect("a pin name"),
             &path_hash(1),
-            common::pin::KeepPolicy::Forever,
+            Some(common::pin::KeepPolicy::Forever),
             Some("alice"),
             at(40),
         )

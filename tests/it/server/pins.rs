@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use common::api::{PinInfo, PinList};
+use common::api::{KeepPolicy, PinInfo, PinList};
 use common::auth::Permission;
 use common::config::GcConfig;
 use common::db::{Backend, CacheUpdate, ObjectMetadata, Timestamp};
@@ -319,9 +319,38 @@ async fn default_policy_and_explicit_deletion(backend: Backend) {
     }
     let listed = pins(&server, &token, "app").await.pins;
     assert_eq!(listed.len(), 1);
-    assert_eq!(listed[0].keep, common::api::KeepPolicy::DEFAULT);
+    assert_eq!(listed[0].keep, KeepPolicy::DEFAULT);
     assert_eq!(listed[0].revisions.len(), 1);
     assert_eq!(listed[0].revisions[0].store_path, new);
+
+    // A pin keeps the policy it was given until another is: pinning
+    // without one drops nothing `forever` kept.
+    pin(&server, &token, "app", "kept", &old, json!("forever")).await;
+    let kept: PinInfo = ok_json(
+        send(
+            &server,
+            Method::POST,
+            "/_api/v1/pins/app",
+            Some(&token),
+            Some(json!({"name": "kept", "store_path_hash": hash_of(&new)})),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(kept.keep, KeepPolicy::Forever);
+    assert_eq!(kept.revisions.len(), 2);
+    let kept = pin(
+        &server,
+        &token,
+        "app",
+        "kept",
+        &old,
+        json!({"revisions": 1}),
+    )
+    .await;
+    assert_eq!(kept.keep, KeepPolicy::DEFAULT);
+    assert_eq!(kept.revisions.len(), 1);
+    assert_eq!(kept.revisions[0].revision, 3);
 
     let deleted: serde_json::Value = ok_json(
         send(
@@ -336,6 +365,7 @@ async fn default_policy_and_explicit_deletion(backend: Backend) {
     .await;
     assert_eq!(deleted["deleted"], json!([hash_of(&new)]), "{deleted}");
     let listed = pins(&server, &token, "app").await.pins;
+    assert_eq!(listed[0].name, "app");
     assert!(!listed[0].revisions[0].present, "{listed:?}");
 }
 

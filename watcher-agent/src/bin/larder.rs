@@ -167,7 +167,8 @@ enum PinCommand {
 #[derive(Debug, Args)]
 #[group(multiple = false)]
 struct KeepArgs {
-    /// Keep the newest N revisions [default: 1, the newest alone]
+    /// Keep the newest N revisions [default for a new pin: 1, the newest
+    /// alone; an existing pin keeps its policy unless one is given]
     #[arg(long, value_name = "N")]
     keep_revisions: Option<NonZeroU32>,
     /// Keep the revisions made within the last N days, and the newest
@@ -985,7 +986,8 @@ async fn pin_command(command: PinCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Pins `hash` under `name`; without a policy, the server's default.
+/// Pins `hash` under `name`; without a policy, the pin keeps its own (a
+/// new one gets the default).
 async fn create_pin(
     client: &ApiClient,
     cache: &CacheRef,
@@ -996,7 +998,7 @@ async fn create_pin(
     let request = CreatePinRequest {
         name: name.to_string(),
         store_path_hash: hash.to_string(),
-        keep: keep.unwrap_or_default(),
+        keep,
     };
     let pin = client.create_pin(&cache.cache, &request).await?;
     let newest = pin
