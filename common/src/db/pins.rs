@@ -29,7 +29,9 @@ use sqlx::any::AnyRow;
 
 use super::error::{query_error, Result};
 use super::quota::lock_existing_cache_on;
-use super::row::{bool_col, corrupt, i64_col, opt_string_col, string_col, time_col, u64_col};
+use super::row::{
+    bool_col, corrupt, i64_col, opt_string_col, store_path_hash_col, string_col, time_col, u64_col,
+};
 use super::types::{CacheId, Timestamp};
 use super::{Backend, Database};
 use crate::nix::StorePathHash;
@@ -116,8 +118,10 @@ fn keep_from_row(row: &AnyRow) -> Result<KeepPolicy> {
 }
 
 /// Drops the revisions of pin `pin_id` that `keep` no longer keeps, given
-/// its newest revision; returns how many went. A revision added since
-/// `newest` was read only makes this keep one more.
+/// its newest revision; returns how many went. Read-then-act, safely: a
+/// revision added since `newest` was read only makes this keep one more,
+/// and a policy changed since `keep` was read makes it drop nothing (the
+/// statement checks that the pin still has `keep`).
 async fn prune_on(
     connection: &mut sqlx::AnyConnection,
     pin_id: i64,
@@ -131,12 +135,17 @@ async fn prune_on(
     let made_before = prune
         .made_before
         .map_or(i64::MAX, |age| at.saturating_sub(age).unix_millis());
+    let (kind, value) = keep_columns(keep);
     let result = sqlx::query(
-        "DELETE FROM pin_revisions WHERE pin_id = $1 AND revision < $2 AND created_at < $3",
+        "DELETE FROM pin_revisions WHERE pin_id = $1 AND revision < $2 AND created_at < $3 \
+         AND EXISTS (SELECT 1 FROM pins p WHERE p.id = $1 AND p.keep_kind = $4 \
+                     AND p.keep_value = $5)",
     )
     .bind(pin_id)
     .bind(i64::try_from(prune.revisions_below).unwrap_or(i64::MAX))
     .bind(made_before)
+    .bind(kind)
+    .bind(value)
     .execute(&mut *connection)
     .await
     .map_err(query_error("dropping pin revisions"))?;
@@ -182,7 +191,7 @@ async fn pins_on(
         let (_, pin) = pins.last_mut().expect("a pin was pushed for this row");
         pin.revisions.push(PinRevision {
             revision: u64_col(row, "revision")?,
-            store_path_hash: super::row::store_path_hash_col(row, "store_path_hash")?,
+            store_path_hash: store_path_hash_col(row, "store_path_hash")?,
             store_path: string_col(row, "store_path")?,
             created_at: time_col(row, "created_at")?,
             created_by: opt_string_col(row, "created_by")?,
