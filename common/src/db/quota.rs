@@ -55,7 +55,9 @@
 //! as it needs and never the path being pushed; if even removing all of
 //! them would not make room, nothing is removed and the push is refused.
 //! In-flight uploads and staged files are never evicted: they are not
-//! paths anyone fetched yet.
+//! paths anyone fetched yet. Nor is a pinned closure (module `pins`): it
+//! counts towards the quota, and a push that only fits by evicting it is
+//! refused.
 
 use sqlx::any::AnyRow;
 
