@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::pin::KeepPolicy;
+
 /// The JSON body of every API error.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorResponse {
@@ -448,7 +450,8 @@ pub struct AuditEvent {
     pub subject: Option<String>,
     pub jti: Option<String>,
     /// `push`, `delete`, `cache-create`, `cache-configure` (key rotations
-    /// included), `cache-destroy`, `token-mint` or `token-revoke`.
+    /// included), `cache-destroy`, `token-mint`, `token-revoke`,
+    /// `pin-create` or `pin-delete`.
     pub action: String,
     /// What it was about: a store path, the settings changed, a token.
     pub detail: serde_json::Value,
@@ -489,6 +492,51 @@ fn dry_run_by_default() -> bool {
 pub struct PurgeResponse {
     pub dry_run: bool,
     pub paths: Vec<String>,
+}
+
+/// `POST /_api/v1/pins/{cache}`: pin a path of the cache under a name, or
+/// add a revision to the pin of that name (none when its newest revision
+/// has this root already). Needs push permission on the cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatePinRequest {
+    /// Letters, digits, `-`, `_` and `.`, starting with a letter or digit.
+    pub name: String,
+    /// The root's store path hash; the cache must hold the path.
+    pub store_path_hash: String,
+    /// Which revisions are kept, from now on. Absent: the pin's own
+    /// policy, or for a new pin [`KeepPolicy::DEFAULT`], the newest only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<KeepPolicy>,
+}
+
+/// A pin as the pin API shows it. Times are Unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinInfo {
+    pub name: String,
+    pub keep: KeepPolicy,
+    pub created_at: u64,
+    /// Newest first; the newest is never dropped.
+    pub revisions: Vec<PinRevisionInfo>,
+}
+
+/// One root pinned under a pin's name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinRevisionInfo {
+    pub revision: u64,
+    pub store_path: String,
+    pub created_at: u64,
+    /// The subject of the token that pinned it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
+    /// Whether the cache still holds the root: an explicit deletion removes
+    /// a pinned path, and a push brings it back under the pin.
+    pub present: bool,
+}
+
+/// `GET /_api/v1/pins/{cache}`: the cache's pins, by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinList {
+    pub pins: Vec<PinInfo>,
 }
 
 #[cfg(test)]

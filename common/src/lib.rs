@@ -20,6 +20,7 @@ pub mod integrity;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod nix;
+pub mod pin;
 #[cfg(feature = "queue")]
 pub mod queue;
 #[cfg(feature = "service")]

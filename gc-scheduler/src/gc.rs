@@ -117,8 +117,11 @@ impl From<IntegrityError> for GcError {
 /// What one run did. Every count is of things removed by this run.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct GcReport {
-    /// Objects removed from their caches, their retention having passed.
+    /// Objects removed from their caches, their retention having passed
+    /// and no pin keeping them.
     pub objects: u64,
+    /// Pin revisions dropped, past their pin's `--keep-days`.
+    pub pin_revisions: u64,
     /// Build logs and debug-info entries removed from their caches, their
     /// retention having passed since they were uploaded.
     pub logs: u64,
@@ -167,6 +170,7 @@ impl GcReport {
         let metrics = larder();
         for (kind, count) in [
             ("objects", self.objects),
+            ("pin_revisions", self.pin_revisions),
             ("logs", self.logs),
             ("nars", self.nars),
             ("chunks", self.chunks),
@@ -201,6 +205,7 @@ impl GcReport {
             orphans_removed = self.orphans_removed,
             usage_corrected = self.usage_corrected,
             logs = self.logs,
+            pin_revisions = self.pin_revisions,
             duration_ms = self.duration.as_millis() as u64,
             "GC run finished"
         );
@@ -222,6 +227,8 @@ pub async fn collect_garbage(
 ) -> Result<GcReport, GcError> {
     let started = Instant::now();
     let mut report = reap(database, storage, config, now).await?;
+    // Before expiry, so that what an aged-out revision kept goes this run.
+    report.pin_revisions = database.prune_pin_revisions(now).await?;
     expire_objects(database, config, now, &mut report).await?;
     delete_unreferenced_nars(database, config, &mut report).await?;
     let named_before =
@@ -345,7 +352,7 @@ async fn repeat_logging_failures<Pass, Run>(
 }
 
 /// Level 1: objects whose cache's retention (or the default) has passed
-/// since their last access, and build logs and debug-info entries whose
+/// since their last access and that no pin keeps, and build logs and debug-info entries whose
 /// retention has passed since their upload. A log's age counts from its
 /// upload, not from reads: reads of logs are rare and not recorded, and a
 /// path rebuilt and pushed again brings its log again.

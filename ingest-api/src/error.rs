@@ -37,6 +37,9 @@ pub enum ApiError {
     /// No such upload, or not one the caller may follow: the same answer.
     #[error("no such upload, or you are not allowed to see it")]
     NoSuchUpload,
+    /// No pin of that name in the cache.
+    #[error("no such pin in this cache")]
+    NoSuchPin,
     /// No such token, or not one the caller manages: the same answer.
     #[error("no such token, or you are not allowed to manage it")]
     NoSuchToken,
@@ -102,6 +105,7 @@ impl ApiError {
             | Self::NoSuchPath
             | Self::NoSuchFile
             | Self::NoSuchUpload
+            | Self::NoSuchPin
             | Self::NoSuchToken
             | Self::NoSuchEndpoint => StatusCode::NOT_FOUND,
             Self::UploadFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -126,6 +130,7 @@ impl ApiError {
             Self::NoSuchPath => "NoSuchPath",
             Self::NoSuchFile => "NoSuchFile",
             Self::NoSuchUpload => "NoSuchUpload",
+            Self::NoSuchPin => "NoSuchPin",
             Self::NoSuchToken => "NoSuchToken",
             Self::UploadFailed(_) => "UploadFailed",
             Self::CacheAlreadyExists => "CacheAlreadyExists",

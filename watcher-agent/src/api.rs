@@ -7,10 +7,12 @@
 use std::time::Duration;
 
 use common::api::{
-    AuditPage, CacheConfig, CacheStats, CreateCacheRequest, ErrorResponse, MintTokenRequest,
-    MintTokenResponse, PurgeRequest, PurgeResponse, ServerStats, TokenInfo, TokenList,
+    AuditPage, CacheConfig, CacheStats, CreateCacheRequest, CreatePinRequest, ErrorResponse,
+    MintTokenRequest, MintTokenResponse, PinInfo, PinList, PurgeRequest, PurgeResponse,
+    ServerStats, TokenInfo, TokenList,
 };
 use common::cache_name::CacheName;
+use common::pin::PinName;
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, RETRY_AFTER};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::de::DeserializeOwned;
@@ -292,6 +294,38 @@ impl ApiClient {
     pub async fn revoke_token(&self, jti: &str) -> Result<TokenInfo, ApiError> {
         let request = self.request(Method::DELETE, &format!("_api/v1/tokens/{jti}"));
         self.json(request, &format!("revoking token {jti}")).await
+    }
+
+    /// Pins a path of the cache (or adds a revision to the pin); answers
+    /// the pin as it now is.
+    pub async fn create_pin(
+        &self,
+        cache: &CacheName,
+        request: &CreatePinRequest,
+    ) -> Result<PinInfo, ApiError> {
+        self.post_json(
+            &format!("_api/v1/pins/{cache}"),
+            request,
+            &format!("pinning {} in cache {cache}", request.name),
+        )
+        .await
+    }
+
+    pub async fn list_pins(&self, cache: &CacheName) -> Result<PinList, ApiError> {
+        self.get_json(
+            &format!("_api/v1/pins/{cache}"),
+            &format!("listing the pins of cache {cache}"),
+        )
+        .await
+    }
+
+    /// Deletes a pin, all its revisions; the name is a validated
+    /// [`PinName`], so it stays one path segment.
+    pub async fn delete_pin(&self, cache: &CacheName, name: &PinName) -> Result<(), ApiError> {
+        let request = self.request(Method::DELETE, &format!("_api/v1/pins/{cache}/{name}"));
+        self.send(request, &format!("deleting pin {name} of cache {cache}"))
+            .await
+            .map(drop)
     }
 
     /// Removes paths from a cache, in requests of at most

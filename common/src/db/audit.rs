@@ -35,10 +35,13 @@ pub enum AuditAction {
     CacheDestroy,
     TokenMint,
     TokenRevoke,
+    /// A path pinned (a pin created, or a revision added).
+    PinCreate,
+    PinDelete,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 7] = [
+    pub const ALL: [AuditAction; 9] = [
         AuditAction::Push,
         AuditAction::Delete,
         AuditAction::CacheCreate,
@@ -46,6 +49,8 @@ impl AuditAction {
         AuditAction::CacheDestroy,
         AuditAction::TokenMint,
         AuditAction::TokenRevoke,
+        AuditAction::PinCreate,
+        AuditAction::PinDelete,
     ];
 
     /// The name stored and shown.
@@ -58,6 +63,8 @@ impl AuditAction {
             AuditAction::CacheDestroy => "cache-destroy",
             AuditAction::TokenMint => "token-mint",
             AuditAction::TokenRevoke => "token-revoke",
+            AuditAction::PinCreate => "pin-create",
+            AuditAction::PinDelete => "pin-delete",
         }
     }
 }

@@ -4,9 +4,11 @@
 //! # What protects what
 //!
 //! - An **object** is removed when its cache's retention has passed since
-//!   its last access ([`Database::delete_expired_objects`]) or when a
-//!   holder of the delete permission removes it
-//!   ([`Database::delete_objects`]).
+//!   its last access and no pin of its cache keeps it (it is not in the
+//!   closure of a pin revision's root; [`Database::delete_expired_objects`],
+//!   see `pins` for why a pin made during a GC run is never missed) or
+//!   when a holder of the delete permission removes it
+//!   ([`Database::delete_objects`]), pinned or not.
 //! - A **NAR** is kept while an object points at it *or* an upload of its
 //!   hash is in flight (`spooled`, `chunking`, `compressing`), linked to the
 //!   row yet or not. An upload creates its object and leaves the pipeline
@@ -57,6 +59,7 @@ use std::collections::{HashMap, HashSet};
 use super::error::{query_error, Result};
 use super::nars::{chunk_from_row, CHUNK_COLUMNS};
 use super::objects::Param;
+use super::pins::pinned_closure_sql;
 use super::push::{staged_file_from_row, StagedFile, STAGED_FILE_COLUMNS};
 use super::row::{chunk_hash_col, i64_col, opt_u64_col, parsed_col, string_col};
 use super::types::{CacheId, ChunkId, NarId, Timestamp};
@@ -128,22 +131,31 @@ impl Database {
     }
 
     /// Deletes at most `limit` objects of a cache not accessed since
-    /// `accessed_before`; returns how many went. An access flushed or a
-    /// re-push committed meanwhile keeps the object: the condition is on
-    /// the deleted row itself, which PostgreSQL re-checks after waiting.
-    /// Their NarSizes leave the cache's usage in the same transaction.
+    /// `accessed_before` and not kept by a pin; returns how many went. An
+    /// access flushed or a re-push committed meanwhile keeps the object:
+    /// the condition is on the deleted row itself, which PostgreSQL
+    /// re-checks after waiting. The pinned closure is computed by this
+    /// same statement, under the cache's row lock that pinning takes too
+    /// (see `pins`), so a pin is either seen here or made after the
+    /// deletion commits (and then finds its root gone). Their NarSizes
+    /// leave the cache's usage in the same transaction.
     pub async fn delete_expired_objects(
         &self,
         cache_id: CacheId,
         accessed_before: Timestamp,
         limit: u32,
     ) -> Result<u64> {
+        let condition = format!(
+            "last_accessed_at < $2 AND id IN \
+             (SELECT id FROM objects WHERE cache_id = $1 AND last_accessed_at < $2 \
+              AND store_path_hash NOT IN ({}) \
+              ORDER BY last_accessed_at, id LIMIT $3)",
+            pinned_closure_sql(self.backend, 1)
+        );
         let deleted = self
             .delete_objects_where(
                 cache_id,
-                "last_accessed_at < $2 AND id IN \
-                 (SELECT id FROM objects WHERE cache_id = $1 AND last_accessed_at < $2 \
-                  ORDER BY last_accessed_at, id LIMIT $3)",
+                &condition,
                 vec![
                     Param::Int(accessed_before.unix_millis()),
                     Param::Int(i64::from(limit)),

@@ -105,6 +105,12 @@ const MIGRATIONS: &[Embedded] = &[
         sqlite: include_str!("../../migrations/sqlite/0013_audit.sql"),
         postgres: include_str!("../../migrations/postgres/0013_audit.sql"),
     },
+    Embedded {
+        version: 14,
+        description: "pins",
+        sqlite: include_str!("../../migrations/sqlite/0014_pins.sql"),
+        postgres: include_str!("../../migrations/postgres/0014_pins.sql"),
+    },
 ];
 
 /// The file names the embedded list stands for, per backend directory, so

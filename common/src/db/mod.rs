@@ -17,6 +17,8 @@
 //!   their sizes and whether compaction retired them (module `packs`).
 //! - `uploads`: the ingest pipeline's state per pushed path.
 //! - `tokens`: minted tokens, for listing and revocation.
+//! - `pins` and `pin_revisions`: per cache, named roots whose closures GC
+//!   and eviction keep (module `pins`).
 //! - `realisations`: per cache, which output path a content-addressed
 //!   derivation's output built to (module `realisations`); and
 //!   `nar_file_names`, per cache, the names pushers gave NAR files.
@@ -37,7 +39,9 @@
 //! canonical text. The few dialect differences (booleans, identity columns)
 //! live in the two migration directories, not in the queries; the only
 //! backend-specific code paths are how a write transaction begins and the
-//! SQLite connection settings (both in this module). Reading a boolean is
+//! SQLite connection settings (both in this module), GC's row locks, and
+//! the expansion of a JSON list in the closure of pinned paths
+//! (`pins::pinned_closure_sql`). Reading a boolean is
 //! the one column conversion that differs (SQLite returns 0/1).
 //!
 //! `Any` was kept over an enum of concrete pools: one query text per
@@ -73,6 +77,7 @@ pub mod migrations;
 mod nars;
 mod objects;
 mod packs;
+mod pins;
 mod push;
 mod quota;
 mod realisations;
@@ -105,6 +110,7 @@ pub use listings::EncodedListing;
 pub use nars::{Chunk, ChunkLocation, Nar, NarChunk, NewChunk, StoredChunk};
 pub use objects::{NewObject, Object, ObjectMetadata, ObjectWithNar, PushedBy};
 pub use packs::{ChunkMove, LocatedChunk, NewPack, Pack, PackUse};
+pub use pins::{Pin, PinRevision};
 pub use push::{LinkedPath, StagedFile};
 pub use quota::{CacheUsage, QuotaDefaults, QuotaStatus, UsageCorrection};
 pub use stats::{dedup_ratio, CacheStats, ServerStats, SharedCacheStats};

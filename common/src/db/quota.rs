@@ -55,11 +55,14 @@
 //! as it needs and never the path being pushed; if even removing all of
 //! them would not make room, nothing is removed and the push is refused.
 //! In-flight uploads and staged files are never evicted: they are not
-//! paths anyone fetched yet.
+//! paths anyone fetched yet. Nor is a pinned closure (module `pins`): it
+//! counts towards the quota, and a push that only fits by evicting it is
+//! refused.
 
 use sqlx::any::AnyRow;
 
 use super::error::{query_error, DbError, Result};
+use super::pins::pinned_closure_sql;
 use super::row::{i64_col, opt_u64_col, parsed_col, string_col, to_i64, u64_col};
 use super::types::CacheId;
 use super::uploads::IN_FLIGHT_PHASES_SQL;
@@ -157,6 +160,8 @@ pub struct UsageCorrection {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LockedCache {
     pub(crate) id: CacheId,
+    /// The database it was locked in, for queries written per dialect.
+    backend: Backend,
     quota: CacheQuota,
     policy: QuotaPolicy,
     usage: CacheUsage,
@@ -218,6 +223,7 @@ pub(crate) async fn lock_cache_on(
     row.map(|row| {
         Ok(LockedCache {
             id: cache_id,
+            backend,
             quota: quota_from_row(&row)?,
             policy: parsed_col(&row, "quota_policy")?,
             usage: usage_from_row(&row)?,
@@ -300,7 +306,7 @@ pub(crate) async fn make_room_on(
         return Err(exceeded);
     }
     let needed = used.saturating_add(bytes) - quota;
-    let (victims, freed) = choose_victims(connection, cache.id, needed, keep).await?;
+    let (victims, freed) = choose_victims(connection, cache, needed, keep).await?;
     if freed < needed {
         return Err(exceeded);
     }
@@ -331,12 +337,15 @@ pub(crate) async fn make_room_on(
     Ok(())
 }
 
-/// The least recently accessed objects of the cache other than `keep`,
-/// in that order, until their NarSizes add up to `needed` (fewer when
-/// the cache holds less): their ids and that sum.
+/// The least recently accessed objects of the cache other than `keep` and
+/// those its pins keep, in that order, until their NarSizes add up to
+/// `needed` (fewer when the cache holds less): their ids and that sum. A
+/// pinned closure counts towards the quota but is never evicted: a push
+/// that only fits by evicting it is refused. The closure is read under the
+/// cache's row lock, which pinning takes too.
 async fn choose_victims(
     connection: &mut sqlx::AnyConnection,
-    cache_id: CacheId,
+    cache: &LockedCache,
     needed: u64,
     keep: Option<&StorePathHash>,
 ) -> Result<(Vec<i64>, u64)> {
@@ -345,10 +354,12 @@ async fn choose_victims(
     } else {
         ""
     };
+    let pinned = pinned_closure_sql(cache.backend, 1);
     let sql = format!(
         "SELECT o.id, o.last_accessed_at, n.nar_size FROM objects o \
          JOIN nars n ON n.id = o.nar_id \
          WHERE o.cache_id = $1{keep_condition} \
+         AND o.store_path_hash NOT IN ({pinned}) \
          AND (o.last_accessed_at > $2 OR (o.last_accessed_at = $2 AND o.id > $3)) \
          ORDER BY o.last_accessed_at, o.id LIMIT $4"
     );
@@ -357,7 +368,7 @@ async fn choose_victims(
     let mut after = (i64::MIN, i64::MIN);
     while freed < needed {
         let mut query = sqlx::query(&sql)
-            .bind(cache_id.0)
+            .bind(cache.id.0)
             .bind(after.0)
             .bind(after.1)
             .bind(EVICTION_PAGE);

@@ -8,6 +8,7 @@ mod landing;
 mod logs;
 mod nar_body;
 mod nar_transcode;
+mod pins;
 mod push_attic;
 mod push_nix;
 mod realisations;
@@ -58,6 +59,8 @@ pub fn router(state: AppState) -> Router {
         .metered_route("/_api/v1/audit", get(audit::all_events))
         .metered_route("/_api/v1/audit/{cache}", get(audit::cache_events))
         .metered_route("/_api/v1/purge/{cache}", post(audit::purge))
+        .metered_route("/_api/v1/pins/{cache}", get(pins::list).post(pins::create))
+        .metered_route("/_api/v1/pins/{cache}/{name}", delete(pins::delete))
         .metered_route("/_api/v1/whoami", get(tokens::whoami))
         .metered_route("/_api/v1/tokens", get(tokens::list).post(tokens::mint))
         .metered_route("/_api/v1/tokens/{jti}", delete(tokens::revoke))

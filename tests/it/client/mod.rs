@@ -11,6 +11,7 @@
 mod agent;
 mod agent_user;
 mod keys;
+mod pins;
 mod push;
 mod tokens;
 

@@ -2,7 +2,8 @@
 //! module), against both backends: the counters follow every row that
 //! counts, pushes over a quota write nothing, concurrent admissions never
 //! overshoot, eviction takes the least recently accessed paths and only as
-//! many as needed, and GC's recomputation heals drift.
+//! many as needed (never a pinned closure), and GC's recomputation heals
+//! drift.
 
 use common::api::{CacheQuota, QuotaPolicy};
 use common::db::{
@@ -22,6 +23,7 @@ both_backends!(
     the_server_default_applies_to_caches_without_a_quota,
     concurrent_admissions_never_overshoot,
     eviction_takes_the_least_recently_accessed_and_only_what_is_needed,
+    eviction_never_takes_a_pinned_closure,
     recomputing_heals_drifted_counters,
 );
 
@@ -498,4 +500,63 @@ async fn recomputing_heals_drifted_counters(t: TestDb) {
         }
     );
     assert_usage(db, cache.id, 1234, 55).await;
+}
+
+async fn eviction_never_takes_a_pinned_closure(t: TestDb) {
+    let db = &t.db;
+    let cache = create_cache(db, "pinned-lru").await;
+    let nar = valid_nar(db, 1, 100, &[1]).await;
+    // Path 1 (pinned) references path 2; both were accessed before path 3.
+    let mut root = new_object(path_hash(1), nar);
+    root.metadata
+        .references
+        .push(format!("{}-dep", path_hash(2)));
+    db.upsert_object(cache.id, &root, at(10))
+        .await
+        .expect("the root");
+    for (n, accessed) in [(2, 20), (3, 30)] {
+        db.upsert_object(cache.id, &new_object(path_hash(n), nar), at(accessed))
+            .await
+            .expect("an object");
+    }
+    let pinned = db
+        .pin_path(
+            cache.id,
+            &"release".parse().expect("a pin name"),
+            &path_hash(1),
+            Some(common::pin::KeepPolicy::Forever),
+            Some("alice"),
+            at(40),
+        )
+        .await
+        .expect("pinning")
+        .expect("the path is in the cache");
+    assert_eq!(pinned.revisions.len(), 1);
+    set_quota(
+        db,
+        "pinned-lru",
+        CacheQuota::Bytes(300),
+        QuotaPolicy::EvictLru,
+    )
+    .await;
+
+    // 100 more: path 3 goes, although 1 and 2 were accessed less recently.
+    db.create_upload(&sized_upload(cache.id, 4, 100), at(50))
+        .await
+        .expect("room made by evicting the unpinned path");
+    let mut left: Vec<StorePathHash> = db
+        .objects_of_cache(cache.id)
+        .await
+        .expect("objects")
+        .iter()
+        .map(|object| object.store_path_hash)
+        .collect();
+    left.sort();
+    assert_eq!(left, [path_hash(1), path_hash(2)]);
+    // Nothing else can make way: the pinned closure still counts.
+    let error = db
+        .create_upload(&sized_upload(cache.id, 5, 100), at(60))
+        .await
+        .expect_err("only pinned paths are left to evict");
+    assert!(is_quota_exceeded(&error, 300, 300, 100), "{error}");
 }

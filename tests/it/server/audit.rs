@@ -82,12 +82,13 @@ async fn every_change_is_recorded(backend: Backend) {
     ok_json::<serde_json::Value>(response).await;
     let first = file_nar(b"first");
     let first_path = fake_store_path("first");
+    let second_path = fake_store_path("second");
     push_visible(&server, &pusher.token, "owned", &first_path, &first).await;
     push_visible(
         &server,
         &pusher.token,
         "owned",
-        &fake_store_path("second"),
+        &second_path,
         &file_nar(b"second"),
     )
     .await;
@@ -100,6 +101,19 @@ async fn every_change_is_recorded(backend: Backend) {
     )
     .await;
     ok_json::<serde_json::Value>(response).await;
+    let pin = json!({"name": "release", "store_path_hash": hash_of(&second_path)});
+    let response = send(
+        &server,
+        Method::POST,
+        "/_api/v1/pins/owned",
+        Some(&owner.token),
+        Some(pin),
+    )
+    .await;
+    ok_json::<serde_json::Value>(response).await;
+    let path = "/_api/v1/pins/owned/release";
+    let response = send(&server, Method::DELETE, path, Some(&owner.token), None).await;
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
     let response = send(
         &server,
         Method::DELETE,
@@ -128,6 +142,8 @@ async fn every_change_is_recorded(backend: Backend) {
     assert_eq!(
         summary(&events),
         [
+            ("pin-delete".to_owned(), owner_name.clone()),
+            ("pin-create".to_owned(), owner_name.clone()),
             ("delete".to_owned(), owner_name.clone()),
             ("push".to_owned(), ci.clone()),
             ("push".to_owned(), ci.clone()),
@@ -136,14 +152,16 @@ async fn every_change_is_recorded(backend: Backend) {
         ]
     );
     // Who is the token, not only its subject; what is the path or change.
-    assert_eq!(events[1].jti.as_deref(), Some(pusher.claims.jti.as_str()));
-    assert_eq!(events[0].jti.as_deref(), Some(owner.claims.jti.as_str()));
-    assert_eq!(events[2].detail["store_path"], first_path);
-    assert_eq!(events[0].detail["store_path_hash"], hash_of(&first_path));
-    assert_eq!(events[2].detail["nar_size"], first.len());
-    assert_eq!(events[3].detail["changes"]["priority"], 30);
-    assert_eq!(events[3].detail["changes"]["key_rotation"], "Start");
-    assert_eq!(events[3].detail["next_key"], "owned-2");
+    assert_eq!(events[3].jti.as_deref(), Some(pusher.claims.jti.as_str()));
+    assert_eq!(events[2].jti.as_deref(), Some(owner.claims.jti.as_str()));
+    assert_eq!(events[4].detail["store_path"], first_path);
+    assert_eq!(events[2].detail["store_path_hash"], hash_of(&first_path));
+    assert_eq!(events[4].detail["nar_size"], first.len());
+    assert_eq!(events[5].detail["changes"]["priority"], 30);
+    assert_eq!(events[5].detail["changes"]["key_rotation"], "Start");
+    assert_eq!(events[5].detail["next_key"], "owned-2");
+    assert_eq!(events[1].detail["pin"], "release");
+    assert_eq!(events[1].detail["store_path"], second_path);
     assert!(events
         .iter()
         .all(|event| event.cache.as_deref() == Some("owned")));

@@ -21,6 +21,7 @@ mod nar_reads;
 mod nix_client;
 mod observability;
 mod parts;
+mod pins;
 pub(crate) mod push;
 mod realisations;
 mod serving;

@@ -5,17 +5,20 @@
 //! (2 for a command line clap rejects).
 
 use std::io::{BufRead, Write};
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use common::api::{
-    CacheConfig, CacheQuota, CacheStats, CreateCacheRequest, KeyRotation, KeypairConfig,
-    MintTokenRequest, PurgeRequest, QuotaPolicy, RetentionPeriodConfig, StorageUsage, TokenInfo,
+    CacheConfig, CacheQuota, CacheStats, CreateCacheRequest, CreatePinRequest, KeepPolicy,
+    KeyRotation, KeypairConfig, MintTokenRequest, PurgeRequest, QuotaPolicy, RetentionPeriodConfig,
+    StorageUsage, TokenInfo,
 };
 use common::byte_size::ByteSize;
 use common::duration::HumanDuration;
+use common::pin::PinName;
 use common::time::format_unix_seconds;
 use watcher_agent::api::ApiClient;
 use watcher_agent::config::{self, config_path, CacheRef, ClientConfig, Token};
@@ -70,6 +73,10 @@ enum Command {
     /// need the manage-tokens permission).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Pin a path's closure so that GC and quota eviction keep it (push
+    /// permission to pin and unpin, any permission on the cache to list).
+    #[command(subcommand)]
+    Pin(PinCommand),
     /// The server's statistics: every cache and how they share storage
     /// (needs configure-cache-quota on every cache, an operator's token).
     Stats {
@@ -125,6 +132,64 @@ enum TokenCommand {
         #[command(flatten)]
         server: ServerArg,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum PinCommand {
+    /// Pin PATH (and its closure in the cache) under NAME; pinning NAME
+    /// again adds a revision, and the --keep flags (default: the newest
+    /// revision only) say which revisions stay.
+    Create {
+        /// `server:cache`, or `cache` on the default server.
+        cache: CacheRef,
+        /// Letters, digits, '-', '_' and '.', e.g. 'release-1.2' or 'main'.
+        name: PinName,
+        /// A store path (or a link to one such as ./result), its base
+        /// name or its hash; the cache must hold it.
+        path: String,
+        #[command(flatten)]
+        keep: KeepArgs,
+    },
+    /// List the cache's pins with their revisions, newest first.
+    List {
+        /// `server:cache`, or `cache` on the default server.
+        cache: CacheRef,
+    },
+    /// Delete a pin and all its revisions: GC decides about what they
+    /// kept again from its next run.
+    Delete {
+        /// `server:cache`, or `cache` on the default server.
+        cache: CacheRef,
+        name: PinName,
+    },
+}
+
+/// Which revisions of a pin stay; at most one of the flags.
+#[derive(Debug, Args)]
+#[group(multiple = false)]
+struct KeepArgs {
+    /// Keep the newest N revisions [default for a new pin: 1, the newest
+    /// alone; an existing pin keeps its policy unless one is given]
+    #[arg(long, value_name = "N")]
+    keep_revisions: Option<NonZeroU32>,
+    /// Keep the revisions made within the last N days, and the newest
+    #[arg(long, value_name = "N")]
+    keep_days: Option<NonZeroU32>,
+    /// Keep every revision until the pin is deleted
+    #[arg(long)]
+    forever: bool,
+}
+
+impl KeepArgs {
+    /// The policy asked for, if any flag was given.
+    fn given(&self) -> Option<KeepPolicy> {
+        match (self.keep_revisions, self.keep_days, self.forever) {
+            (Some(n), _, _) => Some(KeepPolicy::Revisions(n)),
+            (_, Some(n), _) => Some(KeepPolicy::Days(n)),
+            (_, _, true) => Some(KeepPolicy::Forever),
+            (None, None, false) => None,
+        }
+    }
 }
 
 /// `PATTERN=PERMISSIONS`: the pattern and the permission names, which the
@@ -391,6 +456,13 @@ struct PushArgs {
     /// logs in the local store; paths without one are skipped).
     #[arg(long)]
     logs: bool,
+    /// Once the push is done, pin the path (one path only: a pin names one
+    /// closure) under NAME, as `larder pin create` does.
+    #[arg(long, value_name = "NAME", conflicts_with = "no_wait")]
+    pin: Option<PinName>,
+    /// With --pin: which revisions of the pin stay.
+    #[command(flatten)]
+    keep: KeepArgs,
 }
 
 fn main() -> ExitCode {
@@ -429,6 +501,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Queue(args) => queue_command(args).await,
         Command::WatchStore(args) => watch_store(args).await,
         Command::Token(command) => token_command(command).await,
+        Command::Pin(command) => pin_command(command).await,
         Command::Stats { server } => server_stats(&server).await,
     }
 }
@@ -1039,6 +1112,20 @@ async fn use_cache(cache: &CacheRef) -> anyhow::Result<()> {
 }
 
 async fn push_command(args: PushArgs) -> anyhow::Result<()> {
+    let keep = args.keep.given();
+    // Checked before anything is pushed.
+    let pin_root = match (&args.pin, keep) {
+        (None, Some(_)) => bail!("--keep-revisions, --keep-days and --forever go with --pin"),
+        (None, None) => None,
+        (Some(_), _) => match args.paths.as_slice() {
+            [path] => Some(root_hash(path)?),
+            _ => bail!(
+                "--pin pins one path, not {}: a pin names one closure (pin each root \
+                 under a name of its own, or build one root that depends on them all)",
+                args.paths.len()
+            ),
+        },
+    };
     let client = client_for(&args.cache)?;
     let options = PushOptions {
         closure: !args.no_closure,
@@ -1049,7 +1136,90 @@ async fn push_command(args: PushArgs) -> anyhow::Result<()> {
     };
     let summary = push(&client, &args.cache.cache, &args.paths, &options).await?;
     println!("{summary}");
+    if let (Some(name), Some(hash)) = (args.pin, pin_root) {
+        create_pin(&client, &args.cache, name, hash, keep).await?;
+    }
     Ok(())
+}
+
+async fn pin_command(command: PinCommand) -> anyhow::Result<()> {
+    match command {
+        PinCommand::Create {
+            cache,
+            name,
+            path,
+            keep,
+        } => {
+            let hash = root_hash(&path)?;
+            create_pin(&client_for(&cache)?, &cache, name, hash, keep.given()).await?;
+        }
+        PinCommand::List { cache } => {
+            let list = client_for(&cache)?.list_pins(&cache.cache).await?;
+            if list.pins.is_empty() {
+                println!("no pins in cache {cache}");
+            }
+            for pin in &list.pins {
+                println!("{} (keeps {})", pin.name, pin.keep);
+                for revision in &pin.revisions {
+                    println!(
+                        "  {:>4}  {}  {}{}{}",
+                        revision.revision,
+                        format_unix_seconds(revision.created_at),
+                        revision.store_path,
+                        revision
+                            .created_by
+                            .as_ref()
+                            .map_or_else(String::new, |by| format!("  by {by}")),
+                        if revision.present {
+                            ""
+                        } else {
+                            "  (deleted from the cache)"
+                        }
+                    );
+                }
+            }
+        }
+        PinCommand::Delete { cache, name } => {
+            client_for(&cache)?.delete_pin(&cache.cache, &name).await?;
+            println!("deleted pin {name} of cache {cache}");
+        }
+    }
+    Ok(())
+}
+
+/// Pins `hash` under `name`; without a policy, the pin keeps its own (a
+/// new one gets the default).
+async fn create_pin(
+    client: &ApiClient,
+    cache: &CacheRef,
+    name: PinName,
+    hash: common::nix::StorePathHash,
+    keep: Option<KeepPolicy>,
+) -> anyhow::Result<()> {
+    let request = CreatePinRequest {
+        name: name.to_string(),
+        store_path_hash: hash.to_string(),
+        keep,
+    };
+    let pin = client.create_pin(&cache.cache, &request).await?;
+    let newest = pin
+        .revisions
+        .first()
+        .context("the server answered a pin without revisions")?;
+    println!(
+        "pinned {} as {name} revision {} in cache {cache} (keeps {})",
+        newest.store_path, newest.revision, pin.keep
+    );
+    Ok(())
+}
+
+/// The hash of a root given as a store path, a link to one (./result), a
+/// base name or a hash.
+fn root_hash(path: &str) -> anyhow::Result<common::nix::StorePathHash> {
+    match store_path_of(path) {
+        Ok(store_path) => store_path_hash_of(&store_path),
+        Err(_) => store_path_hash_of(path),
+    }
 }
 
 /// The agent's spool directory: the flag (or `LARDER_SPOOL_DIR`), else the
