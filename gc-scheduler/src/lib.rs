@@ -155,7 +155,8 @@ impl std::fmt::Display for OnceReport {
                 f,
                 "collected: {} objects, {} NARs, {} chunks, {} packs, {} bytes freed, {} packs \
                  compacted into {} bytes, {} uploads and {} staged files reaped, {} orphan \
-                 objects removed, {} build logs and debug-info entries expired, in {} ms",
+                 objects removed, {} build logs and debug-info entries, {} pin revisions and {} \
+                 audit events expired, in {} ms",
                 report.objects,
                 report.nars,
                 report.chunks,
@@ -167,6 +168,8 @@ impl std::fmt::Display for OnceReport {
                 report.staged_files_reaped,
                 report.orphans_removed,
                 report.logs,
+                report.pin_revisions,
+                report.audit_events,
                 report.duration.as_millis()
             ),
             None => write!(

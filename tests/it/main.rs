@@ -18,4 +18,5 @@ mod server;
 mod services;
 mod storage;
 mod systemd;
+mod tidy;
 mod tls;

@@ -1,3 +1,6 @@
+//! `NarVerifier` driven as the server drives it (`verify::harness`): every
+//! encoding, bound and refusal of an uploaded NAR body.
+
 use std::io::{Read, Write};
 
 use super::harness::{run, Run};

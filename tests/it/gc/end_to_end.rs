@@ -44,6 +44,10 @@ pub(super) async fn run_gc_once(config: &Path) -> String {
     );
     assert!(output.status.success(), "gc-scheduler --once failed: {log}");
     assert!(log.contains("GC run finished"), "{log}");
+    assert!(
+        log.contains(" pin revisions and ") && log.contains(" audit events expired"),
+        "{log}"
+    );
     log
 }
 
