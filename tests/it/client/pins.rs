@@ -5,11 +5,10 @@
 use std::time::Duration;
 
 use common::db::CacheUpdate;
-use tests::nix::NixEnv;
 use tests::server::TestServer;
 
 use super::{blocking, store_config, Larder};
-use crate::server::gc_two_days_on;
+use crate::server::{gc_two_days_on, store_with_a_built_path};
 
 /// How many paths `cache` holds.
 async fn paths_in(server: &TestServer, cache: &str) -> usize {
@@ -33,13 +32,15 @@ tests::under_each_nix! {
     #[tokio::test]
     async fn pin_commands_and_push_with_a_pin(version: NixVersion) {
         let server = TestServer::sqlite().await;
-        let salt = format!("pinned-{:016x}", rand::random::<u64>());
-        let (_env, store) = blocking(move || {
-            let env = NixEnv::with_version(version).expect("a Nix environment");
-            let store = env
-                .make_store(&env.path("source"), 3, &salt)
-                .expect("three paths");
-            (env, store)
+        let (env, store) = store_with_a_built_path(version, "pinned").await;
+        // Signed by a key a cache below calls upstream's.
+        let (root, source_path) = (store.root.clone(), store.sources[0].clone());
+        // The store lives in `env`'s directory: `env` comes back.
+        let _env = blocking(move || {
+            let key = env.keygen("upstream-pin-1").expect("an upstream key");
+            env.sign(&root, &key.secret_key_file, &[source_path])
+                .expect("signing a source path");
+            env
         })
         .await;
         let root_token = server.root_token().await;
@@ -112,5 +113,16 @@ tests::under_each_nix! {
         let report = gc_two_days_on(&server).await;
         assert_eq!(report.objects as usize, closure, "{report:?}");
         assert_eq!(paths_in(&server, "pinned").await, 0);
+
+        // A root the push leaves out as upstream's cannot be pinned; the
+        // error says how to push it.
+        larder
+            .ok(&["cache", "create", "filtered", "--upstream-cache-key-name", "upstream-pin-1"])
+            .await;
+        let line = larder.fails(&["push", "filtered", source, "--pin", "main"]).await;
+        assert!(line.contains("--ignore-upstream-cache-filter"), "{line}");
+        let pushed = [source, "--pin", "main", "--ignore-upstream-cache-filter"];
+        let out = larder.ok(&[&["push", "filtered"][..], &pushed[..]].concat()).await;
+        assert!(out.contains("as main revision 1 in cache filtered"), "{out}");
     }
 }

@@ -1137,7 +1137,21 @@ async fn push_command(args: PushArgs) -> anyhow::Result<()> {
     let summary = push(&client, &args.cache.cache, &args.paths, &options).await?;
     println!("{summary}");
     if let (Some(name), Some(hash)) = (args.pin, pin_root) {
-        create_pin(&client, &args.cache, name, hash, keep).await?;
+        let pinned = create_pin(&client, &args.cache, name, hash, keep).await;
+        if let Err(error) = &pinned {
+            // The one way a path just pushed is not in the cache.
+            let skipped_as_upstream = !args.ignore_upstream_cache_filter
+                && error.downcast_ref::<watcher_agent::api::ApiError>().is_some_and(
+                    |error| matches!(error, watcher_agent::api::ApiError::Server { name, .. } if name == "NoSuchPath"),
+                );
+            if skipped_as_upstream {
+                bail!(
+                    "{error:#}: push leaves out paths signed by the cache's upstream keys; \
+                     push with --ignore-upstream-cache-filter to pin this one"
+                );
+            }
+        }
+        pinned?;
     }
     Ok(())
 }
