@@ -77,23 +77,19 @@ async fn substitutes_trusting_only(
     .await
 }
 
+/// Creates the cache `CONFIG` names, with a generated key.
+async fn create_cache(server: &TestServer, token: &str) -> CacheConfig {
+    let body = serde_json::json!({"keypair": "Generate"});
+    ok_json(send(server, Method::POST, CONFIG, Some(token), Some(body)).await).await
+}
+
 tests::under_each_nix! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn during_a_rotation_either_key_is_trusted_and_after_it_only_the_new_one(version: NixVersion) {
         let server = TestServer::sqlite().await;
         let (source_env, store) = store_with_a_built_path(version, "rotation").await;
         let root = server.root_token().await;
-        let created: CacheConfig = ok_json(
-            send(
-                &server,
-                Method::POST,
-                CONFIG,
-                Some(&root),
-                Some(serde_json::json!({"keypair": "Generate"})),
-            )
-            .await,
-        )
-        .await;
+        let created = create_cache(&server, &root).await;
         let old_key = created.public_key.expect("a public key");
         assert_eq!(created.next_public_key, None);
         for source in source_paths(&source_env, &store.root, &store.paths) {
@@ -169,17 +165,7 @@ tests::under_each_nix! {
 async fn rotation_steps_the_state_forbids_are_conflicts_and_leave_the_keys_alone() {
     let server = TestServer::sqlite().await;
     let root = server.root_token().await;
-    let created: CacheConfig = ok_json(
-        send(
-            &server,
-            Method::POST,
-            CONFIG,
-            Some(&root),
-            Some(serde_json::json!({"keypair": "Generate"})),
-        )
-        .await,
-    )
-    .await;
+    let created = create_cache(&server, &root).await;
     let keys = |config: &CacheConfig| (config.public_key.clone(), config.next_public_key.clone());
 
     let (error, _) = api_error(
