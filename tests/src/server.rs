@@ -31,7 +31,7 @@ use common::config::{
 };
 use common::db::{
     Actor, Backend, Cache, CacheId, CacheKeypair, ChunkLocation, Database, EncodedListing, Nar,
-    NewCache, NewObject, ObjectMetadata, StoredChunk, Timestamp, TokenRecord,
+    NewCache, NewObject, Object, ObjectMetadata, StoredChunk, Timestamp, TokenRecord,
 };
 use common::nix::nar::read_nar;
 use common::nix::{NarHash, SecretKey, Sha256Hash, StorePathHash};
@@ -746,13 +746,22 @@ impl TestServer {
         }
     }
 
+    /// Every object (path) `cache` holds.
+    pub async fn objects(&self, cache: &str) -> Vec<Object> {
+        let cache = self.cache_row(cache).await;
+        self.database
+            .objects_of_cache(cache.id)
+            .await
+            .expect("listing the cache's objects")
+    }
+
     async fn cache_row(&self, cache: &str) -> Cache {
         let cache_name: CacheName = cache.parse().expect("a valid cache name");
         self.database
             .cache_by_name(&cache_name)
             .await
             .expect("looking up the cache")
-            .unwrap_or_else(|| panic!("seeding into cache {cache_name}, which does not exist"))
+            .unwrap_or_else(|| panic!("cache {cache_name} does not exist"))
     }
 
     /// Sends a request whose target is written on the wire exactly as

@@ -155,7 +155,7 @@ pub struct PermissionDenied {
 }
 
 #[cfg(test)]
-mod tests {
+pub(in crate::auth) mod tests {
     use super::*;
     use Permission::*;
 
@@ -163,7 +163,9 @@ mod tests {
         s.parse().expect("valid test cache name")
     }
 
-    fn claims(entries: &[(&str, &[Permission])]) -> Claims {
+    /// Claims of `alice`, valid in the first quarter of 2025, granting
+    /// `entries`; the auth modules' unit tests share it.
+    pub(in crate::auth) fn claims(entries: &[(&str, &[Permission])]) -> Claims {
         Claims {
             sub: "alice".to_owned(),
             iat: 1_735_689_600,

@@ -110,24 +110,7 @@ mod tests {
     use super::*;
     use Permission::*;
 
-    fn claims(entries: &[(&str, &[Permission])]) -> Claims {
-        Claims {
-            sub: "minter".to_owned(),
-            iat: 1_000,
-            nbf: None,
-            exp: 10_000,
-            jti: "0".repeat(32),
-            caches: entries
-                .iter()
-                .map(|(pattern, permissions)| {
-                    (
-                        pattern.parse().expect("valid test pattern"),
-                        permissions.iter().copied().collect(),
-                    )
-                })
-                .collect(),
-        }
-    }
+    use crate::auth::claims::tests::claims;
 
     fn pattern(s: &str) -> CacheNamePattern {
         s.parse().expect("valid test pattern")

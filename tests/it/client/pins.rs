@@ -12,18 +12,7 @@ use crate::server::{gc_two_days_on, store_with_a_built_path};
 
 /// How many paths `cache` holds.
 async fn paths_in(server: &TestServer, cache: &str) -> usize {
-    let cache = server
-        .database()
-        .cache_by_name(&cache.parse().expect("a cache name"))
-        .await
-        .expect("looking the cache up")
-        .expect("the cache");
-    server
-        .database()
-        .objects_of_cache(cache.id)
-        .await
-        .expect("the cache's objects")
-        .len()
+    server.objects(cache).await.len()
 }
 
 tests::under_each_nix! {

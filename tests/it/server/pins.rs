@@ -83,17 +83,7 @@ async fn gc_ahead(server: &TestServer, ahead: Duration) -> GcReport {
 
 /// Which of `paths` the cache still holds.
 async fn held(server: &TestServer, cache: &str, paths: &[&str]) -> Vec<bool> {
-    let cache = server
-        .database()
-        .cache_by_name(&cache.parse().expect("a cache name"))
-        .await
-        .expect("looking the cache up")
-        .expect("the cache");
-    let objects = server
-        .database()
-        .objects_of_cache(cache.id)
-        .await
-        .expect("the cache's objects");
+    let objects = server.objects(cache).await;
     paths
         .iter()
         .map(|path| {

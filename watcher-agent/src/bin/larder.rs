@@ -204,7 +204,7 @@ fn parse_grant(text: &str) -> Result<(String, Vec<String>), String> {
         .map_err(|error| error.to_string())?;
     let permissions = permissions
         .split(',')
-        .map(|name| name.trim().replace('-', "_"))
+        .map(|name| name.trim().to_owned())
         .filter(|name| !name.is_empty())
         .collect::<Vec<_>>();
     Ok((pattern.to_owned(), permissions))
