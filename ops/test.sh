@@ -57,16 +57,13 @@ for script in "${phase_scripts[@]}"; do
     fi
 done
 
-# `cargo nextest run --workspace` builds each crate with the features the
-# workspace enables on it; `-p CRATE` alone would build it with its
-# defaults and silently leave out its feature-gated tests (about half of
-# common's). A run that names packages enables all their features instead
-# (`--workspace` would override `-p`).
+# The whole workspace, unless the run names packages (`--workspace` would
+# override `-p`).
 nextest_args=(--workspace "$@")
 for argument in "$@"; do
     case $argument in
         -p | -p* | --package | --package=*)
-            nextest_args=("$@" --all-features)
+            nextest_args=("$@")
             break
             ;;
     esac

@@ -17,16 +17,16 @@ use std::collections::{HashMap, HashSet};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use common::chunking::max_chunk_entries;
-use common::db::{
+use larder_db::chunking::max_chunk_entries;
+use larder_db::{
     ChunkId, ChunkLocation, DbError, InlineChunk, InlineContent, InlineOutcome, NewPack,
     StoreState, Timestamp, Upload,
 };
-use common::metrics::larder;
-use common::nix::Sha256Hash;
-use common::storage::pack::{PackWriter, PackedRange};
-use common::storage::StorageError;
-use common::worker::{finalise_nar, staged_object_key, upload_made_visible, JobError};
+use larder_nix::Sha256Hash;
+use larder_service::metrics::larder;
+use larder_service::worker::{finalise_nar, staged_object_key, upload_made_visible, JobError};
+use larder_storage::pack::{PackWriter, PackedRange};
+use larder_storage::StorageError;
 
 use crate::{cut, Chunker, Cut, CutChunk, CutError, StagedDigest};
 

@@ -10,13 +10,13 @@
 //! - NAR `deleting` (GC is removing it): tried again later.
 //! - chunk list already recorded (a redelivered or republished job, a
 //!   second upload of a NAR being stored, or a push of a NAR withdrawn
-//!   because a chunk of it was found damaged, see `common::integrity`):
+//!   because a chunk of it was found damaged, see `larder_service::integrity`):
 //!   compress jobs are published
 //!   again for the chunks not yet valid, with their byte ranges computed
 //!   from the recorded list; the staged NAR is not read.
 //! - otherwise the staged NAR is streamed from storage (memory bounded by
 //!   the largest chunk) and cut with FastCDC 16/64/256 KiB (NARs under
-//!   64 KiB are one chunk; the sizes are `common::chunking`'s), each chunk
+//!   64 KiB are one chunk; the sizes are `larder_db::chunking`'s), each chunk
 //!   hashed with SHA-256, while the whole goes through the strict NAR
 //!   reader, which builds its `.ls` listing within a budget, and a CRC-32
 //!   checked against the one the API recorded as it wrote the staged copy
@@ -33,7 +33,7 @@
 //!
 //! The upload then moves to `compressing` and the NAR is finalised if its
 //! chunks are all stored already (the compressor finalises it otherwise).
-//! Failures are settled by [`common::worker`]'s policy.
+//! Failures are settled by [`larder_service::worker`]'s policy.
 //!
 //! A NAR of at most [`INLINE_NAR_BYTES`] (a few chunks) takes none of
 //! these steps: the chunker stores it itself, in one transaction (module
@@ -55,19 +55,19 @@ use tokio::sync::mpsc;
 use tokio_util::io::SyncIoBridge;
 use tokio_util::sync::CancellationToken;
 
-use common::chunking::{AVG_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, ONE_CHUNK_BELOW};
-use common::config::{PipelineConfig, ServerConfig};
-use common::db::{
+use larder_config::{PipelineConfig, ServerConfig};
+use larder_db::chunking::{AVG_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, ONE_CHUNK_BELOW};
+use larder_db::{
     ChunkId, Database, DbError, EncodedListing, NarId, NewChunk, StoreState, Timestamp, Upload,
     UploadId, UploadPhase,
 };
-use common::metrics::{larder, PushStage};
-use common::nix::nar::{NarError, NarListing, NarReader, UnhashedNarReader};
-use common::nix::{NarHash, Sha256Hash};
-use common::queue::{publish_job, ChunkJob, ChunkRange, CompressJob, Queue, QueueError};
-use common::service::{self, ServiceError, Services};
-use common::storage::{ObjectKey, Storage, StorageError};
-use common::worker::{self, finalise_nar, staged_object_key, JobError, JobHandler};
+use larder_nix::nar::{NarError, NarListing, NarReader, UnhashedNarReader};
+use larder_nix::{NarHash, Sha256Hash};
+use larder_queue::{publish_job, ChunkJob, ChunkRange, CompressJob, Queue, QueueError};
+use larder_service::metrics::{larder, PushStage};
+use larder_service::service::{self, ServiceError, Services};
+use larder_service::worker::{self, finalise_nar, staged_object_key, JobError, JobHandler};
+use larder_storage::{ObjectKey, Storage, StorageError};
 
 mod inline;
 
@@ -757,7 +757,7 @@ fn cut_timed(
 
 #[cfg(test)]
 mod tests {
-    use common::nix::nar::{read_nar, NarEncoder};
+    use larder_nix::nar::{read_nar, NarEncoder};
 
     use super::*;
 
@@ -855,7 +855,7 @@ mod tests {
         }
         assert_eq!(offset, nar.len() as u64);
         assert!(chunks.len() > 10, "{} chunks", chunks.len());
-        assert!(chunks.len() as u64 <= common::chunking::max_chunk_entries(offset));
+        assert!(chunks.len() as u64 <= larder_db::chunking::max_chunk_entries(offset));
     }
 
     #[test]

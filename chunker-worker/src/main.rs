@@ -2,7 +2,7 @@
 
 use clap::Parser;
 
-use common::service::{run_service, ServiceArgs};
+use larder_service::service::{run_service, ServiceArgs};
 
 #[derive(Debug, Parser)]
 #[command(

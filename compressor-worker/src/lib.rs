@@ -18,7 +18,7 @@
 //! If the staged NAR has vanished, the chunks that became valid meanwhile
 //! need nothing more; any other chunk makes the job fail for good, and the
 //! uploads staged under that key are marked failed. Failures are settled by
-//! [`common::worker`]'s policy.
+//! [`larder_service::worker`]'s policy.
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
@@ -28,18 +28,18 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use common::config::{PipelineConfig, ServerConfig};
-use common::db::{
+use larder_config::{PipelineConfig, ServerConfig};
+use larder_db::{
     Chunk, ChunkId, ChunkLocation, Database, DbError, NarId, NewPack, StoreState, Timestamp,
     UploadId,
 };
-use common::metrics::{larder, PushStage};
-use common::nix::Sha256Hash;
-use common::queue::{ChunkRange, CompressJob, QueueError};
-use common::service::{self, ServiceError, Services};
-use common::storage::pack::{PackWriter, PackedRange};
-use common::storage::{adjacent_runs, ObjectKey, ObjectReader, Storage, StorageError};
-use common::worker::{self, finalise_nar, staged_object_key, JobError, JobHandler};
+use larder_nix::Sha256Hash;
+use larder_queue::{ChunkRange, CompressJob, QueueError};
+use larder_service::metrics::{larder, PushStage};
+use larder_service::service::{self, ServiceError, Services};
+use larder_service::worker::{self, finalise_nar, staged_object_key, JobError, JobHandler};
+use larder_storage::pack::{PackWriter, PackedRange};
+use larder_storage::{adjacent_runs, ObjectKey, ObjectReader, Storage, StorageError};
 use tokio::io::AsyncReadExt;
 
 /// The most staged bytes held (with their frames) at once: a job's pack can

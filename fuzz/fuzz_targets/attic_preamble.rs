@@ -6,8 +6,8 @@
 //! Inputs are JSON texts, so real headers seed the corpus as they are.
 #![no_main]
 
-use common::nix::StoreDir;
-use common::upload_info::CheckedUploadInfo;
+use larder_nix::StoreDir;
+use larder_api::upload_info::CheckedUploadInfo;
 use libfuzzer_sys::fuzz_target;
 
 /// A limit the inputs can cross either way.

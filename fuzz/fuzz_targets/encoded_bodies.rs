@@ -6,8 +6,8 @@
 #![no_main]
 
 use bytes::Bytes;
-use common::verify::encoded::{BodyDecoder, BodyLimits, ContentEncoding};
-use common::verify::RATIO_ALLOWANCE;
+use larder_verify::encoded::{BodyDecoder, BodyLimits, ContentEncoding};
+use larder_verify::RATIO_ALLOWANCE;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -5,7 +5,7 @@
 //! Inputs are raw NARs, so real archives seed the corpus as they are.
 #![no_main]
 
-use common::nix::nar::{NarError, NarReader};
+use larder_nix::nar::{NarError, NarReader};
 use libfuzzer_sys::fuzz_target;
 
 fn read(data: &[u8], mut next_chunk: impl FnMut() -> usize) -> Result<(u64, Vec<u8>), NarError> {

@@ -2,7 +2,7 @@
 //! parses must render to text that parses to the same value.
 #![no_main]
 
-use common::nix::{NarInfo, StoreDir};
+use larder_nix::{NarInfo, StoreDir};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,4 +1,4 @@
-//! Fuzzes the join a narinfo PUT makes (`common::nix::nar_file`): any
+//! Fuzzes the join a narinfo PUT makes (`larder_nix::nar_file`): any
 //! bytes, parsed as a narinfo PUT to a cache under a store-path hash, must
 //! be taken or refused cleanly; one taken names exactly the NAR file its
 //! URL spells, for the path it was PUT under, and matches a staged file
@@ -10,8 +10,8 @@
 //! the input.
 #![no_main]
 
-use common::nix::nar_file::{NarFileName, PushedNarInfo};
-use common::nix::{NarHash, Sha256Hash, StoreDir, StorePathHash};
+use larder_nix::nar_file::{NarFileName, PushedNarInfo};
+use larder_nix::{NarHash, Sha256Hash, StoreDir, StorePathHash};
 use libfuzzer_sys::fuzz_target;
 
 /// The hash the seeds' store paths have, so that mutations of them reach

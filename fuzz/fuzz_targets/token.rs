@@ -1,6 +1,6 @@
 //! Fuzzes the token parser: an `Authorization` header's bytes through
 //! Bearer and Basic decoding and JWT parsing to verified claims
-//! (`common::auth::TokenVerifier::authenticate`), as every request's
+//! (`larder_token::TokenVerifier::authenticate`), as every request's
 //! header goes.
 //!
 //! The first byte chooses what the rest is:
@@ -23,8 +23,8 @@ use std::sync::{Arc, LazyLock};
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
-use common::auth::{Claims, Permission, RevocationList, TokenSigningKey, TokenVerifier};
-use common::cache_name::CacheName;
+use larder_token::{Claims, Permission, RevocationList, TokenSigningKey, TokenVerifier};
+use larder_api::cache_name::CacheName;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use libfuzzer_sys::fuzz_target;
 

@@ -1,4 +1,4 @@
-//! Fuzzes the upload verifier (`common::verify`) as the server drives it:
+//! Fuzzes the upload verifier (`larder_verify`) as the server drives it:
 //! a body, plain, zstd or xz, fed in frames and pushed again while the
 //! output is full, under a decompression ratio, a size limit and sometimes
 //! a declared NarSize. It must never panic, never hand out a byte past any
@@ -12,8 +12,8 @@
 //! body. Seeds are small valid bodies of each encoding.
 #![no_main]
 
-use common::verify::harness::run;
-use common::verify::{Encoding, Expected, Limits};
+use larder_verify::harness::run;
+use larder_verify::{Encoding, Expected, Limits};
 use libfuzzer_sys::fuzz_target;
 
 /// The size limit: above what the ratio lets a fuzz input reach, so both

@@ -49,7 +49,7 @@
 //! trip), deletes from storage with at most `delete-concurrency` requests
 //! in flight, and is idempotent: a run killed at any point leaves a state
 //! the next run completes. Why GC cannot take what an upload is about to
-//! use is written down in `common::db`'s `gc` module; the short version:
+//! use is written down in `larder_db`'s `gc` module; the short version:
 //! in-flight uploads protect their NAR by hash, recorded chunk lists
 //! protect their chunks, and recording a list refuses claimed chunks.
 //!
@@ -77,13 +77,13 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Any, Row};
 use tokio_util::sync::CancellationToken;
 
-use common::config::GcConfig;
-use common::db::{Backend, Chunk, ChunkId, Database, DbError, NarId, Timestamp};
-use common::integrity::IntegrityError;
-use common::metrics::larder;
-use common::storage::pack::is_pack_key;
-use common::storage::{ObjectKey, Storage, StorageError};
-use common::worker::chunk_object_key;
+use larder_config::GcConfig;
+use larder_db::{Backend, Chunk, ChunkId, Database, DbError, NarId, Timestamp};
+use larder_service::integrity::IntegrityError;
+use larder_service::metrics::larder;
+use larder_service::worker::chunk_object_key;
+use larder_storage::pack::is_pack_key;
+use larder_storage::{ObjectKey, Storage, StorageError};
 
 /// The PostgreSQL advisory lock key of GC: any fixed number, the same in
 /// every replica ("larder-gc" in ASCII).

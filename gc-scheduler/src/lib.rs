@@ -19,12 +19,12 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use common::config::{PipelineConfig, ServerConfig};
-use common::db::{Database, DbError, Timestamp, UploadPhase};
-use common::metrics::{larder, FinalPhase};
-use common::queue::{publish_job, ChunkJob, Queue, QueueError};
-use common::service::{open_database, open_queue, ServiceError, Services};
-use common::storage::StorageError;
+use larder_config::{PipelineConfig, ServerConfig};
+use larder_db::{Database, DbError, Timestamp, UploadPhase};
+use larder_queue::{publish_job, ChunkJob, Queue, QueueError};
+use larder_service::metrics::{larder, FinalPhase};
+use larder_service::service::{open_database, open_queue, ServiceError, Services};
+use larder_storage::StorageError;
 
 use crate::gc::{GcError, GcReport};
 use crate::scrub::ScrubReport;
@@ -73,7 +73,7 @@ pub enum Error {
 pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<(), Error> {
     let services = Services {
         database: open_database(&config).await.map_err(ServiceError::from)?,
-        storage: common::storage::open(&config.storage).await?,
+        storage: larder_storage::open(&config.storage).await?,
         queue: open_queue(&config.queue, SERVICE)?,
     };
     let ops = services.serve_ops(config.listen, &shutdown).await?;
@@ -184,7 +184,7 @@ impl std::fmt::Display for OnceReport {
 /// is shared, then a GC run under the lock.
 pub async fn run_once(config: &ServerConfig) -> Result<OnceReport, Error> {
     let database = open_database(config).await.map_err(ServiceError::from)?;
-    let storage = common::storage::open(&config.storage).await?;
+    let storage = larder_storage::open(&config.storage).await?;
     let reconciled = if config.queue.is_shared() {
         let queue = open_queue(&config.queue, SERVICE)?;
         Some(reconcile(&database, &*queue, &config.pipeline, Timestamp::now()).await?)
@@ -204,7 +204,7 @@ pub async fn run_once(config: &ServerConfig) -> Result<OnceReport, Error> {
 /// `None` when another process was scrubbing.
 pub async fn run_scrub(config: &ServerConfig) -> Result<Option<ScrubReport>, Error> {
     let database = open_database(config).await.map_err(ServiceError::from)?;
-    let storage = common::storage::open(&config.storage).await?;
+    let storage = larder_storage::open(&config.storage).await?;
     let scrubbed = scrub::scrub_locked(&database, &*storage, &config.gc).await;
     database.close().await;
     Ok(scrubbed?)
@@ -215,7 +215,7 @@ pub async fn run_scrub(config: &ServerConfig) -> Result<Option<ScrubReport>, Err
 /// printed.
 pub async fn run_repack(config: &ServerConfig) -> Result<String, Error> {
     let database = open_database(config).await.map_err(ServiceError::from)?;
-    let storage = common::storage::open(&config.storage).await?;
+    let storage = larder_storage::open(&config.storage).await?;
     let repacked = gc::repack_locked(&database, &*storage, &config.gc, Timestamp::now()).await;
     database.close().await;
     Ok(match repacked? {

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use common::service::{run_service, ServiceArgs};
+use larder_service::service::{run_service, ServiceArgs};
 
 #[derive(Debug, Parser)]
 #[command(

@@ -1,6 +1,6 @@
 //! Scrubbing: every stored chunk read back by its recorded location,
 //! decompressed and checked against its SHA-256, and what is damaged
-//! withdrawn (`common::integrity`; the rows' side is `common::db`'s
+//! withdrawn (`larder_service::integrity`; the rows' side is `larder_db`'s
 //! `damage` module): its NARs stop being served in every cache until their
 //! paths are pushed again, which stores the chunks anew.
 //!
@@ -18,7 +18,7 @@
 //!   that chunk, at that location;
 //! - an object missing, or shorter than its chunks' ranges: the chunks it
 //!   lacks, as storage's own answer for its size says
-//!   ([`common::integrity::check_object`]);
+//!   ([`larder_service::integrity::check_object`]);
 //! - any other read failure (a timeout, a 5xx) is not: those chunks count
 //!   as unreadable, and the next pass tries again.
 //!
@@ -39,12 +39,12 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use common::config::GcConfig;
-use common::db::{Chunk, DamagedChunk, Database};
-use common::integrity::{self, FoundBy};
-use common::metrics::larder;
-use common::nix::Sha256Hash;
-use common::storage::{adjacent_runs, ObjectKey, Storage};
+use larder_config::GcConfig;
+use larder_db::{Chunk, DamagedChunk, Database};
+use larder_nix::Sha256Hash;
+use larder_service::integrity::{self, FoundBy};
+use larder_service::metrics::larder;
+use larder_storage::{adjacent_runs, ObjectKey, Storage};
 
 use crate::gc::{GcError, GcLock};
 
@@ -193,7 +193,7 @@ pub async fn scrub(
     }
     let incomplete = database.withdraw_incomplete_nars().await?;
     if !incomplete.is_empty() {
-        let withdrawal = common::db::Withdrawal {
+        let withdrawal = larder_db::Withdrawal {
             chunks: 0,
             nars: incomplete,
         };
@@ -408,7 +408,7 @@ pub async fn run_scrub_loop(
 
 #[cfg(test)]
 mod tests {
-    use common::db::{ChunkId, ChunkLocation, StoreState, Timestamp};
+    use larder_db::{ChunkId, ChunkLocation, StoreState, Timestamp};
 
     use super::*;
 

@@ -21,9 +21,9 @@ use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 
-use common::auth::{Claims, Permission};
-use common::cache_name::CacheName;
-use common::db::{Actor, Cache, CacheScope};
+use larder_api::cache_name::CacheName;
+use larder_db::{Actor, Cache, CacheScope};
+use larder_token::{Claims, Permission};
 
 use crate::error::ApiError;
 use crate::state::{AppState, ServedCache, SigningKeys};

@@ -18,8 +18,8 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use common::db::{CacheId, Database, DbError, NarId, Timestamp};
-use common::nix::StorePathHash;
+use larder_db::{CacheId, Database, DbError, NarId, Timestamp};
+use larder_nix::StorePathHash;
 
 /// Distinct accesses held between two flushes, at most.
 pub const MAX_PENDING_ACCESSES: usize = 100_000;

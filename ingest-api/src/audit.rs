@@ -1,4 +1,4 @@
-//! Recording what a request changed in the audit log (`common::db::audit`),
+//! Recording what a request changed in the audit log (`larder_db::audit`),
 //! after the change committed.
 //!
 //! A record that cannot be written is logged as an error and the request
@@ -6,7 +6,7 @@
 //! retry a change that already happened. Pushes are not recorded here but
 //! by the transaction that creates their object.
 
-use common::db::{AuditAction, Cache, NewAuditEvent, Timestamp};
+use larder_db::{AuditAction, Cache, NewAuditEvent, Timestamp};
 
 use crate::access::Caller;
 use crate::state::AppState;

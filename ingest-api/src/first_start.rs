@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 
-use common::config::{
+use larder_config::{
     AuthConfig, ConfigError, DatabaseConfig, GcConfig, HttpConfig, IngestConfig, LogConfig,
     OpsConfig, PipelineConfig, QueueConfig, QuotaConfig, Secret, ServerConfig, StorageConfig,
 };

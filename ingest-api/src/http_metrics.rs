@@ -1,6 +1,6 @@
 //! HTTP metrics: requests by route template, method and status, their
 //! duration, and the bytes of their bodies, recorded by a middleware on
-//! every route (see `common::metrics` for the names).
+//! every route (see `larder_service::metrics` for the names).
 //!
 //! Each route carries its own [`RouteMetrics`], made when the router is
 //! built, so the route label is the template (`/{cache}/{file}`), never the
@@ -23,7 +23,7 @@ use axum::routing::MethodRouter;
 use axum::Router;
 use http_body::{Frame, SizeHint};
 
-use common::metrics::{larder, Counter, Histogram};
+use larder_service::metrics::{larder, Counter, Histogram};
 
 /// The route label of requests no route took: an unknown path, or a known
 /// one without the request's method.
@@ -236,7 +236,7 @@ mod tests {
         assert_eq!(response_bytes.get(), 5);
         let duration = larder().http_request_duration.with(&[route, "GET"]);
         assert_eq!(duration.count(), 2);
-        let page = common::metrics::render();
+        let page = larder_service::metrics::render();
         assert!(
             page.contains(
                 "larder_http_requests_total{route=\"/test-route/{name}\",method=\"GET\",status=\"200\"} 2"

@@ -34,15 +34,15 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use common::auth::{
+use larder_api::cache_name::{CacheNameError, CacheNamePattern};
+use larder_config::{GcConfig, PipelineConfig, ServerConfig};
+use larder_db::{Database, DbError};
+use larder_service::metrics::{healthz_router, ops_router, Readiness};
+use larder_service::service::{open_database, open_queue, open_shared_queue, ServiceError};
+use larder_storage::{Storage, StorageError};
+use larder_token::{
     KeyError, MintError, Permission, RevocationList, TokenBuilder, TokenSigningKey, TokenVerifier,
 };
-use common::cache_name::{CacheNameError, CacheNamePattern};
-use common::config::{GcConfig, PipelineConfig, ServerConfig};
-use common::db::{Database, DbError};
-use common::metrics::{healthz_router, ops_router, Readiness};
-use common::service::{open_database, open_queue, open_shared_queue, ServiceError};
-use common::storage::{Storage, StorageError};
 
 pub use routes::router;
 pub use state::{AppState, ServedCache, ServedCaches, Shared, SigningKeys};
@@ -115,7 +115,7 @@ pub fn signing_key(config: &ServerConfig) -> Result<TokenSigningKey, ServerError
 /// database URL names a supported database.
 pub fn check_config(config: &ServerConfig) -> Result<(), ServerError> {
     signing_key(config)?;
-    common::db::Backend::from_url(config.database.url.expose())?;
+    larder_db::Backend::from_url(config.database.url.expose())?;
     Ok(())
 }
 
@@ -170,7 +170,7 @@ impl Server {
         listener: TcpListener,
         role: Role,
     ) -> Result<Self, ServerError> {
-        let storage = common::storage::open(&config.storage).await?;
+        let storage = larder_storage::open(&config.storage).await?;
         Self::build_with_storage(config, listener, role, storage).await
     }
 

@@ -7,14 +7,14 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use common::auth::Permission;
-use common::cache_name::CacheNamePattern;
-use common::config::ServerConfig;
-use common::duration::HumanDuration;
-use common::service::{init_logging, load_config, termination_signal};
 use ingest_api::first_start;
 use ingest_api::tokens::{self, TokenRequest};
 use ingest_api::Role;
+use larder_api::cache_name::CacheNamePattern;
+use larder_api::duration::HumanDuration;
+use larder_config::ServerConfig;
+use larder_service::service::{init_logging, load_config, termination_signal};
+use larder_token::Permission;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -142,7 +142,7 @@ impl MakeTokenArgs {
 }
 
 fn main() -> ExitCode {
-    common::service::bound_malloc_arenas();
+    larder_service::service::bound_malloc_arenas();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

@@ -14,10 +14,10 @@
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use common::config::{GcConfig, PipelineConfig};
-use common::db::{Database, Timestamp};
-use common::queue::{Queue, QueueError};
-use common::service::Services;
+use larder_config::{GcConfig, PipelineConfig};
+use larder_db::{Database, Timestamp};
+use larder_queue::{Queue, QueueError};
+use larder_service::service::Services;
 
 use crate::state::AppState;
 

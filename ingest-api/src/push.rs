@@ -4,7 +4,7 @@
 //! visible.
 //!
 //! A waiting push does not poll: it registers for its upload's wake-up
-//! ([`common::db::Database::watch_upload`]) before the chunk job is
+//! ([`larder_db::Database::watch_upload`]) before the chunk job is
 //! published, and reads the row again when woken (by the pipeline in this
 //! process, or through PostgreSQL from another) or, as a safety net, every
 //! `[ingest] wait-recheck-interval`. The row is the truth.
@@ -25,15 +25,15 @@ use axum::http::HeaderMap;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use common::api::{UploadPathResult, UploadPathResultKind, WAIT_HEADER};
-use common::db::{
+use larder_api::upload_info::PathFields;
+use larder_api::v1::{UploadPathResult, UploadPathResultKind, WAIT_HEADER};
+use larder_db::{
     Cache, LinkedPath, NewUpload, ObjectMetadata, StagedFile, Timestamp, Upload, UploadId,
     UploadPhase, UploadWatch,
 };
-use common::metrics::{larder, PushStage};
-use common::nix::{NarHash, StoreDir, StorePath, StorePathHash};
-use common::queue::{publish_job, ChunkJob};
-use common::upload_info::PathFields;
+use larder_nix::{NarHash, StoreDir, StorePath, StorePathHash};
+use larder_queue::{publish_job, ChunkJob};
+use larder_service::metrics::{larder, PushStage};
 
 use crate::access::Caller;
 use crate::error::ApiError;
@@ -72,7 +72,7 @@ impl PushedPath {
 
 /// Rejects free text that would break a narinfo line.
 pub fn check_text(field: &str, value: &str) -> Result<(), ApiError> {
-    if !common::upload_info::is_one_line_text(value) {
+    if !larder_api::upload_info::is_one_line_text(value) {
         return Err(ApiError::bad_request(format!(
             "{field} {:?} contains a control character or is too long",
             value.chars().take(80).collect::<String>()

@@ -2,7 +2,7 @@
 //! is read, how much it may still write, and how a refusal is worded.
 //!
 //! The authoritative check is the database's, made atomically when the
-//! verified NAR is recorded (`common::db`'s `quota` module); the checks
+//! verified NAR is recorded (`larder_db`'s `quota` module); the checks
 //! here come first so that a push that cannot fit is refused before its
 //! body is read (Attic's `upload-path` declares its NarSize), and so that
 //! a body of unknown size (Nix's `PUT nar/…`) is never allowed to write
@@ -12,11 +12,11 @@
 //! `EDQUOT`, an S3 507), its database's disk is full, or local storage
 //! would keep less than `[quota] min-free-space`.
 
-use common::byte_size::ByteSize;
-use common::cache_name::CacheName;
-use common::db::{Cache, DbError, QuotaStatus};
-use common::nix::StorePathHash;
-use common::storage::StorageError;
+use larder_api::byte_size::ByteSize;
+use larder_api::cache_name::CacheName;
+use larder_db::{Cache, DbError, QuotaStatus};
+use larder_nix::StorePathHash;
+use larder_storage::StorageError;
 
 use crate::error::ApiError;
 use crate::spool::SpoolError;
@@ -152,8 +152,8 @@ impl Room {
             ByteSize::new(self.status.usage.pending_bytes).approximate(),
             push,
             match self.status.policy {
-                common::api::QuotaPolicy::Refuse => "",
-                common::api::QuotaPolicy::EvictLru => {
+                larder_api::v1::QuotaPolicy::Refuse => "",
+                larder_api::v1::QuotaPolicy::EvictLru => {
                     " (more than evicting its other paths would free)"
                 }
             }
@@ -210,8 +210,8 @@ pub fn record_error(cache: &CacheName, error: DbError) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::api::QuotaPolicy;
-    use common::db::CacheUsage;
+    use larder_api::v1::QuotaPolicy;
+    use larder_db::CacheUsage;
 
     fn room(quota: Option<u64>, used: u64, disk: Option<u64>) -> Room {
         Room {

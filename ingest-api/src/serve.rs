@@ -48,8 +48,8 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tower::ServiceExt;
 
-use common::config::HttpConfig;
-use common::metrics::larder;
+use larder_config::HttpConfig;
+use larder_service::metrics::larder;
 
 /// After the grace period, how long handlers get to clean up once their
 /// bodies were cut off, before their connections are dropped.

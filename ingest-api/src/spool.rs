@@ -6,7 +6,7 @@
 //!
 //! No thread ever waits for the network here. The request's own task reads
 //! the body asynchronously and hands what has arrived, in batches of up to
-//! [`BATCH_SIZE`], to [`common::verify::NarVerifier`], which does the CPU
+//! [`BATCH_SIZE`], to [`larder_verify::NarVerifier`], which does the CPU
 //! work (decoding, SHA-256, grammar) as short jobs on a bounded pool
 //! ([`Door`]), each producing at most [`JOB_OUTPUT`] bytes. Where storage
 //! hands out a blocking writer (local files), a blocking job of its own
@@ -33,13 +33,13 @@ use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::io::StreamReader;
 
-use common::config::IngestConfig;
-use common::metrics::{larder, PushStage};
-use common::storage::{BlockingWriter, ObjectKey, Storage};
-use common::verify::encoded::{BodyDecodeError, BodyDecoder, BodyLimits, ContentEncoding};
-use common::verify::{Limits, NarVerifier, Progress, Verified, VerifyError};
+use larder_config::IngestConfig;
+use larder_service::metrics::{larder, PushStage};
+use larder_storage::{BlockingWriter, ObjectKey, Storage};
+use larder_verify::encoded::{BodyDecodeError, BodyDecoder, BodyLimits, ContentEncoding};
+use larder_verify::{Limits, NarVerifier, Progress, Verified, VerifyError};
 
-pub use common::verify::{Encoding, Expected};
+pub use larder_verify::{Encoding, Expected};
 
 use crate::error::ApiError;
 
@@ -70,7 +70,7 @@ pub fn body_stream(body: Body) -> BodyStream {
 #[derive(Debug, Clone)]
 pub struct Spooled {
     pub key: ObjectKey,
-    pub nar_hash: common::nix::NarHash,
+    pub nar_hash: larder_nix::NarHash,
     pub nar_size: u64,
     /// The CRC-32 of the staged bytes, recorded with them for the chunker.
     pub crc32: u32,
@@ -145,7 +145,7 @@ enum Rejection {
     /// Storage stopped taking bytes; its own error says why.
     StorageGone,
     /// Storage failed to write a job's output.
-    Storage(common::storage::StorageError),
+    Storage(larder_storage::StorageError),
     /// A bug or a server failure.
     Internal(anyhow::Error),
 }
@@ -398,7 +398,7 @@ struct Staging {
 /// A finished write: the writer back, and whether the bytes were written.
 type WriteOutcome = (
     Box<dyn BlockingWriter>,
-    Result<(), common::storage::StorageError>,
+    Result<(), larder_storage::StorageError>,
 );
 
 impl Staging {
@@ -722,9 +722,9 @@ pub async fn split_preamble(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::nix::nar::NarEncoder;
-    use common::nix::{NarHash, Sha256Hash};
-    use common::storage::{LocalStorage, ObjectListing, ObjectReader, StorageError};
+    use larder_nix::nar::NarEncoder;
+    use larder_nix::{NarHash, Sha256Hash};
+    use larder_storage::{LocalStorage, ObjectListing, ObjectReader, StorageError};
     use tokio::io::AsyncRead;
 
     /// Local storage without its blocking writer, so that the door spools

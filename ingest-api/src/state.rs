@@ -6,15 +6,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use common::api::CacheStats;
-use common::auth::{TokenSigningKey, TokenVerifier};
-use common::cache_name::CacheName;
-use common::config::{IngestConfig, QuotaConfig};
-use common::db::{Cache, CacheId, CacheKeypair, CacheScope, Database};
-use common::nix::signing::SecretKey;
-use common::nix::StorePathHash;
-use common::queue::Queue;
-use common::storage::Storage;
+use larder_api::cache_name::CacheName;
+use larder_api::v1::CacheStats;
+use larder_config::{IngestConfig, QuotaConfig};
+use larder_db::{Cache, CacheId, CacheKeypair, CacheScope, Database};
+use larder_nix::signing::SecretKey;
+use larder_nix::StorePathHash;
+use larder_queue::Queue;
+use larder_storage::Storage;
+use larder_token::{TokenSigningKey, TokenVerifier};
 
 use crate::access_log::AccessLog;
 use crate::error::ApiError;

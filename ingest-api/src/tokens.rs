@@ -4,11 +4,11 @@
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
 
-use common::auth::{Claims, MintedToken, Permission, TokenBuilder};
-use common::cache_name::CacheNamePattern;
-use common::config::ServerConfig;
-use common::db::{Database, TokenRecord};
-use common::time::format_rfc3339;
+use larder_api::cache_name::CacheNamePattern;
+use larder_api::time::format_rfc3339;
+use larder_config::ServerConfig;
+use larder_db::{Database, TokenRecord};
+use larder_token::{Claims, MintedToken, Permission, TokenBuilder};
 
 use crate::{signing_key, ServerError};
 

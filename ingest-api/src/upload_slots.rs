@@ -39,8 +39,8 @@ use axum::response::{IntoResponse, Response};
 use http_body::{Frame, SizeHint};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use common::config::HttpConfig;
-use common::metrics::larder;
+use larder_config::HttpConfig;
+use larder_service::metrics::larder;
 
 use crate::access::Caller;
 use crate::error::ApiError;
@@ -313,7 +313,7 @@ impl HttpBody for SlotBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::duration::HumanDuration;
+    use larder_api::duration::HumanDuration;
 
     fn slots(server: u32, per_token: u32) -> UploadSlots {
         UploadSlots::new(&HttpConfig {

@@ -1,4 +1,4 @@
-//! The metadata store (`common::db`) against both backends.
+//! The metadata store (`larder_db`) against both backends.
 //!
 //! Every test is written once as an `async fn(TestDb)` and instantiated by
 //! [`both_backends!`] twice: `db::sqlite::NAME` on a fresh SQLite file in a
@@ -9,16 +9,16 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use common::cache_name::CacheName;
-use common::chunking::{max_chunk_entries, MIN_CHUNK_SIZE};
-use common::db::{
+use larder_api::cache_name::CacheName;
+use larder_db::chunking::{max_chunk_entries, MIN_CHUNK_SIZE};
+use larder_db::{
     migrations, Actor, Backend, Cache, CacheId, CacheKeypair, CacheScope, CacheStats, CacheUpdate,
     Chunk, ChunkId, ChunkLocation, Database, DbError, EncodedListing, Nar, NarId, NewCache,
     NewChunk, NewObject, NewPack, NewUpload, ObjectMetadata, StagedFile, StoreState, StoredChunk,
     Timestamp, TokenRecord, UploadId, UploadPhase,
 };
-use common::nix::nar::{ListingNode, NarListing};
-use common::nix::{NarHash, Sha256Hash, StoreDir, StorePathHash};
+use larder_nix::nar::{ListingNode, NarListing};
+use larder_nix::{NarHash, Sha256Hash, StoreDir, StorePathHash};
 use tempfile::TempDir;
 use tests::services;
 
@@ -56,7 +56,7 @@ macro_rules! both_backends {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $name() {
-                    super::$name(super::open(common::db::Backend::Sqlite).await).await;
+                    super::$name(super::open(larder_db::Backend::Sqlite).await).await;
                 }
             )*
         }
@@ -64,7 +64,7 @@ macro_rules! both_backends {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $name() {
-                    super::$name(super::open(common::db::Backend::Postgres).await).await;
+                    super::$name(super::open(larder_db::Backend::Postgres).await).await;
                 }
             )*
         }
@@ -231,7 +231,7 @@ fn new_upload(cache_id: CacheId, hash: StorePathHash, n: u8) -> NewUpload {
 /// migration file cannot be added without being run.
 #[test]
 fn embedded_migrations_match_the_migration_directories() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../common/migrations");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../common/db/migrations");
     for backend in ["sqlite", "postgres"] {
         let mut files: Vec<String> = std::fs::read_dir(root.join(backend))
             .unwrap_or_else(|error| panic!("reading migrations/{backend}: {error}"))
@@ -982,7 +982,7 @@ async fn chunks_and_nars_round_trip_in_order(t: TestDb) {
         .await
         .expect_err("a missing NAR");
     assert!(error.is_not_found(), "{error:?}");
-    let error = set_chunk_stored(db, common::db::ChunkId(i64::MAX), &location(1))
+    let error = set_chunk_stored(db, larder_db::ChunkId(i64::MAX), &location(1))
         .await
         .expect_err("a missing chunk");
     assert!(error.is_not_found(), "{error:?}");
@@ -1158,7 +1158,7 @@ async fn a_batch_of_chunks_is_marked_stored_together_or_not_at_all(t: TestDb) {
                     },
                 ),
                 (
-                    common::db::ChunkId(i64::MAX),
+                    larder_db::ChunkId(i64::MAX),
                     ChunkLocation {
                         object_key: lost.object_key.clone(),
                         offset: 0,
@@ -1230,7 +1230,7 @@ async fn a_complete_nar_is_written_in_one_call(t: TestDb) {
         .await
         .expect_err("a NAR without chunks");
     assert!(
-        matches!(error, common::db::DbError::InvalidInput { .. }),
+        matches!(error, larder_db::DbError::InvalidInput { .. }),
         "{error:?}"
     );
     assert_eq!(db.nar_by_hash(&nar_hash(2)).await.expect("lookup"), None);

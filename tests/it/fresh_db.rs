@@ -2,7 +2,7 @@
 //! `both_backends!`, which runs each listed test function (taking the
 //! `Database`) once on SQLite and once on PostgreSQL.
 
-use common::db::{Backend, Database};
+use larder_db::{Backend, Database};
 use tempfile::TempDir;
 use tests::services;
 
@@ -32,7 +32,7 @@ macro_rules! both_backends {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $name() {
                     super::$name(
-                        crate::fresh_db::open(common::db::Backend::Sqlite).await.db,
+                        crate::fresh_db::open(larder_db::Backend::Sqlite).await.db,
                     )
                     .await;
                 }
@@ -43,7 +43,7 @@ macro_rules! both_backends {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $name() {
                     super::$name(
-                        crate::fresh_db::open(common::db::Backend::Postgres).await.db,
+                        crate::fresh_db::open(larder_db::Backend::Postgres).await.db,
                     )
                     .await;
                 }

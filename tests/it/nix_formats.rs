@@ -1,6 +1,6 @@
 //! Nix formats checked against the real Nix client.
 //!
-//! `common::nix` claims to write and read NARs, `.ls` listings, narinfos and
+//! `larder_nix` claims to write and read NARs, `.ls` listings, narinfos and
 //! signatures exactly as Nix 2.8 does; these tests hold it to that by
 //! comparing with what the real `nix-store`, `nix copy` and
 //! `nix store verify` produce and accept. Every test makes its own isolated
@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
-use common::nix::nar::{self, NarReader};
-use common::nix::{
+use larder_nix::nar::{self, NarReader};
+use larder_nix::{
     Compression, NarHash, NarInfo, PublicKey, SecretKey, Sha256Hash, StoreDir, StorePath,
 };
 use tests::nix::{

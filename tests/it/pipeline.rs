@@ -14,21 +14,21 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chunker_worker::Chunker;
-use common::cache_name::CacheName;
-use common::config::PipelineConfig;
-use common::db::{
+use compressor_worker::Compressor;
+use larder_api::cache_name::CacheName;
+use larder_config::PipelineConfig;
+use larder_db::{
     Actor, Cache, CacheKeypair, ChunkId, Database, NewCache, NewUpload, ObjectMetadata, StoreState,
     Timestamp, Upload, UploadId, UploadPhase,
 };
-use common::nix::nar::NarEncoder;
-use common::nix::{NarHash, Sha256Hash, StorePathHash};
-use common::queue::{
+use larder_nix::nar::NarEncoder;
+use larder_nix::{NarHash, Sha256Hash, StorePathHash};
+use larder_queue::{
     publish_job, AmqpQueue, ChunkJob, ChunkRange, CompressJob, EmbeddedQueue, Queue,
     CHUNK_DEAD_LETTER_QUEUE, CHUNK_QUEUE,
 };
-use common::storage::{LocalStorage, ObjectKey, S3Storage, Storage};
-use common::worker::JobHandler;
-use compressor_worker::Compressor;
+use larder_service::worker::JobHandler;
+use larder_storage::{LocalStorage, ObjectKey, S3Storage, Storage};
 use tempfile::TempDir;
 use tests::server::pseudo_random;
 use tests::services::{self, S3Settings};
@@ -139,7 +139,7 @@ impl Rig {
             }
         };
         let stop = CancellationToken::new();
-        let services = common::service::Services {
+        let services = larder_service::service::Services {
             database: database.clone(),
             storage: storage.clone(),
             queue: queue.clone(),
@@ -652,7 +652,7 @@ async fn a_vanished_staged_nar_fails_its_upload_and_no_other(rig: &Rig) {
 
 /// This process's metrics, parsed.
 fn metrics_page() -> tests::prometheus::Page {
-    tests::prometheus::parse(&common::metrics::render()).expect("a valid metrics page")
+    tests::prometheus::parse(&larder_service::metrics::render()).expect("a valid metrics page")
 }
 
 async fn the_reconciler_resumes_lost_jobs_and_gives_up_in_the_end(rig: &Rig) {
@@ -744,7 +744,7 @@ async fn heavy_an_edit_in_the_middle_shares_all_but_a_few_chunks() {
     let second = rig.visible(&second.id, Duration::from_secs(240)).await;
     assert_eq!(rig.reassemble(&second).await, second_nar);
 
-    let ids = |entries: Vec<common::db::NarChunk>| -> Vec<ChunkId> {
+    let ids = |entries: Vec<larder_db::NarChunk>| -> Vec<ChunkId> {
         entries.into_iter().map(|entry| entry.chunk.id).collect()
     };
     let first_chunks = ids(rig

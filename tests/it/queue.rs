@@ -1,4 +1,4 @@
-//! The queue conformance suite: every behaviour of `common::queue::Queue`
+//! The queue conformance suite: every behaviour of `larder_queue::Queue`
 //! written once and run against both backends, the embedded one
 //! (`queue::embedded::…`) and RabbitMQ (`queue::amqp::…`, and again over
 //! TLS: `queue::amqps::…`), each test on queues of its own. Retry delays are
@@ -8,10 +8,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::queue::{
+use larder_queue::{
     dead_letter_queue, AmqpQueue, Consumer, Delivery, EmbeddedQueue, Queue, QueueError,
 };
-use common::tls::CaFile;
+use larder_tls::CaFile;
 use tests::services;
 
 /// How long to wait for a delivery that should come (a hang guard).

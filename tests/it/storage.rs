@@ -16,9 +16,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::config::{S3Config, Secret};
-use common::storage::pack::PackWriter;
-use common::storage::{LocalStorage, ObjectKey, S3Storage, Storage, StorageError, PART_SIZE};
+use larder_config::{S3Config, Secret};
+use larder_storage::pack::PackWriter;
+use larder_storage::{LocalStorage, ObjectKey, S3Storage, Storage, StorageError, PART_SIZE};
 use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
@@ -809,7 +809,7 @@ async fn s3_a_request_left_unanswered_is_sent_again_after_the_request_timeout() 
     let proxy = StallingProxy::start().await;
     let storage = open_s3(&S3Config {
         endpoint: Some(format!("http://{}", proxy.s3)),
-        request_timeout: Some(common::duration::HumanDuration::from_secs(1)),
+        request_timeout: Some(larder_api::duration::HumanDuration::from_secs(1)),
         ..S3Settings::from_env().storage_config(&services::unique_name("storage-test"))
     })
     .await;

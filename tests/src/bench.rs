@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use common::api::{UploadPathNarInfo, NAR_INFO_HEADER};
-use common::nix::nar::NarEncoder;
-use common::nix::{NarHash, Sha256Hash};
+use larder_api::v1::{UploadPathNarInfo, NAR_INFO_HEADER};
+use larder_nix::nar::NarEncoder;
+use larder_nix::{NarHash, Sha256Hash};
 
 /// Any error, as a message: a benchmark driver only reports and exits.
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -153,7 +153,7 @@ pub fn upload_info(cache: &str, name: &str, nar: &[u8]) -> UploadPathNarInfo {
 /// that reruns push the same paths.
 pub fn store_path_hash_for(name: &str) -> String {
     let digest = Sha256Hash::digest(name.as_bytes());
-    common::nix::base32::encode(&digest.as_bytes()[..20])
+    larder_nix::base32::encode(&digest.as_bytes()[..20])
 }
 
 /// A NAR of one regular file.

@@ -16,14 +16,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::auth::{Permission, TokenSigningKey};
-use common::byte_size::ByteSize;
-use common::config::{
+use larder_api::byte_size::ByteSize;
+use larder_api::duration::HumanDuration;
+use larder_config::{
     AuthConfig, DatabaseConfig, GcConfig, HttpConfig, IngestConfig, LogConfig, OpsConfig,
     PipelineConfig, QueueConfig, QuotaConfig, S3Config, Secret, ServerConfig, StorageConfig,
 };
-use common::db::{Cache, Database, Timestamp, Upload, UploadPhase};
-use common::duration::HumanDuration;
+use larder_db::{Cache, Database, Timestamp, Upload, UploadPhase};
+use larder_token::{Permission, TokenSigningKey};
 
 use crate::process::{service_command, ServerProcess};
 use crate::server::{create_cache, record_token, token_builder, HttpApi};

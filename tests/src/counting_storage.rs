@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use common::storage::{
+use larder_storage::{
     BlockingWriter, ObjectKey, ObjectListing, ObjectReader, Storage, StorageError,
 };
 use tokio::io::AsyncRead;

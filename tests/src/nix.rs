@@ -784,7 +784,7 @@ impl NixEnv {
         // beside one store directory.
         let generated = store.with_extension(format!(
             "gen-{}",
-            &common::nix::Sha256Hash::digest(salt.as_bytes()).to_hex()[..16]
+            &larder_nix::Sha256Hash::digest(salt.as_bytes()).to_hex()[..16]
         ));
         std::fs::create_dir_all(&generated)
             .map_err(io_error("creating the generator directory"))?;

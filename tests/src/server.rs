@@ -21,21 +21,21 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use bytes::Bytes;
-use common::auth::{
-    MintedToken, Permission, Permissions, TokenAlgorithm, TokenBuilder, TokenSigningKey,
-};
-use common::cache_name::{CacheName, CacheNamePattern};
-use common::config::{
+use larder_api::cache_name::{CacheName, CacheNamePattern};
+use larder_config::{
     AuthConfig, DatabaseConfig, GcConfig, HttpConfig, IngestConfig, LogConfig, OpsConfig,
     PipelineConfig, QueueConfig, QuotaConfig, Secret, ServerConfig, StorageConfig,
 };
-use common::db::{
+use larder_db::{
     Actor, Backend, Cache, CacheId, CacheKeypair, ChunkLocation, Database, EncodedListing, Nar,
     NewCache, NewObject, Object, ObjectMetadata, StoredChunk, Timestamp, TokenRecord,
 };
-use common::nix::nar::read_nar;
-use common::nix::{NarHash, SecretKey, Sha256Hash, StorePathHash};
-use common::storage::{LocalStorage, ObjectKey, Storage};
+use larder_nix::nar::read_nar;
+use larder_nix::{NarHash, SecretKey, Sha256Hash, StorePathHash};
+use larder_storage::{LocalStorage, ObjectKey, Storage};
+use larder_token::{
+    MintedToken, Permission, Permissions, TokenAlgorithm, TokenBuilder, TokenSigningKey,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -52,11 +52,12 @@ pub const SEED_CHUNK_SIZE: usize = 64 * 1024;
 const SEED_ZSTD_LEVEL: i32 = 3;
 
 /// RSA keys for RS256 servers. They are test fixtures from
-/// `common/src/auth/testdata/` and protect nothing.
-pub const RS256_PEM: &str = include_str!("../../common/src/auth/testdata/rsa-2048-pkcs8.pem");
+/// `common/token/src/testdata/` and protect nothing.
+pub const RS256_PEM: &str = include_str!("../../common/token/src/testdata/rsa-2048-pkcs8.pem");
 /// A second, unrelated RSA key: tokens it signs must fail on a server
 /// configured with [`RS256_PEM`].
-pub const OTHER_RS256_PEM: &str = include_str!("../../common/src/auth/testdata/rsa-2048-pkcs1.pem");
+pub const OTHER_RS256_PEM: &str =
+    include_str!("../../common/token/src/testdata/rsa-2048-pkcs1.pem");
 
 /// A change to the config a [`TestServer`] writes and starts with, for the
 /// settings the named fields below do not cover (limits, timeouts, quotas).
@@ -472,7 +473,7 @@ impl TestServer {
             .await
             .expect("binding 127.0.0.1:0");
         let address = listener.local_addr().expect("the listener's address");
-        let served_storage = common::storage::open(&config.storage)
+        let served_storage = larder_storage::open(&config.storage)
             .await
             .unwrap_or_else(|error| {
                 panic!("opening the server's storage: {}", error_chain(&error))

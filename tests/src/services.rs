@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
-use common::config::{S3Config, Secret};
+use larder_config::{S3Config, Secret};
 use rand::Rng;
 use sqlx::Connection;
 
@@ -174,7 +174,7 @@ pub async fn amqp_connect_to(url: &str) -> lapin::Connection {
         .with_connection_name("larder-tests".to_owned().into());
     let mut tls = lapin::tcp::OwnedTLSConfig::default();
     if url.starts_with("amqps://") {
-        common::tls::install_crypto_provider();
+        larder_tls::install_crypto_provider();
         let ca = tls_ca_file();
         tls.cert_chain = Some(
             std::fs::read_to_string(&ca)

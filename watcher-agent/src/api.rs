@@ -1,4 +1,4 @@
-//! The HTTP client for Larder's API v1, speaking only `common::api` types.
+//! The HTTP client for Larder's API v1, speaking only `larder_api::v1` types.
 //!
 //! Every failure becomes an [`ApiError`] whose message is one line a user
 //! can act on: the server's own JSON message for API errors, the innermost
@@ -6,13 +6,13 @@
 
 use std::time::Duration;
 
-use common::api::{
+use larder_api::cache_name::CacheName;
+use larder_api::pin::PinName;
+use larder_api::v1::{
     AuditPage, CacheConfig, CacheStats, CreateCacheRequest, CreatePinRequest, ErrorResponse,
     MintTokenRequest, MintTokenResponse, PinInfo, PinList, PurgeRequest, PurgeResponse,
     ServerStats, TokenInfo, TokenList,
 };
-use common::cache_name::CacheName;
-use common::pin::PinName;
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, RETRY_AFTER};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::de::DeserializeOwned;
@@ -333,9 +333,9 @@ impl ApiClient {
     pub async fn delete_paths(
         &self,
         cache: &CacheName,
-        hashes: &[common::nix::StorePathHash],
-    ) -> Result<common::api::DeletePathsResponse, ApiError> {
-        use common::api::{DeletePathsRequest, DeletePathsResponse};
+        hashes: &[larder_nix::StorePathHash],
+    ) -> Result<larder_api::v1::DeletePathsResponse, ApiError> {
+        use larder_api::v1::{DeletePathsRequest, DeletePathsResponse};
         let mut answer = DeletePathsResponse {
             deleted: Vec::new(),
             not_found: Vec::new(),

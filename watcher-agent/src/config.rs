@@ -14,8 +14,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use common::cache_name::{CacheName, CacheNameError};
-use common::duration::HumanDuration;
+use larder_api::cache_name::{CacheName, CacheNameError};
+use larder_api::duration::HumanDuration;
 use serde::{Deserialize, Serialize};
 
 /// The environment variable whose token replaces the stored one.

@@ -9,7 +9,7 @@ use std::process::Stdio;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use common::nix::{base32, NarHash, StoreDir, StorePath, StorePathHash};
+use larder_nix::{base32, NarHash, StoreDir, StorePath, StorePathHash};
 use serde::Deserialize;
 use tokio::process::{Child, Command};
 

@@ -110,7 +110,7 @@ pub fn check_substituter(value: &str) -> Result<String, ConfValueError> {
 pub fn check_public_key(value: &str) -> Result<(), ConfValueError> {
     const WHAT: &str = "public key";
     check_list_item(WHAT, value)?;
-    common::nix::PublicKey::parse(value)
+    larder_nix::PublicKey::parse(value)
         .map(drop)
         .map_err(|error| ConfValueError::new(WHAT, value, error.to_string()))
 }

@@ -27,13 +27,13 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::api::{
+use futures::TryStreamExt;
+use larder_api::cache_name::CacheName;
+use larder_api::v1::{
     GetMissingPathsRequest, GetMissingPathsResponse, UploadPathNarInfo, UploadPathResult,
     UploadStatus, NAR_INFO_HEADER, PHASE_DONE, PHASE_FAILED, WAIT_HEADER,
 };
-use common::cache_name::CacheName;
-use common::nix::{StoreDir, StorePath, StorePathHash};
-use futures::TryStreamExt;
+use larder_nix::{StoreDir, StorePath, StorePathHash};
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use reqwest::Method;
 use tokio::task::JoinSet;

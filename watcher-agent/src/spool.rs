@@ -41,8 +41,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::cache_name::CacheName;
-use common::nix::StorePath;
+use larder_api::cache_name::CacheName;
+use larder_nix::StorePath;
 use rustix::fs::{AtFlags, Mode, OFlags, CWD};
 use serde::{Deserialize, Serialize};
 

@@ -42,10 +42,10 @@ use std::time::SystemTime;
 
 use futures::TryStreamExt;
 
-use common::config::GcConfig;
-use common::db::{ChunkId, Database, Timestamp, UploadId};
-use common::storage::pack::PACK_PREFIX;
-use common::storage::{ListedObject, ObjectKey, Storage};
+use larder_config::GcConfig;
+use larder_db::{ChunkId, Database, Timestamp, UploadId};
+use larder_storage::pack::PACK_PREFIX;
+use larder_storage::{ListedObject, ObjectKey, Storage};
 
 use super::{delete_objects, GcError, GcReport};
 
@@ -224,8 +224,8 @@ async fn unreferenced_chunk_objects(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::nix::Sha256Hash;
-    use common::worker::chunk_object_key;
+    use larder_nix::Sha256Hash;
+    use larder_service::worker::chunk_object_key;
 
     #[test]
     fn chunk_keys_parse_back_and_strangers_do_not() {

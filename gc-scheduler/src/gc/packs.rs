@@ -25,10 +25,10 @@
 
 use std::time::Duration;
 
-use common::config::GcConfig;
-use common::db::{ChunkId, ChunkMove, Database, LocatedChunk, NewPack, Timestamp};
-use common::storage::pack::{PackWriter, PACK_TARGET_BYTES};
-use common::storage::{adjacent_runs, ObjectKey, Storage, StorageError};
+use larder_config::GcConfig;
+use larder_db::{ChunkId, ChunkMove, Database, LocatedChunk, NewPack, Timestamp};
+use larder_storage::pack::{PackWriter, PACK_TARGET_BYTES};
+use larder_storage::{adjacent_runs, ObjectKey, Storage, StorageError};
 
 use super::{delete_objects, GcError, GcReport};
 

@@ -1,9 +1,9 @@
 //! Reaping: uploads that ended or got stuck long ago, and staged files no
 //! narinfo claimed, with the staged NARs they leave in storage.
 
-use common::config::GcConfig;
-use common::db::{Database, Timestamp, Upload, UploadPhase};
-use common::storage::{ObjectKey, Storage};
+use larder_config::GcConfig;
+use larder_db::{Database, Timestamp, Upload, UploadPhase};
+use larder_storage::{ObjectKey, Storage};
 
 use super::{GcError, GcReport};
 

@@ -11,10 +11,10 @@ use axum::extract::State;
 use axum::Json;
 use serde::Deserialize;
 
-use common::api::{self, AuditPage, PurgeRequest, PurgeResponse};
-use common::auth::Permission;
-use common::db::{AuditEvent, PushedBy, Timestamp};
-use common::time::system_time;
+use larder_api::time::system_time;
+use larder_api::v1::{self as api, AuditPage, PurgeRequest, PurgeResponse};
+use larder_db::{AuditEvent, PushedBy, Timestamp};
+use larder_token::Permission;
 
 use super::delete_paths::delete_recorded;
 use super::parse_cache_name;
@@ -78,7 +78,7 @@ pub async fn all_events(
 
 async fn events_page(
     state: &AppState,
-    cache: Option<common::db::CacheId>,
+    cache: Option<larder_db::CacheId>,
     before: Option<i64>,
     limit: u32,
 ) -> Result<Json<AuditPage>, ApiError> {

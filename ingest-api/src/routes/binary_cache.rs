@@ -27,11 +27,11 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
-use common::db::{Cache, NarId, ObjectWithNar};
-use common::nix::cache_info::NixCacheInfo;
-use common::nix::nar_file::{NarFileCompression, NarFileName};
-use common::nix::narinfo::{Compression, NarInfo};
-use common::nix::{NarHash, StorePath, StorePathHash};
+use larder_db::{Cache, NarId, ObjectWithNar};
+use larder_nix::cache_info::NixCacheInfo;
+use larder_nix::nar_file::{NarFileCompression, NarFileName};
+use larder_nix::narinfo::{Compression, NarInfo};
+use larder_nix::{NarHash, StorePath, StorePathHash};
 
 use super::nar_body::{nar_body, ByteRange};
 use super::nar_transcode::transcode;

@@ -25,15 +25,15 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use common::api::{
+use larder_api::cache_name::CacheName;
+use larder_api::v1::{
     CacheConfig, CacheQuota, CreateCacheRequest, KeyRotation, KeypairConfig, RetentionPeriodConfig,
     StorageUsage,
 };
-use common::auth::Permission;
-use common::cache_name::CacheName;
-use common::db::{AuditAction, Cache, CacheKeypair, CacheUpdate, DbError, NewCache};
-use common::nix::signing::SecretKey;
-use common::nix::StoreDir;
+use larder_db::{AuditAction, Cache, CacheKeypair, CacheUpdate, DbError, NewCache};
+use larder_nix::signing::SecretKey;
+use larder_nix::StoreDir;
+use larder_token::Permission;
 
 use super::parse_cache_name;
 use crate::access::Caller;
@@ -481,8 +481,8 @@ fn keypair_from(
 
 #[cfg(test)]
 mod tests {
-    use common::api::{CacheQuota, QuotaPolicy};
-    use common::db::{CacheId, Timestamp};
+    use larder_api::v1::{CacheQuota, QuotaPolicy};
+    use larder_db::{CacheId, Timestamp};
 
     use super::*;
 

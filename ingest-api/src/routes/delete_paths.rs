@@ -9,11 +9,11 @@ use std::collections::HashSet;
 use axum::extract::State;
 use axum::Json;
 
-use common::api::{DeletePathsRequest, DeletePathsResponse};
-use common::auth::Permission;
-use common::cache_name::CacheName;
-use common::db::{AuditAction, Cache};
-use common::nix::StorePathHash;
+use larder_api::cache_name::CacheName;
+use larder_api::v1::{DeletePathsRequest, DeletePathsResponse};
+use larder_db::{AuditAction, Cache};
+use larder_nix::StorePathHash;
+use larder_token::Permission;
 
 use crate::access::Caller;
 use crate::audit;

@@ -5,7 +5,7 @@
 //! with push permission and read with pull permission (anyone on a public
 //! cache).
 //!
-//! Both are kept per cache in the database (`common::db::build_logs`), a
+//! Both are kept per cache in the database (`larder_db::build_logs`), a
 //! log as one zstd frame, and replaced by a PUT again. A log may be sent
 //! with a `Content-Encoding` (Nix ≥ 2.33's `log-compression`) and is
 //! decoded under `[ingest] max-log-size` and the decompression ratio
@@ -19,9 +19,9 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use common::auth::Permission;
-use common::db::{EncodedLog, Timestamp};
-use common::nix::StorePath;
+use larder_db::{EncodedLog, Timestamp};
+use larder_nix::StorePath;
+use larder_token::Permission;
 
 use super::parse_cache_name;
 use crate::access::Caller;

@@ -21,7 +21,7 @@ use axum::middleware::from_fn_with_state;
 use axum::routing::{delete, get, post, put};
 use axum::Router;
 
-use common::cache_name::CacheName;
+use larder_api::cache_name::CacheName;
 
 use crate::error::ApiError;
 use crate::http_metrics::{self, MeteredRoutes, RouteMetrics, UNMATCHED_ROUTE};

@@ -44,9 +44,9 @@ use futures::{FutureExt, TryFutureExt};
 use tokio::io::AsyncReadExt;
 use tokio_util::task::AbortOnDropHandle;
 
-use common::db::{ChunkId, ChunkLocation, Database, DbError, Nar, NarId, StoreState};
-use common::nix::NarHash;
-use common::storage::{ObjectKey, ObjectReader, Storage, StorageError};
+use larder_db::{ChunkId, ChunkLocation, Database, DbError, Nar, NarId, StoreState};
+use larder_nix::NarHash;
+use larder_storage::{ObjectKey, ObjectReader, Storage, StorageError};
 
 /// Entries of a NAR's chunk list read per database round trip while it
 /// streams: the list of a NAR of any length is read in bounded memory.
@@ -160,7 +160,7 @@ impl NarBodyError {
 /// The bytes `range` of the body of `nar` (its frames in order), read as
 /// they are sent. The first error is logged and ends the body with an
 /// error, so that hyper drops the connection; a missing or short object
-/// is also handed to `common::integrity::check_after_read_failure`.
+/// is also handed to `larder_service::integrity::check_after_read_failure`.
 pub fn nar_body(
     database: Database,
     storage: Arc<dyn Storage>,
@@ -174,7 +174,11 @@ pub fn nar_body(
         // (this one included), so that Nix's retry finds the path gone and
         // a push heals it.
         if let NarBodyError::Storage(failure) = &error {
-            common::integrity::check_after_read_failure(&checker, &check_storage, &failure.source);
+            larder_service::integrity::check_after_read_failure(
+                &checker,
+                &check_storage,
+                &failure.source,
+            );
         }
         log_failure(&nar_hash, error)
     })
@@ -1043,7 +1047,7 @@ mod tests {
     use std::task::{Context, Poll};
 
     use async_trait::async_trait;
-    use common::storage::{LocalStorage, ObjectListing};
+    use larder_storage::{LocalStorage, ObjectListing};
     use tokio::io::{AsyncRead, ReadBuf};
 
     use super::*;

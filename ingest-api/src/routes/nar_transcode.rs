@@ -24,7 +24,7 @@ use futures::stream::Stream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
-use common::nix::nar_file::NarFileCompression;
+use larder_nix::nar_file::NarFileCompression;
 
 /// How much decompressed or recompressed output goes out per buffer.
 const OUTPUT_BUFFER: usize = 256 << 10;

@@ -7,7 +7,7 @@
 //! again). Listing needs any permission on the cache (`tenant_cache`), as
 //! its statistics do: a public cache's readers do not learn its releases
 //! this way. What a pin keeps, and why GC never misses one, is documented
-//! in `common::db`'s `pins` module.
+//! in `larder_db`'s `pins` module.
 
 use std::time::SystemTime;
 
@@ -16,12 +16,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use common::api::{CreatePinRequest, PinInfo, PinList, PinRevisionInfo};
-use common::auth::Permission;
-use common::db::{AuditAction, Pin, Timestamp};
-use common::nix::StorePathHash;
-use common::pin::PinName;
-use common::time::unix_seconds;
+use larder_api::pin::PinName;
+use larder_api::time::unix_seconds;
+use larder_api::v1::{CreatePinRequest, PinInfo, PinList, PinRevisionInfo};
+use larder_db::{AuditAction, Pin, Timestamp};
+use larder_nix::StorePathHash;
+use larder_token::Permission;
 
 use super::parse_cache_name;
 use crate::access::Caller;

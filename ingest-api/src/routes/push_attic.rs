@@ -8,14 +8,14 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::Json;
 
-use common::api::{
+use larder_api::upload_info::{CheckedUploadInfo, UploadInfoError};
+use larder_api::v1::{
     GetMissingPathsRequest, GetMissingPathsResponse, UploadPathResult, NAR_INFO_HEADER,
     NAR_INFO_PREAMBLE_SIZE_HEADER,
 };
-use common::auth::Permission;
-use common::db::Cache;
-use common::nix::StorePathHash;
-use common::upload_info::{CheckedUploadInfo, UploadInfoError};
+use larder_db::Cache;
+use larder_nix::StorePathHash;
+use larder_token::Permission;
 
 use super::parse_cache_name;
 use crate::access::Caller;

@@ -13,7 +13,7 @@
 //! compressed bytes against the FileHash in its name, the NAR against the
 //! strict reader), spooled, and remembered per cache by file name (a file
 //! already waiting under that name holds the same bytes and is kept; the
-//! new copy goes). The narinfo then names it (`common::nix::nar_file`
+//! new copy goes). The narinfo then names it (`larder_nix::nar_file`
 //! does that join), its NarHash and NarSize must match what was computed,
 //! and the path goes the way of any other push: linked at once to a NAR
 //! stored already, or recorded as an upload that claims the staged file in
@@ -33,15 +33,15 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use common::api::UploadPathResult;
-use common::auth::Permission;
-use common::cache_name::CacheName;
-use common::db::{Cache, StagedFile, Timestamp};
-use common::nix::nar_file::{NarFileCompression, NarFileName, PushedNarInfo};
-use common::nix::StorePathHash;
-use common::storage::ObjectKey;
-use common::upload_info::PathFields;
-use common::verify::encoded::ContentEncoding;
+use larder_api::cache_name::CacheName;
+use larder_api::upload_info::PathFields;
+use larder_api::v1::UploadPathResult;
+use larder_db::{Cache, StagedFile, Timestamp};
+use larder_nix::nar_file::{NarFileCompression, NarFileName, PushedNarInfo};
+use larder_nix::StorePathHash;
+use larder_storage::ObjectKey;
+use larder_token::Permission;
+use larder_verify::encoded::ContentEncoding;
 
 use super::parse_cache_name;
 use crate::access::Caller;

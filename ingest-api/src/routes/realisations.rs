@@ -2,7 +2,7 @@
 //! `{cache}/build-trace-v2/<drv>/<output>.doi` (Nix 2.35 on): the
 //! realisations of content-addressed derivations (`ca-derivations`), as
 //! Nix reads and writes them in a binary cache (see
-//! `common::nix::realisation`). A `PUT` needs push
+//! `larder_nix::realisation`). A `PUT` needs push
 //! permission and is checked whole before anything is stored; a `GET` (or
 //! `HEAD`) needs what a narinfo does and answers only while the cache holds
 //! the output path, with the cache's signature beside the pusher's.
@@ -12,9 +12,9 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use common::auth::Permission;
-use common::db::Timestamp;
-use common::nix::realisation::{DrvOutputId, Realisation, RealisationKey, MAX_REALISATION_BYTES};
+use larder_db::Timestamp;
+use larder_nix::realisation::{DrvOutputId, Realisation, RealisationKey, MAX_REALISATION_BYTES};
+use larder_token::Permission;
 
 use super::parse_cache_name;
 use crate::access::Caller;

@@ -3,7 +3,7 @@
 //! whole server and how its caches share storage, for an operator).
 //!
 //! What each figure means, and why a tenant's never depend on other
-//! caches, is documented on `common::api::CacheStats`. Both read every
+//! caches, is documented on `larder_api::v1::CacheStats`. Both read every
 //! chunk-list row of the caches they cover, so a cache's figures are
 //! computed at most once per [`STATS_TIME_TO_LIVE`] on each server.
 
@@ -12,11 +12,11 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::Json;
 
-use common::api;
-use common::auth::Permission;
-use common::cache_name::{CacheName, CacheNamePattern};
-use common::db::{dedup_ratio, CacheStats};
-use common::time::unix_seconds;
+use larder_api::cache_name::{CacheName, CacheNamePattern};
+use larder_api::time::unix_seconds;
+use larder_api::v1 as api;
+use larder_db::{dedup_ratio, CacheStats};
+use larder_token::Permission;
 
 use super::parse_cache_name;
 use crate::access::Caller;

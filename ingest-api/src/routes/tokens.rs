@@ -1,7 +1,7 @@
 //! The token API: `GET /_api/v1/whoami`, and `GET`/`POST /_api/v1/tokens`
 //! and `DELETE /_api/v1/tokens/{jti}` for tokens holding `manage_tokens`.
 //!
-//! What a caller may see and do follows `common::auth::delegation`: it
+//! What a caller may see and do follows `larder_token::delegation`: it
 //! lists and revokes the tokens it manages (`manage_tokens` on every name
 //! they mention) and its own, and mints only within its own permissions
 //! and lifetime. A token it does not manage is answered like one that does
@@ -18,11 +18,11 @@ use axum::extract::State;
 use axum::Json;
 use serde::Deserialize;
 
-use common::api::{MintTokenRequest, MintTokenResponse, TokenInfo, TokenList};
-use common::auth::{Claims, MintError, Permissions, TokenBuilder};
-use common::cache_name::CacheNamePattern;
-use common::db::{AuditAction, DbError, Timestamp, TokenRecord};
-use common::time::unix_seconds;
+use larder_api::cache_name::CacheNamePattern;
+use larder_api::time::unix_seconds;
+use larder_api::v1::{MintTokenRequest, MintTokenResponse, TokenInfo, TokenList};
+use larder_db::{AuditAction, DbError, Timestamp, TokenRecord};
+use larder_token::{Claims, MintError, Permissions, TokenBuilder};
 
 use crate::access::Caller;
 use crate::audit;

@@ -5,14 +5,14 @@
 //! The status says only what the upload itself determines: its phase, its
 //! own size and its times. Chunk counts would describe the stored NAR, and
 //! chunks other tenants stored count as stored at once, so they are not
-//! shown (see `common::api::UploadStatus`).
+//! shown (see `larder_api::v1::UploadStatus`).
 
 use axum::extract::State;
 use axum::Json;
 
-use common::api::UploadStatus;
-use common::auth::Permission;
-use common::db::UploadId;
+use larder_api::v1::UploadStatus;
+use larder_db::UploadId;
+use larder_token::Permission;
 
 use crate::access::Caller;
 use crate::error::ApiError;

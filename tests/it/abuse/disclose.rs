@@ -11,11 +11,11 @@
 
 use std::time::Duration;
 
-use common::api::UploadStatus;
-use common::auth::Permission;
-use common::db::{CacheUpdate, StoreState, UploadId};
-use common::metrics::CONTENT_TYPE;
-use common::nix::Sha256Hash;
+use larder_api::v1::UploadStatus;
+use larder_db::{CacheUpdate, StoreState, UploadId};
+use larder_nix::Sha256Hash;
+use larder_service::metrics::CONTENT_TYPE;
+use larder_token::Permission;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE as CONTENT_TYPE_HEADER};
 use reqwest::StatusCode;
 use tests::server::{pseudo_random, TestServer, TestServerOptions};
@@ -223,7 +223,7 @@ async fn upload_status_shows_nothing_of_chunks_another_tenant_stored() {
     let server = TestServer::start(TestServerOptions {
         database_url: Some(database_url.expose().to_owned()),
         edit_config: Some(std::sync::Arc::new(move |config| {
-            config.storage = common::config::StorageConfig::Local {
+            config.storage = larder_config::StorageConfig::Local {
                 path: storage.clone(),
             };
             config.pipeline.compress_concurrency = 0;
@@ -322,7 +322,7 @@ async fn with_an_ops_listener_metrics_leave_the_public_port() {
     for path in ["/metrics", "/readyz"] {
         let public = get(&server, path, None).await;
         assert_eq!(public.status(), StatusCode::NOT_FOUND, "public {path}");
-        let body: common::api::ErrorResponse = public.json().await.expect("a JSON error");
+        let body: larder_api::v1::ErrorResponse = public.json().await.expect("a JSON error");
         assert_eq!(body.error, "NoSuchEndpoint");
     }
     let metrics = server

@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use common::api::{UploadPathResult, UploadPathResultKind};
-use common::auth::Permission;
-use common::nix::nar::NarEncoder;
-use common::nix::Sha256Hash;
-use common::verify::{RATIO_ALLOWANCE, XZ_MEMORY_LIMIT};
+use larder_api::v1::{UploadPathResult, UploadPathResultKind};
+use larder_nix::nar::NarEncoder;
+use larder_nix::Sha256Hash;
+use larder_token::Permission;
+use larder_verify::{RATIO_ALLOWANCE, XZ_MEMORY_LIMIT};
 use reqwest::{Response, StatusCode};
 use tests::prometheus;
 use tests::server::{pseudo_random, TestServer, TestServerOptions};

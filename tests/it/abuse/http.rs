@@ -11,10 +11,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use common::auth::Permission;
-use common::config::HttpConfig;
-use common::duration::HumanDuration;
-use common::nix::Sha256Hash;
+use larder_api::duration::HumanDuration;
+use larder_config::HttpConfig;
+use larder_nix::Sha256Hash;
+use larder_token::Permission;
 use reqwest::StatusCode;
 use tests::nix::{write_file, NixEnv, NixVersion};
 use tests::prometheus::{self, Page};
@@ -71,7 +71,7 @@ fn secs(seconds: u64) -> HumanDuration {
 fn metrics() -> Page {
     // Exact figures (open connections): only this test's server may move them.
     prometheus::assert_metrics_are_this_tests_own();
-    prometheus::parse(&common::metrics::render()).expect("a valid metrics page")
+    prometheus::parse(&larder_service::metrics::render()).expect("a valid metrics page")
 }
 
 /// Waits until `condition` holds on the metrics page.
@@ -401,7 +401,7 @@ async fn past_the_per_token_limit_an_upload_gets_429_with_retry_after() {
         retry_after.is_some_and(|seconds| seconds >= 1),
         "{retry_after:?}"
     );
-    let error: common::api::ErrorResponse = refused.json().await.expect("a JSON error");
+    let error: larder_api::v1::ErrorResponse = refused.json().await.expect("a JSON error");
     assert_eq!((error.code, error.error.as_str()), (429, "TooManyUploads"));
     assert!(
         error.message.contains("max-concurrent-uploads-per-token"),

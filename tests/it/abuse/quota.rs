@@ -9,14 +9,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::api::{CacheConfig, CacheQuota, ErrorResponse, StorageUsage, UploadPathResult};
-use common::auth::Permission;
-use common::byte_size::ByteSize;
-use common::config::GcConfig;
-use common::db::{CacheUpdate, Timestamp, UploadPhase};
-use common::duration::HumanDuration;
-use common::nix::{NarHash, Sha256Hash};
-use common::storage::LocalStorage;
+use larder_api::byte_size::ByteSize;
+use larder_api::duration::HumanDuration;
+use larder_api::v1::{CacheConfig, CacheQuota, ErrorResponse, StorageUsage, UploadPathResult};
+use larder_config::GcConfig;
+use larder_db::{CacheUpdate, Timestamp, UploadPhase};
+use larder_nix::{NarHash, Sha256Hash};
+use larder_storage::LocalStorage;
+use larder_token::Permission;
 use reqwest::{Response, StatusCode};
 use serde_json::json;
 use tests::server::{count_files, pseudo_random, TestServer, TestServerOptions};
@@ -562,7 +562,7 @@ async fn evict_lru_evicts_the_least_recently_accessed_and_keeps_the_rest() {
 }
 
 /// The last access time of a path of a cache, from the database.
-async fn last_access(server: &TestServer, cache_id: common::db::CacheId, path: &str) -> Timestamp {
+async fn last_access(server: &TestServer, cache_id: larder_db::CacheId, path: &str) -> Timestamp {
     server
         .database()
         .objects_of_cache(cache_id)
@@ -706,7 +706,7 @@ async fn a_push_that_fills_the_disk_gets_507_and_leaves_nothing() {
     let storage_path = root.path().to_owned();
     let server = TestServer::start(TestServerOptions {
         edit_config: Some(std::sync::Arc::new(move |config| {
-            config.storage = common::config::StorageConfig::Local {
+            config.storage = larder_config::StorageConfig::Local {
                 path: storage_path.clone(),
             };
             config.quota.min_free_space = ByteSize::new(0);

@@ -18,13 +18,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::api::UploadPathResult;
-use common::auth::Permission;
-use common::chunking::MIN_CHUNK_SIZE;
-use common::config::GcConfig;
-use common::db::{Backend, Cache};
-use common::duration::HumanDuration;
-use common::nix::{Sha256Hash, StorePathHash};
+use larder_api::duration::HumanDuration;
+use larder_api::v1::UploadPathResult;
+use larder_config::GcConfig;
+use larder_db::chunking::MIN_CHUNK_SIZE;
+use larder_db::{Backend, Cache};
+use larder_nix::{Sha256Hash, StorePathHash};
+use larder_token::Permission;
 use reqwest::header::CONTENT_LENGTH;
 use reqwest::StatusCode;
 use tests::nix::{cache_files, file_cache_url, symlink, write_file, NixEnv, NixVersion};
@@ -150,8 +150,8 @@ tests::under_each_nix! {
         assert!(chunks.len() >= 3, "{} chunks", chunks.len());
         for entry in &chunks {
             let location = entry.chunk.location.as_ref().expect("a stored chunk");
-            let key = common::storage::ObjectKey::new(location.object_key.as_str()).expect("a key");
-            common::storage::Storage::delete(server.storage(), &key)
+            let key = larder_storage::ObjectKey::new(location.object_key.as_str()).expect("a key");
+            larder_storage::Storage::delete(server.storage(), &key)
                 .await
                 .expect("deleting a chunk object");
         }
@@ -467,7 +467,7 @@ async fn put_narinfo(
         .basic_auth("", Some(token))
         .body(narinfo);
     if let Some(wait) = wait {
-        request = request.header(common::api::WAIT_HEADER, wait);
+        request = request.header(larder_api::v1::WAIT_HEADER, wait);
     }
     request.send().await.expect("sending a PUT")
 }

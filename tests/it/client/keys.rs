@@ -12,7 +12,7 @@ use super::{
     assert_substitutes_the_same_nars, blocking, path_for_seeding, server_view, text, Larder, HOUR,
 };
 use crate::server::store_with_a_built_path;
-use common::auth::Permission;
+use larder_token::Permission;
 
 /// A Nix environment of `version` with a store of three paths, one of
 /// them built (input-addressed: substituting it needs a trusted

@@ -20,10 +20,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use common::api::{CacheConfig, CacheQuota, QuotaPolicy, RetentionPeriodConfig};
-use common::auth::Permission;
-use common::cache_name::CacheName;
-use common::db::ObjectMetadata;
+use larder_api::cache_name::CacheName;
+use larder_api::v1::{CacheConfig, CacheQuota, QuotaPolicy, RetentionPeriodConfig};
+use larder_db::ObjectMetadata;
+use larder_token::Permission;
 use tests::nix::{NixEnv, NixVersion};
 use tests::server::{binary, expired_token, TestServer};
 
@@ -484,7 +484,7 @@ async fn quotas_are_set_with_flags_and_info_shows_usage_against_them() {
 
     // A path of 256 KiB and a little: a quarter of the quota, rounded down.
     let nar = {
-        let mut encoder = common::nix::nar::NarEncoder::new(Vec::new()).expect("a NAR");
+        let mut encoder = larder_nix::nar::NarEncoder::new(Vec::new()).expect("a NAR");
         encoder
             .regular(false, &vec![7u8; 256 << 10])
             .expect("a file");

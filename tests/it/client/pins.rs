@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use common::db::CacheUpdate;
+use larder_db::CacheUpdate;
 use tests::server::TestServer;
 
 use super::{blocking, store_config, Larder};

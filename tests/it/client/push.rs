@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::auth::Permission;
+use larder_token::Permission;
 use tests::nix::{NixEnv, NixVersion};
 use tests::server::TestServer;
 
@@ -257,7 +257,9 @@ async fn peak_open_connections(
     push: impl std::future::Future<Output = std::process::Output>,
 ) -> (std::process::Output, i64) {
     tests::prometheus::assert_metrics_are_this_tests_own();
-    let open = common::metrics::larder().http_open_connections.clone();
+    let open = larder_service::metrics::larder()
+        .http_open_connections
+        .clone();
     let mut polls = 0;
     while open.get() != 0 {
         polls += 1;

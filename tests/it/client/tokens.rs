@@ -1,7 +1,7 @@
 //! `larder token …`, `larder stats`, the statistics in `larder cache
 //! info`, and `larder cache audit` and `purge`, against the real server.
 
-use common::auth::Permission;
+use larder_token::Permission;
 use tests::server::TestServer;
 
 use super::{Larder, HOUR};

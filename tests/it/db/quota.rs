@@ -1,16 +1,16 @@
-//! Per-cache quota usage in the store layer (`common::db`'s `quota`
+//! Per-cache quota usage in the store layer (`larder_db`'s `quota`
 //! module), against both backends: the counters follow every row that
 //! counts, pushes over a quota write nothing, concurrent admissions never
 //! overshoot, eviction takes the least recently accessed paths and only as
 //! many as needed (never a pinned closure), and GC's recomputation heals
 //! drift.
 
-use common::api::{CacheQuota, QuotaPolicy};
-use common::db::{
+use larder_api::v1::{CacheQuota, QuotaPolicy};
+use larder_db::{
     Actor, CacheId, CacheUpdate, CacheUsage, Database, DbError, LinkedPath, QuotaDefaults,
     StagedFile, UploadPhase,
 };
-use common::nix::StorePathHash;
+use larder_nix::StorePathHash;
 
 use super::{
     at, cache_name, create_cache, metadata, nar_hash, new_object, new_upload, open, path_hash,
@@ -50,7 +50,7 @@ async fn assert_usage(db: &Database, cache_id: CacheId, path_bytes: u64, pending
 }
 
 /// An upload of `nar_size` bytes of the path `n`, with NAR `n`.
-fn sized_upload(cache_id: CacheId, n: u8, nar_size: u64) -> common::db::NewUpload {
+fn sized_upload(cache_id: CacheId, n: u8, nar_size: u64) -> larder_db::NewUpload {
     let mut upload = new_upload(cache_id, path_hash(n), n);
     upload.nar_size = nar_size;
     upload
@@ -524,7 +524,7 @@ async fn eviction_never_takes_a_pinned_closure(t: TestDb) {
             cache.id,
             &"release".parse().expect("a pin name"),
             &path_hash(1),
-            Some(common::pin::KeepPolicy::Forever),
+            Some(larder_api::pin::KeepPolicy::Forever),
             Some("alice"),
             at(40),
         )

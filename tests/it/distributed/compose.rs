@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use common::config::{is_config_variable, QueueConfig, ServerConfig, StorageConfig};
+use larder_config::{is_config_variable, QueueConfig, ServerConfig, StorageConfig};
 use serde_yaml::{Mapping, Value};
 use tests::process::service_command;
 

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tests::nix::NixVersion;
 
-use common::api::UploadPathResult;
-use common::db::UploadPhase;
+use larder_api::v1::UploadPathResult;
+use larder_db::UploadPhase;
 use reqwest::StatusCode;
 use tests::cluster::{ApiEndpoint, Cluster, ClusterOptions, ClusterServices};
 use tests::server::HttpApi;

@@ -18,9 +18,9 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::auth::Permission;
-use common::db::{Upload, UploadPhase};
-use common::queue::{CHUNK_DEAD_LETTER_QUEUE, COMPRESS_DEAD_LETTER_QUEUE};
+use larder_db::{Upload, UploadPhase};
+use larder_queue::{CHUNK_DEAD_LETTER_QUEUE, COMPRESS_DEAD_LETTER_QUEUE};
+use larder_token::Permission;
 use tests::cluster::Cluster;
 use tests::nix::{NixEnv, NixVersion};
 use tests::server::HttpApi;

@@ -1,11 +1,11 @@
 //! Pushing through the distributed topology: issue #5's acceptance push,
 //! and a poison message.
 
-use common::api::UploadPathResult;
-use common::config::IngestConfig;
-use common::db::UploadPhase;
-use common::duration::HumanDuration;
-use common::queue::CHUNK_DEAD_LETTER_QUEUE;
+use larder_api::duration::HumanDuration;
+use larder_api::v1::UploadPathResult;
+use larder_config::IngestConfig;
+use larder_db::UploadPhase;
+use larder_queue::CHUNK_DEAD_LETTER_QUEUE;
 use tests::bench::{single_file_nar, Pusher};
 use tests::cluster::{Cluster, ClusterOptions, ClusterServices};
 use tests::server::{pseudo_random, HttpApi};

@@ -1,13 +1,13 @@
-//! GC's queries (`common::db`'s `gc` module) against both backends, and
+//! GC's queries (`larder_db`'s `gc` module) against both backends, and
 //! their races with linking a path and recording a chunk list.
 
 use std::collections::BTreeMap;
 
-use common::db::{
+use larder_db::{
     Actor, CacheId, CacheKeypair, ChunkId, ChunkLocation, Database, DbError, LinkedPath, NarId,
     NewCache, NewChunk, NewObject, NewUpload, StoreState, StoredChunk, Timestamp,
 };
-use common::nix::{NarHash, Sha256Hash, StorePathHash};
+use larder_nix::{NarHash, Sha256Hash, StorePathHash};
 
 use crate::fresh_db::both_backends;
 

@@ -8,17 +8,17 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use reqwest::StatusCode;
 
-use common::api::{DeletePathsRequest, DeletePathsResponse};
-use common::auth::Permission;
-use common::config::{
+use gc_scheduler::gc::{collect_garbage, collect_garbage_locked, reap_locked, GcLock};
+use larder_api::duration::HumanDuration;
+use larder_api::v1::{DeletePathsRequest, DeletePathsResponse};
+use larder_config::{
     AuthConfig, DatabaseConfig, GcConfig, HttpConfig, IngestConfig, LogConfig, OpsConfig,
     PipelineConfig, QueueConfig, QuotaConfig, Secret, ServerConfig, StorageConfig,
 };
-use common::db::{Actor, CacheKeypair, CacheUpdate, Database, NewCache, Timestamp};
-use common::duration::HumanDuration;
-use common::nix::signing::SecretKey;
-use common::storage::{ObjectKey, Storage};
-use gc_scheduler::gc::{collect_garbage, collect_garbage_locked, reap_locked, GcLock};
+use larder_db::{Actor, CacheKeypair, CacheUpdate, Database, NewCache, Timestamp};
+use larder_nix::signing::SecretKey;
+use larder_storage::{ObjectKey, Storage};
+use larder_token::Permission;
 use tests::server::{
     binary, pseudo_random, seed_nar, TestServer, TestServerOptions, SEED_CHUNK_SIZE,
 };
@@ -101,7 +101,7 @@ pub(super) async fn age_objects(database: &Database, cache: &str) {
 /// returns the access time recorded.
 async fn flushed_access(
     server: &TestServer,
-    cache_id: common::db::CacheId,
+    cache_id: larder_db::CacheId,
     hash: &str,
     after: Timestamp,
 ) -> Timestamp {
@@ -141,7 +141,7 @@ async fn until_not_found(server: &TestServer, cache: &str, path: &str, token: &s
 }
 
 /// Cache `name`, which must exist.
-async fn cache_named(database: &Database, name: &str) -> common::db::Cache {
+async fn cache_named(database: &Database, name: &str) -> larder_db::Cache {
     database
         .cache_by_name(&name.parse().expect("a cache name"))
         .await
@@ -240,7 +240,7 @@ async fn retention_on_postgres_with_garage() {
     let settings = services::S3Settings::from_env();
     let prefix = services::unique_name("gc");
     let storage_config = StorageConfig::S3(settings.storage_config(&prefix));
-    let storage = common::storage::open(&storage_config)
+    let storage = larder_storage::open(&storage_config)
         .await
         .expect("opening S3 storage");
     let dir = tempfile::tempdir().expect("a config directory");
@@ -283,7 +283,7 @@ async fn retention_on_postgres_with_garage() {
         caches.push(cache);
     }
     let path = fake_store_path("shared");
-    let hash = common::nix::StorePathHash::parse(&path["/nix/store/".len()..][..32]).expect("hash");
+    let hash = larder_nix::StorePathHash::parse(&path["/nix/store/".len()..][..32]).expect("hash");
     let nar = file_nar(&pseudo_random(2 * SEED_CHUNK_SIZE + 10, 2));
     let mut keys = Vec::new();
     for cache in &caches {
@@ -327,14 +327,14 @@ async fn retention_on_postgres_with_garage() {
 
 /// A fresh, migrated PostgreSQL database and local storage in a temporary
 /// directory (kept while the returned guard lives).
-async fn postgres_with_local_storage(
-) -> (Database, common::storage::LocalStorage, tempfile::TempDir) {
+async fn postgres_with_local_storage() -> (Database, larder_storage::LocalStorage, tempfile::TempDir)
+{
     let database = Database::connect(&services::fresh_postgres_database().await)
         .await
         .expect("connecting");
     database.migrate().await.expect("migrating");
     let dir = tempfile::tempdir().expect("storage directory");
-    let storage = common::storage::LocalStorage::open(dir.path())
+    let storage = larder_storage::LocalStorage::open(dir.path())
         .await
         .expect("storage");
     (database, storage, dir)
@@ -649,9 +649,9 @@ async fn larder_cache_delete_path_removes_paths() {
 /// and `staging/` go once older than their grace, referenced ones never.
 #[tokio::test]
 async fn reaping_removes_stale_uploads_staged_files_and_orphan_chunk_objects() {
-    use common::config::GcConfig;
-    use common::db::{NewUpload, StagedFile, UploadPhase};
-    use common::nix::{NarHash, Sha256Hash, StorePathHash};
+    use larder_config::GcConfig;
+    use larder_db::{NewUpload, StagedFile, UploadPhase};
+    use larder_nix::{NarHash, Sha256Hash, StorePathHash};
 
     let server = TestServer::start(gc_server_options()).await;
     let cache = server.create_cache("reaped", false).await;

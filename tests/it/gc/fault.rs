@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use sqlx::Row;
 
-use common::config::GcConfig;
-use common::duration::HumanDuration;
+use larder_api::duration::HumanDuration;
+use larder_config::GcConfig;
 use tests::server::{binary, TestServer, TestServerOptions};
 
 use super::end_to_end::{age_objects, chunk_objects, run_gc_once, set_retention};

@@ -14,8 +14,8 @@ mod stress;
 use std::time::Duration;
 
 use crate::server::{fake_store_path, file_nar, plain_metadata};
-use common::config::GcConfig;
-use common::duration::HumanDuration;
+use larder_api::duration::HumanDuration;
+use larder_config::GcConfig;
 
 /// GC settings for tests: no grace for unreferenced chunks, so one run
 /// collects everything collectable; access times flushed every second.

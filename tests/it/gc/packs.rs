@@ -7,13 +7,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::byte_size::ByteSize;
-use common::config::{GcConfig, StorageConfig};
-use common::db::{Backend, Timestamp};
-use common::nix::StorePathHash;
-use common::storage::pack::PACK_TARGET_BYTES;
-use common::storage::{ObjectKey, Storage};
 use gc_scheduler::gc::{collect_garbage_locked, GcReport, PACK_GRACE};
+use larder_api::byte_size::ByteSize;
+use larder_config::{GcConfig, StorageConfig};
+use larder_db::{Backend, Timestamp};
+use larder_nix::StorePathHash;
+use larder_storage::pack::PACK_TARGET_BYTES;
+use larder_storage::{ObjectKey, Storage};
 use tests::bench::{single_file_nar, store_path_hash_for, Pusher};
 use tests::server::{pseudo_random, TestServer, TestServerOptions};
 use tests::services;
@@ -68,7 +68,7 @@ impl Rig {
             ..TestServerOptions::default()
         })
         .await;
-        let storage = common::storage::open(&server.config().storage)
+        let storage = larder_storage::open(&server.config().storage)
             .await
             .expect("opening the server's storage");
         Self { server, storage }
@@ -417,7 +417,7 @@ macro_rules! rigs {
                 $(
                     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                     async fn $name() {
-                        super::$name(common::db::Backend::$backend, super::Store::$store).await;
+                        super::$name(larder_db::Backend::$backend, super::Store::$store).await;
                     }
                 )*
             }

@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use common::auth::Permission;
-use common::db::{Database, StoreState, Timestamp};
-use common::nix::signing::SecretKey;
-use common::storage::Storage;
 use gc_scheduler::gc::collect_garbage_locked;
+use larder_db::{Database, StoreState, Timestamp};
+use larder_nix::signing::SecretKey;
+use larder_storage::Storage;
+use larder_token::Permission;
 use sqlx::Row;
 use tests::nix::NixEnv;
 use tests::server::{TestServer, TestServerOptions};

@@ -1,12 +1,12 @@
-//! The damage model's queries (`common::db`'s `damage` module) against
+//! The damage model's queries (`larder_db`'s `damage` module) against
 //! both backends: what marking chunks damaged withdraws, what it leaves
 //! alone, and how storing the chunks again brings the NARs back.
 
-use common::db::{
+use larder_db::{
     Actor, CacheId, CacheKeypair, ChunkId, ChunkLocation, DamagedChunk, Database, NarId, NewCache,
     NewObject, NewPack, StoreState, StoredChunk, Timestamp,
 };
-use common::nix::{NarHash, Sha256Hash, StorePathHash};
+use larder_nix::{NarHash, Sha256Hash, StorePathHash};
 
 use crate::fresh_db::both_backends;
 

@@ -10,11 +10,11 @@ use tests::nix::NixVersion;
 use bytes::Bytes;
 use reqwest::StatusCode;
 
-use common::api::{GetMissingPathsRequest, GetMissingPathsResponse, UploadPathResult};
-use common::auth::Permission;
-use common::config::{IngestConfig, StorageConfig};
-use common::db::{Backend, ChunkLocation, DamagedChunk, Nar, NarChunk};
-use common::storage::{ObjectKey, Storage};
+use larder_api::v1::{GetMissingPathsRequest, GetMissingPathsResponse, UploadPathResult};
+use larder_config::{IngestConfig, StorageConfig};
+use larder_db::{Backend, ChunkLocation, DamagedChunk, Nar, NarChunk};
+use larder_storage::{ObjectKey, Storage};
+use larder_token::Permission;
 use tests::server::{binary, pseudo_random, TestServer, TestServerOptions, SEED_CHUNK_SIZE};
 use tests::services::{self, S3Settings};
 
@@ -43,7 +43,7 @@ async fn server(backend: Backend, chunks: Chunks, ingest: IngestConfig) -> TestS
         backend,
         ingest,
         edit_config: storage.map(|storage| {
-            Arc::new(move |config: &mut common::config::ServerConfig| {
+            Arc::new(move |config: &mut larder_config::ServerConfig| {
                 config.storage = storage.clone();
             }) as tests::server::ConfigEdit
         }),
@@ -54,7 +54,7 @@ async fn server(backend: Backend, chunks: Chunks, ingest: IngestConfig) -> TestS
 
 /// The server's storage, as its config names it (local or S3).
 async fn storage_of(server: &TestServer) -> Arc<dyn Storage> {
-    common::storage::open(&server.config().storage)
+    larder_storage::open(&server.config().storage)
         .await
         .expect("opening the server's storage")
 }
@@ -146,7 +146,7 @@ async fn stored_nar(server: &TestServer, cache: &str, path: &str) -> (Nar, Vec<N
         .await
         .expect("reading the cache")
         .expect("the cache exists");
-    let hash = common::nix::StorePathHash::parse(&hash_of(path)).expect("a store path hash");
+    let hash = larder_nix::StorePathHash::parse(&hash_of(path)).expect("a store path hash");
     let found = database
         .find_object(cache.id, &hash)
         .await
@@ -520,7 +520,7 @@ async fn a_download_missing_a_chunk_is_cut_short_and_withdraws_its_path() {
         .await
         .expect("reading the NAR")
         .expect("kept for healing");
-    assert_eq!(nar_row.state, common::db::StoreState::Pending);
+    assert_eq!(nar_row.state, larder_db::StoreState::Pending);
 
     let result: UploadPathResult = ok_json(
         server

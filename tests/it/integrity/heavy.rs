@@ -21,13 +21,13 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use reqwest::StatusCode;
 
-use common::config::{GcConfig, IngestConfig, StorageConfig};
-use common::db::{Backend, CacheUpdate, Timestamp};
-use common::duration::HumanDuration;
-use common::nix::nar::NarEncoder;
-use common::nix::narinfo::{Compression, NarInfo};
-use common::nix::{NarHash, Sha256Hash, StoreDir, StorePath, StorePathHash};
-use common::storage::{ObjectKey, Storage};
+use larder_api::duration::HumanDuration;
+use larder_config::{GcConfig, IngestConfig, StorageConfig};
+use larder_db::{Backend, CacheUpdate, Timestamp};
+use larder_nix::nar::NarEncoder;
+use larder_nix::narinfo::{Compression, NarInfo};
+use larder_nix::{NarHash, Sha256Hash, StoreDir, StorePath, StorePathHash};
+use larder_storage::{ObjectKey, Storage};
 use tests::nix::{NixEnv, NixVersion};
 use tests::server::{TestServer, TestServerOptions};
 use tests::services::{self, S3Settings};
@@ -160,15 +160,13 @@ async fn an_eight_gib_nar_is_pushed_substituted_verified_and_collected(
             wait_for_visible: HumanDuration::from_secs(0),
             ..IngestConfig::default()
         },
-        edit_config: Some(Arc::new(
-            move |config: &mut common::config::ServerConfig| {
-                config.storage = storage_config.clone();
-            },
-        )),
+        edit_config: Some(Arc::new(move |config: &mut larder_config::ServerConfig| {
+            config.storage = storage_config.clone();
+        })),
         ..TestServerOptions::default()
     })
     .await;
-    let storage = common::storage::open(&server.config().storage)
+    let storage = larder_storage::open(&server.config().storage)
         .await
         .expect("the server's storage");
     let cache = "eight-gib";
@@ -180,8 +178,8 @@ async fn an_eight_gib_nar_is_pushed_substituted_verified_and_collected(
             &[(
                 cache,
                 &[
-                    common::auth::Permission::Pull,
-                    common::auth::Permission::Push,
+                    larder_token::Permission::Pull,
+                    larder_token::Permission::Push,
                 ],
             )],
         )

@@ -9,11 +9,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use reqwest::StatusCode;
 
-use common::config::GcConfig;
-use common::db::{Actor, Backend, NewObject, StoreState, StoredChunk, Timestamp};
-use common::duration::HumanDuration;
-use common::nix::{NarHash, Sha256Hash, StorePathHash};
-use common::storage::{ObjectKey, Storage};
+use larder_api::duration::HumanDuration;
+use larder_config::GcConfig;
+use larder_db::{Actor, Backend, NewObject, StoreState, StoredChunk, Timestamp};
+use larder_nix::{NarHash, Sha256Hash, StorePathHash};
+use larder_storage::{ObjectKey, Storage};
 use tests::counting_storage::CountingStorage;
 use tests::prometheus;
 use tests::server::{pseudo_random, TestServer, TestServerOptions, SEED_CHUNK_SIZE};
@@ -37,7 +37,7 @@ async fn packed_paths(server: &TestServer) -> (ObjectKey, Vec<u8>, Vec<(u64, u64
         stored.push(StoredChunk {
             chunk_hash: Sha256Hash::digest(&data),
             chunk_size: data.len() as u64,
-            location: common::db::ChunkLocation {
+            location: larder_db::ChunkLocation {
                 object_key: key.to_string(),
                 offset: pack.len() as u64,
                 length: frame.len() as u64,
@@ -195,7 +195,7 @@ async fn the_periodic_scrub_finds_damage_on_its_own_and_counts_it() {
         .mint(
             "reader",
             HOUR,
-            &[(cache, &[common::auth::Permission::Pull])],
+            &[(cache, &[larder_token::Permission::Pull])],
         )
         .await;
     let path = fake_store_path("scrubbed");

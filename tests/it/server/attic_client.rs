@@ -26,8 +26,8 @@
 
 use std::collections::BTreeMap;
 
-use common::auth::Permission;
-use common::nix::Sha256Hash;
+use larder_nix::Sha256Hash;
+use larder_token::Permission;
 use serde::{Deserialize, Serialize};
 use tests::server::TestServer;
 

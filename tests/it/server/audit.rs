@@ -6,11 +6,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::api::{AuditEvent, AuditPage, MintTokenResponse, PurgeResponse};
-use common::auth::Permission;
-use common::config::GcConfig;
-use common::db::{Backend, Timestamp};
-use common::duration::HumanDuration;
+use larder_api::duration::HumanDuration;
+use larder_api::v1::{AuditEvent, AuditPage, MintTokenResponse, PurgeResponse};
+use larder_config::GcConfig;
+use larder_db::{Backend, Timestamp};
+use larder_token::Permission;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use tests::server::{pseudo_random, TestServer};
@@ -308,7 +308,7 @@ async fn a_purge_removes_exactly_what_a_subject_or_token_pushed() {
     let by_laptop = json!({"token": alice_laptop.claims.jti, "dry_run": true});
     let listed = purge(&server, &owner, by_laptop).await;
     assert_eq!(listed.paths, paths(&["a1", "a2"]));
-    let in_future = common::time::unix_seconds(std::time::SystemTime::now()) + 3600;
+    let in_future = larder_api::time::unix_seconds(std::time::SystemTime::now()) + 3600;
     let listed = purge(
         &server,
         &owner,
@@ -390,7 +390,7 @@ async fn events_go_after_the_audit_retention() {
     push_visible(&server, &token, "kept", &one, &file_nar(b"one")).await;
     assert_eq!(all_events(&server, &token, Some("kept")).await.len(), 1);
 
-    let storage = common::storage::open(&server.config().storage)
+    let storage = larder_storage::open(&server.config().storage)
         .await
         .expect("the server's storage");
     let config = GcConfig {

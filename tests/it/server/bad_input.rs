@@ -6,7 +6,7 @@
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
-use common::auth::Permission;
+use larder_token::Permission;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{Method, StatusCode};
 use tests::server::{expired_token, TestServer};
@@ -422,7 +422,7 @@ async fn revoked_tokens_are_401() {
     ok_bytes(get(&server, &narinfo, Some(&revoked.token)).await).await;
     server
         .database()
-        .revoke_token(&revoked.claims.jti, common::db::Timestamp::now())
+        .revoke_token(&revoked.claims.jti, larder_db::Timestamp::now())
         .await
         .expect("revoking");
     // The refresher reloads the list every REVOCATION_REFRESH_INTERVAL.

@@ -2,9 +2,9 @@
 //! (each field under the permission it needs), re-keying and destroying a
 //! cache, with the served signatures following the key.
 
-use common::api::{CacheConfig, CacheQuota, QuotaPolicy, RetentionPeriodConfig, StorageUsage};
-use common::auth::Permission;
-use common::nix::{NarInfo, PublicKey, StoreDir};
+use larder_api::v1::{CacheConfig, CacheQuota, QuotaPolicy, RetentionPeriodConfig, StorageUsage};
+use larder_nix::{NarInfo, PublicKey, StoreDir};
+use larder_token::Permission;
 use reqwest::{Method, StatusCode};
 use tests::nix::NixEnv;
 use tests::server::TestServer;
@@ -520,7 +520,7 @@ async fn priorities_are_served_as_set_and_negative_ones_refused() {
 async fn storage_quotas_are_the_operators_and_usage_is_shown_to_tenants() {
     let server = TestServer::start(tests::server::TestServerOptions {
         edit_config: Some(std::sync::Arc::new(|config| {
-            config.quota.default_cache_quota = Some(common::byte_size::ByteSize::new(1 << 30));
+            config.quota.default_cache_quota = Some(larder_api::byte_size::ByteSize::new(1 << 30));
         })),
         ..Default::default()
     })

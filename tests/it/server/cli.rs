@@ -9,8 +9,8 @@ use std::process::{Command, Output};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use common::api::CacheConfig;
-use common::db::Database;
+use larder_api::v1::CacheConfig;
+use larder_db::Database;
 use reqwest::{Method, StatusCode};
 use tests::process::{ingest_api_command, ServerProcess};
 use tests::server::TestServer;

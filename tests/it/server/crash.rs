@@ -14,9 +14,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::api::{UploadPathNarInfo, NAR_INFO_HEADER, WAIT_HEADER};
-use common::nix::nar::NarEncoder;
-use common::nix::{NarHash, Sha256Hash};
+use larder_api::v1::{UploadPathNarInfo, NAR_INFO_HEADER, WAIT_HEADER};
+use larder_nix::nar::NarEncoder;
+use larder_nix::{NarHash, Sha256Hash};
 use serde_json::Value;
 use tests::process::ServerProcess;
 use tests::server::{count_files, pseudo_random};

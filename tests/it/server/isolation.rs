@@ -3,8 +3,8 @@
 //! body are identical); A's NAR is not downloadable under B's name even
 //! when B is public, and A's paths are not B's.
 
-use common::auth::Permission;
-use common::db::Backend;
+use larder_db::Backend;
+use larder_token::Permission;
 use reqwest::{Method, StatusCode};
 use tests::server::TestServer;
 
@@ -112,7 +112,7 @@ async fn a_token_for_one_cache_learns_nothing_of_another(backend: Backend) {
         );
         assert_eq!(with_token.0, StatusCode::NOT_FOUND, "{method} {path}");
         if *method != Method::HEAD {
-            let error: common::api::ErrorResponse =
+            let error: larder_api::v1::ErrorResponse =
                 serde_json::from_slice(&with_token.1).expect("an error body");
             assert_eq!(error.error, "NoSuchCache", "{method} {path}");
         }
@@ -192,7 +192,7 @@ async fn a_nar_of_one_cache_is_not_served_under_another() {
 
     let unknown_nar = format!(
         "/tenant-b/nar/{}.nar.zst",
-        common::nix::Sha256Hash::digest(b"no such NAR").to_base32()
+        larder_nix::Sha256Hash::digest(b"no such NAR").to_base32()
     );
     let a_nar_under_b = format!("/tenant-b/{}", in_a.nar_url());
     let unknown_narinfo = format!("/tenant-b/{}.narinfo", "3".repeat(32));

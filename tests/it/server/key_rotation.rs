@@ -5,9 +5,9 @@
 //! refusals: its conflicts (409), a patch that both replaces and rotates
 //! (400), and a token without `configure_cache` (403).
 
-use common::api::CacheConfig;
-use common::auth::Permission;
-use common::nix::{NarInfo, PublicKey, StoreDir};
+use larder_api::v1::CacheConfig;
+use larder_nix::{NarInfo, PublicKey, StoreDir};
+use larder_token::Permission;
 use reqwest::{Method, StatusCode};
 use tests::nix::{NixEnv, NixVersion};
 use tests::server::TestServer;

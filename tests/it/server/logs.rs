@@ -9,12 +9,12 @@
 use super::content_type;
 use std::io::Write;
 
-use common::auth::Permission;
-use common::config::{GcConfig, IngestConfig};
-use common::db::{Backend, CacheId, CacheUpdate, Timestamp};
-use common::duration::HumanDuration;
-use common::nix::Sha256Hash;
 use gc_scheduler::gc::collect_garbage;
+use larder_api::duration::HumanDuration;
+use larder_config::{GcConfig, IngestConfig};
+use larder_db::{Backend, CacheId, CacheUpdate, Timestamp};
+use larder_nix::Sha256Hash;
+use larder_token::Permission;
 use reqwest::header::CONTENT_ENCODING;
 use reqwest::{Method, Response, StatusCode};
 use tests::nix::{write_file, NixEnv};
@@ -627,7 +627,7 @@ async fn logs_are_served_replaced_collected_and_deleted(backend: Backend) {
         .await
         .expect("setting a retention period");
     let gc = GcConfig::default();
-    let storage = common::storage::LocalStorage::open(server.dir().join("storage"))
+    let storage = larder_storage::LocalStorage::open(server.dir().join("storage"))
         .await
         .expect("the storage");
     let soon = Timestamp::now().saturating_add(HOUR / 2);

@@ -33,10 +33,10 @@ mod tokens;
 use std::path::Path;
 use std::time::Duration;
 
-use common::api::ErrorResponse;
-use common::db::ObjectMetadata;
-use common::nix::nar::NarEncoder;
-use common::nix::{NarHash, StorePathHash};
+use larder_api::v1::ErrorResponse;
+use larder_db::ObjectMetadata;
+use larder_nix::nar::NarEncoder;
+use larder_nix::{NarHash, StorePathHash};
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{Method, Response, StatusCode};
 use tests::nix::{NixEnv, NixVersion};
@@ -246,7 +246,7 @@ pub(crate) fn source_paths(env: &NixEnv, root: &Path, paths: &[String]) -> Vec<S
             let recorded = NarHash::parse(info["narHash"].as_str().expect("narHash"))
                 .expect("an SRI NAR hash");
             assert_eq!(
-                NarHash::from(common::nix::Sha256Hash::digest(&nar)),
+                NarHash::from(larder_nix::Sha256Hash::digest(&nar)),
                 recorded,
                 "the dump of {path} has the recorded NAR hash"
             );
@@ -288,14 +288,14 @@ pub(crate) fn source_paths(env: &NixEnv, root: &Path, paths: &[String]) -> Vec<S
 pub(crate) async fn gc_two_days_on(
     server: &tests::server::TestServer,
 ) -> gc_scheduler::gc::GcReport {
-    let storage = common::storage::open(&server.config().storage)
+    let storage = larder_storage::open(&server.config().storage)
         .await
         .expect("the server's storage");
     gc_scheduler::gc::collect_garbage(
         server.database(),
         &*storage,
-        &common::config::GcConfig::default(),
-        common::db::Timestamp::now().saturating_add(std::time::Duration::from_secs(2 * 24 * 3600)),
+        &larder_config::GcConfig::default(),
+        larder_db::Timestamp::now().saturating_add(std::time::Duration::from_secs(2 * 24 * 3600)),
     )
     .await
     .expect("a GC run")

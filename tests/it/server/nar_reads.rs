@@ -6,10 +6,10 @@
 
 use std::sync::Arc;
 
-use common::auth::Permission;
-use common::chunking::MIN_CHUNK_SIZE;
-use common::config::StorageConfig;
-use common::db::Backend;
+use larder_config::StorageConfig;
+use larder_db::chunking::MIN_CHUNK_SIZE;
+use larder_db::Backend;
+use larder_token::Permission;
 use reqwest::header::{ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, IF_RANGE, RANGE};
 use reqwest::StatusCode;
 use tests::nix::write_file;

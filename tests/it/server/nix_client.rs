@@ -5,9 +5,9 @@
 use super::content_type;
 use std::path::Path;
 
-use common::api::CacheConfig;
-use common::auth::Permission;
-use common::db::Backend;
+use larder_api::v1::CacheConfig;
+use larder_db::Backend;
+use larder_token::Permission;
 use reqwest::{Method, StatusCode};
 use tests::nix::{cache_files, file_cache_url, symlink, write_file, NixEnv, NixVersion};
 use tests::server::{TestServer, SEED_CHUNK_SIZE};

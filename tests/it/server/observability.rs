@@ -8,13 +8,13 @@ use super::content_type;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::api::{UploadPathResult, UploadPathResultKind};
-use common::auth::Permission;
-use common::db::{Backend, Database};
-use common::metrics::{serve_ops, Readiness};
-use common::nix::{NarHash, Sha256Hash};
-use common::queue::{EmbeddedQueue, CHUNK_QUEUE, COMPRESS_QUEUE};
-use common::storage::LocalStorage;
+use larder_api::v1::{UploadPathResult, UploadPathResultKind};
+use larder_db::{Backend, Database};
+use larder_nix::{NarHash, Sha256Hash};
+use larder_queue::{EmbeddedQueue, CHUNK_QUEUE, COMPRESS_QUEUE};
+use larder_service::metrics::{serve_ops, Readiness};
+use larder_storage::LocalStorage;
+use larder_token::Permission;
 use reqwest::header::AUTHORIZATION;
 use reqwest::StatusCode;
 use tests::prometheus::{self, Page};
@@ -384,7 +384,7 @@ async fn serve_ops_serves_the_three_routes_until_cancelled() {
             .expect("local storage"),
     );
     let queue = Arc::new(EmbeddedQueue::new());
-    common::queue::Queue::publish(&*queue, CHUNK_QUEUE, b"{}", "t")
+    larder_queue::Queue::publish(&*queue, CHUNK_QUEUE, b"{}", "t")
         .await
         .expect("publishing");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

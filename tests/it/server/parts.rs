@@ -6,8 +6,8 @@
 //! through the store layer; these push a closure through Attic's API and
 //! have the real Nix client substitute and verify it.
 
-use common::auth::Permission;
-use common::config::{QueueConfig, Secret, StorageConfig};
+use larder_config::{QueueConfig, Secret, StorageConfig};
+use larder_token::Permission;
 use tests::nix::NixVersion;
 use tests::server::{TestServer, TestServerOptions};
 use tests::services::{self, S3Settings};

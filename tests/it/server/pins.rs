@@ -8,11 +8,11 @@
 
 use std::time::Duration;
 
-use common::api::{KeepPolicy, PinInfo, PinList};
-use common::auth::Permission;
-use common::config::GcConfig;
-use common::db::{Backend, CacheUpdate, ObjectMetadata, Timestamp};
 use gc_scheduler::gc::{collect_garbage, GcReport};
+use larder_api::v1::{KeepPolicy, PinInfo, PinList};
+use larder_config::GcConfig;
+use larder_db::{Backend, CacheUpdate, ObjectMetadata, Timestamp};
+use larder_token::Permission;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use tests::server::TestServer;
@@ -64,7 +64,7 @@ async fn short_lived_cache(server: &TestServer, name: &str) {
 /// One GC run `ahead` from now, a page of one object at a time: a page
 /// of pinned objects must not end the expiry early.
 async fn gc_ahead(server: &TestServer, ahead: Duration) -> GcReport {
-    let storage = common::storage::open(&server.config().storage)
+    let storage = larder_storage::open(&server.config().storage)
         .await
         .expect("the server's storage");
     let config = GcConfig {

@@ -12,12 +12,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::api::{GetMissingPathsResponse, UploadPathResult, UploadPathResultKind, UploadStatus};
-use common::auth::Permission;
-use common::config::IngestConfig;
-use common::db::{Timestamp, Upload, UploadPhase};
-use common::duration::HumanDuration;
-use common::nix::{NarHash, Sha256Hash, StorePathHash};
+use larder_api::duration::HumanDuration;
+use larder_api::v1::{
+    GetMissingPathsResponse, UploadPathResult, UploadPathResultKind, UploadStatus,
+};
+use larder_config::IngestConfig;
+use larder_db::{Timestamp, Upload, UploadPhase};
+use larder_nix::{NarHash, Sha256Hash, StorePathHash};
+use larder_token::Permission;
 use reqwest::header::AUTHORIZATION;
 use reqwest::{Method, Response, StatusCode};
 use serde_json::json;
@@ -910,7 +912,7 @@ pub(crate) async fn attic_push(
 }
 
 pub(crate) async fn public_key_of(server: &impl HttpApi, token: &str, cache: &str) -> String {
-    let config: common::api::CacheConfig = ok_json(
+    let config: larder_api::v1::CacheConfig = ok_json(
         get(
             server,
             &format!("/_api/v1/cache-config/{cache}"),

@@ -5,7 +5,7 @@
 //! signature by the cache's key; bad realisation uploads are refused with
 //! nothing stored, and GC drops a realisation whose path is gone.
 
-use common::auth::Permission;
+use larder_token::Permission;
 use reqwest::StatusCode;
 use tests::nix::{NixEnv, NixVersion};
 use tests::server::TestServer;
@@ -169,7 +169,7 @@ tests::under_each_nix! {
             .expect("the cache")
             .expect("it exists");
         let hash =
-            common::nix::StorePathHash::parse(&out["/nix/store/".len().."/nix/store/".len() + 32])
+            larder_nix::StorePathHash::parse(&out["/nix/store/".len().."/nix/store/".len() + 32])
                 .expect("a path hash");
         server
             .database()
@@ -316,7 +316,7 @@ async fn the_build_trace_layout_is_stored_and_served_signed() {
     let served: serde_json::Value = response.json().await.expect("JSON");
     assert_eq!(served["outPath"], out_name);
     let signature = &served["signatures"][0];
-    let signature = common::nix::Signature::parse(&format!(
+    let signature = larder_nix::Signature::parse(&format!(
         "{}:{}",
         signature["keyName"].as_str().expect("a key name"),
         signature["sig"].as_str().expect("a signature")
@@ -325,11 +325,11 @@ async fn the_build_trace_layout_is_stored_and_served_signed() {
     let fingerprint = format!(
         r#"{{"key":{{"drvPath":"{drv}","outputName":"out"}},"value":{{"outPath":"{out_name}"}}}}"#
     );
-    let key: common::nix::PublicKey = public_key.parse().expect("the cache's public key");
+    let key: larder_nix::PublicKey = public_key.parse().expect("the cache's public key");
     assert!(key.verify(fingerprint.as_bytes(), &signature), "{served}");
     // During a key rotation the next key signs too (issue #18).
     let root = server.root_token().await;
-    let rotating: common::api::CacheConfig = super::ok_json(
+    let rotating: larder_api::v1::CacheConfig = super::ok_json(
         super::send(
             &server,
             reqwest::Method::PATCH,
@@ -341,12 +341,12 @@ async fn the_build_trace_layout_is_stored_and_served_signed() {
     )
     .await;
     let served: serde_json::Value = get().await.json().await.expect("JSON");
-    let signers: Vec<common::nix::Signature> = served["signatures"]
+    let signers: Vec<larder_nix::Signature> = served["signatures"]
         .as_array()
         .expect("signatures")
         .iter()
         .map(|signature| {
-            common::nix::Signature::parse(&format!(
+            larder_nix::Signature::parse(&format!(
                 "{}:{}",
                 signature["keyName"].as_str().expect("a key name"),
                 signature["sig"].as_str().expect("a signature")
@@ -360,7 +360,7 @@ async fn the_build_trace_layout_is_stored_and_served_signed() {
     ];
     assert_eq!(signers.len(), keys.len(), "{served}");
     for (key, signature) in keys.iter().zip(&signers) {
-        let key: common::nix::PublicKey = key.parse().expect("a public key");
+        let key: larder_nix::PublicKey = key.parse().expect("a public key");
         assert!(key.verify(fingerprint.as_bytes(), signature), "{served}");
     }
     // Not a derivation, or no `.doi`: a 400, nothing stored.

@@ -2,8 +2,8 @@
 //! fields and the final newline, HEAD, NAR length and encoding. (A chunk
 //! missing from storage is `abuse::reads`'s: the download is cut short.)
 
-use common::auth::Permission;
-use common::nix::{Compression, NarInfo, PublicKey, StoreDir};
+use larder_nix::{Compression, NarInfo, PublicKey, StoreDir};
+use larder_token::Permission;
 use reqwest::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use reqwest::StatusCode;
 use tests::server::{TestServer, SEED_CHUNK_SIZE};
@@ -62,8 +62,7 @@ async fn narinfos_and_nars_are_served_as_nix_expects() {
     assert_eq!(narinfo.references.len(), 1);
     assert!(narinfo.deriver.is_some());
     assert_eq!(narinfo.system.as_deref(), Some("x86_64-linux"));
-    let key =
-        common::nix::SecretKey::parse(cache.keypair.expose_secret()).expect("the cache's key");
+    let key = larder_nix::SecretKey::parse(cache.keypair.expose_secret()).expect("the cache's key");
     let public: PublicKey = key.to_public();
     assert!(
         narinfo.verify(&[public], &store_dir),
@@ -118,7 +117,7 @@ async fn narinfos_and_nars_are_served_as_nix_expects() {
     // Unknown NARs and paths in an existing, readable cache are 404s.
     let other_nar = format!(
         "/served/nar/{}.nar.zst",
-        common::nix::Sha256Hash::digest(b"no such NAR").to_base32()
+        larder_nix::Sha256Hash::digest(b"no such NAR").to_base32()
     );
     let (error, _) = api_error(
         get(&server, &other_nar, Some(&token)).await,

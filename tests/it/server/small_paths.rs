@@ -12,11 +12,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use common::auth::Permission;
-use common::config::IngestConfig;
-use common::db::{Backend, Timestamp};
-use common::duration::HumanDuration;
-use common::nix::NarHash;
+use larder_api::duration::HumanDuration;
+use larder_config::IngestConfig;
+use larder_db::{Backend, Timestamp};
+use larder_nix::NarHash;
+use larder_token::Permission;
 use tests::bench::{single_file_nar, upload_info, Pusher};
 use tests::server::{pseudo_random, TestServer, TestServerOptions};
 use tracing_subscriber::layer::SubscriberExt;
@@ -29,7 +29,7 @@ const PATHS: usize = 20;
 /// Counts the database's statements and write transactions: events of
 /// sqlx's statement log (`sqlx::query`, which also logs PostgreSQL's
 /// `COMMIT`; left out here, as SQLite's is not logged) and of
-/// `common::db`'s `begin_write`.
+/// `larder_db`'s `begin_write`.
 #[derive(Default)]
 struct DatabaseCalls {
     statements: AtomicU64,
@@ -46,7 +46,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Counter {
             if !(text.starts_with("COMMIT") || text.starts_with("BEGIN")) {
                 self.0.statements.fetch_add(1, Ordering::Relaxed);
             }
-        } else if target == common::db::WRITE_TRANSACTION_TARGET {
+        } else if target == larder_db::WRITE_TRANSACTION_TARGET {
             self.0.transactions.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -72,13 +72,13 @@ impl tracing::field::Visit for Summary {
 }
 
 /// Installs the counter as this process's subscriber (each test runs in
-/// a process of its own), with sqlx's statement log and `common::db`'s
+/// a process of its own), with sqlx's statement log and `larder_db`'s
 /// transaction events enabled and nothing else.
 fn count_database_calls() -> Arc<DatabaseCalls> {
     let calls = Arc::new(DatabaseCalls::default());
     let filter = tracing_subscriber::filter::Targets::new()
         .with_target("sqlx::query", tracing::Level::TRACE)
-        .with_target(common::db::WRITE_TRANSACTION_TARGET, tracing::Level::TRACE);
+        .with_target(larder_db::WRITE_TRANSACTION_TARGET, tracing::Level::TRACE);
     let subscriber = tracing_subscriber::registry().with(tracing_subscriber::Layer::with_filter(
         Counter(calls.clone()),
         filter,

@@ -5,9 +5,9 @@
 
 use std::path::Path;
 
-use common::api::{CacheStats, ServerStats};
-use common::auth::Permission;
-use common::db::Backend;
+use larder_api::v1::{CacheStats, ServerStats};
+use larder_db::Backend;
+use larder_token::Permission;
 use reqwest::StatusCode;
 use tests::server::{pseudo_random, TestServer};
 
@@ -87,7 +87,7 @@ async fn figures_match_independent_sums(backend: Backend) {
     assert_eq!(stats.nar_bytes, alpha_nars);
     assert_eq!(stats.stored_bytes, small_packs + large_packs);
     assert_ratio(stats.dedup_ratio, alpha_nars, small_packs + large_packs);
-    let now = common::time::unix_seconds(std::time::SystemTime::now());
+    let now = larder_api::time::unix_seconds(std::time::SystemTime::now());
     let last_push = stats.last_push.expect("a last push");
     assert!(
         last_push <= now && last_push + 600 > now,

@@ -4,9 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use common::api::{MintTokenResponse, TokenInfo, TokenList};
-use common::auth::{Permission, TokenAlgorithm};
-use common::db::Backend;
+use larder_api::v1::{MintTokenResponse, TokenInfo, TokenList};
+use larder_db::Backend;
+use larder_token::{Permission, TokenAlgorithm};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use tests::server::{TestServer, TestServerOptions};

@@ -7,8 +7,8 @@
 
 use std::time::{Duration, Instant};
 
-use common::auth::{Permission, TokenAlgorithm, TokenSigningKey};
-use common::db::Backend;
+use larder_db::Backend;
+use larder_token::{Permission, TokenAlgorithm, TokenSigningKey};
 use reqwest::{Method, StatusCode};
 use tests::server::{expired_token, token_builder, TestServer, TestServerOptions, OTHER_RS256_PEM};
 
@@ -169,7 +169,7 @@ pub(crate) async fn wait_until_refused(
     server: &TestServer,
     path: &str,
     token: &str,
-) -> (Duration, common::api::ErrorResponse) {
+) -> (Duration, larder_api::v1::ErrorResponse) {
     let started = Instant::now();
     loop {
         let response = get(server, path, Some(token)).await;
@@ -240,7 +240,7 @@ async fn a_token_revoked_in_postgres_is_refused_by_the_running_server() {
     ok_bytes(get(&server, &narinfo, Some(&minted.token)).await).await;
     server
         .database()
-        .revoke_token(&minted.claims.jti, common::db::Timestamp::now())
+        .revoke_token(&minted.claims.jti, larder_db::Timestamp::now())
         .await
         .expect("revoking in the database");
     let (_, error) = wait_until_refused(&server, &narinfo, &minted.token).await;

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use common::queue::{AmqpQueue, Queue, QueueError};
-use common::tls::CaFile;
+use larder_queue::{AmqpQueue, Queue, QueueError};
+use larder_tls::CaFile;
 use tests::services;
 
 /// `amqps://…/%2f` on virtual host `vhost` instead.
@@ -61,7 +61,7 @@ async fn amqps_without_the_ca_or_with_the_wrong_one_is_refused() {
             .await
             .expect_err("an untrusted certificate");
         assert!(matches!(error, QueueError::Connect(_)), "{error:?}");
-        let shown = common::service::error_chain(&error);
+        let shown = larder_service::service::error_chain(&error);
         assert!(shown.contains("invalid peer certificate"), "{shown}");
     }
 }

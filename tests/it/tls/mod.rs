@@ -27,7 +27,7 @@ mod s3;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::config::{
+use larder_config::{
     AuthConfig, DatabaseConfig, LogConfig, QueueConfig, Secret, ServerConfig, StorageConfig,
 };
 

@@ -2,8 +2,8 @@
 //! against the suite's PostgreSQL (`ssl = on`, a certificate from the
 //! throwaway CA for 127.0.0.1 and localhost).
 
-use common::config::StorageConfig;
-use common::db::Database;
+use larder_config::StorageConfig;
+use larder_db::Database;
 use tests::process::service_command;
 use tests::services;
 
@@ -77,7 +77,7 @@ async fn postgres_with_the_wrong_ca_fails_with_a_clear_error() {
     let error = Database::connect(&url)
         .await
         .expect_err("an unknown issuer");
-    let shown = common::service::error_chain(&error);
+    let shown = larder_service::service::error_chain(&error);
     assert!(
         shown.contains("invalid peer certificate: UnknownIssuer"),
         "{shown}"

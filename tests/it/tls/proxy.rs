@@ -8,8 +8,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::auth::Permission;
-use common::config::{HttpConfig, IngestConfig};
+use larder_config::{HttpConfig, IngestConfig};
+use larder_token::Permission;
 use tests::nix::NixEnv;
 use tests::server::{TestServer, TestServerOptions};
 use tests::services;

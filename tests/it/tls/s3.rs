@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
-use common::config::{S3Config, StorageConfig};
-use common::storage::{S3Storage, Storage};
+use larder_config::{S3Config, StorageConfig};
+use larder_storage::{S3Storage, Storage};
 use tests::process::{service_command, ServerProcess};
 use tests::services::{self, S3Settings};
 

@@ -41,9 +41,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::api::{NAR_INFO_HEADER, WAIT_HEADER};
-use common::nix::nar::NarEncoder;
-use common::nix::Sha256Hash;
+use larder_api::v1::{NAR_INFO_HEADER, WAIT_HEADER};
+use larder_nix::nar::NarEncoder;
+use larder_nix::Sha256Hash;
 use tests::bench::{single_file_nar, store_path_hash_for, upload_info, Pusher, Result};
 use tests::server::pseudo_random;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -287,7 +287,7 @@ fn bomb_request(targets: &Targets, extension: &str) -> Result<(String, Vec<u8>)>
 fn random_base32(len: usize, seed: u64) -> String {
     let bytes = pseudo_random(len, seed);
     let digest = Sha256Hash::digest(&bytes);
-    let mut text = common::nix::base32::encode(digest.as_bytes());
+    let mut text = larder_nix::base32::encode(digest.as_bytes());
     text.truncate(len);
     text
 }

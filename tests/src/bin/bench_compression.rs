@@ -1,7 +1,7 @@
 //! The compression curve for `ops/bench-compression.sh`: how many bytes
 //! Larder would store for a set of NARs, and how fast one core compresses
 //! them, at each zstd level, with chunks cut and compressed exactly as the
-//! pipeline does (FastCDC at `common::chunking`'s sizes, one chunk below
+//! pipeline does (FastCDC at `larder_db::chunking`'s sizes, one chunk below
 //! 64 KiB, every distinct chunk once, one zstd frame per chunk through a
 //! reused context).
 //!
@@ -18,8 +18,8 @@ use std::collections::HashSet;
 
 use fastcdc::v2020::StreamCDC;
 
-use common::chunking::{AVG_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, ONE_CHUNK_BELOW};
-use common::nix::Sha256Hash;
+use larder_db::chunking::{AVG_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, ONE_CHUNK_BELOW};
+use larder_nix::Sha256Hash;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 

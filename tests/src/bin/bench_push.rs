@@ -50,7 +50,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use common::nix::Sha256Hash;
+use larder_nix::Sha256Hash;
 use tests::server::pseudo_random;
 
 use tests::bench::{single_file_nar, Pusher, Result};
@@ -176,16 +176,16 @@ async fn push_small(pusher: Arc<Pusher>, count: usize, jobs: usize, source: &Pat
 }
 
 async fn seed_packed(config: &Path, cache: &str, nar: &[u8], pack_bytes: usize) -> Result<()> {
-    let config = common::config::ServerConfig::load(config)?;
-    let database = common::db::Database::connect(config.database.url.expose()).await?;
-    let storage = common::storage::open(&config.storage).await?;
+    let config = larder_config::ServerConfig::load(config)?;
+    let database = larder_db::Database::connect(config.database.url.expose()).await?;
+    let storage = larder_storage::open(&config.storage).await?;
     let cache = database
         .cache_by_name(&cache.parse()?)
         .await?
         .ok_or_else(|| format!("no cache {cache}"))?;
     let hash = tests::bench::store_path_hash_for("bench-packed");
-    let store_path_hash = common::nix::StorePathHash::parse(&hash)?;
-    let metadata = common::db::ObjectMetadata {
+    let store_path_hash = larder_nix::StorePathHash::parse(&hash)?;
+    let metadata = larder_db::ObjectMetadata {
         store_path: format!("{}/{hash}-bench-packed", cache.store_dir.as_str()),
         references: Vec::new(),
         deriver: None,

@@ -33,13 +33,13 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use common::cache_name::CacheName;
-use common::config::StorageConfig;
-use common::db::{Cache, CacheKeypair, Database, Nar, NewCache, ObjectMetadata, Timestamp};
-use common::nix::nar::NarEncoder;
-use common::nix::signing::fingerprint;
-use common::nix::{NarHash, SecretKey, Sha256Hash, StorePath, StorePathHash};
-use common::storage::LocalStorage;
+use larder_api::cache_name::CacheName;
+use larder_config::StorageConfig;
+use larder_db::{Cache, CacheKeypair, Database, Nar, NewCache, ObjectMetadata, Timestamp};
+use larder_nix::nar::NarEncoder;
+use larder_nix::signing::fingerprint;
+use larder_nix::{NarHash, SecretKey, Sha256Hash, StorePath, StorePathHash};
+use larder_storage::LocalStorage;
 
 /// The store path names of the two seeded paths.
 const SMALL_NAME: &str = "python3-3.11.2";
@@ -124,7 +124,7 @@ async fn run(options: Options) -> Result<()> {
     // The small path: a real directory's NAR, with the metadata a path
     // from cache.nixos.org carries.
     let started = Instant::now();
-    let small_nar = common::nix::nar::dump_path(&options.narinfo_source, Vec::new())?;
+    let small_nar = larder_nix::nar::dump_path(&options.narinfo_source, Vec::new())?;
     let small_hash = derived_path_hash(SMALL_NAME, &small_nar);
     let references: Vec<StorePath> = std::iter::once(base_name(&small_hash, SMALL_NAME))
         .chain(

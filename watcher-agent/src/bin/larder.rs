@@ -11,15 +11,15 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use common::api::{
+use larder_api::byte_size::ByteSize;
+use larder_api::duration::HumanDuration;
+use larder_api::pin::PinName;
+use larder_api::time::format_unix_seconds;
+use larder_api::v1::{
     CacheConfig, CacheQuota, CacheStats, CreateCacheRequest, CreatePinRequest, KeepPolicy,
     KeyRotation, KeypairConfig, MintTokenRequest, PurgeRequest, QuotaPolicy, RetentionPeriodConfig,
     StorageUsage, TokenInfo,
 };
-use common::byte_size::ByteSize;
-use common::duration::HumanDuration;
-use common::pin::PinName;
-use common::time::format_unix_seconds;
 use watcher_agent::api::ApiClient;
 use watcher_agent::config::{self, config_path, CacheRef, ClientConfig, Token};
 use watcher_agent::nix_conf::{
@@ -200,7 +200,7 @@ fn parse_grant(text: &str) -> Result<(String, Vec<String>), String> {
         .ok_or_else(|| format!("{text:?} is not PATTERN=PERMISSIONS, e.g. 'alice-*=pull,push'"))?;
     let pattern = pattern.trim();
     pattern
-        .parse::<common::cache_name::CacheNamePattern>()
+        .parse::<larder_api::cache_name::CacheNamePattern>()
         .map_err(|error| error.to_string())?;
     let permissions = permissions
         .split(',')
@@ -373,7 +373,7 @@ enum CacheCommand {
 /// A time in Unix seconds: RFC 3339 in UTC, a date, or a duration before
 /// now.
 fn parse_since(text: &str) -> Result<u64, String> {
-    if let Some(seconds) = common::time::parse_rfc3339_utc(text.trim()) {
+    if let Some(seconds) = larder_api::time::parse_rfc3339_utc(text.trim()) {
         return Ok(seconds);
     }
     let ago: HumanDuration = text.parse().map_err(|_| {
@@ -818,7 +818,7 @@ async fn cache_command(command: CacheCommand) -> anyhow::Result<()> {
 fn read_secret_key(file: &Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(file)
         .with_context(|| format!("reading the secret key file {}", file.display()))?;
-    let key = common::nix::signing::SecretKey::parse(text.trim()).with_context(|| {
+    let key = larder_nix::signing::SecretKey::parse(text.trim()).with_context(|| {
         format!(
             "{} does not hold a Nix secret key (`name:base64`, as \
              `nix-store --generate-binary-cache-key` writes it)",
@@ -875,7 +875,7 @@ async fn delete_paths(cache: &CacheRef, paths: &[String]) -> anyhow::Result<()> 
 }
 
 /// The hash of a store path, a base name (`<hash>-<name>`) or a bare hash.
-fn store_path_hash_of(path: &str) -> anyhow::Result<common::nix::StorePathHash> {
+fn store_path_hash_of(path: &str) -> anyhow::Result<larder_nix::StorePathHash> {
     let base_name = path
         .trim_end_matches('/')
         .rsplit('/')
@@ -884,7 +884,7 @@ fn store_path_hash_of(path: &str) -> anyhow::Result<common::nix::StorePathHash> 
     let hash = base_name
         .split_once('-')
         .map_or(base_name, |(hash, _)| hash);
-    common::nix::StorePathHash::parse(hash)
+    larder_nix::StorePathHash::parse(hash)
         .with_context(|| format!("{path:?} is not a store path, base name or store path hash"))
 }
 
@@ -1207,7 +1207,7 @@ async fn create_pin(
     client: &ApiClient,
     cache: &CacheRef,
     name: PinName,
-    hash: common::nix::StorePathHash,
+    hash: larder_nix::StorePathHash,
     keep: Option<KeepPolicy>,
 ) -> anyhow::Result<()> {
     let request = CreatePinRequest {
@@ -1229,7 +1229,7 @@ async fn create_pin(
 
 /// The hash of a root given as a store path, a link to one (./result), a
 /// base name or a hash.
-fn root_hash(path: &str) -> anyhow::Result<common::nix::StorePathHash> {
+fn root_hash(path: &str) -> anyhow::Result<larder_nix::StorePathHash> {
     match store_path_of(path) {
         Ok(store_path) => store_path_hash_of(&store_path),
         Err(_) => store_path_hash_of(path),
