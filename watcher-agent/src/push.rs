@@ -23,7 +23,6 @@
 //!    refuses is reported and skipped: the paths are pushed by then.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -518,10 +517,10 @@ impl UploadTask {
         let upload = self
             .progress
             .started(&self.info.path.to_string(), self.info.nar_size);
-        let sent = upload.sent.clone();
+        let count_sent = upload.counter();
         let (body, dump) = match &self.exported {
             Some(nar) => {
-                sent.fetch_add(nar.len() as u64, Ordering::Relaxed);
+                count_sent(nar.len() as u64);
                 (reqwest::Body::from(nar.clone()), None)
             }
             None => {
@@ -534,7 +533,7 @@ impl UploadTask {
                 };
                 let body =
                     ReaderStream::with_capacity(stdout, STREAM_BUFFER).inspect_ok(move |bytes| {
-                        sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                        count_sent(bytes.len() as u64);
                     });
                 (reqwest::Body::wrap_stream(body), Some(child))
             }
@@ -568,6 +567,7 @@ impl UploadTask {
             Some(child) => nix::finish_dump(child, &self.full_path).await,
             None => Ok(()),
         };
+        // A failed attempt's `upload` is dropped: no line for it.
         match (answer, dumped) {
             (Ok(result), Ok(())) => {
                 self.progress.finished(upload);
@@ -576,18 +576,11 @@ impl UploadTask {
             // The server's own answer explains a refused upload best (the
             // dump then only failed because the connection closed early)…
             (Err(error @ (ApiError::Server { .. } | ApiError::Unexpected { .. })), _) => {
-                self.progress.abandoned(upload);
                 Err(upload_error(error))
             }
             // …but a dump that failed on its own explains a body cut short.
-            (_, Err(nix_error)) => {
-                self.progress.abandoned(upload);
-                Err(dump_error(nix_error))
-            }
-            (Err(error), Ok(())) => {
-                self.progress.abandoned(upload);
-                Err(upload_error(error))
-            }
+            (_, Err(nix_error)) => Err(dump_error(nix_error)),
+            (Err(error), Ok(())) => Err(upload_error(error)),
         }
     }
 
