@@ -309,51 +309,61 @@ async fn upload_in_dependency_order(
     let mut running = JoinSet::new();
     let mut exports = JoinSet::new();
     let mut uploaded = 0;
-    while uploaded < paths.len() {
-        if exports.is_empty() && ready.exported.len() < jobs && !ready.small.is_empty() {
-            let batch = ready.export_batch(&paths);
-            let asked: Vec<(String, u64)> = batch
-                .iter()
-                .map(|&i| (store_dir.display_path(&paths[i].path), paths[i].nar_size))
-                .collect();
-            exports.spawn(async move {
-                let nars = nix::export_nars(&asked).await?;
-                Ok::<_, PushError>(batch.into_iter().zip(nars).collect::<Vec<_>>())
-            });
-        }
-        while running.len() < jobs {
-            let Some((i, exported)) = ready.next_upload() else {
-                break;
-            };
-            let upload = UploadTask {
-                client: client.clone(),
-                cache: cache.clone(),
-                full_path: store_dir.display_path(&paths[i].path),
-                info: paths[i].clone(),
-                exported,
-                wait: options.wait,
-                progress: progress.clone(),
-            };
-            running.spawn(async move { upload.run().await.map(|()| i) });
-        }
-        // The references form a DAG (Nix guarantees it), so while paths
-        // remain something is running, exporting or ready.
-        tokio::select! {
-            Some(finished) = running.join_next() => {
-                let i = finished??;
-                uploaded += 1;
-                for &dependent in &dependents[i] {
-                    unfinished_references[dependent] -= 1;
-                    if unfinished_references[dependent] == 0 {
-                        ready.push(dependent, &paths[dependent]);
+    let outcome = async {
+        while uploaded < paths.len() {
+            if exports.is_empty() && ready.exported.len() < jobs && !ready.small.is_empty() {
+                let batch = ready.export_batch(&paths);
+                let asked: Vec<(String, u64)> = batch
+                    .iter()
+                    .map(|&i| (store_dir.display_path(&paths[i].path), paths[i].nar_size))
+                    .collect();
+                exports.spawn(async move {
+                    let nars = nix::export_nars(&asked).await?;
+                    Ok::<_, PushError>(batch.into_iter().zip(nars).collect::<Vec<_>>())
+                });
+            }
+            while running.len() < jobs {
+                let Some((i, exported)) = ready.next_upload() else {
+                    break;
+                };
+                let upload = UploadTask {
+                    client: client.clone(),
+                    cache: cache.clone(),
+                    full_path: store_dir.display_path(&paths[i].path),
+                    info: paths[i].clone(),
+                    exported,
+                    wait: options.wait,
+                    progress: progress.clone(),
+                };
+                running.spawn(async move { upload.run().await.map(|()| i) });
+            }
+            // The references form a DAG (Nix guarantees it), so while paths
+            // remain something is running, exporting or ready.
+            tokio::select! {
+                Some(finished) = running.join_next() => {
+                    let i = finished??;
+                    uploaded += 1;
+                    for &dependent in &dependents[i] {
+                        unfinished_references[dependent] -= 1;
+                        if unfinished_references[dependent] == 0 {
+                            ready.push(dependent, &paths[dependent]);
+                        }
                     }
                 }
+                Some(exported) = exports.join_next() => ready.exported.extend(exported??),
+                else => break,
             }
-            Some(exported) = exports.join_next() => ready.exported.extend(exported??),
-            else => break,
         }
+        Ok(uploaded)
     }
-    Ok(uploaded)
+    .await;
+    if outcome.is_err() {
+        // Uploads still running stop before the error is reported, so that
+        // their bars are off the screen by then.
+        running.shutdown().await;
+        exports.shutdown().await;
+    }
+    outcome
 }
 
 /// The largest NAR read ahead by `nix-store --export` rather than streamed
