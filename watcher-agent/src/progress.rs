@@ -1,171 +1,159 @@
 //! `larder push`'s progress display on stderr.
 //!
-//! Every finished path gets a line with its size and speed. On a terminal,
-//! a status line below them is redrawn a few times a second with the
-//! paths in flight (bytes sent, speed); when stderr is a file or a pipe
-//! (CI logs) there is no status line, only the finished lines.
+//! Every finished path gets a line with its size and speed, `[k/N] pushed
+//! NAME (SIZE in S s, RATE/s)`, `k` counting the paths finished up to `N`,
+//! the number to upload, in the order the lines come.
+//!
+//! On a terminal, below those lines, the [`indicatif`] crate draws one bar
+//! per path in flight (its name without the hash, bytes sent of its size,
+//! speed, time left) and an overall line (paths finished of the total).
+//! indicatif measures the speed and time left, redraws at most 20 times a
+//! second, fits the bars to the terminal's width, and prints the finished
+//! lines and [`Progress::note`]s above the bars rather than through them.
+//! No timer redraws them: a bar moves as its bytes are counted, so one
+//! whose body is all sent stays full until the server answers (once the
+//! path is visible, unless `--no-wait`). When stderr is not a terminal (a
+//! file or a pipe: CI logs) or `TERM` is unset or `dumb`, indicatif draws
+//! nothing, and the finished lines and notes are printed as plain lines,
+//! nothing else.
+//!
+//! What we still decide: the finished line's wording and format (sizes by
+//! [`human_bytes`], kept as it was for logs that are read or parsed), that
+//! lines come in the order of their counts, that a failed or retried
+//! attempt ends without a line, and what a bar shows.
 
-use std::io::{IsTerminal, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-const REDRAW_INTERVAL: Duration = Duration::from_millis(250);
-const MAX_STATUS_WIDTH: usize = 160;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressFinish, ProgressStyle};
 
-/// One upload in flight.
-#[derive(Debug)]
-struct InFlight {
-    id: u64,
-    name: String,
-    size: u64,
-    sent: Arc<AtomicU64>,
-    started: Instant,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    next_id: u64,
-    in_flight: Vec<InFlight>,
-    done: usize,
-    total: usize,
-    status_shown: bool,
-}
+/// A path in flight: name, bar, bytes sent of its size, speed, time left.
+/// The name takes what the rest leaves of the terminal's width (cut short
+/// if need be), so that a bar fits on one line of 80 columns.
+const PATH_TEMPLATE: &str = "{wide_msg} {bar:20} {binary_bytes:>10}/{binary_total_bytes:<10} \
+                             {binary_bytes_per_sec:>12} {eta:>3} left";
+/// The overall line, below the paths' bars.
+const OVERALL_TEMPLATE: &str = "[{pos}/{len}] paths pushed";
 
 /// The shared display; cheap to clone into upload tasks.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Progress {
-    terminal: bool,
-    state: Arc<Mutex<State>>,
+    /// The bars on stderr, or `None` where indicatif would not draw them.
+    bars: Option<MultiProgress>,
+    path_style: ProgressStyle,
+    /// Paths finished of the total, on screen.
+    overall: ProgressBar,
+    /// Paths finished, counted while their lines are printed so that the
+    /// lines come in the order of their counts.
+    done: Arc<Mutex<usize>>,
+    total: usize,
 }
 
-/// A handle on one upload: count bytes into [`sent`](Self::sent), then
-/// call [`Progress::finished`] or drop it.
+/// A handle on one upload: count the bytes sent through
+/// [`counter`](Self::counter), then hand it to [`Progress::finished`] for
+/// its line. Dropped without that (the attempt failed or is retried), it
+/// ends without a line.
 #[derive(Debug)]
 pub struct Upload {
-    id: u64,
-    pub sent: Arc<AtomicU64>,
+    name: String,
+    size: u64,
+    bar: ProgressBar,
+}
+
+impl Upload {
+    /// Counts bytes sent, for the bar; it can be moved into the request
+    /// body.
+    pub fn counter(&self) -> impl Fn(u64) + Send + Sync + 'static {
+        let bar = self.bar.clone();
+        move |bytes| bar.inc(bytes)
+    }
+}
+
+impl Drop for Upload {
+    /// Takes the bar off the screen, even while the request body that
+    /// counts into it is still held somewhere.
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
+    }
 }
 
 impl Progress {
-    /// A display for `total` uploads; on a terminal it starts redrawing.
+    /// A display for `total` uploads.
     pub fn new(total: usize) -> Self {
-        let progress = Self {
-            terminal: std::io::stderr().is_terminal(),
-            state: Arc::new(Mutex::new(State {
-                total,
-                ..State::default()
-            })),
-        };
-        if progress.terminal {
-            let ticker = progress.clone();
-            tokio::spawn(async move {
-                // Stops when every other handle is gone.
-                while Arc::strong_count(&ticker.state) > 1 {
-                    ticker.redraw();
-                    tokio::time::sleep(REDRAW_INTERVAL).await;
-                }
-            });
+        let bars = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        let bars = (!bars.is_hidden()).then_some(bars);
+        let overall =
+            ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::hidden())
+                .with_style(style(OVERALL_TEMPLATE))
+                .with_finish(ProgressFinish::AndClear);
+        if let Some(bars) = &bars {
+            bars.add(overall.clone());
+            overall.tick();
         }
-        progress
+        Self {
+            bars,
+            path_style: style(PATH_TEMPLATE),
+            overall,
+            done: Arc::new(Mutex::new(0)),
+            total,
+        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
+    /// Starts an upload of `size` bytes; its bar goes above the overall
+    /// line.
     pub fn started(&self, name: &str, size: u64) -> Upload {
-        let mut state = self.lock();
-        let id = state.next_id;
-        state.next_id += 1;
-        let sent = Arc::new(AtomicU64::new(0));
-        state.in_flight.push(InFlight {
-            id,
+        let bar = ProgressBar::with_draw_target(Some(size), ProgressDrawTarget::hidden())
+            .with_style(self.path_style.clone())
+            .with_message(short_name(name).to_owned());
+        if let Some(bars) = &self.bars {
+            bars.insert_before(&self.overall, bar.clone());
+            bar.tick();
+        }
+        Upload {
             name: name.to_owned(),
             size,
-            sent: sent.clone(),
-            started: Instant::now(),
-        });
-        Upload { id, sent }
-    }
-
-    /// Ends an attempt without a result line (it failed or is retried).
-    pub fn abandoned(&self, upload: Upload) {
-        self.lock()
-            .in_flight
-            .retain(|flight| flight.id != upload.id);
+            bar,
+        }
     }
 
     /// Ends an upload with its line. It says "pushed" whether or not the
     /// server stored the bytes before: the server does not tell (that
     /// would depend on other tenants' data), and the bytes were sent.
     pub fn finished(&self, upload: Upload) {
-        let mut state = self.lock();
-        let Some(position) = state.in_flight.iter().position(|f| f.id == upload.id) else {
-            return;
-        };
-        let flight = state.in_flight.remove(position);
-        state.done += 1;
-        let elapsed = flight.started.elapsed();
+        let elapsed = upload.bar.elapsed();
+        let mut done = self.done.lock().unwrap_or_else(PoisonError::into_inner);
+        *done += 1;
         let line = format!(
             "[{}/{}] pushed {} ({} in {:.1} s, {}/s)",
-            state.done,
-            state.total,
-            flight.name,
-            human_bytes(flight.size),
+            *done,
+            self.total,
+            upload.name,
+            human_bytes(upload.size),
             elapsed.as_secs_f64(),
-            human_bytes(rate(flight.size, elapsed)),
+            human_bytes(rate(upload.size, elapsed)),
         );
-        self.print_locked(&mut state, &line);
+        drop(upload);
+        self.note(&line);
+        self.overall.set_position(*done as u64);
     }
 
-    /// A line above the status line (retries, waits).
+    /// A line above the bars (retries, waits).
     pub fn note(&self, line: &str) {
-        let mut state = self.lock();
-        self.print_locked(&mut state, line);
-    }
-
-    fn print_locked(&self, state: &mut State, line: &str) {
-        let mut stderr = std::io::stderr().lock();
-        if state.status_shown {
-            let _ = write!(stderr, "\r\x1b[K");
-            state.status_shown = false;
-        }
-        let _ = writeln!(stderr, "{line}");
-    }
-
-    fn redraw(&self) {
-        let mut state = self.lock();
-        if state.in_flight.is_empty() {
-            if state.status_shown {
-                let _ = write!(std::io::stderr(), "\r\x1b[K");
-                state.status_shown = false;
+        match &self.bars {
+            Some(bars) => {
+                let _ = bars.println(line);
             }
-            return;
+            None => eprintln!("{line}"),
         }
-        let parts: Vec<String> = state
-            .in_flight
-            .iter()
-            .map(|flight| {
-                let sent = flight.sent.load(Ordering::Relaxed);
-                let percent = (sent * 100).checked_div(flight.size).unwrap_or(100);
-                format!(
-                    "{} {percent}% {}/s",
-                    short_name(&flight.name),
-                    human_bytes(rate(sent, flight.started.elapsed()))
-                )
-            })
-            .collect();
-        let mut line = format!("[{}/{}] {}", state.done, state.total, parts.join(" | "));
-        if line.chars().count() > MAX_STATUS_WIDTH {
-            line = line.chars().take(MAX_STATUS_WIDTH - 1).collect::<String>() + "…";
-        }
-        let _ = write!(std::io::stderr(), "\r\x1b[K{line}");
-        state.status_shown = true;
     }
 }
 
-/// A store path's base name without its hash, for the status line.
+fn style(template: &str) -> ProgressStyle {
+    // The templates are constants, parsed in a unit test.
+    ProgressStyle::with_template(template).expect("progress template")
+}
+
+/// A store path's base name without its hash, for its bar.
 fn short_name(name: &str) -> &str {
     name.split_once('-').map_or(name, |(_, rest)| rest)
 }
@@ -204,5 +192,12 @@ mod tests {
             short_name("0vlfq2frv35f2ckxvcmjrlklygj8g3g3-hello-2.12"),
             "hello-2.12"
         );
+    }
+
+    #[test]
+    fn templates_parse() {
+        for template in [PATH_TEMPLATE, OVERALL_TEMPLATE] {
+            assert!(ProgressStyle::with_template(template).is_ok(), "{template}");
+        }
     }
 }

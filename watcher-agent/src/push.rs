@@ -23,7 +23,6 @@
 //!    refuses is reported and skipped: the paths are pushed by then.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -310,51 +309,61 @@ async fn upload_in_dependency_order(
     let mut running = JoinSet::new();
     let mut exports = JoinSet::new();
     let mut uploaded = 0;
-    while uploaded < paths.len() {
-        if exports.is_empty() && ready.exported.len() < jobs && !ready.small.is_empty() {
-            let batch = ready.export_batch(&paths);
-            let asked: Vec<(String, u64)> = batch
-                .iter()
-                .map(|&i| (store_dir.display_path(&paths[i].path), paths[i].nar_size))
-                .collect();
-            exports.spawn(async move {
-                let nars = nix::export_nars(&asked).await?;
-                Ok::<_, PushError>(batch.into_iter().zip(nars).collect::<Vec<_>>())
-            });
-        }
-        while running.len() < jobs {
-            let Some((i, exported)) = ready.next_upload() else {
-                break;
-            };
-            let upload = UploadTask {
-                client: client.clone(),
-                cache: cache.clone(),
-                full_path: store_dir.display_path(&paths[i].path),
-                info: paths[i].clone(),
-                exported,
-                wait: options.wait,
-                progress: progress.clone(),
-            };
-            running.spawn(async move { upload.run().await.map(|()| i) });
-        }
-        // The references form a DAG (Nix guarantees it), so while paths
-        // remain something is running, exporting or ready.
-        tokio::select! {
-            Some(finished) = running.join_next() => {
-                let i = finished??;
-                uploaded += 1;
-                for &dependent in &dependents[i] {
-                    unfinished_references[dependent] -= 1;
-                    if unfinished_references[dependent] == 0 {
-                        ready.push(dependent, &paths[dependent]);
+    let outcome = async {
+        while uploaded < paths.len() {
+            if exports.is_empty() && ready.exported.len() < jobs && !ready.small.is_empty() {
+                let batch = ready.export_batch(&paths);
+                let asked: Vec<(String, u64)> = batch
+                    .iter()
+                    .map(|&i| (store_dir.display_path(&paths[i].path), paths[i].nar_size))
+                    .collect();
+                exports.spawn(async move {
+                    let nars = nix::export_nars(&asked).await?;
+                    Ok::<_, PushError>(batch.into_iter().zip(nars).collect::<Vec<_>>())
+                });
+            }
+            while running.len() < jobs {
+                let Some((i, exported)) = ready.next_upload() else {
+                    break;
+                };
+                let upload = UploadTask {
+                    client: client.clone(),
+                    cache: cache.clone(),
+                    full_path: store_dir.display_path(&paths[i].path),
+                    info: paths[i].clone(),
+                    exported,
+                    wait: options.wait,
+                    progress: progress.clone(),
+                };
+                running.spawn(async move { upload.run().await.map(|()| i) });
+            }
+            // The references form a DAG (Nix guarantees it), so while paths
+            // remain something is running, exporting or ready.
+            tokio::select! {
+                Some(finished) = running.join_next() => {
+                    let i = finished??;
+                    uploaded += 1;
+                    for &dependent in &dependents[i] {
+                        unfinished_references[dependent] -= 1;
+                        if unfinished_references[dependent] == 0 {
+                            ready.push(dependent, &paths[dependent]);
+                        }
                     }
                 }
+                Some(exported) = exports.join_next() => ready.exported.extend(exported??),
+                else => break,
             }
-            Some(exported) = exports.join_next() => ready.exported.extend(exported??),
-            else => break,
         }
+        Ok(uploaded)
     }
-    Ok(uploaded)
+    .await;
+    if outcome.is_err() {
+        // Uploads still running stop before the error is reported, so that
+        // their bars are off the screen by then.
+        running.shutdown().await;
+        exports.shutdown().await;
+    }
+    outcome
 }
 
 /// The largest NAR read ahead by `nix-store --export` rather than streamed
@@ -518,10 +527,10 @@ impl UploadTask {
         let upload = self
             .progress
             .started(&self.info.path.to_string(), self.info.nar_size);
-        let sent = upload.sent.clone();
+        let count_sent = upload.counter();
         let (body, dump) = match &self.exported {
             Some(nar) => {
-                sent.fetch_add(nar.len() as u64, Ordering::Relaxed);
+                count_sent(nar.len() as u64);
                 (reqwest::Body::from(nar.clone()), None)
             }
             None => {
@@ -534,7 +543,7 @@ impl UploadTask {
                 };
                 let body =
                     ReaderStream::with_capacity(stdout, STREAM_BUFFER).inspect_ok(move |bytes| {
-                        sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                        count_sent(bytes.len() as u64);
                     });
                 (reqwest::Body::wrap_stream(body), Some(child))
             }
@@ -568,6 +577,7 @@ impl UploadTask {
             Some(child) => nix::finish_dump(child, &self.full_path).await,
             None => Ok(()),
         };
+        // A failed attempt's `upload` is dropped: no line for it.
         match (answer, dumped) {
             (Ok(result), Ok(())) => {
                 self.progress.finished(upload);
@@ -576,18 +586,11 @@ impl UploadTask {
             // The server's own answer explains a refused upload best (the
             // dump then only failed because the connection closed early)…
             (Err(error @ (ApiError::Server { .. } | ApiError::Unexpected { .. })), _) => {
-                self.progress.abandoned(upload);
                 Err(upload_error(error))
             }
             // …but a dump that failed on its own explains a body cut short.
-            (_, Err(nix_error)) => {
-                self.progress.abandoned(upload);
-                Err(dump_error(nix_error))
-            }
-            (Err(error), Ok(())) => {
-                self.progress.abandoned(upload);
-                Err(upload_error(error))
-            }
+            (_, Err(nix_error)) => Err(dump_error(nix_error)),
+            (Err(error), Ok(())) => Err(upload_error(error)),
         }
     }
 
