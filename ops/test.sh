@@ -8,8 +8,7 @@
 #   ops/test.sh                          the whole suite, then `ops/fuzz.sh --total 60`
 #   ops/test.sh -E 'test(services)'      a subset: arguments go to nextest,
 #                                        and the fuzz run is skipped
-#   ops/test.sh -p common                one crate, with all its features (its
-#                                        feature-gated tests included)
+#   ops/test.sh -p larder-db             one crate's tests
 #
 # Every phase a run should have is checked for first: a missing script
 # fails the run before anything starts, rather than skipping its phase.
