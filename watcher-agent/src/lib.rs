@@ -3,7 +3,8 @@
 //!
 //! The crate talks to the local store only through the `nix` command line
 //! ([`nix`]) and to servers only through the API's wire types ([`api`]).
-//! It links `common` without features: no database, storage or queue code.
+//! Of Larder's layers it links only `larder-api` and `larder-nix`: no
+//! database, storage or queue code.
 
 pub mod agent;
 pub mod api;
