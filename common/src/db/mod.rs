@@ -115,9 +115,12 @@ pub use push::{LinkedPath, StagedFile};
 pub use quota::{CacheUsage, QuotaDefaults, QuotaStatus, UsageCorrection};
 pub use stats::{dedup_ratio, CacheStats, ServerStats, SharedCacheStats};
 pub use tokens::TokenRecord;
-pub use types::{Actor, CacheId, CacheKeypair, ChunkId, NarId, ObjectId, StoreState, Timestamp};
+pub use types::{
+    Actor, CacheId, CacheKeypair, ChunkId, NarId, ObjectId, StoreState, Timestamp, UploadId,
+    UploadPhase,
+};
 pub use upload_events::UploadWatch;
-pub use uploads::{NewUpload, Upload, UploadId, UploadPhase};
+pub use uploads::{NewUpload, Upload};
 pub use writer::WRITE_TRANSACTION_TARGET;
 
 use error::query_error;
