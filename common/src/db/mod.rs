@@ -41,7 +41,7 @@
 //! backend-specific code paths are how a write transaction begins and the
 //! SQLite connection settings (both in this module), GC's row locks, and
 //! the expansion of a JSON list in the closure of pinned paths
-//! (`pins::pinned_closure_sql`). Reading a boolean is
+//! (`pinned_closure::pinned_closure_sql`). Reading a boolean is
 //! the one column conversion that differs (SQLite returns 0/1).
 //!
 //! `Any` was kept over an enum of concrete pools: one query text per
@@ -77,6 +77,7 @@ pub mod migrations;
 mod nars;
 mod objects;
 mod packs;
+mod pinned_closure;
 mod pins;
 mod push;
 mod quota;
