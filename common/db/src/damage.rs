@@ -31,7 +31,8 @@
 //! pass runs, withdraws it.
 
 use super::error::{query_error, Result};
-use super::nars::{chunk_from_row, Chunk, ChunkLocation, CHUNK_COLUMNS};
+use super::nars::{chunk_from_row, Chunk, CHUNK_COLUMNS};
+use super::packs::ChunkLocation;
 use super::row::{nar_hash_col, string_col, to_i64};
 use super::types::ChunkId;
 use super::{placeholders, Database, MAX_IN_LIST};

@@ -59,11 +59,10 @@ use std::collections::{HashMap, HashSet};
 use super::error::{query_error, Result};
 use super::nars::{chunk_from_row, CHUNK_COLUMNS};
 use super::objects::Param;
-use super::pins::pinned_closure_sql;
+use super::pinned_closure::pinned_closure_sql;
 use super::push::{staged_file_from_row, StagedFile, STAGED_FILE_COLUMNS};
 use super::row::{chunk_hash_col, i64_col, opt_u64_col, parsed_col, string_col};
-use super::types::{CacheId, ChunkId, NarId, Timestamp};
-use super::uploads::{UploadId, IN_FLIGHT_PHASES_SQL};
+use super::types::{CacheId, ChunkId, NarId, Timestamp, UploadId, IN_FLIGHT_PHASES_SQL};
 use super::{placeholders, Backend, Chunk, Database, MAX_IN_LIST};
 use larder_nix::{Sha256Hash, StorePathHash};
 

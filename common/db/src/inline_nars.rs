@@ -31,16 +31,15 @@ use std::collections::BTreeMap;
 use super::error::{query_error, DbError, Result};
 use super::listings::{set_nar_listing_on, EncodedListing};
 use super::nars::{
-    chunk_from_row, insert_chunk_list_on, nar_from_row, Chunk, ChunkLocation, CHUNK_COLUMNS, NAR,
-    NAR_COLUMNS,
+    chunk_from_row, insert_chunk_list_on, nar_from_row, Chunk, CHUNK_COLUMNS, NAR, NAR_COLUMNS,
 };
 use super::objects::{upsert_counted_object_on, NewObject};
-use super::packs::{insert_pack_on, NewPack};
+use super::packs::{insert_pack_on, ChunkLocation, NewPack};
 use super::quota::{lock_cache_on, Charge};
 use super::row::{to_i64, u64_col};
-use super::types::{ChunkId, NarId, StoreState, Timestamp};
+use super::types::{ChunkId, NarId, StoreState, Timestamp, IN_FLIGHT_PHASES_SQL};
 use super::upload_events::announce_on;
-use super::uploads::{Upload, IN_FLIGHT_PHASES_SQL};
+use super::uploads::Upload;
 use super::{placeholders, Database, MAX_IN_LIST};
 use crate::chunking::max_chunk_entries;
 use larder_nix::Sha256Hash;

@@ -13,7 +13,8 @@
 //!   small NARs stored in one transaction.
 //! - `uploads`, `upload_events`, `push` — the ingest pipeline's state, waking
 //!   its waiters, and the staged files of Nix's upload protocol.
-//! - `gc`, `damage`, `pins` — what GC may delete, damaged chunks, and pins.
+//! - `gc`, `damage`, `pins`, `pinned_closure` — what GC may delete, damaged
+//!   chunks, pins, and the closure of pinned paths GC and eviction spare.
 //! - `tokens`, `audit`, `stats`, `build_logs`, `realisations` — minted
 //!   tokens, the audit log, statistics, build logs and realisations.
 //! - [`migrations`], [`chunking`] — the embedded schema, and FastCDC's sizes
@@ -58,7 +59,7 @@
 //! backend-specific code paths are how a write transaction begins and the
 //! SQLite connection settings (both in this module), GC's row locks, and
 //! the expansion of a JSON list in the closure of pinned paths
-//! (`pins::pinned_closure_sql`). Reading a boolean is
+//! (`pinned_closure::pinned_closure_sql`). Reading a boolean is
 //! the one column conversion that differs (SQLite returns 0/1).
 //!
 //! `Any` was kept over an enum of concrete pools: one query text per
@@ -95,6 +96,7 @@ pub mod migrations;
 mod nars;
 mod objects;
 mod packs;
+mod pinned_closure;
 mod pins;
 mod push;
 mod quota;
@@ -125,17 +127,20 @@ pub use error::{DbError, Result};
 pub use gc::CacheRetention;
 pub use inline_nars::{InlineChunk, InlineContent, InlineOutcome};
 pub use listings::EncodedListing;
-pub use nars::{Chunk, ChunkLocation, Nar, NarChunk, NewChunk, StoredChunk};
+pub use nars::{Chunk, Nar, NarChunk, NewChunk, StoredChunk};
 pub use objects::{NewObject, Object, ObjectMetadata, ObjectWithNar, PushedBy};
-pub use packs::{ChunkMove, LocatedChunk, NewPack, Pack, PackUse};
+pub use packs::{ChunkLocation, ChunkMove, LocatedChunk, NewPack, Pack, PackUse};
 pub use pins::{Pin, PinRevision};
 pub use push::{LinkedPath, StagedFile};
 pub use quota::{CacheUsage, QuotaDefaults, QuotaStatus, UsageCorrection};
 pub use stats::{dedup_ratio, CacheStats, ServerStats, SharedCacheStats};
 pub use tokens::TokenRecord;
-pub use types::{Actor, CacheId, CacheKeypair, ChunkId, NarId, ObjectId, StoreState, Timestamp};
+pub use types::{
+    Actor, CacheId, CacheKeypair, ChunkId, NarId, ObjectId, StoreState, Timestamp, UploadId,
+    UploadPhase,
+};
 pub use upload_events::UploadWatch;
-pub use uploads::{NewUpload, Upload, UploadId, UploadPhase};
+pub use uploads::{NewUpload, Upload};
 pub use writer::WRITE_TRANSACTION_TARGET;
 
 use error::query_error;

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use sqlx::any::AnyRow;
 
 use super::error::{constraint_error, query_error, DbError, Result};
-use super::packs::{insert_pack_on, NewPack};
+use super::packs::{insert_pack_on, ChunkLocation, NewPack};
 use super::row::{
     chunk_hash_col, i64_col, nar_hash_col, opt_string_col, opt_u32_col, opt_u64_col, state_col,
     time_col, to_i64, u32_col, u64_col,
@@ -46,15 +46,6 @@ pub struct Nar {
     /// Set when the NAR becomes valid.
     pub file_size: Option<u64>,
     pub created_at: Timestamp,
-}
-
-/// Where a chunk's compressed bytes live.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ChunkLocation {
-    pub object_key: String,
-    pub offset: u64,
-    /// Compressed length in bytes.
-    pub length: u64,
 }
 
 /// A chunk row.

@@ -19,8 +19,7 @@ use super::row::{
     i64_col, json_col, opt_string_col, store_path_hash_col, string_col, time_col, to_i64, to_json,
     u64_col,
 };
-use super::types::{Actor, CacheId, NarId, ObjectId, Timestamp};
-use super::uploads::IN_FLIGHT_PHASES_SQL;
+use super::types::{Actor, CacheId, NarId, ObjectId, Timestamp, IN_FLIGHT_PHASES_SQL};
 use super::{placeholders, Database, Nar, MAX_IN_LIST};
 use larder_nix::StorePathHash;
 

@@ -1,5 +1,6 @@
 //! Pack rows (`packs`, migration 0006): which storage objects hold chunk
-//! frames, how big they are, and which are retired, for GC and compaction.
+//! frames, how big they are, and which are retired, for GC and compaction;
+//! and where in such an object a chunk's frame is ([`ChunkLocation`]).
 //!
 //! The rules that keep packs safe (the migration states them too):
 //! - A pack row is inserted in the transaction that points chunks into its
@@ -15,10 +16,18 @@
 //!   its own and goes the same way.
 
 use super::error::{query_error, Result};
-use super::nars::ChunkLocation;
 use super::row::{i64_col, opt_time_col, string_col, time_col, to_i64, u64_col};
 use super::types::{ChunkId, Timestamp};
 use super::{placeholders, Database, MAX_IN_LIST};
+
+/// Where a chunk's compressed bytes live.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ChunkLocation {
+    pub object_key: String,
+    pub offset: u64,
+    /// Compressed length in bytes.
+    pub length: u64,
+}
 
 /// A pack just written, to be recorded with the chunks pointed into it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,8 +3,9 @@
 //!
 //! # What a pin protects, and why a concurrent GC cannot miss it
 //!
-//! The protected set is never stored: [`pinned_closure_sql`] computes it
-//! inside the very statements that choose what to delete
+//! The protected set is never stored: [`pinned_closure_sql`] (module
+//! `pinned_closure`) computes it inside the very statements that choose
+//! what to delete
 //! ([`Database::delete_expired_objects`] and eviction's choice of victims),
 //! as a recursive query from the roots of the cache's pin revisions
 //! through the `path_references` of the cache's objects. Both of those
@@ -22,6 +23,8 @@
 //! delete permission): a deliberate removal, such as a leaked secret in a
 //! pinned closure, must not need the pin deleted first. The revision stays
 //! and protects the path again if it is pushed again.
+//!
+//! [`pinned_closure_sql`]: super::pinned_closure::pinned_closure_sql
 
 use std::num::NonZeroU32;
 
@@ -33,7 +36,7 @@ use super::row::{
     bool_col, corrupt, i64_col, opt_string_col, store_path_hash_col, string_col, time_col, u64_col,
 };
 use super::types::{CacheId, Timestamp};
-use super::{Backend, Database};
+use super::Database;
 use larder_api::pin::{KeepPolicy, PinName};
 use larder_nix::StorePathHash;
 
@@ -59,36 +62,6 @@ pub struct PinRevision {
     /// Whether the cache still holds the root (an explicit deletion may
     /// have removed it).
     pub present: bool,
-}
-
-/// SQL: the store path hashes the pins of cache `$cache_param` keep, the
-/// roots of all their revisions and, transitively, every path the cache's
-/// objects among them reference (base names `<hash>-<name>` in the JSON
-/// list `path_references`, whose first 32 characters are the hash). The
-/// set may name paths the cache does not hold (references it never got);
-/// they match no object. `UNION` drops rows already found, so cycles (a
-/// path referencing itself) end the recursion, and the work is bounded by
-/// the cache's objects.
-///
-/// Expanding a JSON list is the one part the two dialects spell
-/// differently (`json_each` against `json_array_elements_text`).
-pub(crate) fn pinned_closure_sql(backend: Backend, cache_param: usize) -> String {
-    let references = match backend {
-        Backend::Sqlite => "json_each(parent.path_references) AS refs",
-        Backend::Postgres => {
-            "json_array_elements_text(CAST(parent.path_references AS json)) AS refs(value)"
-        }
-    };
-    format!(
-        "WITH RECURSIVE pinned(store_path_hash) AS (\
-         SELECT pr.store_path_hash FROM pin_revisions pr JOIN pins p ON p.id = pr.pin_id \
-         WHERE p.cache_id = ${cache_param} \
-         UNION \
-         SELECT substr(refs.value, 1, 32) FROM pinned JOIN objects parent \
-         ON parent.cache_id = ${cache_param} AND parent.store_path_hash = pinned.store_path_hash, \
-         {references}) \
-         SELECT store_path_hash FROM pinned"
-    )
 }
 
 /// A policy as its two columns.

@@ -62,10 +62,9 @@
 use sqlx::any::AnyRow;
 
 use super::error::{query_error, DbError, Result};
-use super::pins::pinned_closure_sql;
+use super::pinned_closure::pinned_closure_sql;
 use super::row::{i64_col, opt_u64_col, parsed_col, string_col, to_i64, u64_col};
-use super::types::CacheId;
-use super::uploads::IN_FLIGHT_PHASES_SQL;
+use super::types::{CacheId, IN_FLIGHT_PHASES_SQL};
 use super::{placeholders, Backend, Database, MAX_IN_LIST};
 use larder_api::v1::{CacheQuota, QuotaPolicy};
 use larder_nix::StorePathHash;

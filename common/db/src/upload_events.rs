@@ -29,7 +29,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::error::{query_error, Result};
-use super::uploads::UploadId;
+use super::types::UploadId;
 use super::Backend;
 
 /// The PostgreSQL notification channel of uploads leaving the pipeline;

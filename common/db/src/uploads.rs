@@ -6,11 +6,6 @@
 //! message cannot move an upload back. `updated_at` changes with every
 //! step; the reconciler finds uploads stuck in a phase by it.
 
-use std::fmt;
-use std::str::FromStr;
-
-use rand::Rng;
-use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 
 use super::error::{constraint_error, query_error, DbError, Result};
@@ -24,145 +19,13 @@ use super::row::{
     i64_col, json_col, nar_hash_col, opt_i64_col, opt_string_col, opt_u32_col, parsed_col,
     store_path_hash_col, string_col, time_col, to_i64, to_json, u32_col, u64_col,
 };
-use super::types::{Actor, CacheId, NarId, StoreState, Timestamp};
+use super::types::{
+    Actor, CacheId, NarId, StoreState, Timestamp, UploadId, UploadPhase, IN_FLIGHT_PHASES_SQL,
+};
 use super::upload_events::announce_on;
 use super::{affected, Database};
 use larder_api::cache_name::CacheName;
 use larder_nix::{NarHash, StorePathHash};
-
-/// The phases in which an upload is still in the pipeline, as an SQL list.
-pub(crate) const IN_FLIGHT_PHASES_SQL: &str = "('spooled', 'chunking', 'compressing')";
-
-/// An upload's random id: 32 lowercase hex digits (128 bits), unguessable,
-/// so that knowing one's own upload id reveals nothing about others.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct UploadId(String);
-
-/// Why a string is not an upload id.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("upload id {0:?} is not 32 lowercase hex digits")]
-pub struct UploadIdError(String);
-
-impl UploadId {
-    pub fn random() -> Self {
-        let bytes: [u8; 16] = rand::thread_rng().gen();
-        Self(hex::encode(bytes))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl FromStr for UploadId {
-    type Err = UploadIdError;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let valid = text.len() == 32
-            && text
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        if valid {
-            Ok(Self(text.to_owned()))
-        } else {
-            // Bounded, so a huge bogus id cannot bloat a log line.
-            Err(UploadIdError(text.chars().take(64).collect()))
-        }
-    }
-}
-
-impl TryFrom<String> for UploadId {
-    type Error = UploadIdError;
-
-    fn try_from(text: String) -> Result<Self, Self::Error> {
-        text.parse()
-    }
-}
-
-impl From<UploadId> for String {
-    fn from(id: UploadId) -> Self {
-        id.0
-    }
-}
-
-impl fmt::Display for UploadId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for UploadId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "UploadId({})", self.0)
-    }
-}
-
-/// Where an upload is in the pipeline.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum UploadPhase {
-    /// Durably spooled and its hash verified: acknowledged to the client.
-    Spooled,
-    Chunking,
-    Compressing,
-    /// The object is visible.
-    Done,
-    /// Given up; `error` says why.
-    Failed,
-}
-
-impl UploadPhase {
-    pub const ALL: [Self; 5] = [
-        Self::Spooled,
-        Self::Chunking,
-        Self::Compressing,
-        Self::Done,
-        Self::Failed,
-    ];
-
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Spooled => "spooled",
-            Self::Chunking => "chunking",
-            Self::Compressing => "compressing",
-            Self::Done => "done",
-            Self::Failed => "failed",
-        }
-    }
-
-    /// Whether the upload has left the pipeline.
-    pub const fn is_terminal(self) -> bool {
-        matches!(self, Self::Done | Self::Failed)
-    }
-
-    /// The phases an upload may move to `self` from.
-    fn predecessors(self) -> &'static str {
-        match self {
-            Self::Spooled => "()",
-            Self::Chunking => "('spooled')",
-            Self::Compressing => "('spooled', 'chunking')",
-            Self::Done | Self::Failed => IN_FLIGHT_PHASES_SQL,
-        }
-    }
-}
-
-impl fmt::Display for UploadPhase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for UploadPhase {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|phase| phase.as_str() == text)
-            .ok_or_else(|| format!("unknown upload phase {text:?}"))
-    }
-}
 
 /// An upload to record once its NAR is spooled and verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -759,29 +622,6 @@ impl Database {
         match row {
             Some(_) => Ok(()),
             None => Err(upload_not_found(id)),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn upload_ids_are_random_hex_and_parse_back() {
-        let a = UploadId::random();
-        let b = UploadId::random();
-        assert_ne!(a, b);
-        assert_eq!(a.as_str().parse::<UploadId>().as_ref(), Ok(&a));
-        for bad in ["", "xyz", &"A".repeat(32), &"a".repeat(33)] {
-            assert!(bad.parse::<UploadId>().is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn phases_parse_what_they_print() {
-        for phase in UploadPhase::ALL {
-            assert_eq!(phase.as_str().parse::<UploadPhase>(), Ok(phase));
         }
     }
 }

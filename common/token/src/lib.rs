@@ -32,12 +32,14 @@
 //! # Modules
 //!
 //! `claims` (what a token carries), `permissions`, `mint`, `keys`,
-//! `credentials` (finding a token in a header), `verify`, `revocation` and
-//! `delegation`; their public items are re-exported here.
+//! `credentials` (finding a token in a header), `verify`, `revocation`,
+//! `delegation` and `error` ([`AuthError`]); their public items are
+//! re-exported here.
 
 mod claims;
 mod credentials;
 mod delegation;
+mod error;
 mod keys;
 mod mint;
 mod permissions;
@@ -47,6 +49,7 @@ mod verify;
 pub use claims::{Claims, PermissionDenied};
 pub use credentials::{parse_authorization, CredentialsError};
 pub use delegation::DelegationDenied;
+pub use error::AuthError;
 pub use keys::{
     KeyError, TokenAlgorithm, TokenSigningKey, TokenVerifyingKey, MIN_HS256_SECRET_BYTES,
     MIN_RSA_BITS,
@@ -54,7 +57,7 @@ pub use keys::{
 pub use mint::{MintError, MintedToken, TokenBuilder};
 pub use permissions::{Permission, Permissions, UnknownPermission};
 pub use revocation::RevocationList;
-pub use verify::{AuthError, TokenVerifier, DEFAULT_LEEWAY, MAX_TOKEN_LEN};
+pub use verify::{TokenVerifier, DEFAULT_LEEWAY, MAX_TOKEN_LEN};
 
 #[cfg(test)]
 mod tests;

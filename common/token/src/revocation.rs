@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use super::AuthError;
+use super::error::AuthError;
 
 /// Revoked `jti`s, shared between the verifier and the task that refreshes
 /// them (wrap it in an `Arc`). Lookups take a read lock for one hash

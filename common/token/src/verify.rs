@@ -17,10 +17,11 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::Validation;
 
 use super::claims::Claims;
-use super::credentials::{parse_authorization, CredentialsError};
+use super::credentials::parse_authorization;
+use super::error::AuthError;
 use super::keys::{TokenAlgorithm, TokenVerifyingKey};
 use super::revocation::RevocationList;
-use larder_api::time::{format_unix_seconds, unix_seconds};
+use larder_api::time::unix_seconds;
 
 /// How far clocks may disagree before `exp` and `nbf` bite.
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(60);
@@ -28,39 +29,6 @@ pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(60);
 /// Longest token accepted; real ones are a few hundred bytes, and the
 /// limit bounds the work an attacker can ask for.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
-
-/// Why a request's token is not accepted. Every variant is a 401 except
-/// [`RevocationListNotLoaded`](Self::RevocationListNotLoaded), which is the
-/// server's fault and a 503. Messages are meant for the user and never
-/// contain key material or the token.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AuthError {
-    #[error(transparent)]
-    Credentials(#[from] CredentialsError),
-    #[error("token is malformed: {0}")]
-    Malformed(&'static str),
-    #[error("token is signed with {found}, but this server accepts only {expected} tokens")]
-    UnexpectedAlgorithm {
-        /// The header's `alg`, quoted, or withheld if it is not a plausible
-        /// algorithm name.
-        found: String,
-        expected: TokenAlgorithm,
-    },
-    #[error("token signature is invalid")]
-    InvalidSignature,
-    #[error("token claims are invalid: {0}")]
-    InvalidClaims(String),
-    #[error("token expired at {}", format_unix_seconds(*expired_at))]
-    Expired { expired_at: u64 },
-    #[error("token is not valid before {}", format_unix_seconds(*not_before))]
-    NotYetValid { not_before: u64 },
-    #[error("token has been revoked (jti {jti})")]
-    Revoked { jti: String },
-    #[error("token could not be verified: {0}")]
-    Unverifiable(String),
-    #[error("token revocation list has not been loaded yet; try again shortly")]
-    RevocationListNotLoaded,
-}
 
 /// Verifies tokens with one key and one revocation list. Cheap to share
 /// behind an `Arc`; the revocation list is refreshed in place.

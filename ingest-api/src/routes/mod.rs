@@ -4,6 +4,7 @@ mod audit;
 mod binary_cache;
 mod cache_config;
 mod delete_paths;
+mod hold_slot;
 mod landing;
 mod logs;
 mod nar_body;
@@ -26,7 +27,7 @@ use larder_api::cache_name::CacheName;
 use crate::error::ApiError;
 use crate::http_metrics::{self, MeteredRoutes, RouteMetrics, UNMATCHED_ROUTE};
 use crate::state::AppState;
-use crate::upload_slots::{hold_slot, WhenBusy};
+use hold_slot::{hold_slot, WhenBusy};
 
 pub use stats::STATS_TIME_TO_LIVE;
 
