@@ -229,9 +229,10 @@ fn the_layers_link_only_what_they_may() {
 //
 // Crates are found by walking the workspace for `src/` directories (a
 // package's `src/bin/NAME.rs` is a crate of its own), so that a crate split
-// out of another is checked without being listed here. The integration
-// tests' crate (`tests/it/`) and the fuzz targets have no `src/` and are
-// not checked.
+// out of another is checked without being listed here, and for the
+// directories beside a package's `Cargo.toml` holding a `main.rs` (the
+// integration tests' crate, `tests/it/`). The fuzz targets are single
+// files and have no modules to check.
 
 #[test]
 fn sibling_modules_depend_on_each_other_one_way() {
@@ -302,6 +303,12 @@ fn source_trees(dir: &Path) -> Vec<SourceTree> {
                     trees.push(SourceTree { root, files });
                 }
             }
+        } else if path.join("main.rs").is_file() && dir.join("Cargo.toml").is_file() {
+            // A package's integration-test target (`tests/it/main.rs`).
+            trees.push(SourceTree {
+                files: module_files(&path, None),
+                root: path,
+            });
         } else {
             trees.extend(source_trees(&path));
         }

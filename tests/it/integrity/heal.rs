@@ -18,8 +18,8 @@ use larder_token::Permission;
 use tests::server::{binary, pseudo_random, TestServer, TestServerOptions, SEED_CHUNK_SIZE};
 use tests::services::{self, S3Settings};
 
-use crate::distributed::Pushing;
 use crate::server::push::{attic_info, attic_push, hash_of, nix_narinfo, nix_put, public_key_of};
+use crate::server::pushing::Pushing;
 use crate::server::{fake_store_path, file_nar, ok_json, plain_metadata, HOUR};
 
 /// Where a test server keeps its chunks.

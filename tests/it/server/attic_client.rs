@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tests::server::TestServer;
 
 use super::HOUR;
-use crate::distributed::Pushing;
+use crate::server::pushing::Pushing;
 use crate::server::SourcePath;
 
 /// Attic's threshold for sending the metadata as a preamble.

@@ -23,6 +23,7 @@ mod observability;
 mod parts;
 mod pins;
 pub(crate) mod push;
+pub(crate) mod pushing;
 mod realisations;
 mod serving;
 mod small_paths;

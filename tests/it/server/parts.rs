@@ -14,7 +14,7 @@ use tests::services::{self, S3Settings};
 
 use super::push::attic_push;
 use super::HOUR;
-use crate::distributed::Pushing;
+use crate::server::pushing::Pushing;
 
 /// Pushes a closure of a few paths, one of them 2 MiB (cut into several
 /// chunks), to a new cache of `server`, each path answered once visible,
