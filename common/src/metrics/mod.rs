@@ -112,8 +112,11 @@ pub fn render() -> String {
 #[derive(Debug, Clone)]
 pub struct Family<M, const N: usize> {
     label_names: [&'static str; N],
-    children: Children<[(&'static str, String); N], M, fn() -> M>,
+    children: Children<Labels<N>, M, fn() -> M>,
 }
+
+/// A child's labels: each label name with its value, in order.
+type Labels<const N: usize> = [(&'static str, String); N];
 
 impl<M: Clone, const N: usize> Family<M, N> {
     fn new(label_names: [&'static str; N], make: fn() -> M) -> Self {
