@@ -262,14 +262,14 @@ struct OpenConnection {
 
 impl OpenConnection {
     fn new(slot: OwnedSemaphorePermit) -> Self {
-        larder().http_open_connections.add(1);
+        larder().http_open_connections.inc();
         Self { _slot: slot }
     }
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        larder().http_open_connections.add(-1);
+        larder().http_open_connections.dec();
     }
 }
 

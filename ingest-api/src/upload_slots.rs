@@ -55,14 +55,14 @@ struct Held;
 
 impl Held {
     fn new() -> Self {
-        larder().upload_slots_held.add(1);
+        larder().upload_slots_held.inc();
         Self
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        larder().upload_slots_held.add(-1);
+        larder().upload_slots_held.dec();
     }
 }
 
@@ -72,14 +72,14 @@ struct Waiting;
 
 impl Waiting {
     fn new() -> Self {
-        larder().upload_slots_waiting.add(1);
+        larder().upload_slots_waiting.inc();
         Self
     }
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        larder().upload_slots_waiting.add(-1);
+        larder().upload_slots_waiting.dec();
     }
 }
 

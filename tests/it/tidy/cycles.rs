@@ -33,7 +33,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use super::workspace;
+use super::{rust_files, workspace};
 
 #[test]
 fn sibling_modules_depend_on_each_other_one_way() {

@@ -1,12 +1,19 @@
-//! Larder's metrics: a process-wide registry of counters, gauges and
-//! histograms with labels, rendered in Prometheus's text exposition format
-//! (version 0.0.4), and every metric Larder records ([`larder`]).
+//! Larder's metrics: every metric Larder records ([`larder`]), held in one
+//! process-wide `prometheus-client` registry, and the page `/metrics`
+//! serves ([`render`]): Prometheus's text exposition format, version 0.0.4,
+//! written by prometheus-client's `prometheus_text` encoder.
 //!
-//! Beside the registry, what serves it: the `/metrics`, `/healthz` and `/readyz` routes
-//! ([`ops_router`], which `ingest-api` merges into its router or, with
-//! `[ops] listen`, serves on a second listener) and [`serve_ops`], which
-//! serves them on a listener of their own for the processes without a
-//! router (the workers and gc-scheduler).
+//! Beside the registry, what serves it: the `/metrics`, `/healthz` and
+//! `/readyz` routes ([`ops_router`], which `ingest-api` merges into its
+//! router or, with `[ops] listen`, serves on a second listener) and
+//! [`serve_ops`], which serves them on a listener of their own for the
+//! processes without a router (the workers and gc-scheduler).
+//!
+//! # Names
+//!
+//! prometheus-client adds `_total` to a counter's name when it writes the
+//! page, so counters are registered without it: `larder_chunks_stored` is
+//! served as `larder_chunks_stored_total`, the name the README documents.
 //!
 //! # Cardinality
 //!
@@ -17,25 +24,32 @@
 //!
 //! # Cost
 //!
-//! Updating a metric is one or two relaxed atomic operations on a child the
-//! caller looked up once (`Family::with` takes a lock; hot paths keep the
-//! `Arc` it returns).
-
-mod registry;
+//! Counting is one relaxed atomic operation on a counter or gauge; a
+//! histogram observation takes that child's own mutex (prometheus-client's
+//! histogram is not atomic), contended only by observations of the same
+//! child at the same moment. Looking a child up by its label values
+//! ([`Family::with`]) takes the family's lock and allocates the values, so
+//! hot paths look theirs up once and keep the handle, which shares the
+//! child ([`JobMetrics`], the HTTP middleware's per-route children).
 
 mod ops;
 
-use std::sync::{Arc, LazyLock};
+use std::sync::LazyLock;
 use std::time::Duration;
 
-pub use registry::{Counter, Family, Gauge, Histogram, Metric, Registry};
+use prometheus_client::encoding::{prometheus_text, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::family::Family as Children;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::{Metric, Registry};
+
+pub use prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+pub use prometheus_client::metrics::counter::Counter;
+pub use prometheus_client::metrics::gauge::Gauge;
+pub use prometheus_client::metrics::histogram::Histogram;
 
 pub use ops::{
     healthz_router, ops_router, serve_ops, Check, Readiness, ReadinessReport, OPS_PATHS,
 };
-
-/// The `Content-Type` of a rendered page.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Bucket bounds for request and job durations, in seconds: 1 ms to a
 /// minute (a NAR download or a large push can take that long).
@@ -50,25 +64,97 @@ pub const PIPELINE_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
 ];
 
-/// The process-wide registry. Every Larder metric is in it (see
-/// [`larder`]); a process renders it whole with [`render`].
-pub fn registry() -> &'static Registry {
-    static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
-    &REGISTRY
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS.iter().copied())
 }
 
-/// Every Larder metric, registered in [`registry`] on first use.
+fn pipeline_histogram() -> Histogram {
+    Histogram::new(PIPELINE_BUCKETS.iter().copied())
+}
+
+/// The process's registry and, registered in it, every Larder metric.
+static PROCESS: LazyLock<(Registry, LarderMetrics)> = LazyLock::new(|| {
+    let mut registry = Registry::default();
+    let metrics = LarderMetrics::register(&mut registry);
+    (registry, metrics)
+});
+
+/// Every Larder metric, registered in the process's registry on first use.
 pub fn larder() -> &'static LarderMetrics {
-    static METRICS: LazyLock<LarderMetrics> = LazyLock::new(|| LarderMetrics::register(registry()));
-    &METRICS
+    &PROCESS.1
 }
 
-/// The process's metrics page: every Larder metric, including those this
-/// process never touched (at zero or without children), so that a page
-/// always lists the same families.
+/// The process's metrics page, in the text format [`CONTENT_TYPE`] names:
+/// every Larder metric, including those this process never touched (at
+/// zero, or a [`Family`] without children), so that a page always lists
+/// the same families.
 pub fn render() -> String {
-    larder();
-    registry().render()
+    let mut page = String::new();
+    prometheus_text::encode(&mut page, &PROCESS.0).expect("encoding into a String does not fail");
+    page
+}
+
+/// A labelled metric: one name, label names fixed when it is registered,
+/// and one child per combination of label values, made on first use.
+///
+/// A layer over prometheus-client's family for two properties of Larder's
+/// page. The label names are given once, at registration, so a caller
+/// passes only the values, in order, and the wrong number of them does not
+/// compile. And a family is on the page before its first child, as its
+/// `# HELP` and `# TYPE` (prometheus-client leaves out families without
+/// children): every process's page lists every Larder metric, so an
+/// unused metric is told from a missing one, and a dashboard's query from
+/// a typo.
+#[derive(Debug, Clone)]
+pub struct Family<M, const N: usize> {
+    label_names: [&'static str; N],
+    children: Children<Labels<N>, M, fn() -> M>,
+}
+
+/// A child's labels: each label name with its value, in order.
+type Labels<const N: usize> = [(&'static str, String); N];
+
+impl<M: Clone, const N: usize> Family<M, N> {
+    fn new(label_names: [&'static str; N], make: fn() -> M) -> Self {
+        Self {
+            label_names,
+            children: Children::new_with_constructor(make),
+        }
+    }
+
+    /// The child for `values`, one per label name in order, made on first
+    /// use. The handle shares the child: keep it where the same child is
+    /// used often.
+    pub fn with(&self, values: &[&str; N]) -> M {
+        let labels =
+            std::array::from_fn(|index| (self.label_names[index], values[index].to_owned()));
+        self.children.get_or_create_owned(&labels)
+    }
+}
+
+impl<M: EncodeMetric + TypedMetric, const N: usize> EncodeMetric for Family<M, N> {
+    fn encode(&self, encoder: MetricEncoder) -> std::fmt::Result {
+        self.children.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        M::TYPE
+    }
+
+    // `is_empty` keeps its default, false: a family without children is
+    // listed all the same (see above).
+}
+
+/// Registers `metric` in `registry` and returns it: the registry keeps one
+/// handle to read it by, the caller another to count with.
+fn registered<M: Metric + Clone>(
+    registry: &mut Registry,
+    name: &'static str,
+    help: &'static str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 /// What a finished upload ended as (label `phase` of
@@ -152,272 +238,272 @@ impl PushStage {
 #[derive(Debug)]
 pub struct LarderMetrics {
     /// `larder_http_requests_total{route,method,status}`.
-    pub http_requests: Arc<Family<Counter>>,
+    pub http_requests: Family<Counter, 3>,
     /// `larder_http_request_duration_seconds{route,method}`: from the
     /// request's arrival to the last byte of its response body.
-    pub http_request_duration: Arc<Family<Histogram>>,
+    pub http_request_duration: Family<Histogram, 2>,
     /// `larder_http_request_body_bytes_total{route,method}`.
-    pub http_request_bytes: Arc<Family<Counter>>,
+    pub http_request_bytes: Family<Counter, 2>,
     /// `larder_http_response_body_bytes_total{route,method}`.
-    pub http_response_bytes: Arc<Family<Counter>>,
+    pub http_response_bytes: Family<Counter, 2>,
     /// `larder_http_open_connections`.
-    pub http_open_connections: Arc<Gauge>,
+    pub http_open_connections: Gauge,
     /// `larder_http_timeouts_total{kind}`: `header` (a request head not
     /// sent in time, or an idle keep-alive connection), `body_idle`, and
     /// `shutdown` (a body cut off when the shutdown grace ran out).
-    pub http_timeouts: Arc<Family<Counter>>,
+    pub http_timeouts: Family<Counter, 1>,
     /// `larder_upload_slots_held`: NAR uploads receiving now.
-    pub upload_slots_held: Arc<Gauge>,
+    pub upload_slots_held: Gauge,
     /// `larder_upload_slots_waiting`: Nix uploads waiting for a slot now.
-    pub upload_slots_waiting: Arc<Gauge>,
-    jobs_done: Arc<Family<Counter>>,
-    jobs_failed: Arc<Family<Counter>>,
-    jobs_retried: Arc<Family<Counter>>,
-    jobs_dead_lettered: Arc<Family<Counter>>,
-    job_duration: Arc<Family<Histogram>>,
-    chunks_stored: Arc<Counter>,
-    chunk_bytes_stored: Arc<Counter>,
-    chunk_compressed_bytes_stored: Arc<Counter>,
-    chunks_deduplicated: Arc<Counter>,
-    chunk_bytes_deduplicated: Arc<Counter>,
-    upload_visible_latency: Arc<Histogram>,
-    uploads_finished: Arc<Family<Counter>>,
-    queue_depth: Arc<Family<Gauge>>,
-    gc_passes: Arc<Family<Counter>>,
-    gc_duration: Arc<Histogram>,
-    gc_deleted: Arc<Family<Counter>>,
-    gc_freed_bytes: Arc<Counter>,
-    damaged_chunks: Arc<Family<Counter>>,
-    withdrawn_nars: Arc<Counter>,
-    scrub_passes: Arc<Family<Counter>>,
-    scrub_chunks_checked: Arc<Counter>,
-    scrub_bytes_read: Arc<Counter>,
-    scrub_chunks_unreadable: Arc<Counter>,
-    gc_packs_compacted: Arc<Counter>,
-    gc_compacted_bytes: Arc<Counter>,
+    pub upload_slots_waiting: Gauge,
+    jobs_done: Family<Counter, 1>,
+    jobs_failed: Family<Counter, 1>,
+    jobs_retried: Family<Counter, 1>,
+    jobs_dead_lettered: Family<Counter, 1>,
+    job_duration: Family<Histogram, 1>,
+    chunks_stored: Counter,
+    chunk_bytes_stored: Counter,
+    chunk_compressed_bytes_stored: Counter,
+    chunks_deduplicated: Counter,
+    chunk_bytes_deduplicated: Counter,
+    upload_visible_latency: Histogram,
+    uploads_finished: Family<Counter, 1>,
+    queue_depth: Family<Gauge, 1>,
+    gc_passes: Family<Counter, 1>,
+    gc_duration: Histogram,
+    gc_deleted: Family<Counter, 1>,
+    gc_freed_bytes: Counter,
+    damaged_chunks: Family<Counter, 1>,
+    withdrawn_nars: Counter,
+    scrub_passes: Family<Counter, 1>,
+    scrub_chunks_checked: Counter,
+    scrub_bytes_read: Counter,
+    scrub_chunks_unreadable: Counter,
+    gc_packs_compacted: Counter,
+    gc_compacted_bytes: Counter,
     /// One child per [`PushStage`], in the order of [`PushStage::ALL`].
-    push_stages: Vec<Arc<Histogram>>,
+    push_stages: Vec<Histogram>,
 }
 
 impl LarderMetrics {
-    fn register(registry: &Registry) -> Self {
-        let queue = &["queue"];
+    /// Registers every metric in `registry`, in the order the page lists
+    /// them. Counters' names are without their `_total` (see the module's
+    /// doc), and help texts without their final full stop, which
+    /// prometheus-client adds.
+    fn register(registry: &mut Registry) -> Self {
+        let queue = ["queue"];
+        let route_method = ["route", "method"];
         Self {
-            http_requests: registry.counter(
-                "larder_http_requests_total",
-                "HTTP requests answered, by route template, method and status.",
-                &["route", "method", "status"],
+            http_requests: registered(
+                registry,
+                "larder_http_requests",
+                "HTTP requests answered, by route template, method and status",
+                Family::new(["route", "method", "status"], Counter::default),
             ),
-            http_request_duration: registry.histogram(
+            http_request_duration: registered(
+                registry,
                 "larder_http_request_duration_seconds",
-                "Time from a request's arrival to the last byte of its response body.",
-                &["route", "method"],
-                DURATION_BUCKETS,
+                "Time from a request's arrival to the last byte of its response body",
+                Family::new(route_method, duration_histogram),
             ),
-            http_request_bytes: registry.counter(
-                "larder_http_request_body_bytes_total",
-                "Bytes of request bodies read.",
-                &["route", "method"],
+            http_request_bytes: registered(
+                registry,
+                "larder_http_request_body_bytes",
+                "Bytes of request bodies read",
+                Family::new(route_method, Counter::default),
             ),
-            http_response_bytes: registry.counter(
-                "larder_http_response_body_bytes_total",
-                "Bytes of response bodies sent.",
-                &["route", "method"],
+            http_response_bytes: registered(
+                registry,
+                "larder_http_response_body_bytes",
+                "Bytes of response bodies sent",
+                Family::new(route_method, Counter::default),
             ),
-            http_open_connections: registry
-                .gauge(
-                    "larder_http_open_connections",
-                    "HTTP connections open now.",
-                    &[],
-                )
-                .with(&[]),
-            http_timeouts: registry.counter(
-                "larder_http_timeouts_total",
+            http_open_connections: registered(
+                registry,
+                "larder_http_open_connections",
+                "HTTP connections open now",
+                Gauge::default(),
+            ),
+            http_timeouts: registered(
+                registry,
+                "larder_http_timeouts",
                 "Connections and request bodies ended by a timeout, by kind (header, body_idle, \
-                 shutdown).",
-                &["kind"],
+                 shutdown)",
+                Family::new(["kind"], Counter::default),
             ),
-            upload_slots_held: registry
-                .gauge(
-                    "larder_upload_slots_held",
-                    "NAR uploads receiving now, each holding an upload slot.",
-                    &[],
-                )
-                .with(&[]),
-            upload_slots_waiting: registry
-                .gauge(
-                    "larder_upload_slots_waiting",
-                    "NAR uploads from Nix waiting for an upload slot now.",
-                    &[],
-                )
-                .with(&[]),
-            jobs_done: registry.counter(
-                "larder_jobs_done_total",
-                "Pipeline jobs that succeeded and were acknowledged.",
-                queue,
+            upload_slots_held: registered(
+                registry,
+                "larder_upload_slots_held",
+                "NAR uploads receiving now, each holding an upload slot",
+                Gauge::default(),
             ),
-            jobs_failed: registry.counter(
-                "larder_jobs_failed_total",
-                "Pipeline job attempts that failed (each is then retried or dead-lettered).",
-                queue,
+            upload_slots_waiting: registered(
+                registry,
+                "larder_upload_slots_waiting",
+                "NAR uploads from Nix waiting for an upload slot now",
+                Gauge::default(),
             ),
-            jobs_retried: registry.counter(
-                "larder_jobs_retried_total",
-                "Pipeline jobs handed back to their queue for a later attempt.",
-                queue,
+            jobs_done: registered(
+                registry,
+                "larder_jobs_done",
+                "Pipeline jobs that succeeded and were acknowledged",
+                Family::new(queue, Counter::default),
             ),
-            jobs_dead_lettered: registry.counter(
-                "larder_jobs_dead_lettered_total",
-                "Pipeline jobs given up and moved to their dead-letter queue.",
-                queue,
+            jobs_failed: registered(
+                registry,
+                "larder_jobs_failed",
+                "Pipeline job attempts that failed (each is then retried or dead-lettered)",
+                Family::new(queue, Counter::default),
             ),
-            job_duration: registry.histogram(
+            jobs_retried: registered(
+                registry,
+                "larder_jobs_retried",
+                "Pipeline jobs handed back to their queue for a later attempt",
+                Family::new(queue, Counter::default),
+            ),
+            jobs_dead_lettered: registered(
+                registry,
+                "larder_jobs_dead_lettered",
+                "Pipeline jobs given up and moved to their dead-letter queue",
+                Family::new(queue, Counter::default),
+            ),
+            job_duration: registered(
+                registry,
                 "larder_job_duration_seconds",
-                "Time a worker spent on one job attempt.",
-                queue,
-                DURATION_BUCKETS,
+                "Time a worker spent on one job attempt",
+                Family::new(queue, duration_histogram),
             ),
-            chunks_stored: registry
-                .counter(
-                    "larder_chunks_stored_total",
-                    "Chunks compressed and written to storage.",
-                    &[],
-                )
-                .with(&[]),
-            chunk_bytes_stored: registry
-                .counter(
-                    "larder_chunk_bytes_stored_total",
-                    "Uncompressed bytes of the chunks written to storage.",
-                    &[],
-                )
-                .with(&[]),
-            chunk_compressed_bytes_stored: registry
-                .counter(
-                    "larder_chunk_compressed_bytes_stored_total",
-                    "Compressed bytes written to storage for chunks.",
-                    &[],
-                )
-                .with(&[]),
-            chunks_deduplicated: registry
-                .counter(
-                    "larder_chunks_deduplicated_total",
-                    "Chunks of pushed NARs that were stored already and not written again.",
-                    &[],
-                )
-                .with(&[]),
-            chunk_bytes_deduplicated: registry
-                .counter(
-                    "larder_chunk_bytes_deduplicated_total",
-                    "Uncompressed bytes of the deduplicated chunks.",
-                    &[],
-                )
-                .with(&[]),
-            upload_visible_latency: registry
-                .histogram(
-                    "larder_upload_visible_seconds",
-                    "Time from an upload's creation (its NAR spooled) to its path being visible.",
-                    &[],
-                    PIPELINE_BUCKETS,
-                )
-                .with(&[]),
-            uploads_finished: registry.counter(
-                "larder_uploads_finished_total",
-                "Uploads that reached a final phase, by phase (done or failed).",
-                &["phase"],
+            chunks_stored: registered(
+                registry,
+                "larder_chunks_stored",
+                "Chunks compressed and written to storage",
+                Counter::default(),
             ),
-            queue_depth: registry.gauge(
+            chunk_bytes_stored: registered(
+                registry,
+                "larder_chunk_bytes_stored",
+                "Uncompressed bytes of the chunks written to storage",
+                Counter::default(),
+            ),
+            chunk_compressed_bytes_stored: registered(
+                registry,
+                "larder_chunk_compressed_bytes_stored",
+                "Compressed bytes written to storage for chunks",
+                Counter::default(),
+            ),
+            chunks_deduplicated: registered(
+                registry,
+                "larder_chunks_deduplicated",
+                "Chunks of pushed NARs that were stored already and not written again",
+                Counter::default(),
+            ),
+            chunk_bytes_deduplicated: registered(
+                registry,
+                "larder_chunk_bytes_deduplicated",
+                "Uncompressed bytes of the deduplicated chunks",
+                Counter::default(),
+            ),
+            upload_visible_latency: registered(
+                registry,
+                "larder_upload_visible_seconds",
+                "Time from an upload's creation (its NAR spooled) to its path being visible",
+                pipeline_histogram(),
+            ),
+            uploads_finished: registered(
+                registry,
+                "larder_uploads_finished",
+                "Uploads that reached a final phase, by phase (done or failed)",
+                Family::new(["phase"], Counter::default),
+            ),
+            queue_depth: registered(
+                registry,
                 "larder_queue_depth",
-                "Messages waiting in a queue, read when the page is rendered.",
-                queue,
+                "Messages waiting in a queue, read when the page is rendered",
+                Family::new(queue, Gauge::default),
             ),
-            gc_passes: registry.counter(
-                "larder_gc_passes_total",
-                "Garbage-collection passes, by outcome (ok or error).",
-                &["outcome"],
+            gc_passes: registered(
+                registry,
+                "larder_gc_passes",
+                "Garbage-collection passes, by outcome (ok or error)",
+                Family::new(["outcome"], Counter::default),
             ),
-            gc_duration: registry
-                .histogram(
-                    "larder_gc_pass_duration_seconds",
-                    "Time one garbage-collection pass took.",
-                    &[],
-                    PIPELINE_BUCKETS,
-                )
-                .with(&[]),
-            gc_deleted: registry.counter(
-                "larder_gc_deleted_total",
+            gc_duration: registered(
+                registry,
+                "larder_gc_pass_duration_seconds",
+                "Time one garbage-collection pass took",
+                pipeline_histogram(),
+            ),
+            gc_deleted: registered(
+                registry,
+                "larder_gc_deleted",
                 "What garbage collection deleted, by kind (objects, nars, chunks, uploads, \
-                 staged_files...).",
-                &["kind"],
+                 staged_files...)",
+                Family::new(["kind"], Counter::default),
             ),
-            gc_freed_bytes: registry
-                .counter(
-                    "larder_gc_freed_bytes_total",
-                    "Bytes of storage garbage collection freed.",
-                    &[],
-                )
-                .with(&[]),
-            damaged_chunks: registry.counter(
-                "larder_damaged_chunks_total",
+            gc_freed_bytes: registered(
+                registry,
+                "larder_gc_freed_bytes",
+                "Bytes of storage garbage collection freed",
+                Counter::default(),
+            ),
+            damaged_chunks: registered(
+                registry,
+                "larder_damaged_chunks",
                 "Chunks found missing or corrupt in storage and withdrawn, by what found them \
-                 (scrub or read).",
-                &["found_by"],
+                 (scrub or read)",
+                Family::new(["found_by"], Counter::default),
             ),
-            withdrawn_nars: registry
-                .counter(
-                    "larder_withdrawn_nars_total",
-                    "NARs withdrawn (no longer served) because a chunk of theirs was damaged.",
-                    &[],
-                )
-                .with(&[]),
-            scrub_passes: registry.counter(
-                "larder_scrub_passes_total",
-                "Scrub passes, by outcome (ok or error).",
-                &["outcome"],
+            withdrawn_nars: registered(
+                registry,
+                "larder_withdrawn_nars",
+                "NARs withdrawn (no longer served) because a chunk of theirs was damaged",
+                Counter::default(),
             ),
-            scrub_chunks_checked: registry
-                .counter(
-                    "larder_scrub_chunks_checked_total",
-                    "Chunks a scrub read, decompressed and checked against their hash.",
-                    &[],
-                )
-                .with(&[]),
-            scrub_bytes_read: registry
-                .counter(
-                    "larder_scrub_bytes_read_total",
-                    "Stored (compressed) bytes a scrub read.",
-                    &[],
-                )
-                .with(&[]),
-            scrub_chunks_unreadable: registry
-                .counter(
-                    "larder_scrub_chunks_unreadable_total",
-                    "Chunks a scrub could not check because storage failed to answer (not \
-                     counted as damage; the next pass tries again).",
-                    &[],
-                )
-                .with(&[]),
-            gc_packs_compacted: registry
-                .counter(
-                    "larder_gc_packs_compacted_total",
-                    "Packs (and per-chunk objects of an older store) whose live chunks \
-                     garbage collection moved into new packs.",
-                    &[],
-                )
-                .with(&[]),
-            gc_compacted_bytes: registry
-                .counter(
-                    "larder_gc_compacted_bytes_total",
-                    "Bytes garbage collection wrote into new packs while compacting.",
-                    &[],
-                )
-                .with(&[]),
+            scrub_passes: registered(
+                registry,
+                "larder_scrub_passes",
+                "Scrub passes, by outcome (ok or error)",
+                Family::new(["outcome"], Counter::default),
+            ),
+            scrub_chunks_checked: registered(
+                registry,
+                "larder_scrub_chunks_checked",
+                "Chunks a scrub read, decompressed and checked against their hash",
+                Counter::default(),
+            ),
+            scrub_bytes_read: registered(
+                registry,
+                "larder_scrub_bytes_read",
+                "Stored (compressed) bytes a scrub read",
+                Counter::default(),
+            ),
+            scrub_chunks_unreadable: registered(
+                registry,
+                "larder_scrub_chunks_unreadable",
+                "Chunks a scrub could not check because storage failed to answer (not \
+                 counted as damage; the next pass tries again)",
+                Counter::default(),
+            ),
+            gc_packs_compacted: registered(
+                registry,
+                "larder_gc_packs_compacted",
+                "Packs (and per-chunk objects of an older store) whose live chunks \
+                 garbage collection moved into new packs",
+                Counter::default(),
+            ),
+            gc_compacted_bytes: registered(
+                registry,
+                "larder_gc_compacted_bytes",
+                "Bytes garbage collection wrote into new packs while compacting",
+                Counter::default(),
+            ),
             push_stages: {
-                let family = registry.histogram(
+                let family = registered(
+                    registry,
                     "larder_push_stage_seconds",
                     "Time spent in one stage of pushing (receive_verify, spool, wait, \
-                     read_staged, chunk, compress, store, database, finalise).",
-                    &["stage"],
-                    DURATION_BUCKETS,
+                     read_staged, chunk, compress, store, database, finalise)",
+                    Family::new(["stage"], duration_histogram),
                 );
                 PushStage::ALL
                     .iter()
@@ -540,11 +626,11 @@ impl LarderMetrics {
 /// One queue's job counters, resolved once per consume loop.
 #[derive(Debug, Clone)]
 pub struct JobMetrics {
-    pub done: Arc<Counter>,
-    pub failed: Arc<Counter>,
-    pub retried: Arc<Counter>,
-    pub dead_lettered: Arc<Counter>,
-    pub duration: Arc<Histogram>,
+    pub done: Counter,
+    pub failed: Counter,
+    pub retried: Counter,
+    pub dead_lettered: Counter,
+    pub duration: Histogram,
 }
 
 #[cfg(test)]
@@ -554,7 +640,7 @@ mod tests {
     #[test]
     fn every_larder_metric_shows_on_a_fresh_page() {
         let page = render();
-        for name in [
+        let names = [
             "larder_http_requests_total",
             "larder_http_request_duration_seconds",
             "larder_http_request_body_bytes_total",
@@ -580,6 +666,8 @@ mod tests {
             "larder_gc_pass_duration_seconds",
             "larder_gc_deleted_total",
             "larder_gc_freed_bytes_total",
+            "larder_gc_packs_compacted_total",
+            "larder_gc_compacted_bytes_total",
             "larder_damaged_chunks_total",
             "larder_withdrawn_nars_total",
             "larder_scrub_passes_total",
@@ -587,9 +675,11 @@ mod tests {
             "larder_scrub_bytes_read_total",
             "larder_scrub_chunks_unreadable_total",
             "larder_push_stage_seconds",
-        ] {
+        ];
+        for name in names {
             assert!(page.contains(&format!("# TYPE {name} ")), "{name} missing");
         }
+        assert_eq!(page.matches("# TYPE ").count(), names.len(), "{page}");
     }
 
     #[test]
@@ -604,22 +694,82 @@ mod tests {
         assert!(render().contains("larder_gc_deleted_total{kind=\"chunks\"} 5"));
     }
 
+    /// The value of `series` (a name and its labels, as written) on `page`.
+    fn sample(page: &str, series: &str) -> Option<f64> {
+        page.lines().find_map(|line| {
+            let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+            Some(value.parse().expect("a sample's value"))
+        })
+    }
+
     #[test]
     fn each_push_stage_has_its_own_child() {
         for stage in PushStage::ALL {
-            let child = &larder().push_stages[stage as usize];
-            let before = child.sum();
+            let sum = format!(
+                "larder_push_stage_seconds_sum{{stage=\"{}\"}}",
+                stage.as_str()
+            );
+            let before = sample(&render(), &sum).unwrap_or(0.0);
             larder().push_stage(stage, Duration::from_millis(250));
+            let after = sample(&render(), &sum).unwrap_or_else(|| panic!("{sum} missing"));
             assert!(
-                (child.sum() - before - 0.25).abs() < 1e-9,
-                "{}",
-                stage.as_str()
+                (after - before - 0.25).abs() < 1e-9,
+                "{sum}: {before} -> {after}"
             );
-            let line = format!(
-                "larder_push_stage_seconds_count{{stage=\"{}\"}}",
-                stage.as_str()
-            );
-            assert!(render().contains(&line), "{line} missing");
         }
+    }
+
+    #[test]
+    fn a_histogram_child_has_its_buckets_sum_and_count() {
+        let page = {
+            larder().gc_pass(Duration::from_millis(700), true);
+            render()
+        };
+        // 0.7 s is above the 0.5 bound and within the 1 s one; buckets are
+        // cumulative, and `le` is written as Prometheus's Go clients write it.
+        let bucket = |le: &str| {
+            sample(
+                &page,
+                &format!("larder_gc_pass_duration_seconds_bucket{{le=\"{le}\"}}"),
+            )
+            .unwrap_or_else(|| panic!("bucket {le} missing:\n{page}"))
+        };
+        let count = sample(&page, "larder_gc_pass_duration_seconds_count").expect("a count");
+        assert!(count >= 1.0);
+        assert!(bucket("0.5") < bucket("1"));
+        assert_eq!(bucket("1800"), count);
+        assert_eq!(bucket("+Inf"), count);
+        assert!(sample(&page, "larder_gc_pass_duration_seconds_sum").expect("a sum") >= 0.7);
+        assert!(page.contains("# TYPE larder_gc_pass_duration_seconds histogram\n"));
+    }
+
+    #[test]
+    fn a_familys_children_are_shared_and_labelled_in_order() {
+        let family: Family<Counter, 2> = Family::new(["a", "b"], Counter::default);
+        let child = family.with(&["1", "2"]);
+        child.inc_by(3);
+        assert_eq!(family.with(&["1", "2"]).get(), 3);
+        assert_eq!(family.with(&["2", "1"]).get(), 0);
+        let mut registry = Registry::default();
+        registry.register("test_things", "Things", family);
+        registry.register(
+            "test_unused",
+            "Never used",
+            Family::<Gauge, 1>::new(["kind"], Gauge::default),
+        );
+        let mut page = String::new();
+        prometheus_text::encode(&mut page, &registry).expect("a page");
+        assert!(
+            page.contains("test_things_total{a=\"1\",b=\"2\"} 3\n"),
+            "{page}"
+        );
+        assert!(
+            page.contains("test_things_total{a=\"2\",b=\"1\"} 0\n"),
+            "{page}"
+        );
+        assert!(
+            page.ends_with("# HELP test_unused Never used.\n# TYPE test_unused gauge\n"),
+            "{page}"
+        );
     }
 }
