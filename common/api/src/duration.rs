@@ -19,6 +19,10 @@
 //!
 //! A bare `m` is refused rather than guessed: in a token validity "3m"
 //! could mean minutes or months, and either guess would surprise someone.
+//!
+//! This grammar is our own rather than `humantime`'s by choice: that crate
+//! reads `m` as minutes (and `M` as months) and makes a month 30.44 days
+//! and a year 365.25, where a retention period here counts whole days.
 
 use std::fmt;
 use std::str::FromStr;
