@@ -54,18 +54,19 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Counter {
 
 struct Counter(Arc<DatabaseCalls>);
 
-/// The event's message (sqlx's statement summary).
+/// sqlx's statement summary (its event's `summary` field: the
+/// statement's first words).
 struct Summary(String);
 
 impl tracing::field::Visit for Summary {
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
+        if field.name() == "summary" {
             self.0 = format!("{value:?}");
         }
     }
 
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        if field.name() == "message" {
+        if field.name() == "summary" {
             self.0 = value.to_owned();
         }
     }
@@ -147,12 +148,18 @@ async fn a_small_path_costs_a_few_round_trips(backend: Backend) {
         per_path(statements),
         per_path(transactions)
     );
-    // Today 19 statements on SQLite (22 on PostgreSQL, with the NOTIFY)
+    // Today 21 statements on SQLite (22 on PostgreSQL, with the NOTIFY)
     // and 2 write transactions (the door's and the chunker's); before
     // issue #14, 41 statements (sqlx's log, same pushes) and 11 write
-    // transactions plus one per chunk.
+    // transactions plus one per chunk. The bound is today's count and half
+    // a statement: room for a background loop's few statements during the
+    // run, none for one statement more per path.
+    let bound = match backend {
+        Backend::Sqlite => 21.5,
+        Backend::Postgres => 22.5,
+    };
     assert!(
-        per_path(statements) <= 24.0,
+        per_path(statements) <= bound,
         "{statements} statements for {PATHS} paths"
     );
     assert!(
